@@ -1,0 +1,92 @@
+"""Computing the delta product ``Σ_k U_k (S_k ⊙ (V_kᵀ x))``: PyTorch reference path and the Triton seam.
+
+``DELTACOME_BACKEND`` selects the path: ``torch`` (reference, any device), ``triton`` (CUDA kernels from
+``hf_deltacome.kernels``; an error if unavailable) or ``auto`` (default: Triton on CUDA when importable, else torch).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .errors import ConfigError
+from .factors import PackedDelta
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def backend_name() -> str:
+    """The value of ``DELTACOME_BACKEND`` (validated), ``auto`` by default."""
+    name = os.environ.get("DELTACOME_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ConfigError(f"DELTACOME_BACKEND={name!r} is not one of {BACKENDS}")
+    return name
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from . import kernels  # noqa: F401
+    except Exception:
+        return False
+    return hasattr(kernels, "delta_forward")
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    name = backend_name()
+    if name == "torch":
+        return False
+    if name == "triton":
+        if not triton_available():
+            raise ConfigError("DELTACOME_BACKEND=triton but Triton or hf_deltacome.kernels is not importable")
+        # on CPU the kernels only run under TRITON_INTERPRET=1
+        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda and triton_available()
+
+
+def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
+    """Reference path: dequantize each band's factors and apply them as two skinny matmuls."""
+    out_dtype = x.dtype
+    compute = torch.float32 if x.device.type == "cpu" else x.dtype
+    xc = x.to(compute)
+    y = None
+    for band in delta.bands:
+        t = (xc @ band.v.dequantize(compute).t()) * band.s.to(compute)
+        part = t @ band.u.dequantize(compute).t()
+        y = part if y is None else y + part
+    if y is None:
+        y = xc.new_zeros(*x.shape[:-1], delta.out_features)
+    if delta.bias is not None:
+        y = y + delta.bias.to(compute)
+    return y.to(out_dtype)
+
+
+def delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
+    """``delta(x)`` for one adapter, shape ``(..., out_features)``, in ``x``'s dtype."""
+    if _use_triton(x):
+        from . import kernels
+
+        return kernels.delta_forward(x, delta)
+    return torch_delta_forward(x, delta)
+
+
+def delta_forward_mixed(
+    x: torch.Tensor, deltas: Sequence[PackedDelta | None], row_index: torch.Tensor
+) -> torch.Tensor:
+    """Mixed batch: row ``i`` of ``x`` (``batch x ... x in``) gets ``deltas[row_index[i]]``; -1 means no delta."""
+    if _use_triton(x):
+        from . import kernels
+
+        return kernels.delta_forward_mixed(x, deltas, row_index)
+    out = x.new_zeros(*x.shape[:-1], deltas[0].out_features if deltas else 0)
+    for i, delta in enumerate(deltas):
+        rows = (row_index == i).nonzero(as_tuple=True)[0]
+        if delta is None or rows.numel() == 0:
+            continue
+        out[rows] = torch_delta_forward(x[rows], delta)
+    return out

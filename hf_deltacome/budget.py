@@ -1,0 +1,106 @@
+"""Bit budget: how many singular vectors each band may keep at a compression ratio.
+
+A target linear with an ``m x n`` delta may spend ``16 * ratio * m * n`` bits. A band of ``r`` singular vectors
+at ``b`` bits stores ``V_bᵀ`` (``r x n``, groups along ``n``), ``U_b`` (``m x r``, groups along ``r``) and the
+singular values ``S_b`` (``r`` float32). Every stored byte counts: packing padding, float16 scales and uint8
+zeros included, so the true file never exceeds the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import ConfigError
+from .packing import SUPPORTED_BITS, stored_nbytes
+
+SINGULAR_VALUE_BYTES = 4  # S is stored as float32
+DEFAULT_BANDS: list[list] = [[8, 2], [3, 32], [2, None]]
+
+Band = tuple[int, int]  # (bits, rank)
+
+
+def band_nbytes(m: int, n: int, bits: int, rank: int, group_size: int) -> int:
+    """Exact stored bytes of one band of ``rank`` singular vectors at ``bits`` bits for an ``m x n`` delta."""
+    if rank <= 0:
+        return 0
+    return (
+        stored_nbytes(rank, n, bits, group_size)  # V_bᵀ
+        + stored_nbytes(m, rank, bits, group_size)  # U_b
+        + rank * SINGULAR_VALUE_BYTES
+    )
+
+
+def layout_nbytes(m: int, n: int, bands: Sequence[Band], group_size: int) -> int:
+    """Exact stored bytes of all bands of one module."""
+    return sum(band_nbytes(m, n, b, r, group_size) for b, r in bands)
+
+
+def budget_bytes(m: int, n: int, ratio: float) -> int:
+    """Bytes a module's factors may take: ``ratio`` times its float16 delta (``2 * m * n`` bytes)."""
+    return int(2 * m * n * ratio)
+
+
+def validate_band_spec(spec: Sequence[Sequence]) -> list[list]:
+    """Check a band specification ``[(bits, rank | fraction | None), ...]`` and return it as a list of lists.
+
+    ``rank`` (int >= 0) keeps that many singular vectors (fewer if the budget runs out), ``fraction``
+    (0 < float <= 1) spends that share of the layer budget, ``None`` spends whatever is left (last band only).
+    """
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise ConfigError(f"bands must be a non-empty list of (bits, rank | fraction | None), got {spec!r}")
+    out = []
+    for i, item in enumerate(spec):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ConfigError(f"band {i} must be a pair (bits, rank | fraction | None), got {item!r}")
+        bits, size = item
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+            raise ConfigError(f"band {i}: unsupported bit width {bits!r}; supported: {SUPPORTED_BITS}")
+        if size is None:
+            if i != len(spec) - 1:
+                raise ConfigError(f"band {i}: only the last band may take the rest of the budget (None)")
+        elif isinstance(size, bool) or not isinstance(size, (int, float)):
+            raise ConfigError(f"band {i}: size must be an int rank, a float fraction or None, got {size!r}")
+        elif isinstance(size, int) and size < 0:
+            raise ConfigError(f"band {i}: rank must be >= 0, got {size}")
+        elif isinstance(size, float) and not 0.0 < size <= 1.0:
+            raise ConfigError(f"band {i}: budget fraction must be in (0, 1], got {size}")
+        out.append([bits, size])
+    return out
+
+
+def _max_rank(m: int, n: int, bits: int, group_size: int, allowance: int, cap: int) -> int:
+    """Largest rank ``r <= cap`` whose band fits in ``allowance`` bytes (band bytes grow with ``r``)."""
+    lo, hi = 0, cap
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if band_nbytes(m, n, bits, mid, group_size) <= allowance:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def solve_ranks(m: int, n: int, ratio: float, spec: Sequence[Sequence], group_size: int) -> list[Band]:
+    """Ranks for each band of an ``m x n`` delta at ``ratio`` so that the exact stored bytes fit the budget.
+
+    Bands are filled in order (largest singular values first); the total rank never exceeds ``min(m, n)``.
+    Bands that get rank 0 are kept in the result so the layout always lists every configured band.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"ratio must be in (0, 1], got {ratio}")
+    spec = validate_band_spec(spec)
+    budget = budget_bytes(m, n, ratio)
+    used_bytes, used_rank, full = 0, 0, min(m, n)
+    bands: list[Band] = []
+    for bits, size in spec:
+        left = budget - used_bytes
+        cap = full - used_rank
+        if isinstance(size, float):
+            left = min(left, int(size * budget))
+        elif isinstance(size, int):
+            cap = min(cap, size)
+        r = _max_rank(m, n, bits, group_size, left, cap)
+        bands.append((bits, r))
+        used_bytes += band_nbytes(m, n, bits, r, group_size)
+        used_rank += r
+    return bands

@@ -1,0 +1,27 @@
+"""Exception types. Every error a user can trigger with bad input is one of these, with a message naming the input."""
+
+from __future__ import annotations
+
+
+class DeltaCoMeError(ValueError):
+    """Base class for all errors raised by hf-deltacome on bad input."""
+
+
+class IncompatibleModelsError(DeltaCoMeError):
+    """Base and fine-tuned models differ in architecture, module names, shapes or vocabulary."""
+
+
+class ConfigError(DeltaCoMeError):
+    """A `DeltaCoMeConfig` (or its JSON file) holds an invalid or inconsistent value."""
+
+
+class AdapterFileError(DeltaCoMeError):
+    """An adapter file is missing, truncated, corrupted, or disagrees with its config."""
+
+
+class BaseModelMismatchError(DeltaCoMeError):
+    """The adapter was compressed against a different base model than the one it is being loaded onto."""
+
+
+class CalibrationError(DeltaCoMeError):
+    """Calibration data could not be read or tokenized."""

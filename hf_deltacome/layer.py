@@ -1,0 +1,139 @@
+"""PEFT tuner layer: a linear with one or more packed Delta-CoMe deltas on top of its base weight."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .backend import delta_forward, delta_forward_mixed
+from .errors import ConfigError
+from .factors import PackedDelta
+
+BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in per-row `adapter_names`
+
+
+class DeltaCoMeLayer(BaseTunerLayer):
+    """Mixin holding one `PackedDelta` per adapter in ``deltacome_delta`` (buffers only, nothing trainable)."""
+
+    adapter_layer_names = ("deltacome_delta",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.deltacome_delta = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(f"Delta-CoMe can only wrap nn.Linear layers, got {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, layout: dict[str, Any], inference_mode: bool = False) -> None:
+        """Allocate zeroed buffers for ``adapter_name`` from its layout entry (filled by loading or compression)."""
+        m, n = layout["shape"]
+        if (m, n) != (self.out_features, self.in_features):
+            raise ConfigError(
+                f"adapter {adapter_name!r} was built for a {m}x{n} linear, but the base layer is "
+                f"{self.out_features}x{self.in_features}"
+            )
+        has_bias = bool(layout.get("bias", False))
+        if has_bias and self.get_base_layer().bias is None:
+            raise ConfigError(f"adapter {adapter_name!r} carries a bias delta but the base linear has no bias")
+        self.deltacome_delta[adapter_name] = PackedDelta(m, n, layout["bands"], layout["group_size"], bias=has_bias)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """Dense ``out x in`` weight delta of ``adapter`` in the base weight's dtype (bias delta excluded)."""
+        weight = self.get_base_layer().weight
+        return self.deltacome_delta[adapter].to(weight.device).delta_weight(weight.dtype)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        # The delta is exactly low rank; a bias delta is not representable in LoRA, so refuse then.
+        return self.deltacome_delta[adapter_name].bias is None
+
+
+class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
+    """``y = base(x) + Σ_active_adapters delta(x)`` with the deltas kept bit-packed in memory."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, layout: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__()
+        DeltaCoMeLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, layout, inference_mode=kwargs.get("inference_mode", False))
+
+    # -- merging ---------------------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the deltas (and bias deltas) of the active (or given) adapters into the base weights."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.deltacome_delta:
+                continue
+            weight = base.weight.data + self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(f"NaNs detected in the merged weights; adapter {name!r} seems to be broken")
+            base.weight.data = weight
+            bias = self.deltacome_delta[name].bias
+            if bias is not None:
+                base.bias.data = base.bias.data + bias.to(base.bias.device, base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name not in self.deltacome_delta:
+                continue
+            base.weight.data = base.weight.data - self.get_delta_weight(name)
+            bias = self.deltacome_delta[name].bias
+            if bias is not None:
+                base.bias.data = base.bias.data - bias.to(base.bias.device, base.bias.dtype)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            if self.merged:
+                raise ValueError("Cannot pass `adapter_names` while adapters are merged; unmerge them first")
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.deltacome_delta:
+                result = result + delta_forward(x, self.deltacome_delta[name]).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"`` or unknown here: none)."""
+        result = self.base_layer(x, *args, **kwargs)
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows"
+            )
+        names = [n for n in dict.fromkeys(adapter_names) if n in self.deltacome_delta]
+        if not names:
+            return result
+        slot = {n: i for i, n in enumerate(names)}
+        row_index = torch.tensor([slot.get(n, -1) for n in adapter_names], device=x.device, dtype=torch.long)
+        deltas = [self.deltacome_delta[n] for n in names]
+        return result + delta_forward_mixed(x, deltas, row_index).to(result.dtype)
+
+    def __repr__(self) -> str:
+        return "deltacome." + super().__repr__()

@@ -1,0 +1,150 @@
+"""PEFT tuner model for Delta-CoMe: injects `DeltaCoMeLinear` layers where the adapter's layout says."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import partial
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .config import DeltaCoMeConfig
+from .errors import AdapterFileError, ConfigError
+from .layer import BASE_ADAPTER_NAME, DeltaCoMeLayer, DeltaCoMeLinear
+
+
+def _adapter_names_pre_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+class DeltaCoMeModel(BaseTuner):
+    """Wraps a base model so that each linear listed in the adapter's ``layout`` adds its packed delta.
+
+    Created by PEFT (``get_peft_model``, ``PeftModel.from_pretrained``); users normally build adapters with
+    :func:`hf_deltacome.compress`.
+    """
+
+    prefix: str = "deltacome_"
+    tuner_layer_cls = DeltaCoMeLayer
+    target_module_mapping: dict = {}
+
+    # -- injection -------------------------------------------------------------------------------------------
+    def _prepare_adapter_config(self, peft_config: DeltaCoMeConfig, model_config: dict) -> DeltaCoMeConfig:
+        if not peft_config.layout:
+            raise ConfigError(
+                "this DeltaCoMeConfig has an empty layout: a Delta-CoMe adapter is created by "
+                "hf_deltacome.compress(base, finetuned, config) or loaded with PeftModel.from_pretrained"
+            )
+        peft_config.target_modules = set(peft_config.layout)
+        return peft_config
+
+    def _pre_injection_hook(self, model: nn.Module, config: DeltaCoMeConfig, adapter_name: str) -> None:
+        modules = dict(model.named_modules())
+        missing = [name for name in config.layout if name not in modules]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ConfigError(
+                f"adapter {adapter_name!r} targets modules that the base model "
+                f"({type(model).__name__}) does not have: {shown}; was it made for another base model?"
+            )
+        for name, entry in config.layout.items():
+            module = modules[name]
+            base = module.get_base_layer() if isinstance(module, DeltaCoMeLayer) else module
+            if not isinstance(base, nn.Linear):
+                raise ConfigError(f"adapter {adapter_name!r} targets {name!r}, which is a {type(base).__name__}")
+            shape = [base.out_features, base.in_features]
+            if list(entry["shape"]) != shape:
+                raise ConfigError(
+                    f"adapter {adapter_name!r} expects module {name!r} of shape {list(entry['shape'])} "
+                    f"but the base model has {shape}"
+                )
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: DeltaCoMeConfig, key: str) -> bool:
+        return key in peft_config.layout
+
+    def _create_and_replace(
+        self,
+        peft_config: DeltaCoMeConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: Optional[str] = None,
+    ) -> None:
+        layout = peft_config.layout[current_key]
+        if isinstance(target, DeltaCoMeLinear):
+            target.update_layer(adapter_name, layout, inference_mode=peft_config.inference_mode)
+            return
+        new_module = DeltaCoMeLinear(target, adapter_name, layout, inference_mode=peft_config.inference_mode)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # The packed factors are integer buffers: nothing of ours trains. Freeze the base.
+        for name, param in model.named_parameters():
+            if self.prefix not in name:
+                param.requires_grad = False
+
+    # -- saving and loading ----------------------------------------------------------------------------------
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # Our adapter entries are nested modules (``deltacome_delta.<adapter>.bands.0.v.qweight``), so the adapter
+        # name is not PEFT's usual second-to-last component.
+        marker = f".deltacome_delta.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, ".deltacome_delta.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: DeltaCoMeConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # PEFT loads non-strictly; an adapter missing any packed tensor must not load silently as a zero delta.
+        expected = {k for k in model.state_dict() if f".deltacome_delta.{adapter_name}." in k}
+        missing = sorted(k for k in expected if k not in remapped)
+        if missing:
+            raise AdapterFileError(
+                f"adapter {adapter_name!r}: the weights file lacks {len(missing)} tensor(s) that its "
+                f"adapter_config.json layout requires, e.g. {missing[0]!r}"
+            )
+        return remapped
+
+    # -- mixed batches ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Route per-row ``adapter_names`` to every Delta-CoMe layer and dense-extras wrapper."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = set()
+        for module in self.modules():
+            if isinstance(module, DeltaCoMeLayer):
+                known |= set(module.deltacome_delta.keys())
+        unknown = {n for n in adapter_names if n != BASE_ADAPTER_NAME} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        handles = []
+        for module in self.modules():
+            if isinstance(module, (DeltaCoMeLayer, AuxiliaryTrainingWrapper)):
+                hook = partial(_adapter_names_pre_hook, adapter_names=list(adapter_names))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
