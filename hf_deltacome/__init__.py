@@ -23,7 +23,9 @@ def _register() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     if "DELTACOME" not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        register_peft_method(name="deltacome", config_cls=DeltaCoMeConfig, model_cls=DeltaCoMeModel, prefix="deltacome_")
+        register_peft_method(
+            name="deltacome", config_cls=DeltaCoMeConfig, model_cls=DeltaCoMeModel, prefix="deltacome_"
+        )
 
 
 _register()

@@ -75,9 +75,7 @@ def delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     return torch_delta_forward(x, delta)
 
 
-def delta_forward_mixed(
-    x: torch.Tensor, deltas: Sequence[PackedDelta | None], row_index: torch.Tensor
-) -> torch.Tensor:
+def delta_forward_mixed(x: torch.Tensor, deltas: Sequence[PackedDelta | None], row_index: torch.Tensor) -> torch.Tensor:
     """Mixed batch: row ``i`` of ``x`` (``batch x ... x in``) gets ``deltas[row_index[i]]``; -1 means no delta."""
     if _use_triton(x):
         from . import kernels

@@ -124,9 +124,7 @@ class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
         """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"`` or unknown here: none)."""
         result = self.base_layer(x, *args, **kwargs)
         if len(adapter_names) != x.shape[0]:
-            raise ValueError(
-                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows"
-            )
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
         names = [n for n in dict.fromkeys(adapter_names) if n in self.deltacome_delta]
         if not names:
             return result

@@ -136,7 +136,9 @@ class QuantizedMatrix:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
-def expected_tensor_shapes(rows: int, cols: int, bits: int, group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def expected_tensor_shapes(
+    rows: int, cols: int, bits: int, group_size: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of the tensors a ``rows x cols`` matrix at ``bits`` bits is stored as.
 
     Used both to allocate buffers before loading weights and to validate files.
@@ -205,7 +207,9 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix
     return QuantizedMatrix.from_int(q, scales, zeros, bits, group_size)
 
 
-def asymmetric_params(wmin: torch.Tensor, wmax: torch.Tensor, bits: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def asymmetric_params(
+    wmin: torch.Tensor, wmax: torch.Tensor, bits: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point of an asymmetric ``bits``-bit grid covering ``[wmin, wmax]`` (and 0).
 
     ``bits`` may be a tensor broadcastable to ``wmin`` for per-row bit widths. The scale is rounded to float16

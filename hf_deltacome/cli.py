@@ -1,0 +1,181 @@
+"""``deltacome`` command line: compress a fine-tune against its base, and inspect adapters.
+
+Subcommands register themselves through ``add_parser(subparsers)`` functions so that each feature keeps its
+CLI next to its code (``compress`` and ``info`` live here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import DeltaCoMeError
+
+
+def parse_bands(text: str) -> list[list]:
+    """Parse ``"8:2,3:32,2:rest"`` into ``[[8, 2], [3, 32], [2, None]]`` (``0.25`` = a fraction of the budget)."""
+    bands: list[list] = []
+    for part in text.split(","):
+        try:
+            bits_s, size_s = part.strip().split(":")
+            bits = int(bits_s)
+            size: Any
+            if size_s in ("rest", "*", ""):
+                size = None
+            elif "." in size_s:
+                size = float(size_s)
+            else:
+                size = int(size_s)
+        except ValueError as e:
+            raise DeltaCoMeError(
+                f"cannot parse band {part!r} in --bands {text!r}; use bits:rank, bits:fraction or bits:rest, "
+                "e.g. 8:2,3:32,2:rest"
+            ) from e
+        bands.append([bits, size])
+    return bands
+
+
+def load_model_and_tokenizer(name_or_path: str, role: str, dtype: str, device_map: str | None = None):
+    """Load a causal LM (local folder or Hub id) and its tokenizer, with an error naming ``role`` on failure."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise DeltaCoMeError(f"--{role} {name_or_path!r}: no such model directory")
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        dtype
+    ]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, device_map=device_map)
+    except (OSError, ValueError) as e:
+        raise DeltaCoMeError(f"--{role} {name_or_path!r}: cannot load the model: {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model.eval(), tokenizer
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from . import DeltaCoMeConfig
+    from .compress import compress
+    from .summary import summarize_adapter
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite and not getattr(args, "resume", False):
+        raise DeltaCoMeError(f"--output {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    cfg_kwargs: dict[str, Any] = dict(
+        ratio=args.ratio,
+        method=args.method,
+        group_size=args.group_size,
+        quantizer=args.quantizer,
+        act_order=args.act_order,
+        damp=args.damp,
+    )
+    if args.bands:
+        cfg_kwargs["bands"] = parse_bands(args.bands)
+    if args.target_modules:
+        cfg_kwargs["target_modules"] = args.target_modules
+    config = DeltaCoMeConfig(**cfg_kwargs)
+    base, tokenizer = load_model_and_tokenizer(args.base, "base", args.dtype)
+    finetuned, ft_tokenizer = load_model_and_tokenizer(args.finetuned, "finetuned", args.dtype)
+    tokenizer = ft_tokenizer or tokenizer
+    extra: dict[str, Any] = {}
+    if args.num_samples:
+        extra["num_samples"] = args.num_samples
+    if args.seq_len:
+        extra["seq_len"] = args.seq_len
+    if getattr(args, "resume", False):
+        extra["checkpoint_dir"] = str(out / ".deltacome-checkpoint")
+    model = compress(
+        base, finetuned, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device, **extra
+    )
+    del finetuned
+    model.save_pretrained(str(out))
+    if tokenizer is not None and args.save_tokenizer:
+        tokenizer.save_pretrained(str(out))
+    print(summarize_adapter(out).format())
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .summary import summarize_adapter
+
+    summary = summarize_adapter(args.adapter)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(summary.format(per_module=args.modules))
+    return 0
+
+
+def _add_compress(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compress", help="compress FINETUNED - BASE into a Delta-CoMe adapter folder")
+    p.add_argument("--base", required=True, help="base model: local folder or Hub id")
+    p.add_argument("--finetuned", required=True, help="fine-tuned model: local folder or Hub id")
+    p.add_argument("--output", required=True, help="adapter folder to write")
+    p.add_argument("--ratio", default="1/16", help="size of the packed factors / fp16 delta (default 1/16)")
+    p.add_argument("--method", default="deltacome", help="compression method (default deltacome)")
+    p.add_argument("--calibration", default=None, help="calibration text: .txt (one per line) or .jsonl")
+    p.add_argument("--num-samples", type=int, default=None, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--bands", default=None, help="bits:rank list, e.g. 8:2,3:32,2:rest (the default)")
+    p.add_argument("--quantizer", default="gptq", choices=["gptq", "rtn"], help="rtn = data-free")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening")
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order on V (static groups)")
+    p.add_argument("--target-modules", nargs="+", default=None, help="module names or a regex (default: all linears)")
+    p.add_argument(
+        "--device", default=None, help="where to run the per-layer work: cpu or cuda (default: cuda if available)"
+    )
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--no-save-tokenizer", dest="save_tokenizer", action="store_false")
+    p.set_defaults(func=_cmd_compress)
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="per-module ranks and bits, exact bytes and effective ratio of an adapter")
+    p.add_argument("adapter", help="adapter folder")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--modules", action="store_true", help="list every module")
+    p.set_defaults(func=_cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltacome", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compress(sub)
+    _add_info(sub)
+    for module_name in ("evaluate", "hub"):  # optional subcommands living next to their features
+        try:
+            module = __import__(f"hf_deltacome.{module_name}", fromlist=["add_parser"])
+        except ImportError:
+            continue
+        if hasattr(module, "add_parser"):
+            module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DeltaCoMeError as e:
+        print(f"deltacome {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deltacome {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

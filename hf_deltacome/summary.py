@@ -1,0 +1,235 @@
+"""What an adapter folder holds: exact file bytes, per-module layout, and the effective compression ratio.
+
+Every figure is read from the files on disk (the safetensors header and ``adapter_config.json``), so the bytes
+include the header, packing padding, scales, zeros, singular values and every dense extra.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AdapterFileError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+_MODULE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.deltacome_delta\.")
+
+
+@dataclass
+class ModuleSummary:
+    """One target linear: its shape, bands and stored bytes."""
+
+    name: str
+    shape: tuple[int, int]
+    bands: list[tuple[int, int]]
+    group_size: int
+    nbytes: int = 0
+
+    @property
+    def fp16_delta_bytes(self) -> int:
+        return 2 * self.shape[0] * self.shape[1]
+
+    @property
+    def kind(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass
+class AdapterSummary:
+    """Sizes and layout of one saved adapter."""
+
+    path: str
+    file_bytes: int  # adapter_model.safetensors, exactly as on disk
+    config_bytes: int  # adapter_config.json
+    modules: list[ModuleSummary]
+    extras: dict[str, int] = field(default_factory=dict)  # dense extra tensor -> stored bytes
+    extras_fp16_bytes: int = 0
+    ratio_target: float | None = None
+    method: str = "deltacome"
+
+    @property
+    def factor_bytes(self) -> int:
+        return sum(m.nbytes for m in self.modules)
+
+    @property
+    def target_fp16_bytes(self) -> int:
+        return sum(m.fp16_delta_bytes for m in self.modules)
+
+    @property
+    def fp16_delta_bytes(self) -> int:
+        """The fp16 delta the adapter replaces: target linears plus the dense extras at 2 bytes a value."""
+        return self.target_fp16_bytes + self.extras_fp16_bytes
+
+    @property
+    def factor_ratio(self) -> float:
+        """Packed factors / fp16 delta of the target linears (what ``ratio`` budgets)."""
+        return self.factor_bytes / max(self.target_fp16_bytes, 1)
+
+    @property
+    def effective_ratio(self) -> float:
+        """Whole weights file (header and dense extras included) / fp16 delta of every stored module."""
+        return self.file_bytes / max(self.fp16_delta_bytes, 1)
+
+    def per_kind(self) -> dict[str, dict[str, Any]]:
+        """Per module type (q_proj, down_proj, ...): shape(s), bands as ``bits:rank`` and bytes."""
+        out: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "bytes": 0, "layouts": set()})
+        for m in self.modules:
+            row = out[m.kind]
+            row["count"] += 1
+            row["bytes"] += m.nbytes
+            layout = f"{m.shape[0]}x{m.shape[1]} " + " + ".join(f"{r}@{b}b" for b, r in m.bands)
+            row["layouts"].add(layout)
+        return dict(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "method": self.method,
+            "file_bytes": self.file_bytes,
+            "config_bytes": self.config_bytes,
+            "factor_bytes": self.factor_bytes,
+            "dense_extra_bytes": sum(self.extras.values()),
+            "target_fp16_delta_bytes": self.target_fp16_bytes,
+            "fp16_delta_bytes": self.fp16_delta_bytes,
+            "ratio_target": self.ratio_target,
+            "factor_ratio": self.factor_ratio,
+            "effective_ratio": self.effective_ratio,
+            "modules": {
+                m.name: {"shape": list(m.shape), "bands": [list(b) for b in m.bands], "bytes": m.nbytes}
+                for m in self.modules
+            },
+            "dense_extras": self.extras,
+        }
+
+    def format(self, per_module: bool = False) -> str:
+        """Human-readable table."""
+        lines = [
+            f"adapter: {self.path}  (method {self.method}, target ratio "
+            f"{_frac(self.ratio_target) if self.ratio_target else 'n/a'})"
+        ]
+        lines.append(f"{'module type':<16}{'count':>6}  {'layout (rank@bits)':<44}{'bytes':>14}")
+        for kind, row in sorted(self.per_kind().items()):
+            layouts = sorted(row["layouts"])
+            lines.append(f"{kind:<16}{row['count']:>6}  {layouts[0]:<44}{row['bytes']:>14,}")
+            lines.extend(f"{'':<24}{lay:<44}" for lay in layouts[1:])
+        if per_module:
+            lines.append("")
+            for m in self.modules:
+                bands = " + ".join(f"{r}@{b}b" for b, r in m.bands)
+                lines.append(f"  {m.name:<60} {m.shape[0]}x{m.shape[1]:<8} {bands:<30} {m.nbytes:>12,}")
+        extra = sum(self.extras.values())
+        lines += [
+            "",
+            f"packed factors           {self.factor_bytes:>14,} B  = {self.factor_ratio:.4f} of their fp16 delta "
+            f"({self.target_fp16_bytes:,} B) = 1/{1 / max(self.factor_ratio, 1e-12):.1f}",
+            f"dense extras ({len(self.extras):>3} tensors){extra:>14,} B",
+            f"{WEIGHTS_NAME:<25}{self.file_bytes:>14,} B  (exact file size, header included)",
+            f"effective ratio          {self.effective_ratio:.4f} of the fp16 delta of every stored module "
+            f"({self.fp16_delta_bytes:,} B) = 1/{1 / max(self.effective_ratio, 1e-12):.1f}",
+        ]
+        return "\n".join(lines)
+
+
+def _frac(r: float) -> str:
+    return f"1/{1 / r:.4g}" if r < 1 else "1"
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a safetensors file, read without loading any tensor."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise AdapterFileError(f"{path}: file too short to be safetensors ({size} bytes)")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or 8 + n > size:
+                raise AdapterFileError(f"{path}: safetensors header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise AdapterFileError(f"cannot read {path}: {e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{path}: safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{path}: safetensors header is not a JSON object")
+    return header
+
+
+def _tensor_bytes(path: Path, name: str, info: Any) -> int:
+    if not isinstance(info, dict) or info.get("dtype") not in _DTYPE_BYTES or not isinstance(info.get("shape"), list):
+        raise AdapterFileError(f"{path}: tensor {name!r} has a malformed header entry {info!r}")
+    return math.prod(info["shape"]) * _DTYPE_BYTES[info["dtype"]]
+
+
+def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
+    """Summarize a saved adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise AdapterFileError(f"{path} is not a Delta-CoMe adapter folder: {p.name} is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "DELTACOME":
+        peft_type = cfg.get("peft_type") if isinstance(cfg, dict) else None
+        raise AdapterFileError(f"{cfg_path}: peft_type is {peft_type!r}, not 'DELTACOME'")
+    layout = cfg.get("layout") or {}
+    header = read_safetensors_header(w_path)
+    modules = {
+        name: ModuleSummary(
+            name=name,
+            shape=tuple(entry["shape"]),
+            bands=[tuple(b) for b in entry["bands"]],
+            group_size=entry.get("group_size", cfg.get("group_size", 128)),
+        )
+        for name, entry in layout.items()
+    }
+    extras: dict[str, int] = {}
+    extras_fp16 = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        nbytes = _tensor_bytes(w_path, key, info)
+        match = _MODULE_RE.match(key)
+        if match and match.group("module") in modules:
+            modules[match.group("module")].nbytes += nbytes
+        else:
+            extras[key] = nbytes
+            extras_fp16 += 2 * math.prod(info["shape"])
+    return AdapterSummary(
+        path=str(path),
+        file_bytes=w_path.stat().st_size,
+        config_bytes=cfg_path.stat().st_size,
+        modules=list(modules.values()),
+        extras=extras,
+        extras_fp16_bytes=extras_fp16,
+        ratio_target=cfg.get("ratio"),
+        method=cfg.get("method", "deltacome"),
+    )

@@ -1,0 +1,243 @@
+"""PEFT behaviour of the runtime layer on a tiny Llama (GQA) with random packed deltas."""
+
+import json
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, pipeline
+
+import hf_deltacome
+from hf_deltacome import AdapterFileError, ConfigError, DeltaCoMeConfig, DeltaCoMeLinear
+from hf_deltacome.budget import solve_ranks
+from hf_deltacome.packing import quantize_rtn
+
+VOCAB = 61
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 .,:?!")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def fill_random(model, adapter: str, seed: int, scale: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, DeltaCoMeLinear) and adapter in mod.deltacome_delta:
+            pd = mod.deltacome_delta[adapter]
+            for k, band in enumerate(pd.bands):
+                v = torch.randn(band.rank, pd.in_features, generator=g)
+                u = torch.randn(pd.out_features, band.rank, generator=g)
+                s = torch.rand(band.rank, generator=g) * scale
+                pd.set_band(k, quantize_rtn(v, band.bits, 32), quantize_rtn(u, band.bits, 32), s)
+            if pd.bias is not None:
+                pd.bias.copy_(torch.randn(pd.out_features, generator=g) * scale)
+
+
+def make_layout(model, ratio=0.5, group=32):
+    layout = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            m, n = mod.out_features, mod.in_features
+            bands = solve_ranks(m, n, ratio, [[8, 2], [3, 8], [2, None]], group)
+            layout[name] = {"shape": [m, n], "bands": [list(b) for b in bands], "group_size": group, "bias": False}
+    return layout
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    path = tmp_path_factory.mktemp("base")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapters(base_dir, tmp_path_factory):
+    """Two saved adapters ('a', 'b') with different random deltas, plus reference logits."""
+    out = {}
+    x = torch.randint(4, VOCAB, (3, 9), generator=torch.Generator().manual_seed(1))
+    for name, seed in (("a", 10), ("b", 20)):
+        base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+        cfg = DeltaCoMeConfig(layout=make_layout(base), ratio=0.5, task_type="CAUSAL_LM")
+        model = get_peft_model(base, cfg).eval()
+        fill_random(model, "default", seed)
+        with torch.no_grad():
+            logits = model(x).logits
+        path = tmp_path_factory.mktemp(f"adapter_{name}")
+        model.save_pretrained(path)
+        out[name] = (path, logits)
+    with torch.no_grad():
+        out["base_logits"] = AutoModelForCausalLM.from_pretrained(base_dir).eval()(x).logits
+    out["x"] = x
+    return out
+
+
+def load_base(base_dir, **kw):
+    return AutoModelForCausalLM.from_pretrained(base_dir, **kw).eval()
+
+
+def test_files_and_config(adapters):
+    path, _ = adapters["a"]
+    assert sorted(p.name for p in path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "DELTACOME"
+    assert cfg["layout"]["model.layers.0.self_attn.k_proj"]["shape"] == [32, 64]
+    tensors = load_file(path / "adapter_model.safetensors")
+    assert any(t.dtype == torch.int32 for t in tensors.values())
+    assert all(".default." not in k for k in tensors)
+
+
+def test_reload_reproduces_logits_exactly(base_dir, adapters):
+    path, logits = adapters["a"]
+    model = PeftModel.from_pretrained(load_base(base_dir), path)
+    with torch.no_grad():
+        assert torch.equal(model(adapters["x"]).logits, logits)
+    auto = AutoPeftModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        assert torch.equal(auto(adapters["x"]).logits, logits)
+
+
+def test_delta_changes_output_and_disable_restores_base(base_dir, adapters):
+    path, logits = adapters["a"]
+    model = PeftModel.from_pretrained(load_base(base_dir), path)
+    assert (logits - adapters["base_logits"]).abs().max() > 1e-2
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.allclose(model(adapters["x"]).logits, adapters["base_logits"], atol=1e-6)
+
+
+def test_multiple_adapters_set_and_delete(base_dir, adapters):
+    model = PeftModel.from_pretrained(load_base(base_dir), adapters["a"][0], adapter_name="a")
+    model.load_adapter(adapters["b"][0], adapter_name="b")
+    x = adapters["x"]
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, adapters["a"][1], atol=1e-6)
+        model.set_adapter("b")
+        assert torch.allclose(model(x).logits, adapters["b"][1], atol=1e-6)
+        model.delete_adapter("a")
+        assert "a" not in model.peft_config
+        assert torch.allclose(model(x).logits, adapters["b"][1], atol=1e-6)
+
+
+def test_mixed_batch_matches_single_adapter_rows(base_dir, adapters):
+    model = PeftModel.from_pretrained(load_base(base_dir), adapters["a"][0], adapter_name="a")
+    model.load_adapter(adapters["b"][0], adapter_name="b")
+    x = adapters["x"]
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["b", "__base__", "a"]).logits
+    assert torch.allclose(mixed[0], adapters["b"][1][0], atol=1e-5)
+    assert torch.allclose(mixed[1], adapters["base_logits"][1], atol=1e-5)
+    assert torch.allclose(mixed[2], adapters["a"][1][2], atol=1e-5)
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        model(x, adapter_names=["a", "zzz", "b"])
+
+
+def test_generate_with_adapter_names_matches_single(base_dir, adapters):
+    model = PeftModel.from_pretrained(load_base(base_dir), adapters["a"][0], adapter_name="a")
+    model.load_adapter(adapters["b"][0], adapter_name="b")
+    x = adapters["x"][:2]
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    mixed = model.generate(input_ids=x, attention_mask=torch.ones_like(x), adapter_names=["a", "b"], **kw)
+    model.set_adapter("a")
+    only_a = model.generate(input_ids=x[:1], attention_mask=torch.ones_like(x[:1]), **kw)
+    model.set_adapter("b")
+    only_b = model.generate(input_ids=x[1:], attention_mask=torch.ones_like(x[1:]), **kw)
+    assert torch.equal(mixed[0], only_a[0]) and torch.equal(mixed[1], only_b[0])
+
+
+def test_merge_and_unload(base_dir, adapters):
+    path, logits = adapters["a"]
+    model = PeftModel.from_pretrained(load_base(base_dir), path)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, DeltaCoMeLinear) for m in merged.modules())
+    with torch.no_grad():
+        assert torch.allclose(merged(adapters["x"]).logits, logits, atol=1e-4)
+    unloaded = PeftModel.from_pretrained(load_base(base_dir), path).unload()
+    with torch.no_grad():
+        assert torch.allclose(unloaded(adapters["x"]).logits, adapters["base_logits"], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_keeps_packed_dtypes(base_dir, adapters, dtype):
+    path, logits = adapters["a"]
+    model = PeftModel.from_pretrained(load_base(base_dir, dtype=dtype), path)
+    dtypes = {n.rsplit(".", 1)[-1]: b.dtype for n, b in model.named_buffers() if "deltacome_delta" in n}
+    assert dtypes["qweight"] == torch.int32 and dtypes["scales"] == torch.float16
+    assert dtypes["zeros"] == torch.uint8 and dtypes["s"] == torch.float32
+    model.to(torch.float32).to(dtype)  # casts must not touch the packed buffers
+    with torch.no_grad():
+        out = model(adapters["x"]).logits
+    assert out.dtype == dtype
+    rel = (out.float() - logits).norm() / logits.norm()
+    assert rel < 0.05
+
+
+def test_pipeline_generates(base_dir, adapters):
+    model = PeftModel.from_pretrained(load_base(base_dir), adapters["a"][0])
+    pipe = pipeline("text-generation", model=model, tokenizer=char_tokenizer())
+    out = pipe("abc", max_new_tokens=4, do_sample=False)
+    assert out[0]["generated_text"].startswith("abc")
+
+
+def test_empty_layout_is_refused(base_dir):
+    with pytest.raises(ConfigError, match="empty layout"):
+        get_peft_model(load_base(base_dir), DeltaCoMeConfig())
+
+
+def test_layout_for_other_base_is_refused(base_dir):
+    base = load_base(base_dir)
+    layout = make_layout(base)
+    layout["model.layers.0.self_attn.q_proj"]["shape"] = [64, 65]
+    with pytest.raises(ConfigError, match=r"q_proj.*shape \[64, 65\].*\[64, 64\]"):
+        get_peft_model(base, DeltaCoMeConfig(layout=layout))
+    layout = make_layout(base)
+    layout["model.layers.7.mlp.up_proj"] = layout["model.layers.0.mlp.up_proj"]
+    with pytest.raises(ConfigError, match="layers.7.mlp.up_proj"):
+        get_peft_model(load_base(base_dir), DeltaCoMeConfig(layout=layout))
+
+
+def test_missing_tensor_in_file_is_refused(base_dir, adapters, tmp_path):
+    path, _ = adapters["a"]
+    for f in ("adapter_config.json",):
+        (tmp_path / f).write_bytes((path / f).read_bytes())
+    tensors = load_file(path / "adapter_model.safetensors")
+    dropped = sorted(tensors)[3]
+    del tensors[dropped]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(AdapterFileError, match="lacks 1 tensor"):
+        PeftModel.from_pretrained(load_base(base_dir), tmp_path)
+
+
+def test_hand_edited_layout_is_refused(adapters, tmp_path):
+    path, _ = adapters["a"]
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["layout"]["model.layers.0.mlp.up_proj"]["bands"][0][0] = 5
+    with pytest.raises(ConfigError, match=r"up_proj.*unknown bit width 5"):
+        DeltaCoMeConfig(**{k: v for k, v in cfg.items() if k not in ("peft_type",)})
+
+
+def test_package_registers_peft_type():
+    from peft.utils import PeftType
+
+    assert PeftType("DELTACOME") is PeftType.DELTACOME
+    assert hf_deltacome.DeltaCoMeConfig().peft_type == PeftType.DELTACOME
