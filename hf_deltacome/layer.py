@@ -49,6 +49,13 @@ class DeltaCoMeLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # A base weight offloaded by accelerate sits on the meta device; the packed factors are small, keep them real.
+        weight = getattr(self.get_base_layer(), "weight", None)
+        if device is None and weight is not None and weight.device.type == "meta":
+            device = torch.device("cpu")
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Dense ``out x in`` weight delta of ``adapter`` in the base weight's dtype (bias delta excluded)."""
         weight = self.get_base_layer().weight

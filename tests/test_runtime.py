@@ -241,3 +241,11 @@ def test_package_registers_peft_type():
 
     assert PeftType("DELTACOME") is PeftType.DELTACOME
     assert hf_deltacome.DeltaCoMeConfig().peft_type == PeftType.DELTACOME
+
+
+def test_device_map_auto_base(base_dir, adapters):
+    path, logits = adapters["a"]
+    base = load_base(base_dir, device_map="auto")
+    model = PeftModel.from_pretrained(base, path)
+    with torch.no_grad():
+        assert torch.allclose(model(adapters["x"]).logits, logits, atol=1e-6)
