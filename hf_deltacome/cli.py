@@ -149,12 +149,39 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_info)
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_adapter
+
+    info = push_adapter(
+        args.adapter,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        token=args.token,
+        commit_message=args.message,
+    )
+    print(info.commit_url)
+    return 0
+
+
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="upload an adapter folder (with its model card) to the Hugging Face Hub")
+    p.add_argument("adapter", help="adapter folder written by `deltacome compress`")
+    p.add_argument("repo_id", help="user/name on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
+    p.add_argument("--message", default="Upload Delta-CoMe adapter", help="commit message")
+    p.set_defaults(func=_cmd_push)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltacome", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compress(sub)
     _add_info(sub)
-    for module_name in ("evaluate", "hub"):  # optional subcommands living next to their features
+    _add_push(sub)
+    for module_name in ("evaluate",):  # optional subcommands living next to their features
         try:
             module = __import__(f"hf_deltacome.{module_name}", fromlist=["add_parser"])
         except ImportError:

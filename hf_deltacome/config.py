@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Optional, Union
@@ -33,8 +34,14 @@ def _ensure_peft_type() -> PeftType:
 
 DELTACOME = _ensure_peft_type()
 
-METHODS = ("deltacome",)  # extended by the quality issue (bitdelta, lowrank, svd-uniform, dare)
+# deltacome: SVD + mixed-precision bands; the others are baselines at the same byte budget (see methods.py)
+METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare")
+SVD_METHODS = ("deltacome", "lowrank", "svd-uniform")  # methods whose layout is a list of bands
 QUANTIZERS = ("gptq", "rtn")
+SEARCHES = ("greedy", "genetic")
+ALLOCATIONS = ("uniform", "adaptive")
+UNIFORM_BITS = (2, 3, 4, 8)
+BITDELTA_SCALES = ("matrix", "row")
 
 
 def parse_ratio(value: Union[str, float, int]) -> float:
@@ -75,6 +82,14 @@ class DeltaCoMeConfig(PeftConfig):
         layout: per module name, ``{"shape": [m, n], "bands": [[bits, rank], ...], "group_size": g,
             "bias": bool}``.
         base_fingerprint: fingerprint of the base weights the delta was computed against.
+        search: ``None`` (use ``bands`` as given), ``"greedy"`` or ``"genetic"``: choose the band split (bits and
+            ranks) of each module type under the same budget by minimising output error on calibration activations
+            (``deltacome`` only).
+        allocation: ``"uniform"`` (every module gets ``ratio`` of its own delta) or ``"adaptive"`` (move budget
+            between modules by measured sensitivity, model-wide total unchanged; SVD methods only).
+        uniform_bits: bit width of every singular vector for ``svd-uniform`` and of the kept values for ``dare``.
+        bitdelta_scale: ``"matrix"`` (one scale per matrix, as published) or ``"row"`` (one per output row).
+        distill_steps: optimisation steps of the BitDelta scale distillation against the fine-tune (0 = off).
     """
 
     ratio: float = field(default=1 / 16, metadata={"help": "Size of the packed factors / fp16 delta."})
@@ -88,8 +103,13 @@ class DeltaCoMeConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(default=None)
     modules_to_save: Optional[list[str]] = field(default=None)
     layout: dict[str, dict[str, Any]] = field(default_factory=dict)
-    base_fingerprint: Optional[str] = field(default=None)
+    base_fingerprint: Optional[dict[str, Any]] = field(default=None)
     compression_info: dict[str, Any] = field(default_factory=dict)
+    search: Optional[str] = field(default=None, metadata={"help": f"Band split search: None or one of {SEARCHES}."})
+    allocation: str = field(default="uniform", metadata={"help": f"Budget across modules, one of {ALLOCATIONS}."})
+    uniform_bits: int = field(default=4, metadata={"help": f"Bits of svd-uniform / dare, one of {UNIFORM_BITS}."})
+    bitdelta_scale: str = field(default="matrix", metadata={"help": f"BitDelta scales, one of {BITDELTA_SCALES}."})
+    distill_steps: int = field(default=50, metadata={"help": "BitDelta scale distillation steps (0 = off)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -108,7 +128,29 @@ class DeltaCoMeConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        self._validate_method_options()
         self.validate_layout()
+
+    def _validate_method_options(self) -> None:
+        if self.search is not None and self.search not in SEARCHES:
+            raise ConfigError(f"unknown search {self.search!r}; choose None or one of {SEARCHES}")
+        if self.search is not None and self.method != "deltacome":
+            raise ConfigError(
+                f"search={self.search!r} chooses Delta-CoMe band splits; method {self.method!r} has a fixed layout"
+            )
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; choose one of {ALLOCATIONS}")
+        if self.allocation == "adaptive" and self.method not in SVD_METHODS:
+            raise ConfigError(
+                f"allocation='adaptive' moves band budget between modules; it needs one of {SVD_METHODS}, "
+                f"not method {self.method!r}"
+            )
+        if isinstance(self.uniform_bits, bool) or self.uniform_bits not in UNIFORM_BITS:
+            raise ConfigError(f"uniform_bits must be one of {UNIFORM_BITS}, got {self.uniform_bits!r}")
+        if self.bitdelta_scale not in BITDELTA_SCALES:
+            raise ConfigError(f"bitdelta_scale must be one of {BITDELTA_SCALES}, got {self.bitdelta_scale!r}")
+        if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int) or self.distill_steps < 0:
+            raise ConfigError(f"distill_steps must be an integer >= 0, got {self.distill_steps!r}")
 
     def validate_layout(self) -> None:
         """Check every layout entry so that a hand-edited ``adapter_config.json`` fails here, naming the module."""
@@ -143,6 +185,7 @@ class DeltaCoMeConfig(PeftConfig):
                 total += rank
             if total > min(shape):
                 raise ConfigError(f"{where}: total rank {total} exceeds min(shape) = {min(shape)}")
+            _validate_extra_parts(entry, shape, where)
 
     @property
     def is_prompt_learning(self) -> bool:  # noqa: D401 - PEFT API
@@ -152,6 +195,37 @@ class DeltaCoMeConfig(PeftConfig):
         d = super().to_dict()
         d["peft_type"] = "DELTACOME"
         return d
+
+
+def _is_int(v: Any, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _validate_extra_parts(entry: dict, shape: Sequence[int], where: str) -> None:
+    """Check the optional baseline parts of a layout entry (``sign`` for bitdelta, ``sparse`` for dare)."""
+    sign = entry.get("sign")
+    if sign is not None:
+        if not isinstance(sign, dict) or not _is_int(sign.get("rows"), 1) or sign["rows"] > shape[0]:
+            raise ConfigError(f"{where}: 'sign' must be {{'rows': 1..{shape[0]}, 'scale': ...}}, got {sign!r}")
+        if sign.get("scale", "matrix") not in BITDELTA_SCALES:
+            raise ConfigError(f"{where}: sign scale must be one of {BITDELTA_SCALES}, got {sign.get('scale')!r}")
+    sparse = entry.get("sparse")
+    if sparse is not None:
+        ok = (
+            isinstance(sparse, dict)
+            and _is_int(sparse.get("nnz"), 1)
+            and sparse["nnz"] <= shape[0] * shape[1]
+            and isinstance(sparse.get("keep"), (int, float))
+            and 0.0 < float(sparse["keep"]) <= 1.0
+            and _is_int(sparse.get("seed"), 0)
+            and sparse.get("bits") in SUPPORTED_BITS
+            and _is_int(sparse.get("group_size", 128), 1)
+        )
+        if not ok:
+            raise ConfigError(
+                f"{where}: 'sparse' must be {{'nnz': int, 'keep': (0, 1], 'seed': int, 'bits': one of "
+                f"{SUPPORTED_BITS}, 'group_size': int}}, got {sparse!r}"
+            )
 
 
 class BackendName(str, enum.Enum):

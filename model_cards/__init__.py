@@ -1,0 +1,1 @@
+"""Model-card templates for pushed Delta-CoMe adapters (package data)."""
