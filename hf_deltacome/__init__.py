@@ -6,6 +6,7 @@ Importing the package registers the ``DELTACOME`` method with PEFT, so ``PeftMod
 
 from peft.utils import register_peft_method
 
+from .compress import compress
 from .config import DeltaCoMeConfig, parse_ratio
 from .errors import (
     AdapterFileError,
@@ -43,5 +44,6 @@ __all__ = [
     "DeltaCoMeLinear",
     "DeltaCoMeModel",
     "IncompatibleModelsError",
+    "compress",
     "parse_ratio",
 ]

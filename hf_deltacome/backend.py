@@ -61,6 +61,9 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
         y = part if y is None else y + part
     if y is None:
         y = xc.new_zeros(*x.shape[:-1], delta.out_features)
+    for part in (getattr(delta, "sign", None), getattr(delta, "sparse", None)):
+        if part is not None:  # baseline parts (BitDelta sign bits, DARE sparse values)
+            y = y + part.forward_delta(xc)
     if delta.bias is not None:
         y = y + delta.bias.to(compute)
     return y.to(out_dtype)
@@ -68,7 +71,7 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
 
 def delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     """``delta(x)`` for one adapter, shape ``(..., out_features)``, in ``x``'s dtype."""
-    if _use_triton(x):
+    if not getattr(delta, "has_extra_parts", False) and _use_triton(x):  # kernels read bands only
         from . import kernels
 
         return kernels.delta_forward(x, delta)
@@ -77,7 +80,8 @@ def delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
 
 def delta_forward_mixed(x: torch.Tensor, deltas: Sequence[PackedDelta | None], row_index: torch.Tensor) -> torch.Tensor:
     """Mixed batch: row ``i`` of ``x`` (``batch x ... x in``) gets ``deltas[row_index[i]]``; -1 means no delta."""
-    if _use_triton(x):
+    extra = any(getattr(d, "has_extra_parts", False) for d in deltas if d is not None)
+    if not extra and _use_triton(x):
         from . import kernels
 
         return kernels.delta_forward_mixed(x, deltas, row_index)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import DeltaCoMeError
+
+CHECKPOINT_DIR = ".deltacome-checkpoint"  # per-layer checkpoints of a running `deltacome compress`
 
 
 def parse_bands(text: str) -> list[list]:
@@ -69,8 +72,16 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from .summary import summarize_adapter
 
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite and not getattr(args, "resume", False):
-        raise DeltaCoMeError(f"--output {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    checkpoint = out / CHECKPOINT_DIR
+    if out.exists() and not out.is_dir():
+        raise DeltaCoMeError(f"--output {str(out)!r} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not args.overwrite and not args.resume:
+        hint = "; pass --resume to continue the interrupted run" if checkpoint.exists() else ""
+        raise DeltaCoMeError(f"--output {str(out)!r} exists and is not empty; pass --overwrite to replace it{hint}")
+    if args.resume and not checkpoint.exists():
+        print(f"deltacome compress: no checkpoint in {out}, starting from the first layer", file=sys.stderr)
+    if args.overwrite and checkpoint.exists():
+        shutil.rmtree(checkpoint)
     cfg_kwargs: dict[str, Any] = dict(
         ratio=args.ratio,
         method=args.method,
@@ -92,13 +103,19 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         extra["num_samples"] = args.num_samples
     if args.seq_len:
         extra["seq_len"] = args.seq_len
-    if getattr(args, "resume", False):
-        extra["checkpoint_dir"] = str(out / ".deltacome-checkpoint")
     model = compress(
-        base, finetuned, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device, **extra
+        base,
+        finetuned,
+        config,
+        calibration=args.calibration,
+        tokenizer=tokenizer,
+        device=args.device,
+        checkpoint_dir=str(checkpoint),
+        **extra,
     )
     del finetuned
     model.save_pretrained(str(out))
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the adapter is saved: checkpoints are no longer needed
     if tokenizer is not None and args.save_tokenizer:
         tokenizer.save_pretrained(str(out))
     print(summarize_adapter(out).format())
@@ -137,6 +154,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from the layers checkpointed in --output"
+    )
     p.add_argument("--no-save-tokenizer", dest="save_tokenizer", action="store_false")
     p.set_defaults(func=_cmd_compress)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFileError
-from .packing import QuantizedMatrix, expected_tensor_shapes
+from .packing import QuantizedMatrix, expected_tensor_shapes, pack_bits, packed_words, unpack_bits
 
 
 class _FixedDtypeModule(nn.Module):
@@ -98,6 +98,8 @@ class PackedDelta(_FixedDtypeModule):
         bands: Sequence[Sequence[int]],
         group_size: int,
         bias: bool = False,
+        sign: dict | None = None,
+        sparse: dict | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
@@ -109,6 +111,28 @@ class PackedDelta(_FixedDtypeModule):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
             self.bias = None
+        # optional parts of the baselines (see `SignPart`, `SparsePart`); absent for Delta-CoMe deltas
+        self.sign = SignPart.from_layout(out_features, in_features, sign) if sign else None
+        self.sparse = SparsePart.from_layout(out_features, in_features, sparse) if sparse else None
+
+    @classmethod
+    def from_layout(cls, entry: dict) -> PackedDelta:
+        """Zeroed buffers for one ``adapter_config.json`` layout entry (bands, bias and optional parts)."""
+        m, n = entry["shape"]
+        return cls(
+            m,
+            n,
+            entry.get("bands", []),
+            entry.get("group_size", 128),
+            bias=bool(entry.get("bias", False)),
+            sign=entry.get("sign"),
+            sparse=entry.get("sparse"),
+        )
+
+    @property
+    def has_extra_parts(self) -> bool:
+        """True when a baseline part (sign bits or sparse values) is present: the Triton kernels read bands only."""
+        return self.sign is not None or self.sparse is not None
 
     @property
     def rank(self) -> int:
@@ -123,6 +147,10 @@ class PackedDelta(_FixedDtypeModule):
         w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self._device())
         for band in self.bands:
             w += (band.u.dequantize() * band.s) @ band.v.dequantize()
+        if self.sign is not None:
+            w += self.sign.delta_weight().to(w.device)
+        if self.sparse is not None:
+            w += self.sparse.delta_weight().to(w.device)
         return w.to(dtype)
 
     def nbytes(self) -> int:
@@ -133,3 +161,159 @@ class PackedDelta(_FixedDtypeModule):
         for b in self.buffers():
             return b.device
         return torch.device("cpu")
+
+
+# ================================================================================ optional baseline parts
+# These parts are not read by the Triton kernels (backend.py routes deltas that have them to the PyTorch path).
+# State-dict keys: ``<module>.deltacome_delta.<adapter>.sign.{qweight,scale,row_mask}`` and
+# ``<module>.deltacome_delta.<adapter>.sparse.values.{qweight,qweight_hi,scales,zeros}``.
+
+
+def sign_part_nbytes(out_features: int, in_features: int, rows: int, per_row: bool) -> int:
+    """Exact bytes of a `SignPart` keeping ``rows`` of ``out_features`` rows (sign plane, scales, row mask)."""
+    if rows <= 0:
+        return 0
+    nbytes = rows * packed_words(in_features, 1) * 4 + (rows if per_row else 1) * 4
+    if rows < out_features:
+        nbytes += packed_words(out_features, 1) * 4
+    return nbytes
+
+
+class SignPart(_FixedDtypeModule):
+    """BitDelta storage: ``Δ[rows] ≈ scale ⊙ sign``, one bit per weight plus one float32 scale per matrix or row.
+
+    ``qweight`` (int32, ``k x ceil(n/32)``) holds the sign bits (1 = positive) of the ``k`` kept rows, packed like a
+    1-bit `QuantizedMatrix`; ``scale`` is ``(1,)`` (per matrix) or ``(k,)`` (per row); ``row_mask`` (int32,
+    ``1 x ceil(out/32)``, one bit per output row) marks the kept rows and is only stored when ``k < out_features``
+    (at ratios below 1/16 one bit per weight does not fit, so only the rows that matter most keep their signs).
+    """
+
+    def __init__(self, out_features: int, in_features: int, rows: int, per_row: bool) -> None:
+        super().__init__()
+        if not 0 < rows <= out_features:
+            raise AdapterFileError(f"sign part keeps {rows} rows of a {out_features}x{in_features} delta")
+        self.out_features, self.in_features, self.rows, self.per_row = out_features, in_features, rows, per_row
+        self.register_buffer("qweight", torch.zeros(rows, packed_words(in_features, 1), dtype=torch.int32))
+        self.register_buffer("scale", torch.zeros(rows if per_row else 1, dtype=torch.float32))
+        if rows < out_features:
+            self.register_buffer("row_mask", torch.zeros(1, packed_words(out_features, 1), dtype=torch.int32))
+        else:
+            self.row_mask = None
+
+    @classmethod
+    def from_layout(cls, out_features: int, in_features: int, entry: dict) -> SignPart:
+        return cls(out_features, in_features, int(entry["rows"]), entry.get("scale", "matrix") == "row")
+
+    def set(self, positive: torch.Tensor, scale: torch.Tensor, row_index: torch.Tensor | None = None) -> None:
+        """Store the sign pattern (``k x n`` bool, True = positive), the scale(s) and the kept rows."""
+        if tuple(positive.shape) != (self.rows, self.in_features):
+            raise AdapterFileError(
+                f"sign pattern of shape {tuple(positive.shape)} does not fit a sign part of "
+                f"{self.rows}x{self.in_features}"
+            )
+        self.qweight.copy_(pack_bits(positive.to(torch.int64), 1).to(self.qweight.device))
+        self.scale.copy_(scale.reshape(self.scale.shape).to(self.scale.device, torch.float32))
+        if self.row_mask is not None:
+            if row_index is None or row_index.numel() != self.rows:
+                raise AdapterFileError(f"sign part keeps {self.rows} rows but got row index {row_index!r}")
+            mask = torch.zeros(1, self.out_features, dtype=torch.int64)
+            mask[0, row_index.long().cpu()] = 1
+            if int(mask.sum()) != self.rows:
+                raise AdapterFileError(f"sign part row index {row_index.tolist()} repeats rows")
+            self.row_mask.copy_(pack_bits(mask, 1).to(self.row_mask.device))
+
+    def row_index(self) -> torch.Tensor | None:
+        """Indices of the kept rows in increasing order (``None`` when every row is kept)."""
+        if self.row_mask is None:
+            return None
+        idx = unpack_bits(self.row_mask, 1, self.out_features)[0].nonzero().flatten()
+        if idx.numel() != self.rows:
+            raise AdapterFileError(f"sign part row mask marks {idx.numel()} rows, the layout says {self.rows}")
+        return idx
+
+    def signs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``k x n`` matrix of ±1."""
+        return unpack_bits(self.qweight, 1, self.in_features).to(dtype) * 2 - 1
+
+    def scaled_signs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``scale ⊙ sign`` of the kept rows (``k x n``); differentiable in ``scale``."""
+        scale = self.scale.to(dtype)
+        return self.signs(dtype) * (scale.unsqueeze(1) if self.per_row else scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.qweight.device)
+        idx = self.row_index()
+        w[idx if idx is not None else slice(None)] = self.scaled_signs()
+        return w
+
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``Δ̂ x`` in ``x``'s dtype, shape ``(..., out_features)``."""
+        part = x @ self.scaled_signs(x.dtype).t()
+        idx = self.row_index()
+        if idx is None:
+            return part
+        y = x.new_zeros(*part.shape[:-1], self.out_features)
+        return y.index_copy(-1, idx.to(part.device), part)
+
+    def extra_repr(self) -> str:
+        return f"rows={self.rows}/{self.out_features}, in={self.in_features}, per_row={self.per_row}"
+
+
+def sparse_mask(out_features: int, in_features: int, keep: float, seed: int) -> torch.Tensor:
+    """The random keep-mask of a `SparsePart`: regenerated from ``seed`` on the CPU, never stored."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.rand(out_features, in_features, generator=g) < float(keep)
+
+
+class SparsePart(_FixedDtypeModule):
+    """DARE storage: the delta's entries kept by a seeded random mask, rescaled and quantized as one flat row.
+
+    Only the values are stored (``values``: a ``1 x nnz`` `QuantizedMatrix` in row-major order of the kept
+    entries); the mask is regenerated from ``seed`` and ``keep`` in the layout, and checked against ``nnz``.
+    """
+
+    def __init__(
+        self, out_features: int, in_features: int, nnz: int, keep: float, seed: int, bits: int, group_size: int
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.nnz, self.keep, self.seed, self.bits = nnz, float(keep), int(seed), bits
+        self.values = QuantizedFactor(1, nnz, bits, group_size)
+        self._cache: tuple | None = None
+
+    @classmethod
+    def from_layout(cls, out_features: int, in_features: int, entry: dict) -> SparsePart:
+        return cls(
+            out_features,
+            in_features,
+            int(entry["nnz"]),
+            float(entry["keep"]),
+            int(entry["seed"]),
+            int(entry["bits"]),
+            int(entry.get("group_size", 128)),
+        )
+
+    def mask(self) -> torch.Tensor:
+        mask = sparse_mask(self.out_features, self.in_features, self.keep, self.seed)
+        if int(mask.sum()) != self.nnz:
+            raise AdapterFileError(
+                f"sparse part of a {self.out_features}x{self.in_features} delta: the mask regenerated from seed "
+                f"{self.seed} keeps {int(mask.sum())} entries but {self.nnz} values are stored"
+            )
+        return mask
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense delta; cached until the stored values change (in-place copies bump the tensor version)."""
+        q = self.values.qweight
+        key = (q.data_ptr(), q._version, q.device)
+        if self._cache is None or self._cache[0] != key:
+            w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32)
+            w[self.mask()] = self.values.dequantize().reshape(-1).cpu()
+            self._cache = (key, w.to(q.device))
+        return self._cache[1]
+
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.delta_weight().to(x.dtype).t()
+
+    def extra_repr(self) -> str:
+        return f"nnz={self.nnz}, keep={self.keep:.4f}, bits={self.bits}, seed={self.seed}"

@@ -45,7 +45,15 @@ class DeltaCoMeLayer(BaseTunerLayer):
         has_bias = bool(layout.get("bias", False))
         if has_bias and self.get_base_layer().bias is None:
             raise ConfigError(f"adapter {adapter_name!r} carries a bias delta but the base linear has no bias")
-        self.deltacome_delta[adapter_name] = PackedDelta(m, n, layout["bands"], layout["group_size"], bias=has_bias)
+        self.deltacome_delta[adapter_name] = PackedDelta(
+            m,
+            n,
+            layout["bands"],
+            layout["group_size"],
+            bias=has_bias,
+            sign=layout.get("sign"),  # BitDelta baseline part (methods.py)
+            sparse=layout.get("sparse"),  # DARE baseline part (methods.py)
+        )
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -63,7 +71,9 @@ class DeltaCoMeLayer(BaseTunerLayer):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # The delta is exactly low rank; a bias delta is not representable in LoRA, so refuse then.
-        return self.deltacome_delta[adapter_name].bias is None
+        # Sign bits / sparse values (bitdelta, dare baselines) are full rank: not a LoRA either.
+        delta = self.deltacome_delta[adapter_name]
+        return delta.bias is None and not delta.has_extra_parts
 
 
 class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):

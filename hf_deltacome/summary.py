@@ -48,6 +48,12 @@ class ModuleSummary:
     bands: list[tuple[int, int]]
     group_size: int
     nbytes: int = 0
+    parts: list[str] = field(default_factory=list)  # baseline parts (bitdelta sign bits, dare values), described
+
+    @property
+    def layout_text(self) -> str:
+        """``rank@bits`` per band, then any baseline part."""
+        return " + ".join([f"{r}@{b}b" for b, r in self.bands if r > 0 or not self.parts] + self.parts)
 
     @property
     def fp16_delta_bytes(self) -> int:
@@ -70,6 +76,7 @@ class AdapterSummary:
     extras_fp16_bytes: int = 0
     ratio_target: float | None = None
     method: str = "deltacome"
+    plan: dict[str, Any] = field(default_factory=dict)  # compression_info's "search" / "allocation" records
 
     @property
     def factor_bytes(self) -> int:
@@ -101,7 +108,7 @@ class AdapterSummary:
             row = out[m.kind]
             row["count"] += 1
             row["bytes"] += m.nbytes
-            layout = f"{m.shape[0]}x{m.shape[1]} " + " + ".join(f"{r}@{b}b" for b, r in m.bands)
+            layout = f"{m.shape[0]}x{m.shape[1]} " + m.layout_text
             row["layouts"].add(layout)
         return dict(out)
 
@@ -139,8 +146,9 @@ class AdapterSummary:
         if per_module:
             lines.append("")
             for m in self.modules:
-                bands = " + ".join(f"{r}@{b}b" for b, r in m.bands)
+                bands = m.layout_text
                 lines.append(f"  {m.name:<60} {m.shape[0]}x{m.shape[1]:<8} {bands:<30} {m.nbytes:>12,}")
+        lines += _plan_lines(self.plan)
         extra = sum(self.extras.values())
         lines += [
             "",
@@ -152,6 +160,40 @@ class AdapterSummary:
             f"({self.fp16_delta_bytes:,} B) = 1/{1 / max(self.effective_ratio, 1e-12):.1f}",
         ]
         return "\n".join(lines)
+
+
+def _plan_lines(plan: dict[str, Any]) -> list[str]:
+    """How the layout was chosen: band-split search per module type, adaptive allocation across modules."""
+    lines = []
+    search = plan.get("search")
+    if isinstance(search, dict):
+        lines += ["", f"band split search ({search.get('strategy')}), relative output error default -> chosen:"]
+        for kind, r in sorted((search.get("types") or {}).items()):
+            bands = " + ".join(f"{rank}@{bits}b" for bits, rank in r.get("bands", []) if rank)
+            lines.append(f"  {kind:<22} {bands:<36} {r.get('default_objective', 0):.5f} -> {r.get('objective', 0):.5f}")
+    alloc = plan.get("allocation")
+    if isinstance(alloc, dict):
+        mult = list((alloc.get("multipliers") or {}).values())
+        lines += [
+            "",
+            f"allocation: {alloc.get('strategy')} ({alloc.get('metric')}); module budgets "
+            f"{min(mult, default=1):.2f}x..{max(mult, default=1):.2f}x of uniform, model-wide "
+            f"{alloc.get('factor_bytes', 0):,} of {alloc.get('budget_bytes', 0):,} B; worst module error "
+            f"{alloc.get('uniform_max_error', 0):.4g} (uniform) -> {alloc.get('max_error', 0):.4g}",
+        ]
+    return lines
+
+
+def _part_texts(entry: dict[str, Any]) -> list[str]:
+    """Layout of the baseline parts of a module (see ``factors.SignPart`` / ``factors.SparsePart``)."""
+    out = []
+    sign = entry.get("sign")
+    if isinstance(sign, dict):
+        out.append(f"sign@1b x {sign.get('rows')} rows ({sign.get('scale', 'matrix')} scale)")
+    sparse = entry.get("sparse")
+    if isinstance(sparse, dict):
+        out.append(f"{sparse.get('nnz')} values@{sparse.get('bits')}b (keep {float(sparse.get('keep', 0)):.3f})")
+    return out
 
 
 def _frac(r: float) -> str:
@@ -207,6 +249,7 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
             name=name,
             shape=tuple(entry["shape"]),
             bands=[tuple(b) for b in entry["bands"]],
+            parts=_part_texts(entry),
             group_size=entry.get("group_size", cfg.get("group_size", 128)),
         )
         for name, entry in layout.items()
@@ -232,4 +275,5 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
         extras_fp16_bytes=extras_fp16,
         ratio_target=cfg.get("ratio"),
         method=cfg.get("method", "deltacome"),
+        plan={k: v for k, v in (cfg.get("compression_info") or {}).items() if k in ("search", "allocation")},
     )

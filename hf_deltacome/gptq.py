@@ -1,0 +1,358 @@
+"""GPTQ for the factors of a delta: one layer input's Hessian and the column-by-column quantization loop.
+
+``GPTQ`` accumulates ``H = 2/N Σ x xᵀ`` over the ``N`` input vectors of one linear (the same running average as the
+reference GPTQ implementation) and quantizes a weight whose reduction dimension is that input, minimising the output
+error ``||(W − Q) X||`` column by column: each column is rounded, and its error is pushed onto the columns not yet
+quantized through the Cholesky factor of ``H⁻¹`` (blocks of 128 columns with lazy batch updates).
+
+Delta-CoMe needs two twists on the textbook loop:
+
+* **per-row bit widths** — the bands of ``Vᵀ`` are row blocks at different bit widths (8/3/2 bits). They share one
+  input, so all bands are quantized in *one* pass (:meth:`GPTQ.quantize_row_bands`);
+* **per-column-segment bit widths** — the columns of ``U`` are the bands. Groups never straddle a band boundary, so
+  the result splits into one `QuantizedMatrix` per band (:meth:`GPTQ.quantize_column_bands`).
+
+Quantization is asymmetric with scales from :func:`packing.asymmetric_params`, so the float16 scales used inside the
+loop are exactly the stored ones. With ``act_order`` columns are visited by decreasing Hessian diagonal and group
+parameters come from the un-updated weight ("static groups"), so the stored column order stays the original one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .errors import DeltaCoMeError
+from .packing import SUPPORTED_BITS, QuantizedMatrix, asymmetric_params
+
+DEFAULT_BLOCK_SIZE = 128
+_MAX_DAMP_RETRIES = 6
+
+
+class GPTQ:
+    """Hessian of one linear's input plus the GPTQ column loop.
+
+    Args:
+        columns: size of the input (reduction) dimension.
+        device: where the Hessian lives (default CPU).
+        dtype: accumulation dtype of the Hessian (float32 as in the reference implementation, or float64).
+        name: used in warnings and errors (e.g. the module name).
+    """
+
+    def __init__(
+        self,
+        columns: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        name: str = "",
+    ) -> None:
+        if columns <= 0:
+            raise DeltaCoMeError(f"GPTQ{_where(name)}: number of columns must be positive, got {columns}")
+        self.columns = columns
+        self.name = name
+        self.H = torch.zeros(columns, columns, dtype=dtype, device=device)
+        self.nsamples = 0
+        self.last_error: float | None = None  # sum of squared, Hessian-weighted rounding errors of the last call
+        self.used_damp: float | None = None  # damping that the last call actually needed
+
+    @classmethod
+    def from_hessian(cls, hessian: torch.Tensor, *, nsamples: int = 1, name: str = "") -> GPTQ:
+        """A `GPTQ` around a ready Hessian (e.g. ``A H Aᵀ`` for the input of ``U``), no data pass needed."""
+        if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+            raise DeltaCoMeError(f"GPTQ{_where(name)}: Hessian must be square, got shape {tuple(hessian.shape)}")
+        dtype = hessian.dtype if hessian.dtype in (torch.float32, torch.float64) else torch.float32
+        g = cls(hessian.shape[0], device=hessian.device, dtype=dtype, name=name)
+        g.H = hessian.to(dtype).clone()
+        g.nsamples = nsamples
+        return g
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Fold the input vectors ``x`` (``(..., columns)``) into the running average ``H = 2/N Σ x xᵀ``."""
+        if x.shape[-1] != self.columns:
+            raise DeltaCoMeError(
+                f"GPTQ{_where(self.name)}: input has {x.shape[-1]} features, the Hessian expects {self.columns}"
+            )
+        x = x.reshape(-1, self.columns).to(device=self.H.device, dtype=self.H.dtype)
+        t = x.shape[0]
+        if t == 0:
+            return
+        self.H *= self.nsamples / (self.nsamples + t)
+        self.nsamples += t
+        x = math.sqrt(2.0 / self.nsamples) * x
+        self.H += x.t() @ x
+
+    # ------------------------------------------------------------------ public quantizers
+
+    def quantize(
+        self,
+        W: torch.Tensor,
+        bits: int,
+        group_size: int,
+        damp: float = 0.01,
+        act_order: bool = False,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> QuantizedMatrix:
+        """GPTQ-quantize ``W`` (``rows x columns``) at ``bits`` bits in groups of ``group_size`` columns."""
+        out = self.quantize_row_bands(W, [(bits, W.shape[0])], group_size, damp, act_order, block_size)
+        return out[0]
+
+    def quantize_row_bands(
+        self,
+        W: torch.Tensor,
+        bands: Sequence[tuple[int, int]],
+        group_size: int,
+        damp: float = 0.01,
+        act_order: bool = False,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> list[QuantizedMatrix | None]:
+        """Quantize ``W`` whose consecutive row blocks ``[(bits, n_rows), ...]`` have their own bit widths.
+
+        One GPTQ pass over all rows (they share the input and its Hessian); returns one `QuantizedMatrix` per band,
+        ``None`` for bands of zero rows.
+        """
+        rows, cols = self._check_w(W)
+        bands = _check_bands(bands, rows, "rows", self.name)
+        row_bits = torch.cat([torch.full((r,), b, dtype=torch.float32) for b, r in bands]) if rows else None
+        n_groups = math.ceil(cols / group_size)
+        gidx = torch.arange(cols) // group_size
+        bits_table = row_bits.view(rows, 1).expand(rows, n_groups) if rows else torch.zeros(0, n_groups)
+        codes, scales, zeros, dq = self._run(W, gidx, n_groups, bits_table, group_size, damp, act_order, block_size)
+        out: list[QuantizedMatrix | None] = []
+        start = 0
+        for b, r in bands:
+            sl = slice(start, start + r)
+            start += r
+            out.append(None if r == 0 else _pack(b, group_size, codes[sl], scales[sl], zeros[sl], dq[sl]))
+        return out
+
+    def quantize_column_bands(
+        self,
+        W: torch.Tensor,
+        bands: Sequence[tuple[int, int]],
+        group_size: int,
+        damp: float = 0.01,
+        act_order: bool = False,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> list[QuantizedMatrix | None]:
+        """Quantize ``W`` whose consecutive column segments ``[(bits, n_cols), ...]`` have their own bit widths.
+
+        Groups restart at each segment, so each segment is a self-contained `QuantizedMatrix` (returned per band,
+        ``None`` for bands of zero columns); the error compensation still spans all segments.
+        """
+        rows, cols = self._check_w(W)
+        bands = _check_bands(bands, cols, "columns", self.name)
+        gidx_parts, bits_parts, seg_groups = [], [], []
+        g0 = 0
+        for b, c in bands:
+            ng = math.ceil(c / group_size)
+            gidx_parts.append(g0 + torch.arange(c) // group_size)
+            bits_parts.append(torch.full((ng,), b, dtype=torch.float32))
+            seg_groups.append((g0, g0 + ng))
+            g0 += ng
+        gidx = torch.cat(gidx_parts)
+        bits_table = torch.cat(bits_parts).view(1, g0).expand(rows, g0)
+        codes, scales, zeros, dq = self._run(W, gidx, g0, bits_table, group_size, damp, act_order, block_size)
+        out: list[QuantizedMatrix | None] = []
+        start = 0
+        for (b, c), (ga, gb) in zip(bands, seg_groups, strict=True):
+            sl = slice(start, start + c)
+            start += c
+            if c == 0:
+                out.append(None)
+                continue
+            out.append(_pack(b, group_size, codes[:, sl], scales[:, ga:gb], zeros[:, ga:gb], dq[:, sl]))
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_w(self, W: torch.Tensor) -> tuple[int, int]:
+        if W.dim() != 2 or W.shape[1] != self.columns:
+            raise DeltaCoMeError(
+                f"GPTQ{_where(self.name)}: weight of shape {tuple(W.shape)} does not match a Hessian over "
+                f"{self.columns} input features"
+            )
+        return W.shape[0], W.shape[1]
+
+    def inverse_cholesky(self, damp: float) -> torch.Tensor:
+        """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)`` (float64).
+
+        A Hessian that is not positive definite even after damping is retried with 10x more damping a few times;
+        if that still fails the identity is used (plain round-to-nearest) and a warning says so.
+        """
+        U, self.used_damp = _inverse_cholesky(self.H, damp, self.name)
+        return U
+
+    def _run(
+        self,
+        W: torch.Tensor,
+        gidx: torch.Tensor,
+        n_groups: int,
+        bits_table: torch.Tensor,
+        group_size: int,
+        damp: float,
+        act_order: bool,
+        block_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The column loop. ``gidx[j]`` is the group of column ``j``; ``bits_table`` is (rows, n_groups).
+
+        Returns integer codes, scales, zeros (rows x n_groups) and the dequantized matrix, in the original column
+        order.
+        """
+        if group_size < 1:
+            raise DeltaCoMeError(f"GPTQ{_where(self.name)}: group_size must be positive, got {group_size}")
+        bad = set(torch.unique(bits_table).tolist()) - set(SUPPORTED_BITS) if bits_table.numel() else set()
+        if bad:
+            raise DeltaCoMeError(f"GPTQ{_where(self.name)}: unsupported bit widths {sorted(bad)}")
+        device = self.H.device
+        rows, cols = W.shape
+        W = W.detach().to(device=device, dtype=torch.float32).clone()
+        gidx = gidx.to(device)
+        bits_table = bits_table.to(device)
+        is16 = bits_table >= 16
+        maxq = torch.where(is16, torch.zeros_like(bits_table), 2.0**bits_table - 1)
+        scales = torch.ones(rows, n_groups, dtype=torch.float32, device=device)
+        zeros = torch.zeros(rows, n_groups, dtype=torch.float32, device=device)
+        if rows == 0 or cols == 0:
+            self.last_error = 0.0
+            return (torch.zeros(rows, cols, dtype=torch.int64), scales.cpu(), zeros.cpu(), W.cpu())
+
+        # group start/end (exclusive) in original column order
+        first = torch.full((n_groups,), cols, dtype=torch.long, device=device)
+        first.scatter_reduce_(0, gidx, torch.arange(cols, device=device), reduce="amin")
+        last = torch.zeros(n_groups, dtype=torch.long, device=device)
+        last.scatter_reduce_(0, gidx, torch.arange(cols, device=device) + 1, reduce="amax")
+        g_first, g_last = first.tolist(), last.tolist()
+
+        def set_params(g: int, block: torch.Tensor) -> None:
+            b = bits_table[:, g]
+            s, z = asymmetric_params(block.amin(dim=1), block.amax(dim=1), torch.where(b >= 16, 8.0, b))
+            scales[:, g], zeros[:, g] = s, z
+
+        if act_order:
+            # static groups: parameters from the weight before any error feedback
+            for g in range(n_groups):
+                set_params(g, W[:, g_first[g] : g_last[g]])
+            order = torch.argsort(torch.diagonal(self.H).to(torch.float64), descending=True, stable=True).to(device)
+            W = W[:, order]
+            H = self.H[order][:, order]
+            breaks = set(range(0, cols, block_size))
+        else:
+            order = torch.arange(cols, device=device)
+            H = self.H
+            # blocks also break at group starts, so a group's parameters see every earlier column's error feedback
+            breaks = set(range(0, cols, block_size)) | {f for f in g_first if f < cols}
+        Hinv, self.used_damp = _inverse_cholesky(H, damp, self.name)
+        Hinv = Hinv.to(torch.float32)
+        starts = sorted(breaks) + [cols]
+        order_l = order.tolist()
+        gidx_l = gidx.tolist()
+        any16 = is16.any(dim=0).tolist()
+
+        Q = torch.zeros_like(W)
+        codes = torch.zeros(rows, cols, dtype=torch.float32, device=device)
+        total_err = torch.zeros((), dtype=torch.float32, device=device)
+        for i1, i2 in zip(starts[:-1], starts[1:], strict=True):
+            count = i2 - i1
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros(rows, count, dtype=torch.float32, device=device)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(count):
+                j = i1 + i
+                orig = order_l[j]
+                g = gidx_l[orig]
+                if not act_order and orig == g_first[g]:
+                    # blocks break at group starts, so i == 0 and nothing of this block is pending on W[:, i2:]
+                    end = g_last[g]
+                    block = W1[:, i : min(end, i2) - i1]
+                    set_params(g, block if end <= i2 else torch.cat([block, W[:, i2:end]], 1))
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                s, z, mq = scales[:, g], zeros[:, g], maxq[:, g]
+                q = torch.clamp(torch.round(w / s) + z, min=torch.zeros_like(mq), max=mq)
+                dq = (q - z) * s
+                if any16[g]:
+                    dq = torch.where(is16[:, g], w.to(torch.float16).to(torch.float32), dq)
+                Q[:, j] = dq
+                codes[:, j] = q
+                err = (w - dq) / d
+                total_err += (err * err).sum() / 2.0
+                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        self.last_error = float(total_err)
+        inv = torch.argsort(order)
+        return codes[:, inv].to(torch.int64).cpu(), scales.cpu(), zeros.cpu(), Q[:, inv].cpu()
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of the damped ``H⁻¹`` and the damping used (``inf`` = fell back to the identity)."""
+    n = H.shape[0]
+    H = H.to(torch.float64).clone()
+    diag = torch.diagonal(H)
+    dead = diag <= 0
+    if bool(dead.all()) or not bool(torch.isfinite(H).all()):
+        warnings.warn(
+            f"GPTQ{_where(name)}: Hessian is empty or not finite; falling back to round-to-nearest", stacklevel=4
+        )
+        return torch.eye(n, dtype=torch.float64, device=H.device), float("inf")
+    # inputs that were always zero carry no information: give them a neutral diagonal entry
+    diag[dead] = diag[~dead].mean()
+    mean_diag = float(diag.mean())
+    d = max(float(damp), 1e-8)
+    for _ in range(_MAX_DAMP_RETRIES):
+        Hd = H.clone()
+        torch.diagonal(Hd).add_(d * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, d
+        d *= 10.0
+    warnings.warn(
+        f"GPTQ{_where(name)}: Hessian is not positive definite even with damping {d / 10:g}; "
+        "falling back to round-to-nearest",
+        stacklevel=4,
+    )
+    return torch.eye(n, dtype=torch.float64, device=H.device), float("inf")
+
+
+def _pack(
+    bits: int, group_size: int, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dq: torch.Tensor
+) -> QuantizedMatrix:
+    if bits == 16:
+        return QuantizedMatrix.from_float16(dq)
+    return QuantizedMatrix.from_int(codes, scales, zeros, bits, group_size)
+
+
+def _check_bands(bands: Sequence[tuple[int, int]], total: int, what: str, name: str) -> list[tuple[int, int]]:
+    out = [(int(b), int(r)) for b, r in bands]
+    for b, r in out:
+        if b not in SUPPORTED_BITS:
+            raise DeltaCoMeError(f"GPTQ{_where(name)}: unsupported bit width {b}; supported: {SUPPORTED_BITS}")
+        if r < 0:
+            raise DeltaCoMeError(f"GPTQ{_where(name)}: negative band size {r}")
+    if sum(r for _, r in out) != total:
+        raise DeltaCoMeError(
+            f"GPTQ{_where(name)}: bands {out} cover {sum(r for _, r in out)} {what}, the weight has {total}"
+        )
+    return out
+
+
+def _where(name: str) -> str:
+    return f" of {name!r}" if name else ""
+
+
+def quantize_with_hessian(
+    W: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> QuantizedMatrix:
+    """GPTQ-quantize ``W`` (``rows x n``) against a ready ``n x n`` input Hessian."""
+    return GPTQ.from_hessian(hessian).quantize(W, bits, group_size, damp, act_order)

@@ -1,0 +1,131 @@
+"""Compile the kernels for a CUDA architecture without a GPU, and report registers, spills and shared memory.
+
+    python -m hf_deltacome.kernels.compile_check [--arch 90] [--quick]
+
+Every autotuning candidate is compiled (Triton to PTX, then ``ptxas`` from Triton's wheel for the register
+report) for float16, bfloat16 and float32 activations, with a compile-time group size of 128 and with the
+per-element group path. This catches compile errors the CPU interpreter cannot see and shows which candidates
+spill. Needs ``TRITON_INTERPRET`` unset (it is removed here before Triton is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from . import triton_delta as TD  # noqa: E402
+
+_PTR = {tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float32: "*fp32"}
+_SHRINK_SIG = dict(
+    x_ptr=None,
+    row_ad_ptr="*i64",
+    t_ptr="*fp32",
+    tab_ptr="*i64",
+    n_bands="i32",
+    T="i32",
+    N="i32",
+    tokens_per_row="i32",
+    stride_xt="i32",
+    stride_tt="i32",
+    T_BUCKET="i32",
+    split_k="i32",
+    atomic="i32",
+)
+_EXPAND_SIG = dict(
+    t_ptr="*fp32",
+    row_ad_ptr="*i64",
+    y_ptr=None,
+    tab_ptr="*i64",
+    atab_ptr="*i64",
+    n_adapters="i32",
+    T="i32",
+    M="i32",
+    tokens_per_row="i32",
+    stride_tt="i32",
+    stride_yt="i32",
+    T_BUCKET="i32",
+    accumulate="i32",
+)
+
+
+def compile_one(kind: str, cfg: triton.Config, compute, consts: dict, arch: int):
+    """Compile one kernel variant for ``sm_<arch>``; returns Triton's compiled kernel."""
+    fn = TD._shrink_kernel if kind == "shrink" else TD._expand_kernel
+    sig = dict(_SHRINK_SIG if kind == "shrink" else _EXPAND_SIG)
+    sig["x_ptr" if kind == "shrink" else "y_ptr"] = _PTR[compute]
+    deq = tl.float16 if compute == tl.float16 else tl.float32
+    constexprs = {"COMPUTE": compute, "DEQ": deq, **consts, **cfg.kwargs}
+    for name in constexprs:
+        sig[name] = "constexpr"
+    src = ASTSource(fn, sig, constexprs)
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+    )
+
+
+def ptxas_report(kernel, arch: int) -> str:
+    """Registers, spill bytes and shared memory of a compiled kernel (``ptxas -v`` on its PTX)."""
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next(
+        (os.path.join(bindir, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bindir, n))), None
+    )
+    if ptxas is None:
+        return f"smem={kernel.metadata.shared} (no ptxas for a register report)"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        r = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", path, "-o", os.devnull], capture_output=True, text=True)
+    text = r.stdout + r.stderr
+    regs = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores", text)
+    if r.returncode != 0:
+        return f"ptxas failed: {text.strip()[:200]}"
+    return f"regs={regs[0] if regs else '?'} spill={spills[0] if spills else '?'} smem={kernel.metadata.shared}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (80 = A100, 90 = H100/H200)")
+    ap.add_argument("--quick", action="store_true", help="first candidate of each list only")
+    args = ap.parse_args(argv)
+    if TD.INTERPRET:
+        print("hf_deltacome.kernels was imported under TRITON_INTERPRET=1; run this module on its own", file=sys.stderr)
+        return 2
+    failures = 0
+    for compute in (tl.float16, tl.bfloat16, tl.float32):
+        configs = TD._CONFIGS_F32 if compute == tl.float32 else TD._CONFIGS
+        for (kind, phase), cands in configs.items():
+            cands = cands[:1] if args.quick else cands
+            for group in (128, 0):
+                for cfg in cands:
+                    consts = {"GROUP": group}
+                    if phase != "prefill":
+                        consts["BT"] = 1 if phase == "gemv" else 16
+                    label = f"{kind:6s} {phase:7s} {str(compute):8s} group={group:3d} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+                    try:
+                        report = ptxas_report(compile_one(kind, cfg, compute, consts, args.arch), args.arch)
+                    except Exception as e:  # report every failing variant, then fail
+                        failures += 1
+                        report = f"COMPILE ERROR {type(e).__name__}: {str(e)[:300]}"
+                    print(f"{label} :: {report}", flush=True)
+    print(f"{failures} variant(s) failed to compile")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,956 @@
+"""Triton kernels for ``y = Σ_k U_k (S_k ⊙ (V_kᵀ x)) + bias`` reading the packed Delta-CoMe format in place.
+
+Two launches per call, both covering every band of every adapter at once:
+
+* **shrink**: ``t[:, band cols] = S_k ⊙ (x V_k)`` into a float32 rank-space buffer ``t`` (tokens x total rank).
+  The grid runs over rank tiles of all bands (a tile never straddles two bands; each program finds its band in
+  the plan's band table), token blocks and, for small batches, splits of the reduction dimension that are summed
+  with atomics so that enough programs stream the packed ``V`` in parallel.
+* **expand**: ``y[:, m block] = Σ_bands t[:, band cols] U_kᵀ + bias`` (optionally added to an existing ``y``).
+  The grid runs over output blocks and token blocks; each program walks all bands, so ``y`` is written once.
+
+Both dequantize in registers: a tile's packed int32 words are loaded as a contiguous block and split into their
+``32 / bits`` values (1/2/4/8-bit planes; a 3-bit band adds its 1-bit plane as bit 2), then ``(q - zero) * scale``
+with the group's float16 scale and uint8 zero. Each program branches once, uniformly, to a loop specialised for
+its band's bit width, so one launch serves bands of mixed widths and any ranks. A group size shared by all bands
+(power of two, >= 16: the usual 128) is a compile-time constant, so that scales and zeros are loaded once per row
+and group; other group sizes are read per element.
+
+Mixed batches (one adapter per batch row, ``-1`` or any index without a delta = none) use the same kernels (one
+adapter is the case of a single slot that every row uses): shrink programs of adapter ``a`` keep only the tokens whose row maps to ``a`` (and skip the reduction
+when none does), expand programs add only the adapters present in their token block — the Punica / S-LoRA
+gather done by masking, without sorting and without any host synchronisation.
+
+Under ``TRITON_INTERPRET=1`` (CPU) the matmuls run in float32 and a single small configuration is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from hf_deltacome.errors import DeltaCoMeError
+from hf_deltacome.factors import PackedDelta
+
+from . import plan as P
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # triton.jit reads it at decoration time, as we do
+
+# Table layout, mirrored from plan.py as compile-time constants.
+_NF = tl.constexpr(P.N_FIELDS)
+_NA = tl.constexpr(P.N_AFIELDS)
+_F_VQ = tl.constexpr(P.F_VQ)
+_F_VHI = tl.constexpr(P.F_VHI)
+_F_VS = tl.constexpr(P.F_VS)
+_F_VZ = tl.constexpr(P.F_VZ)
+_F_UQ = tl.constexpr(P.F_UQ)
+_F_UHI = tl.constexpr(P.F_UHI)
+_F_US = tl.constexpr(P.F_US)
+_F_UZ = tl.constexpr(P.F_UZ)
+_F_S = tl.constexpr(P.F_S)
+_F_BITS = tl.constexpr(P.F_BITS)
+_F_HAS_HI = tl.constexpr(P.F_HAS_HI)
+_F_RANK = tl.constexpr(P.F_RANK)
+_F_TCOL = tl.constexpr(P.F_TCOL)
+_F_GROUP = tl.constexpr(P.F_GROUP)
+_F_V_WSTRIDE = tl.constexpr(P.F_V_WSTRIDE)
+_F_V_HSTRIDE = tl.constexpr(P.F_V_HSTRIDE)
+_F_V_GSTRIDE = tl.constexpr(P.F_V_GSTRIDE)
+_F_U_WSTRIDE = tl.constexpr(P.F_U_WSTRIDE)
+_F_U_HSTRIDE = tl.constexpr(P.F_U_HSTRIDE)
+_F_U_GSTRIDE = tl.constexpr(P.F_U_GSTRIDE)
+_F_ADAPTER = tl.constexpr(P.F_ADAPTER)
+_A_BAND_LO = tl.constexpr(P.A_BAND_LO)
+_A_BAND_HI = tl.constexpr(P.A_BAND_HI)
+_A_BIAS = tl.constexpr(P.A_BIAS)
+_A_HAS_BIAS = tl.constexpr(P.A_HAS_BIAS)
+
+
+# Only our own @triton.jit helpers and Triton builtins are used in the kernels, never triton.language's jit'd
+# library functions (tl.cdiv, tl.zeros, tl.max, tl.sum): those are compiled-mode objects when Triton was imported before
+# TRITON_INTERPRET=1 was set (transformers imports it early), and the interpreter cannot call them.
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+# Triton's own combine functions when present: the interpreter recognises them and reduces with numpy (it steps
+# through any other combine function element by element); passing them to tl.reduce never calls them in Python.
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", _add)
+_MAX_COMBINE = getattr(tl.standard, "_elementwise_max", _max)
+
+
+@triton.jit
+def _any(mask):
+    """Scalar: is any element of the 1-D boolean ``mask`` set."""
+    return tl.reduce(mask.to(tl.int32), 0, _MAX_COMBINE) != 0
+
+
+@triton.jit
+def _dequant_packed(
+    q_ptr,
+    hi_ptr,
+    sc_ptr,
+    z_ptr,
+    rows,
+    row_mask,
+    col0,
+    ncols,
+    wstride,
+    hstride,
+    gstride,
+    group,
+    BITS: tl.constexpr,
+    NCOLS: tl.constexpr,
+    GROUP: tl.constexpr,
+    OUT: tl.constexpr,
+):
+    """``(q - zero) * scale`` of the ``[rows, col0 : col0 + NCOLS]`` tile of a packed matrix, as ``OUT``.
+
+    Columns run along the packed (reduction) dimension; ``col0`` is a multiple of ``NCOLS`` (itself a multiple of
+    32) and columns from ``ncols`` on read as code 0. The packed words are loaded as a contiguous ``[rows, words]``
+    tile and split into ``32 / bits`` values each in registers (a 3-bit band adds its 1-bit plane as bit 2). With a
+    compile-time power-of-two ``GROUP`` the scales and zeros are loaded once per row and group and broadcast;
+    ``GROUP == 0`` reads them per element with the runtime ``group`` (any group size). ``OUT`` is float16 for
+    float16 activations (codes and zeros are exact in float16, so the product is rounded once, as in float32 then
+    float16) and float32 otherwise.
+    """
+    tl.static_assert(NCOLS % 32 == 0)
+    LO: tl.constexpr = 2 if BITS == 3 else BITS
+    PER: tl.constexpr = 32 // LO
+    W: tl.constexpr = NCOLS // PER
+    R: tl.constexpr = rows.shape[0]
+    wcols = col0 // PER + tl.arange(0, W)
+    words = tl.load(
+        q_ptr + rows[:, None] * wstride + wcols[None, :],
+        mask=row_mask[:, None] & (wcols * PER < ncols)[None, :],
+        other=0,
+    )
+    shifts = tl.arange(0, PER) * LO
+    q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << LO) - 1), [R, NCOLS])
+    if BITS == 3:
+        hcols = col0 // 32 + tl.arange(0, NCOLS // 32)
+        hw = tl.load(
+            hi_ptr + rows[:, None] * hstride + hcols[None, :],
+            mask=row_mask[:, None] & (hcols * 32 < ncols)[None, :],
+            other=0,
+        )
+        hbits = (hw[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+        q = q | (tl.reshape(hbits, [R, NCOLS]) << 2)
+    if GROUP == 0:
+        cols = col0 + tl.arange(0, NCOLS)
+        mask = row_mask[:, None] & (cols < ncols)[None, :]
+        goff = rows[:, None] * gstride + (cols // group)[None, :]
+        scale = tl.load(sc_ptr + goff, mask=mask, other=0.0).to(OUT)
+        zero = tl.load(z_ptr + goff, mask=mask, other=0).to(OUT)
+    elif NCOLS <= GROUP:  # the whole tile lies in one group
+        goff = rows * gstride + col0 // GROUP
+        scale = tl.load(sc_ptr + goff, mask=row_mask, other=0.0).to(OUT)[:, None]
+        zero = tl.load(z_ptr + goff, mask=row_mask, other=0).to(OUT)[:, None]
+    else:  # NCOLS / GROUP whole groups
+        NG: tl.constexpr = NCOLS // GROUP
+        gidx = col0 // GROUP + tl.arange(0, NG)
+        gmask = row_mask[:, None] & (gidx < gstride)[None, :]  # gstride == number of groups per row
+        goff = rows[:, None] * gstride + gidx[None, :]
+        scale = tl.load(sc_ptr + goff, mask=gmask, other=0.0).to(OUT)
+        zero = tl.load(z_ptr + goff, mask=gmask, other=0).to(OUT)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [R, NG, GROUP]), [R, NCOLS])
+        zero = tl.reshape(tl.broadcast_to(zero[:, :, None], [R, NG, GROUP]), [R, NCOLS])
+    # Columns past ``ncols`` dequantize to ``-zero * scale``; the other operand is zero there.
+    return (q.to(OUT) - zero) * scale
+
+
+@triton.jit
+def _mma(acc, a, b, COMPUTE: tl.constexpr):
+    """``acc += a @ b`` with both operands in the activations' dtype (float32 products for a single token)."""
+    if a.shape[0] == 1:  # one token: a matrix-vector product, multiply-add and reduce (no tensor-core tile)
+        return acc + tl.reduce(tl.trans(a.to(tl.float32)) * b.to(tl.float32), 0, _SUM_COMBINE)[None, :]
+    elif COMPUTE == tl.float32:  # near-float32 accuracy on tensor cores (three tf32 products)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    else:
+        return tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc)
+
+
+@triton.jit
+def _shrink_loop(
+    acc,
+    x_ptr,
+    stride_xt,
+    offs_t,
+    tmask,
+    vq,
+    vhi,
+    vs,
+    vz,
+    offs_r,
+    rmask,
+    wstride,
+    hstride,
+    gstride,
+    group,
+    k_lo,
+    k_hi,
+    BITS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DEQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """``acc[t, r] += Σ_k x[t, k] V[r, k]`` over ``k_lo <= k < k_hi`` for one band at ``BITS`` bits."""
+    for k0 in range(k_lo, k_hi, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        xt = tl.load(
+            x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :],
+            mask=tmask[:, None] & (offs_k < k_hi)[None, :],
+            other=0.0,
+        )
+        w = _dequant_packed(
+            vq, vhi, vs, vz, offs_r, rmask, k0, k_hi, wstride, hstride, gstride, group, BITS, BK, GROUP, DEQ
+        )
+        acc = _mma(acc, xt, tl.trans(w), COMPUTE)
+    return acc
+
+
+@triton.jit(do_not_specialize=["n_bands", "T", "tokens_per_row", "T_BUCKET", "split_k", "atomic"])
+def _shrink_kernel(
+    x_ptr,
+    row_ad_ptr,
+    t_ptr,
+    tab_ptr,
+    n_bands,
+    T,
+    N,
+    tokens_per_row,
+    stride_xt,
+    stride_tt,
+    T_BUCKET,  # autotuning key only (a plain int: no recompilation per bucket)
+    split_k,  # programs along the reduction
+    atomic,  # 1: add into a zeroed ``t`` (split_k > 1), 0: store
+    COMPUTE: tl.constexpr,
+    DEQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    BT: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    # Find this program's band: bands are laid out back to back in rank tiles of BR.
+    band = pid_r * 0
+    tile0 = pid_r * 0
+    cum = pid_r * 0
+    for b in range(0, n_bands):
+        nt = (tl.load(tab_ptr + b * _NF + _F_RANK).to(tl.int32) + BR - 1) // BR
+        past = pid_r >= cum + nt
+        band += past.to(tl.int32)
+        tile0 += tl.where(past, nt, 0)
+        cum += nt
+    row = tab_ptr + band * _NF
+    vq = tl.load(row + _F_VQ).to(tl.pointer_type(tl.int32))
+    vhi = tl.load(row + _F_VHI).to(tl.pointer_type(tl.int32))
+    vs = tl.load(row + _F_VS).to(tl.pointer_type(tl.float16))
+    vz = tl.load(row + _F_VZ).to(tl.pointer_type(tl.uint8))
+    sp = tl.load(row + _F_S).to(tl.pointer_type(tl.float32))
+    bits = tl.load(row + _F_BITS).to(tl.int32)
+    rank = tl.load(row + _F_RANK).to(tl.int32)
+    tcol = tl.load(row + _F_TCOL).to(tl.int32)
+    group = tl.load(row + _F_GROUP).to(tl.int32)
+    ws = tl.load(row + _F_V_WSTRIDE).to(tl.int32)
+    hs = tl.load(row + _F_V_HSTRIDE).to(tl.int32)
+    gs = tl.load(row + _F_V_GSTRIDE).to(tl.int32)
+
+    offs_r = (pid_r - tile0) * BR + tl.arange(0, BR)
+    rmask = offs_r < rank
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    tmask = offs_t < T
+    k_span = ((N + split_k - 1) // split_k + BK - 1) // BK * BK
+    k_lo = pid_k * k_span
+    k_hi = tl.minimum(k_lo + k_span, N)
+    # keep the tokens whose row uses this band's adapter; if there is none, skip reading the factors
+    adapter = tl.load(row + _F_ADAPTER).to(tl.int32)
+    ad = tl.load(row_ad_ptr + offs_t // tokens_per_row, mask=tmask, other=-1).to(tl.int32)
+    tmask = tmask & (ad == adapter)
+    k_hi = tl.where(_any(tmask), k_hi, k_lo)
+
+    acc = tl.full([BT, BR], 0.0, tl.float32)
+    # one specialised loop per bit width (the branch is uniform over the program)
+    if bits == 2:
+        acc = _shrink_loop(
+            acc,
+            x_ptr,
+            stride_xt,
+            offs_t,
+            tmask,
+            vq,
+            vhi,
+            vs,
+            vz,
+            offs_r,
+            rmask,
+            ws,
+            hs,
+            gs,
+            group,
+            k_lo,
+            k_hi,
+            2,
+            COMPUTE,
+            DEQ,
+            GROUP,
+            BK,
+        )
+    elif bits == 3:
+        acc = _shrink_loop(
+            acc,
+            x_ptr,
+            stride_xt,
+            offs_t,
+            tmask,
+            vq,
+            vhi,
+            vs,
+            vz,
+            offs_r,
+            rmask,
+            ws,
+            hs,
+            gs,
+            group,
+            k_lo,
+            k_hi,
+            3,
+            COMPUTE,
+            DEQ,
+            GROUP,
+            BK,
+        )
+    elif bits == 4:
+        acc = _shrink_loop(
+            acc,
+            x_ptr,
+            stride_xt,
+            offs_t,
+            tmask,
+            vq,
+            vhi,
+            vs,
+            vz,
+            offs_r,
+            rmask,
+            ws,
+            hs,
+            gs,
+            group,
+            k_lo,
+            k_hi,
+            4,
+            COMPUTE,
+            DEQ,
+            GROUP,
+            BK,
+        )
+    elif bits == 8:
+        acc = _shrink_loop(
+            acc,
+            x_ptr,
+            stride_xt,
+            offs_t,
+            tmask,
+            vq,
+            vhi,
+            vs,
+            vz,
+            offs_r,
+            rmask,
+            ws,
+            hs,
+            gs,
+            group,
+            k_lo,
+            k_hi,
+            8,
+            COMPUTE,
+            DEQ,
+            GROUP,
+            BK,
+        )
+    else:
+        acc = _shrink_loop(
+            acc,
+            x_ptr,
+            stride_xt,
+            offs_t,
+            tmask,
+            vq,
+            vhi,
+            vs,
+            vz,
+            offs_r,
+            rmask,
+            ws,
+            hs,
+            gs,
+            group,
+            k_lo,
+            k_hi,
+            1,
+            COMPUTE,
+            DEQ,
+            GROUP,
+            BK,
+        )
+    acc = acc * tl.load(sp + offs_r, mask=rmask, other=0.0)[None, :]
+    out = t_ptr + offs_t[:, None] * stride_tt + (tcol + offs_r)[None, :]
+    omask = tmask[:, None] & rmask[None, :]
+    if atomic != 0:
+        tl.atomic_add(out, acc, mask=omask, sem="relaxed")
+    else:
+        tl.store(out, acc, mask=omask)
+
+
+@triton.jit
+def _expand_loop(
+    acc,
+    t_ptr,
+    stride_tt,
+    offs_t,
+    amask,
+    tcol,
+    uq,
+    uhi,
+    us,
+    uz,
+    offs_m,
+    mmask,
+    rank,
+    wstride,
+    hstride,
+    gstride,
+    group,
+    BITS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    DEQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    BR: tl.constexpr,
+):
+    """``acc[t, m] += Σ_r t[t, tcol + r] U[m, r]`` over the band's ranks, for one band at ``BITS`` bits."""
+    for r0 in range(0, rank, BR):
+        offs_r = r0 + tl.arange(0, BR)
+        tt = tl.load(
+            t_ptr + offs_t[:, None] * stride_tt + (tcol + offs_r)[None, :],
+            mask=amask[:, None] & (offs_r < rank)[None, :],
+            other=0.0,
+        )
+        w = _dequant_packed(
+            uq, uhi, us, uz, offs_m, mmask, r0, rank, wstride, hstride, gstride, group, BITS, BR, GROUP, DEQ
+        )
+        acc = _mma(acc, tt, tl.trans(w), COMPUTE)
+    return acc
+
+
+@triton.jit(do_not_specialize=["n_adapters", "T", "tokens_per_row", "T_BUCKET", "accumulate"])
+def _expand_kernel(
+    t_ptr,
+    row_ad_ptr,
+    y_ptr,
+    tab_ptr,
+    atab_ptr,
+    n_adapters,
+    T,
+    M,
+    tokens_per_row,
+    stride_tt,
+    stride_yt,
+    T_BUCKET,  # autotuning key only (a plain int: no recompilation per bucket)
+    accumulate,  # 1: add into ``y``, 0: overwrite it
+    COMPUTE: tl.constexpr,
+    DEQ: tl.constexpr,
+    GROUP: tl.constexpr,
+    BT: tl.constexpr,
+    BM: tl.constexpr,
+    BR: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mmask = offs_m < M
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    tmask = offs_t < T
+    ad = tl.load(row_ad_ptr + offs_t // tokens_per_row, mask=tmask, other=-1).to(tl.int32)
+    acc = tl.full([BT, BM], 0.0, tl.float32)
+    for a in range(0, n_adapters):
+        arow = atab_ptr + a * _NA
+        amask = tmask & (ad == a)
+        present = _any(amask)
+        b_lo = tl.load(arow + _A_BAND_LO).to(tl.int32)
+        b_hi = tl.where(present, tl.load(arow + _A_BAND_HI).to(tl.int32), b_lo)
+        for b in range(b_lo, b_hi):
+            row = tab_ptr + b * _NF
+            uq = tl.load(row + _F_UQ).to(tl.pointer_type(tl.int32))
+            uhi = tl.load(row + _F_UHI).to(tl.pointer_type(tl.int32))
+            us = tl.load(row + _F_US).to(tl.pointer_type(tl.float16))
+            uz = tl.load(row + _F_UZ).to(tl.pointer_type(tl.uint8))
+            bits = tl.load(row + _F_BITS).to(tl.int32)
+            rank = tl.load(row + _F_RANK).to(tl.int32)
+            tcol = tl.load(row + _F_TCOL).to(tl.int32)
+            group = tl.load(row + _F_GROUP).to(tl.int32)
+            ws = tl.load(row + _F_U_WSTRIDE).to(tl.int32)
+            hs = tl.load(row + _F_U_HSTRIDE).to(tl.int32)
+            gs = tl.load(row + _F_U_GSTRIDE).to(tl.int32)
+            if bits == 2:
+                acc = _expand_loop(
+                    acc,
+                    t_ptr,
+                    stride_tt,
+                    offs_t,
+                    amask,
+                    tcol,
+                    uq,
+                    uhi,
+                    us,
+                    uz,
+                    offs_m,
+                    mmask,
+                    rank,
+                    ws,
+                    hs,
+                    gs,
+                    group,
+                    2,
+                    COMPUTE,
+                    DEQ,
+                    GROUP,
+                    BR,
+                )
+            elif bits == 3:
+                acc = _expand_loop(
+                    acc,
+                    t_ptr,
+                    stride_tt,
+                    offs_t,
+                    amask,
+                    tcol,
+                    uq,
+                    uhi,
+                    us,
+                    uz,
+                    offs_m,
+                    mmask,
+                    rank,
+                    ws,
+                    hs,
+                    gs,
+                    group,
+                    3,
+                    COMPUTE,
+                    DEQ,
+                    GROUP,
+                    BR,
+                )
+            elif bits == 4:
+                acc = _expand_loop(
+                    acc,
+                    t_ptr,
+                    stride_tt,
+                    offs_t,
+                    amask,
+                    tcol,
+                    uq,
+                    uhi,
+                    us,
+                    uz,
+                    offs_m,
+                    mmask,
+                    rank,
+                    ws,
+                    hs,
+                    gs,
+                    group,
+                    4,
+                    COMPUTE,
+                    DEQ,
+                    GROUP,
+                    BR,
+                )
+            elif bits == 8:
+                acc = _expand_loop(
+                    acc,
+                    t_ptr,
+                    stride_tt,
+                    offs_t,
+                    amask,
+                    tcol,
+                    uq,
+                    uhi,
+                    us,
+                    uz,
+                    offs_m,
+                    mmask,
+                    rank,
+                    ws,
+                    hs,
+                    gs,
+                    group,
+                    8,
+                    COMPUTE,
+                    DEQ,
+                    GROUP,
+                    BR,
+                )
+            else:
+                acc = _expand_loop(
+                    acc,
+                    t_ptr,
+                    stride_tt,
+                    offs_t,
+                    amask,
+                    tcol,
+                    uq,
+                    uhi,
+                    us,
+                    uz,
+                    offs_m,
+                    mmask,
+                    rank,
+                    ws,
+                    hs,
+                    gs,
+                    group,
+                    1,
+                    COMPUTE,
+                    DEQ,
+                    GROUP,
+                    BR,
+                )
+        has_bias = tl.load(arow + _A_HAS_BIAS).to(tl.int32)
+        bias_ptr = tl.load(arow + _A_BIAS).to(tl.pointer_type(tl.float32))
+        bias_on = (offs_m * 0 + has_bias * present.to(tl.int32)) != 0  # (vector form: the interpreter wants it)
+        bias = tl.load(bias_ptr + offs_m, mask=mmask & bias_on, other=0.0)
+        acc += tl.where(amask[:, None], bias[None, :], 0.0)
+    out = y_ptr + offs_t[:, None] * stride_yt + offs_m[None, :]
+    omask = tmask[:, None] & mmask[None, :]
+    if accumulate != 0:
+        acc += tl.load(out, mask=omask, other=0.0).to(tl.float32)
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+# -- configurations -------------------------------------------------------------------------------------------------
+
+DECODE_MAX_TOKENS = 64  # up to here the token block is fixed by the wrapper and only the weight tiles are tuned
+
+
+def _cfg(num_warps: int = 4, num_stages: int = 2, **kw) -> triton.Config:
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+if INTERPRET:
+    # large blocks: the interpreter's cost is per operation, not per element
+    _CONFIGS = {
+        ("shrink", "gemv"): [_cfg(BR=32, BK=64)],
+        ("expand", "gemv"): [_cfg(BM=64, BR=32)],
+        ("shrink", "decode"): [_cfg(BR=32, BK=64)],
+        ("shrink", "prefill"): [_cfg(BT=32, BR=32, BK=64)],
+        ("expand", "decode"): [_cfg(BM=64, BR=32)],
+        ("expand", "prefill"): [_cfg(BT=32, BM=64, BR=32)],
+    }
+    _CONFIGS_F32 = _CONFIGS
+else:  # pragma: no cover - needs a GPU
+    # Candidates that compile without register spills on sm_90 (ptxas -v) for float16/bfloat16. With few tokens
+    # the MMA tile is 16 x BR (shrink) or 16 x BM (expand), so small warp counts avoid replicated work.
+    _CONFIGS = {
+        # one token: multiply-add tiles spread over all threads (no MMA), so tiles can be larger
+        ("shrink", "gemv"): [
+            _cfg(8, 3, BR=16, BK=512),
+            _cfg(8, 3, BR=32, BK=256),
+            _cfg(4, 3, BR=8, BK=512),
+            _cfg(2, 3, BR=8, BK=256),
+            _cfg(4, 3, BR=16, BK=256),
+        ],
+        ("expand", "gemv"): [
+            _cfg(4, 3, BM=64, BR=64),
+            _cfg(8, 3, BM=128, BR=64),
+            _cfg(8, 3, BM=32, BR=256),
+            _cfg(4, 3, BM=16, BR=256),
+            _cfg(2, 3, BM=16, BR=128),
+        ],
+        ("shrink", "decode"): [
+            _cfg(2, 3, BR=16, BK=256),
+            _cfg(4, 3, BR=16, BK=256),
+            _cfg(2, 3, BR=32, BK=256),
+            _cfg(4, 3, BR=64, BK=256),
+            _cfg(2, 4, BR=32, BK=128),
+        ],
+        ("shrink", "prefill"): [
+            _cfg(4, 3, BT=64, BR=32, BK=64),
+            _cfg(8, 3, BT=128, BR=64, BK=64),
+            _cfg(8, 3, BT=128, BR=128, BK=32),
+        ],
+        ("expand", "decode"): [
+            _cfg(1, 3, BM=16, BR=128),
+            _cfg(2, 3, BM=32, BR=128),
+            _cfg(4, 3, BM=64, BR=64),
+            _cfg(8, 3, BM=128, BR=64),
+        ],
+        ("expand", "prefill"): [
+            _cfg(4, 3, BT=64, BM=64, BR=32),
+            _cfg(8, 3, BT=64, BM=128, BR=32),
+            _cfg(8, 3, BT=128, BM=128, BR=32),
+        ],
+    }
+    # float32 activations (tf32x3 products) need smaller tiles to stay out of local memory
+    _CONFIGS_F32 = {
+        ("shrink", "gemv"): [_cfg(4, 3, BR=16, BK=256)],
+        ("expand", "gemv"): [_cfg(4, 3, BM=32, BR=128)],
+        ("shrink", "decode"): [_cfg(4, 2, BR=16, BK=64), _cfg(2, 3, BR=16, BK=64)],
+        ("shrink", "prefill"): [_cfg(4, 2, BT=64, BR=32, BK=32)],
+        ("expand", "decode"): [_cfg(4, 2, BM=32, BR=64), _cfg(4, 2, BM=64, BR=32)],
+        ("expand", "prefill"): [_cfg(4, 2, BT=64, BM=64, BR=32)],
+    }
+
+
+def _prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.Config]:
+    """Without a compile-time group size, scales are gathered per element: keep the smallest weight tiles only."""
+    if kwargs.get("GROUP", 0) != 0:
+        return configs
+
+    def size(c: triton.Config) -> int:
+        return c.kwargs.get("BR", 1) * c.kwargs.get("BK", c.kwargs.get("BM", 1))
+
+    smallest = min(size(c) for c in configs)
+    return [c for c in configs if size(c) == smallest]
+
+
+_KEYS = {
+    "shrink": dict(key=["N", "T_BUCKET", "split_k", "GROUP"], restore_value=["t_ptr"]),
+    "expand": dict(key=["M", "T_BUCKET", "GROUP"], restore_value=["y_ptr"]),
+}
+_PRUNE = {"early_config_prune": _prune}
+_KERNELS = {"shrink": _shrink_kernel, "expand": _expand_kernel}
+_TUNERS = {
+    (kind, phase, f32): triton.autotune(configs[(kind, phase)], prune_configs_by=_PRUNE, **_KEYS[kind])(_KERNELS[kind])
+    for kind in ("shrink", "expand")
+    for phase in ("gemv", "decode", "prefill")
+    for f32, configs in ((False, _CONFIGS), (True, _CONFIGS_F32))
+}
+
+_COMPUTE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _token_bucket(T: int) -> int:
+    """Power-of-two bucket of the token count (autotuning key and decode token block), capped at 4096."""
+    return min(4096, max(16, triton.next_power_of_2(T)))
+
+
+def _split_k(plan: P.KernelPlan, T: int, N: int, device: torch.device) -> int:
+    """Splits of the reduction so that small batches still put ~2 programs per SM on the packed ``V``."""
+    if device.type != "cuda" or T > DECODE_MAX_TOKENS:
+        return 1
+    programs = plan.tiles(16) * (1 if T == 1 else triton.cdiv(T, min(_token_bucket(T), 32)))
+    want = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= want:
+        return 1
+    return int(max(1, min(triton.cdiv(want, programs), N // 512, 16)))
+
+
+_BEST: dict[tuple, triton.Config] = {}
+
+
+def _run(tuner, key: tuple, grid, args: tuple, kwargs: dict) -> None:
+    """Launch through the autotuner the first time per key, then straight with its choice (less Python per call)."""
+    cfg = _BEST.get(key)
+    if cfg is None:
+        tuner[grid](*args, **kwargs)
+        _BEST[key] = tuner.best_config
+    else:
+        tuner.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+
+
+def _launch(
+    x2: torch.Tensor,
+    y2: torch.Tensor,
+    plan: P.KernelPlan,
+    row_index: torch.Tensor | None,
+    tokens_per_row: int,
+    accumulate: bool,
+    split_k: int | None,
+) -> None:
+    """Shrink + expand of ``plan`` for ``x2`` (tokens x in) into ``y2`` (tokens x out, stride 1 along out)."""
+    T, N = x2.shape
+    M = plan.out_features
+    compute = tl.float32 if INTERPRET else _COMPUTE[x2.dtype]
+    deq = tl.float16 if compute == tl.float16 else tl.float32  # dtype the factors are dequantized to
+    if row_index is None:  # one adapter: every token maps to slot 0
+        row_index, tokens_per_row = plan.zero_index, T
+    bucket = _token_bucket(T)
+    decode = T <= DECODE_MAX_TOKENS
+    phase = "gemv" if T == 1 else "decode" if decode else "prefill"
+    # decode token block: 1 (matrix-vector), 16 or 32 (larger ones spill registers; 33-64 tokens take two blocks)
+    block_t = 1 if T == 1 else min(bucket, 32)
+    f32 = x2.dtype == torch.float32
+    n_bands = plan.n_bands
+    if n_bands:
+        sk = split_k or _split_k(plan, T, N, x2.device)
+        alloc = torch.zeros if sk > 1 else torch.empty
+        t = alloc(T, plan.t_cols, device=x2.device, dtype=torch.float32)
+        common = dict(COMPUTE=compute, DEQ=deq, GROUP=plan.group)
+        if decode:
+            common["BT"] = block_t
+        tuner = _TUNERS["shrink", phase, f32]
+
+        def grid_s(meta):
+            return (plan.tiles(meta["BR"]), triton.cdiv(T, meta["BT"]), sk)
+
+        args = (
+            x2,
+            row_index,
+            t,
+            plan.tab,
+            n_bands,
+            T,
+            N,
+            tokens_per_row,
+            x2.stride(0),
+            t.stride(0),
+            bucket,
+            sk,
+            int(sk > 1),
+        )
+        _run(tuner, ("s", x2.device, x2.dtype, N, bucket, sk, plan.group), grid_s, args, common)
+    else:
+        t = plan.tab  # no quantized band: expand only adds the bias
+    common = dict(COMPUTE=compute, DEQ=deq, GROUP=plan.group)
+    if decode:
+        common["BT"] = block_t
+    tuner = _TUNERS["expand", phase, f32]
+
+    def grid_e(meta):
+        return (triton.cdiv(M, meta["BM"]), triton.cdiv(T, meta["BT"]))
+
+    t_stride = t.stride(0) if n_bands else 0
+    args = (
+        t,
+        row_index,
+        y2,
+        plan.tab,
+        plan.atab,
+        plan.n_adapters,
+        T,
+        M,
+        tokens_per_row,
+        t_stride,
+        y2.stride(0),
+        bucket,
+    )
+    _run(tuner, ("e", x2.device, y2.dtype, M, bucket, plan.group), grid_e, args + (int(accumulate),), common)
+
+
+def _check_input(x: torch.Tensor, in_features: int) -> None:
+    if x.dtype not in _COMPUTE:
+        raise DeltaCoMeError(f"activations must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise DeltaCoMeError(f"input of shape {tuple(x.shape)} does not end in the delta's in_features={in_features}")
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _out_rows(x: torch.Tensor, M: int, out: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """The (tokens x M) output rows to write, and whether they must be accumulated into."""
+    if out is None:
+        return torch.empty(x.numel() // x.shape[-1], M, device=x.device, dtype=x.dtype), False
+    if out.shape != (*x.shape[:-1], M) or out.device != x.device:
+        raise DeltaCoMeError(
+            f"out has shape {tuple(out.shape)} on {out.device}, expected {(*x.shape[:-1], M)} on {x.device}"
+        )
+    if not out.is_contiguous() or out.dtype not in _COMPUTE:
+        raise DeltaCoMeError("out must be a contiguous float16, bfloat16 or float32 tensor")
+    return out.view(-1, M), True
+
+
+def _dense_band(x2: torch.Tensor, band) -> torch.Tensor:
+    """A 16-bit band applied as two plain matmuls (16-bit bands hold float16 values, nothing to dequantize)."""
+    dt = x2.dtype
+    tt = (x2 @ band.v.qweight.to(dt).t()) * band.s.to(dt)
+    return tt @ band.u.qweight.to(dt).t()
+
+
+def delta_forward(
+    x: torch.Tensor, delta: PackedDelta, out: torch.Tensor | None = None, *, split_k: int | None = None
+) -> torch.Tensor:
+    """``Σ_k U_k (S_k ⊙ (V_kᵀ x)) + bias`` of one adapter, shape ``(..., out_features)``, in ``x``'s dtype.
+
+    With ``out`` (same shape, contiguous) the delta is added into ``out`` in place and ``out`` is returned, which
+    saves the separate add of the base output. ``split_k`` overrides the reduction split (testing).
+    """
+    _check_input(x, delta.in_features)
+    M = delta.out_features
+    if x.numel() == 0:
+        return out if out is not None else x.new_zeros(*x.shape[:-1], M)
+    plan = P.plan_for(delta, x.device)
+    x2 = _as_rows(x)
+    y2, accumulate = _out_rows(x, M, out)
+    _launch(x2, y2, plan, None, 1, accumulate, split_k)
+    for _, band in plan.dense_bands:
+        y2 += _dense_band(x2, band).to(y2.dtype)
+    return out if out is not None else y2.view(*x.shape[:-1], M)
+
+
+def delta_forward_mixed(
+    x: torch.Tensor,
+    deltas: list[PackedDelta | None],
+    row_index: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """Mixed batch: row ``i`` of ``x`` (``batch x ... x in``) gets ``deltas[row_index[i]]``.
+
+    An index of ``-1``, an index without a delta (``None``) or out of range gives no delta (zeros). One pair of
+    launches serves every adapter; nothing is synchronised with the host. ``out`` works as in `delta_forward`.
+    """
+    present = [d for d in deltas if d is not None]
+    if not present:
+        zeros = x.new_zeros(*x.shape[:-1], 0)
+        return out if out is not None else zeros
+    _check_input(x, present[0].in_features)
+    M = present[0].out_features
+    if x.dim() < 2 or row_index.dim() != 1 or row_index.shape[0] != x.shape[0]:
+        raise DeltaCoMeError(
+            f"row_index of shape {tuple(row_index.shape)} must hold one adapter index per batch row of the input "
+            f"of shape {tuple(x.shape)}"
+        )
+    if row_index.dtype not in (torch.int32, torch.int64):
+        raise DeltaCoMeError(f"row_index must be an int32 or int64 tensor, got {row_index.dtype}")
+    if x.numel() == 0:
+        return out if out is not None else x.new_zeros(*x.shape[:-1], M)
+    plan = P.mixed_plan_for(deltas, x.device)
+    rows = row_index.to(x.device).contiguous()
+    x2 = _as_rows(x)
+    y2, accumulate = _out_rows(x, M, out)
+    tokens_per_row = x2.shape[0] // x.shape[0]
+    _launch(x2, y2, plan, rows, tokens_per_row, accumulate, split_k)
+    if plan.dense_bands:
+        token_ad = rows.repeat_interleave(tokens_per_row)
+        for slot, band in plan.dense_bands:
+            keep = (token_ad == slot).to(x2.dtype)[:, None]
+            y2 += (_dense_band(x2 * keep, band)).to(y2.dtype)
+    return out if out is not None else y2.view(*x.shape[:-1], M)

@@ -1,0 +1,316 @@
+"""compress(): pair checks, layouts within budget, dense extras, GPTQ vs RTN, accuracy vs ratio on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import logits, make_finetune, make_model, random_ids, relative_logits_error, target_linears
+
+import hf_deltacome.compress as compress_mod
+from hf_deltacome import DeltaCoMeConfig
+from hf_deltacome.budget import budget_bytes, solve_ranks
+from hf_deltacome.compress import compress, compress_linear
+from hf_deltacome.errors import ConfigError, IncompatibleModelsError
+from hf_deltacome.layer import DeltaCoMeLayer
+
+WIDE = {  # a little wider than the defaults so that 1/32 still buys a few singular vectors
+    "llama": dict(hidden_size=128, intermediate_size=352, head_dim=32),
+    "mistral": dict(hidden_size=128, intermediate_size=352, head_dim=32),
+    "qwen2": dict(hidden_size=128, intermediate_size=344),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: thread start-up and spinning cost more than they save (much more on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def factor_bytes(delta) -> int:
+    """Bytes of the packed factors of one module (every band buffer; the dense bias delta is not part of it)."""
+    return sum(b.numel() * b.element_size() for band in delta.bands for b in band.buffers())
+
+
+def run(base, ft, calib=None, progress=False, **cfg):
+    calib = random_ids(base, 16, 48, seed=1) if calib is None else calib
+    return compress(base, ft, DeltaCoMeConfig(**cfg), calibration=calib, progress=progress)
+
+
+def deltacome_layers(model):
+    return {n: m for n, m in model.base_model.model.named_modules() if isinstance(m, DeltaCoMeLayer)}
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_error_falls_as_ratio_grows_and_bytes_fit_budget(arch):
+    calib = random_ids(make_model(arch, **WIDE[arch]), 16, 64, seed=1)
+    held_out = random_ids(make_model(arch, **WIDE[arch]), 8, 64, seed=2)
+    errors = []
+    for ratio in ("1/32", "1/8", "1/2"):
+        base = make_model(arch, **WIDE[arch])
+        ref = make_model(arch, **WIDE[arch])
+        ft = make_finetune(ref)
+        model = run(base, ft, calib, ratio=ratio)
+        errors.append(relative_logits_error(model, ft, ref, held_out))
+        cfg = model.peft_config["default"]
+        layers = deltacome_layers(model)
+        assert set(layers) == set(target_linears(ref))
+        stored = 0
+        for name, layer in layers.items():
+            m, n = cfg.layout[name]["shape"]
+            assert cfg.layout[name]["bands"] == [list(b) for b in solve_ranks(m, n, cfg.ratio, cfg.bands, 128)]
+            nbytes = factor_bytes(layer.deltacome_delta["default"])
+            assert nbytes <= budget_bytes(m, n, cfg.ratio), name
+            stored += nbytes > 0
+        assert stored >= len(layers) // 2  # (a narrow GQA k/v projection may not afford one vector at 1/32)
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.2, errors
+
+
+def test_full_rank_at_ratio_one_is_close_to_exact():
+    ref = make_model("llama")
+    ft = make_finetune(ref)
+    model = run(make_model("llama"), ft, ratio=1.0, bands=[[8, None]])
+    layout = model.peft_config["default"].layout
+    # the rectangular MLP projections keep their full rank at 8 bits
+    assert layout["model.layers.0.mlp.up_proj"]["bands"] == [[8, 64]]
+    err = relative_logits_error(model, ft, ref, random_ids(ref, 4, 32, seed=3))
+    assert err < 0.05, err
+
+
+def test_gptq_beats_rtn_on_held_out_logits():
+    calib = random_ids(make_model("llama", **WIDE["llama"]), 32, 64, seed=1)
+    held_out = random_ids(make_model("llama", **WIDE["llama"]), 8, 64, seed=2)
+    errs = {}
+    for quantizer in ("rtn", "gptq"):
+        ref = make_model("llama", **WIDE["llama"])
+        ft = make_finetune(ref)
+        model = run(make_model("llama", **WIDE["llama"]), ft, calib, ratio="1/8", quantizer=quantizer)
+        errs[quantizer] = relative_logits_error(model, ft, ref, held_out)
+    assert errs["gptq"] < 0.95 * errs["rtn"], errs
+
+
+@pytest.mark.parametrize("method", ["svd-uniform", "lowrank", "bitdelta", "dare"])
+def test_other_methods_go_through_compress_within_budget(method):
+    """compress() honours config.method (layouts and factors from methods.py) and every method fits the budget."""
+    ref = make_model("llama", **WIDE["llama"])
+    ft = make_finetune(ref)
+    model = run(make_model("llama", **WIDE["llama"]), ft, ratio="1/8", method=method, distill_steps=0)
+    for name, layer in deltacome_layers(model).items():
+        packed = layer.deltacome_delta["default"]
+        nbytes = packed.nbytes() - (packed.bias.numel() * 4 if packed.bias is not None else 0)
+        assert 0 < nbytes <= budget_bytes(layer.out_features, layer.in_features, 1 / 8), name
+    assert model.peft_config["default"].compression_info["method"] == method
+    err = relative_logits_error(model, ft, ref, random_ids(ref, 4, 32, seed=3))
+    assert err < (0.95 if method != "dare" else 2.0), err  # DARE's 1/keep rescaling is noisy at 1/8
+
+
+# ------------------------------------------------------------------------------------------------ dense extras
+
+
+def test_dense_extras_reproduce_changed_norms_and_biases():
+    ref = make_model("qwen2")
+    ft = make_finetune(ref, embedding_rows=3)
+    model = run(make_model("qwen2"), ft, ratio="1/4")
+    cfg = model.peft_config["default"]
+    norms = [n for n, m in ref.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    assert set(cfg.modules_to_save) == set(norms) | {"model.embed_tokens"}  # lm_head did not change
+    inner = model.base_model.model
+    for name in cfg.modules_to_save:
+        copy = inner.get_submodule(name).modules_to_save["default"]
+        assert torch.equal(copy.weight, ft.get_submodule(name).weight), name
+    for name, layer in deltacome_layers(model).items():
+        assert cfg.layout[name]["bias"] == name.endswith(("q_proj", "k_proj", "v_proj"))
+        if cfg.layout[name]["bias"]:
+            want = ft.get_submodule(name).bias - ref.get_submodule(name).bias
+            torch.testing.assert_close(layer.deltacome_delta["default"].bias, want)
+
+
+def test_only_dense_changes_are_reproduced_exactly_and_nothing_else_is_stored():
+    ref = make_model("qwen2")
+    ft = make_finetune(ref, scale=0.0, noise=0.0, change_biases=False, embedding_rows=2)
+    model = run(make_model("qwen2"), ft, ratio="1/8")
+    layers = deltacome_layers(model)
+    assert all(layer.deltacome_delta["default"].nbytes() == 0 for layer in layers.values())
+    ids = random_ids(ref, 4, 16, seed=5)
+    torch.testing.assert_close(logits(model, ids), logits(ft, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_unchanged_parameters_are_not_stored():
+    ref = make_model("llama")
+    ft = make_finetune(ref, change_norms=False)
+    model = run(make_model("llama"), ft, ratio="1/4")
+    assert model.peft_config["default"].modules_to_save is None
+    assert not any("modules_to_save" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_embeddings(tmp_path, tied):
+    ref = make_model("llama", tie_word_embeddings=tied)
+    ft = make_finetune(ref, scale=0.0, noise=0.0, change_norms=False, embedding_rows=6)
+    model = run(make_model("llama", tie_word_embeddings=tied), ft, ratio="1/8")
+    expected = ["lm_head", "model.embed_tokens"] if tied else ["model.embed_tokens"]
+    assert model.peft_config["default"].modules_to_save == expected
+    ids = random_ids(ref, 4, 16, seed=4)
+    torch.testing.assert_close(logits(model, ids), logits(ft, ids), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(ref, ids), logits(ft, ids))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_model("llama", tie_word_embeddings=tied), tmp_path).eval()
+    torch.testing.assert_close(logits(loaded, ids), logits(ft, ids), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+@pytest.mark.parametrize(
+    "make_ft, message",
+    [
+        (lambda: make_model("llama", intermediate_size=96), r"parameter 'model\.layers\.0\.mlp\.gate_proj\.weight'"),
+        (lambda: make_model("llama", num_hidden_layers=3), r"module 'model\.layers\.2'"),
+        (lambda: make_model("llama", vocab_size=260), r"vocabulary size: base 250, fine-tuned 260"),
+        (lambda: make_model("mistral"), r"model class: base is LlamaForCausalLM, fine-tuned is MistralForCausalLM"),
+    ],
+)
+def test_mismatched_pairs_are_rejected_naming_the_difference(make_ft, message):
+    base = make_model("llama")
+    with pytest.raises(IncompatibleModelsError, match=message):
+        compress(base, make_ft(), DeltaCoMeConfig(quantizer="rtn"), progress=False)
+    assert not any(isinstance(m, DeltaCoMeLayer) for m in base.modules())  # base left untouched
+
+
+def test_every_mismatch_is_listed_at_once():
+    base = make_model("llama")
+    with pytest.raises(IncompatibleModelsError) as info:
+        compress(base, make_model("llama", intermediate_size=96, num_hidden_layers=3), progress=False)
+    msg = str(info.value)
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.2"):
+        assert name in msg
+    with pytest.raises(IncompatibleModelsError, match="already a PEFT model"):
+        compress(run(make_model("llama"), make_finetune(make_model("llama")), quantizer="rtn"), make_model("llama"))
+
+
+def test_target_modules():
+    with pytest.raises(ConfigError, match=r"\['q_projj'\] matches no nn.Linear.*'q_proj'"):
+        run(make_model("llama"), make_finetune(make_model("llama")), target_modules=["q_projj"])
+    with pytest.raises(ConfigError, match=r"lm_head.*outside the decoder layers"):
+        run(make_model("llama"), make_finetune(make_model("llama")), target_modules=["lm_head", "q_proj"])
+    ref = make_model("llama")
+    ft = make_finetune(ref, change_norms=False)
+    model = run(make_model("llama"), ft, target_modules=r".*\.self_attn\.(q|v)_proj", ratio="1/2", quantizer="rtn")
+    cfg = model.peft_config["default"]
+    assert sorted(cfg.layout) == sorted(n for n in target_linears(ref) if n.endswith(("q_proj", "v_proj")))
+    # the other changed linears are carried dense
+    assert set(cfg.modules_to_save) == {n for n in target_linears(ref) if not n.endswith(("q_proj", "v_proj"))}
+    assert relative_logits_error(model, ft, ref, random_ids(ref, 4, 32, seed=3)) < 0.2
+    excluded = run(make_model("llama"), ft, exclude_modules=["down_proj"], quantizer="rtn")
+    assert not any(n.endswith("down_proj") for n in excluded.peft_config["default"].layout)
+
+
+# ------------------------------------------------------------------------------------------------ API details
+
+
+def test_rtn_needs_no_calibration(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("rtn must not read calibration data")
+
+    monkeypatch.setattr(compress_mod, "get_calibration", refuse)
+    ref = make_model("mistral")
+    ft = make_finetune(ref)
+    model = compress(make_model("mistral"), ft, DeltaCoMeConfig(quantizer="rtn", ratio="1/4"), progress=False)
+    assert model.peft_config["default"].compression_info["calibration"].startswith("none")
+    assert relative_logits_error(model, ft, ref, random_ids(ref, 4, 32)) < 0.6
+
+
+def test_config_copy_info_and_progress(capsys):
+    user_cfg = DeltaCoMeConfig(ratio="1/4")
+    ref = make_model("llama")
+    model = compress(
+        make_model("llama"), make_finetune(ref), user_cfg, calibration=random_ids(ref, 4, 16), progress=False
+    )
+    assert "Compressing" not in capsys.readouterr().err
+    assert user_cfg.layout == {} and user_cfg.modules_to_save is None  # the caller's config is not filled in
+    cfg = model.peft_config["default"]
+    assert cfg.base_model_name_or_path == "tiny-random-llama"
+    assert cfg.task_type == "CAUSAL_LM" and not model.training
+    info = cfg.compression_info
+    assert info["num_samples"] == 4 and info["seq_len"] == 16 and info["calibration"] == "token tensor (4, 16)"
+    assert {"torch", "peft", "transformers", "seconds"} <= set(info)
+    layout = cfg.layout["model.layers.1.self_attn.k_proj"]
+    assert layout["shape"] == [32, 64] and layout["group_size"] == 128 and layout["bias"] is False
+    compress(make_model("llama"), make_finetune(ref), user_cfg, calibration=random_ids(ref, 4, 16), progress=True)
+    assert "Compressing layers" in capsys.readouterr().err
+
+
+def test_bfloat16_models_and_explicit_device():
+    ref = make_model("llama").to(torch.bfloat16)
+    ft = make_finetune(ref)
+    base = make_model("llama").to(torch.bfloat16)
+    model = compress(
+        base, ft, DeltaCoMeConfig(ratio="1/2"), calibration=random_ids(ref, 8, 32), device="cpu", progress=False
+    )
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "base_layer" in n)
+    ids = random_ids(ref, 4, 32, seed=3)
+    assert logits(model, ids).isfinite().all()
+    assert relative_logits_error(model, ft, ref, ids) < 0.3
+
+
+def test_self_sampled_calibration(tokenizer):
+    ref = make_model("llama")
+    ft = make_finetune(ref)
+    model = compress(
+        make_model("llama"),
+        ft,
+        DeltaCoMeConfig(ratio="1/2"),
+        tokenizer=tokenizer,
+        num_samples=4,
+        seq_len=24,
+        progress=False,
+    )
+    info = model.peft_config["default"].compression_info
+    assert info["calibration"] == "sampled from the fine-tuned model" and info["num_samples"] == 4
+    assert relative_logits_error(model, ft, ref, random_ids(ref, 4, 32, seed=3)) < 0.3
+
+
+# ------------------------------------------------------------------------------------------------ per-module math
+
+
+def test_compress_linear_bands_and_refit():
+    torch.manual_seed(0)
+    m, n = 48, 80
+    delta = torch.randn(m, 6) @ torch.randn(6, n) + 0.05 * torch.randn(m, n)
+    X = torch.randn(2000, n) @ (torch.randn(n, n) / math.sqrt(n))
+    H = 2 * X.t() @ X / X.shape[0]
+    bands = [(8, 2), (3, 0), (2, 20)]
+    parts = compress_linear(delta, H, bands, 16)
+    assert [(v.bits, v.shape, u.shape, s.shape) for v, u, s in parts] == [
+        (8, (2, n), (m, 2), (2,)),
+        (2, (20, n), (m, 20), (20,)),
+    ]
+    s_all = torch.cat([s for _, _, s in parts])
+    assert torch.all(s_all[:-1] >= s_all[1:])  # bands from the largest singular values down
+
+    def out_err(parts):
+        approx = sum((u.dequantize() * s) @ v.dequantize() for v, u, s in parts)
+        return float(((delta - approx) @ X.t()).norm() / (delta @ X.t()).norm())
+
+    e_rtn = out_err(compress_linear(delta, H, bands, 16, quantizer="rtn"))
+    e_plain = out_err(compress_linear(delta, H, bands, 16, refit_u=False))
+    e_refit = out_err(parts)
+    assert e_refit < e_plain < e_rtn, (e_refit, e_plain, e_rtn)
+    # no Hessian: round-to-nearest
+    assert out_err(compress_linear(delta, None, bands, 16)) == pytest.approx(e_rtn)
+    # 16-bit full rank reproduces the delta
+    exact = compress_linear(delta, H, [(16, 48)], 16)
+    approx = (exact[0][1].dequantize() * exact[0][2]) @ exact[0][0].dequantize()
+    assert float((approx - delta).norm() / delta.norm()) < 1e-2
+    assert compress_linear(delta, H, [(8, 0)], 16) == []
+    with pytest.raises(ConfigError, match="total rank 60 exceeds"):
+        compress_linear(delta, H, [(2, 60)], 16, name="x")

@@ -1,0 +1,218 @@
+"""GPTQ: Hessian accumulation, the column loop, per-row / per-column-segment bit widths, act-order, fallbacks."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from hf_deltacome.errors import DeltaCoMeError
+from hf_deltacome.gptq import GPTQ, quantize_with_hessian
+from hf_deltacome.packing import QuantizedMatrix, quantize_rtn
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: thread start-up and spinning cost more than they save (much more on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def correlated_inputs(n: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Inputs with strongly correlated features and uneven scales, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g) / math.sqrt(n)
+    scale = torch.logspace(0, -1.5, n)
+    return (torch.randn(tokens, n, generator=g) @ mix) * scale + 0.05 * torch.randn(tokens, n, generator=g)
+
+
+def hessian_of(x: torch.Tensor) -> GPTQ:
+    g = GPTQ(x.shape[1])
+    for xb in x.split(500):
+        g.add_batch(xb)
+    return g
+
+
+def out_err(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor) -> float:
+    """Relative output error ||(W − Q) X|| / ||W X||."""
+    return float(((W - Q) @ X.t()).norm() / (W @ X.t()).norm())
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(0)
+    X = correlated_inputs(96)
+    W = torch.randn(40, 96) / math.sqrt(96)
+    return W, X, hessian_of(X)
+
+
+def test_hessian_is_running_average_of_2xxt():
+    X = torch.randn(300, 17, dtype=torch.float64)
+    g = GPTQ(17, dtype=torch.float64)
+    for xb in X.split([1, 99, 200]):
+        g.add_batch(xb.view(1, -1, 17))  # leading batch dims are flattened
+    assert g.nsamples == 300
+    torch.testing.assert_close(g.H, 2.0 / 300 * X.t() @ X)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gptq_beats_rtn_on_output_error(data, bits):
+    W, X, g = data
+    q = g.quantize(W, bits, 32)
+    rtn = quantize_rtn(W, bits, 32)
+    assert isinstance(q, QuantizedMatrix) and q.bits == bits and q.shape == tuple(W.shape)
+    e_gptq, e_rtn = out_err(W, q.dequantize(), X), out_err(W, rtn.dequantize(), X)
+    assert e_gptq < 0.85 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_error_falls_as_bits_grow(data):
+    W, X, g = data
+    errs = [out_err(W, g.quantize(W, b, 32).dequantize(), X) for b in (1, 2, 3, 4, 8)]
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
+    assert errs[-1] < 0.01
+    sixteen = g.quantize(W, 16, 32)
+    assert sixteen.bits == 16 and out_err(W, sixteen.dequantize(), X) < 1e-3
+
+
+def test_codes_scales_zeros_are_consistent(data):
+    """What is stored (packed codes, float16 scales, uint8 zeros) is exactly what the loop used."""
+    W, X, g = data
+    q = g.quantize(W, 3, 32)
+    codes = q.int_codes()
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 7
+    assert q.scales.dtype == torch.float16 and q.zeros.dtype == torch.uint8
+    assert q.scales.shape == (40, 3) and q.qweight_hi is not None
+    again = g.quantize(W, 3, 32)
+    assert torch.equal(again.qweight, q.qweight) and torch.equal(again.scales, q.scales)  # deterministic
+
+
+def test_from_hessian_matches_add_batch(data):
+    W, X, g = data
+    a = g.quantize(W, 2, 32)
+    b = GPTQ.from_hessian(g.H.clone(), nsamples=g.nsamples).quantize(W, 2, 32)
+    c = quantize_with_hessian(W, g.H, 2, 32)
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.qweight, c.qweight)
+    assert torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+
+
+def test_per_row_bands_one_pass(data):
+    W, X, g = data
+    bands = [(8, 2), (3, 14), (2, 0), (2, 24)]
+    parts = g.quantize_row_bands(W, bands, 32)
+    assert parts[2] is None
+    live = [p for p in parts if p is not None]
+    assert [(p.bits, p.shape) for p in live] == [(8, (2, 96)), (3, (14, 96)), (2, (24, 96))]
+    Q = torch.cat([p.dequantize() for p in live])
+    # rows quantized at more bits are closer to W
+    rel = [float((W[s] - Q[s]).norm() / W[s].norm()) for s in (slice(0, 2), slice(2, 16), slice(16, 40))]
+    assert rel[0] < rel[1] < rel[2]
+    # same bits for every row == the plain single-width call
+    same = g.quantize_row_bands(W, [(3, 10), (3, 30)], 32)
+    whole = g.quantize(W, 3, 32)
+    assert torch.equal(torch.cat([p.dequantize() for p in same]), whole.dequantize())
+    # and GPTQ with mixed rows beats round-to-nearest of the same rows
+    rtn = torch.cat([quantize_rtn(W[:2], 8, 32).dequantize(), quantize_rtn(W[2:16], 3, 32).dequantize()])
+    rtn = torch.cat([rtn, quantize_rtn(W[16:], 2, 32).dequantize()])
+    assert out_err(W, Q, X) < out_err(W, rtn, X)
+
+
+def test_per_column_segments_groups_do_not_straddle():
+    torch.manual_seed(1)
+    X = correlated_inputs(45, tokens=1500, seed=1)
+    g = hessian_of(X)
+    W = torch.randn(30, 45) / 7
+    bands = [(8, 2), (3, 11), (2, 32)]
+    parts = g.quantize_column_bands(W, bands, 8)
+    assert [(p.bits, p.shape) for p in parts] == [(8, (30, 2)), (3, (30, 11)), (2, (30, 32))]
+    assert [p.scales.shape[1] for p in parts] == [1, 2, 4]  # ceil(cols / 8) per segment
+    # each segment can be dequantized on its own (self-contained groups) and the pieces tile the matrix
+    Q = torch.cat([p.dequantize() for p in parts], dim=1)
+    rtn = torch.cat(
+        [
+            quantize_rtn(W[:, a:b], bits, 8).dequantize()
+            for bits, (a, b) in zip((8, 3, 2), ((0, 2), (2, 13), (13, 45)), strict=True)
+        ],
+        dim=1,
+    )
+    assert out_err(W, Q, X) < out_err(W, rtn, X)
+    # 8-bit columns barely move, 2-bit columns move most
+    col_err = (W - Q).norm(dim=0) / W.norm(dim=0)
+    assert col_err[:2].max() < col_err[13:].mean()
+
+
+def test_column_segment_of_16_bits_is_kept_in_float16():
+    X = correlated_inputs(20, tokens=400)
+    g = hessian_of(X)
+    W = torch.randn(6, 20)
+    parts = g.quantize_column_bands(W, [(16, 4), (2, 16)], 8)
+    assert parts[0].bits == 16 and parts[0].qweight.dtype == torch.float16
+    # float16 values, carrying only the tiny error feedback of float16 rounding
+    assert torch.allclose(parts[0].dequantize(), W[:, :4], atol=5e-3)
+
+
+def test_act_order_keeps_column_order_and_helps(data):
+    W, X, g = data
+    q8 = g.quantize(W, 8, 32, act_order=True)
+    assert float((q8.dequantize() - W).abs().max()) < 0.02 * float(W.abs().max())  # columns not scrambled
+    for bits in (2, 3):
+        q = g.quantize(W, bits, 32, act_order=True)
+        assert q.scales.shape == (40, 3)
+        assert out_err(W, q.dequantize(), X) < 0.85 * out_err(W, quantize_rtn(W, bits, 32).dequantize(), X)
+    # per-row bands work with act-order as well
+    parts = g.quantize_row_bands(W, [(8, 4), (2, 36)], 32, act_order=True)
+    assert [p.shape for p in parts] == [(4, 96), (36, 96)]
+
+
+def test_rank_deficient_hessian_is_damped_not_rejected():
+    X = torch.randn(10, 64)  # 10 samples for 64 features: singular Hessian
+    g = hessian_of(X)
+    W = torch.randn(8, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = g.quantize(W, 4, 16, damp=0.01)
+    assert g.used_damp == pytest.approx(0.01)
+    assert out_err(W, q.dequantize(), X) < out_err(W, quantize_rtn(W, 4, 16).dequantize(), X)
+
+
+def test_non_pd_hessian_falls_back_to_rtn_with_warning():
+    W = torch.randn(5, 24)
+    g = GPTQ.from_hessian(-torch.eye(24), name="layers.0.q_proj")
+    with pytest.warns(UserWarning, match=r"layers\.0\.q_proj.*round-to-nearest"):
+        q = g.quantize(W, 3, 8)
+    assert g.used_damp == math.inf
+    assert torch.equal(q.int_codes(), quantize_rtn(W, 3, 8).int_codes())
+    nan = GPTQ.from_hessian(torch.full((24, 24), float("nan")))
+    with pytest.warns(UserWarning, match="not finite"):
+        nan.quantize(W, 3, 8)
+
+
+def test_dead_inputs_do_not_break_the_loop():
+    X = correlated_inputs(32, tokens=500)
+    X[:, 5] = 0.0
+    X[:, 17] = 0.0
+    g = hessian_of(X)
+    W = torch.randn(12, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = g.quantize(W, 4, 8)
+    assert torch.isfinite(q.dequantize()).all()
+    assert out_err(W, q.dequantize(), X) < out_err(W, quantize_rtn(W, 4, 8).dequantize(), X)
+
+
+def test_bad_inputs_raise_naming_the_layer():
+    g = GPTQ(16, name="model.layers.3.mlp.down_proj")
+    with pytest.raises(DeltaCoMeError, match=r"down_proj.*17 features"):
+        g.add_batch(torch.randn(4, 17))
+    g.add_batch(torch.randn(40, 16))
+    with pytest.raises(DeltaCoMeError, match=r"down_proj.*\(4, 15\)"):
+        g.quantize(torch.randn(4, 15), 2, 8)
+    with pytest.raises(DeltaCoMeError, match="cover 5 rows"):
+        g.quantize_row_bands(torch.randn(4, 16), [(2, 2), (3, 3)], 8)
+    with pytest.raises(DeltaCoMeError, match="unsupported bit width 5"):
+        g.quantize_column_bands(torch.randn(4, 16), [(5, 16)], 8)
+    with pytest.raises(DeltaCoMeError, match="square"):
+        GPTQ.from_hessian(torch.zeros(3, 4))

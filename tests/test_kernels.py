@@ -1,0 +1,291 @@
+"""Triton kernels against the PyTorch reference.
+
+Runs on CPU under ``TRITON_INTERPRET=1`` (set here unless the environment already says otherwise, so a GPU box can
+run the compiled kernels with ``TRITON_INTERPRET=0 pytest tests/test_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton.jit kernels
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from hf_deltacome.backend import torch_delta_forward  # noqa: E402
+from hf_deltacome.errors import DeltaCoMeError  # noqa: E402
+from hf_deltacome.factors import PackedDelta  # noqa: E402
+from hf_deltacome.packing import quantize_rtn  # noqa: E402
+
+K = pytest.importorskip("hf_deltacome.kernels")
+
+if K.INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip(
+        "hf_deltacome.kernels was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True
+    )
+
+
+def make_delta(m, n, bands, group_size, bias=False, seed=0) -> PackedDelta:
+    """A `PackedDelta` holding RTN-quantized random factors (valid codes in every buffer)."""
+    g = torch.Generator().manual_seed(seed)
+    d = PackedDelta(m, n, bands, group_size, bias=bias)
+    for k, band in enumerate(d.bands):
+        r = band.rank
+        v = torch.randn(r, n, generator=g) / n**0.5
+        u = torch.randn(m, r, generator=g) / r**0.5
+        s = torch.rand(r, generator=g) * 2 + 0.5
+        d.set_band(k, quantize_rtn(v, band.bits, group_size), quantize_rtn(u, band.bits, group_size), s)
+    if bias:
+        d.bias.copy_(torch.randn(m, generator=g))
+    return d.to(DEVICE)
+
+
+def reference(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
+    """The PyTorch path computed in float32 (the interpreter computes in float32 too)."""
+    return torch_delta_forward(x.float(), delta)
+
+
+def rand_x(*shape, dtype=torch.float32, seed=1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    if DEVICE == "cuda":  # compiled kernels multiply in the activations' dtype, as the GPU reference does
+        tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    y, ref = y.float().cpu(), ref.float().cpu()
+    scale = ref.abs().max().item() + 1e-6
+    err = (y - ref).abs().max().item()
+    assert err <= tol * scale, f"max error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [16, 24, 128])
+def test_every_bit_width_and_group_size(bits, group_size):
+    # odd sizes and rank: partial words, partial groups, partial tiles everywhere
+    delta = make_delta(45, 77, [(bits, 21)], group_size, seed=bits * 1000 + group_size)
+    x = rand_x(3, 77)
+    assert_close(K.delta_forward(x, delta), reference(x, delta))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_single_token_every_bit_width(bits):
+    # one token takes the matrix-vector path (no tensor-core tile)
+    delta = make_delta(50, 96, [(bits, 37)], 32, bias=True, seed=bits)
+    x = rand_x(1, 96)
+    assert_close(K.delta_forward(x, delta), reference(x, delta))
+
+
+@pytest.mark.parametrize("tokens", [1, 40, 70])  # one decode block, two decode blocks, prefill path (> 64)
+def test_all_bands_of_mixed_bits_in_one_call(tokens):
+    # bands of 8/3/2/4/1 bits plus a 16-bit band (applied densely) and a bias delta
+    delta = make_delta(70, 90, [(8, 2), (3, 19), (2, 33), (4, 5), (1, 7), (16, 3)], 32, bias=True, seed=tokens)
+    x = rand_x(tokens, 90)
+    assert_close(K.delta_forward(x, delta), reference(x, delta))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_activations(dtype):
+    delta = make_delta(48, 64, [(8, 2), (3, 9), (2, 20)], 32, bias=True, seed=3)
+    x = rand_x(2, 5, 64, dtype=dtype)
+    y = K.delta_forward(x, delta)
+    assert y.dtype == dtype and y.shape == (2, 5, 48)
+    assert_close(y, reference(x, delta).to(dtype), dtype)
+
+
+def test_split_reduction_and_accumulate_into_out():
+    delta = make_delta(40, 200, [(8, 2), (2, 30)], 32, seed=4)
+    x = rand_x(4, 200)
+    ref = reference(x, delta)
+    for split in (2, 3):  # several programs per rank tile, summed with atomics
+        assert_close(K.delta_forward(x, delta, split_k=split), ref)
+    base = rand_x(4, 40, seed=9)
+    out = base.clone()
+    assert K.delta_forward(x, delta, out=out) is out
+    assert_close(out, base + ref)
+
+
+def test_strided_input_and_empty_batch():
+    delta = make_delta(33, 50, [(3, 17)], 16, seed=5)
+    wide = rand_x(6, 100)
+    x = wide[:, ::2]  # last-dim stride 2: copied to rows
+    assert_close(K.delta_forward(x, delta), reference(x.contiguous(), delta))
+    x = wide[::2, :50]  # row stride 100: read in place
+    assert_close(K.delta_forward(x, delta), reference(x.contiguous(), delta))
+    assert K.delta_forward(rand_x(0, 50), delta).shape == (0, 33)
+
+
+def test_only_bias_or_only_dense_bands():
+    delta = make_delta(20, 30, [(16, 4)], 16, bias=True, seed=6)
+    x = rand_x(3, 30)
+    assert_close(K.delta_forward(x, delta), reference(x, delta))
+
+
+def mixed_reference(x, deltas, row_index):
+    out = torch.zeros(*x.shape[:-1], deltas[0].out_features if deltas[0] is not None else deltas[1].out_features)
+    for i in range(x.shape[0]):
+        a = int(row_index[i])
+        if 0 <= a < len(deltas) and deltas[a] is not None:
+            out[i] = reference(x[i : i + 1], deltas[a])[0].cpu()
+    return out
+
+
+@pytest.mark.parametrize("seq", [1, 9])  # decode (one token per row) and prefill (72 > 64 tokens in all)
+def test_mixed_adapter_batch(seq):
+    deltas = [
+        make_delta(36, 56, [(8, 2), (3, 11), (2, 23)], 16, bias=True, seed=10),
+        None,  # a slot without a delta on this layer
+        make_delta(36, 56, [(4, 13), (16, 2)], 24, seed=11),
+        make_delta(36, 56, [(2, 37)], 128, seed=12),
+    ]
+    row_index = torch.tensor([3, 0, -1, 2, 0, 1, 7, 2], device=DEVICE)  # -1, None slot and 7: no delta
+    x = rand_x(8, seq, 56)
+    y = K.delta_forward_mixed(x, deltas, row_index)
+    assert y.shape == (8, seq, 36)
+    ref = mixed_reference(x, deltas, row_index)
+    assert_close(y, ref)
+    for i in (2, 5, 6):
+        assert torch.count_nonzero(y[i]) == 0
+    # in place, into a base output
+    base = rand_x(8, seq, 36, seed=2)
+    out = base.clone()
+    K.delta_forward_mixed(x, deltas, row_index, out=out, split_k=2)
+    assert_close(out, base + ref.to(DEVICE))
+
+
+def test_mixed_half_precision_matches_single_adapter_calls():
+    deltas = [make_delta(40, 64, [(8, 2), (3, 9), (2, 21)], 32, seed=20 + i) for i in range(3)]
+    x = rand_x(5, 64, dtype=torch.bfloat16)
+    row_index = torch.tensor([2, 2, 0, -1, 1], device=DEVICE)
+    y = K.delta_forward_mixed(x, deltas, row_index)
+    for i, a in enumerate(row_index.tolist()):
+        expected = torch.zeros(40) if a < 0 else reference(x[i : i + 1], deltas[a])[0]
+        assert_close(y[i], expected.to(DEVICE).to(torch.bfloat16), torch.bfloat16)
+
+
+def test_plan_is_cached_and_follows_buffer_changes():
+    delta = make_delta(24, 40, [(3, 10), (2, 12)], 16, seed=30)
+    x = rand_x(2, 40)
+    K.delta_forward(x, delta)
+    plan = K.plan_for(delta, x.device)
+    K.delta_forward(x, delta)
+    assert K.plan_for(delta, x.device) is plan  # no rebuild per call
+    # load_state_dict copies in place: same plan, new values
+    other = make_delta(24, 40, [(3, 10), (2, 12)], 16, seed=31)
+    delta.load_state_dict(other.state_dict())
+    assert_close(K.delta_forward(x, delta), reference(x, other))
+    assert K.plan_for(delta, x.device) is plan
+    # replacing a buffer tensor invalidates the plan
+    delta.bands[1].v.qweight = other.bands[1].v.qweight.clone()
+    assert_close(K.delta_forward(x, delta), reference(x, delta))
+    assert K.plan_for(delta, x.device) is not plan
+
+
+def test_bad_inputs_are_named():
+    delta = make_delta(24, 40, [(2, 10)], 16, seed=40)
+    with pytest.raises(DeltaCoMeError, match=r"\(3, 41\)"):
+        K.delta_forward(rand_x(3, 41), delta)
+    with pytest.raises(DeltaCoMeError, match="int64"):
+        K.delta_forward(rand_x(3, 40).to(torch.int64), delta)
+    with pytest.raises(DeltaCoMeError, match="row_index"):
+        K.delta_forward_mixed(rand_x(3, 2, 40), [delta], torch.tensor([0, 0], device=DEVICE))
+    with pytest.raises(DeltaCoMeError, match="24x40"):
+        K.delta_forward_mixed(rand_x(2, 40), [delta, make_delta(24, 48, [(2, 3)], 16)], torch.tensor([0, 1]))
+
+
+# -- a whole tiny model through PEFT --------------------------------------------------------------------------------
+
+
+def _tiny_peft_model(adapters=("default",)):
+    from peft import get_peft_model
+    from tiny_models import make_model, target_linears
+
+    import hf_deltacome  # noqa: F401  (registers the method with PEFT)
+    from hf_deltacome.budget import solve_ranks
+    from hf_deltacome.config import DeltaCoMeConfig
+
+    base = make_model("llama", num_hidden_layers=1)
+    layout = {}
+    for name in target_linears(base):
+        lin = base.get_submodule(name)
+        m, n = lin.weight.shape
+        bands = solve_ranks(m, n, 0.25, [[8, 2], [3, 8], [2, None]], 32)
+        layout[name] = {"shape": [m, n], "bands": [list(b) for b in bands], "group_size": 32, "bias": False}
+    model = get_peft_model(base, DeltaCoMeConfig(layout=layout, target_modules=list(layout)), adapter_name=adapters[0])
+    for extra in adapters[1:]:
+        model.add_adapter(extra, DeltaCoMeConfig(layout=layout, target_modules=list(layout)))
+    # fill every adapter's buffers with valid random codes
+    from hf_deltacome.layer import DeltaCoMeLinear
+
+    seed = 0
+    for module in model.modules():
+        if isinstance(module, DeltaCoMeLinear):
+            for d in module.deltacome_delta.values():
+                seed += 1
+                filled = make_delta(d.out_features, d.in_features, d.layout, d.group_size, seed=seed)
+                d.load_state_dict(filled.cpu().state_dict())
+    return model.eval().to(DEVICE)
+
+
+def test_whole_tiny_model_same_logits_with_triton_backend(monkeypatch):
+    pytest.importorskip("hf_deltacome.model")
+    model = _tiny_peft_model(adapters=("a", "b"))
+    ids = torch.randint(1, 250, (3, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    names = ["a", "__base__", "b"]
+
+    calls = {"single": 0, "mixed": 0}
+    single, mixed = K.delta_forward, K.delta_forward_mixed
+
+    def count_single(*a, **kw):
+        calls["single"] += 1
+        return single(*a, **kw)
+
+    def count_mixed(*a, **kw):
+        calls["mixed"] += 1
+        return mixed(*a, **kw)
+
+    monkeypatch.setattr(K, "delta_forward", count_single)
+    monkeypatch.setattr(K, "delta_forward_mixed", count_mixed)
+    out = {}
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            monkeypatch.setenv("DELTACOME_BACKEND", backend)
+            model.set_adapter("a")
+            out[backend, "a"] = model(input_ids=ids).logits.float()
+            out[backend, "mixed"] = model(input_ids=ids, adapter_names=names).logits.float()
+        with model.disable_adapter():
+            base_logits = model(input_ids=ids).logits.float()
+    assert calls["single"] == 7 and calls["mixed"] == 7  # every linear of the layer went through the kernels
+    for kind in ("a", "mixed"):
+        ref = out["torch", kind]
+        assert_close(out["triton", kind], ref)
+        assert (ref - base_logits).abs().max() > 1e-2  # the deltas do change the logits
+    # the "__base__" row is the base model's, the "a" row equals the single-adapter run
+    assert_close(out["triton", "mixed"][1], base_logits[1])
+    assert_close(out["triton", "mixed"][0], out["triton", "a"][0])
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Every kernel variant compiles to PTX for sm_90 (what the interpreter cannot check); a few minutes."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, "-m", "hf_deltacome.kernels.compile_check", "--arch", "90", "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "0 variant(s) failed to compile" in r.stdout
