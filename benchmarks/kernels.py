@@ -365,14 +365,15 @@ def markdown(
     for r in rows:
         lines.append(
             f"| {r.shape} | {r.rank} | {r.tokens} | {r.base_us:.1f} | {r.ours_us:.1f} | {r.base_plus_ours_us:.1f} | "
-            f"{r.torch_us:.1f} | {r.lora_us:.1f} | {r.mixed8_us:.1f} | {r.torch_us / r.ours_us:.2f}x | {100 * r.ours_us / r.base_us:.0f}% | "
+            f"{r.torch_us:.1f} | {r.lora_us:.1f} | {'n/a' if math.isnan(r.mixed8_us) else f'{r.mixed8_us:.1f}'} | {r.torch_us / r.ours_us:.2f}x | {100 * r.ours_us / r.base_us:.0f}% | "
             f"{r.delta_mib:.2f} | {r.ours_gbps:.0f} | {pk(r.ours_gbps)} | {pk(r.base_gbps)} | {r.max_rel_err:.1e} |"
         )
     if decode:
         base = next(d for d in decode if d["adapters"] == 0)["tok_s"]
         lines += [
             "",
-            "End-to-end decode (7B-shaped Llama, batch 8, eager, extrapolated to 32 layers):",
+            f"End-to-end decode ({'7B-shaped' if GPU else 'tiny, CPU interpreter'} Llama, batch 8, eager HF + PEFT, "
+            "step time extrapolated to 32 layers from a linear fit over the layer counts run):",
             "",
             "| adapters | measured ms/step (layers: ms) | ms / layer | fixed ms | ms / step (32 layers) | tokens/s | vs base |",
             "|---:|---|---:|---:|---:|---:|---:|",

@@ -240,6 +240,7 @@ def plot(records: list[dict], path: Path, task_name: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 5))
     by_variant: dict[str, list[dict]] = {}
@@ -250,6 +251,9 @@ def plot(records: list[dict], path: Path, task_name: str) -> None:
         style = "-o" if variant.startswith("deltacome") else "--s"
         ax.plot([r["file_bytes"] / 2**20 for r in rs], [100 * (r["gain_kept"] or 0) for r in rs], style, label=variant)
     ax.set_xscale("log")
+    fmt = matplotlib.ticker.FormatStrFormatter("%.3g")
+    ax.xaxis.set_major_formatter(fmt)
+    ax.xaxis.set_minor_formatter(fmt)
     ax.set_xlabel("adapter file size (MiB, log scale)")
     ax.set_ylabel("fine-tune accuracy gain kept (%)")
     ax.set_title(f"SmolLM2-135M-Instruct, {task_name} fine-tune: gain kept vs bytes")

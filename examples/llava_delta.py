@@ -52,7 +52,7 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": (8, 11), "medium": (14, 17), "big": (21, 25)}  # side of the shape in pixels
 COLOUR_Q, SIZE_Q = "what colour is the shape ?", "how big is the shape ?"
 QUESTIONS = (COLOUR_Q, SIZE_Q)
-IMAGE_SIZE, PATCH = 32, 16
+IMAGE_SIZE, PATCH = 32, 8
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER:"

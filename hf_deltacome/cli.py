@@ -44,7 +44,10 @@ def parse_bands(text: str) -> list[list]:
 
 
 def load_model_and_tokenizer(name_or_path: str, role: str, dtype: str, device_map: str | None = None):
-    """Load a causal LM (local folder or Hub id) and its tokenizer, with an error naming ``role`` on failure."""
+    """Load a causal LM (local folder or Hub id) and its tokenizer, with an error naming ``role`` on failure.
+
+    A vision-language model is loaded with ``AutoModelForImageTextToText`` and comes with its processor instead.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,6 +58,13 @@ def load_model_and_tokenizer(name_or_path: str, role: str, dtype: str, device_ma
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         dtype
     ]
+    from .multimodal import is_vlm_checkpoint, load_vlm_and_processor
+
+    if is_vlm_checkpoint(name_or_path):  # LLaVA-style: AutoModelForImageTextToText, and the processor
+        try:
+            return load_vlm_and_processor(name_or_path, dtype=torch_dtype, device_map=device_map)
+        except (OSError, ValueError) as e:
+            raise DeltaCoMeError(f"--{role} {name_or_path!r}: cannot load the vision-language model: {e}") from e
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, device_map=device_map)
     except (OSError, ValueError) as e:
@@ -92,12 +102,19 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     )
     if args.bands:
         cfg_kwargs["bands"] = parse_bands(args.bands)
+    for opt in ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps"):  # methods.py options
+        if getattr(args, opt, None) is not None:
+            cfg_kwargs[opt] = getattr(args, opt)
     if args.target_modules:
         cfg_kwargs["target_modules"] = args.target_modules
     config = DeltaCoMeConfig(**cfg_kwargs)
     base, tokenizer = load_model_and_tokenizer(args.base, "base", args.dtype)
     finetuned, ft_tokenizer = load_model_and_tokenizer(args.finetuned, "finetuned", args.dtype)
-    tokenizer = ft_tokenizer or tokenizer
+    from .multimodal import is_vlm
+
+    # a VLM's processor and chat template come from the base; a text model's tokenizer from the fine-tune
+    tokenizer = (tokenizer or ft_tokenizer) if is_vlm(base) else (ft_tokenizer or tokenizer)
+    _log_to_stderr()  # e.g. which calibration kind (image + text or text only) a VLM gets
     extra: dict[str, Any] = {}
     if args.num_samples:
         extra["num_samples"] = args.num_samples
@@ -122,6 +139,18 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_to_stderr() -> None:
+    """Show the library's INFO messages (logger ``hf_deltacome``) on stderr, once."""
+    import logging
+
+    log = logging.getLogger("hf_deltacome")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("deltacome: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .summary import summarize_adapter
 
@@ -139,8 +168,25 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetuned", required=True, help="fine-tuned model: local folder or Hub id")
     p.add_argument("--output", required=True, help="adapter folder to write")
     p.add_argument("--ratio", default="1/16", help="size of the packed factors / fp16 delta (default 1/16)")
-    p.add_argument("--method", default="deltacome", help="compression method (default deltacome)")
-    p.add_argument("--calibration", default=None, help="calibration text: .txt (one per line) or .jsonl")
+    p.add_argument(
+        "--method",
+        default="deltacome",
+        choices=["deltacome", "bitdelta", "lowrank", "svd-uniform", "dare"],
+        help="compression method; the others are baselines at the same byte budget (default deltacome)",
+    )
+    p.add_argument("--search", choices=["greedy", "genetic"], default=None, help="search the band split per type")
+    p.add_argument(
+        "--allocation", choices=["uniform", "adaptive"], default=None, help="adaptive: move budget between modules"
+    )
+    p.add_argument("--uniform-bits", type=int, default=None, help="bits of svd-uniform / dare (2, 3, 4 or 8)")
+    p.add_argument("--bitdelta-scale", choices=["matrix", "row"], default=None, help="BitDelta scale granularity")
+    p.add_argument("--distill-steps", type=int, default=None, help="BitDelta scale distillation steps (0 = off)")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="calibration text: .txt (one per line) or .jsonl; for a vision-language model, a .jsonl of "
+        '{"image": "file.png", "text": ...} records gives image + text calibration',
+    )
     p.add_argument("--num-samples", type=int, default=None, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence")
     p.add_argument("--group-size", type=int, default=128)

@@ -33,6 +33,7 @@ from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource
 from .config import DeltaCoMeConfig
 from .errors import ConfigError, DeltaCoMeError, IncompatibleModelsError
 from .gptq import GPTQ
+from .methods import svd as _svd
 from .packing import QuantizedMatrix, quantize_rtn
 
 FORWARD_BATCH_SIZE = 8  # calibration sequences per forward pass through one decoder layer
@@ -79,7 +80,7 @@ def compress_linear(
     if quantizer not in ("gptq", "rtn"):
         raise ConfigError(f"unknown quantizer {quantizer!r}; choose 'gptq' or 'rtn'")
     d = delta.to(torch.float32)
-    U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+    U, S, Vh = _svd(d)  # cached inside methods.reuse_svd() (search, benchmarks compressing one delta many times)
     U, S, Vh = U[:, :total], S[:total], Vh[:total]
     use_gptq = quantizer == "gptq" and hessian is not None
     if use_gptq and tuple(hessian.shape) != (n, n):
@@ -220,6 +221,11 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     ]
     if not candidates:
         raise ConfigError(f"cannot find the decoder layers of {type(model).__name__} (no list of transformer blocks)")
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if isinstance(decoder, nn.Module) and decoder is not model:  # a VLM: never the vision tower's layers
+        own = {id(m) for m in decoder.modules()}
+        candidates = [c for c in candidates if id(c[1]) in own] or candidates
     preferred = [c for c in candidates if re.search(r"(^|\.)(layers|h|blocks|layer)$", c[0])]
     name, layers = (preferred or candidates)[0]
     return name, layers
@@ -344,13 +350,18 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def _capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int, device: torch.device | None
+    model: nn.Module,
+    layers: nn.ModuleList,
+    ids: torch.Tensor | Sequence[dict[str, torch.Tensor]],
+    batch_size: int,
+    device: torch.device | None,
 ) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
     """Hidden states entering layer 0 and the ``(args, kwargs)`` each layer is called with, per calibration batch.
 
     The layers are swapped for recorders that pass hidden states through untouched (the last one stops the forward
     pass), so this costs only the embedding stage; every layer's own call arguments are kept (models may give
-    layers different masks).
+    layers different masks). ``ids`` is a token-id tensor, or a list of ready input batches (``input_ids``,
+    ``pixel_values``, ...) for vision-language models, which then run their whole forward up to the first layer.
     """
     stores: list[list] = [[] for _ in layers]
     originals = list(layers)
@@ -360,11 +371,13 @@ def _capture_layer_inputs(
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
     try:
-        for batch in ids.split(batch_size):
+        batches = ids.split(batch_size) if isinstance(ids, torch.Tensor) else ids
+        for batch in batches:
             for s in stores:
                 s.clear()
+            inputs = {"input_ids": batch} if isinstance(batch, torch.Tensor) else batch
             try:
-                model(input_ids=batch.to(emb_device), use_cache=False)
+                model(**_to(inputs, emb_device), use_cache=False)
             except _StopForward:
                 pass
             if not all(stores):
@@ -409,6 +422,7 @@ def compress(
     progress: bool = True,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
+    processor: Any = None,
 ) -> Any:
     """Compress ``finetuned_model − base_model`` into a Delta-CoMe adapter and return the ``PeftModel`` (eval mode).
 
@@ -426,6 +440,10 @@ def compress(
         seed: seed of calibration sampling.
         checkpoint_dir: folder where each finished decoder layer (and the calibration tokens) is checkpointed;
             a later call with the same folder and inputs skips finished layers and gives the same result.
+        processor: for vision-language models (LLaVA-style; see ``multimodal.py``), the base model's processor;
+            needed for image + text calibration records (``{"image": ..., "text": ...}``), which then run through the
+            whole model. Without images a VLM is calibrated on text only; the choice is logged and recorded in
+            ``compression_info["calibration_kind"]``. A processor passed as ``tokenizer=`` is recognised too.
     """
     import peft
     import transformers
@@ -434,13 +452,27 @@ def compress(
     from . import __version__
     from .layer import DeltaCoMeLayer
     from .methods import compress_module, distill_sign_scales, plan_layouts
+    from .multimodal import (
+        check_vlm_compatible,
+        collect_outside_hessians,
+        get_vlm_calibration,
+        is_vlm,
+        outside_layer_targets,
+        select_vlm_targets,
+    )
 
     t0 = time.time()
     config = copy.deepcopy(config) if config is not None else DeltaCoMeConfig()
     if not isinstance(config, DeltaCoMeConfig):
         raise ConfigError(f"config must be a DeltaCoMeConfig, got {type(config).__name__}")
+    vlm = not _is_peft(base_model) and not _is_peft(finetuned_model) and is_vlm(base_model)
+    if vlm:  # projector / image-wiring mismatches get their own message
+        check_vlm_compatible(base_model, finetuned_model)
     check_compatible(base_model, finetuned_model)
-    prefix, targets = select_targets(base_model, config)
+    if vlm:  # language-model and projector linears, and the vision tower's when it changed
+        prefix, targets = select_vlm_targets(base_model, finetuned_model, config)
+    else:
+        prefix, targets = select_targets(base_model, config)
     extras, bias_changed = changed_modules(base_model, finetuned_model, targets)
 
     user_extras = list(config.modules_to_save or [])
@@ -459,8 +491,12 @@ def compress(
     ckpt = LayerCheckpoint(checkpoint_dir, config, adapter_name) if checkpoint_dir is not None else None
     calib = None
     if config.quantizer == "gptq":
-        calib = ckpt.load_calibration() if ckpt is not None else None
-        if calib is None:
+        calib = ckpt.load_calibration() if ckpt is not None and not vlm else None
+        if calib is None and vlm:  # image + text pairs when given, text otherwise (logged)
+            calib = get_vlm_calibration(
+                calibration, finetuned_model, tokenizer, processor, num_samples, seq_len, seed, FORWARD_BATCH_SIZE
+            )
+        elif calib is None:
             calib = get_calibration(calibration, finetuned_model, tokenizer, num_samples, seq_len, seed)
             if ckpt is not None:
                 ckpt.save_calibration(calib)
@@ -498,6 +534,24 @@ def compress(
             bb = module.get_base_layer().bias
             packed.bias.copy_((fb.detach().float().cpu() - bb.detach().float().cpu()).to(packed.bias.device))
 
+    # a VLM's projector and vision-tower targets run before the decoder layers: compress them first (GPTQ with the
+    # fine-tune's activations on image + text calibration, else round-to-nearest), so layer 0 sees their result
+    outside = outside_layer_targets(inner, targets) if vlm else []
+    if outside:
+        with_images = calib is not None and getattr(calib, "has_images", False)
+        hess = collect_outside_hessians(finetuned_model, outside, calib.batches, device) if with_images else {}
+        for name in outside:
+            g = hess.get(name)
+            fill(
+                name,
+                _delta(inner, finetuned_model, name, device or _module_device(inner.get_submodule(name))),
+                g.H if g is not None else None,
+            )
+            if g is None and calib is not None:
+                why = "no image in the calibration data" if not with_images else "no activations"
+                fallbacks.append(f"{name}: {why} (round-to-nearest)")
+        del hess
+
     layer_targets = [[t for t in targets if t.startswith(f"{prefix}.{i}.")] for i in range(len(layers))]
     bar = _progress(len(layers), progress, "Compressing layers")
 
@@ -517,7 +571,8 @@ def compress(
                 finished(i, names)
             bar.update(1)
     else:
-        hidden, calls = _capture_layer_inputs(inner, layers, calib.input_ids, FORWARD_BATCH_SIZE, device)
+        batches = calib.batches if vlm else calib.input_ids
+        hidden, calls = _capture_layer_inputs(inner, layers, batches, FORWARD_BATCH_SIZE, device)
         for i, names in enumerate(layer_targets):
             layer, ft_layer = layers[i], ft_layers[i]
             home, ft_home = _module_device(layer), _module_device(ft_layer)
@@ -544,7 +599,7 @@ def compress(
     bar.close()
 
     distill: dict[str, Any] = {}
-    if config.method == "bitdelta" and config.distill_steps > 0 and calib is not None:
+    if config.method == "bitdelta" and config.distill_steps > 0 and calib is not None and calib.input_ids is not None:
         distill = distill_sign_scales(
             peft_model,
             finetuned_model,
@@ -568,6 +623,8 @@ def compress(
         "peft": peft.__version__,
     }
     config.compression_info.update(plan_info)
+    if vlm:
+        config.compression_info["calibration_kind"] = calib.kind if calib is not None else "none (data-free)"
     if distill:
         config.compression_info["distill"] = distill
     if fallbacks:

@@ -330,6 +330,14 @@ class VLMCalibration:
     def has_images(self) -> bool:
         return self.kind == "image+text"
 
+    @property
+    def input_ids(self) -> torch.Tensor | None:
+        """All token ids as one ``(num_samples, seq_len)`` tensor for text-only data; None with images (they are
+        needed with the ids, and samples differ in length)."""
+        if self.has_images or not self.batches:
+            return None
+        return torch.cat([b["input_ids"] for b in self.batches])
+
 
 @dataclass
 class _Record:

@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
     If another process finished ``final`` first, ours is discarded and theirs kept (both are equivalent).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()  # an empty leftover would block the rename
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -100,6 +103,14 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(final: Path, marker: str) -> None:
+    """Delete a cache entry that lacks its marker file (not written by this module's atomic path, e.g. copied in
+    by hand half-way), so it can be rebuilt."""
+    if final.is_dir() and not (final / marker).is_file():
+        warnings.warn(f"rebuilding incomplete cache entry {final} (no {marker})", stacklevel=3)
+        shutil.rmtree(final)
 
 
 def _sha256_files(paths: Sequence[Path]) -> str:
@@ -156,6 +167,7 @@ def smollm2_path() -> Path:
     final = cache_dir() / SMOLLM2_DIRNAME
     if (final / SOURCE_FILE).is_file():
         return final
+    _remove_stale(final, SOURCE_FILE)
     gguf_path = _gguf_source()
     _require_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -332,7 +344,7 @@ def _dates_task(seed: int, n_train: int = 4000, n_eval: int = 256) -> Task:
         extract=_extract_iso,
         chat=True,
         max_new_tokens=32,
-        settings=FinetuneSettings(steps=60, lr=1e-4, batch_size=8),
+        settings=FinetuneSettings(steps=40, lr=1e-4, batch_size=8),
         seed=seed,
     )
 
@@ -442,7 +454,7 @@ def _facts_task(seed: int, n_people: int = 40) -> Task:
         normalize=lambda s: s.strip().lower(),
         chat=True,
         max_new_tokens=12,
-        settings=FinetuneSettings(steps=300, lr=2e-4, batch_size=8),
+        settings=FinetuneSettings(steps=180, lr=3e-4, batch_size=8),
         seed=seed,
     )
 
@@ -546,6 +558,7 @@ def finetune(
     final = finetune_path(task, settings.steps, settings.lr, settings.batch_size, settings.seed, base_path)
     if (final / FINETUNE_FILE).is_file():
         return final
+    _remove_stale(final, FINETUNE_FILE)
 
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer

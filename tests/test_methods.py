@@ -346,3 +346,28 @@ def test_search_and_allocation_are_recorded_and_shown(llama_pair, tmp_path):
     # the layouts differ between layers (budget moved) but are what the loader builds
     layouts = {json.dumps(e["bands"]) for n, e in cfg["layout"].items() if n.endswith("q_proj")}
     assert layouts
+
+
+def test_cli_compress_with_a_baseline_and_info_shows_its_layout(llama_pair, tmp_path, capsys):
+    from tiny_models import make_tokenizer
+
+    from hf_deltacome.cli import main
+
+    base, ft = llama_pair
+    for name, model in (("base", base), ("ft", ft)):
+        model.save_pretrained(tmp_path / name)
+        make_tokenizer().save_pretrained(tmp_path / name)
+    out = tmp_path / "adapter"
+    args = ["compress", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"), "--output", str(out)]
+    rc = main([*args, "--method", "bitdelta", "--bitdelta-scale", "row", "--quantizer", "rtn", "--ratio", "1/32"])
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "sign@1b" in shown and "row scale" in shown and "method bitdelta" in shown
+    rc = main([*args, "--overwrite", "--search", "genetic", "--allocation", "adaptive", "--quantizer", "rtn"])
+    assert rc == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["search"] == "genetic" and cfg["allocation"] == "adaptive"
+    assert main([*args, "--overwrite", "--method", "bitdelta", "--search", "greedy"]) == 2
+    assert "search" in capsys.readouterr().err

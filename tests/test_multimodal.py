@@ -16,6 +16,7 @@ from tiny_vlm import (
     make_vlm_finetune,
     part_linears,
     random_pairs,
+    relative_vlm_error,
     vlm_logits,
 )
 from transformers import AutoModelForImageTextToText, pipeline
@@ -422,3 +423,124 @@ def test_pipeline_answers_with_the_adapter_applied(saved_pair, processor, caplog
     finally:
         handle.remove()
     assert seen and min(seen) > 0
+
+
+# ================================================================================ compress()
+
+
+def _compress(finetuned, processor, calibration, **cfg):
+    from hf_deltacome.compress import compress
+
+    config = DeltaCoMeConfig(ratio=cfg.pop("ratio", "1/4"), group_size=16, **cfg)
+    return compress(
+        make_llava(seed=0),  # a fresh base each time: compress() wraps it in place
+        finetuned,
+        config,
+        calibration=calibration,
+        processor=processor,
+        num_samples=16,
+        seq_len=16,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def compressed_all(ft_all, processor):
+    """``ft_all`` (every part changed) compressed with image + text calibration."""
+    return _compress(ft_all, processor, random_pairs(16, seed=3))
+
+
+def test_compress_image_text_reproduces_the_finetune(compressed_all, ft_all, inputs, tmp_path):
+    base = make_llava(seed=0)
+    err = relative_vlm_error(compressed_all, ft_all, base, inputs)
+    assert err < 0.05, err
+    cfg = compressed_all.peft_config["default"]
+    info = cfg.compression_info
+    assert info["calibration_kind"] == "image+text" and "image + text" in info["calibration"]
+    assert "fallbacks" not in info  # projector and vision tower got GPTQ with image activations
+    assert cfg.task_type is None
+    parts = vlm_parts(base)
+    kinds = {parts.part_of(n) for n in cfg.layout}
+    assert kinds == {"language", "projector", "vision"}
+    # vision-tower norms changed too: carried densely
+    assert any(m.startswith("model.vision_tower.") for m in cfg.modules_to_save)
+
+    # save + load on a fresh base reproduces the in-memory logits
+    compressed_all.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(make_llava(seed=0), tmp_path / "adapter").eval()
+    torch.testing.assert_close(vlm_logits(loaded, inputs), vlm_logits(compressed_all, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_image_text_calibration_beats_data_free(ft_all, processor, inputs, compressed_all):
+    base = make_llava(seed=0)
+    with_images = relative_vlm_error(compressed_all, ft_all, base, inputs)
+    rtn = relative_vlm_error(_compress(ft_all, processor, None, quantizer="rtn"), ft_all, base, inputs)
+    assert with_images < 0.75 * rtn, (with_images, rtn)
+
+
+def test_vision_tower_left_alone_when_unchanged(ft_frozen_vision, processor, inputs):
+    model = _compress(ft_frozen_vision, processor, random_pairs(8, seed=4))
+    cfg = model.peft_config["default"]
+    assert not any(".vision_tower." in n for n in cfg.layout)
+    assert not any(n.startswith("model.vision_tower") for n in cfg.modules_to_save or [])
+    assert {vlm_parts(model.get_base_model()).part_of(n) for n in cfg.layout} == {"language", "projector"}
+    tower = model.get_base_model().model.vision_tower
+    assert not any(isinstance(m, DeltaCoMeLinear) for m in tower.modules())
+    base = make_llava(seed=0)
+    assert relative_vlm_error(model, ft_frozen_vision, base, inputs) < 0.05
+
+
+def test_text_only_calibration_is_logged_and_recorded(ft_all, processor, caplog):
+    texts = ["what colour is the shape ? red . describe the image . a blue square"] * 20
+    with caplog.at_level(logging.INFO, logger="hf_deltacome"):
+        model = _compress(ft_all, processor, texts)
+    assert "on text only" in caplog.text
+    info = model.peft_config["default"].compression_info
+    assert info["calibration_kind"] == "text-only"
+    # projector and vision tower saw no image: rounded to nearest, and said so
+    expected = set(part_linears(ft_all, "projector") + part_linears(ft_all, "vision"))
+    listed = {f.split(":")[0] for f in info["fallbacks"]}
+    assert listed == expected and all("no image" in f for f in info["fallbacks"])
+
+
+def test_compress_rejects_a_different_projector(processor):
+    from hf_deltacome.compress import compress
+
+    base = make_llava(seed=0)
+    other = make_llava(seed=1, vision_feature_layer=[-2, -1])
+    with pytest.raises(IncompatibleModelsError, match="multimodal projector parameter"):
+        compress(base, other, DeltaCoMeConfig(quantizer="rtn"), processor=processor, progress=False)
+    assert not any(isinstance(m, DeltaCoMeLinear) for m in base.modules())  # the base was not wrapped
+
+
+def test_cli_compresses_a_vlm(tmp_path, ft_frozen_vision, processor, inputs, capsys):
+    from hf_deltacome.cli import main
+
+    make_llava(seed=0).save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    ft_frozen_vision.save_pretrained(tmp_path / "ft")
+    lines = []
+    for i, rec in enumerate(random_pairs(6, seed=5)):
+        rec["image"].save(tmp_path / f"img{i}.png")
+        lines.append(json.dumps({"image": f"img{i}.png", "text": rec["text"]}))
+    (tmp_path / "calib.jsonl").write_text("\n".join(lines) + "\n")
+    rc = main(
+        [
+            "compress",
+            "--base", str(tmp_path / "base"),
+            "--finetuned", str(tmp_path / "ft"),
+            "--output", str(tmp_path / "adapter"),
+            "--ratio", "1/4",
+            "--group-size", "16",
+            "--calibration", str(tmp_path / "calib.jsonl"),
+            "--device", "cpu",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    assert "image + text pairs" in capsys.readouterr().err
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["compression_info"]["calibration_kind"] == "image+text"
+    assert cfg["auto_mapping"]["base_model_class"] == "LlavaForConditionalGeneration"
+    model = AutoDeltaCoMeModelForImageTextToText.from_pretrained(tmp_path / "adapter").eval()
+    base = make_llava(seed=0)
+    assert relative_vlm_error(model, ft_frozen_vision, base, inputs) < 0.05

