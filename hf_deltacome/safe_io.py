@@ -414,7 +414,24 @@ def expected_delta_tensors(
             k += 1
         if entry.get("bias"):
             out[f"{base}.bias"] = ((m,), torch.float32, 0)
+        if entry.get("sign") is not None or entry.get("sparse") is not None:
+            out.update(_baseline_part_tensors(entry, g, base))
     return out
+
+
+def _baseline_part_tensors(entry: dict, group_size: int, base: str) -> dict[str, tuple[tuple, torch.dtype, int]]:
+    """Tensors of the optional baseline parts (BitDelta ``sign``, DARE ``sparse``), taken from the runtime module
+    itself (built on the meta device, so nothing is allocated) so that loader and validator cannot disagree."""
+    from .factors import PackedDelta
+
+    m, n = entry["shape"]
+    with torch.device("meta"):
+        packed = PackedDelta(m, n, [], group_size, sign=entry.get("sign"), sparse=entry.get("sparse"))
+    return {
+        f"{base}.{key}": (tuple(t.shape), t.dtype, 0)
+        for key, t in packed.state_dict().items()
+        if key.startswith(("sign.", "sparse."))
+    }
 
 
 def _is_extra_key(key: str, modules_to_save: Optional[list[str]], prefix: str) -> bool:
