@@ -344,9 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.results_md:
         header = (
             f"## Quality: {task.name} fine-tune of SmolLM2-135M-Instruct\n\n"
-            f"`python benchmarks/quality.py --task {args.task}"
-            + (" --quick" if args.quick else "")
-            + f"` on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}. "
+            f"`python benchmarks/quality.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+            + f" on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}. "
             f"SVD methods quantized with {args.quantizer}. Calibration: {args.num_samples} x {args.seq_len} tokens of the task's training prompts and answers "
             f"(the same for every method). Held-out: {windows.numel():,} tokens of eval prompts + answers "
             f"(perplexity, next-token agreement with the fine-tune), {args.n_eval or len(task.eval)} eval questions "

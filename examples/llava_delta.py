@@ -5,19 +5,20 @@ Runs offline on a CPU in a minute or two (no download: every model, image and th
 1. builds a tiny LLaVA (CLIP vision tower, MLP projector, Llama text model) and its processor (CLIP image processor,
    word-level tokenizer, chat template) from configs;
 2. trains it as the *base*: it learns to name the colour of the shape in a picture ("what colour is the shape ?");
-3. fine-tunes a copy on a new skill, telling how big the shape is ("how big is the shape ?" -> small / medium /
-   big), with the vision tower frozen as in the LLaVA recipe (so the adapter leaves the tower alone;
-   ``--train-vision`` fine-tunes it too, and then its changed linears are compressed as well);
+3. fine-tunes a copy on a new skill that needs the picture, naming a fruit of the shape's colour ("which fruit has
+   this colour ?" -> cherry / lime / blueberry / banana), with the vision tower frozen as in the LLaVA recipe (so
+   the adapter leaves the tower alone; ``--train-vision`` fine-tunes it too, and its changed linears are then
+   compressed as well);
 4. compresses fine-tune − base with Delta-CoMe, calibrated on image + text pairs, and saves the adapter;
 5. reloads base + adapter from disk (processor and chat template from the base) and answers questions about new
    images through ``pipeline("image-text-to-text")``.
 
 It prints the accuracy of base, fine-tune and compressed adapter on held-out images, and the adapter's size.
 
-    python examples/llava_delta.py [--output-dir DIR] [--ratio 1/8] [--steps 300] [--train-vision]
+    python examples/llava_delta.py [--output-dir DIR] [--ratio 1/4] [--steps 150] [--train-vision]
 
-The model is tiny (64-wide), so the default ratio is 1/8: at 1/16 a 64x64 delta can only afford two singular
-vectors. A 7B LLaVA uses the default 1/16.
+The model is tiny (64 wide), so the default ratio is 1/4: at 1/16 a 64x64 delta affords only two singular vectors
+(a 4096x4096 one affords about a thousand). A 7B LLaVA uses the library default of 1/16.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 from transformers import (
+    AutoModelForImageTextToText,
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
@@ -49,9 +51,9 @@ from hf_deltacome.summary import summarize_adapter
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": (8, 11), "medium": (14, 17), "big": (21, 25)}  # side of the shape in pixels
-COLOUR_Q, SIZE_Q = "what colour is the shape ?", "how big is the shape ?"
-QUESTIONS = (COLOUR_Q, SIZE_Q)
+FRUITS = {"red": "cherry", "green": "lime", "blue": "blueberry", "yellow": "banana"}
+COLOUR_Q, FRUIT_Q = "what colour is the shape ?", "which fruit has this colour ?"
+QUESTIONS = (COLOUR_Q, FRUIT_Q)
 IMAGE_SIZE, PATCH = 32, 8
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -74,7 +76,8 @@ def build_processor() -> LlavaProcessor:
     """CLIP image processor + word-level tokenizer (with ``<image>``) + chat template, from arguments."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = ["USER", "ASSISTANT", ":", "?", "what", "how", "colour", "shape", "is", "the", *COLOURS, *SIZES]
+    words = ["USER", "ASSISTANT", ":", "?", "what", "which", "fruit", "has", "this", "colour", "shape", "is", "the"]
+    words += [*COLOURS, *FRUITS.values()]
     vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<image>", "<unk>", *words])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -124,11 +127,11 @@ def build_llava(vocab_size: int) -> LlavaForConditionalGeneration:
     return model
 
 
-def draw(colour: str, shape: str, size: str, rng: random.Random) -> Image.Image:
-    """A ``size`` ``shape`` of ``colour`` (side and position slightly random) on a white background."""
+def draw(colour: str, shape: str, rng: random.Random) -> Image.Image:
+    """A ``shape`` of ``colour`` (side and position slightly random) on a white background."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    side = rng.randint(*SIZES[size])
+    side = rng.randint(14, 24)
     x0 = min(max((IMAGE_SIZE - side) // 2 + rng.randint(-3, 3), 0), IMAGE_SIZE - 1 - side)
     y0 = min(max((IMAGE_SIZE - side) // 2 + rng.randint(-3, 3), 0), IMAGE_SIZE - 1 - side)
     box = [x0, y0, x0 + side, y0 + side]
@@ -144,8 +147,8 @@ def draw(colour: str, shape: str, size: str, rng: random.Random) -> Image.Image:
 
 def sample(rng: random.Random, question: str) -> tuple[Image.Image, str, str]:
     """A random picture, the question, and its one-word answer."""
-    colour, shape, size = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(SIZES))
-    return draw(colour, shape, size, rng), question, colour if question == COLOUR_Q else size
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    return draw(colour, shape, rng), question, colour if question == COLOUR_Q else FRUITS[colour]
 
 
 def chat(question: str, image: Image.Image | None = None, answer: str | None = None) -> list[dict]:
@@ -198,6 +201,17 @@ def train(model, processor, schedule: list[str], steps: int, seed: int, lr: floa
 
 
 @torch.no_grad()
+def answer_logit_error(model, finetuned, base, processor, n: int = 64, seed: int = 54321) -> float:
+    """``||L − L_ft|| / ||L_ft − L_base||`` of the answer logits on held-out fruit questions (0 = the fine-tune)."""
+    rng = random.Random(seed)
+    items = [sample(rng, FRUIT_Q) for _ in range(n)]
+    prompt = processor.apply_chat_template(chat(FRUIT_Q), add_generation_prompt=True, tokenize=False)
+    enc = dict(processor(images=[i for i, _, _ in items], text=[prompt] * n, return_tensors="pt"))
+    lf, lb, lm = (m(**enc).logits[:, -1].float() for m in (finetuned, base, model))
+    return float((lm - lf).norm() / (lf - lb).norm())
+
+
+@torch.no_grad()
 def accuracy(model, processor, question: str, n: int = 96, seed: int = 12345) -> float:
     """Share of held-out images whose greedy one-word answer is right."""
     rng = random.Random(seed)
@@ -216,8 +230,8 @@ def accuracy(model, processor, question: str, n: int = 96, seed: int = 12345) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output-dir", default=None, help="where to write base/ and adapter/ (default: a temp dir)")
-    ap.add_argument("--ratio", default="1/8", help="Delta-CoMe compression ratio (default 1/8 for this tiny model)")
-    ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps (the base trains for half as many)")
+    ap.add_argument("--ratio", default="1/4", help="Delta-CoMe compression ratio (default 1/4 for this tiny model)")
+    ap.add_argument("--steps", type=int, default=150, help="training steps of the base, and of the fine-tune")
     ap.add_argument("--train-vision", action="store_true", help="also fine-tune the vision tower")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -227,12 +241,15 @@ def main() -> None:
     processor = build_processor()
     torch.manual_seed(args.seed)
     print("1. base: a tiny LLaVA trained to name the colour of the shape")
-    base = train(build_llava(len(processor.tokenizer)), processor, [COLOUR_Q], args.steps // 2, seed=args.seed)
-    print("2. fine-tune: also learns how big the shape is" + ("" if args.train_vision else " (vision tower frozen)"))
+    base = train(build_llava(len(processor.tokenizer)), processor, [COLOUR_Q], args.steps, seed=args.seed)
+    print(
+        "2. fine-tune: also learns to name a fruit of that colour"
+        + ("" if args.train_vision else " (vision tower frozen)")
+    )
     finetuned = train(
         copy.deepcopy(base),
         processor,
-        [SIZE_Q, SIZE_Q, COLOUR_Q],
+        [FRUIT_Q, FRUIT_Q, COLOUR_Q],
         args.steps,
         args.seed + 1,
         freeze_vision=not args.train_vision,
@@ -243,6 +260,7 @@ def main() -> None:
     # the base must be on disk for loading later; compress() wraps the in-memory base in place
     base.save_pretrained(out / "base")
     processor.save_pretrained(out / "base")
+    reference = AutoModelForImageTextToText.from_pretrained(out / "base").eval()  # an untouched base, for errors
 
     print(f"3. compress fine-tune − base with Delta-CoMe at ratio {args.ratio}, calibrated on image + text pairs")
     rng = random.Random(args.seed + 2)
@@ -253,32 +271,34 @@ def main() -> None:
     config = DeltaCoMeConfig(ratio=args.ratio, group_size=32)
     model = compress(base, finetuned, config, calibration=calibration, processor=processor, progress=False)
     model.save_pretrained(out / "adapter")
-    scores["Delta-CoMe adapter"] = [accuracy(model, processor, q) for q in QUESTIONS]
     info = model.peft_config["default"].compression_info
-    print(f"   calibration: {info.get('calibration')}")
+    print(f"   calibration: {info['calibration']}; {info['seconds']} s")
     vision = [m for m in model.peft_config["default"].layout if ".vision_tower." in m]
     print(f"   vision-tower linears in the adapter: {len(vision)}")
     print("\n" + summarize_adapter(out / "adapter").format())
+    # the same budget without data (round-to-nearest), for comparison
+    rtn_config = DeltaCoMeConfig(ratio=args.ratio, group_size=32, quantizer="rtn")
+    rtn = compress(AutoModelForImageTextToText.from_pretrained(out / "base"), finetuned, rtn_config, progress=False)
 
-    print("\n   accuracy on 96 held-out images   colour    size")
-    for name, (c, w) in scores.items():
-        print(f"   {name:32s} {c:7.0%} {w:7.0%}")
+    rows = {"base": reference, "fine-tune": finetuned, "Delta-CoMe, GPTQ on image+text": model}
+    rows["Delta-CoMe, data-free (RTN)"] = rtn.eval()
+    print(f"\n   {'on 96 held-out images':34s} colour acc  fruit acc  answer-logit error vs fine-tune")
+    for name, m in rows.items():
+        c, f = (accuracy(m, processor, q) for q in QUESTIONS)
+        e = answer_logit_error(m, finetuned, reference, processor)
+        print(f"   {name:34s} {c:9.0%} {f:10.0%}  {e:8.3f}")
 
     print("\n4. reload base + adapter from disk and ask through pipeline('image-text-to-text')")
-    del model, base, finetuned
+    del model, base, finetuned, rtn, reference, rows
     reloaded = AutoDeltaCoMeModelForImageTextToText.from_pretrained(out / "adapter").eval()
     pipe = pipeline("image-text-to-text", model=reloaded, processor=load_processor(out / "adapter"))
     rng = random.Random(args.seed + 3)
-    for colour, shape, size in [
-        ("red", "triangle", "big"),
-        ("blue", "circle", "small"),
-        ("yellow", "square", "medium"),
-    ]:
-        image = draw(colour, shape, size, rng)
-        for question in (SIZE_Q, COLOUR_Q):
+    for colour, shape in [("red", "triangle"), ("blue", "circle"), ("yellow", "square")]:
+        image = draw(colour, shape, rng)
+        for question in (FRUIT_Q, COLOUR_Q):
             reply = pipe(text=chat(question, image), generate_kwargs=dict(max_new_tokens=3, do_sample=False))
             said = reply[0]["generated_text"][-1]["content"].strip()
-            print(f"   [{size} {colour} {shape}] {question:28s} -> {said}")
+            print(f"   [{colour} {shape}] {question:30s} -> {said}")
     print(f"\nfiles in {out}; {time.time() - t0:.0f} s in all")
 
 

@@ -253,7 +253,12 @@ def test_lm_eval_real_harness_on_a_local_task(saved, pair, adapter, tmp_path):
         "doc_to_target: label\n"
         "metric_list:\n  - metric: acc\n"
     )
-    lm = lm_eval_model(str(saved / "base"), str(saved / "adapter"), batch_size=2, device="cpu")
+    from hf_deltacome.fingerprint import base_check
+
+    # The harness resizes the embeddings to the tokenizer's 100 entries before loading the adapter, which the base
+    # fingerprint check rightly flags as another base; this tiny setup accepts that knowingly.
+    with base_check(strict=False):
+        lm = lm_eval_model(str(saved / "base"), str(saved / "adapter"), batch_size=2, device="cpu")
     assert isinstance(lm.model, PeftModel)
     res = lm_eval.simple_evaluate(
         model=lm, tasks=["deltacome_tiny"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False)
