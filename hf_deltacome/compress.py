@@ -795,19 +795,8 @@ def _collect_hessians(
     return hessians
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="layer")
+    """A tqdm bar (with ETA) over ``total`` steps; silent when ``enabled`` is False."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", disable=not enabled)
