@@ -257,10 +257,11 @@ def main() -> None:
     scores = {"base": [accuracy(base, processor, q) for q in QUESTIONS]}
     scores["fine-tune"] = [accuracy(finetuned, processor, q) for q in QUESTIONS]
 
-    # the base must be on disk for loading later; compress() wraps the in-memory base in place
+    # the base lives on disk, as a downloaded one would: the adapter records its path for loading later
     base.save_pretrained(out / "base")
     processor.save_pretrained(out / "base")
-    reference = AutoModelForImageTextToText.from_pretrained(out / "base").eval()  # an untouched base, for errors
+    reference = base  # compress() wraps the base it is given in place: give it a fresh copy
+    base = AutoModelForImageTextToText.from_pretrained(out / "base").eval()
 
     print(f"3. compress fine-tune − base with Delta-CoMe at ratio {args.ratio}, calibrated on image + text pairs")
     rng = random.Random(args.seed + 2)
@@ -269,10 +270,11 @@ def main() -> None:
         image, question, answer = sample(rng, rng.choice(QUESTIONS))
         calibration.append({"image": image, "text": question, "answer": answer})
     config = DeltaCoMeConfig(ratio=args.ratio, group_size=32)
+    t1 = time.time()
     model = compress(base, finetuned, config, calibration=calibration, processor=processor, progress=False)
     model.save_pretrained(out / "adapter")
     info = model.peft_config["default"].compression_info
-    print(f"   calibration: {info['calibration']}; {info['seconds']} s")
+    print(f"   calibration: {info['calibration']}; compressed in {time.time() - t1:.1f} s")
     vision = [m for m in model.peft_config["default"].layout if ".vision_tower." in m]
     print(f"   vision-tower linears in the adapter: {len(vision)}")
     print("\n" + summarize_adapter(out / "adapter").format())
@@ -298,7 +300,7 @@ def main() -> None:
         for question in (FRUIT_Q, COLOUR_Q):
             reply = pipe(text=chat(question, image), generate_kwargs=dict(max_new_tokens=3, do_sample=False))
             said = reply[0]["generated_text"][-1]["content"].strip()
-            print(f"   [{colour} {shape}] {question:30s} -> {said}")
+            print(f"   {f'[{colour} {shape}]':18s} {question:30s} -> {said}")
     print(f"\nfiles in {out}; {time.time() - t0:.0f} s in all")
 
 
