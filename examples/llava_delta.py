@@ -44,8 +44,7 @@ from transformers import (
     pipeline,
 )
 
-from hf_deltacome import DeltaCoMeConfig
-from hf_deltacome.compress import compress
+from hf_deltacome import DeltaCoMeConfig, compress
 from hf_deltacome.multimodal import AutoDeltaCoMeModelForImageTextToText, load_processor
 from hf_deltacome.summary import summarize_adapter
 

@@ -297,6 +297,9 @@ def changed_modules(base: nn.Module, finetuned: nn.Module, targets: Sequence[str
             continue
         if not same and owner not in changed:
             changed.append(owner)
+    # a changed module inside another changed module is carried by the outer one's dense copy (PEFT cannot nest
+    # modules_to_save; e.g. CLIP's vision embeddings own class_embedding and hold the changed patch/position ones)
+    changed = [n for n in changed if not any(p and n.startswith(p + ".") for p in changed)]
     for name in changed:
         inner = [t for t in targets if t.startswith(name + ".")] if name else list(targets)
         if inner:

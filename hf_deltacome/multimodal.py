@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
 from .errors import CalibrationError, ConfigError, IncompatibleModelsError
 
 logger = logging.getLogger(__name__)
@@ -221,15 +222,6 @@ def check_vlm_compatible(base: nn.Module, finetuned: nn.Module) -> None:
         )
 
 
-def _matches(name: str, patterns: Any) -> bool:
-    """PEFT ``target_modules`` semantics: a string is a regex (full match), a collection matches names/suffixes."""
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
 @torch.no_grad()
 def _linear_changed(a: nn.Linear, b: nn.Linear) -> bool:
     if not torch.equal(a.weight.detach().cpu(), b.weight.detach().cpu()):
@@ -247,6 +239,8 @@ def select_vlm_targets(base: nn.Module, finetuned: nn.Module, config: Any) -> tu
     three parts (a pattern selecting e.g. ``lm_head`` raises: such modules are carried densely).
     ``config.exclude_modules`` is applied last.
     """
+    from .compress import _matches, _show  # the same target_modules semantics as for text models
+
     parts = vlm_parts(base)
     ft_modules = dict(finetuned.named_modules())
     linears = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)]
@@ -279,10 +273,6 @@ def select_vlm_targets(base: nn.Module, finetuned: nn.Module, config: Any) -> tu
         raise ConfigError("no target linear left to compress after exclude_modules")
     order = {n: i for i, n in enumerate(linears)}
     return parts.layers, sorted(set(targets), key=order.__getitem__)
-
-
-def _show(patterns: Any) -> str:
-    return repr(sorted(patterns)) if isinstance(patterns, (set, list, tuple)) else repr(patterns)
 
 
 def outside_layer_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -545,8 +535,8 @@ def get_vlm_calibration(
     model: nn.Module,
     tokenizer: Any = None,
     processor: Any = None,
-    num_samples: int = 32,
-    seq_len: int = 256,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = 0,
     batch_size: int = 8,
 ) -> VLMCalibration:

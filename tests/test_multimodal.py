@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -462,8 +463,10 @@ def test_compress_image_text_reproduces_the_finetune(compressed_all, ft_all, inp
     parts = vlm_parts(base)
     kinds = {parts.part_of(n) for n in cfg.layout}
     assert kinds == {"language", "projector", "vision"}
-    # vision-tower norms changed too: carried densely
-    assert any(m.startswith("model.vision_tower.") for m in cfg.modules_to_save)
+    # vision-tower norms and embeddings changed too: carried densely, the embeddings module once (not nested)
+    assert "model.vision_tower.embeddings" in cfg.modules_to_save
+    assert not any(m.startswith("model.vision_tower.embeddings.") for m in cfg.modules_to_save)
+    assert "model.vision_tower.encoder.layers.0.layer_norm1" in cfg.modules_to_save
 
     # save + load on a fresh base reproduces the in-memory logits
     compressed_all.save_pretrained(tmp_path / "adapter")
@@ -544,3 +547,36 @@ def test_cli_compresses_a_vlm(tmp_path, ft_frozen_vision, processor, inputs, cap
     model = AutoDeltaCoMeModelForImageTextToText.from_pretrained(tmp_path / "adapter").eval()
     base = make_llava(seed=0)
     assert relative_vlm_error(model, ft_frozen_vision, base, inputs) < 0.05
+
+
+@pytest.mark.parametrize("factory", [_tiny_qwen2_vl, _tiny_llava_next])
+def test_other_vlm_families_compress(factory):
+    """Qwen2-VL (mrope positions, projector inside the vision tower) and Llava-Next, text-only calibration."""
+    from hf_deltacome.compress import compress
+
+    torch.manual_seed(0)
+    base = factory().eval()
+    ft = make_vlm_like_finetune(base)
+    ids = torch.randint(5, 90, (4, 12), generator=torch.Generator().manual_seed(0))
+    model = compress(
+        copy.deepcopy(base), ft, DeltaCoMeConfig(ratio="1/2", group_size=16), calibration=ids, progress=False
+    )
+    cfg = model.peft_config["default"]
+    parts = vlm_parts(base)
+    assert {parts.part_of(n) for n in cfg.layout} == {"language", "projector"}
+    assert cfg.compression_info["calibration_kind"] == "text-only"
+    with torch.no_grad():
+        lf, lb, lm = (m(input_ids=ids).logits for m in (ft, base, model))
+    assert float((lm - lf).norm() / (lf - lb).norm()) < 0.2
+
+
+@torch.no_grad()
+def make_vlm_like_finetune(base):
+    """Noise on every language-model and projector linear of any VLM family."""
+    ft = copy.deepcopy(base)
+    parts = vlm_parts(ft)
+    g = torch.Generator().manual_seed(1)
+    for name, mod in ft.named_modules():
+        if isinstance(mod, torch.nn.Linear) and parts.part_of(name) in ("language", "projector"):
+            mod.weight.add_(0.02 * torch.randn(mod.weight.shape, generator=g))
+    return ft

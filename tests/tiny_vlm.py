@@ -206,7 +206,8 @@ def make_vlm_finetune(
 
     ``rank`` strong directions over a decaying tail (``||Δ||_F = scale · ||W||_F``) plus i.i.d. noise of relative size
     ``noise``; biases of those linears shift by ``0.05·ε`` and the norms inside those parts are rescaled by
-    ``1 + 0.1·ε``. Parts not listed stay bit-identical to the base.
+    ``1 + 0.1·ε``; with ``"vision"`` the vision embeddings (class, patch, position) move too. Parts not listed stay
+    bit-identical to the base.
     """
     ft = copy.deepcopy(base)
     g = torch.Generator().manual_seed(1000 + seed)
@@ -229,6 +230,10 @@ def make_vlm_finetune(
                 module.bias.add_(0.05 * torch.randn(module.bias.shape, generator=g))
         elif name.startswith(prefixes) and "norm" in type(module).__name__.lower():
             module.weight.mul_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=g))
+    if "vision" in parts:  # a full fine-tune moves the patch / position / class embeddings too (nested modules)
+        emb = ft.model.vision_tower.embeddings
+        for p in (emb.class_embedding, emb.patch_embedding.weight, emb.position_embedding.weight):
+            p.add_(0.1 * p.std() * torch.randn(p.shape, generator=g))
     return ft.eval()
 
 
