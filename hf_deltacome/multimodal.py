@@ -562,7 +562,11 @@ def get_vlm_calibration(
         if len(records) > num_samples:
             keep = sorted(random.Random(seed).sample(range(len(records)), num_samples))
             records = [records[i] for i in keep]
-        samples = [encode_record(processor, r) for r in records]
+        dtype = next(model.parameters()).dtype  # pixel values in the model's dtype, as pipelines pass them
+        samples = [
+            {k: v.to(dtype) if v.is_floating_point() else v for k, v in encode_record(processor, r).items()}
+            for r in records
+        ]
         source = (
             f"file {os.fspath(calibration)}"
             if isinstance(calibration, (str, os.PathLike))

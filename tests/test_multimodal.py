@@ -580,3 +580,23 @@ def make_vlm_like_finetune(base):
         if isinstance(mod, torch.nn.Linear) and parts.part_of(name) in ("language", "projector"):
             mod.weight.add_(0.02 * torch.randn(mod.weight.shape, generator=g))
     return ft
+
+
+def test_bfloat16_vlm_with_image_calibration(processor):
+    """A bfloat16 VLM calibrated on image + text pairs (the processor gives float32 pixel values)."""
+    from hf_deltacome.compress import compress
+
+    ft = make_vlm_finetune(make_llava(seed=0), seed=1).to(torch.bfloat16)
+    model = compress(
+        make_llava(seed=0).to(torch.bfloat16),
+        ft,
+        DeltaCoMeConfig(ratio="1/4", group_size=16),
+        calibration=random_pairs(4),
+        processor=processor,
+        progress=False,
+    )
+    info = model.peft_config["default"].compression_info
+    assert info["calibration_kind"] == "image+text" and "fallbacks" not in info
+    inputs = image_text_inputs(processor, n=2, seed=7)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    assert relative_vlm_error(model, ft, make_llava(seed=0).to(torch.bfloat16), inputs) < 0.1
