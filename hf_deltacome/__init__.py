@@ -1,7 +1,9 @@
 """hf-deltacome: Delta-CoMe compression of fine-tuned LLM deltas as PEFT adapters.
 
 Importing the package registers the ``DELTACOME`` method with PEFT, so ``PeftModel.from_pretrained`` and
-``AutoPeftModelForCausalLM`` load our adapters like any other.
+``AutoPeftModelForCausalLM`` load our adapters like any other, and installs (idempotently) what makes those paths
+safe for our adapters: validated safetensors-only loading with the base-model check, atomic saves, our model card
+on ``save_pretrained``/``push_to_hub``, and ``pipeline("image-text-to-text")`` support for VLM adapters.
 """
 
 from peft.utils import register_peft_method
@@ -16,8 +18,11 @@ from .errors import (
     DeltaCoMeError,
     IncompatibleModelsError,
 )
+from .hub import install_hub_integration
 from .layer import DeltaCoMeLayer, DeltaCoMeLinear
 from .model import DeltaCoMeModel
+from .multimodal import AutoDeltaCoMeModelForImageTextToText
+from .safe_io import install_atomic_save, install_load_guard
 
 
 def _register() -> None:
@@ -30,11 +35,15 @@ def _register() -> None:
 
 
 _register()
+install_atomic_save()
+install_load_guard()
+install_hub_integration()
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError",
+    "AutoDeltaCoMeModelForImageTextToText",
     "BaseModelMismatchError",
     "CalibrationError",
     "ConfigError",

@@ -422,25 +422,26 @@ def expected_delta_tensors(
 def _baseline_part_tensors(entry: dict, group_size: int, base: str) -> dict[str, tuple[tuple, torch.dtype, int]]:
     """Tensors of the optional baseline parts (BitDelta ``sign``, DARE ``sparse``), taken from the runtime module
     itself (built on the meta device, so nothing is allocated) so that loader and validator cannot disagree."""
-    from .factors import PackedDelta
+    from .factors import PackedDelta, QuantizedFactor
 
     m, n = entry["shape"]
     with torch.device("meta"):
         packed = PackedDelta(m, n, [], group_size, sign=entry.get("sign"), sparse=entry.get("sparse"))
-    return {
-        f"{base}.{key}": (tuple(t.shape), t.dtype, 0)
-        for key, t in packed.state_dict().items()
-        if key.startswith(("sign.", "sparse."))
-    }
+    bits_of = {name: mod.bits for name, mod in packed.named_modules() if isinstance(mod, QuantizedFactor)}
+    out = {}
+    for key, t in packed.state_dict().items():
+        if key.startswith(("sign.", "sparse.")):
+            owner = key.rsplit(".", 1)[0]
+            out[f"{base}.{key}"] = (tuple(t.shape), t.dtype, bits_of.get(owner, 0))
+    return out
 
 
 def _is_extra_key(key: str, modules_to_save: Optional[list[str]], prefix: str) -> bool:
     name = key[len(prefix) :] if key.startswith(prefix) else key
     module = name.rsplit(".", 1)[0] if "." in name else ""
-    for target in modules_to_save or []:
-        if module == target or module.endswith("." + target):
-            return True
-    return False
+    dotted = f".{module}."
+    # a parameter of the target itself or of any submodule of it (a whole vision-embeddings block, say)
+    return any(f".{target}." in dotted for target in modules_to_save or [])
 
 
 def _padding_ok(qweight: torch.Tensor, cols: int, bits: int) -> bool:
@@ -628,22 +629,32 @@ def load_adapter_weights(
 def check_extra_shapes(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], filename: PathLike) -> None:
     """Check ``modules_to_save`` tensors against the base model's own shapes (an error names the tensor)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    modules = dict(base.named_modules())
     for key, t in state_dict.items():
         if DELTA_MARKER in key:
             continue
         name = key[len(STATE_DICT_PREFIX) :] if key.startswith(STATE_DICT_PREFIX) else key
         module_name, _, param = name.rpartition(".")
-        module = modules.get(module_name)
+        module = _resolve_module(base, module_name)
         if module is None:
             raise AdapterFileError(f"{os.fspath(filename)}: tensor {key!r} belongs to no module of the base model")
-        inner = getattr(module, "original_module", module)
-        ref = getattr(inner, param, None)
+        ref = getattr(module, param, None)
         if isinstance(ref, torch.Tensor) and tuple(ref.shape) != tuple(t.shape):
             raise AdapterFileError(
                 f"{os.fspath(filename)}: tensor {key!r} has shape {list(t.shape)} but the base model's "
                 f"{module_name}.{param} is {list(ref.shape)}"
             )
+
+
+def _resolve_module(root: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
+    """The module at dotted ``name``, looking through PEFT's ``modules_to_save`` wrappers (``original_module``)."""
+    module = root
+    for part in name.split(".") if name else []:
+        module = getattr(module, "original_module", module)
+        child = module._modules.get(part) if isinstance(module, torch.nn.Module) else None
+        if child is None:
+            return None
+        module = child
+    return getattr(module, "original_module", module)
 
 
 def _apply_key_mapping(state_dict: dict[str, torch.Tensor], key_mapping: Optional[dict[str, str]]) -> dict:

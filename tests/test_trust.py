@@ -30,7 +30,6 @@ from hf_deltacome.fingerprint import (
     compute_fingerprint,
     parse_fingerprint,
 )
-from hf_deltacome.hub import install_hub_integration
 from hf_deltacome.layer import DeltaCoMeLinear
 from hf_deltacome.packing import quantize_rtn
 from hf_deltacome.safe_io import (
@@ -38,8 +37,6 @@ from hf_deltacome.safe_io import (
     ADAPTER_WEIGHTS_NAME,
     TEMP_SUFFIX,
     atomic_write_bytes,
-    install_atomic_save,
-    install_load_guard,
     read_adapter,
     read_adapter_config,
     read_safetensors,
@@ -51,14 +48,37 @@ GROUP = 32
 KEY_PREFIX = "base_model.model.model.layers.0.self_attn.q_proj.deltacome_delta"
 
 
-def install() -> None:
-    """Idempotent: what ``import hf_deltacome`` installs once the lead wires it."""
-    install_atomic_save()
-    install_load_guard()
-    install_hub_integration()
-
-
-install()
+def test_plain_import_installs_the_guards_and_they_catch_a_bad_file(tmp_path):
+    """A user's script does only ``import hf_deltacome``: that alone must install validated loading, atomic saves,
+    our model card and the VLM pipeline support (a fresh interpreter, so no test module's import can mask it)."""
+    save_adapter(tmp_path)
+    weights = tmp_path / ADAPTER_WEIGHTS_NAME
+    sd = load_file(weights)
+    key = next(k for k in sd if ".bands.1." in k and k.endswith(".zeros"))  # a 3-bit band (BANDS)
+    sd[key] = torch.full_like(sd[key], 255)  # out of range for 3-bit codes
+    save_file(sd, weights)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import hf_deltacome
+        from peft import PeftModel
+        from tiny_models import make_model
+        assert getattr(PeftModel.load_adapter, "_deltacome_guard", False)
+        assert getattr(PeftModel.save_pretrained, "_deltacome_atomic", False)
+        assert getattr(PeftModel.create_or_update_model_card, "_deltacome_card", False)
+        from hf_deltacome.multimodal import AutoDeltaCoMeModelForImageTextToText
+        assert hf_deltacome.AutoDeltaCoMeModelForImageTextToText is AutoDeltaCoMeModelForImageTextToText
+        try:
+            PeftModel.from_pretrained(make_model("llama", seed=0), {str(tmp_path)!r})
+        except hf_deltacome.AdapterFileError as e:
+            print("refused:", e)
+        """
+    )
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "out of range" in done.stdout and key in done.stdout, done.stdout
 
 
 def fresh_base(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
