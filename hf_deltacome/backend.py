@@ -85,7 +85,8 @@ def delta_forward_mixed(x: torch.Tensor, deltas: Sequence[PackedDelta | None], r
         from . import kernels
 
         return kernels.delta_forward_mixed(x, deltas, row_index)
-    out = x.new_zeros(*x.shape[:-1], deltas[0].out_features if deltas else 0)
+    present = [d for d in deltas if d is not None]
+    out = x.new_zeros(*x.shape[:-1], present[0].out_features if present else 0)
     for i, delta in enumerate(deltas):
         rows = (row_index == i).nonzero(as_tuple=True)[0]
         if delta is None or rows.numel() == 0:

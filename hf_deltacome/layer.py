@@ -17,6 +17,26 @@ from .factors import PackedDelta
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in per-row `adapter_names`
 
 
+class MixedBatch(list):
+    """Per-row adapter names of one mixed-batch forward, shared by every layer of the model.
+
+    The row -> adapter index tensor is built once per device and reused by all layers, instead of one host-to-device
+    copy per layer per forward (which would also stall CUDA-graph capture).
+    """
+
+    def __init__(self, adapter_names: Sequence[str]) -> None:
+        super().__init__(adapter_names)
+        self.names = [n for n in dict.fromkeys(self) if n != BASE_ADAPTER_NAME]
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    def row_index(self, device: torch.device) -> torch.Tensor:
+        """``index[i]`` = position of row ``i``'s adapter in :attr:`names`, ``-1`` for the base."""
+        if device not in self._index:
+            slot = {n: i for i, n in enumerate(self.names)}
+            self._index[device] = torch.tensor([slot.get(n, -1) for n in self], dtype=torch.long, device=device)
+        return self._index[device]
+
+
 class DeltaCoMeLayer(BaseTunerLayer):
     """Mixin holding one `PackedDelta` per adapter in ``deltacome_delta`` (buffers only, nothing trainable)."""
 
@@ -142,13 +162,11 @@ class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
         result = self.base_layer(x, *args, **kwargs)
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
-        names = [n for n in dict.fromkeys(adapter_names) if n in self.deltacome_delta]
-        if not names:
+        batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
+        deltas = [self.deltacome_delta[n] if n in self.deltacome_delta else None for n in batch.names]
+        if all(d is None for d in deltas):
             return result
-        slot = {n: i for i, n in enumerate(names)}
-        row_index = torch.tensor([slot.get(n, -1) for n in adapter_names], device=x.device, dtype=torch.long)
-        deltas = [self.deltacome_delta[n] for n in names]
-        return result + delta_forward_mixed(x, deltas, row_index).to(result.dtype)
+        return result + delta_forward_mixed(x, deltas, batch.row_index(x.device)).to(result.dtype)
 
     def __repr__(self) -> str:
         return "deltacome." + super().__repr__()

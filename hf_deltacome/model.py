@@ -9,17 +9,45 @@ from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
 from .config import DeltaCoMeConfig
 from .errors import AdapterFileError, ConfigError
-from .layer import BASE_ADAPTER_NAME, DeltaCoMeLayer, DeltaCoMeLinear
+from .layer import BASE_ADAPTER_NAME, DeltaCoMeLayer, DeltaCoMeLinear, MixedBatch
 
 
 def _adapter_names_pre_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def _rowwise_extras_forward(
+    wrapper: ModulesToSaveWrapper, adapter_names: MixedBatch, x: torch.Tensor, *args: Any, **kwargs: Any
+) -> Any:
+    """Mixed-batch forward of a dense extra (``modules_to_save``): each adapter's copy runs on its own rows.
+
+    PEFT's wrapper allows only Linear/Embedding/Conv here, but fine-tunes change norms too; any module that maps
+    batch row ``i`` to output row ``i`` (norms, linears, embeddings) is exact when split by rows. Rows whose adapter
+    did not change this module (or ``"__base__"``) use the base module.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(adapter_names):
+        rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else "no"
+        raise ValueError(
+            f"adapter_names has {len(adapter_names)} entries but {wrapper.original_module.__class__.__name__} "
+            f"received an input with {rows} batch rows; a mixed batch needs one adapter name per row"
+        )
+    if wrapper.disable_adapters:
+        return wrapper.original_module(x, *args, **kwargs)
+    out = None
+    for name in dict.fromkeys(adapter_names):
+        rows = [i for i, n in enumerate(adapter_names) if n == name]
+        module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+        y = module(x[rows], *args, **kwargs)
+        if out is None:
+            out = y.new_empty((x.shape[0], *y.shape[1:]))
+        out[rows] = y
+    return out
 
 
 class DeltaCoMeModel(BaseTuner):
@@ -138,13 +166,21 @@ class DeltaCoMeModel(BaseTuner):
         num_beams = kwargs.get("num_beams")
         if isinstance(num_beams, int) and num_beams > 1:
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
-        handles = []
+        batch = MixedBatch(adapter_names)  # one row index for all layers
+        handles, swapped = [], []
         for module in self.modules():
-            if isinstance(module, (DeltaCoMeLayer, AuxiliaryTrainingWrapper)):
-                hook = partial(_adapter_names_pre_hook, adapter_names=list(adapter_names))
+            if isinstance(module, DeltaCoMeLayer) or (
+                isinstance(module, AuxiliaryTrainingWrapper) and not isinstance(module, ModulesToSaveWrapper)
+            ):
+                hook = partial(_adapter_names_pre_hook, adapter_names=batch)
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            elif isinstance(module, ModulesToSaveWrapper):
+                module.forward = partial(_rowwise_extras_forward, module, batch)
+                swapped.append(module)
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            for module in swapped:
+                del module.forward  # back to the class's forward

@@ -152,6 +152,55 @@ def test_mixed_batch_matches_single_adapter_rows(base_dir, adapters):
         model(x, adapter_names=["a", "zzz", "b"])
 
 
+def _adapter_with_norms(base_dir, tmp_path, name, seed, layers, norms):
+    """Save an adapter with deltas on the linears of ``layers`` only and changed ``norms`` (dense extras)."""
+    base = load_base(base_dir)
+    layout = {k: v for k, v in make_layout(base).items() if any(f".layers.{i}." in k for i in layers)}
+    cfg = DeltaCoMeConfig(layout=layout, ratio=0.5, task_type="CAUSAL_LM", modules_to_save=list(norms))
+    model = get_peft_model(base, cfg).eval()
+    fill_random(model, "default", seed)
+    g = torch.Generator().manual_seed(seed)
+    for norm in norms:
+        copy = model.base_model.model.get_submodule(norm).modules_to_save["default"]
+        copy.weight.data += 0.3 * torch.randn(copy.weight.shape, generator=g)
+    path = tmp_path / name
+    model.save_pretrained(path)
+    return path
+
+
+def test_mixed_batch_with_changed_norms_matches_single_adapter_rows(base_dir, adapters, tmp_path):
+    """Fine-tunes change norms (carried densely in modules_to_save), and two adapters may change different ones and
+    cover different layers: per-row adapter_names must still equal each adapter run alone, in forward and generate."""
+    pa = _adapter_with_norms(base_dir, tmp_path, "na", 31, [0, 1], ["model.norm", "model.layers.0.input_layernorm"])
+    pb = _adapter_with_norms(base_dir, tmp_path, "nb", 32, [1], ["model.layers.1.post_attention_layernorm"])
+    x = adapters["x"]
+    model = PeftModel.from_pretrained(load_base(base_dir), pa, adapter_name="a")
+    model.load_adapter(pb, adapter_name="b")
+    with torch.no_grad():
+        single = {}
+        for name in ("a", "b"):
+            model.set_adapter(name)
+            single[name] = model(x).logits
+        with model.disable_adapter():
+            single["__base__"] = model(x).logits
+        assert (single["a"] - single["__base__"]).abs().max() > 1e-2
+        order = ["b", "__base__", "a"]
+        mixed = model(x, adapter_names=order).logits
+    for i, name in enumerate(order):
+        torch.testing.assert_close(mixed[i], single[name][i], atol=1e-5, rtol=1e-5)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ids = x[:2]
+    both = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=["a", "b"], **kw)
+    for i, name in enumerate(["a", "b"]):
+        model.set_adapter(name)
+        alone = model.generate(input_ids=ids[i : i + 1], attention_mask=torch.ones_like(ids[i : i + 1]), **kw)
+        assert torch.equal(both[i], alone[0])
+    # the wrappers are restored after a mixed call: a plain forward uses the active adapter again
+    model.set_adapter("a")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, single["a"])
+
+
 def test_generate_with_adapter_names_matches_single(base_dir, adapters):
     model = PeftModel.from_pretrained(load_base(base_dir), adapters["a"][0], adapter_name="a")
     model.load_adapter(adapters["b"][0], adapter_name="b")
