@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, ratio: float) -> int:
     hf_logging.set_verbosity_error()  # keep the output to our own lines and progress bars
+    hf_logging.disable_progress_bar()  # (transformers' per-load "Loading weights" bars)
     warnings.filterwarnings("ignore", category=FutureWarning)
     task = zoo.get_task(args.task)
     steps = args.steps if args.steps is not None else (
@@ -146,6 +147,10 @@ def run(args: argparse.Namespace, ratio: float) -> int:
     cols = ("base", "fine-tune", f"Delta-CoMe 1/{1 / ratio:g}")
     print("  " + "".join(f"{c:>18}" for c in cols))
     print("  " + "".join(f"{_pct(a):>18}" for a in (acc_base, acc_ft, acc_comp)))
+    if acc_ft > acc_base:
+        print(
+            f"  share of the fine-tune's gain over the base kept: {_pct((acc_comp - acc_base) / (acc_ft - acc_base))}"
+        )
     print()
     print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"adapter saved to {out.resolve()}; load it with PeftModel.from_pretrained(base, {str(out)!r})")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -116,18 +116,27 @@ def _read_file(path: Path, tokenizer: Any) -> list[str]:
     return texts
 
 
-def _parse_jsonl(content: str, path: Path, tokenizer: Any) -> list[str]:
-    texts = []
+def jsonl_objects(
+    content: str, where: str, error: type[Exception] = CalibrationError
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(location, object)`` for each non-blank line of JSONL ``content``; a line that is not a JSON object raises
+    ``error`` naming ``where`` (the file) and the line number."""
     for lineno, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"calibration file {str(path)!r} line {lineno}"
+        loc = f"{where} line {lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CalibrationError(f"{where}: invalid JSON ({e.msg})") from e
+            raise error(f"{loc}: invalid JSON ({e.msg})") from e
         if not isinstance(obj, dict):
-            raise CalibrationError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            raise error(f"{loc}: expected a JSON object, got {type(obj).__name__}")
+        yield loc, obj
+
+
+def _parse_jsonl(content: str, path: Path, tokenizer: Any) -> list[str]:
+    texts = []
+    for where, obj in jsonl_objects(content, f"calibration file {str(path)!r}"):
         text = _record_text(obj, tokenizer, where)
         if text.strip():
             texts.append(text)
@@ -264,12 +273,16 @@ def sample_from_model(
     temperature: float = 1.0,
     top_p: float = 0.95,
     batch_size: int = GENERATION_BATCH_SIZE,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Let ``model`` (the fine-tune) write ``num_samples`` sequences of ``seq_len`` tokens (seeded sampling).
 
     Rows cycle through chat-templated generic requests and a bare BOS (a batch mixes them, left-padded); EOS is
-    suppressed so every sequence runs to full length. The global RNG state is left as it was.
+    suppressed so every sequence runs to full length. The global RNG state is left as it was. ``progress`` shows a
+    bar over the sequences (generation is the slow part of a default, data-free compression on a CPU).
     """
+    from tqdm.auto import tqdm
+
     _check_sizes(num_samples, seq_len)
     if not hasattr(model, "generate"):
         raise CalibrationError(
@@ -290,6 +303,7 @@ def sample_from_model(
     # row i gets prompt i mod P; a batch mixes prompts, left-padded, so every prompt is used at any batch size
     rows = [prompts[i % len(prompts)] for i in range(num_samples)]
     out: list[torch.Tensor] = []
+    bar = tqdm(total=num_samples, desc="Sampling calibration text", unit="seq", disable=not progress)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -320,7 +334,9 @@ def sample_from_model(
                     )
                 for i, p in enumerate(batch):
                     out.append(gen[i, width - len(p) :][:seq_len])
+                bar.update(len(batch))
     finally:
+        bar.close()
         model.train(was_training)
     return torch.stack(out)
 
@@ -335,11 +351,12 @@ def get_calibration(
     num_samples: int = DEFAULT_NUM_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = 0,
+    progress: bool = False,
 ) -> CalibrationData:
     """Resolve any calibration source into a batch of token ids for ``model`` (the fine-tune)."""
     _check_sizes(num_samples, seq_len)
     if calibration is None:
-        ids = sample_from_model(model, tokenizer, num_samples, seq_len, seed)
+        ids = sample_from_model(model, tokenizer, num_samples, seq_len, seed, progress=progress)
         source = "sampled from the fine-tuned model"
     elif isinstance(calibration, torch.Tensor):
         ids = calibration

@@ -500,7 +500,9 @@ def compress(
                 calibration, finetuned_model, tokenizer, processor, num_samples, seq_len, seed, FORWARD_BATCH_SIZE
             )
         elif calib is None:
-            calib = get_calibration(calibration, finetuned_model, tokenizer, num_samples, seq_len, seed)
+            calib = get_calibration(
+                calibration, finetuned_model, tokenizer, num_samples, seq_len, seed, progress=progress
+            )
             if ckpt is not None:
                 ckpt.save_calibration(calib)
 

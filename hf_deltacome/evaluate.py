@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration import jsonl_objects
 from .errors import CalibrationError, ConfigError, DeltaCoMeError
 
 DEFAULT_SEQ_LEN = 512
@@ -68,16 +69,7 @@ def read_task_file(path: str | os.PathLike) -> list[TaskItem]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read task file {path}: {e}") from e
     items: list[TaskItem] = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: not valid JSON ({e.msg})") from e
-        if not isinstance(obj, dict):
-            raise ConfigError(f"{where}: expected an object with 'prompt' and 'answer', got {type(obj).__name__}")
+    for where, obj in jsonl_objects("\n".join(lines), f"task file {path}", ConfigError):
         prompt, answer, regex = obj.get("prompt"), obj.get("answer"), obj.get("regex")
         if not isinstance(prompt, str) or not prompt:
             raise ConfigError(f"{where}: 'prompt' must be a non-empty string")

@@ -73,13 +73,13 @@ def test_read_task_file_and_errors_name_the_line(tmp_path):
     assert read_task_file(good) == [TaskItem("p", "42"), TaskItem("q", "b", "(b)")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "p"\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl line 2: invalid JSON"):
         read_task_file(bad)
     bad.write_text('{"answer": "a"}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl:1: 'prompt'"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl line 1: 'prompt'"):
         read_task_file(bad)
     bad.write_text('{"prompt": "p", "answer": "a", "regex": "(unclosed"}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl:1: bad regex"):
+    with pytest.raises(ConfigError, match=r"bad.jsonl line 1: bad regex"):
         read_task_file(bad)
     with pytest.raises(ConfigError, match="cannot read task file"):
         read_task_file(tmp_path / "missing.jsonl")
