@@ -63,8 +63,7 @@ DEFAULT_METHODS = "deltacome,deltacome+greedy,deltacome+adaptive,bitdelta,lowran
 QUICK_METHODS = "deltacome,deltacome+greedy,bitdelta,lowrank,svd-uniform-4"
 DEFAULT_RATIOS = "1/8,1/16,1/32,1/64"
 QUICK_RATIOS = "1/16,1/64"
-SECTION_BEGIN = "<!-- quality:begin -->"
-SECTION_END = "<!-- quality:end -->"
+SECTION = "<!-- quality-{task}:{end} -->"  # one section per task in RESULTS.md, replaced by a rerun
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -265,13 +264,15 @@ def plot(records: list[dict], path: Path, task_name: str) -> None:
     plt.close(fig)
 
 
-def update_results_md(path: Path, body: str) -> None:
-    section = f"{SECTION_BEGIN}\n{body.rstrip()}\n{SECTION_END}"
+def update_results_md(path: Path, body: str, task_name: str) -> None:
+    """Replace this task's quality section of ``path`` (appended when there is none); other sections stay."""
+    begin, end = SECTION.format(task=task_name, end="begin"), SECTION.format(task=task_name, end="end")
+    section = f"{begin}\n{body.rstrip()}\n{end}"
     if path.is_file():
         text = path.read_text()
-        if SECTION_BEGIN in text and SECTION_END in text:
-            head, rest = text.split(SECTION_BEGIN, 1)
-            _, tail = rest.split(SECTION_END, 1)
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            _, tail = rest.split(end, 1)
             text = head + section + tail
         else:
             text = text.rstrip() + "\n\n" + section + "\n"
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nplot: {plot_path}; total {time.time() - t_start:.0f} s")
     if args.results_md:
         header = (
-            f"## Quality: {task.name} fine-tune of SmolLM2-135M-Instruct\n\n"
+            f"### {task.name} fine-tune ({task.description})\n\n"
             f"`python benchmarks/quality.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
             + f" on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}. "
             f"SVD methods quantized with {args.quantizer}. Calibration: {args.num_samples} x {args.seq_len} tokens of the task's training prompts and answers "
@@ -352,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             "(accuracy, greedy). True bytes = `adapter_model.safetensors` size (dense extras included, identical "
             "for all methods); gain kept = (acc - acc_base) / (acc_finetuned - acc_base).\n\n"
         )
-        update_results_md(Path(args.results_md), header + md + f"\n\n![gain kept vs bytes]({plot_path.name})\n")
+        body = header + md + f"\n\n![gain kept vs bytes]({plot_path.name})\n"
+        update_results_md(Path(args.results_md), body, task.name)
     return 0
 
 

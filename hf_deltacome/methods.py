@@ -554,8 +554,11 @@ class _Objective:
     def layout(self, spec: Sequence[Sequence]) -> tuple:
         return tuple(tuple(b) for b in solve_ranks(self.m, self.n, self.ratio, spec, self.config.group_size))
 
+    def key(self, spec: Sequence[Sequence]) -> tuple:
+        return tuple((b, r) for b, r in self.layout(spec) if r > 0)
+
     def __call__(self, spec: Sequence[Sequence]) -> float:
-        key = tuple((b, r) for b, r in self.layout(spec) if r > 0)
+        key = self.key(spec)
         self.specs.setdefault(key, [list(b) for b in spec])
         if key not in self.cache:
             self.calls += 1
@@ -605,10 +608,15 @@ def _search(
     start_spec = [list(b) for b in config.bands]
     start_value = objective(start_spec)
     start = _default_genome(config.bands, m, n, ratio, config.group_size)
-    full = sum(r for _, r in objective.layout(start_spec)) or min(m, n)
+    # the most rank the budget buys (everything at the lowest width, one band: each band pays its own scales,
+    # zeros and row padding, so at small budgets fewer bands can mean more rank)
+    full = max(sum(r for _, r in objective.layout([[b, None]])) for b in SEARCH_REST_BITS) or min(m, n)
     if start is None:  # a hand-written split the genome cannot express: search from the published one
         start = (2, 0, min(32, full), 2)
     scale = max(full, 4)
+    # single-band splits are always candidates: a coordinate search from the configured split cannot reach them
+    # when its bands are fixed-rank and already eat the budget (2 x 8-bit + 32 x 3-bit at 1/64 of a small layer)
+    seeds = ([start] + [(0, 0, 0, b) for b in SEARCH_REST_BITS])[: max(1, max_evals)]
 
     def clamp(g: Sequence[float]) -> Genome:
         return (
@@ -619,9 +627,13 @@ def _search(
         )
 
     def value(g: Genome) -> float:
-        return objective(_genome_spec(g))
+        """The objective of ``g``; once the evaluation budget is spent, only splits already measured count."""
+        spec = _genome_spec(g)
+        if objective.calls >= max_evals and objective.key(spec) not in objective.cache:
+            return math.inf
+        return objective(spec)
 
-    best, best_value = start, value(start)
+    best_value, best = min((value(g), g) for g in seeds)
     if strategy == "greedy":
         step = max(1, scale // 8)
         while step >= 1 and objective.calls < max_evals:
@@ -657,7 +669,7 @@ def _search(
                 )
             )
 
-        pop = [start] + [rand_genome() for _ in range(pop_size - 1)]
+        pop = seeds + [rand_genome() for _ in range(pop_size - len(seeds))]
         scored = sorted(((value(g), g) for g in pop), key=lambda t: t[0])
         while objective.calls < max_evals:
             calls_before = objective.calls

@@ -9,7 +9,7 @@ from peft import PeftModel
 from tiny_models import make_finetune, make_model, random_ids, relative_logits_error, target_linears
 
 from hf_deltacome import AdapterFileError, ConfigError, DeltaCoMeConfig
-from hf_deltacome.budget import budget_bytes
+from hf_deltacome.budget import budget_bytes, solve_ranks
 from hf_deltacome.compress import compress
 from hf_deltacome.factors import PackedDelta, SignPart, SparsePart
 from hf_deltacome.methods import (
@@ -185,6 +185,29 @@ def test_search_is_never_worse_than_the_default_split(strategy):
     again = sum(approximation_error(d, h, entry, cfg) / output_error(d, h) for d, h in samples) / 2
     assert again == pytest.approx(res.objective, rel=1e-6)
     assert entry_nbytes(entry) <= budget_bytes(m, n, 1 / 8)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "genetic"])
+def test_search_reaches_single_band_splits_when_the_default_bands_eat_a_small_budget(strategy):
+    """At 1/64 of a GQA k/v shape, 2 x 8-bit + 32 x 3-bit do not fit and every band pays its own scales, zeros and
+    row padding: the configured split keeps ~2 ranks while one 2-bit band keeps several times more. The search must
+    find a split at least as good as the best single-band one (a coordinate search from the default alone cannot)."""
+    m, n, ratio = 192, 576, 1 / 64
+    samples = [(long_tail_delta(m, n, seed=s), input_hessian(n, seed=s)) for s in range(2)]
+    cfg = DeltaCoMeConfig(ratio=ratio, group_size=128, quantizer="rtn")
+    res = search_split(samples, m, n, ratio, cfg, strategy=strategy, max_evals=30)
+
+    def objective(layout):
+        entry = {"shape": [m, n], "bands": layout, "group_size": 128}
+        assert entry_nbytes(entry) <= budget_bytes(m, n, ratio)
+        return sum(approximation_error(d, h, entry, cfg) / output_error(d, h) for d, h in samples) / 2
+
+    default_rank = sum(r for _, r in solve_ranks(m, n, ratio, cfg.bands, 128))
+    single = {b: solve_ranks(m, n, ratio, [[b, None]], 128) for b in (2, 3)}
+    assert sum(r for _, r in single[2]) >= 3 * default_rank  # the situation this test is about
+    assert res.objective <= min(objective(lay) for lay in single.values()) + 1e-12
+    assert res.objective < res.default_objective
+    assert objective(res.layout) == pytest.approx(res.objective, rel=1e-6)
 
 
 def test_search_keeps_the_default_when_nothing_beats_it():
