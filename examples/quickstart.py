@@ -127,12 +127,14 @@ def run(args: argparse.Namespace, ratio: float) -> int:
     summary = summarize_adapter(out)
     ft_bytes = sum(f.stat().st_size for f in ft_path.glob("*.safetensors"))
     n_params = sum(p.numel() for p in fresh.parameters())
+    extras = sum(summary.extras.values())
+    parts = (summary.factor_bytes, extras, summary.file_bytes - summary.factor_bytes - extras)  # header: tensor names
     rows = [
         ("fine-tuned model (float32 safetensors, on disk)", _mb(ft_bytes)),
         ("fine-tuned model at fp16 (what a shared checkpoint holds)", _mb(2 * n_params)),
         ("fp16 delta of the target linears", _mb(summary.target_fp16_bytes)),
         (f"{out / 'adapter_model.safetensors'} (exact bytes on disk)", f"{summary.file_bytes:,} B"),
-        ("  of which packed factors / dense extras", f"{_mb(summary.factor_bytes)} / {_mb(sum(summary.extras.values()))}"),
+        ("  of which packed factors / dense extras / header", "{} / {} / {}".format(*map(_mb, parts))),
         ("packed factors / fp16 delta of the target linears", f"1/{1 / summary.factor_ratio:.1f}"),
         ("effective ratio: file / fp16 delta of every stored module", f"1/{1 / summary.effective_ratio:.1f}"),
     ]  # fmt: skip
