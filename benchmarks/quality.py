@@ -16,7 +16,7 @@ and measured: true bytes (``adapter_model.safetensors``), effective ratio, compr
 held-out prompts and answers, next-token agreement with the fine-tune there, task accuracy on the held-out split,
 and the share of the fine-tune's accuracy gain over the base that survives. Every finished cell is cached in
 ``--out`` (adapter folder + ``cell.json``), so a rerun skips it. Prints one table, writes a PNG plot of gain kept
-against bytes, and (``--results-md``) replaces the quality section of ``benchmarks/RESULTS.md``.
+against bytes, and (``--results-md``) replaces this task's quality section of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantizer", default="gptq", choices=["gptq", "rtn"], help="for the SVD methods")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--plot", default=None, help="PNG path (default benchmarks/quality_<task>.png)")
-    p.add_argument("--results-md", default=None, help="update the quality section of this markdown file")
+    p.add_argument("--results-md", default=None, help="update this task's quality section of this markdown file")
     p.add_argument("--force", action="store_true", help="recompute cached cells")
     return p.parse_args(argv)
 
