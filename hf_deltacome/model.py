@@ -175,12 +175,16 @@ class DeltaCoMeModel(BaseTuner):
                 hook = partial(_adapter_names_pre_hook, adapter_names=batch)
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             elif isinstance(module, ModulesToSaveWrapper):
+                # an instance-level forward (an accelerate hook, say) is put back afterwards
+                swapped.append((module, module.__dict__.get("forward")))
                 module.forward = partial(_rowwise_extras_forward, module, batch)
-                swapped.append(module)
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            for module in swapped:
-                del module.forward  # back to the class's forward
+            for module, previous in swapped:
+                if previous is None:
+                    del module.forward  # back to the class's forward
+                else:
+                    module.forward = previous

@@ -195,10 +195,22 @@ def test_mixed_batch_with_changed_norms_matches_single_adapter_rows(base_dir, ad
         model.set_adapter(name)
         alone = model.generate(input_ids=ids[i : i + 1], attention_mask=torch.ones_like(ids[i : i + 1]), **kw)
         assert torch.equal(both[i], alone[0])
-    # the wrappers are restored after a mixed call: a plain forward uses the active adapter again
+    # the wrappers are restored after a mixed call: a plain forward uses the active adapter again, and an
+    # instance-level forward someone else installed (accelerate's hooks do that) is put back, not dropped
     model.set_adapter("a")
+    wrapper = model.base_model.model.model.norm
+
+    def instance_forward(*args, **kwargs):
+        instance_forward.calls += 1
+        return type(wrapper).forward(wrapper, *args, **kwargs)
+
+    instance_forward.calls = 0
+    wrapper.forward = instance_forward
     with torch.no_grad():
+        model(x, adapter_names=order)
+        assert wrapper.forward is instance_forward and instance_forward.calls == 0
         torch.testing.assert_close(model(x).logits, single["a"])
+    assert instance_forward.calls == 1
 
 
 def test_generate_with_adapter_names_matches_single(base_dir, adapters):
