@@ -65,11 +65,11 @@ def read_task_file(path: str | os.PathLike) -> list[TaskItem]:
     """Read a JSONL task file (``prompt``, ``answer``, optional ``regex`` per line); errors name file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read task file {path}: {e}") from e
     items: list[TaskItem] = []
-    for where, obj in jsonl_objects("\n".join(lines), f"task file {path}", ConfigError):
+    for where, obj in jsonl_objects(content, f"task file {path}", ConfigError):
         prompt, answer, regex = obj.get("prompt"), obj.get("answer"), obj.get("regex")
         if not isinstance(prompt, str) or not prompt:
             raise ConfigError(f"{where}: 'prompt' must be a non-empty string")

@@ -211,6 +211,9 @@ def test_mixed_batch_with_changed_norms_matches_single_adapter_rows(base_dir, ad
         assert wrapper.forward is instance_forward and instance_forward.calls == 0
         torch.testing.assert_close(model(x).logits, single["a"])
     assert instance_forward.calls == 1
+    with torch.no_grad(), pytest.raises(ValueError, match="adapter_names has 2 entries but .* 3 batch rows"):
+        model(x, adapter_names=["a", "b"])
+    assert wrapper.forward is instance_forward  # put back after a failed call too
 
 
 def test_generate_with_adapter_names_matches_single(base_dir, adapters):
