@@ -1,6 +1,6 @@
 """Compress a LLaVA-style vision-language fine-tune with Delta-CoMe and ask it about an image through pipeline().
 
-Runs offline on a CPU in a minute or two (no download: every model, image and the processor are built here):
+Runs offline on a CPU in well under a minute (no download: every model, image and the processor are built here):
 
 1. builds a tiny LLaVA (CLIP vision tower, MLP projector, Llama text model) and its processor (CLIP image processor,
    word-level tokenizer, chat template) from configs;
