@@ -48,6 +48,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "deltacome": {},
     "deltacome+greedy": {"search": "greedy"},
     "deltacome+genetic": {"search": "genetic"},
+    "deltacome-published": {"min_rank_share": 0.0},  # the published bands as given, however little tail they leave
     "deltacome+adaptive": {"allocation": "adaptive"},
     "deltacome+greedy+adaptive": {"search": "greedy", "allocation": "adaptive"},
     "bitdelta": {"method": "bitdelta"},

@@ -15,6 +15,7 @@ from .packing import SUPPORTED_BITS, stored_nbytes
 
 SINGULAR_VALUE_BYTES = 4  # S is stored as float32
 DEFAULT_BANDS: list[list] = [[8, 2], [3, 32], [2, None]]
+SHRINK_STEPS = 32  # min_rank_share shrinks the fixed-rank bands in steps of 1/32 of their configured ranks
 
 Band = tuple[int, int]  # (bits, rank)
 
@@ -80,15 +81,37 @@ def _max_rank(m: int, n: int, bits: int, group_size: int, allowance: int, cap: i
     return lo
 
 
-def solve_ranks(m: int, n: int, ratio: float, spec: Sequence[Sequence], group_size: int) -> list[Band]:
+def solve_ranks(
+    m: int, n: int, ratio: float, spec: Sequence[Sequence], group_size: int, min_rank_share: float = 0.0
+) -> list[Band]:
     """Ranks for each band of an ``m x n`` delta at ``ratio`` so that the exact stored bytes fit the budget.
 
     Bands are filled in order (largest singular values first); the total rank never exceeds ``min(m, n)``.
     Bands that get rank 0 are kept in the result so the layout always lists every configured band.
+
+    ``min_rank_share`` (0 = off) bounds what the higher-precision bands may cost: when the split keeps fewer than
+    that share of the ranks the last band's bit width alone would buy, the fixed-rank bands shrink together (in
+    steps of 1/32 of their configured ranks, down to none) until it does. Each band pays its own per-row scales,
+    zeros and word padding of ``U``, so on narrow layers or small budgets a fixed band can cost most of the tail;
+    at the published design point (4096 x 4096 at 1/16 keeps 97% of the ranks) no share up to 0.95 changes anything.
     """
     if not 0.0 < ratio <= 1.0:
         raise ConfigError(f"ratio must be in (0, 1], got {ratio}")
+    if not 0.0 <= min_rank_share <= 1.0:
+        raise ConfigError(f"min_rank_share must be in [0, 1], got {min_rank_share}")
     spec = validate_band_spec(spec)
+    bands = _fill(m, n, ratio, spec, group_size)
+    if min_rank_share > 0.0 and spec[-1][1] is None:
+        floor = min_rank_share * _fill(m, n, ratio, spec[-1:], group_size)[0][1]
+        for shrunk in shrunk_specs(spec, SHRINK_STEPS)[1:]:
+            if sum(r for _, r in bands) >= floor:
+                break
+            bands = _fill(m, n, ratio, shrunk, group_size)
+    return bands
+
+
+def _fill(m: int, n: int, ratio: float, spec: Sequence[Sequence], group_size: int) -> list[Band]:
+    """Fill the bands of a validated ``spec`` in order, each as large as its size and the budget left allow."""
     budget = budget_bytes(m, n, ratio)
     used_bytes, used_rank, full = 0, 0, min(m, n)
     bands: list[Band] = []
@@ -104,3 +127,16 @@ def solve_ranks(m: int, n: int, ratio: float, spec: Sequence[Sequence], group_si
         used_bytes += band_nbytes(m, n, bits, r, group_size)
         used_rank += r
     return bands
+
+
+def shrunk_specs(spec: Sequence[Sequence], steps: int = SHRINK_STEPS) -> list[list[list]]:
+    """``spec`` with its fixed-rank bands scaled together by ``k / steps`` for ``k = steps .. 0`` (distinct specs,
+    the configured one first, the last-band-only one last)."""
+    spec = validate_band_spec(spec)
+    out: list[list[list]] = []
+    for k in range(steps, -1, -1):
+        scaled = [[b, size * k // steps if isinstance(size, int) and i < len(spec) - 1 else size]
+                  for i, (b, size) in enumerate(spec)]  # fmt: skip
+        if scaled not in out:
+            out.append(scaled)
+    return out

@@ -20,6 +20,20 @@ from .errors import DeltaCoMeError
 CHECKPOINT_DIR = ".deltacome-checkpoint"  # per-layer checkpoints of a running `deltacome compress`
 
 
+def _share(text: str) -> float | str:
+    """``--min-rank-share``: ``auto`` or a number (DeltaCoMeConfig checks its range)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r}") from None
+
+
+# optional config fields the CLI passes on only when given (their defaults live in DeltaCoMeConfig)
+METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "min_rank_share")
+
+
 def parse_bands(text: str) -> list[list]:
     """Parse ``"8:2,3:32,2:rest"`` into ``[[8, 2], [3, 32], [2, None]]`` (``0.25`` = a fraction of the budget)."""
     bands: list[list] = []
@@ -102,7 +116,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     )
     if args.bands:
         cfg_kwargs["bands"] = parse_bands(args.bands)
-    for opt in ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps"):  # methods.py options
+    for opt in METHOD_OPTIONS:
         if getattr(args, opt, None) is not None:
             cfg_kwargs[opt] = getattr(args, opt)
     if args.target_modules:
@@ -191,6 +205,13 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--bands", default=None, help="bits:rank list, e.g. 8:2,3:32,2:rest (the default)")
+    p.add_argument(
+        "--min-rank-share",
+        type=_share,
+        default=None,
+        help="auto (default: chosen on the calibration data) or 0..1: the fixed-rank bands shrink until the split "
+        "keeps this share of the ranks its last band alone buys (0 = the published bands as given)",
+    )
     p.add_argument("--quantizer", default="gptq", choices=["gptq", "rtn"], help="rtn = data-free")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order on V (static groups)")

@@ -650,7 +650,10 @@ class LayerCheckpoint:
         self.folder = Path(folder)
         self.adapter_name = adapter_name
         self.folder.mkdir(parents=True, exist_ok=True)
-        keys = ("ratio", "method", "bands", "group_size", "quantizer", "damp", "act_order", "search", "allocation")
+        keys = (
+            "ratio", "method", "bands", "min_rank_share", "group_size", "quantizer", "damp", "act_order", "search",
+            "allocation",
+        )  # fmt: skip
         state = {k: getattr(config, k, None) for k in keys}
         state["target_modules"] = (
             sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules

@@ -40,6 +40,8 @@ SVD_METHODS = ("deltacome", "lowrank", "svd-uniform")  # methods whose layout is
 QUANTIZERS = ("gptq", "rtn")
 SEARCHES = ("greedy", "genetic")
 ALLOCATIONS = ("uniform", "adaptive")
+# min_rank_share="auto" picks one of these by the whole model's KL to the fine-tune (0.0 = the published bands)
+RANK_SHARES = (0.0, 0.5, 0.7, 0.85, 1.0)
 UNIFORM_BITS = (2, 3, 4, 8)
 BITDELTA_SCALES = ("matrix", "row")
 
@@ -74,6 +76,14 @@ class DeltaCoMeConfig(PeftConfig):
         method: compression method; ``"deltacome"`` is SVD + mixed-precision quantization.
         bands: ``[(bits, rank | fraction | None), ...]`` from the largest singular values down. Default
             ``[[8, 2], [3, 32], [2, None]]``: 2 vectors at 8 bits, 32 at 3 bits, the rest of the budget at 2 bits.
+        min_rank_share: how far the fixed-rank bands may eat into the last band's rank. A number: when a split
+            keeps fewer than that share of the ranks the last band's bit width alone would buy, its fixed-rank
+            bands shrink together (down to none) until it does; 0 = the published bands as given. Each band pays
+            its own per-row scales, zeros and padding of ``U``, so on narrow layers or at 1/32-1/64 the published
+            bands can eat most of the rank. ``"auto"`` (default): with calibration data, the share in
+            ``RANK_SHARES`` whose layout brings the whole model closest to the fine-tune (next-token KL on the
+            calibration text, round-to-nearest factors); without data, 0. At the published design point (7B
+            shapes at 1/16) the bands keep 97% of the rank and every share up to 0.95 leaves them as they are.
         group_size: quantization group size along the reduction dimension.
         quantizer: ``"gptq"`` (uses calibration activations) or ``"rtn"`` (data-free round-to-nearest).
         damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
@@ -95,6 +105,9 @@ class DeltaCoMeConfig(PeftConfig):
     ratio: float = field(default=1 / 16, metadata={"help": "Size of the packed factors / fp16 delta."})
     method: str = field(default="deltacome", metadata={"help": f"Compression method, one of {METHODS}."})
     bands: list = field(default_factory=lambda: [list(b) for b in DEFAULT_BANDS])
+    min_rank_share: Union[float, str] = field(
+        default="auto", metadata={"help": "Least share of the last band's rank a split keeps; 'auto' or 0..1."}
+    )
     group_size: int = field(default=128)
     quantizer: str = field(default="gptq")
     damp: float = field(default=0.01)
@@ -120,6 +133,12 @@ class DeltaCoMeConfig(PeftConfig):
         if self.quantizer not in QUANTIZERS:
             raise ConfigError(f"unknown quantizer {self.quantizer!r}; choose one of {QUANTIZERS}")
         self.bands = validate_band_spec(self.bands)
+        share = self.min_rank_share
+        if share != "auto" and (
+            isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0
+        ):
+            raise ConfigError(f"min_rank_share must be 'auto' or a number in [0, 1], got {share!r}")
+        self.min_rank_share = share if share == "auto" else float(share)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ConfigError(f"group_size must be a positive integer, got {self.group_size!r}")
         if not 0.0 <= float(self.damp) < 1.0:

@@ -43,8 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .budget import budget_bytes, layout_nbytes, solve_ranks
-from .config import SVD_METHODS, DeltaCoMeConfig
+from .budget import Band, budget_bytes, layout_nbytes, solve_ranks
+from .config import RANK_SHARES, SVD_METHODS, DeltaCoMeConfig
+from .endtoend import EndToEndCheck
 from .errors import CalibrationError, ConfigError, DeltaCoMeError
 from .factors import PackedDelta, sign_part_nbytes, sparse_mask
 from .packing import QuantizedMatrix, quantize_rtn, stored_nbytes
@@ -57,6 +58,7 @@ SEARCH_LAYERS = 2  # sample layers per module type the search measures its objec
 SEARCH_EVALS = 40  # distinct band splits evaluated per module type (round-to-nearest errors)
 SEARCH_VERIFY = 4  # best splits measured again with GPTQ, as they will be quantized
 PLAN_MAX_SAMPLES = 16  # calibration sequences used to measure activations for search / allocation
+SVD_CACHE_BYTES = 4 << 30  # planning keeps every delta's SVD when they fit in this (float32, ~2x the delta)
 HESSIAN_MEMORY = 2 << 30  # bytes of input Hessians held at once while planning (more layers: more passes)
 
 
@@ -72,6 +74,12 @@ def method_spec(config: DeltaCoMeConfig) -> list[list]:
     if config.method == "svd-uniform":
         return [[int(config.uniform_bits), None]]
     raise ConfigError(f"method {config.method!r} has no band specification")
+
+
+def rank_share(config: DeltaCoMeConfig) -> float:
+    """The config's ``min_rank_share`` as a number (``"auto"`` before ``plan_layouts`` has chosen one: 0)."""
+    share = config.min_rank_share
+    return float(share) if isinstance(share, (int, float)) else 0.0
 
 
 def module_kind(name: str, shape: Sequence[int]) -> str:
@@ -125,15 +133,19 @@ def plan_entry(
     bias: bool = False,
     unchanged: bool = False,
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` layout entry of one ``m x n`` target at ``ratio`` for ``config.method``."""
+    """The ``adapter_config.json`` layout entry of one ``m x n`` target at ``ratio`` for ``config.method``.
+
+    The configured split gets the config's ``min_rank_share`` (``"auto"`` counts as 0 here: ``plan_layouts``
+    resolves it); a searched ``spec`` is used as found."""
     entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias)}
     method = config.method
     if method in SVD_METHODS:
+        share = rank_share(config) if spec is None and method == "deltacome" else 0.0
         spec = spec if spec is not None else method_spec(config)
         if unchanged:
             entry["bands"] = [[int(b), 0] for b, _ in spec]
         else:
-            entry["bands"] = [list(b) for b in solve_ranks(m, n, ratio, spec, config.group_size)]
+            entry["bands"] = [list(b) for b in solve_ranks(m, n, ratio, spec, config.group_size, share)]
     elif method == "bitdelta":
         rows = 0 if unchanged else bitdelta_rows(m, n, ratio, config.bitdelta_scale == "row")
         if rows:
@@ -518,9 +530,9 @@ def _genome_spec(genome: Genome) -> list[list]:
     return spec
 
 
-def _default_genome(bands: Sequence[Sequence], m: int, n: int, ratio: float, group_size: int) -> Genome | None:
-    """The configured split as a genome when it is expressible (high bands at 8/4/3 bits, rest at 2 or 3 bits)."""
-    solved = solve_ranks(m, n, ratio, bands, group_size)
+def _default_genome(bands: Sequence[Sequence], solved: Sequence[Band]) -> Genome | None:
+    """The configured split (laid out as ``solved``) as a genome when it is expressible (high bands at 8/4/3 bits,
+    rest at 2 or 3 bits)."""
     ranks = dict.fromkeys(SEARCH_HIGH_BITS, 0)
     rest_bits = bands[-1][0]
     if rest_bits not in SEARCH_REST_BITS or bands[-1][1] is not None:
@@ -605,9 +617,13 @@ def _search(
     seed: int,
 ) -> SearchResult:
     objective = _Objective(samples, m, n, ratio, config, "rtn")
+    # the configured split as plan_entry lays it out, spelled as explicit ranks where min_rank_share shrank it
     start_spec = [list(b) for b in config.bands]
+    solved = solve_ranks(m, n, ratio, config.bands, config.group_size, rank_share(config))
+    if tuple(solved) != objective.layout(start_spec):
+        start_spec = [[b, r] for b, r in solved[:-1]] + [[solved[-1][0], start_spec[-1][1]]]
     start_value = objective(start_spec)
-    start = _default_genome(config.bands, m, n, ratio, config.group_size)
+    start = _default_genome(config.bands, solved)
     # the most rank the budget buys (everything at the lowest width, one band: each band pays its own scales,
     # zeros and row padding, so at small budgets fewer bands can mean more rank)
     full = max(sum(r for _, r in objective.layout([[b, None]])) for b in SEARCH_REST_BITS) or min(m, n)
@@ -811,94 +827,234 @@ def plan_layouts(
     info: dict[str, Any] = {}
     specs: dict[str, list[list]] = {}
     adaptive = config.allocation == "adaptive"
-    needs_data = (config.search is not None or adaptive) and calibration_ids is not None
+    auto_share = config.method == "deltacome" and config.min_rank_share == "auto"
+    needs_data = (config.search is not None or adaptive or auto_share) and calibration_ids is not None
     ids = calibration_ids[:PLAN_MAX_SAMPLES] if needs_data else None
+    live = [nm for nm in targets if not unchanged[nm]]
 
     def delta_of(name: str) -> torch.Tensor:
         wb = base_mods[name].weight.detach().to(torch.float32).cpu()
-        return ft_mods[name].weight.detach().to(torch.float32).cpu() - wb
+        wf = check.original(name) if check is not None else ft_mods[name].weight  # the check edits weights in place
+        return wf.detach().to(torch.float32).cpu() - wb
 
-    if config.search is not None:
-        with reuse_svd():  # the sample modules are compressed many times
-            by_kind: dict[str, list[str]] = defaultdict(list)
+    check: EndToEndCheck | None = None
+    if ids is not None and config.method in SVD_METHODS:
+        check = EndToEndCheck(finetuned_model, ids, delta_of, lambda nm, e: _rtn_bands_dense(delta_of(nm), e))
+    # a small model keeps every delta's SVD for the whole plan (each is approximated at several layouts)
+    small = sum(shapes[nm][0] * shapes[nm][1] for nm in live) * 8 <= SVD_CACHE_BYTES
+    try:
+        with reuse_svd() if small else contextlib.nullcontext():
+            if auto_share:
+                share = _choose_rank_share(check, config, live, shapes, info) if check is not None else 0.0
+                config = _with(config, min_rank_share=share)
+                if check is not None:
+                    check.restore()  # what follows measures activations of the fine-tune itself
+            if config.search is not None:
+                specs = _search_specs(finetuned_model, config, live, shapes, delta_of, ids, info, progress)
+
+            default = {name: plan_entry(name, *shapes[name], config.ratio, config,
+                                        bias=bool(bias_changed.get(name, False)), unchanged=unchanged[name])
+                       for name in targets}  # fmt: skip
+            layout = {}
             for name in targets:
-                if not unchanged[name]:
-                    by_kind[module_kind(name, shapes[name])].append(name)
-            samples = {kind: _spread(names, SEARCH_LAYERS) for kind, names in by_kind.items()}
-            wanted = [nm for names in samples.values() for nm in names]
-            hess = collect_hessians(finetuned_model, wanted, ids, progress=progress) if ids is not None else {}
-            results = {}
-            bar = _progress(len(samples), progress, f"Searching band splits ({config.search})")
-            for kind, names in samples.items():
-                m, n = shapes[names[0]]
-                res = search_split(
-                    [(delta_of(nm), hess.get(nm)) for nm in names], m, n, config.ratio, config,
-                    strategy=config.search, kind=kind,
+                spec = specs.get(module_kind(name, shapes[name]))
+                layout[name] = default[name] if spec is None else plan_entry(
+                    name, *shapes[name], config.ratio, config, spec=spec, bias=default[name]["bias"],
+                    unchanged=unchanged[name],
                 )  # fmt: skip
-                specs[kind] = res.spec
-                results[kind] = res.to_dict()
-                bar.update(1)
-            bar.close()
-            del hess
-            info["search"] = {"strategy": config.search, "objective": "relative output error", "types": results}
-
-    layout: dict[str, dict[str, Any]] = {}
-    for name in targets:
-        m, n = shapes[name]
-        layout[name] = plan_entry(
-            name,
-            m,
-            n,
-            config.ratio,
-            config,
-            spec=specs.get(module_kind(name, shapes[name])),
-            bias=bool(bias_changed.get(name, False)),
-            unchanged=unchanged[name],
-        )
-
-    if adaptive:
-        live = [nm for nm in targets if not unchanged[nm]]
-        chunks = iter_hessians(finetuned_model, live, ids, progress=progress) if ids is not None else [{}]
-        by_name: dict[str, Candidates] = {}
-        bar = _progress(len(live), progress, "Measuring sensitivity")
-        for hess in chunks:
-            for name in hess or live:
-                if name in by_name:
-                    continue
-                with reuse_svd():  # scoped to the module: a large model cannot hold every SVD at once
-                    by_name[name] = _candidates(
-                        name, shapes[name], delta_of(name), ft_mods[name], hess.get(name), config, specs
-                    )
-                bar.update(1)
-            del hess
-        bar.close()
-        cands = [by_name[name] for name in live]
-        total_budget = sum(c.uniform_bytes for c in cands)
-        picks, tau = allocate(cands, total_budget)
-        for c, j in zip(cands, picks, strict=True):
-            entry = dict(c.entries[j])
-            entry["bias"] = layout[c.name]["bias"]
-            layout[c.name] = entry
-        used = sum(c.nbytes[j] for c, j in zip(cands, picks, strict=True))
-        one = ALLOCATION_LEVELS.index(1.0)
-        info["allocation"] = {
-            "strategy": "adaptive",
-            "metric": "output noise-to-signal ||(dW - dW_q) X||^2 / ||W_ft X||^2"
-            + ("" if ids is not None else " without activations (X = I)"),
-            "threshold": tau,
-            "budget_bytes": total_budget,
-            "factor_bytes": used,
-            "uniform_factor_bytes": sum(c.nbytes[one] for c in cands),
-            "max_error": max((c.errors[j] for c, j in zip(cands, picks, strict=True)), default=0.0),
-            "uniform_max_error": max((c.errors[one] for c in cands), default=0.0),
-            "multipliers": {
-                c.name: round(c.nbytes[j] / max(c.uniform_bytes, 1), 3) for c, j in zip(cands, picks, strict=True)
-            },
-        }
+            kl_now = None
+            if check is not None and (config.search is not None or adaptive):
+                check.apply({nm: default[nm] for nm in live})
+                kl_now = check.kl()
+                info.setdefault("end_to_end", {}).update(
+                    {"metric": "next-token KL to the fine-tune (round-to-nearest)", "default": kl_now}
+                )
+                if config.search is not None:
+                    kl_now = _keep_searched_if_better(check, kl_now, layout, default, specs, live, shapes, info)
+            if adaptive:
+                _allocate_adaptive(finetuned_model, config, ids, live, shapes, delta_of, ft_mods, specs, layout,
+                                   info, check, kl_now, progress)  # fmt: skip
+    finally:
+        if check is not None:
+            check.restore()
     info["plan_seconds"] = round(time.time() - t0, 2)
     if needs_data:
         info["plan_samples"] = int(ids.shape[0])
     return layout, info
+
+
+def _search_specs(
+    finetuned_model: nn.Module,
+    config: DeltaCoMeConfig,
+    live: Sequence[str],
+    shapes: dict[str, tuple[int, int]],
+    delta_of: Any,
+    ids: torch.Tensor | None,
+    info: dict[str, Any],
+    progress: bool,
+) -> dict[str, list[list]]:
+    """The band split of each module type that beat the configured one on its sample layers (search_split)."""
+    specs: dict[str, list[list]] = {}
+    with reuse_svd():  # the sample modules are compressed many times
+        by_kind: dict[str, list[str]] = defaultdict(list)
+        for name in live:
+            by_kind[module_kind(name, shapes[name])].append(name)
+        samples = {kind: _spread(names, SEARCH_LAYERS) for kind, names in by_kind.items()}
+        wanted = [nm for names in samples.values() for nm in names]
+        hess = collect_hessians(finetuned_model, wanted, ids, progress=progress) if ids is not None else {}
+        results = {}
+        bar = _progress(len(samples), progress, f"Searching band splits ({config.search})")
+        for kind, names in samples.items():
+            m, n = shapes[names[0]]
+            res = search_split(
+                [(delta_of(nm), hess.get(nm)) for nm in names], m, n, config.ratio, config,
+                strategy=config.search, kind=kind,
+            )  # fmt: skip
+            if res.objective < res.default_objective:  # else the type keeps the configured split
+                specs[kind] = res.spec
+            results[kind] = res.to_dict()
+            bar.update(1)
+        bar.close()
+    info["search"] = {"strategy": config.search, "objective": "relative output error", "types": results}
+    return specs
+
+
+def _choose_rank_share(
+    check: EndToEndCheck,
+    config: DeltaCoMeConfig,
+    live: Sequence[str],
+    shapes: dict[str, tuple[int, int]],
+    info: dict[str, Any],
+) -> float:
+    """``min_rank_share="auto"``: the share in ``RANK_SHARES`` whose layout brings the whole model closest to the
+    fine-tune (ties: the smaller share, nearer the published bands).
+
+    Per-module reconstruction error cannot make this choice: on a knowledge fine-tune it rates the published bands
+    2-3x better than one 2-bit band at 1/32, while the model keeps more of the fine-tune with the 2-bit band
+    (benchmarks/RESULTS.md); a delta dominated by a few directions goes the other way."""
+    kls: dict[float, float] = {}
+    seen: dict[str, float] = {}
+    for share in RANK_SHARES:
+        cfg = _with(config, min_rank_share=share)
+        layouts = {nm: plan_entry(nm, *shapes[nm], cfg.ratio, cfg) for nm in live}
+        key = str(sorted((nm, e["bands"]) for nm, e in layouts.items()))
+        if key in seen:  # the same layout as a smaller share: nothing new to measure
+            kls[share] = kls[seen[key]]
+            continue
+        seen[key] = share
+        check.apply(layouts)
+        kls[share] = check.kl()
+    best = min(RANK_SHARES, key=lambda sh: (kls[sh], sh))
+    info["rank_share"] = {
+        "chosen": best,
+        "metric": "next-token KL to the fine-tune (round-to-nearest)",
+        "kl": {str(sh): kls[sh] for sh in RANK_SHARES},
+    }
+    return best
+
+
+def _keep_searched_if_better(
+    check: EndToEndCheck,
+    kl_now: float,
+    layout: dict[str, dict[str, Any]],
+    default: dict[str, dict[str, Any]],
+    specs: dict[str, list[list]],
+    live: Sequence[str],
+    shapes: dict[str, tuple[int, int]],
+    info: dict[str, Any],
+) -> float:
+    """Swap in each module type's searched split, one type at a time, and keep it only where the model's KL to the
+    fine-tune falls; a type whose split does not pay goes back to the configured split. Returns the KL reached."""
+    verdicts = {}
+    for kind in sorted(specs):
+        names = [nm for nm in live if module_kind(nm, shapes[nm]) == kind]
+        swapped = {nm: layout[nm] for nm in names if layout[nm]["bands"] != default[nm]["bands"]}
+        if not swapped:
+            verdicts[kind] = {"kl": kl_now, "kept": True, "same_as_default": True}
+            continue
+        before = check.snapshot(list(swapped))
+        check.apply(swapped)
+        kl = check.kl()
+        kept = kl < kl_now
+        verdicts[kind] = {"kl": kl, "kept": kept}
+        if kept:
+            kl_now = kl
+        else:
+            check.rollback(before)
+            specs.pop(kind)
+            for nm in swapped:
+                layout[nm] = default[nm]
+    info["end_to_end"]["search"] = verdicts
+    info["end_to_end"]["after_search"] = kl_now
+    return kl_now
+
+
+def _allocate_adaptive(
+    finetuned_model: nn.Module,
+    config: DeltaCoMeConfig,
+    ids: torch.Tensor | None,
+    live: Sequence[str],
+    shapes: dict[str, tuple[int, int]],
+    delta_of: Any,
+    ft_mods: dict[str, nn.Module],
+    specs: dict[str, list[list]],
+    layout: dict[str, dict[str, Any]],
+    info: dict[str, Any],
+    check: EndToEndCheck | None,
+    kl_now: float | None,
+    progress: bool,
+) -> None:
+    """Move budget between ``live`` modules by measured sensitivity (model-wide bytes unchanged), in ``layout``;
+    with an end-to-end ``check`` the moved layout is kept only if the model's KL to the fine-tune falls."""
+    if check is not None:  # activations are measured on the fine-tune itself
+        check.restore()
+    chunks = iter_hessians(finetuned_model, live, ids, progress=progress) if ids is not None else [{}]
+    by_name: dict[str, Candidates] = {}
+    bar = _progress(len(live), progress, "Measuring sensitivity")
+    for hess in chunks:
+        for name in hess or live:
+            if name in by_name:
+                continue
+            with reuse_svd():  # scoped to the module: a large model cannot hold every SVD at once
+                by_name[name] = _candidates(
+                    name, shapes[name], delta_of(name), ft_mods[name], hess.get(name), config, specs
+                )
+            bar.update(1)
+        del hess
+    bar.close()
+    cands = [by_name[name] for name in live]
+    before = {nm: layout[nm] for nm in live}
+    total_budget = sum(c.uniform_bytes for c in cands)
+    picks, tau = allocate(cands, total_budget)
+    for c, j in zip(cands, picks, strict=True):
+        entry = dict(c.entries[j])
+        entry["bias"] = layout[c.name]["bias"]
+        layout[c.name] = entry
+    used = sum(c.nbytes[j] for c, j in zip(cands, picks, strict=True))
+    one = ALLOCATION_LEVELS.index(1.0)
+    info["allocation"] = {
+        "strategy": "adaptive",
+        "metric": "output noise-to-signal ||(dW - dW_q) X||^2 / ||W_ft X||^2"
+        + ("" if ids is not None else " without activations (X = I)"),
+        "threshold": tau,
+        "budget_bytes": total_budget,
+        "factor_bytes": used,
+        "uniform_factor_bytes": sum(c.nbytes[one] for c in cands),
+        "max_error": max((c.errors[j] for c, j in zip(cands, picks, strict=True)), default=0.0),
+        "uniform_max_error": max((c.errors[one] for c in cands), default=0.0),
+        "multipliers": {
+            c.name: round(c.nbytes[j] / max(c.uniform_bytes, 1), 3) for c, j in zip(cands, picks, strict=True)
+        },
+    }
+    if check is None or kl_now is None:
+        return
+    check.apply({nm: layout[nm] for nm in live})
+    kl = check.kl()
+    kept = kl < kl_now
+    info["end_to_end"]["adaptive"] = {"kl": kl, "kept": kept}
+    info["allocation"]["kept"] = kept
+    if not kept:  # the per-module sensitivities moved budget where the model did not gain: keep the uniform split
+        layout.update(before)
 
 
 def _candidates(

@@ -166,7 +166,7 @@ def stored_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
         return 0
     total = 0
     for shape, dtype in expected_tensor_shapes(rows, cols, bits, group_size).values():
-        total += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        total += math.prod(shape) * dtype.itemsize
     return total
 
 

@@ -165,12 +165,21 @@ class AdapterSummary:
 def _plan_lines(plan: dict[str, Any]) -> list[str]:
     """How the layout was chosen: band-split search per module type, adaptive allocation across modules."""
     lines = []
-    search = plan.get("search")
+    search, e2e = plan.get("search"), plan.get("end_to_end")
+    share = plan.get("rank_share")
+    if isinstance(share, dict):
+        kls = ", ".join(f"{k}: {v:.4g}" for k, v in (share.get("kl") or {}).items())
+        lines += ["", f"min_rank_share {share.get('chosen')} (auto), by {share.get('metric')}: {kls}"]
     if isinstance(search, dict):
         lines += ["", f"band split search ({search.get('strategy')}), relative output error default -> chosen:"]
+        verdicts = (e2e.get("search") or {}) if isinstance(e2e, dict) else {}
         for kind, r in sorted((search.get("types") or {}).items()):
             bands = " + ".join(f"{rank}@{bits}b" for bits, rank in r.get("bands", []) if rank)
-            lines.append(f"  {kind:<22} {bands:<36} {r.get('default_objective', 0):.5f} -> {r.get('objective', 0):.5f}")
+            line = f"  {kind:<22} {bands:<36} {r.get('default_objective', 0):.5f} -> {r.get('objective', 0):.5f}"
+            v = verdicts.get(kind)
+            if isinstance(v, dict) and not v.get("same_as_default"):
+                line += f"  whole-model KL {v.get('kl', 0):.4g}: " + ("kept" if v.get("kept") else "default kept")
+            lines.append(line)
     alloc = plan.get("allocation")
     if isinstance(alloc, dict):
         mult = list((alloc.get("multipliers") or {}).values())
@@ -181,6 +190,15 @@ def _plan_lines(plan: dict[str, Any]) -> list[str]:
             f"{alloc.get('factor_bytes', 0):,} of {alloc.get('budget_bytes', 0):,} B; worst module error "
             f"{alloc.get('uniform_max_error', 0):.4g} (uniform) -> {alloc.get('max_error', 0):.4g}",
         ]
+        adaptive = e2e.get("adaptive") if isinstance(e2e, dict) else None
+        if isinstance(adaptive, dict):
+            verdict = "kept" if adaptive.get("kept") else "not kept: every module stays at its uniform budget"
+            lines.append(f"  whole-model KL {adaptive.get('kl', 0):.4g}: {verdict}")
+    if isinstance(e2e, dict):
+        lines.append(
+            f"whole-model check: {e2e.get('metric')}, configured split {e2e.get('default', 0):.4g}; a searched split"
+            " or moved budget is kept only where it lowers it"
+        )
     return lines
 
 
@@ -275,5 +293,9 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
         extras_fp16_bytes=extras_fp16,
         ratio_target=cfg.get("ratio"),
         method=cfg.get("method", "deltacome"),
-        plan={k: v for k, v in (cfg.get("compression_info") or {}).items() if k in ("search", "allocation")},
+        plan={
+            k: v
+            for k, v in (cfg.get("compression_info") or {}).items()
+            if k in ("rank_share", "search", "allocation", "end_to_end")
+        },
     )

@@ -65,10 +65,11 @@ def test_error_falls_as_ratio_grows_and_bytes_fit_budget(arch):
         cfg = model.peft_config["default"]
         layers = deltacome_layers(model)
         assert set(layers) == set(target_linears(ref))
+        share = cfg.compression_info["rank_share"]["chosen"]  # min_rank_share="auto": chosen on the calibration data
         stored = 0
         for name, layer in layers.items():
             m, n = cfg.layout[name]["shape"]
-            assert cfg.layout[name]["bands"] == [list(b) for b in solve_ranks(m, n, cfg.ratio, cfg.bands, 128)]
+            assert cfg.layout[name]["bands"] == [list(b) for b in solve_ranks(m, n, cfg.ratio, cfg.bands, 128, share)]
             nbytes = factor_bytes(layer.deltacome_delta["default"])
             assert nbytes <= budget_bytes(m, n, cfg.ratio), name
             stored += nbytes > 0

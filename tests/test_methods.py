@@ -191,10 +191,11 @@ def test_search_is_never_worse_than_the_default_split(strategy):
 def test_search_reaches_single_band_splits_when_the_default_bands_eat_a_small_budget(strategy):
     """At 1/64 of a GQA k/v shape, 2 x 8-bit + 32 x 3-bit do not fit and every band pays its own scales, zeros and
     row padding: the configured split keeps ~2 ranks while one 2-bit band keeps several times more. The search must
-    find a split at least as good as the best single-band one (a coordinate search from the default alone cannot)."""
+    find a split at least as good as the best single-band one (a coordinate search from the default alone cannot).
+    ``min_rank_share=0`` keeps the published bands as they are, the case the search has to get out of."""
     m, n, ratio = 192, 576, 1 / 64
     samples = [(long_tail_delta(m, n, seed=s), input_hessian(n, seed=s)) for s in range(2)]
-    cfg = DeltaCoMeConfig(ratio=ratio, group_size=128, quantizer="rtn")
+    cfg = DeltaCoMeConfig(ratio=ratio, group_size=128, quantizer="rtn", min_rank_share=0.0)
     res = search_split(samples, m, n, ratio, cfg, strategy=strategy, max_evals=30)
 
     def objective(layout):
@@ -213,9 +214,19 @@ def test_search_reaches_single_band_splits_when_the_default_bands_eat_a_small_bu
 def test_search_keeps_the_default_when_nothing_beats_it():
     m, n = 64, 64
     samples = [(long_tail_delta(m, n), None)]
-    cfg = DeltaCoMeConfig(ratio=1 / 8, group_size=32, quantizer="rtn")
+    cfg = DeltaCoMeConfig(ratio=1 / 8, group_size=32, quantizer="rtn", min_rank_share=0.0)
     res = search_split(samples, m, n, 1 / 8, cfg, strategy="greedy", max_evals=1)
     assert res.spec == cfg.bands and res.objective == res.default_objective
+
+
+def test_search_starts_from_the_split_min_rank_share_gives():
+    m, n, ratio = 192, 576, 1 / 32
+    samples = [(long_tail_delta(m, n), None)]
+    cfg = DeltaCoMeConfig(ratio=ratio, group_size=128, quantizer="rtn", min_rank_share=0.7)
+    res = search_split(samples, m, n, ratio, cfg, strategy="greedy", max_evals=1)
+    shrunk = solve_ranks(m, n, ratio, cfg.bands, 128, 0.7)
+    assert shrunk != solve_ranks(m, n, ratio, cfg.bands, 128)  # the share changes this layer's split
+    assert [tuple(b) for b in res.layout] == shrunk and res.objective == res.default_objective
 
 
 # ------------------------------------------------------------------------------------------------ allocation
@@ -366,9 +377,119 @@ def test_search_and_allocation_are_recorded_and_shown(llama_pair, tmp_path):
     assert alloc["max_error"] <= alloc["uniform_max_error"] + 1e-12
     text = summarize_adapter(tmp_path).format()
     assert "band split search (greedy)" in text and "allocation: adaptive" in text
+    assert "min_rank_share" in text and "whole-model check" in text
+    assert info["rank_share"]["chosen"] in (0.0, 0.5, 0.7, 0.85, 1.0)
     # the layouts differ between layers (budget moved) but are what the loader builds
     layouts = {json.dumps(e["bands"]) for n, e in cfg["layout"].items() if n.endswith("q_proj")}
     assert layouts
+
+
+def test_end_to_end_check_measures_kl_and_always_restores_the_finetune(llama_pair):
+    from hf_deltacome.endtoend import EndToEndCheck
+
+    base, ft = llama_pair
+    ft = copy.deepcopy(ft)
+    base_w = {n: m.weight for n, m in base.named_modules() if n in target_linears(base)}
+    ft_mods = dict(ft.named_modules())
+    before = {n: ft_mods[n].weight.detach().clone() for n in base_w}
+
+    deltas = {n: before[n] - base_w[n].detach() for n in base_w}
+    scaled = {"exact": 1.0, "half": 0.5, "none": 0.0}
+    check = EndToEndCheck(ft, random_ids(base, 8, 24, seed=3), lambda n: deltas[n], lambda n, e: deltas[n] * e["k"])
+    kls = {}
+    with check:
+        for label, k in scaled.items():
+            check.apply({n: {"k": k} for n in base_w})
+            kls[label] = check.kl()
+    assert kls["exact"] == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 < kls["half"] < kls["none"]  # the base (no delta) is furthest from the fine-tune
+    for n, w in before.items():  # the fine-tune is itself again
+        assert torch.equal(ft_mods[n].weight, w)
+    with pytest.raises(RuntimeError, match="boom"), check:  # restored on an error too
+        check.apply({n: {"k": 0.0} for n in base_w})
+        raise RuntimeError("boom")
+    for n, w in before.items():
+        assert torch.equal(ft_mods[n].weight, w)
+
+
+def test_search_and_allocation_keep_a_change_only_where_the_whole_model_gains(llama_pair, monkeypatch):
+    """The per-module objective picks splits and moves budget; the whole-model KL decides whether they stay. With a
+    check that sees no gain anywhere, the plan is exactly the configured split at the uniform budget."""
+    from hf_deltacome import methods
+
+    class NoGain(methods.EndToEndCheck):
+        def kl(self) -> float:
+            super().kl()
+            return 1.0
+
+    base, ft = llama_pair
+    before = {n: p.detach().clone() for n, p in ft.named_parameters()}
+    real = _compress(llama_pair, search="greedy", allocation="adaptive").peft_config["default"]
+    monkeypatch.setattr(methods, "EndToEndCheck", NoGain)
+    cfg = _compress(llama_pair, search="greedy", allocation="adaptive").peft_config["default"]
+    plain = _compress(llama_pair).peft_config["default"]
+    e2e = cfg.compression_info["end_to_end"]
+    assert e2e["search"] and not any(v["kept"] for v in e2e["search"].values() if not v.get("same_as_default"))
+    assert e2e["adaptive"]["kept"] is False and cfg.compression_info["allocation"]["kept"] is False
+    assert {n: e["bands"] for n, e in cfg.layout.items()} == {n: e["bands"] for n, e in plain.layout.items()}
+    # the real check: every kept change lowered the KL it was measured against
+    info = real.compression_info["end_to_end"]
+    kl = info["default"]
+    for kind, v in sorted(info["search"].items()):
+        assert v["kept"] == (v["kl"] < kl) or v.get("same_as_default"), kind
+        kl = v["kl"] if v["kept"] else kl
+    assert info["after_search"] == kl <= info["default"]
+    for n, p in ft.named_parameters():  # the fine-tune handed in is untouched
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.fixture(scope="module")
+def wide_pairs():
+    """A fine-tune dominated by a few strong directions and one whose delta is spread evenly over many (as a
+    knowledge fine-tune is), on a model wide enough for the bands to matter."""
+    wide = dict(hidden_size=128, intermediate_size=352, head_dim=32)
+    base = make_model("llama", **wide)
+    return base, {"peaked": make_finetune(base, rank=4), "flat": make_finetune(base, rank=0, decay=0.05)}
+
+
+def test_auto_min_rank_share_follows_the_delta(wide_pairs):
+    """The share is chosen by the whole model's KL to the fine-tune: a peaked delta keeps the published bands (its
+    strong directions need 8 bits; one 2-bit band loses most of them), an even one trades them for rank."""
+    base, fts = wide_pairs
+    calib, held_out = random_ids(base, 16, 64, seed=1), random_ids(base, 8, 64, seed=2)
+    chosen, errors = {}, {}
+    for label, ft in fts.items():
+        for share in ("auto", 0.0, 1.0):
+            cfg = DeltaCoMeConfig(ratio=1 / 8, min_rank_share=share)
+            model = compress(copy.deepcopy(base), ft, cfg, calibration=calib, progress=False)
+            errors[label, share] = relative_logits_error(model, ft, base, held_out)
+            if share == "auto":
+                info = model.peft_config["default"].compression_info["rank_share"]
+                chosen[label] = info["chosen"]
+                assert info["kl"][str(info["chosen"])] == min(info["kl"].values())
+    assert chosen["peaked"] == 0.0 and chosen["flat"] > 0.0
+    assert errors["peaked", "auto"] < 0.5 * errors["peaked", 1.0]
+    assert errors["flat", "auto"] < errors["flat", 0.0]
+
+
+def test_planned_kl_does_not_depend_on_what_was_measured_before(wide_pairs):
+    """The check edits the fine-tune's weights in place; every KL it records must be that of its own layout."""
+    from hf_deltacome.endtoend import EndToEndCheck
+    from hf_deltacome.methods import _rtn_bands_dense, _with, plan_layouts
+
+    base, fts = wide_pairs
+    ft = fts["flat"]
+    names = target_linears(base)
+    calib = random_ids(base, 8, 32, seed=1)
+    cfg = DeltaCoMeConfig(ratio=1 / 8)
+    _, info = plan_layouts(base, ft, names, cfg, calibration_ids=calib)
+    bm, fm = dict(base.named_modules()), dict(ft.named_modules())
+    deltas = {n: (fm[n].weight - bm[n].weight).detach().float() for n in names}
+    for share, kl in info["rank_share"]["kl"].items():
+        layouts = {n: plan_entry(n, *deltas[n].shape, 1 / 8, _with(cfg, min_rank_share=float(share))) for n in names}
+        with EndToEndCheck(ft, calib, deltas.__getitem__, lambda n, e: _rtn_bands_dense(deltas[n], e)) as fresh:
+            fresh.apply(layouts)
+            assert fresh.kl() == pytest.approx(kl, rel=1e-4), share
 
 
 def test_cli_compress_with_a_baseline_and_info_shows_its_layout(llama_pair, tmp_path, capsys):
@@ -394,3 +515,10 @@ def test_cli_compress_with_a_baseline_and_info_shows_its_layout(llama_pair, tmp_
     assert cfg["search"] == "genetic" and cfg["allocation"] == "adaptive"
     assert main([*args, "--overwrite", "--method", "bitdelta", "--search", "greedy"]) == 2
     assert "search" in capsys.readouterr().err
+    rc = main([*args, "--overwrite", "--quantizer", "rtn", "--min-rank-share", "0.7"])
+    assert rc == 0 and json.loads((out / "adapter_config.json").read_text())["min_rank_share"] == 0.7
+    with pytest.raises(SystemExit):
+        main([*args, "--overwrite", "--min-rank-share", "most"])
+    assert "expected 'auto' or a number in [0, 1], got 'most'" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--min-rank-share", "2"]) == 2
+    assert "min_rank_share must be 'auto' or a number in [0, 1], got 2.0" in capsys.readouterr().err

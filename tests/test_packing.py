@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_deltacome.budget import DEFAULT_BANDS, band_nbytes, budget_bytes, layout_nbytes, solve_ranks
+from hf_deltacome.budget import DEFAULT_BANDS, band_nbytes, budget_bytes, layout_nbytes, shrunk_specs, solve_ranks
 from hf_deltacome.errors import ConfigError
 from hf_deltacome.packing import (
     QuantizedMatrix,
@@ -97,6 +97,50 @@ def test_budget_7b_shape_matches_published_scale():
 def test_budget_ranks_grow_with_ratio():
     ranks = [sum(r for _, r in solve_ranks(576, 1536, r, DEFAULT_BANDS, 128)) for r in (1 / 64, 1 / 32, 1 / 16, 1 / 8)]
     assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
+
+
+def test_shrunk_specs_scale_the_fixed_bands_together_down_to_none():
+    specs = shrunk_specs(DEFAULT_BANDS)
+    assert specs[0] == [[8, 2], [3, 32], [2, None]] and specs[-1] == [[8, 0], [3, 0], [2, None]]
+    assert [8, 1] in (s[0] for s in specs) and [3, 16] in (s[1] for s in specs)
+    assert len(specs) == len({str(s) for s in specs}) == 33  # 1/32 steps: every 3-bit rank 32..0
+    assert all(s[2] == [2, None] for s in specs)  # the rest band always takes what is left
+    assert shrunk_specs([[2, None]]) == [[[2, None]]]
+    assert shrunk_specs([[4, 0.5], [2, 8]]) == [[[4, 0.5], [2, 8]]]  # fractions and the last band are never scaled
+
+
+@pytest.mark.parametrize("m,n", [(4096, 4096), (4096, 11008), (11008, 4096)])
+def test_min_rank_share_leaves_the_published_design_point_alone(m, n):
+    assert solve_ranks(m, n, 1 / 16, DEFAULT_BANDS, 128, 0.95) == solve_ranks(m, n, 1 / 16, DEFAULT_BANDS, 128)
+
+
+@pytest.mark.parametrize("share", [0.6, 0.7, 0.85, 1.0])
+@pytest.mark.parametrize(
+    "m,n,ratio", [(576, 576, 1 / 32), (192, 576, 1 / 16), (576, 1536, 1 / 64), (1536, 576, 1 / 32)]
+)
+def test_min_rank_share_shrinks_the_fixed_bands_of_small_layers(m, n, ratio, share):
+    plain = solve_ranks(m, n, ratio, DEFAULT_BANDS, 128)
+    tail_only = solve_ranks(m, n, ratio, [[2, None]], 128)[0][1]
+    bands = solve_ranks(m, n, ratio, DEFAULT_BANDS, 128, share)
+    assert sum(r for _, r in plain) < share * tail_only  # the published bands eat the tail here
+    assert [b for b, _ in bands] == [8, 3, 2]
+    assert layout_nbytes(m, n, bands, 128) <= budget_bytes(m, n, ratio)
+    assert sum(r for _, r in bands) >= share * tail_only
+    assert bands[0][1] <= plain[0][1] and bands[1][1] <= 32  # only the fixed bands shrink
+    if share == 1.0:
+        assert bands == [(8, 0), (3, 0), (2, tail_only)]
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "high", True])
+def test_min_rank_share_is_validated(bad):
+    from hf_deltacome import DeltaCoMeConfig
+
+    with pytest.raises(ConfigError, match="min_rank_share must be 'auto' or a number in \\[0, 1\\], got"):
+        DeltaCoMeConfig(min_rank_share=bad)
+    with pytest.raises(ConfigError, match="min_rank_share must be in"):
+        solve_ranks(64, 64, 1 / 16, DEFAULT_BANDS, 128, 1.5)
+    assert DeltaCoMeConfig().to_dict()["min_rank_share"] == "auto"
+    assert DeltaCoMeConfig(min_rank_share=1).min_rank_share == 1.0
 
 
 def test_band_bytes_count_every_tensor():

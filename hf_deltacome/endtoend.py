@@ -1,0 +1,111 @@
+"""End-to-end check of planned layouts: how far the whole model's next-token distribution moves from the fine-tune.
+
+The band-split search and the adaptive allocation score layouts module by module (relative output error on
+calibration activations). That objective is cheap, but it is not the model's: on a delta that stores knowledge it
+prefers fewer, more precise singular vectors than is best end to end (measured in ``benchmarks/RESULTS.md``). So a
+planned change is kept only if it also lowers the next-token KL divergence from the fine-tune on the calibration
+text, with every target delta replaced by its round-to-nearest approximation at its layout. Weights are edited in
+place on the fine-tune (``W_ft - Δ + Δ̂``) and always put back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+E2E_SAMPLES = 8  # calibration sequences the check runs (each evaluation is one forward pass over them)
+
+
+class EndToEndCheck:
+    """Next-token KL of ``model`` (the fine-tune) against itself with some deltas replaced by approximations.
+
+    ``delta_of(name)`` gives a target's float32 delta, ``approx_of(name, entry)`` its dense approximation at layout
+    ``entry``; both must read the fine-tune's weights through :meth:`original`, since replaced ones are edited in
+    place. Use as a context manager so the fine-tune's weights are restored whatever happens.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        delta_of: Callable[[str], torch.Tensor],
+        approx_of: Callable[[str, dict[str, Any]], torch.Tensor],
+        *,
+        max_samples: int = E2E_SAMPLES,
+        batch_size: int = 4,
+    ) -> None:
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0:
+            raise ConfigError(
+                f"end-to-end check needs a (sequences, tokens) batch of ids, got {tuple(input_ids.shape)}"
+            )
+        self.model, self.delta_of, self.approx_of = model, delta_of, approx_of
+        self.modules = dict(model.named_modules())
+        self.device = next(model.parameters()).device
+        self.batches = list(input_ids[:max_samples].split(batch_size))
+        self.saved: dict[str, torch.Tensor] = {}  # fine-tune weights of the modules currently replaced
+        self.applied: dict[str, dict[str, Any]] = {}  # the layout entry each replaced module has now
+        self.evaluations = 0
+        self.reference = [self._log_probs(b).cpu() for b in self.batches]
+
+    def __enter__(self) -> EndToEndCheck:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    @torch.no_grad()
+    def _log_probs(self, batch: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=batch.to(self.device), use_cache=False).logits
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.no_grad()
+    def apply(self, layouts: Mapping[str, dict[str, Any]]) -> None:
+        """Replace each named target's delta by its approximation at the given layout entry."""
+        for name, entry in layouts.items():
+            if self.applied.get(name) == entry:
+                continue
+            weight = self.modules[name].weight
+            if name not in self.saved:
+                self.saved[name] = weight.detach().clone()
+            error = self.delta_of(name) - self.approx_of(name, entry)
+            weight.copy_(self.saved[name] - error.to(device=weight.device, dtype=weight.dtype))
+            self.applied[name] = entry
+
+    def original(self, name: str) -> torch.Tensor:
+        """The fine-tune's own weight of ``name``, whether or not it is replaced now."""
+        saved = self.saved.get(name)
+        return saved if saved is not None else self.modules[name].weight
+
+    def snapshot(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The current weights of ``names``, to put back with :meth:`rollback` if a change does not pay."""
+        return {nm: self.modules[nm].weight.detach().clone() for nm in names}
+
+    @torch.no_grad()
+    def rollback(self, snapshot: Mapping[str, torch.Tensor]) -> None:
+        for name, w in snapshot.items():
+            self.modules[name].weight.copy_(w)
+            self.applied.pop(name, None)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every replaced weight back to the fine-tune's."""
+        for name, w in self.saved.items():
+            self.modules[name].weight.copy_(w)
+        self.saved.clear()
+        self.applied.clear()
+
+    @torch.no_grad()
+    def kl(self) -> float:
+        """Mean over calibration tokens of ``KL(fine-tune || current model)`` for the next token."""
+        self.evaluations += 1
+        total, count = 0.0, 0
+        for batch, ref in zip(self.batches, self.reference, strict=True):
+            cur = self._log_probs(batch).cpu()
+            total += float((ref.exp() * (ref - cur)).sum())
+            count += ref.shape[0] * ref.shape[1]
+        return total / max(count, 1)
