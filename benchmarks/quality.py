@@ -201,7 +201,11 @@ def run_cell(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str
         "compress_seconds": round(seconds, 1),
         **metrics,
         "gain_kept": (metrics["accuracy"] - ref["base"]["accuracy"]) / gain if gain else None,
-        "info": {k: v for k, v in info.items() if k in ("search", "allocation", "bitdelta", "plan_seconds")},
+        "info": {
+            k: v
+            for k, v in info.items()
+            if k in ("rank_share", "search", "allocation", "end_to_end", "bitdelta", "plan_seconds")
+        },
     }
     record_path.write_text(json.dumps(record, indent=2))
     return record

@@ -24,9 +24,9 @@ E2E_SAMPLES = 8  # calibration sequences the check runs (each evaluation is one 
 class EndToEndCheck:
     """Next-token KL of ``model`` (the fine-tune) against itself with some deltas replaced by approximations.
 
-    ``delta_of(name)`` gives a target's float32 delta, ``approx_of(name, entry)`` its dense approximation at layout
-    ``entry``; both must read the fine-tune's weights through :meth:`original`, since replaced ones are edited in
-    place. Use as a context manager so the fine-tune's weights are restored whatever happens.
+    ``delta_of(name)`` gives a target's float32 delta (reading the fine-tune's weights through :meth:`original`,
+    since replaced ones are edited in place), ``approximate(delta, entry)`` its dense approximation at layout
+    ``entry``, computed on the module's own device. Use as a context manager so the fine-tune's weights are restored whatever happens.
     """
 
     def __init__(
@@ -34,7 +34,7 @@ class EndToEndCheck:
         model: nn.Module,
         input_ids: torch.Tensor,
         delta_of: Callable[[str], torch.Tensor],
-        approx_of: Callable[[str, dict[str, Any]], torch.Tensor],
+        approximate: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor],
         *,
         max_samples: int = E2E_SAMPLES,
         batch_size: int = 4,
@@ -43,7 +43,7 @@ class EndToEndCheck:
             raise ConfigError(
                 f"end-to-end check needs a (sequences, tokens) batch of ids, got {tuple(input_ids.shape)}"
             )
-        self.model, self.delta_of, self.approx_of = model, delta_of, approx_of
+        self.model, self.delta_of, self.approximate = model, delta_of, approximate
         self.modules = dict(model.named_modules())
         self.device = next(model.parameters()).device
         self.batches = list(input_ids[:max_samples].split(batch_size))
@@ -72,8 +72,9 @@ class EndToEndCheck:
             weight = self.modules[name].weight
             if name not in self.saved:
                 self.saved[name] = weight.detach().clone()
-            error = self.delta_of(name) - self.approx_of(name, entry)
-            weight.copy_(self.saved[name] - error.to(device=weight.device, dtype=weight.dtype))
+            delta = self.delta_of(name).to(device=weight.device, dtype=torch.float32)
+            error = delta - self.approximate(delta, entry)
+            weight.copy_(self.saved[name] - error.to(weight.dtype))
             self.applied[name] = entry
 
     def original(self, name: str) -> torch.Tensor:

@@ -395,7 +395,7 @@ def test_end_to_end_check_measures_kl_and_always_restores_the_finetune(llama_pai
 
     deltas = {n: before[n] - base_w[n].detach() for n in base_w}
     scaled = {"exact": 1.0, "half": 0.5, "none": 0.0}
-    check = EndToEndCheck(ft, random_ids(base, 8, 24, seed=3), lambda n: deltas[n], lambda n, e: deltas[n] * e["k"])
+    check = EndToEndCheck(ft, random_ids(base, 8, 24, seed=3), deltas.__getitem__, lambda d, e: d * e["k"])
     kls = {}
     with check:
         for label, k in scaled.items():
@@ -487,7 +487,7 @@ def test_planned_kl_does_not_depend_on_what_was_measured_before(wide_pairs):
     deltas = {n: (fm[n].weight - bm[n].weight).detach().float() for n in names}
     for share, kl in info["rank_share"]["kl"].items():
         layouts = {n: plan_entry(n, *deltas[n].shape, 1 / 8, _with(cfg, min_rank_share=float(share))) for n in names}
-        with EndToEndCheck(ft, calib, deltas.__getitem__, lambda n, e: _rtn_bands_dense(deltas[n], e)) as fresh:
+        with EndToEndCheck(ft, calib, deltas.__getitem__, _rtn_bands_dense) as fresh:
             fresh.apply(layouts)
             assert fresh.kl() == pytest.approx(kl, rel=1e-4), share
 
