@@ -812,8 +812,10 @@ def plan_layouts(
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The layout entry of every target (method, search and allocation applied) and a record of the choices.
 
-    ``calibration_ids`` (token ids) are run through the fine-tune to measure the input activations that the search
-    and the adaptive allocation weight errors with; without them both fall back to the plain Frobenius error.
+    With ``calibration_ids`` (token ids) the plan is checked on the whole model (:mod:`endtoend`): the next-token KL
+    to the fine-tune picks ``min_rank_share="auto"`` and decides whether each searched split and the adaptive
+    allocation are kept; the search and the allocation weight their per-module errors with the input activations.
+    Without data ``"auto"`` means the published split and both fall back to the plain Frobenius error.
     """
     t0 = time.time()
     bias_changed = bias_changed or {}
