@@ -19,6 +19,7 @@ from torch import nn
 from .errors import ConfigError
 
 E2E_SAMPLES = 8  # calibration sequences the check runs (each evaluation is one forward pass over them)
+E2E_TOKENS = 256  # tokens per sequence: the fine-tune's log-probs are held for all of them (tokens x vocabulary)
 
 
 class EndToEndCheck:
@@ -26,7 +27,8 @@ class EndToEndCheck:
 
     ``delta_of(name)`` gives a target's float32 delta (reading the fine-tune's weights through :meth:`original`,
     since replaced ones are edited in place), ``approximate(delta, entry)`` its dense approximation at layout
-    ``entry``, computed on the module's own device. Use as a context manager so the fine-tune's weights are restored whatever happens.
+    ``entry``, computed on the module's own device. Use as a context manager so the fine-tune's weights are
+    restored whatever happens.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class EndToEndCheck:
         approximate: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor],
         *,
         max_samples: int = E2E_SAMPLES,
+        max_tokens: int = E2E_TOKENS,
         batch_size: int = 4,
     ) -> None:
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
@@ -46,7 +49,7 @@ class EndToEndCheck:
         self.model, self.delta_of, self.approximate = model, delta_of, approximate
         self.modules = dict(model.named_modules())
         self.device = next(model.parameters()).device
-        self.batches = list(input_ids[:max_samples].split(batch_size))
+        self.batches = list(input_ids[:max_samples, :max_tokens].split(batch_size))
         self.saved: dict[str, torch.Tensor] = {}  # fine-tune weights of the modules currently replaced
         self.applied: dict[str, dict[str, Any]] = {}  # the layout entry each replaced module has now
         self.evaluations = 0
@@ -88,6 +91,7 @@ class EndToEndCheck:
 
     @torch.no_grad()
     def rollback(self, snapshot: Mapping[str, torch.Tensor]) -> None:
+        """Put back the weights of a :meth:`snapshot`."""
         for name, w in snapshot.items():
             self.modules[name].weight.copy_(w)
             self.applied.pop(name, None)
