@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from hf_deltacome import DeltaCoMeConfig  # noqa: E402
 from hf_deltacome.compress import compress  # noqa: E402
+from hf_deltacome.config import PLAN_RECORDS  # noqa: E402
 from hf_deltacome.evaluate import token_windows  # noqa: E402
 from hf_deltacome.methods import reuse_svd  # noqa: E402
 from hf_deltacome.summary import summarize_adapter  # noqa: E402
@@ -201,11 +202,7 @@ def run_cell(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str
         "compress_seconds": round(seconds, 1),
         **metrics,
         "gain_kept": (metrics["accuracy"] - ref["base"]["accuracy"]) / gain if gain else None,
-        "info": {
-            k: v
-            for k, v in info.items()
-            if k in ("rank_share", "search", "allocation", "end_to_end", "bitdelta", "plan_seconds")
-        },
+        "info": {k: v for k, v in info.items() if k in (*PLAN_RECORDS, "bitdelta", "plan_seconds")},
     }
     record_path.write_text(json.dumps(record, indent=2))
     return record

@@ -42,6 +42,8 @@ SEARCHES = ("greedy", "genetic")
 ALLOCATIONS = ("uniform", "adaptive")
 # min_rank_share="auto" picks one of these by the whole model's KL to the fine-tune (0.0 = the published bands)
 RANK_SHARES = (0.0, 0.5, 0.7, 0.85, 1.0)
+# the compression_info records of how the layout was planned (methods.plan_layouts), shown by `deltacome info`
+PLAN_RECORDS = ("rank_share", "search", "allocation", "end_to_end")
 UNIFORM_BITS = (2, 3, 4, 8)
 BITDELTA_SCALES = ("matrix", "row")
 

@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 E2E_SAMPLES = 8  # calibration sequences the check runs (each evaluation is one forward pass over them)
 E2E_TOKENS = 256  # tokens per sequence: the fine-tune's log-probs are held for all of them (tokens x vocabulary)
+METRIC = "next-token KL to the fine-tune (round-to-nearest)"  # what the check's numbers are, for the records
 
 
 class EndToEndCheck:
@@ -52,7 +53,6 @@ class EndToEndCheck:
         self.batches = list(input_ids[:max_samples, :max_tokens].split(batch_size))
         self.saved: dict[str, torch.Tensor] = {}  # fine-tune weights of the modules currently replaced
         self.applied: dict[str, dict[str, Any]] = {}  # the layout entry each replaced module has now
-        self.evaluations = 0
         self.reference = [self._log_probs(b).cpu() for b in self.batches]
 
     def __enter__(self) -> EndToEndCheck:
@@ -107,7 +107,6 @@ class EndToEndCheck:
     @torch.no_grad()
     def kl(self) -> float:
         """Mean over calibration tokens of ``KL(fine-tune || current model)`` for the next token."""
-        self.evaluations += 1
         total, count = 0.0, 0
         for batch, ref in zip(self.batches, self.reference, strict=True):
             cur = self._log_probs(batch).cpu()

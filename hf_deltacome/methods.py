@@ -45,7 +45,7 @@ from torch import nn
 
 from .budget import Band, budget_bytes, layout_nbytes, solve_ranks
 from .config import RANK_SHARES, SVD_METHODS, DeltaCoMeConfig
-from .endtoend import EndToEndCheck
+from .endtoend import METRIC, EndToEndCheck
 from .errors import CalibrationError, ConfigError, DeltaCoMeError
 from .factors import PackedDelta, sign_part_nbytes, sparse_mask
 from .packing import QuantizedMatrix, quantize_rtn, stored_nbytes
@@ -866,11 +866,13 @@ def plan_layouts(
                 )  # fmt: skip
             kl_now = None
             if check is not None and (config.search is not None or adaptive):
-                check.apply({nm: default[nm] for nm in live})
-                kl_now = check.kl()
-                info.setdefault("end_to_end", {}).update(
-                    {"metric": "next-token KL to the fine-tune (round-to-nearest)", "default": kl_now}
-                )
+                chosen = info.get("rank_share")
+                if chosen and config.search is None:  # just measured; the allocation re-applies its own layout
+                    kl_now = chosen["kl"][str(chosen["chosen"])]
+                else:  # the searched splits are swapped in on top of the configured one
+                    check.apply({nm: default[nm] for nm in live})
+                    kl_now = check.kl()
+                info["end_to_end"] = {"metric": METRIC, "default": kl_now}
                 if config.search is not None:
                     kl_now = _keep_searched_if_better(check, kl_now, layout, default, specs, live, shapes, info)
             if adaptive:
@@ -949,7 +951,7 @@ def _choose_rank_share(
     best = min(RANK_SHARES, key=lambda sh: (kls[sh], sh))
     info["rank_share"] = {
         "chosen": best,
-        "metric": "next-token KL to the fine-tune (round-to-nearest)",
+        "metric": METRIC,
         "kl": {str(sh): kls[sh] for sh in RANK_SHARES},
     }
     return best

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import PLAN_RECORDS
 from .errors import AdapterFileError
 
 CONFIG_NAME = "adapter_config.json"
@@ -293,9 +294,5 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
         extras_fp16_bytes=extras_fp16,
         ratio_target=cfg.get("ratio"),
         method=cfg.get("method", "deltacome"),
-        plan={
-            k: v
-            for k, v in (cfg.get("compression_info") or {}).items()
-            if k in ("rank_share", "search", "allocation", "end_to_end")
-        },
+        plan={k: v for k, v in (cfg.get("compression_info") or {}).items() if k in PLAN_RECORDS},
     )

@@ -410,6 +410,8 @@ def test_end_to_end_check_measures_kl_and_always_restores_the_finetune(llama_pai
         raise RuntimeError("boom")
     for n, w in before.items():
         assert torch.equal(ft_mods[n].weight, w)
+    with pytest.raises(ConfigError, match=r"needs a \(sequences, tokens\) batch of ids, got \(24,\)"):
+        EndToEndCheck(ft, random_ids(base, 1, 24)[0], deltas.__getitem__, lambda d, e: d)
 
 
 def test_search_and_allocation_keep_a_change_only_where_the_whole_model_gains(llama_pair, monkeypatch):
