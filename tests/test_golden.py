@@ -1,0 +1,91 @@
+"""The same inputs give the same adapter bytes: compressed tiny pairs against hashes checked in beside this file.
+
+``golden_adapters.json`` was written by ``python tests/test_golden.py --write`` on the code before the package was
+reorganised into ``format/``, ``quant/``, ``compress/``, ``io/`` (architecture issue): a refactor must not change
+one byte of what ``compress`` + ``save_pretrained`` write. A deliberate format or algorithm change rewrites the file
+(and says so in its commit). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
+``adapter_config.json`` (the rest of the config records timings and versions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import hf_deltacome  # noqa: E402
+from tiny_models import make_finetune, make_model, random_ids  # noqa: E402
+
+GOLDEN = Path(__file__).with_name("golden_adapters.json")
+
+# name -> (arch, config kwargs, uses calibration)
+CASES: dict[str, tuple[str, dict, bool]] = {
+    "llama-gptq-default": ("llama", {}, True),
+    "llama-rtn": ("llama", {"quantizer": "rtn"}, False),
+    "qwen2-gptq-bias-1/32": ("qwen2", {"ratio": "1/32"}, True),
+    "mistral-gptq-share0.7-act-order": ("mistral", {"min_rank_share": 0.7, "act_order": True}, True),
+    "llama-lowrank": ("llama", {"method": "lowrank"}, True),
+    "llama-svd-uniform-3": ("llama", {"method": "svd-uniform", "uniform_bits": 3}, True),
+    "llama-bitdelta-1/32": ("llama", {"method": "bitdelta", "ratio": "1/32", "distill_steps": 3}, True),
+    "llama-dare": ("llama", {"method": "dare", "uniform_bits": 4}, True),
+    "llama-greedy-adaptive": ("llama", {"search": "greedy", "allocation": "adaptive", "ratio": "1/8"}, True),
+    "llava-gptq-image-text": ("llava", {"ratio": "1/4", "group_size": 16}, True),
+}
+
+
+def build(name: str, folder: Path) -> dict[str, str]:
+    """Compress the case ``name`` into ``folder`` and return the hashes of what was written."""
+    arch, kwargs, calibrated = CASES[name]
+    torch.manual_seed(0)
+    cfg = hf_deltacome.DeltaCoMeConfig(**kwargs)
+    if arch == "llava":
+        from tiny_vlm import make_llava, make_processor, make_vlm_finetune, random_pairs
+
+        base = make_llava(seed=0)
+        ft = make_vlm_finetune(base, seed=1)
+        model = hf_deltacome.compress(
+            base, ft, cfg, calibration=random_pairs(8, seed=3), processor=make_processor(), num_samples=8,
+            seq_len=16, progress=False,
+        )  # fmt: skip
+    else:
+        base = make_model(arch, seed=3)
+        ft = make_finetune(base, seed=3, embedding_rows=2)
+        calib = random_ids(ft, num_samples=8, seq_len=24, seed=5) if calibrated else None
+        model = hf_deltacome.compress(base, ft, cfg, calibration=calib, progress=False)
+    model.save_pretrained(folder)
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    layout = json.loads((folder / "adapter_config.json").read_text())["layout"]
+    return {
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "layout_sha256": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest(),
+        "weights_bytes": str(len(weights)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_same_bytes_as_recorded(name: str, tmp_path: Path) -> None:
+    torch.set_num_threads(1)  # one summation order, whatever the machine's core count
+    expected = json.loads(GOLDEN.read_text())[name]
+    got = build(name, tmp_path)
+    assert got == expected, f"{name}: the adapter written differs from {GOLDEN.name} ({got} != {expected})"
+
+
+if __name__ == "__main__":  # pragma: no cover - writes the reference file
+    import tempfile
+
+    if "--write" not in sys.argv:
+        sys.exit("usage: python tests/test_golden.py --write")
+    torch.set_num_threads(1)
+    out = {}
+    for case in sorted(CASES):
+        with tempfile.TemporaryDirectory() as tmp:
+            out[case] = build(case, Path(tmp))
+        print(case, out[case])
+    GOLDEN.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
