@@ -39,8 +39,8 @@ from hf_deltacome.kernels import delta_forward, delta_forward_mixed  # noqa: E40
 
 import hf_deltacome  # noqa: E402,F401  (registers the PEFT method)
 from hf_deltacome.backend import torch_delta_forward  # noqa: E402
-from hf_deltacome.budget import DEFAULT_BANDS, solve_ranks  # noqa: E402
-from hf_deltacome.factors import PackedDelta  # noqa: E402
+from hf_deltacome.format.budget import DEFAULT_BANDS, solve_ranks  # noqa: E402
+from hf_deltacome.format.storage import PackedDelta  # noqa: E402
 
 RATIO = 1 / 16  # the published setting; the CPU demo uses 1/2 so that its tiny layers get every band
 GROUP = 128

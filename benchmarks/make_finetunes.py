@@ -6,7 +6,7 @@
 
 Each fine-tune is cached under ``~/.cache/hf_deltacome/finetunes`` (``$HF_DELTACOME_CACHE``) by a hash of task,
 hyper-parameters and base; a cached one is reused and its recorded training time shown. Other benchmarks get the
-same directories with ``hf_deltacome.zoo.finetune(task)``.
+same directories with ``zoo.finetune(task)`` (examples/zoo).
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import hf_deltacome  # noqa: F401  (before transformers: registers the PEFT method)
-from hf_deltacome import zoo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import zoo  # noqa: E402
 
 # isort: split
 from transformers import AutoModelForCausalLM, AutoTokenizer

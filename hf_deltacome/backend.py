@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import ConfigError
-from .factors import PackedDelta
+from .format.storage import PackedDelta
 
 BACKENDS = ("auto", "torch", "triton")
 

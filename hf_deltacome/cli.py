@@ -1,7 +1,8 @@
-"""``deltacome`` command line: compress a fine-tune against its base, and inspect adapters.
+"""``deltacome`` command line: compress a fine-tune against its base, inspect and share adapters, evaluate them.
 
-Subcommands register themselves through ``add_parser(subparsers)`` functions so that each feature keeps its
-CLI next to its code (``compress`` and ``info`` live here).
+Building the parser imports nothing heavy (``deltacome --help`` is instant); each command imports what it needs.
+Subcommands of other parts of the package register through small ``add_parser(subparsers)`` functions
+(:mod:`hf_deltacome.evaluation.cli`). Every error of ours ends the command with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from typing import Any
 from .errors import DeltaCoMeError
 
 CHECKPOINT_DIR = ".deltacome-checkpoint"  # per-layer checkpoints of a running `deltacome compress`
+METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare")  # == config.METHODS (tested)
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # == loading.DTYPES (tested)
+# optional config fields the CLI passes on only when given (their defaults live in DeltaCoMeConfig)
+METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "min_rank_share")
 
 
 def _share(text: str) -> float | str:
@@ -28,10 +33,6 @@ def _share(text: str) -> float | str:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r}") from None
-
-
-# optional config fields the CLI passes on only when given (their defaults live in DeltaCoMeConfig)
-METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "min_rank_share")
 
 
 def parse_bands(text: str) -> list[list]:
@@ -57,43 +58,12 @@ def parse_bands(text: str) -> list[list]:
     return bands
 
 
-def load_model_and_tokenizer(name_or_path: str, role: str, dtype: str, device_map: str | None = None):
-    """Load a causal LM (local folder or Hub id) and its tokenizer, with an error naming ``role`` on failure.
-
-    A vision-language model is loaded with ``AutoModelForImageTextToText`` and comes with its processor instead.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(name_or_path)
-    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not path.is_dir():
-        raise DeltaCoMeError(f"--{role} {name_or_path!r}: no such model directory")
-    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        dtype
-    ]
-    from .multimodal import is_vlm_checkpoint, load_vlm_and_processor
-
-    if is_vlm_checkpoint(name_or_path):  # LLaVA-style: AutoModelForImageTextToText, and the processor
-        try:
-            return load_vlm_and_processor(name_or_path, dtype=torch_dtype, device_map=device_map)
-        except (OSError, ValueError) as e:
-            raise DeltaCoMeError(f"--{role} {name_or_path!r}: cannot load the vision-language model: {e}") from e
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, device_map=device_map)
-    except (OSError, ValueError) as e:
-        raise DeltaCoMeError(f"--{role} {name_or_path!r}: cannot load the model: {e}") from e
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model.eval(), tokenizer
-
-
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from . import DeltaCoMeConfig
-    from .compress import compress
-    from .summary import summarize_adapter
+    from .compression.pipeline import compress
+    from .config import DeltaCoMeConfig
+    from .io.summary import summarize_adapter
+    from .loading import load_model_and_tokenizer
+    from .multimodal import is_vlm
 
     out = Path(args.output)
     checkpoint = out / CHECKPOINT_DIR
@@ -107,13 +77,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.overwrite and checkpoint.exists():
         shutil.rmtree(checkpoint)
     cfg_kwargs: dict[str, Any] = dict(
-        ratio=args.ratio,
-        method=args.method,
-        group_size=args.group_size,
-        quantizer=args.quantizer,
-        act_order=args.act_order,
-        damp=args.damp,
-    )
+        ratio=args.ratio, method=args.method, group_size=args.group_size, quantizer=args.quantizer,
+        act_order=args.act_order, damp=args.damp,
+    )  # fmt: skip
     if args.bands:
         cfg_kwargs["bands"] = parse_bands(args.bands)
     for opt in METHOD_OPTIONS:
@@ -124,8 +90,6 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     config = DeltaCoMeConfig(**cfg_kwargs)
     base, tokenizer = load_model_and_tokenizer(args.base, "base", args.dtype)
     finetuned, ft_tokenizer = load_model_and_tokenizer(args.finetuned, "finetuned", args.dtype)
-    from .multimodal import is_vlm
-
     # a VLM's processor and chat template come from the base; a text model's tokenizer from the fine-tune
     tokenizer = (tokenizer or ft_tokenizer) if is_vlm(base) else (ft_tokenizer or tokenizer)
     _log_to_stderr()  # e.g. which calibration kind (image + text or text only) a VLM gets
@@ -134,16 +98,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         extra["num_samples"] = args.num_samples
     if args.seq_len:
         extra["seq_len"] = args.seq_len
-    model = compress(
-        base,
-        finetuned,
-        config,
-        calibration=args.calibration,
-        tokenizer=tokenizer,
-        device=args.device,
-        checkpoint_dir=str(checkpoint),
-        **extra,
-    )
+    model = compress(base, finetuned, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device,
+                     checkpoint_dir=str(checkpoint), **extra)  # fmt: skip
     del finetuned
     model.save_pretrained(str(out))
     shutil.rmtree(checkpoint, ignore_errors=True)  # the adapter is saved: checkpoints are no longer needed
@@ -166,13 +122,19 @@ def _log_to_stderr() -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .summary import summarize_adapter
+    from .io.summary import summarize_adapter
 
     summary = summarize_adapter(args.adapter)
-    if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
-    else:
-        print(summary.format(per_module=args.modules))
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format(per_module=args.modules))
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_adapter
+
+    info = push_adapter(args.adapter, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+                        commit_message=args.message)  # fmt: skip
+    print(info.commit_url)
     return 0
 
 
@@ -181,50 +143,40 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="base model: local folder or Hub id")
     p.add_argument("--finetuned", required=True, help="fine-tuned model: local folder or Hub id")
     p.add_argument("--output", required=True, help="adapter folder to write")
-    p.add_argument("--ratio", default="1/16", help="size of the packed factors / fp16 delta (default 1/16)")
-    p.add_argument(
-        "--method",
-        default="deltacome",
-        choices=["deltacome", "bitdelta", "lowrank", "svd-uniform", "dare"],
-        help="compression method; the others are baselines at the same byte budget (default deltacome)",
-    )
-    p.add_argument("--search", choices=["greedy", "genetic"], default=None, help="search the band split per type")
-    p.add_argument(
-        "--allocation", choices=["uniform", "adaptive"], default=None, help="adaptive: move budget between modules"
-    )
-    p.add_argument("--uniform-bits", type=int, default=None, help="bits of svd-uniform / dare (2, 3, 4 or 8)")
-    p.add_argument("--bitdelta-scale", choices=["matrix", "row"], default=None, help="BitDelta scale granularity")
-    p.add_argument("--distill-steps", type=int, default=None, help="BitDelta scale distillation steps (0 = off)")
-    p.add_argument(
-        "--calibration",
-        default=None,
-        help="calibration text: .txt (one per line) or .jsonl; for a vision-language model, a .jsonl of "
-        '{"image": "file.png", "text": ...} records gives image + text calibration',
-    )
-    p.add_argument("--num-samples", type=int, default=None, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence")
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--bands", default=None, help="bits:rank list, e.g. 8:2,3:32,2:rest (the default)")
-    p.add_argument(
-        "--min-rank-share",
-        type=_share,
-        default=None,
-        help="auto (default: chosen on the calibration data) or 0..1: the fixed-rank bands shrink until the split "
-        "keeps this share of the ranks its last band alone buys (0 = the published bands as given)",
-    )
-    p.add_argument("--quantizer", default="gptq", choices=["gptq", "rtn"], help="rtn = data-free")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening")
+    p.add_argument("--ratio", default="1/16", help="size of the packed factors / fp16 delta of the target linears (default: %(default)s)")
+    p.add_argument("--method", default="deltacome", choices=METHODS,
+                   help="compression method; the others are baselines at the same byte budget (default: %(default)s)")  # fmt: skip
+    p.add_argument("--search", choices=["greedy", "genetic"], default=None,
+                   help="search the band split per module type (default: the configured split)")  # fmt: skip
+    p.add_argument("--allocation", choices=["uniform", "adaptive"], default=None,
+                   help="adaptive: move budget between modules by sensitivity (default: uniform)")  # fmt: skip
+    p.add_argument("--uniform-bits", type=int, default=None, help="bits of svd-uniform / dare: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--bitdelta-scale", choices=["matrix", "row"], default=None,
+                   help="BitDelta scale granularity (default: matrix)")  # fmt: skip
+    p.add_argument("--distill-steps", type=int, default=None, help="BitDelta scale distillation steps, 0 = off (default 50)")
+    p.add_argument("--calibration", default=None,
+                   help="calibration text: .txt (one per line) or .jsonl; for a vision-language model, a .jsonl of "
+                        '{"image": "file.png", "text": ...} records gives image + text calibration '
+                        "(default: text sampled from the fine-tune)")  # fmt: skip
+    p.add_argument("--num-samples", type=int, default=None, help="calibration sequences (default 32)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--group-size", type=int, default=128, help="quantization group size (default: %(default)s)")
+    p.add_argument("--bands", default=None, help="bits:rank list (default 8:2,3:32,2:rest, the published split)")
+    p.add_argument("--min-rank-share", type=_share, default=None,
+                   help="auto (default: chosen on the calibration data) or 0..1: the fixed-rank bands shrink until "
+                        "the split keeps this share of the ranks its last band alone buys (0 = the published bands)")  # fmt: skip
+    p.add_argument("--quantizer", default="gptq", choices=["gptq", "rtn"], help="rtn = data-free round-to-nearest (default: %(default)s)")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, a share of the mean Hessian diagonal (default: %(default)s)")
     p.add_argument("--act-order", action="store_true", help="GPTQ act-order on V (static groups)")
-    p.add_argument("--target-modules", nargs="+", default=None, help="module names or a regex (default: all linears)")
-    p.add_argument(
-        "--device", default=None, help="where to run the per-layer work: cpu or cuda (default: cuda if available)"
-    )
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--target-modules", nargs="+", default=None,
+                   help="module names or a regex (default: every linear of the decoder layers)")  # fmt: skip
+    p.add_argument("--device", default=None,
+                   help="where to run the per-layer work: cpu or cuda (default: cuda if available)")  # fmt: skip
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype the models are loaded in (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    p.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run from the layers checkpointed in --output"
-    )
-    p.add_argument("--no-save-tokenizer", dest="save_tokenizer", action="store_false")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from the layers checkpointed in --output")
+    p.add_argument("--no-save-tokenizer", dest="save_tokenizer", action="store_false",
+                   help="do not save the tokenizer next to the adapter")  # fmt: skip
     p.set_defaults(func=_cmd_compress)
 
 
@@ -236,49 +188,33 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_info)
 
 
-def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import push_adapter
-
-    info = push_adapter(
-        args.adapter,
-        args.repo_id,
-        private=args.private,
-        revision=args.revision,
-        token=args.token,
-        commit_message=args.message,
-    )
-    print(info.commit_url)
-    return 0
-
-
 def _add_push(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("push", help="upload an adapter folder (with its model card) to the Hugging Face Hub")
     p.add_argument("adapter", help="adapter folder written by `deltacome compress`")
     p.add_argument("repo_id", help="user/name on the Hub")
     p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
+    p.add_argument("--revision", default=None, help="branch to push to, created from main if missing (default: main)")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
-    p.add_argument("--message", default="Upload Delta-CoMe adapter", help="commit message")
+    p.add_argument("--message", default="Upload Delta-CoMe adapter", help="commit message (default: %(default)r)")
     p.set_defaults(func=_cmd_push)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``deltacome`` parser with every subcommand (imports nothing heavy)."""
+    from .evaluation import cli as evaluation_cli
+
     parser = argparse.ArgumentParser(prog="deltacome", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compress(sub)
     _add_info(sub)
     _add_push(sub)
-    for module_name in ("evaluate",):  # optional subcommands living next to their features
-        try:
-            module = __import__(f"hf_deltacome.{module_name}", fromlist=["add_parser"])
-        except ImportError:
-            continue
-        if hasattr(module, "add_parser"):
-            module.add_parser(sub)
+    evaluation_cli.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``deltacome`` script; returns the exit code (2 for our errors, 130 when interrupted)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -291,5 +227,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(main())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import enum
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -11,30 +12,12 @@ from typing import Any, Optional, Union
 from peft import PeftConfig
 from peft.utils import PeftType
 
-from .budget import DEFAULT_BANDS, validate_band_spec
-from .errors import ConfigError
-from .packing import SUPPORTED_BITS
+from .errors import ConfigError, DeltaCoMeError
+from .format.budget import DEFAULT_BANDS, validate_band_spec
+from .format.packing import SUPPORTED_BITS
+from .io.atomic import atomic_write_text
 
-
-def _ensure_peft_type() -> PeftType:
-    """Add ``DELTACOME`` to PEFT's ``PeftType`` enum (PEFT requires the member for registration and config I/O)."""
-    if "DELTACOME" in PeftType.__members__:
-        return PeftType.DELTACOME
-    member = str.__new__(PeftType, "DELTACOME")
-    member._name_ = "DELTACOME"
-    member._value_ = "DELTACOME"
-    if hasattr(member, "_sort_order_"):
-        member._sort_order_ = len(PeftType.__members__)
-    PeftType._member_map_["DELTACOME"] = member
-    PeftType._value2member_map_["DELTACOME"] = member
-    PeftType._member_names_.append("DELTACOME")
-    type.__setattr__(PeftType, "DELTACOME", member)
-    return member
-
-
-DELTACOME = _ensure_peft_type()
-
-# deltacome: SVD + mixed-precision bands; the others are baselines at the same byte budget (see methods.py)
+# deltacome: SVD + mixed-precision bands; the others are baselines at the same byte budget (see compression/plan.py)
 METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare")
 SVD_METHODS = ("deltacome", "lowrank", "svd-uniform")  # methods whose layout is a list of bands
 QUANTIZERS = ("gptq", "rtn")
@@ -42,7 +25,7 @@ SEARCHES = ("greedy", "genetic")
 ALLOCATIONS = ("uniform", "adaptive")
 # min_rank_share="auto" picks one of these by the whole model's KL to the fine-tune (0.0 = the published bands)
 RANK_SHARES = (0.0, 0.5, 0.7, 0.85, 1.0)
-# the compression_info records of how the layout was planned (methods.plan_layouts), shown by `deltacome info`
+# the compression_info records of how the layout was planned (compression.plan.plan_layouts), shown by `deltacome info`
 PLAN_RECORDS = ("rank_share", "search", "allocation", "end_to_end")
 UNIFORM_BITS = (2, 3, 4, 8)
 BITDELTA_SCALES = ("matrix", "row")
@@ -128,7 +111,7 @@ class DeltaCoMeConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = DELTACOME
+        self.peft_type = PeftType("DELTACOME")  # the member hf_deltacome.integration adds to PEFT's enum
         self.ratio = parse_ratio(self.ratio)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {METHODS}")
@@ -217,6 +200,36 @@ class DeltaCoMeConfig(PeftConfig):
         d["peft_type"] = "DELTACOME"
         return d
 
+    def to_json_string(self, auto_mapping_dict: Optional[dict] = None) -> str:
+        """The ``adapter_config.json`` text PEFT would write (sets as sorted lists, sorted keys)."""
+        out = self.to_dict()
+        for key, value in out.items():
+            if isinstance(value, set):
+                out[key] = sorted(value)
+        if auto_mapping_dict is not None:
+            out["auto_mapping"] = auto_mapping_dict
+        return json.dumps(out, indent=2, sort_keys=True)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` atomically (PEFT writes it in place: a kill would leave half a file)."""
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ConfigError(f"{save_directory} should be a directory, not a file")
+        os.makedirs(save_directory, exist_ok=True)
+        text = self.to_json_string(kwargs.pop("auto_mapping_dict", None))
+        atomic_write_text(os.path.join(save_directory, "adapter_config.json"), text)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, subfolder: Optional[str] = None, **kwargs: Any) -> Any:
+        """PEFT's loader, with every error in a hand-edited file naming the file."""
+        where = os.fspath(pretrained_model_name_or_path) + (f"/{subfolder}" if subfolder else "")
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except DeltaCoMeError as e:
+            raise type(e)(f"{where}/adapter_config.json: {e}") from e
+        except (TypeError, AttributeError) as e:  # a field of the wrong type in a hand-edited file
+            raise ConfigError(f"{where}/adapter_config.json: invalid adapter config: {e}") from e
+
 
 def _is_int(v: Any, low: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
@@ -247,11 +260,3 @@ def _validate_extra_parts(entry: dict, shape: Sequence[int], where: str) -> None
                 f"{where}: 'sparse' must be {{'nnz': int, 'keep': (0, 1], 'seed': int, 'bits': one of "
                 f"{SUPPORTED_BITS}, 'group_size': int}}, got {sparse!r}"
             )
-
-
-class BackendName(str, enum.Enum):
-    """Values of ``DELTACOME_BACKEND``."""
-
-    AUTO = "auto"
-    TORCH = "torch"
-    TRITON = "triton"

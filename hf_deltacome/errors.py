@@ -1,4 +1,5 @@
-"""Exception types. Every error a user can trigger with bad input is one of these, with a message naming the input."""
+"""Exception and warning types. Every error a user can trigger with bad input is one of these, with a message naming
+the input (file, module, tensor, shape or base model)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,7 @@ class BaseModelMismatchError(DeltaCoMeError):
 
 class CalibrationError(DeltaCoMeError):
     """Calibration data could not be read or tokenized."""
+
+
+class BaseModelMismatchWarning(UserWarning):
+    """Emitted instead of :class:`BaseModelMismatchError` when the base check is not strict."""

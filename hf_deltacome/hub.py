@@ -7,14 +7,13 @@
 * :func:`push_adapter` uploads ``adapter_config.json``, ``adapter_model.safetensors`` and the card (after
   validating the adapter) with ``huggingface_hub`` (``create_repo``, ``create_branch`` for ``revision``,
   ``create_commit``).
-* :func:`install_hub_integration` makes PEFT's ``save_pretrained`` write our card for DELTACOME adapters instead
-  of PEFT's (``create_or_update_model_card``) and ``PeftModel.push_to_hub`` go through :func:`push_adapter` (the
-  transformers implementation would overwrite the card with its own); other PEFT methods are unchanged.
+* :func:`write_peft_model_card` and :func:`push_peft_model` are what PEFT's ``save_pretrained`` (card) and
+  ``PeftModel.push_to_hub`` do for DELTACOME adapters (wired in by :mod:`hf_deltacome.integration`).
 """
 
 from __future__ import annotations
 
-import functools
+import math
 import os
 import re
 import string
@@ -24,18 +23,19 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .budget import layout_nbytes
 from .config import DeltaCoMeConfig
 from .errors import AdapterFileError, ConfigError
-from .safe_io import (
+from .format.storage import layout_tensors
+from .io.adapter_files import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     DELTA_MARKER,
-    atomic_write_text,
     read_adapter,
     read_adapter_config,
     read_safetensors_header,
+    tensor_nbytes,
 )
+from .io.atomic import atomic_write_text
 
 CARD_NAME = "README.md"
 CARD_TEMPLATE = "deltacome_card.md"
@@ -118,7 +118,7 @@ def compression_summary(
         m, n = entry["shape"]
         g = entry.get("group_size", config.group_size)
         bands = [(int(b), int(r)) for b, r in entry["bands"]]
-        nbytes = layout_nbytes(m, n, bands, g) + (4 * m if entry.get("bias") else 0)
+        nbytes = sum(math.prod(t.shape) * t.dtype.itemsize for t in layout_tensors(entry, g).values())
         packed += nbytes
         fp16 += 2 * m * n
         row = types.setdefault(name.rsplit(".", 1)[-1], {"count": 0, "shapes": set(), "ranks": [], "bytes": 0})
@@ -131,11 +131,7 @@ def compression_summary(
         file_bytes = os.path.getsize(weights_path)
         if dense_bytes is None:
             header, _ = read_safetensors_header(weights_path)
-            dense_bytes = sum(
-                info["data_offsets"][1] - info["data_offsets"][0]
-                for key, info in header.items()
-                if DELTA_MARKER not in key
-            )
+            dense_bytes = sum(tensor_nbytes(*info) for key, info in header.items() if DELTA_MARKER not in key)
     return {
         "num_modules": len(config.layout),
         "packed_bytes": packed,
@@ -389,67 +385,9 @@ def push_adapter(
     )
 
 
-def resolve_pretrained(
-    name_or_path: PathLike,
-    *,
-    revision: Optional[str] = None,
-    token: Union[str, bool, None] = None,
-    cache_dir: Optional[PathLike] = None,
-    allow_patterns: Optional[Sequence[str]] = ("*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"),
-) -> str:
-    """Local folder of a model given as a folder or a Hub id, through huggingface_hub's cache.
-
-    Honours ``revision``, ``token``, ``cache_dir`` and ``HF_HUB_OFFLINE`` (then only the cache is used). Only
-    safetensors weights and config/tokenizer files are fetched (no pickles, no code).
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    name = os.fspath(name_or_path)
-    if os.path.isdir(name):
-        return name
-    try:
-        return snapshot_download(
-            name,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            allow_patterns=list(allow_patterns) if allow_patterns else None,
-        )
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        where = f"{name}" + (f" at revision {revision}" if revision else "")
-        raise ConfigError(f"cannot find model {where} locally or on the Hub: {e}") from e
-
-
-def finetune_license(
-    name_or_path: PathLike, *, revision: Optional[str] = None, token: Union[str, bool, None] = None
-) -> Optional[str]:
-    """The ``license`` in a model's card metadata (local folder or Hub id, cache-aware), or ``None`` if unknown."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.repocard import metadata_load
-
-    name = os.fspath(name_or_path)
-    try:
-        path = (
-            Path(name) / CARD_NAME
-            if os.path.isdir(name)
-            else Path(hf_hub_download(name, CARD_NAME, revision=revision, token=token))
-        )
-        meta = metadata_load(path) or {}
-    except Exception:  # no card, offline, gated, malformed YAML: the license is simply unknown
-        return None
-    value = meta.get("license")
-    return str(value) if value else None
-
-
 # ------------------------------------------------------------------------------------------------------------
 # PEFT hooks
 # ------------------------------------------------------------------------------------------------------------
-
-
-def _is_deltacome(config: Any) -> bool:
-    peft_type = getattr(config, "peft_type", None)
-    return str(getattr(peft_type, "value", peft_type)).upper() == "DELTACOME"
 
 
 def _dense_bytes(model: Any, adapter_name: str) -> Optional[int]:
@@ -470,55 +408,41 @@ def _base_name(model: Any, config: DeltaCoMeConfig) -> Optional[str]:
     return getattr(cfg, "_name_or_path", None) or getattr(base, "name_or_path", None) or None
 
 
-def install_hub_integration() -> None:
-    """Make PEFT write our card and push through :func:`push_adapter` for DELTACOME adapters (idempotent)."""
-    from peft import PeftModel
+def write_peft_model_card(model: Any, output_dir: str) -> None:
+    """``PeftModel.create_or_update_model_card`` for DELTACOME adapters: our card (see :mod:`hf_deltacome.integration`)."""
+    config = model.active_peft_config
+    write_model_card(
+        output_dir,
+        config,
+        summary={"dense_bytes": _dense_bytes(model, model.active_adapter)},
+        base_model=_base_name(model, config),
+    )
 
-    if getattr(PeftModel.create_or_update_model_card, "_deltacome_card", False):
-        return
-    original_card = PeftModel.create_or_update_model_card
-    original_push = PeftModel.push_to_hub
 
-    @functools.wraps(original_card)
-    def create_or_update_model_card(self: Any, output_dir: str) -> None:
-        config = self.active_peft_config
-        if not _is_deltacome(config):
-            return original_card(self, output_dir)
-        write_model_card(
-            output_dir,
-            config,
-            summary={"dense_bytes": _dense_bytes(self, self.active_adapter)},
-            base_model=_base_name(self, config),
+_PUSH_KWARGS = {
+    "commit_message", "commit_description", "private", "token", "revision", "create_pr", "max_shard_size", "tags",
+    "safe_serialization", "evaluation",
+}  # fmt: skip
+
+
+def push_peft_model(model: Any, repo_id: str, **kwargs: Any) -> Any:
+    """``PeftModel.push_to_hub`` for DELTACOME adapters: save to a temporary folder, then :func:`push_adapter`."""
+    unknown = set(kwargs) - _PUSH_KWARGS
+    if unknown:
+        raise TypeError(f"push_to_hub() got unexpected keyword argument(s) {sorted(unknown)}")
+    if kwargs.get("safe_serialization") is False:
+        raise ConfigError("DELTACOME adapters are pushed only as safetensors; safe_serialization=False is refused")
+    with tempfile.TemporaryDirectory(prefix="deltacome-push-") as tmp:
+        model.save_pretrained(tmp)
+        return push_adapter(
+            tmp,
+            repo_id,
+            private=bool(kwargs.get("private")),
+            revision=kwargs.get("revision"),
+            token=kwargs.get("token"),
+            commit_message=kwargs.get("commit_message") or "Upload Delta-CoMe adapter",
+            commit_description=kwargs.get("commit_description"),
+            create_pr=bool(kwargs.get("create_pr")),
+            evaluation=kwargs.get("evaluation"),
+            tags=kwargs.get("tags"),
         )
-        return None
-
-    @functools.wraps(original_push)
-    def push_to_hub(self: Any, repo_id: str, *args: Any, **kwargs: Any) -> Any:
-        if args or not any(_is_deltacome(c) for c in self.peft_config.values()):
-            return original_push(self, repo_id, *args, **kwargs)
-        unknown = set(kwargs) - {
-            "commit_message", "commit_description", "private", "token", "revision", "create_pr", "max_shard_size",
-            "tags", "safe_serialization", "evaluation",
-        }  # fmt: skip
-        if unknown:
-            raise TypeError(f"push_to_hub() got unexpected keyword argument(s) {sorted(unknown)}")
-        if kwargs.get("safe_serialization") is False:
-            raise ConfigError("DELTACOME adapters are pushed only as safetensors; safe_serialization=False is refused")
-        with tempfile.TemporaryDirectory(prefix="deltacome-push-") as tmp:
-            self.save_pretrained(tmp)
-            return push_adapter(
-                tmp,
-                repo_id,
-                private=bool(kwargs.get("private")),
-                revision=kwargs.get("revision"),
-                token=kwargs.get("token"),
-                commit_message=kwargs.get("commit_message") or "Upload Delta-CoMe adapter",
-                commit_description=kwargs.get("commit_description"),
-                create_pr=bool(kwargs.get("create_pr")),
-                evaluation=kwargs.get("evaluation"),
-                tags=kwargs.get("tags"),
-            )
-
-    create_or_update_model_card._deltacome_card = True  # type: ignore[attr-defined]
-    PeftModel.create_or_update_model_card = create_or_update_model_card
-    PeftModel.push_to_hub = push_to_hub

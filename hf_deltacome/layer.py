@@ -12,7 +12,7 @@ from torch import nn
 
 from .backend import delta_forward, delta_forward_mixed
 from .errors import ConfigError
-from .factors import PackedDelta
+from .format.storage import PackedDelta
 
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in per-row `adapter_names`
 

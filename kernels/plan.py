@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_deltacome.errors import AdapterFileError, DeltaCoMeError
-from hf_deltacome.factors import DeltaBand, PackedDelta, QuantizedFactor
+from hf_deltacome.format.storage import DeltaBand, PackedDelta, QuantizedFactor
 
 # Columns of the band table (one int64 row per quantized band).
 F_VQ, F_VHI, F_VS, F_VZ = 0, 1, 2, 3  # addresses of V's qweight, qweight_hi, scales, zeros

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from hf_deltacome.errors import DeltaCoMeError
-from hf_deltacome.factors import PackedDelta
+from hf_deltacome.format.storage import PackedDelta
 
 from . import plan as P
 

@@ -12,6 +12,8 @@ import pytest
 import hf_deltacome  # noqa: F401,E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+# the demo zoo (SmolLM2 from GGUF, built-in fine-tune tasks) lives in examples/zoo, outside the package
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 from tiny_models import make_finetune, make_model, make_tokenizer  # noqa: E402
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hf_deltacome.calibration import (
+from hf_deltacome.compression.calibration import (
     CalibrationData,
     get_calibration,
     read_texts,

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
 from peft import PeftModel
 from tiny_models import logits, make_finetune, make_model, random_ids, relative_logits_error, target_linears
 
+import hf_deltacome.compression.targets as targets_mod  # noqa: E402
 from hf_deltacome import DeltaCoMeConfig
-from hf_deltacome.budget import budget_bytes, solve_ranks
-from hf_deltacome.compress import compress, compress_linear
+from hf_deltacome.compression.pipeline import compress
+from hf_deltacome.compression.svd import compress_linear
 from hf_deltacome.errors import ConfigError, IncompatibleModelsError
+from hf_deltacome.format.budget import budget_bytes, solve_ranks
 from hf_deltacome.layer import DeltaCoMeLayer
-
-compress_mod = sys.modules["hf_deltacome.compress"]  # the package also exports a function of that name
 
 WIDE = {  # a little wider than the defaults so that 1/32 still buys a few singular vectors
     "llama": dict(hidden_size=128, intermediate_size=352, head_dim=32),
@@ -224,7 +223,7 @@ def test_rtn_needs_no_calibration(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("rtn must not read calibration data")
 
-    monkeypatch.setattr(compress_mod, "get_calibration", refuse)
+    monkeypatch.setattr(targets_mod, "get_calibration", refuse)
     ref = make_model("mistral")
     ft = make_finetune(ref)
     model = compress(make_model("mistral"), ft, DeltaCoMeConfig(quantizer="rtn", ratio="1/4"), progress=False)

@@ -13,19 +13,10 @@ from tiny_models import make_finetune, make_model, make_tokenizer, random_ids
 
 from hf_deltacome import ConfigError, DeltaCoMeConfig
 from hf_deltacome.cli import main as cli_main
-from hf_deltacome.compress import compress
-from hf_deltacome.evaluate import (
-    EvalReport,
-    TaskItem,
-    evaluate_model,
-    extract_answer,
-    lm_eval_model,
-    normalize_answer,
-    read_task_file,
-    task_accuracy,
-    text_metrics,
-    token_windows,
-)
+from hf_deltacome.compression.pipeline import compress
+from hf_deltacome.evaluation.lm_eval import lm_eval_model
+from hf_deltacome.evaluation.metrics import EvalReport, evaluate_model, text_metrics, token_windows
+from hf_deltacome.evaluation.tasks import TaskItem, extract_answer, normalize_answer, read_task_file, task_accuracy
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 12
 
@@ -253,7 +244,7 @@ def test_lm_eval_real_harness_on_a_local_task(saved, pair, adapter, tmp_path):
         "doc_to_target: label\n"
         "metric_list:\n  - metric: acc\n"
     )
-    from hf_deltacome.fingerprint import base_check
+    from hf_deltacome.io.fingerprint import base_check
 
     # The harness resizes the embeddings to the tokenizer's 100 entries before loading the adapter, which the base
     # fingerprint check rightly flags as another base; this tiny setup accepts that knowingly.

@@ -21,7 +21,7 @@ from safetensors.torch import save as save_bytes
 from test_trust import fresh_base, make_adapter
 
 from hf_deltacome import DeltaCoMeError
-from hf_deltacome.safe_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter
+from hf_deltacome.io.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter
 
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 SLOW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)

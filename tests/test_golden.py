@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import hf_deltacome  # noqa: E402
 from tiny_models import make_finetune, make_model, random_ids  # noqa: E402
+
+import hf_deltacome  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("golden_adapters.json")
 

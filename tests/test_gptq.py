@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from hf_deltacome.errors import DeltaCoMeError
-from hf_deltacome.gptq import GPTQ, quantize_with_hessian
-from hf_deltacome.packing import QuantizedMatrix, quantize_rtn
+from hf_deltacome.format.packing import QuantizedMatrix
+from hf_deltacome.quant.gptq import GPTQ
+from hf_deltacome.quant.rtn import quantize_rtn
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +95,7 @@ def test_from_hessian_matches_add_batch(data):
     W, X, g = data
     a = g.quantize(W, 2, 32)
     b = GPTQ.from_hessian(g.H.clone(), nsamples=g.nsamples).quantize(W, 2, 32)
-    c = quantize_with_hessian(W, g.H, 2, 32)
+    c = GPTQ.from_hessian(g.H).quantize(W, 2, 32)
     assert torch.equal(a.qweight, b.qweight) and torch.equal(a.qweight, c.qweight)
     assert torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
 

@@ -20,17 +20,10 @@ from test_trust import IDS, fresh_base, make_adapter, rewrite_tensors
 from tiny_models import logits
 from transformers import AutoModelForCausalLM
 
-from hf_deltacome import AdapterFileError, ConfigError
-from hf_deltacome.budget import layout_nbytes
-from hf_deltacome.hub import (
-    CARD_MARKER,
-    finetune_license,
-    push_adapter,
-    render_model_card,
-    resolve_pretrained,
-    write_model_card,
-)
-from hf_deltacome.safe_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
+from hf_deltacome import AdapterFileError
+from hf_deltacome.format.budget import layout_nbytes
+from hf_deltacome.hub import CARD_MARKER, push_adapter, render_model_card, write_model_card
+from hf_deltacome.io.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
 
 pytest_plugins = ["hub_server"]
 
@@ -276,23 +269,6 @@ def test_push_adapter_keeps_hand_written_card_and_tags(hub, tmp_path):
     (folder / "README.md").write_text("---\nlicense: mit\n---\n# hand written\n")
     push_adapter(folder, "fake-user/with-tags")
     assert Path(hf_hub_download("fake-user/with-tags", "README.md")).read_text().endswith("# hand written\n")
-
-
-def test_resolve_pretrained_and_license(hub, tmp_path, monkeypatch):
-    push_base(hub, tmp_path)
-    first = model_info(BASE_ID).sha
-    (tmp_path / "base" / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
-    hub.api().upload_folder(folder_path=str(tmp_path / "base"), repo_id=BASE_ID, commit_message="card")
-    path = Path(resolve_pretrained(BASE_ID))
-    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-    assert Path(resolve_pretrained(BASE_ID, revision=first)).name == first
-    assert finetune_license(BASE_ID) == "mit"
-    assert finetune_license(BASE_ID, revision=first) is None
-    assert resolve_pretrained(str(tmp_path / "base")) == str(tmp_path / "base")
-    with pytest.raises(ConfigError, match="fake-user/missing"):
-        resolve_pretrained("fake-user/missing")
-    hub.set_offline(monkeypatch)
-    assert Path(resolve_pretrained(BASE_ID)) == path
 
 
 def test_pushed_config_round_trips(hub, pushed, tmp_path):

@@ -17,8 +17,8 @@ pytest.importorskip("triton")
 
 from hf_deltacome.backend import torch_delta_forward  # noqa: E402
 from hf_deltacome.errors import DeltaCoMeError  # noqa: E402
-from hf_deltacome.factors import PackedDelta  # noqa: E402
-from hf_deltacome.packing import quantize_rtn  # noqa: E402
+from hf_deltacome.format.storage import PackedDelta  # noqa: E402
+from hf_deltacome.quant.rtn import quantize_rtn  # noqa: E402
 
 K = pytest.importorskip("hf_deltacome.kernels")
 
@@ -209,8 +209,8 @@ def _tiny_peft_model(adapters=("default",)):
     from tiny_models import make_model, target_linears
 
     import hf_deltacome  # noqa: F401  (registers the method with PEFT)
-    from hf_deltacome.budget import solve_ranks
     from hf_deltacome.config import DeltaCoMeConfig
+    from hf_deltacome.format.budget import solve_ranks
 
     base = make_model("llama", num_hidden_layers=1)
     layout = {}

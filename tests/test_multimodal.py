@@ -24,11 +24,11 @@ from transformers import AutoModelForImageTextToText, pipeline
 
 import hf_deltacome
 from hf_deltacome import CalibrationError, ConfigError, DeltaCoMeConfig, DeltaCoMeLinear, IncompatibleModelsError
+from hf_deltacome.compression.layerwalk import find_decoder_layers
 from hf_deltacome.multimodal import (
     AutoDeltaCoMeModelForImageTextToText,
     check_vlm_compatible,
     collect_outside_hessians,
-    decoder_layers,
     get_vlm_calibration,
     image_text_records,
     is_vlm,
@@ -36,7 +36,7 @@ from hf_deltacome.multimodal import (
     select_vlm_targets,
     vlm_parts,
 )
-from hf_deltacome.packing import quantize_rtn
+from hf_deltacome.quant.rtn import quantize_rtn
 
 assert hf_deltacome  # registers the method with PEFT
 
@@ -82,7 +82,7 @@ def test_parts_of_llava_pick_the_language_layers_not_the_vision_layers(base):
     assert parts.layers == "model.language_model.layers"
     assert parts.vision == "model.vision_tower"
     assert parts.projectors == ("model.multi_modal_projector",)
-    prefix, layers = decoder_layers(base)
+    prefix, layers = find_decoder_layers(base)
     assert prefix == "model.language_model.layers" and layers is base.model.language_model.layers
     assert parts.part_of("model.multi_modal_projector.linear_1") == "projector"
     assert parts.part_of("model.language_model.layers.1.mlp.up_proj") == "language"
@@ -299,9 +299,9 @@ def test_outside_hessians_come_from_the_finetune_and_skip_the_language_model(ft_
         handle.remove()
     assert not lm_calls
     assert set(hessians) == set(names)
-    # projector sees 16 image tokens per sample, the vision tower 16 patches + CLS
-    assert hessians["model.multi_modal_projector.linear_1"].nsamples == 3 * 16
-    assert hessians[names[-1]].nsamples == 3 * 17
+    for name in names:
+        n = ft_all.get_submodule(name).in_features
+        assert hessians[name].shape == (n, n)
     # the Hessian is that of the fine-tune's projector input: compare with a direct computation
     feats = []
     h = ft_all.model.multi_modal_projector.linear_2.register_forward_hook(lambda m, i, o: feats.append(i[0]))
@@ -311,7 +311,7 @@ def test_outside_hessians_come_from_the_finetune_and_skip_the_language_model(ft_
     h.remove()
     x = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).double()
     expected = 2 * x.t() @ x / x.shape[0]
-    got = hessians["model.multi_modal_projector.linear_2"].H.double()
+    got = hessians["model.multi_modal_projector.linear_2"].double()
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -430,7 +430,7 @@ def test_pipeline_answers_with_the_adapter_applied(saved_pair, processor, caplog
 
 
 def _compress(finetuned, processor, calibration, **cfg):
-    from hf_deltacome.compress import compress
+    from hf_deltacome.compression.pipeline import compress
 
     config = DeltaCoMeConfig(ratio=cfg.pop("ratio", "1/4"), group_size=16, **cfg)
     return compress(
@@ -507,7 +507,7 @@ def test_text_only_calibration_is_logged_and_recorded(ft_all, processor, caplog)
 
 
 def test_compress_rejects_a_different_projector(processor):
-    from hf_deltacome.compress import compress
+    from hf_deltacome.compression.pipeline import compress
 
     base = make_llava(seed=0)
     other = make_llava(seed=1, vision_feature_layer=[-2, -1])
@@ -552,7 +552,7 @@ def test_cli_compresses_a_vlm(tmp_path, ft_frozen_vision, processor, inputs, cap
 @pytest.mark.parametrize("factory", [_tiny_qwen2_vl, _tiny_llava_next])
 def test_other_vlm_families_compress(factory):
     """Qwen2-VL (mrope positions, projector inside the vision tower) and Llava-Next, text-only calibration."""
-    from hf_deltacome.compress import compress
+    from hf_deltacome.compression.pipeline import compress
 
     torch.manual_seed(0)
     base = factory().eval()
@@ -584,7 +584,7 @@ def make_vlm_like_finetune(base):
 
 def test_bfloat16_vlm_with_image_calibration(processor):
     """A bfloat16 VLM calibrated on image + text pairs (the processor gives float32 pixel values)."""
-    from hf_deltacome.compress import compress
+    from hf_deltacome.compression.pipeline import compress
 
     ft = make_vlm_finetune(make_llava(seed=0), seed=1).to(torch.bfloat16)
     model = compress(

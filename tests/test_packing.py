@@ -3,16 +3,18 @@
 import pytest
 import torch
 
-from hf_deltacome.budget import DEFAULT_BANDS, band_nbytes, budget_bytes, layout_nbytes, shrunk_specs, solve_ranks
 from hf_deltacome.errors import ConfigError
-from hf_deltacome.packing import (
-    QuantizedMatrix,
-    empty_quantized,
-    pack_bits,
-    quantize_rtn,
-    stored_nbytes,
-    unpack_bits,
+from hf_deltacome.format.budget import (
+    DEFAULT_BANDS,
+    band_nbytes,
+    budget_bytes,
+    layout_nbytes,
+    shrunk_specs,
+    solve_ranks,
 )
+from hf_deltacome.format.packing import QuantizedMatrix, pack_bits, stored_nbytes, unpack_bits
+from hf_deltacome.format.storage import layout_tensors
+from hf_deltacome.quant.rtn import quantize_rtn
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -63,12 +65,15 @@ def test_rtn_error_falls_with_bits():
     assert torch.equal(quantize_rtn(w, 16, 0).dequantize(), w.half().float())
 
 
-def test_empty_quantized_matches_real_layout():
+def test_format_spec_matches_real_layout():
+    """The layout spec (built on the meta device) names exactly the tensors a real quantized band stores."""
     for bits in (2, 3, 4, 8, 16):
-        real = quantize_rtn(torch.randn(6, 45), bits, 16)
-        empty = empty_quantized(6, 45, bits, 16)
-        assert {k: (v.shape, v.dtype) for k, v in real.tensors().items()} == {
-            k: (v.shape, v.dtype) for k, v in empty.tensors().items()
+        spec = layout_tensors({"shape": [6, 45], "bands": [[bits, 5]], "group_size": 16})
+        v, u = quantize_rtn(torch.randn(5, 45), bits, 16), quantize_rtn(torch.randn(6, 5), bits, 16)
+        real = {f"bands.0.v.{k}": t for k, t in v.tensors().items()} | {f"bands.0.u.{k}": t for k, t in u.tensors().items()}
+        real["bands.0.s"] = torch.zeros(5)
+        assert {k: (tuple(t.shape), t.dtype) for k, t in real.items()} == {
+            k: (s.shape, s.dtype) for k, s in spec.items()
         }
 
 

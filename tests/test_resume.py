@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import make_finetune, make_model, random_ids
 
-import hf_deltacome.methods as methods_mod
+import hf_deltacome.compression.modules as methods_mod
 from hf_deltacome import ConfigError, DeltaCoMeConfig, compress
 
 
@@ -32,19 +32,19 @@ def test_interrupted_compression_resumes_to_the_same_result(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("hf_deltacome.methods.compress_module", dying)
+    monkeypatch.setattr("hf_deltacome.compression.pipeline.compress_module", dying)
     with pytest.raises(KeyboardInterrupt):
         compress(copy.deepcopy(base), ft, cfg, calibration=ids, progress=False, checkpoint_dir=ckpt)
     assert (ckpt / "layer_0000.safetensors").exists() and not (ckpt / "layer_0001.safetensors").exists()
 
-    monkeypatch.setattr("hf_deltacome.methods.compress_module", real)
+    monkeypatch.setattr("hf_deltacome.compression.pipeline.compress_module", real)
     seen = {"n": 0}
 
     def counting(*args, **kwargs):
         seen["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("hf_deltacome.methods.compress_module", counting)
+    monkeypatch.setattr("hf_deltacome.compression.pipeline.compress_module", counting)
     resumed = compress(copy.deepcopy(base), ft, cfg, calibration=ids, progress=False, checkpoint_dir=ckpt)
     assert seen["n"] == 7  # only layer 1 was compressed again
     x = random_ids(base, num_samples=2, seq_len=12, seed=5)

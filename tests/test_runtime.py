@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 import hf_deltacome
 from hf_deltacome import AdapterFileError, ConfigError, DeltaCoMeConfig, DeltaCoMeLinear
-from hf_deltacome.budget import solve_ranks
-from hf_deltacome.packing import quantize_rtn
+from hf_deltacome.format.budget import solve_ranks
+from hf_deltacome.quant.rtn import quantize_rtn
 
 VOCAB = 61
 

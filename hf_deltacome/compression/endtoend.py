@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 E2E_SAMPLES = 8  # calibration sequences the check runs (each evaluation is one forward pass over them)
 E2E_TOKENS = 256  # tokens per sequence: the fine-tune's log-probs are held for all of them (tokens x vocabulary)

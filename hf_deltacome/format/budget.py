@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .packing import SUPPORTED_BITS, stored_nbytes
 
 SINGULAR_VALUE_BYTES = 4  # S is stored as float32

@@ -1,16 +1,19 @@
 """`PackedDelta`: the packed factors of one adapter on one target linear, held as buffers.
 
-This module only stores and exposes the data; `backend.py` computes with it and `layer.py` plugs it into PEFT.
+This module only stores and exposes the data; ``backend.py`` computes with it and ``layer.py`` plugs it into PEFT.
+Its module tree *is* the file format: the state-dict keys under ``<module>.deltacome_delta.`` and their shapes and
+dtypes come from here (:func:`layout_tensors`), for allocating buffers, validating files and counting bytes alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .errors import AdapterFileError
+from ..errors import AdapterFileError
 from .packing import QuantizedMatrix, expected_tensor_shapes, pack_bits, packed_words, unpack_bits
 
 
@@ -161,6 +164,39 @@ class PackedDelta(_FixedDtypeModule):
         for b in self.buffers():
             return b.device
         return torch.device("cpu")
+
+
+class TensorSpec(NamedTuple):
+    """What the file must hold for one buffer of a layout entry."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    bits: int  # bit width of the codes (0: not a code tensor)
+    cols: int | None  # values per row of a packed plane (its padding must be zero); None: not a packed plane
+
+
+def layout_tensors(entry: dict, group_size: int = 128) -> dict[str, TensorSpec]:
+    """Every tensor of one ``adapter_config.json`` layout entry, by key relative to ``<module>.deltacome_delta``.
+
+    Built from the runtime module itself on the meta device (nothing is allocated), so the loader, the validator
+    and the byte counts can never disagree about the format.
+    """
+    with torch.device("meta"):
+        packed = PackedDelta.from_layout({**entry, "group_size": entry.get("group_size", group_size)})
+    factors = {name: mod for name, mod in packed.named_modules() if isinstance(mod, QuantizedFactor)}
+    out: dict[str, TensorSpec] = {}
+    for key, t in packed.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        factor = factors.get(owner)
+        bits = factor.bits if factor is not None else 0
+        cols = factor.cols if factor is not None and leaf in ("qweight", "qweight_hi") and factor.bits != 16 else None
+        out[key] = TensorSpec(tuple(t.shape), t.dtype, bits, cols)
+    return out
+
+
+def plane_bits(key: str, bits: int) -> int:
+    """Bits per value of the packed plane ``key`` of a ``bits``-bit factor (3-bit: 2-bit plane + 1-bit plane)."""
+    return 1 if key.endswith("_hi") else (2 if bits == 3 else bits)
 
 
 # ================================================================================ optional baseline parts

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import AdapterFileError
+from ..errors import AdapterFileError
 
 SUPPORTED_BITS = (1, 2, 3, 4, 8, 16)
 _PLAIN_BITS = (1, 2, 4, 8)
@@ -168,59 +168,3 @@ def stored_nbytes(rows: int, cols: int, bits: int, group_size: int) -> int:
     for shape, dtype in expected_tensor_shapes(rows, cols, bits, group_size).values():
         total += math.prod(shape) * dtype.itemsize
     return total
-
-
-def empty_quantized(rows: int, cols: int, bits: int, group_size: int, device=None) -> QuantizedMatrix:
-    """An all-zero `QuantizedMatrix` of the right layout, for allocating buffers before loading a state dict."""
-    t = {
-        name: torch.zeros(shape, dtype=dtype, device=device)
-        for name, (shape, dtype) in expected_tensor_shapes(rows, cols, bits, group_size).items()
-    }
-    return QuantizedMatrix(
-        qweight=t["qweight"],
-        scales=t.get("scales"),
-        zeros=t.get("zeros"),
-        bits=bits,
-        group_size=group_size if bits != 16 else 0,
-        shape=(rows, cols),
-        qweight_hi=t.get("qweight_hi"),
-    )
-
-
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix:
-    """Data-free asymmetric round-to-nearest quantization of ``w`` (rows x cols) in groups along ``cols``."""
-    if bits == 16:
-        return QuantizedMatrix.from_float16(w)
-    rows, cols = w.shape
-    g = QuantizedMatrix.n_groups(cols, group_size)
-    w = w.to(torch.float32)
-    padded = torch.zeros(rows, g * group_size, dtype=torch.float32, device=w.device)
-    padded[:, :cols] = w
-    # padding must not widen the range: fill it with a value from the group itself
-    if g * group_size > cols:
-        padded[:, cols:] = w[:, -1:].expand(rows, g * group_size - cols)
-    grouped = padded.view(rows, g, group_size)
-    scales, zeros = asymmetric_params(grouped.amin(-1), grouped.amax(-1), bits)
-    maxq = (1 << bits) - 1
-    q = torch.clamp(torch.round(grouped / scales.unsqueeze(-1)) + zeros.unsqueeze(-1), 0, maxq)
-    q = q.view(rows, g * group_size)[:, :cols].to(torch.int64)
-    return QuantizedMatrix.from_int(q, scales, zeros, bits, group_size)
-
-
-def asymmetric_params(
-    wmin: torch.Tensor, wmax: torch.Tensor, bits: int | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point of an asymmetric ``bits``-bit grid covering ``[wmin, wmax]`` (and 0).
-
-    ``bits`` may be a tensor broadcastable to ``wmin`` for per-row bit widths. The scale is rounded to float16
-    first so that quantizing and dequantizing use exactly the stored value.
-    """
-    maxq = (2 ** torch.as_tensor(bits, device=wmin.device, dtype=torch.float32)) - 1
-    wmin = torch.minimum(wmin, torch.zeros_like(wmin))
-    wmax = torch.maximum(wmax, torch.zeros_like(wmax))
-    span = wmax - wmin
-    scale = torch.where(span > 0, span / maxq, torch.ones_like(span))
-    scale = scale.to(torch.float16).to(torch.float32)
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # float16 underflow guard
-    zero = torch.clamp(torch.round(-wmin / scale), torch.zeros_like(maxq), maxq)
-    return scale, zero

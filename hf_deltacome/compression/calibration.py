@@ -27,7 +27,8 @@ from typing import Any, Union
 
 import torch
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
+from ..progress import progress_bar
 
 DEFAULT_NUM_SAMPLES = 32
 DEFAULT_SEQ_LEN = 256
@@ -264,6 +265,17 @@ def _prompt_ids(model: Any, tokenizer: Any, seq_len: int) -> list[list[int]]:
 
 
 @torch.no_grad()
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows as one left-padded batch: ``(input_ids, attention_mask)``, both ``(len(rows), longest)``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
 def sample_from_model(
     model: Any,
     tokenizer: Any = None,
@@ -281,8 +293,6 @@ def sample_from_model(
     suppressed so every sequence runs to full length. The global RNG state is left as it was. ``progress`` shows a
     bar over the sequences (generation is the slow part of a default, data-free compression on a CPU).
     """
-    from tqdm.auto import tqdm
-
     _check_sizes(num_samples, seq_len)
     if not hasattr(model, "generate"):
         raise CalibrationError(
@@ -303,18 +313,14 @@ def sample_from_model(
     # row i gets prompt i mod P; a batch mixes prompts, left-padded, so every prompt is used at any batch size
     rows = [prompts[i % len(prompts)] for i in range(num_samples)]
     out: list[torch.Tensor] = []
-    bar = tqdm(total=num_samples, desc="Sampling calibration text", unit="seq", disable=not progress)
+    bar = progress_bar(num_samples, progress, "Sampling calibration text", unit="seq")
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             for start in range(0, num_samples, batch_size):
                 batch = rows[start : start + batch_size]
                 width = max(len(p) for p in batch)
-                ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, p in enumerate(batch):
-                    ids[i, width - len(p) :] = torch.tensor(p)
-                    mask[i, width - len(p) :] = 1
+                ids, mask = left_pad(batch, int(pad))
                 new = seq_len - min(len(p) for p in batch)  # the shortest prompt still reaches seq_len
                 gen = model.generate(
                     input_ids=ids.to(device),

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import BaseModelMismatchError, ConfigError
+from ..errors import BaseModelMismatchError, BaseModelMismatchWarning, ConfigError
 
 FINGERPRINT_VERSION = 1
 SAMPLES_PER_TENSOR = 16
@@ -40,10 +40,6 @@ MEAN_RTOL = 1.0 / 128  # nor the mean relative deviation of a tensor's samples (
 ATOL_FRACTION = 1e-3  # absolute slack relative to the tensor's largest sampled magnitude (float16 underflow)
 
 _WRAPPER_SEGMENTS = ("base_layer", "original_module")
-
-
-class BaseModelMismatchWarning(UserWarning):
-    """Emitted instead of :class:`BaseModelMismatchError` when the base check is not strict."""
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import DeltaCoMeError
-from .packing import SUPPORTED_BITS, QuantizedMatrix, asymmetric_params
+from ..errors import DeltaCoMeError
+from ..format.packing import SUPPORTED_BITS, QuantizedMatrix
+from .rtn import asymmetric_params
 
 DEFAULT_BLOCK_SIZE = 128
 _MAX_DAMP_RETRIES = 6
@@ -176,15 +177,6 @@ class GPTQ:
                 f"{self.columns} input features"
             )
         return W.shape[0], W.shape[1]
-
-    def inverse_cholesky(self, damp: float) -> torch.Tensor:
-        """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)`` (float64).
-
-        A Hessian that is not positive definite even after damping is retried with 10x more damping a few times;
-        if that still fails the identity is used (plain round-to-nearest) and a warning says so.
-        """
-        U, self.used_damp = _inverse_cholesky(self.H, damp, self.name)
-        return U
 
     def _run(
         self,
@@ -344,15 +336,3 @@ def _check_bands(bands: Sequence[tuple[int, int]], total: int, what: str, name: 
 
 def _where(name: str) -> str:
     return f" of {name!r}" if name else ""
-
-
-def quantize_with_hessian(
-    W: torch.Tensor,
-    hessian: torch.Tensor,
-    bits: int,
-    group_size: int,
-    damp: float = 0.01,
-    act_order: bool = False,
-) -> QuantizedMatrix:
-    """GPTQ-quantize ``W`` (``rows x n``) against a ready ``n x n`` input Hessian."""
-    return GPTQ.from_hessian(hessian).quantize(W, bits, group_size, damp, act_order)

@@ -15,28 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import PLAN_RECORDS
-from .errors import AdapterFileError
+from ..config import PLAN_RECORDS
+from ..errors import AdapterFileError
+from .adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_safetensors_header, tensor_nbytes
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-_DTYPE_BYTES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
 _MODULE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.deltacome_delta\.")
 
 
@@ -156,7 +138,7 @@ class AdapterSummary:
             f"packed factors           {self.factor_bytes:>14,} B  = {self.factor_ratio:.4f} of their fp16 delta "
             f"({self.target_fp16_bytes:,} B) = 1/{1 / max(self.factor_ratio, 1e-12):.1f}",
             f"dense extras ({len(self.extras):>3} tensors){extra:>14,} B",
-            f"{WEIGHTS_NAME:<25}{self.file_bytes:>14,} B  (exact file size, header included)",
+            f"{ADAPTER_WEIGHTS_NAME:<25}{self.file_bytes:>14,} B  (exact file size, header included)",
             f"effective ratio          {self.effective_ratio:.4f} of the fp16 delta of every stored module "
             f"({self.fp16_delta_bytes:,} B) = 1/{1 / max(self.effective_ratio, 1e-12):.1f}",
         ]
@@ -219,38 +201,10 @@ def _frac(r: float) -> str:
     return f"1/{1 / r:.4g}" if r < 1 else "1"
 
 
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a safetensors file, read without loading any tensor."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise AdapterFileError(f"{path}: file too short to be safetensors ({size} bytes)")
-            n = int.from_bytes(raw, "little")
-            if n <= 0 or 8 + n > size:
-                raise AdapterFileError(f"{path}: safetensors header length {n} does not fit a {size}-byte file")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise AdapterFileError(f"cannot read {path}: {e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFileError(f"{path}: safetensors header is not valid JSON ({e})") from e
-    if not isinstance(header, dict):
-        raise AdapterFileError(f"{path}: safetensors header is not a JSON object")
-    return header
-
-
-def _tensor_bytes(path: Path, name: str, info: Any) -> int:
-    if not isinstance(info, dict) or info.get("dtype") not in _DTYPE_BYTES or not isinstance(info.get("shape"), list):
-        raise AdapterFileError(f"{path}: tensor {name!r} has a malformed header entry {info!r}")
-    return math.prod(info["shape"]) * _DTYPE_BYTES[info["dtype"]]
-
-
 def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
     """Summarize a saved adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     path = Path(path)
-    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    cfg_path, w_path = path / ADAPTER_CONFIG_NAME, path / ADAPTER_WEIGHTS_NAME
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise AdapterFileError(f"{path} is not a Delta-CoMe adapter folder: {p.name} is missing")
@@ -262,7 +216,7 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
         peft_type = cfg.get("peft_type") if isinstance(cfg, dict) else None
         raise AdapterFileError(f"{cfg_path}: peft_type is {peft_type!r}, not 'DELTACOME'")
     layout = cfg.get("layout") or {}
-    header = read_safetensors_header(w_path)
+    header, _ = read_safetensors_header(w_path)
     modules = {
         name: ModuleSummary(
             name=name,
@@ -275,16 +229,14 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
     }
     extras: dict[str, int] = {}
     extras_fp16 = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        nbytes = _tensor_bytes(w_path, key, info)
+    for key, (dtype, shape) in header.items():
+        nbytes = tensor_nbytes(dtype, shape)
         match = _MODULE_RE.match(key)
         if match and match.group("module") in modules:
             modules[match.group("module")].nbytes += nbytes
         else:
             extras[key] = nbytes
-            extras_fp16 += 2 * math.prod(info["shape"])
+            extras_fp16 += 2 * math.prod(shape)
     return AdapterSummary(
         path=str(path),
         file_bytes=w_path.stat().st_size,

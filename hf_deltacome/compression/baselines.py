@@ -1,0 +1,170 @@
+"""The baselines Delta-CoMe is compared with, at the same byte budget: BitDelta and DARE.
+
+* ``bitdelta`` — the sign of each delta entry with one scale per matrix (or per row), the scales refined by
+  distillation against the fine-tune (:func:`distill_sign_scales`). One bit per weight is exactly the 1/16 budget;
+  below that only the output rows whose sign approximation removes the most output error keep their signs;
+* ``dare`` — a random subset of the delta's entries (mask regenerated from a stored seed), rescaled by 1/keep and
+  quantized; keep is the largest the budget allows.
+
+(``lowrank`` and ``svd-uniform`` are band layouts of :mod:`.svd`; see :func:`.modules.method_spec`.)
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError, DeltaCoMeError
+from ..format.budget import budget_bytes
+from ..format.packing import QuantizedMatrix, stored_nbytes
+from ..format.storage import sign_part_nbytes, sparse_mask
+from ..progress import progress_bar
+from ..quant.rtn import quantize_rtn
+
+
+def bitdelta_rows(m: int, n: int, ratio: float, per_row: bool) -> int:
+    """How many output rows keep their sign bits within the budget (all ``m`` when it fits, at 1/16 or above)."""
+    budget = budget_bytes(m, n, ratio)
+    lo, hi = 0, m
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sign_part_nbytes(m, n, mid, per_row) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def dare_plan(name: str, m: int, n: int, ratio: float, bits: int, group_size: int) -> dict[str, Any] | None:
+    """The ``sparse`` part of a DARE layout: the largest keep rate whose sampled mask's values fit the budget."""
+    budget = budget_bytes(m, n, ratio)
+    lo, hi = 0, m * n
+    while lo < hi:  # most values that fit
+        mid = (lo + hi + 1) // 2
+        if stored_nbytes(1, mid, bits, group_size) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        return None
+    seed = zlib.crc32(name.encode()) & 0x7FFFFFFF
+    keep = min(1.0, lo / (m * n))
+    for _ in range(50):  # the sampled count scatters around keep·m·n: shrink keep until the sample fits
+        nnz = int(sparse_mask(m, n, keep, seed).sum())
+        if 0 < nnz <= lo:
+            return {"nnz": nnz, "keep": keep, "seed": seed, "bits": bits, "group_size": group_size}
+        keep *= 1.0 - max(2.0 / math.sqrt(max(lo, 1)), 1e-4)
+    raise DeltaCoMeError(f"{name}: cannot draw a DARE mask that fits {budget} bytes")  # pragma: no cover
+
+
+def bitdelta_factors(
+    delta: torch.Tensor, hessian: torch.Tensor | None, rows: int, per_row: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Sign bits, scale(s) and kept rows of a BitDelta approximation ``Δ[rows] ≈ α ⊙ sign(Δ[rows])``.
+
+    Scales are the least-squares ones under the input second moment ``H`` (``α_i = Δ_i H s_iᵀ / s_i H s_iᵀ``;
+    without ``H`` this is BitDelta's ``mean |Δ|``). When not every row fits, the rows kept are those whose sign
+    approximation removes the most output error, ``(Δ_i H s_iᵀ)² / s_i H s_iᵀ``.
+    """
+    d = delta.detach().to(torch.float32)
+    m, n = d.shape
+    s = torch.where(d >= 0, 1.0, -1.0)
+    if hessian is not None:
+        H = hessian.to(device=d.device, dtype=torch.float32)
+        num = ((d @ H) * s).sum(1)
+        den = ((s @ H) * s).sum(1).clamp_min(1e-30)
+    else:
+        num = d.abs().sum(1)
+        den = torch.full((m,), float(n), device=d.device)
+    if rows < m:
+        keep = torch.topk(num.square() / den, rows).indices.sort().values
+    else:
+        keep = None
+    sel = keep if keep is not None else slice(None)
+    if per_row:
+        scale = (num[sel] / den[sel]).clamp_min(0.0)
+    else:
+        scale = (num[sel].sum() / den[sel].sum()).clamp_min(0.0).reshape(1)
+    positive = d[sel] >= 0
+    return positive.cpu(), scale.cpu(), (keep.to(torch.int32).cpu() if keep is not None else None)
+
+
+def dare_factors(delta: torch.Tensor, sparse: dict[str, Any]) -> QuantizedMatrix:
+    """DARE: the entries of ``delta`` under the seeded mask, divided by ``keep``, quantized (RTN) as one row."""
+    m, n = delta.shape
+    mask = sparse_mask(m, n, sparse["keep"], sparse["seed"])
+    if int(mask.sum()) != int(sparse["nnz"]):
+        raise DeltaCoMeError(f"DARE mask of a {m}x{n} delta keeps {int(mask.sum())} entries, layout says {sparse}")
+    values = delta.detach().to(torch.float32).cpu()[mask] / float(sparse["keep"])
+    return quantize_rtn(values.view(1, -1), int(sparse["bits"]), int(sparse.get("group_size", 128)))
+
+
+def distill_sign_scales(
+    model: nn.Module,
+    finetuned_model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    steps: int = 50,
+    lr: float = 0.01,
+    batch_size: int = 4,
+    seq_len: int = 128,
+    adapter_name: str = "default",
+    progress: bool = False,
+) -> dict[str, float]:
+    """Refine every BitDelta scale of ``model`` (a PEFT model holding sign parts) by distillation.
+
+    Minimises the KL divergence from the fine-tune's next-token distribution to the compressed model's on
+    ``input_ids`` (cut to ``seq_len`` tokens), with Adam over log-multipliers of the scales (so each scale stays
+    positive and moves in proportion to its size). Returns the loss of the first and last steps.
+    """
+    parts = [
+        mod.deltacome_delta[adapter_name].sign
+        for mod in model.modules()
+        if hasattr(mod, "deltacome_delta")
+        and adapter_name in mod.deltacome_delta
+        and mod.deltacome_delta[adapter_name].sign is not None
+    ]
+    if not parts or steps <= 0:
+        return {}
+    if input_ids is None or input_ids.numel() == 0:
+        raise CalibrationError("BitDelta scale distillation needs calibration token ids")
+    device = parts[0].scale.device
+    base_scales = [p.scale.detach().clone() for p in parts]
+    logs = [torch.zeros_like(s, requires_grad=True) for s in base_scales]
+    opt = torch.optim.Adam(logs, lr=lr)
+    batches = list(input_ids[:, :seq_len].split(batch_size))
+    ft_device = next(finetuned_model.parameters()).device
+    was_training = model.training
+    model.eval()
+    first, last = None, None
+    bar = progress_bar(steps, progress, "Distilling BitDelta scales")
+    try:
+        for step in range(steps):
+            batch = batches[step % len(batches)]
+            with torch.no_grad():
+                target = torch.log_softmax(finetuned_model(input_ids=batch.to(ft_device)).logits.float(), -1)
+            for p, s0, lg in zip(parts, base_scales, logs, strict=True):
+                p._buffers["scale"] = s0 * torch.exp(lg)
+            with torch.enable_grad():
+                logits = model(input_ids=batch.to(device)).logits.float()
+                logp = torch.log_softmax(logits, -1)
+                loss = torch.nn.functional.kl_div(logp, target.to(logp.device), log_target=True, reduction="batchmean")
+                loss = loss / batch.shape[1]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            value = float(loss.detach())
+            first = value if first is None else first
+            last = value
+            bar.update(1)
+    finally:
+        with torch.no_grad():
+            for p, s0, lg in zip(parts, base_scales, logs, strict=True):
+                p._buffers["scale"] = (s0 * torch.exp(lg.detach())).to(torch.float32).contiguous()
+        bar.close()
+        model.train(was_training)
+    return {"first_loss": first, "last_loss": last, "steps": steps}

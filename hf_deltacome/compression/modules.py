@@ -1,0 +1,229 @@
+"""One target linear: its layout entry from the byte budget, its compression into factors, and the output error
+of an approximation (what the search and the allocation compare)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import SVD_METHODS, DeltaCoMeConfig
+from ..errors import ConfigError, DeltaCoMeError
+from ..format.budget import layout_nbytes, solve_ranks
+from ..format.packing import QuantizedMatrix, stored_nbytes
+from ..format.storage import PackedDelta, sign_part_nbytes, sparse_mask
+from ..quant.rtn import quantize_rtn
+from .baselines import bitdelta_factors, bitdelta_rows, dare_factors, dare_plan
+from .svd import compress_linear, svd
+
+
+def method_spec(config: DeltaCoMeConfig) -> list[list]:
+    """The band specification ``[(bits, rank | fraction | None), ...]`` of an SVD method."""
+    if config.method == "deltacome":
+        return [list(b) for b in config.bands]
+    if config.method == "lowrank":
+        return [[16, None]]
+    if config.method == "svd-uniform":
+        return [[int(config.uniform_bits), None]]
+    raise ConfigError(f"method {config.method!r} has no band specification")
+
+
+def rank_share(config: DeltaCoMeConfig) -> float:
+    """The config's ``min_rank_share`` as a number (``"auto"`` before ``plan_layouts`` has chosen one: 0)."""
+    share = config.min_rank_share
+    return float(share) if isinstance(share, (int, float)) else 0.0
+
+
+def module_kind(name: str, shape: Sequence[int]) -> str:
+    """The module type the search shares a split across: leaf name and shape, e.g. ``q_proj:576x576``."""
+    return f"{name.rsplit('.', 1)[-1]}:{shape[0]}x{shape[1]}"
+
+
+def plan_entry(
+    name: str,
+    m: int,
+    n: int,
+    ratio: float,
+    config: DeltaCoMeConfig,
+    *,
+    spec: Sequence[Sequence] | None = None,
+    bias: bool = False,
+    unchanged: bool = False,
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` layout entry of one ``m x n`` target at ``ratio`` for ``config.method``.
+
+    The configured split gets the config's ``min_rank_share`` (``"auto"`` counts as 0 here: ``plan_layouts``
+    resolves it); a searched ``spec`` is used as found."""
+    entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias)}
+    method = config.method
+    if method in SVD_METHODS:
+        share = rank_share(config) if spec is None and method == "deltacome" else 0.0
+        spec = spec if spec is not None else method_spec(config)
+        if unchanged:
+            entry["bands"] = [[int(b), 0] for b, _ in spec]
+        else:
+            entry["bands"] = [list(b) for b in solve_ranks(m, n, ratio, spec, config.group_size, share)]
+    elif method == "bitdelta":
+        rows = 0 if unchanged else bitdelta_rows(m, n, ratio, config.bitdelta_scale == "row")
+        if rows:
+            entry["sign"] = {"rows": rows, "scale": config.bitdelta_scale}
+    elif method == "dare":
+        sparse = None if unchanged else dare_plan(name, m, n, ratio, config.uniform_bits, config.group_size)
+        if sparse:
+            entry["sparse"] = sparse
+    else:
+        raise ConfigError(f"unknown method {method!r}")
+    return entry
+
+
+def entry_nbytes(entry: dict[str, Any]) -> int:
+    """Exact stored bytes of a layout entry's factors (bands, sign bits, sparse values; the bias delta excluded)."""
+    m, n = entry["shape"]
+    g = entry.get("group_size", 128)
+    total = layout_nbytes(m, n, [tuple(b) for b in entry.get("bands", [])], g)
+    sign = entry.get("sign")
+    if sign:
+        total += sign_part_nbytes(m, n, int(sign["rows"]), sign.get("scale", "matrix") == "row")
+    sparse = entry.get("sparse")
+    if sparse:
+        total += stored_nbytes(1, int(sparse["nnz"]), int(sparse["bits"]), int(sparse.get("group_size", g)))
+    return total
+
+
+@dataclass
+class ModuleFactors:
+    """The compressed factors of one target: bands ``(Vᵀ_k, U_k, S_k)``, BitDelta sign bits, DARE values."""
+
+    bands: list[tuple[QuantizedMatrix, QuantizedMatrix, torch.Tensor]] = field(default_factory=list)
+    sign: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # (positive k x n, scale, rows)
+    sparse: QuantizedMatrix | None = None
+
+    def fill(self, packed: PackedDelta) -> None:
+        """Copy the factors into the buffers of a `PackedDelta` built from the same layout entry."""
+        if len(self.bands) != len(packed.bands):
+            raise DeltaCoMeError(f"{len(self.bands)} compressed bands for a delta with {len(packed.bands)} bands")
+        for k, (vq, uq, s) in enumerate(self.bands):
+            packed.set_band(k, vq, uq, s)
+        if (self.sign is None) != (packed.sign is None) or (self.sparse is None) != (packed.sparse is None):
+            raise DeltaCoMeError("compressed factors and the layout entry disagree on the sign / sparse parts")
+        if self.sign is not None:
+            packed.sign.set(*self.sign)
+        if self.sparse is not None:
+            packed.sparse.values.set(self.sparse)
+
+    def dense(self, m: int, n: int, sparse_entry: dict | None = None) -> torch.Tensor:
+        """The dense ``m x n`` approximation of the delta these factors store."""
+        w = torch.zeros(m, n, dtype=torch.float32)
+        for vq, uq, s in self.bands:
+            w += (uq.dequantize().cpu() * s.cpu()) @ vq.dequantize().cpu()
+        if self.sign is not None:
+            pos, scale, rows = self.sign
+            part = (pos.to(torch.float32) * 2 - 1).cpu() * (scale.cpu().view(-1, 1) if scale.numel() > 1 else scale)
+            if rows is None:
+                w += part
+            else:
+                w[rows.long().cpu()] += part
+        if self.sparse is not None:
+            if sparse_entry is None:
+                raise DeltaCoMeError("the dense form of a sparse part needs its layout entry (seed, keep)")
+            mask = sparse_mask(m, n, sparse_entry["keep"], sparse_entry["seed"])
+            w[mask] += self.sparse.dequantize().reshape(-1).cpu()
+        return w
+
+
+@torch.no_grad()
+def compress_module(
+    delta: torch.Tensor,
+    hessian: torch.Tensor | None,
+    entry: dict[str, Any],
+    config: DeltaCoMeConfig,
+    *,
+    name: str = "",
+) -> ModuleFactors:
+    """Compress one ``m x n`` delta into the factors its layout ``entry`` (from :func:`plan_entry`) describes.
+
+    ``hessian`` is the ``n x n`` second moment of the module's input on calibration data (``None``: data-free).
+    """
+    m, n = delta.shape
+    if list(entry["shape"]) != [m, n]:
+        raise DeltaCoMeError(f"{name or 'module'}: delta of shape {(m, n)} does not match its layout {entry['shape']}")
+    out = ModuleFactors()
+    if any(r > 0 for _, r in entry.get("bands", [])):
+        quantizer = "rtn" if config.method == "lowrank" else config.quantizer  # fp16 vectors: nothing to round
+        parts = compress_linear(
+            delta,
+            hessian,
+            entry["bands"],
+            entry["group_size"],
+            quantizer=quantizer,
+            damp=config.damp,
+            act_order=config.act_order,
+            name=name,
+        )
+        out.bands = list(parts)
+    if entry.get("sign"):
+        out.sign = bitdelta_factors(delta, hessian, int(entry["sign"]["rows"]), entry["sign"].get("scale") == "row")
+    if entry.get("sparse"):
+        out.sparse = dare_factors(delta, entry["sparse"])
+    return out
+
+
+def output_error(err: torch.Tensor, hessian: torch.Tensor | None) -> float:
+    """``||E X||²`` summed over calibration inputs, as ``tr(E H Eᵀ)`` (``||E||_F²`` without ``H``)."""
+    e = err.to(torch.float64)
+    if hessian is None:
+        return float((e * e).sum())
+    H = hessian.to(device=e.device, dtype=torch.float64)
+    return float(((e @ H) * e).sum())
+
+
+def approximation_error(
+    delta: torch.Tensor,
+    hessian: torch.Tensor | None,
+    entry: dict[str, Any],
+    config: DeltaCoMeConfig,
+    *,
+    quantizer: str | None = None,
+) -> float:
+    """``||(Δ − Δ̂) X||²`` of the factors ``entry`` buys for ``delta`` (``quantizer`` overrides the config's)."""
+    m, n = delta.shape
+    cfg = config
+    if quantizer is not None and quantizer != config.quantizer:
+        cfg = with_changes(config, quantizer=quantizer)
+    d = delta.detach().to(torch.float32).cpu()
+    if not any(r > 0 for _, r in entry.get("bands", [])) and not entry.get("sign") and not entry.get("sparse"):
+        return output_error(d, hessian)
+    if cfg.quantizer == "rtn" and entry.get("bands") and not entry.get("sign") and not entry.get("sparse"):
+        approx = rtn_bands_dense(d, entry)  # fast path: reuses the cached SVD
+    else:
+        approx = compress_module(d, hessian, entry, cfg).dense(m, n, entry.get("sparse"))
+    return output_error(d - approx, hessian)
+
+
+def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
+    U, S, Vh = svd(d)
+    w = torch.zeros_like(d)
+    start = 0
+    for b, r in entry["bands"]:
+        if r <= 0:
+            continue
+        sl = slice(start, start + r)
+        start += r
+        if b == 16:
+            vq, uq = Vh[sl].to(torch.float16).float(), U[:, sl].to(torch.float16).float()
+        else:
+            g = entry["group_size"]
+            vq, uq = quantize_rtn(Vh[sl], b, g).dequantize(), quantize_rtn(U[:, sl], b, g).dequantize()
+        w += (uq * S[sl]) @ vq
+    return w
+
+
+def with_changes(config: DeltaCoMeConfig, **changes: Any) -> DeltaCoMeConfig:
+    """A shallow copy of ``config`` with ``changes`` set (no re-validation: the values come from the library)."""
+    cfg = copy.copy(config)
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    return cfg

@@ -1,0 +1,194 @@
+"""Planning the layout of every target: the method at one byte budget, the band split and where the bytes go.
+
+Every method stores its factors in the format of :class:`~hf_deltacome.format.storage.PackedDelta` and fits,
+counted with every stored byte, in the budget of :func:`~hf_deltacome.format.budget.budget_bytes` of each module
+(or, with ``allocation="adaptive"``, in the model-wide sum of those budgets):
+
+* ``deltacome`` — SVD, singular vectors in bands of mixed precision (``config.bands``, 8/3/2 bits by default),
+  GPTQ against calibration activations (:mod:`.svd`);
+* ``svd-uniform`` — the same, every singular vector at ``config.uniform_bits`` bits;
+* ``lowrank`` — the top singular vectors in float16 at the rank the budget buys (plain truncated SVD);
+* ``bitdelta``, ``dare`` — the baselines of :mod:`.baselines`.
+
+With calibration data the plan is checked on the whole model (:mod:`.endtoend`): the next-token KL to the fine-tune
+chooses ``min_rank_share="auto"``, and decides whether each searched split (:mod:`.search`) and the adaptive
+allocation (:mod:`.allocation`) are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import RANK_SHARES, SVD_METHODS, DeltaCoMeConfig
+from .allocation import allocate_adaptive
+from .endtoend import METRIC, EndToEndCheck
+from .modules import module_kind, plan_entry, rtn_bands_dense, with_changes
+from .search import search_specs
+from .svd import reuse_svd
+
+PLAN_MAX_SAMPLES = 16  # calibration sequences used to measure activations for search / allocation
+SVD_CACHE_BYTES = 4 << 30  # planning keeps every delta's SVD when they fit in this (float32, ~2x the delta)
+
+
+@torch.no_grad()
+def plan_layouts(
+    base_model: nn.Module,
+    finetuned_model: nn.Module,
+    targets: Sequence[str],
+    config: DeltaCoMeConfig,
+    *,
+    calibration_ids: torch.Tensor | None = None,
+    bias_changed: dict[str, bool] | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The layout entry of every target (method, search and allocation applied) and a record of the choices.
+
+    With ``calibration_ids`` (token ids) the plan is checked on the whole model (:mod:`endtoend`): the next-token KL
+    to the fine-tune picks ``min_rank_share="auto"`` and decides whether each searched split and the adaptive
+    allocation are kept; the search and the allocation weight their per-module errors with the input activations.
+    Without data ``"auto"`` means the published split and both fall back to the plain Frobenius error.
+    """
+    t0 = time.time()
+    bias_changed = bias_changed or {}
+    base_mods, ft_mods = dict(base_model.named_modules()), dict(finetuned_model.named_modules())
+    shapes: dict[str, tuple[int, int]] = {}
+    unchanged: dict[str, bool] = {}
+    for name in targets:
+        lin = base_mods[name]
+        shapes[name] = (lin.out_features, lin.in_features)
+        unchanged[name] = torch.equal(lin.weight.detach().cpu(), ft_mods[name].weight.detach().cpu())
+    info: dict[str, Any] = {}
+    specs: dict[str, list[list]] = {}
+    adaptive = config.allocation == "adaptive"
+    auto_share = config.method == "deltacome" and config.min_rank_share == "auto"
+    needs_data = (config.search is not None or adaptive or auto_share) and calibration_ids is not None
+    ids = calibration_ids[:PLAN_MAX_SAMPLES] if needs_data else None
+    live = [nm for nm in targets if not unchanged[nm]]
+
+    def delta_of(name: str) -> torch.Tensor:
+        wb = base_mods[name].weight.detach().to(torch.float32).cpu()
+        wf = check.original(name) if check is not None else ft_mods[name].weight  # the check edits weights in place
+        return wf.detach().to(torch.float32).cpu() - wb
+
+    check: EndToEndCheck | None = None
+    if ids is not None and config.method in SVD_METHODS:
+        check = EndToEndCheck(finetuned_model, ids, delta_of, rtn_bands_dense)
+    # a small model keeps every delta's SVD for the whole plan (each is approximated at several layouts)
+    small = sum(shapes[nm][0] * shapes[nm][1] for nm in live) * 8 <= SVD_CACHE_BYTES
+    try:
+        with reuse_svd() if small else contextlib.nullcontext():
+            if auto_share:
+                share = _choose_rank_share(check, config, live, shapes, info) if check is not None else 0.0
+                config = with_changes(config, min_rank_share=share)
+                if check is not None:
+                    check.restore()  # what follows measures activations of the fine-tune itself
+            if config.search is not None:
+                specs = search_specs(finetuned_model, config, live, shapes, delta_of, ids, info, progress)
+
+            default = {name: plan_entry(name, *shapes[name], config.ratio, config,
+                                        bias=bool(bias_changed.get(name, False)), unchanged=unchanged[name])
+                       for name in targets}  # fmt: skip
+            layout = {}
+            for name in targets:
+                spec = specs.get(module_kind(name, shapes[name]))
+                layout[name] = default[name] if spec is None else plan_entry(
+                    name, *shapes[name], config.ratio, config, spec=spec, bias=default[name]["bias"],
+                    unchanged=unchanged[name],
+                )  # fmt: skip
+            kl_now = None
+            if check is not None and (config.search is not None or adaptive):
+                chosen = info.get("rank_share")
+                if chosen and config.search is None:  # just measured; the allocation re-applies its own layout
+                    kl_now = chosen["kl"][str(chosen["chosen"])]
+                else:  # the searched splits are swapped in on top of the configured one
+                    check.apply({nm: default[nm] for nm in live})
+                    kl_now = check.kl()
+                info["end_to_end"] = {"metric": METRIC, "default": kl_now}
+                if config.search is not None:
+                    kl_now = _keep_searched_if_better(check, kl_now, layout, default, specs, live, shapes, info)
+            if adaptive:
+                allocate_adaptive(finetuned_model, config, ids, live, shapes, delta_of, ft_mods, specs, layout,
+                                   info, check, kl_now, progress)  # fmt: skip
+    finally:
+        if check is not None:
+            check.restore()
+    info["plan_seconds"] = round(time.time() - t0, 2)
+    if needs_data:
+        info["plan_samples"] = int(ids.shape[0])
+    return layout, info
+
+
+def _choose_rank_share(
+    check: EndToEndCheck,
+    config: DeltaCoMeConfig,
+    live: Sequence[str],
+    shapes: dict[str, tuple[int, int]],
+    info: dict[str, Any],
+) -> float:
+    """``min_rank_share="auto"``: the share in ``RANK_SHARES`` whose layout brings the whole model closest to the
+    fine-tune (ties: the smaller share, nearer the published bands).
+
+    Per-module reconstruction error cannot make this choice: on a knowledge fine-tune it rates the published bands
+    2-3x better than one 2-bit band at 1/32, while the model keeps more of the fine-tune with the 2-bit band
+    (benchmarks/RESULTS.md); a delta dominated by a few directions goes the other way."""
+    kls: dict[float, float] = {}
+    seen: dict[str, float] = {}
+    for share in RANK_SHARES:
+        cfg = with_changes(config, min_rank_share=share)
+        layouts = {nm: plan_entry(nm, *shapes[nm], cfg.ratio, cfg) for nm in live}
+        key = str(sorted((nm, e["bands"]) for nm, e in layouts.items()))
+        if key in seen:  # the same layout as a smaller share: nothing new to measure
+            kls[share] = kls[seen[key]]
+            continue
+        seen[key] = share
+        check.apply(layouts)
+        kls[share] = check.kl()
+    best = min(RANK_SHARES, key=lambda sh: (kls[sh], sh))
+    info["rank_share"] = {
+        "chosen": best,
+        "metric": METRIC,
+        "kl": {str(sh): kls[sh] for sh in RANK_SHARES},
+    }
+    return best
+
+
+def _keep_searched_if_better(
+    check: EndToEndCheck,
+    kl_now: float,
+    layout: dict[str, dict[str, Any]],
+    default: dict[str, dict[str, Any]],
+    specs: dict[str, list[list]],
+    live: Sequence[str],
+    shapes: dict[str, tuple[int, int]],
+    info: dict[str, Any],
+) -> float:
+    """Swap in each module type's searched split, one type at a time, and keep it only where the model's KL to the
+    fine-tune falls; a type whose split does not pay goes back to the configured split. Returns the KL reached."""
+    verdicts = {}
+    for kind in sorted(specs):
+        names = [nm for nm in live if module_kind(nm, shapes[nm]) == kind]
+        swapped = {nm: layout[nm] for nm in names if layout[nm]["bands"] != default[nm]["bands"]}
+        if not swapped:
+            verdicts[kind] = {"kl": kl_now, "kept": True, "same_as_default": True}
+            continue
+        before = check.snapshot(list(swapped))
+        check.apply(swapped)
+        kl = check.kl()
+        kept = kl < kl_now
+        verdicts[kind] = {"kl": kl, "kept": kept}
+        if kept:
+            kl_now = kl
+        else:
+            check.rollback(before)
+            specs.pop(kind)
+            for nm in swapped:
+                layout[nm] = default[nm]
+    info["end_to_end"]["search"] = verdicts
+    info["end_to_end"]["after_search"] = kl_now
+    return kl_now

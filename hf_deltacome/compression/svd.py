@@ -1,0 +1,149 @@
+"""SVD of a delta and its Delta-CoMe compression: singular vectors split into bands, ``Vᵀ`` then ``U`` quantized.
+
+:func:`svd` factorizes a delta (cached by content inside :func:`reuse_svd`, so planning, searching and compressing
+factorize each delta once); :func:`compress_linear` turns one delta into packed bands with GPTQ (or RTN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..errors import ConfigError, DeltaCoMeError
+from ..format.packing import QuantizedMatrix
+from ..quant.gptq import GPTQ
+from ..quant.rtn import quantize_rtn
+
+_SVD_CACHE: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def reuse_svd() -> Iterator[None]:
+    """Within this block, :func:`svd` remembers each delta's SVD (by content), so planning, compressing and
+    compressing again at other ratios factorize each delta once. Holds the factors in memory until the block ends."""
+    global _SVD_CACHE
+    outer = _SVD_CACHE
+    if outer is None:
+        _SVD_CACHE = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _SVD_CACHE = None
+
+
+def svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``(U, S, Vh)`` of a float32 matrix (cached inside :func:`reuse_svd`)."""
+    d = delta.detach().to(torch.float32)
+    key = None
+    if _SVD_CACHE is not None:
+        h = hashlib.blake2b(digest_size=20)
+        h.update(str((tuple(d.shape), str(d.device))).encode())
+        h.update(d.contiguous().cpu().numpy().tobytes())
+        key = h.digest()
+        hit = _SVD_CACHE.get(key)
+        if hit is not None:
+            return hit
+    out = torch.linalg.svd(d, full_matrices=False)
+    if key is not None:
+        _SVD_CACHE[key] = (out[0], out[1], out[2])
+    return out[0], out[1], out[2]
+
+
+@torch.no_grad()
+def compress_linear(
+    delta: torch.Tensor,
+    hessian: torch.Tensor | None,
+    bands: Sequence[Sequence[int]],
+    group_size: int,
+    *,
+    quantizer: str = "gptq",
+    damp: float = 0.01,
+    act_order: bool = False,
+    refit_u: bool = True,
+    name: str = "",
+) -> list[tuple[QuantizedMatrix, QuantizedMatrix, torch.Tensor]]:
+    """Compress one ``m x n`` delta into ``[(V_kᵀ, U_k, S_k), ...]``, one entry per band of non-zero rank.
+
+    ``Δ = U S Vᵀ`` (SVD); the singular triplets are split into ``bands`` (``[(bits, rank), ...]``, largest singular
+    values first). With ``quantizer="gptq"`` and an input Hessian ``H`` (``n x n``), all bands of ``Vᵀ`` are quantized
+    in one GPTQ pass against ``H``; then ``U`` is quantized (bands = column segments) against the Hessian of its own
+    input ``z = S V_qᵀ x``, i.e. ``A H Aᵀ`` with ``A = diag(S) V_qᵀ``. With ``refit_u`` the target for ``U`` is first
+    re-solved by least squares, ``U* = Δ H Aᵀ (A H Aᵀ)⁻¹`` (ridge-damped towards the SVD's ``U``), so that ``U``
+    absorbs the error of ``V_q``; then GPTQ on ``U*`` minimises the whole module's output error ``||(Δ − U_q A) X||``
+    (the least-squares residual is orthogonal to what ``U`` can change). Without a Hessian (or with
+    ``quantizer="rtn"``) both factors are rounded to nearest.
+    """
+    if delta.dim() != 2:
+        raise DeltaCoMeError(f"delta of {name or 'module'} must be a matrix, got shape {tuple(delta.shape)}")
+    m, n = delta.shape
+    bands = [(int(b), int(r)) for b, r in bands]
+    total = sum(r for _, r in bands)
+    if total > min(m, n):
+        raise ConfigError(f"layout of {name or 'module'}: total rank {total} exceeds min({m}, {n})")
+    live = [(b, r) for b, r in bands if r > 0]
+    if not live:
+        return []
+    if quantizer not in ("gptq", "rtn"):
+        raise ConfigError(f"unknown quantizer {quantizer!r}; choose 'gptq' or 'rtn'")
+    d = delta.to(torch.float32)
+    U, S, Vh = svd(d)  # cached inside reuse_svd() (search, benchmarks compressing one delta many times)
+    U, S, Vh = U[:, :total], S[:total], Vh[:total]
+    use_gptq = quantizer == "gptq" and hessian is not None
+    if use_gptq and tuple(hessian.shape) != (n, n):
+        raise DeltaCoMeError(f"Hessian of {name or 'module'} has shape {tuple(hessian.shape)}, expected ({n}, {n})")
+
+    if use_gptq:
+        H = hessian.to(device=d.device, dtype=torch.float64)
+        v_parts = GPTQ.from_hessian(H, name=f"{name} V").quantize_row_bands(Vh, live, group_size, damp, act_order)
+        Vq = torch.cat([q.dequantize().to(d.device) for q in v_parts])
+        A = S.to(torch.float64).unsqueeze(1) * Vq.to(torch.float64)  # r x n
+        AH = A @ H
+        Hz = AH @ A.t()  # Hessian of z = A x
+        Hz = (Hz + Hz.t()) / 2
+        target = U
+        if refit_u:
+            target = _least_squares_u(d.to(torch.float64), U.to(torch.float64), AH, Hz, damp)
+            if target is None:
+                target = U
+        u_parts = GPTQ.from_hessian(Hz, name=f"{name} U").quantize_column_bands(
+            target.to(torch.float32), live, group_size, damp, act_order=False
+        )
+    else:
+        v_parts, u_parts = [], []
+        start = 0
+        for b, r in live:
+            v_parts.append(quantize_rtn(Vh[start : start + r], b, group_size))
+            u_parts.append(quantize_rtn(U[:, start : start + r], b, group_size))
+            start += r
+    out = []
+    start = 0
+    for (_, r), vq, uq in zip(live, v_parts, u_parts, strict=True):
+        out.append((vq, uq, S[start : start + r].to(torch.float32).cpu()))
+        start += r
+    return out
+
+
+def _least_squares_u(
+    delta: torch.Tensor, u0: torch.Tensor, AH: torch.Tensor, Hz: torch.Tensor, damp: float
+) -> torch.Tensor | None:
+    """``argmin_U ||(Δ − U A) X||² + λ ||U − U₀||²`` = ``(Δ H Aᵀ + λ U₀)(A H Aᵀ + λI)⁻¹``; None if singular.
+
+    The ridge pulls towards the SVD factor ``U₀`` (not towards zero), so damping never shrinks the delta;
+    ``λ = damp · mean(diag(A H Aᵀ))`` as in GPTQ.
+    """
+    reg = Hz.clone()
+    mean_diag = float(torch.diagonal(reg).mean())
+    if not mean_diag > 0:
+        return None
+    lam = max(damp, 1e-6) * mean_diag
+    torch.diagonal(reg).add_(lam)
+    L, info = torch.linalg.cholesky_ex(reg)
+    if int(info) != 0:
+        return None
+    rhs = delta @ AH.t() + lam * u0  # m x r
+    sol = torch.cholesky_solve(rhs.t(), L).t()
+    return sol if bool(torch.isfinite(sol).all()) else None

@@ -1,0 +1,233 @@
+"""What to compress: the pair check, the target linears, the changed modules carried dense, and model kinds.
+
+:class:`ModelKind` is the small interface through which :func:`hf_deltacome.compress` handles a family of models:
+text LMs are the default kind here; vision-language models register theirs from :mod:`hf_deltacome.multimodal`
+(:func:`register_model_kind`), so the pipeline has no VLM branches.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+
+from ..config import DeltaCoMeConfig
+from ..errors import ConfigError, IncompatibleModelsError
+from .calibration import get_calibration
+from .layerwalk import find_decoder_layers
+
+_MAX_LISTED = 20
+
+
+# ================================================================================ model kinds
+
+
+class ModelKind:
+    """How :func:`hf_deltacome.compress` treats one family of models (this class: text causal LMs).
+
+    Subclasses override what differs: the pair check, target selection, calibration data, the inputs the decoder
+    layers are driven with, and targets that run before the decoder layers (a VLM's projector and vision tower).
+    """
+
+    name = "text"
+    resumable_calibration = True  # the calibration token ids are checkpointed with the layers
+
+    def matches(self, model: nn.Module) -> bool:
+        return True
+
+    def check_pair(self, base: nn.Module, finetuned: nn.Module) -> None:
+        check_compatible(base, finetuned)
+
+    def select_targets(self, base: nn.Module, finetuned: nn.Module, config: DeltaCoMeConfig) -> tuple[str, list[str]]:
+        return select_targets(base, config)
+
+    def calibration(self, source: Any, finetuned: nn.Module, *, tokenizer: Any, processor: Any, num_samples: int,
+                    seq_len: int, seed: int, progress: bool) -> Any:  # fmt: skip
+        """Calibration data (``.input_ids``, ``.source``, ``.num_samples``, ``.seq_len``) for GPTQ."""
+        return get_calibration(source, finetuned, tokenizer, num_samples, seq_len, seed, progress=progress)
+
+    def layer_inputs(self, calib: Any) -> Any:
+        """What drives the decoder layers: a token-id tensor, or a list of ready model-input batches."""
+        return calib.input_ids
+
+    def outside_targets(self, model: nn.Module, targets: Sequence[str]) -> list[str]:
+        """Targets outside the decoder layers, compressed before them (none for text LMs)."""
+        return []
+
+    def outside_hessians(self, finetuned: nn.Module, names: Sequence[str], calib: Any,
+                         device: torch.device | None) -> tuple[dict[str, torch.Tensor], str]:  # fmt: skip
+        """Input Hessians of the :meth:`outside_targets`, and why there are none when there are none."""
+        return {}, "no activations"
+
+    def record(self, calib: Any) -> dict[str, Any]:
+        """Extra ``compression_info`` entries."""
+        return {}
+
+
+TEXT = ModelKind()
+_KINDS: list[ModelKind] = []
+
+
+def register_model_kind(kind: ModelKind) -> None:
+    """Let :func:`model_kind` recognise another family of models (checked before text LMs; idempotent by name)."""
+    if all(k.name != kind.name for k in _KINDS):
+        _KINDS.append(kind)
+
+
+def model_kind(base: nn.Module, finetuned: nn.Module) -> ModelKind:
+    """The registered kind of ``base`` (text LMs when no other kind claims it); PEFT models are refused."""
+    for role, model in (("base", base), ("fine-tuned", finetuned)):
+        if _is_peft(model):
+            raise IncompatibleModelsError(
+                f"the {role} model is already a PEFT model ({type(model).__name__}); pass the plain transformers model"
+            )
+    return next((k for k in _KINDS if k.matches(base)), TEXT)
+
+
+# ================================================================================ the pair
+
+
+def check_compatible(base: nn.Module, finetuned: nn.Module) -> None:
+    """Raise `IncompatibleModelsError` listing every difference that makes ``finetuned − base`` meaningless."""
+    problems: list[str] = []
+    if type(base) is not type(finetuned):
+        problems.append(f"model class: base is {type(base).__name__}, fine-tuned is {type(finetuned).__name__}")
+    cb, cf = getattr(base, "config", None), getattr(finetuned, "config", None)
+    for attr in ("model_type", "architectures"):
+        vb, vf = getattr(cb, attr, None), getattr(cf, attr, None)
+        if vb is not None and vf is not None and vb != vf:
+            problems.append(f"config.{attr}: base {vb!r}, fine-tuned {vf!r}")
+    vb, vf = _vocab(base), _vocab(finetuned)
+    if vb != vf:
+        problems.append(f"vocabulary size: base {vb}, fine-tuned {vf}")
+    mb = {n: type(m).__name__ for n, m in base.named_modules()}
+    mf = {n: type(m).__name__ for n, m in finetuned.named_modules()}
+    pb = dict(base.named_parameters(remove_duplicate=False))
+    pf = dict(finetuned.named_parameters(remove_duplicate=False))
+    for n in sorted(set(pb) & set(pf)):
+        if pb[n].shape != pf[n].shape:
+            problems.append(f"parameter {n!r}: base shape {tuple(pb[n].shape)}, fine-tuned shape {tuple(pf[n].shape)}")
+    for n in sorted(set(mb) & set(mf)):
+        if mb[n] != mf[n]:
+            problems.append(f"module {n!r}: base is {mb[n]}, fine-tuned is {mf[n]}")
+
+    def parent(name: str) -> str:
+        return name.rpartition(".")[0]
+
+    # a missing module is reported once, not with everything inside it
+    for mine, other, where in ((mb, mf, "base"), (mf, mb, "fine-tuned model")):
+        for n in sorted(set(mine) - set(other)):
+            if parent(n) in other:
+                problems.append(f"module {n!r} ({mine[n]}) is only in the {where}")
+    for mine, other, mods, where in ((pb, pf, mf, "base"), (pf, pb, mb, "fine-tuned model")):
+        for n in sorted(set(mine) - set(other)):
+            if parent(n) in mods:
+                problems.append(f"parameter {n!r} {tuple(mine[n].shape)} is only in the {where}")
+    if problems:
+        shown = problems[:_MAX_LISTED]
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise IncompatibleModelsError(
+            f"the base and fine-tuned models do not match ({len(problems)} difference(s)):\n  "
+            + "\n  ".join(shown)
+            + more
+        )
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTuner
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, (PeftModel, BaseTuner))
+
+
+def _vocab(model: nn.Module) -> int | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "num_embeddings"):
+        return int(emb.num_embeddings)
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+
+def matches(name: str, patterns: str | set | list | None) -> bool:
+    """PEFT's ``target_modules`` semantics (``check_target_module_exists``): a string is a regex matched against the
+    whole name, a collection matches exact names and ``.``-suffixes."""
+    if patterns is None:
+        return False
+    probe = SimpleNamespace(target_modules=patterns, target_parameters=None, exclude_modules=None,
+                            modules_to_save=None)  # fmt: skip
+    return bool(check_target_module_exists(probe, name))
+
+
+def show(patterns: Any) -> str:
+    """``target_modules`` as given, for error messages (sets sorted)."""
+    return repr(sorted(patterns)) if isinstance(patterns, (set, list, tuple)) else repr(patterns)
+
+
+def select_targets(model: nn.Module, config: DeltaCoMeConfig) -> tuple[str, list[str]]:
+    """The decoder-layers prefix and the names of the target linears (default: every linear inside the layers)."""
+    prefix, _ = find_decoder_layers(model)
+    inside = re.compile(re.escape(prefix) + r"\.\d+\.")
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    in_layers = [n for n in linears if inside.match(n)]
+    if config.target_modules is None:
+        targets = in_layers
+    else:
+        matched = sorted(n for n in linears if matches(n, config.target_modules))
+        if not matched:
+            available = sorted({n.rsplit(".", 1)[-1] for n in in_layers})
+            raise ConfigError(
+                f"target_modules={show(config.target_modules)} matches no nn.Linear of {type(model).__name__}; "
+                f"the decoder linears are named {available}"
+            )
+        outside = [n for n in matched if not inside.match(n)]
+        if outside:
+            raise ConfigError(
+                f"target_modules={show(config.target_modules)} selects {outside[:5]}, which are outside the decoder "
+                f"layers ({prefix}.N); only decoder linears can be compressed (other changed modules are stored dense)"
+            )
+        targets = matched
+    if config.exclude_modules is not None:
+        targets = [n for n in targets if not matches(n, config.exclude_modules)]
+    if not targets:
+        raise ConfigError("no target linear left to compress after exclude_modules")
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return prefix, sorted(targets, key=order.__getitem__)
+
+
+def changed_modules(base: nn.Module, finetuned: nn.Module, targets: Sequence[str]) -> tuple[list[str], dict[str, bool]]:
+    """Modules (other than the targets) with a parameter that differs, and which targets' biases changed.
+
+    Tied parameters are visited under every name, so a changed tied embedding lists both the embedding and the
+    output layer (each gets its own dense copy, which keeps the result right whether or not PEFT re-ties them).
+    """
+    tset = set(targets)
+    pb = dict(base.named_parameters(remove_duplicate=False))
+    changed: list[str] = []
+    bias_changed: dict[str, bool] = {}
+    for pname, pf in finetuned.named_parameters(remove_duplicate=False):
+        owner, _, leaf = pname.rpartition(".")
+        same = torch.equal(pb[pname].detach().cpu(), pf.detach().cpu()) if pb[pname].shape == pf.shape else False
+        if owner in tset:
+            if leaf == "bias":
+                bias_changed[owner] = not same
+            continue
+        if not same and owner not in changed:
+            changed.append(owner)
+    # a changed module inside another changed module is carried by the outer one's dense copy (PEFT cannot nest
+    # modules_to_save; e.g. CLIP's vision embeddings own class_embedding and hold the changed patch/position ones)
+    changed = [n for n in changed if not any(p and n.startswith(p + ".") for p in changed)]
+    for name in changed:
+        inner = [t for t in targets if t.startswith(name + ".")] if name else list(targets)
+        if inner:
+            raise ConfigError(
+                f"parameter(s) owned directly by module {name!r} changed, but that module contains target linears "
+                f"({inner[0]}, ...); it cannot be stored dense. Narrow target_modules or exclude it."
+            )
+    return changed, bias_changed

@@ -1,0 +1,236 @@
+"""Every patch hf-deltacome applies to PEFT and transformers, in one list, each with its reason.
+
+:func:`install` applies them all, once (idempotent). It runs as soon as PEFT is imported in a process that imported
+``hf_deltacome`` (see :mod:`hf_deltacome.bootstrap`), so ``PeftModel.from_pretrained``, ``AutoPeftModel*`` and
+``save_pretrained`` / ``push_to_hub`` handle our adapters like any other. Every patch leaves other PEFT methods
+exactly as PEFT has them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .config import DeltaCoMeConfig
+from .errors import ConfigError
+
+_DELTACOME_SAVE: contextvars.ContextVar[bool] = contextvars.ContextVar("deltacome_save", default=False)
+
+
+@dataclass
+class _LoadContext:
+    model: Any
+    adapter_name: str
+    strict: Optional[bool]
+
+
+_LOAD: contextvars.ContextVar[Optional[_LoadContext]] = contextvars.ContextVar("deltacome_load", default=None)
+
+
+def is_deltacome(config: Any) -> bool:
+    """Whether a PEFT config (object or dict-like) is one of ours."""
+    peft_type = getattr(config, "peft_type", None)
+    return str(getattr(peft_type, "value", peft_type)).upper() == "DELTACOME"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the patches
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _add_peft_type() -> None:
+    from peft.utils import PeftType
+
+    if "DELTACOME" in PeftType.__members__:
+        return
+    member = str.__new__(PeftType, "DELTACOME")
+    member._name_ = "DELTACOME"
+    member._value_ = "DELTACOME"
+    if hasattr(member, "_sort_order_"):
+        member._sort_order_ = len(PeftType.__members__)
+    PeftType._member_map_["DELTACOME"] = member
+    PeftType._value2member_map_["DELTACOME"] = member
+    PeftType._member_names_.append("DELTACOME")
+    type.__setattr__(PeftType, "DELTACOME", member)
+
+
+def _register_method() -> None:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import register_peft_method
+
+    from .model import DeltaCoMeModel
+
+    if "DELTACOME" not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        register_peft_method(name="deltacome", config_cls=DeltaCoMeConfig, model_cls=DeltaCoMeModel, prefix="deltacome_")
+
+
+def _atomic_save() -> None:
+    import peft.peft_model as pm
+
+    from .io.atomic import atomic_transaction, remove_stale_temp_files, save_safetensors_atomic
+
+    original_save_file = pm.safe_save_file
+    original_save = pm.PeftModel.save_pretrained
+    signature = inspect.signature(original_save)
+
+    def safe_save_file(tensors: dict, filename: str, metadata: Optional[dict] = None) -> None:
+        if _DELTACOME_SAVE.get():
+            save_safetensors_atomic(tensors, filename, metadata=metadata)
+        else:
+            original_save_file(tensors, filename, metadata=metadata)
+
+    @functools.wraps(original_save)
+    def save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        selected = bound.arguments.get("selected_adapters") or list(self.peft_config)
+        if not any(is_deltacome(self.peft_config.get(name)) for name in selected):
+            return original_save(self, *args, **kwargs)
+        if not bound.arguments.get("safe_serialization", True):
+            raise ConfigError(
+                "DELTACOME adapters are saved only as safetensors; safe_serialization=False (pickle) is not supported"
+            )
+        directory = os.fspath(bound.arguments["save_directory"])
+        if bound.arguments.get("is_main_process", True):
+            remove_stale_temp_files(directory)
+            for name in selected:
+                if name != "default":
+                    remove_stale_temp_files(os.path.join(directory, name))
+        token = _DELTACOME_SAVE.set(True)
+        try:
+            with atomic_transaction():
+                return original_save(self, *args, **kwargs)
+        finally:
+            _DELTACOME_SAVE.reset(token)
+
+    pm.safe_save_file = safe_save_file
+    pm.PeftModel.save_pretrained = save_pretrained
+
+
+def _load_guard() -> None:
+    import peft.peft_model as pm
+
+    from .io.adapter_files import (
+        apply_key_mapping,
+        check_extra_shapes,
+        read_safetensors,
+        resolve_adapter_weights,
+        validate_adapter_state_dict,
+    )
+    from .io.fingerprint import check_fingerprint, default_strict
+
+    original_load_weights = pm.load_peft_weights
+    original_load_adapter = pm.PeftModel.load_adapter
+
+    @functools.wraps(original_load_adapter)
+    def load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        strict = kwargs.pop("strict", None)
+        token = _LOAD.set(_LoadContext(self, adapter_name, strict))
+        try:
+            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        finally:
+            _LOAD.reset(token)
+
+    def load_peft_weights(
+        model_id: str, device: Optional[str] = None, key_mapping: Optional[dict] = None, **hub_kwargs: Any
+    ) -> dict:
+        ctx = _LOAD.get()
+        config = ctx.model.peft_config.get(ctx.adapter_name) if ctx is not None else None
+        if config is None or not is_deltacome(config):
+            return original_load_weights(model_id, device=device, key_mapping=key_mapping, **hub_kwargs)
+        strict = default_strict() if ctx.strict is None else bool(ctx.strict)
+        check_fingerprint(config.base_fingerprint, ctx.model, strict=strict, adapter=str(model_id))
+        subfolder = hub_kwargs.pop("subfolder", None)
+        path = resolve_adapter_weights(model_id, subfolder=subfolder, **hub_kwargs)
+        state_dict = read_safetensors(path)
+        validate_adapter_state_dict(config, state_dict, path)
+        check_extra_shapes(ctx.model, state_dict, path)
+        if device is not None and str(device) != "cpu":
+            state_dict = {k: v.to(device) for k, v in state_dict.items()}
+        return apply_key_mapping(state_dict, key_mapping)
+
+    pm.PeftModel.load_adapter = load_adapter
+    pm.load_peft_weights = load_peft_weights
+
+
+def _model_card() -> None:
+    from peft import PeftModel
+
+    from .hub import write_peft_model_card
+
+    original_card = PeftModel.create_or_update_model_card
+
+    @functools.wraps(original_card)
+    def create_or_update_model_card(self: Any, output_dir: str) -> None:
+        if not is_deltacome(self.active_peft_config):
+            return original_card(self, output_dir)
+        write_peft_model_card(self, output_dir)
+        return None
+
+    PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+def _push_to_hub() -> None:
+    from peft import PeftModel
+
+    from .hub import push_peft_model
+
+    original_push = PeftModel.push_to_hub
+
+    @functools.wraps(original_push)
+    def push_to_hub(self: Any, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        if args or not any(is_deltacome(c) for c in self.peft_config.values()):
+            return original_push(self, repo_id, *args, **kwargs)
+        return push_peft_model(self, repo_id, **kwargs)
+
+    PeftModel.push_to_hub = push_to_hub
+
+
+def _vlm_pipeline() -> None:
+    try:
+        from transformers.pipelines import base as pipeline_base
+    except ImportError:  # pragma: no cover
+        return
+    supported = getattr(pipeline_base, "SUPPORTED_PEFT_TASKS", None)
+    if isinstance(supported, dict):
+        names = supported.setdefault("image-text-to-text", [])
+        if "PeftModel" not in names:
+            names.append("PeftModel")
+
+
+# (what is patched, why, how) — applied in this order by install()
+PATCHES: tuple[tuple[str, str, Callable[[], None]], ...] = (
+    ("peft.utils.PeftType.DELTACOME",
+     "PEFT reads peft_type from adapter_config.json through this enum; registration needs the member", _add_peft_type),
+    ("peft.utils.register_peft_method('deltacome')",
+     "PeftModel.from_pretrained / get_peft_model find our config and tuner classes", _register_method),
+    ("peft.PeftModel.save_pretrained, peft.peft_model.safe_save_file",
+     "a DELTACOME save (weights, config, card) is one atomic transaction, never a pickle", _atomic_save),
+    ("peft.PeftModel.load_adapter, peft.peft_model.load_peft_weights",
+     "a DELTACOME adapter is read only as validated safetensors, after the base-model check", _load_guard),
+    ("peft.PeftModel.create_or_update_model_card",
+     "save_pretrained writes our model card (method, sizes, loading) instead of PEFT's template", _model_card),
+    ("peft.PeftModel.push_to_hub",
+     "pushes go through hub.push_adapter (validation, our card; transformers' push would overwrite it)",
+     _push_to_hub),
+    ("transformers.pipelines.base.SUPPORTED_PEFT_TASKS['image-text-to-text']",
+     "pipeline('image-text-to-text', model=peft_model) accepts our VLM adapters without an error log", _vlm_pipeline),
+)  # fmt: skip
+
+_installed: list[str] = []
+
+
+def install() -> list[str]:
+    """Apply every patch in :data:`PATCHES` that is not applied yet; returns the names applied so far."""
+    for name, _why, apply in PATCHES:
+        if name not in _installed:
+            apply()
+            _installed.append(name)
+    from . import multimodal  # noqa: F401 - registers the vision-language model kind with the compression pipeline
+
+    return list(_installed)
