@@ -25,3 +25,8 @@ class BaseModelMismatchError(DeltaCoMeError):
 
 class CalibrationError(DeltaCoMeError):
     """Calibration data could not be read or tokenized."""
+
+
+class WeakBaseCheckWarning(UserWarning):
+    """The base-model check passed but saw less than usual (unreadable weights, a version-1 fingerprint, or weights
+    rounded differently from when the adapter was made), so a small change to the base could have gone unnoticed."""

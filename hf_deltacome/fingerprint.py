@@ -1,13 +1,26 @@
 """Fingerprint of the base model a delta was computed against, stored in the adapter and checked at load.
 
-A fingerprint says *what* the base is (architecture, model type, vocabulary, hidden size, depth, parameter count),
-*how it is built* (a hash of every weight's canonical name and logical shape) and *which weights it has* (a few
-values sampled at fixed pseudo-random positions of up to 64 weight tensors). Values are compared with a relative
-tolerance, so the same base loaded in float32, bfloat16 or float16 matches while another checkpoint of the same
-architecture does not. It is cheap (a few hundred scalar reads) and works on bases spread with ``device_map`` or
-offloaded by accelerate (offloaded weights are read from the offload map; weights that cannot be read, e.g.
-packed quantized ones, are compared by shape only).
+A fingerprint (version 2) says *what* the base is (architecture, model type, vocabulary, hidden size, depth, parameter
+count), *how it is built* (a hash of every weight's canonical name and logical shape) and *which values every weight
+holds*: a sketch of each parameter, embeddings, norms and biases included. A tensor is viewed as a matrix ``W`` (``m``
+rows; a vector is a column, each entry a row), rounded to bfloat16, and projected onto ``k = 8`` seeded random
+directions, ``Y = round(W) R`` (float64, ``R`` generated once per width); rows are summed in buckets of 512 with seeded
+random signs, ``Z_g = sum_i s_i Y_i``, and ``Z`` is stored as float32. A changed row ``i`` moves ``Z_g`` by
+``dW_i R``; rows cannot cancel each other (random signs, random directions).
 
+Why it is exact rather than tolerant: bfloat16/float16 rounding moves every weight by up to 2**-8 of itself, far more
+than a 1% change of one row among hundreds moves a bucket, so a tolerance wide enough for rounding would hide such
+edits. Instead the check reproduces the rounding: fp32, fp64 and bf16 weights are rounded to bf16 before sketching
+(bf16(fp32(x)) = bf16(x)), and when the base's float16 rounding differs (weights not representable in bf16), a second
+sketch of ``round_fp16(W)`` is stored for bases loaded in float16. The tolerance then only covers float64 round-off
+and float32 storage (``TOL`` = 2**-20 of a bucket's scale ``||Y_g||``), so any change that survives rounding shows.
+Only when the rounding cannot be reproduced (fingerprinted from bf16/fp16 weights, loaded in another dtype: the two
+are different roundings of an unknown original) is a tensor compared to the coarse dtype's unit roundoff, ``LOOSE``
+= 2**-8 of its norm, with a :class:`WeakBaseCheckWarning`. Weights that cannot be read (meta device without an
+offload map, packed quantized weights) are compared by name and shape and reported as skipped. It is an integrity
+check against loading onto the wrong or an altered base, not a security boundary: the seeds are public.
+
+Version-1 fingerprints (16 sampled values of at most 64 tensors) are still checked, the old way, with a one-time note.
 Names are canonicalised so the fingerprint of a base is the same before and after PEFT wrapped it
 (``.base_layer``, ``ModulesToSaveWrapper.original_module`` and adapter sub-modules are folded away).
 """
@@ -17,6 +30,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import math
@@ -28,17 +42,26 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .errors import BaseModelMismatchError, ConfigError
+from .errors import BaseModelMismatchError, ConfigError, WeakBaseCheckWarning
 
-FINGERPRINT_VERSION = 1
-SAMPLES_PER_TENSOR = 16
-MAX_SAMPLED_TENSORS = 64
-RTOL = 1.0 / 64  # no single value may move more than this (bfloat16 rounding moves it at most 2**-9)
-MEAN_RTOL = 1.0 / 128  # nor the mean relative deviation of a tensor's samples (bf16 rounding: about 2**-10)
-ATOL_FRACTION = 1e-3  # absolute slack relative to the tensor's largest sampled magnitude (float16 underflow)
-
+FINGERPRINT_VERSION = 2
+ROWS_PER_BUCKET = 512
+PROJECTIONS = 8
+SEED = "deltacome-fingerprint-2"
+TOL = 2.0**-20  # per bucket, of ||Y_g||: float64 round-off is ~1e-15; a 1% change of one row in 512 is ~2e-4
+STORE_RTOL = 2.0**-22  # plus the float32 rounding of the stored value (2**-24), with margin
+LOOSE = 2.0**-8  # bfloat16 unit roundoff: the most one rounding moves a weight, relative to it
+_CHUNK = {"cpu": 1 << 17}  # elements per matmul chunk (1 MiB of float64: stays in L2 on CPU); 1 << 24 elsewhere
+_CODES = {torch.float32: "f", torch.bfloat16: "b", torch.float16: "h", torch.float64: "d"}  # other floats: "o"
+_DTYPE_NAMES = {"f": "float32", "b": "bfloat16", "h": "float16", "d": "float64", "o": "another float type"}
+_ROUNDINGS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_V1 = {"samples_per_tensor": 16, "max_tensors": 64, "rtol": 1.0 / 64, "mean_rtol": 1.0 / 128, "atol": 1e-3}
+_V1_NOTED: set[str] = set()
+_KEYS = {"version", "name_or_path", "architecture", "model_type", "vocab_size", "hidden_size", "num_hidden_layers"}
+_KEYS |= {"num_parameters", "num_tensors", "structure_hash", "sketch"}
 _WRAPPER_SEGMENTS = ("base_layer", "original_module")
 
 
@@ -150,7 +173,9 @@ def _weights(model: nn.Module) -> list[_Weight]:
 
 
 def _readable(w: _Weight) -> Optional[torch.Tensor]:
-    """The tensor's values, reading accelerate's offload map for weights left on the meta device."""
+    """The tensor's values (``None`` if they cannot be read), reading accelerate's offload map for meta weights."""
+    if not w.sampleable:
+        return None
     t = w.tensor
     if t.device.type != "meta":
         return t
@@ -162,32 +187,9 @@ def _readable(w: _Weight) -> Optional[torch.Tensor]:
             continue
         with contextlib.suppress(Exception):
             value = weights_map[w.attr]
-            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            if isinstance(value, torch.Tensor) and value.device.type != "meta" and value.shape == t.shape:
                 return value
     return None
-
-
-def _sample_indices(name: str, numel: int, k: int) -> list[int]:
-    """``k`` fixed pseudo-random flat positions of a tensor, from its name (same everywhere, forever)."""
-    return [int.from_bytes(hashlib.sha256(f"{name}#{j}".encode()).digest()[:8], "little") % numel for j in range(k)]
-
-
-def _sample(w: _Weight, k: int) -> Optional[list[float]]:
-    t = _readable(w)
-    if t is None:
-        return None
-    idx = _sample_indices(w.name, t.numel(), k)
-    flat = t.detach().reshape(-1)
-    with torch.no_grad():
-        values = flat[torch.tensor(idx, device=flat.device)].to(torch.float32).cpu()
-    return values.tolist()
-
-
-def _choose(names: list[str], limit: int) -> list[str]:
-    if len(names) <= limit:
-        return names
-    step = (len(names) - 1) / (limit - 1)
-    return [names[round(i * step)] for i in range(limit)]
 
 
 def _config_value(config: Any, *keys: str) -> Any:
@@ -201,9 +203,10 @@ def _config_value(config: Any, *keys: str) -> Any:
     return None
 
 
-def _describe_model(base: nn.Module) -> dict[str, Any]:
+def _describe_model(base: nn.Module, weights: list[_Weight]) -> dict[str, Any]:
     config = getattr(base, "config", None)
     archs = _config_value(config, "architectures") if config is not None else None
+    text = "\n".join(f"{w.name}:{'x'.join(map(str, w.shape))}" for w in weights)
     return {
         "name_or_path": (getattr(config, "_name_or_path", None) or getattr(base, "name_or_path", None) or None),
         "architecture": (archs[0] if archs else type(base).__name__),
@@ -211,24 +214,197 @@ def _describe_model(base: nn.Module) -> dict[str, Any]:
         "vocab_size": _config_value(config, "vocab_size"),
         "hidden_size": _config_value(config, "hidden_size", "d_model", "n_embd"),
         "num_hidden_layers": _config_value(config, "num_hidden_layers", "n_layer", "num_layers"),
+        "num_parameters": sum(math.prod(w.shape) for w in weights),
+        "num_tensors": len(weights),
+        "structure_hash": hashlib.sha256(text.encode()).hexdigest()[:32],
     }
 
 
-def _structure_hash(weights: list[_Weight]) -> str:
-    text = "\n".join(f"{w.name}:{'x'.join(map(str, w.shape))}" for w in weights)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+# ------------------------------------------------------------------------------------------------------------
+# the sketch (version 2)
+# ------------------------------------------------------------------------------------------------------------
 
 
-def _encode(values: list[float]) -> str:
-    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
+def _random_words(tag: str, count: int) -> np.ndarray:
+    """``count`` pseudo-random 64-bit words from ``tag`` (splitmix64: the same on every platform and version)."""
+    z = np.uint64(int.from_bytes(hashlib.sha256(tag.encode()).digest()[:8], "little"))
+    with np.errstate(over="ignore"):
+        z = z + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
-def _decode(text: str, count: int) -> np.ndarray:
-    raw = base64.b64decode(text.encode("ascii"), validate=True)
-    arr = np.frombuffer(raw, dtype="<f4")
-    if arr.size != count:
-        raise ValueError(f"expected {count} sampled values, found {arr.size}")
-    return arr
+@functools.lru_cache(maxsize=64)
+def _projection(n: int, k: int, seed: str, device: torch.device) -> torch.Tensor:
+    """The ``n x k`` random matrix of width ``n`` (uniform in (-1, 1), float64), made once per shape and device."""
+    u = (_random_words(f"{seed}/R/{n}x{k}", n * k) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    return torch.from_numpy(2.0 * u - 1.0).view(n, k).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _signs(rows: int, seed: str, device: torch.device) -> torch.Tensor:
+    bits = (_random_words(f"{seed}/signs", rows) & np.uint64(1)).astype(np.float64)
+    return torch.from_numpy(1.0 - 2.0 * bits).to(device)
+
+
+def _dims(shape: tuple[int, ...], params: tuple[int, int, str]) -> tuple[int, int, int, int]:
+    """``(rows, width, buckets, projections)`` of a tensor of logical ``shape`` viewed as a matrix."""
+    rows = shape[0] if shape else 1
+    width = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return rows, width, -(-rows // params[0]), min(params[1], width)
+
+
+def _sketch(t: torch.Tensor, dtype: torch.dtype, params: tuple[int, int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Z, scale)`` of ``t`` rounded to ``dtype``, computed on ``t``'s device: ``Z`` (buckets x k, float32 as
+    stored) and each bucket's ``||Y_g||`` (float64)."""
+    b, _, seed = params
+    m, n, g, k = _dims(tuple(t.shape), params)
+    x = t.detach().reshape(m, n)
+    r = _projection(n, k, seed, x.device)
+    step = max(1, _CHUNK.get(x.device.type, 1 << 24) // n)
+    with torch.no_grad():
+        y = torch.cat([(c if c.dtype == dtype else c.to(dtype)).double() @ r for c in x.split(step)])
+        y = F.pad(y, (0, 0, 0, g * b - m)).view(g, b, k)
+        z = (y * _signs(g * b, seed, x.device).view(g, b, 1)).sum(1)
+        scale = y.square().sum((1, 2)).sqrt()
+    return torch.nan_to_num(z.float(), nan=0.0).cpu(), scale.cpu()
+
+
+class _Sketcher:
+    """Sketches of one model's weights, once per parameter and rounding (tied weights share one parameter). Only
+    the small results are kept, so an offloaded weight's values are freed as soon as it is sketched."""
+
+    def __init__(self, params: tuple[int, int, str]) -> None:
+        self.params, self.cache = params, {}
+
+    def __call__(self, w: _Weight, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(w.tensor), dtype)  # the model holds w.tensor alive, so its id is unique during one walk
+        if key not in self.cache:
+            self.cache[key] = _sketch(t, dtype, self.params)
+        return self.cache[key]
+
+
+def _encode(arrays: list[np.ndarray]) -> str:
+    data = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+    return base64.b64encode(data.astype("<f4").tobytes()).decode("ascii")
+
+
+def _decode(text: Any) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(str(text).encode("ascii"), validate=True), dtype="<f4")
+
+
+def _sketch_model(weights: list[_Weight]) -> dict[str, Any]:
+    params = (ROWS_PER_BUCKET, PROJECTIONS, SEED)
+    sketch = _Sketcher(params)
+    codes, bf16, fp16 = [], [], []
+    for w in weights:
+        t = _readable(w)
+        if t is None:
+            codes.append("-")
+            continue
+        zb, zh = sketch(w, t, torch.bfloat16)[0].numpy(), sketch(w, t, torch.float16)[0].numpy()
+        code = _CODES.get(t.dtype, "o")
+        bf16.append(zb)
+        if not np.array_equal(zb, zh) and np.abs(zh).max() < np.finfo(np.float32).max:  # fp16 rounds otherwise
+            code = code.upper()
+            fp16.append(zh)
+        codes.append(code)
+    return {"rows_per_bucket": params[0], "projections": params[1], "seed": params[2], "dtypes": "".join(codes),
+            "bf16": _encode(bf16), "fp16": _encode(fp16)}  # fmt: skip
+
+
+@dataclass
+class _Compared:
+    name: str
+    exact: bool
+    rows: tuple[int, int]  # worst bucket
+    change: float  # relative change of the worst bucket
+    overall: float  # relative change of the whole tensor
+
+
+def _compare(w: _Weight, z: torch.Tensor, scale: torch.Tensor, ref: np.ndarray, b: int) -> _Compared:
+    ref_t = torch.from_numpy(ref.copy()).double().view(z.shape)
+    diff = (z.double() - ref_t).norm(dim=1)
+    ref_norm = ref_t.norm(dim=1)
+    exact = bool((diff <= TOL * scale + STORE_RTOL * ref_norm).all())
+    rel = diff / torch.maximum(scale, ref_norm).clamp_min(1e-300)
+    g = int(rel.argmax())
+    overall = float(diff.norm() / max(float(scale.norm()), float(ref_norm.norm()), 1e-300))
+    rows = (g * b, min((g + 1) * b, w.shape[0] if w.shape else 1) - 1)
+    return _Compared(w.name, exact, rows, float(rel[g]), overall)
+
+
+def _sketch_differences(fp: Mapping[str, Any], weights: list[_Weight], where: str) -> dict[str, list]:
+    """Compare each weight with its stored sketch: ``{"mismatched", "loose", "skipped"}`` plus ``compared`` count."""
+    sk = fp["sketch"]
+    params = (int(sk["rows_per_bucket"]), int(sk["projections"]), str(sk["seed"]))
+    codes, bf16, fp16 = str(sk["dtypes"]), _decode(sk["bf16"]), _decode(sk["fp16"])
+    sizes = [math.prod(_dims(w.shape, params)[2:]) for w in weights]
+    if (
+        len(codes) != len(weights)
+        or sum(s for s, c in zip(sizes, codes) if c != "-") != bf16.size
+        or sum(s for s, c in zip(sizes, codes) if c.isupper()) != fp16.size
+    ):
+        raise ConfigError(f"{where}base_fingerprint sketch does not fit the model's {len(weights)} weights")
+    sketch = _Sketcher(params)
+    out: dict[str, list] = {"mismatched": [], "loose": [], "skipped": [], "compared": []}
+    ob = oh = 0
+    for w, code, size in zip(weights, codes, sizes):
+        refs = {}
+        if code != "-":
+            refs[torch.bfloat16], ob = bf16[ob : ob + size], ob + size
+        if code.isupper():
+            refs[torch.float16], oh = fp16[oh : oh + size], oh + size
+        t = _readable(w) if refs else None
+        if t is None:
+            out["skipped"].append(w.name)
+            continue
+        out["compared"].append(w.name)
+        results = []
+        for dtype in sorted(refs, key=lambda d: d != t.dtype):  # the loaded dtype's own rounding first
+            results.append(_compare(w, *sketch(w, t, dtype), refs[dtype], params[0]))
+            if results[-1].exact:
+                break
+        else:
+            best = min(results, key=lambda r: r.overall)
+            fingerprinted, loaded = code.lower(), _CODES.get(t.dtype, "o")
+            if fingerprinted not in ("f", loaded) and best.overall <= LOOSE:  # another rounding of an unknown original
+                out["loose"].append((w.name, _DTYPE_NAMES[fingerprinted], _DTYPE_NAMES[loaded]))
+            else:
+                out["mismatched"].append(best)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# version 1: values sampled at fixed positions of at most 64 tensors (adapters made before the sketch)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _v1_sample(t: torch.Tensor, name: str, k: int) -> np.ndarray:
+    numel = t.numel()
+    idx = [int.from_bytes(hashlib.sha256(f"{name}#{j}".encode()).digest()[:8], "little") % numel for j in range(k)]
+    with torch.no_grad():
+        flat = t.detach().reshape(-1)
+        return flat[torch.tensor(idx, device=flat.device)].to(torch.float32).cpu().double().numpy()
+
+
+def _v1_differences(fp: Mapping[str, Any], weights: list[_Weight]) -> dict[str, list]:
+    samples, by_name = fp["samples"], {w.name: w for w in weights}
+    k = int(samples["per_tensor"])
+    out: dict[str, list] = {"mismatched": [], "loose": [], "skipped": [], "compared": []}
+    for want, name in zip(_decode(samples["values"]).astype(np.float64).reshape(-1, k), samples["tensors"]):
+        t = _readable(by_name[name]) if name in by_name else None
+        if t is None:
+            out["skipped"].append(name)
+            continue
+        out["compared"].append(name)
+        got = _v1_sample(t, name, k)
+        atol = _V1["atol"] * float(np.abs(want).max()) + 1e-12
+        dev = np.abs(got - want)
+        if not np.all(dev <= atol + _V1["rtol"] * np.abs(want)) or np.mean(dev / (np.abs(want) + atol)) > _V1["mean_rtol"]:
+            out["mismatched"].append((name, want, got))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -239,29 +415,35 @@ def _decode(text: str, count: int) -> np.ndarray:
 def compute_fingerprint(model: nn.Module) -> dict[str, Any]:
     """Fingerprint of ``model`` (a transformers model, or a ``PeftModel`` whose base is fingerprinted).
 
-    JSON-serialisable; store it in ``DeltaCoMeConfig.base_fingerprint``.
+    JSON-serialisable; store it in ``DeltaCoMeConfig.base_fingerprint``. Reads every weight once (on its device).
     """
     base = _unwrap(model)
     weights = _weights(base)
-    info = _describe_model(base)
-    sampleable = [w for w in weights if w.sampleable]
-    chosen = set(_choose([w.name for w in sampleable], MAX_SAMPLED_TENSORS))
-    names, values = [], []
-    for w in sampleable:
-        if w.name not in chosen:
-            continue
-        v = _sample(w, SAMPLES_PER_TENSOR)
-        if v is not None:
-            names.append(w.name)
-            values.extend(v)
-    return {
-        "version": FINGERPRINT_VERSION,
-        **info,
-        "num_parameters": sum(math.prod(w.shape) for w in weights),
-        "num_tensors": len(weights),
-        "structure_hash": _structure_hash(weights),
-        "samples": {"per_tensor": SAMPLES_PER_TENSOR, "tensors": names, "values": _encode(values)},
-    }
+    return {"version": FINGERPRINT_VERSION, **_describe_model(base, weights), "sketch": _sketch_model(weights)}
+
+
+def _validate(fp: dict) -> None:
+    if not isinstance(fp.get("structure_hash"), str):
+        raise ValueError("no structure_hash")
+    if fp.get("version") == 1:
+        samples = fp["samples"]
+        k, names = samples["per_tensor"], list(samples["tensors"])
+        if not isinstance(k, int) or k < 1 or not all(isinstance(n, str) for n in names):
+            raise ValueError("bad sample list")
+        if _decode(samples["values"]).size != k * len(names):
+            raise ValueError(f"expected {k * len(names)} sampled values")
+        return
+    if set(fp) - _KEYS:
+        raise ValueError(f"keys {sorted(set(fp) - _KEYS)} are not part of a version-2 fingerprint")
+    sk = fp["sketch"]
+    for key in ("rows_per_bucket", "projections"):
+        if type(sk[key]) is not int or not 1 <= sk[key] <= 1 << 20:
+            raise ValueError(f"sketch {key} must be a positive integer, got {sk[key]!r}")
+    if not isinstance(sk["seed"], str) or not isinstance(sk["dtypes"], str) or set(sk["dtypes"]) - set("fbhdoFBHDO-"):
+        raise ValueError("bad sketch seed or dtypes")
+    if fp.get("num_tensors") is not None and fp["num_tensors"] != len(sk["dtypes"]):
+        raise ValueError(f"{len(sk['dtypes'])} sketched tensors for {fp['num_tensors']!r} weights")
+    _decode(sk["bf16"]), _decode(sk["fp16"])
 
 
 def parse_fingerprint(value: Union[None, str, Mapping[str, Any]], *, adapter: Optional[str] = None) -> Optional[dict]:
@@ -277,19 +459,12 @@ def parse_fingerprint(value: Union[None, str, Mapping[str, Any]], *, adapter: Op
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}base_fingerprint must be an object, got {type(value).__name__}")
     fp = dict(value)
-    if fp.get("version") != FINGERPRINT_VERSION:
+    if fp.get("version") not in (1, FINGERPRINT_VERSION) or isinstance(fp.get("version"), bool):
         raise ConfigError(f"{where}base_fingerprint has unsupported version {fp.get('version')!r}")
-    samples = fp.get("samples")
     try:
-        k = int(samples["per_tensor"])
-        names = list(samples["tensors"])
-        if k < 1 or not all(isinstance(n, str) for n in names):
-            raise ValueError("bad sample list")
-        _decode(samples["values"], k * len(names))
-    except (TypeError, KeyError, ValueError) as e:
-        raise ConfigError(f"{where}base_fingerprint samples are malformed: {e}") from e
-    if not isinstance(fp.get("structure_hash"), str):
-        raise ConfigError(f"{where}base_fingerprint has no structure_hash")
+        _validate(fp)
+    except (TypeError, KeyError, ValueError, AttributeError, OverflowError) as e:
+        raise ConfigError(f"{where}base_fingerprint (version {fp['version']}) is malformed: {e}") from e
     return fp
 
 
@@ -304,15 +479,21 @@ def describe_fingerprint(fp: Mapping[str, Any]) -> str:
     return f"{name} ({', '.join(parts)})"
 
 
-def fingerprint_differences(expected: Mapping[str, Any], model: nn.Module) -> tuple[list[str], dict[str, Any]]:
-    """What differs between the stored fingerprint and ``model``: ``(differences, found summary)``."""
+def _first(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f", … ({len(items) - n} more)" if len(items) > n else "")
+
+
+def fingerprint_differences(
+    expected: Mapping[str, Any], model: nn.Module, *, adapter: Optional[str] = None
+) -> tuple[list[str], dict[str, Any]]:
+    """What differs between the (parsed) stored fingerprint and ``model``: ``(differences, found summary)``.
+
+    The summary also lists the tensors ``compared``, ``skipped`` (unreadable: name and shape only) and checked
+    ``loose`` (to the dtype's rounding only).
+    """
     base = _unwrap(model)
     weights = _weights(base)
-    found: dict[str, Any] = {
-        **_describe_model(base),
-        "num_parameters": sum(math.prod(w.shape) for w in weights),
-        "structure_hash": _structure_hash(weights),
-    }
+    found: dict[str, Any] = _describe_model(base, weights)
     diffs = []
     for key, label in (
         ("architecture", "architecture"),
@@ -327,33 +508,36 @@ def fingerprint_differences(expected: Mapping[str, Any], model: nn.Module) -> tu
         diffs.append("the weight names/shapes differ")
     if diffs:
         return diffs, found
-    samples = expected["samples"]
-    k = int(samples["per_tensor"])
-    ref = _decode(samples["values"], k * len(samples["tensors"])).reshape(-1, k)
-    by_name = {w.name: w for w in weights}
-    mismatched, compared = [], 0
-    for row, name in zip(ref, samples["tensors"]):
-        w = by_name.get(name)
-        if w is None or not w.sampleable:
-            continue
-        got = _sample(w, k)
-        if got is None:
-            continue
-        compared += 1
-        got_arr = np.asarray(got, dtype=np.float64)
-        want = row.astype(np.float64)
-        atol = ATOL_FRACTION * float(np.abs(want).max()) + 1e-12
-        dev = np.abs(got_arr - want)
-        if not np.all(dev <= atol + RTOL * np.abs(want)) or float(np.mean(dev / (np.abs(want) + atol))) > MEAN_RTOL:
-            mismatched.append((name, want, got_arr))
-    if mismatched:
-        name, want, got_arr = mismatched[0]
-        diffs.append(
-            f"the weights differ ({len(mismatched)} of {compared} sampled tensors; e.g. {name}: expected "
-            f"{np.array2string(want[:3], precision=4)}, found {np.array2string(got_arr[:3], precision=4)})"
-        )
-    found["compared_tensors"] = compared
+    if expected["version"] == 1:
+        res = _v1_differences(expected, weights)
+        bad = [f"{n}: expected {np.array2string(a[:3], precision=4)}, found {np.array2string(b[:3], precision=4)}"
+               for n, a, b in res["mismatched"]]  # fmt: skip
+        scope = "sampled tensors"
+    else:
+        res = _sketch_differences(expected, weights, f"adapter {adapter!r}: " if adapter else "")
+        bad = [f"{c.name} rows {c.rows[0]}-{c.rows[1]} (relative change {c.change:.1e})" for c in res["mismatched"]]
+        scope = "tensors"
+    found.update(compared_tensors=len(res["compared"]), skipped=res["skipped"], loose=res["loose"])
+    if bad:
+        diffs.append(f"the weights differ ({len(bad)} of {len(res['compared'])} {scope}: {_first(bad, 3)})")
     return diffs, found
+
+
+def _notes(found: Mapping[str, Any]) -> list[str]:
+    notes = []
+    if found.get("skipped"):
+        notes.append(
+            f"{len(found['skipped'])} of {found['num_tensors']} weights could not be read (meta device without an "
+            f"offload map, or packed/quantized) and were checked by name and shape only: {_first(found['skipped'])}"
+        )
+    if found.get("loose"):
+        (_, was, now), names = found["loose"][0], [n for n, _, _ in found["loose"]]
+        notes.append(
+            f"{len(names)} weights were fingerprinted in {was} and are loaded in {now}, two roundings of an unknown "
+            f"original, so they were checked only to bfloat16 precision (a change below {LOOSE:.1e} of a tensor "
+            f"passes): {_first(names)}"
+        )
+    return notes
 
 
 def check_fingerprint(
@@ -365,9 +549,10 @@ def check_fingerprint(
 ) -> list[str]:
     """Check that ``model`` is the base the adapter was compressed against.
 
-    Raises :class:`BaseModelMismatchError` naming the expected and the found base (or warns with
-    :class:`BaseModelMismatchWarning` when ``strict`` is false). Returns the list of differences (empty when the
-    bases match). An adapter without a fingerprint cannot be checked: a warning says so.
+    Raises :class:`BaseModelMismatchError` naming the expected and the found base and the first differing tensors
+    (or warns with :class:`BaseModelMismatchWarning` when ``strict`` is false). Returns the list of differences
+    (empty when the bases match). An adapter without a fingerprint cannot be checked: a warning says so. A check that
+    passed but saw less than usual (see :class:`WeakBaseCheckWarning`) says so in a warning.
     """
     fp = parse_fingerprint(expected, adapter=adapter)
     who = f"adapter {adapter!r}" if adapter else "this adapter"
@@ -378,13 +563,25 @@ def check_fingerprint(
             stacklevel=2,
         )
         return []
-    diffs, found = fingerprint_differences(fp, model)
+    if fp["version"] == 1 and who not in _V1_NOTED:
+        _V1_NOTED.add(who)
+        warnings.warn(
+            f"{who} carries a version-1 base fingerprint (16 values of at most 64 weights): the base check is "
+            "weaker (most weights unchecked); compress again with this version for a check of every weight",
+            WeakBaseCheckWarning,
+            stacklevel=2,
+        )
+    diffs, found = fingerprint_differences(fp, model, adapter=adapter)
+    notes = _notes(found)
     if not diffs:
+        if notes:
+            warnings.warn(f"base check of {who}: {'; '.join(notes)}", WeakBaseCheckWarning, stacklevel=2)
         return []
     message = (
         f"{who} was compressed against base {describe_fingerprint(fp)} but is being loaded onto "
         f"{describe_fingerprint(found)}: {'; '.join(diffs)}. Load it onto the base it was made for"
         + (", or pass strict=False to load it anyway (its outputs will be wrong)." if strict else ".")
+        + "".join(f" Note: {n}." for n in notes)
     )
     if strict:
         raise BaseModelMismatchError(message)
