@@ -1,28 +1,16 @@
 """Fingerprint of the base model a delta was computed against, stored in the adapter and checked at load.
 
-A fingerprint (version 2) says *what* the base is (architecture, model type, vocabulary, hidden size, depth, parameter
-count), *how it is built* (a hash of every weight's canonical name and logical shape) and *which values every weight
-holds*: a sketch of each parameter, embeddings, norms and biases included. A tensor is viewed as a matrix ``W`` (``m``
-rows; a vector is a column, each entry a row), rounded to bfloat16, and projected onto ``k = 8`` seeded random
-directions, ``Y = round(W) R`` (float64, ``R`` generated once per width); rows are summed in buckets of 512 with seeded
-random signs, ``Z_g = sum_i s_i Y_i``, and ``Z`` is stored as float32. A changed row ``i`` moves ``Z_g`` by
-``dW_i R``; rows cannot cancel each other (random signs, random directions).
-
-Why it is exact rather than tolerant: bfloat16/float16 rounding moves every weight by up to 2**-8 of itself, far more
-than a 1% change of one row among hundreds moves a bucket, so a tolerance wide enough for rounding would hide such
-edits. Instead the check reproduces the rounding: fp32, fp64 and bf16 weights are rounded to bf16 before sketching
-(bf16(fp32(x)) = bf16(x)), and when the base's float16 rounding differs (weights not representable in bf16), a second
-sketch of ``round_fp16(W)`` is stored for bases loaded in float16. The tolerance then only covers float64 round-off
-and float32 storage (``TOL`` = 2**-20 of a bucket's scale ``||Y_g||``), so any change that survives rounding shows.
-Only when the rounding cannot be reproduced (fingerprinted from bf16/fp16 weights, loaded in another dtype: the two
-are different roundings of an unknown original) is a tensor compared to the coarse dtype's unit roundoff, ``LOOSE``
-= 2**-8 of its norm, with a :class:`WeakBaseCheckWarning`. Weights that cannot be read (meta device without an
-offload map, packed quantized weights) are compared by name and shape and reported as skipped. It is an integrity
-check against loading onto the wrong or an altered base, not a security boundary: the seeds are public.
-
-Version-1 fingerprints (16 sampled values of at most 64 tensors) are still checked, the old way, with a one-time note.
-Names are canonicalised so the fingerprint of a base is the same before and after PEFT wrapped it
-(``.base_layer``, ``ModulesToSaveWrapper.original_module`` and adapter sub-modules are folded away).
+Version 2: what the base is (architecture, vocabulary, sizes), how it is built (a hash of every weight's canonical
+name and logical shape) and what every weight holds. Each parameter (embeddings, norms, biases included) is viewed as
+a matrix ``W`` (a vector as a column), rounded to bfloat16 and projected onto 8 seeded random directions, ``Y =
+round(W) R`` (float64; ``R`` made once per width); rows are summed in buckets of 512 with seeded random signs, ``Z_g
+= sum_i s_i Y_i``, stored as float32. A changed row ``i`` moves ``Z_g`` by ``dW_i R``, which no other row cancels.
+The check reproduces the rounding rather than tolerating it (bf16(fp32(x)) = bf16(x); the float16 rounding is stored
+too where it differs), so ``TOL`` covers only float64 round-off and float32 storage: a tolerance for rounding (up to
+2**-8 of each weight) would hide a 1% edit of one row. Roundings that cannot be reproduced (fingerprinted in one
+16-bit dtype, loaded in another) are compared to bfloat16's unit roundoff (``LOOSE``) and unreadable weights (meta,
+packed) by shape only, each with a :class:`WeakBaseCheckWarning`. Version-1 fingerprints (16 values of at most 64
+tensors) are still checked, with a one-time note. An integrity check, not a security boundary (the seeds are public).
 """
 
 from __future__ import annotations
@@ -36,7 +24,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -57,21 +45,20 @@ LOOSE = 2.0**-8  # bfloat16 unit roundoff: the most one rounding moves a weight,
 _CHUNK = {"cpu": 1 << 17}  # elements per matmul chunk (1 MiB of float64: stays in L2 on CPU); 1 << 24 elsewhere
 _CODES = {torch.float32: "f", torch.bfloat16: "b", torch.float16: "h", torch.float64: "d"}  # other floats: "o"
 _DTYPE_NAMES = {"f": "float32", "b": "bfloat16", "h": "float16", "d": "float64", "o": "another float type"}
-_ROUNDINGS = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_V1 = {"samples_per_tensor": 16, "max_tensors": 64, "rtol": 1.0 / 64, "mean_rtol": 1.0 / 128, "atol": 1e-3}
+_V1 = {"rtol": 1.0 / 64, "mean": 1.0 / 128, "atol": 1e-3}  # version-1 value tolerances
 _V1_NOTED: set[str] = set()
 _KEYS = {"version", "name_or_path", "architecture", "model_type", "vocab_size", "hidden_size", "num_hidden_layers"}
 _KEYS |= {"num_parameters", "num_tensors", "structure_hash", "sketch"}
 _WRAPPER_SEGMENTS = ("base_layer", "original_module")
+_LABELS = {"architecture": "architecture", "model_type": "model type", "vocab_size": "vocabulary size",
+           "hidden_size": "hidden size", "num_hidden_layers": "number of layers"}  # fmt: skip
 
 
 class BaseModelMismatchWarning(UserWarning):
     """Emitted instead of :class:`BaseModelMismatchError` when the base check is not strict."""
 
 
-# ------------------------------------------------------------------------------------------------------------
-# strictness
-# ------------------------------------------------------------------------------------------------------------
+# --- strictness ----------------------------------------------------------------------------------------------------
 
 _STRICT: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("deltacome_strict_base", default=None)
 
@@ -98,9 +85,7 @@ def base_check(strict: bool) -> Iterator[None]:
         _STRICT.reset(token)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# walking the base model
-# ------------------------------------------------------------------------------------------------------------
+# --- walking the base model ----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -110,16 +95,6 @@ class _Weight:
     module: nn.Module
     attr: str
     tensor: torch.Tensor
-
-    @property
-    def sampleable(self) -> bool:
-        t = self.tensor
-        return (
-            t.is_floating_point()
-            and t.element_size() >= 2
-            and tuple(t.shape) == self.shape
-            and math.prod(self.shape) > 0
-        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -159,34 +134,25 @@ def _weights(model: nn.Module) -> list[_Weight]:
     for mname, module in base.named_modules(remove_duplicate=False):
         if any(mname == s or mname.startswith(s + ".") for s in skip):
             continue
-        linear_like = isinstance(getattr(module, "in_features", None), int) and isinstance(
-            getattr(module, "out_features", None), int
-        )
+        dims = (getattr(module, "out_features", None), getattr(module, "in_features", None))
         for pname, p in module.named_parameters(recurse=False):
+            linear = pname == "weight" and all(isinstance(d, int) for d in dims)  # packed weights: logical shape
             name = _canonical(f"{mname}.{pname}" if mname else pname)
-            if linear_like and pname == "weight":
-                shape: tuple[int, ...] = (module.out_features, module.in_features)
-            else:
-                shape = tuple(p.shape)
-            out.setdefault(name, _Weight(name, shape, module, pname, p))
+            out.setdefault(name, _Weight(name, dims if linear else tuple(p.shape), module, pname, p))
     return [out[k] for k in sorted(out)]
 
 
 def _readable(w: _Weight) -> Optional[torch.Tensor]:
-    """The tensor's values (``None`` if they cannot be read), reading accelerate's offload map for meta weights."""
-    if not w.sampleable:
-        return None
+    """The weight's float values (``None``: not readable), from accelerate's offload map for meta weights."""
     t = w.tensor
+    if not (t.is_floating_point() and t.element_size() >= 2 and tuple(t.shape) == w.shape and t.numel() > 0):
+        return None  # packed / quantized / empty
     if t.device.type != "meta":
         return t
     hook = getattr(w.module, "_hf_hook", None)
-    hooks = list(getattr(hook, "hooks", [])) or ([hook] if hook is not None else [])
-    for h in hooks:
-        weights_map = getattr(h, "weights_map", None)
-        if weights_map is None:
-            continue
+    for h in list(getattr(hook, "hooks", [])) or ([hook] if hook is not None else []):
         with contextlib.suppress(Exception):
-            value = weights_map[w.attr]
+            value = h.weights_map[w.attr]
             if isinstance(value, torch.Tensor) and value.device.type != "meta" and value.shape == t.shape:
                 return value
     return None
@@ -220,9 +186,7 @@ def _describe_model(base: nn.Module, weights: list[_Weight]) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------------------------------------
-# the sketch (version 2)
-# ------------------------------------------------------------------------------------------------------------
+# --- the sketch (version 2) ----------------------------------------------------------------------------------------
 
 
 def _random_words(tag: str, count: int) -> np.ndarray:
@@ -271,18 +235,18 @@ def _sketch(t: torch.Tensor, dtype: torch.dtype, params: tuple[int, int, str]) -
     return torch.nan_to_num(z.float(), nan=0.0).cpu(), scale.cpu()
 
 
-class _Sketcher:
-    """Sketches of one model's weights, once per parameter and rounding (tied weights share one parameter). Only
-    the small results are kept, so an offloaded weight's values are freed as soon as it is sketched."""
+def _sketcher(params: tuple[int, int, str]) -> Callable[[_Weight, torch.Tensor, torch.dtype], tuple]:
+    """:func:`_sketch` once per parameter and rounding (tied weights are one parameter; the model keeps it alive,
+    so its id is unique). Only the small results are kept: an offloaded weight is freed once sketched."""
+    cache: dict[tuple, tuple] = {}
 
-    def __init__(self, params: tuple[int, int, str]) -> None:
-        self.params, self.cache = params, {}
+    def sketch(w: _Weight, t: torch.Tensor, dtype: torch.dtype) -> tuple:
+        key = (id(w.tensor), dtype)
+        if key not in cache:
+            cache[key] = _sketch(t, dtype, params)
+        return cache[key]
 
-    def __call__(self, w: _Weight, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (id(w.tensor), dtype)  # the model holds w.tensor alive, so its id is unique during one walk
-        if key not in self.cache:
-            self.cache[key] = _sketch(t, dtype, self.params)
-        return self.cache[key]
+    return sketch
 
 
 def _encode(arrays: list[np.ndarray]) -> str:
@@ -296,7 +260,7 @@ def _decode(text: Any) -> np.ndarray:
 
 def _sketch_model(weights: list[_Weight]) -> dict[str, Any]:
     params = (ROWS_PER_BUCKET, PROJECTIONS, SEED)
-    sketch = _Sketcher(params)
+    sketch = _sketcher(params)
     codes, bf16, fp16 = [], [], []
     for w in weights:
         t = _readable(w)
@@ -341,13 +305,10 @@ def _sketch_differences(fp: Mapping[str, Any], weights: list[_Weight], where: st
     params = (int(sk["rows_per_bucket"]), int(sk["projections"]), str(sk["seed"]))
     codes, bf16, fp16 = str(sk["dtypes"]), _decode(sk["bf16"]), _decode(sk["fp16"])
     sizes = [math.prod(_dims(w.shape, params)[2:]) for w in weights]
-    if (
-        len(codes) != len(weights)
-        or sum(s for s, c in zip(sizes, codes) if c != "-") != bf16.size
-        or sum(s for s, c in zip(sizes, codes) if c.isupper()) != fp16.size
-    ):
+    fits = len(codes) == len(weights) and sum(s for s, c in zip(sizes, codes) if c != "-") == bf16.size
+    if not fits or sum(s for s, c in zip(sizes, codes) if c.isupper()) != fp16.size:
         raise ConfigError(f"{where}base_fingerprint sketch does not fit the model's {len(weights)} weights")
-    sketch = _Sketcher(params)
+    sketch = _sketcher(params)
     out: dict[str, list] = {"mismatched": [], "loose": [], "skipped": [], "compared": []}
     ob = oh = 0
     for w, code, size in zip(weights, codes, sizes):
@@ -376,17 +337,13 @@ def _sketch_differences(fp: Mapping[str, Any], weights: list[_Weight], where: st
     return out
 
 
-# ------------------------------------------------------------------------------------------------------------
-# version 1: values sampled at fixed positions of at most 64 tensors (adapters made before the sketch)
-# ------------------------------------------------------------------------------------------------------------
+# --- version 1: values sampled at fixed positions of at most 64 tensors (adapters made before the sketch) ----------
 
 
 def _v1_sample(t: torch.Tensor, name: str, k: int) -> np.ndarray:
-    numel = t.numel()
-    idx = [int.from_bytes(hashlib.sha256(f"{name}#{j}".encode()).digest()[:8], "little") % numel for j in range(k)]
-    with torch.no_grad():
-        flat = t.detach().reshape(-1)
-        return flat[torch.tensor(idx, device=flat.device)].to(torch.float32).cpu().double().numpy()
+    idx = [int.from_bytes(hashlib.sha256(f"{name}#{j}".encode()).digest()[:8], "little") % t.numel() for j in range(k)]
+    flat = t.detach().reshape(-1)
+    return flat[torch.tensor(idx, device=flat.device)].to(torch.float32).cpu().double().numpy()
 
 
 def _v1_differences(fp: Mapping[str, Any], weights: list[_Weight]) -> dict[str, list]:
@@ -400,16 +357,14 @@ def _v1_differences(fp: Mapping[str, Any], weights: list[_Weight]) -> dict[str, 
             continue
         out["compared"].append(name)
         got = _v1_sample(t, name, k)
-        atol = _V1["atol"] * float(np.abs(want).max()) + 1e-12
-        dev = np.abs(got - want)
-        if not np.all(dev <= atol + _V1["rtol"] * np.abs(want)) or np.mean(dev / (np.abs(want) + atol)) > _V1["mean_rtol"]:
+        atol, dev = _V1["atol"] * float(np.abs(want).max()) + 1e-12, np.abs(got - want)
+        ok = np.all(dev <= atol + _V1["rtol"] * np.abs(want)) and np.mean(dev / (np.abs(want) + atol)) <= _V1["mean"]
+        if not ok:
             out["mismatched"].append((name, want, got))
     return out
 
 
-# ------------------------------------------------------------------------------------------------------------
-# public API
-# ------------------------------------------------------------------------------------------------------------
+# --- public API ----------------------------------------------------------------------------------------------------
 
 
 def compute_fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -437,7 +392,7 @@ def _validate(fp: dict) -> None:
         raise ValueError(f"keys {sorted(set(fp) - _KEYS)} are not part of a version-2 fingerprint")
     sk = fp["sketch"]
     for key in ("rows_per_bucket", "projections"):
-        if type(sk[key]) is not int or not 1 <= sk[key] <= 1 << 20:
+        if type(sk[key]) is not int or not 1 <= sk[key] <= 1 << 16:
             raise ValueError(f"sketch {key} must be a positive integer, got {sk[key]!r}")
     if not isinstance(sk["seed"], str) or not isinstance(sk["dtypes"], str) or set(sk["dtypes"]) - set("fbhdoFBHDO-"):
         raise ValueError("bad sketch seed or dtypes")
@@ -470,13 +425,10 @@ def parse_fingerprint(value: Union[None, str, Mapping[str, Any]], *, adapter: Op
 
 def describe_fingerprint(fp: Mapping[str, Any]) -> str:
     """``name (Architecture, vocab N, P parameters)`` for messages."""
-    name = fp.get("name_or_path") or "<unnamed base>"
     parts = [str(fp.get("architecture") or "unknown architecture")]
-    if fp.get("vocab_size") is not None:
-        parts.append(f"vocab {fp['vocab_size']}")
-    if fp.get("num_parameters") is not None:
-        parts.append(f"{fp['num_parameters']:,} parameters")
-    return f"{name} ({', '.join(parts)})"
+    parts += [f"vocab {fp['vocab_size']}"] if fp.get("vocab_size") is not None else []
+    parts += [f"{fp['num_parameters']:,} parameters"] if fp.get("num_parameters") is not None else []
+    return f"{fp.get('name_or_path') or '<unnamed base>'} ({', '.join(parts)})"
 
 
 def _first(items: list[str], n: int = 4) -> str:
@@ -494,16 +446,11 @@ def fingerprint_differences(
     base = _unwrap(model)
     weights = _weights(base)
     found: dict[str, Any] = _describe_model(base, weights)
-    diffs = []
-    for key, label in (
-        ("architecture", "architecture"),
-        ("model_type", "model type"),
-        ("vocab_size", "vocabulary size"),
-        ("hidden_size", "hidden size"),
-        ("num_hidden_layers", "number of layers"),
-    ):
-        if expected.get(key) is not None and found.get(key) is not None and expected[key] != found[key]:
-            diffs.append(f"{label} {expected[key]!r} expected, {found[key]!r} found")
+    diffs = [
+        f"{label} {expected[key]!r} expected, {found[key]!r} found"
+        for key, label in _LABELS.items()
+        if expected.get(key) is not None and found.get(key) is not None and expected[key] != found[key]
+    ]
     if expected["structure_hash"] != found["structure_hash"]:
         diffs.append("the weight names/shapes differ")
     if diffs:
@@ -557,20 +504,14 @@ def check_fingerprint(
     fp = parse_fingerprint(expected, adapter=adapter)
     who = f"adapter {adapter!r}" if adapter else "this adapter"
     if fp is None:
-        warnings.warn(
-            f"{who} carries no base-model fingerprint; cannot check that it is loaded onto the right base",
-            BaseModelMismatchWarning,
-            stacklevel=2,
-        )
+        note = f"{who} carries no base-model fingerprint; cannot check that it is loaded onto the right base"
+        warnings.warn(note, BaseModelMismatchWarning, stacklevel=2)
         return []
     if fp["version"] == 1 and who not in _V1_NOTED:
         _V1_NOTED.add(who)
-        warnings.warn(
-            f"{who} carries a version-1 base fingerprint (16 values of at most 64 weights): the base check is "
-            "weaker (most weights unchecked); compress again with this version for a check of every weight",
-            WeakBaseCheckWarning,
-            stacklevel=2,
-        )
+        note = f"{who} carries a version-1 base fingerprint (16 values of at most 64 weights): the base check is "
+        note += "weaker (most weights unchecked); compress again with this version for a check of every weight"
+        warnings.warn(note, WeakBaseCheckWarning, stacklevel=2)
     diffs, found = fingerprint_differences(fp, model, adapter=adapter)
     notes = _notes(found)
     if not diffs:

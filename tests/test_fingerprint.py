@@ -97,7 +97,7 @@ def test_every_single_row_edit_of_one_percent_is_detected(arch):
     accepted(fp, model)  # every edit undone: the same base again
 
 
-@settings(max_examples=40, deadline=None, database=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(
     arch=st.sampled_from(list(MODELS)),
     which=st.integers(0, 10**6),
@@ -105,9 +105,11 @@ def test_every_single_row_edit_of_one_percent_is_detected(arch):
     kind=st.sampled_from(["dense", "one entry", "scale row", "swap rows"]),
     size=st.floats(0.01, 0.5),
     seed=st.integers(0, 2**31 - 1),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
 )
-def test_row_edits_property(arch, which, row, kind, size, seed):
-    """Any matrix, any row, any kind of edit of relative size >= 1% of the row norm: refused."""
+def test_row_edits_property(arch, which, row, kind, size, seed, dtype):
+    """Any matrix, any row, any kind of edit of relative size >= 1% of the row norm, loaded in any dtype: refused
+    (a 1% change of a row survives any 16-bit rounding: each rounding moves the row by at most 2**-8 of its norm)."""
     model, fp = MODELS[arch](), FPS[arch]
     matrices = [(n, p) for n, p in params(model).items() if p.dim() == 2]
     name, p = matrices[which % len(matrices)]
@@ -127,7 +129,7 @@ def test_row_edits_property(arch, which, row, kind, size, seed):
         else:  # another row's values, which differ from this row's by far more than 1%
             p[i] = p[(i + 1 + seed % (p.shape[0] - 1)) % p.shape[0]].clone()
     assert (p[i] - w).norm() >= 0.0099 * w.norm()
-    refused(fp, model, name)
+    refused(fp, model.to(dtype), name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -275,7 +277,7 @@ def _mutations() -> st.SearchStrategy:
     )
 
 
-@settings(max_examples=150, deadline=None, database=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(mutation=_mutations())
 def test_edited_fingerprints_fail_with_our_errors(mutation):
     """A hand-edited fingerprint is a ConfigError (or, when still well formed, a mismatch): never a raw traceback."""
