@@ -16,8 +16,8 @@ weight once (the least a first forward pass costs), file in the page cache; ``lo
 evicting the file from the page cache (``posix_fadvise(DONTNEED)`` on our own copy): a load from disk. ``compute`` =
 ``compute_fingerprint`` (at compression: every weight, both roundings); ``check`` = ``check_fingerprint`` (at load).
 
-Sizes: bytes of ``base_fingerprint`` in ``adapter_config.json`` for SmolLM2 (measured) and for a 32-layer 7B shape
-(Llama-2-7B: vocab 32000, untied head), from the shapes with the module's own bucket arithmetic: with one stored
+Sizes: bytes of ``base_fingerprint`` in ``adapter_config.json`` for SmolLM2 (measured) and for 32-layer 7B/8B shapes
+(Llama-2-7B, Llama-3-8B: untied heads), from the shapes with the module's own bucket arithmetic: with one stored
 rounding (a bf16 checkpoint) and with two (a float32 checkpoint whose float16 rounding differs).
 """
 
@@ -80,24 +80,26 @@ def measure(load: Callable[[], torch.nn.Module], file: str, repeats: int, sync: 
     return [statistics.median(t) for t in times]
 
 
-def smollm2_rows(tmp: str, device: str, repeats: int, sync: Callable[[], None]) -> tuple[list[tuple], int]:
+def smollm2_rows(tmp: str, device: str, repeats: int, sync: Callable[[], None]) -> tuple[list[tuple], list[str]]:
     from transformers import AutoModelForCausalLM
 
     from hf_deltacome.zoo import smollm2_path
 
     folder = os.path.join(tmp, "smollm2")
     shutil.copytree(smollm2_path(), folder)
-    rows = []
+    rows, sizes = [], []
     for dtype in (torch.float32, torch.bfloat16):
 
         def load(dtype: torch.dtype = dtype) -> Any:
             return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
 
-        rows.append(
-            (f"SmolLM2-135M {str(dtype)[6:]}", *measure(load, os.path.join(folder, "model.safetensors"), repeats, sync))
-        )
-    size = len(json.dumps(fpmod.compute_fingerprint(load()), separators=(",", ":")))
-    return rows, size
+        name = f"SmolLM2-135M {str(dtype)[6:]}"
+        rows.append((name, *measure(load, os.path.join(folder, "model.safetensors"), repeats, sync)))
+        fp = fpmod.compute_fingerprint(load())
+        both = sum(c.isupper() for c in fp["sketch"]["dtypes"])
+        size = len(json.dumps(json.dumps(fp, separators=(",", ":"), sort_keys=True)))  # a JSON string in the file
+        sizes.append(f"{name}: {size:,} bytes ({both} of {fp['num_tensors']} weights with both roundings stored)")
+    return rows, sizes
 
 
 def layer_7b_row(tmp: str, device: str, repeats: int, sync: Callable[[], None]) -> tuple:
@@ -126,12 +128,19 @@ def layer_7b_row(tmp: str, device: str, repeats: int, sync: Callable[[], None]) 
     return ("7B-shaped layer bf16", *measure(load, file, repeats, sync))
 
 
-def size_7b() -> tuple[int, int, int]:
-    """(weights, JSON bytes with one rounding, with two) of base_fingerprint for a 32-layer 7B shape."""
+SHAPES = {  # 32-layer shapes, untied head
+    "Llama-2-7B": dict(vocab_size=32000, intermediate_size=11008, num_key_value_heads=32),
+    "Llama-3-8B": dict(vocab_size=128256, intermediate_size=14336, num_key_value_heads=8),
+}
+
+
+def size_of_shape(name: str) -> tuple[int, int, int]:
+    """(weights, JSON bytes with one rounding, with two) of base_fingerprint for one of ``SHAPES``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32)
-    config.vocab_size, config.tie_word_embeddings = 32000, False
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_hidden_layers=32, tie_word_embeddings=False)
+    for key, value in SHAPES[name].items():
+        setattr(config, key, value)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     weights = fpmod._weights(model)
@@ -143,7 +152,7 @@ def size_7b() -> tuple[int, int, int]:
         blob = fpmod._encode([torch.zeros(floats).numpy()])
         fp["sketch"] = {"rows_per_bucket": params[0], "projections": params[1], "seed": params[2],
                         "dtypes": "f" * len(weights), "bf16": blob, "fp16": blob if roundings == 2 else ""}  # fmt: skip
-        out.append(len(json.dumps(fp, separators=(",", ":"))))
+        out.append(len(json.dumps(json.dumps(fp, separators=(",", ":"), sort_keys=True))))
     return len(weights), out[0], out[1]
 
 
@@ -161,7 +170,7 @@ def main() -> None:
         f"device {args.device}, torch threads {args.threads}, {os.cpu_count()} CPUs, load average before {before:.2f}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        rows, smol_size = ([], 0) if args.skip_smollm2 else smollm2_rows(tmp, args.device, args.repeats, sync)
+        rows, smol_sizes = ([], []) if args.skip_smollm2 else smollm2_rows(tmp, args.device, args.repeats, sync)
         rows.append(layer_7b_row(tmp, args.device, args.repeats, sync))
     head = ("model", "load", "load+read warm", "load+read cold", "compute", "check", "check/warm", "check/cold")
     print("\n| " + " | ".join(head) + " |\n|" + "|".join("-" * (len(h) + 2) for h in head) + "|")
@@ -171,12 +180,13 @@ def main() -> None:
             f"{t_check / cold:.2f}",
         ]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    n, one, two = size_7b()
     print()
-    if smol_size:
-        print(f"base_fingerprint in adapter_config.json, SmolLM2-135M: {smol_size:,} bytes")
-    print(f"base_fingerprint for a 32-layer 7B shape ({n} weights): {one:,} bytes (bf16 checkpoint), "
-          f"{two:,} bytes (fp32 checkpoint, both roundings stored)")  # fmt: skip
+    for line in smol_sizes:
+        print(f"base_fingerprint in adapter_config.json, {line}")
+    for shape in SHAPES:
+        n, one, two = size_of_shape(shape)
+        print(f"base_fingerprint for the {shape} shape ({n} weights): {one:,} bytes (bf16 checkpoint), "
+              f"{two:,} bytes (fp32 checkpoint, both roundings stored)")  # fmt: skip
     print(f"load average after {os.getloadavg()[0]:.2f} (> 1 per core: other jobs shared the machine)")
 
 

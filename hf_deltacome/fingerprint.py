@@ -144,9 +144,11 @@ def _weights(model: nn.Module) -> list[_Weight]:
 
 def _readable(w: _Weight) -> Optional[torch.Tensor]:
     """The weight's float values (``None``: not readable), from accelerate's offload map for meta weights."""
-    t = w.tensor
-    if not (t.is_floating_point() and t.element_size() >= 2 and tuple(t.shape) == w.shape and t.numel() > 0):
-        return None  # packed / quantized / empty
+    t = w.tensor  # plain float tensors only: not packed, quantized (tensor subclasses), sharded (DTensor) or empty
+    if type(t) not in (torch.Tensor, nn.Parameter) or not (t.is_floating_point() and t.element_size() >= 2):
+        return None
+    if tuple(t.shape) != w.shape or t.numel() == 0:
+        return None
     if t.device.type != "meta":
         return t
     hook = getattr(w.module, "_hf_hook", None)
@@ -225,6 +227,7 @@ def _sketch(t: torch.Tensor, dtype: torch.dtype, params: tuple[int, int, str]) -
     b, _, seed = params
     m, n, g, k = _dims(tuple(t.shape), params)
     x = t.detach().reshape(m, n)
+    x = x.cpu() if x.device.type == "mps" else x  # no float64 there
     r = _projection(n, k, seed, x.device)
     step = max(1, _CHUNK.get(x.device.type, 1 << 24) // n)
     with torch.no_grad():
