@@ -212,6 +212,23 @@ def test_roundings_that_cannot_be_reproduced_are_checked_loosely_with_a_note():
     assert "1 of 21 tensors" in msg and "Note: 15 weights were fingerprinted in float16" in msg
 
 
+def test_low_precision_float32_matmuls_cost_time_not_a_false_refusal(monkeypatch):
+    """On CPU the check multiplies in float32 first; were float32 matmuls rounded lower (oneDNN bf16 modes), each
+    tensor is recomputed in float64 before a verdict: the right base passes, an edited one is still refused."""
+    exact = fpm._sketch
+
+    def coarse(t, dtype, params, fast=False):
+        z, scale = exact(t, dtype, params, fast)
+        return (z * (1 + 2.0**-9) if fast else z), scale  # bf16-sized error in the fast path only
+
+    monkeypatch.setattr(fpm, "_sketch", coarse)
+    accepted(FPS["qwen2"], MODELS["qwen2"]().bfloat16())
+    model = MODELS["qwen2"]()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.bias[3] *= 1.01
+    refused(FPS["qwen2"], model, "model.layers.0.self_attn.k_proj.bias rows 0-23")
+
+
 def test_unreadable_weights_are_skipped_and_named():
     """Weights on the meta device without an offload map are compared by name and shape and reported."""
     model = MODELS["llama"]()
