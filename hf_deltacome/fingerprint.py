@@ -544,4 +544,4 @@ def fingerprint_json(model: nn.Module) -> str:
     return json.dumps(compute_fingerprint(model), separators=(",", ":"), sort_keys=True)
 
 
-fingerprint_model = compute_fingerprint  # name used by compress.py
+fingerprint_model = compute_fingerprint  # the older name, kept for callers
