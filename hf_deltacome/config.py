@@ -101,7 +101,7 @@ class DeltaCoMeConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(default=None)
     modules_to_save: Optional[list[str]] = field(default=None)
     layout: dict[str, dict[str, Any]] = field(default_factory=dict)
-    base_fingerprint: Optional[dict[str, Any]] = field(default=None)
+    base_fingerprint: Optional[dict[str, Any]] = field(default=None, repr=False)  # 30-300 KB of base64
     compression_info: dict[str, Any] = field(default_factory=dict)
     search: Optional[str] = field(default=None, metadata={"help": f"Band split search: None or one of {SEARCHES}."})
     allocation: str = field(default="uniform", metadata={"help": f"Budget across modules, one of {ALLOCATIONS}."})

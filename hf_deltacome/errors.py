@@ -30,3 +30,8 @@ class CalibrationError(DeltaCoMeError):
 
 class BaseModelMismatchWarning(UserWarning):
     """Emitted instead of :class:`BaseModelMismatchError` when the base check is not strict."""
+
+
+class WeakBaseCheckWarning(UserWarning):
+    """The base-model check passed but saw less than usual (unreadable weights, a version-1 fingerprint, or weights
+    rounded differently from when the adapter was made), so a small change to the base could have gone unnoticed."""

@@ -1,50 +1,55 @@
 """Fingerprint of the base model a delta was computed against, stored in the adapter and checked at load.
 
-A fingerprint says *what* the base is (architecture, model type, vocabulary, hidden size, depth, parameter count),
-*how it is built* (a hash of every weight's canonical name and logical shape) and *which weights it has* (a few
-values sampled at fixed pseudo-random positions of up to 64 weight tensors). Values are compared with a relative
-tolerance, so the same base loaded in float32, bfloat16 or float16 matches while another checkpoint of the same
-architecture does not. It is cheap (a few hundred scalar reads) and works on bases spread with ``device_map`` or
-offloaded by accelerate (offloaded weights are read from the offload map; weights that cannot be read, e.g.
-packed quantized ones, are compared by shape only).
-
-Names are canonicalised so the fingerprint of a base is the same before and after PEFT wrapped it
-(``.base_layer``, ``ModulesToSaveWrapper.original_module`` and adapter sub-modules are folded away).
+Version 2: what the base is (architecture, vocabulary, sizes), how it is built (a hash of every weight's canonical
+name and logical shape) and what every weight holds. Each parameter (embeddings, norms, biases included) is viewed as
+a matrix ``W`` (a vector as a column), rounded to bfloat16 and projected onto 8 seeded random directions, ``Y =
+round(W) R`` (float64; ``R`` made once per width); rows are summed in buckets of 512 with seeded random signs, ``Z_g
+= sum_i s_i Y_i``, stored as float32. A changed row ``i`` moves ``Z_g`` by ``dW_i R``, which no other row cancels.
+The check reproduces the rounding rather than tolerating it (bf16(fp32(x)) = bf16(x); the float16 rounding is stored
+too where it differs), so ``TOL`` covers only float64 round-off and float32 storage: a tolerance for rounding (up to
+2**-8 of each weight) would hide a 1% edit of one row. Roundings that cannot be reproduced (fingerprinted in one
+16-bit dtype, loaded in another) are compared to bfloat16's unit roundoff (``LOOSE``) and unreadable weights (meta,
+packed) by shape only, each with a :class:`WeakBaseCheckWarning`. Version-1 fingerprints (16 values of at most 64
+tensors) are still checked, with a one-time note. An integrity check, not a security boundary (the seeds are public).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import contextvars
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import BaseModelMismatchError, BaseModelMismatchWarning, ConfigError
+from ..errors import BaseModelMismatchError, BaseModelMismatchWarning, ConfigError, WeakBaseCheckWarning
+from .weight_sketch import (
+    FINGERPRINT_VERSION,
+    LOOSE,
+    BaseWeight,
+    base_weights,
+    decode_sketch,
+    describe_model,
+    readable,
+    sketch_differences,
+    sketch_model,
+    unwrap,
+)
 
-FINGERPRINT_VERSION = 1
-SAMPLES_PER_TENSOR = 16
-MAX_SAMPLED_TENSORS = 64
-RTOL = 1.0 / 64  # no single value may move more than this (bfloat16 rounding moves it at most 2**-9)
-MEAN_RTOL = 1.0 / 128  # nor the mean relative deviation of a tensor's samples (bf16 rounding: about 2**-10)
-ATOL_FRACTION = 1e-3  # absolute slack relative to the tensor's largest sampled magnitude (float16 underflow)
+_V1 = {"rtol": 1.0 / 64, "mean": 1.0 / 128, "atol": 1e-3}  # version-1 value tolerances
+_V1_NOTED: set[str] = set()
+_KEYS = {"version", "name_or_path", "architecture", "model_type", "vocab_size", "hidden_size", "num_hidden_layers"}
+_KEYS |= {"num_parameters", "num_tensors", "structure_hash", "sketch"}
+_LABELS = {"architecture": "architecture", "model_type": "model type", "vocab_size": "vocabulary size",
+           "hidden_size": "hidden size", "num_hidden_layers": "number of layers"}  # fmt: skip
 
-_WRAPPER_SEGMENTS = ("base_layer", "original_module")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# strictness
-# ------------------------------------------------------------------------------------------------------------
+# --- strictness ----------------------------------------------------------------------------------------------------
 
 _STRICT: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("deltacome_strict_base", default=None)
 
@@ -70,194 +75,68 @@ def base_check(strict: bool) -> Iterator[None]:
     finally:
         _STRICT.reset(token)
 
-
-# ------------------------------------------------------------------------------------------------------------
-# walking the base model
-# ------------------------------------------------------------------------------------------------------------
+# --- version 1: values sampled at fixed positions of at most 64 tensors (adapters made before the sketch) ----------
 
 
-@dataclass
-class _Weight:
-    name: str  # canonical
-    shape: tuple[int, ...]  # logical shape (out, in) for linear-like modules, else the tensor's shape
-    module: nn.Module
-    attr: str
-    tensor: torch.Tensor
-
-    @property
-    def sampleable(self) -> bool:
-        t = self.tensor
-        return (
-            t.is_floating_point()
-            and t.element_size() >= 2
-            and tuple(t.shape) == self.shape
-            and math.prod(self.shape) > 0
-        )
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under a ``PeftModel`` (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base):
-        with contextlib.suppress(Exception):
-            return get_base()
-    return model
-
-
-def _skipped_prefixes(model: nn.Module) -> list[str]:
-    """Sub-module paths that hold adapter state rather than base weights."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    skip = []
-    for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            for attr in tuple(module.adapter_layer_names) + tuple(module.other_param_names):
-                skip.append(f"{name}.{attr}" if name else attr)
-        if isinstance(module, AuxiliaryTrainingWrapper):
-            for attr in ("modules_to_save", "token_adapter"):
-                if hasattr(module, attr):
-                    skip.append(f"{name}.{attr}" if name else attr)
-    return skip
-
-
-def _canonical(name: str) -> str:
-    return ".".join(p for p in name.split(".") if p not in _WRAPPER_SEGMENTS)
-
-
-def _weights(model: nn.Module) -> list[_Weight]:
-    base = _unwrap(model)
-    skip = _skipped_prefixes(base)
-    out: dict[str, _Weight] = {}
-    for mname, module in base.named_modules(remove_duplicate=False):
-        if any(mname == s or mname.startswith(s + ".") for s in skip):
-            continue
-        linear_like = isinstance(getattr(module, "in_features", None), int) and isinstance(
-            getattr(module, "out_features", None), int
-        )
-        for pname, p in module.named_parameters(recurse=False):
-            name = _canonical(f"{mname}.{pname}" if mname else pname)
-            if linear_like and pname == "weight":
-                shape: tuple[int, ...] = (module.out_features, module.in_features)
-            else:
-                shape = tuple(p.shape)
-            out.setdefault(name, _Weight(name, shape, module, pname, p))
-    return [out[k] for k in sorted(out)]
-
-
-def _readable(w: _Weight) -> Optional[torch.Tensor]:
-    """The tensor's values, reading accelerate's offload map for weights left on the meta device."""
-    t = w.tensor
-    if t.device.type != "meta":
-        return t
-    hook = getattr(w.module, "_hf_hook", None)
-    hooks = list(getattr(hook, "hooks", [])) or ([hook] if hook is not None else [])
-    for h in hooks:
-        weights_map = getattr(h, "weights_map", None)
-        if weights_map is None:
-            continue
-        with contextlib.suppress(Exception):
-            value = weights_map[w.attr]
-            if isinstance(value, torch.Tensor) and value.device.type != "meta":
-                return value
-    return None
-
-
-def _sample_indices(name: str, numel: int, k: int) -> list[int]:
-    """``k`` fixed pseudo-random flat positions of a tensor, from its name (same everywhere, forever)."""
-    return [int.from_bytes(hashlib.sha256(f"{name}#{j}".encode()).digest()[:8], "little") % numel for j in range(k)]
-
-
-def _sample(w: _Weight, k: int) -> Optional[list[float]]:
-    t = _readable(w)
-    if t is None:
-        return None
-    idx = _sample_indices(w.name, t.numel(), k)
+def _v1_sample(t: torch.Tensor, name: str, k: int) -> np.ndarray:
+    idx = [int.from_bytes(hashlib.sha256(f"{name}#{j}".encode()).digest()[:8], "little") % t.numel() for j in range(k)]
     flat = t.detach().reshape(-1)
-    with torch.no_grad():
-        values = flat[torch.tensor(idx, device=flat.device)].to(torch.float32).cpu()
-    return values.tolist()
+    return flat[torch.tensor(idx, device=flat.device)].to(torch.float32).cpu().double().numpy()
 
 
-def _choose(names: list[str], limit: int) -> list[str]:
-    if len(names) <= limit:
-        return names
-    step = (len(names) - 1) / (limit - 1)
-    return [names[round(i * step)] for i in range(limit)]
+def _v1_differences(fp: Mapping[str, Any], weights: list[BaseWeight]) -> dict[str, list]:
+    samples, by_name = fp["samples"], {w.name: w for w in weights}
+    k = int(samples["per_tensor"])
+    out: dict[str, list] = {"mismatched": [], "loose": [], "skipped": [], "compared": []}
+    for want, name in zip(decode_sketch(samples["values"]).astype(np.float64).reshape(-1, k), samples["tensors"]):
+        t = readable(by_name[name]) if name in by_name else None
+        if t is None:
+            out["skipped"].append(name)
+            continue
+        out["compared"].append(name)
+        got = _v1_sample(t, name, k)
+        atol, dev = _V1["atol"] * float(np.abs(want).max()) + 1e-12, np.abs(got - want)
+        ok = np.all(dev <= atol + _V1["rtol"] * np.abs(want)) and np.mean(dev / (np.abs(want) + atol)) <= _V1["mean"]
+        if not ok:
+            out["mismatched"].append((name, want, got))
+    return out
 
 
-def _config_value(config: Any, *keys: str) -> Any:
-    for key in keys:
-        value = getattr(config, key, None)
-        if value is None and hasattr(config, "get_text_config"):
-            with contextlib.suppress(Exception):
-                value = getattr(config.get_text_config(), key, None)
-        if value is not None:
-            return value
-    return None
-
-
-def _describe_model(base: nn.Module) -> dict[str, Any]:
-    config = getattr(base, "config", None)
-    archs = _config_value(config, "architectures") if config is not None else None
-    return {
-        "name_or_path": (getattr(config, "_name_or_path", None) or getattr(base, "name_or_path", None) or None),
-        "architecture": (archs[0] if archs else type(base).__name__),
-        "model_type": getattr(config, "model_type", None),
-        "vocab_size": _config_value(config, "vocab_size"),
-        "hidden_size": _config_value(config, "hidden_size", "d_model", "n_embd"),
-        "num_hidden_layers": _config_value(config, "num_hidden_layers", "n_layer", "num_layers"),
-    }
-
-
-def _structure_hash(weights: list[_Weight]) -> str:
-    text = "\n".join(f"{w.name}:{'x'.join(map(str, w.shape))}" for w in weights)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _encode(values: list[float]) -> str:
-    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
-
-
-def _decode(text: str, count: int) -> np.ndarray:
-    raw = base64.b64decode(text.encode("ascii"), validate=True)
-    arr = np.frombuffer(raw, dtype="<f4")
-    if arr.size != count:
-        raise ValueError(f"expected {count} sampled values, found {arr.size}")
-    return arr
-
-
-# ------------------------------------------------------------------------------------------------------------
-# public API
-# ------------------------------------------------------------------------------------------------------------
+# --- public API ----------------------------------------------------------------------------------------------------
 
 
 def compute_fingerprint(model: nn.Module) -> dict[str, Any]:
     """Fingerprint of ``model`` (a transformers model, or a ``PeftModel`` whose base is fingerprinted).
 
-    JSON-serialisable; store it in ``DeltaCoMeConfig.base_fingerprint``.
+    JSON-serialisable; store it in ``DeltaCoMeConfig.base_fingerprint``. Reads every weight once (on its device).
     """
-    base = _unwrap(model)
-    weights = _weights(base)
-    info = _describe_model(base)
-    sampleable = [w for w in weights if w.sampleable]
-    chosen = set(_choose([w.name for w in sampleable], MAX_SAMPLED_TENSORS))
-    names, values = [], []
-    for w in sampleable:
-        if w.name not in chosen:
-            continue
-        v = _sample(w, SAMPLES_PER_TENSOR)
-        if v is not None:
-            names.append(w.name)
-            values.extend(v)
-    return {
-        "version": FINGERPRINT_VERSION,
-        **info,
-        "num_parameters": sum(math.prod(w.shape) for w in weights),
-        "num_tensors": len(weights),
-        "structure_hash": _structure_hash(weights),
-        "samples": {"per_tensor": SAMPLES_PER_TENSOR, "tensors": names, "values": _encode(values)},
-    }
+    base = unwrap(model)
+    weights = base_weights(base)
+    return {"version": FINGERPRINT_VERSION, **describe_model(base, weights), "sketch": sketch_model(weights)}
+
+
+def _validate(fp: dict) -> None:
+    if not isinstance(fp.get("structure_hash"), str):
+        raise ValueError("no structure_hash")
+    if fp.get("version") == 1:
+        samples = fp["samples"]
+        k, names = samples["per_tensor"], list(samples["tensors"])
+        if not isinstance(k, int) or k < 1 or not all(isinstance(n, str) for n in names):
+            raise ValueError("bad sample list")
+        if decode_sketch(samples["values"]).size != k * len(names):
+            raise ValueError(f"expected {k * len(names)} sampled values")
+        return
+    if set(fp) - _KEYS:
+        raise ValueError(f"keys {sorted(set(fp) - _KEYS)} are not part of a version-2 fingerprint")
+    sk = fp["sketch"]
+    for key in ("rows_per_bucket", "projections"):
+        if type(sk[key]) is not int or not 1 <= sk[key] <= 1 << 16:
+            raise ValueError(f"sketch {key} must be a positive integer, got {sk[key]!r}")
+    if not isinstance(sk["seed"], str) or not isinstance(sk["dtypes"], str) or set(sk["dtypes"]) - set("fbhdoFBHDO-"):
+        raise ValueError("bad sketch seed or dtypes")
+    if fp.get("num_tensors") is not None and fp["num_tensors"] != len(sk["dtypes"]):
+        raise ValueError(f"{len(sk['dtypes'])} sketched tensors for {fp['num_tensors']!r} weights")
+    decode_sketch(sk["bf16"]), decode_sketch(sk["fp16"])
 
 
 def parse_fingerprint(value: Union[None, str, Mapping[str, Any]], *, adapter: Optional[str] = None) -> Optional[dict]:
@@ -273,83 +152,77 @@ def parse_fingerprint(value: Union[None, str, Mapping[str, Any]], *, adapter: Op
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}base_fingerprint must be an object, got {type(value).__name__}")
     fp = dict(value)
-    if fp.get("version") != FINGERPRINT_VERSION:
+    if fp.get("version") not in (1, FINGERPRINT_VERSION) or isinstance(fp.get("version"), bool):
         raise ConfigError(f"{where}base_fingerprint has unsupported version {fp.get('version')!r}")
-    samples = fp.get("samples")
     try:
-        k = int(samples["per_tensor"])
-        names = list(samples["tensors"])
-        if k < 1 or not all(isinstance(n, str) for n in names):
-            raise ValueError("bad sample list")
-        _decode(samples["values"], k * len(names))
-    except (TypeError, KeyError, ValueError) as e:
-        raise ConfigError(f"{where}base_fingerprint samples are malformed: {e}") from e
-    if not isinstance(fp.get("structure_hash"), str):
-        raise ConfigError(f"{where}base_fingerprint has no structure_hash")
+        _validate(fp)
+    except (TypeError, KeyError, ValueError, AttributeError, OverflowError) as e:
+        raise ConfigError(f"{where}base_fingerprint (version {fp['version']}) is malformed: {e}") from e
     return fp
 
 
 def describe_fingerprint(fp: Mapping[str, Any]) -> str:
     """``name (Architecture, vocab N, P parameters)`` for messages."""
-    name = fp.get("name_or_path") or "<unnamed base>"
     parts = [str(fp.get("architecture") or "unknown architecture")]
-    if fp.get("vocab_size") is not None:
-        parts.append(f"vocab {fp['vocab_size']}")
-    if fp.get("num_parameters") is not None:
-        parts.append(f"{fp['num_parameters']:,} parameters")
-    return f"{name} ({', '.join(parts)})"
+    parts += [f"vocab {fp['vocab_size']}"] if fp.get("vocab_size") is not None else []
+    parts += [f"{fp['num_parameters']:,} parameters"] if fp.get("num_parameters") is not None else []
+    return f"{fp.get('name_or_path') or '<unnamed base>'} ({', '.join(parts)})"
 
 
-def fingerprint_differences(expected: Mapping[str, Any], model: nn.Module) -> tuple[list[str], dict[str, Any]]:
-    """What differs between the stored fingerprint and ``model``: ``(differences, found summary)``."""
-    base = _unwrap(model)
-    weights = _weights(base)
-    found: dict[str, Any] = {
-        **_describe_model(base),
-        "num_parameters": sum(math.prod(w.shape) for w in weights),
-        "structure_hash": _structure_hash(weights),
-    }
-    diffs = []
-    for key, label in (
-        ("architecture", "architecture"),
-        ("model_type", "model type"),
-        ("vocab_size", "vocabulary size"),
-        ("hidden_size", "hidden size"),
-        ("num_hidden_layers", "number of layers"),
-    ):
-        if expected.get(key) is not None and found.get(key) is not None and expected[key] != found[key]:
-            diffs.append(f"{label} {expected[key]!r} expected, {found[key]!r} found")
+def _first(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f", … ({len(items) - n} more)" if len(items) > n else "")
+
+
+def fingerprint_differences(
+    expected: Mapping[str, Any], model: nn.Module, *, adapter: Optional[str] = None
+) -> tuple[list[str], dict[str, Any]]:
+    """What differs between the (parsed) stored fingerprint and ``model``: ``(differences, found summary)``.
+
+    The summary also lists the tensors ``compared``, ``skipped`` (unreadable: name and shape only) and checked
+    ``loose`` (to the dtype's rounding only).
+    """
+    base = unwrap(model)
+    weights = base_weights(base)
+    found: dict[str, Any] = describe_model(base, weights)
+    diffs = [
+        f"{label} {expected[key]!r} expected, {found[key]!r} found"
+        for key, label in _LABELS.items()
+        if expected.get(key) is not None and found.get(key) is not None and expected[key] != found[key]
+    ]
     if expected["structure_hash"] != found["structure_hash"]:
         diffs.append("the weight names/shapes differ")
     if diffs:
         return diffs, found
-    samples = expected["samples"]
-    k = int(samples["per_tensor"])
-    ref = _decode(samples["values"], k * len(samples["tensors"])).reshape(-1, k)
-    by_name = {w.name: w for w in weights}
-    mismatched, compared = [], 0
-    for row, name in zip(ref, samples["tensors"]):
-        w = by_name.get(name)
-        if w is None or not w.sampleable:
-            continue
-        got = _sample(w, k)
-        if got is None:
-            continue
-        compared += 1
-        got_arr = np.asarray(got, dtype=np.float64)
-        want = row.astype(np.float64)
-        atol = ATOL_FRACTION * float(np.abs(want).max()) + 1e-12
-        dev = np.abs(got_arr - want)
-        if not np.all(dev <= atol + RTOL * np.abs(want)) or float(np.mean(dev / (np.abs(want) + atol))) > MEAN_RTOL:
-            mismatched.append((name, want, got_arr))
-    if mismatched:
-        name, want, got_arr = mismatched[0]
-        diffs.append(
-            f"the weights differ ({len(mismatched)} of {compared} sampled tensors; e.g. {name}: expected "
-            f"{np.array2string(want[:3], precision=4)}, found {np.array2string(got_arr[:3], precision=4)})"
-        )
-    found["compared_tensors"] = compared
+    if expected["version"] == 1:
+        res = _v1_differences(expected, weights)
+        bad = [f"{n}: expected {np.array2string(a[:3], precision=4)}, found {np.array2string(b[:3], precision=4)}"
+               for n, a, b in res["mismatched"]]  # fmt: skip
+        scope = "sampled tensors"
+    else:
+        res = sketch_differences(expected, weights, f"adapter {adapter!r}: " if adapter else "")
+        bad = [f"{c.name} rows {c.rows[0]}-{c.rows[1]} (relative change {c.change:.1e})" for c in res["mismatched"]]
+        scope = "tensors"
+    found.update(compared_tensors=len(res["compared"]), skipped=res["skipped"], loose=res["loose"])
+    if bad:
+        diffs.append(f"the weights differ ({len(bad)} of {len(res['compared'])} {scope}: {_first(bad, 3)})")
     return diffs, found
+
+
+def _notes(found: Mapping[str, Any]) -> list[str]:
+    notes = []
+    if found.get("skipped"):
+        notes.append(
+            f"{len(found['skipped'])} of {found['num_tensors']} weights could not be read (meta device without an "
+            f"offload map, or packed/quantized) and were checked by name and shape only: {_first(found['skipped'])}"
+        )
+    if found.get("loose"):
+        (_, was, now), names = found["loose"][0], [n for n, _, _ in found["loose"]]
+        notes.append(
+            f"{len(names)} weights were fingerprinted in {was} and are loaded in {now}, two roundings of an unknown "
+            f"original, so they were checked only to bfloat16 precision (a change below {LOOSE:.1e} of a tensor "
+            f"passes): {_first(names)}"
+        )
+    return notes
 
 
 def check_fingerprint(
@@ -361,26 +234,33 @@ def check_fingerprint(
 ) -> list[str]:
     """Check that ``model`` is the base the adapter was compressed against.
 
-    Raises :class:`BaseModelMismatchError` naming the expected and the found base (or warns with
-    :class:`BaseModelMismatchWarning` when ``strict`` is false). Returns the list of differences (empty when the
-    bases match). An adapter without a fingerprint cannot be checked: a warning says so.
+    Raises :class:`BaseModelMismatchError` naming the expected and the found base and the first differing tensors
+    (or warns with :class:`BaseModelMismatchWarning` when ``strict`` is false). Returns the list of differences
+    (empty when the bases match). An adapter without a fingerprint cannot be checked: a warning says so. A check that
+    passed but saw less than usual (see :class:`WeakBaseCheckWarning`) says so in a warning.
     """
     fp = parse_fingerprint(expected, adapter=adapter)
     who = f"adapter {adapter!r}" if adapter else "this adapter"
     if fp is None:
-        warnings.warn(
-            f"{who} carries no base-model fingerprint; cannot check that it is loaded onto the right base",
-            BaseModelMismatchWarning,
-            stacklevel=2,
-        )
+        note = f"{who} carries no base-model fingerprint; cannot check that it is loaded onto the right base"
+        warnings.warn(note, BaseModelMismatchWarning, stacklevel=2)
         return []
-    diffs, found = fingerprint_differences(fp, model)
+    if fp["version"] == 1 and who not in _V1_NOTED:
+        _V1_NOTED.add(who)
+        note = f"{who} carries a version-1 base fingerprint (16 values of at most 64 weights): the base check is "
+        note += "weaker (most weights unchecked); compress again with this version for a check of every weight"
+        warnings.warn(note, WeakBaseCheckWarning, stacklevel=2)
+    diffs, found = fingerprint_differences(fp, model, adapter=adapter)
+    notes = _notes(found)
     if not diffs:
+        if notes:
+            warnings.warn(f"base check of {who}: {'; '.join(notes)}", WeakBaseCheckWarning, stacklevel=2)
         return []
     message = (
         f"{who} was compressed against base {describe_fingerprint(fp)} but is being loaded onto "
         f"{describe_fingerprint(found)}: {'; '.join(diffs)}. Load it onto the base it was made for"
         + (", or pass strict=False to load it anyway (its outputs will be wrong)." if strict else ".")
+        + "".join(f" Note: {n}." for n in notes)
     )
     if strict:
         raise BaseModelMismatchError(message)
@@ -393,4 +273,4 @@ def fingerprint_json(model: nn.Module) -> str:
     return json.dumps(compute_fingerprint(model), separators=(",", ":"), sort_keys=True)
 
 
-fingerprint_model = compute_fingerprint  # name used by compress.py
+fingerprint_model = compute_fingerprint  # the older name, kept for callers
