@@ -57,7 +57,7 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     y = None
     for band in delta.bands:
         t = (xc @ band.v.dequantize(compute).t()) * band.s.to(compute)
-        part = t @ band.u.dequantize(compute).t()
+        part = t @ band.ut_dense(compute)
         y = part if y is None else y + part
     if y is None:
         y = xc.new_zeros(*x.shape[:-1], delta.out_features)
@@ -69,9 +69,14 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     return y.to(out_dtype)
 
 
+def _kernel_ready(delta: PackedDelta | None) -> bool:
+    """The kernels read format-2 bands only: baseline parts and format-1 files take the PyTorch path."""
+    return delta is None or (not delta.has_extra_parts and delta.format >= 2)
+
+
 def delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     """``delta(x)`` for one adapter, shape ``(..., out_features)``, in ``x``'s dtype."""
-    if not getattr(delta, "has_extra_parts", False) and _use_triton(x):  # kernels read bands only
+    if _kernel_ready(delta) and _use_triton(x):
         from . import kernels
 
         return kernels.delta_forward(x, delta)
@@ -80,8 +85,7 @@ def delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
 
 def delta_forward_mixed(x: torch.Tensor, deltas: Sequence[PackedDelta | None], row_index: torch.Tensor) -> torch.Tensor:
     """Mixed batch: row ``i`` of ``x`` (``batch x ... x in``) gets ``deltas[row_index[i]]``; -1 means no delta."""
-    extra = any(getattr(d, "has_extra_parts", False) for d in deltas if d is not None)
-    if not extra and _use_triton(x):
+    if all(_kernel_ready(d) for d in deltas) and _use_triton(x):
         from . import kernels
 
         return kernels.delta_forward_mixed(x, deltas, row_index)

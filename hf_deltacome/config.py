@@ -15,6 +15,7 @@ from peft.utils import PeftType
 from .errors import ConfigError, DeltaCoMeError
 from .format.budget import DEFAULT_BANDS, validate_band_spec
 from .format.packing import SUPPORTED_BITS
+from .format.storage import FORMAT_VERSION
 from .io.atomic import atomic_write_text
 
 # deltacome: SVD + mixed-precision bands; the others are baselines at the same byte budget (see compression/plan.py)
@@ -26,7 +27,7 @@ ALLOCATIONS = ("uniform", "adaptive")
 # min_rank_share="auto" picks one of these by the whole model's KL to the fine-tune (0.0 = the published bands)
 RANK_SHARES = (0.0, 0.5, 0.7, 0.85, 1.0)
 # the compression_info records of how the layout was planned (compression.plan.plan_layouts), shown by `deltacome info`
-PLAN_RECORDS = ("rank_share", "search", "allocation", "end_to_end")
+PLAN_RECORDS = ("budget", "rank_share", "search", "allocation", "end_to_end")
 UNIFORM_BITS = (2, 3, 4, 8)
 BITDELTA_SCALES = ("matrix", "row")
 
@@ -171,9 +172,14 @@ class DeltaCoMeConfig(PeftConfig):
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
             ):
                 raise ConfigError(f"{where}: 'shape' must be [out_features, in_features], got {shape!r}")
-            g = entry.get("group_size", self.group_size)
+            g = entry.setdefault("group_size", self.group_size)  # an entry without one uses the config's
             if isinstance(g, bool) or not isinstance(g, int) or g < 1:
                 raise ConfigError(f"{where}: bad group_size {g!r}")
+            if entry.get("format", 1) not in (1, FORMAT_VERSION):
+                raise ConfigError(
+                    f"{where}: unknown format {entry.get('format')!r}; this version reads formats 1 and "
+                    f"{FORMAT_VERSION} (a newer hf-deltacome wrote it?)"
+                )
             bands = entry.get("bands")
             if not isinstance(bands, (list, tuple)):
                 raise ConfigError(f"{where}: 'bands' must be a list of [bits, rank], got {bands!r}")

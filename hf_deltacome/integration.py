@@ -101,10 +101,14 @@ def _atomic_save() -> None:
             for name in selected:
                 if name != "default":
                     remove_stale_temp_files(os.path.join(directory, name))
+        if bound.arguments.get("save_embedding_layers") == "auto":
+            # our adapters carry changed embeddings in modules_to_save; "auto" would only look the base up on the
+            # Hub (a network call, and a warning when offline) to guess whether the vocabulary was resized
+            bound.arguments["save_embedding_layers"] = False
         token = _DELTACOME_SAVE.set(True)
         try:
             with atomic_transaction():
-                return original_save(self, *args, **kwargs)
+                return original_save(*bound.args, **bound.kwargs)
         finally:
             _DELTACOME_SAVE.reset(token)
 

@@ -193,11 +193,11 @@ def test_search_is_never_worse_than_the_default_split(strategy):
 
 @pytest.mark.parametrize("strategy", ["greedy", "genetic"])
 def test_search_reaches_single_band_splits_when_the_default_bands_eat_a_small_budget(strategy):
-    """At 1/64 of a GQA k/v shape, 2 x 8-bit + 32 x 3-bit do not fit and every band pays its own scales, zeros and
-    row padding: the configured split keeps ~2 ranks while one 2-bit band keeps several times more. The search must
+    """At 1/128 of a GQA k/v shape, 2 x 8-bit + 32 x 3-bit do not fit and every band pays its own scales, zeros and
+    word padding: the configured split keeps 2 ranks while one 2-bit band keeps several times more. The search must
     find a split at least as good as the best single-band one (a coordinate search from the default alone cannot).
     ``min_rank_share=0`` keeps the published bands as they are, the case the search has to get out of."""
-    m, n, ratio = 192, 576, 1 / 64
+    m, n, ratio = 192, 576, 1 / 128
     samples = [(long_tail_delta(m, n, seed=s), input_hessian(n, seed=s)) for s in range(2)]
     cfg = DeltaCoMeConfig(ratio=ratio, group_size=128, quantizer="rtn", min_rank_share=0.0)
     res = search_split(samples, m, n, ratio, cfg, strategy=strategy, max_evals=30)
@@ -350,13 +350,16 @@ def test_each_method_saves_loads_back_with_equal_logits_and_fits_the_budget(llam
     err = relative_logits_error(loaded, ft, base, ids)
     assert err < 1.0 if kw.get("method") != "dare" else err < 10.0
     summary = summarize_adapter(tmp_path)
-    ratio = model.peft_config["default"].ratio
-    budgets = {m.name: budget_bytes(*m.shape, ratio) for m in summary.modules}
+    cfg = model.peft_config["default"]
+    assert summary.file_bytes <= int(cfg.ratio * summary.target_fp16_bytes)  # the whole file holds the ratio
+    factor_ratio = cfg.compression_info["budget"]["factor_ratio"]  # the modules' share of it
+    budgets = {m.name: budget_bytes(*m.shape, factor_ratio) for m in summary.modules}
+    bias = {m.name: 4 * m.shape[0] * bool(cfg.layout[m.name]["bias"]) for m in summary.modules}
     if kw.get("allocation") == "adaptive":
-        assert summary.factor_bytes <= sum(budgets.values())
+        assert summary.factor_bytes <= sum(budgets.values()) + sum(bias.values())
     else:
         for m in summary.modules:
-            assert m.nbytes <= budgets[m.name], m.name
+            assert m.nbytes <= budgets[m.name] + bias[m.name], m.name
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["method"] == kw.get("method", "deltacome")
     assert summary.format(per_module=True)  # `deltacome info` renders every layout
@@ -476,7 +479,9 @@ def test_auto_min_rank_share_follows_the_delta(wide_pairs):
                 assert info["kl"][str(info["chosen"])] == min(info["kl"].values())
     assert chosen["peaked"] == 0.0 and chosen["flat"] > 0.0
     assert errors["peaked", "auto"] < 0.5 * errors["peaked", 1.0]
-    assert errors["flat", "auto"] < errors["flat", 0.0]
+    # format 2's bands cost little on these shapes, so the published split no longer starves the flat delta's tail:
+    # the calibration KL picks a share; on held-out text it must be no worse than the published split (within 2%)
+    assert errors["flat", "auto"] <= 1.02 * errors["flat", 0.0]
 
 
 def test_planned_kl_does_not_depend_on_what_was_measured_before(wide_pairs):

@@ -11,6 +11,7 @@ NaN/Inf, zero points, packing padding). File names are PEFT's own (``adapter_con
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -29,6 +30,7 @@ from .atomic import PathLike
 
 STATE_DICT_PREFIX = "base_model.model."
 DELTA_MARKER = ".deltacome_delta."
+BLOB_SUFFIX = ".deltacome_delta.blob"  # format 2: one tensor per module
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 # safetensors dtype names -> torch dtypes (sizes for byte counts come from the torch dtype)
@@ -219,7 +221,7 @@ def validate_adapter_state_dict(
         if not isinstance(t, torch.Tensor):
             raise AdapterFileError(f"{filename}: entry {key!r} is a {type(t).__name__}, not a tensor")
         if key in expected:
-            shape, dtype, bits, cols = expected[key]
+            shape, dtype, bits, cols, _ = expected[key]
             if t.dtype != dtype:
                 raise AdapterFileError(
                     f"{filename}: tensor {key!r} has dtype {t.dtype}, adapter_config.json's layout needs {dtype}"
@@ -229,20 +231,30 @@ def validate_adapter_state_dict(
                     f"{filename}: tensor {key!r} has shape {list(t.shape)}, adapter_config.json's layout needs "
                     f"{list(shape)} (config and weights disagree)"
                 )
-            if key.endswith(".zeros") and t.numel() and int(t.max()) > (1 << bits) - 1:
-                raise AdapterFileError(
-                    f"{filename}: tensor {key!r} has zero point {int(t.max())}, out of range for {bits}-bit codes"
-                )
-            if cols is not None:
-                if not _padding_ok(t, cols, plane_bits(key, bits)):
-                    raise AdapterFileError(
-                        f"{filename}: tensor {key!r} has non-zero padding bits: the packed codes are corrupted"
-                    )
-        if t.is_floating_point() and t.numel():
-            finite = torch.isfinite(t)
-            if not bool(finite.all()):
-                kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-                raise AdapterFileError(f"{filename}: tensor {key!r} contains {kind} values")
+            if key.endswith(BLOB_SUFFIX):  # format 2: check every part inside the module's blob
+                module = key[len(prefix) : -len(BLOB_SUFFIX)]
+                entry = config.layout[module]
+                for part, spec in layout_tensors(entry, config.group_size, parts=True).items():
+                    nbytes = math.prod(spec.shape) * spec.dtype.itemsize
+                    view = t[spec.offset : spec.offset + nbytes].view(spec.dtype).view(spec.shape)
+                    _check_values(filename, f"{key}[{part}]", view, spec.bits, spec.cols)
+                continue
+            _check_values(filename, key, t, bits, cols)
+        elif t.is_floating_point():
+            _check_values(filename, key, t, 0, None)
+
+
+def _check_values(filename: str, key: str, t: torch.Tensor, bits: int, cols: Optional[int]) -> None:
+    """Zero points in range for ``bits``-bit codes, zero packing padding, finite floats."""
+    if key.rstrip("]").endswith("zeros") and t.numel() and int(t.max()) > (1 << bits) - 1:
+        raise AdapterFileError(
+            f"{filename}: tensor {key!r} has zero point {int(t.max())}, out of range for {bits}-bit codes"
+        )
+    if cols is not None and not _padding_ok(t, cols, plane_bits(key.rstrip("]"), bits)):
+        raise AdapterFileError(f"{filename}: tensor {key!r} has non-zero padding bits: the packed codes are corrupted")
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise AdapterFileError(f"{filename}: tensor {key!r} contains {kind} values")
 
 
 def read_adapter(folder: PathLike) -> tuple[DeltaCoMeConfig, dict[str, torch.Tensor]]:

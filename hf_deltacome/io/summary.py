@@ -60,6 +60,12 @@ class AdapterSummary:
     ratio_target: float | None = None
     method: str = "deltacome"
     plan: dict[str, Any] = field(default_factory=dict)  # compression_info's "search" / "allocation" records
+    formats: tuple[int, ...] = (1,)  # packed-format versions of the modules (docs/FORMAT.md)
+
+    @property
+    def header_bytes(self) -> int:
+        """Bytes of the file that are no tensor's data: the safetensors header (length prefix and padding included)."""
+        return self.file_bytes - self.factor_bytes - sum(self.extras.values())
 
     @property
     def factor_bytes(self) -> int:
@@ -103,6 +109,7 @@ class AdapterSummary:
             "config_bytes": self.config_bytes,
             "factor_bytes": self.factor_bytes,
             "dense_extra_bytes": sum(self.extras.values()),
+            "header_bytes": self.header_bytes,
             "target_fp16_delta_bytes": self.target_fp16_bytes,
             "fp16_delta_bytes": self.fp16_delta_bytes,
             "ratio_target": self.ratio_target,
@@ -118,7 +125,7 @@ class AdapterSummary:
     def format(self, per_module: bool = False) -> str:
         """Human-readable table."""
         lines = [
-            f"adapter: {self.path}  (method {self.method}, target ratio "
+            f"adapter: {self.path}  (format {'/'.join(map(str, self.formats))}, method {self.method}, target ratio "
             f"{_frac(self.ratio_target) if self.ratio_target else 'n/a'})"
         ]
         lines.append(f"{'module type':<16}{'count':>6}  {'layout (rank@bits)':<44}{'bytes':>14}")
@@ -138,16 +145,34 @@ class AdapterSummary:
             f"packed factors           {self.factor_bytes:>14,} B  = {self.factor_ratio:.4f} of their fp16 delta "
             f"({self.target_fp16_bytes:,} B) = 1/{1 / max(self.factor_ratio, 1e-12):.1f}",
             f"dense extras ({len(self.extras):>3} tensors){extra:>14,} B",
+            f"safetensors header       {self.header_bytes:>14,} B",
             f"{ADAPTER_WEIGHTS_NAME:<25}{self.file_bytes:>14,} B  (exact file size, header included)",
             f"effective ratio          {self.effective_ratio:.4f} of the fp16 delta of every stored module "
             f"({self.fp16_delta_bytes:,} B) = 1/{1 / max(self.effective_ratio, 1e-12):.1f}",
         ]
+        if self.ratio_target:
+            budget = int(self.ratio_target * self.target_fp16_bytes)
+            verdict = "within" if self.file_bytes <= budget else f"OVER by {self.file_bytes - budget:,} B"
+            lines.append(
+                f"budget at {_frac(self.ratio_target)} of the target linears' fp16 delta: {budget:,} B; the file "
+                f"(factors {self.factor_bytes / max(budget, 1):.1%} + extras {extra / max(budget, 1):.1%} + header "
+                f"{self.header_bytes / max(budget, 1):.1%}) is {verdict}"
+            )
         return "\n".join(lines)
 
 
 def _plan_lines(plan: dict[str, Any]) -> list[str]:
     """How the layout was chosen: band-split search per module type, adaptive allocation across modules."""
     lines = []
+    budget = plan.get("budget")
+    if isinstance(budget, dict) and budget.get("factor_ratio"):
+        lines += [
+            "",
+            f"planned for the whole file: {budget.get('file_budget_bytes', 0):,} B, of which header <= "
+            f"{budget.get('header_bytes_bound', 0):,} B, dense extras {budget.get('dense_extra_bytes', 0):,} B, "
+            f"bias deltas {budget.get('bias_bytes', 0):,} B; the packed factors got the rest, "
+            f"1/{1 / budget['factor_ratio']:.1f} of their fp16 delta",
+        ]
     search, e2e = plan.get("search"), plan.get("end_to_end")
     share = plan.get("rank_share")
     if isinstance(share, dict):
@@ -247,4 +272,5 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
         ratio_target=cfg.get("ratio"),
         method=cfg.get("method", "deltacome"),
         plan={k: v for k, v in (cfg.get("compression_info") or {}).items() if k in PLAN_RECORDS},
+        formats=tuple(sorted({int(e.get("format", 1)) for e in layout.values()})) or (1,),
     )
