@@ -34,6 +34,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
+from ..backend import dequant_cache
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError
 from ..format.budget import safetensors_header_bound
@@ -288,8 +289,9 @@ class _Filler:
                 self.ckpt.save_layer(i, modules)
 
         inputs = kind.layer_inputs(calib) if calib is not None else None
-        walk_layers(self.inner, ft_layers, inputs, visit, batch_size=FORWARD_BATCH_SIZE, device=device,
-                    progress=progress)  # fmt: skip
+        with dequant_cache.suspended():
+            walk_layers(self.inner, ft_layers, inputs, visit, batch_size=FORWARD_BATCH_SIZE, device=device,
+                        progress=progress)  # fmt: skip
 
 
 def _record(
