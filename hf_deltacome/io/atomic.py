@@ -3,7 +3,8 @@
 :func:`atomic_write` writes a temp file in the target folder, fsyncs it and ``os.replace``-s it over the target, so an
 interrupted save leaves the previous file intact. Inside :func:`atomic_transaction` the renames are deferred until
 every file of the save has been written. :func:`atomic_dir` builds a whole folder beside its final name and renames
-it into place (cache entries, checkpoints of other tools).
+it into place (cache entries, checkpoints of other tools). :func:`write_folder` replaces the files of an existing
+output folder (an exported LoRA, a merged model) as one transaction.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Optional, Union
 
@@ -200,3 +201,35 @@ def atomic_dir(final: PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_folder(output: PathLike, fill: Callable[[Path], None], *, stale: Iterable[str] = ()) -> list[str]:
+    """Run ``fill(tmp)`` to write every file of ``output`` into a temporary folder beside it, then move them all into
+    ``output`` in one :func:`atomic_transaction` (all replace their old versions, or on error or kill none does).
+    Files of ``output`` matching a glob of ``stale`` that the new output lacks (old weight shards) are removed after.
+    Returns the names written (relative paths)."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=TEMP_SUFFIX, dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def move(target: str, source: Path) -> None:
+        os.replace(source, target)
+        os.chmod(target, 0o666 & ~umask)  # like a plain open(); writers may create 0600 temp files
+
+    try:
+        fill(tmp)
+        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        with atomic_transaction():
+            for name in names:
+                (output / name).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(output / name, lambda target, source=tmp / name: move(target, source))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for pattern in stale:
+        for path in output.glob(pattern):
+            if path.is_file() and str(path.relative_to(output)) not in names:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+    return names
