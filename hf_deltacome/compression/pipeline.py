@@ -38,7 +38,7 @@ from ..layer import DeltaCoMeLayer
 from ..quant.hessian import HessianCollector
 from .baselines import distill_sign_scales
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource
-from .checkpoint import LayerCheckpoint
+from .checkpoint import LayerCheckpoint, calibration_record
 from .layerwalk import find_decoder_layers, module_device, walk_layers
 from .modules import compress_module
 from .plan import plan_layouts
@@ -91,7 +91,11 @@ def compress(
     kind = model_kind(base_model, finetuned_model)
     targets, bias_changed = _inputs(kind, base_model, finetuned_model, config)
     device = _work_device(device)
-    ckpt = LayerCheckpoint(checkpoint_dir, config, adapter_name) if checkpoint_dir is not None else None
+    ckpt = None
+    if checkpoint_dir is not None:  # a resume must have the same inputs: the fine-tune and calibration are recorded
+        given = calibration_record(calibration, config, num_samples=num_samples, seq_len=seq_len, seed=seed,
+                                   tokenizer=tokenizer if tokenizer is not None else processor)  # fmt: skip
+        ckpt = LayerCheckpoint(checkpoint_dir, config, adapter_name, finetuned=finetuned_model, calibration=given)
     # calibration comes from the fine-tune before the base is wrapped, so a failure leaves the base untouched
     calib = _calibration(kind, config, finetuned_model, calibration, ckpt, tokenizer=tokenizer, processor=processor,
                          num_samples=num_samples, seq_len=seq_len, seed=seed, progress=progress)  # fmt: skip
