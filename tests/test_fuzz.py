@@ -35,18 +35,42 @@ def good(tmp_path_factory) -> tuple[bytes, bytes]:
     return (folder / ADAPTER_CONFIG_NAME).read_bytes(), (folder / ADAPTER_WEIGHTS_NAME).read_bytes()
 
 
+def model_key(file_key: str) -> str:
+    """The loaded PeftModel's state-dict key of an adapter file key (the adapter is named ``default``)."""
+    if ".deltacome_delta." in file_key:
+        return file_key.replace(".deltacome_delta.", ".deltacome_delta.default.", 1)
+    module, _, leaf = file_key.rpartition(".")
+    return f"{module}.modules_to_save.default.{leaf}"  # a dense extra
+
+
+def assert_same_values(loaded: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> None:
+    for key, want in stored.items():
+        torch.testing.assert_close(loaded[key].cpu(), want, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
 def check(config: bytes, weights: bytes, load_with_peft: bool = False) -> None:
+    """The file loads or fails with our error naming it; what loads holds exactly the file's values."""
+    try:
+        stored = load_bytes(weights)
+    except Exception:
+        stored = None  # safetensors itself cannot read it
     with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
         folder = Path(tmp)
         (folder / ADAPTER_CONFIG_NAME).write_bytes(config)
         (folder / ADAPTER_WEIGHTS_NAME).write_bytes(weights)
         try:
             if load_with_peft:
-                PeftModel.from_pretrained(fresh_base(), str(folder))
+                state = PeftModel.from_pretrained(fresh_base(), str(folder)).state_dict()
+                loaded = {k: state[model_key(k)] for k in (stored or {})}
             else:
-                read_adapter(folder)
+                loaded = read_adapter(folder)[1]
         except DeltaCoMeError as e:
             assert str(folder) in str(e), f"error does not name the file: {e}"
+            return
+    assert stored is not None, "accepted a file that safetensors cannot read"
+    if not load_with_peft:
+        assert sorted(loaded) == sorted(stored)
+    assert_same_values(loaded, stored)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -129,6 +153,23 @@ def mutated_weights(draw, weights: bytes) -> bytes:
         else:
             flat[idx] = draw(st.integers(-(2**31), 2**31 - 1))
     return save_bytes(tensors, metadata={"format": "pt"})
+
+
+def test_the_good_adapter_loads_with_its_values(good):
+    """The unmutated adapter loads through both paths, and the value check compares every tensor."""
+    config, weights = good
+    stored = load_bytes(weights)
+    assert any(".deltacome_delta." in k for k in stored) and any(".deltacome_delta." not in k for k in stored)
+    check(config, weights)
+    check(config, weights, load_with_peft=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / ADAPTER_CONFIG_NAME).write_bytes(config)
+        (Path(tmp) / ADAPTER_WEIGHTS_NAME).write_bytes(weights)
+        state = PeftModel.from_pretrained(fresh_base(), tmp).state_dict()
+    key = next(k for k in stored if k.endswith(".s"))
+    state[model_key(key)].add_(1.0)  # a loader that changed one value would be caught
+    with pytest.raises(AssertionError, match=key.replace(".", r"\.")):
+        assert_same_values({k: state[model_key(k)] for k in stored}, stored)
 
 
 @FAST
