@@ -46,8 +46,8 @@ from transformers import (
 )
 
 from hf_deltacome import DeltaCoMeConfig, compress
-from hf_deltacome.multimodal import AutoDeltaCoMeModelForImageTextToText, load_processor
 from hf_deltacome.io.summary import summarize_adapter
+from hf_deltacome.multimodal import AutoDeltaCoMeModelForImageTextToText, load_processor
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
