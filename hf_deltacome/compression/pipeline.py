@@ -31,6 +31,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
+from ..backend import check_device
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError
 from ..io.fingerprint import fingerprint_json
@@ -100,6 +101,7 @@ def compress(
         bias_changed=bias_changed, progress=progress,
     )  # fmt: skip
     peft_model = _wrap(base_model, finetuned_model, config, adapter_name)
+    peft_model.deltacome_finetuned = getattr(finetuned_model, "name_or_path", None)  # saves refuse to write there
     filler = _Filler(peft_model.base_model.model, finetuned_model, config, adapter_name, ckpt)
     filler.outside(kind, targets, calib, device)
     filler.layers(kind, targets, calib, device, progress)
@@ -130,7 +132,7 @@ def _inputs(
 def _work_device(device: torch.device | str | None) -> torch.device | None:
     if device is None:
         return torch.device("cuda") if torch.cuda.is_available() else None
-    return torch.device(device)
+    return check_device(device)
 
 
 def _calibration(
