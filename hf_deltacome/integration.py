@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .config import DeltaCoMeConfig
-from .errors import ConfigError
+from .errors import ConfigError, DeltaCoMeError
 
 _DELTACOME_SAVE: contextvars.ContextVar[bool] = contextvars.ContextVar("deltacome_save", default=False)
 
@@ -31,6 +31,8 @@ class _LoadContext:
 
 
 _LOAD: contextvars.ContextVar[Optional[_LoadContext]] = contextvars.ContextVar("deltacome_load", default=None)
+# our errors raised while pipeline() loads a model (it would fold them into one ValueError per model class it tried)
+_PIPELINE_ERRORS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("deltacome_pipeline", default=None)
 
 
 def is_deltacome(config: Any) -> bool:
@@ -208,6 +210,15 @@ def _transformers_load_guard() -> None:
 
     @functools.wraps(original)
     def load_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return _load_adapter(self, *args, **kwargs)
+        except DeltaCoMeError as e:
+            seen = _PIPELINE_ERRORS.get()
+            if seen is not None:
+                seen.append(e)
+            raise
+
+    def _load_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(self, *args, **kwargs)
         arg = bound.arguments
         load_config = arg.get("load_config")
@@ -238,6 +249,28 @@ def _transformers_load_guard() -> None:
         return original(*bound.args, **bound.kwargs)
 
     hf_peft.PeftAdapterMixin.load_adapter = load_adapter
+
+
+def _pipeline_errors() -> None:
+    import transformers.pipelines as pipelines
+    from transformers.pipelines import base
+
+    original = base.load_model
+
+    @functools.wraps(original)
+    def load_model(*args: Any, **kwargs: Any) -> Any:
+        token = _PIPELINE_ERRORS.set([])
+        try:
+            return original(*args, **kwargs)
+        except ValueError:
+            ours = _PIPELINE_ERRORS.get()
+            if ours:
+                raise ours[0] from None
+            raise
+        finally:
+            _PIPELINE_ERRORS.reset(token)
+
+    base.load_model = pipelines.load_model = load_model
 
 
 def _model_card() -> None:
@@ -308,6 +341,9 @@ PATCHES: tuple[tuple[str, str, Callable[[], None]], ...] = (
     ("peft.PeftModel.push_to_hub",
      "pushes go through hub.push_adapter (validation, our card; transformers' push would overwrite it)",
      _push_to_hub),
+    ("transformers.pipelines.load_model",
+     "pipeline(model=adapter_dir) raises our error itself, not a ValueError listing every model class it tried",
+     _pipeline_errors),
     ("transformers.pipelines.base.SUPPORTED_PEFT_TASKS['image-text-to-text']",
      "pipeline('image-text-to-text', model=peft_model) accepts our VLM adapters without an error log", _vlm_pipeline),
 )  # fmt: skip
