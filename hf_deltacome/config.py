@@ -279,8 +279,12 @@ class DeltaCoMeConfig(PeftConfig):
         where = os.path.join(folder, "adapter_config.json")
         try:
             if os.path.isdir(folder):
-                return cls._from_folder(folder, kwargs)
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+                config = cls._from_folder(folder, kwargs)
+            else:
+                config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            if isinstance(config, DeltaCoMeConfig) and not config.layout:
+                raise ConfigError("its layout is empty: a saved adapter lists every module it changes")
+            return config
         except DeltaCoMeError as e:
             if where in str(e):  # already names the file
                 raise

@@ -73,7 +73,7 @@ def _register_method() -> None:
 
 
 def _config_errors() -> None:
-    from peft.config import PeftConfigMixin
+    from peft.config import PeftConfig, PeftConfigMixin
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     from .io.atomic import recover_folder
@@ -89,7 +89,9 @@ def _config_errors() -> None:
         if not isinstance(data, dict):
             raise ConfigError(f"{path_json_file}: expected a JSON object, got {type(data).__name__}")
         peft_type = data.get("peft_type")
-        if peft_type is not None and (not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING):
+        if "peft_type" not in data and cls in (PeftConfig, PeftConfigMixin):  # only a method's own class may
+            raise ConfigError(f"{path_json_file}: no peft_type: not a PEFT adapter config")  # do without it
+        if "peft_type" in data and (not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING):
             upper = str(peft_type).upper()
             hint = f" (PEFT reads it case-sensitively: {upper!r})" if upper in PEFT_TYPE_TO_CONFIG_MAPPING else ""
             raise ConfigError(f"{path_json_file}: peft_type {peft_type!r} is not a PEFT method known here{hint}")
@@ -100,7 +102,7 @@ def _config_errors() -> None:
             recover_folder(model_id)  # an adapter folder set aside by a save killed mid-swap comes back
         try:
             return original_get_type(cls, model_id, **hf_hub_download_kwargs)
-        except KeyError as e:
+        except KeyError as e:  # from_json_file (above) refuses every present but unknown peft_type
             where = os.path.join(model_id, hf_hub_download_kwargs.get("subfolder") or "", "adapter_config.json")
             raise ConfigError(f"{where}: no peft_type: not a PEFT adapter config") from e
 
@@ -116,6 +118,7 @@ def _input_folders(model: Any) -> dict[str, Optional[str]]:
 
 def _atomic_save() -> None:
     import peft.peft_model as pm
+    import torch
 
     from .io.atomic import atomic_folder, check_output_folder, save_safetensors_atomic
 
@@ -124,7 +127,8 @@ def _atomic_save() -> None:
     signature = inspect.signature(original_save)
 
     def safe_save_file(tensors: dict, filename: str, metadata: Optional[dict] = None) -> None:
-        if _DELTACOME_SAVE.get():
+        if _DELTACOME_SAVE.get():  # float64 extras (a model loaded in float64) as float32, what the reader accepts
+            tensors = {k: v.float() if v.dtype == torch.float64 else v for k, v in tensors.items()}
             save_safetensors_atomic(tensors, filename, metadata=metadata)
         else:
             original_save_file(tensors, filename, metadata=metadata)
@@ -244,7 +248,7 @@ def _transformers_load_guard() -> None:
             state_dict = load_checked_weights(config, self, model_id, subfolder=subfolder, **hub_kwargs)
         else:
             validate_adapter_state_dict(config, state_dict, where)
-            check_extras(self, state_dict, where)
+            check_extras(self, state_dict, where, config.modules_to_save)
         arg["peft_config"], arg["adapter_state_dict"] = config, state_dict
         return original(*bound.args, **bound.kwargs)
 

@@ -28,11 +28,12 @@ from ..format.storage import TensorSpec, layout_tensors, plane_bits
 from .atomic import PathLike, PinnedFiles, file_sha256, recover_folder
 
 STATE_DICT_PREFIX = "base_model.model."
-# dense extras (modules_to_save: norms, embeddings, lm_head) are floating weights; the cap catches corrupted exponents
-# (1e30, 3e38) while staying three orders of magnitude above the largest weights of released LLMs (norm and
-# embedding entries stay below ~1e3)
+# dense extras (modules_to_save: norms, embeddings, lm_head) are floating weights
 EXTRA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-EXTRA_MAX_ABS = 1e6
+# every float in an adapter file (dense extras, singular values, quantization scales, bias deltas) stays below this:
+# weights of released LLMs stay below ~1e3 and a fine-tune's delta is smaller than the weights; the cap catches
+# corrupted exponents (1e30, 3e38) that would load and then overflow to inf in the forward pass
+MAX_ABS = 1e6
 DELTA_MARKER = ".deltacome_delta."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -149,11 +150,14 @@ def read_adapter_config(path: PathLike, *, shown: Optional[str] = None) -> Delta
             del data[key]
     data.pop("peft_type", None)
     try:
-        return DeltaCoMeConfig(**data)
+        config = DeltaCoMeConfig(**data)
     except DeltaCoMeError as e:
         raise type(e)(f"{path}: {e}") from e
     except Exception as e:  # any failure to build the config from its fields means the file is invalid
         raise ConfigError(f"{path}: invalid adapter config: {e}") from e
+    if not config.layout:
+        raise ConfigError(f"{path}: its layout is empty: a saved adapter lists every module it changes")
+    return config
 
 
 def parse_config_json(raw: bytes, path: str) -> dict:
@@ -210,8 +214,9 @@ def validate_adapter_state_dict(
 
     Checks, each failure an :class:`AdapterFileError` naming ``filename`` and the tensor: every tensor the
     ``layout`` requires is present with the exact shape and dtype (config/tensor disagreement), no unknown
-    ``deltacome_delta`` tensor and no tensor outside the layout and ``modules_to_save``, no NaN/Inf in float tensors,
-    zero points within ``[0, 2**bits - 1]`` and zero packing padding in the last word of each row.
+    ``deltacome_delta`` tensor and no tensor outside the layout and ``modules_to_save``, dense extras in float16,
+    bfloat16 or float32, no NaN/Inf and no ``|x| > MAX_ABS`` in float tensors, zero points within
+    ``[0, 2**bits - 1]`` and zero packing padding in the last word of each row.
     """
     filename = os.fspath(filename)
     expected = expected_delta_tensors(config, prefix)
@@ -262,24 +267,27 @@ def validate_adapter_state_dict(
 
 
 def _check_finite(t: torch.Tensor, key: str, filename: str) -> None:
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    """Float tensors: no NaN/Inf, ``|x| <= MAX_ABS``."""
+    if not t.is_floating_point() or not t.numel():
+        return
+    if not bool(torch.isfinite(t).all()):
         kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise AdapterFileError(f"{filename}: tensor {key!r} contains {kind} values")
+    peak = float(t.abs().max())
+    if peak > MAX_ABS:
+        raise AdapterFileError(
+            f"{filename}: tensor {key!r} holds |x| = {peak:.3g}, above {MAX_ABS:.0e}: not a weight or delta "
+            "(corrupted file?)"
+        )
 
 
 def _check_extra(t: torch.Tensor, key: str, filename: str) -> None:
-    """A dense extra (``modules_to_save``) is a float16/bfloat16/float32 weight, finite, ``|x| <= EXTRA_MAX_ABS``."""
+    """A dense extra (``modules_to_save``) is a float16/bfloat16/float32 weight, finite, ``|x| <= MAX_ABS``."""
     if t.dtype not in EXTRA_DTYPES:
         raise AdapterFileError(
             f"{filename}: dense extra {key!r} has dtype {t.dtype}; only float16, bfloat16 and float32 are accepted"
         )
     _check_finite(t, key, filename)
-    peak = float(t.abs().max()) if t.numel() else 0.0
-    if peak > EXTRA_MAX_ABS:
-        raise AdapterFileError(
-            f"{filename}: dense extra {key!r} holds |x| = {peak:.3g}, above {EXTRA_MAX_ABS:.0e}: not a weight "
-            "(corrupted file?)"
-        )
 
 
 def _file_state(path: str) -> Optional[tuple[int, int, int, int]]:

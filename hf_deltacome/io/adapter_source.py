@@ -99,17 +99,39 @@ def transformers_adapter_config(model_id: PathLike, hub_kwargs: Mapping[str, Any
             data = json.loads(f.read())
     except (TypeError, OSError, ValueError, RecursionError):
         return None  # PeftConfig.from_json_file (patched) reports a broken file
-    if not isinstance(data, dict) or data.get("peft_type") != "DELTACOME":
+    if not isinstance(data, dict):
         return None
-    return read_adapter_config(path)  # type: ignore[arg-type]
+    ours = data.get("peft_type") == "DELTACOME" or {"layout", "base_fingerprint"} <= set(data)
+    return read_adapter_config(path) if ours else None  # type: ignore[arg-type] - ours: its peft_type is checked
 
 
-def check_extras(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], filename: PathLike) -> None:
-    """Check the dense extras (``modules_to_save``) against the base model: each replaces a floating parameter or
-    buffer of the same shape, and every value fits that tensor's dtype (a float32 1e5 would be ``inf`` in float16).
-    Errors name the tensor."""
+def check_extras(
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    filename: PathLike,
+    modules_to_save: Optional[Any] = None,
+) -> None:
+    """Check the dense extras (``modules_to_save``) against the base model: every tensor of each such module is
+    there (PEFT would fail on a missing one, transformers would initialise it anew), each replaces a floating
+    parameter or buffer of the same shape, and every value fits that tensor's dtype (a float32 1e5 would be
+    ``inf`` in float16). Errors name the tensor."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     filename = os.fspath(filename)
+    for name, module in base.named_modules():
+        wrapped = ".original_module" in f".{name}." or ".modules_to_save." in f".{name}."
+        if wrapped or not any(name.endswith(target) for target in modules_to_save or ()):  # PEFT's own match
+            continue
+        module = getattr(module, "original_module", module)
+        missing = sorted(
+            f"{STATE_DICT_PREFIX}{name}.{k}"
+            for k in module.state_dict()
+            if f"{STATE_DICT_PREFIX}{name}.{k}" not in state_dict
+        )
+        if missing:
+            raise AdapterFileError(
+                f"{filename}: lacks {missing[0]!r}: adapter_config.json's modules_to_save includes {name!r}, whose "
+                "every tensor the file must hold"
+            )
     for key, t in state_dict.items():
         if DELTA_MARKER in key:
             continue
@@ -120,7 +142,9 @@ def check_extras(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
             raise AdapterFileError(f"{filename}: tensor {key!r} belongs to no module of the base model")
         ref = getattr(module, param, None)
         if not isinstance(ref, torch.Tensor):
-            raise AdapterFileError(f"{filename}: tensor {key!r}: the base model's {module_name} has no tensor {param!r}")
+            raise AdapterFileError(
+                f"{filename}: tensor {key!r}: the base model's {module_name} has no tensor {param!r}"
+            )
         if tuple(ref.shape) != tuple(t.shape):
             raise AdapterFileError(
                 f"{filename}: tensor {key!r} has shape {list(t.shape)} but the base model's "
@@ -139,15 +163,20 @@ def check_extras(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
 
 
 def load_checked_weights(
-    config: DeltaCoMeConfig, model: torch.nn.Module, model_id: PathLike, *, subfolder: Optional[str] = None,
-    source: Optional[str] = None, **hub_kwargs: Any,
+    config: DeltaCoMeConfig,
+    model: torch.nn.Module,
+    model_id: PathLike,
+    *,
+    subfolder: Optional[str] = None,
+    source: Optional[str] = None,
+    **hub_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """The adapter weights of ``model_id`` (folder or Hub repo) for ``config``, read (through ``source``, a pinned
     name of the file, if given), validated against the config (:func:`read_adapter_weights`) and against
     ``model``'s own tensors (:func:`check_extras`)."""
     path = resolve_adapter_weights(model_id, subfolder=subfolder, **hub_kwargs)
     state_dict = read_adapter_weights(config, path, source=source)
-    check_extras(model, state_dict, path)
+    check_extras(model, state_dict, path, config.modules_to_save)
     return state_dict
 
 
