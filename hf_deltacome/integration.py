@@ -230,7 +230,7 @@ def _transformers_load_guard() -> None:
         hub_kwargs = {**(getattr(load_config, "download_kwargs", None) or {}), **(arg.get("adapter_kwargs") or {})}
         if arg.get("local_files_only"):
             hub_kwargs["local_files_only"] = True
-        config = arg.get("peft_config")
+        config = given = arg.get("peft_config")
         if config is None and arg.get("adapter_state_dict") is None and model_id is not None:
             config = transformers_adapter_config(model_id, hub_kwargs)  # None unless a DELTACOME adapter
         elif isinstance(config, dict) and is_deltacome(config):
@@ -240,7 +240,7 @@ def _transformers_load_guard() -> None:
         state_dict = arg.get("adapter_state_dict")
         subfolder = hub_kwargs.pop("subfolder", None)
         where = "adapter_state_dict"
-        if state_dict is None and subfolder is None and os.path.isdir(os.fspath(model_id)):
+        if state_dict is None and given is None and subfolder is None and os.path.isdir(os.fspath(model_id)):
             config, state_dict = read_adapter(model_id)  # config and weights of one save
             where = os.path.join(os.fspath(model_id), "adapter_model.safetensors")
         check_fingerprint(config.base_fingerprint, self, strict=default_strict(), adapter=str(model_id))

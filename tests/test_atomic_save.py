@@ -116,6 +116,16 @@ def test_save_keeps_other_files_and_leaves_nothing_beside(tmp_path):
     torch.testing.assert_close(logits(load(folder), IDS), logits(model, IDS))
 
 
+def test_save_into_the_working_directory(tmp_path, monkeypatch):
+    """Saving into the folder the process works in: afterwards it works in the new version, not a deleted one."""
+    folder = tmp_path / "adapter"
+    make_adapter(fresh_base(), seed=1).save_pretrained(str(folder))
+    monkeypatch.chdir(folder)
+    make_adapter(fresh_base(), seed=2).save_pretrained(".")
+    assert os.getcwd() == str(folder) and os.path.isfile(ADAPTER_CONFIG_NAME)
+    read_adapter(".")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
 def test_exchange_swaps_two_folders(tmp_path):
     (tmp_path / "a").mkdir()

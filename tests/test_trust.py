@@ -1,6 +1,7 @@
 """Trust: base fingerprint checks, safe (safetensors-only, validated) loading and atomic saving.
 
-Helpers ``make_adapter``/``fresh_base``/``save_adapter`` are imported by ``test_hub.py`` and ``test_fuzz.py``.
+Helpers ``make_adapter``/``fresh_base``/``save_adapter`` are imported by ``test_hub.py``, ``test_fuzz.py``,
+``test_atomic_save.py``, ``test_load_paths.py`` and ``test_cli_errors.py``.
 """
 
 from __future__ import annotations

@@ -283,6 +283,7 @@ def atomic_folder(final: PathLike) -> Iterator[str]:
             os.chmod(nxt, 0o777 & ~umask)
         yield nxt
         _fsync_path(nxt, directory=True)
+        cwd = os.getcwd()
         old = nxt  # after the swap, the previous version (if any) sits here
         if not os.path.isdir(final):
             os.rename(nxt, final)
@@ -291,6 +292,9 @@ def atomic_folder(final: PathLike) -> Iterator[str]:
             os.rename(final, old)
             os.rename(nxt, final)
         _fsync_path(os.path.dirname(final), directory=True)
+        if cwd == final or cwd.startswith(final + os.sep):  # this process worked in the old version: follow the name
+            with contextlib.suppress(OSError):
+                os.chdir(cwd)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         if os.path.isdir(nxt):
