@@ -106,8 +106,20 @@ def _config_errors() -> None:
             where = os.path.join(model_id, hf_hub_download_kwargs.get("subfolder") or "", "adapter_config.json")
             raise ConfigError(f"{where}: no peft_type: not a PEFT adapter config") from e
 
+    original_from_pretrained = PeftConfigMixin.from_pretrained.__func__
+
+    def from_pretrained(cls: type, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kw: Any):
+        try:  # PeftConfig.from_pretrained (AutoPeftModel*, transformers) building one of ours: name the file
+            return original_from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, **kw)
+        except DeltaCoMeError as e:
+            where = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "", "adapter_config.json")
+            if where in str(e):
+                raise
+            raise type(e)(f"{where}: {e}") from e
+
     PeftConfigMixin.from_json_file = classmethod(from_json_file)
     PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
+    PeftConfigMixin.from_pretrained = classmethod(from_pretrained)
 
 
 def _input_folders(model: Any) -> dict[str, Optional[str]]:
@@ -328,7 +340,7 @@ PATCHES: tuple[tuple[str, str, Callable[[], None]], ...] = (
      "PEFT reads peft_type from adapter_config.json through this enum; registration needs the member", _add_peft_type),
     ("peft.utils.register_peft_method('deltacome')",
      "PeftModel.from_pretrained / get_peft_model find our config and tuner classes", _register_method),
-    ("peft.config.PeftConfigMixin.from_json_file, ._get_peft_type",
+    ("peft.config.PeftConfigMixin.from_json_file, ._get_peft_type, .from_pretrained",
      "a broken adapter_config.json (bad or deeply nested JSON, missing or unknown peft_type) is a ConfigError naming "
      "the file, not a KeyError/RecursionError from before our type is known", _config_errors),
     ("peft.PeftModel.save_pretrained, peft.peft_model.safe_save_file",

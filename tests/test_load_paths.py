@@ -26,7 +26,7 @@ from test_trust import make_adapter, rewrite_tensors
 from tiny_models import logits, make_finetune, make_model, make_tokenizer, random_ids
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from hf_deltacome import AdapterFileError, BaseModelMismatchError
+from hf_deltacome import AdapterFileError, BaseModelMismatchError, ConfigError
 from hf_deltacome.io.adapter_files import ADAPTER_CONFIG_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +105,12 @@ def test_auto_peft_model(folders):
         AutoPeftModelForCausalLM.from_pretrained(str(folders["wrong"]))
     with pytest.raises(AdapterFileError, match="contains NaN"):
         AutoPeftModelForCausalLM.from_pretrained(str(folders["nan"]))
+    bad = folders["root"] / "bad-damp"
+    shutil.copytree(folders["good"], bad)
+    config = json.loads((bad / ADAPTER_CONFIG_NAME).read_text())
+    (bad / ADAPTER_CONFIG_NAME).write_text(json.dumps({**config, "damp": "x"}))
+    with pytest.raises(ConfigError, match=f"{bad / ADAPTER_CONFIG_NAME}: damp must be a number"):
+        AutoPeftModelForCausalLM.from_pretrained(str(bad))
 
 
 def test_peft_load_adapter_of_a_second_adapter(folders):
