@@ -34,7 +34,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from ..backend import dequant_cache
+from ..backend import check_device, dequant_cache
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError
 from ..format.budget import safetensors_header_bound
@@ -108,6 +108,7 @@ def compress(
     )  # fmt: skip
     plan_info["budget"] = budget
     peft_model = _wrap(base_model, finetuned_model, config, adapter_name)
+    peft_model.deltacome_finetuned = getattr(finetuned_model, "name_or_path", None)  # saves refuse to write there
     filler = _Filler(peft_model.base_model.model, finetuned_model, config, adapter_name, ckpt)
     filler.outside(kind, targets, calib, device)
     filler.layers(kind, targets, calib, device, progress)
@@ -138,7 +139,7 @@ def _inputs(
 def _work_device(device: torch.device | str | None) -> torch.device | None:
     if device is None:
         return torch.device("cuda") if torch.cuda.is_available() else None
-    return torch.device(device)
+    return check_device(device)
 
 
 def file_budget(
