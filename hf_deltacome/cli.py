@@ -61,14 +61,19 @@ def parse_bands(text: str) -> list[list]:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
+    from .backend import check_device
     from .compression.pipeline import compress
     from .config import DeltaCoMeConfig
+    from .io.atomic import check_output_folder
     from .io.summary import summarize_adapter
     from .loading import load_model_and_tokenizer
     from .multimodal import is_vlm
 
     out = Path(args.output)
     checkpoint = out / CHECKPOINT_DIR
+    check_output_folder(out, {"--base": args.base, "--finetuned": args.finetuned})  # whatever --overwrite says
+    if args.device is not None:
+        check_device(args.device, "--device")
     if out.exists() and not out.is_dir():
         raise DeltaCoMeError(f"--output {str(out)!r} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not args.overwrite and not args.resume:

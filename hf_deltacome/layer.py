@@ -65,15 +65,7 @@ class DeltaCoMeLayer(BaseTunerLayer):
         has_bias = bool(layout.get("bias", False))
         if has_bias and self.get_base_layer().bias is None:
             raise ConfigError(f"adapter {adapter_name!r} carries a bias delta but the base linear has no bias")
-        self.deltacome_delta[adapter_name] = PackedDelta(
-            m,
-            n,
-            layout["bands"],
-            layout["group_size"],
-            bias=has_bias,
-            sign=layout.get("sign"),  # BitDelta baseline part (methods.py)
-            sparse=layout.get("sparse"),  # DARE baseline part (methods.py)
-        )
+        self.deltacome_delta[adapter_name] = PackedDelta.from_layout(layout)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

@@ -106,7 +106,7 @@ class DeltaCoMeModel(BaseTuner):
         current_key: str,
         parameter_name: Optional[str] = None,
     ) -> None:
-        layout = peft_config.layout[current_key]
+        layout = {"group_size": peft_config.group_size, **peft_config.layout[current_key]}  # the entry may omit it
         if isinstance(target, DeltaCoMeLinear):
             target.update_layer(adapter_name, layout, inference_mode=peft_config.inference_mode)
             return

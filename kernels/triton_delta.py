@@ -432,8 +432,8 @@ def _expand_loop(
     uhi,
     us,
     uz,
-    offs_m,
-    mmask,
+    m0,
+    M,
     rank,
     wstride,
     hstride,
@@ -444,19 +444,25 @@ def _expand_loop(
     DEQ: tl.constexpr,
     GROUP: tl.constexpr,
     BR: tl.constexpr,
+    BM: tl.constexpr,
 ):
-    """``acc[t, m] += Σ_r t[t, tcol + r] U[m, r]`` over the band's ranks, for one band at ``BITS`` bits."""
+    """``acc[t, m] += Σ_r t[t, tcol + r] Uᵀ[r, m]`` over the band's ranks, for one band at ``BITS`` bits.
+
+    Format 2 stores ``U_kᵀ`` (``rank x out``) packed along ``out``: the tile ``Uᵀ[r0 : r0 + BR, m0 : m0 + BM]`` is a
+    run of whole packed words of ``BR`` rows, with one scale per row (singular vector) and group of outputs.
+    """
     for r0 in range(0, rank, BR):
         offs_r = r0 + tl.arange(0, BR)
+        rmask = offs_r < rank
         tt = tl.load(
             t_ptr + offs_t[:, None] * stride_tt + (tcol + offs_r)[None, :],
-            mask=amask[:, None] & (offs_r < rank)[None, :],
+            mask=amask[:, None] & rmask[None, :],
             other=0.0,
         )
         w = _dequant_packed(
-            uq, uhi, us, uz, offs_m, mmask, r0, rank, wstride, hstride, gstride, group, BITS, BR, GROUP, DEQ
+            uq, uhi, us, uz, offs_r, rmask, m0, M, wstride, hstride, gstride, group, BITS, BM, GROUP, DEQ
         )
-        acc = _mma(acc, tt, tl.trans(w), COMPUTE)
+        acc = _mma(acc, tt, w, COMPUTE)
     return acc
 
 
@@ -484,7 +490,8 @@ def _expand_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_t = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    m0 = pid_m * BM
+    offs_m = m0 + tl.arange(0, BM)
     mmask = offs_m < M
     offs_t = pid_t * BT + tl.arange(0, BT)
     tmask = offs_t < T
@@ -521,8 +528,8 @@ def _expand_kernel(
                     uhi,
                     us,
                     uz,
-                    offs_m,
-                    mmask,
+                    m0,
+                    M,
                     rank,
                     ws,
                     hs,
@@ -533,6 +540,7 @@ def _expand_kernel(
                     DEQ,
                     GROUP,
                     BR,
+                    BM,
                 )
             elif bits == 3:
                 acc = _expand_loop(
@@ -546,8 +554,8 @@ def _expand_kernel(
                     uhi,
                     us,
                     uz,
-                    offs_m,
-                    mmask,
+                    m0,
+                    M,
                     rank,
                     ws,
                     hs,
@@ -558,6 +566,7 @@ def _expand_kernel(
                     DEQ,
                     GROUP,
                     BR,
+                    BM,
                 )
             elif bits == 4:
                 acc = _expand_loop(
@@ -571,8 +580,8 @@ def _expand_kernel(
                     uhi,
                     us,
                     uz,
-                    offs_m,
-                    mmask,
+                    m0,
+                    M,
                     rank,
                     ws,
                     hs,
@@ -583,6 +592,7 @@ def _expand_kernel(
                     DEQ,
                     GROUP,
                     BR,
+                    BM,
                 )
             elif bits == 8:
                 acc = _expand_loop(
@@ -596,8 +606,8 @@ def _expand_kernel(
                     uhi,
                     us,
                     uz,
-                    offs_m,
-                    mmask,
+                    m0,
+                    M,
                     rank,
                     ws,
                     hs,
@@ -608,6 +618,7 @@ def _expand_kernel(
                     DEQ,
                     GROUP,
                     BR,
+                    BM,
                 )
             else:
                 acc = _expand_loop(
@@ -621,8 +632,8 @@ def _expand_kernel(
                     uhi,
                     us,
                     uz,
-                    offs_m,
-                    mmask,
+                    m0,
+                    M,
                     rank,
                     ws,
                     hs,
@@ -633,6 +644,7 @@ def _expand_kernel(
                     DEQ,
                     GROUP,
                     BR,
+                    BM,
                 )
         has_bias = tl.load(arow + _A_HAS_BIAS).to(tl.int32)
         bias_ptr = tl.load(arow + _A_BIAS).to(tl.pointer_type(tl.float32))
@@ -678,12 +690,12 @@ else:  # pragma: no cover - needs a GPU
             _cfg(2, 3, BR=8, BK=256),
             _cfg(4, 3, BR=16, BK=256),
         ],
+        # expand tiles are [BR, BM] of U_kᵀ packed along the outputs: BM is a multiple of 32 (whole int32 words)
         ("expand", "gemv"): [
             _cfg(4, 3, BM=64, BR=64),
             _cfg(8, 3, BM=128, BR=64),
-            _cfg(8, 3, BM=32, BR=256),
-            _cfg(4, 3, BM=16, BR=256),
-            _cfg(2, 3, BM=16, BR=128),
+            _cfg(4, 3, BM=32, BR=128),
+            _cfg(2, 3, BM=32, BR=64),
         ],
         ("shrink", "decode"): [
             _cfg(2, 3, BR=16, BK=256),
@@ -698,8 +710,8 @@ else:  # pragma: no cover - needs a GPU
             _cfg(8, 3, BT=128, BR=128, BK=32),
         ],
         ("expand", "decode"): [
-            _cfg(1, 3, BM=16, BR=128),
             _cfg(2, 3, BM=32, BR=128),
+            _cfg(4, 3, BM=32, BR=64),
             _cfg(4, 3, BM=64, BR=64),
             _cfg(8, 3, BM=128, BR=64),
         ],
@@ -890,7 +902,7 @@ def _dense_band(x2: torch.Tensor, band) -> torch.Tensor:
     """A 16-bit band applied as two plain matmuls (16-bit bands hold float16 values, nothing to dequantize)."""
     dt = x2.dtype
     tt = (x2 @ band.v.qweight.to(dt).t()) * band.s.to(dt)
-    return tt @ band.u.qweight.to(dt).t()
+    return tt @ band.u.qweight.to(dt)  # format 2: float16 U_kᵀ (rank x out)
 
 
 def delta_forward(

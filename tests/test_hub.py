@@ -21,7 +21,6 @@ from tiny_models import logits
 from transformers import AutoModelForCausalLM
 
 from hf_deltacome import AdapterFileError
-from hf_deltacome.format.budget import layout_nbytes
 from hf_deltacome.hub import CARD_MARKER, push_adapter, render_model_card, write_model_card
 from hf_deltacome.io.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter_config
 
@@ -112,8 +111,8 @@ def test_render_model_card(tmp_path):
     assert CARD_MARKER in card
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1).strip().splitlines()
     assert len(snippet) == 3 and 'from_pretrained("someone/adapter")' in snippet[2]
-    packed = sum(
-        layout_nbytes(*e["shape"], [tuple(b) for b in e["bands"]], e["group_size"]) for e in config.layout.values()
+    packed = sum(  # every byte the modules store, as the file will hold them
+        m.deltacome_delta["default"].nbytes() for m in model.modules() if hasattr(m, "deltacome_delta")
     )
     assert f"| packed factor bytes | {packed:,} B" in card
     assert "| bits per band | 8-bit: up to 2 vectors; 3-bit: up to 32 vectors; 2-bit: the rest of the budget |" in card

@@ -61,7 +61,7 @@ def make_delta(m, n, bands, group_size, bias=False, seed=0) -> PackedDelta:
         v = torch.randn(r, n, generator=g) / n**0.5
         u = torch.randn(m, r, generator=g) / r**0.5
         s = torch.rand(r, generator=g) * 2 + 0.5
-        d.set_band(k, quantize_rtn(v, band.bits, group_size), quantize_rtn(u, band.bits, group_size), s)
+        d.set_band(k, quantize_rtn(v, band.bits, group_size), quantize_rtn(u.t(), band.bits, group_size), s)  # U_kᵀ
     if bias:
         d.bias.copy_(torch.randn(m, generator=g))
     return d.to(DEVICE)
@@ -245,7 +245,7 @@ def _tiny_peft_model(adapters=("default",)):
         lin = base.get_submodule(name)
         m, n = lin.weight.shape
         bands = solve_ranks(m, n, 0.25, [[8, 2], [3, 8], [2, None]], 32)
-        layout[name] = {"shape": [m, n], "bands": [list(b) for b in bands], "group_size": 32, "bias": False}
+        layout[name] = {"shape": [m, n], "bands": [list(b) for b in bands], "group_size": 32, "bias": False, "format": 2}
     model = get_peft_model(base, DeltaCoMeConfig(layout=layout, target_modules=list(layout)), adapter_name=adapters[0])
     for extra in adapters[1:]:
         model.add_adapter(extra, DeltaCoMeConfig(layout=layout, target_modules=list(layout)))
@@ -316,3 +316,19 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "0 variant(s) failed to compile" in r.stdout
+
+
+def test_format1_deltas_take_the_pytorch_path(monkeypatch):
+    """The kernels read format 2 (U_kᵀ packed along the outputs); a format-1 file still runs, on the PyTorch path."""
+    from hf_deltacome import backend
+
+    g = torch.Generator().manual_seed(5)
+    d = PackedDelta(24, 40, [(3, 6), (2, 8)], 16, format=1)
+    for k, band in enumerate(d.bands):
+        v, u = torch.randn(band.rank, 40, generator=g), torch.randn(24, band.rank, generator=g)
+        d.set_band(k, quantize_rtn(v, band.bits, 16), quantize_rtn(u, band.bits, 16), torch.rand(band.rank, generator=g))
+    d = d.to(DEVICE)
+    monkeypatch.setenv("DELTACOME_BACKEND", "triton")
+    monkeypatch.setattr(K, "delta_forward", lambda *a, **k: pytest.fail("a format-1 delta reached the kernels"))
+    x = rand_x(3, 40)
+    assert_close(backend.delta_forward(x, d), reference(x, d))

@@ -203,11 +203,11 @@ def test_search_is_never_worse_than_the_default_split(strategy):
 
 @pytest.mark.parametrize("strategy", ["greedy", "genetic"])
 def test_search_reaches_single_band_splits_when_the_default_bands_eat_a_small_budget(strategy):
-    """At 1/64 of a GQA k/v shape, 2 x 8-bit + 32 x 3-bit do not fit and every band pays its own scales, zeros and
-    row padding: the configured split keeps ~2 ranks while one 2-bit band keeps several times more. The search must
+    """At 1/128 of a GQA k/v shape, 2 x 8-bit + 32 x 3-bit do not fit and every band pays its own scales, zeros and
+    word padding: the configured split keeps 2 ranks while one 2-bit band keeps several times more. The search must
     find a split at least as good as the best single-band one (a coordinate search from the default alone cannot).
     ``min_rank_share=0`` keeps the published bands as they are, the case the search has to get out of."""
-    m, n, ratio = 192, 576, 1 / 64
+    m, n, ratio = 192, 576, 1 / 128
     samples = [(long_tail_delta(m, n, seed=s), input_hessian(n, seed=s)) for s in range(2)]
     cfg = DeltaCoMeConfig(ratio=ratio, group_size=128, quantizer="rtn", min_rank_share=0.0)
     res = search_split(samples, m, n, ratio, cfg, strategy=strategy, max_evals=30)
@@ -333,7 +333,8 @@ def _compress(pair, **kw):
 
 
 # (config, bound on the relative logits error of the reloaded adapter, margin over the baselines). Measured on this
-# pair: bitdelta 0.54, bitdelta-row 0.62, lowrank 0.40, svd-uniform 0.19, dare 0.43, greedy 0.20, adaptive 0.21;
+# pair: bitdelta 0.54, bitdelta-row 0.62, lowrank 0.40, svd-uniform 0.19, dare 0.43 (0.53 since format 2 pays the
+# dense extras and the header out of the same budget), greedy 0.20, adaptive 0.21;
 # a zero delta scores 0.94 and a shuffled adapter of the same size 1.1-1.5 (`assert_beats_baselines` measures both).
 # DARE runs at 1/4 (keeps ~82% of the entries): at 1/8 it is worse than no delta here (benchmarks/RESULTS.md).
 # One bit per weight recovers about 40% of the effect on 64-wide layers: BitDelta's bounds get a wider margin.
@@ -346,7 +347,7 @@ EACH_METHOD = {
     ),
     "lowrank": ({"method": "lowrank"}, 0.5, MARGIN),
     "svd-uniform": ({"method": "svd-uniform", "uniform_bits": 3}, 0.3, MARGIN),
-    "dare-1/4": ({"method": "dare", "ratio": 1 / 4}, 0.5, MARGIN),
+    "dare-1/4": ({"method": "dare", "ratio": 1 / 4}, 0.6, 0.65),
     "greedy": ({"search": "greedy"}, 0.3, MARGIN),
     "adaptive": ({"allocation": "adaptive"}, 0.3, MARGIN),
 }
@@ -367,13 +368,16 @@ def test_each_method_saves_loads_back_with_equal_logits_and_fits_the_budget(llam
     # it really carries the fine-tune: well below what no delta and a random delta of the same size score
     assert_beats_baselines(loaded, ft, base, ids, bound, margin=margin)
     summary = summarize_adapter(tmp_path)
-    ratio = model.peft_config["default"].ratio
-    budgets = {m.name: budget_bytes(*m.shape, ratio) for m in summary.modules}
+    cfg = model.peft_config["default"]
+    assert summary.file_bytes <= int(cfg.ratio * summary.target_fp16_bytes)  # the whole file holds the ratio
+    factor_ratio = cfg.compression_info["budget"]["factor_ratio"]  # the modules' share of it
+    budgets = {m.name: budget_bytes(*m.shape, factor_ratio) for m in summary.modules}
+    bias = {m.name: 4 * m.shape[0] * bool(cfg.layout[m.name]["bias"]) for m in summary.modules}
     if kw.get("allocation") == "adaptive":
-        assert summary.factor_bytes <= sum(budgets.values())
+        assert summary.factor_bytes <= sum(budgets.values()) + sum(bias.values())
     else:
         for m in summary.modules:
-            assert m.nbytes <= budgets[m.name], m.name
+            assert m.nbytes <= budgets[m.name] + bias[m.name], m.name
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["method"] == kw.get("method", "deltacome")
     # `deltacome info --modules` renders every module with the layout and bytes the loader really allocated
@@ -417,8 +421,10 @@ def test_search_and_allocation_are_recorded_and_shown(llama_pair, tmp_path):
     # the allocation was kept, so budget moved: modules of one type get other layouts in other layers, some modules
     # store more than their uniform budget and some less (in all still within the model's budget)
     assert alloc["kept"] and info["end_to_end"]["adaptive"]["kept"]
-    k_proj = [e["bands"] for n, e in sorted(cfg["layout"].items()) if n.endswith("k_proj")]
-    assert k_proj[0] != k_proj[1], k_proj
+    by_type: dict[str, set[str]] = {}
+    for n, e in cfg["layout"].items():
+        by_type.setdefault(n.rsplit(".", 1)[-1], set()).add(json.dumps(e["bands"]))
+    assert any(len(layouts) > 1 for layouts in by_type.values()), by_type
     summary = summarize_adapter(tmp_path)
     over = [m.name for m in summary.modules if m.nbytes > budget_bytes(*m.shape, 1 / 8)]
     under = [m.name for m in summary.modules if m.nbytes < 0.9 * budget_bytes(*m.shape, 1 / 8)]
@@ -520,7 +526,9 @@ def test_auto_min_rank_share_follows_the_delta(wide_pairs):
                 assert info["kl"][str(info["chosen"])] == min(info["kl"].values())
     assert chosen["peaked"] == 0.0 and chosen["flat"] > 0.0
     assert errors["peaked", "auto"] < 0.5 * errors["peaked", 1.0]
-    assert errors["flat", "auto"] < errors["flat", 0.0]
+    # format 2's bands cost little on these shapes, so the published split no longer starves the flat delta's tail:
+    # the calibration KL picks a share; on held-out text it must be no worse than the published split (within 2%)
+    assert errors["flat", "auto"] <= 1.02 * errors["flat", 0.0]
 
 
 def test_planned_kl_does_not_depend_on_what_was_measured_before(wide_pairs):

@@ -330,3 +330,40 @@ def test_device_map_auto_base_offloaded_to_disk(base_dir, adapters, tmp_path):
     assert {b.device.type for b in q.deltacome_delta.buffers()} == {"cpu"}
     with torch.no_grad():
         assert torch.allclose(model(adapters["x"]).logits, logits, atol=1e-6)
+
+
+def test_dequant_cache_gives_the_same_output_and_follows_the_packed_bytes():
+    """The torch path's cache of dequantized factors changes nothing but speed: same output as dequantizing every
+    band; a new load into the same buffers (in place) is seen at once; a cap of 0 turns it off."""
+    from hf_deltacome.backend import DequantCache, dequant_cache, torch_delta_forward
+    from hf_deltacome.format.storage import PackedDelta
+
+    entry = {"shape": [40, 24], "bands": [[8, 2], [3, 5], [2, 9]], "group_size": 16, "bias": True, "format": 2}
+    g = torch.Generator().manual_seed(0)
+    a, b = PackedDelta.from_layout(entry), PackedDelta.from_layout(entry)
+    for d in (a, b):
+        with torch.no_grad():
+            for band in d.bands:
+                band.s.copy_(torch.rand(band.rank, generator=g))
+                band.v.scales.fill_(0.02)
+                band.u.scales.fill_(0.02)
+                band.v.qweight.copy_(torch.randint(0, 2**30, band.v.qweight.shape, generator=g))
+                band.u.qweight.copy_(torch.randint(0, 2**30, band.u.qweight.shape, generator=g))
+    x = torch.randn(3, 24, generator=g)
+    saved = dequant_cache.max_bytes
+    try:
+        dequant_cache.configure(0)
+        plain = torch_delta_forward(x, a)
+        dequant_cache.configure(1 << 20)
+        torch.testing.assert_close(torch_delta_forward(x, a), plain)
+        assert dequant_cache.bytes > 0
+        a.load_state_dict(b.state_dict())  # copied in place: same tensors, new values
+        dequant_cache.configure(0)
+        want = torch_delta_forward(x, b)
+        dequant_cache.configure(1 << 20)
+        torch.testing.assert_close(torch_delta_forward(x, a), want)
+    finally:
+        dequant_cache.configure(saved)
+    small = DequantCache(100)  # smaller than one entry: nothing is kept
+    small.factors(a, torch.float32, torch.device("cpu"))
+    assert small.bytes == 0

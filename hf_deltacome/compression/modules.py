@@ -14,7 +14,7 @@ from ..config import SVD_METHODS, DeltaCoMeConfig
 from ..errors import ConfigError, DeltaCoMeError
 from ..format.budget import layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
-from ..format.storage import PackedDelta, sign_part_nbytes, sparse_mask
+from ..format.storage import FORMAT_VERSION, PackedDelta, sign_part_nbytes, sparse_mask
 from ..quant.rtn import quantize_rtn
 from .baselines import bitdelta_factors, bitdelta_rows, dare_factors, dare_plan
 from .svd import compress_linear, svd
@@ -57,7 +57,8 @@ def plan_entry(
 
     The configured split gets the config's ``min_rank_share`` (``"auto"`` counts as 0 here: ``plan_layouts``
     resolves it); a searched ``spec`` is used as found."""
-    entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias)}
+    entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias),
+                             "format": FORMAT_VERSION}  # fmt: skip
     method = config.method
     if method in SVD_METHODS:
         share = rank_share(config) if spec is None and method == "deltacome" else 0.0
@@ -117,8 +118,8 @@ class ModuleFactors:
     def dense(self, m: int, n: int, sparse_entry: dict | None = None) -> torch.Tensor:
         """The dense ``m x n`` approximation of the delta these factors store."""
         w = torch.zeros(m, n, dtype=torch.float32)
-        for vq, uq, s in self.bands:
-            w += (uq.dequantize().cpu() * s.cpu()) @ vq.dequantize().cpu()
+        for vq, uq, s in self.bands:  # uq holds U_kᵀ (format 2)
+            w += (uq.dequantize().cpu().t() * s.cpu()) @ vq.dequantize().cpu()
         if self.sign is not None:
             pos, scale, rows = self.sign
             part = (pos.to(torch.float32) * 2 - 1).cpu() * (scale.cpu().view(-1, 1) if scale.numel() > 1 else scale)
@@ -216,7 +217,7 @@ def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
             vq, uq = Vh[sl].to(torch.float16).float(), U[:, sl].to(torch.float16).float()
         else:
             g = entry["group_size"]
-            vq, uq = quantize_rtn(Vh[sl], b, g).dequantize(), quantize_rtn(U[:, sl], b, g).dequantize()
+            vq, uq = quantize_rtn(Vh[sl], b, g).dequantize(), quantize_rtn(U[:, sl].t(), b, g).dequantize().t()
         w += (uq * S[sl]) @ vq
     return w
 

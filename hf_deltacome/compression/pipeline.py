@@ -7,7 +7,10 @@ The pipeline, step by step (each step is one function below):
    into ``modules_to_save``; the base fingerprint is recorded;
 2. :func:`_calibration` — calibration data for GPTQ (given, or sampled from the fine-tune; ``quantizer="rtn"`` uses
    none), checkpointed so a resumed run uses the same tokens;
-3. :func:`~.plan.plan_layouts` — the layout of each target from the byte budget (method, band split, allocation);
+3. :func:`file_budget` then :func:`~.plan.plan_layouts` — the whole ``adapter_model.safetensors`` is held to the
+   ratio: the safetensors header, the dense extras and the bias deltas are paid first, the rest is spread over the
+   targets in proportion to their size; then the layout of each target from its share (method, band split,
+   allocation);
 4. :func:`_wrap` — the base wrapped with PEFT (zeroed packed buffers), the dense extras copied in;
 5. :class:`_Filler` + :func:`~.layerwalk.walk_layers` — targets outside the decoder layers first, then the decoder
    layers one at a time: each target's input Hessian is collected by running the fine-tuned layer on the compressed
@@ -31,8 +34,11 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
+from ..backend import check_device, dequant_cache
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError
+from ..format.budget import safetensors_header_bound
+from ..io.adapter_files import BLOB_SUFFIX, STATE_DICT_PREFIX
 from ..io.fingerprint import fingerprint_json
 from ..layer import DeltaCoMeLayer
 from ..quant.hessian import HessianCollector
@@ -40,7 +46,7 @@ from .baselines import distill_sign_scales
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource
 from .checkpoint import LayerCheckpoint, calibration_record
 from .layerwalk import find_decoder_layers, module_device, walk_layers
-from .modules import compress_module
+from .modules import compress_module, with_changes
 from .plan import plan_layouts
 from .targets import ModelKind, changed_modules, model_kind
 
@@ -90,6 +96,7 @@ def compress(
         raise ConfigError(f"config must be a DeltaCoMeConfig, got {type(config).__name__}")
     kind = model_kind(base_model, finetuned_model)
     targets, bias_changed = _inputs(kind, base_model, finetuned_model, config)
+    budget = file_budget(base_model, targets, config, bias_changed)  # before any work: the extras may not fit
     device = _work_device(device)
     ckpt = None
     if checkpoint_dir is not None:  # a resume must have the same inputs: the fine-tune and calibration are recorded
@@ -100,10 +107,12 @@ def compress(
     calib = _calibration(kind, config, finetuned_model, calibration, ckpt, tokenizer=tokenizer, processor=processor,
                          num_samples=num_samples, seq_len=seq_len, seed=seed, progress=progress)  # fmt: skip
     config.layout, plan_info = plan_layouts(
-        base_model, finetuned_model, targets, config, calibration_ids=calib.input_ids if calib is not None else None,
-        bias_changed=bias_changed, progress=progress,
+        base_model, finetuned_model, targets, with_changes(config, ratio=budget["factor_ratio"]),
+        calibration_ids=calib.input_ids if calib is not None else None, bias_changed=bias_changed, progress=progress,
     )  # fmt: skip
+    plan_info["budget"] = budget
     peft_model = _wrap(base_model, finetuned_model, config, adapter_name)
+    peft_model.deltacome_finetuned = getattr(finetuned_model, "name_or_path", None)  # saves refuse to write there
     filler = _Filler(peft_model.base_model.model, finetuned_model, config, adapter_name, ckpt)
     filler.outside(kind, targets, calib, device)
     filler.layers(kind, targets, calib, device, progress)
@@ -134,7 +143,47 @@ def _inputs(
 def _work_device(device: torch.device | str | None) -> torch.device | None:
     if device is None:
         return torch.device("cuda") if torch.cuda.is_available() else None
-    return torch.device(device)
+    return check_device(device)
+
+
+def file_budget(
+    base: nn.Module, targets: Sequence[str], config: DeltaCoMeConfig, bias_changed: dict[str, bool]
+) -> dict[str, Any]:
+    """What the whole adapter file may spend, and what is left for the packed factors.
+
+    ``config.ratio`` is a share of the fp16 delta of the target linears (``2·m·n`` bytes each); the file must fit in
+    it whole: the safetensors header (an upper bound from the tensor names), the dense extras (``modules_to_save``,
+    stored in the base's dtypes) and the bias deltas (float32) come first, and ``factor_ratio`` is what is left, as
+    a share of the same fp16 delta, so every module gets the same share of its own size. Raises `ConfigError`,
+    naming the largest extras, when those alone do not fit.
+    """
+    modules = dict(base.named_modules())
+    target_fp16 = sum(2 * modules[t].out_features * modules[t].in_features for t in targets)
+    total = int(config.ratio * target_fp16)
+    extras, tensors = {}, []
+    for name in config.modules_to_save or []:
+        for pname, p in modules[name].named_parameters(remove_duplicate=False):
+            key = f"{STATE_DICT_PREFIX}{name}.{pname}"
+            extras[key] = p.numel() * p.element_size()
+            tensors.append((key, str(p.dtype), p.dim()))
+    bias = sum(4 * modules[t].out_features for t in targets if bias_changed.get(t))
+    tensors += [(f"{STATE_DICT_PREFIX}{t}{BLOB_SUFFIX}", "U8", 1) for t in targets]
+    header = safetensors_header_bound([(k, d.removeprefix("torch."), n) for k, d, n in tensors], total + 1)
+    left = total - header - sum(extras.values()) - bias
+    record = {"file_budget_bytes": total, "header_bytes_bound": header, "dense_extra_bytes": sum(extras.values()),
+              "bias_bytes": bias, "target_fp16_bytes": target_fp16}  # fmt: skip
+    if left <= 0:
+        biggest = sorted(extras.items(), key=lambda kv: -kv[1])[:5]
+        shown = ", ".join(f"{k[len(STATE_DICT_PREFIX):]} ({v:,} B)" for k, v in biggest)
+        raise ConfigError(
+            f"at ratio 1/{1 / config.ratio:.4g} the whole adapter file may take {total:,} bytes, but the header "
+            f"({header:,} B), the bias deltas ({bias:,} B) and the changed modules stored dense "
+            f"({sum(extras.values()):,} B: {shown or 'none'}) already take {total - left:,}; nothing is left for "
+            "the compressed linears. Use a larger ratio, or make sure only modules that really changed are carried "
+            "(a fine-tune saved in another dtype changes every weight by rounding)"
+        )
+    record["factor_ratio"] = left / target_fp16
+    return record
 
 
 def _calibration(
@@ -245,8 +294,9 @@ class _Filler:
                 self.ckpt.save_layer(i, modules)
 
         inputs = kind.layer_inputs(calib) if calib is not None else None
-        walk_layers(self.inner, ft_layers, inputs, visit, batch_size=FORWARD_BATCH_SIZE, device=device,
-                    progress=progress)  # fmt: skip
+        with dequant_cache.suspended():
+            walk_layers(self.inner, ft_layers, inputs, visit, batch_size=FORWARD_BATCH_SIZE, device=device,
+                        progress=progress)  # fmt: skip
 
 
 def _record(

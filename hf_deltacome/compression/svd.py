@@ -66,7 +66,10 @@ def compress_linear(
     refit_u: bool = True,
     name: str = "",
 ) -> list[tuple[QuantizedMatrix, QuantizedMatrix, torch.Tensor]]:
-    """Compress one ``m x n`` delta into ``[(V_kᵀ, U_k, S_k), ...]``, one entry per band of non-zero rank.
+    """Compress one ``m x n`` delta into ``[(V_kᵀ, U_kᵀ, S_k), ...]``, one entry per band of non-zero rank.
+
+    Both factors are returned as stored in format 2: ``V_kᵀ`` (``r_k x n``) and ``U_kᵀ`` (``r_k x m``), each singular
+    vector with its own scale and zero per group of ``group_size`` values.
 
     ``Δ = U S Vᵀ`` (SVD); the singular triplets are split into ``bands`` (``[(bits, rank), ...]``, largest singular
     values first). With ``quantizer="gptq"`` and an input Hessian ``H`` (``n x n``), all bands of ``Vᵀ`` are quantized
@@ -109,15 +112,15 @@ def compress_linear(
             target = _least_squares_u(d.to(torch.float64), U.to(torch.float64), AH, Hz, damp)
             if target is None:
                 target = U
-        u_parts = GPTQ.from_hessian(Hz, name=f"{name} U").quantize_column_bands(
-            target.to(torch.float32), live, group_size, damp, act_order=False
+        u_parts = GPTQ.from_hessian(Hz, name=f"{name} U").quantize_columns_transposed(
+            target.to(torch.float32), live, group_size, damp
         )
     else:
         v_parts, u_parts = [], []
         start = 0
         for b, r in live:
             v_parts.append(quantize_rtn(Vh[start : start + r], b, group_size))
-            u_parts.append(quantize_rtn(U[:, start : start + r], b, group_size))
+            u_parts.append(quantize_rtn(U[:, start : start + r].t(), b, group_size))
             start += r
     out = []
     start = 0

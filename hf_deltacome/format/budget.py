@@ -1,8 +1,8 @@
 """Bit budget: how many singular vectors each band may keep at a compression ratio.
 
 A target linear with an ``m x n`` delta may spend ``16 * ratio * m * n`` bits. A band of ``r`` singular vectors
-at ``b`` bits stores ``V_bᵀ`` (``r x n``, groups along ``n``), ``U_b`` (``m x r``, groups along ``r``) and the
-singular values ``S_b`` (``r`` float32). Every stored byte counts: packing padding, float16 scales and uint8
+at ``b`` bits stores ``V_bᵀ`` (``r x n``, groups along ``n``), ``U_bᵀ`` (``r x m``, groups along ``m``: format 2)
+and the singular values ``S_b`` (``r`` float32). Every stored byte counts: packing padding, float16 scales and uint8
 zeros included, so the true file never exceeds the budget.
 """
 
@@ -25,8 +25,8 @@ def band_nbytes(m: int, n: int, bits: int, rank: int, group_size: int) -> int:
     if rank <= 0:
         return 0
     return (
-        stored_nbytes(rank, n, bits, group_size)  # V_bᵀ
-        + stored_nbytes(m, rank, bits, group_size)  # U_b
+        stored_nbytes(rank, n, bits, group_size)  # V_bᵀ, groups along n
+        + stored_nbytes(rank, m, bits, group_size)  # U_bᵀ (format 2), groups along m
         + rank * SINGULAR_VALUE_BYTES
     )
 
@@ -140,3 +140,16 @@ def shrunk_specs(spec: Sequence[Sequence], steps: int = SHRINK_STEPS) -> list[li
         if scaled not in out:
             out.append(scaled)
     return out
+
+
+def safetensors_header_bound(tensors: Sequence[tuple[str, str, int]], max_bytes: int) -> int:
+    """Bytes a safetensors header of ``tensors`` (``(name, dtype name, number of dims)``) can take at most, when no
+    tensor and no offset exceeds ``max_bytes``: the 8-byte length, the JSON (every number written with as many
+    digits as ``max_bytes`` has, ``{"__metadata__":{"format":"pt"}}`` included) and the padding to 8 bytes."""
+    digits = len(str(max(int(max_bytes), 1)))
+    size = len('{"__metadata__":{"format":"pt"}}')
+    for name, dtype, ndim in tensors:
+        shape = ",".join(["9" * digits] * ndim)
+        entry = f',"{name}":{{"dtype":"{dtype}","shape":[{shape}],"data_offsets":[{"9" * digits},{"9" * digits}]}}'
+        size += len(entry.encode("utf-8"))
+    return 8 + size + (-size) % 8

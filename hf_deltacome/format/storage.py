@@ -16,6 +16,8 @@ from torch import nn
 from ..errors import AdapterFileError
 from .packing import QuantizedMatrix, expected_tensor_shapes, pack_bits, packed_words, unpack_bits
 
+FORMAT_VERSION = 2  # of newly written adapters; layout entries without "format" are format 1
+
 
 class _FixedDtypeModule(nn.Module):
     """A module whose buffers keep their stored dtypes: ``.to(dtype)``, ``.half()`` etc. only move devices.
@@ -76,23 +78,50 @@ class QuantizedFactor(_FixedDtypeModule):
 
 
 class DeltaBand(_FixedDtypeModule):
-    """One band: ``V_kᵀ`` (``rank x in``), ``U_k`` (``out x rank``) and ``S_k`` (``rank``, float32)."""
+    """One band: ``V_kᵀ`` (``rank x in``), ``U_k`` and ``S_k`` (``rank``, float32).
 
-    def __init__(self, out_features: int, in_features: int, bits: int, rank: int, group_size: int) -> None:
+    Format 2 stores ``U_kᵀ`` (``rank x out``, groups along ``out``: one scale per singular vector and group of output
+    rows); format 1 stored ``U_k`` (``out x rank``, groups along ``rank``: one scale per output row and group).
+    """
+
+    def __init__(
+        self, out_features: int, in_features: int, bits: int, rank: int, group_size: int, u_transposed: bool = True
+    ) -> None:
         super().__init__()
-        self.bits, self.rank = bits, rank
+        self.bits, self.rank, self.u_transposed = bits, rank, u_transposed
         self.v = QuantizedFactor(rank, in_features, bits, group_size)
-        self.u = QuantizedFactor(out_features, rank, bits, group_size)
+        if u_transposed:
+            self.u = QuantizedFactor(rank, out_features, bits, group_size)
+        else:
+            self.u = QuantizedFactor(out_features, rank, bits, group_size)
         self.register_buffer("s", torch.zeros(rank, dtype=torch.float32))
 
     def set(self, v: QuantizedMatrix, u: QuantizedMatrix, s: torch.Tensor) -> None:
+        """Store ``V_kᵀ``, ``U_k`` as this band's format holds it (``U_kᵀ`` in format 2) and ``S_k``."""
         self.v.set(v)
         self.u.set(u)
         self.s.copy_(s.to(torch.float32))
 
+    def u_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``U_k`` (``out x rank``) dequantized, whichever way it is stored."""
+        w = self.u.dequantize(dtype)
+        return w.t() if self.u_transposed else w
+
+    def ut_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``U_kᵀ`` (``rank x out``) dequantized."""
+        w = self.u.dequantize(dtype)
+        return w if self.u_transposed else w.t()
+
 
 class PackedDelta(_FixedDtypeModule):
-    """All bands (and the optional dense bias delta) of one adapter on one ``out x in`` linear."""
+    """All bands (and the optional dense bias delta) of one adapter on one ``out x in`` linear.
+
+    Format 2 (``format`` in the layout entry; absent = format 1) keeps every buffer of the module in one ``uint8``
+    tensor, ``blob``, the only tensor saved for the module: the bands' codes, scales, zeros and singular values,
+    the bias delta and the baselines' parts are views into it, laid out by :meth:`_segments` (int32 codes first,
+    then float32, float16, uint8, each in module order, so no segment needs padding). One tensor per module keeps
+    the safetensors header small (4,471 names on SmolLM2 in format 1). Format 1 saved every buffer separately.
+    """
 
     def __init__(
         self,
@@ -103,13 +132,18 @@ class PackedDelta(_FixedDtypeModule):
         bias: bool = False,
         sign: dict | None = None,
         sparse: dict | None = None,
+        format: int = FORMAT_VERSION,
     ) -> None:
         super().__init__()
+        if format not in (1, 2):
+            raise AdapterFileError(f"unknown adapter format {format!r}; this version reads formats 1 and 2")
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
+        self.format = format
         self.layout = [(int(b), int(r)) for b, r in bands]
         self.bands = nn.ModuleList(
-            [DeltaBand(out_features, in_features, b, r, group_size) for b, r in self.layout if r > 0]
-        )
+            [DeltaBand(out_features, in_features, b, r, group_size, u_transposed=format >= 2)
+             for b, r in self.layout if r > 0]
+        )  # fmt: skip
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
@@ -117,20 +151,68 @@ class PackedDelta(_FixedDtypeModule):
         # optional parts of the baselines (see `SignPart`, `SparsePart`); absent for Delta-CoMe deltas
         self.sign = SignPart.from_layout(out_features, in_features, sign) if sign else None
         self.sparse = SparsePart.from_layout(out_features, in_features, sparse) if sparse else None
+        self._views: list[tuple[nn.Module, str, int, torch.Size, torch.dtype]] = []
+        if format >= 2:
+            self._into_blob()
 
     @classmethod
-    def from_layout(cls, entry: dict) -> PackedDelta:
+    def from_layout(cls, entry: dict, group_size: int = 128) -> PackedDelta:
         """Zeroed buffers for one ``adapter_config.json`` layout entry (bands, bias and optional parts)."""
         m, n = entry["shape"]
         return cls(
             m,
             n,
             entry.get("bands", []),
-            entry.get("group_size", 128),
+            entry.get("group_size", group_size),
             bias=bool(entry.get("bias", False)),
             sign=entry.get("sign"),
             sparse=entry.get("sparse"),
+            format=entry.get("format", 1),
         )
+
+    # -- the blob (format 2) ---------------------------------------------------------------------------------
+    def _into_blob(self) -> None:
+        parts = [(mod, name, buf) for mod in self.modules() for name, buf in mod._buffers.items() if buf is not None]
+        parts.sort(key=lambda p: -p[2].element_size())  # stable: module order within each item size
+        offset = 0
+        for mod, name, buf in parts:
+            self._views.append((mod, name, offset, buf.shape, buf.dtype))
+            offset += buf.numel() * buf.element_size()
+            mod._non_persistent_buffers_set.add(name)
+        self.register_buffer("blob", torch.zeros(offset, dtype=torch.uint8, device=parts[0][2].device if parts else None))
+        self._rebind()
+
+    def _rebind(self) -> None:
+        """Point every part at its bytes of ``blob`` (after it was allocated, moved or loaded)."""
+        blob = self._buffers["blob"]
+        for mod, name, offset, shape, dtype in self._views:
+            nbytes = shape.numel() * dtype.itemsize
+            mod._buffers[name] = blob[offset : offset + nbytes].view(dtype).view(shape)
+        if self.sparse is not None:
+            self.sparse._cache = None
+
+    def segments(self) -> list[tuple[str, int, torch.Size, torch.dtype]]:
+        """``(key, byte offset, shape, dtype)`` of every part inside ``blob`` (format 2), keys as in format 1."""
+        names = {id(mod): prefix for prefix, mod in self.named_modules()}
+        return [(f"{names[id(mod)]}.{name}".lstrip("."), off, shape, dtype)
+                for mod, name, off, shape, dtype in self._views]  # fmt: skip
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: D401 - torch API
+        if not self._views:
+            return super()._apply(fn, recurse)
+        blob = self._buffers["blob"]
+        moved = fn(blob)
+        self._buffers["blob"] = moved if moved.dtype == blob.dtype else blob.to(moved.device)
+        self._rebind()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch API
+        blob = self._buffers.get("blob")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._views and self._buffers.get("blob") is not blob:  # replaced (assign=True), not copied into
+            self._rebind()
+        elif self.sparse is not None:
+            self.sparse._cache = None
 
     @property
     def has_extra_parts(self) -> bool:
@@ -149,16 +231,22 @@ class PackedDelta(_FixedDtypeModule):
         """The dense ``out x in`` delta ``Σ_k U_k diag(S_k) V_kᵀ`` (for merging and export)."""
         w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self._device())
         for band in self.bands:
-            w += (band.u.dequantize() * band.s) @ band.v.dequantize()
+            w += (band.u_dense() * band.s) @ band.v.dequantize()
         if self.sign is not None:
             w += self.sign.delta_weight().to(w.device)
         if self.sparse is not None:
             w += self.sparse.delta_weight().to(w.device)
         return w.to(dtype)
 
+    def version_stamp(self) -> tuple:
+        """Changes whenever the stored bytes may have (a buffer replaced, moved, or written in place)."""
+        blob = self._buffers.get("blob")
+        tensors = [blob] if blob is not None else [b for b in self.buffers()]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
     def nbytes(self) -> int:
-        """Exact bytes of every buffer (what the adapter file stores for this module)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Exact bytes of every saved buffer (what the adapter file stores for this module)."""
+        return sum(b.numel() * b.element_size() for b in self.state_dict().values())
 
     def _device(self) -> torch.device:
         for b in self.buffers():
@@ -173,24 +261,30 @@ class TensorSpec(NamedTuple):
     dtype: torch.dtype
     bits: int  # bit width of the codes (0: not a code tensor)
     cols: int | None  # values per row of a packed plane (its padding must be zero); None: not a packed plane
+    offset: int | None = None  # byte offset inside the module's blob (format 2 parts)
 
 
-def layout_tensors(entry: dict, group_size: int = 128) -> dict[str, TensorSpec]:
+def layout_tensors(entry: dict, group_size: int = 128, *, parts: bool = False) -> dict[str, TensorSpec]:
     """Every tensor of one ``adapter_config.json`` layout entry, by key relative to ``<module>.deltacome_delta``.
 
     Built from the runtime module itself on the meta device (nothing is allocated), so the loader, the validator
-    and the byte counts can never disagree about the format.
+    and the byte counts can never disagree about the format. In format 2 the file holds one ``blob``; with
+    ``parts=True`` the parts inside it are listed instead (their ``offset`` within the blob set).
     """
     with torch.device("meta"):
-        packed = PackedDelta.from_layout({**entry, "group_size": entry.get("group_size", group_size)})
+        packed = PackedDelta.from_layout(entry, group_size)
     factors = {name: mod for name, mod in packed.named_modules() if isinstance(mod, QuantizedFactor)}
     out: dict[str, TensorSpec] = {}
-    for key, t in packed.state_dict().items():
+    if parts and packed.format >= 2:
+        items = [(key, torch.empty(shape, dtype=dtype, device="meta"), off) for key, off, shape, dtype in packed.segments()]
+    else:
+        items = [(key, t, None) for key, t in packed.state_dict().items()]
+    for key, t, offset in items:
         owner, _, leaf = key.rpartition(".")
         factor = factors.get(owner)
         bits = factor.bits if factor is not None else 0
         cols = factor.cols if factor is not None and leaf in ("qweight", "qweight_hi") and factor.bits != 16 else None
-        out[key] = TensorSpec(tuple(t.shape), t.dtype, bits, cols)
+        out[key] = TensorSpec(tuple(t.shape), t.dtype, bits, cols, offset)
     return out
 
 

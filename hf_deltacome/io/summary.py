@@ -6,7 +6,6 @@ include the header, packing padding, scales, zeros, singular values and every de
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -17,7 +16,13 @@ from typing import Any
 
 from ..config import PLAN_RECORDS
 from ..errors import AdapterFileError
-from .adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_safetensors_header, tensor_nbytes
+from .adapter_files import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    read_adapter_config,
+    read_safetensors_header,
+    tensor_nbytes,
+)
 
 _MODULE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.deltacome_delta\.")
 
@@ -60,6 +65,12 @@ class AdapterSummary:
     ratio_target: float | None = None
     method: str = "deltacome"
     plan: dict[str, Any] = field(default_factory=dict)  # compression_info's "search" / "allocation" records
+    formats: tuple[int, ...] = (1,)  # packed-format versions of the modules (docs/FORMAT.md)
+
+    @property
+    def header_bytes(self) -> int:
+        """Bytes of the file that are no tensor's data: the safetensors header (length prefix and padding included)."""
+        return self.file_bytes - self.factor_bytes - sum(self.extras.values())
 
     @property
     def factor_bytes(self) -> int:
@@ -103,6 +114,7 @@ class AdapterSummary:
             "config_bytes": self.config_bytes,
             "factor_bytes": self.factor_bytes,
             "dense_extra_bytes": sum(self.extras.values()),
+            "header_bytes": self.header_bytes,
             "target_fp16_delta_bytes": self.target_fp16_bytes,
             "fp16_delta_bytes": self.fp16_delta_bytes,
             "ratio_target": self.ratio_target,
@@ -118,7 +130,7 @@ class AdapterSummary:
     def format(self, per_module: bool = False) -> str:
         """Human-readable table."""
         lines = [
-            f"adapter: {self.path}  (method {self.method}, target ratio "
+            f"adapter: {self.path}  (format {'/'.join(map(str, self.formats))}, method {self.method}, target ratio "
             f"{_frac(self.ratio_target) if self.ratio_target else 'n/a'})"
         ]
         lines.append(f"{'module type':<16}{'count':>6}  {'layout (rank@bits)':<44}{'bytes':>14}")
@@ -138,16 +150,42 @@ class AdapterSummary:
             f"packed factors           {self.factor_bytes:>14,} B  = {self.factor_ratio:.4f} of their fp16 delta "
             f"({self.target_fp16_bytes:,} B) = 1/{1 / max(self.factor_ratio, 1e-12):.1f}",
             f"dense extras ({len(self.extras):>3} tensors){extra:>14,} B",
+            f"safetensors header       {self.header_bytes:>14,} B",
             f"{ADAPTER_WEIGHTS_NAME:<25}{self.file_bytes:>14,} B  (exact file size, header included)",
             f"effective ratio          {self.effective_ratio:.4f} of the fp16 delta of every stored module "
             f"({self.fp16_delta_bytes:,} B) = 1/{1 / max(self.effective_ratio, 1e-12):.1f}",
         ]
+        if self.ratio_target:
+            budget = int(self.ratio_target * self.target_fp16_bytes)
+            verdict = "within" if self.file_bytes <= budget else f"OVER by {self.file_bytes - budget:,} B"
+            lines.append(
+                f"budget at {_frac(self.ratio_target)} of the target linears' fp16 delta: {budget:,} B; the file "
+                f"(factors {self.factor_bytes / max(budget, 1):.1%} + extras {extra / max(budget, 1):.1%} + header "
+                f"{self.header_bytes / max(budget, 1):.1%}) is {verdict}"
+            )
         return "\n".join(lines)
 
 
 def _plan_lines(plan: dict[str, Any]) -> list[str]:
-    """How the layout was chosen: band-split search per module type, adaptive allocation across modules."""
+    """How the layout was chosen (band-split search, adaptive allocation); records of an unexpected shape (a
+    hand-edited ``compression_info``) are reported as unreadable rather than failing the whole summary."""
+    try:
+        return _plan_text(plan)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return ["", f"compression_info records {sorted(plan)} are not in the expected format (hand-edited?)"]
+
+
+def _plan_text(plan: dict[str, Any]) -> list[str]:
     lines = []
+    budget = plan.get("budget")
+    if isinstance(budget, dict) and budget.get("factor_ratio"):
+        lines += [
+            "",
+            f"planned for the whole file: {budget.get('file_budget_bytes', 0):,} B, of which header <= "
+            f"{budget.get('header_bytes_bound', 0):,} B, dense extras {budget.get('dense_extra_bytes', 0):,} B, "
+            f"bias deltas {budget.get('bias_bytes', 0):,} B; the packed factors got the rest, "
+            f"1/{1 / budget['factor_ratio']:.1f} of their fp16 delta",
+        ]
     search, e2e = plan.get("search"), plan.get("end_to_end")
     share = plan.get("rank_share")
     if isinstance(share, dict):
@@ -208,14 +246,8 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise AdapterFileError(f"{path} is not a Delta-CoMe adapter folder: {p.name} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFileError(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "DELTACOME":
-        peft_type = cfg.get("peft_type") if isinstance(cfg, dict) else None
-        raise AdapterFileError(f"{cfg_path}: peft_type is {peft_type!r}, not 'DELTACOME'")
-    layout = cfg.get("layout") or {}
+    config = read_adapter_config(cfg_path)  # validated: every field of the right type, errors name the file
+    layout = config.layout
     header, _ = read_safetensors_header(w_path)
     modules = {
         name: ModuleSummary(
@@ -223,7 +255,7 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
             shape=tuple(entry["shape"]),
             bands=[tuple(b) for b in entry["bands"]],
             parts=_part_texts(entry),
-            group_size=entry.get("group_size", cfg.get("group_size", 128)),
+            group_size=entry.get("group_size", config.group_size),
         )
         for name, entry in layout.items()
     }
@@ -244,7 +276,8 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
         modules=list(modules.values()),
         extras=extras,
         extras_fp16_bytes=extras_fp16,
-        ratio_target=cfg.get("ratio"),
-        method=cfg.get("method", "deltacome"),
-        plan={k: v for k, v in (cfg.get("compression_info") or {}).items() if k in PLAN_RECORDS},
+        ratio_target=config.ratio,
+        method=config.method,
+        plan={k: v for k, v in config.compression_info.items() if k in PLAN_RECORDS},
+        formats=tuple(sorted({int(e.get("format", 1)) for e in config.layout.values()})) or (1,),
     )

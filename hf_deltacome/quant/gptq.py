@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import DeltaCoMeError
 from ..format.packing import SUPPORTED_BITS, QuantizedMatrix
@@ -168,6 +169,44 @@ class GPTQ:
             out.append(_pack(b, group_size, codes[:, sl], scales[:, ga:gb], zeros[:, ga:gb], dq[:, sl]))
         return out
 
+    def quantize_columns_transposed(
+        self,
+        W: torch.Tensor,
+        bands: Sequence[tuple[int, int]],
+        group_size: int,
+        damp: float = 0.01,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> list[QuantizedMatrix | None]:
+        """Quantize ``W`` (``rows x cols``) column by column, each column with its own scale and zero per group of
+        ``group_size`` rows, and return each column segment ``[(bits, n_cols), ...]`` as the `QuantizedMatrix` of its
+        *transpose* (``n_cols x rows``, groups along ``rows``), ``None`` for bands of zero columns.
+
+        This is the storage of a delta's ``U`` (format 2): one scale per singular vector and group of output rows,
+        so a band's overhead grows with its rank, not with the layer's output width. The column loop and its error
+        feedback are GPTQ's own; a column's parameters come from the column as it stands when it is visited.
+        """
+        rows, cols = self._check_w(W)
+        bands = _check_bands(bands, cols, "columns", self.name)
+        col_bits = torch.cat([torch.full((c,), b, dtype=torch.float32) for b, c in bands]) if cols else None
+        bits_table = col_bits.view(1, cols).expand(rows, cols) if cols else torch.zeros(rows, 0)
+        gidx = torch.arange(cols)
+        codes, scales, zeros, dq = self._run(
+            W, gidx, cols, bits_table, group_size, damp, False, block_size, row_group=group_size
+        )
+        out: list[QuantizedMatrix | None] = []
+        start = 0
+        for b, c in bands:
+            sl = slice(start, start + c)
+            start += c
+            if c == 0:
+                out.append(None)
+                continue
+            # one parameter per group of rows: the first row of each group holds it
+            firsts = slice(0, rows, group_size)
+            out.append(_pack(b, group_size, codes[:, sl].t(), scales[firsts, sl].t(), zeros[firsts, sl].t(),
+                             dq[:, sl].t()))  # fmt: skip
+        return out
+
     # ------------------------------------------------------------------ internals
 
     def _check_w(self, W: torch.Tensor) -> tuple[int, int]:
@@ -188,11 +227,13 @@ class GPTQ:
         damp: float,
         act_order: bool,
         block_size: int,
+        row_group: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The column loop. ``gidx[j]`` is the group of column ``j``; ``bits_table`` is (rows, n_groups).
 
-        Returns integer codes, scales, zeros (rows x n_groups) and the dequantized matrix, in the original column
-        order.
+        With ``row_group`` every column is its own group (``gidx = arange``) and its parameters are shared by
+        groups of ``row_group`` rows, computed from the column when it is visited. Returns integer codes, scales,
+        zeros (rows x n_groups) and the dequantized matrix, in the original column order.
         """
         if group_size < 1:
             raise DeltaCoMeError(f"GPTQ{_where(self.name)}: group_size must be positive, got {group_size}")
@@ -221,7 +262,13 @@ class GPTQ:
 
         def set_params(g: int, block: torch.Tensor) -> None:
             b = bits_table[:, g]
-            s, z = asymmetric_params(block.amin(dim=1), block.amax(dim=1), torch.where(b >= 16, 8.0, b))
+            lo, hi = block.amin(dim=1), block.amax(dim=1)
+            if row_group is not None:  # shared by each group of rows
+                pad = (-rows) % row_group
+                lo = F.pad(lo, (0, pad), value=float("inf")).view(-1, row_group).amin(1)
+                hi = F.pad(hi, (0, pad), value=float("-inf")).view(-1, row_group).amax(1)
+                lo, hi = lo.repeat_interleave(row_group)[:rows], hi.repeat_interleave(row_group)[:rows]
+            s, z = asymmetric_params(lo, hi, torch.where(b >= 16, 8.0, b))
             scales[:, g], zeros[:, g] = s, z
 
         if act_order:
@@ -236,7 +283,10 @@ class GPTQ:
             order = torch.arange(cols, device=device)
             H = self.H
             # blocks also break at group starts, so a group's parameters see every earlier column's error feedback
-            breaks = set(range(0, cols, block_size)) | {f for f in g_first if f < cols}
+            # (one-column groups need no break: the column has all of it when it is visited)
+            breaks = set(range(0, cols, block_size))
+            if row_group is None:
+                breaks |= {f for f in g_first if f < cols}
         Hinv, self.used_damp = _inverse_cholesky(H, damp, self.name)
         Hinv = Hinv.to(torch.float32)
         starts = sorted(breaks) + [cols]
@@ -256,7 +306,9 @@ class GPTQ:
                 j = i1 + i
                 orig = order_l[j]
                 g = gidx_l[orig]
-                if not act_order and orig == g_first[g]:
+                if row_group is not None:
+                    set_params(g, W1[:, i : i + 1])
+                elif not act_order and orig == g_first[g]:
                     # blocks break at group starts, so i == 0 and nothing of this block is pending on W[:, i2:]
                     end = g_last[g]
                     block = W1[:, i : min(end, i2) - i1]
