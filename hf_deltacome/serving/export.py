@@ -33,8 +33,8 @@ import torch
 from ..errors import ConfigError
 from ..format.storage import PackedDelta
 from ..io.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, DELTA_MARKER, STATE_DICT_PREFIX, read_adapter
-from ..io.atomic import write_folder
-from .output import check_output_folder, local_adapter_folder
+from ..io.atomic import check_output_folder, write_folder
+from .output import check_new_output, local_adapter_folder
 
 PathLike = Union[str, os.PathLike]
 VLLM_MAX_LORA_RANK = 512  # the largest --max-lora-rank vLLM accepts (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -154,7 +154,8 @@ def export_lora(
         raise ConfigError(f"--rank must be >= 1, got {rank}")
     if dtype not in _DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    out = check_output_folder(output, [("adapter", adapter), ("base", base)], overwrite=overwrite)
+    out = check_new_output(output, [("adapter", adapter), ("base", base)], overwrite=overwrite)
+    check_output_folder(out, {"adapter": adapter, "--base": base})  # a LoRA is an adapter: never beside a model
     folder = local_adapter_folder(adapter)
     config, state = read_adapter(folder)
     torch_dtype = _DTYPES[dtype]

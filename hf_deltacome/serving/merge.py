@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConfigError
 from ..io.atomic import write_folder
-from .output import check_output_folder
+from .output import check_new_output
 
 PathLike = Union[str, os.PathLike]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,7 +117,7 @@ def merge_adapter(
     """
     from ..io.adapter_files import read_adapter_config
 
-    out = check_output_folder(output, [("base", base), ("adapter", adapter)], overwrite=overwrite)
+    out = check_new_output(output, [("base", base), ("adapter", adapter)], overwrite=overwrite)
     config = read_adapter_config(adapter) if Path(adapter).is_dir() else None
     model = load_merged(base, adapter, dtype=dtype, strict=strict)
     card = model_card(os.fspath(base), os.fspath(adapter), config, next(model.parameters()).dtype)

@@ -14,11 +14,12 @@ from ..errors import ConfigError
 PathLike = Union[str, os.PathLike]
 
 
-def check_output_folder(
+def check_new_output(
     output: PathLike, inputs: Iterable[tuple[str, Optional[PathLike]]], *, overwrite: bool, flag: str = "--output"
 ) -> Path:
     """``output`` as a path, refused when it is (or lies inside) one of the ``(role, folder)`` inputs, or when it
-    exists and is not empty without ``overwrite``."""
+    exists and is not empty without ``overwrite``. (A LoRA export also passes the adapter guard,
+    :func:`hf_deltacome.io.atomic.check_output_folder`; a merged model is a model folder, which that guard refuses.)"""
     out = Path(output).expanduser().resolve()
     for role, folder in inputs:
         if folder is None or not Path(folder).expanduser().is_dir():
@@ -39,7 +40,8 @@ def check_output_folder(
 def local_adapter_folder(adapter: PathLike) -> Path:
     """The local folder of an adapter given as a folder or a Hub id (its config and safetensors weights fetched
     through the huggingface_hub cache; never a pickle)."""
-    from ..io.adapter_files import ADAPTER_CONFIG_NAME, resolve_adapter_weights
+    from ..io.adapter_files import ADAPTER_CONFIG_NAME
+    from ..io.adapter_source import resolve_adapter_weights
 
     text = os.fspath(adapter)
     if not Path(text).expanduser().is_dir():
@@ -51,4 +53,5 @@ def local_adapter_folder(adapter: PathLike) -> Path:
             raise ConfigError(
                 f"adapter {text!r}: not a folder, and its {ADAPTER_CONFIG_NAME} cannot be fetched: {e}"
             ) from e
-    return Path(resolve_adapter_weights(Path(text).expanduser() if Path(text).expanduser().is_dir() else text)).parent
+    local = Path(text).expanduser()
+    return Path(resolve_adapter_weights(local if local.is_dir() else text)).parent
