@@ -293,3 +293,41 @@ def test_adapters_added_and_dropped_while_serving(client, server, adapters, refe
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="extra", prompt="hey", max_tokens=5)
     assert "extra" not in server["model"].peft_config
+
+
+def test_deltacome_serve_command(adapters, tmp_path):
+    """The command itself: base folder + --adapter NAME=PATH, the key from the environment, 127.0.0.1 only."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from serving_fixtures import save_base
+
+    base = save_base(tmp_path / "tiny-base")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "DELTACOME_API_KEY": KEY}
+    cmd = [sys.executable, "-m", "hf_deltacome.cli", "serve", "--base", str(base), "--adapter", f"math={adapters['math']}",
+           "--port", str(port), "--max-model-len", "128", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "no start"
+                time.sleep(0.5)
+        status, body = _raw({"url": url}, "/v1/models", key=None, method="GET")
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        status, body = _raw({"url": url}, "/v1/models", method="GET")
+        assert status == 200 and [m["id"] for m in body["data"]] == ["tiny-base", "math"]
+        status, body = _raw({"url": url}, "/v1/completions", {"model": "math", "prompt": "ab", "max_tokens": 3})
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
