@@ -27,6 +27,8 @@ _EXPORTS = {
     "CalibrationError": "errors",
     "ConfigError": "errors",
     "DeltaCoMeError": "errors",
+    "DegenerateAdapterWarning": "errors",
+    "EmptyDeltaError": "errors",
     "IncompatibleModelsError": "errors",
     "DeltaCoMeConfig": "config",
     "parse_ratio": "config",

@@ -148,7 +148,8 @@ def _load_guard() -> None:
         if config is None or not is_deltacome(config):
             return original_load_weights(model_id, device=device, key_mapping=key_mapping, **hub_kwargs)
         strict = default_strict() if ctx.strict is None else bool(ctx.strict)
-        check_fingerprint(config.base_fingerprint, ctx.model, strict=strict, adapter=str(model_id))
+        check_fingerprint(config.base_fingerprint, ctx.model, strict=strict, adapter=str(model_id),
+                          vocab_rows=getattr(config, "base_vocab_size", None))  # fmt: skip
         subfolder = hub_kwargs.pop("subfolder", None)
         path = resolve_adapter_weights(model_id, subfolder=subfolder, **hub_kwargs)
         state_dict = read_safetensors(path)

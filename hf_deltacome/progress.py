@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -10,3 +11,19 @@ def progress_bar(total: int, enabled: bool, desc: str, unit: str = "it") -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
+
+
+def peak_memory() -> str:
+    """This process's peak resident memory so far (and the GPU's peak allocation when CUDA was used), for a bar."""
+    text = ""
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        text = f"peak RSS {kb / (1 << 30 if sys.platform == 'darwin' else 1 << 20):.2f} GiB"
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        text += f", GPU {torch.cuda.max_memory_allocated() / (1 << 30):.2f} GiB"
+    return text

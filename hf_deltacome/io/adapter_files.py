@@ -164,12 +164,17 @@ def expected_delta_tensors(config: DeltaCoMeConfig, prefix: str = STATE_DICT_PRE
     return out
 
 
-def _is_extra_key(key: str, modules_to_save: Optional[list[str]], prefix: str) -> bool:
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # PEFT's trainable tokens: the rows of added tokens
+
+
+def _is_extra_key(key: str, config: DeltaCoMeConfig, prefix: str) -> bool:
     name = key[len(prefix) :] if key.startswith(prefix) else key
+    if name.endswith(TOKENS_SUFFIX):
+        return name[: -len(TOKENS_SUFFIX)] in (getattr(config, "trainable_token_indices", None) or {})
     module = name.rsplit(".", 1)[0] if "." in name else ""
     dotted = f".{module}."
     # a parameter of the target itself or of any submodule of it (a whole vision-embeddings block, say)
-    return any(f".{target}." in dotted for target in modules_to_save or [])
+    return any(f".{target}." in dotted for target in config.modules_to_save or [])
 
 
 def _padding_ok(qweight: torch.Tensor, cols: int, bits: int) -> bool:
@@ -211,10 +216,10 @@ def validate_adapter_state_dict(
                 f"{filename}: unknown tensor {key!r}: adapter_config.json's layout has no such band/module "
                 "(config and weights disagree)"
             )
-        if not _is_extra_key(key, config.modules_to_save, prefix):
+        if not _is_extra_key(key, config, prefix):
             raise AdapterFileError(
                 f"{filename}: unexpected tensor {key!r}: it is neither a packed delta of the layout nor part of "
-                f"modules_to_save {sorted(config.modules_to_save or [])}"
+                f"modules_to_save {sorted(config.modules_to_save or [])} or of the added tokens' rows"
             )
     for key in sorted(present):
         t = state_dict[key]
@@ -337,6 +342,15 @@ def check_extra_shapes(model: torch.nn.Module, state_dict: Mapping[str, torch.Te
         if DELTA_MARKER in key:
             continue
         name = key[len(STATE_DICT_PREFIX) :] if key.startswith(STATE_DICT_PREFIX) else key
+        if name.endswith(TOKENS_SUFFIX):  # rows of added tokens: as wide as the embedding they go into
+            module = _resolve_module(base, name[: -len(TOKENS_SUFFIX)])
+            width = getattr(getattr(module, "weight", None), "shape", (0, 0))[1:]
+            if module is None or t.dim() != 2 or tuple(t.shape[1:]) != tuple(width):
+                raise AdapterFileError(
+                    f"{os.fspath(filename)}: tensor {key!r} of shape {list(t.shape)} does not fit the base model's "
+                    f"{name[: -len(TOKENS_SUFFIX)]} (rows of width {list(width)} expected)"
+                )
+            continue
         module_name, _, param = name.rpartition(".")
         module = _resolve_module(base, module_name)
         if module is None:
