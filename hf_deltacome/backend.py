@@ -6,9 +6,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -24,6 +28,25 @@ def backend_name() -> str:
     if name not in BACKENDS:
         raise ConfigError(f"DELTACOME_BACKEND={name!r} is not one of {BACKENDS}")
     return name
+
+
+def check_device(device: torch.device | str, what: str = "device") -> torch.device:
+    """``torch.device(device)`` if this machine has it; else a `ConfigError` naming ``what`` (an option, say)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{what} {str(device)!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what} {str(device)!r}: no CUDA GPU is available here (use cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"{what} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{what} {str(device)!r}: MPS is not available here (use cpu)")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(f"{what} {str(device)!r}: not a device to compute on; use cpu, cuda, cuda:N or mps")
+    if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(f"{what} {str(device)!r}: no XPU is available here (use cpu)")
+    return dev
 
 
 @functools.cache
@@ -49,16 +72,85 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_available()
 
 
+class DequantCache:
+    """Dequantized factors of packed deltas, for the PyTorch path (CPU, and GPUs without the kernels).
+
+    Per delta, dtype and device it holds ``A = [S_k ⊙ V_kᵀ]ᵀ`` (``in x rank``) and ``B = [U_kᵀ]`` (``rank x out``),
+    every band concatenated, so a forward pass is two matmuls instead of dequantizing every band of every layer at
+    every step. The packed bytes stay the source of truth: an entry is rebuilt when they change (in-place loads bump
+    the tensors' versions) and the least recently used entries are dropped beyond ``max_bytes``. The price is
+    memory: float32 factors take about 32 / (average bits) times the packed bytes (~14x at 1/16). ``max_bytes=0``
+    turns it off; the default is ``DELTACOME_DEQUANT_CACHE_MB`` (1024 when unset).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[tuple, tuple[tuple, torch.Tensor, torch.Tensor, Any]] = OrderedDict()
+
+    def configure(self, max_bytes: int) -> None:
+        """Set the memory cap (0 disables the cache and frees it)."""
+        self.max_bytes = max(0, int(max_bytes))
+        self._shrink()
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """No caching inside the block (compression runs each layer a few times: caching would only cost memory)."""
+        saved = self.max_bytes
+        self.configure(0)
+        try:
+            yield
+        finally:
+            self.max_bytes = saved
+
+    def _shrink(self) -> None:
+        while self._entries and self.bytes > self.max_bytes:
+            _, (_, a, b, _) = self._entries.popitem(last=False)
+            self.bytes -= a.numel() * a.element_size() + b.numel() * b.element_size()
+
+    def factors(self, delta: PackedDelta, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of ``delta`` with ``x @ A @ B`` = the bands' product (built now, or reused)."""
+        key = (id(delta), dtype, device)
+        stamp = delta.version_stamp()
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == stamp and hit[3]() is delta:
+            self._entries.move_to_end(key)
+            return hit[1], hit[2]
+        if hit is not None:
+            self._entries.pop(key)
+            self.bytes -= hit[1].numel() * hit[1].element_size() + hit[2].numel() * hit[2].element_size()
+        a = torch.cat([(band.v.dequantize(dtype) * band.s.to(dtype)[:, None]) for band in delta.bands]).t()
+        b = torch.cat([band.ut_dense(dtype) for band in delta.bands])
+        a, b = a.contiguous().to(device), b.contiguous().to(device)
+        size = a.numel() * a.element_size() + b.numel() * b.element_size()
+        if size <= self.max_bytes:
+            self._entries[key] = (stamp, a, b, weakref.ref(delta))
+            self.bytes += size
+            self._shrink()
+        return a, b
+
+
+dequant_cache = DequantCache(int(float(os.environ.get("DELTACOME_DEQUANT_CACHE_MB", "1024")) * 2**20))
+
+
 def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
-    """Reference path: dequantize each band's factors and apply them as two skinny matmuls."""
+    """Reference path: the bands' factors (dequantized, or from :data:`dequant_cache`) as two skinny matmuls."""
     out_dtype = x.dtype
     compute = torch.float32 if x.device.type == "cpu" else x.dtype
     xc = x.to(compute)
     y = None
-    for band in delta.bands:
-        t = (xc @ band.v.dequantize(compute).t()) * band.s.to(compute)
-        part = t @ band.ut_dense(compute)
-        y = part if y is None else y + part
+    if delta.bands and dequant_cache.max_bytes > 0:
+        a, b = dequant_cache.factors(delta, compute, xc.device)
+        y = (xc @ a) @ b
+    else:
+        for band in delta.bands:
+            t = (xc @ band.v.dequantize(compute).t()) * band.s.to(compute)
+            part = t @ band.ut_dense(compute)
+            y = part if y is None else y + part
     if y is None:
         y = xc.new_zeros(*x.shape[:-1], delta.out_features)
     for part in (getattr(delta, "sign", None), getattr(delta, "sparse", None)):

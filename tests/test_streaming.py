@@ -170,3 +170,16 @@ def test_streaming_refuses_what_it_cannot_read(tmp_path):
     shard.unlink()
     with pytest.raises(ConfigError, match=f"cannot read {shard.name}"):
         compress(b, f, DeltaCoMeConfig(quantizer="rtn"), progress=False)
+
+
+def test_streamed_resume_with_another_finetune_is_refused(tmp_path):
+    """The checkpoint records the streamed fine-tune's fingerprint (read from its files, the skeleton has no
+    weights): a resume with another fine-tune is refused, one with the same goes on."""
+    base = make_model("llama", seed=4)
+    b, f = save_pair(tmp_path / "one", base, make_finetune(base, seed=4))
+    _, other = save_pair(tmp_path / "two", base, make_finetune(base, seed=5))
+    cfg = DeltaCoMeConfig(quantizer="rtn", ratio="1/8")
+    compress(b, f, cfg, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    compress(b, f, cfg, progress=False, checkpoint_dir=tmp_path / "ckpt")  # the same inputs resume
+    with pytest.raises(ConfigError, match=r"another fine-tuned model \(the weights differ"):
+        compress(b, other, cfg, progress=False, checkpoint_dir=tmp_path / "ckpt")

@@ -22,6 +22,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from ..backend import check_device
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError, DegenerateAdapterWarning, EmptyDeltaError
 from ..format.budget import safetensors_header_bound
@@ -52,7 +53,7 @@ def work_device(device: torch.device | str | None) -> torch.device | None:
     """Where each layer's work runs: as asked, else CUDA when available (``None``: where each layer is)."""
     if device is None:
         return torch.device("cuda") if torch.cuda.is_available() else None
-    return torch.device(device)
+    return check_device(device)
 
 
 def load_tokenizer(folder: Any) -> Any:

@@ -179,27 +179,30 @@ def walk_layers(
     _, layers = find_decoder_layers(model)
     hold = hold or (lambda _i: contextlib.nullcontext())
     bar = progress_bar(len(layers), progress, "Compressing layers", unit="layer")
-    with hold(None):
-        hidden, calls = (None, None) if inputs is None else capture_layer_inputs(model, layers, inputs, batch_size, device)
     seconds: list[float] = []
-    for i, layer in enumerate(layers):
-        start = time.perf_counter()
-        if hidden is None:  # data-free: the visit reads what it needs (module by module when streamed)
-            visit(i, None, None, device or module_device(layer))
-        else:
-            with hold(i):
-                companion = companions[i]
-                home, companion_home = module_device(layer), module_device(companion)
-                if device is not None:
-                    layer.to(device)
-                    companion.to(device)
-                visit(i, hidden, calls[i], device or home)
-                hidden = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(hidden, calls[i], strict=True)]
-                if device is not None:
-                    layer.to(home)
-                    companion.to(companion_home)
-        seconds.append(time.perf_counter() - start)
-        bar.set_postfix_str(peak_memory(), refresh=False)
-        bar.update(1)
-    bar.close()
+    try:  # closed on an error or interrupt too, so what is printed next starts on its own line
+        with hold(None):
+            hidden, calls = (None, None) if inputs is None else capture_layer_inputs(model, layers, inputs, batch_size,
+                                                                                     device)  # fmt: skip
+        for i, layer in enumerate(layers):
+            start = time.perf_counter()
+            if hidden is None:  # data-free: the visit reads what it needs (module by module when streamed)
+                visit(i, None, None, device or module_device(layer))
+            else:
+                with hold(i):
+                    companion = companions[i]
+                    home, companion_home = module_device(layer), module_device(companion)
+                    if device is not None:
+                        layer.to(device)
+                        companion.to(device)
+                    visit(i, hidden, calls[i], device or home)
+                    hidden = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(hidden, calls[i], strict=True)]
+                    if device is not None:
+                        layer.to(home)
+                        companion.to(companion_home)
+            seconds.append(time.perf_counter() - start)
+            bar.set_postfix_str(peak_memory(), refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
     return seconds

@@ -48,6 +48,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
+from ..backend import dequant_cache
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError
 from ..layer import DeltaCoMeLayer
@@ -55,7 +56,7 @@ from ..quant.hessian import HessianCollector
 from . import vocab
 from .baselines import distill_sign_scales
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource, check_sizes, generic_texts
-from .checkpoint import LayerCheckpoint
+from .checkpoint import LayerCheckpoint, calibration_record
 from .inputs import (
     ModelSource,
     describe_inputs,
@@ -138,7 +139,12 @@ def compress(
         raise ConfigError(f"streamed compression handles text causal LMs; load this {kind.name} pair instead")
     targets, changes = describe_inputs(kind, pair, config, base_tokenizer, tokenizer, progress)
     budget = file_budget(pair.base, targets, config, changes.bias_changed)  # before any work: extras may not fit
-    ckpt = LayerCheckpoint(checkpoint_dir, config, adapter_name) if checkpoint_dir is not None else None
+    ckpt = None
+    if checkpoint_dir is not None:  # a resume must have the same inputs: the fine-tune and calibration are recorded
+        given = calibration_record(calibration, config, num_samples=num_samples, seq_len=seq_len, seed=seed,
+                                   tokenizer=tokenizer if tokenizer is not None else processor)  # fmt: skip
+        ckpt = LayerCheckpoint(checkpoint_dir, config, adapter_name, finetuned=pair.finetuned, calibration=given,
+                               finetuned_fingerprint=pair.finetuned_fingerprint(progress))  # fmt: skip
     # calibration comes from the fine-tune before the base is wrapped, so a failure leaves the base untouched
     calib = _calibration(kind, config, pair, calibration, ckpt, device, tokenizer=tokenizer, processor=processor,
                          num_samples=num_samples, seq_len=seq_len, seed=seed, progress=progress)  # fmt: skip
@@ -151,6 +157,7 @@ def compress(
     plan_info.update(budget=budget, **notes)
     warn_degenerate(config, targets, changes)
     peft_model = _wrap(pair, config, adapter_name)
+    peft_model.deltacome_finetuned = getattr(pair.finetuned, "name_or_path", None)  # saves refuse to write there
     filler = _Filler(peft_model.base_model.model, pair, config, adapter_name, ckpt)
     filler.outside(kind, targets, calib, device)
     filler.layers(kind, targets, calib, device, progress)
@@ -319,8 +326,9 @@ class _Filler:
             return self.pair.hold([f"{prefix}.{i}"], base=self.inner, finetuned=self.finetuned)
 
         inputs = kind.layer_inputs(calib) if calib is not None else None
-        self.layer_seconds = walk_layers(self.inner, ft_layers, inputs, visit, batch_size=FORWARD_BATCH_SIZE,
-                                         device=device, progress=progress, hold=hold)  # fmt: skip
+        with dequant_cache.suspended():
+            self.layer_seconds = walk_layers(self.inner, ft_layers, inputs, visit, batch_size=FORWARD_BATCH_SIZE,
+                                             device=device, progress=progress, hold=hold)  # fmt: skip
 
 
 def _record(

@@ -221,6 +221,9 @@ class LoadedPair:
     def fingerprint(self, progress: bool) -> str:
         return fingerprint_json(self.base)
 
+    def finetuned_fingerprint(self, progress: bool) -> str:
+        return fingerprint_json(self.finetuned)
+
     def read_finetuned(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         return self.finetuned.get_parameter(canonical(name)).detach()
 
@@ -267,15 +270,23 @@ class StreamedPair:
 
     def fingerprint(self, progress: bool) -> str:
         """The base's fingerprint (:mod:`hf_deltacome.io.fingerprint`), every weight read from disk in turn."""
-        bar = progress_bar(len(self.base_keys), progress, "Fingerprinting the base", unit="tensor")
+        return self._fingerprint(self.base, self.base_ckpt, self.base_keys, "the base", progress)
+
+    def finetuned_fingerprint(self, progress: bool) -> str:
+        """The fine-tune's fingerprint (what a resumed run checks it continues with), read from disk the same way."""
+        return self._fingerprint(self.finetuned, self.ft_ckpt, self.ft_keys, "the fine-tune", progress)
+
+    @staticmethod
+    def _fingerprint(model: nn.Module, ckpt: Checkpoint, keys: dict[str, str], who: str, progress: bool) -> str:
+        bar = progress_bar(len(keys), progress, f"Fingerprinting {who}", unit="tensor")
 
         def read(weight: Any) -> torch.Tensor | None:
             bar.update(1)
-            key = self.base_keys.get(weight.name)
-            return None if key is None else self.base_ckpt.read(key)
+            key = keys.get(weight.name)
+            return None if key is None else ckpt.read(key)
 
         try:
-            return fingerprint_json(self.base, read)
+            return fingerprint_json(model, read)
         finally:
             bar.close()
             release_memory()

@@ -238,6 +238,12 @@ class PackedDelta(_FixedDtypeModule):
             w += self.sparse.delta_weight().to(w.device)
         return w.to(dtype)
 
+    def version_stamp(self) -> tuple:
+        """Changes whenever the stored bytes may have (a buffer replaced, moved, or written in place)."""
+        blob = self._buffers.get("blob")
+        tensors = [blob] if blob is not None else [b for b in self.buffers()]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
     def nbytes(self) -> int:
         """Exact bytes of every saved buffer (what the adapter file stores for this module)."""
         return sum(b.numel() * b.element_size() for b in self.state_dict().values())
