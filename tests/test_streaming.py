@@ -183,3 +183,15 @@ def test_streamed_resume_with_another_finetune_is_refused(tmp_path):
     compress(b, f, cfg, progress=False, checkpoint_dir=tmp_path / "ckpt")  # the same inputs resume
     with pytest.raises(ConfigError, match=r"another fine-tuned model \(the weights differ"):
         compress(b, other, cfg, progress=False, checkpoint_dir=tmp_path / "ckpt")
+
+
+def test_streamed_tied_embeddings(tmp_path):
+    """A tied lm_head has no tensor of its own in the checkpoint (SmolLM2): the skeleton ties it to the embedding."""
+    base = make_model("llama", seed=6, tie_word_embeddings=True)
+    b, f = save_pair(tmp_path, base, make_finetune(base, seed=6, embedding_rows=3))
+    assert "lm_head.weight" not in json.loads((Path(b) / "model.safetensors.index.json").read_text())["weight_map"]
+    cfg = DeltaCoMeConfig(quantizer="rtn", ratio=1.0)  # room for the dense embedding
+    reference = compress(loaded(b), loaded(f), cfg, progress=False)
+    streamed = compress(b, f, cfg, progress=False)
+    assert "model.embed_tokens" in streamed.peft_config["default"].modules_to_save
+    assert written(streamed, tmp_path / "streamed") == written(reference, tmp_path / "loaded")

@@ -170,6 +170,7 @@ def skeleton(ckpt: Checkpoint) -> tuple[nn.Module, dict[str, str]]:
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"--{ckpt.role} {ckpt.name!r}: cannot build the model from its config.json: {e}") from e
     model.config._name_or_path = ckpt.name  # as from_pretrained(name) records it (fingerprint, model card)
+    model.tie_weights()  # from_config leaves a tied lm_head untied, and its checkpoint holds no tensor of its own
     model.eval().requires_grad_(False)
     params = list(model.named_parameters(remove_duplicate=False))
     names_of: dict[int, list[str]] = {}
