@@ -123,3 +123,14 @@ def test_code_revision_is_the_commit_plus_a_hash_of_uncommitted_changes(quality)
     dirty = subprocess.run(["git", "status", "--porcelain", "--", *quality.CODE_PATHS], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()  # fmt: skip
     assert ("+dirty." in rev) == bool(dirty)
+
+
+def test_fingerprint_benchmark_sizes_7b_shapes():
+    """benchmarks/fingerprint.py sizes the fingerprint of 7B/8B shapes on the meta device from the sketch module's
+    own constants (it once read them from the wrong module and crashed after the timing table)."""
+    spec = importlib.util.spec_from_file_location("fingerprint_benchmark", ROOT / "benchmarks" / "fingerprint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    n, one, two = module.size_of_shape("Llama-2-7B")
+    assert n == 291  # 32 layers x 9 weights + embeddings, final norm, head
+    assert 100_000 < one < two < 2.5 * one  # a second rounding stores a second sketch of every weight
