@@ -92,8 +92,8 @@ def run(args: argparse.Namespace, ratio: float) -> int:
 
     print(f"      scoring base and fine-tune on {n_eval} held-out examples")
     t = time.time()
-    acc_base = zoo.task_accuracy(base, tok, task, n=n_eval)
-    acc_ft = zoo.task_accuracy(finetuned, tok, task, n=n_eval)
+    acc_base = zoo.task_accuracy(base, tok, task, n=n_eval, progress=True)
+    acc_ft = zoo.task_accuracy(finetuned, tok, task, n=n_eval, progress=True)
     timings["evaluation (base + fine-tune)"] = time.time() - t
 
     print(f"[3/5] compress the delta at ratio 1/{1 / ratio:g} (calibration sampled from the fine-tune)")
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace, ratio: float) -> int:
 
     print(f"[5/5] scoring the reloaded compressed model on {n_eval} held-out examples")
     t = time.time()
-    acc_comp = zoo.task_accuracy(model, tok, task, n=n_eval)
+    acc_comp = zoo.task_accuracy(model, tok, task, n=n_eval, progress=True)
     timings["evaluation (compressed)"] = time.time() - t
 
     from hf_deltacome.io.summary import summarize_adapter

@@ -28,6 +28,8 @@ _EXPORTS = {
     "CalibrationError": "errors",
     "ConfigError": "errors",
     "DeltaCoMeError": "errors",
+    "DegenerateAdapterWarning": "errors",
+    "EmptyDeltaError": "errors",
     "IncompatibleModelsError": "errors",
     "DeltaCoMeConfig": "config",
     "parse_ratio": "config",

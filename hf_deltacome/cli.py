@@ -38,6 +38,21 @@ def _share(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number in [0, 1], got {text!r}") from None
 
 
+def _count(low: int) -> Any:
+    """An argparse type: an integer >= ``low`` (``--num-samples 0`` is refused, naming the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def parse_bands(text: str) -> list[list]:
     """Parse ``"8:2,3:32,2:rest"`` into ``[[8, 2], [3, 32], [2, None]]`` (``0.25`` = a fraction of the budget)."""
     bands: list[list] = []
@@ -67,8 +82,6 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from .config import DeltaCoMeConfig
     from .io.atomic import check_output_folder
     from .io.summary import summarize_adapter
-    from .loading import load_model_and_tokenizer
-    from .multimodal import is_vlm
 
     out = Path(args.output)
     checkpoint = out / CHECKPOINT_DIR
@@ -96,18 +109,25 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.target_modules:
         cfg_kwargs["target_modules"] = args.target_modules
     config = DeltaCoMeConfig(**cfg_kwargs)
-    base, tokenizer = load_model_and_tokenizer(args.base, "base", args.dtype)
-    finetuned, ft_tokenizer = load_model_and_tokenizer(args.finetuned, "finetuned", args.dtype)
-    # a VLM's processor and chat template come from the base; a text model's tokenizer from the fine-tune
-    tokenizer = (tokenizer or ft_tokenizer) if is_vlm(base) else (ft_tokenizer or tokenizer)
-    _log_to_stderr()  # e.g. which calibration kind (image + text or text only) a VLM gets
+    _log_to_stderr()  # notes: streamed or loaded, calibration kind, fallbacks, dtype roundings
     extra: dict[str, Any] = {}
-    if args.num_samples:
+    if args.num_samples is not None:
         extra["num_samples"] = args.num_samples
-    if args.seq_len:
+    if args.seq_len is not None:
         extra["seq_len"] = args.seq_len
+    why = _why_in_memory(args)
+    if why is None:
+        import torch
+
+        base, finetuned, tokenizer, base_tokenizer = args.base, args.finetuned, *_tokenizers(args)
+        extra["dtype"] = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    else:
+        import logging
+
+        logging.getLogger("hf_deltacome").info("loading both whole models: %s", why)
+        base, finetuned, tokenizer, base_tokenizer = _load_pair(args)
     model = compress(base, finetuned, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device,
-                     checkpoint_dir=str(checkpoint), **extra)  # fmt: skip
+                     checkpoint_dir=str(checkpoint), base_tokenizer=base_tokenizer, **extra)  # fmt: skip
     del finetuned
     model.save_pretrained(str(out))
     shutil.rmtree(checkpoint, ignore_errors=True)  # the adapter is saved: checkpoints are no longer needed
@@ -115,6 +135,40 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         tokenizer.save_pretrained(str(out))
     print(summarize_adapter(out).format())
     return 0
+
+
+def _why_in_memory(args: argparse.Namespace) -> str | None:
+    """Why this run loads both whole models instead of streaming them from their files (``None``: it streams)."""
+    from .compression.streaming import why_not_streamable
+
+    if args.in_memory:
+        return "--in-memory"
+    if args.search or args.allocation == "adaptive":
+        return "--search / --allocation adaptive measure layouts on the whole model"
+    for role in ("base", "finetuned"):
+        why = why_not_streamable(getattr(args, role))
+        if why is not None:
+            return why
+    return None
+
+
+def _tokenizers(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The fine-tune's tokenizer (calibration, saved with the adapter; the base's when it has none) and the base's."""
+    from .compression.inputs import load_tokenizer
+
+    base_tok, ft_tok = load_tokenizer(args.base), load_tokenizer(args.finetuned)
+    return ft_tok or base_tok, base_tok
+
+
+def _load_pair(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    from .loading import load_model_and_tokenizer
+    from .multimodal import is_vlm
+
+    base, base_tok = load_model_and_tokenizer(args.base, "base", args.dtype)
+    finetuned, ft_tokenizer = load_model_and_tokenizer(args.finetuned, "finetuned", args.dtype)
+    # a VLM's processor and chat template come from the base; a text model's tokenizer from the fine-tune
+    tokenizer = (base_tok or ft_tokenizer) if is_vlm(base) else (ft_tokenizer or base_tok)
+    return base, finetuned, tokenizer, base_tok
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -149,14 +203,14 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--uniform-bits", type=int, default=None, help="bits of svd-uniform / dare: 2, 3, 4 or 8 (default 4)")
     p.add_argument("--bitdelta-scale", choices=["matrix", "row"], default=None,
                    help="BitDelta scale granularity (default: matrix)")  # fmt: skip
-    p.add_argument("--distill-steps", type=int, default=None, help="BitDelta scale distillation steps, 0 = off (default 50)")
+    p.add_argument("--distill-steps", type=_count(0), default=None, help="BitDelta scale distillation steps, 0 = off (default 50)")
     p.add_argument("--calibration", default=None,
                    help="calibration text: .txt (one per line) or .jsonl; for a vision-language model, a .jsonl of "
                         '{"image": "file.png", "text": ...} records gives image + text calibration '
-                        "(default: text sampled from the fine-tune)")  # fmt: skip
-    p.add_argument("--num-samples", type=int, default=None, help="calibration sequences (default 32)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 256)")
-    p.add_argument("--group-size", type=int, default=128, help="quantization group size (default: %(default)s)")
+                        "(default: streamed, the built-in generic text; --in-memory, text sampled from the fine-tune)")  # fmt: skip
+    p.add_argument("--num-samples", type=_count(1), default=None, help="calibration sequences (default 32)")
+    p.add_argument("--seq-len", type=_count(2), default=None, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--group-size", type=_count(1), default=128, help="quantization group size (default: %(default)s)")
     p.add_argument("--bands", default=None, help="bits:rank list (default 8:2,3:32,2:rest, the published split)")
     p.add_argument("--min-rank-share", type=_share, default=None,
                    help="auto (default: chosen on the calibration data) or 0..1: the fixed-rank bands shrink until "
@@ -168,7 +222,13 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                    help="module names or a regex (default: every linear of the decoder layers)")  # fmt: skip
     p.add_argument("--device", default=None,
                    help="where to run the per-layer work: cpu or cuda (default: cuda if available)")  # fmt: skip
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype the models are loaded in (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="dtype the weights are held in (default: auto, what the checkpoints hold; the work on each layer "
+                        "is done in float32 whatever it is)")  # fmt: skip
+    p.add_argument("--in-memory", action="store_true",
+                   help="load both whole models instead of streaming them one decoder layer at a time (needed for "
+                        "calibration sampled from the fine-tune and min_rank_share auto's whole-model check; implied "
+                        "by --search, --allocation adaptive, vision-language models and non-safetensors checkpoints)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from the layers checkpointed in --output")
     p.add_argument("--no-save-tokenizer", dest="save_tokenizer", action="store_false",

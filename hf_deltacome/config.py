@@ -87,6 +87,11 @@ class DeltaCoMeConfig(PeftConfig):
         uniform_bits: bit width of every singular vector for ``svd-uniform`` and of the kept values for ``dare``.
         bitdelta_scale: ``"matrix"`` (one scale per matrix, as published) or ``"row"`` (one per output row).
         distill_steps: optimisation steps of the BitDelta scale distillation against the fine-tune (0 = off).
+        base_vocab_size, vocab_size: set when the fine-tune added tokens (``V`` -> ``V'`` rows): loading resizes the
+            base's embeddings to ``vocab_size`` before the adapter is injected, and the base check reads the first
+            ``base_vocab_size`` rows only (see :mod:`hf_deltacome.compression.vocab`).
+        trainable_token_indices: PEFT's trainable tokens, ``{module: [rows]}``: the added tokens' rows of a
+            vocabulary module whose first ``V`` rows did not change (the rest of it is the base's).
     """
 
     ratio: float = field(default=1 / 16, metadata={"help": "Size of the packed factors / fp16 delta."})
@@ -110,6 +115,9 @@ class DeltaCoMeConfig(PeftConfig):
     uniform_bits: int = field(default=4, metadata={"help": f"Bits of svd-uniform / dare, one of {UNIFORM_BITS}."})
     bitdelta_scale: str = field(default="matrix", metadata={"help": f"BitDelta scales, one of {BITDELTA_SCALES}."})
     distill_steps: int = field(default=50, metadata={"help": "BitDelta scale distillation steps (0 = off)."})
+    base_vocab_size: Optional[int] = field(default=None)
+    vocab_size: Optional[int] = field(default=None)
+    trainable_token_indices: Optional[dict[str, list[int]]] = field(default=None)
     # sha256 of adapter_model.safetensors, written by save_pretrained: the loader refuses weights from another save
     weights_sha256: Optional[str] = field(default=None, repr=False)
 
@@ -141,7 +149,30 @@ class DeltaCoMeConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         self._validate_method_options()
+        self._validate_vocab()
         self.validate_layout()
+
+    def _validate_vocab(self) -> None:
+        sizes = (self.base_vocab_size, self.vocab_size)
+        if sizes != (None, None) and not (
+            all(_is_int(v, 1) for v in sizes) and self.vocab_size > self.base_vocab_size
+        ):
+            raise ConfigError(
+                f"base_vocab_size and vocab_size must both be unset, or integers with vocab_size > base_vocab_size "
+                f"(the fine-tune's added tokens), got {self.base_vocab_size!r} and {self.vocab_size!r}"
+            )
+        rows = self.trainable_token_indices
+        if rows is None:
+            return
+        ok = isinstance(rows, dict) and self.vocab_size is not None and all(
+            isinstance(k, str) and isinstance(v, list) and v and all(_is_int(i, self.base_vocab_size) for i in v)
+            and max(v) < self.vocab_size for k, v in rows.items()
+        )  # fmt: skip
+        if not ok:
+            raise ConfigError(
+                "trainable_token_indices must map module names to rows of the added tokens "
+                f"[base_vocab_size, vocab_size), got {rows!r}"
+            )
 
     def _validate_types(self) -> None:
         """JSON types of the fields PEFT and the tuner use as they are (a hand-edited file fails here, by field)."""

@@ -40,6 +40,15 @@ class EngineClosedError(DeltaCoMeError):
     """The serving engine is shut down (or shutting down) and accepts no more requests."""
 
 
+class EmptyDeltaError(DeltaCoMeError):
+    """The fine-tune equals its base (within the rounding of their dtypes): there is nothing to compress."""
+
+
+class DegenerateAdapterWarning(UserWarning):
+    """The adapter about to be written stores little or nothing of the fine-tune's change to the target linears
+    (every rank is 0 at this ratio, or only the dense extras changed)."""
+
+
 class BaseModelMismatchWarning(UserWarning):
     """Emitted instead of :class:`BaseModelMismatchError` when the base check is not strict."""
 

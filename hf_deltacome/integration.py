@@ -203,7 +203,8 @@ def _load_guard() -> None:
         if config is None or not is_deltacome(config):
             return original_load_weights(model_id, device=device, key_mapping=key_mapping, **hub_kwargs)
         strict = default_strict() if ctx.strict is None else bool(ctx.strict)
-        check_fingerprint(config.base_fingerprint, ctx.model, strict=strict, adapter=str(model_id))
+        check_fingerprint(config.base_fingerprint, ctx.model, strict=strict, adapter=str(model_id),
+                          vocab_rows=getattr(config, "base_vocab_size", None))  # fmt: skip
         subfolder = hub_kwargs.pop("subfolder", None)
         with take_pin(config) or contextlib.nullcontext() as pin:  # the weights opened with the config, if so
             source = pin.path("adapter_model.safetensors") if pin is not None else None
@@ -259,7 +260,8 @@ def _transformers_load_guard() -> None:
         if state_dict is None and given is None and subfolder is None and os.path.isdir(os.fspath(model_id)):
             config, state_dict = read_adapter(model_id)  # config and weights of one save
             where = os.path.join(os.fspath(model_id), "adapter_model.safetensors")
-        check_fingerprint(config.base_fingerprint, self, strict=default_strict(), adapter=str(model_id))
+        check_fingerprint(config.base_fingerprint, self, strict=default_strict(), adapter=str(model_id),
+                          vocab_rows=getattr(config, "base_vocab_size", None))  # fmt: skip
         if state_dict is None:
             state_dict = load_checked_weights(config, self, model_id, subfolder=subfolder, **hub_kwargs)
         else:

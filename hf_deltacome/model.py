@@ -73,6 +73,42 @@ def _rowwise_extras_forward(
     return out
 
 
+@torch.no_grad()
+def resize_vocab(model: nn.Module, rows: int) -> None:
+    """Grow the input and output embeddings of ``model`` to ``rows`` tokens (and ``config.vocab_size`` with them).
+
+    For adapters of fine-tunes that added tokens: the new rows are zero (the adapter carries their values), a tied
+    ``lm_head`` stays tied, no random number is drawn, and meta (not yet loaded) weights work too.
+    """
+    inp = model.get_input_embeddings()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    grow = rows - inp.weight.shape[0]
+    if grow <= 0:
+        return
+    if not isinstance(inp, nn.Embedding) or (out is not None and not isinstance(out, nn.Linear)):
+        raise ConfigError(
+            f"this adapter's fine-tune added {grow} token(s), but the base's embeddings ({type(inp).__name__}, "
+            f"{type(out).__name__}) cannot be resized here (already wrapped by another adapter?)"
+        )
+
+    def grown(p: nn.Parameter) -> nn.Parameter:
+        extra = torch.zeros((grow, *p.shape[1:]), dtype=p.dtype, device=p.device)
+        return nn.Parameter(torch.cat([p.detach(), extra]), requires_grad=p.requires_grad)
+
+    tied = out is not None and out.weight is inp.weight
+    inp.weight = grown(inp.weight)
+    inp.num_embeddings = rows
+    if out is not None:
+        out.weight = inp.weight if tied else grown(out.weight)
+        if out.bias is not None:
+            out.bias = grown(out.bias)
+        out.out_features = rows
+    config = getattr(model, "config", None)
+    for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c is not None}.values():
+        if getattr(cfg, "vocab_size", None) is not None:
+            cfg.vocab_size = rows
+
+
 class DeltaCoMeModel(BaseTuner):
     """Wraps a base model so that each linear listed in the adapter's ``layout`` adds its packed delta.
 
@@ -93,6 +129,15 @@ class DeltaCoMeModel(BaseTuner):
             )
         peft_config.target_modules = set(peft_config.layout)
         return peft_config
+
+    def _prepare_model(self, peft_config: DeltaCoMeConfig, model: nn.Module) -> None:
+        # A fine-tune that added tokens: the base's embeddings grow to its vocabulary before PEFT injects (the
+        # dense copies and trainable tokens are built on the grown modules); the base check reads the first rows.
+        rows = peft_config.vocab_size
+        if rows is not None and peft_config.base_vocab_size is not None:
+            current = model.get_input_embeddings().weight.shape[0]
+            if current == peft_config.base_vocab_size:
+                resize_vocab(model, rows)
 
     def _pre_injection_hook(self, model: nn.Module, config: DeltaCoMeConfig, adapter_name: str) -> None:
         modules = dict(model.named_modules())

@@ -24,3 +24,19 @@ def log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("deltacome: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+
+
+def peak_memory() -> str:
+    """This process's peak resident memory so far (and the GPU's peak allocation when CUDA was used), for a bar."""
+    text = ""
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        text = f"peak RSS {kb / (1 << 30 if sys.platform == 'darwin' else 1 << 20):.2f} GiB"
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        text += f", GPU {torch.cuda.max_memory_allocated() / (1 << 30):.2f} GiB"
+    return text

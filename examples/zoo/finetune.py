@@ -196,6 +196,7 @@ def task_predictions(
     n: Optional[int] = None,
     batch_size: int = 32,
     split: str = "eval",
+    progress: bool = False,
 ) -> list[tuple[Example, str, bool]]:
     """Greedy completions of the first ``n`` examples of ``split``: ``[(example, completion, correct), ...]``.
 
@@ -205,7 +206,8 @@ def task_predictions(
     task = get_task(task)
     examples = task.split(split)[: n if n is not None else None]
     encoded = [tokenizer(task.render(tokenizer, ex), add_special_tokens=False).input_ids for ex in examples]
-    completions = generate_greedy(model, tokenizer, encoded, max_new_tokens=task.max_new_tokens, batch_size=batch_size)
+    completions = generate_greedy(model, tokenizer, encoded, max_new_tokens=task.max_new_tokens, batch_size=batch_size,
+                                  progress=progress, desc=f"Scoring on {task.name!r}")  # fmt: skip
     return [(ex, c, task.score(c, ex)) for ex, c in zip(examples, completions, strict=True)]
 
 
@@ -216,9 +218,10 @@ def task_accuracy(
     n: Optional[int] = 128,
     batch_size: int = 32,
     split: str = "eval",
+    progress: bool = False,
 ) -> float:
     """Exact-match accuracy (0..1) of greedy decoding on the first ``n`` held-out examples of ``task``."""
-    results = task_predictions(model, tokenizer, task, n=n, batch_size=batch_size, split=split)
+    results = task_predictions(model, tokenizer, task, n=n, batch_size=batch_size, split=split, progress=progress)
     if not results:
         raise ConfigError(f"task {get_task(task).name!r} split {split!r} has no examples to score")
     return sum(ok for _, _, ok in results) / len(results)

@@ -9,7 +9,8 @@ Sources (``calibration=`` of :func:`hf_deltacome.compress`):
   template when it has one);
 * a ready ``(num_samples, seq_len)`` tensor of token ids;
 * ``None``: the fine-tuned model writes its own calibration text (seeded sampling from a few generic chat prompts
-  or from BOS), so compression needs no data set and the activations look like what the fine-tune produces.
+  or from BOS), so compression needs no data set and the activations look like what the fine-tune produces; a
+  streamed compression (no whole model to generate with) reads the built-in generic text (:func:`generic_texts`).
 
 The result is always a ``(num_samples, seq_len)`` LongTensor of full-length sequences (no padding), so the decoder
 layers can be run on it without attention masks.
@@ -193,7 +194,7 @@ def tokenize_texts(
     """
     if tokenizer is None:
         raise CalibrationError("calibration texts need a tokenizer; pass tokenizer= (or token ids as a tensor)")
-    _check_sizes(num_samples, seq_len)
+    check_sizes(num_samples, seq_len)
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
     for t in texts:
@@ -226,7 +227,7 @@ def tokenize_texts(
     return chunks[pick]
 
 
-def _check_sizes(num_samples: int, seq_len: int) -> None:
+def check_sizes(num_samples: int, seq_len: int) -> None:
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise CalibrationError(f"num_samples must be a positive integer, got {num_samples!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
@@ -293,7 +294,7 @@ def sample_from_model(
     suppressed so every sequence runs to full length. The global RNG state is left as it was. ``progress`` shows a
     bar over the sequences (generation is the slow part of a default, data-free compression on a CPU).
     """
-    _check_sizes(num_samples, seq_len)
+    check_sizes(num_samples, seq_len)
     if not hasattr(model, "generate"):
         raise CalibrationError(
             f"cannot sample calibration text from a {type(model).__name__} (no generate()); pass calibration="
@@ -347,6 +348,15 @@ def sample_from_model(
     return torch.stack(out)
 
 
+def generic_texts() -> list[str]:
+    """The built-in generic calibration text (``generic_text.txt``: about 8,000 tokens of original prose, dialogue,
+    code, worked problems and instructions; one text per paragraph), for runs that cannot sample from the fine-tune."""
+    from importlib.resources import files
+
+    content = files(__package__).joinpath("generic_text.txt").read_text(encoding="utf-8")
+    return [p.strip("\n") for p in content.split("\n\n") if p.strip()]
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 
 
@@ -360,7 +370,7 @@ def get_calibration(
     progress: bool = False,
 ) -> CalibrationData:
     """Resolve any calibration source into a batch of token ids for ``model`` (the fine-tune)."""
-    _check_sizes(num_samples, seq_len)
+    check_sizes(num_samples, seq_len)
     if calibration is None:
         ids = sample_from_model(model, tokenizer, num_samples, seq_len, seed, progress=progress)
         source = "sampled from the fine-tuned model"

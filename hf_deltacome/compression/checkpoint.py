@@ -95,6 +95,7 @@ class LayerCheckpoint:
         *,
         finetuned: nn.Module,
         calibration: dict[str, Any],
+        finetuned_fingerprint: str | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.adapter_name = adapter_name
@@ -105,16 +106,19 @@ class LayerCheckpoint:
             "version": STATE_VERSION,
             "settings": json.loads(json.dumps(settings, sort_keys=True, default=str)),
             "base_fingerprint": config.base_fingerprint,
-            "finetuned_fingerprint": fingerprint_json(finetuned),
+            # (a streamed fine-tune, on the meta device, comes with its fingerprint read from its files)
+            "finetuned_fingerprint": finetuned_fingerprint or fingerprint_json(finetuned),
             "calibration": calibration,
         }
         state_path = self.folder / "state.json"
         if state_path.exists():
-            self._check(state_path, state, finetuned)
+            self._check(state_path, state, finetuned, finetuned_fingerprint)
         else:
             atomic_write_text(state_path, json.dumps(state, sort_keys=True))
 
-    def _check(self, path: Path, state: dict[str, Any], finetuned: nn.Module) -> None:
+    def _check(
+        self, path: Path, state: dict[str, Any], finetuned: nn.Module, finetuned_fingerprint: str | None = None
+    ) -> None:
         """Refuse to resume from a checkpoint of other inputs, naming every input that differs."""
         try:
             stored = json.loads(path.read_text())
@@ -140,6 +144,8 @@ class LayerCheckpoint:
                 diffs = ["its fingerprint in the checkpoint is unreadable"]
             if diffs:
                 problems.append(f"another fine-tuned model ({'; '.join(diffs)})")
+            elif finetuned_fingerprint is not None:  # streamed: the skeleton has no weights to name differences in
+                problems.append("another fine-tuned model (the weights differ: their sketch, read from the files, is another)")
         if stored.get("calibration") != state["calibration"]:
             problems.append(
                 f"other calibration data (checkpoint: {describe_calibration(stored.get('calibration'))}; "

@@ -8,7 +8,9 @@ caller compress it, and runs the now-compressed layer to get the next layer's in
 
 from __future__ import annotations
 
+import contextlib
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DeltaCoMeError
-from ..progress import progress_bar
+from ..progress import peak_memory, progress_bar
 from ..quant.hessian import StopForward
 
 
@@ -122,6 +124,19 @@ def capture_layer_inputs(
     return hidden, calls
 
 
+def floats_to(obj: Any, dtype: torch.dtype | None) -> Any:
+    """``obj`` with every floating-point tensor inside (tuples, lists, dicts) cast to ``dtype`` (``None``: as is)."""
+    if dtype is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(floats_to(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: floats_to(v, dtype) for k, v in obj.items()}
+    return obj
+
+
 def layer_output(out: Any) -> torch.Tensor:
     """The hidden states of a decoder layer's output (a tensor, or the first item of a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -149,34 +164,45 @@ def walk_layers(
     batch_size: int,
     device: torch.device | None,
     progress: bool,
-) -> None:
+    hold: Callable[[int | None], contextlib.AbstractContextManager] | None = None,
+) -> list[float]:
     """Visit every decoder layer of ``model`` in order: ``visit(i, hidden, calls, work_device)``.
 
     ``inputs`` (token ids or model-input batches) drive the walk; ``hidden`` is then the list of hidden-state
     batches entering layer ``i`` after every earlier layer ran as ``model`` has it *now* (the visit compresses layer
     ``i`` in place before it runs), and ``calls`` the ``(args, kwargs)`` it is called with. Without inputs (data-free)
     both are ``None``. With ``device`` each layer and its ``companions[i]`` (the fine-tune's layer) are moved there
-    for the visit and back afterwards.
+    for the visit and back afterwards. ``hold(i)`` (streamed models) gives layer ``i`` and its companion real weights
+    for the visit and the forward pass; ``hold(None)`` what computing the first layer's inputs needs. The progress
+    bar shows elapsed and remaining time and the peak memory so far. Returns the seconds each layer took.
     """
     _, layers = find_decoder_layers(model)
+    hold = hold or (lambda _i: contextlib.nullcontext())
     bar = progress_bar(len(layers), progress, "Compressing layers", unit="layer")
+    seconds: list[float] = []
     try:  # closed on an error or interrupt too, so what is printed next starts on its own line
-        hidden, calls = (None, None) if inputs is None else capture_layer_inputs(model, layers, inputs, batch_size, device)
+        with hold(None):
+            hidden, calls = (None, None) if inputs is None else capture_layer_inputs(model, layers, inputs, batch_size,
+                                                                                     device)  # fmt: skip
         for i, layer in enumerate(layers):
-            if hidden is None:
+            start = time.perf_counter()
+            if hidden is None:  # data-free: the visit reads what it needs (module by module when streamed)
                 visit(i, None, None, device or module_device(layer))
-                bar.update(1)
-                continue
-            companion = companions[i]
-            home, companion_home = module_device(layer), module_device(companion)
-            if device is not None:
-                layer.to(device)
-                companion.to(device)
-            visit(i, hidden, calls[i], device or home)
-            hidden = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(hidden, calls[i], strict=True)]
-            if device is not None:
-                layer.to(home)
-                companion.to(companion_home)
+            else:
+                with hold(i):
+                    companion = companions[i]
+                    home, companion_home = module_device(layer), module_device(companion)
+                    if device is not None:
+                        layer.to(device)
+                        companion.to(device)
+                    visit(i, hidden, calls[i], device or home)
+                    hidden = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(hidden, calls[i], strict=True)]
+                    if device is not None:
+                        layer.to(home)
+                        companion.to(companion_home)
+            seconds.append(time.perf_counter() - start)
+            bar.set_postfix_str(peak_memory(), refresh=False)
             bar.update(1)
     finally:
         bar.close()
+    return seconds

@@ -1,13 +1,18 @@
 """``compress(base, finetuned, config)``: build a Delta-CoMe adapter from a fine-tune and its base.
 
+The two models are either loaded (``nn.Module``: today's in-memory path) or paths / Hub ids of safetensors
+checkpoints, which are *streamed* (:mod:`.streaming`): one decoder layer of each model is read from disk at a time,
+worked on and freed. Both paths run the same steps below and write the same bytes where both apply.
+
 The pipeline, step by step (each step is one function below):
 
-1. :func:`_inputs` — the model kind (text LM, or a kind registered by :mod:`hf_deltacome.multimodal`) checks the
-   pair and picks the target linears; every other parameter that changed (norms, embeddings, ``lm_head``) goes dense
-   into ``modules_to_save``; the base fingerprint is recorded;
+1. :func:`~.inputs.describe_inputs` — the model kind (text LM, or a kind registered by :mod:`hf_deltacome.multimodal`) checks the
+   pair and picks the target linears; every other parameter that changed beyond the rounding of its dtypes (norms,
+   embeddings, ``lm_head``; :mod:`.changes`) goes dense into ``modules_to_save``, the rows of added tokens into
+   trainable tokens (:mod:`.vocab`); a fine-tune equal to its base is refused; the base fingerprint is recorded;
 2. :func:`_calibration` — calibration data for GPTQ (given, or sampled from the fine-tune; ``quantizer="rtn"`` uses
    none), checkpointed so a resumed run uses the same tokens;
-3. :func:`file_budget` then :func:`~.plan.plan_layouts` — the whole ``adapter_model.safetensors`` is held to the
+3. :func:`~.inputs.file_budget` then :func:`~.plan.plan_layouts` — the whole ``adapter_model.safetensors`` is held to the
    ratio: the safetensors header, the dense extras and the bias deltas are paid first, the rest is spread over the
    targets in proportion to their size; then the layout of each target from its share (method, band split,
    allocation);
@@ -18,44 +23,63 @@ The pipeline, step by step (each step is one function below):
    the now-compressed layer produces the next layer's inputs;
 6. BitDelta's scale distillation (that method only) and the record of what was done (``compression_info``).
 
-Peak memory is about base + fine-tune + one layer's activations.
+Peak memory: loaded, about base + fine-tune + one layer's activations; streamed, about one decoder layer of each
+model, the calibration activations, the SVD workspace and the adapter being built.
+
+Streamed runs cannot do what needs the whole model at once; each has a documented fallback :
+calibration is given (texts, a file, token ids) or the built-in generic text (:func:`~.calibration.generic_texts`), not sampled
+from the fine-tune; ``min_rank_share="auto"`` falls back to 0 (the published split); ``search`` and
+``allocation="adaptive"`` are refused; BitDelta's scale distillation is skipped (each with a logged note;
+:func:`~.inputs.streamed_plan`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from peft import get_peft_model
 from torch import nn
 
-from ..backend import check_device, dequant_cache
+from ..backend import dequant_cache
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError
-from ..format.budget import safetensors_header_bound
-from ..io.adapter_files import BLOB_SUFFIX, STATE_DICT_PREFIX
-from ..io.fingerprint import fingerprint_json
 from ..layer import DeltaCoMeLayer
 from ..quant.hessian import HessianCollector
+from . import vocab
 from .baselines import distill_sign_scales
-from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource
+from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource, check_sizes, generic_texts
 from .checkpoint import LayerCheckpoint, calibration_record
-from .layerwalk import find_decoder_layers, module_device, walk_layers
+from .inputs import (
+    ModelSource,
+    describe_inputs,
+    file_budget,
+    load_tokenizer,
+    pair_of,
+    streamed_plan,
+    warn_degenerate,
+    work_device,
+)
+from .layerwalk import find_decoder_layers, floats_to, module_device, walk_layers
 from .modules import compress_module, with_changes
 from .plan import plan_layouts
-from .targets import ModelKind, changed_modules, model_kind
+from .targets import TEXT, ModelKind, model_kind
+
+log = logging.getLogger("hf_deltacome")
 
 FORWARD_BATCH_SIZE = 8  # calibration sequences per forward pass through one decoder layer
 
 
 def compress(
-    base_model: nn.Module,
-    finetuned_model: nn.Module,
+    base_model: ModelSource,
+    finetuned_model: ModelSource,
     config: DeltaCoMeConfig | None = None,
     *,
     calibration: CalibrationSource = None,
@@ -68,20 +92,28 @@ def compress(
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
     processor: Any = None,
+    base_tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> Any:
     """Compress ``finetuned_model − base_model`` into a Delta-CoMe adapter and return the ``PeftModel`` (eval mode).
 
-    ``base_model`` is wrapped in place (as with ``get_peft_model``); ``finetuned_model`` is only read.
+    Loaded models: ``base_model`` is wrapped in place (as with ``get_peft_model``); ``finetuned_model`` is only read.
+    Paths (local folders or Hub ids of safetensors checkpoints, sharded or not): both models are streamed from their
+    files one decoder layer at a time; the returned ``PeftModel`` holds the adapter around a base left on the meta
+    device (save it with ``save_pretrained``, load it onto the base with ``PeftModel.from_pretrained``). See the
+    module docstring for what a streamed run does instead of what needs the whole model.
 
     Args:
         config: how to compress (ratio, bands, quantizer, ...); a copy is filled with the per-module layout.
         calibration: texts (list, ``.txt``, ``.jsonl``) or a token-id tensor for GPTQ; ``None`` samples text from
-            the fine-tune itself. Ignored with ``config.quantizer == "rtn"`` (data-free).
-        tokenizer: needed to tokenize calibration texts; used for chat-templated prompts when sampling.
+            the fine-tune itself (streamed: the built-in generic text). Ignored with ``config.quantizer == "rtn"``.
+        tokenizer: the fine-tune's; tokenizes calibration texts, chat-templates sampling prompts, and (with
+            ``base_tokenizer``) checks that a fine-tune which added tokens kept the base's first ones. Streamed:
+            loaded from the fine-tune's folder when not given (``base_tokenizer`` from the base's).
         num_samples, seq_len: size of the calibration batch.
-        device: where each decoder layer is moved for its work (default: CUDA when available, else where it is);
-            results stay on the base model's device and dtype.
-        progress: show a progress bar over the decoder layers.
+        device: where each decoder layer is moved for its work (default: CUDA when available, else where it is;
+            streamed: CUDA when available, else the CPU); results stay on the base model's device and dtype.
+        progress: show progress bars (the layers, with elapsed/remaining time and peak memory; long phases).
         seed: seed of calibration sampling.
         checkpoint_dir: folder where each finished decoder layer (and the calibration tokens) is checkpointed;
             a later call with the same folder and inputs skips finished layers and gives the same result.
@@ -89,128 +121,108 @@ def compress(
             processor; needed for image + text calibration records (``{"image": ..., "text": ...}``), which then run
             through the whole model. Without images a VLM is calibrated on text only; the choice is logged and
             recorded in ``compression_info["calibration_kind"]``. A processor passed as ``tokenizer=`` works too.
+        dtype: streamed only: hold the weights in this dtype (default: each tensor's own dtype on disk).
     """
     t0 = time.time()
+    check_sizes(num_samples, seq_len)  # by name, whatever the quantizer
     config = copy.deepcopy(config) if config is not None else DeltaCoMeConfig()
     if not isinstance(config, DeltaCoMeConfig):
         raise ConfigError(f"config must be a DeltaCoMeConfig, got {type(config).__name__}")
-    kind = model_kind(base_model, finetuned_model)
-    targets, bias_changed = _inputs(kind, base_model, finetuned_model, config)
-    budget = file_budget(base_model, targets, config, bias_changed)  # before any work: the extras may not fit
-    device = _work_device(device)
+    device = work_device(device)
+    pair = pair_of(base_model, finetuned_model, dtype, device)
+    if pair.streamed:
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(pair.ft_ckpt.folder)
+        base_tokenizer = base_tokenizer if base_tokenizer is not None else load_tokenizer(pair.base_ckpt.folder)
+        device = device or torch.device("cpu")
+    kind = model_kind(pair.base, pair.finetuned)
+    if pair.streamed and kind is not TEXT:
+        raise ConfigError(f"streamed compression handles text causal LMs; load this {kind.name} pair instead")
+    targets, changes = describe_inputs(kind, pair, config, base_tokenizer, tokenizer, progress)
+    budget = file_budget(pair.base, targets, config, changes.bias_changed)  # before any work: extras may not fit
     ckpt = None
     if checkpoint_dir is not None:  # a resume must have the same inputs: the fine-tune and calibration are recorded
         given = calibration_record(calibration, config, num_samples=num_samples, seq_len=seq_len, seed=seed,
                                    tokenizer=tokenizer if tokenizer is not None else processor)  # fmt: skip
-        ckpt = LayerCheckpoint(checkpoint_dir, config, adapter_name, finetuned=finetuned_model, calibration=given)
+        ckpt = LayerCheckpoint(checkpoint_dir, config, adapter_name, finetuned=pair.finetuned, calibration=given,
+                               finetuned_fingerprint=pair.finetuned_fingerprint(progress))  # fmt: skip
     # calibration comes from the fine-tune before the base is wrapped, so a failure leaves the base untouched
-    calib = _calibration(kind, config, finetuned_model, calibration, ckpt, tokenizer=tokenizer, processor=processor,
+    calib = _calibration(kind, config, pair, calibration, ckpt, device, tokenizer=tokenizer, processor=processor,
                          num_samples=num_samples, seq_len=seq_len, seed=seed, progress=progress)  # fmt: skip
+    plan_config, notes = streamed_plan(config, calib) if pair.streamed else (config, {})
     config.layout, plan_info = plan_layouts(
-        base_model, finetuned_model, targets, with_changes(config, ratio=budget["factor_ratio"]),
-        calibration_ids=calib.input_ids if calib is not None else None, bias_changed=bias_changed, progress=progress,
+        pair.base, pair.finetuned, targets, with_changes(plan_config, ratio=budget["factor_ratio"]),
+        calibration_ids=calib.input_ids if calib is not None else None, bias_changed=changes.bias_changed,
+        unchanged=changes.unchanged, progress=progress,
     )  # fmt: skip
-    plan_info["budget"] = budget
-    peft_model = _wrap(base_model, finetuned_model, config, adapter_name)
-    peft_model.deltacome_finetuned = getattr(finetuned_model, "name_or_path", None)  # saves refuse to write there
-    filler = _Filler(peft_model.base_model.model, finetuned_model, config, adapter_name, ckpt)
+    plan_info.update(budget=budget, **notes)
+    warn_degenerate(config, targets, changes)
+    peft_model = _wrap(pair, config, adapter_name)
+    peft_model.deltacome_finetuned = getattr(pair.finetuned, "name_or_path", None)  # saves refuse to write there
+    filler = _Filler(peft_model.base_model.model, pair, config, adapter_name, ckpt)
     filler.outside(kind, targets, calib, device)
     filler.layers(kind, targets, calib, device, progress)
     distill = {}
     if config.method == "bitdelta" and config.distill_steps > 0 and calib is not None and calib.input_ids is not None:
-        distill = distill_sign_scales(peft_model, finetuned_model, calib.input_ids, steps=config.distill_steps,
+        distill = distill_sign_scales(peft_model, pair.finetuned, calib.input_ids, steps=config.distill_steps,
                                       adapter_name=adapter_name, progress=progress)  # fmt: skip
     config.compression_info = _record(kind, config, calib, time.time() - t0, plan_info, distill, filler.fallbacks)
+    config.compression_info.update(streamed=pair.streamed, layer_seconds=[round(t, 2) for t in filler.layer_seconds])
+    if changes.rounding:
+        config.compression_info["unchanged_within_rounding"] = changes.rounding
     return peft_model.eval()
-
-
-def _inputs(
-    kind: ModelKind, base: nn.Module, finetuned: nn.Module, config: DeltaCoMeConfig
-) -> tuple[list[str], dict[str, bool]]:
-    """Check the pair, pick the targets, and fill the config fields that describe the inputs."""
-    kind.check_pair(base, finetuned)
-    _, targets = kind.select_targets(base, finetuned, config)
-    extras, bias_changed = changed_modules(base, finetuned, targets)
-    config.modules_to_save = sorted(set(config.modules_to_save or []) | set(extras)) or None
-    config.base_model_name_or_path = getattr(base, "name_or_path", None) or config.base_model_name_or_path
-    if config.task_type is None and type(finetuned).__name__.endswith("ForCausalLM"):
-        config.task_type = "CAUSAL_LM"
-    config.inference_mode = True
-    config.base_fingerprint = fingerprint_json(base)
-    return targets, bias_changed
-
-
-def _work_device(device: torch.device | str | None) -> torch.device | None:
-    if device is None:
-        return torch.device("cuda") if torch.cuda.is_available() else None
-    return check_device(device)
-
-
-def file_budget(
-    base: nn.Module, targets: Sequence[str], config: DeltaCoMeConfig, bias_changed: dict[str, bool]
-) -> dict[str, Any]:
-    """What the whole adapter file may spend, and what is left for the packed factors.
-
-    ``config.ratio`` is a share of the fp16 delta of the target linears (``2·m·n`` bytes each); the file must fit in
-    it whole: the safetensors header (an upper bound from the tensor names), the dense extras (``modules_to_save``,
-    stored in the base's dtypes) and the bias deltas (float32) come first, and ``factor_ratio`` is what is left, as
-    a share of the same fp16 delta, so every module gets the same share of its own size. Raises `ConfigError`,
-    naming the largest extras, when those alone do not fit.
-    """
-    modules = dict(base.named_modules())
-    target_fp16 = sum(2 * modules[t].out_features * modules[t].in_features for t in targets)
-    total = int(config.ratio * target_fp16)
-    extras, tensors = {}, []
-    for name in config.modules_to_save or []:
-        for pname, p in modules[name].named_parameters(remove_duplicate=False):
-            key = f"{STATE_DICT_PREFIX}{name}.{pname}"
-            extras[key] = p.numel() * p.element_size()
-            tensors.append((key, str(p.dtype), p.dim()))
-    bias = sum(4 * modules[t].out_features for t in targets if bias_changed.get(t))
-    tensors += [(f"{STATE_DICT_PREFIX}{t}{BLOB_SUFFIX}", "U8", 1) for t in targets]
-    header = safetensors_header_bound([(k, d.removeprefix("torch."), n) for k, d, n in tensors], total + 1)
-    left = total - header - sum(extras.values()) - bias
-    record = {"file_budget_bytes": total, "header_bytes_bound": header, "dense_extra_bytes": sum(extras.values()),
-              "bias_bytes": bias, "target_fp16_bytes": target_fp16}  # fmt: skip
-    if left <= 0:
-        biggest = sorted(extras.items(), key=lambda kv: -kv[1])[:5]
-        shown = ", ".join(f"{k[len(STATE_DICT_PREFIX):]} ({v:,} B)" for k, v in biggest)
-        raise ConfigError(
-            f"at ratio 1/{1 / config.ratio:.4g} the whole adapter file may take {total:,} bytes, but the header "
-            f"({header:,} B), the bias deltas ({bias:,} B) and the changed modules stored dense "
-            f"({sum(extras.values()):,} B: {shown or 'none'}) already take {total - left:,}; nothing is left for "
-            "the compressed linears. Use a larger ratio, or make sure only modules that really changed are carried "
-            "(a fine-tune saved in another dtype changes every weight by rounding)"
-        )
-    record["factor_ratio"] = left / target_fp16
-    return record
 
 
 def _calibration(
     kind: ModelKind,
     config: DeltaCoMeConfig,
-    finetuned: nn.Module,
+    pair: Any,
     source: CalibrationSource,
     ckpt: LayerCheckpoint | None,
+    device: torch.device | None,
     **options: Any,
 ) -> Any:
-    """The calibration data GPTQ needs (``None`` for data-free round-to-nearest), resumed from the checkpoint."""
+    """The calibration data GPTQ needs (``None`` for data-free round-to-nearest), resumed from the checkpoint.
+
+    Sampling from a loaded fine-tune runs on the work device (the GPU when there is one); a streamed run reads the
+    built-in generic text when no calibration is given."""
     if config.quantizer != "gptq":
         return None
     resumable = ckpt is not None and kind.resumable_calibration
     calib = ckpt.load_calibration() if resumable else None
     if calib is None:
-        calib = kind.calibration(source, finetuned, **options)
+        builtin = pair.streamed and source is None
+        if builtin:
+            log.info("streamed compression: calibrating on the built-in generic text (pass calibration= for data "
+                     "like the fine-tune's)")  # fmt: skip
+            source = generic_texts()
+        with _on_device(pair.finetuned, device if source is None else None):
+            calib = kind.calibration(source, pair.finetuned, **options)
+        if builtin:
+            calib.source = f"built-in generic text ({calib.source})"
         if resumable:
             ckpt.save_calibration(calib)
     return calib
 
 
-def _wrap(base: nn.Module, finetuned: nn.Module, config: DeltaCoMeConfig, adapter_name: str) -> Any:
+@contextlib.contextmanager
+def _on_device(model: nn.Module, device: torch.device | None) -> Iterator[None]:
+    """``model`` on ``device`` inside the block (only when it is all on the CPU and ``device`` is a GPU)."""
+    params = list(model.parameters())
+    move = device is not None and device.type != "cpu" and all(p.device.type == "cpu" for p in params)
+    if move:
+        model.to(device)
+    try:
+        yield
+    finally:
+        if move:
+            model.to("cpu")
+
+
+def _wrap(pair: Any, config: DeltaCoMeConfig, adapter_name: str) -> Any:
     """The base wrapped with PEFT (zeroed packed buffers where the layout says) and the fine-tune's dense extras."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*")
-        peft_model = get_peft_model(base, config, adapter_name=adapter_name)
+        peft_model = get_peft_model(pair.base, config, adapter_name=adapter_name)
     inner = peft_model.base_model.model
     with torch.no_grad():
         for name in config.modules_to_save or []:
@@ -218,10 +230,19 @@ def _wrap(base: nn.Module, finetuned: nn.Module, config: DeltaCoMeConfig, adapte
             copies = getattr(wrapper, "modules_to_save", None)
             if copies is None or adapter_name not in copies:
                 raise ConfigError(f"modules_to_save entry {name!r} was not wrapped by PEFT")
-            source = dict(finetuned.get_submodule(name).named_parameters(recurse=True, remove_duplicate=False))
-            for pname, p in copies[adapter_name].named_parameters(recurse=True, remove_duplicate=False):
-                if pname in source:
-                    p.data = source[pname].detach().to(p.device, p.dtype).clone()
+            owned = {n for n, _ in pair.finetuned.get_submodule(name).named_parameters(remove_duplicate=False)}
+            copy_ = copies[adapter_name]
+            for pname, p in list(copy_.named_parameters(recurse=True, remove_duplicate=False)):
+                if pname not in owned:
+                    continue
+                value = pair.read_finetuned(f"{name}.{pname}")
+                if p.device.type == "meta":  # streamed: the copy of a base skeleton module gets real weights
+                    owner, _, leaf = pname.rpartition(".")
+                    copy_.get_submodule(owner)._parameters[leaf] = nn.Parameter(value.to("cpu", p.dtype).clone(),
+                                                                              requires_grad=False)  # fmt: skip
+                else:
+                    p.data = value.to(p.device, p.dtype).clone()
+        vocab.fill_added_rows(inner, config, adapter_name, pair.read_finetuned)
     return peft_model
 
 
@@ -229,28 +250,28 @@ class _Filler:
     """Compresses each target's delta into the packed buffers of the wrapped model, layer by layer."""
 
     def __init__(
-        self,
-        inner: nn.Module,
-        finetuned: nn.Module,
-        config: DeltaCoMeConfig,
-        adapter_name: str,
-        ckpt: LayerCheckpoint | None,
+        self, inner: nn.Module, pair: Any, config: DeltaCoMeConfig, adapter_name: str, ckpt: LayerCheckpoint | None
     ) -> None:
-        self.inner, self.finetuned, self.config = inner, finetuned, config
+        self.inner, self.pair, self.finetuned, self.config = inner, pair, pair.finetuned, config
         self.adapter_name, self.ckpt = adapter_name, ckpt
         self.fallbacks: list[str] = []
+        self.layer_seconds: list[float] = []
 
     def fill(self, name: str, hessian: torch.Tensor | None, device: torch.device) -> None:
         """Compress target ``name`` (its input Hessian, or ``None`` for round-to-nearest) into its buffers."""
         module = self.inner.get_submodule(name)
         assert isinstance(module, DeltaCoMeLayer)
-        base_layer, ft_layer = module.get_base_layer(), self.finetuned.get_submodule(name)
-        delta = ft_layer.weight.detach().to(device, torch.float32) - base_layer.weight.detach().to(device, torch.float32)
-        packed = module.deltacome_delta[self.adapter_name]
+        with self.pair.hold([name], base=self.inner, finetuned=self.finetuned):  # streamed: this linear only
+            base_layer, ft_layer = module.get_base_layer(), self.finetuned.get_submodule(name)
+            ft_weight = ft_layer.weight.detach()
+            delta = ft_weight.to(device, torch.float32)
+            delta = delta.clone() if delta.data_ptr() == ft_weight.data_ptr() else delta  # never edit the fine-tune
+            delta.sub_(base_layer.weight.detach().to(device))  # float32 result, no float32 copy of the base
+            packed = module.deltacome_delta[self.adapter_name]
+            if packed.bias is not None:
+                bias = ft_layer.bias.detach().float().cpu() - base_layer.bias.detach().float().cpu()
+                packed.bias.copy_(bias.to(packed.bias.device))
         compress_module(delta, hessian, self.config.layout[name], self.config, name=name).fill(packed)
-        if packed.bias is not None:
-            bias = ft_layer.bias.detach().float().cpu() - base_layer.bias.detach().float().cpu()
-            packed.bias.copy_(bias.to(packed.bias.device))
 
     def outside(self, kind: ModelKind, targets: Sequence[str], calib: Any, device: torch.device | None) -> None:
         """Targets that run before the decoder layers (a VLM's projector and vision tower), compressed first so the
@@ -282,21 +303,32 @@ class _Filler:
             if hidden is not None:
                 layer_prefix = f"{prefix}.{i}."
                 inputs = {n: ft_layers[i].get_submodule(n[len(layer_prefix):]) for n in names}
+                dtype = next((p.dtype for p in ft_layers[i].parameters() if p.is_floating_point()), None)
                 with HessianCollector(inputs, device=work) as collector:
                     for h, (a, k) in zip(hidden, calls, strict=True):
-                        collector.run(lambda h=h, a=a, k=k: ft_layers[i](h, *a, **k))
+                        # a fine-tune saved in another dtype than its base runs in its own (hidden states, rotary
+                        # tables and masks cast to it, as the fine-tune's own forward would make them)
+                        a, k = (a, k) if h.dtype == dtype else (floats_to(a, dtype), floats_to(k, dtype))
+                        collector.run(lambda h=h, a=a, k=k: ft_layers[i](floats_to(h, dtype), *a, **k))
                 hessians = {n: collector.matrix(n) for n in names}
             for name in names:
-                self.fill(name, hessians.get(name), work)
-                if hidden is not None and hessians.get(name) is None:
+                h = hessians.pop(name, None)  # each Hessian is freed once its linear is done
+                self.fill(name, h, work)
+                if hidden is not None and h is None:
                     self.fallbacks.append(f"{name}: no activations (round-to-nearest)")
+                del h
             if self.ckpt is not None:
                 self.ckpt.save_layer(i, modules)
 
+        def hold(i: int | None) -> Any:  # streamed: the embedding for the first inputs, then one layer of each model
+            if i is None:
+                return self.pair.hold(vocab.vocab_modules(self.inner)[:1], base=self.inner, finetuned=None)
+            return self.pair.hold([f"{prefix}.{i}"], base=self.inner, finetuned=self.finetuned)
+
         inputs = kind.layer_inputs(calib) if calib is not None else None
         with dequant_cache.suspended():
-            walk_layers(self.inner, ft_layers, inputs, visit, batch_size=FORWARD_BATCH_SIZE, device=device,
-                        progress=progress)  # fmt: skip
+            self.layer_seconds = walk_layers(self.inner, ft_layers, inputs, visit, batch_size=FORWARD_BATCH_SIZE,
+                                             device=device, progress=progress, hold=hold)  # fmt: skip
 
 
 def _record(

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config import RANK_SHARES, SVD_METHODS, DeltaCoMeConfig
+from ..progress import progress_bar
 from .allocation import allocate_adaptive
 from .endtoend import METRIC, EndToEndCheck
 from .modules import module_kind, plan_entry, rtn_bands_dense, with_changes
@@ -45,6 +46,7 @@ def plan_layouts(
     *,
     calibration_ids: torch.Tensor | None = None,
     bias_changed: dict[str, bool] | None = None,
+    unchanged: set[str] | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The layout entry of every target (method, search and allocation applied) and a record of the choices.
@@ -53,23 +55,28 @@ def plan_layouts(
     to the fine-tune picks ``min_rank_share="auto"`` and decides whether each searched split and the adaptive
     allocation are kept; the search and the allocation weight their per-module errors with the input activations.
     Without data ``"auto"`` means the published split and both fall back to the plain Frobenius error.
+    ``unchanged``: the targets whose weight did not change (:mod:`.changes`: within the rounding of the dtypes);
+    default: those bit-identical in both models.
     """
     t0 = time.time()
     bias_changed = bias_changed or {}
     base_mods, ft_mods = dict(base_model.named_modules()), dict(finetuned_model.named_modules())
     shapes: dict[str, tuple[int, int]] = {}
-    unchanged: dict[str, bool] = {}
+    same: dict[str, bool] = {}
     for name in targets:
         lin = base_mods[name]
         shapes[name] = (lin.out_features, lin.in_features)
-        unchanged[name] = torch.equal(lin.weight.detach().cpu(), ft_mods[name].weight.detach().cpu())
+        if unchanged is None:
+            same[name] = torch.equal(lin.weight.detach().cpu(), ft_mods[name].weight.detach().cpu())
+        else:
+            same[name] = name in unchanged
     info: dict[str, Any] = {}
     specs: dict[str, list[list]] = {}
     adaptive = config.allocation == "adaptive"
     auto_share = config.method == "deltacome" and config.min_rank_share == "auto"
     needs_data = (config.search is not None or adaptive or auto_share) and calibration_ids is not None
     ids = calibration_ids[:PLAN_MAX_SAMPLES] if needs_data else None
-    live = [nm for nm in targets if not unchanged[nm]]
+    live = [nm for nm in targets if not same[nm]]
 
     def delta_of(name: str) -> torch.Tensor:
         wb = base_mods[name].weight.detach().to(torch.float32).cpu()
@@ -84,7 +91,7 @@ def plan_layouts(
     try:
         with reuse_svd() if small else contextlib.nullcontext():
             if auto_share:
-                share = _choose_rank_share(check, config, live, shapes, info) if check is not None else 0.0
+                share = _choose_rank_share(check, config, live, shapes, info, progress) if check is not None else 0.0
                 config = with_changes(config, min_rank_share=share)
                 if check is not None:
                     check.restore()  # what follows measures activations of the fine-tune itself
@@ -92,14 +99,14 @@ def plan_layouts(
                 specs = search_specs(finetuned_model, config, live, shapes, delta_of, ids, info, progress)
 
             default = {name: plan_entry(name, *shapes[name], config.ratio, config,
-                                        bias=bool(bias_changed.get(name, False)), unchanged=unchanged[name])
+                                        bias=bool(bias_changed.get(name, False)), unchanged=same[name])
                        for name in targets}  # fmt: skip
             layout = {}
             for name in targets:
                 spec = specs.get(module_kind(name, shapes[name]))
                 layout[name] = default[name] if spec is None else plan_entry(
                     name, *shapes[name], config.ratio, config, spec=spec, bias=default[name]["bias"],
-                    unchanged=unchanged[name],
+                    unchanged=same[name],
                 )  # fmt: skip
             kl_now = None
             if check is not None and (config.search is not None or adaptive):
@@ -130,6 +137,7 @@ def _choose_rank_share(
     live: Sequence[str],
     shapes: dict[str, tuple[int, int]],
     info: dict[str, Any],
+    progress: bool = False,
 ) -> float:
     """``min_rank_share="auto"``: the share in ``RANK_SHARES`` whose layout brings the whole model closest to the
     fine-tune (ties: the smaller share, nearer the published bands).
@@ -139,7 +147,9 @@ def _choose_rank_share(
     (benchmarks/RESULTS.md); a delta dominated by a few directions goes the other way."""
     kls: dict[float, float] = {}
     seen: dict[str, float] = {}
+    bar = progress_bar(len(RANK_SHARES), progress, "Choosing the band split (min_rank_share)", unit="share")
     for share in RANK_SHARES:
+        bar.update(1)
         cfg = with_changes(config, min_rank_share=share)
         layouts = {nm: plan_entry(nm, *shapes[nm], cfg.ratio, cfg) for nm in live}
         key = str(sorted((nm, e["bands"]) for nm, e in layouts.items()))
@@ -149,6 +159,7 @@ def _choose_rank_share(
         seen[key] = share
         check.apply(layouts)
         kls[share] = check.kl()
+    bar.close()
     best = min(RANK_SHARES, key=lambda sh: (kls[sh], sh))
     info["rank_share"] = {
         "chosen": best,

@@ -1,4 +1,4 @@
-"""What to compress: the pair check, the target linears, the changed modules carried dense, and model kinds.
+"""What to compress: the pair check, the target linears, and model kinds (what changed: :mod:`.changes`).
 
 :class:`ModelKind` is the small interface through which :func:`hf_deltacome.compress` handles a family of models:
 text LMs are the default kind here; vision-language models register theirs from :mod:`hf_deltacome.multimodal`
@@ -20,6 +20,7 @@ from ..config import DeltaCoMeConfig
 from ..errors import ConfigError, IncompatibleModelsError
 from .calibration import get_calibration
 from .layerwalk import find_decoder_layers
+from .vocab import vocab_params, vocab_size
 
 _MAX_LISTED = 20
 
@@ -102,14 +103,18 @@ def check_compatible(base: nn.Module, finetuned: nn.Module) -> None:
         vb, vf = getattr(cb, attr, None), getattr(cf, attr, None)
         if vb is not None and vf is not None and vb != vf:
             problems.append(f"config.{attr}: base {vb!r}, fine-tuned {vf!r}")
-    vb, vf = _vocab(base), _vocab(finetuned)
-    if vb != vf:
-        problems.append(f"vocabulary size: base {vb}, fine-tuned {vf}")
+    vb, vf = vocab_size(base), vocab_size(finetuned)
+    grown = vb is not None and vf is not None and vf > vb  # added tokens (checked in compression.vocab)
+    if vb != vf and not grown:
+        problems.append(f"vocabulary size: base {vb}, fine-tuned {vf} (a fine-tune may add tokens, not remove any)")
     mb = {n: type(m).__name__ for n, m in base.named_modules()}
     mf = {n: type(m).__name__ for n, m in finetuned.named_modules()}
     pb = dict(base.named_parameters(remove_duplicate=False))
     pf = dict(finetuned.named_parameters(remove_duplicate=False))
+    rows = set(vocab_params(finetuned)) if grown else set()
     for n in sorted(set(pb) & set(pf)):
+        if n in rows and (pb[n].shape[0], pf[n].shape[0]) == (vb, vf) and pb[n].shape[1:] == pf[n].shape[1:]:
+            continue
         if pb[n].shape != pf[n].shape:
             problems.append(f"parameter {n!r}: base shape {tuple(pb[n].shape)}, fine-tuned shape {tuple(pf[n].shape)}")
     for n in sorted(set(mb) & set(mf)):
@@ -145,14 +150,6 @@ def _is_peft(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, (PeftModel, BaseTuner))
-
-
-def _vocab(model: nn.Module) -> int | None:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and hasattr(emb, "num_embeddings"):
-        return int(emb.num_embeddings)
-    return getattr(getattr(model, "config", None), "vocab_size", None)
-
 
 
 def matches(name: str, patterns: str | set | list | None) -> bool:
@@ -199,35 +196,3 @@ def select_targets(model: nn.Module, config: DeltaCoMeConfig) -> tuple[str, list
         raise ConfigError("no target linear left to compress after exclude_modules")
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return prefix, sorted(targets, key=order.__getitem__)
-
-
-def changed_modules(base: nn.Module, finetuned: nn.Module, targets: Sequence[str]) -> tuple[list[str], dict[str, bool]]:
-    """Modules (other than the targets) with a parameter that differs, and which targets' biases changed.
-
-    Tied parameters are visited under every name, so a changed tied embedding lists both the embedding and the
-    output layer (each gets its own dense copy, which keeps the result right whether or not PEFT re-ties them).
-    """
-    tset = set(targets)
-    pb = dict(base.named_parameters(remove_duplicate=False))
-    changed: list[str] = []
-    bias_changed: dict[str, bool] = {}
-    for pname, pf in finetuned.named_parameters(remove_duplicate=False):
-        owner, _, leaf = pname.rpartition(".")
-        same = torch.equal(pb[pname].detach().cpu(), pf.detach().cpu()) if pb[pname].shape == pf.shape else False
-        if owner in tset:
-            if leaf == "bias":
-                bias_changed[owner] = not same
-            continue
-        if not same and owner not in changed:
-            changed.append(owner)
-    # a changed module inside another changed module is carried by the outer one's dense copy (PEFT cannot nest
-    # modules_to_save; e.g. CLIP's vision embeddings own class_embedding and hold the changed patch/position ones)
-    changed = [n for n in changed if not any(p and n.startswith(p + ".") for p in changed)]
-    for name in changed:
-        inner = [t for t in targets if t.startswith(name + ".")] if name else list(targets)
-        if inner:
-            raise ConfigError(
-                f"parameter(s) owned directly by module {name!r} changed, but that module contains target linears "
-                f"({inner[0]}, ...); it cannot be stored dense. Narrow target_modules or exclude it."
-            )
-    return changed, bias_changed

@@ -203,12 +203,17 @@ def expected_delta_tensors(config: DeltaCoMeConfig, prefix: str = STATE_DICT_PRE
     return out
 
 
-def _is_extra_key(key: str, modules_to_save: Optional[list[str]], prefix: str) -> bool:
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # PEFT's trainable tokens: the rows of added tokens
+
+
+def _is_extra_key(key: str, config: DeltaCoMeConfig, prefix: str) -> bool:
     name = key[len(prefix) :] if key.startswith(prefix) else key
+    if name.endswith(TOKENS_SUFFIX):
+        return name[: -len(TOKENS_SUFFIX)] in (getattr(config, "trainable_token_indices", None) or {})
     module = name.rsplit(".", 1)[0] if "." in name else ""
     dotted = f".{module}."
     # a parameter of the target itself or of any submodule of it (a whole vision-embeddings block, say)
-    return any(f".{target}." in dotted for target in modules_to_save or [])
+    return any(f".{target}." in dotted for target in config.modules_to_save or [])
 
 
 def _padding_ok(qweight: torch.Tensor, cols: int, bits: int) -> bool:
@@ -251,10 +256,10 @@ def validate_adapter_state_dict(
                 f"{filename}: unknown tensor {key!r}: adapter_config.json's layout has no such band/module "
                 "(config and weights disagree)"
             )
-        if not _is_extra_key(key, config.modules_to_save, prefix):
+        if not _is_extra_key(key, config, prefix):
             raise AdapterFileError(
                 f"{filename}: unexpected tensor {key!r}: it is neither a packed delta of the layout nor part of "
-                f"modules_to_save {sorted(config.modules_to_save or [])}"
+                f"modules_to_save {sorted(config.modules_to_save or [])} or of the added tokens' rows"
             )
     for key in sorted(present):
         t = state_dict[key]

@@ -22,6 +22,7 @@ from .adapter_files import (
     ADAPTER_WEIGHTS_NAME,
     DELTA_MARKER,
     STATE_DICT_PREFIX,
+    TOKENS_SUFFIX,
     _raise_missing_weights,
     read_adapter_config,
     read_adapter_weights,
@@ -136,6 +137,15 @@ def check_extras(
         if DELTA_MARKER in key:
             continue
         name = key[len(STATE_DICT_PREFIX) :] if key.startswith(STATE_DICT_PREFIX) else key
+        if name.endswith(TOKENS_SUFFIX):  # rows of added tokens: as wide as the embedding they go into
+            module = _resolve_module(base, name[: -len(TOKENS_SUFFIX)])
+            width = getattr(getattr(module, "weight", None), "shape", (0, 0))[1:]
+            if module is None or t.dim() != 2 or tuple(t.shape[1:]) != tuple(width):
+                raise AdapterFileError(
+                    f"{filename}: tensor {key!r} of shape {list(t.shape)} does not fit the base model's "
+                    f"{name[: -len(TOKENS_SUFFIX)]} (rows of width {list(width)} expected)"
+                )
+            continue
         module_name, _, param = name.rpartition(".")
         module = _resolve_module(base, module_name)
         if module is None:

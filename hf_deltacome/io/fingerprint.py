@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -33,6 +33,7 @@ from .weight_sketch import (
     FINGERPRINT_VERSION,
     LOOSE,
     BaseWeight,
+    _canonical,
     base_weights,
     decode_sketch,
     describe_model,
@@ -105,14 +106,31 @@ def _v1_differences(fp: Mapping[str, Any], weights: list[BaseWeight]) -> dict[st
 # --- public API ----------------------------------------------------------------------------------------------------
 
 
-def compute_fingerprint(model: nn.Module) -> dict[str, Any]:
+def compute_fingerprint(model: nn.Module, read: Optional[Callable[[BaseWeight], Optional[torch.Tensor]]] = None) -> dict[str, Any]:
     """Fingerprint of ``model`` (a transformers model, or a ``PeftModel`` whose base is fingerprinted).
 
-    JSON-serialisable; store it in ``DeltaCoMeConfig.base_fingerprint``. Reads every weight once (on its device).
+    JSON-serialisable; store it in ``DeltaCoMeConfig.base_fingerprint``. Reads every weight once (on its device);
+    ``read(weight)`` supplies the values of meta weights (a model streamed from its checkpoint files).
     """
     base = unwrap(model)
     weights = base_weights(base)
-    return {"version": FINGERPRINT_VERSION, **describe_model(base, weights), "sketch": sketch_model(weights)}
+    return {"version": FINGERPRINT_VERSION, **describe_model(base, weights), "sketch": sketch_model(weights, read)}
+
+
+def _first_rows(base: nn.Module, weights: list[BaseWeight], rows: int) -> list[BaseWeight]:
+    """The weights as the base held them before its vocabulary grew to ``rows``+ tokens for an adapter of a
+    fine-tune that added tokens (:class:`~hf_deltacome.config.DeltaCoMeConfig` ``base_vocab_size``)."""
+    vocab = []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(base, get, lambda: None)()
+        name = next((n for n, m in base.named_modules(remove_duplicate=False) if m is module), None)
+        if module is not None and name is not None:
+            vocab += [_canonical(f"{name}.{leaf}") for leaf in ("weight", "bias")]
+    return [
+        BaseWeight(w.name, (rows, *w.shape[1:]), w.module, w.attr, w.tensor[:rows])
+        if w.name in vocab and w.shape and w.shape[0] > rows else w
+        for w in weights
+    ]
 
 
 def _validate(fp: dict) -> None:
@@ -174,16 +192,21 @@ def _first(items: list[str], n: int = 4) -> str:
 
 
 def fingerprint_differences(
-    expected: Mapping[str, Any], model: nn.Module, *, adapter: Optional[str] = None
+    expected: Mapping[str, Any], model: nn.Module, *, adapter: Optional[str] = None, vocab_rows: Optional[int] = None
 ) -> tuple[list[str], dict[str, Any]]:
     """What differs between the (parsed) stored fingerprint and ``model``: ``(differences, found summary)``.
 
     The summary also lists the tensors ``compared``, ``skipped`` (unreadable: name and shape only) and checked
-    ``loose`` (to the dtype's rounding only).
+    ``loose`` (to the dtype's rounding only). ``vocab_rows``: only the first rows of the embeddings and ``lm_head``
+    are the base's (an adapter of a fine-tune that added tokens grew them).
     """
     base = unwrap(model)
     weights = base_weights(base)
+    if vocab_rows is not None:
+        weights = _first_rows(base, weights, vocab_rows)
     found: dict[str, Any] = describe_model(base, weights)
+    if vocab_rows is not None and found.get("vocab_size") is not None and found["vocab_size"] > vocab_rows:
+        found["vocab_size"] = vocab_rows
     diffs = [
         f"{label} {expected[key]!r} expected, {found[key]!r} found"
         for key, label in _LABELS.items()
@@ -231,6 +254,7 @@ def check_fingerprint(
     *,
     strict: bool = True,
     adapter: Optional[str] = None,
+    vocab_rows: Optional[int] = None,
 ) -> list[str]:
     """Check that ``model`` is the base the adapter was compressed against.
 
@@ -250,7 +274,7 @@ def check_fingerprint(
         note = f"{who} carries a version-1 base fingerprint (16 values of at most 64 weights): the base check is "
         note += "weaker (most weights unchecked); compress again with this version for a check of every weight"
         warnings.warn(note, WeakBaseCheckWarning, stacklevel=2)
-    diffs, found = fingerprint_differences(fp, model, adapter=adapter)
+    diffs, found = fingerprint_differences(fp, model, adapter=adapter, vocab_rows=vocab_rows)
     notes = _notes(found)
     if not diffs:
         if notes:
@@ -268,9 +292,9 @@ def check_fingerprint(
     return diffs
 
 
-def fingerprint_json(model: nn.Module) -> str:
+def fingerprint_json(model: nn.Module, read: Optional[Callable[[BaseWeight], Optional[torch.Tensor]]] = None) -> str:
     """:func:`compute_fingerprint` as compact JSON text (for a ``str``-typed config field)."""
-    return json.dumps(compute_fingerprint(model), separators=(",", ":"), sort_keys=True)
+    return json.dumps(compute_fingerprint(model, read), separators=(",", ":"), sort_keys=True)
 
 
 fingerprint_model = compute_fingerprint  # the older name, kept for callers

@@ -32,7 +32,7 @@ LOOSE = 2.0**-8  # bfloat16 unit roundoff: the most one rounding moves a weight,
 _CHUNK = {"cpu": 1 << 17}  # elements per matmul chunk (<= 1 MiB: stays in L2 on CPU); 1 << 24 elsewhere
 _CODES = {torch.float32: "f", torch.bfloat16: "b", torch.float16: "h", torch.float64: "d"}  # other floats: "o"
 _DTYPE_NAMES = {"f": "float32", "b": "bfloat16", "h": "float16", "d": "float64", "o": "another float type"}
-_WRAPPER_SEGMENTS = ("base_layer", "original_module")
+_WRAPPER_SEGMENTS = ("base_layer", "original_module", "token_adapter")
 
 
 # --- walking the base model ----------------------------------------------------------------------------------------
@@ -64,8 +64,9 @@ def _adapter_state(module: nn.Module) -> set[str]:
     skip: set[str] = set()
     if isinstance(module, BaseTunerLayer):
         skip.update(module.adapter_layer_names, module.other_param_names)
-    if isinstance(module, AuxiliaryTrainingWrapper):
-        skip.update(("modules_to_save", "token_adapter"))
+    if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save"):
+        # (trainable tokens keep the base weight inside token_adapter, whose own parts are skipped above)
+        skip.add("modules_to_save")
     return skip
 
 
@@ -218,12 +219,17 @@ def decode_sketch(text: Any) -> np.ndarray:
     return np.frombuffer(base64.b64decode(str(text).encode("ascii"), validate=True), dtype="<f4")
 
 
-def sketch_model(weights: list[BaseWeight]) -> dict[str, Any]:
+def sketch_model(
+    weights: list[BaseWeight], read: Optional[Callable[[BaseWeight], Optional[torch.Tensor]]] = None
+) -> dict[str, Any]:
+    """The stored sketch of ``weights``; ``read(weight)`` supplies meta weights (a model streamed from its files)."""
     params = (ROWS_PER_BUCKET, PROJECTIONS, SEED)
     sketch = _sketcher(params)
     codes, bf16, fp16 = [], [], []
     for w in weights:
         t = readable(w)
+        if t is None and read is not None and w.tensor.device.type == "meta":
+            t = read(w)
         if t is None:
             codes.append("-")
             continue

@@ -1,0 +1,197 @@
+"""Streamed compression: pairs read from sharded safetensors one layer at a time give the loaded path's bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_models import logits, make_finetune, make_model, make_tokenizer, random_ids
+from transformers import AutoModelForCausalLM
+
+import hf_deltacome.compression.streaming as streaming
+from hf_deltacome import DeltaCoMeConfig
+from hf_deltacome.compression.pipeline import compress
+from hf_deltacome.errors import CalibrationError, ConfigError, DeltaCoMeError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def save_pair(folder: Path, base, ft, *, tokenizer: bool = True, shard: str = "40KB") -> tuple[str, str]:
+    """Write both models as sharded safetensors (several files and an index) with a tokenizer; their paths."""
+    paths = []
+    for role, model in (("base", base), ("finetuned", ft)):
+        model.save_pretrained(folder / role, max_shard_size=shard)
+        if tokenizer:
+            make_tokenizer().save_pretrained(folder / role)
+        paths.append(str(folder / role))
+    assert (folder / "base" / "model.safetensors.index.json").is_file()
+    return paths[0], paths[1]
+
+
+def written(model, folder: Path) -> dict[str, str]:
+    """Hashes of the saved adapter: the weights file and the config without its timings and records."""
+    model.save_pretrained(folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.pop("compression_info")
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    return {"weights": hashlib.sha256(weights).hexdigest(), "config": json.dumps(cfg, sort_keys=True)}
+
+
+def loaded(path: str):
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+
+
+CASES = {
+    "rtn": (dict(quantizer="rtn"), False),
+    "gptq": (dict(min_rank_share=0.0, ratio="1/8"), True),
+    "gptq-bias-qwen2": (dict(ratio="1/4", act_order=True), True),
+    "bitdelta-no-distill": (dict(method="bitdelta", distill_steps=0, ratio="1/8"), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_adapter_is_byte_identical_to_loaded(tmp_path, case, dtype):
+    kwargs, calibrated = CASES[case]
+    arch = "qwen2" if "qwen2" in case else "llama"
+    base = make_model(arch, seed=3).to(dtype)
+    ft = make_finetune(base, seed=3)
+    b, f = save_pair(tmp_path, base, ft)
+    calib = random_ids(base, 8, 24, seed=5) if calibrated else None
+    cfg = DeltaCoMeConfig(**kwargs)
+    reference = compress(loaded(b), loaded(f), cfg, calibration=calib, progress=False)
+    streamed = compress(b, f, cfg, calibration=calib, progress=False)
+    assert streamed.peft_config["default"].compression_info["streamed"] is True
+    assert written(streamed, tmp_path / "streamed") == written(reference, tmp_path / "loaded")
+    # the streamed adapter loads onto the base and runs like the loaded one
+    ids = random_ids(base, 2, 12, seed=7)
+    again = PeftModel.from_pretrained(loaded(b), tmp_path / "streamed").eval()
+    torch.testing.assert_close(logits(again, ids), logits(reference, ids))
+
+
+def test_streamed_run_only_holds_one_layer_at_a_time(tmp_path, monkeypatch):
+    base = make_model("llama", seed=1, num_hidden_layers=4)
+    b, f = save_pair(tmp_path, base, make_finetune(base, seed=1))
+    held: list[set[str]] = []
+    real = streaming.StreamedPair.hold
+
+    def spy(self, names, *, base, finetuned):
+        real_params = {n for n, p in self.finetuned.named_parameters() if not p.is_meta}
+        real_params |= {n for n, p in base.named_parameters() if not p.is_meta and "modules_to_save" not in n}
+        held.append({n.split(".")[2] for n in real_params if n.startswith("model.layers.")})
+        return real(self, names, base=base, finetuned=finetuned)
+
+    monkeypatch.setattr(streaming.StreamedPair, "hold", spy)
+    model = compress(b, f, DeltaCoMeConfig(ratio="1/8"), calibration=random_ids(base, 4, 16), progress=False)
+    assert len(held) > 4 and all(len(layers) <= 1 for layers in held)  # never two decoder layers in memory
+    assert all(p.is_meta for n, p in model.base_model.model.named_parameters() if "base_layer" in n)
+
+
+def test_streamed_fallbacks_are_recorded_and_logged(tmp_path, caplog):
+    base = make_model("llama", seed=2)
+    b, f = save_pair(tmp_path, base, make_finetune(base, seed=2))
+    with caplog.at_level(logging.INFO, logger="hf_deltacome"):
+        model = compress(b, f, DeltaCoMeConfig(ratio="1/8"), num_samples=4, seq_len=32, progress=False)
+    info = model.peft_config["default"].compression_info
+    assert info["calibration"].startswith("built-in generic text") and info["num_samples"] == 4
+    assert info["rank_share"]["chosen"] == 0.0 and "streamed" in info["rank_share"]["fallback"]
+    assert "built-in generic text" in caplog.text and "min_rank_share='auto'" in caplog.text
+    for option in (dict(search="greedy"), dict(allocation="adaptive")):
+        with pytest.raises(ConfigError, match="whole model; a streamed compression cannot"):
+            compress(b, f, DeltaCoMeConfig(**option), progress=False)
+    bitdelta = compress(b, f, DeltaCoMeConfig(method="bitdelta"), num_samples=2, seq_len=16, progress=False)
+    assert bitdelta.peft_config["default"].compression_info["distill"]["skipped"].startswith("streamed")
+
+
+def test_streamed_calibration_needs_a_tokenizer_or_ids(tmp_path):
+    base = make_model("llama", seed=2)
+    b, f = save_pair(tmp_path, base, make_finetune(base, seed=2), tokenizer=False)
+    with pytest.raises(CalibrationError, match="need a tokenizer"):
+        compress(b, f, DeltaCoMeConfig(), progress=False)
+    model = compress(b, f, DeltaCoMeConfig(), calibration=random_ids(base, 2, 16), progress=False)
+    assert model.peft_config["default"].compression_info["calibration"] == "token tensor (2, 16)"
+
+
+def test_streamed_resume_skips_finished_layers(tmp_path, monkeypatch):
+    base = make_model("llama", seed=4)
+    b, f = save_pair(tmp_path, base, make_finetune(base, seed=4))
+    cfg, ids = DeltaCoMeConfig(ratio="1/8", min_rank_share=0.0), random_ids(base, 4, 16)
+    reference = compress(b, f, cfg, calibration=ids, progress=False)
+    real = streaming.StreamedPair.hold
+
+    def dying(self, names, **kw):
+        if any(n.startswith("model.layers.1") for n in names):
+            raise KeyboardInterrupt
+        return real(self, names, **kw)
+
+    monkeypatch.setattr(streaming.StreamedPair, "hold", dying)
+    with pytest.raises(KeyboardInterrupt):
+        compress(b, f, cfg, calibration=ids, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "layer_0000.safetensors").exists()
+    monkeypatch.setattr(streaming.StreamedPair, "hold", real)
+    seen = []
+    monkeypatch.setattr("hf_deltacome.compression.pipeline.compress_module",
+                        lambda d, h, e, c, name="": seen.append(name) or real_compress(d, h, e, c, name=name))  # fmt: skip
+    resumed = compress(b, f, cfg, calibration=ids, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    assert seen and all(n.startswith("model.layers.1.") for n in seen)  # layer 0 came from its checkpoint
+    assert written(resumed, tmp_path / "resumed") == written(reference, tmp_path / "reference")
+
+
+def real_compress(*args, **kwargs):
+    from hf_deltacome.compression.modules import compress_module
+
+    return compress_module(*args, **kwargs)
+
+
+def test_streaming_refuses_what_it_cannot_read(tmp_path):
+    base = make_model("llama")
+    b, f = save_pair(tmp_path, base, make_finetune(base))
+    with pytest.raises(ConfigError, match="both models loaded, or both as paths"):
+        compress(b, loaded(f), DeltaCoMeConfig(quantizer="rtn"), progress=False)
+    with pytest.raises(DeltaCoMeError, match="no such model directory"):
+        compress(str(tmp_path / "nowhere"), f, DeltaCoMeConfig(quantizer="rtn"), progress=False)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((Path(b) / "config.json").read_text())
+    torch.save({}, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ConfigError, match="no model.safetensors .*load the models instead"):
+        compress(str(tmp_path / "bin"), f, DeltaCoMeConfig(quantizer="rtn"), progress=False)
+    shard = next(Path(f).glob("model-0000*.safetensors"))
+    shard.unlink()
+    with pytest.raises(ConfigError, match=f"cannot read {shard.name}"):
+        compress(b, f, DeltaCoMeConfig(quantizer="rtn"), progress=False)
+
+
+def test_streamed_resume_with_another_finetune_is_refused(tmp_path):
+    """The checkpoint records the streamed fine-tune's fingerprint (read from its files, the skeleton has no
+    weights): a resume with another fine-tune is refused, one with the same goes on."""
+    base = make_model("llama", seed=4)
+    b, f = save_pair(tmp_path / "one", base, make_finetune(base, seed=4))
+    _, other = save_pair(tmp_path / "two", base, make_finetune(base, seed=5))
+    cfg = DeltaCoMeConfig(quantizer="rtn", ratio="1/8")
+    compress(b, f, cfg, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    compress(b, f, cfg, progress=False, checkpoint_dir=tmp_path / "ckpt")  # the same inputs resume
+    with pytest.raises(ConfigError, match=r"another fine-tuned model \(the weights differ"):
+        compress(b, other, cfg, progress=False, checkpoint_dir=tmp_path / "ckpt")
+
+
+def test_streamed_tied_embeddings(tmp_path):
+    """A tied lm_head has no tensor of its own in the checkpoint (SmolLM2): the skeleton ties it to the embedding."""
+    base = make_model("llama", seed=6, tie_word_embeddings=True)
+    b, f = save_pair(tmp_path, base, make_finetune(base, seed=6, embedding_rows=3))
+    assert "lm_head.weight" not in json.loads((Path(b) / "model.safetensors.index.json").read_text())["weight_map"]
+    cfg = DeltaCoMeConfig(quantizer="rtn", ratio=1.0)  # room for the dense embedding
+    reference = compress(loaded(b), loaded(f), cfg, progress=False)
+    streamed = compress(b, f, cfg, progress=False)
+    assert "model.embed_tokens" in streamed.peft_config["default"].modules_to_save
+    assert written(streamed, tmp_path / "streamed") == written(reference, tmp_path / "loaded")
