@@ -318,6 +318,18 @@ def test_cli_quantize_and_info(tmp_path, tokenizer, capsys):
     assert main(["info", str(tmp_path / "q"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["info"]["true_bpw"] <= 3.5
     assert isinstance(_load(tmp_path / "q").model.layers[0].mlp.up_proj, AmlqLinear)
+    # `deltacome compress --base DIR_AMLQ`: the delta is taken against the quantized base, and the adapter loads on it
+    make_finetune(model).save_pretrained(tmp_path / "ft")
+    tokenizer.save_pretrained(tmp_path / "ft")
+    compress_args = ["compress", "--base", str(tmp_path / "q"), "--finetuned", str(tmp_path / "ft"), "--output",
+                     str(tmp_path / "a"), "--quantizer", "rtn", "--ratio", "1/4"]  # fmt: skip
+    assert main(compress_args) == 0
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantizedBaseWarning)  # made against this very base: no warning
+        PeftModel.from_pretrained(_load(tmp_path / "q"), tmp_path / "a")
+    capsys.readouterr()
     assert main(["quantize", str(tmp_path / "fp"), "--bpw", "1.0", "--output", str(tmp_path / "q1"), *common]) == 2
     assert "below the cheapest layout" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path / "fp"), "--bpw", "3", "--output", str(tmp_path / "q")]) == 2
