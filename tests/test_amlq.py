@@ -169,6 +169,18 @@ def test_low_bit_share_keeps_two_bits_a_minority():
         allocate(sens, 2.7, 0, low_bit_share=0.25)  # one 2-bit unit in four cannot reach 2.7 bpw
 
 
+def test_allocation_never_estimates_worse_than_the_uniform_layout_of_the_same_bytes():
+    sens = [_sens(f"l{i}", (64, 256), kl_scale=3.0 if i == 1 else 1.0, seed=i) for i in range(3)]
+    for s in sens:  # 3 bits save little over 2: (3, 64) is off every unit's convex hull (2 bits -> 4 bits directly)
+        s.unit_errors[2] = 0.6 * s.unit_errors[1]
+    uniform = uniform_layout({s.name: s.shape for s in sens}, 3, 64)
+    target = layout_bpw(uniform)
+    uniform_kl = sum(estimated_kl(s, float(s.unit_errors[2].sum()) / s.signal) for s in sens)  # (3, 64) everywhere
+    for share in (0.0, 0.5, 1.0):  # with no 2-bit units allowed, the uniform 3-bit layout is still reachable
+        layout, info = allocate(sens, target, 0, low_bit_share=share)
+        assert layout_bpw(layout) <= target and info["estimated_kl"] <= uniform_kl * (1 + 1e-9)
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="bits"):
         AmlqConfig(bits=[5])

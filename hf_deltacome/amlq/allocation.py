@@ -8,8 +8,9 @@ linear is quantized, at two probe errors (:func:`.sensitivity.measure_end_to_end
 
 1. **Options of one linear** (:func:`linear_options`). Each unit's (bytes, error) points are reduced to their lower
    convex hull; merging the hull steps of all units by error saved per byte gives the linear's frontier of
-   mixed-precision assignments, cheapest first. ``low_bit_share`` drops the assignments that put more than that
-   share of the columns at the lowest bit width (2-bit groups stay a minority inside a linear). Each frontier point
+   mixed-precision assignments, cheapest first; the same frontier without the lowest bit width and every uniform
+   assignment are added (so the uniform layout of any precision is always within reach). ``low_bit_share`` drops
+   the assignments that put more than that share of the columns at the lowest bit width. Each frontier point
    is combined with each candidate rank (error ``e · (1 − captured share)``), costed *exactly* (``entry_nbytes``:
    packed codes with row padding, scales, zeros, low-rank factors) and Pareto-filtered.
 2. **Cost of an option**: the estimated KL it adds, read off the linear's end-to-end curve at its normalized error
@@ -123,16 +124,18 @@ def _plane_bytes(rows: int, cols: int, assignment: Sequence[int], cands: Sequenc
     return sum(stored_nbytes(rows, n, *cands[c]) for c, n in counts.items())
 
 
-def _frontier(sens: Sensitivity) -> list[list[int]]:
-    """Mixed-precision assignments of the units, cheapest first (merged lower convex hulls of the units)."""
+def _frontier(sens: Sensitivity, usable: Sequence[int] | None = None) -> list[list[int]]:
+    """Mixed-precision assignments of the units, cheapest first (merged lower convex hulls of the units), using only
+    the candidate indices ``usable`` (default: all)."""
     m, n = sens.shape
     cands, errs = sens.candidates, sens.unit_errors.to(torch.float64)
     spans = unit_spans(n, sens.unit)
     approx = [[m * ((e - s) * b + math.ceil((e - s) / g) * _GROUP_META_BITS) for b, g in cands] for s, e in spans]
     steps: list[tuple[float, int, int]] = []  # (error saved per bit, unit, candidate)
     start: list[int] = []
+    usable = list(range(len(cands))) if usable is None else list(usable)
     for u in range(len(spans)):
-        pts = sorted(range(len(cands)), key=lambda c: (approx[u][c], float(errs[c, u])))
+        pts = sorted(usable, key=lambda c: (approx[u][c], float(errs[c, u])))
         hull = [pts[0]]
         for c in pts[1:]:
             if float(errs[c, u]) >= float(errs[hull[-1], u]):
@@ -173,7 +176,11 @@ def linear_options(sens: Sensitivity, error_rank: int | str = "auto", *, low_bit
         raise ConfigError(f"error_rank={error_rank!r} needs rank(s) {missing} for {sens.name}, but the sensitivity "
                           f"pass measured ranks {sens.ranks}; measure again with this error_rank")  # fmt: skip
     fr = sens.rank_fractions
-    frontier = _frontier(sens)
+    # the merged hulls of all candidates, the same without the lowest bit width (the hull of all candidates may reach
+    # low_bit_share's limit only through upgrades elsewhere), and every uniform assignment (so the uniform layout of
+    # each precision is always in the allocation's reach: it can only be matched or beaten in estimated KL)
+    frontier = _frontier(sens) + _frontier(sens, [c for c, (b, _) in enumerate(cands) if b != low])
+    frontier += [[c] * len(spans) for c in range(len(cands))]
     allowed = [a for a in frontier
                if sum(e - s for (s, e), c in zip(spans, a, strict=True) if cands[c][0] == low) <= low_bit_share * n]
     options: list[_Option] = []
