@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """AMLQ on SmolLM2-135M: held-out perplexity against true bits per weight, and a Delta-CoMe adapter on the AMLQ base.
 
-    python benchmarks/amlq.py [--cells amlq:3.0,gptq:3:128,...] [--stack-bpw 3.0] [--out DIR]
+    python benchmarks/amlq.py [--cells amlq:3.0,gptq:3:128,...] [--stack amlq:3.0,gptq:3:128] [--out DIR]
 
 Part 1 (base). SmolLM2-135M-Instruct (``zoo.load_smollm2``) quantized by
 
@@ -17,8 +17,8 @@ Text: the Python reference manual shipped with CPython (``pydoc_data.topics``, h
 start (disjoint). True bpw counts every stored byte of the quantized decoder linears (codes with row padding, fp16
 scales, uint8 zeros, low-rank factors) over their weights; the (tied) embeddings stay fp32 for every method.
 
-Part 2 (stack, ``--stack-bpw``): the ``facts`` knowledge fine-tune compressed with Delta-CoMe at 1/16 against the fp
-base and against the AMLQ base (loaded with ``AutoModelForCausalLM.from_pretrained`` from the saved folder), each
+Part 2 (stack, ``--stack``: quantized bases given as cells, saved in the AMLQ format by their cell): the ``facts``
+knowledge fine-tune compressed with Delta-CoMe at 1/16 against the fp base and against the quantized base (loaded with ``AutoModelForCausalLM.from_pretrained`` from the saved folder), each
 adapter loaded with ``PeftModel.from_pretrained`` onto that AMLQ base; exact-match accuracy on the first ``--n-eval``
 held-out questions; gain kept = (acc - acc_fp_base) / (acc_finetune - acc_fp_base).
 
@@ -56,7 +56,7 @@ DEFAULT_CELLS = "rtn:3:128,rtn:2:128,amlq:3.0,gptq:3:128,amlq:gptq:3:128,gptq:2:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default=DEFAULT_CELLS, help="comma-separated cells, in order (module docstring)")
-    p.add_argument("--stack-bpw", default="3.0", help="AMLQ bases of the stack (empty: no stack)")
+    p.add_argument("--stack", default="amlq:3.0", help="quantized bases of the stack, as cells (empty: no stack)")
     p.add_argument("--out", default=None, help="cache folder (default: <zoo cache>/amlq-bench)")
     p.add_argument("--num-samples", type=int, default=8, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window")
@@ -132,6 +132,10 @@ def sensitivity(out: Path, ctx: dict[str, Any]) -> list[Sensitivity]:
     return [Sensitivity.from_dict(d) for d in blob["items"]]
 
 
+def base_dir(out: Path, cell: str) -> Path:
+    return out / f"base-{cell.replace(':', '_')}"
+
+
 def run_cell(cell: str, out: Path, ctx: dict[str, Any]) -> dict:
     kind, _, rest = cell.partition(":")
     shapes = linear_shapes(ctx["fp"])
@@ -174,9 +178,10 @@ def run_cell(cell: str, out: Path, ctx: dict[str, Any]) -> dict:
                        "true_bpw": cfg.info["true_bpw"], "estimated_kl": cfg.info.get("estimated_kl"),
                        "rank_layers": sum(1 for e in layout.values() if e["rank"]),
                        "mean_code_bits": cfg.info["mean_code_bits"], "layout": layout}  # fmt: skip
-            if target in ctx["stack_bpw"] and kind == "amlq" and not note:
-                save_quantized(model, out / f"amlq-{target}", ctx["tok"])
+
         record["seconds"] = round(time.time() - t0, 1)
+        if cell in ctx["stack"] and kind != "rtn" and kind != "hqq" and "low_bit_share" not in record["config"]:
+            save_quantized(model, base_dir(out, cell), ctx["tok"])
         record["perplexity"] = perplexity(model, ctx["held"])
         return record
 
@@ -226,19 +231,19 @@ def run_stack(out: Path, ctx: dict[str, Any], args: argparse.Namespace) -> dict[
     res = {"finetune": acc("finetune", lambda: ft), "fp_base": acc("fp-base", lambda: copy.deepcopy(ctx["fp"]))}
     fp_adapter = adapter("fp", lambda: copy.deepcopy(ctx["fp"]))
     res["fp+fp_adapter"] = acc("fp+fp-adapter", lambda: PeftModel.from_pretrained(copy.deepcopy(ctx["fp"]), fp_adapter))
-    for bpw in ctx["stack_bpw"]:
-        qdir = out / f"amlq-{bpw}"
+    for cell in ctx["stack"]:
+        qdir = base_dir(out, cell)
         while args.wait and not (qdir / "config.json").is_file():
             time.sleep(20)  # another process (part 1) is quantizing this base
         if not (qdir / "config.json").is_file():
-            (out / f"cell-amlq_{bpw}.json").unlink(missing_ok=True)
-            run_cell(f"amlq:{bpw}", out, ctx)
-        res[f"amlq{bpw}"] = acc(f"amlq{bpw}", lambda qdir=qdir: load(qdir))
-        res[f"amlq{bpw}+fp_adapter"] = acc(f"amlq{bpw}+fp-adapter",
-                                           lambda qdir=qdir: PeftModel.from_pretrained(load(qdir), fp_adapter))  # fmt: skip
-        q_adapter = adapter(f"amlq{bpw}", lambda qdir=qdir: load(qdir))
-        res[f"amlq{bpw}+q_adapter"] = acc(f"amlq{bpw}+q-adapter",
-                                          lambda qdir=qdir, a=q_adapter: PeftModel.from_pretrained(load(qdir), a))  # fmt: skip
+            (out / f"cell-{cell.replace(':', '_')}.json").unlink(missing_ok=True)
+            run_cell(cell, out, ctx)
+        res[cell] = acc(f"{cell}", lambda qdir=qdir: load(qdir))
+        res[f"{cell}+fp_adapter"] = acc(f"{cell}+fp-adapter",
+                                        lambda qdir=qdir: PeftModel.from_pretrained(load(qdir), fp_adapter))  # fmt: skip
+        q_adapter = adapter(cell.replace(":", "_"), lambda qdir=qdir: load(qdir))
+        res[f"{cell}+q_adapter"] = acc(f"{cell}+q-adapter",
+                                       lambda qdir=qdir, a=q_adapter: PeftModel.from_pretrained(load(qdir), a))  # fmt: skip
     return res
 
 
@@ -254,17 +259,16 @@ def base_table(records: list[dict], fp_ppl: float) -> str:
     return "\n".join(lines)
 
 
-def stack_table(res: dict[str, float], stack_bpw: list[float]) -> str:
+def stack_table(res: dict[str, float], stack: list[str]) -> str:
     base, ft = res["fp_base"], res["finetune"]
 
     def kept(a: float) -> str:
         return f"{100 * (a - base) / (ft - base):.1f}%" if ft != base else "–"
 
     rows = [("fine-tune (fp32)", "finetune"), ("fp base", "fp_base"), ("fp base + adapter (fp-made)", "fp+fp_adapter")]
-    for b in stack_bpw:
-        rows += [(f"AMLQ {b} bpw base alone", f"amlq{b}"),
-                 (f"AMLQ {b} bpw + adapter made against the fp base", f"amlq{b}+fp_adapter"),
-                 (f"AMLQ {b} bpw + adapter made against this AMLQ base", f"amlq{b}+q_adapter")]  # fmt: skip
+    for c in stack:
+        rows += [(f"{c} base alone", c), (f"{c} + adapter made against the fp base", f"{c}+fp_adapter"),
+                 (f"{c} + adapter made against this quantized base", f"{c}+q_adapter")]  # fmt: skip
     lines = ["| model | facts accuracy | gain kept |", "|---|---:|---:|"]
     lines += [f"| {name} | {100 * res[k]:.1f}% | {kept(res[k])} |" for name, k in rows if k in res]
     return "\n".join(lines)
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx: dict[str, Any] = {"fp": fp, "tok": tok, "calib": calib, "held": held,
                            "group_sizes": [int(g) for g in args.group_sizes.split(",")],
                            "low_bit_share": args.low_bit_share,
-                           "stack_bpw": [float(b) for b in args.stack_bpw.split(",") if b]}  # fmt: skip
+                           "stack": [c for c in args.stack.split(",") if c]}  # fmt: skip
     memo: list[list[Sensitivity]] = []
     ctx["sens"] = lambda: memo[0] if memo else memo.append(sensitivity(out, ctx)) or memo[0]
     fp_ppl = cached(out / "fp.json", lambda: {"perplexity": perplexity(fp, held)})["perplexity"]
@@ -292,14 +296,14 @@ def main(argv: list[str] | None = None) -> int:
                  for p in out.glob("stack-*.json")}  # fmt: skip
     else:
         records = [run_cell(c, out, ctx) for c in args.cells.split(",") if c]
-        stack = run_stack(out, ctx, args) if ctx["stack_bpw"] else {}
+        stack = run_stack(out, ctx, args) if ctx["stack"] else {}
     print(base_table(records, fp_ppl))
     if (out / "sensitivity.json").is_file():
         blob = json.loads((out / "sensitivity.json").read_text())
         print(f"\nAMLQ sensitivity pass (shared by every AMLQ cell, not in their times): {blob['gptq_seconds']:.0f} s "
               f"GPTQ errors + {blob['end_to_end_seconds']:.0f} s end-to-end probes")  # fmt: skip
     if {"finetune", "fp_base"} <= set(stack):
-        print("\n" + stack_table(stack, ctx["stack_bpw"]))
+        print("\n" + stack_table(stack, ctx["stack"]))
     print(f"\n{time.time() - t0:.0f} s wall (this run)")
     return 0
 
