@@ -147,7 +147,7 @@ def size_of_shape(name: str) -> tuple[int, int, int]:
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     weights = sketch.base_weights(model)
-    params = (fpmod.ROWS_PER_BUCKET, fpmod.PROJECTIONS, fpmod.SEED)
+    params = (sketch.ROWS_PER_BUCKET, sketch.PROJECTIONS, sketch.SEED)
     floats = sum(sketch._dims(w.shape, params)[2] * sketch._dims(w.shape, params)[3] for w in weights)
     fp = {"version": 2, **sketch.describe_model(model, weights)}
     out = []

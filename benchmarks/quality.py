@@ -14,19 +14,27 @@ Each method (``--methods``; ``deltacome+greedy`` = ``search="greedy"``, ``deltac
 calibration data (the task's training prompts and answers), saved, loaded back through ``PeftModel.from_pretrained``
 and measured: true bytes (``adapter_model.safetensors``), effective ratio, compression time, perplexity on the
 held-out prompts and answers, next-token agreement with the fine-tune there, task accuracy on the held-out split,
-and the share of the fine-tune's accuracy gain over the base that survives. Every finished cell is cached in
-``--out`` (adapter folder + ``cell.json``), so a rerun skips it. Prints one table, writes a PNG plot of gain kept
-against bytes, and (``--results-md``) replaces this task's quality section of ``benchmarks/RESULTS.md``.
+and the share of the fine-tune's accuracy gain over the base that survives. "compress s" is the whole
+``compress()`` call, the SVD of every delta included (no SVD is shared between cells).
+
+Every finished cell, and the base / fine-tune reference scores, is cached in ``--out`` under a key of every setting
+that shapes it (task, pair, ratio, method, quantizer, ``--num-samples``, ``--seq-len``, ``--n-eval``, ``--n-text``)
+and the git revision of the code (with a hash of uncommitted changes), so a rerun skips only what the same code
+measured the same way and "gain kept" never divides numbers measured on different question sets. Prints one table
+(headed by that revision), writes a PNG plot of gain kept against bytes, and (``--results-md``) replaces this task's
+quality section of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from fractions import Fraction
@@ -41,7 +49,6 @@ sys.path.insert(0, str(ROOT / "examples"))  # the demo zoo
 
 from hf_deltacome import DeltaCoMeConfig  # noqa: E402
 from hf_deltacome.compression.pipeline import compress  # noqa: E402
-from hf_deltacome.compression.svd import reuse_svd  # noqa: E402
 from hf_deltacome.config import PLAN_RECORDS  # noqa: E402
 from hf_deltacome.evaluation.metrics import token_windows  # noqa: E402
 from hf_deltacome.io.summary import summarize_adapter  # noqa: E402
@@ -118,6 +125,69 @@ def calibration_texts(task: Any, tokenizer: Any) -> list[str]:
     return [task.render(tokenizer, ex) + ex.answer + eos for ex in task.train]
 
 
+# ------------------------------------------------------------------------------------------------ cache keys
+
+CODE_PATHS = ("hf_deltacome", "kernels", "examples", "benchmarks/*.py")  # the code a measurement records (not RESULTS.md)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def code_revision() -> str:
+    """``git`` commit of the code (``CODE_PATHS``), plus ``+dirty.<hash>`` of uncommitted changes and new files."""
+    try:
+        rev = _git("rev-parse", "--short=12", "HEAD").strip()
+        diff = _git("diff", "HEAD", "--", *CODE_PATHS)
+        new = _git("ls-files", "--others", "--exclude-standard", "--", *CODE_PATHS).split()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    if not diff and not new:
+        return rev
+    h = hashlib.sha256(diff.encode())
+    for name in sorted(new):
+        h.update(name.encode() + b"\0" + (ROOT / name).read_bytes())
+    return f"{rev}+dirty.{h.hexdigest()[:10]}"
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """A short stable hash of a settings dict (the cache key of what those settings measure)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def reference_settings(args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Everything the base / fine-tune reference scores depend on."""
+    return {
+        "task": ctx["task"].name,
+        "base": ctx["base_name"],
+        "finetune": ctx["ft_name"],
+        "n_eval": args.n_eval,
+        "n_text": args.n_text,
+        "seq_len": args.seq_len,
+        "revision": ctx["revision"],
+    }
+
+
+def cell_settings(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Everything one cell's record depends on (its reference's settings included, for "gain kept")."""
+    return {
+        **reference_settings(args, ctx),
+        "variant": variant,
+        "config": VARIANTS[variant],
+        "ratio": ratio,
+        "quantizer": args.quantizer,
+        "num_samples": args.num_samples,
+    }
+
+
+def _cached(path: Path, settings: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    """The record at ``path`` if it was measured with exactly ``settings`` (and ``force`` is off)."""
+    if force or not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("settings") == settings else None
+
+
 # ------------------------------------------------------------------------------------------------ measurement
 
 
@@ -144,17 +214,23 @@ def measure(model: Any, tokenizer: Any, ctx: dict[str, Any], n: int | None) -> d
     return {"perplexity": ppl, "agreement": agreement, "accuracy": acc, "eval_seconds": round(time.time() - t0, 1)}
 
 
-def reference(ctx: dict[str, Any], n: int | None, force: bool) -> dict:
-    """Base and fine-tune scores, and the fine-tune's greedy tokens on the held-out text (cached)."""
-    path, tokens = ctx["out"] / "reference.json", ctx["out"] / "finetune_argmax.pt"
-    if path.is_file() and tokens.is_file() and not force:
+def reference(ctx: dict[str, Any], args: argparse.Namespace) -> dict:
+    """Base and fine-tune scores, and the fine-tune's greedy tokens on the held-out text (cached per settings)."""
+    settings = reference_settings(args, ctx)
+    key = settings_key(settings)
+    path, tokens = ctx["out"] / "reference" / f"{key}.json", ctx["out"] / "reference" / f"{key}-finetune_argmax.pt"
+    cached = _cached(path, settings, args.force)
+    if cached is not None and tokens.is_file():
         ctx["ft_argmax"] = torch.load(tokens)
-        return json.loads(path.read_text())
+        return cached
     _, _, ctx["ft_argmax"] = text_scores(ctx["ft"], ctx["windows"], None)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ctx["ft_argmax"], tokens)
     ref = {
-        "base": measure(ctx["base"], ctx["tokenizer"], ctx, n),
-        "finetuned": measure(ctx["ft"], ctx["tokenizer"], ctx, n),
+        "base": measure(ctx["base"], ctx["tokenizer"], ctx, args.n_eval),
+        "finetuned": measure(ctx["ft"], ctx["tokenizer"], ctx, args.n_eval),
+        "settings": settings,
+        "revision": ctx["revision"],
     }
     path.write_text(json.dumps(ref, indent=2))
     return ref
@@ -163,11 +239,13 @@ def reference(ctx: dict[str, Any], n: int | None, force: bool) -> dict:
 def run_cell(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
     from peft import PeftModel
 
-    label = f"{variant}-r{round(1 / ratio)}-{args.quantizer}"
+    settings = cell_settings(variant, ratio, args, ctx)
+    label = f"{variant}-r{round(1 / ratio)}-{args.quantizer}-{settings_key(settings)}"
     folder = ctx["out"] / "adapters" / label
     record_path = folder / "cell.json"
-    if record_path.is_file() and not args.force:
-        return json.loads(record_path.read_text())
+    cached = _cached(record_path, settings, args.force)
+    if cached is not None:
+        return cached
     cfg = DeltaCoMeConfig(ratio=ratio, quantizer=args.quantizer, **{"method": "deltacome", **VARIANTS[variant]})
     base = copy.deepcopy(ctx["base"])
     t0 = time.time()
@@ -181,7 +259,7 @@ def run_cell(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str
         seq_len=args.seq_len,
         progress=False,
     )
-    seconds = time.time() - t0
+    seconds = time.time() - t0  # the SVDs included: nothing is shared between cells
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     info = model.peft_config["default"].compression_info
@@ -204,6 +282,8 @@ def run_cell(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str
         **metrics,
         "gain_kept": (metrics["accuracy"] - ref["base"]["accuracy"]) / gain if gain else None,
         "info": {k: v for k, v in info.items() if k in (*PLAN_RECORDS, "bitdelta", "plan_seconds")},
+        "settings": settings,
+        "revision": ctx["revision"],
     }
     record_path.write_text(json.dumps(record, indent=2))
     return record
@@ -217,7 +297,11 @@ def frac(r: float) -> str:
 
 
 def table(records: list[dict], ref: dict, task_name: str) -> str:
+    """The markdown table, headed by the code revision every number in it was measured with."""
+    revisions = sorted({str(r.get("revision")) for r in [ref, *records]})
     lines = [
+        f"Code revision: `{'`, `'.join(revisions)}`" + (" (MIXED: rerun with --force)" if len(revisions) > 1 else ""),
+        "",
         "| method | ratio | true bytes | effective ratio | compress s | perplexity | agreement | accuracy | gain kept |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -307,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     out = Path(args.out or (zoo.cache_dir() / "quality")) / f"{task.name}-{ft_path.name}"
     out.mkdir(parents=True, exist_ok=True)
+    revision = code_revision()
     windows = token_windows(tokenizer, heldout_text(task, tokenizer, args.n_text), args.seq_len, 1 << 20)
     ctx = {
         "out": out,
@@ -317,28 +402,31 @@ def main(argv: list[str] | None = None) -> int:
         "windows": windows,
         "task": task,
         "zoo": zoo,
+        "revision": revision,
+        "base_name": base_path.name,
+        "ft_name": ft_path.name,
     }
-    ref = ctx["ref"] = reference(ctx, args.n_eval, args.force)
+    ref = ctx["ref"] = reference(ctx, args)
     print(
         f"pair: base {base_path.name}, fine-tune {ft_path.name}; held-out: {windows.numel()} tokens, "
         f"{args.n_eval or len(task.eval)} task items; base acc {100 * ref['base']['accuracy']:.1f}%, "
         f"fine-tune acc {100 * ref['finetuned']['accuracy']:.1f}%",
         flush=True,
     )
+    print(f"code revision {revision}", flush=True)
     records = []
-    with reuse_svd():  # every cell factorizes the same deltas: do it once
-        for ratio in ratios:
-            for variant in variants:
-                t0 = time.time()
-                rec = run_cell(variant, ratio, args, ctx)
-                records.append(rec)
-                gk = "-" if rec["gain_kept"] is None else f"{100 * rec['gain_kept']:.1f}%"
-                print(
-                    f"{variant:<28} {frac(ratio):>5}  {rec['file_bytes']:>11,} B  acc {100 * rec['accuracy']:5.1f}%  "
-                    f"gain kept {gk:>7}  ppl {rec['perplexity']:.3f}  agree {100 * rec['agreement']:.1f}%  "
-                    f"({time.time() - t0:.0f} s)",
-                    flush=True,
-                )
+    for ratio in ratios:  # each cell computes its own SVDs, so "compress s" is what a user's run costs
+        for variant in variants:
+            t0 = time.time()
+            rec = run_cell(variant, ratio, args, ctx)
+            records.append(rec)
+            gk = "-" if rec["gain_kept"] is None else f"{100 * rec['gain_kept']:.1f}%"
+            print(
+                f"{variant:<28} {frac(ratio):>5}  {rec['file_bytes']:>11,} B  acc {100 * rec['accuracy']:5.1f}%  "
+                f"gain kept {gk:>7}  ppl {rec['perplexity']:.3f}  agree {100 * rec['agreement']:.1f}%  "
+                f"({time.time() - t0:.0f} s)",
+                flush=True,
+            )
     md = table(records, ref, task.name)
     print()
     print(md)
@@ -349,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         header = (
             f"### {task.name} fine-tune ({task.description})\n\n"
             f"`python benchmarks/quality.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
-            + f" on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}. "
+            + f" on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, code "
+            f"revision `{revision}`. "
             f"SVD methods quantized with {args.quantizer}. Calibration: {args.num_samples} x {args.seq_len} tokens of the task's training prompts and answers "
             f"(the same for every method). Held-out: {windows.numel():,} tokens of eval prompts + answers "
             f"(perplexity, next-token agreement with the fine-tune), {args.n_eval or len(task.eval)} eval questions "

@@ -12,10 +12,11 @@ Layout (data flows top to bottom): ``cli`` â†’ ``compression`` (the pipeline) â†
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from . import bootstrap
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (milliseconds at start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value

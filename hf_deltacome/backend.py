@@ -30,6 +30,25 @@ def backend_name() -> str:
     return name
 
 
+def check_device(device: torch.device | str, what: str = "device") -> torch.device:
+    """``torch.device(device)`` if this machine has it; else a `ConfigError` naming ``what`` (an option, say)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{what} {str(device)!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what} {str(device)!r}: no CUDA GPU is available here (use cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"{what} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{what} {str(device)!r}: MPS is not available here (use cpu)")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError(f"{what} {str(device)!r}: not a device to compute on; use cpu, cuda, cuda:N or mps")
+    if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(f"{what} {str(device)!r}: no XPU is available here (use cpu)")
+    return dev
+
+
 @functools.cache
 def triton_available() -> bool:
     try:

@@ -12,11 +12,14 @@ process that never imports PEFT.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import sys
-from types import ModuleType
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (milliseconds at start-up)
+
+if TYPE_CHECKING:  # annotations only: this module is imported at every interpreter start (hf_deltacome-peft.pth)
+    import importlib.machinery
+    from types import ModuleType
+    from typing import Any
 
 _PACKAGE = __name__.rpartition(".")[0]
 _EARLY = "transformers.quantizers.auto"  # transformers' quantizer registry: the early patches need only this
@@ -27,17 +30,22 @@ def _install() -> None:
     pending, _state["pending"] = _state["pending"], set()
     if _state["installed"]:
         return
-    if "peft" in pending:
-        _state["installed"] = True
-        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Watcher)]
-        from .integration import install
+    try:
+        if "peft" in pending:
+            _state["installed"] = True
+            sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Watcher)]
+            from .integration import install
 
-        install()
-    elif _EARLY in pending and not _state["early"]:
-        _state["early"] = True
-        from .integration import install_early
+            install()
+        elif _EARLY in pending and not _state["early"]:
+            _state["early"] = True
+            from .integration import install_early
 
-        install_early()
+            install_early()
+    except Exception as e:  # never break `import peft` / transformers for a program that does not use our adapters
+        import warnings
+
+        warnings.warn(f"hf_deltacome: the PEFT/transformers integration could not be installed: {e!r}", stacklevel=2)
 
 
 def _loaded(name: str) -> None:
@@ -47,7 +55,7 @@ def _loaded(name: str) -> None:
         _install()
 
 
-class _WatchingLoader(importlib.abc.Loader):
+class _WatchingLoader:  # an importlib Loader (duck-typed: importlib.abc costs milliseconds at start-up)
     """Runs the real loader, then reports the module as loaded (restoring the real loader on the module)."""
 
     def __init__(self, loader: Any, ours: bool) -> None:
@@ -71,7 +79,7 @@ class _WatchingLoader(importlib.abc.Loader):
         return getattr(self.loader, name)
 
 
-class _Watcher(importlib.abc.MetaPathFinder):
+class _Watcher:  # an importlib MetaPathFinder
     """Finds ``peft`` and our own submodules with the other finders and wraps their loaders."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:

@@ -2,7 +2,9 @@
 
 Building the parser imports nothing heavy (``deltacome --help`` is instant); each command imports what it needs.
 Subcommands of other parts of the package register through small ``add_parser(subparsers)`` functions
-(:mod:`hf_deltacome.evaluation.cli`, :mod:`hf_deltacome.amlq.cli`). Every error of ours ends the command with one line and exit code 2.
+(:mod:`hf_deltacome.evaluation.cli`, :mod:`hf_deltacome.amlq.cli`). Every error of ours ends the command with one
+line and exit code 2; an interrupt with exit code 130; any other exception (a bug, ours or a library's) with one line
+naming the command, a "this is a bug" hint and exit code 1, the traceback only with ``DELTACOME_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -59,14 +61,19 @@ def parse_bands(text: str) -> list[list]:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
+    from .backend import check_device
     from .compression.pipeline import compress
     from .config import DeltaCoMeConfig
+    from .io.atomic import check_output_folder
     from .io.summary import summarize_adapter
     from .loading import load_model_and_tokenizer
     from .multimodal import is_vlm
 
     out = Path(args.output)
     checkpoint = out / CHECKPOINT_DIR
+    check_output_folder(out, {"--base": args.base, "--finetuned": args.finetuned})  # whatever --overwrite says
+    if args.device is not None:
+        check_device(args.device, "--device")
     if out.exists() and not out.is_dir():
         raise DeltaCoMeError(f"--output {str(out)!r} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not args.overwrite and not args.resume:
@@ -219,8 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "DELTACOME_DEBUG"  # set to 1 for the traceback of an unexpected error
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``deltacome`` script; returns the exit code (2 for our errors, 130 when interrupted)."""
+    """Entry point of the ``deltacome`` script; returns the exit code (2 for our errors, 130 when interrupted, 1 for
+    anything unexpected)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
@@ -231,6 +247,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"deltacome {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # not ours: a bug here or in a library; one line unless asked for the traceback
+        debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        if debug:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        where = "" if debug else f"; run again with {DEBUG_ENV}=1 for the traceback"
+        print(
+            f"deltacome {args.command}: unexpected {type(e).__name__}: {_one_line(str(e))} (this is a bug; please "
+            f"report it{where})",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -16,7 +17,7 @@ from .errors import ConfigError, DeltaCoMeError
 from .format.budget import DEFAULT_BANDS, validate_band_spec
 from .format.packing import SUPPORTED_BITS
 from .format.storage import FORMAT_VERSION
-from .io.atomic import atomic_write_text
+from .io.atomic import PinnedFiles, atomic_write_text, attach_pin, file_sha256
 
 # deltacome: SVD + mixed-precision bands; the others are baselines at the same byte budget (see compression/plan.py)
 METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare")
@@ -39,11 +40,11 @@ def parse_ratio(value: Union[str, float, int]) -> float:
             r = float(Fraction(value.strip()))
         else:
             r = float(value)
-    except (ValueError, ZeroDivisionError) as e:
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
         raise ConfigError(f"cannot parse compression ratio {value!r}; use e.g. 1/16 or 0.0625") from e
     if r > 1.0:
         r = 1.0 / r
-    if not 0.0 < r <= 1.0:
+    if not 0.0 < r <= 1.0:  # also NaN
         raise ConfigError(f"compression ratio must be in (0, 1], got {value!r}")
     return r
 
@@ -109,10 +110,16 @@ class DeltaCoMeConfig(PeftConfig):
     uniform_bits: int = field(default=4, metadata={"help": f"Bits of svd-uniform / dare, one of {UNIFORM_BITS}."})
     bitdelta_scale: str = field(default="matrix", metadata={"help": f"BitDelta scales, one of {BITDELTA_SCALES}."})
     distill_steps: int = field(default=50, metadata={"help": "BitDelta scale distillation steps (0 = off)."})
+    # sha256 of adapter_model.safetensors, written by save_pretrained: the loader refuses weights from another save
+    weights_sha256: Optional[str] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as e:  # PEFT's check of task_type
+            raise ConfigError(f"task_type: {e}") from e
         self.peft_type = PeftType("DELTACOME")  # the member hf_deltacome.integration adds to PEFT's enum
+        self._validate_types()
         self.ratio = parse_ratio(self.ratio)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {METHODS}")
@@ -127,14 +134,46 @@ class DeltaCoMeConfig(PeftConfig):
         self.min_rank_share = share if share == "auto" else float(share)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ConfigError(f"group_size must be a positive integer, got {self.group_size!r}")
-        if not 0.0 <= float(self.damp) < 1.0:
-            raise ConfigError(f"damp must be in [0, 1), got {self.damp!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0.0 <= self.damp < 1.0:
+            raise ConfigError(f"damp must be a number in [0, 1), got {self.damp!r}")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         self._validate_method_options()
         self.validate_layout()
+
+    def _validate_types(self) -> None:
+        """JSON types of the fields PEFT and the tuner use as they are (a hand-edited file fails here, by field)."""
+
+        def names(value: Any, allow_str: bool) -> bool:
+            if value is None or (allow_str and isinstance(value, str)):
+                return True
+            return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
+
+        for key in ("target_modules", "exclude_modules"):
+            if not names(getattr(self, key), allow_str=True):
+                raise ConfigError(f"{key} must be null, a regex string or a list of module names, got {getattr(self, key)!r}")
+        if not names(self.modules_to_save, allow_str=False):
+            raise ConfigError(f"modules_to_save must be null or a list of module names, got {self.modules_to_save!r}")
+        for key in ("base_model_name_or_path", "revision", "peft_version", "weights_sha256"):
+            if not isinstance(getattr(self, key), (str, type(None))):
+                raise ConfigError(f"{key} must be a string or null, got {getattr(self, key)!r}")
+        if self.weights_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.weights_sha256):
+            raise ConfigError(f"weights_sha256 must be 64 lower-case hex digits, got {self.weights_sha256!r}")
+        for key in ("inference_mode", "act_order"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        for key in ("compression_info", "layout"):
+            if not isinstance(getattr(self, key), dict):
+                raise ConfigError(f"{key} must be an object, got {type(getattr(self, key)).__name__}")
+        if not isinstance(self.auto_mapping, (dict, type(None))):
+            raise ConfigError(f"auto_mapping must be an object or null, got {self.auto_mapping!r}")
+        if not isinstance(self.base_fingerprint, (dict, str, type(None))):
+            raise ConfigError(f"base_fingerprint must be an object, got {type(self.base_fingerprint).__name__}")
+        for key in ("method", "quantizer", "allocation", "bitdelta_scale"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{key} must be a string, got {getattr(self, key)!r}")
 
     def _validate_method_options(self) -> None:
         if self.search is not None and self.search not in SEARCHES:
@@ -163,6 +202,8 @@ class DeltaCoMeConfig(PeftConfig):
             raise ConfigError(f"layout must be a mapping of module name to layout, got {type(self.layout).__name__}")
         for name, entry in self.layout.items():
             where = f"adapter_config.json layout of module {name!r}"
+            if not name or any(not part for part in name.split(".")):
+                raise ConfigError(f"{where}: not a module name")
             if not isinstance(entry, dict):
                 raise ConfigError(f"{where}: expected an object, got {entry!r}")
             shape = entry.get("shape")
@@ -180,6 +221,8 @@ class DeltaCoMeConfig(PeftConfig):
                     f"{where}: unknown format {entry.get('format')!r}; this version reads formats 1 and "
                     f"{FORMAT_VERSION} (a newer hf-deltacome wrote it?)"
                 )
+            if not isinstance(entry.get("bias", False), bool):
+                raise ConfigError(f"{where}: 'bias' must be true or false, got {entry.get('bias')!r}")
             bands = entry.get("bands")
             if not isinstance(bands, (list, tuple)):
                 raise ConfigError(f"{where}: 'bands' must be a list of [bits, rank], got {bands!r}")
@@ -217,24 +260,63 @@ class DeltaCoMeConfig(PeftConfig):
         return json.dumps(out, indent=2, sort_keys=True)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write ``adapter_config.json`` atomically (PEFT writes it in place: a kill would leave half a file)."""
+        """Write ``adapter_config.json`` atomically (PEFT writes it in place: a kill would leave half a file), with
+        the sha256 of the ``adapter_model.safetensors`` beside it (``weights_sha256``; ``None`` if there is none)."""
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ConfigError(f"{save_directory} should be a directory, not a file")
         os.makedirs(save_directory, exist_ok=True)
-        text = self.to_json_string(kwargs.pop("auto_mapping_dict", None))
-        atomic_write_text(os.path.join(save_directory, "adapter_config.json"), text)
+        weights = os.path.join(save_directory, "adapter_model.safetensors")  # PEFT writes the weights first
+        digest = file_sha256(weights) if os.path.isfile(weights) else None
+        data = json.loads(self.to_json_string(kwargs.pop("auto_mapping_dict", None)))
+        data["weights_sha256"] = digest
+        atomic_write_text(os.path.join(save_directory, "adapter_config.json"), json.dumps(data, indent=2, sort_keys=True))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, subfolder: Optional[str] = None, **kwargs: Any) -> Any:
-        """PEFT's loader, with every error in a hand-edited file naming the file."""
-        where = os.fspath(pretrained_model_name_or_path) + (f"/{subfolder}" if subfolder else "")
+        """PEFT's loader, with every error in a hand-edited file naming the file.
+
+        From a local folder, ``adapter_config.json`` and ``adapter_model.safetensors`` are opened together and the
+        config is read through its handle; the weights handle stays with the config (:func:`attach_pin`) for the
+        loader, so a save swapping the folder in the meantime cannot hand PEFT the config of one save and the
+        weights of another.
+        """
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "")
+        where = os.path.join(folder, "adapter_config.json")
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            if os.path.isdir(folder):
+                config = cls._from_folder(folder, kwargs)
+            else:
+                config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            if isinstance(config, DeltaCoMeConfig) and not config.layout:
+                raise ConfigError("its layout is empty: a saved adapter lists every module it changes")
+            return config
         except DeltaCoMeError as e:
-            raise type(e)(f"{where}/adapter_config.json: {e}") from e
-        except (TypeError, AttributeError) as e:  # a field of the wrong type in a hand-edited file
-            raise ConfigError(f"{where}/adapter_config.json: invalid adapter config: {e}") from e
+            if where in str(e):  # already names the file
+                raise
+            raise type(e)(f"{where}: {e}") from e
+        except Exception as e:  # a field PEFT itself trips on, an unreadable file: name the file, never a traceback
+            raise ConfigError(f"{where}: invalid adapter config: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def _from_folder(cls, folder: str, kwargs: dict) -> Any:
+        """PEFT's ``from_pretrained`` steps, reading the config through a pinned handle."""
+        pin = PinnedFiles(folder, ("adapter_config.json", "adapter_model.safetensors"))
+        try:
+            source, shown = pin.path("adapter_config.json"), os.path.join(folder, "adapter_config.json")
+            _, class_kwargs, _ = cls._split_kwargs(kwargs)
+            try:
+                loaded = cls.from_json_file(source)
+            except DeltaCoMeError as e:
+                raise type(e)(str(e).replace(source, shown)) from e
+            except OSError as e:
+                raise ConfigError(f"{shown}: cannot read adapter config: {e.strerror}") from e
+            config = cls.from_peft_type(**cls.check_kwargs(**{**class_kwargs, **loaded}))
+        except BaseException:
+            pin.close()
+            raise
+        attach_pin(config, pin)
+        return config
 
 
 def _is_int(v: Any, low: int) -> bool:

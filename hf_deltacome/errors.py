@@ -24,6 +24,10 @@ class BaseModelMismatchError(DeltaCoMeError):
     """The adapter was compressed against a different base model than the one it is being loaded onto."""
 
 
+class OutputFolderError(DeltaCoMeError):
+    """An adapter would be written where it must not go (a model's folder, or inside an input model's folder)."""
+
+
 class CalibrationError(DeltaCoMeError):
     """Calibration data could not be read or tokenized."""
 

@@ -13,6 +13,7 @@ heavy at its top.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, DeltaCoMeError
 
 _DELTACOME_SAVE: contextvars.ContextVar[bool] = contextvars.ContextVar("deltacome_save", default=False)
 
@@ -34,11 +35,13 @@ class _LoadContext:
 
 
 _LOAD: contextvars.ContextVar[Optional[_LoadContext]] = contextvars.ContextVar("deltacome_load", default=None)
+# our errors raised while pipeline() loads a model (it would fold them into one ValueError per model class it tried)
+_PIPELINE_ERRORS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("deltacome_pipeline", default=None)
 
 
 def is_deltacome(config: Any) -> bool:
-    """Whether a PEFT config (object or dict-like) is one of ours."""
-    peft_type = getattr(config, "peft_type", None)
+    """Whether a PEFT config (object or dict) is one of ours."""
+    peft_type = config.get("peft_type") if isinstance(config, dict) else getattr(config, "peft_type", None)
     return str(getattr(peft_type, "value", peft_type)).upper() == "DELTACOME"
 
 
@@ -74,17 +77,75 @@ def _register_method() -> None:
         register_peft_method(name="deltacome", config_cls=DeltaCoMeConfig, model_cls=DeltaCoMeModel, prefix="deltacome_")
 
 
+def _config_errors() -> None:
+    from peft.config import PeftConfig, PeftConfigMixin
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from .io.atomic import recover_folder
+
+    original_from_json = PeftConfigMixin.from_json_file.__func__
+    original_get_type = PeftConfigMixin._get_peft_type.__func__
+
+    def from_json_file(cls: type, path_json_file: str, **kwargs: Any) -> Any:
+        try:
+            data = original_from_json(cls, path_json_file, **kwargs)
+        except (ValueError, RecursionError, TypeError) as e:  # bad UTF-8 / JSON, nesting, not an object
+            raise ConfigError(f"{path_json_file}: not a valid adapter config: {type(e).__name__}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path_json_file}: expected a JSON object, got {type(data).__name__}")
+        peft_type = data.get("peft_type")
+        if "peft_type" not in data and cls in (PeftConfig, PeftConfigMixin):  # only a method's own class may
+            raise ConfigError(f"{path_json_file}: no peft_type: not a PEFT adapter config")  # do without it
+        if "peft_type" in data and (not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING):
+            upper = str(peft_type).upper()
+            hint = f" (PEFT reads it case-sensitively: {upper!r})" if upper in PEFT_TYPE_TO_CONFIG_MAPPING else ""
+            raise ConfigError(f"{path_json_file}: peft_type {peft_type!r} is not a PEFT method known here{hint}")
+        return data
+
+    def _get_peft_type(cls: type, model_id: str, **hf_hub_download_kwargs: Any) -> Any:
+        if isinstance(model_id, (str, os.PathLike)) and not os.path.exists(model_id):
+            recover_folder(model_id)  # an adapter folder set aside by a save killed mid-swap comes back
+        try:
+            return original_get_type(cls, model_id, **hf_hub_download_kwargs)
+        except KeyError as e:  # from_json_file (above) refuses every present but unknown peft_type
+            where = os.path.join(model_id, hf_hub_download_kwargs.get("subfolder") or "", "adapter_config.json")
+            raise ConfigError(f"{where}: no peft_type: not a PEFT adapter config") from e
+
+    original_from_pretrained = PeftConfigMixin.from_pretrained.__func__
+
+    def from_pretrained(cls: type, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kw: Any):
+        try:  # PeftConfig.from_pretrained (AutoPeftModel*, transformers) building one of ours: name the file
+            return original_from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, **kw)
+        except DeltaCoMeError as e:
+            where = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "", "adapter_config.json")
+            if where in str(e):
+                raise
+            raise type(e)(f"{where}: {e}") from e
+
+    PeftConfigMixin.from_json_file = classmethod(from_json_file)
+    PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
+    PeftConfigMixin.from_pretrained = classmethod(from_pretrained)
+
+
+def _input_folders(model: Any) -> dict[str, Optional[str]]:
+    """The local folders a DELTACOME PeftModel was made from (``compress`` records the fine-tune's)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"base": getattr(base, "name_or_path", None), "fine-tuned": getattr(model, "deltacome_finetuned", None)}
+
+
 def _atomic_save() -> None:
     import peft.peft_model as pm
+    import torch
 
-    from .io.atomic import atomic_transaction, remove_stale_temp_files, save_safetensors_atomic
+    from .io.atomic import atomic_folder, check_output_folder, save_safetensors_atomic
 
     original_save_file = pm.safe_save_file
     original_save = pm.PeftModel.save_pretrained
     signature = inspect.signature(original_save)
 
     def safe_save_file(tensors: dict, filename: str, metadata: Optional[dict] = None) -> None:
-        if _DELTACOME_SAVE.get():
+        if _DELTACOME_SAVE.get():  # float64 extras (a model loaded in float64) as float32, what the reader accepts
+            tensors = {k: v.float() if v.dtype == torch.float64 else v for k, v in tensors.items()}
             save_safetensors_atomic(tensors, filename, metadata=metadata)
         else:
             original_save_file(tensors, filename, metadata=metadata)
@@ -101,18 +162,17 @@ def _atomic_save() -> None:
                 "DELTACOME adapters are saved only as safetensors; safe_serialization=False (pickle) is not supported"
             )
         directory = os.fspath(bound.arguments["save_directory"])
-        if bound.arguments.get("is_main_process", True):
-            remove_stale_temp_files(directory)
-            for name in selected:
-                if name != "default":
-                    remove_stale_temp_files(os.path.join(directory, name))
+        check_output_folder(directory, _input_folders(self))
+        if not bound.arguments.get("is_main_process", True):  # PEFT writes nothing then
+            return original_save(self, *args, **kwargs)
         if bound.arguments.get("save_embedding_layers") == "auto":
             # our adapters carry changed embeddings in modules_to_save; "auto" would only look the base up on the
             # Hub (a network call, and a warning when offline) to guess whether the vocabulary was resized
             bound.arguments["save_embedding_layers"] = False
         token = _DELTACOME_SAVE.set(True)
         try:
-            with atomic_transaction():
+            with atomic_folder(directory) as next_version:  # weights, config, card: replaced as one unit
+                bound.arguments["save_directory"] = next_version
                 return original_save(*bound.args, **bound.kwargs)
         finally:
             _DELTACOME_SAVE.reset(token)
@@ -124,13 +184,8 @@ def _atomic_save() -> None:
 def _load_guard() -> None:
     import peft.peft_model as pm
 
-    from .io.adapter_files import (
-        apply_key_mapping,
-        check_extra_shapes,
-        read_safetensors,
-        resolve_adapter_weights,
-        validate_adapter_state_dict,
-    )
+    from .io.adapter_source import apply_key_mapping, load_checked_weights
+    from .io.atomic import take_pin
     from .io.fingerprint import check_fingerprint, default_strict
 
     original_load_weights = pm.load_peft_weights
@@ -155,16 +210,94 @@ def _load_guard() -> None:
         strict = default_strict() if ctx.strict is None else bool(ctx.strict)
         check_fingerprint(config.base_fingerprint, ctx.model, strict=strict, adapter=str(model_id))
         subfolder = hub_kwargs.pop("subfolder", None)
-        path = resolve_adapter_weights(model_id, subfolder=subfolder, **hub_kwargs)
-        state_dict = read_safetensors(path)
-        validate_adapter_state_dict(config, state_dict, path)
-        check_extra_shapes(ctx.model, state_dict, path)
+        with take_pin(config) or contextlib.nullcontext() as pin:  # the weights opened with the config, if so
+            source = pin.path("adapter_model.safetensors") if pin is not None else None
+            state_dict = load_checked_weights(
+                config, ctx.model, model_id, subfolder=subfolder, source=source, **hub_kwargs
+            )
         if device is not None and str(device) != "cpu":
             state_dict = {k: v.to(device) for k, v in state_dict.items()}
         return apply_key_mapping(state_dict, key_mapping)
 
     pm.PeftModel.load_adapter = load_adapter
     pm.load_peft_weights = load_peft_weights
+
+
+def _transformers_load_guard() -> None:
+    from transformers.integrations import peft as hf_peft
+
+    from .io.adapter_files import read_adapter, validate_adapter_state_dict
+    from .io.adapter_source import check_extras, load_checked_weights, transformers_adapter_config
+    from .io.fingerprint import check_fingerprint, default_strict
+
+    original = hf_peft.PeftAdapterMixin.load_adapter
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def load_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return _load_adapter(self, *args, **kwargs)
+        except DeltaCoMeError as e:
+            seen = _PIPELINE_ERRORS.get()
+            if seen is not None:
+                seen.append(e)
+            raise
+
+    def _load_adapter(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        arg = bound.arguments
+        load_config = arg.get("load_config")
+        model_id = arg.get("peft_model_id") or getattr(load_config, "pretrained_model_name_or_path", None)
+        hub_kwargs = {**(getattr(load_config, "download_kwargs", None) or {}), **(arg.get("adapter_kwargs") or {})}
+        if arg.get("local_files_only"):
+            hub_kwargs["local_files_only"] = True
+        config = given = arg.get("peft_config")
+        if config is None and arg.get("adapter_state_dict") is None and model_id is not None:
+            config = transformers_adapter_config(model_id, hub_kwargs)  # None unless a DELTACOME adapter
+        elif isinstance(config, dict) and is_deltacome(config):
+            from .config import DeltaCoMeConfig
+
+            config = DeltaCoMeConfig(**{k: v for k, v in config.items() if k != "peft_type"})
+        if config is None or not is_deltacome(config):
+            return original(self, *args, **kwargs)
+        state_dict = arg.get("adapter_state_dict")
+        subfolder = hub_kwargs.pop("subfolder", None)
+        where = "adapter_state_dict"
+        if state_dict is None and given is None and subfolder is None and os.path.isdir(os.fspath(model_id)):
+            config, state_dict = read_adapter(model_id)  # config and weights of one save
+            where = os.path.join(os.fspath(model_id), "adapter_model.safetensors")
+        check_fingerprint(config.base_fingerprint, self, strict=default_strict(), adapter=str(model_id))
+        if state_dict is None:
+            state_dict = load_checked_weights(config, self, model_id, subfolder=subfolder, **hub_kwargs)
+        else:
+            validate_adapter_state_dict(config, state_dict, where)
+            check_extras(self, state_dict, where, config.modules_to_save)
+        arg["peft_config"], arg["adapter_state_dict"] = config, state_dict
+        return original(*bound.args, **bound.kwargs)
+
+    hf_peft.PeftAdapterMixin.load_adapter = load_adapter
+
+
+def _pipeline_errors() -> None:
+    import transformers.pipelines as pipelines
+    from transformers.pipelines import base
+
+    original = base.load_model
+
+    @functools.wraps(original)
+    def load_model(*args: Any, **kwargs: Any) -> Any:
+        token = _PIPELINE_ERRORS.set([])
+        try:
+            return original(*args, **kwargs)
+        except ValueError:
+            ours = _PIPELINE_ERRORS.get()
+            if ours:
+                raise ours[0] from None
+            raise
+        finally:
+            _PIPELINE_ERRORS.reset(token)
+
+    base.load_model = pipelines.load_model = load_model
 
 
 def _model_card() -> None:
@@ -235,15 +368,26 @@ PATCHES: tuple[tuple[str, str, Callable[[], None]], ...] = (
      "PEFT reads peft_type from adapter_config.json through this enum; registration needs the member", _add_peft_type),
     ("peft.utils.register_peft_method('deltacome')",
      "PeftModel.from_pretrained / get_peft_model find our config and tuner classes", _register_method),
+    ("peft.config.PeftConfigMixin.from_json_file, ._get_peft_type, .from_pretrained",
+     "a broken adapter_config.json (bad or deeply nested JSON, missing or unknown peft_type) is a ConfigError naming "
+     "the file, not a KeyError/RecursionError from before our type is known", _config_errors),
     ("peft.PeftModel.save_pretrained, peft.peft_model.safe_save_file",
-     "a DELTACOME save (weights, config, card) is one atomic transaction, never a pickle", _atomic_save),
+     "a DELTACOME save (weights, config, card) replaces the folder as one unit, never a pickle, never into a "
+     "model's folder", _atomic_save),
     ("peft.PeftModel.load_adapter, peft.peft_model.load_peft_weights",
      "a DELTACOME adapter is read only as validated safetensors, after the base-model check", _load_guard),
+    ("transformers.integrations.peft.PeftAdapterMixin.load_adapter",
+     "transformers reads adapter weights itself (model.load_adapter, from_pretrained(adapter_dir), "
+     "pipeline(model=adapter_dir)): the same base check and validation run first, then it gets the checked tensors",
+     _transformers_load_guard),
     ("peft.PeftModel.create_or_update_model_card",
      "save_pretrained writes our model card (method, sizes, loading) instead of PEFT's template", _model_card),
     ("peft.PeftModel.push_to_hub",
      "pushes go through hub.push_adapter (validation, our card; transformers' push would overwrite it)",
      _push_to_hub),
+    ("transformers.pipelines.load_model",
+     "pipeline(model=adapter_dir) raises our error itself, not a ValueError listing every model class it tried",
+     _pipeline_errors),
     ("transformers.pipelines.base.SUPPORTED_PEFT_TASKS['image-text-to-text']",
      "pipeline('image-text-to-text', model=peft_model) accepts our VLM adapters without an error log", _vlm_pipeline),
     ("hf_deltacome.compression.pipeline.QUANTIZED_BASE_VIEWS += amlq.compat.dense_linears",

@@ -106,7 +106,7 @@ class DeltaCoMeModel(BaseTuner):
         current_key: str,
         parameter_name: Optional[str] = None,
     ) -> None:
-        layout = peft_config.layout[current_key]
+        layout = {"group_size": peft_config.group_size, **peft_config.layout[current_key]}  # the entry may omit it
         if isinstance(target, DeltaCoMeLinear):
             target.update_layer(adapter_name, layout, inference_mode=peft_config.inference_mode)
             return
@@ -114,6 +114,14 @@ class DeltaCoMeModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+        # PEFT moves the new adapter to the base weight's device, "meta" when accelerate offloaded the base (to disk
+        # or CPU): the packed factors are small and are not in the offload map, so keep them real (zeroed until the
+        # adapter's weights are loaded), as DeltaCoMeLayer does for adapters added later
+        packed = new_module.deltacome_delta
+        if any(b.device.type == "meta" for b in packed.buffers()):
+            packed.to_empty(device="cpu")
+            for buf in packed.buffers():
+                buf.zero_()
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         base = getattr(child, "base_layer", child)

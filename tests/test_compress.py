@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import logits, make_finetune, make_model, random_ids, relative_logits_error, target_linears
+from tiny_models import (
+    MARGIN,
+    assert_beats_baselines,
+    logits,
+    make_finetune,
+    make_model,
+    random_ids,
+    relative_logits_error,
+    target_linears,
+)
 
 import hf_deltacome.compression.targets as targets_mod  # noqa: E402
 from hf_deltacome import DeltaCoMeConfig
@@ -104,19 +113,34 @@ def test_gptq_beats_rtn_on_held_out_logits():
     assert errs["gptq"] < 0.95 * errs["rtn"], errs
 
 
-@pytest.mark.parametrize("method", ["svd-uniform", "lowrank", "bitdelta", "dare"])
+# method -> (ratio, bound on the relative logits error). Each bound sits well below what a zero delta (0.96 here) and
+# a shuffled adapter of the same size (1.1-1.5) score: `assert_beats_baselines` measures both. DARE runs at 1/4: at
+# 1/8 its 4-bit values leave it ~47% of the entries, and the 1/keep rescaling noise (relative size sqrt(1/keep - 1)
+# ~ 1.06) makes it worse than no delta on this pair (1.06 vs 0.96; benchmarks/RESULTS.md, "DARE on the tiny pair").
+OTHER_METHODS = {
+    "svd-uniform": ("1/8", 0.25),  # measured 0.14
+    "lowrank": ("1/8", 0.25),  # 0.15
+    "bitdelta": ("1/8", 0.7),  # 0.64: one bit per weight, matrix scale, no distillation
+    "dare": ("1/4", 0.4),  # 0.28 (keeps ~94% of the entries)
+}
+
+
+@pytest.mark.parametrize("method", sorted(OTHER_METHODS))
 def test_other_methods_go_through_compress_within_budget(method):
     """compress() honours config.method (layouts and factors from methods.py) and every method fits the budget."""
+    ratio, bound = OTHER_METHODS[method]
     ref = make_model("llama", **WIDE["llama"])
     ft = make_finetune(ref)
-    model = run(make_model("llama", **WIDE["llama"]), ft, ratio="1/8", method=method, distill_steps=0)
+    model = run(make_model("llama", **WIDE["llama"]), ft, ratio=ratio, method=method, distill_steps=0)
+    ratio_value = model.peft_config["default"].ratio
     for name, layer in deltacome_layers(model).items():
         packed = layer.deltacome_delta["default"]
         nbytes = packed.nbytes() - (packed.bias.numel() * 4 if packed.bias is not None else 0)
-        assert 0 < nbytes <= budget_bytes(layer.out_features, layer.in_features, 1 / 8), name
+        assert 0 < nbytes <= budget_bytes(layer.out_features, layer.in_features, ratio_value), name
     assert model.peft_config["default"].compression_info["method"] == method
-    err = relative_logits_error(model, ft, ref, random_ids(ref, 4, 32, seed=3))
-    assert err < (0.95 if method != "dare" else 2.0), err  # DARE's 1/keep rescaling is noisy at 1/8
+    # one bit per weight recovers less than half the effect on 128-wide layers: its bound gets a wider margin
+    margin = 0.75 if method == "bitdelta" else MARGIN
+    assert_beats_baselines(model, ft, ref, random_ids(ref, 4, 32, seed=3), bound, margin=margin)
 
 
 # ------------------------------------------------------------------------------------------------ dense extras
@@ -157,6 +181,8 @@ def test_unchanged_parameters_are_not_stored():
     model = run(make_model("llama"), ft, ratio="1/4")
     assert model.peft_config["default"].modules_to_save is None
     assert not any("modules_to_save" in k for k in model.state_dict())
+    # the packed deltas alone carry the fine-tune (no dense extra helps here): measured 0.13, zero delta 1.0
+    assert_beats_baselines(model, ft, ref, random_ids(ref, 4, 32, seed=3), 0.3)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -253,7 +279,9 @@ def test_config_copy_info_and_progress(capsys):
     assert {"torch", "peft", "transformers", "seconds"} <= set(info)
     layout = cfg.layout["model.layers.1.self_attn.k_proj"]
     assert layout["shape"] == [32, 64] and layout["group_size"] == 128 and layout["bias"] is False
-    compress(make_model("llama"), make_finetune(ref), user_cfg, calibration=random_ids(ref, 4, 16), progress=True)
+    ft = make_finetune(ref)
+    assert relative_logits_error(model, ft, ref, random_ids(ref, 4, 32, seed=3)) < 0.3  # measured 0.16; zero: 0.94
+    compress(make_model("llama"), ft, user_cfg, calibration=random_ids(ref, 4, 16), progress=True)
     assert "Compressing layers" in capsys.readouterr().err
 
 

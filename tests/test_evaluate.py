@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import make_finetune, make_model, make_tokenizer, random_ids
+from tiny_models import make_finetune, make_model, make_tokenizer, random_ids, swapped_deltas
 
 from hf_deltacome import ConfigError, DeltaCoMeConfig
 from hf_deltacome.cli import main as cli_main
@@ -155,8 +155,14 @@ def test_evaluate_model_with_reference_rows(pair, adapter, saved):
     )  # fmt: skip
     assert report.perplexity > 1 and report.tokens > 0 and report.task_items == 2
     assert set(report.reference) == {"base", "finetuned"}
-    # the adapter is closer to the fine-tune than the base is
-    assert report.agreement >= report.reference["base"]["agreement"]
+    # the adapter agrees with the fine-tune's next tokens far more often than the base, or the adapter with its
+    # packed deltas zeroed or shuffled (same size), does: at most 30% of their disagreement
+    others = {"base": report.reference["base"]["agreement"]}
+    for kind in ("zero", "random"):
+        with swapped_deltas(adapter, kind):
+            others[kind] = evaluate_model(adapter, tok, finetuned=ft, text=saved / "text.txt", seq_len=32,
+                                          progress=False).agreement  # fmt: skip
+    assert 1 - report.agreement <= 0.3 * (1 - max(others.values())), (report.agreement, others)  # measured 0.15
     text = report.format()
     assert "perplexity" in text and "relative output error" in text
     json.dumps(report.to_dict())
@@ -188,6 +194,8 @@ def test_cli_eval(saved, capsys):
     report = json.loads(out.read_text())
     assert report["tokens"] > 0 and len(report["module_errors"]) == 14 and len(report["predictions"]) == 2
     assert report["reference"]["finetuned"]["agreement"] == 1.0
+    # the adapter's next tokens are the fine-tune's far more often than the base's are (measured 93% vs 48%)
+    assert 1 - report["agreement"] <= 0.3 * (1 - report["reference"]["base"]["agreement"]), report["reference"]
 
 
 def test_cli_eval_errors_name_the_input(saved, capsys):
@@ -221,17 +229,46 @@ def test_lm_eval_entry_with_the_harness_model_class_mocked(saved, monkeypatch):
     assert type(lm._model.peft_config["default"]).__name__ == "DeltaCoMeConfig"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed")
-def test_lm_eval_real_harness_on_a_local_task(saved, pair, adapter, tmp_path):
-    """lm-evaluation-harness evaluates base + our adapter through its own HF model class on a local task."""
+def _disagreeing_items(base, ft, tok, n: int = 8, candidates: int = 64) -> list[dict]:
+    """Two-way multiple-choice items (a short context, two one-character choices) on which the fine-tune and the
+    base choose differently, the fine-tune by a clear margin; ``label`` is the fine-tune's choice.
+
+    The harness scores ``context`` + " " + choice; the choices differ only in their last token, scored at the same
+    position, so the choice is the larger of two logits there (the harness's vocabulary resize changes nothing)."""
+    g = torch.Generator().manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    symbols = "0123456789" + letters
+    rows = []
+    for _ in range(candidates):
+        context = "".join(letters[int(i)] for i in torch.randint(0, 26, (3,), generator=g))
+        a, b = (symbols[int(i)] for i in torch.randperm(len(symbols), generator=g)[:2])
+        ids = tok(context + " ", return_tensors="pt").input_ids
+        pick = [tok.convert_tokens_to_ids(a), tok.convert_tokens_to_ids(b)]
+        with torch.no_grad():
+            margin = {name: m(input_ids=ids).logits[0, -1, pick] for name, m in (("ft", ft), ("base", base))}
+        ft_diff, base_diff = float(margin["ft"][0] - margin["ft"][1]), float(margin["base"][0] - margin["base"][1])
+        if ft_diff * base_diff < 0:
+            rows.append(({"question": context, "choices": [a, b], "label": 0 if ft_diff > 0 else 1}, abs(ft_diff)))
+    rows.sort(key=lambda r: -r[1])
+    return [r for r, _ in rows[:n]]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed (it is in the dev extras)"
+)
+def test_lm_eval_real_harness_scores_the_adapter_like_the_finetune(saved, pair, adapter, tmp_path):
+    """lm-evaluation-harness evaluates base + our adapter through its own HF model class on a local task whose
+    answers are the fine-tune's choices where the base chooses otherwise: the fine-tune scores 1, the base 0, and
+    the adapter must score like the fine-tune."""
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    base, ft = pair
+    tok = make_tokenizer()
+    rows = _disagreeing_items(base, ft, tok)
+    assert len(rows) >= 6, rows
     data = tmp_path / "data.jsonl"
-    rows = [
-        {"question": "ab", "choices": ["cd", "ef"], "label": 0},
-        {"question": "gh", "choices": ["ij", "kl"], "label": 1},
-    ]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "tiny.yaml").write_text(
         "task: deltacome_tiny\n"
@@ -244,24 +281,28 @@ def test_lm_eval_real_harness_on_a_local_task(saved, pair, adapter, tmp_path):
         "doc_to_target: label\n"
         "metric_list:\n  - metric: acc\n"
     )
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False)
+
+    def accuracy(lm) -> float:
+        res = lm_eval.simple_evaluate(model=lm, tasks=["deltacome_tiny"], task_manager=tasks)
+        return res["results"]["deltacome_tiny"]["acc,none"]
+
     from hf_deltacome.io.fingerprint import base_check
 
     # The harness resizes the embeddings to the tokenizer's 100 entries before loading the adapter, which the base
     # fingerprint check rightly flags as another base; this tiny setup accepts that knowingly.
     with base_check(strict=False):
-        lm = lm_eval_model(str(saved / "base"), str(saved / "adapter"), batch_size=2, device="cpu")
+        lm = lm_eval_model(str(saved / "base"), str(saved / "adapter"), batch_size=4, device="cpu")
     assert isinstance(lm.model, PeftModel)
-    res = lm_eval.simple_evaluate(
-        model=lm, tasks=["deltacome_tiny"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False)
-    )
-    acc = res["results"]["deltacome_tiny"]["acc,none"]
-    assert 0.0 <= acc <= 1.0
-    # the harness really ran base + adapter: its log-likelihoods are our model's
-    tok = make_tokenizer()
+    scores = {"adapter": accuracy(lm)}
+    for name in ("ft", "base"):
+        scores[name] = accuracy(HFLM(pretrained=str(saved / name), batch_size=4, device="cpu"))
+    assert scores["ft"] == 1.0 and scores["base"] == 0.0, scores  # the task separates them
+    assert scores["adapter"] >= 0.8, scores
+    # the harness really ran base + adapter: its logits are our model's (on the tokenizer's 100 entries)
     ids = tok("ab" + "cd", return_tensors="pt").input_ids
     with torch.no_grad():
         ours = lm.model(ids).logits
         expected = adapter(ids).logits
-    # the harness shrinks the vocabulary to the tokenizer's 100 entries before loading the adapter
     assert ours.shape[-1] == len(tok)
     assert torch.allclose(ours, expected[..., : len(tok)], atol=1e-5)

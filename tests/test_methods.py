@@ -6,9 +6,17 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import make_finetune, make_model, random_ids, relative_logits_error, target_linears
+from tiny_models import (
+    MARGIN,
+    assert_beats_baselines,
+    make_finetune,
+    make_model,
+    random_ids,
+    relative_logits_error,
+    target_linears,
+)
 
-from hf_deltacome import AdapterFileError, ConfigError, DeltaCoMeConfig
+from hf_deltacome import AdapterFileError, ConfigError, DeltaCoMeConfig, DeltaCoMeError
 from hf_deltacome.compression.allocation import Candidates, allocate
 from hf_deltacome.compression.baselines import bitdelta_factors
 from hf_deltacome.compression.modules import (
@@ -23,6 +31,7 @@ from hf_deltacome.compression.search import search_split
 from hf_deltacome.format.budget import budget_bytes, solve_ranks
 from hf_deltacome.format.storage import PackedDelta, SignPart, SparsePart
 from hf_deltacome.io.summary import summarize_adapter
+from hf_deltacome.layer import DeltaCoMeLayer
 from hf_deltacome.quant.hessian import model_hessians
 
 
@@ -139,7 +148,8 @@ def test_sparse_part_regenerates_its_mask_and_checks_it():
     w = packed.delta_weight()
     keep = entry["sparse"]["keep"]
     mask = w != 0
-    assert int(mask.sum()) <= entry["sparse"]["nnz"]
+    # the kept entries are the stored ones (an 8-bit code may round a few to zero): measured 647 of 651
+    assert 0.95 * entry["sparse"]["nnz"] <= int(mask.sum()) <= entry["sparse"]["nnz"]
     # kept entries are rescaled by 1/keep (8-bit quantization error aside)
     assert torch.allclose(w[mask], d[mask] / keep, atol=0.05 * (d.abs().max() / keep))
     bad = dict(entry["sparse"], nnz=entry["sparse"]["nnz"] + 1)
@@ -260,7 +270,7 @@ def test_allocate_keeps_the_total_and_lowers_the_worst_error():
 
 def test_allocate_refuses_an_impossible_budget():
     cands = [Candidates("a", [{}, {}], [500, 1000], [1.0, 0.5], 1000)]
-    with pytest.raises(Exception, match="over the budget"):
+    with pytest.raises(DeltaCoMeError, match="over the budget"):
         allocate(cands, 100)
 
 
@@ -322,20 +332,30 @@ def _compress(pair, **kw):
     return compress(copy.deepcopy(base), ft, cfg, calibration=random_ids(base, 8, 32, seed=9), progress=False)
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {"method": "bitdelta", "distill_steps": 3},
-        {"method": "bitdelta", "bitdelta_scale": "row", "ratio": 1 / 32, "distill_steps": 0},
-        {"method": "lowrank"},
-        {"method": "svd-uniform", "uniform_bits": 3},
-        {"method": "dare"},
-        {"search": "greedy"},
-        {"allocation": "adaptive"},
-    ],
-    ids=["bitdelta", "bitdelta-row-1/32", "lowrank", "svd-uniform", "dare", "greedy", "adaptive"],
-)
-def test_each_method_saves_loads_back_with_equal_logits_and_fits_the_budget(llama_pair, kw, tmp_path):
+# (config, bound on the relative logits error of the reloaded adapter, margin over the baselines). Measured on this
+# pair: bitdelta 0.54, bitdelta-row 0.62, lowrank 0.40, svd-uniform 0.19, dare 0.43 (0.53 since format 2 pays the
+# dense extras and the header out of the same budget), greedy 0.20, adaptive 0.21;
+# a zero delta scores 0.94 and a shuffled adapter of the same size 1.1-1.5 (`assert_beats_baselines` measures both).
+# DARE runs at 1/4 (keeps ~82% of the entries): at 1/8 it is worse than no delta here (benchmarks/RESULTS.md).
+# One bit per weight recovers about 40% of the effect on 64-wide layers: BitDelta's bounds get a wider margin.
+EACH_METHOD = {
+    "bitdelta": ({"method": "bitdelta", "distill_steps": 3}, 0.65, 0.75),
+    "bitdelta-row-1/16": (
+        {"method": "bitdelta", "bitdelta_scale": "row", "ratio": 1 / 16, "distill_steps": 0},
+        0.7,
+        0.75,
+    ),
+    "lowrank": ({"method": "lowrank"}, 0.5, MARGIN),
+    "svd-uniform": ({"method": "svd-uniform", "uniform_bits": 3}, 0.3, MARGIN),
+    "dare-1/4": ({"method": "dare", "ratio": 1 / 4}, 0.6, 0.65),
+    "greedy": ({"search": "greedy"}, 0.3, MARGIN),
+    "adaptive": ({"allocation": "adaptive"}, 0.3, MARGIN),
+}
+
+
+@pytest.mark.parametrize("case", list(EACH_METHOD))
+def test_each_method_saves_loads_back_with_equal_logits_and_fits_the_budget(llama_pair, case, tmp_path):
+    kw, bound, margin = EACH_METHOD[case]
     base, ft = llama_pair
     model = _compress(llama_pair, **kw)
     ids = random_ids(base, 2, 12, seed=4)
@@ -345,10 +365,8 @@ def test_each_method_saves_loads_back_with_equal_logits_and_fits_the_budget(llam
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, before)
-    # it really carries the fine-tune: closer to it than the base is (DARE's 1/keep rescaling at ~6% kept entries
-    # over-shoots on this dense synthetic delta, so it is only required to be finite)
-    err = relative_logits_error(loaded, ft, base, ids)
-    assert err < 1.0 if kw.get("method") != "dare" else err < 10.0
+    # it really carries the fine-tune: well below what no delta and a random delta of the same size score
+    assert_beats_baselines(loaded, ft, base, ids, bound, margin=margin)
     summary = summarize_adapter(tmp_path)
     cfg = model.peft_config["default"]
     assert summary.file_bytes <= int(cfg.ratio * summary.target_fp16_bytes)  # the whole file holds the ratio
@@ -362,7 +380,21 @@ def test_each_method_saves_loads_back_with_equal_logits_and_fits_the_budget(llam
             assert m.nbytes <= budgets[m.name] + bias[m.name], m.name
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["method"] == kw.get("method", "deltacome")
-    assert summary.format(per_module=True)  # `deltacome info` renders every layout
+    # `deltacome info --modules` renders every module with the layout and bytes the loader really allocated
+    text = summary.format(per_module=True).splitlines()
+    packed = {
+        n.removeprefix("base_model.model."): m.deltacome_delta["default"]
+        for n, m in loaded.named_modules()
+        if isinstance(m, DeltaCoMeLayer)
+    }
+    assert sorted(m.name for m in summary.modules) == sorted(packed)
+    for name, pd in packed.items():
+        line = next(row for row in text if row.split()[:1] == [name])
+        assert line.split()[-1] == f"{pd.nbytes():,}", line
+        shown = [f"{rank}@{bits}b" for bits, rank in pd.layout if rank]
+        shown += [f"sign@1b x {pd.sign.rows} rows"] if pd.sign is not None else []
+        shown += [f"{pd.sparse.nnz} values@{pd.sparse.bits}b"] if pd.sparse is not None else []
+        assert shown and all(part in line for part in shown), (shown, line)
 
 
 def test_bitdelta_distillation_lowers_the_loss(llama_pair):
@@ -386,9 +418,24 @@ def test_search_and_allocation_are_recorded_and_shown(llama_pair, tmp_path):
     assert "band split search (greedy)" in text and "allocation: adaptive" in text
     assert "min_rank_share" in text and "whole-model check" in text
     assert info["rank_share"]["chosen"] in (0.0, 0.5, 0.7, 0.85, 1.0)
-    # the layouts differ between layers (budget moved) but are what the loader builds
-    layouts = {json.dumps(e["bands"]) for n, e in cfg["layout"].items() if n.endswith("q_proj")}
-    assert layouts
+    # the allocation was kept, so budget moved: modules of one type get other layouts in other layers, some modules
+    # store more than their uniform budget and some less (in all still within the model's budget)
+    assert alloc["kept"] and info["end_to_end"]["adaptive"]["kept"]
+    by_type: dict[str, set[str]] = {}
+    for n, e in cfg["layout"].items():
+        by_type.setdefault(n.rsplit(".", 1)[-1], set()).add(json.dumps(e["bands"]))
+    assert any(len(layouts) > 1 for layouts in by_type.values()), by_type
+    summary = summarize_adapter(tmp_path)
+    over = [m.name for m in summary.modules if m.nbytes > budget_bytes(*m.shape, 1 / 8)]
+    under = [m.name for m in summary.modules if m.nbytes < 0.9 * budget_bytes(*m.shape, 1 / 8)]
+    assert over and under, (over, under)
+    # and the loader builds exactly these layouts, and the adapter carries the fine-tune (measured 0.19)
+    base, ft = llama_pair
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    for name, module in loaded.base_model.model.named_modules():
+        if isinstance(module, DeltaCoMeLayer):
+            assert [list(b) for b in module.deltacome_delta["default"].layout] == cfg["layout"][name]["bands"], name
+    assert_beats_baselines(loaded, ft, base, random_ids(base, 2, 12, seed=4), 0.3)
 
 
 def test_end_to_end_check_measures_kl_and_always_restores_the_finetune(llama_pair):

@@ -257,10 +257,19 @@ def test_half_precision_base_keeps_packed_dtypes(base_dir, adapters, dtype):
 
 
 def test_pipeline_generates(base_dir, adapters):
+    """The text-generation pipeline runs base + adapter: its text is the adapter's greedy continuation, not the
+    base's."""
+    tok = char_tokenizer()
     model = PeftModel.from_pretrained(load_base(base_dir), adapters["a"][0])
-    pipe = pipeline("text-generation", model=model, tokenizer=char_tokenizer())
-    out = pipe("abc", max_new_tokens=4, do_sample=False)
-    assert out[0]["generated_text"].startswith("abc")
+    text = pipeline("text-generation", model=model, tokenizer=tok)("abc", max_new_tokens=6, do_sample=False)
+    ids = tok("abc", return_tensors="pt").input_ids
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ours = model.generate(input_ids=ids, **kw)[0, ids.shape[1] :]
+    assert text[0]["generated_text"] == "abc" + tok.decode(ours)
+    base_text = pipeline("text-generation", model=load_base(base_dir), tokenizer=tok)(
+        "abc", max_new_tokens=6, do_sample=False
+    )
+    assert base_text[0]["generated_text"] != text[0]["generated_text"]
 
 
 def test_empty_layout_is_refused(base_dir):
@@ -307,10 +316,18 @@ def test_package_registers_peft_type():
     assert hf_deltacome.DeltaCoMeConfig().peft_type == PeftType.DELTACOME
 
 
-def test_device_map_auto_base(base_dir, adapters):
+def test_device_map_auto_base_offloaded_to_disk(base_dir, adapters, tmp_path):
+    """``device_map="auto"`` with room for the embeddings only: the decoder layers, the final norm and ``lm_head`` go
+    to disk (meta weights that accelerate's hooks load at each forward). The adapter loads onto that base, keeps its
+    packed factors real, and gives the same logits."""
     path, logits = adapters["a"]
-    base = load_base(base_dir, device_map="auto")
-    model = PeftModel.from_pretrained(base, path)
+    kw = dict(max_memory={"cpu": 200_000}, offload_folder=str(tmp_path / "offload"))
+    base = load_base(base_dir, device_map="auto", **kw)
+    assert base.hf_device_map["model.embed_tokens"] == "cpu" and base.hf_device_map["model.layers"] == "disk"
+    model = PeftModel.from_pretrained(base, path, **kw)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, DeltaCoMeLinear) and q.get_base_layer().weight.device.type == "meta"
+    assert {b.device.type for b in q.deltacome_delta.buffers()} == {"cpu"}
     with torch.no_grad():
         assert torch.allclose(model(adapters["x"]).logits, logits, atol=1e-6)
 

@@ -13,6 +13,7 @@ import torch
 import zoo
 import zoo.smollm2
 import zoo.tasks
+from tiny_models import assert_beats_baselines
 
 from hf_deltacome.errors import ConfigError, DeltaCoMeError
 from hf_deltacome.io.atomic import atomic_dir
@@ -248,7 +249,23 @@ def test_finetune_and_accuracy_on_tiny_model(tmp_path, monkeypatch, tiny_llama, 
     assert leftovers == []
 
     results = zoo.task_predictions(ft, tokenizer, "dates", n=5, batch_size=2)
-    assert len(results) == 5 and all(isinstance(c, str) for _, c, _ in results)
+    task = zoo.get_task("dates")
+    assert [ex for ex, _, _ in results] == list(task.eval[:5])
+    # each completion is the model's own greedy continuation of its prompt alone (an argmax loop here: batching with
+    # left padding must change nothing), scored by the task's scorer
+    for ex, completion, ok in results:
+        ids = tokenizer(task.render(tokenizer, ex), add_special_tokens=False, return_tensors="pt").input_ids
+        new = []
+        with torch.no_grad():
+            for _ in range(task.max_new_tokens):
+                token = int(
+                    ft(input_ids=torch.cat([ids, torch.tensor([new], dtype=ids.dtype)], 1)).logits[0, -1].argmax()
+                )
+                if token == tokenizer.eos_token_id:
+                    break
+                new.append(token)
+        assert completion == tokenizer.decode(new, skip_special_tokens=True), ex
+        assert ok == task.score(completion, ex)
     acc = zoo.task_accuracy(ft, tokenizer, "dates", n=5, batch_size=3)
     assert acc == sum(ok for _, _, ok in results) / 5
     assert not ft.training
@@ -302,6 +319,9 @@ def test_smollm2_cache_loads_and_generates() -> None:
     assert "Paris" in text
 
 
+SMOLLM2_BOUND = 0.15  # relative logits error of the 1/16 adapter below: measured 0.034 (zero delta 0.97, shuffled 0.91)
+
+
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_compress_save_load_logits_match(tmp_path, monkeypatch) -> None:
@@ -329,7 +349,8 @@ def test_smollm2_compress_save_load_logits_match(tmp_path, monkeypatch) -> None:
     with torch.no_grad():
         a = peft_model(**ids).logits
         b = reloaded(**ids).logits
-        base_logits = AutoModelForCausalLM.from_pretrained(base_path)(**ids).logits
     assert torch.equal(a, b)
-    assert not torch.allclose(a, base_logits)  # the adapter does something
+    # the adapter carries the fine-tune: its logits miss little of the fine-tune's effect, well below what the
+    # adapter's dense extras alone (packed deltas zeroed) and a shuffled adapter of the same size miss
+    assert_beats_baselines(peft_model, ft, AutoModelForCausalLM.from_pretrained(base_path), ids, SMOLLM2_BOUND)
     assert os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors") > 0

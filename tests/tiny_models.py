@@ -13,12 +13,18 @@ API (import from other tests: ``from tiny_models import make_model, make_finetun
   1, ``</s>`` 2, ``<unk>`` 3, printable ASCII, newline) with a small chat template; its ids fit every tiny model.
 * ``logits(model, ids)`` and ``relative_logits_error(model, finetune, base, ids)`` -> how much of the fine-tune's
   effect on the logits ``model`` misses: ``||L_model − L_ft|| / ||L_ft − L_base||`` (0 = exact, 1 = base).
+* ``swapped_deltas(model, "zero" | "random")`` -> a context in which every packed delta of a ``PeftModel`` acts as
+  zero, or as itself with its output rows shuffled (same bytes, spectrum and norm; unrelated directions).
+* ``baseline_errors(model, finetune, base, ids)`` and ``assert_beats_baselines(...)`` -> what those two score, and
+  an error bound checked to sit well below both (a bound the base alone, or any adapter of that size, cannot meet).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -199,8 +205,10 @@ def make_tokenizer():
 
 
 @torch.no_grad()
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits.float()
+def logits(model: nn.Module, ids: torch.Tensor | Mapping) -> torch.Tensor:
+    """float32 logits for token ids, or for a tokenizer's batch (ids with their attention mask)."""
+    inputs = dict(ids) if isinstance(ids, Mapping) else {"input_ids": ids}
+    return model(**inputs).logits.float()
 
 
 @torch.no_grad()
@@ -208,3 +216,62 @@ def relative_logits_error(model: nn.Module, finetune: nn.Module, base: nn.Module
     """``||L_model − L_ft|| / ||L_ft − L_base||``: the share of the fine-tune's effect that ``model`` misses."""
     lf = logits(finetune, ids)
     return float((logits(model, ids) - lf).norm() / (lf - logits(base, ids)).norm())
+
+
+@contextlib.contextmanager
+def swapped_deltas(model: nn.Module, kind: str, seed: int = 0) -> Iterator[nn.Module]:
+    """Within the block every packed delta of ``model``'s active adapters acts as zero (``kind="zero"``), or as the
+    same delta with its output rows randomly permuted (``"random"``: an adapter of the same size, spectrum and
+    norm whose directions have nothing to do with the fine-tune). Dense extras (``modules_to_save``) stay."""
+    from hf_deltacome.layer import DeltaCoMeLinear
+
+    if kind not in ("zero", "random"):
+        raise ValueError(f"kind must be 'zero' or 'random', got {kind!r}")
+    g = torch.Generator().manual_seed(seed)
+    handles = []
+    for module in model.modules():
+        if not isinstance(module, DeltaCoMeLinear):
+            continue
+        for name in module.active_adapters:
+            packed = module.deltacome_delta[name]
+            dense, bias = packed.delta_weight(), packed.bias
+            perm = torch.randperm(dense.shape[0], generator=g)
+
+            def hook(mod, args, out, dense=dense, bias=bias, perm=perm):
+                d = torch.nn.functional.linear(args[0].to(dense.dtype), dense, bias)
+                new = torch.zeros_like(d) if kind == "zero" else d[..., perm]
+                return out + (new - d).to(out.dtype)
+
+            handles.append(module.register_forward_hook(hook))
+    if not handles:
+        raise ValueError("the model has no Delta-CoMe layer")
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def baseline_errors(model: nn.Module, finetune: nn.Module, base: nn.Module, ids: torch.Tensor) -> dict[str, float]:
+    """``relative_logits_error`` of ``model`` with its packed deltas zeroed and shuffled (see ``swapped_deltas``)."""
+    out = {}
+    for kind in ("zero", "random"):
+        with swapped_deltas(model, kind):
+            out[kind] = relative_logits_error(model, finetune, base, ids)
+    return out
+
+
+MARGIN = 0.6  # a bound must sit at most this share of what a zero and a random delta score
+
+
+def assert_beats_baselines(
+    model: nn.Module, finetune: nn.Module, base: nn.Module, ids: torch.Tensor, bound: float, margin: float = MARGIN
+) -> float:
+    """Assert ``relative_logits_error(model) < bound`` and that ``bound`` is at most ``margin`` times what a zero
+    delta and a random adapter of the same size score on ``ids`` (so the bound cannot be met without the delta).
+    Returns the error."""
+    err = relative_logits_error(model, finetune, base, ids)
+    ref = baseline_errors(model, finetune, base, ids)
+    assert bound <= margin * min(ref.values()), f"bound {bound} is not well below the baselines {ref}"
+    assert err < bound, f"relative error {err:.3f} >= {bound} (baselines {ref})"
+    return err

@@ -36,6 +36,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise DeltaCoMeError(f"--output {str(out)!r} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise DeltaCoMeError(f"--output {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+    if Path(args.model).is_dir() and out.resolve() == Path(args.model).resolve():
+        raise DeltaCoMeError(f"--output {str(out)!r} is the input model's folder; choose a folder of its own")
     model, tokenizer = load_model_and_tokenizer(args.model, "model", args.dtype)
     if tokenizer is None and args.calibration is not None:
         raise DeltaCoMeError(f"MODEL {args.model!r} has no tokenizer to read --calibration {args.calibration!r}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -223,22 +222,20 @@ def attach_quantizer(model: nn.Module, config: AmlqConfig) -> None:
 
 
 def save_quantized(model: nn.Module, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """``model.save_pretrained`` (and the tokenizer's) into ``folder``, all files replaced atomically together."""
-    from ..io.atomic import atomic_transaction, atomic_write
+    """``model.save_pretrained`` (and the tokenizer's) into ``folder``, which is replaced as a unit
+    (:func:`~hf_deltacome.io.atomic.atomic_folder`: a kill leaves the previous folder or the new one, never a mix)."""
+    from ..io.atomic import atomic_folder
 
-    folder = Path(folder)
     cfg = getattr(getattr(model, "config", None), "quantization_config", None)
     if not isinstance(cfg, AmlqConfig):
         raise ConfigError("save_quantized needs a model quantized by hf_deltacome.amlq.quantize_model")
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".amlq-save-", dir=folder))
-    try:
-        model.save_pretrained(staging)
+    with atomic_folder(folder) as nxt:
+        for entry in os.scandir(nxt):  # the previous version's files (hard links): a fresh folder, not a mix
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        model.save_pretrained(nxt)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        with atomic_transaction():
-            for src in sorted(staging.iterdir()):
-                atomic_write(folder / src.name, lambda tmp, src=src: os.replace(src, tmp))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+            tokenizer.save_pretrained(nxt)
+    return Path(folder)

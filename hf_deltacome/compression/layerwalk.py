@@ -160,21 +160,23 @@ def walk_layers(
     """
     _, layers = find_decoder_layers(model)
     bar = progress_bar(len(layers), progress, "Compressing layers", unit="layer")
-    hidden, calls = (None, None) if inputs is None else capture_layer_inputs(model, layers, inputs, batch_size, device)
-    for i, layer in enumerate(layers):
-        if hidden is None:
-            visit(i, None, None, device or module_device(layer))
+    try:  # closed on an error or interrupt too, so what is printed next starts on its own line
+        hidden, calls = (None, None) if inputs is None else capture_layer_inputs(model, layers, inputs, batch_size, device)
+        for i, layer in enumerate(layers):
+            if hidden is None:
+                visit(i, None, None, device or module_device(layer))
+                bar.update(1)
+                continue
+            companion = companions[i]
+            home, companion_home = module_device(layer), module_device(companion)
+            if device is not None:
+                layer.to(device)
+                companion.to(device)
+            visit(i, hidden, calls[i], device or home)
+            hidden = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(hidden, calls[i], strict=True)]
+            if device is not None:
+                layer.to(home)
+                companion.to(companion_home)
             bar.update(1)
-            continue
-        companion = companions[i]
-        home, companion_home = module_device(layer), module_device(companion)
-        if device is not None:
-            layer.to(device)
-            companion.to(device)
-        visit(i, hidden, calls[i], device or home)
-        hidden = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(hidden, calls[i], strict=True)]
-        if device is not None:
-            layer.to(home)
-            companion.to(companion_home)
-        bar.update(1)
-    bar.close()
+    finally:
+        bar.close()

@@ -42,7 +42,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from ..backend import dequant_cache
+from ..backend import check_device, dequant_cache
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError
 from ..format.budget import safetensors_header_bound
@@ -52,7 +52,7 @@ from ..layer import DeltaCoMeLayer
 from ..quant.hessian import HessianCollector
 from .baselines import distill_sign_scales
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource
-from .checkpoint import LayerCheckpoint
+from .checkpoint import LayerCheckpoint, calibration_record
 from .layerwalk import find_decoder_layers, module_device, walk_layers
 from .modules import compress_module, with_changes
 from .plan import plan_layouts
@@ -124,7 +124,11 @@ def compress(
     targets, bias_changed = _inputs(kind, base_model, finetuned_model, config)
     budget = file_budget(base_model, targets, config, bias_changed)  # before any work: the extras may not fit
     device = _work_device(device)
-    ckpt = LayerCheckpoint(checkpoint_dir, config, adapter_name) if checkpoint_dir is not None else None
+    ckpt = None
+    if checkpoint_dir is not None:  # a resume must have the same inputs: the fine-tune and calibration are recorded
+        given = calibration_record(calibration, config, num_samples=num_samples, seq_len=seq_len, seed=seed,
+                                   tokenizer=tokenizer if tokenizer is not None else processor)  # fmt: skip
+        ckpt = LayerCheckpoint(checkpoint_dir, config, adapter_name, finetuned=finetuned_model, calibration=given)
     # calibration comes from the fine-tune before the base is wrapped, so a failure leaves the base untouched
     calib = _calibration(kind, config, finetuned_model, calibration, ckpt, tokenizer=tokenizer, processor=processor,
                          num_samples=num_samples, seq_len=seq_len, seed=seed, progress=progress)  # fmt: skip
@@ -134,6 +138,7 @@ def compress(
     )  # fmt: skip
     plan_info["budget"] = budget
     peft_model = _wrap(base_model, finetuned_model, config, adapter_name)
+    peft_model.deltacome_finetuned = getattr(finetuned_model, "name_or_path", None)  # saves refuse to write there
     filler = _Filler(peft_model.base_model.model, finetuned_model, config, adapter_name, ckpt)
     filler.outside(kind, targets, calib, device)
     filler.layers(kind, targets, calib, device, progress)
@@ -164,7 +169,7 @@ def _inputs(
 def _work_device(device: torch.device | str | None) -> torch.device | None:
     if device is None:
         return torch.device("cuda") if torch.cuda.is_available() else None
-    return torch.device(device)
+    return check_device(device)
 
 
 def file_budget(

@@ -12,8 +12,12 @@ from ..errors import ConfigError
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.text is None and args.task is None:
         raise ConfigError("deltacome eval needs --text (perplexity, agreement, module errors) and/or --task")
+    from ..backend import check_device
     from ..loading import load_adapter_model, load_model_and_tokenizer
     from .metrics import evaluate_model
+
+    if args.device is not None:
+        check_device(args.device, "--device")
 
     model, tokenizer = load_adapter_model(args.base, args.adapter, dtype=args.dtype, device=args.device)
     finetuned = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Union
@@ -26,9 +26,15 @@ from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
 from ..config import DeltaCoMeConfig
 from ..errors import AdapterFileError, ConfigError, DeltaCoMeError
 from ..format.storage import TensorSpec, layout_tensors, plane_bits
-from .atomic import PathLike
+from .atomic import PathLike, PinnedFiles, file_sha256, recover_folder
 
 STATE_DICT_PREFIX = "base_model.model."
+# dense extras (modules_to_save: norms, embeddings, lm_head) are floating weights
+EXTRA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# every float in an adapter file (dense extras, singular values, quantization scales, bias deltas) stays below this:
+# weights of released LLMs stay below ~1e3 and a fine-tune's delta is smaller than the weights; the cap catches
+# corrupted exponents (1e30, 3e38) that would load and then overflow to inf in the forward pass
+MAX_ABS = 1e6
 DELTA_MARKER = ".deltacome_delta."
 BLOB_SUFFIX = ".deltacome_delta.blob"  # format 2: one tensor per module
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -47,19 +53,22 @@ SAFETENSORS_DTYPES = {
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _open(path: str) -> Any:
-    """``safe_open`` with its errors (truncated file, bad header, overlapping tensors) as `AdapterFileError`."""
+def _open(path: str, source: Optional[str] = None) -> Any:
+    """``safe_open`` of ``source`` (default ``path``) with its errors (truncated file, bad header, overlapping tensors)
+    as `AdapterFileError` naming ``path``."""
     from safetensors import safe_open
 
+    if not isinstance(path, str):
+        raise AdapterFileError(f"{path!r}: not a file path")
     if path.endswith(PICKLE_SUFFIXES):
         raise AdapterFileError(
             f"{path}: refusing to read a pickle file; Delta-CoMe adapters are read only as safetensors"
         )
-    if not os.path.isfile(path):
+    if source is None and not os.path.isfile(path):
         raise AdapterFileError(f"{path}: adapter weights file not found")
     try:
-        return safe_open(path, framework="pt", device="cpu")
-    except Exception as e:  # SafetensorError (header, offsets, coverage) or OSError
+        return safe_open(source or path, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError (header, offsets, coverage, nesting) or OSError
         text = str(e)
         if "JSON" in text:
             why = "bad safetensors header: not valid JSON"
@@ -92,11 +101,14 @@ def tensor_nbytes(dtype_name: str, shape: list[int]) -> int:
     return n * dtype.itemsize
 
 
-def read_safetensors(path: PathLike, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
-    """Read every tensor of a safetensors file (never pickle), raising :class:`AdapterFileError` naming the file."""
+def read_safetensors(
+    path: PathLike, device: Union[str, torch.device] = "cpu", *, source: Optional[str] = None
+) -> dict[str, torch.Tensor]:
+    """Read every tensor of a safetensors file (never pickle), raising :class:`AdapterFileError` naming the file.
+    ``source`` reads another name of the same file (:func:`pinned`) while errors still name ``path``."""
     path = os.fspath(path)
     out: dict[str, torch.Tensor] = {}
-    with _open(path) as f:
+    with _open(path, source) as f:
         for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
             try:
                 out[name] = f.get_tensor(name)
@@ -112,11 +124,11 @@ def read_safetensors(path: PathLike, device: Union[str, torch.device] = "cpu") -
 # ------------------------------------------------------------------------------------------------------------
 
 
-def read_adapter_config(path: PathLike) -> DeltaCoMeConfig:
+def read_adapter_config(path: PathLike, *, shown: Optional[str] = None) -> DeltaCoMeConfig:
     """Parse ``adapter_config.json`` (a file or the folder holding it) into a validated `DeltaCoMeConfig`.
 
     Any problem (unreadable, not JSON, not a DELTACOME config, invalid layout) is a :class:`ConfigError` naming the
-    file.
+    file (``shown``, when ``path`` is another name of it).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -125,15 +137,12 @@ def read_adapter_config(path: PathLike) -> DeltaCoMeConfig:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read adapter config: {e}") from e
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    if str(data.get("peft_type", "")).upper() != "DELTACOME":
-        raise ConfigError(f"{path}: peft_type is {data.get('peft_type')!r}, not 'DELTACOME'")
+        raise ConfigError(f"{shown or path}: cannot read adapter config: {e.strerror}") from e
+    path = shown or path
+    data = parse_config_json(raw, path)
+    if data.get("peft_type") != "DELTACOME":
+        hint = " (PEFT reads it case-sensitively)" if str(data.get("peft_type")).upper() == "DELTACOME" else ""
+        raise ConfigError(f"{path}: peft_type is {data.get('peft_type')!r}, not 'DELTACOME'{hint}")
     data.pop("runtime_config", None)
     known = {f.name for f in DeltaCoMeConfig.__dataclass_fields__.values()}
     unknown = sorted(set(data) - known - {"peft_type"})
@@ -143,11 +152,25 @@ def read_adapter_config(path: PathLike) -> DeltaCoMeConfig:
             del data[key]
     data.pop("peft_type", None)
     try:
-        return DeltaCoMeConfig(**data)
+        config = DeltaCoMeConfig(**data)
     except DeltaCoMeError as e:
         raise type(e)(f"{path}: {e}") from e
     except Exception as e:  # any failure to build the config from its fields means the file is invalid
         raise ConfigError(f"{path}: invalid adapter config: {e}") from e
+    if not config.layout:
+        raise ConfigError(f"{path}: its layout is empty: a saved adapter lists every module it changes")
+    return config
+
+
+def parse_config_json(raw: bytes, path: str) -> dict:
+    """The JSON object of an adapter config file; bad UTF-8, bad or too deeply nested JSON are a `ConfigError`."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {type(e).__name__}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -193,8 +216,9 @@ def validate_adapter_state_dict(
 
     Checks, each failure an :class:`AdapterFileError` naming ``filename`` and the tensor: every tensor the
     ``layout`` requires is present with the exact shape and dtype (config/tensor disagreement), no unknown
-    ``deltacome_delta`` tensor and no tensor outside the layout and ``modules_to_save``, no NaN/Inf in float tensors,
-    zero points within ``[0, 2**bits - 1]`` and zero packing padding in the last word of each row.
+    ``deltacome_delta`` tensor and no tensor outside the layout and ``modules_to_save``, dense extras in float16,
+    bfloat16 or float32, no NaN/Inf and no ``|x| > MAX_ABS`` in float tensors, zero points within
+    ``[0, 2**bits - 1]`` and zero packing padding in the last word of each row.
     """
     filename = os.fspath(filename)
     expected = expected_delta_tensors(config, prefix)
@@ -220,53 +244,122 @@ def validate_adapter_state_dict(
         t = state_dict[key]
         if not isinstance(t, torch.Tensor):
             raise AdapterFileError(f"{filename}: entry {key!r} is a {type(t).__name__}, not a tensor")
-        if key in expected:
-            shape, dtype, bits, cols, _ = expected[key]
-            if t.dtype != dtype:
-                raise AdapterFileError(
-                    f"{filename}: tensor {key!r} has dtype {t.dtype}, adapter_config.json's layout needs {dtype}"
-                )
-            if tuple(t.shape) != shape:
-                raise AdapterFileError(
-                    f"{filename}: tensor {key!r} has shape {list(t.shape)}, adapter_config.json's layout needs "
-                    f"{list(shape)} (config and weights disagree)"
-                )
-            if key.endswith(BLOB_SUFFIX):  # format 2: check every part inside the module's blob
-                module = key[len(prefix) : -len(BLOB_SUFFIX)]
-                entry = config.layout[module]
-                for part, spec in layout_tensors(entry, config.group_size, parts=True).items():
-                    nbytes = math.prod(spec.shape) * spec.dtype.itemsize
-                    view = t[spec.offset : spec.offset + nbytes].view(spec.dtype).view(spec.shape)
-                    _check_values(filename, f"{key}[{part}]", view, spec.bits, spec.cols)
-                continue
-            _check_values(filename, key, t, bits, cols)
-        elif t.is_floating_point():
-            _check_values(filename, key, t, 0, None)
+        if key not in expected:
+            _check_extra(t, key, filename)
+            continue
+        shape, dtype, bits, cols, _ = expected[key]
+        if t.dtype != dtype:
+            raise AdapterFileError(
+                f"{filename}: tensor {key!r} has dtype {t.dtype}, adapter_config.json's layout needs {dtype}"
+            )
+        if tuple(t.shape) != shape:
+            raise AdapterFileError(
+                f"{filename}: tensor {key!r} has shape {list(t.shape)}, adapter_config.json's layout needs "
+                f"{list(shape)} (config and weights disagree)"
+            )
+        if key.endswith(BLOB_SUFFIX):  # format 2: check every part inside the module's blob
+            entry = config.layout[key[len(prefix) : -len(BLOB_SUFFIX)]]
+            for part, spec in layout_tensors(entry, config.group_size, parts=True).items():
+                nbytes = math.prod(spec.shape) * spec.dtype.itemsize
+                view = t[spec.offset : spec.offset + nbytes].view(spec.dtype).view(spec.shape)
+                _check_codes(filename, f"{key}[{part}]", view, spec.bits, spec.cols)
+            continue
+        _check_codes(filename, key, t, bits, cols)
 
 
-def _check_values(filename: str, key: str, t: torch.Tensor, bits: int, cols: Optional[int]) -> None:
-    """Zero points in range for ``bits``-bit codes, zero packing padding, finite floats."""
-    if key.rstrip("]").endswith("zeros") and t.numel() and int(t.max()) > (1 << bits) - 1:
+def _check_codes(filename: str, key: str, t: torch.Tensor, bits: int, cols: Optional[int]) -> None:
+    """Zero points in range for ``bits``-bit codes, zero packing padding, finite and sane floats."""
+    leaf = key.rstrip("]")
+    if leaf.endswith("zeros") and t.numel() and int(t.max()) > (1 << bits) - 1:
         raise AdapterFileError(
             f"{filename}: tensor {key!r} has zero point {int(t.max())}, out of range for {bits}-bit codes"
         )
-    if cols is not None and not _padding_ok(t, cols, plane_bits(key.rstrip("]"), bits)):
+    if cols is not None and not _padding_ok(t, cols, plane_bits(leaf, bits)):
         raise AdapterFileError(f"{filename}: tensor {key!r} has non-zero padding bits: the packed codes are corrupted")
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    _check_finite(t, key, filename)
+
+
+def _check_finite(t: torch.Tensor, key: str, filename: str) -> None:
+    """Float tensors: no NaN/Inf, ``|x| <= MAX_ABS``."""
+    if not t.is_floating_point() or not t.numel():
+        return
+    if not bool(torch.isfinite(t).all()):
         kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         raise AdapterFileError(f"{filename}: tensor {key!r} contains {kind} values")
+    peak = float(t.abs().max())
+    if peak > MAX_ABS:
+        raise AdapterFileError(
+            f"{filename}: tensor {key!r} holds |x| = {peak:.3g}, above {MAX_ABS:.0e}: not a weight or delta "
+            "(corrupted file?)"
+        )
+
+
+def _check_extra(t: torch.Tensor, key: str, filename: str) -> None:
+    """A dense extra (``modules_to_save``) is a float16/bfloat16/float32 weight, finite, ``|x| <= MAX_ABS``."""
+    if t.dtype not in EXTRA_DTYPES:
+        raise AdapterFileError(
+            f"{filename}: dense extra {key!r} has dtype {t.dtype}; only float16, bfloat16 and float32 are accepted"
+        )
+    _check_finite(t, key, filename)
+
+
+def _file_state(path: str) -> Optional[tuple[int, int, int, int]]:
+    """What identifies the file at ``path`` now (a save puts new files there), ``None`` if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_adapter_weights(
+    config: DeltaCoMeConfig, path: PathLike, *, source: Optional[str] = None
+) -> dict[str, torch.Tensor]:
+    """Read and validate ``adapter_model.safetensors`` for ``config``; when the config records ``weights_sha256``
+    the file must be the very one saved with it (weights and config of two different saves are refused). The file
+    is read and hashed through one open handle (``source``, else pinned here: `PinnedFiles`), so a save replacing
+    the folder meanwhile cannot mix two files."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    with PinnedFiles(folder, [name]) as pin:
+        source = source or pin.path(name)
+        state_dict = read_safetensors(path, source=source)
+        validate_adapter_state_dict(config, state_dict, path)
+        if config.weights_sha256 is not None and file_sha256(source) != config.weights_sha256:
+            raise AdapterFileError(
+                f"{path}: its sha256 is not adapter_config.json's weights_sha256: weights and config come from "
+                "different saves (or the folder was replaced between reading the two: load again)"
+            )
+    return state_dict
+
+
+_READ_ATTEMPTS = 5
 
 
 def read_adapter(folder: PathLike) -> tuple[DeltaCoMeConfig, dict[str, torch.Tensor]]:
-    """Read and validate a saved adapter folder: ``(config, state_dict)``; every failure is a `DeltaCoMeError`."""
+    """Read and validate a saved adapter folder: ``(config, state_dict)``; every failure is a `DeltaCoMeError`.
+
+    Config and weights always come from one save: both files are opened back to back and read through those
+    handles; if a concurrent save swapped the folder between the two opens (the weights' sha256 then differs from
+    the config's ``weights_sha256``), the folder is read again.
+    """
     folder = os.fspath(folder)
-    config = read_adapter_config(folder)
-    weights = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        _raise_missing_weights(folder)
-    state_dict = read_safetensors(weights)
-    validate_adapter_state_dict(config, state_dict, weights)
-    return config, state_dict
+    if not os.path.isdir(folder):
+        recover_folder(folder)  # a save killed between the two renames of the fallback swap
+    config_path, weights = os.path.join(folder, ADAPTER_CONFIG_NAME), os.path.join(folder, ADAPTER_WEIGHTS_NAME)
+    for attempt in range(_READ_ATTEMPTS):
+        seen = (_file_state(config_path), _file_state(weights))
+        try:
+            with PinnedFiles(folder, (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)) as pin:  # opened back to back
+                config = read_adapter_config(pin.path(ADAPTER_CONFIG_NAME), shown=config_path)
+                if not os.path.isfile(pin.path(ADAPTER_WEIGHTS_NAME)):
+                    _raise_missing_weights(folder)
+                return config, read_adapter_weights(config, weights, source=pin.path(ADAPTER_WEIGHTS_NAME))
+        except DeltaCoMeError:
+            if attempt + 1 == _READ_ATTEMPTS or (_file_state(config_path), _file_state(weights)) == seen:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _raise_missing_weights(where: str) -> None:
@@ -276,102 +369,3 @@ def _raise_missing_weights(where: str) -> None:
             f"{ADAPTER_WEIGHTS_NAME} and pickles are never loaded"
         )
     raise AdapterFileError(f"{where}: {ADAPTER_WEIGHTS_NAME} not found")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# loading from a folder or the Hub
-# ------------------------------------------------------------------------------------------------------------
-
-_HUB_KWARGS = (
-    "revision",
-    "token",
-    "cache_dir",
-    "local_files_only",
-    "force_download",
-    "proxies",
-    "repo_type",
-    "endpoint",
-)
-
-
-def resolve_adapter_weights(model_id: PathLike, *, subfolder: Optional[str] = None, **hub_kwargs: Any) -> str:
-    """Local path of ``adapter_model.safetensors`` for a folder or a Hub repo id (through the HF cache).
-
-    Honours ``revision``, ``token``, ``cache_dir`` and ``HF_HUB_OFFLINE`` (cached files only). A repo that only has
-    ``adapter_model.bin`` is refused without downloading it.
-    """
-    from huggingface_hub import constants as hf_constants
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    model_id = os.fspath(model_id)
-    local = os.path.join(model_id, subfolder) if subfolder else model_id
-    if os.path.isdir(local):
-        path = os.path.join(local, ADAPTER_WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            _raise_missing_weights(local)
-        return path
-    kwargs = {k: v for k, v in hub_kwargs.items() if k in _HUB_KWARGS and v is not None}
-    if kwargs.get("token") is None and hub_kwargs.get("use_auth_token") is not None:
-        kwargs["token"] = hub_kwargs["use_auth_token"]
-    if hf_constants.HF_HUB_OFFLINE:
-        kwargs["local_files_only"] = True
-    where = f"{model_id}" + (f" (subfolder {subfolder})" if subfolder else "")
-    if kwargs.get("revision"):
-        where += f" at revision {kwargs['revision']}"
-    try:
-        return hf_hub_download(model_id, ADAPTER_WEIGHTS_NAME, subfolder=subfolder, **kwargs)
-    except EntryNotFoundError as e:
-        raise AdapterFileError(
-            f"{where}: the repo has no {ADAPTER_WEIGHTS_NAME}; Delta-CoMe adapters are read only as safetensors "
-            "(adapter_model.bin pickles are never loaded)"
-        ) from e
-    except LocalEntryNotFoundError as e:
-        raise AdapterFileError(f"{where}: {ADAPTER_WEIGHTS_NAME} is not in the local cache and offline: {e}") from e
-
-
-def check_extra_shapes(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], filename: PathLike) -> None:
-    """Check ``modules_to_save`` tensors against the base model's own shapes (an error names the tensor)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for key, t in state_dict.items():
-        if DELTA_MARKER in key:
-            continue
-        name = key[len(STATE_DICT_PREFIX) :] if key.startswith(STATE_DICT_PREFIX) else key
-        module_name, _, param = name.rpartition(".")
-        module = _resolve_module(base, module_name)
-        if module is None:
-            raise AdapterFileError(f"{os.fspath(filename)}: tensor {key!r} belongs to no module of the base model")
-        ref = getattr(module, param, None)
-        if isinstance(ref, torch.Tensor) and tuple(ref.shape) != tuple(t.shape):
-            raise AdapterFileError(
-                f"{os.fspath(filename)}: tensor {key!r} has shape {list(t.shape)} but the base model's "
-                f"{module_name}.{param} is {list(ref.shape)}"
-            )
-
-
-def _resolve_module(root: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
-    """The module at dotted ``name``, looking through PEFT's ``modules_to_save`` wrappers (``original_module``)."""
-    module = root
-    for part in name.split(".") if name else []:
-        module = getattr(module, "original_module", module)
-        child = module._modules.get(part) if isinstance(module, torch.nn.Module) else None
-        if child is None:
-            return None
-        module = child
-    return getattr(module, "original_module", module)
-
-
-def apply_key_mapping(state_dict: dict[str, torch.Tensor], key_mapping: Optional[dict[str, str]]) -> dict:
-    """PEFT's ``key_mapping`` remap (regex on the key without the ``base_model.model.`` prefix)."""
-    if not key_mapping:
-        return state_dict
-    out = {}
-    for key, value in state_dict.items():
-        prefix = STATE_DICT_PREFIX if key.startswith(STATE_DICT_PREFIX) else ""
-        rest = key[len(prefix) :]
-        for pattern, replacement in key_mapping.items():
-            rest, n = re.subn(pattern, replacement, rest)
-            if n:
-                break
-        out[prefix + rest] = value
-    return out

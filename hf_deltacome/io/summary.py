@@ -17,7 +17,14 @@ from typing import Any
 
 from ..config import PLAN_RECORDS
 from ..errors import AdapterFileError
-from .adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_safetensors_header, tensor_nbytes
+from .adapter_files import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    parse_config_json,
+    read_adapter_config,
+    read_safetensors_header,
+    tensor_nbytes,
+)
 
 _MODULE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.deltacome_delta\.")
 
@@ -162,7 +169,15 @@ class AdapterSummary:
 
 
 def _plan_lines(plan: dict[str, Any]) -> list[str]:
-    """How the layout was chosen: band-split search per module type, adaptive allocation across modules."""
+    """How the layout was chosen (band-split search, adaptive allocation); records of an unexpected shape (a
+    hand-edited ``compression_info``) are reported as unreadable rather than failing the whole summary."""
+    try:
+        return _plan_text(plan)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return ["", f"compression_info records {sorted(plan)} are not in the expected format (hand-edited?)"]
+
+
+def _plan_text(plan: dict[str, Any]) -> list[str]:
     lines = []
     budget = plan.get("budget")
     if isinstance(budget, dict) and budget.get("factor_ratio"):
@@ -233,14 +248,8 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise AdapterFileError(f"{path} is not a Delta-CoMe adapter folder: {p.name} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFileError(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "DELTACOME":
-        peft_type = cfg.get("peft_type") if isinstance(cfg, dict) else None
-        raise AdapterFileError(f"{cfg_path}: peft_type is {peft_type!r}, not 'DELTACOME'")
-    layout = cfg.get("layout") or {}
+    config = read_adapter_config(cfg_path)  # validated: every field of the right type, errors name the file
+    layout = config.layout
     header, _ = read_safetensors_header(w_path)
     modules = {
         name: ModuleSummary(
@@ -248,7 +257,7 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
             shape=tuple(entry["shape"]),
             bands=[tuple(b) for b in entry["bands"]],
             parts=_part_texts(entry),
-            group_size=entry.get("group_size", cfg.get("group_size", 128)),
+            group_size=entry.get("group_size", config.group_size),
         )
         for name, entry in layout.items()
     }
@@ -269,10 +278,10 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
         modules=list(modules.values()),
         extras=extras,
         extras_fp16_bytes=extras_fp16,
-        ratio_target=cfg.get("ratio"),
-        method=cfg.get("method", "deltacome"),
-        plan={k: v for k, v in (cfg.get("compression_info") or {}).items() if k in PLAN_RECORDS},
-        formats=tuple(sorted({int(e.get("format", 1)) for e in layout.values()})) or (1,),
+        ratio_target=config.ratio,
+        method=config.method,
+        plan={k: v for k, v in config.compression_info.items() if k in PLAN_RECORDS},
+        formats=tuple(sorted({int(e.get("format", 1)) for e in config.layout.values()})) or (1,),
     )
 
 
@@ -286,10 +295,10 @@ def quantized_base_summary(path: str | os.PathLike, as_json: bool = False) -> st
     if (path / ADAPTER_CONFIG_NAME).is_file() or not cfg_path.is_file():
         return None
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFileError(f"{cfg_path}: not valid JSON ({e})") from e
-    quant = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+        cfg = parse_config_json(cfg_path.read_bytes(), str(cfg_path))
+    except OSError as e:
+        raise AdapterFileError(f"{cfg_path}: cannot be read ({e})") from e
+    quant = cfg.get("quantization_config")
     if not isinstance(quant, dict) or quant.get("quant_method") != "amlq":
         return None
     layout = quant.get("layout")

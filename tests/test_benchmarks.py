@@ -1,0 +1,136 @@
+"""benchmarks/quality.py caches every measurement under all its settings and the code revision that made it."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_args(quality, *argv: str):
+    return quality.parse_args(["--methods", "lowrank", "--ratios", "1/16", *argv])
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    return {
+        "out": tmp_path,
+        "task": SimpleNamespace(name="facts"),
+        "base_name": "base-model",
+        "ft_name": "facts-0123",
+        "revision": "abc123",
+        "ft": "fine-tune",
+        "base": "base",
+        "tokenizer": None,
+        "windows": torch.zeros(1, 4, dtype=torch.long),
+    }
+
+
+def test_every_setting_and_the_revision_key_a_cell(quality, ctx):
+    args = make_args(quality)
+    key = quality.settings_key(quality.cell_settings("lowrank", 1 / 16, args, ctx))
+    changed = [
+        make_args(quality, "--n-eval", "8"),
+        make_args(quality, "--n-text", "3"),
+        make_args(quality, "--num-samples", "4"),
+        make_args(quality, "--seq-len", "64"),
+        make_args(quality, "--quantizer", "rtn"),
+    ]
+    keys = {quality.settings_key(quality.cell_settings("lowrank", 1 / 16, a, ctx)) for a in changed}
+    keys |= {quality.settings_key(quality.cell_settings("lowrank", 1 / 32, args, ctx))}
+    keys |= {quality.settings_key(quality.cell_settings("dare", 1 / 16, args, ctx))}
+    keys |= {quality.settings_key(quality.cell_settings("lowrank", 1 / 16, args, {**ctx, "revision": "def456"}))}
+    assert key not in keys and len(keys) == len(changed) + 3
+    # the same settings give the same key (a rerun reuses the cell)
+    assert quality.settings_key(quality.cell_settings("lowrank", 1 / 16, make_args(quality), dict(ctx))) == key
+
+
+def test_reference_is_remeasured_when_its_settings_or_the_code_change(quality, ctx, monkeypatch):
+    calls = []
+
+    def fake_measure(model, tokenizer, c, n):
+        calls.append((model, n))
+        return {"perplexity": 2.0, "agreement": 0.5, "accuracy": 0.25 if model == "base" else 0.75, "n": n}
+
+    monkeypatch.setattr(quality, "measure", fake_measure)
+    monkeypatch.setattr(quality, "text_scores", lambda model, windows, ft: (1.0, 1.0, torch.ones(1, 3)))
+    first = quality.reference(ctx, make_args(quality, "--n-eval", "8"))
+    assert first["finetuned"]["n"] == 8 and first["revision"] == "abc123" and len(calls) == 2
+    assert quality.reference(ctx, make_args(quality, "--n-eval", "8"))["finetuned"]["n"] == 8
+    assert len(calls) == 2  # cached: same settings, same code
+    assert quality.reference(ctx, make_args(quality, "--n-eval", "16"))["finetuned"]["n"] == 16
+    assert len(calls) == 4  # other questions: measured again, not the 8-question numbers
+    quality.reference({**ctx, "revision": "def456"}, make_args(quality, "--n-eval", "8"))
+    assert len(calls) == 6  # other code: measured again
+    quality.reference(ctx, make_args(quality, "--n-eval", "8", "--force"))
+    assert len(calls) == 8
+
+
+def test_a_cached_cell_is_reused_only_for_its_own_settings(quality, ctx, monkeypatch):
+    ran = []
+
+    def fake_compress(*args, **kwargs):
+        ran.append(kwargs)
+        raise RuntimeError("compress called")
+
+    monkeypatch.setattr(quality, "compress", fake_compress)
+    args = make_args(quality, "--n-eval", "8")
+    settings = quality.cell_settings("lowrank", 1 / 16, args, ctx)
+    folder = ctx["out"] / "adapters" / f"lowrank-r16-gptq-{quality.settings_key(settings)}"
+    folder.mkdir(parents=True)
+    record = {"variant": "lowrank", "ratio": 1 / 16, "settings": settings, "revision": "abc123", "gain_kept": 1.0}
+    (folder / "cell.json").write_text(quality.json.dumps(record))
+    ctx["calib"] = None
+    assert quality.run_cell("lowrank", 1 / 16, args, ctx) == record and not ran
+    with pytest.raises(RuntimeError, match="compress called"):  # another --n-eval: not that cell
+        quality.run_cell("lowrank", 1 / 16, make_args(quality, "--n-eval", "16"), ctx)
+    with pytest.raises(RuntimeError, match="compress called"):  # other code
+        quality.run_cell("lowrank", 1 / 16, args, {**ctx, "revision": "def456"})
+
+
+def test_the_table_names_the_code_revision(quality):
+    ref = {"base": {"perplexity": 2, "agreement": 0.5, "accuracy": 0}, "finetuned": {"perplexity": 3, "agreement": 1,
+           "accuracy": 1}, "revision": "abc123"}  # fmt: skip
+    cell = {"variant": "lowrank", "ratio": 1 / 16, "file_bytes": 10, "effective_ratio": 1 / 16,
+            "compress_seconds": 1.0, "perplexity": 2.5, "agreement": 0.9, "accuracy": 0.9, "gain_kept": 0.9,
+            "revision": "abc123"}  # fmt: skip
+    text = quality.table([cell], ref, "facts")
+    assert text.splitlines()[0] == "Code revision: `abc123`"
+    mixed = quality.table([cell, {**cell, "revision": "def456"}], ref, "facts")
+    assert "`abc123`, `def456` (MIXED" in mixed.splitlines()[0]
+
+
+def test_code_revision_is_the_commit_plus_a_hash_of_uncommitted_changes(quality):
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    rev = quality.code_revision()
+    assert rev.startswith(head.stdout.strip())
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *quality.CODE_PATHS], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()  # fmt: skip
+    assert ("+dirty." in rev) == bool(dirty)
+
+
+def test_fingerprint_benchmark_sizes_7b_shapes():
+    """benchmarks/fingerprint.py sizes the fingerprint of 7B/8B shapes on the meta device from the sketch module's
+    own constants (it once read them from the wrong module and crashed after the timing table)."""
+    spec = importlib.util.spec_from_file_location("fingerprint_benchmark", ROOT / "benchmarks" / "fingerprint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    n, one, two = module.size_of_shape("Llama-2-7B")
+    assert n == 291  # 32 layers x 9 weights + embeddings, final norm, head
+    assert 100_000 < one < two < 2.5 * one  # a second rounding stores a second sketch of every weight
