@@ -107,6 +107,12 @@ class DequantCache:
         finally:
             self.max_bytes = saved
 
+    def prune(self) -> None:
+        """Free the entries of deltas that no longer exist (an adapter was deleted from the model)."""
+        for key in [k for k, entry in self._entries.items() if entry[3]() is None]:
+            _, a, b, _ = self._entries.pop(key)
+            self.bytes -= a.numel() * a.element_size() + b.numel() * b.element_size()
+
     def _shrink(self) -> None:
         while self._entries and self.bytes > self.max_bytes:
             _, (_, a, b, _) = self._entries.popitem(last=False)

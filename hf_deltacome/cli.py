@@ -2,9 +2,10 @@
 
 Building the parser imports nothing heavy (``deltacome --help`` is instant); each command imports what it needs.
 Subcommands of other parts of the package register through small ``add_parser(subparsers)`` functions
-(:mod:`hf_deltacome.evaluation.cli`, :mod:`hf_deltacome.amlq.cli`). Every error of ours ends the command with one
-line and exit code 2; an interrupt with exit code 130; any other exception (a bug, ours or a library's) with one line
-naming the command, a "this is a bug" hint and exit code 1, the traceback only with ``DELTACOME_DEBUG=1``.
+(:mod:`hf_deltacome.evaluation.cli`, :mod:`hf_deltacome.serving.cli`, :mod:`hf_deltacome.amlq.cli`). Every error of
+ours ends the command with one line and exit code 2; an interrupt with exit code 130; any other exception (a bug, ours
+or a library's) with one line naming the command, a "this is a bug" hint and exit code 1, the traceback only with
+``DELTACOME_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DeltaCoMeError
+from .progress import log_to_stderr as _log_to_stderr
 
 CHECKPOINT_DIR = ".deltacome-checkpoint"  # per-layer checkpoints of a running `deltacome compress`
 METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare")  # == config.METHODS (tested)
@@ -116,18 +118,6 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_to_stderr() -> None:
-    """Show the library's INFO messages (logger ``hf_deltacome``) on stderr, once."""
-    import logging
-
-    log = logging.getLogger("hf_deltacome")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("deltacome: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     from .io.summary import quantized_base_summary, summarize_adapter
 
@@ -215,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``deltacome`` parser with every subcommand (imports nothing heavy)."""
     from .amlq import cli as amlq_cli
     from .evaluation import cli as evaluation_cli
+    from .serving import cli as serving_cli
 
     parser = argparse.ArgumentParser(prog="deltacome", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_push(sub)
     evaluation_cli.add_parser(sub)
+    serving_cli.add_parser(sub)
     amlq_cli.add_parser(sub)
     return parser
 

@@ -32,6 +32,14 @@ class CalibrationError(DeltaCoMeError):
     """Calibration data could not be read or tokenized."""
 
 
+class UnknownAdapterError(DeltaCoMeError):
+    """A serving request named an adapter that is not loaded (or is being dropped)."""
+
+
+class EngineClosedError(DeltaCoMeError):
+    """The serving engine is shut down (or shutting down) and accepts no more requests."""
+
+
 class BaseModelMismatchWarning(UserWarning):
     """Emitted instead of :class:`BaseModelMismatchError` when the base check is not strict."""
 

@@ -22,6 +22,29 @@ def _adapter_names_pre_hook(module: nn.Module, args: tuple, kwargs: dict, adapte
     return args, kwargs
 
 
+def _adapter_hosts(root: nn.Module) -> Iterator[nn.Module]:
+    """Every module of ``root`` except the insides of per-adapter containers (``deltacome_delta``, a wrapper's
+    ``modules_to_save`` / ``token_adapter``).
+
+    A mixed-batch forward needs only the Delta-CoMe layers and the wrappers themselves; ``root.modules()`` would also
+    walk the thousands of sub-modules each loaded adapter adds (bands, factors, copies of norms), making every forward
+    slower as adapters are added (0.39 s per forward with 16 SmolLM2 adapters loaded, 0.04 s with one).
+    """
+    stack, seen = [root], set()
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:  # a module reachable twice gets one hook, like nn.Module.modules()
+            continue
+        seen.add(id(module))
+        yield module
+        skip = {"deltacome_delta"} if isinstance(module, DeltaCoMeLayer) else set()
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            skip |= {"modules_to_save", "token_adapter"}
+        stack.extend(
+            child for name, child in reversed(module._modules.items()) if child is not None and name not in skip
+        )
+
+
 def _rowwise_extras_forward(
     wrapper: ModulesToSaveWrapper, adapter_names: MixedBatch, x: torch.Tensor, *args: Any, **kwargs: Any
 ) -> Any:
@@ -177,8 +200,9 @@ class DeltaCoMeModel(BaseTuner):
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        hosts = list(_adapter_hosts(self))
         known = set()
-        for module in self.modules():
+        for module in hosts:
             if isinstance(module, DeltaCoMeLayer):
                 known |= set(module.deltacome_delta.keys())
         unknown = {n for n in adapter_names if n != BASE_ADAPTER_NAME} - known
@@ -189,7 +213,7 @@ class DeltaCoMeModel(BaseTuner):
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
         batch = MixedBatch(adapter_names)  # one row index for all layers
         handles, swapped = [], []
-        for module in self.modules():
+        for module in hosts:
             if isinstance(module, DeltaCoMeLayer) or (
                 isinstance(module, AuxiliaryTrainingWrapper) and not isinstance(module, ModulesToSaveWrapper)
             ):

@@ -239,10 +239,11 @@ class PackedDelta(_FixedDtypeModule):
         return w.to(dtype)
 
     def version_stamp(self) -> tuple:
-        """Changes whenever the stored bytes may have (a buffer replaced, moved, or written in place)."""
+        """Changes whenever the stored bytes may have (a buffer replaced, moved, or written in place; tensors made
+        under ``torch.inference_mode`` have no version counter and can only be seen being replaced)."""
         blob = self._buffers.get("blob")
         tensors = [blob] if blob is not None else [b for b in self.buffers()]
-        return tuple((t.data_ptr(), t._version) for t in tensors)
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
 
     def nbytes(self) -> int:
         """Exact bytes of every saved buffer (what the adapter file stores for this module)."""

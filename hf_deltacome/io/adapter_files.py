@@ -10,6 +10,7 @@ NaN/Inf, zero points, packing padding). File names are PEFT's own (``adapter_con
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -178,11 +179,26 @@ def parse_config_json(raw: bytes, path: str) -> dict:
 # ------------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
+def _specs(entry_json: str, group_size: int, parts: bool) -> tuple[tuple[str, TensorSpec], ...]:
+    return tuple(layout_tensors(json.loads(entry_json), group_size, parts=parts).items())
+
+
+def entry_tensors(entry: dict, group_size: int, *, parts: bool = False) -> dict[str, TensorSpec]:
+    """:func:`~hf_deltacome.format.storage.layout_tensors`, remembered per distinct layout entry (a model's modules
+    share a few entries, and adapters loaded onto one base share them all: loading many stays fast)."""
+    try:
+        text = json.dumps(entry, sort_keys=True)
+    except TypeError:  # not plain JSON (an entry built in memory): not remembered
+        return layout_tensors(entry, group_size, parts=parts)
+    return dict(_specs(text, group_size, parts))
+
+
 def expected_delta_tensors(config: DeltaCoMeConfig, prefix: str = STATE_DICT_PREFIX) -> dict[str, TensorSpec]:
     """Every packed tensor the layout requires, by PEFT's saved key (``<prefix><module>.deltacome_delta.<key>``)."""
     out: dict[str, TensorSpec] = {}
     for module, entry in config.layout.items():
-        for key, spec in layout_tensors(entry, config.group_size).items():
+        for key, spec in entry_tensors(entry, config.group_size).items():
             out[f"{prefix}{module}.deltacome_delta.{key}"] = spec
     return out
 
@@ -259,7 +275,7 @@ def validate_adapter_state_dict(
             )
         if key.endswith(BLOB_SUFFIX):  # format 2: check every part inside the module's blob
             entry = config.layout[key[len(prefix) : -len(BLOB_SUFFIX)]]
-            for part, spec in layout_tensors(entry, config.group_size, parts=True).items():
+            for part, spec in entry_tensors(entry, config.group_size, parts=True).items():
                 nbytes = math.prod(spec.shape) * spec.dtype.itemsize
                 view = t[spec.offset : spec.offset + nbytes].view(spec.dtype).view(spec.shape)
                 _check_codes(filename, f"{key}[{part}]", view, spec.bits, spec.cols)

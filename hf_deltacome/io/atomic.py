@@ -5,6 +5,8 @@ interrupted save leaves the previous file intact. :func:`atomic_folder` builds t
 beside it (the current files carried over as hard links) and swaps the two in one step, so a folder of several files
 (an adapter: weights, config, card) is replaced as a unit. :func:`atomic_dir` builds a new folder beside its final
 name and renames it into place (cache entries). :func:`check_output_folder` refuses to write into a model's folder.
+:func:`write_folder` replaces an output folder (an exported LoRA, a merged model) with files written elsewhere, as
+one swap.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import tempfile
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
@@ -395,3 +397,31 @@ def check_output_folder(folder: PathLike, inputs: Optional[Mapping[str, Optional
             f"output folder {os.fspath(folder)!r} holds a model ({', '.join(found[:3])}); an adapter_config.json "
             "there would make from_pretrained of that folder load base + delta silently; choose a folder of its own"
         )
+
+
+def write_folder(output: PathLike, fill: Callable[[Path], None], *, stale: Iterable[str] = ()) -> list[str]:
+    """Run ``fill(tmp)`` to write the files of ``output`` into a temporary folder, then swap them into ``output`` in
+    one :func:`atomic_folder` step (a kill leaves the previous or the new folder, never a mix). Files matching a glob
+    of ``stale`` that the new output lacks (old weight shards) are gone in the new version; other files are kept.
+    The new files replace the carried-over links (never written through them). Returns the names written."""
+    output = Path(os.path.realpath(os.fspath(output)))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=TEMP_SUFFIX, dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        fill(tmp)
+        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        with atomic_folder(output) as nxt:
+            for pattern in stale:
+                for path in Path(nxt).glob(pattern):
+                    if path.is_file() and str(path.relative_to(nxt)) not in names:
+                        path.unlink()
+            for name in names:
+                target = Path(nxt) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / name, target)
+                os.chmod(target, 0o666 & ~umask)  # like a plain open(); writers may create 0600 temp files
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return names

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import hashlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -56,21 +56,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _skipped_prefixes(model: nn.Module) -> list[str]:
-    """Sub-module paths that hold adapter state rather than base weights."""
+def _adapter_state(module: nn.Module) -> set[str]:
+    """Names of ``module``'s children that hold adapter state rather than base weights."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    skip = []
-    for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            for attr in tuple(module.adapter_layer_names) + tuple(module.other_param_names):
-                skip.append(f"{name}.{attr}" if name else attr)
-        if isinstance(module, AuxiliaryTrainingWrapper):
-            for attr in ("modules_to_save", "token_adapter"):
-                if hasattr(module, attr):
-                    skip.append(f"{name}.{attr}" if name else attr)
+    skip: set[str] = set()
+    if isinstance(module, BaseTunerLayer):
+        skip.update(module.adapter_layer_names, module.other_param_names)
+    if isinstance(module, AuxiliaryTrainingWrapper):
+        skip.update(("modules_to_save", "token_adapter"))
     return skip
+
+
+def _base_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules(remove_duplicate=False)`` without descending into adapter state: a model carrying many
+    adapters is walked as fast as one carrying none."""
+    yield prefix, module
+    skip = _adapter_state(module)
+    for name, child in module._modules.items():
+        if child is not None and name not in skip:
+            yield from _base_modules(child, f"{prefix}.{name}" if prefix else name)
 
 
 def _canonical(name: str) -> str:
@@ -78,12 +84,8 @@ def _canonical(name: str) -> str:
 
 
 def base_weights(model: nn.Module) -> list[BaseWeight]:
-    base = unwrap(model)
-    skip = _skipped_prefixes(base)
     out: dict[str, BaseWeight] = {}
-    for mname, module in base.named_modules(remove_duplicate=False):
-        if any(mname == s or mname.startswith(s + ".") for s in skip):
-            continue
+    for mname, module in _base_modules(unwrap(model)):
         dims = (getattr(module, "out_features", None), getattr(module, "in_features", None))
         for pname, p in module.named_parameters(recurse=False):
             linear = pname == "weight" and all(isinstance(d, int) for d in dims)  # packed weights: logical shape

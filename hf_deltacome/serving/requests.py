@@ -1,0 +1,153 @@
+"""One generation request of the serving engine: its sampling options, its events, and its text as it grows.
+
+Nothing here touches the model: :func:`sample_token` picks a token from one row's logits, :func:`append_token`
+takes it into the request and says what to send (text pieces, the end), holding back what may still become a stop
+string or an incomplete multi-byte character.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples: ``temperature`` 0 is greedy; ``stop`` strings end the text (not included)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ConfigError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+
+
+@dataclass
+class Event:
+    """What a request's sink receives: ``text`` (a new piece), ``done`` (with ``finish_reason``) or ``error``."""
+
+    kind: str
+    text: str = ""
+    finish_reason: Optional[str] = None
+    error: Optional[BaseException] = None
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One prompt for one adapter (``"__base__"``: the base); ``sink`` is called on the scheduler thread."""
+
+    prompt_ids: list[int]
+    adapter: str
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    generated: list[int] = field(default_factory=list)
+    text: str = ""  # text emitted so far
+    finish_reason: Optional[str] = None
+    finished: bool = False
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: Optional[float] = None
+    _generator: Optional[torch.Generator] = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.generated)
+
+    @property
+    def done(self) -> bool:
+        """Finished or cancelled: the request takes no more tokens."""
+        return self.finished or self.cancelled
+
+
+def sample_token(logits: torch.Tensor, request: GenerationRequest) -> int:
+    """A token from one row's ``logits`` at the request's temperature and nucleus ``top_p`` (its seeded generator)."""
+    probs = torch.softmax(logits / request.params.temperature, dim=-1)
+    if request.params.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > request.params.top_p  # keep the smallest nucleus
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=request._generator))
+
+
+def stop_position(text: str, stop: tuple[str, ...]) -> Optional[int]:
+    """Where the earliest stop string starts in ``text`` (None when none occurs)."""
+    hits = [at for at in (text.find(s) for s in stop) if at >= 0]
+    return min(hits) if hits else None
+
+
+def emittable(text: str, stop: tuple[str, ...]) -> int:
+    """How many leading characters of a running ``text`` are final: the tail that may still grow into a stop string,
+    and an incomplete multi-byte character (decoded as U+FFFD), are held back."""
+    safe = len(text) - max((len(s) - 1 for s in stop), default=0)
+    while safe > 0 and text[safe - 1] == "\ufffd":
+        safe -= 1
+    return max(safe, 0)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every token id that ends a generation: the model's generation config's and the tokenizer's."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _finish(request: GenerationRequest, reason: str, text: str) -> list[Event]:
+    events = []
+    if text.startswith(request.text) and len(text) > len(request.text):
+        events.append(Event("text", text=text[len(request.text) :]))
+    request.text = text if text.startswith(request.text) else request.text
+    request.finished = True
+    request.finish_reason = reason
+    return events + [Event("done", finish_reason=reason)]
+
+
+def append_token(
+    request: GenerationRequest, token: int, eos_ids: frozenset[int], tokenizer: Any, max_model_len: int
+) -> list[Event]:
+    """Take ``token`` into ``request`` and return the events it causes: a new text piece, and ``done`` when an end
+    token, a stop string, ``max_tokens`` or the model's length ends the request."""
+    request.generated.append(token)
+    params = request.params
+    if token in eos_ids:
+        return _finish(request, "stop", tokenizer.decode(request.generated[:-1], skip_special_tokens=True))
+    text = tokenizer.decode(request.generated, skip_special_tokens=True)
+    at = stop_position(text, params.stop)
+    if at is not None:  # the earliest stop string ends the text (never sent: see the hold-back below)
+        return _finish(request, "stop", text[:at])
+    if len(request.generated) >= params.max_tokens or request.prompt_tokens + len(request.generated) >= max_model_len:
+        return _finish(request, "length", text)
+    safe = emittable(text, params.stop)
+    if safe > len(request.text) and text.startswith(request.text):
+        piece, request.text = text[len(request.text) : safe], text[:safe]
+        return [Event("text", text=piece)]
+    return []

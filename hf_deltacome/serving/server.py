@@ -1,0 +1,349 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) for one base and many Delta-CoMe adapters.
+
+``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions`` and
+``GET /health``. The request's ``model`` picks an adapter by name, or the base (its own name, or ``"base"``).
+Generation runs on :class:`~hf_deltacome.serving.engine.Engine`'s scheduler thread, which batches concurrent
+requests for different adapters into mixed batches. Errors are OpenAI error bodies
+``{"error": {"message", "type", "param", "code"}}``: 400 bad request (unparseable JSON, prompt too long,
+unsupported option), 401 bad API key, 404 unknown model or route, 422 a field of the wrong type or range,
+500 a failed generation (that request only), 503 shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ConfigError, EngineClosedError, UnknownAdapterError
+from ..layer import BASE_ADAPTER_NAME
+from .engine import Engine
+from .requests import Event, GenerationRequest, SamplingParams
+
+BASE_ALIAS = "base"
+DEFAULT_MAX_TOKENS = 256
+# options whose non-default values we cannot honour: refused with 400 naming the option rather than ignored
+UNSUPPORTED = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "functions": (None, []),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+}
+
+
+class APIError(Exception):
+    """An error answered as an OpenAI error body with ``status``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.body()}, status_code=self.status)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    seed: Optional[int] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class CompletionRequest(_Request):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+
+
+class _APIKeyMiddleware:
+    """Pure ASGI: every ``/v1`` request needs ``Authorization: Bearer <key>`` (checked before the body is read)."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = APIError(401, "Incorrect or missing API key", param=None, code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return APIError(400, "the request body is not valid JSON", code="invalid_json")
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    return APIError(422, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param, code="invalid_value")
+
+
+def create_app(
+    engine: Engine, *, base_name: str, api_key: Optional[str] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS
+) -> FastAPI:
+    """The FastAPI app serving ``engine``; its lifespan starts and stops the engine's scheduler thread."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, engine.close)
+
+    app = FastAPI(title="hf-deltacome", lifespan=lifespan)
+    if api_key:
+        app.add_middleware(_APIKeyMiddleware, api_key=api_key)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+
+    def card(name: str) -> dict[str, Any]:
+        parent = None if name == base_name else base_name
+        return {"id": name, "object": "model", "created": created, "owned_by": "hf-deltacome", "parent": parent}
+
+    def resolve(model: str) -> str:
+        if model in (base_name, BASE_ALIAS):
+            return BASE_ADAPTER_NAME
+        if model != BASE_ADAPTER_NAME and model in engine.adapters:
+            return model
+        served = ", ".join([base_name, *engine.adapters])
+        raise APIError(
+            404, f"The model {model!r} does not exist (served: {served})", param="model", code="model_not_found"
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "adapters": engine.adapters,
+            "running": engine.running,
+            "waiting": engine.waiting,
+            "joins_between_steps": engine.joins_between_steps,
+            "stats": dict(engine.stats),
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card(n) for n in [base_name, *engine.adapters]]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        resolve(model_id)
+        return card(base_name if model_id == BASE_ALIAS else model_id)
+
+    def sampling(body: _Request, prompt_len: int, max_tokens: Optional[int], param: str) -> SamplingParams:
+        for name, allowed in UNSUPPORTED.items():
+            if (body.model_extra or {}).get(name) not in allowed:
+                raise APIError(400, f"{name}={body.model_extra[name]!r} is not supported", param=name)
+        room = engine.max_model_len - prompt_len
+        wanted = max_tokens if max_tokens is not None else min(default_max_tokens, room)
+        if wanted > room or room < 1:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {engine.max_model_len} tokens. However, you requested "
+                f"{prompt_len + max(wanted, 1)} tokens ({prompt_len} in the {param}, {max(wanted, 1)} in the "
+                "completion). Please reduce the length of the prompt or completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        try:
+            return SamplingParams(wanted, body.temperature, body.top_p, tuple(s for s in stop if s), body.seed)
+        except ConfigError as e:
+            raise APIError(400, str(e)) from e
+
+    def chat_ids(body: ChatCompletionRequest) -> list[int]:
+        tokenizer = engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, "the base tokenizer has no chat template; use /v1/completions", param="messages")
+        messages = []
+        for i, m in enumerate(body.messages):
+            content = m.content
+            if isinstance(content, list):
+                if any(part.get("type") != "text" for part in content):
+                    raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
+                content = "".join(str(part.get("text", "")) for part in content)
+            messages.append({**(m.model_extra or {}), "role": m.role, "content": content or ""})
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # e.g. a template that insists on alternating roles
+            raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from e
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+    def completion_ids(body: CompletionRequest) -> list[int]:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise APIError(400, "only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return list(engine.tokenizer(prompt).input_ids)
+        vocab = getattr(getattr(engine.model, "config", None), "vocab_size", None)
+        if vocab is not None and any(not 0 <= t < vocab for t in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return list(prompt)
+
+    async def run(body: _Request, prompt_ids: list[int], params: SamplingParams, chat: bool) -> Any:
+        adapter = resolve(body.model)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        request = GenerationRequest(
+            prompt_ids, adapter, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+        )
+        try:
+            engine.submit(request)
+        except UnknownAdapterError as e:
+            raise APIError(404, str(e), param="model", code="model_not_found") from e
+        except EngineClosedError as e:
+            raise APIError(503, str(e), "server_error") from e
+        except ConfigError as e:
+            raise APIError(400, str(e)) from e
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        kind = "chat.completion" if chat else "text_completion"
+
+        def usage() -> dict[str, int]:
+            p, c = request.prompt_tokens, request.completion_tokens
+            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+        def failure(event: Event) -> APIError:
+            return APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}", "server_error")
+
+        if not body.stream:
+            parts = []
+            try:
+                while (event := await events.get()).kind == "text":
+                    parts.append(event.text)
+            finally:
+                if not request.finished:
+                    engine.cancel(request)
+            if event.kind == "error":
+                raise failure(event)
+            text = "".join(parts)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            return {"id": rid, "object": kind, "created": int(time.time()), "model": body.model, "choices": [choice],
+                    "usage": usage()}  # fmt: skip
+
+        def chunk(text: Optional[str], finish: Optional[str], first: bool = False) -> str:
+            if chat:
+                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            data = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": int(time.time()),
+                    "model": body.model, "choices": [choice]}  # fmt: skip
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    yield chunk("", None, first=True)
+                while (event := await events.get()).kind == "text":
+                    yield chunk(event.text, None)
+                if event.kind == "error":
+                    yield f"data: {json.dumps({'error': failure(event).body()})}\n\n"
+                else:
+                    yield chunk(None if chat else "", event.finish_reason)
+                    if body.stream_options is not None and body.stream_options.include_usage:
+                        data = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": int(time.time()),
+                                "model": body.model, "choices": [], "usage": usage()}  # fmt: skip
+                        yield f"data: {json.dumps(data)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (or we are done): stop generating for it
+                if not request.finished:
+                    engine.cancel(request)
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        resolve(body.model)
+        ids = chat_ids(body)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await run(body, ids, sampling(body, len(ids), max_tokens, "messages"), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        resolve(body.model)
+        ids = completion_ids(body)
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        return await run(body, ids, sampling(body, len(ids), body.max_tokens, "prompt"), chat=False)
+
+    return app
+
+
+def run_server(
+    engine: Engine,
+    *,
+    base_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Optional[str] = None,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    log_level: str = "info",
+) -> None:
+    """Serve ``engine`` with uvicorn until interrupted (binds 127.0.0.1 unless told otherwise)."""
+    import uvicorn
+
+    app = create_app(engine, base_name=base_name, api_key=api_key, default_max_tokens=default_max_tokens)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

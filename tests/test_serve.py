@@ -1,0 +1,333 @@
+"""The OpenAI-compatible server (hf_deltacome.serving.server), driven with the official ``openai`` client.
+
+One server (tiny Llama base + adapters ``math`` and ``code``, API key required) runs on 127.0.0.1 in a background
+thread for the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from serving_fixtures import greedy_alone, make_adapter, single_adapter_model, tiny_base
+from tiny_models import CHAT_TEMPLATE, make_tokenizer
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from hf_deltacome.serving import Engine, create_app, load_deltas  # noqa: E402
+
+KEY = "test-key"
+BASE_NAME = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(root / name, seed) for name, seed in (("math", 1), ("code", 2), ("extra", 3))}
+
+
+@pytest.fixture(scope="module")
+def server(adapters):
+    tok = make_tokenizer()
+    model = load_deltas(tiny_base(), {"math": adapters["math"], "code": adapters["code"]})
+    engine = Engine(model, tok, max_batch=4, max_model_len=128)
+    app = create_app(engine, base_name=BASE_NAME, api_key=KEY, default_max_tokens=16)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "model": model, "tok": tok}
+    srv.should_exit = True
+    thread.join(30)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def references(adapters):
+    return {
+        "math": single_adapter_model(adapters["math"]),
+        "code": single_adapter_model(adapters["code"]),
+        BASE_NAME: tiny_base(),
+        "base": tiny_base(),
+    }
+
+
+def _expected(references, tok, model_name, prompt_ids, max_tokens):
+    ids, text = greedy_alone(references[model_name], tok, prompt_ids, max_tokens)
+    reason = "stop" if ids and ids[-1] == tok.eos_token_id else "length"
+    return text, reason, len(ids)
+
+
+def _chat_ids(tok, messages):
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def _raw(server, path, body=None, key=KEY, method="POST"):
+    """``(status, JSON body)`` of one plain HTTP request (urllib: no client-side validation in the way)."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    request = urllib.request.Request(server["url"] + path, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_lists_the_base_and_every_adapter(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [BASE_NAME, "math", "code"]
+    assert client.models.retrieve("math").id == "math"
+
+
+def test_concurrent_streaming_and_plain_requests_equal_each_adapter_alone(client, server, references):
+    tok = server["tok"]
+    jobs = []
+    for i, model_name in enumerate(["math", "code", BASE_NAME, "base", "math", "code", "math", "code"]):
+        chat, stream = i % 2 == 0, i % 3 == 0
+        max_tokens = 4 + 2 * i
+        text = f"prompt number {i}: " + "abc"[: i % 3 + 1]
+        jobs.append((model_name, chat, stream, max_tokens, text))
+
+    def run(job):
+        model_name, chat, stream, max_tokens, text = job
+        kwargs = dict(model=model_name, max_tokens=max_tokens, temperature=0)
+        if chat:
+            messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
+            prompt_ids = _chat_ids(tok, messages)
+            if stream:
+                chunks = list(
+                    client.chat.completions.create(
+                        messages=messages, stream=True, stream_options={"include_usage": True}, **kwargs
+                    )
+                )
+                content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+                assert chunks[0].choices[0].delta.role == "assistant"
+                usage = chunks[-1].usage
+            else:
+                r = client.chat.completions.create(messages=messages, **kwargs)
+                content, reason, usage = r.choices[0].message.content, r.choices[0].finish_reason, r.usage
+        else:
+            prompt_ids = tok(text).input_ids
+            if stream:
+                chunks = list(client.completions.create(prompt=text, stream=True, **kwargs))
+                content = "".join(c.choices[0].text for c in chunks)
+                reason, usage = chunks[-1].choices[0].finish_reason, None
+            else:
+                r = client.completions.create(prompt=text, **kwargs)
+                content, reason, usage = r.choices[0].text, r.choices[0].finish_reason, r.usage
+        return prompt_ids, content, reason, usage
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    for job, (prompt_ids, content, reason, usage) in zip(jobs, results, strict=True):
+        expected, expected_reason, n = _expected(references, tok, job[0], prompt_ids, job[3])
+        assert (content, reason) == (expected, expected_reason), job
+        if usage is not None:
+            assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt_ids), n)
+            assert usage.total_tokens == len(prompt_ids) + n
+    assert server["engine"].stats["max_rows"] > 1  # requests for different adapters shared batches
+
+
+def test_stop_strings(client, server, references):
+    tok = server["tok"]
+    prompt = "Once upon a time"
+    expected, _, _ = _expected(references, tok, "code", tok(prompt).input_ids, 20)
+    stop = expected[6:8]
+    r = client.completions.create(model="code", prompt=prompt, max_tokens=20, temperature=0, stop=[stop, "@@@"])
+    assert r.choices[0].text == expected[: expected.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="code", prompt=prompt, max_tokens=20, temperature=0, stop=stop, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == expected[: expected.index(stop)]
+
+
+def test_chat_template_is_the_base_tokenizers(server):
+    assert server["tok"].chat_template == CHAT_TEMPLATE
+    status, body = _raw(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": "math",
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        },  # fmt: skip
+    )
+    assert status == 200
+    assert body["usage"]["prompt_tokens"] == len(_chat_ids(server["tok"], [{"role": "user", "content": "hi"}]))
+
+
+def _error(exc_info):
+    body = exc_info.value.body
+    return body.get("error", body) if isinstance(body, dict) else body
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert _error(e)["code"] == "model_not_found" and _error(e)["param"] == "model"
+    assert "'nope'" in _error(e)["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}], stream=True)
+
+
+def test_oversize_prompt_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="math", prompt="x" * 200, max_tokens=2)
+    assert _error(e)["code"] == "context_length_exceeded" and "128" in _error(e)["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # fits alone, not with the completion asked for
+        client.completions.create(model="math", prompt="x" * 100, max_tokens=100)
+    assert _error(e)["param"] == "prompt"
+
+
+def test_bad_json_and_bad_fields(server):
+    status, body = _raw(server, "/v1/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "temperature": "hot"})
+    assert status == 422 and body["error"]["param"] == "temperature"
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "max_tokens": 0})
+    assert status == 422 and body["error"]["param"] == "max_tokens"
+    status, body = _raw(server, "/v1/chat/completions", {"model": "math"})
+    assert status == 422 and body["error"]["param"] == "messages"
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "n": 2})
+    assert status == 400 and body["error"]["param"] == "n"
+    status, body = _raw(server, "/v1/nothing-here", {}, method="GET")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+def test_bad_or_missing_key_is_401(server):
+    bad = openai.OpenAI(base_url=server["url"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert _error(e)["code"] == "invalid_api_key"
+    status, body = _raw(server, "/v1/completions", b"{not json", key=None)  # the key is checked first
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert _raw(server, "/health", key=None, method="GET")[0] == 200  # no key needed outside /v1
+
+
+def test_a_failing_request_gets_500_and_the_others_finish(client, server, references):
+    """A hook makes any forward whose positions reach 60 raise: that request fails, the concurrent ones do not."""
+    tok = server["tok"]
+    decoder = server["model"].get_base_model().model
+
+    def poison(module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        if positions is not None and int(positions.max()) >= 60:
+            raise RuntimeError("poisoned position")
+
+    handle = decoder.register_forward_pre_hook(poison, with_kwargs=True)
+    try:
+
+        def bad(stream):
+            return client.completions.create(model="math", prompt="q" * 55, max_tokens=20, temperature=0, stream=stream)
+
+        def good(i):
+            r = client.completions.create(model="code", prompt=f"fine {i}", max_tokens=12, temperature=0)
+            return r.choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:
+            fails = pool.submit(bad, False)
+            oks = [pool.submit(good, i) for i in range(3)]
+            with pytest.raises(openai.InternalServerError) as e:
+                fails.result()
+            assert "poisoned" in _error(e)["message"] and _error(e)["type"] == "server_error"
+            for i, ok in enumerate(oks):
+                assert ok.result() == _expected(references, tok, "code", tok(f"fine {i}").input_ids, 12)[0]
+        with pytest.raises(openai.APIError, match="poisoned"):  # streamed: an error event ends the stream
+            list(bad(True))
+    finally:
+        handle.remove()
+    assert client.completions.create(model="math", prompt="still here", max_tokens=3).choices[0].text is not None
+
+
+def test_client_disconnect_cancels_the_generation(client, server):
+    engine = server["engine"]
+    slow = server["model"].get_base_model().model.register_forward_hook(lambda *a: time.sleep(0.02))
+    try:
+        before = engine.stats["tokens"]
+        stream = client.completions.create(model="math", prompt="go", max_tokens=120, temperature=0, stream=True)
+        next(iter(stream))
+        stream.close()
+        deadline = time.time() + 30
+        while engine.running or engine.waiting:
+            assert time.time() < deadline, "the disconnected request kept running"
+            time.sleep(0.02)
+    finally:
+        slow.remove()
+    assert engine.stats["tokens"] - before < 60  # stopped long before its 120 tokens
+
+
+def test_adapters_added_and_dropped_while_serving(client, server, adapters, references):
+    engine, tok = server["engine"], server["tok"]
+    engine.add_adapter("extra", str(adapters["extra"]))
+    assert [m.id for m in client.models.list().data] == [BASE_NAME, "math", "code", "extra"]
+    expected, _, _ = _expected(
+        {"extra": single_adapter_model(adapters["extra"])}, tok, "extra", tok("hey").input_ids, 5
+    )
+    assert (
+        client.completions.create(model="extra", prompt="hey", max_tokens=5, temperature=0).choices[0].text == expected
+    )
+    engine.drop_adapter("extra")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="extra", prompt="hey", max_tokens=5)
+    assert "extra" not in server["model"].peft_config
+
+
+def test_deltacome_serve_command(adapters, tmp_path):
+    """The command itself: base folder + --adapter NAME=PATH, the key from the environment, 127.0.0.1 only."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from serving_fixtures import save_base
+
+    base = save_base(tmp_path / "tiny-base")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "DELTACOME_API_KEY": KEY}
+    cmd = [sys.executable, "-m", "hf_deltacome.cli", "serve", "--base", str(base), "--adapter", f"math={adapters['math']}",
+           "--port", str(port), "--max-model-len", "128", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "no start"
+                time.sleep(0.5)
+        status, body = _raw({"url": url}, "/v1/models", key=None, method="GET")
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        status, body = _raw({"url": url}, "/v1/models", method="GET")
+        assert status == 200 and [m["id"] for m in body["data"]] == ["tiny-base", "math"]
+        status, body = _raw({"url": url}, "/v1/completions", {"model": "math", "prompt": "ab", "max_tokens": 3})
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(30)
