@@ -5,6 +5,9 @@
 this module watches imports instead: when ``peft`` finishes loading (imported by the user, by transformers, or by one
 of our own modules), the integration is installed — right away, or, if one of our own modules is still half-way
 through its import, as soon as the outermost of them has finished (installing earlier would find it incomplete).
+The transformers-only patches (:data:`~hf_deltacome.integration.EARLY`: the AMLQ quantizer) are installed the same
+way as soon as transformers' quantizer registry has loaded, so ``from_pretrained`` of an AMLQ base works in a
+process that never imports PEFT.
 """
 
 from __future__ import annotations
@@ -19,28 +22,35 @@ if TYPE_CHECKING:  # annotations only: this module is imported at every interpre
     from typing import Any
 
 _PACKAGE = __name__.rpartition(".")[0]
-_state = {"depth": 0, "pending": False, "installed": False}
+_EARLY = "transformers.quantizers.auto"  # transformers' quantizer registry: the early patches need only this
+_state: dict[str, Any] = {"depth": 0, "pending": set(), "installed": False, "early": False}
 
 
 def _install() -> None:
+    pending, _state["pending"] = _state["pending"], set()
     if _state["installed"]:
         return
-    _state["installed"] = True
-    _state["pending"] = False
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Watcher)]
     try:
-        from .integration import install
+        if "peft" in pending:
+            _state["installed"] = True
+            sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Watcher)]
+            from .integration import install
 
-        install()
-    except Exception as e:  # never break `import peft` for a program that does not use our adapters
+            install()
+        elif _EARLY in pending and not _state["early"]:
+            _state["early"] = True
+            from .integration import install_early
+
+            install_early()
+    except Exception as e:  # never break `import peft` / transformers for a program that does not use our adapters
         import warnings
 
-        warnings.warn(f"hf_deltacome: the PEFT integration could not be installed: {e!r}", stacklevel=2)
+        warnings.warn(f"hf_deltacome: the PEFT/transformers integration could not be installed: {e!r}", stacklevel=2)
 
 
 def _loaded(name: str) -> None:
-    if name == "peft":
-        _state["pending"] = True
+    if name in ("peft", _EARLY):
+        _state["pending"].add(name)
     if _state["pending"] and _state["depth"] == 0:
         _install()
 
@@ -74,7 +84,7 @@ class _Watcher:  # an importlib MetaPathFinder
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         ours = fullname.startswith(_PACKAGE + ".")
-        if fullname != "peft" and not ours:
+        if fullname not in ("peft", _EARLY) and not ours:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -93,7 +103,8 @@ def watch() -> None:
     """Install the integration now if PEFT is already imported, else as soon as it is (idempotent)."""
     if _state["installed"]:
         return
-    if "peft" in sys.modules:
+    _state["pending"] |= {name for name in ("peft", _EARLY) if name in sys.modules}
+    if _state["pending"]:
         _install()
-    elif not any(isinstance(f, _Watcher) for f in sys.meta_path):
+    if not _state["installed"] and not any(isinstance(f, _Watcher) for f in sys.meta_path):
         sys.meta_path.insert(0, _Watcher())

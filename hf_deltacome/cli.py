@@ -2,9 +2,10 @@
 
 Building the parser imports nothing heavy (``deltacome --help`` is instant); each command imports what it needs.
 Subcommands of other parts of the package register through small ``add_parser(subparsers)`` functions
-(:mod:`hf_deltacome.evaluation.cli`, :mod:`hf_deltacome.serving.cli`). Every error of ours ends the command with one
-line and exit code 2; an interrupt with exit code 130; any other exception (a bug, ours or a library's) with one line naming the command, a
-"this is a bug" hint and exit code 1, the traceback only with ``DELTACOME_DEBUG=1``.
+(:mod:`hf_deltacome.evaluation.cli`, :mod:`hf_deltacome.serving.cli`, :mod:`hf_deltacome.amlq.cli`). Every error of
+ours ends the command with one line and exit code 2; an interrupt with exit code 130; any other exception (a bug, ours
+or a library's) with one line naming the command, a "this is a bug" hint and exit code 1, the traceback only with
+``DELTACOME_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -172,8 +173,12 @@ def _load_pair(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .io.summary import summarize_adapter
+    from .io.summary import quantized_base_summary, summarize_adapter
 
+    quantized = quantized_base_summary(args.adapter, as_json=args.json)  # a folder written by `deltacome quantize`
+    if quantized is not None:
+        print(quantized)
+        return 0
     summary = summarize_adapter(args.adapter)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.format(per_module=args.modules))
     return 0
@@ -237,8 +242,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="per-module ranks and bits, exact bytes and effective ratio of an adapter")
-    p.add_argument("adapter", help="adapter folder")
+    p = sub.add_parser("info", help="per-module ranks and bits, exact bytes and effective ratio of an adapter "
+                                    "(or, for an AMLQ-quantized base, per-linear precisions and true bpw)")  # fmt: skip
+    p.add_argument("adapter", help="adapter folder, or a model folder written by `deltacome quantize`")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--modules", action="store_true", help="list every module")
     p.set_defaults(func=_cmd_info)
@@ -257,6 +263,7 @@ def _add_push(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``deltacome`` parser with every subcommand (imports nothing heavy)."""
+    from .amlq import cli as amlq_cli
     from .evaluation import cli as evaluation_cli
     from .serving import cli as serving_cli
 
@@ -267,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub)
     evaluation_cli.add_parser(sub)
     serving_cli.add_parser(sub)
+    amlq_cli.add_parser(sub)
     return parser
 
 

@@ -56,3 +56,8 @@ class BaseModelMismatchWarning(UserWarning):
 class WeakBaseCheckWarning(UserWarning):
     """The base-model check passed but saw less than usual (unreadable weights, a version-1 fingerprint, or weights
     rounded differently from when the adapter was made), so a small change to the base could have gone unnoticed."""
+
+
+class QuantizedBaseWarning(UserWarning):
+    """An adapter made against a full-precision base is loaded onto a quantization of that base (AMLQ): it loads, but
+    it does not correct the base's quantization error."""

@@ -4,6 +4,11 @@
 ``hf_deltacome`` (see :mod:`hf_deltacome.bootstrap`), so ``PeftModel.from_pretrained``, ``AutoPeftModel*`` and
 ``save_pretrained`` / ``push_to_hub`` handle our adapters like any other. Every patch leaves other PEFT methods
 exactly as PEFT has them.
+
+The patches in :data:`EARLY` need transformers only (``quant_method="amlq"`` in its quantizer registry, so
+``AutoModelForCausalLM.from_pretrained`` loads an AMLQ base without PEFT ever being imported): :func:`install_early`
+applies them as soon as transformers' quantizer registry has loaded, before PEFT is. So this module imports nothing
+heavy at its top.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .config import DeltaCoMeConfig
 from .errors import ConfigError, DeltaCoMeError
 
 _DELTACOME_SAVE: contextvars.ContextVar[bool] = contextvars.ContextVar("deltacome_save", default=False)
@@ -66,6 +70,7 @@ def _register_method() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from peft.utils import register_peft_method
 
+    from .config import DeltaCoMeConfig
     from .model import DeltaCoMeModel
 
     if "DELTACOME" not in PEFT_TYPE_TO_CONFIG_MAPPING:
@@ -251,6 +256,8 @@ def _transformers_load_guard() -> None:
         if config is None and arg.get("adapter_state_dict") is None and model_id is not None:
             config = transformers_adapter_config(model_id, hub_kwargs)  # None unless a DELTACOME adapter
         elif isinstance(config, dict) and is_deltacome(config):
+            from .config import DeltaCoMeConfig
+
             config = DeltaCoMeConfig(**{k: v for k, v in config.items() if k != "peft_type"})
         if config is None or not is_deltacome(config):
             return original(self, *args, **kwargs)
@@ -340,8 +347,25 @@ def _vlm_pipeline() -> None:
             names.append("PeftModel")
 
 
+def _amlq_quantizer() -> None:
+    from .amlq.quantizer import register_with_transformers
+
+    register_with_transformers()
+
+
+def _amlq_compress() -> None:
+    from .amlq.compat import dense_linears
+    from .compression.pipeline import QUANTIZED_BASE_VIEWS
+
+    if dense_linears not in QUANTIZED_BASE_VIEWS:
+        QUANTIZED_BASE_VIEWS.append(dense_linears)
+
+
 # (what is patched, why, how) — applied in this order by install()
 PATCHES: tuple[tuple[str, str, Callable[[], None]], ...] = (
+    ("transformers.quantizers.auto: quant_method 'amlq'",
+     "from_pretrained loads AMLQ-quantized bases (hf_deltacome.amlq) through AmlqHfQuantizer, packed in memory",
+     _amlq_quantizer),
     ("peft.utils.PeftType.DELTACOME",
      "PEFT reads peft_type from adapter_config.json through this enum; registration needs the member", _add_peft_type),
     ("peft.utils.register_peft_method('deltacome')",
@@ -368,9 +392,22 @@ PATCHES: tuple[tuple[str, str, Callable[[], None]], ...] = (
      _pipeline_errors),
     ("transformers.pipelines.base.SUPPORTED_PEFT_TASKS['image-text-to-text']",
      "pipeline('image-text-to-text', model=peft_model) accepts our VLM adapters without an error log", _vlm_pipeline),
+    ("hf_deltacome.compression.pipeline.QUANTIZED_BASE_VIEWS += amlq.compat.dense_linears",
+     "compress() against an AMLQ base sees its dequantized weights, so the adapter absorbs the quantization error",
+     _amlq_compress),
 )  # fmt: skip
+EARLY = ("transformers.quantizers.auto: quant_method 'amlq'",)  # need transformers only (install_early)
 
 _installed: list[str] = []
+
+
+def install_early() -> list[str]:
+    """Apply the patches of :data:`EARLY` (transformers only) that are not applied yet; returns the names applied."""
+    for name, _why, apply in PATCHES:
+        if name in EARLY and name not in _installed:
+            apply()
+            _installed.append(name)
+    return list(_installed)
 
 
 def install() -> list[str]:

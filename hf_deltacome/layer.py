@@ -69,17 +69,23 @@ class DeltaCoMeLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[Any, Any]:
+        # a packed quantized base (AMLQ) answers without dequantizing its weight (PEFT reads ``.weight`` for this)
+        if callable(getattr(base_layer, "device_and_dtype", None)):
+            return base_layer.device_and_dtype()
+        return super()._get_base_layer_device_and_dtype(base_layer)
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # A base weight offloaded by accelerate sits on the meta device; the packed factors are small, keep them real.
-        weight = getattr(self.get_base_layer(), "weight", None)
-        if device is None and weight is not None and weight.device.type == "meta":
+        base_device, _ = self._get_base_layer_device_and_dtype(self.get_base_layer())
+        if device is None and base_device is not None and base_device.type == "meta":
             device = torch.device("cpu")
         super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Dense ``out x in`` weight delta of ``adapter`` in the base weight's dtype (bias delta excluded)."""
-        weight = self.get_base_layer().weight
-        return self.deltacome_delta[adapter].to(weight.device).delta_weight(weight.dtype)
+        device, dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())
+        return self.deltacome_delta[adapter].to(device).delta_weight(dtype)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # The delta is exactly low rank; a bias delta is not representable in LoRA, so refuse then.
@@ -102,6 +108,13 @@ class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
         """Add the deltas (and bias deltas) of the active (or given) adapters into the base weights."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
+        if adapter_names and getattr(base, "exposes_dense_weight", False):
+            raise ConfigError(
+                f"cannot merge adapter(s) {adapter_names} into a {type(base).__name__} "
+                f"({base.out_features}x{base.in_features}): the base weight is stored bit-packed (a quantized base) "
+                "and has no dense weight to add the delta to. Run the adapter unmerged, or merge into a dense copy "
+                "of the base (model.dequantize() on the quantized model, then load the adapter onto it)"
+            )
         for name in adapter_names:
             if name not in self.deltacome_delta:
                 continue

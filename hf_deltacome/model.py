@@ -191,6 +191,19 @@ class DeltaCoMeModel(BaseTuner):
             for buf in packed.buffers():
                 buf.zero_()
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        base = getattr(child, "base_layer", child)
+        if not callable(getattr(base, "device_and_dtype", None)):
+            return super()._replace_module(parent, child_name, new_module, child)
+        # a packed quantized base (AMLQ): PEFT's version reads its ``weight`` (a full dequantization) once per
+        # adapter submodule only to learn its device; the packed module tells it directly
+        setattr(parent, child_name, new_module)
+        device, _ = base.device_and_dtype()
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
+                module.to(device)
+        return None
+
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         # The packed factors are integer buffers: nothing of ours trains. Freeze the base.
         for name, param in model.named_parameters():

@@ -217,3 +217,32 @@ def test_bad_inputs_raise_naming_the_layer():
         g.quantize_column_bands(torch.randn(4, 16), [(5, 16)], 8)
     with pytest.raises(DeltaCoMeError, match="square"):
         GPTQ.from_hessian(torch.zeros(3, 4))
+
+
+# ------------------------------------------------------------------ per-group bit widths and lengths (AMLQ)
+
+
+def test_quantize_groups_matches_uniform_and_splits_error():
+    g = hessian_of(correlated_inputs(96))
+    W = torch.randn(40, 96)
+    codes, scales, zeros, dq = g.quantize_groups(W, [(3, 32)] * 3)
+    ref = g.quantize(W, 3, 32)
+    assert torch.equal(codes, ref.int_codes())
+    assert torch.allclose(dq, ref.dequantize())
+    assert g.last_errors.shape == (40, 96)
+    assert g.last_errors.sum().item() == pytest.approx(g.last_error)
+
+
+def test_quantize_groups_mixed_bits_and_lengths():
+    g = hessian_of(correlated_inputs(96, seed=1))
+    W = torch.randn(24, 96)
+    codes, scales, zeros, dq = g.quantize_groups(W, [(2, 16), (8, 16), (4, 64)])
+    assert scales.shape == (24, 3) and int(codes[:, :16].max()) <= 3 and int(codes[:, 16:32].max()) > 15
+    err = g.last_errors
+    # the 8-bit group is nearly exact, the 2-bit group is the worst per column
+    assert err[:, 16:32].sum() < 1e-3 * err[:, :16].sum()
+    assert err[:, :16].mean() > err[:, 32:].mean()
+    with pytest.raises(DeltaCoMeError, match="cover 80 columns"):
+        g.quantize_groups(W, [(2, 16), (4, 64)])
+    with pytest.raises(DeltaCoMeError, match="must not be empty"):
+        g.quantize_groups(W, [(2, 0), (4, 96)])

@@ -195,3 +195,15 @@ def test_streamed_tied_embeddings(tmp_path):
     streamed = compress(b, f, cfg, progress=False)
     assert "model.embed_tokens" in streamed.peft_config["default"].modules_to_save
     assert written(streamed, tmp_path / "streamed") == written(reference, tmp_path / "loaded")
+
+
+def test_a_quantized_checkpoint_is_loaded_not_streamed(tmp_path):
+    """A base saved with a ``quantization_config`` (an AMLQ base) holds packed codes, not weights: the CLI loads it
+    through its quantizer instead of streaming the raw tensors, and says why."""
+    from hf_deltacome.compression.streaming import why_not_streamable
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert why_not_streamable(tmp_path) is None
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "amlq"}}))
+    assert "quantized model (amlq)" in why_not_streamable(tmp_path)

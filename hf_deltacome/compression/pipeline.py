@@ -31,17 +31,24 @@ calibration is given (texts, a file, token ids) or the built-in generic text (:f
 from the fine-tune; ``min_rank_share="auto"`` falls back to 0 (the published split); ``search`` and
 ``allocation="adaptive"`` are refused; BitDelta's scale distillation is skipped (each with a logged note;
 :func:`~.inputs.streamed_plan`).
+
+A base whose linears are stored packed (an AMLQ-quantized base, :mod:`hf_deltacome.amlq`) is compressed against the
+weights it actually runs with: :func:`on_quantized_base` enters every view registered in
+:data:`QUANTIZED_BASE_VIEWS` (AMLQ's is registered by :mod:`hf_deltacome.integration`), under which those linears are
+dense, for the whole call, so the adapter also absorbs the base's quantization error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -76,7 +83,25 @@ log = logging.getLogger("hf_deltacome")
 
 FORWARD_BATCH_SIZE = 8  # calibration sequences per forward pass through one decoder layer
 
+# context managers ``view(base_model)`` under which a base's packed linears are dense linears of their effective
+# weights (a no-op for a base without any); registered from above this layer (integration.py), never imported here
+QUANTIZED_BASE_VIEWS: list[Callable[[nn.Module], AbstractContextManager[Any]]] = []
 
+
+def on_quantized_base(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator of :func:`compress`: runs it with every registered view of its base active (module docstring)."""
+
+    @functools.wraps(fn)
+    def wrapper(base_model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with contextlib.ExitStack() as stack:
+            for view in QUANTIZED_BASE_VIEWS if isinstance(base_model, nn.Module) else ():  # paths: see streaming
+                stack.enter_context(view(base_model))
+            return fn(base_model, *args, **kwargs)
+
+    return wrapper
+
+
+@on_quantized_base
 def compress(
     base_model: ModelSource,
     finetuned_model: ModelSource,

@@ -74,6 +74,9 @@ def why_not_streamable(name_or_path: str | os.PathLike) -> str | None:
         return f"{folder} has no readable config.json"
     if "vision_config" in cfg:
         return f"{folder} is a vision-language model (streaming compresses text causal LMs)"
+    if isinstance(cfg, dict) and cfg.get("quantization_config"):
+        method = (cfg["quantization_config"] or {}).get("quant_method", "?")
+        return f"{folder} is a quantized model ({method}): its linears are read through its quantizer"
     return None
 
 

@@ -9,8 +9,12 @@ The check reproduces the rounding rather than tolerating it (bf16(fp32(x)) = bf1
 too where it differs), so ``TOL`` covers only float64 round-off and float32 storage: a tolerance for rounding (up to
 2**-8 of each weight) would hide a 1% edit of one row. Roundings that cannot be reproduced (fingerprinted in one
 16-bit dtype, loaded in another) are compared to bfloat16's unit roundoff (``LOOSE``) and unreadable weights (meta,
-packed) by shape only, each with a :class:`WeakBaseCheckWarning`. Version-1 fingerprints (16 values of at most 64
-tensors) are still checked, with a one-time note. An integrity check, not a security boundary (the seeds are public).
+packed without a dense view) by shape only, each with a :class:`WeakBaseCheckWarning`. A packed quantized linear
+that exposes its dequantized weight (AMLQ) is sketched by that weight. A quantized base whose
+``quantization_config.source_fingerprint`` matches the adapter's fingerprint is the quantization of the adapter's own
+base: the adapter loads with a :class:`QuantizedBaseWarning` naming the expected loss instead of an error. Version-1
+fingerprints (16 values of at most 64 tensors) are still checked, with a one-time note. An integrity check, not a
+security boundary (the seeds are public).
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import BaseModelMismatchError, BaseModelMismatchWarning, ConfigError, WeakBaseCheckWarning
+from ..errors import (
+    BaseModelMismatchError,
+    BaseModelMismatchWarning,
+    ConfigError,
+    QuantizedBaseWarning,
+    WeakBaseCheckWarning,
+)
 from .weight_sketch import (
     FINGERPRINT_VERSION,
     LOOSE,
@@ -280,6 +290,10 @@ def check_fingerprint(
         if notes:
             warnings.warn(f"base check of {who}: {'; '.join(notes)}", WeakBaseCheckWarning, stacklevel=2)
         return []
+    note = quantized_source_note(fp, model)  # the quantization of the adapter's own base: warn, do not refuse
+    if note is not None:
+        warnings.warn(f"{who} was {note}", QuantizedBaseWarning, stacklevel=2)
+        return diffs
     message = (
         f"{who} was compressed against base {describe_fingerprint(fp)} but is being loaded onto "
         f"{describe_fingerprint(found)}: {'; '.join(diffs)}. Load it onto the base it was made for"
@@ -290,6 +304,44 @@ def check_fingerprint(
         raise BaseModelMismatchError(message)
     warnings.warn(message, BaseModelMismatchWarning, stacklevel=2)
     return diffs
+
+
+def _same_source(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two version-2 fingerprints describe the same weights (same structure, sketches equal to float32)."""
+    if a.get("version") != FINGERPRINT_VERSION or b.get("version") != FINGERPRINT_VERSION:
+        return False
+    if a["structure_hash"] != b["structure_hash"] or a["sketch"]["dtypes"].lower() != b["sketch"]["dtypes"].lower():
+        return False
+    za, zb = decode_sketch(a["sketch"]["bf16"]), decode_sketch(b["sketch"]["bf16"])
+    scale = float(np.abs(za).max()) if za.size else 0.0
+    return za.shape == zb.shape and bool(np.allclose(za, zb, rtol=1e-5, atol=1e-6 * scale))
+
+
+def quantized_source_note(expected: Mapping[str, Any], model: nn.Module) -> Optional[str]:
+    """If ``model`` is a quantization (``quantization_config.source_fingerprint``) of the base ``expected``
+    fingerprints, the warning to give when an adapter made against that base is loaded onto it; else ``None``."""
+    cfg = getattr(getattr(unwrap(model), "config", None), "quantization_config", None)
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    if cfg is None or not get("source_fingerprint"):
+        return None
+    try:
+        source = parse_fingerprint(get("source_fingerprint"))
+    except ConfigError:
+        return None
+    if source is None or not _same_source(source, expected):
+        return None
+    info = get("info") or {}
+    ppl = info.get("calibration_perplexity") or {}
+    loss = ""
+    if ppl.get("full_precision") and ppl.get("quantized"):
+        fp, q = float(ppl["full_precision"]), float(ppl["quantized"])
+        loss = (f"; expected loss: the base's own quantization error, calibration perplexity {fp:.3f} -> {q:.3f} "
+                f"({100 * (q / fp - 1):+.1f}%) measured when it was quantized")  # fmt: skip
+    bpw = float(info.get("true_bpw", get("bpw") or 0.0))
+    return (f"compressed against the full-precision base, loaded onto its {get('quant_method')} quantization at "
+            f"{bpw:.3f} bits per weight: the adapter does not correct the base's quantization error{loss}. Compress "
+            "the fine-tune against the quantized base (hf_deltacome.compress(quantized_base, finetuned, ...)) to "
+            "absorb it")  # fmt: skip
 
 
 def fingerprint_json(model: nn.Module, read: Optional[Callable[[BaseWeight], Optional[torch.Tensor]]] = None) -> str:

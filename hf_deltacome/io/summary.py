@@ -6,6 +6,7 @@ include the header, packing padding, scales, zeros, singular values and every de
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -19,6 +20,7 @@ from ..errors import AdapterFileError
 from .adapter_files import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    parse_config_json,
     read_adapter_config,
     read_safetensors_header,
     tensor_nbytes,
@@ -281,3 +283,32 @@ def summarize_adapter(path: str | os.PathLike) -> AdapterSummary:
         plan={k: v for k, v in config.compression_info.items() if k in PLAN_RECORDS},
         formats=tuple(sorted({int(e.get("format", 1)) for e in config.layout.values()})) or (1,),
     )
+
+
+def quantized_base_summary(path: str | os.PathLike, as_json: bool = False) -> str | None:
+    """The per-linear table of an AMLQ-quantized model folder (``config.json`` whose ``quantization_config`` has
+    ``quant_method == "amlq"``), or ``None`` when ``path`` is not one (e.g. an adapter folder)."""
+    from ..format.amlq_layout import check_entry, layout_table
+
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if (path / ADAPTER_CONFIG_NAME).is_file() or not cfg_path.is_file():
+        return None
+    try:
+        cfg = parse_config_json(cfg_path.read_bytes(), str(cfg_path))
+    except OSError as e:
+        raise AdapterFileError(f"{cfg_path}: cannot be read ({e})") from e
+    quant = cfg.get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != "amlq":
+        return None
+    layout = quant.get("layout")
+    if not isinstance(layout, dict) or not layout:
+        raise AdapterFileError(f"{cfg_path}: the AMLQ quantization_config has no layout")
+    for name, entry in layout.items():
+        check_entry(name, entry)
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    if as_json:
+        quant = {k: v for k, v in quant.items() if k != "source_fingerprint"}
+        return json.dumps({"path": str(path), "weights_file_bytes": weights, **quant}, indent=2)
+    head = f"AMLQ quantized model: {path} ({cfg.get('model_type')}, {weights:,} B of safetensors)"
+    return head + "\n" + layout_table(layout, quant.get("info"), quant.get("bpw"))

@@ -92,6 +92,12 @@ def base_weights(model: nn.Module) -> list[BaseWeight]:
             linear = pname == "weight" and all(isinstance(d, int) for d in dims)  # packed weights: logical shape
             name = _canonical(f"{mname}.{pname}" if mname else pname)
             out.setdefault(name, BaseWeight(name, dims if linear else tuple(p.shape), module, pname, p))
+        if getattr(module, "exposes_dense_weight", False) and all(isinstance(d, int) for d in dims):
+            # a packed quantized linear (AMLQ) has no weight parameter: its dequantized weight stands for it, read
+            # only when sketched (see readable); a meta placeholder here keeps listing the weights cheap
+            name = _canonical(f"{mname}.weight" if mname else "weight")
+            placeholder = torch.empty(dims, dtype=module.compute_dtype, device="meta")
+            out.setdefault(name, BaseWeight(name, dims, module, "weight", placeholder))
     return [out[k] for k in sorted(out)]
 
 
@@ -104,6 +110,8 @@ def readable(w: BaseWeight) -> Optional[torch.Tensor]:
         return None
     if t.device.type != "meta":
         return t
+    if getattr(w.module, "exposes_dense_weight", False):
+        return w.module.weight  # packed linear: its effective (dequantized) weight
     hook = getattr(w.module, "_hf_hook", None)
     for h in list(getattr(hook, "hooks", [])) or ([hook] if hook is not None else []):
         with contextlib.suppress(Exception):

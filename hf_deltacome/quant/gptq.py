@@ -59,6 +59,7 @@ class GPTQ:
         self.H = torch.zeros(columns, columns, dtype=dtype, device=device)
         self.nsamples = 0
         self.last_error: float | None = None  # sum of squared, Hessian-weighted rounding errors of the last call
+        self.last_errors: torch.Tensor | None = None  # the same sum split by row and column (original column order)
         self.used_damp: float | None = None  # damping that the last call actually needed
 
     @classmethod
@@ -207,6 +208,30 @@ class GPTQ:
                              dq[:, sl].t()))  # fmt: skip
         return out
 
+    def quantize_groups(
+        self,
+        W: torch.Tensor,
+        groups: Sequence[tuple[int, int]],
+        damp: float = 0.01,
+        act_order: bool = False,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantize ``W`` whose consecutive column groups ``[(bits, n_cols), ...]`` each have their own bit width
+        *and length* (one scale and zero per row and group), in one pass: per-group mixed precision inside one
+        layer (AMLQ, which sorts the groups into its storage planes itself).
+
+        Returns integer codes (rows x cols), scales and zeros (rows x groups) and the dequantized matrix, columns in
+        the original order; :attr:`last_errors` splits :attr:`last_error` by entry, so a caller can split it by group.
+        """
+        rows, cols = self._check_w(W)
+        groups = _check_bands(groups, cols, "columns", self.name)
+        if any(c == 0 for _, c in groups):
+            raise DeltaCoMeError(f"GPTQ{_where(self.name)}: column groups must not be empty, got {groups}")
+        lengths = torch.tensor([c for _, c in groups])
+        gidx = torch.repeat_interleave(torch.arange(len(groups)), lengths)
+        bits_table = torch.tensor([float(b) for b, _ in groups]).view(1, -1).expand(rows, len(groups))
+        return self._run(W, gidx, len(groups), bits_table, int(lengths.max()), damp, act_order, block_size)
+
     # ------------------------------------------------------------------ internals
 
     def _check_w(self, W: torch.Tensor) -> tuple[int, int]:
@@ -251,6 +276,7 @@ class GPTQ:
         zeros = torch.zeros(rows, n_groups, dtype=torch.float32, device=device)
         if rows == 0 or cols == 0:
             self.last_error = 0.0
+            self.last_errors = torch.zeros(rows, cols)
             return (torch.zeros(rows, cols, dtype=torch.int64), scales.cpu(), zeros.cpu(), W.cpu())
 
         # group start/end (exclusive) in original column order
@@ -296,7 +322,7 @@ class GPTQ:
 
         Q = torch.zeros_like(W)
         codes = torch.zeros(rows, cols, dtype=torch.float32, device=device)
-        total_err = torch.zeros((), dtype=torch.float32, device=device)
+        errors = torch.zeros(rows, cols, dtype=torch.float32, device=device)  # columns in visiting order
         for i1, i2 in zip(starts[:-1], starts[1:], strict=True):
             count = i2 - i1
             W1 = W[:, i1:i2].clone()
@@ -323,12 +349,13 @@ class GPTQ:
                 Q[:, j] = dq
                 codes[:, j] = q
                 err = (w - dq) / d
-                total_err += (err * err).sum() / 2.0
+                errors[:, j] = err * err / 2.0
                 W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        self.last_error = float(total_err)
         inv = torch.argsort(order)
+        self.last_errors = errors[:, inv].cpu()
+        self.last_error = float(self.last_errors.sum(dtype=torch.float64))
         return codes[:, inv].to(torch.int64).cpu(), scales.cpu(), zeros.cpu(), Q[:, inv].cpu()
 
 
