@@ -154,3 +154,13 @@ def test_every_subpackage_is_packaged():
     found = {"hf_deltacome." + ".".join(p.parent.relative_to(PACKAGE).parts) for p in PACKAGE.rglob("__init__.py")}
     found = {f.rstrip(".") for f in found} | {"hf_deltacome.kernels", "hf_deltacome.model_cards"}
     assert found <= listed, f"missing from pyproject's packages: {sorted(found - listed)}"
+
+
+def test_no_script_folder_shadows_a_package_transformers_imports():
+    """Scripts run as ``python benchmarks/x.py`` put their folder first on ``sys.path``; a ``kernels.py`` there was
+    imported by transformers' probe for Hugging Face's ``kernels`` package and switched the backend to the Triton
+    interpreter for the whole benchmark."""
+    probed = {"kernels", "triton", "peft", "transformers", "accelerate", "safetensors", "torch", "huggingface_hub"}
+    for folder in ("benchmarks", "examples", "scripts"):
+        names = {p.stem for p in (ROOT / folder).glob("*.py")} | {p.name for p in (ROOT / folder).iterdir() if p.is_dir()}
+        assert not names & probed, (folder, names & probed)

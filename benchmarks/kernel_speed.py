@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the Delta-CoMe Triton kernels against the PyTorch path, the base linear and an equal-rank LoRA.
 
-    python benchmarks/kernels.py [--markdown results.md] [--plot kernels.png] [--layers 2 4] [--skip-decode]
+    python benchmarks/kernel_speed.py [--markdown results.md] [--plot kernels.png] [--layers 2 4] [--skip-decode]
 
 On a GPU: 7B-sized layers (4096x4096, 11008x4096, 4096x11008; ranks from ``budget.solve_ranks`` at 1/16 with the
 8/3/2-bit bands, group 128) at 1, 8, 16, 32 and 128 tokens, float16. Every variant is timed inside a CUDA graph
