@@ -158,7 +158,17 @@ def test_digest_ties_weights_to_their_config(tmp_path):
             loader()
 
 
-FORK = multiprocessing.get_context("fork") if sys.platform != "win32" else None
+def _fork_context() -> Any:
+    """Writers are forked from a fork server that imported torch but never ran an OpenMP region: a plain fork of
+    this process (which has) can deadlock in the child's first parallel op (seen in CI with 2 threads)."""
+    if sys.platform == "win32":
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "peft", "transformers", "hf_deltacome"])
+    return ctx
+
+
+FORK = _fork_context()
 needs_fork = pytest.mark.skipif(FORK is None, reason="SIGKILL of a forked writer: POSIX only")
 
 
@@ -217,8 +227,10 @@ def test_random_sigkills_and_a_concurrent_reader(tmp_path, fallback):
         proc = FORK.Process(target=_writer, args=(str(folder), saves, fallback), daemon=True)
         proc.start()
         try:
+            started = time.time()
             while saves.value == 0:
                 assert proc.is_alive(), "the writer died"
+                assert time.time() < started + 180, "the writer never finished a save"
                 time.sleep(0.01)
             deadline, start = time.time() + rng.uniform(0.3, 1.5), reads
             while time.time() < deadline or reads < start + 2:
