@@ -13,10 +13,7 @@ Layout (data flows top to bottom): ``cli`` â†’ ``compression`` (the pipeline) â†
 from __future__ import annotations
 
 from . import bootstrap
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (milliseconds at start-up)
-if TYPE_CHECKING:
-    from typing import Any
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -43,15 +40,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:
