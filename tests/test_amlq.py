@@ -349,6 +349,10 @@ def test_cli_quantize_and_info(tmp_path, tokenizer, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("CI") == "true" and os.environ.get("DELTACOME_AMLQ_SLOW") != "1",
+    reason="quantizing all of SmolLM2 takes about 10 min on 2 cores (half of CI): DELTACOME_AMLQ_SLOW=1 runs it",
+)
 def test_smollm2_quantize_load_and_perplexity(tmp_path):
     import pydoc_data.topics as topics  # real English prose shipped with CPython: calibration and held-out text
 
