@@ -89,6 +89,18 @@ if os.environ.get(ZERO_DELTA_SWITCH) == "1":
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``): on tiny models thread
+    start-up and spinning cost more than they save (much more on a busy machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_llama():
     """A fresh tiny Llama (GQA) base model."""
     return make_model("llama")

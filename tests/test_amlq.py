@@ -27,12 +27,7 @@ from hf_deltacome.quant.gptq import GPTQ
 GS = (32, 64)  # tiny models are 64 wide: units of 64 columns, groups of 32 or 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def _hessian(n: int, seed: int = 0) -> GPTQ:

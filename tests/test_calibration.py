@@ -19,13 +19,7 @@ from hf_deltacome.errors import CalibrationError
 TEXTS = [f"Sample number {i}: the quick brown fox jumps over the lazy dog." for i in range(40)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: thread start-up and spinning cost more than they save (much more on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def write(tmp_path, name: str, content: str | bytes):

@@ -19,12 +19,7 @@ from hf_deltacome.errors import CalibrationError, DegenerateAdapterWarning, Empt
 WIDE = dict(hidden_size=128, intermediate_size=352, head_dim=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def test_compare_tensors_at_the_lower_precision():

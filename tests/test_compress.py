@@ -33,13 +33,7 @@ WIDE = {  # a little wider than the defaults so that 1/32 still buys a few singu
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: thread start-up and spinning cost more than they save (much more on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def factor_bytes(delta) -> int:

@@ -40,12 +40,7 @@ MODELS = {
 FPS = {name: compute_fingerprint(make()) for name, make in MODELS.items()}  # float32 fingerprints
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -13,14 +13,7 @@ from hf_deltacome.format.packing import QuantizedMatrix
 from hf_deltacome.quant.gptq import GPTQ
 from hf_deltacome.quant.rtn import quantize_rtn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: thread start-up and spinning cost more than they save (much more on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def correlated_inputs(n: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:

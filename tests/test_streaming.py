@@ -18,13 +18,7 @@ from hf_deltacome import DeltaCoMeConfig
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.errors import CalibrationError, ConfigError, DeltaCoMeError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def save_pair(folder: Path, base, ft, *, tokenizer: bool = True, shard: str = "40KB") -> tuple[str, str]:
