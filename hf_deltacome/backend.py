@@ -129,8 +129,9 @@ class DequantCache:
         if hit is not None:
             self._entries.pop(key)
             self.bytes -= hit[1].numel() * hit[1].element_size() + hit[2].numel() * hit[2].element_size()
-        a = torch.cat([(band.v.dequantize(dtype) * band.s.to(dtype)[:, None]) for band in delta.bands]).t()
-        b = torch.cat([band.ut_dense(dtype) for band in delta.bands])
+        bands = delta.low_rank_bands  # dense, then sparse (masks regenerated from their seeds)
+        a = torch.cat([(band.vt_dense(dtype) * band.s.to(dtype)[:, None]) for band in bands]).t()
+        b = torch.cat([band.ut_dense(dtype) for band in bands])
         a, b = a.contiguous().to(device), b.contiguous().to(device)
         size = a.numel() * a.element_size() + b.numel() * b.element_size()
         if size <= self.max_bytes:
@@ -149,12 +150,12 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     compute = torch.float32 if x.device.type == "cpu" else x.dtype
     xc = x.to(compute)
     y = None
-    if delta.bands and dequant_cache.max_bytes > 0:
+    if delta.low_rank_bands and dequant_cache.max_bytes > 0:
         a, b = dequant_cache.factors(delta, compute, xc.device)
         y = (xc @ a) @ b
     else:
-        for band in delta.bands:
-            t = (xc @ band.v.dequantize(compute).t()) * band.s.to(compute)
+        for band in delta.low_rank_bands:
+            t = (xc @ band.vt_dense(compute).t().to(xc.device)) * band.s.to(compute)
             part = t @ band.ut_dense(compute)
             y = part if y is None else y + part
     if y is None:
@@ -168,7 +169,8 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
 
 
 def _kernel_ready(delta: PackedDelta | None) -> bool:
-    """The kernels read format-2 bands only: baseline parts and format-1 files take the PyTorch path."""
+    """The kernels read format-2 dense bands only: baseline parts, sparse bands (impart, the sparse tail: their
+    seeded masks are not something the kernels regenerate) and format-1 files take the PyTorch path."""
     return delta is None or (not delta.has_extra_parts and delta.format >= 2)
 
 

@@ -20,8 +20,8 @@ from .format.storage import FORMAT_VERSION
 from .io.atomic import PinnedFiles, atomic_write_text, attach_pin, file_sha256
 
 # deltacome: SVD + mixed-precision bands; the others are baselines at the same byte budget (see compression/plan.py)
-METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare")
-SVD_METHODS = ("deltacome", "lowrank", "svd-uniform")  # methods whose layout is a list of bands
+METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart")
+SVD_METHODS = ("deltacome", "lowrank", "svd-uniform", "impart")  # methods whose layout is a list of bands
 QUANTIZERS = ("gptq", "rtn")
 SEARCHES = ("greedy", "genetic")
 ALLOCATIONS = ("uniform", "adaptive")
@@ -31,6 +31,7 @@ RANK_SHARES = (0.0, 0.5, 0.7, 0.85, 1.0)
 PLAN_RECORDS = ("budget", "rank_share", "search", "allocation", "end_to_end")
 UNIFORM_BITS = (2, 3, 4, 8)
 BITDELTA_SCALES = ("matrix", "row")
+IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
 
 
 def parse_ratio(value: Union[str, float, int]) -> float:
@@ -87,6 +88,10 @@ class DeltaCoMeConfig(PeftConfig):
         uniform_bits: bit width of every singular vector for ``svd-uniform`` and of the kept values for ``dare``.
         bitdelta_scale: ``"matrix"`` (one scale per matrix, as published) or ``"row"`` (one per output row).
         distill_steps: optimisation steps of the BitDelta scale distillation against the fine-tune (0 = off).
+        sparse_tail: ``None`` (default: dense bands) or a keep-rate in (0, 1). ``deltacome``: the last band keeps
+            that random share of each singular vector's entries (mask regenerated from a seed) and buys more rank
+            with the bytes saved. ``impart``: the lowest keep-rate of its importance-aware tail (default
+            ``IMPART_MIN_KEEP``); keep-rates grow with the singular value (docs/METHOD.md).
         base_vocab_size, vocab_size: set when the fine-tune added tokens (``V`` -> ``V'`` rows): loading resizes the
             base's embeddings to ``vocab_size`` before the adapter is injected, and the base check reads the first
             ``base_vocab_size`` rows only (see :mod:`hf_deltacome.compression.vocab`).
@@ -115,6 +120,9 @@ class DeltaCoMeConfig(PeftConfig):
     uniform_bits: int = field(default=4, metadata={"help": f"Bits of svd-uniform / dare, one of {UNIFORM_BITS}."})
     bitdelta_scale: str = field(default="matrix", metadata={"help": f"BitDelta scales, one of {BITDELTA_SCALES}."})
     distill_steps: int = field(default=50, metadata={"help": "BitDelta scale distillation steps (0 = off)."})
+    sparse_tail: Optional[float] = field(
+        default=None, metadata={"help": "Keep-rate of the sparse last band (deltacome) / lowest of impart's, (0, 1)."}
+    )
     base_vocab_size: Optional[int] = field(default=None)
     vocab_size: Optional[int] = field(default=None)
     trainable_token_indices: Optional[dict[str, list[int]]] = field(default=None)
@@ -226,6 +234,23 @@ class DeltaCoMeConfig(PeftConfig):
             raise ConfigError(f"bitdelta_scale must be one of {BITDELTA_SCALES}, got {self.bitdelta_scale!r}")
         if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int) or self.distill_steps < 0:
             raise ConfigError(f"distill_steps must be an integer >= 0, got {self.distill_steps!r}")
+        tail = self.sparse_tail
+        if tail is not None:
+            if isinstance(tail, bool) or not isinstance(tail, (int, float)) or not 0.0 < tail < 1.0:
+                raise ConfigError(f"sparse_tail must be null or a keep-rate in (0, 1), got {tail!r}")
+            if self.method not in ("deltacome", "impart"):
+                raise ConfigError(f"sparse_tail applies to methods 'deltacome' and 'impart', not {self.method!r}")
+            self.sparse_tail = float(tail)
+        if (tail is not None or self.method == "impart") and (self.search is not None or self.allocation != "uniform"):
+            raise ConfigError(
+                "sparse_tail / method 'impart' do not combine with search= or allocation='adaptive' (these choose "
+                "dense band splits)"
+            )
+        if (tail is not None or self.method == "impart") and self.bands[-1][1] is not None:
+            raise ConfigError(
+                f"sparse_tail / method 'impart' make the last band sparse: it must take the rest of the budget "
+                f"(None), got bands {self.bands!r}"
+            )
 
     def validate_layout(self) -> None:
         """Check every layout entry so that a hand-edited ``adapter_config.json`` fails here, naming the module."""
@@ -267,6 +292,7 @@ class DeltaCoMeConfig(PeftConfig):
                 if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
                     raise ConfigError(f"{where}: bad rank {rank!r}")
                 total += rank
+            total += _validate_sparse_bands(entry, shape, where)
             if total > min(shape):
                 raise ConfigError(f"{where}: total rank {total} exceeds min(shape) = {min(shape)}")
             _validate_extra_parts(entry, shape, where)
@@ -379,3 +405,36 @@ def _validate_extra_parts(entry: dict, shape: Sequence[int], where: str) -> None
                 f"{where}: 'sparse' must be {{'nnz': int, 'keep': (0, 1], 'seed': int, 'bits': one of "
                 f"{SUPPORTED_BITS}, 'group_size': int}}, got {sparse!r}"
             )
+
+
+def _validate_sparse_bands(entry: dict, shape: Sequence[int], where: str) -> int:
+    """Check the ``sparse_bands`` of a layout entry (impart, the sparse tail); returns their total rank."""
+    bands = entry.get("sparse_bands", [])
+    if not isinstance(bands, list):
+        raise ConfigError(f"{where}: 'sparse_bands' must be a list, got {bands!r}")
+    total = 0
+    for k, band in enumerate(bands):
+        ok = (
+            isinstance(band, dict)
+            and band.get("bits") in SUPPORTED_BITS
+            and not isinstance(band.get("bits"), bool)
+            and _is_int(band.get("rank"), 0)
+            and isinstance(band.get("keep"), (int, float))
+            and not isinstance(band.get("keep"), bool)
+            and 0.0 < float(band["keep"]) <= 1.0
+            and _is_int(band.get("seed"), 0)
+            and band["seed"] < 2**62
+            and isinstance(band.get("nnz"), list)
+            and len(band["nnz"]) == 2
+            and all(_is_int(v, 0) for v in band["nnz"])
+            and band["nnz"][0] <= band["rank"] * shape[1]
+            and band["nnz"][1] <= band["rank"] * shape[0]
+        )
+        if not ok:
+            raise ConfigError(
+                f"{where}: sparse band {k} must be {{'bits': one of {SUPPORTED_BITS}, 'rank': int >= 0, 'keep': (0, 1], "
+                f"'seed': int >= 0, 'nnz': [kept entries of V (<= rank*{shape[1]}), of U (<= rank*{shape[0]})]}}, "
+                f"got {band!r}"
+            )
+        total += band["rank"]
+    return total

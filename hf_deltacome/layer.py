@@ -89,9 +89,9 @@ class DeltaCoMeLayer(BaseTunerLayer):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # The delta is exactly low rank; a bias delta is not representable in LoRA, so refuse then.
-        # Sign bits / sparse values (bitdelta, dare baselines) are full rank: not a LoRA either.
+        # Sign bits / sparse values (bitdelta, dare baselines) are full rank: not a LoRA either (sparse bands are).
         delta = self.deltacome_delta[adapter_name]
-        return delta.bias is None and not delta.has_extra_parts
+        return delta.bias is None and delta.sign is None and delta.sparse is None
 
 
 class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):

@@ -39,7 +39,7 @@ def collect_hessians(model, names, ids, **kw):
     return {k: v for part in model_hessians(model, names, ids, **kw) for k, v in part.items()}
 
 
-METHODS = ["deltacome", "bitdelta", "lowrank", "svd-uniform", "dare"]
+METHODS = ["deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart"]
 RATIOS = [1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64]
 
 

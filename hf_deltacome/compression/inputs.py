@@ -131,7 +131,9 @@ def warn_degenerate(config: DeltaCoMeConfig, targets: Sequence[str], changes: Pa
 
 
 def _stores_anything(entry: dict[str, Any]) -> bool:
-    return any(r > 0 for _, r in entry.get("bands", [])) or bool(entry.get("sign")) or bool(entry.get("sparse"))
+    return any(r > 0 for _, r in entry.get("bands", [])) or bool(entry.get("sign") or entry.get("sparse")) or any(
+        b["rank"] > 0 for b in entry.get("sparse_bands", [])
+    )
 
 
 def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig, dict[str, Any]]:
@@ -142,7 +144,7 @@ def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig,
             "(pass loaded models, or --in-memory on the command line)"
         )
     notes: dict[str, Any] = {}
-    if config.method == "deltacome" and config.min_rank_share == "auto" and calib is not None:
+    if config.method in ("deltacome", "impart") and config.min_rank_share == "auto" and calib is not None:
         note = "streamed: no whole-model check; the published split (min_rank_share 0)"
         log.info("min_rank_share='auto' needs the whole model's KL to the fine-tune; %s", note.split("; ")[1])
         notes["rank_share"] = {"chosen": 0.0, "fallback": note}

@@ -12,17 +12,18 @@ import torch
 
 from ..config import SVD_METHODS, DeltaCoMeConfig
 from ..errors import ConfigError, DeltaCoMeError
-from ..format.budget import layout_nbytes, solve_ranks
+from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
-from ..format.storage import FORMAT_VERSION, PackedDelta, sign_part_nbytes, sparse_mask
+from ..format.storage import FORMAT_VERSION, PackedDelta, sign_part_nbytes, sparse_band_nbytes, sparse_mask
 from ..quant.rtn import quantize_rtn
 from .baselines import bitdelta_factors, bitdelta_rows, dare_factors, dare_plan
+from .impart import compress_sparse_bands, sparse_split
 from .svd import compress_linear, svd
 
 
 def method_spec(config: DeltaCoMeConfig) -> list[list]:
     """The band specification ``[(bits, rank | fraction | None), ...]`` of an SVD method."""
-    if config.method == "deltacome":
+    if config.method in ("deltacome", "impart"):
         return [list(b) for b in config.bands]
     if config.method == "lowrank":
         return [[16, None]]
@@ -52,21 +53,27 @@ def plan_entry(
     spec: Sequence[Sequence] | None = None,
     bias: bool = False,
     unchanged: bool = False,
+    spectrum: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` layout entry of one ``m x n`` target at ``ratio`` for ``config.method``.
 
     The configured split gets the config's ``min_rank_share`` (``"auto"`` counts as 0 here: ``plan_layouts``
-    resolves it); a searched ``spec`` is used as found."""
+    resolves it); a searched ``spec`` is used as found. ``impart`` and ``sparse_tail`` make the last band sparse
+    (:func:`.impart.sparse_split`; ``spectrum``: the delta's singular values, for ImPart's keep-rates)."""
     entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias),
                              "format": FORMAT_VERSION}  # fmt: skip
     method = config.method
     if method in SVD_METHODS:
-        share = rank_share(config) if spec is None and method == "deltacome" else 0.0
+        share = rank_share(config) if spec is None and method in ("deltacome", "impart") else 0.0
         spec = spec if spec is not None else method_spec(config)
         if unchanged:
             entry["bands"] = [[int(b), 0] for b, _ in spec]
         else:
             entry["bands"] = [list(b) for b in solve_ranks(m, n, ratio, spec, config.group_size, share)]
+            if method == "impart" or (method == "deltacome" and config.sparse_tail is not None):
+                entry["bands"], entry["sparse_bands"] = sparse_split(
+                    name, m, n, budget_bytes(m, n, ratio), entry["bands"], config, spectrum
+                )
     elif method == "bitdelta":
         rows = 0 if unchanged else bitdelta_rows(m, n, ratio, config.bitdelta_scale == "row")
         if rows:
@@ -91,16 +98,20 @@ def entry_nbytes(entry: dict[str, Any]) -> int:
     sparse = entry.get("sparse")
     if sparse:
         total += stored_nbytes(1, int(sparse["nnz"]), int(sparse["bits"]), int(sparse.get("group_size", g)))
+    for band in entry.get("sparse_bands", []):
+        total += sparse_band_nbytes(int(band["bits"]), int(band["rank"]), band["nnz"], g)
     return total
 
 
 @dataclass
 class ModuleFactors:
-    """The compressed factors of one target: bands ``(Vᵀ_k, U_k, S_k)``, BitDelta sign bits, DARE values."""
+    """The compressed factors of one target: bands ``(Vᵀ_k, U_k, S_k)``, BitDelta sign bits, DARE values, sparse
+    bands ``(V values, U values, S_k, Vᵀ_k dense, Uᵀ_k dense)``."""
 
     bands: list[tuple[QuantizedMatrix, QuantizedMatrix, torch.Tensor]] = field(default_factory=list)
     sign: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # (positive k x n, scale, rows)
     sparse: QuantizedMatrix | None = None
+    sparse_bands: list[tuple] = field(default_factory=list)
 
     def fill(self, packed: PackedDelta) -> None:
         """Copy the factors into the buffers of a `PackedDelta` built from the same layout entry."""
@@ -114,12 +125,18 @@ class ModuleFactors:
             packed.sign.set(*self.sign)
         if self.sparse is not None:
             packed.sparse.values.set(self.sparse)
+        if len(self.sparse_bands) != len(packed.sparse_bands):
+            raise DeltaCoMeError(f"{len(self.sparse_bands)} sparse bands for a delta with {len(packed.sparse_bands)}")
+        for band, (vq, uq, s, _, _) in zip(packed.sparse_bands, self.sparse_bands):
+            band.set(vq, uq, s)
 
     def dense(self, m: int, n: int, sparse_entry: dict | None = None) -> torch.Tensor:
         """The dense ``m x n`` approximation of the delta these factors store."""
         w = torch.zeros(m, n, dtype=torch.float32)
         for vq, uq, s in self.bands:  # uq holds U_kᵀ (format 2)
             w += (uq.dequantize().cpu().t() * s.cpu()) @ vq.dequantize().cpu()
+        for _, _, s, vt, ut in self.sparse_bands:
+            w += (ut.t() * s) @ vt
         if self.sign is not None:
             pos, scale, rows = self.sign
             part = (pos.to(torch.float32) * 2 - 1).cpu() * (scale.cpu().view(-1, 1) if scale.numel() > 1 else scale)
@@ -169,6 +186,9 @@ def compress_module(
         out.sign = bitdelta_factors(delta, hessian, int(entry["sign"]["rows"]), entry["sign"].get("scale") == "row")
     if entry.get("sparse"):
         out.sparse = dare_factors(delta, entry["sparse"])
+    if any(b["rank"] > 0 for b in entry.get("sparse_bands", [])):
+        out.sparse_bands = compress_sparse_bands(delta, hessian, entry, out.dense(m, n), quantizer=config.quantizer,
+                                                 damp=config.damp)  # fmt: skip
     return out
 
 
@@ -195,20 +215,28 @@ def approximation_error(
     if quantizer is not None and quantizer != config.quantizer:
         cfg = with_changes(config, quantizer=quantizer)
     d = delta.detach().to(torch.float32).cpu()
-    if not any(r > 0 for _, r in entry.get("bands", [])) and not entry.get("sign") and not entry.get("sparse"):
+    if not any(r > 0 for _, r in entry.get("bands", [])) and not has_extra_parts(entry):
         return output_error(d, hessian)
-    if cfg.quantizer == "rtn" and entry.get("bands") and not entry.get("sign") and not entry.get("sparse"):
+    if cfg.quantizer == "rtn" and (entry.get("bands") or entry.get("sparse_bands")) and not (
+        entry.get("sign") or entry.get("sparse")
+    ):
         approx = rtn_bands_dense(d, entry)  # fast path: reuses the cached SVD
     else:
         approx = compress_module(d, hessian, entry, cfg).dense(m, n, entry.get("sparse"))
     return output_error(d - approx, hessian)
 
 
+def has_extra_parts(entry: dict[str, Any]) -> bool:
+    """True when the entry stores more than dense bands (sign bits, sparse values, sparse bands)."""
+    return bool(entry.get("sign") or entry.get("sparse") or entry.get("sparse_bands"))
+
+
 def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
+    """The dense round-to-nearest approximation of ``d`` by the entry's bands, dense and sparse."""
     U, S, Vh = svd(d)
     w = torch.zeros_like(d)
     start = 0
-    for b, r in entry["bands"]:
+    for b, r in entry.get("bands", []):
         if r <= 0:
             continue
         sl = slice(start, start + r)
@@ -219,6 +247,9 @@ def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
             g = entry["group_size"]
             vq, uq = quantize_rtn(Vh[sl], b, g).dequantize(), quantize_rtn(U[:, sl].t(), b, g).dequantize().t()
         w += (uq * S[sl]) @ vq
+    if entry.get("sparse_bands"):
+        for _, _, s, vt, ut in compress_sparse_bands(d, None, entry, w, quantizer="rtn"):
+            w += (ut.t() * s) @ vt
     return w
 
 

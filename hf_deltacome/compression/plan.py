@@ -8,7 +8,9 @@ counted with every stored byte, in the budget of :func:`~hf_deltacome.format.bud
   GPTQ against calibration activations (:mod:`.svd`);
 * ``svd-uniform`` — the same, every singular vector at ``config.uniform_bits`` bits;
 * ``lowrank`` — the top singular vectors in float16 at the rank the budget buys (plain truncated SVD);
-* ``bitdelta``, ``dare`` — the baselines of :mod:`.baselines`.
+* ``bitdelta``, ``dare`` — the baselines of :mod:`.baselines`;
+* ``impart`` (and ``deltacome`` with ``sparse_tail``) — the last band's singular vectors kept sparse, keep-rates
+  growing with the singular value (:mod:`.impart`; the delta's spectrum is read here when the weights are loaded).
 
 With calibration data the plan is checked on the whole model (:mod:`.endtoend`): the next-token KL to the fine-tune
 chooses ``min_rank_share="auto"``, and decides whether each searched split (:mod:`.search`) and the adaptive
@@ -31,7 +33,7 @@ from .allocation import allocate_adaptive
 from .endtoend import METRIC, EndToEndCheck
 from .modules import module_kind, plan_entry, rtn_bands_dense, with_changes
 from .search import search_specs
-from .svd import reuse_svd
+from .svd import reuse_svd, svd
 
 PLAN_MAX_SAMPLES = 16  # calibration sequences used to measure activations for search / allocation
 SVD_CACHE_BYTES = 4 << 30  # planning keeps every delta's SVD when they fit in this (float32, ~2x the delta)
@@ -73,7 +75,7 @@ def plan_layouts(
     info: dict[str, Any] = {}
     specs: dict[str, list[list]] = {}
     adaptive = config.allocation == "adaptive"
-    auto_share = config.method == "deltacome" and config.min_rank_share == "auto"
+    auto_share = config.method in ("deltacome", "impart") and config.min_rank_share == "auto"
     needs_data = (config.search is not None or adaptive or auto_share) and calibration_ids is not None
     ids = calibration_ids[:PLAN_MAX_SAMPLES] if needs_data else None
     live = [nm for nm in targets if not same[nm]]
@@ -90,8 +92,10 @@ def plan_layouts(
     small = sum(shapes[nm][0] * shapes[nm][1] for nm in live) * 8 <= SVD_CACHE_BYTES
     try:
         with reuse_svd() if small else contextlib.nullcontext():
+            spectra = _spectra(config, live, base_mods, delta_of)
             if auto_share:
-                share = _choose_rank_share(check, config, live, shapes, info, progress) if check is not None else 0.0
+                share = (_choose_rank_share(check, config, live, shapes, info, progress, spectra)
+                         if check is not None else 0.0)  # fmt: skip
                 config = with_changes(config, min_rank_share=share)
                 if check is not None:
                     check.restore()  # what follows measures activations of the fine-tune itself
@@ -99,7 +103,8 @@ def plan_layouts(
                 specs = search_specs(finetuned_model, config, live, shapes, delta_of, ids, info, progress)
 
             default = {name: plan_entry(name, *shapes[name], config.ratio, config,
-                                        bias=bool(bias_changed.get(name, False)), unchanged=same[name])
+                                        bias=bool(bias_changed.get(name, False)), unchanged=same[name],
+                                        spectrum=spectra.get(name))
                        for name in targets}  # fmt: skip
             layout = {}
             for name in targets:
@@ -131,6 +136,16 @@ def plan_layouts(
     return layout, info
 
 
+def _spectra(
+    config: DeltaCoMeConfig, live: Sequence[str], base_mods: dict[str, nn.Module], delta_of: Any
+) -> dict[str, torch.Tensor]:
+    """Singular values of each changed delta, for ImPart's keep-rates (none for other methods, or when the weights
+    are not in memory: a streamed run plans with the model spectrum of :mod:`.impart`)."""
+    if config.method != "impart" or any(base_mods[nm].weight.is_meta for nm in live):
+        return {}
+    return {nm: svd(delta_of(nm))[1] for nm in live}
+
+
 def _choose_rank_share(
     check: EndToEndCheck,
     config: DeltaCoMeConfig,
@@ -138,6 +153,7 @@ def _choose_rank_share(
     shapes: dict[str, tuple[int, int]],
     info: dict[str, Any],
     progress: bool = False,
+    spectra: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """``min_rank_share="auto"``: the share in ``RANK_SHARES`` whose layout brings the whole model closest to the
     fine-tune (ties: the smaller share, nearer the published bands).
@@ -151,8 +167,8 @@ def _choose_rank_share(
     for share in RANK_SHARES:
         bar.update(1)
         cfg = with_changes(config, min_rank_share=share)
-        layouts = {nm: plan_entry(nm, *shapes[nm], cfg.ratio, cfg) for nm in live}
-        key = str(sorted((nm, e["bands"]) for nm, e in layouts.items()))
+        layouts = {nm: plan_entry(nm, *shapes[nm], cfg.ratio, cfg, spectrum=(spectra or {}).get(nm)) for nm in live}
+        key = str(sorted((nm, e["bands"], e.get("sparse_bands")) for nm, e in layouts.items()))
         if key in seen:  # the same layout as a smaller share: nothing new to measure
             kls[share] = kls[seen[key]]
             continue

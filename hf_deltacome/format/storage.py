@@ -14,70 +14,28 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError
-from .packing import QuantizedMatrix, expected_tensor_shapes, pack_bits, packed_words, unpack_bits
+from .buffers import FixedDtypeModule, QuantizedFactor
+from .packing import QuantizedMatrix
+from .parts import (
+    SignPart,
+    SparseBand,
+    SparsePart,
+    sign_part_nbytes,
+    sparse_band_masks,
+    sparse_band_nbytes,
+    sparse_mask,
+)
+
+__all__ = [  # the optional parts are re-exported: importers see the whole format here
+    "FORMAT_VERSION", "DeltaBand", "FixedDtypeModule", "PackedDelta", "QuantizedFactor", "SignPart", "SparseBand",
+    "SparsePart", "TensorSpec", "layout_tensors", "plane_bits", "sign_part_nbytes", "sparse_band_masks",
+    "sparse_band_nbytes", "sparse_mask",
+]  # fmt: skip
 
 FORMAT_VERSION = 2  # of newly written adapters; layout entries without "format" are format 1
 
 
-class _FixedDtypeModule(nn.Module):
-    """A module whose buffers keep their stored dtypes: ``.to(dtype)``, ``.half()`` etc. only move devices.
-
-    Packed codes, float16 scales and float32 singular values are the file format; casting them to the model's
-    dtype (as ``model.to(torch.bfloat16)`` or PEFT's device/dtype alignment would) loses precision for nothing.
-    """
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: D401 - torch API
-        if recurse:
-            for child in self.children():
-                child._apply(fn, recurse)
-        for name, buf in self._buffers.items():
-            if buf is None:
-                continue
-            moved = fn(buf)
-            self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
-        return self
-
-
-class QuantizedFactor(_FixedDtypeModule):
-    """Buffers of one `QuantizedMatrix` (``qweight``, ``qweight_hi``, ``scales``, ``zeros``)."""
-
-    def __init__(self, rows: int, cols: int, bits: int, group_size: int) -> None:
-        super().__init__()
-        self.rows, self.cols, self.bits = rows, cols, bits
-        self.group_size = group_size if bits != 16 else 0
-        for name, (shape, dtype) in expected_tensor_shapes(rows, cols, bits, group_size).items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
-
-    def set(self, q: QuantizedMatrix) -> None:
-        """Copy a `QuantizedMatrix` into the buffers (shapes and bits must match)."""
-        if tuple(q.shape) != (self.rows, self.cols) or q.bits != self.bits:
-            raise AdapterFileError(
-                f"factor of shape {tuple(q.shape)} at {q.bits} bits does not fit a buffer of shape "
-                f"{(self.rows, self.cols)} at {self.bits} bits"
-            )
-        for name, t in q.tensors().items():
-            getattr(self, name).copy_(t)
-
-    def matrix(self) -> QuantizedMatrix:
-        """A `QuantizedMatrix` view of the buffers (no copy)."""
-        return QuantizedMatrix(
-            qweight=self.qweight,
-            scales=getattr(self, "scales", None),
-            zeros=getattr(self, "zeros", None),
-            bits=self.bits,
-            group_size=self.group_size,
-            shape=(self.rows, self.cols),
-            qweight_hi=getattr(self, "qweight_hi", None),
-        )
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.matrix().dequantize(dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.rows}x{self.cols}, bits={self.bits}, group_size={self.group_size}"
-
-
-class DeltaBand(_FixedDtypeModule):
+class DeltaBand(FixedDtypeModule):
     """One band: ``V_kᵀ`` (``rank x in``), ``U_k`` and ``S_k`` (``rank``, float32).
 
     Format 2 stores ``U_kᵀ`` (``rank x out``, groups along ``out``: one scale per singular vector and group of output
@@ -102,6 +60,10 @@ class DeltaBand(_FixedDtypeModule):
         self.u.set(u)
         self.s.copy_(s.to(torch.float32))
 
+    def vt_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``V_kᵀ`` (``rank x in``) dequantized."""
+        return self.v.dequantize(dtype)
+
     def u_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``U_k`` (``out x rank``) dequantized, whichever way it is stored."""
         w = self.u.dequantize(dtype)
@@ -113,7 +75,7 @@ class DeltaBand(_FixedDtypeModule):
         return w if self.u_transposed else w.t()
 
 
-class PackedDelta(_FixedDtypeModule):
+class PackedDelta(FixedDtypeModule):
     """All bands (and the optional dense bias delta) of one adapter on one ``out x in`` linear.
 
     Format 2 (``format`` in the layout entry; absent = format 1) keeps every buffer of the module in one ``uint8``
@@ -133,6 +95,7 @@ class PackedDelta(_FixedDtypeModule):
         sign: dict | None = None,
         sparse: dict | None = None,
         format: int = FORMAT_VERSION,
+        sparse_bands: Sequence[dict] = (),
     ) -> None:
         super().__init__()
         if format not in (1, 2):
@@ -151,6 +114,10 @@ class PackedDelta(_FixedDtypeModule):
         # optional parts of the baselines (see `SignPart`, `SparsePart`); absent for Delta-CoMe deltas
         self.sign = SignPart.from_layout(out_features, in_features, sign) if sign else None
         self.sparse = SparsePart.from_layout(out_features, in_features, sparse) if sparse else None
+        # bands of sparse singular vectors after the dense ones (ImPart, the sparse tail; see `SparseBand`)
+        self.sparse_bands = nn.ModuleList(
+            [SparseBand.from_layout(out_features, in_features, e, group_size) for e in sparse_bands if e["rank"] > 0]
+        )
         self._views: list[tuple[nn.Module, str, int, torch.Size, torch.dtype]] = []
         if format >= 2:
             self._into_blob()
@@ -168,6 +135,7 @@ class PackedDelta(_FixedDtypeModule):
             sign=entry.get("sign"),
             sparse=entry.get("sparse"),
             format=entry.get("format", 1),
+            sparse_bands=entry.get("sparse_bands", ()),
         )
 
     # -- the blob (format 2) ---------------------------------------------------------------------------------
@@ -216,12 +184,18 @@ class PackedDelta(_FixedDtypeModule):
 
     @property
     def has_extra_parts(self) -> bool:
-        """True when a baseline part (sign bits or sparse values) is present: the Triton kernels read bands only."""
-        return self.sign is not None or self.sparse is not None
+        """True when a part beside the dense bands is present (sign bits, sparse values, sparse bands): the Triton
+        kernels read dense bands only, so such deltas take the PyTorch path."""
+        return self.sign is not None or self.sparse is not None or len(self.sparse_bands) > 0
+
+    @property
+    def low_rank_bands(self) -> list:
+        """Every band as stored, dense then sparse: each has ``s``, ``vt_dense(dtype)`` and ``ut_dense(dtype)``."""
+        return [*self.bands, *self.sparse_bands]
 
     @property
     def rank(self) -> int:
-        return sum(r for _, r in self.layout)
+        return sum(r for _, r in self.layout) + sum(b.rank for b in self.sparse_bands)
 
     def set_band(self, k: int, v: QuantizedMatrix, u: QuantizedMatrix, s: torch.Tensor) -> None:
         """Fill band ``k`` (index among the non-empty bands)."""
@@ -230,8 +204,8 @@ class PackedDelta(_FixedDtypeModule):
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense ``out x in`` delta ``Σ_k U_k diag(S_k) V_kᵀ`` (for merging and export)."""
         w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self._device())
-        for band in self.bands:
-            w += (band.u_dense() * band.s) @ band.v.dequantize()
+        for band in self.low_rank_bands:
+            w += (band.ut_dense().t() * band.s) @ band.vt_dense()
         if self.sign is not None:
             w += self.sign.delta_weight().to(w.device)
         if self.sparse is not None:
@@ -293,158 +267,3 @@ def plane_bits(key: str, bits: int) -> int:
     """Bits per value of the packed plane ``key`` of a ``bits``-bit factor (3-bit: 2-bit plane + 1-bit plane)."""
     return 1 if key.endswith("_hi") else (2 if bits == 3 else bits)
 
-
-# ================================================================================ optional baseline parts
-# These parts are not read by the Triton kernels (backend.py routes deltas that have them to the PyTorch path).
-# State-dict keys: ``<module>.deltacome_delta.<adapter>.sign.{qweight,scale,row_mask}`` and
-# ``<module>.deltacome_delta.<adapter>.sparse.values.{qweight,qweight_hi,scales,zeros}``.
-
-
-def sign_part_nbytes(out_features: int, in_features: int, rows: int, per_row: bool) -> int:
-    """Exact bytes of a `SignPart` keeping ``rows`` of ``out_features`` rows (sign plane, scales, row mask)."""
-    if rows <= 0:
-        return 0
-    nbytes = rows * packed_words(in_features, 1) * 4 + (rows if per_row else 1) * 4
-    if rows < out_features:
-        nbytes += packed_words(out_features, 1) * 4
-    return nbytes
-
-
-class SignPart(_FixedDtypeModule):
-    """BitDelta storage: ``Δ[rows] ≈ scale ⊙ sign``, one bit per weight plus one float32 scale per matrix or row.
-
-    ``qweight`` (int32, ``k x ceil(n/32)``) holds the sign bits (1 = positive) of the ``k`` kept rows, packed like a
-    1-bit `QuantizedMatrix`; ``scale`` is ``(1,)`` (per matrix) or ``(k,)`` (per row); ``row_mask`` (int32,
-    ``1 x ceil(out/32)``, one bit per output row) marks the kept rows and is only stored when ``k < out_features``
-    (at ratios below 1/16 one bit per weight does not fit, so only the rows that matter most keep their signs).
-    """
-
-    def __init__(self, out_features: int, in_features: int, rows: int, per_row: bool) -> None:
-        super().__init__()
-        if not 0 < rows <= out_features:
-            raise AdapterFileError(f"sign part keeps {rows} rows of a {out_features}x{in_features} delta")
-        self.out_features, self.in_features, self.rows, self.per_row = out_features, in_features, rows, per_row
-        self.register_buffer("qweight", torch.zeros(rows, packed_words(in_features, 1), dtype=torch.int32))
-        self.register_buffer("scale", torch.zeros(rows if per_row else 1, dtype=torch.float32))
-        if rows < out_features:
-            self.register_buffer("row_mask", torch.zeros(1, packed_words(out_features, 1), dtype=torch.int32))
-        else:
-            self.row_mask = None
-
-    @classmethod
-    def from_layout(cls, out_features: int, in_features: int, entry: dict) -> SignPart:
-        return cls(out_features, in_features, int(entry["rows"]), entry.get("scale", "matrix") == "row")
-
-    def set(self, positive: torch.Tensor, scale: torch.Tensor, row_index: torch.Tensor | None = None) -> None:
-        """Store the sign pattern (``k x n`` bool, True = positive), the scale(s) and the kept rows."""
-        if tuple(positive.shape) != (self.rows, self.in_features):
-            raise AdapterFileError(
-                f"sign pattern of shape {tuple(positive.shape)} does not fit a sign part of "
-                f"{self.rows}x{self.in_features}"
-            )
-        self.qweight.copy_(pack_bits(positive.to(torch.int64), 1).to(self.qweight.device))
-        self.scale.copy_(scale.reshape(self.scale.shape).to(self.scale.device, torch.float32))
-        if self.row_mask is not None:
-            if row_index is None or row_index.numel() != self.rows:
-                raise AdapterFileError(f"sign part keeps {self.rows} rows but got row index {row_index!r}")
-            mask = torch.zeros(1, self.out_features, dtype=torch.int64)
-            mask[0, row_index.long().cpu()] = 1
-            if int(mask.sum()) != self.rows:
-                raise AdapterFileError(f"sign part row index {row_index.tolist()} repeats rows")
-            self.row_mask.copy_(pack_bits(mask, 1).to(self.row_mask.device))
-
-    def row_index(self) -> torch.Tensor | None:
-        """Indices of the kept rows in increasing order (``None`` when every row is kept)."""
-        if self.row_mask is None:
-            return None
-        idx = unpack_bits(self.row_mask, 1, self.out_features)[0].nonzero().flatten()
-        if idx.numel() != self.rows:
-            raise AdapterFileError(f"sign part row mask marks {idx.numel()} rows, the layout says {self.rows}")
-        return idx
-
-    def signs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The ``k x n`` matrix of ±1."""
-        return unpack_bits(self.qweight, 1, self.in_features).to(dtype) * 2 - 1
-
-    def scaled_signs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``scale ⊙ sign`` of the kept rows (``k x n``); differentiable in ``scale``."""
-        scale = self.scale.to(dtype)
-        return self.signs(dtype) * (scale.unsqueeze(1) if self.per_row else scale)
-
-    def delta_weight(self) -> torch.Tensor:
-        w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.qweight.device)
-        idx = self.row_index()
-        w[idx if idx is not None else slice(None)] = self.scaled_signs()
-        return w
-
-    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``Δ̂ x`` in ``x``'s dtype, shape ``(..., out_features)``."""
-        part = x @ self.scaled_signs(x.dtype).t()
-        idx = self.row_index()
-        if idx is None:
-            return part
-        y = x.new_zeros(*part.shape[:-1], self.out_features)
-        return y.index_copy(-1, idx.to(part.device), part)
-
-    def extra_repr(self) -> str:
-        return f"rows={self.rows}/{self.out_features}, in={self.in_features}, per_row={self.per_row}"
-
-
-def sparse_mask(out_features: int, in_features: int, keep: float, seed: int) -> torch.Tensor:
-    """The random keep-mask of a `SparsePart`: regenerated from ``seed`` on the CPU, never stored."""
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.rand(out_features, in_features, generator=g) < float(keep)
-
-
-class SparsePart(_FixedDtypeModule):
-    """DARE storage: the delta's entries kept by a seeded random mask, rescaled and quantized as one flat row.
-
-    Only the values are stored (``values``: a ``1 x nnz`` `QuantizedMatrix` in row-major order of the kept
-    entries); the mask is regenerated from ``seed`` and ``keep`` in the layout, and checked against ``nnz``.
-    """
-
-    def __init__(
-        self, out_features: int, in_features: int, nnz: int, keep: float, seed: int, bits: int, group_size: int
-    ) -> None:
-        super().__init__()
-        self.out_features, self.in_features = out_features, in_features
-        self.nnz, self.keep, self.seed, self.bits = nnz, float(keep), int(seed), bits
-        self.values = QuantizedFactor(1, nnz, bits, group_size)
-        self._cache: tuple | None = None
-
-    @classmethod
-    def from_layout(cls, out_features: int, in_features: int, entry: dict) -> SparsePart:
-        return cls(
-            out_features,
-            in_features,
-            int(entry["nnz"]),
-            float(entry["keep"]),
-            int(entry["seed"]),
-            int(entry["bits"]),
-            int(entry.get("group_size", 128)),
-        )
-
-    def mask(self) -> torch.Tensor:
-        mask = sparse_mask(self.out_features, self.in_features, self.keep, self.seed)
-        if int(mask.sum()) != self.nnz:
-            raise AdapterFileError(
-                f"sparse part of a {self.out_features}x{self.in_features} delta: the mask regenerated from seed "
-                f"{self.seed} keeps {int(mask.sum())} entries but {self.nnz} values are stored"
-            )
-        return mask
-
-    def delta_weight(self) -> torch.Tensor:
-        """Dense delta; cached until the stored values change (in-place copies bump the tensor version)."""
-        q = self.values.qweight
-        key = (q.data_ptr(), q._version, q.device)
-        if self._cache is None or self._cache[0] != key:
-            w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32)
-            w[self.mask()] = self.values.dequantize().reshape(-1).cpu()
-            self._cache = (key, w.to(q.device))
-        return self._cache[1]
-
-    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.delta_weight().to(x.dtype).t()
-
-    def extra_repr(self) -> str:
-        return f"nnz={self.nnz}, keep={self.keep:.4f}, bits={self.bits}, seed={self.seed}"

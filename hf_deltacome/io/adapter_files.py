@@ -26,7 +26,7 @@ from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
 
 from ..config import DeltaCoMeConfig
 from ..errors import AdapterFileError, ConfigError, DeltaCoMeError
-from ..format.storage import TensorSpec, layout_tensors, plane_bits
+from ..format.storage import TensorSpec, layout_tensors, plane_bits, sparse_band_masks
 from .atomic import PathLike, PinnedFiles, file_sha256, recover_folder
 
 STATE_DICT_PREFIX = "base_model.model."
@@ -242,6 +242,7 @@ def validate_adapter_state_dict(
     ``[0, 2**bits - 1]`` and zero packing padding in the last word of each row.
     """
     filename = os.fspath(filename)
+    _check_masks(config, filename)
     expected = expected_delta_tensors(config, prefix)
     present = set(state_dict)
     missing = sorted(set(expected) - present)
@@ -286,6 +287,22 @@ def validate_adapter_state_dict(
                 _check_codes(filename, f"{key}[{part}]", view, spec.bits, spec.cols)
             continue
         _check_codes(filename, key, t, bits, cols)
+
+
+def _check_masks(config: DeltaCoMeConfig, filename: str) -> None:
+    """The seeded masks of every sparse band (impart, the sparse tail), regenerated: their counts must be the
+    layout's ``nnz`` (another seed or keep-rate would scatter the stored values to the wrong entries)."""
+    for name, entry in config.layout.items():
+        m, n = entry["shape"]
+        for k, band in enumerate(entry.get("sparse_bands", [])):
+            if band["rank"] > 0:
+                mv, mu = sparse_band_masks(m, n, band["rank"], band["keep"], band["seed"])
+                if [int(mv.sum()), int(mu.sum())] != list(band["nnz"]):
+                    raise AdapterFileError(
+                        f"{filename}: module {name!r}, sparse band {k}: the masks regenerated from seed {band['seed']} "
+                        f"and keep {band['keep']} keep {[int(mv.sum()), int(mu.sum())]} entries, the layout's nnz says "
+                        f"{band['nnz']} (config and weights disagree)"
+                    )
 
 
 def _check_codes(filename: str, key: str, t: torch.Tensor, bits: int, cols: Optional[int]) -> None:

@@ -38,7 +38,7 @@ class ModuleSummary:
     bands: list[tuple[int, int]]
     group_size: int
     nbytes: int = 0
-    parts: list[str] = field(default_factory=list)  # baseline parts (bitdelta sign bits, dare values), described
+    parts: list[str] = field(default_factory=list)  # sign bits, dare values, sparse bands (rank@bits keep p)
 
     @property
     def layout_text(self) -> str:
@@ -226,7 +226,7 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
 
 
 def _part_texts(entry: dict[str, Any]) -> list[str]:
-    """Layout of the baseline parts of a module (see ``factors.SignPart`` / ``factors.SparsePart``)."""
+    """Layout of the parts beside the dense bands (see ``format.parts``: `SignPart`, `SparsePart`, `SparseBand`)."""
     out = []
     sign = entry.get("sign")
     if isinstance(sign, dict):
@@ -234,6 +234,9 @@ def _part_texts(entry: dict[str, Any]) -> list[str]:
     sparse = entry.get("sparse")
     if isinstance(sparse, dict):
         out.append(f"{sparse.get('nnz')} values@{sparse.get('bits')}b (keep {float(sparse.get('keep', 0)):.3f})")
+    for band in entry.get("sparse_bands", []):  # impart / the sparse tail: rank, bits and keep-rate of each level
+        if isinstance(band, dict) and band.get("rank"):
+            out.append(f"{band.get('rank')}@{band.get('bits')}b keep {float(band.get('keep', 0)):.2f}")
     return out
 
 

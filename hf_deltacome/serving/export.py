@@ -104,13 +104,13 @@ def _vllm_rank(rank: int) -> int:
 def lora_factors(delta: PackedDelta, rank: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(A, B, S)`` in float64 with ``B @ A`` the best rank-``rank`` approximation of the delta (exact without
     ``rank``): ``A`` is ``k x in``, ``B`` is ``out x k``, ``S`` all singular values of the delta (length ``r``)."""
-    if delta.has_extra_parts:
+    if delta.sign is not None or delta.sparse is not None:
         raise ConfigError("a bitdelta / dare delta is full rank and has no LoRA form")
-    if not len(delta.bands):
+    if not delta.low_rank_bands:
         empty = torch.zeros(0, dtype=torch.float64)
         return empty.new_zeros(0, delta.in_features), empty.new_zeros(delta.out_features, 0), empty
-    u = torch.cat([b.u_dense(torch.float64) * b.s.to(torch.float64) for b in delta.bands], dim=1)
-    v = torch.cat([b.v.dequantize(torch.float64) for b in delta.bands], dim=0)
+    u = torch.cat([b.ut_dense(torch.float64).t() * b.s.to(torch.float64) for b in delta.low_rank_bands], dim=1)
+    v = torch.cat([b.vt_dense(torch.float64) for b in delta.low_rank_bands], dim=0)
     qu, ru = torch.linalg.qr(u)  # u = qu ru
     qv, rv = torch.linalg.qr(v.t())  # vᵀ = qv rv, so Δ = qu (ru rvᵀ) qvᵀ
     x, s, yt = torch.linalg.svd(ru @ rv.t())
@@ -121,8 +121,8 @@ def lora_factors(delta: PackedDelta, rank: Optional[int] = None) -> tuple[torch.
 
 def _relative_error2(a: torch.Tensor, b: torch.Tensor, delta: PackedDelta) -> tuple[float, float]:
     """``(||b a − Δ||², ||Δ||²)`` from the factors (no ``out x in`` matrix is formed)."""
-    u = torch.cat([x.u_dense(torch.float64) * x.s.to(torch.float64) for x in delta.bands], dim=1)
-    v = torch.cat([x.v.dequantize(torch.float64) for x in delta.bands], dim=0)
+    u = torch.cat([x.ut_dense(torch.float64).t() * x.s.to(torch.float64) for x in delta.low_rank_bands], dim=1)
+    v = torch.cat([x.vt_dense(torch.float64) for x in delta.low_rank_bands], dim=0)
     a, b = a.to(torch.float64), b.to(torch.float64)
     norm2 = float(torch.trace((u.t() @ u) @ (v @ v.t())))
     approx2 = float(torch.trace((b.t() @ b) @ (a @ a.t())))
@@ -168,7 +168,7 @@ def export_lora(
         delta = PackedDelta.from_layout(entry)
         prefix = f"{STATE_DICT_PREFIX}{name}{DELTA_MARKER}"
         delta.load_state_dict({k[len(prefix) :]: t for k, t in state.items() if k.startswith(prefix)})
-        if delta.has_extra_parts:
+        if delta.sign is not None or delta.sparse is not None:  # sparse bands (impart) are low rank: exported
             raise ConfigError(
                 f"{folder}: module {name!r} is a {config.method} delta (sign bits or sparse values), which is full "
                 "rank and has no LoRA form; use `deltacome merge` for it"
