@@ -68,8 +68,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "svd-uniform-4": {"method": "svd-uniform", "uniform_bits": 4},
     "svd-uniform-8": {"method": "svd-uniform", "uniform_bits": 8},
     "dare": {"method": "dare"},
+    "impart": {"method": "impart"},  # keep-rates grow with σ, down to 0.5 (docs/METHOD.md)
+    "deltacome+sparse-tail": {"sparse_tail": 0.5},  # the last 2-bit band keeps half of each vector: more rank
 }
-DEFAULT_METHODS = "deltacome,deltacome+greedy,deltacome+adaptive,bitdelta,lowrank,svd-uniform-2,svd-uniform-4,dare"
+DEFAULT_METHODS = (
+    "deltacome,deltacome+greedy,deltacome+adaptive,bitdelta,lowrank,svd-uniform-2,svd-uniform-4,dare,impart,"
+    "deltacome+sparse-tail"
+)
 QUICK_METHODS = "deltacome,deltacome+greedy,bitdelta,lowrank,svd-uniform-4"
 DEFAULT_RATIOS = "1/8,1/16,1/32,1/64"
 QUICK_RATIOS = "1/16,1/64"
