@@ -116,6 +116,7 @@ def compression_summary(
         m, n = entry["shape"]
         g = entry.get("group_size", config.group_size)
         bands = [(int(b), int(r)) for b, r in entry["bands"]]
+        bands += [(int(b["bits"]), int(b["rank"])) for b in entry.get("sparse_bands", [])]  # impart / sparse tail
         nbytes = sum(math.prod(t.shape) * t.dtype.itemsize for t in layout_tensors(entry, g).values())
         packed += nbytes
         fp16 += 2 * m * n

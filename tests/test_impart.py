@@ -254,3 +254,21 @@ def test_cli_compresses_with_impart_and_a_sparse_tail_and_refuses_bad_keep_rates
     capsys.readouterr()
     assert main([*args, "--overwrite", "--sparse-tail", "1.5"]) == 2
     assert "sparse_tail must be null or a keep-rate in (0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_a_streamed_run_plans_with_the_model_spectrum_and_loads_back(wide_pair, tmp_path):
+    """Streamed, no delta is in memory at plan time: the keep-rates come from ``MODEL_DECAY``'s spectrum; the file
+    still fits, loads through PEFT and carries the fine-tune."""
+    from test_streaming import save_pair
+
+    base, ft = wide_pair
+    b, f = save_pair(tmp_path, base, ft, shard="2MB")
+    cfg = DeltaCoMeConfig(method="impart", ratio=1 / 16, quantizer="rtn")
+    model = compress(b, f, cfg, progress=False)
+    assert model.peft_config["default"].compression_info["streamed"]
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    ids = random_ids(base, 2, 16, seed=4)
+    assert relative_logits_error(loaded, ft, base, ids) < 0.4  # measured 0.19
+    summary = summarize_adapter(tmp_path / "adapter")
+    assert summary.file_bytes <= int(cfg.ratio * summary.target_fp16_bytes)
