@@ -117,7 +117,6 @@ def compression_summary(
         g = entry.get("group_size", config.group_size)
         bands = [(int(b), int(r)) for b, r in entry["bands"]]
         bands += [(int(b["bits"]), int(b["rank"])) for b in entry.get("sparse_bands", [])]  # impart / sparse tail
-        bands += [(int(b["bits"]), int(b["rank"])) for b in entry.get("sparse_bands", [])]  # impart / sparse tail
         nbytes = sum(math.prod(t.shape) * t.dtype.itemsize for t in layout_tensors(entry, g).values())
         packed, fp16 = packed + nbytes, fp16 + 2 * m * n
         row = types.setdefault(name.rsplit(".", 1)[-1], {"count": 0, "shapes": set(), "ranks": [], "bytes": 0})
