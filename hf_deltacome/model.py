@@ -109,6 +109,39 @@ def resize_vocab(model: nn.Module, rows: int) -> None:
             cfg.vocab_size = rows
 
 
+def prepare_vocab(model: nn.Module, config: DeltaCoMeConfig) -> None:
+    """A fine-tune that added tokens: the base's embeddings grow to its vocabulary before PEFT injects (the dense
+    copies and trainable tokens are built on the grown modules); the base check reads the first rows."""
+    rows = config.vocab_size
+    if rows is not None and config.base_vocab_size is not None:
+        current = model.get_input_embeddings().weight.shape[0]
+        if current == config.base_vocab_size:
+            resize_vocab(model, rows)
+
+
+def check_layout_fits(model: nn.Module, config: DeltaCoMeConfig, adapter_name: str) -> None:
+    """Every module of the adapter's layout is a linear of the base with the layout's shape (else `ConfigError`)."""
+    modules = dict(model.named_modules())
+    missing = [name for name in config.layout if name not in modules]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(
+            f"adapter {adapter_name!r} targets modules that the base model "
+            f"({type(model).__name__}) does not have: {shown}; was it made for another base model?"
+        )
+    for name, entry in config.layout.items():
+        module = modules[name]
+        base = module.get_base_layer() if isinstance(module, DeltaCoMeLayer) else module
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(f"adapter {adapter_name!r} targets {name!r}, which is a {type(base).__name__}")
+        shape = [base.out_features, base.in_features]
+        if list(entry["shape"]) != shape:
+            raise ConfigError(
+                f"adapter {adapter_name!r} expects module {name!r} of shape {list(entry['shape'])} "
+                f"but the base model has {shape}"
+            )
+
+
 class DeltaCoMeModel(BaseTuner):
     """Wraps a base model so that each linear listed in the adapter's ``layout`` adds its packed delta.
 
@@ -131,34 +164,10 @@ class DeltaCoMeModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: DeltaCoMeConfig, model: nn.Module) -> None:
-        # A fine-tune that added tokens: the base's embeddings grow to its vocabulary before PEFT injects (the
-        # dense copies and trainable tokens are built on the grown modules); the base check reads the first rows.
-        rows = peft_config.vocab_size
-        if rows is not None and peft_config.base_vocab_size is not None:
-            current = model.get_input_embeddings().weight.shape[0]
-            if current == peft_config.base_vocab_size:
-                resize_vocab(model, rows)
+        prepare_vocab(model, peft_config)
 
     def _pre_injection_hook(self, model: nn.Module, config: DeltaCoMeConfig, adapter_name: str) -> None:
-        modules = dict(model.named_modules())
-        missing = [name for name in config.layout if name not in modules]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ConfigError(
-                f"adapter {adapter_name!r} targets modules that the base model "
-                f"({type(model).__name__}) does not have: {shown}; was it made for another base model?"
-            )
-        for name, entry in config.layout.items():
-            module = modules[name]
-            base = module.get_base_layer() if isinstance(module, DeltaCoMeLayer) else module
-            if not isinstance(base, nn.Linear):
-                raise ConfigError(f"adapter {adapter_name!r} targets {name!r}, which is a {type(base).__name__}")
-            shape = [base.out_features, base.in_features]
-            if list(entry["shape"]) != shape:
-                raise ConfigError(
-                    f"adapter {adapter_name!r} expects module {name!r} of shape {list(entry['shape'])} "
-                    f"but the base model has {shape}"
-                )
+        check_layout_fits(model, config, adapter_name)
 
     @staticmethod
     def _check_target_module_exists(peft_config: DeltaCoMeConfig, key: str) -> bool:

@@ -26,7 +26,7 @@ from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
 
 from ..config import DeltaCoMeConfig
 from ..errors import AdapterFileError, ConfigError, DeltaCoMeError
-from ..format.storage import TensorSpec, layout_tensors, plane_bits
+from ..format.storage import PackedDelta, TensorSpec, layout_tensors, plane_bits
 from .atomic import PathLike, PinnedFiles, file_sha256, recover_folder
 
 STATE_DICT_PREFIX = "base_model.model."
@@ -201,6 +201,15 @@ def expected_delta_tensors(config: DeltaCoMeConfig, prefix: str = STATE_DICT_PRE
         for key, spec in entry_tensors(entry, config.group_size).items():
             out[f"{prefix}{module}.deltacome_delta.{key}"] = spec
     return out
+
+
+def packed_delta(config: DeltaCoMeConfig, state_dict: Mapping[str, torch.Tensor], module: str) -> PackedDelta:
+    """The `PackedDelta` of ``module`` filled from a read adapter's tensors (what PEFT's load puts into the layer),
+    for code that works on the file without a model: LoRA export, streamed merge."""
+    packed = PackedDelta.from_layout({"group_size": config.group_size, **config.layout[module]})
+    prefix = f"{STATE_DICT_PREFIX}{module}{DELTA_MARKER}"
+    packed.load_state_dict({k[len(prefix) :]: t for k, t in state_dict.items() if k.startswith(prefix)})
+    return packed
 
 
 TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # PEFT's trainable tokens: the rows of added tokens
