@@ -201,6 +201,12 @@ class DeltaCoMeModel(BaseTuner):
                 buf.zero_()
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(child, AuxiliaryTrainingWrapper):
+            # unloading a dense copy or trainable tokens (merge_and_unload): ``new_module`` is the merged module
+            # itself. PEFT's version would assign the wrapper's ``weight`` to it, a plain tensor for trainable tokens
+            # on a linear (lm_head of a fine-tune that added tokens), and fail; LoRA's own override skips it too
+            setattr(parent, child_name, new_module)
+            return None
         base = getattr(child, "base_layer", child)
         if not callable(getattr(base, "device_and_dtype", None)):
             return super()._replace_module(parent, child_name, new_module, child)
