@@ -165,7 +165,7 @@ class StreamedMerge:
         key = next((self.keys[a] for a in aliases if a in self.keys), name if name in self.ckpt.specs else None)
         t = self.ckpt.read(key) if key is not None else want.detach().clone()
         t = t.to(torch.float32) if t.is_floating_point() else t
-        if t.shape[0] < want.shape[0] and t.shape[1:] == want.shape[1:]:  # grown vocabulary: zero rows (resize_vocab)
+        if t.dim() and t.shape[0] < want.shape[0] and t.shape[1:] == want.shape[1:]:  # grown vocabulary (resize_vocab)
             t = torch.cat([t, t.new_zeros((want.shape[0] - t.shape[0], *t.shape[1:]))])
         for alias in aliases:
             module, _, leaf = alias.rpartition(".")
