@@ -227,7 +227,8 @@ def _load_guard() -> None:
 def _transformers_load_guard() -> None:
     from transformers.integrations import peft as hf_peft
 
-    from .io.adapter_files import read_adapter, validate_adapter_state_dict
+    from .format.storage import blob_state_dicts
+    from .io.adapter_files import as_blobs, read_adapter, validate_adapter_state_dict
     from .io.adapter_source import check_extras, load_checked_weights, transformers_adapter_config
     from .io.fingerprint import check_fingerprint, default_strict
 
@@ -274,8 +275,9 @@ def _transformers_load_guard() -> None:
         else:
             validate_adapter_state_dict(config, state_dict, where)
             check_extras(self, state_dict, where, config.modules_to_save)
-        arg["peft_config"], arg["adapter_state_dict"] = config, state_dict
-        return original(*bound.args, **bound.kwargs)
+        arg["peft_config"], arg["adapter_state_dict"] = config, as_blobs(config, state_dict)
+        with blob_state_dicts():  # it sets tensors by attribute path: one blob per module, format 1 too
+            return original(*bound.args, **bound.kwargs)
 
     hf_peft.PeftAdapterMixin.load_adapter = load_adapter
 
