@@ -187,6 +187,7 @@ def _load_guard() -> None:
     from .io.adapter_source import apply_key_mapping, load_checked_weights
     from .io.atomic import take_pin
     from .io.fingerprint import check_fingerprint, default_strict
+    from .model import DeltaCoMeModel, only_adapter
 
     original_load_weights = pm.load_peft_weights
     original_load_adapter = pm.PeftModel.load_adapter
@@ -195,8 +196,11 @@ def _load_guard() -> None:
     def load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
         strict = kwargs.pop("strict", None)
         token = _LOAD.set(_LoadContext(self, adapter_name, strict))
+        # many adapters: PEFT's walks see only this one (its load time does not grow with the number loaded)
+        hide = only_adapter(self, adapter_name) if isinstance(self.base_model, DeltaCoMeModel) else contextlib.nullcontext()
         try:
-            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+            with hide:
+                return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
         finally:
             _LOAD.reset(token)
 
