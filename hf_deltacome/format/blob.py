@@ -10,7 +10,7 @@ issue 16), and moving or replacing the blob can never leave a stale view behind.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -178,6 +178,10 @@ class QuantizedFactor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.matrix().dequantize(dtype)
+
+    def buffers(self) -> Iterator[torch.Tensor]:
+        """Its stored tensors (views), as its buffers were when it was a module."""
+        yield from self.matrix().tensors().values()
 
     def __repr__(self) -> str:
         return f"QuantizedFactor({self.rows}x{self.cols}, bits={self.bits}, group_size={self.group_size})"

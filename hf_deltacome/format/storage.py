@@ -83,6 +83,12 @@ class DeltaBand:
         self.u.set(u)
         self.s.copy_(s.to(torch.float32))
 
+    def buffers(self) -> Iterator[torch.Tensor]:
+        """Its stored tensors (views: ``s``, then V's and U's), as its buffers were when it was a module."""
+        yield self.s
+        yield from self.v.buffers()
+        yield from self.u.buffers()
+
     def u_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``U_k`` (``out x rank``) dequantized, whichever way it is stored."""
         w = self.u.dequantize(dtype)
