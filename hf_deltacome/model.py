@@ -45,6 +45,45 @@ def _adapter_hosts(root: nn.Module) -> Iterator[nn.Module]:
         )
 
 
+@contextlib.contextmanager
+def only_adapter(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """Hide every other loaded adapter's packed deltas and dense-extra copies while ``adapter_name`` is loaded.
+
+    PEFT's injection and state-dict loading walk every module of the model (about 20 full walks per load, plus the
+    state dicts): with every loaded adapter in view, the 64th SmolLM2 adapter took 10x as long as the first (issue
+    16). Hidden, a load visits the base, the layers and its own adapter only, so its time does not grow with the
+    number loaded, and only its keys are loaded and checked. The active adapters stay in view (PEFT moves their
+    trainability around); everything is put back in its order afterwards, also on failure. Not for use while
+    another thread runs the model (the engine loads adapters between steps).
+    """
+    keep = {adapter_name, *getattr(model, "active_adapters", ())}
+    hidden: list[tuple[nn.ModuleDict, list[str], dict[str, nn.Module]]] = []
+    for module in _adapter_hosts(model):
+        if isinstance(module, DeltaCoMeLayer):
+            holder = module.deltacome_delta
+        elif isinstance(module, ModulesToSaveWrapper):
+            holder = module.modules_to_save
+        else:
+            continue
+        away = {k: m for k, m in holder._modules.items() if k not in keep}
+        if away:
+            hidden.append((holder, list(holder._modules), away))
+            for k in away:
+                del holder._modules[k]
+    try:
+        yield
+    finally:
+        for holder, order, away in hidden:
+            now = dict(holder._modules)
+            holder._modules.clear()
+            for k in order:
+                if k in away or k in now:
+                    holder._modules[k] = away[k] if k in away else now[k]
+            for k, m in now.items():  # added by this load
+                if k not in holder._modules:
+                    holder._modules[k] = m
+
+
 def _rowwise_extras_forward(
     wrapper: ModulesToSaveWrapper, adapter_names: MixedBatch, x: torch.Tensor, *args: Any, **kwargs: Any
 ) -> Any:
