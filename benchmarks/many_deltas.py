@@ -63,6 +63,15 @@ def rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def compute_path() -> str:
+    """Which path computed the deltas: the Triton interpreter on CPU would distort every speed column."""
+    from hf_deltacome.backend import backend_name
+
+    return (f"DELTACOME_BACKEND={backend_name()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}, "
+            f"triton imported: {'triton' in sys.modules}, hf_deltacome.kernels imported: "
+            f"{'hf_deltacome.kernels' in sys.modules}")  # fmt: skip
+
+
 def source_adapter(work: Path, finetuned: Path) -> Path:
     """The real adapter: the dates fine-tune compressed once at 1/16 (cached in ``work``)."""
     out = work / "source-1of16-rtn"
@@ -180,6 +189,7 @@ def main() -> None:
         sum(float(p.sum()) for p in model.parameters())
     rss_base = rss()
     ids, mask = prompts(tokenizer)
+    print(f"compute path: {compute_path()}")
     print(f"base loaded: RSS {rss_base / MB:.0f} MB ({(rss_base - rss_start) / MB:.0f} MB for the weights)")
 
     rows, loaded = [], 0
@@ -225,7 +235,7 @@ def main() -> None:
         f"| tok/s, {ROWS} rows: base / 1 adapter / over min(N,8) adapters | mixed vs base | mixed vs 1 adapter "
         "| dequant cache after |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [f"compute path: {compute_path()}", "", header, "|" + "---|" * 11]
     for r in rows:
         lines.append(
             f"| {r['n']} | {r['files_mb']:,.0f} MB | {r['rss_mb']:,.0f} MB | {r['rss_over_base_mb']:,.0f} MB "
@@ -242,7 +252,7 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads 1, "
-          f"torch {torch.__version__}; the machine was shared with other jobs")  # fmt: skip
+          f"torch {torch.__version__}; the machine was shared with other jobs; {compute_path()}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "base_rss_mb": rss_base / MB, "table": table}, indent=2))
     plot(rows, rss_base / MB, args.plot)

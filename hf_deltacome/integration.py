@@ -187,6 +187,7 @@ def _load_guard() -> None:
     from .io.adapter_source import apply_key_mapping, load_checked_weights
     from .io.atomic import take_pin
     from .io.fingerprint import check_fingerprint, default_strict
+    from .model import DeltaCoMeModel, only_adapter
 
     original_load_weights = pm.load_peft_weights
     original_load_adapter = pm.PeftModel.load_adapter
@@ -195,8 +196,11 @@ def _load_guard() -> None:
     def load_adapter(self: Any, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
         strict = kwargs.pop("strict", None)
         token = _LOAD.set(_LoadContext(self, adapter_name, strict))
+        # many adapters: PEFT's walks see only this one (its load time does not grow with the number loaded)
+        hide = only_adapter(self, adapter_name) if isinstance(self.base_model, DeltaCoMeModel) else contextlib.nullcontext()
         try:
-            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+            with hide:
+                return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
         finally:
             _LOAD.reset(token)
 
@@ -227,7 +231,8 @@ def _load_guard() -> None:
 def _transformers_load_guard() -> None:
     from transformers.integrations import peft as hf_peft
 
-    from .io.adapter_files import read_adapter, validate_adapter_state_dict
+    from .format.storage import blob_state_dicts
+    from .io.adapter_files import as_blobs, read_adapter, validate_adapter_state_dict
     from .io.adapter_source import check_extras, load_checked_weights, transformers_adapter_config
     from .io.fingerprint import check_fingerprint, default_strict
 
@@ -274,8 +279,9 @@ def _transformers_load_guard() -> None:
         else:
             validate_adapter_state_dict(config, state_dict, where)
             check_extras(self, state_dict, where, config.modules_to_save)
-        arg["peft_config"], arg["adapter_state_dict"] = config, state_dict
-        return original(*bound.args, **bound.kwargs)
+        arg["peft_config"], arg["adapter_state_dict"] = config, as_blobs(config, state_dict)
+        with blob_state_dicts():  # it sets tensors by attribute path: one blob per module, format 1 too
+            return original(*bound.args, **bound.kwargs)
 
     hf_peft.PeftAdapterMixin.load_adapter = load_adapter
 

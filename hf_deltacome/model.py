@@ -45,6 +45,45 @@ def _adapter_hosts(root: nn.Module) -> Iterator[nn.Module]:
         )
 
 
+@contextlib.contextmanager
+def only_adapter(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """Hide every other loaded adapter's packed deltas and dense-extra copies while ``adapter_name`` is loaded.
+
+    PEFT's injection and state-dict loading walk every module of the model (about 20 full walks per load, plus the
+    state dicts): with every loaded adapter in view, the 64th SmolLM2 adapter took 10x as long as the first (issue
+    16). Hidden, a load visits the base, the layers and its own adapter only, so its time does not grow with the
+    number loaded, and only its keys are loaded and checked. The active adapters stay in view (PEFT moves their
+    trainability around); everything is put back in its order afterwards, also on failure. Not for use while
+    another thread runs the model (the engine loads adapters between steps).
+    """
+    keep = {adapter_name, *getattr(model, "active_adapters", ())}
+    hidden: list[tuple[nn.ModuleDict, list[str], dict[str, nn.Module]]] = []
+    for module in _adapter_hosts(model):
+        if isinstance(module, DeltaCoMeLayer):
+            holder = module.deltacome_delta
+        elif isinstance(module, ModulesToSaveWrapper):
+            holder = module.modules_to_save
+        else:
+            continue
+        away = {k: m for k, m in holder._modules.items() if k not in keep}
+        if away:
+            hidden.append((holder, list(holder._modules), away))
+            for k in away:
+                del holder._modules[k]
+    try:
+        yield
+    finally:
+        for holder, order, away in hidden:
+            now = dict(holder._modules)
+            holder._modules.clear()
+            for k in order:
+                if k in away or k in now:
+                    holder._modules[k] = away[k] if k in away else now[k]
+            for k, m in now.items():  # added by this load
+                if k not in holder._modules:
+                    holder._modules[k] = m
+
+
 def _rowwise_extras_forward(
     wrapper: ModulesToSaveWrapper, adapter_names: MixedBatch, x: torch.Tensor, *args: Any, **kwargs: Any
 ) -> Any:
@@ -109,6 +148,39 @@ def resize_vocab(model: nn.Module, rows: int) -> None:
             cfg.vocab_size = rows
 
 
+def prepare_vocab(model: nn.Module, config: DeltaCoMeConfig) -> None:
+    """A fine-tune that added tokens: the base's embeddings grow to its vocabulary before PEFT injects (the dense
+    copies and trainable tokens are built on the grown modules); the base check reads the first rows."""
+    rows = config.vocab_size
+    if rows is not None and config.base_vocab_size is not None:
+        current = model.get_input_embeddings().weight.shape[0]
+        if current == config.base_vocab_size:
+            resize_vocab(model, rows)
+
+
+def check_layout_fits(model: nn.Module, config: DeltaCoMeConfig, adapter_name: str) -> None:
+    """Every module of the adapter's layout is a linear of the base with the layout's shape (else `ConfigError`)."""
+    modules = dict(model.named_modules())
+    missing = [name for name in config.layout if name not in modules]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(
+            f"adapter {adapter_name!r} targets modules that the base model "
+            f"({type(model).__name__}) does not have: {shown}; was it made for another base model?"
+        )
+    for name, entry in config.layout.items():
+        module = modules[name]
+        base = module.get_base_layer() if isinstance(module, DeltaCoMeLayer) else module
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(f"adapter {adapter_name!r} targets {name!r}, which is a {type(base).__name__}")
+        shape = [base.out_features, base.in_features]
+        if list(entry["shape"]) != shape:
+            raise ConfigError(
+                f"adapter {adapter_name!r} expects module {name!r} of shape {list(entry['shape'])} "
+                f"but the base model has {shape}"
+            )
+
+
 class DeltaCoMeModel(BaseTuner):
     """Wraps a base model so that each linear listed in the adapter's ``layout`` adds its packed delta.
 
@@ -131,34 +203,10 @@ class DeltaCoMeModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: DeltaCoMeConfig, model: nn.Module) -> None:
-        # A fine-tune that added tokens: the base's embeddings grow to its vocabulary before PEFT injects (the
-        # dense copies and trainable tokens are built on the grown modules); the base check reads the first rows.
-        rows = peft_config.vocab_size
-        if rows is not None and peft_config.base_vocab_size is not None:
-            current = model.get_input_embeddings().weight.shape[0]
-            if current == peft_config.base_vocab_size:
-                resize_vocab(model, rows)
+        prepare_vocab(model, peft_config)
 
     def _pre_injection_hook(self, model: nn.Module, config: DeltaCoMeConfig, adapter_name: str) -> None:
-        modules = dict(model.named_modules())
-        missing = [name for name in config.layout if name not in modules]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ConfigError(
-                f"adapter {adapter_name!r} targets modules that the base model "
-                f"({type(model).__name__}) does not have: {shown}; was it made for another base model?"
-            )
-        for name, entry in config.layout.items():
-            module = modules[name]
-            base = module.get_base_layer() if isinstance(module, DeltaCoMeLayer) else module
-            if not isinstance(base, nn.Linear):
-                raise ConfigError(f"adapter {adapter_name!r} targets {name!r}, which is a {type(base).__name__}")
-            shape = [base.out_features, base.in_features]
-            if list(entry["shape"]) != shape:
-                raise ConfigError(
-                    f"adapter {adapter_name!r} expects module {name!r} of shape {list(entry['shape'])} "
-                    f"but the base model has {shape}"
-                )
+        check_layout_fits(model, config, adapter_name)
 
     @staticmethod
     def _check_target_module_exists(peft_config: DeltaCoMeConfig, key: str) -> bool:
@@ -192,6 +240,12 @@ class DeltaCoMeModel(BaseTuner):
                 buf.zero_()
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(child, AuxiliaryTrainingWrapper):
+            # unloading a dense copy or trainable tokens (merge_and_unload): ``new_module`` is the merged module
+            # itself. PEFT's version would assign the wrapper's ``weight`` to it, a plain tensor for trainable tokens
+            # on a linear (lm_head of a fine-tune that added tokens), and fail; LoRA's own override skips it too
+            setattr(parent, child_name, new_module)
+            return None
         base = getattr(child, "base_layer", child)
         if not callable(getattr(base, "device_and_dtype", None)):
             return super()._replace_module(parent, child_name, new_module, child)

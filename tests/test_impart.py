@@ -272,3 +272,38 @@ def test_a_streamed_run_plans_with_the_model_spectrum_and_loads_back(wide_pair, 
     assert relative_logits_error(loaded, ft, base, ids) < 0.4  # measured 0.19
     summary = summarize_adapter(tmp_path / "adapter")
     assert summary.file_bytes <= int(cfg.ratio * summary.target_fp16_bytes)
+
+
+def test_sparse_bands_live_in_the_one_blob_and_merge_streamed_as_loaded(tmp_path, caplog):
+    """Sparse bands are segments of their module's one ``blob`` (no module or tensor of their own, masks not
+    stored); the streamed merge reads them from the file and writes what the loaded merge writes, bit for bit."""
+    import logging
+
+    from test_merge_stream import save_base, tensors
+
+    from hf_deltacome.serving.merge import merge_adapter
+
+    base = make_model("llama")
+    cfg = DeltaCoMeConfig(method="impart", ratio=1 / 4, quantizer="rtn")
+    model = compress(copy.deepcopy(base), make_finetune(base, seed=2), cfg, progress=False)
+    deltas = [m for m in model.modules() if isinstance(m, PackedDelta)]
+    assert any(d.sparse_bands for d in deltas)
+    for d in deltas:
+        assert list(d.state_dict()) == ["blob"] and not list(d.children()) and len(list(d.buffers())) == 1
+    d = next(d for d in deltas if d.sparse_bands)
+    keys = [key for key, *_ in d.segments()]
+    assert {"sparse_bands.0.s", "sparse_bands.0.v.qweight", "sparse_bands.0.u.scales"} <= set(keys)
+    assert not any("mask" in key for key in keys)
+    band = d.sparse_bands[0]
+    assert band.s.untyped_storage().data_ptr() == d.blob.untyped_storage().data_ptr()  # a view, made when read
+    model.save_pretrained(tmp_path / "adapter")
+    save_base(tmp_path / "base", base)
+    with caplog.at_level(logging.INFO, logger="hf_deltacome"):
+        streamed = merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "streamed")
+    assert "merging with the whole base in memory" not in caplog.text
+    loaded = merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "loaded", in_memory=True)
+    got, want = tensors(streamed), tensors(loaded)
+    assert list(got) and sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    layout = model.peft_config["default"].layout
+    key = next(n for n, e in layout.items() if e.get("sparse_bands")) + ".weight"
+    assert not torch.equal(got[key], base.state_dict()[key])  # the delta, sparse bands included, was merged

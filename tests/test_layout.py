@@ -22,7 +22,7 @@ LAYERS = {
     "errors": 0, "progress": 0, "lazy": 0,
     "format": 1, "io.atomic": 1, "io.weight_sketch": 1,
     "quant": 2, "config": 2, "io.fingerprint": 2,
-    "backend": 3, "io.adapter_files": 3, "io.adapter_source": 3, "io.summary": 3, "kernels": 3,
+    "backend": 3, "io.adapter_files": 3, "io.adapter_source": 3, "io.summary": 3, "io.shards": 3, "kernels": 3,
     "layer": 4, "model": 5, "hub": 5,
     "compression": 6,
     "multimodal": 7, "evaluation": 8, "loading": 8, "integration": 9, "serving": 9, "amlq": 9,

@@ -260,3 +260,76 @@ def test_mixed_batch_setup_does_not_walk_every_loaded_adapter(adapters):
     three = load_deltas(tiny_base(), dict(adapters))
     assert sum(1 for _ in _adapter_hosts(three.base_model)) == visited_one
     assert sum(1 for _ in three.base_model.modules()) > 2 * visited_one  # what a plain walk would visit
+
+
+def _live_objects() -> tuple[int, int, int]:
+    """(modules, tensors, bytes of their distinct storages) alive in this process."""
+    import gc
+
+    gc.collect()
+    modules = tensors = 0
+    storages: dict[int, int] = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.nn.Module):
+            modules += 1
+        elif isinstance(o, torch.Tensor) and o.device.type != "meta":
+            tensors += 1
+            storages[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+    return modules, tensors, sum(storages.values())
+
+
+def test_each_adapter_costs_its_file_bytes_and_about_one_object_per_file_tensor(adapters):
+    """Issue 16: resident memory per adapter is its packed bytes, not Python/PyTorch objects per band and factor.
+
+    A loaded adapter may keep one tensor per tensor of its file (one blob per target linear in format 2, one copy
+    per dense extra) and one module per such tensor (a `PackedDelta` per target, a copy per dense extra); the parts
+    inside a blob are views made when read. Before, a SmolLM2 adapter held 11 modules and 47 tensor objects per
+    target linear, 2.2x its file bytes in all. The tensor bytes added are the file's bytes (no second copy).
+    """
+    from safetensors import safe_open
+
+    path = adapters["math"]
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        file_tensor_bytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys)
+    assert any(k.endswith(".deltacome_delta.blob") for k in keys)  # format 2
+    model = load_deltas(tiny_base(), {"a0": path})
+    before = _live_objects()
+    extra = 7
+    for k in range(1, 1 + extra):
+        add_delta(model, f"a{k}", path)
+    after = _live_objects()
+    modules, tensors, nbytes = ((b - a) / extra for a, b in zip(before, after, strict=True))
+    assert modules <= len(keys), f"{modules:.0f} modules per adapter for {len(keys)} file tensors"
+    assert tensors <= len(keys), f"{tensors:.0f} tensors per adapter for {len(keys)} file tensors"
+    assert abs(nbytes - file_tensor_bytes) <= 0.01 * file_tensor_bytes, (nbytes, file_tensor_bytes)
+    assert adapter_nbytes(model, "a7") == file_tensor_bytes
+
+
+def test_loading_one_more_adapter_does_not_walk_the_loaded_ones(adapters, monkeypatch):
+    """PEFT walks the whole model about 20 times per load; the loaded adapters are out of view meanwhile, so the
+    modules a load visits (and its time) do not grow with the number of adapters loaded (issue 16)."""
+    walked = [0]
+    plain = torch.nn.Module.named_modules
+
+    def counting(self, memo=None, prefix="", remove_duplicate=True):
+        outer = memo is None and not prefix  # the recursion passes memo and prefix
+        for item in plain(self, memo, prefix, remove_duplicate):
+            walked[0] += outer
+            yield item
+
+    model = load_deltas(tiny_base(), {"a0": adapters["math"]})
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counting)
+    visits = []
+    for k, name in enumerate(["code", "chat", "math", "code", "chat"], start=1):
+        walked[0] = 0
+        add_delta(model, f"a{k}", adapters[name])
+        visits.append(walked[0])
+    monkeypatch.undo()
+    assert visits[0] > 0 and visits[-1] == visits[0], visits
+    ids = torch.randint(4, 100, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # every adapter is back in place, in its order, and runs as alone
+        assert list(model.peft_config) == [f"a{k}" for k in range(6)]
+        mixed = model(input_ids=ids, adapter_names=["a0", "a5"]).logits
+        torch.testing.assert_close(mixed[0], single_adapter_model(adapters["math"])(input_ids=ids).logits[0])
+        torch.testing.assert_close(mixed[1], single_adapter_model(adapters["chat"])(input_ids=ids).logits[1])

@@ -245,10 +245,19 @@ def test_merge_and_unload(base_dir, adapters):
 def test_half_precision_base_keeps_packed_dtypes(base_dir, adapters, dtype):
     path, logits = adapters["a"]
     model = PeftModel.from_pretrained(load_base(base_dir, dtype=dtype), path)
-    dtypes = {n.rsplit(".", 1)[-1]: b.dtype for n, b in model.named_buffers() if "deltacome_delta" in n}
-    assert dtypes["qweight"] == torch.int32 and dtypes["scales"] == torch.float16
-    assert dtypes["zeros"] == torch.uint8 and dtypes["s"] == torch.float32
+    from hf_deltacome.format.storage import PackedDelta
+
+    def stored_dtypes():
+        deltas = [m for m in model.modules() if isinstance(m, PackedDelta)]
+        assert deltas and {b.dtype for d in deltas for b in d.buffers()} == {torch.uint8}  # one blob each
+        band = deltas[0].bands[0]
+        return {"qweight": band.v.qweight.dtype, "scales": band.u.scales.dtype, "zeros": band.v.zeros.dtype,
+                "s": band.s.dtype}  # fmt: skip
+
+    expected = {"qweight": torch.int32, "scales": torch.float16, "zeros": torch.uint8, "s": torch.float32}
+    assert stored_dtypes() == expected
     model.to(torch.float32).to(dtype)  # casts must not touch the packed buffers
+    assert stored_dtypes() == expected
     with torch.no_grad():
         out = model(adapters["x"]).logits
     assert out.dtype == dtype

@@ -133,7 +133,6 @@ def distill_sign_scales(
     if input_ids is None or input_ids.numel() == 0:
         raise CalibrationError("BitDelta scale distillation needs calibration token ids")
     device = parts[0].scale.device
-    stored = [p._buffers["scale"] for p in parts]  # the stored tensors (views into the module's blob in format 2)
     base_scales = [p.scale.detach().clone() for p in parts]
     logs = [torch.zeros_like(s, requires_grad=True) for s in base_scales]
     opt = torch.optim.Adam(logs, lr=lr)
@@ -149,7 +148,7 @@ def distill_sign_scales(
             with torch.no_grad():
                 target = torch.log_softmax(finetuned_model(input_ids=batch.to(ft_device)).logits.float(), -1)
             for p, s0, lg in zip(parts, base_scales, logs, strict=True):
-                p._buffers["scale"] = s0 * torch.exp(lg)
+                p.override_scale(s0 * torch.exp(lg))  # differentiable; the stored bytes are written at the end
             with torch.enable_grad():
                 logits = model(input_ids=batch.to(device)).logits.float()
                 logp = torch.log_softmax(logits, -1)
@@ -164,9 +163,9 @@ def distill_sign_scales(
             bar.update(1)
     finally:
         with torch.no_grad():
-            for p, s0, lg, buf in zip(parts, base_scales, logs, stored, strict=True):
-                buf.copy_((s0 * torch.exp(lg.detach())).to(torch.float32))  # in place: the saved bytes change too
-                p._buffers["scale"] = buf
+            for p, s0, lg in zip(parts, base_scales, logs, strict=True):
+                p.override_scale(None)
+                p.scale.copy_((s0 * torch.exp(lg.detach())).to(torch.float32))  # in place: the saved bytes change
         bar.close()
         model.train(was_training)
     return {"first_loss": first, "last_loss": last, "steps": steps}

@@ -1,9 +1,10 @@
 """Sparse singular vectors: ImPart (``method="impart"``) and Delta-CoMe's sparse tail (``sparse_tail=``).
 
 The last band of the split (2 bits by default) keeps only a random share of each singular vector's entries, so the
-same bytes buy more rank. The masks are DARE's seeded masks (:func:`~hf_deltacome.format.parts.sparse_band_masks`),
-regenerated at load; the kept entries are rescaled by ``1/keep`` (unbiased) and quantized, every vector scaled to
-unit RMS first with its scale folded into ``S`` (:class:`~hf_deltacome.format.parts.SparseBand`).
+same bytes buy more rank. The masks are DARE's seeded masks
+(:func:`~hf_deltacome.format.sparse_bands.sparse_band_masks`), regenerated at load; the kept entries are rescaled by
+``1/keep`` (unbiased) and quantized, every vector scaled to unit RMS first with its scale folded into ``S``
+(:class:`~hf_deltacome.format.sparse_bands.SparseBand`).
 
 * :func:`sparse_split` — the layout: the dense head bands, the tail vectors kept whole (keep 1) as a dense band,
   and up to ``KEEP_LEVELS`` sparse bands of falling keep-rates, with the largest rank whose exact bytes fit;

@@ -1,64 +1,96 @@
-"""`PackedDelta`: the packed factors of one adapter on one target linear, held as buffers.
+"""`PackedDelta`: the packed factors of one adapter on one target linear, held in one ``uint8`` buffer.
 
 This module only stores and exposes the data; ``backend.py`` computes with it and ``layer.py`` plugs it into PEFT.
-Its module tree *is* the file format: the state-dict keys under ``<module>.deltacome_delta.`` and their shapes and
-dtypes come from here (:func:`layout_tensors`), for allocating buffers, validating files and counting bytes alike.
+It *is* the file format: the state-dict keys under ``<module>.deltacome_delta.`` and their shapes, dtypes and
+offsets come from here (:func:`layout_tensors`), for allocating buffers, validating files and counting bytes alike.
+The blob and its views are in ``format/blob.py``, the baselines' parts in ``format/baseline_parts.py``, the sparse
+bands (impart, the sparse tail) in ``format/sparse_bands.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..errors import AdapterFileError
-from .buffers import FixedDtypeModule, QuantizedFactor
+from .baseline_parts import SignPart, SparsePart, sign_part_nbytes, sparse_mask
+from .blob import BlobStore, QuantizedFactor, Segments, factor_parts, part_property
 from .packing import QuantizedMatrix
-from .parts import (
-    SignPart,
-    SparseBand,
-    SparsePart,
-    sign_part_nbytes,
-    sparse_band_masks,
-    sparse_band_nbytes,
-    sparse_mask,
-)
+from .sparse_bands import SparseBand, sparse_band_key, sparse_band_masks, sparse_band_nbytes
 
-__all__ = [  # the optional parts are re-exported: importers see the whole format here
-    "FORMAT_VERSION", "DeltaBand", "FixedDtypeModule", "PackedDelta", "QuantizedFactor", "SignPart", "SparseBand",
-    "SparsePart", "TensorSpec", "layout_tensors", "plane_bits", "sign_part_nbytes", "sparse_band_masks",
+__all__ = [  # the parts are re-exported: importers see the whole format here
+    "FORMAT_VERSION", "DeltaBand", "PackedDelta", "QuantizedFactor", "SignPart", "SparseBand", "SparsePart",
+    "TensorSpec", "blob_state_dicts", "layout_tensors", "plane_bits", "sign_part_nbytes", "sparse_band_masks",
     "sparse_band_nbytes", "sparse_mask",
 ]  # fmt: skip
 
 FORMAT_VERSION = 2  # of newly written adapters; layout entries without "format" are format 1
+_BLOB_KEYS: contextvars.ContextVar[bool] = contextvars.ContextVar("deltacome_blob_keys", default=False)
 
 
-class DeltaBand(FixedDtypeModule):
-    """One band: ``V_kᵀ`` (``rank x in``), ``U_k`` and ``S_k`` (``rank``, float32).
+@contextlib.contextmanager
+def blob_state_dicts() -> Iterator[None]:
+    """Inside the block every `PackedDelta` (format 1 too) shows its runtime form in state dicts: one ``blob``.
+
+    For loaders that set tensors by attribute path after matching the model's state-dict keys (transformers'
+    ``load_adapter``): the parts of a format-1 module are views, not attributes they could set."""
+    token = _BLOB_KEYS.set(True)
+    try:
+        yield
+    finally:
+        _BLOB_KEYS.reset(token)
+
+
+
+class DeltaBand:
+    """One band: ``V_kᵀ`` (``rank x in``), ``U_k`` and ``S_k`` (``rank``, float32), views into the delta's blob.
 
     Format 2 stores ``U_kᵀ`` (``rank x out``, groups along ``out``: one scale per singular vector and group of output
     rows); format 1 stored ``U_k`` (``out x rank``, groups along ``rank``: one scale per output row and group).
     """
 
+    __slots__ = ("_store", "_prefix", "bits", "rank", "u_transposed", "v", "u")
+
+    s = part_property("s")
+
     def __init__(
-        self, out_features: int, in_features: int, bits: int, rank: int, group_size: int, u_transposed: bool = True
-    ) -> None:
-        super().__init__()
+        self, store: BlobStore, prefix: str, out_features: int, in_features: int, bits: int, rank: int,
+        group_size: int, u_transposed: bool = True,
+    ) -> None:  # fmt: skip
+        self._store, self._prefix = store, prefix
         self.bits, self.rank, self.u_transposed = bits, rank, u_transposed
-        self.v = QuantizedFactor(rank, in_features, bits, group_size)
-        if u_transposed:
-            self.u = QuantizedFactor(rank, out_features, bits, group_size)
-        else:
-            self.u = QuantizedFactor(out_features, rank, bits, group_size)
-        self.register_buffer("s", torch.zeros(rank, dtype=torch.float32))
+        self.v = QuantizedFactor(store, prefix + "v.", rank, in_features, bits, group_size)
+        u_shape = (rank, out_features) if u_transposed else (out_features, rank)
+        self.u = QuantizedFactor(store, prefix + "u.", *u_shape, bits, group_size)
+
+    @staticmethod
+    def parts(prefix: str, out_features: int, in_features: int, bits: int, rank: int, group_size: int,
+              u_transposed: bool) -> list[tuple]:  # fmt: skip
+        """Segment specs of one band under ``prefix``: ``s``, then V's and U's tensors (the old module order)."""
+        u_shape = (rank, out_features) if u_transposed else (out_features, rank)
+        return [
+            (prefix + "s", (rank,), torch.float32, 0, None),
+            *factor_parts(prefix + "v.", rank, in_features, bits, group_size),
+            *factor_parts(prefix + "u.", *u_shape, bits, group_size),
+        ]
 
     def set(self, v: QuantizedMatrix, u: QuantizedMatrix, s: torch.Tensor) -> None:
         """Store ``V_kᵀ``, ``U_k`` as this band's format holds it (``U_kᵀ`` in format 2) and ``S_k``."""
         self.v.set(v)
         self.u.set(u)
         self.s.copy_(s.to(torch.float32))
+
+    def buffers(self) -> Iterator[torch.Tensor]:
+        """Its stored tensors (views: ``s``, then V's and U's), as its buffers were when it was a module."""
+        yield self.s
+        yield from self.v.buffers()
+        yield from self.u.buffers()
 
     def vt_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``V_kᵀ`` (``rank x in``) dequantized."""
@@ -74,15 +106,47 @@ class DeltaBand(FixedDtypeModule):
         w = self.u.dequantize(dtype)
         return w if self.u_transposed else w.t()
 
+    def __repr__(self) -> str:
+        return f"DeltaBand(bits={self.bits}, rank={self.rank}, v={self.v!r}, u={self.u!r})"
 
-class PackedDelta(FixedDtypeModule):
-    """All bands (and the optional dense bias delta) of one adapter on one ``out x in`` linear.
 
-    Format 2 (``format`` in the layout entry; absent = format 1) keeps every buffer of the module in one ``uint8``
-    tensor, ``blob``, the only tensor saved for the module: the bands' codes, scales, zeros and singular values,
-    the bias delta and the baselines' parts are views into it, laid out by :meth:`_segments` (int32 codes first,
-    then float32, float16, uint8, each in module order, so no segment needs padding). One tensor per module keeps
-    the safetensors header small (4,471 names on SmolLM2 in format 1). Format 1 saved every buffer separately.
+def _freeze(spec: dict | None) -> tuple | None:
+    return tuple(sorted(spec.items())) if spec else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _segments(
+    out_features: int, in_features: int, layout: tuple, group_size: int, bias: bool, sign: tuple | None,
+    sparse: tuple | None, format: int, sparse_bands: tuple = (),
+) -> Segments:  # fmt: skip
+    """Every part of one layout entry, shared by all deltas of that layout (64 adapters of one base: one table)."""
+    parts = [("bias", (out_features,), torch.float32, 0, None)] if bias else []
+    bands = [(b, r) for b, r in layout if r > 0]
+    for k, (b, r) in enumerate(bands):
+        parts += DeltaBand.parts(f"bands.{k}.", out_features, in_features, b, r, group_size, format >= 2)
+    if sign:
+        entry = dict(sign)
+        parts += SignPart.parts("sign.", out_features, in_features, int(entry["rows"]), entry.get("scale") == "row")
+    if sparse:
+        entry = dict(sparse)
+        parts += factor_parts("sparse.values.", 1, int(entry["nnz"]), int(entry["bits"]),
+                              int(entry.get("group_size", 128)))  # fmt: skip
+    for k, key in enumerate(sparse_bands):  # after every other part: default files keep their bytes
+        parts += SparseBand.parts(f"sparse_bands.{k}.", key, group_size)
+    return Segments(parts)
+
+
+class PackedDelta(BlobStore, nn.Module):
+    """All bands (and the optional dense bias delta) of one adapter on one ``out x in`` linear, in one ``blob``.
+
+    Every tensor of the delta (the bands' codes, scales, zeros and singular values, the bias delta, the baselines'
+    parts) is a view into the ``uint8`` buffer ``blob``, laid out by its layout entry (``format/blob.py``: int32
+    codes first, then float32, float16, uint8, each in the old module order, so no part needs padding) and made when
+    read: the module holds one tensor, whatever the number of bands. Format 2 (``format`` in the layout entry;
+    absent = format 1) saves ``blob`` as the module's only tensor (one name per module keeps the safetensors header
+    small: 4,471 names on SmolLM2 in format 1); format 1 saved every part under its own key (``bands.0.v.qweight``),
+    which :meth:`_save_to_state_dict` / :meth:`_load_from_state_dict` still write and read. Only devices move:
+    ``.to(dtype)``, ``.half()`` etc. never cast the stored bytes.
     """
 
     def __init__(
@@ -102,25 +166,14 @@ class PackedDelta(FixedDtypeModule):
             raise AdapterFileError(f"unknown adapter format {format!r}; this version reads formats 1 and 2")
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
         self.format = format
-        self.layout = [(int(b), int(r)) for b, r in bands]
-        self.bands = nn.ModuleList(
-            [DeltaBand(out_features, in_features, b, r, group_size, u_transposed=format >= 2)
-             for b, r in self.layout if r > 0]
-        )  # fmt: skip
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
-        else:
-            self.bias = None
-        # optional parts of the baselines (see `SignPart`, `SparsePart`); absent for Delta-CoMe deltas
-        self.sign = SignPart.from_layout(out_features, in_features, sign) if sign else None
-        self.sparse = SparsePart.from_layout(out_features, in_features, sparse) if sparse else None
-        # bands of sparse singular vectors after the dense ones (ImPart, the sparse tail; see `SparseBand`)
-        self.sparse_bands = nn.ModuleList(
-            [SparseBand.from_layout(out_features, in_features, e, group_size) for e in sparse_bands if e["rank"] > 0]
-        )
-        self._views: list[tuple[nn.Module, str, int, torch.Size, torch.dtype]] = []
-        if format >= 2:
-            self._into_blob()
+        self.layout = tuple((int(b), int(r)) for b, r in bands)
+        # bands of sparse singular vectors after the dense ones (impart, the sparse tail; see `SparseBand`)
+        self._sparse_bands = tuple(sparse_band_key(e) for e in sparse_bands if int(e["rank"]) > 0)
+        self._segs = _segments(out_features, in_features, self.layout, group_size, bool(bias), _freeze(sign),
+                               _freeze(sparse), format, self._sparse_bands)  # fmt: skip
+        self.register_buffer("blob", torch.zeros(self._segs.nbytes, dtype=torch.uint8), persistent=format >= 2)
+        self._sign = dict(sign) if sign else None
+        self._sparse = dict(sparse) if sparse else None
 
     @classmethod
     def from_layout(cls, entry: dict, group_size: int = 128) -> PackedDelta:
@@ -138,55 +191,92 @@ class PackedDelta(FixedDtypeModule):
             sparse_bands=entry.get("sparse_bands", ()),
         )
 
-    # -- the blob (format 2) ---------------------------------------------------------------------------------
-    def _into_blob(self) -> None:
-        parts = [(mod, name, buf) for mod in self.modules() for name, buf in mod._buffers.items() if buf is not None]
-        parts.sort(key=lambda p: -p[2].element_size())  # stable: module order within each item size
-        offset = 0
-        for mod, name, buf in parts:
-            self._views.append((mod, name, offset, buf.shape, buf.dtype))
-            offset += buf.numel() * buf.element_size()
-            mod._non_persistent_buffers_set.add(name)
-        self.register_buffer("blob", torch.zeros(offset, dtype=torch.uint8, device=parts[0][2].device if parts else None))
-        self._rebind()
+    # -- the parts, made when read (nothing here holds a view: moving or replacing the blob leaves none stale) ----
+    def _blob(self) -> torch.Tensor:
+        return self._buffers["blob"]
 
-    def _rebind(self) -> None:
-        """Point every part at its bytes of ``blob`` (after it was allocated, moved or loaded)."""
-        blob = self._buffers["blob"]
-        for mod, name, offset, shape, dtype in self._views:
-            nbytes = shape.numel() * dtype.itemsize
-            mod._buffers[name] = blob[offset : offset + nbytes].view(dtype).view(shape)
-        if self.sparse is not None:
-            self.sparse._cache = None
+    def _set_blob(self, blob: torch.Tensor) -> None:
+        self._buffers["blob"] = blob
+
+    @property
+    def bands(self) -> tuple[DeltaBand, ...]:
+        """The non-empty bands, in layout order."""
+        u_t = self.format >= 2
+        live = [(b, r) for b, r in self.layout if r > 0]
+        return tuple(DeltaBand(self, f"bands.{k}.", self.out_features, self.in_features, b, r, self.group_size, u_t)
+                     for k, (b, r) in enumerate(live))  # fmt: skip
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.part("bias")
+
+    @property
+    def sign(self) -> SignPart | None:
+        if self._sign is None:
+            return None
+        return SignPart.from_layout(self.out_features, self.in_features, self._sign, store=self, prefix="sign.")
+
+    @property
+    def sparse(self) -> SparsePart | None:
+        if self._sparse is None:
+            return None
+        return SparsePart.from_layout(self.out_features, self.in_features, self._sparse, store=self, prefix="sparse.")
+
+    @property
+    def sparse_bands(self) -> tuple[SparseBand, ...]:
+        """The non-empty sparse bands, in layout order (their masks regenerated from their seeds when read)."""
+        return tuple(SparseBand(self.out_features, self.in_features, key, self.group_size, store=self,
+                                prefix=f"sparse_bands.{k}.") for k, key in enumerate(self._sparse_bands))  # fmt: skip
 
     def segments(self) -> list[tuple[str, int, torch.Size, torch.dtype]]:
-        """``(key, byte offset, shape, dtype)`` of every part inside ``blob`` (format 2), keys as in format 1."""
-        names = {id(mod): prefix for prefix, mod in self.named_modules()}
-        return [(f"{names[id(mod)]}.{name}".lstrip("."), off, shape, dtype)
-                for mod, name, off, shape, dtype in self._views]  # fmt: skip
+        """``(key, byte offset, shape, dtype)`` of every part inside ``blob``, in blob order, keys as in format 1."""
+        return [(s.key, s.offset, torch.Size(s.shape), s.dtype) for s in self._segs.in_blob_order()]
 
+    # -- torch plumbing --------------------------------------------------------------------------------------
     def _apply(self, fn, recurse: bool = True):  # noqa: D401 - torch API
-        if not self._views:
-            return super()._apply(fn, recurse)
         blob = self._buffers["blob"]
         moved = fn(blob)
         self._buffers["blob"] = moved if moved.dtype == blob.dtype else blob.to(moved.device)
-        self._rebind()
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch API
-        blob = self._buffers.get("blob")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self._views and self._buffers.get("blob") is not blob:  # replaced (assign=True), not copied into
-            self._rebind()
-        elif self.sparse is not None:
-            self.sparse._cache = None
+    def _stored(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(key, shape) of what a state dict holds: the blob (format 2, or `blob_state_dicts`), else every part."""
+        if self.format >= 2 or _BLOB_KEYS.get():
+            return [("blob", (self._segs.nbytes,))]
+        return [(seg.key, seg.shape) for seg in self._segs.order]
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401 - torch API
+        for key, _ in self._stored():
+            t = self._buffers["blob"] if key == "blob" else self.part(key)
+            destination[prefix + key] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        if self.format >= 2:  # the blob is a persistent buffer: torch's own loading (assign=True replaces it)
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected,
+                                                 errors)  # fmt: skip
+        stored = self._stored()
+        known = {key for key, _ in stored}
+        found = [(key, shape, state_dict[prefix + key]) for key, shape in stored if prefix + key in state_dict]
+        missing.extend(prefix + key for key in known if prefix + key not in state_dict)
+        if strict:
+            unexpected.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in known)
+        if found and self._blob().is_meta:  # injected on the meta device (PEFT's low_cpu_mem_usage)
+            self._set_blob(torch.zeros(self._segs.nbytes, dtype=torch.uint8, device=found[0][2].device))
+        for key, shape, t in found:
+            if tuple(t.shape) != shape:
+                errors.append(f"size mismatch for {prefix + key}: copying a param with shape {tuple(t.shape)} "
+                              f"from checkpoint, the shape in current model is {shape}.")  # fmt: skip
+                continue
+            with torch.no_grad():
+                (self._blob() if key == "blob" else self.part(key)).copy_(t)
+        return None
+
+    # -- what callers use ------------------------------------------------------------------------------------
     @property
     def has_extra_parts(self) -> bool:
         """True when a part beside the dense bands is present (sign bits, sparse values, sparse bands): the Triton
         kernels read dense bands only, so such deltas take the PyTorch path."""
-        return self.sign is not None or self.sparse is not None or len(self.sparse_bands) > 0
+        return self._sign is not None or self._sparse is not None or bool(self._sparse_bands)
 
     @property
     def low_rank_bands(self) -> list:
@@ -195,7 +285,7 @@ class PackedDelta(FixedDtypeModule):
 
     @property
     def rank(self) -> int:
-        return sum(r for _, r in self.layout) + sum(b.rank for b in self.sparse_bands)
+        return sum(r for _, r in self.layout) + sum(key[1] for key in self._sparse_bands)
 
     def set_band(self, k: int, v: QuantizedMatrix, u: QuantizedMatrix, s: torch.Tensor) -> None:
         """Fill band ``k`` (index among the non-empty bands)."""
@@ -206,27 +296,26 @@ class PackedDelta(FixedDtypeModule):
         w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self._device())
         for band in self.low_rank_bands:
             w += (band.ut_dense().t() * band.s) @ band.vt_dense()
-        if self.sign is not None:
-            w += self.sign.delta_weight().to(w.device)
-        if self.sparse is not None:
-            w += self.sparse.delta_weight().to(w.device)
+        for part in (self.sign, self.sparse):
+            if part is not None:
+                w += part.delta_weight().to(w.device)
         return w.to(dtype)
 
     def version_stamp(self) -> tuple:
-        """Changes whenever the stored bytes may have (a buffer replaced, moved, or written in place; tensors made
+        """Changes whenever the stored bytes may have (the blob replaced, moved, or written in place; tensors made
         under ``torch.inference_mode`` have no version counter and can only be seen being replaced)."""
-        blob = self._buffers.get("blob")
-        tensors = [blob] if blob is not None else [b for b in self.buffers()]
-        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        blob = self._buffers["blob"]
+        return ((blob.data_ptr(), -1 if blob.is_inference() else blob._version),)
 
     def nbytes(self) -> int:
-        """Exact bytes of every saved buffer (what the adapter file stores for this module)."""
-        return sum(b.numel() * b.element_size() for b in self.state_dict().values())
+        """Exact bytes of every part (what the adapter file stores for this module): the blob, which has no padding."""
+        return self._buffers["blob"].numel()
 
     def _device(self) -> torch.device:
-        for b in self.buffers():
-            return b.device
-        return torch.device("cpu")
+        return self._buffers["blob"].device
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}x{self.in_features}, bands={list(self.layout)}, format={self.format}"
 
 
 class TensorSpec(NamedTuple):
@@ -242,28 +331,20 @@ class TensorSpec(NamedTuple):
 def layout_tensors(entry: dict, group_size: int = 128, *, parts: bool = False) -> dict[str, TensorSpec]:
     """Every tensor of one ``adapter_config.json`` layout entry, by key relative to ``<module>.deltacome_delta``.
 
-    Built from the runtime module itself on the meta device (nothing is allocated), so the loader, the validator
-    and the byte counts can never disagree about the format. In format 2 the file holds one ``blob``; with
-    ``parts=True`` the parts inside it are listed instead (their ``offset`` within the blob set).
+    Read from the very segment table the runtime `PackedDelta` uses (nothing is allocated), so the loader, the
+    validator and the byte counts can never disagree about the format. In format 2 the file holds one ``blob``;
+    with ``parts=True`` the parts inside it are listed instead (their ``offset`` within the blob set).
     """
     with torch.device("meta"):
         packed = PackedDelta.from_layout(entry, group_size)
-    factors = {name: mod for name, mod in packed.named_modules() if isinstance(mod, QuantizedFactor)}
-    out: dict[str, TensorSpec] = {}
-    if parts and packed.format >= 2:
-        items = [(key, torch.empty(shape, dtype=dtype, device="meta"), off) for key, off, shape, dtype in packed.segments()]
-    else:
-        items = [(key, t, None) for key, t in packed.state_dict().items()]
-    for key, t, offset in items:
-        owner, _, leaf = key.rpartition(".")
-        factor = factors.get(owner)
-        bits = factor.bits if factor is not None else 0
-        cols = factor.cols if factor is not None and leaf in ("qweight", "qweight_hi") and factor.bits != 16 else None
-        out[key] = TensorSpec(tuple(t.shape), t.dtype, bits, cols, offset)
-    return out
+    segs = packed._segs
+    if packed.format >= 2 and not parts:
+        return {"blob": TensorSpec((segs.nbytes,), torch.uint8, 0, None)}
+    if packed.format >= 2:
+        return {s.key: TensorSpec(s.shape, s.dtype, s.bits, s.cols, s.offset) for s in segs.in_blob_order()}
+    return {s.key: TensorSpec(s.shape, s.dtype, s.bits, s.cols) for s in segs.order}
 
 
 def plane_bits(key: str, bits: int) -> int:
     """Bits per value of the packed plane ``key`` of a ``bits``-bit factor (3-bit: 2-bit plane + 1-bit plane)."""
     return 1 if key.endswith("_hi") else (2 if bits == 3 else bits)
-

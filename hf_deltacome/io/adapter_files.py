@@ -26,7 +26,7 @@ from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
 
 from ..config import DeltaCoMeConfig
 from ..errors import AdapterFileError, ConfigError, DeltaCoMeError
-from ..format.storage import TensorSpec, layout_tensors, plane_bits, sparse_band_masks
+from ..format.storage import PackedDelta, TensorSpec, layout_tensors, plane_bits, sparse_band_masks
 from .atomic import PathLike, PinnedFiles, file_sha256, recover_folder
 
 STATE_DICT_PREFIX = "base_model.model."
@@ -200,6 +200,31 @@ def expected_delta_tensors(config: DeltaCoMeConfig, prefix: str = STATE_DICT_PRE
     for module, entry in config.layout.items():
         for key, spec in entry_tensors(entry, config.group_size).items():
             out[f"{prefix}{module}.deltacome_delta.{key}"] = spec
+    return out
+
+
+def packed_delta(config: DeltaCoMeConfig, state_dict: Mapping[str, torch.Tensor], module: str) -> PackedDelta:
+    """The `PackedDelta` of ``module`` filled from a read adapter's tensors (what PEFT's load puts into the layer),
+    for code that works on the file without a model: LoRA export, streamed merge."""
+    packed = PackedDelta.from_layout(config.layout[module], config.group_size)
+    prefix = f"{STATE_DICT_PREFIX}{module}{DELTA_MARKER}"
+    packed.load_state_dict({k[len(prefix) :]: t for k, t in state_dict.items() if k.startswith(prefix)})
+    return packed
+
+
+def as_blobs(config: DeltaCoMeConfig, state_dict: dict[str, torch.Tensor], prefix: str = STATE_DICT_PREFIX) -> dict:
+    """``state_dict`` (validated) with each format-1 module's parts gathered into its runtime ``blob`` key.
+
+    At run time every module holds one blob (``format/blob.py``), whatever its file format; loaders that set tensors
+    by attribute path (transformers' ``load_adapter``) need that one key, not a key per part of a format-1 file."""
+    out = dict(state_dict)
+    for module, entry in config.layout.items():
+        if entry.get("format", 1) >= 2:
+            continue
+        head = f"{prefix}{module}.deltacome_delta."
+        packed = PackedDelta.from_layout(entry, config.group_size)
+        packed.load_state_dict({k[len(head) :]: out.pop(k) for k in list(out) if k.startswith(head)})
+        out[head + "blob"] = packed.blob
     return out
 
 

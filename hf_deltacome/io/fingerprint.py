@@ -95,12 +95,16 @@ def _v1_sample(t: torch.Tensor, name: str, k: int) -> np.ndarray:
     return flat[torch.tensor(idx, device=flat.device)].to(torch.float32).cpu().double().numpy()
 
 
-def _v1_differences(fp: Mapping[str, Any], weights: list[BaseWeight]) -> dict[str, list]:
+def _v1_differences(
+    fp: Mapping[str, Any], weights: list[BaseWeight], read: Optional[Callable] = None
+) -> dict[str, list]:
     samples, by_name = fp["samples"], {w.name: w for w in weights}
     k = int(samples["per_tensor"])
     out: dict[str, list] = {"mismatched": [], "loose": [], "skipped": [], "compared": []}
     for want, name in zip(decode_sketch(samples["values"]).astype(np.float64).reshape(-1, k), samples["tensors"]):
         t = readable(by_name[name]) if name in by_name else None
+        if t is None and read is not None and name in by_name and by_name[name].tensor.device.type == "meta":
+            t = read(by_name[name])
         if t is None:
             out["skipped"].append(name)
             continue
@@ -202,13 +206,19 @@ def _first(items: list[str], n: int = 4) -> str:
 
 
 def fingerprint_differences(
-    expected: Mapping[str, Any], model: nn.Module, *, adapter: Optional[str] = None, vocab_rows: Optional[int] = None
+    expected: Mapping[str, Any],
+    model: nn.Module,
+    *,
+    adapter: Optional[str] = None,
+    vocab_rows: Optional[int] = None,
+    read: Optional[Callable[[BaseWeight], Optional[torch.Tensor]]] = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """What differs between the (parsed) stored fingerprint and ``model``: ``(differences, found summary)``.
 
     The summary also lists the tensors ``compared``, ``skipped`` (unreadable: name and shape only) and checked
     ``loose`` (to the dtype's rounding only). ``vocab_rows``: only the first rows of the embeddings and ``lm_head``
-    are the base's (an adapter of a fine-tune that added tokens grew them).
+    are the base's (an adapter of a fine-tune that added tokens grew them). ``read(weight)`` supplies the values of
+    meta weights (a base streamed from its checkpoint files, version-2 fingerprints).
     """
     base = unwrap(model)
     weights = base_weights(base)
@@ -227,12 +237,12 @@ def fingerprint_differences(
     if diffs:
         return diffs, found
     if expected["version"] == 1:
-        res = _v1_differences(expected, weights)
+        res = _v1_differences(expected, weights, read)
         bad = [f"{n}: expected {np.array2string(a[:3], precision=4)}, found {np.array2string(b[:3], precision=4)}"
                for n, a, b in res["mismatched"]]  # fmt: skip
         scope = "sampled tensors"
     else:
-        res = sketch_differences(expected, weights, f"adapter {adapter!r}: " if adapter else "")
+        res = sketch_differences(expected, weights, f"adapter {adapter!r}: " if adapter else "", read)
         bad = [f"{c.name} rows {c.rows[0]}-{c.rows[1]} (relative change {c.change:.1e})" for c in res["mismatched"]]
         scope = "tensors"
     found.update(compared_tensors=len(res["compared"]), skipped=res["skipped"], loose=res["loose"])
@@ -265,8 +275,10 @@ def check_fingerprint(
     strict: bool = True,
     adapter: Optional[str] = None,
     vocab_rows: Optional[int] = None,
+    read: Optional[Callable[[BaseWeight], Optional[torch.Tensor]]] = None,
 ) -> list[str]:
-    """Check that ``model`` is the base the adapter was compressed against.
+    """Check that ``model`` is the base the adapter was compressed against (``read``: see
+    :func:`fingerprint_differences`).
 
     Raises :class:`BaseModelMismatchError` naming the expected and the found base and the first differing tensors
     (or warns with :class:`BaseModelMismatchWarning` when ``strict`` is false). Returns the list of differences
@@ -284,7 +296,7 @@ def check_fingerprint(
         note = f"{who} carries a version-1 base fingerprint (16 values of at most 64 weights): the base check is "
         note += "weaker (most weights unchecked); compress again with this version for a check of every weight"
         warnings.warn(note, WeakBaseCheckWarning, stacklevel=2)
-    diffs, found = fingerprint_differences(fp, model, adapter=adapter, vocab_rows=vocab_rows)
+    diffs, found = fingerprint_differences(fp, model, adapter=adapter, vocab_rows=vocab_rows, read=read)
     notes = _notes(found)
     if not diffs:
         if notes:

@@ -226,7 +226,8 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
 
 
 def _part_texts(entry: dict[str, Any]) -> list[str]:
-    """Layout of the parts beside the dense bands (see ``format.parts``: `SignPart`, `SparsePart`, `SparseBand`)."""
+    """Layout of the parts beside the dense bands (``format.baseline_parts``: `SignPart`, `SparsePart`;
+    ``format.sparse_bands``: `SparseBand`)."""
     out = []
     sign = entry.get("sign")
     if isinstance(sign, dict):

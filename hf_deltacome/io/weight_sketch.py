@@ -272,8 +272,14 @@ def _compare(w: BaseWeight, z: torch.Tensor, scale: torch.Tensor, ref: np.ndarra
     return _Compared(w.name, exact, rows, float(rel[g]), overall)
 
 
-def sketch_differences(fp: Mapping[str, Any], weights: list[BaseWeight], where: str) -> dict[str, list]:
-    """Compare each weight with its stored sketch: ``{"mismatched", "loose", "skipped"}`` plus ``compared`` count."""
+def sketch_differences(
+    fp: Mapping[str, Any],
+    weights: list[BaseWeight],
+    where: str,
+    read: Optional[Callable[[BaseWeight], Optional[torch.Tensor]]] = None,
+) -> dict[str, list]:
+    """Compare each weight with its stored sketch: ``{"mismatched", "loose", "skipped"}`` plus ``compared`` count;
+    ``read(weight)`` supplies meta weights (a model streamed from its checkpoint files), as in :func:`sketch_model`."""
     sk = fp["sketch"]
     params = (int(sk["rows_per_bucket"]), int(sk["projections"]), str(sk["seed"]))
     codes, bf16, fp16 = str(sk["dtypes"]), decode_sketch(sk["bf16"]), decode_sketch(sk["fp16"])
@@ -291,6 +297,8 @@ def sketch_differences(fp: Mapping[str, Any], weights: list[BaseWeight], where: 
         if code.isupper():
             refs[torch.float16], oh = fp16[oh : oh + size], oh + size
         t = readable(w) if refs else None
+        if t is None and refs and read is not None and w.tensor.device.type == "meta":
+            t = read(w)
         if t is None:
             out["skipped"].append(w.name)
             continue

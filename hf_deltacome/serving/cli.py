@@ -95,8 +95,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from ..progress import log_to_stderr
     from .merge import merge_adapter
 
+    log_to_stderr()  # streamed, or why the whole base is loaded
     out = merge_adapter(
         args.base,
         args.adapter,
@@ -105,6 +107,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         strict=None if args.strict else False,
+        in_memory=args.in_memory,
+        progress=True,
     )
     print(f"merged model written to {out}; load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
@@ -161,7 +165,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "merge",
         help="merge an adapter into its base: a standalone model for plain transformers",
-        description="Write BASE + ADAPTER as one model folder (sharded safetensors, config, tokenizer, model card).",
+        description="Write BASE + ADAPTER as one model folder (sharded safetensors, config, tokenizer, model card). "
+        "A local (or cached) safetensors base is streamed one tensor at a time; others are loaded whole (a note "
+        "says why).",
     )
     p.add_argument("--base", required=True, help="base model: local folder or Hub id")
     p.add_argument("--adapter", required=True, help="Delta-CoMe adapter: folder or Hub id")
@@ -170,4 +176,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --output")
     p.add_argument("--no-strict", dest="strict", action="store_false", help="base fingerprint mismatch: warn only")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole base in float32 and merge with PEFT instead of streaming it from its safetensors "
+                   "one tensor at a time (the same tensors, in about 4 bytes per parameter of memory)")  # fmt: skip
     p.set_defaults(func=_cmd_merge)

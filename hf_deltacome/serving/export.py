@@ -32,7 +32,14 @@ import torch
 
 from ..errors import ConfigError
 from ..format.storage import PackedDelta
-from ..io.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, DELTA_MARKER, STATE_DICT_PREFIX, read_adapter
+from ..io.adapter_files import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    DELTA_MARKER,
+    STATE_DICT_PREFIX,
+    packed_delta,
+    read_adapter,
+)
 from ..io.atomic import check_output_folder, write_folder
 from .output import check_new_output, local_adapter_folder
 
@@ -164,10 +171,8 @@ def export_lora(
     ranks, full_ranks, errors = {}, {}, {}
     total_err2 = total_norm2 = 0.0
     with_bias = {name for name, entry in config.layout.items() if entry.get("bias")}
-    for name, entry in sorted(config.layout.items()):
-        delta = PackedDelta.from_layout(entry)
-        prefix = f"{STATE_DICT_PREFIX}{name}{DELTA_MARKER}"
-        delta.load_state_dict({k[len(prefix) :]: t for k, t in state.items() if k.startswith(prefix)})
+    for name in sorted(config.layout):
+        delta = packed_delta(config, state, name)
         if delta.sign is not None or delta.sparse is not None:  # sparse bands (impart) are low rank: exported
             raise ConfigError(
                 f"{folder}: module {name!r} is a {config.method} delta (sign bits or sparse values), which is full "

@@ -1,0 +1,199 @@
+"""Optional parts of the baselines' deltas: BitDelta's sign bits (`SignPart`) and DARE's sparse values (`SparsePart`).
+
+They live in their `PackedDelta`'s blob like the bands (``format/blob.py``), or in a blob of their own when built
+alone. The Triton kernels do not read them (``backend.py`` routes deltas that have them to the PyTorch path).
+Format-1 state-dict keys: ``<module>.deltacome_delta.<adapter>.sign.{qweight,scale,row_mask}`` and
+``<module>.deltacome_delta.<adapter>.sparse.values.{qweight,qweight_hi,scales,zeros}``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import AdapterFileError
+from .blob import BlobStore, OwnBlob, QuantizedFactor, Segments, factor_parts, part_property
+from .packing import pack_bits, packed_words, unpack_bits
+
+
+def sign_part_nbytes(out_features: int, in_features: int, rows: int, per_row: bool) -> int:
+    """Exact bytes of a `SignPart` keeping ``rows`` of ``out_features`` rows (sign plane, scales, row mask)."""
+    if rows <= 0:
+        return 0
+    nbytes = rows * packed_words(in_features, 1) * 4 + (rows if per_row else 1) * 4
+    if rows < out_features:
+        nbytes += packed_words(out_features, 1) * 4
+    return nbytes
+
+
+class SignPart:
+    """BitDelta storage: ``Δ[rows] ≈ scale ⊙ sign``, one bit per weight plus one float32 scale per matrix or row.
+
+    ``qweight`` (int32, ``k x ceil(n/32)``) holds the sign bits (1 = positive) of the ``k`` kept rows, packed like a
+    1-bit `QuantizedMatrix`; ``scale`` is ``(1,)`` (per matrix) or ``(k,)`` (per row); ``row_mask`` (int32,
+    ``1 x ceil(out/32)``, one bit per output row) marks the kept rows and is only stored when ``k < out_features``
+    (at ratios below 1/16 one bit per weight does not fit, so only the rows that matter most keep their signs).
+    """
+
+    __slots__ = ("_store", "_prefix", "out_features", "in_features", "rows", "per_row")
+
+    qweight = part_property("qweight")
+    scale = part_property("scale")
+    row_mask = part_property("row_mask")
+
+    def __init__(
+        self, out_features: int, in_features: int, rows: int, per_row: bool, *, store: Optional[BlobStore] = None,
+        prefix: str = "",
+    ) -> None:  # fmt: skip
+        if not 0 < rows <= out_features:
+            raise AdapterFileError(f"sign part keeps {rows} rows of a {out_features}x{in_features} delta")
+        self.out_features, self.in_features, self.rows, self.per_row = out_features, in_features, rows, per_row
+        self._prefix = prefix
+        self._store = store if store is not None else OwnBlob(Segments(self.parts("", *self._args())))
+
+    def _args(self) -> tuple:
+        return self.out_features, self.in_features, self.rows, self.per_row
+
+    @staticmethod
+    def parts(prefix: str, out_features: int, in_features: int, rows: int, per_row: bool) -> list[tuple]:
+        """Segment specs (key, shape, dtype, bits, cols) of a sign part under ``prefix``."""
+        out = [
+            (prefix + "qweight", (rows, packed_words(in_features, 1)), torch.int32, 0, None),
+            (prefix + "scale", (rows if per_row else 1,), torch.float32, 0, None),
+        ]
+        if rows < out_features:
+            out.append((prefix + "row_mask", (1, packed_words(out_features, 1)), torch.int32, 0, None))
+        return out
+
+    @classmethod
+    def from_layout(cls, out_features: int, in_features: int, entry: dict, **where) -> SignPart:
+        return cls(out_features, in_features, int(entry["rows"]), entry.get("scale", "matrix") == "row", **where)
+
+    def override_scale(self, value: Optional[torch.Tensor]) -> None:
+        """Compute with ``value`` as the scale (differentiable; the stored scale is untouched); ``None``: stop."""
+        self._store.override(self._prefix + "scale", value)
+
+    def set(self, positive: torch.Tensor, scale: torch.Tensor, row_index: torch.Tensor | None = None) -> None:
+        """Store the sign pattern (``k x n`` bool, True = positive), the scale(s) and the kept rows."""
+        if tuple(positive.shape) != (self.rows, self.in_features):
+            raise AdapterFileError(
+                f"sign pattern of shape {tuple(positive.shape)} does not fit a sign part of "
+                f"{self.rows}x{self.in_features}"
+            )
+        qweight, stored_scale, row_mask = self.qweight, self.scale, self.row_mask
+        qweight.copy_(pack_bits(positive.to(torch.int64), 1).to(qweight.device))
+        stored_scale.copy_(scale.reshape(stored_scale.shape).to(stored_scale.device, torch.float32))
+        if row_mask is not None:
+            if row_index is None or row_index.numel() != self.rows:
+                raise AdapterFileError(f"sign part keeps {self.rows} rows but got row index {row_index!r}")
+            mask = torch.zeros(1, self.out_features, dtype=torch.int64)
+            mask[0, row_index.long().cpu()] = 1
+            if int(mask.sum()) != self.rows:
+                raise AdapterFileError(f"sign part row index {row_index.tolist()} repeats rows")
+            row_mask.copy_(pack_bits(mask, 1).to(row_mask.device))
+
+    def row_index(self) -> torch.Tensor | None:
+        """Indices of the kept rows in increasing order (``None`` when every row is kept)."""
+        row_mask = self.row_mask
+        if row_mask is None:
+            return None
+        idx = unpack_bits(row_mask, 1, self.out_features)[0].nonzero().flatten()
+        if idx.numel() != self.rows:
+            raise AdapterFileError(f"sign part row mask marks {idx.numel()} rows, the layout says {self.rows}")
+        return idx
+
+    def signs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``k x n`` matrix of ±1."""
+        return unpack_bits(self.qweight, 1, self.in_features).to(dtype) * 2 - 1
+
+    def scaled_signs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``scale ⊙ sign`` of the kept rows (``k x n``); differentiable in ``scale``."""
+        scale = self.scale.to(dtype)
+        return self.signs(dtype) * (scale.unsqueeze(1) if self.per_row else scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        qweight = self.qweight
+        w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=qweight.device)
+        idx = self.row_index()
+        w[idx if idx is not None else slice(None)] = self.scaled_signs()
+        return w
+
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``Δ̂ x`` in ``x``'s dtype, shape ``(..., out_features)``."""
+        part = x @ self.scaled_signs(x.dtype).t()
+        idx = self.row_index()
+        if idx is None:
+            return part
+        y = x.new_zeros(*part.shape[:-1], self.out_features)
+        return y.index_copy(-1, idx.to(part.device), part)
+
+    def __repr__(self) -> str:
+        return f"SignPart(rows={self.rows}/{self.out_features}, in={self.in_features}, per_row={self.per_row})"
+
+
+def sparse_mask(out_features: int, in_features: int, keep: float, seed: int) -> torch.Tensor:
+    """The random keep-mask of a `SparsePart`: regenerated from ``seed`` on the CPU, never stored."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.rand(out_features, in_features, generator=g) < float(keep)
+
+
+class SparsePart:
+    """DARE storage: the delta's entries kept by a seeded random mask, rescaled and quantized as one flat row.
+
+    Only the values are stored (``values``: a ``1 x nnz`` `QuantizedFactor` in row-major order of the kept
+    entries); the mask is regenerated from ``seed`` and ``keep`` in the layout, and checked against ``nnz``.
+    """
+
+    __slots__ = ("_store", "out_features", "in_features", "nnz", "keep", "seed", "bits", "values")
+
+    def __init__(
+        self, out_features: int, in_features: int, nnz: int, keep: float, seed: int, bits: int, group_size: int,
+        *, store: Optional[BlobStore] = None, prefix: str = "",
+    ) -> None:  # fmt: skip
+        self.out_features, self.in_features = out_features, in_features
+        self.nnz, self.keep, self.seed, self.bits = nnz, float(keep), int(seed), bits
+        if store is None:
+            store = OwnBlob(Segments(factor_parts("values.", 1, nnz, bits, group_size)))
+        self._store = store
+        self.values = QuantizedFactor(store, prefix + "values.", 1, nnz, bits, group_size)
+
+    @classmethod
+    def from_layout(cls, out_features: int, in_features: int, entry: dict, **where) -> SparsePart:
+        return cls(
+            out_features,
+            in_features,
+            int(entry["nnz"]),
+            float(entry["keep"]),
+            int(entry["seed"]),
+            int(entry["bits"]),
+            int(entry.get("group_size", 128)),
+            **where,
+        )
+
+    def mask(self) -> torch.Tensor:
+        mask = sparse_mask(self.out_features, self.in_features, self.keep, self.seed)
+        if int(mask.sum()) != self.nnz:
+            raise AdapterFileError(
+                f"sparse part of a {self.out_features}x{self.in_features} delta: the mask regenerated from seed "
+                f"{self.seed} keeps {int(mask.sum())} entries but {self.nnz} values are stored"
+            )
+        return mask
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense delta; cached (on the blob's store) until the stored values change: a write bumps the blob's version,
+        a new blob has a new address."""
+        q = self.values.qweight
+        key = (q.data_ptr(), q._version, q.device)
+        cached = self._store._dense
+        if cached is None or cached[0] != key:
+            w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32)
+            w[self.mask()] = self.values.dequantize().reshape(-1).cpu()
+            cached = self._store._dense = (key, w.to(q.device))
+        return cached[1]
+
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.delta_weight().to(x.dtype).t()
+
+    def __repr__(self) -> str:
+        return f"SparsePart(nnz={self.nnz}, keep={self.keep:.4f}, bits={self.bits}, seed={self.seed})"

@@ -1,0 +1,187 @@
+"""One ``uint8`` tensor per packed delta, and its parts as views made on demand.
+
+Every tensor of a packed delta (codes, scales, zeros, singular values, bias, the baselines' parts) lives in one
+``blob`` at a fixed byte offset given by its layout entry (:class:`Segments`, built once per distinct entry and
+shared). The part objects (`QuantizedFactor`, the bands, the baselines' parts) hold no tensors: each attribute read
+(``band.v.qweight``) is a fresh view of the store's current blob. So a loaded adapter costs one module and one tensor
+per target linear, not a module per factor and a tensor per part (which cost more memory than the packed bytes:
+issue 16), and moving or replacing the blob can never leave a stale view behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from ..errors import AdapterFileError
+from .packing import QuantizedMatrix, expected_tensor_shapes
+
+
+class Segment(NamedTuple):
+    """One part of a blob: where it is and what it holds."""
+
+    key: str  # format-1 state-dict key relative to ``<module>.deltacome_delta`` (``bands.0.v.qweight``)
+    offset: int  # in bytes
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    bits: int  # bit width of the codes of the factor it belongs to (0: not part of a factor)
+    cols: Optional[int]  # values per row of a packed plane (its padding must be zero); None: not a packed plane
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class Segments:
+    """The parts of a blob by key; ``order`` lists them as the module tree did (state-dict order of format 1), the
+    offsets follow the blob order (largest item size first, stable), so no part needs padding."""
+
+    __slots__ = ("by_key", "nbytes", "order")
+
+    def __init__(self, parts: Iterable[tuple[str, tuple[int, ...], torch.dtype, int, Optional[int]]]) -> None:
+        parts = list(parts)
+        offsets, offset = {}, 0
+        for key, shape, dtype, _, _ in sorted(parts, key=lambda p: -p[2].itemsize):
+            offsets[key] = offset
+            offset += Segment(key, 0, tuple(shape), dtype, 0, None).nbytes
+        self.order = tuple(Segment(k, offsets[k], tuple(s), d, b, c) for k, s, d, b, c in parts)
+        self.by_key = {seg.key: seg for seg in self.order}
+        self.nbytes = offset
+
+    def in_blob_order(self) -> list[Segment]:
+        return sorted(self.order, key=lambda s: s.offset)
+
+
+def factor_parts(prefix: str, rows: int, cols: int, bits: int, group_size: int) -> list[tuple]:
+    """Segment specs of one quantized ``rows x cols`` matrix stored under ``prefix`` (``bands.0.v.``)."""
+    out = []
+    for name, (shape, dtype) in expected_tensor_shapes(rows, cols, bits, group_size).items():
+        plane = cols if name in ("qweight", "qweight_hi") and bits != 16 else None
+        out.append((prefix + name, shape, dtype, bits, plane))
+    return out
+
+
+class BlobStore:
+    """What holds a blob: a `PackedDelta` (a module, ``blob`` a buffer) or a part built on its own (`OwnBlob`).
+
+    ``_overrides`` (key -> tensor) replace a part for computing without touching the stored bytes (BitDelta's scale
+    distillation differentiates through its scales); ``_dense`` caches one derived dense tensor (a DARE part's)."""
+
+    _segs: Segments
+    _overrides: Optional[dict] = None
+    _dense: Optional[tuple] = None
+
+    def _blob(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _set_blob(self, blob: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def part(self, key: str) -> Optional[torch.Tensor]:
+        """A view of part ``key`` of the blob (``None`` if the layout has no such part)."""
+        if self._overrides and key in self._overrides:
+            return self._overrides[key]
+        seg = self._segs.by_key.get(key)
+        if seg is None:
+            return None
+        return self._blob()[seg.offset : seg.offset + seg.nbytes].view(seg.dtype).view(seg.shape)
+
+    def replace_part(self, key: str, value: torch.Tensor) -> None:
+        """Assigning a part stores it in a new blob (views of the old one keep the old values)."""
+        seg = self._segs.by_key.get(key)
+        if seg is None or tuple(value.shape) != seg.shape:
+            want = "no such part" if seg is None else f"shape {seg.shape}"
+            raise AttributeError(f"cannot assign a tensor of shape {tuple(value.shape)} to part {key!r} ({want})")
+        blob = self._blob().clone()
+        blob[seg.offset : seg.offset + seg.nbytes].view(seg.dtype).view(seg.shape).copy_(value)
+        self._set_blob(blob)
+
+    def override(self, key: str, value: Optional[torch.Tensor]) -> None:
+        """Compute with ``value`` in place of part ``key`` (``None``: back to the stored bytes)."""
+        overrides = dict(self._overrides or {})
+        if value is None:
+            overrides.pop(key, None)
+        else:
+            overrides[key] = value
+        self._overrides = overrides or None
+
+
+class OwnBlob(BlobStore):
+    """The blob of a part made on its own (outside a `PackedDelta`), on the CPU."""
+
+    __slots__ = ("_segs", "_data", "_overrides", "_dense")
+
+    def __init__(self, segs: Segments) -> None:
+        self._segs, self._overrides, self._dense = segs, None, None
+        self._data = torch.zeros(segs.nbytes, dtype=torch.uint8)
+
+    def _blob(self) -> torch.Tensor:
+        return self._data
+
+    def _set_blob(self, blob: torch.Tensor) -> None:
+        self._data = blob
+
+
+def part_property(name: str, doc: str = "") -> Any:
+    """``obj.<name>``: the view of part ``obj._prefix + name`` in ``obj._store`` (assignable, see `replace_part`)."""
+
+    def get(self: Any) -> Optional[torch.Tensor]:
+        return self._store.part(self._prefix + name)
+
+    def set(self: Any, value: torch.Tensor) -> None:
+        self._store.replace_part(self._prefix + name, value)
+
+    return property(get, set, doc=doc)
+
+
+class QuantizedFactor:
+    """One `QuantizedMatrix` of a blob: ``qweight``, ``qweight_hi``, ``scales``, ``zeros`` (views; absent: None)."""
+
+    __slots__ = ("_store", "_prefix", "rows", "cols", "bits", "group_size")
+
+    qweight = part_property("qweight")
+    qweight_hi = part_property("qweight_hi")
+    scales = part_property("scales")
+    zeros = part_property("zeros")
+
+    def __init__(self, store: BlobStore, prefix: str, rows: int, cols: int, bits: int, group_size: int) -> None:
+        self._store, self._prefix = store, prefix
+        self.rows, self.cols, self.bits = rows, cols, bits
+        self.group_size = group_size if bits != 16 else 0
+
+    def set(self, q: QuantizedMatrix) -> None:
+        """Copy a `QuantizedMatrix` into the blob (shapes and bits must match)."""
+        if tuple(q.shape) != (self.rows, self.cols) or q.bits != self.bits:
+            raise AdapterFileError(
+                f"factor of shape {tuple(q.shape)} at {q.bits} bits does not fit a buffer of shape "
+                f"{(self.rows, self.cols)} at {self.bits} bits"
+            )
+        for name, t in q.tensors().items():
+            getattr(self, name).copy_(t)
+
+    def matrix(self) -> QuantizedMatrix:
+        """A `QuantizedMatrix` view of the blob (no copy)."""
+        return QuantizedMatrix(
+            qweight=self.qweight,
+            scales=self.scales,
+            zeros=self.zeros,
+            bits=self.bits,
+            group_size=self.group_size,
+            shape=(self.rows, self.cols),
+            qweight_hi=self.qweight_hi,
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.matrix().dequantize(dtype)
+
+    def buffers(self) -> Iterator[torch.Tensor]:
+        """Its stored tensors (views), as its buffers were when it was a module."""
+        yield from self.matrix().tensors().values()
+
+    def __repr__(self) -> str:
+        return f"QuantizedFactor({self.rows}x{self.cols}, bits={self.bits}, group_size={self.group_size})"
