@@ -119,7 +119,10 @@ class DequantCache:
             self.bytes -= a.numel() * a.element_size() + b.numel() * b.element_size()
 
     def factors(self, delta: PackedDelta, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of ``delta`` with ``x @ A @ B`` = the bands' product (built now, or reused)."""
+        """``(A, B)`` of ``delta`` with ``x @ A @ B`` = the bands' product (built now, or reused).
+
+        A hit touches neither the bands nor the blob's views (a decode step calls this once per target linear):
+        only the blob's version stamp is compared."""
         key = (id(delta), dtype, device)
         stamp = delta.version_stamp()
         hit = self._entries.get(key)
@@ -130,6 +133,8 @@ class DequantCache:
             self._entries.pop(key)
             self.bytes -= hit[1].numel() * hit[1].element_size() + hit[2].numel() * hit[2].element_size()
         bands = delta.low_rank_bands  # dense, then sparse (masks regenerated from their seeds)
+        if not bands:
+            raise ValueError("a delta without low-rank bands has no factors")
         a = torch.cat([(band.vt_dense(dtype) * band.s.to(dtype)[:, None]) for band in bands]).t()
         b = torch.cat([band.ut_dense(dtype) for band in bands])
         a, b = a.contiguous().to(device), b.contiguous().to(device)
@@ -150,7 +155,7 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     compute = torch.float32 if x.device.type == "cpu" else x.dtype
     xc = x.to(compute)
     y = None
-    if delta.low_rank_bands and dequant_cache.max_bytes > 0:
+    if dequant_cache.max_bytes > 0 and delta.rank > 0:
         a, b = dequant_cache.factors(delta, compute, xc.device)
         y = (xc @ a) @ b
     else:

@@ -169,6 +169,7 @@ class PackedDelta(BlobStore, nn.Module):
         self.layout = tuple((int(b), int(r)) for b, r in bands)
         # bands of sparse singular vectors after the dense ones (impart, the sparse tail; see `SparseBand`)
         self._sparse_bands = tuple(sparse_band_key(e) for e in sparse_bands if int(e["rank"]) > 0)
+        self._rank = sum(r for _, r in self.layout) + sum(key[1] for key in self._sparse_bands)  # fixed: per step
         self._segs = _segments(out_features, in_features, self.layout, group_size, bool(bias), _freeze(sign),
                                _freeze(sparse), format, self._sparse_bands)  # fmt: skip
         self.register_buffer("blob", torch.zeros(self._segs.nbytes, dtype=torch.uint8), persistent=format >= 2)
@@ -285,7 +286,7 @@ class PackedDelta(BlobStore, nn.Module):
 
     @property
     def rank(self) -> int:
-        return sum(r for _, r in self.layout) + sum(key[1] for key in self._sparse_bands)
+        return self._rank
 
     def set_band(self, k: int, v: QuantizedMatrix, u: QuantizedMatrix, s: torch.Tensor) -> None:
         """Fill band ``k`` (index among the non-empty bands)."""
