@@ -78,7 +78,11 @@ class DequantCache:
     Per delta, dtype and device it holds ``A = [S_k ⊙ V_kᵀ]ᵀ`` (``in x rank``) and ``B = [U_kᵀ]`` (``rank x out``),
     every band concatenated, so a forward pass is two matmuls instead of dequantizing every band of every layer at
     every step. The packed bytes stay the source of truth: an entry is rebuilt when they change (in-place loads bump
-    the tensors' versions) and the least recently used entries are dropped beyond ``max_bytes``. The price is
+    the tensors' versions). Beyond ``max_bytes`` an entry is evicted only once it has gone unused for two rounds of
+    the cache (``2 x`` its number of entries in lookups); until then a new one is used once and not kept. A step over
+    more adapters than the cap holds cycles through every entry, and plain LRU would then evict each entry just
+    before its next use (no hit at all); this way the entries that fit keep hitting, and those of adapters that are
+    no longer asked for age out. The price is
     memory: float32 factors take about 32 / (average bits) times the packed bytes (~14x at 1/16). ``max_bytes=0``
     turns it off; the default is ``DELTACOME_DEQUANT_CACHE_MB`` (1024 when unset).
     """
@@ -87,6 +91,8 @@ class DequantCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._entries: OrderedDict[tuple, tuple[tuple, torch.Tensor, torch.Tensor, Any]] = OrderedDict()
+        self._last_use: dict[tuple, int] = {}
+        self._tick = 0  # lookups so far
 
     def configure(self, max_bytes: int) -> None:
         """Set the memory cap (0 disables the cache and frees it)."""
@@ -95,6 +101,7 @@ class DequantCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._last_use.clear()
         self.bytes = 0
 
     @contextlib.contextmanager
@@ -110,13 +117,26 @@ class DequantCache:
     def prune(self) -> None:
         """Free the entries of deltas that no longer exist (an adapter was deleted from the model)."""
         for key in [k for k, entry in self._entries.items() if entry[3]() is None]:
-            _, a, b, _ = self._entries.pop(key)
-            self.bytes -= a.numel() * a.element_size() + b.numel() * b.element_size()
+            self._drop(key)
+
+    def _drop(self, key: tuple) -> None:
+        _, a, b, _ = self._entries.pop(key)
+        self._last_use.pop(key, None)
+        self.bytes -= a.numel() * a.element_size() + b.numel() * b.element_size()
 
     def _shrink(self) -> None:
         while self._entries and self.bytes > self.max_bytes:
-            _, (_, a, b, _) = self._entries.popitem(last=False)
-            self.bytes -= a.numel() * a.element_size() + b.numel() * b.element_size()
+            self._drop(next(iter(self._entries)))
+
+    def _make_room(self, size: int) -> bool:
+        """Evict entries unused for two rounds (least recent first) until ``size`` more bytes fit; False if they
+        cannot (the new entry is then not kept)."""
+        while self._entries and self.bytes + size > self.max_bytes:
+            oldest = next(iter(self._entries))
+            if self._tick - self._last_use.get(oldest, 0) <= 2 * len(self._entries):
+                return False
+            self._drop(oldest)
+        return self.bytes + size <= self.max_bytes
 
     def factors(self, delta: PackedDelta, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of ``delta`` with ``x @ A @ B`` = the bands' product (built now, or reused).
@@ -124,14 +144,15 @@ class DequantCache:
         A hit touches neither the bands nor the blob's views (a decode step calls this once per target linear):
         only the blob's version stamp is compared."""
         key = (id(delta), dtype, device)
+        self._tick += 1
         stamp = delta.version_stamp()
         hit = self._entries.get(key)
         if hit is not None and hit[0] == stamp and hit[3]() is delta:
             self._entries.move_to_end(key)
+            self._last_use[key] = self._tick
             return hit[1], hit[2]
         if hit is not None:
-            self._entries.pop(key)
-            self.bytes -= hit[1].numel() * hit[1].element_size() + hit[2].numel() * hit[2].element_size()
+            self._drop(key)
         bands = delta.low_rank_bands  # dense, then sparse (masks regenerated from their seeds)
         if not bands:
             raise ValueError("a delta without low-rank bands has no factors")
@@ -139,10 +160,10 @@ class DequantCache:
         b = torch.cat([band.ut_dense(dtype) for band in bands])
         a, b = a.contiguous().to(device), b.contiguous().to(device)
         size = a.numel() * a.element_size() + b.numel() * b.element_size()
-        if size <= self.max_bytes:
+        if self._make_room(size):
             self._entries[key] = (stamp, a, b, weakref.ref(delta))
+            self._last_use[key] = self._tick
             self.bytes += size
-            self._shrink()
         return a, b
 
 

@@ -376,3 +376,32 @@ def test_dequant_cache_gives_the_same_output_and_follows_the_packed_bytes():
     small = DequantCache(100)  # smaller than one entry: nothing is kept
     small.factors(a, torch.float32, torch.device("cpu"))
     assert small.bytes == 0
+
+
+def test_dequant_cache_keeps_hitting_when_a_step_cycles_over_more_than_it_holds():
+    """A mixed batch over more adapters than the cap holds visits every entry once per step, in the same order:
+    plain LRU would evict each just before its next use (no hit ever). The entries that fit keep hitting, and
+    entries nobody asks for any more age out for the ones now in use."""
+    from hf_deltacome.backend import DequantCache
+    from hf_deltacome.format.storage import PackedDelta
+
+    entry = {"shape": [40, 24], "bands": [[2, 6]], "group_size": 16, "format": 2}
+    deltas = [PackedDelta.from_layout(entry) for _ in range(6)]
+    cpu = torch.device("cpu")
+    one = sum(t.numel() * t.element_size() for t in DequantCache(1 << 20).factors(deltas[0], torch.float32, cpu))
+    cache = DequantCache(int(3.5 * one))  # holds 3 of the 6
+    seen: dict[int, int] = {}
+    hits = 0
+    for _ in range(4):  # four steps, each over all six deltas in the same order
+        for i, d in enumerate(deltas):
+            a, _ = cache.factors(d, torch.float32, cpu)
+            hits += seen.get(i) == id(a)
+            seen[i] = id(a)
+    assert hits == 3 * 3  # the three kept entries hit in every step after the first
+    assert cache.bytes <= cache.max_bytes
+    kept_before = {i for i, d in enumerate(deltas) if any(k[0] == id(d) for k in cache._entries)}
+    for _ in range(10):  # now only the deltas that were not kept are asked for
+        for i in sorted(set(range(6)) - kept_before):
+            cache.factors(deltas[i], torch.float32, cpu)
+    kept_after = {i for i, d in enumerate(deltas) if any(k[0] == id(d) for k in cache._entries)}
+    assert kept_after == set(range(6)) - kept_before
