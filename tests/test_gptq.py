@@ -172,6 +172,30 @@ def test_rank_deficient_hessian_is_damped_not_rejected():
     assert out_err(W, q.dequantize(), X) < out_err(W, quantize_rtn(W, 4, 16).dequantize(), X)
 
 
+def test_damping_is_raised_until_the_hessian_factorizes():
+    """An indefinite Hessian (eigenvalue -0.02 of a mean diagonal 1) fails at damping 0.01 and factorizes at 0.1:
+    the inverse factor is that of the matrix damped by 0.1, and the caller's Hessian is left as it was."""
+    from hf_deltacome.quant.gptq import _inverse_cholesky
+
+    H = torch.eye(6, dtype=torch.float64)
+    H[0, 1] = H[1, 0] = 1.02
+    before = H.clone()
+    U, used = _inverse_cholesky(H, 0.01, "q_proj")
+    assert used == pytest.approx(0.1)
+    damped = H + 0.1 * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(U.t() @ U, torch.linalg.inv(damped))
+    assert torch.equal(H, before)
+
+
+def test_from_hessian_shares_the_hessian_only_when_asked():
+    """``copy=False`` (the SVD path, which made its own copy) avoids a second n x n matrix; the default copies."""
+    H = torch.eye(16) * 2
+    assert GPTQ.from_hessian(H, copy=False).H.data_ptr() == H.data_ptr()
+    assert GPTQ.from_hessian(H).H.data_ptr() != H.data_ptr()
+    with pytest.raises(DeltaCoMeError, match="square"):
+        GPTQ.from_hessian(torch.zeros(3, 4))
+
+
 def test_non_pd_hessian_falls_back_to_rtn_with_warning():
     W = torch.randn(5, 24)
     g = GPTQ.from_hessian(-torch.eye(24), name="layers.0.q_proj")

@@ -6,7 +6,14 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import assert_beats_baselines, make_finetune, make_model, random_ids, relative_logits_error
+from tiny_models import (
+    assert_beats_baselines,
+    long_tail_delta,
+    make_finetune,
+    make_model,
+    random_ids,
+    relative_logits_error,
+)
 
 from hf_deltacome import AdapterFileError, ConfigError, DeltaCoMeConfig
 from hf_deltacome.backend import _kernel_ready
@@ -18,17 +25,6 @@ from hf_deltacome.format.storage import PackedDelta, SparseBand, sparse_band_mas
 from hf_deltacome.io.adapter_files import read_adapter
 from hf_deltacome.io.summary import summarize_adapter
 from hf_deltacome.serving.export import lora_factors
-
-
-def long_tail(m: int, n: int, seed: int = 0, decay: float = 0.7) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
-    s = (torch.arange(k, dtype=torch.float32) + 1) ** -decay
-    s[:3] *= 3
-    return 0.01 * (u * s) @ v.t()
-
 
 CONFIGS = {
     "impart": {"method": "impart"},
@@ -44,7 +40,7 @@ CONFIGS = {
 @pytest.mark.parametrize("shape", [(64, 64), (160, 64), (64, 160), (256, 256)])
 def test_sparse_layouts_fit_the_budget_with_exact_byte_count(case, shape):
     m, n = shape
-    spectrum = torch.linalg.svdvals(long_tail(m, n))
+    spectrum = torch.linalg.svdvals(long_tail_delta(m, n))
     for ratio in (1 / 4, 1 / 16, 1 / 64):
         cfg = DeltaCoMeConfig(ratio=ratio, group_size=32, min_rank_share=0.0, **CONFIGS[case])
         entry = plan_entry(f"layers.0.{case}", m, n, ratio, cfg, spectrum=spectrum)
@@ -58,7 +54,7 @@ def test_sparse_layouts_fit_the_budget_with_exact_byte_count(case, shape):
 
 def test_sparsity_buys_rank_and_keep_rates_follow_the_singular_values():
     m, n, ratio = 256, 256, 1 / 8
-    d = long_tail(m, n)
+    d = long_tail_delta(m, n)
     spectrum = torch.linalg.svdvals(d)
     dense = plan_entry("a", m, n, ratio, DeltaCoMeConfig(method="svd-uniform", uniform_bits=2, group_size=32))
     dense_rank = sum(r for _, r in dense["bands"])
@@ -94,7 +90,7 @@ def test_keep_rates_grow_with_the_singular_value():
 @pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
 def test_sparse_bands_regenerate_their_masks_and_reload_identically(quantizer):
     m, n = 96, 128
-    d = long_tail(m, n)
+    d = long_tail_delta(m, n)
     H = torch.eye(n) + 0.1 * torch.ones(n, n)
     cfg = DeltaCoMeConfig(method="impart", ratio=1 / 4, group_size=32, quantizer=quantizer, min_rank_share=0.0)
     entry = plan_entry("layers.1.mlp", m, n, 1 / 4, cfg, spectrum=torch.linalg.svdvals(d))
@@ -121,7 +117,7 @@ def test_sparse_bands_regenerate_their_masks_and_reload_identically(quantizer):
 
 def test_sparse_values_are_the_kept_entries_rescaled_by_one_over_keep():
     m, n = 64, 96
-    d = long_tail(m, n)
+    d = long_tail_delta(m, n)
     cfg = DeltaCoMeConfig(method="deltacome", bands=[[8, None]], sparse_tail=0.5, group_size=32, quantizer="rtn")
     entry = plan_entry("x", m, n, 1 / 2, cfg)
     ((_, _, s, vt, ut),) = compress_module(d, None, entry, cfg).sparse_bands

@@ -9,6 +9,7 @@ from peft import PeftModel
 from tiny_models import (
     MARGIN,
     assert_beats_baselines,
+    long_tail_delta,
     make_finetune,
     make_model,
     random_ids,
@@ -43,15 +44,6 @@ METHODS = ["deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart"]
 RATIOS = [1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64]
 
 
-def long_tail_delta(m: int, n: int, seed: int = 0, decay: float = 0.7) -> torch.Tensor:
-    """A delta with a few strong directions and a long tail of small singular values, like real fine-tunes."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
-    s = (torch.arange(k, dtype=torch.float32) + 1) ** -decay
-    s[:3] *= 3
-    return 0.01 * (u * s) @ v.t()
 
 
 def input_hessian(n: int, seed: int = 1, tokens: int = 2048) -> torch.Tensor:

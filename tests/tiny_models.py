@@ -275,3 +275,14 @@ def assert_beats_baselines(
     assert bound <= margin * min(ref.values()), f"bound {bound} is not well below the baselines {ref}"
     assert err < bound, f"relative error {err:.3f} >= {bound} (baselines {ref})"
     return err
+
+
+def long_tail_delta(m: int, n: int, seed: int = 0, decay: float = 0.7) -> torch.Tensor:
+    """A delta with a few strong directions and a long tail of small singular values, like real fine-tunes."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
+    s = (torch.arange(k, dtype=torch.float32) + 1) ** -decay
+    s[:3] *= 3
+    return 0.01 * (u * s) @ v.t()

@@ -185,3 +185,22 @@ class QuantizedFactor:
 
     def __repr__(self) -> str:
         return f"QuantizedFactor({self.rows}x{self.cols}, bits={self.bits}, group_size={self.group_size})"
+
+
+class BandOfVectors:
+    """What every band of singular vectors shares (dense `DeltaBand`, sparse `SparseBand`): ``s`` and the factors
+    ``v`` and ``u``, each a view into the delta's blob (the classes define ``s``, ``v`` and ``u``)."""
+
+    __slots__ = ()
+
+    def set(self, v: QuantizedMatrix, u: QuantizedMatrix, s: torch.Tensor) -> None:
+        """Store ``Vᵀ`` and ``U`` as the band's layout holds them (codes, scales, zeros) and ``S``."""
+        self.v.set(v)
+        self.u.set(u)
+        self.s.copy_(s.to(torch.float32))
+
+    def buffers(self) -> Iterator[torch.Tensor]:
+        """Its stored tensors (views: ``s``, then V's and U's), as its buffers were when bands were modules."""
+        yield self.s
+        yield from self.v.buffers()
+        yield from self.u.buffers()

@@ -9,15 +9,15 @@ sparse bands (``backend.py`` routes deltas that have them to the PyTorch path). 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
 
 from ..errors import AdapterFileError
 from .baseline_parts import sparse_mask
-from .blob import BlobStore, OwnBlob, QuantizedFactor, Segments, factor_parts, part_property
-from .packing import QuantizedMatrix, stored_nbytes
+from .blob import BandOfVectors, BlobStore, OwnBlob, QuantizedFactor, Segments, factor_parts, part_property
+from .packing import stored_nbytes
 
 
 def sparse_band_masks(
@@ -43,7 +43,7 @@ def sparse_band_key(entry: dict) -> tuple[int, int, float, int, int, int]:
             int(nnz[1]))  # fmt: skip
 
 
-class SparseBand:
+class SparseBand(BandOfVectors):
     """``rank`` singular vectors with a random share ``keep`` of their entries, views into the delta's blob.
 
     ``Vᵀ`` (``rank x in``) and ``Uᵀ`` (``rank x out``) keep the entries under the masks ``sparse_mask(rank, in, keep,
@@ -96,18 +96,6 @@ class SparseBand:
                 f"from seed {self.seed} keep {list(got)} entries but {list(self.nnz)} values are stored"
             )
         return mv, mu
-
-    def set(self, v: QuantizedMatrix, u: QuantizedMatrix, s: torch.Tensor) -> None:
-        """Store the kept values of ``Vᵀ`` and ``Uᵀ`` (flat rows, in mask order) and ``S``."""
-        self.v.set(v)
-        self.u.set(u)
-        self.s.copy_(s.to(torch.float32))
-
-    def buffers(self) -> Iterator[torch.Tensor]:
-        """Its stored tensors (views: ``s``, then V's and U's kept values)."""
-        yield self.s
-        yield from self.v.buffers()
-        yield from self.u.buffers()
 
     @staticmethod
     def _scatter(values: QuantizedFactor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

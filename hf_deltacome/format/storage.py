@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import AdapterFileError
 from .baseline_parts import SignPart, SparsePart, sign_part_nbytes, sparse_mask
-from .blob import BlobStore, QuantizedFactor, Segments, factor_parts, part_property
+from .blob import BandOfVectors, BlobStore, QuantizedFactor, Segments, factor_parts, part_property
 from .packing import QuantizedMatrix
 from .sparse_bands import SparseBand, sparse_band_key, sparse_band_masks, sparse_band_nbytes
 
@@ -48,7 +48,7 @@ def blob_state_dicts() -> Iterator[None]:
 
 
 
-class DeltaBand:
+class DeltaBand(BandOfVectors):
     """One band: ``V_kᵀ`` (``rank x in``), ``U_k`` and ``S_k`` (``rank``, float32), views into the delta's blob.
 
     Format 2 stores ``U_kᵀ`` (``rank x out``, groups along ``out``: one scale per singular vector and group of output
@@ -79,18 +79,6 @@ class DeltaBand:
             *factor_parts(prefix + "v.", rank, in_features, bits, group_size),
             *factor_parts(prefix + "u.", *u_shape, bits, group_size),
         ]
-
-    def set(self, v: QuantizedMatrix, u: QuantizedMatrix, s: torch.Tensor) -> None:
-        """Store ``V_kᵀ``, ``U_k`` as this band's format holds it (``U_kᵀ`` in format 2) and ``S_k``."""
-        self.v.set(v)
-        self.u.set(u)
-        self.s.copy_(s.to(torch.float32))
-
-    def buffers(self) -> Iterator[torch.Tensor]:
-        """Its stored tensors (views: ``s``, then V's and U's), as its buffers were when it was a module."""
-        yield self.s
-        yield from self.v.buffers()
-        yield from self.u.buffers()
 
     def vt_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``V_kᵀ`` (``rank x in``) dequantized."""
