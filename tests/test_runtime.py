@@ -390,13 +390,13 @@ def test_dequant_cache_keeps_hitting_when_a_step_cycles_over_more_than_it_holds(
     cpu = torch.device("cpu")
     one = sum(t.numel() * t.element_size() for t in DequantCache(1 << 20).factors(deltas[0], torch.float32, cpu))
     cache = DequantCache(int(3.5 * one))  # holds 3 of the 6
-    seen: dict[int, int] = {}
+    seen: dict[int, torch.Tensor] = {}  # held, so that no freed tensor's id is reused for a new one
     hits = 0
     for _ in range(4):  # four steps, each over all six deltas in the same order
         for i, d in enumerate(deltas):
             a, _ = cache.factors(d, torch.float32, cpu)
-            hits += seen.get(i) == id(a)
-            seen[i] = id(a)
+            hits += seen.get(i) is a
+            seen[i] = a
     assert hits == 3 * 3  # the three kept entries hit in every step after the first
     assert cache.bytes <= cache.max_bytes
     kept_before = {i for i, d in enumerate(deltas) if any(k[0] == id(d) for k in cache._entries)}
