@@ -48,15 +48,7 @@ class PackedMatrix(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
 
     def matrix(self) -> QuantizedMatrix:
-        return QuantizedMatrix(
-            qweight=self.qweight,
-            scales=self.scales,
-            zeros=self.zeros,
-            bits=self.bits,
-            group_size=self.group_size,
-            shape=(self.rows, self.cols),
-            qweight_hi=getattr(self, "qweight_hi", None),
-        )
+        return QuantizedMatrix.of(self)
 
     @torch.no_grad()
     def fill(self, q: QuantizedMatrix) -> None:

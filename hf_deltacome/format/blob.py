@@ -166,15 +166,7 @@ class QuantizedFactor:
 
     def matrix(self) -> QuantizedMatrix:
         """A `QuantizedMatrix` view of the blob (no copy)."""
-        return QuantizedMatrix(
-            qweight=self.qweight,
-            scales=self.scales,
-            zeros=self.zeros,
-            bits=self.bits,
-            group_size=self.group_size,
-            shape=(self.rows, self.cols),
-            qweight_hi=self.qweight_hi,
-        )
+        return QuantizedMatrix.of(self)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.matrix().dequantize(dtype)

@@ -99,6 +99,20 @@ class QuantizedMatrix:
         )
 
     @classmethod
+    def of(cls, holder: object) -> QuantizedMatrix:
+        """The matrix over the tensors ``holder`` stores as attributes (``qweight``, ``scales``, ``zeros``, optional
+        ``qweight_hi``; ``rows``, ``cols``, ``bits``, ``group_size``): a view, no copy (AMLQ's buffers, blob parts)."""
+        return cls(
+            qweight=holder.qweight,
+            scales=holder.scales,
+            zeros=holder.zeros,
+            bits=holder.bits,
+            group_size=holder.group_size,
+            shape=(holder.rows, holder.cols),
+            qweight_hi=getattr(holder, "qweight_hi", None),
+        )
+
+    @classmethod
     def from_float16(cls, w: torch.Tensor) -> QuantizedMatrix:
         """Store ``w`` unquantized in float16 (the "16-bit band" used by plain low-rank baselines)."""
         return cls(w.to(torch.float16).contiguous(), None, None, 16, 0, tuple(w.shape))
