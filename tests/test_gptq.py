@@ -263,3 +263,40 @@ def test_quantize_groups_mixed_bits_and_lengths():
         g.quantize_groups(W, [(2, 16), (4, 64)])
     with pytest.raises(DeltaCoMeError, match="must not be empty"):
         g.quantize_groups(W, [(2, 0), (4, 96)])
+
+
+def _spd(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + 8, n, generator=g)
+    return (x.t() @ x) / n
+
+
+def test_inverse_cholesky_in_place_equals_the_out_of_place_sequence():
+    from hf_deltacome.quant.gptq import _inverse_cholesky
+
+    H = _spd(96)
+    U, used = _inverse_cholesky(H, 0.01, "q_proj")
+    work = H.to(torch.float64, copy=True)
+    torch.diagonal(work).add_(0.01 * float(torch.diagonal(work).mean()))
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(work)), upper=True)
+    assert used == 0.01 and U.dtype == torch.float64
+    assert torch.equal(torch.triu(U), ref)  # bit for bit: the golden adapters depend on it
+
+
+def test_wide_hessians_are_inverted_in_float32_with_the_same_quality(monkeypatch):
+    import hf_deltacome.quant.gptq as gptq_mod
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 160, generator=g)
+    W = torch.randn(24, 160, generator=g)
+    errors = {}
+    for limit in (gptq_mod.FLOAT64_MAX_BYTES, 0):  # 0: every Hessian counts as wide
+        monkeypatch.setattr(gptq_mod, "FLOAT64_MAX_BYTES", limit)
+        hinv, _ = gptq_mod._inverse_cholesky(_spd(160), 0.01, "down_proj")
+        assert hinv.dtype == (torch.float32 if limit == 0 else torch.float64)
+        q = GPTQ(160)
+        q.add_batch(x)
+        dq = q.quantize(W, 3, 32).dequantize()
+        errors[limit] = float(((W - dq) @ x.t()).pow(2).sum())
+    f64, f32 = errors[gptq_mod.FLOAT64_MAX_BYTES], errors[0]
+    assert abs(f32 - f64) <= 0.02 * f64, errors

@@ -85,17 +85,24 @@ def test_streamed_run_only_holds_one_layer_at_a_time(tmp_path, monkeypatch):
     base = make_model("llama", seed=1, num_hidden_layers=4)
     b, f = save_pair(tmp_path, base, make_finetune(base, seed=1))
     held: list[set[str]] = []
+    while_filling: list[set[str]] = []  # real decoder weights at the moment one linear is read to be compressed
     real = streaming.StreamedPair.hold
 
     def spy(self, names, *, base, finetuned):
         real_params = {n for n, p in self.finetuned.named_parameters() if not p.is_meta}
-        real_params |= {n for n, p in base.named_parameters() if not p.is_meta and "modules_to_save" not in n}
-        held.append({n.split(".")[2] for n in real_params if n.startswith("model.layers.")})
+        if base is not None:
+            real_params |= {n for n, p in base.named_parameters() if not p.is_meta and "modules_to_save" not in n}
+        layer_params = {n for n in real_params if n.startswith("model.layers.")}
+        held.append({n.split(".")[2] for n in layer_params})
+        if len(names) == 1 and names[0].endswith("_proj"):
+            while_filling.append(layer_params)
         return real(self, names, base=base, finetuned=finetuned)
 
     monkeypatch.setattr(streaming.StreamedPair, "hold", spy)
     model = compress(b, f, DeltaCoMeConfig(ratio="1/8"), calibration=random_ids(base, 4, 16), progress=False)
     assert len(held) > 4 and all(len(layers) <= 1 for layers in held)  # never two decoder layers in memory
+    # and no whole layer of either model while a linear is compressed (only that linear's two weights are read)
+    assert len(while_filling) == 4 * 7 and all(not params for params in while_filling), while_filling[:2]
     assert all(p.is_meta for n, p in model.base_model.model.named_parameters() if "base_layer" in n)
 
 

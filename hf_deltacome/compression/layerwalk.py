@@ -143,12 +143,24 @@ def layer_output(out: Any) -> torch.Tensor:
 
 
 def module_device(module: nn.Module) -> torch.device:
-    """Where ``module``'s first parameter (or buffer) lives; CPU for an empty module."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+    """Where ``module``'s first real parameter (or buffer) lives; CPU for an empty module or one still on the meta
+    device (a streamed layer between its reads)."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type != "meta":
+            return t.device
     return torch.device("cpu")
+
+
+def move_real(module: nn.Module, device: torch.device) -> None:
+    """``module.to(device)`` for its real tensors only: a streamed layer's weights stay on the meta device until
+    they are read (``Module.to`` refuses meta tensors). Parameters keep their identity (their data is moved)."""
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None and p.device.type != "meta" and p.device != device:
+                p.data = p.data.to(device)
+        for key, b in m._buffers.items():
+            if b is not None and b.device.type != "meta" and b.device != device:
+                m._buffers[key] = b.to(device)
 
 
 LayerVisit = Callable[[int, Sequence[torch.Tensor] | None, Sequence[tuple[tuple, dict]] | None, torch.device], None]
@@ -172,8 +184,9 @@ def walk_layers(
     batches entering layer ``i`` after every earlier layer ran as ``model`` has it *now* (the visit compresses layer
     ``i`` in place before it runs), and ``calls`` the ``(args, kwargs)`` it is called with. Without inputs (data-free)
     both are ``None``. With ``device`` each layer and its ``companions[i]`` (the fine-tune's layer) are moved there
-    for the visit and back afterwards. ``hold(i)`` (streamed models) gives layer ``i`` and its companion real weights
-    for the visit and the forward pass; ``hold(None)`` what computing the first layer's inputs needs. The progress
+    for the visit and back afterwards. ``hold(i)`` (streamed models) gives layer ``i`` real weights for its forward
+    pass after the visit, ``hold(None)`` what computing the first layer's inputs needs; a visit holds what it reads
+    itself, so a streamed run never keeps a whole layer of either model while it compresses one linear. The progress
     bar shows elapsed and remaining time and the peak memory so far. Returns the seconds each layer took.
     """
     _, layers = find_decoder_layers(model)
@@ -189,17 +202,17 @@ def walk_layers(
             if hidden is None:  # data-free: the visit reads what it needs (module by module when streamed)
                 visit(i, None, None, device or module_device(layer))
             else:
-                with hold(i):
-                    companion = companions[i]
-                    home, companion_home = module_device(layer), module_device(companion)
-                    if device is not None:
-                        layer.to(device)
-                        companion.to(device)
-                    visit(i, hidden, calls[i], device or home)
+                companion = companions[i]
+                home, companion_home = module_device(layer), module_device(companion)
+                if device is not None:
+                    move_real(layer, device)
+                    move_real(companion, device)
+                visit(i, hidden, calls[i], device or home)
+                with hold(i):  # streamed: the compressed layer's weights for its forward pass only
                     hidden = [layer_output(layer(h, *a, **k)) for h, (a, k) in zip(hidden, calls[i], strict=True)]
-                    if device is not None:
-                        layer.to(home)
-                        companion.to(companion_home)
+                if device is not None:
+                    move_real(layer, home)
+                    move_real(companion, companion_home)
             seconds.append(time.perf_counter() - start)
             bar.set_postfix_str(peak_memory(), refresh=False)
             bar.update(1)

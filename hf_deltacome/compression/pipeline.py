@@ -329,15 +329,18 @@ class _Filler:
                 layer_prefix = f"{prefix}.{i}."
                 inputs = {n: ft_layers[i].get_submodule(n[len(layer_prefix):]) for n in names}
                 dtype = next((p.dtype for p in ft_layers[i].parameters() if p.is_floating_point()), None)
-                with HessianCollector(inputs, device=work) as collector:
+                # streamed: the fine-tune's layer is held for this pass only; each linear is read again when filled
+                with self.pair.hold([f"{prefix}.{i}"], base=None, finetuned=self.finetuned), \
+                        HessianCollector(inputs, device=work) as collector:  # fmt: skip
                     for h, (a, k) in zip(hidden, calls, strict=True):
                         # a fine-tune saved in another dtype than its base runs in its own (hidden states, rotary
                         # tables and masks cast to it, as the fine-tune's own forward would make them)
                         a, k = (a, k) if h.dtype == dtype else (floats_to(a, dtype), floats_to(k, dtype))
                         collector.run(lambda h=h, a=a, k=k: ft_layers[i](floats_to(h, dtype), *a, **k))
                 hessians = {n: collector.matrix(n) for n in names}
+                collector.hessians.clear()  # so that each Hessian is freed once its last linear is done
             for name in names:
-                h = hessians.pop(name, None)  # each Hessian is freed once its linear is done
+                h = hessians.pop(name, None)
                 self.fill(name, h, work)
                 if hidden is not None and h is None:
                     self.fallbacks.append(f"{name}: no activations (round-to-nearest)")
@@ -345,10 +348,10 @@ class _Filler:
             if self.ckpt is not None:
                 self.ckpt.save_layer(i, modules)
 
-        def hold(i: int | None) -> Any:  # streamed: the embedding for the first inputs, then one layer of each model
+        def hold(i: int | None) -> Any:  # streamed: the embedding for the first inputs, then each compressed layer
             if i is None:
                 return self.pair.hold(vocab.vocab_modules(self.inner)[:1], base=self.inner, finetuned=None)
-            return self.pair.hold([f"{prefix}.{i}"], base=self.inner, finetuned=self.finetuned)
+            return self.pair.hold([f"{prefix}.{i}"], base=self.inner, finetuned=None)
 
         inputs = kind.layer_inputs(calib) if calib is not None else None
         with dequant_cache.suspended():
