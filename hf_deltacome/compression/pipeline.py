@@ -298,6 +298,24 @@ class _Filler:
                 packed.bias.copy_(bias.to(packed.bias.device))
         compress_module(delta, hessian, self.config.layout[name], self.config, name=name).fill(packed)
 
+    def _hessians(
+        self, layer_name: str, inputs: dict[str, nn.Module], hidden: Any, calls: Any, work: torch.device
+    ) -> dict[str, torch.Tensor | None]:
+        """Input Hessians of the linears ``inputs`` of the fine-tune's decoder layer over the calibration batches
+        (streamed: the layer is read for this pass only; each linear is read again when it is filled)."""
+        ft_layer = self.finetuned.get_submodule(layer_name)
+        dtype = next((p.dtype for p in ft_layer.parameters() if p.is_floating_point()), None)
+        with self.pair.hold([layer_name], base=None, finetuned=self.finetuned), \
+                HessianCollector(inputs, device=work) as collector:  # fmt: skip
+            for h, (a, k) in zip(hidden, calls, strict=True):
+                # a fine-tune saved in another dtype than its base runs in its own (hidden states, rotary tables and
+                # masks cast to it, as the fine-tune's own forward would make them)
+                a, k = (a, k) if h.dtype == dtype else (floats_to(a, dtype), floats_to(k, dtype))
+                collector.run(lambda h=h, a=a, k=k: ft_layer(floats_to(h, dtype), *a, **k))
+        hessians = {n: collector.matrix(n) for n in inputs}
+        collector.hessians.clear()  # the caller's dict is the only owner: each Hessian is freed once used
+        return hessians
+
     def outside(self, kind: ModelKind, targets: Sequence[str], calib: Any, device: torch.device | None) -> None:
         """Targets that run before the decoder layers (a VLM's projector and vision tower), compressed first so the
         first layer sees their result."""
@@ -324,27 +342,26 @@ class _Filler:
             modules = {n: self.inner.get_submodule(n) for n in names}
             if self.ckpt is not None and self.ckpt.load_layer(i, modules):
                 return
-            hessians = {}
-            if hidden is not None:
+            if hidden is None:  # data-free
+                for name in names:
+                    self.fill(name, None, work)
+            else:
+                # One pass of the fine-tune's layer per input width, narrowest first, each width's linears compressed
+                # before the next width's Hessians exist: a 7B layer never holds its 11008-wide down_proj Hessian
+                # (0.45 GiB) beside the others' SVD and GPTQ workspaces. The fine-tune's layer is the same in every
+                # pass, so the Hessians (and the adapter) are those of one pass.
                 layer_prefix = f"{prefix}.{i}."
-                inputs = {n: ft_layers[i].get_submodule(n[len(layer_prefix):]) for n in names}
-                dtype = next((p.dtype for p in ft_layers[i].parameters() if p.is_floating_point()), None)
-                # streamed: the fine-tune's layer is held for this pass only; each linear is read again when filled
-                with self.pair.hold([f"{prefix}.{i}"], base=None, finetuned=self.finetuned), \
-                        HessianCollector(inputs, device=work) as collector:  # fmt: skip
-                    for h, (a, k) in zip(hidden, calls, strict=True):
-                        # a fine-tune saved in another dtype than its base runs in its own (hidden states, rotary
-                        # tables and masks cast to it, as the fine-tune's own forward would make them)
-                        a, k = (a, k) if h.dtype == dtype else (floats_to(a, dtype), floats_to(k, dtype))
-                        collector.run(lambda h=h, a=a, k=k: ft_layers[i](floats_to(h, dtype), *a, **k))
-                hessians = {n: collector.matrix(n) for n in names}
-                collector.hessians.clear()  # so that each Hessian is freed once its last linear is done
-            for name in names:
-                h = hessians.pop(name, None)
-                self.fill(name, h, work)
-                if hidden is not None and h is None:
-                    self.fallbacks.append(f"{name}: no activations (round-to-nearest)")
-                del h
+                inputs = {n: ft_layers[i].get_submodule(n[len(layer_prefix) :]) for n in names}
+                widths = sorted({getattr(m, "in_features", 0) for m in inputs.values()})
+                for width in widths:
+                    group = [n for n in names if getattr(inputs[n], "in_features", 0) == width]
+                    hessians = self._hessians(f"{prefix}.{i}", {n: inputs[n] for n in group}, hidden, calls, work)
+                    for name in group:
+                        h = hessians.pop(name, None)  # freed once its last linear is done
+                        self.fill(name, h, work)
+                        if h is None:
+                            self.fallbacks.append(f"{name}: no activations (round-to-nearest)")
+                        del h
             if self.ckpt is not None:
                 self.ckpt.save_layer(i, modules)
 

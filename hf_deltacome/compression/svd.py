@@ -97,8 +97,8 @@ def compress_linear(
         raise ConfigError(f"unknown quantizer {quantizer!r}; choose 'gptq' or 'rtn'")
     d = delta.to(torch.float32)
     U, S, Vh = svd(d)  # cached inside reuse_svd() (search, benchmarks compressing one delta many times)
-    # a copy of the kept rows of Vᵀ, so the full n-wide factor (0.17 GiB for a 7B down_proj) is freed here
-    U, S, Vh = U[:, :total], S[:total], Vh[:total].clone()
+    # copies of the kept singular vectors, so the full factors (0.17 GiB for a 7B MLP projection) are freed here
+    U, S, Vh = U[:, :total].clone(), S[:total], Vh[:total].clone()
     use_gptq = quantizer == "gptq" and hessian is not None
     if use_gptq and tuple(hessian.shape) != (n, n):
         raise DeltaCoMeError(f"Hessian of {name or 'module'} has shape {tuple(hessian.shape)}, expected ({n}, {n})")

@@ -277,8 +277,6 @@ class GPTQ:
         W = W.detach().to(device=device, dtype=torch.float32).clone()
         gidx = gidx.to(device)
         bits_table = bits_table.to(device)
-        is16 = bits_table >= 16
-        maxq = torch.where(is16, torch.zeros_like(bits_table), 2.0**bits_table - 1)
         scales = torch.ones(rows, n_groups, dtype=torch.float32, device=device)
         zeros = torch.zeros(rows, n_groups, dtype=torch.float32, device=device)
         if rows == 0 or cols == 0:
@@ -324,7 +322,7 @@ class GPTQ:
         starts = sorted(breaks) + [cols]
         order_l = order.tolist()
         gidx_l = gidx.tolist()
-        any16 = is16.any(dim=0).tolist()
+        any16 = (bits_table >= 16).any(dim=0).tolist()
 
         Q = torch.zeros_like(W)
         codes = torch.zeros(rows, cols, dtype=torch.float32, device=device)
@@ -347,11 +345,12 @@ class GPTQ:
                     set_params(g, block if end <= i2 else torch.cat([block, W[:, i2:end]], 1))
                 w = W1[:, i]
                 d = Hinv1[i, i]
-                s, z, mq = scales[:, g], zeros[:, g], maxq[:, g]
+                b = bits_table[:, g]  # per column, not a rows x cols table (a 7B gate_proj's U has 11008 rows)
+                s, z, mq = scales[:, g], zeros[:, g], torch.where(b >= 16, 0.0, 2.0**b - 1)
                 q = torch.clamp(torch.round(w / s) + z, min=torch.zeros_like(mq), max=mq)
                 dq = (q - z) * s
                 if any16[g]:
-                    dq = torch.where(is16[:, g], w.to(torch.float16).to(torch.float32), dq)
+                    dq = torch.where(b >= 16, w.to(torch.float16).to(torch.float32), dq)
                 Q[:, j] = dq
                 codes[:, j] = q
                 err = (w - dq) / d
@@ -359,10 +358,13 @@ class GPTQ:
                 W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:].to(torch.float32)
-        inv = torch.argsort(order)
-        self.last_errors = errors[:, inv].cpu()
+        del W, Hinv
+        if act_order:  # back to the original column order (otherwise it is the order already: no copies)
+            inv = torch.argsort(order)
+            errors, codes, Q = errors[:, inv], codes[:, inv], Q[:, inv]
+        self.last_errors = errors.cpu()
         self.last_error = float(self.last_errors.sum(dtype=torch.float64))
-        return codes[:, inv].to(torch.int64).cpu(), scales.cpu(), zeros.cpu(), Q[:, inv].cpu()
+        return codes.to(torch.int64).cpu(), scales.cpu(), zeros.cpu(), Q.cpu()
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
