@@ -106,6 +106,33 @@ def test_streamed_run_only_holds_one_layer_at_a_time(tmp_path, monkeypatch):
     assert all(p.is_meta for n, p in model.base_model.model.named_parameters() if "base_layer" in n)
 
 
+def test_hessians_are_collected_one_input_width_at_a_time(tmp_path, monkeypatch):
+    """The wide down_proj Hessian only exists once the narrower linears are done (its own pass), and the adapter is
+    the same as from one pass (tests/test_golden.py pins the bytes)."""
+    import hf_deltacome.compression.pipeline as pipeline_mod
+
+    base = make_model("llama", seed=1, num_hidden_layers=2)
+    b, f = save_pair(tmp_path, base, make_finetune(base, seed=1))
+    events: list[tuple[str, ...]] = []
+    real_init, real_fill = pipeline_mod.HessianCollector.__init__, pipeline_mod._Filler.fill
+
+    def init(self, modules, **kwargs):
+        events.append(("collect", *sorted(n.rsplit(".", 1)[-1] for n in modules)))
+        real_init(self, modules, **kwargs)
+
+    def fill(self, name, hessian, device):
+        events.append(("fill", name.rsplit(".", 1)[-1]))
+        real_fill(self, name, hessian, device)
+
+    monkeypatch.setattr(pipeline_mod.HessianCollector, "__init__", init)
+    monkeypatch.setattr(pipeline_mod._Filler, "fill", fill)
+    compress(b, f, DeltaCoMeConfig(ratio="1/8"), calibration=random_ids(base, 2, 16), progress=False)
+    narrow = ("collect", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
+    fills = [("fill", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")]
+    per_layer = [narrow, *fills, ("collect", "down_proj"), ("fill", "down_proj")]
+    assert events == per_layer * 2
+
+
 def test_streamed_fallbacks_are_recorded_and_logged(tmp_path, caplog):
     base = make_model("llama", seed=2)
     b, f = save_pair(tmp_path, base, make_finetune(base, seed=2))
