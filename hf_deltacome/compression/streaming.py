@@ -216,17 +216,18 @@ def release_memory() -> None:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-HEAP_THRESHOLD = 4 << 20  # allocations from this size on are mapped on their own (and unmapped when freed)
+HEAP_THRESHOLD = 128 << 10  # glibc's own starting mmap threshold, kept fixed: larger blocks are mapped on their own
 
 
 def bounded_heap() -> None:
-    """Make glibc map every allocation of :data:`HEAP_THRESHOLD` bytes or more on its own and give it back when it
-    is freed (process-wide, once per streamed run).
+    """Keep glibc's mmap threshold at its starting 128 KiB (process-wide, set once per streamed run): every larger
+    block is mapped on its own and given back to the system when freed.
 
-    By default glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), so the
-    layer-sized tensors of a streamed run (a 7B layer's deltas, factors and GPTQ workspaces are 4-180 MB) come to
-    be carved from the heap, whose freed pieces stay resident: a traced 7B run held about 0.5 GiB more than its live
-    tensors. Fixing the thresholds costs a page fault per fresh page of a large tensor, nothing against an SVD.
+    By default glibc raises the threshold to the size of each large block freed (up to 32 MiB), so the layer-sized
+    tensors of a streamed run (a 7B layer's weights, deltas, factors and GPTQ workspaces, 4-180 MB) come to be
+    carved from the heap, whose freed pieces stay resident. Traced on a 7B layer: fingerprinting peaked at 1.74 GiB
+    instead of 0.76, compressing one attention projection at 1.39 instead of 1.22. The cost is a page fault per
+    fresh page of a large tensor, nothing against an SVD.
     """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
