@@ -69,7 +69,8 @@ from hf_deltacome.format.packing import stored_nbytes  # noqa: E402
 from hf_deltacome.quant.rtn import quantize_rtn  # noqa: E402
 
 DEFAULT_CELLS = ("rtn:2:128,rtn:3:128,hqq:2:64,hqq:3:128,gptq:2:128,gptq:3:128,amlq:2.5,amlq:3.0,amlq:gptq:3:128,"
-                 "amlq0:3.0,gptq:4:128,amlq:gptq:4:128,rtn:4:128,hqq:3:64,hqq:4:128,amlq:3.5,amlq:4.0,amlq0:4.0")
+                 "amlq0:3.0,gptq:4:128,amlq:gptq:4:128,rtn:4:128,hqq:4:128,hqq:3:64,amlq:3.5,amlq:4.0,amlq0:2.5,"
+                 "amlq0:4.0,amlq0:gptq:3:128,amlq0:3.5,amlq:2.75,amlq0:2.75")
 BITS = (2, 3, 4, 8)
 # the code each kind of result comes from (paths under hf_deltacome/); the stack depends on the whole package
 CODE = {
@@ -85,7 +86,7 @@ CODE = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default=DEFAULT_CELLS, help="comma-separated cells, in order (module docstring)")
-    p.add_argument("--stack", default="amlq:3.0", help="quantized bases of the stack, as cells (empty: no stack)")
+    p.add_argument("--stack", default="amlq:3.0,amlq:4.0", help="quantized bases of the stack, as cells (empty: no stack)")
     p.add_argument("--out", default=None, help="cache folder (default: <zoo cache>/amlq-bench)")
     p.add_argument("--num-samples", type=int, default=8, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window")
@@ -268,6 +269,8 @@ def run_cell(cell: str, out: Path, ctx: dict[str, Any]) -> dict | None:
     shapes = linear_shapes(ctx["fp"])
 
     def make() -> dict:
+        if kind.startswith("amlq"):
+            ctx["sens"]()  # the shared sensitivity pass, timed on its own (not in the cell's seconds)
         model = copy.deepcopy(ctx["fp"])
         t0 = time.time()
         record: dict[str, Any] = {"cell": cell, "settings": cell_settings(cell, ctx)}
@@ -359,10 +362,10 @@ def run_stack(out: Path, ctx: dict[str, Any], args: argparse.Namespace) -> dict[
         print(f"stack {name}: {100 * value:.1f}%", flush=True)
         return value
 
-    def adapter(name: str, base: Any, **deps: Any) -> Path:
+    def adapter(name: str, make_base: Any, **deps: Any) -> Path:
         folder = out / f"adapter-{name}-{settings_key({**common, **deps})}"
         if not (folder / "adapter_config.json").is_file() and not REPORT_ONLY:
-            compress(base(), ft, cfg, calibration=calib, tokenizer=tok, num_samples=16, seq_len=128,
+            compress(make_base(), ft, cfg, calibration=calib, tokenizer=tok, num_samples=16, seq_len=128,
                      progress=False).save_pretrained(folder)  # fmt: skip
         return folder
 
