@@ -34,6 +34,7 @@ import torch
 from ..errors import ConfigError
 from ..format.amlq_layout import layout_bpw, lowrank_nbytes, unit_spans
 from ..format.packing import stored_nbytes
+from .config import AUTO_LOW_BIT_SHARES
 
 AUTO_RANKS = (0, 8, 16, 32, 64)  # ranks the automatic choice considers (capped at a quarter of min(out, in))
 _GROUP_META_BITS = 24  # float16 scale + uint8 zero per row and group
@@ -218,27 +219,46 @@ def _entry(sens: Sensitivity, opt: _Option, rank_bits: int) -> dict[str, Any]:
     return entry
 
 
+def _cheapest_text(sensitivities: Sequence[Sensitivity], error_rank: int | str, rank_bits: int, weights: int) -> str:
+    """``"the cheapest reachable is X bpw (low_bit_share 1)"``: what the precisions allow with no share limit."""
+    nbytes = sum(linear_options(s, error_rank, low_bit_share=1.0, rank_bits=rank_bits)[0].nbytes for s in sensitivities)
+    return f"the cheapest reachable is {8 * nbytes / weights:.3f} bpw (low_bit_share 1)"
+
+
 def allocate(
     sensitivities: Sequence[Sensitivity],
     bpw: float,
     error_rank: int | str = "auto",
     *,
-    low_bit_share: float = 1.0,
+    low_bit_share: float | str = 1.0,
     rank_bits: int = 8,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """The layout minimising the summed estimated KL within ``bpw`` (module docstring), and a record of the choice."""
+    """The layout minimising the summed estimated KL within ``bpw`` (module docstring), and a record of the choice.
+
+    ``low_bit_share="auto"`` tries ``AUTO_LOW_BIT_SHARES`` in order (0.5, then no limit) and keeps the first whose
+    cheapest layout fits ``bpw``: the cap is a safety margin against many columns at the lowest bit width, dropped
+    only when it would make the request impossible. An unreachable ``bpw`` raises `ConfigError` naming the cheapest
+    reachable true bpw (with the share that reaches it)."""
     if not sensitivities:
         raise ConfigError("nothing to quantize: no linear layer was measured")
-    opts = {s.name: linear_options(s, error_rank, low_bit_share=low_bit_share, rank_bits=rank_bits)
-            for s in sensitivities}  # fmt: skip
     weights = sum(s.shape[0] * s.shape[1] for s in sensitivities)
     budget = math.floor(bpw * weights / 8)
-    cheapest = sum(os_[0].nbytes for os_ in opts.values())
-    if cheapest > budget:
+    shares = list(AUTO_LOW_BIT_SHARES) if low_bit_share == "auto" else [float(low_bit_share)]
+    cheapest_at: dict[float, int] = {}
+    for share in shares:
+        opts = {s.name: linear_options(s, error_rank, low_bit_share=share, rank_bits=rank_bits)
+                for s in sensitivities}  # fmt: skip
+        cheapest_at[share] = sum(os_[0].nbytes for os_ in opts.values())
+        if cheapest_at[share] <= budget:
+            break
+    else:
+        floor = "" if 1.0 in cheapest_at else "; " + _cheapest_text(sensitivities, error_rank, rank_bits, weights)
+        tried = ", ".join(f"{8 * b / weights:.3f} bpw at low_bit_share {s:g}" for s, b in cheapest_at.items())
         raise ConfigError(
-            f"{bpw} bits per weight is below the cheapest layout these precisions allow "
-            f"({8 * cheapest / weights:.3f} bpw); allow larger group sizes, a larger low_bit_share or raise the target"
+            f"{bpw} bits per weight is below the cheapest layout these precisions allow ({tried}{floor}); "
+            "allow larger group sizes or a lower bit width, a larger low_bit_share (or 'auto'), or raise the target"
         )
+    low_bit_share = share
 
     def pick(lam: float) -> dict[str, int]:
         return {n: min(range(len(os_)), key=lambda i: os_[i].cost + lam * os_[i].nbytes) for n, os_ in opts.items()}

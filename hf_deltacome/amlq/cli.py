@@ -26,6 +26,18 @@ def _rank(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _auto_float(field: str) -> Any:
+    def parse(text: str) -> Any:
+        from .config import parse_auto_float
+
+        try:
+            return parse_auto_float(text, field)
+        except DeltaCoMeError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from ..format.amlq_layout import layout_table
     from ..loading import load_model_and_tokenizer
@@ -51,6 +63,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         error_rank=args.error_rank,
         rank_bits=args.rank_bits,
         low_bit_share=args.low_bit_share,
+        damp=args.damp,
         num_samples=args.num_samples,
         seq_len=args.seq_len,
         device=args.device,
@@ -58,7 +71,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     )
     save_quantized(model, out, tokenizer)
     cfg = model.config.quantization_config
-    print(layout_table(cfg.layout, cfg.info, cfg.bpw))
+    print(layout_table(cfg.layout, cfg.info, cfg.bpw, cfg.damp))
     print(f"saved to {out}", file=sys.stderr)
     return 0
 
@@ -75,8 +88,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--error-rank", type=_rank, default="auto", help="low-rank error correction: auto, 0 or a rank")
     p.add_argument("--rank-bits", type=int, choices=[4, 8], default=8, help="bits of the low-rank factors (default 8)")
-    p.add_argument("--low-bit-share", type=float, default=0.5,
-                   help="largest share of a linear's columns at the lowest bit width (default 0.5)")  # fmt: skip
+    p.add_argument("--low-bit-share", type=_auto_float("low_bit_share"), default="auto",
+                   help="largest share of a linear's columns at the lowest bit width, or auto (default: 0.5, no "
+                        "limit only where 0.5 cannot reach --bpw)")  # fmt: skip
+    p.add_argument("--damp", type=_auto_float("damp"), default="auto",
+                   help="GPTQ damping, or auto (default: per linear from calibration tokens per input column, "
+                        "0.1 at <= 4, 0.01 at >= 64, log-linear between)")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=16, help="calibration sequences (default 16)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--device", default=None, help="where each decoder layer is processed (cpu, cuda)")

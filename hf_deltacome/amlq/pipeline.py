@@ -34,7 +34,7 @@ from ..format.amlq_layout import column_groups, entry_nbytes, layout_bpw, mean_b
 from ..format.packing import QuantizedMatrix
 from ..quant.gptq import GPTQ
 from .allocation import Sensitivity, allocate
-from .config import DEFAULT_BITS, DEFAULT_GROUP_SIZES, DEFAULT_LOW_BIT_SHARE, AmlqConfig
+from .config import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZES, DEFAULT_LOW_BIT_SHARE, AmlqConfig, resolve_damp
 from .linear import AmlqLinear
 from .lowrank import damped_cholesky, error_factors
 from .sensitivity import (
@@ -92,10 +92,10 @@ def quantize_model(
     group_sizes: Sequence[int] = DEFAULT_GROUP_SIZES,
     error_rank: int | str = "auto",
     rank_bits: int = 8,
-    low_bit_share: float = DEFAULT_LOW_BIT_SHARE,
+    low_bit_share: float | str = DEFAULT_LOW_BIT_SHARE,
     num_samples: int = DEFAULT_NUM_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
-    damp: float = 0.01,
+    damp: float | str = DEFAULT_DAMP,
     act_order: bool = True,
     skip: Sequence[str] | None = None,
     layout: dict[str, dict[str, Any]] | None = None,
@@ -109,7 +109,10 @@ def quantize_model(
     Args:
         calibration: texts / file / token ids, or ``None`` to sample text from the model (``get_calibration``).
         bits, group_sizes: candidate precisions; error_rank: ``"auto"``, ``0`` or a fixed rank; rank_bits: 8 or 4.
-        low_bit_share: the largest share of a linear's columns at the lowest candidate bit width.
+        low_bit_share: the largest share of a linear's columns at the lowest candidate bit width, or ``"auto"``
+            (0.5 where it reaches ``bpw``, else no limit).
+        damp: GPTQ damping, or ``"auto"`` (per linear from calibration tokens per input column,
+            :func:`~hf_deltacome.amlq.config.auto_damp`); the values used are recorded in ``info["damping"]``.
         layout: a ready layout (e.g. ``format.amlq_layout.uniform_layout``): no sensitivity pass, no search.
         sensitivity: a ready :func:`measure_sensitivity` result (with end-to-end curves) for this model and
             calibration, reused across targets.
@@ -141,7 +144,7 @@ def quantize_model(
             measure_end_to_end(model, calib.input_ids, sensitivity, progress=progress)
             info["sensitivity_seconds"] = round(time.time() - t1, 1)
         layout, alloc = allocate(sensitivity, bpw, error_rank, low_bit_share=low_bit_share, rank_bits=rank_bits)
-        info["estimated_kl"] = alloc["estimated_kl"]
+        info["estimated_kl"], info["low_bit_share"] = alloc["estimated_kl"], alloc["low_bit_share"]
     else:
         config.error_rank = max((int(e.get("rank", 0)) for e in layout.values()), default=0)
         if layout_bpw(layout) > bpw + 1e-9:
@@ -152,12 +155,15 @@ def quantize_model(
 
     t2 = time.time()
     errors: dict[str, dict[str, float]] = {}
+    damping: dict[str, float] = {}
 
     def visit(i: int, hidden: Any, calls: Any, here: torch.device) -> None:
         names = [n for n in per_layer[i] if n in layout]
         hessians = layer_hessians(layers[i], f"{prefix}.{i}.", names, hidden, calls, here)
         for name in names:
-            errors[name] = _quantize_linear(model, name, layout[name], hessians.get(name), damp, act_order)
+            g = hessians.get(name)
+            damping[name] = resolve_damp(damp, g.nsamples if g is not None else 0, int(layout[name]["shape"][1]))
+            errors[name] = _quantize_linear(model, name, layout[name], g, damping[name], act_order)
 
     walk_layers(model, list(layers), calib.input_ids, visit, batch_size=FORWARD_BATCH_SIZE, device=work,
                 progress=progress)  # fmt: skip
@@ -169,7 +175,7 @@ def quantize_model(
     info.update({"true_bpw": true_bpw, "quantized_weights": weights,
                  "stored_bytes": sum(entry_nbytes(e) for e in layout.values()),
                  "quantize_seconds": round(time.time() - t2, 1), "seconds": round(time.time() - t0, 1),
-                 "errors": errors, "mean_code_bits": {n: mean_bits(e) for n, e in layout.items()},
+                 "errors": errors, "damping": damping, "mean_code_bits": {n: mean_bits(e) for n, e in layout.items()},
                  "calibration_perplexity": {"full_precision": ppl_fp,
                                             "quantized": perplexity(model, calib.input_ids)}})  # fmt: skip
     config.layout, config.info, config.source_fingerprint = layout, info, source_fp

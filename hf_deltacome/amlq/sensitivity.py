@@ -31,6 +31,7 @@ from ..progress import progress_bar
 from ..quant.hessian import HessianCollector
 from ..quant.rtn import quantize_rtn
 from .allocation import Sensitivity, candidate_precisions, candidate_ranks
+from .config import DEFAULT_DAMP, resolve_damp
 from .lowrank import captured_fractions, damped_cholesky
 
 FORWARD_BATCH_SIZE = 8  # calibration sequences per forward pass through one decoder layer
@@ -85,14 +86,15 @@ def measure_sensitivity(
     bits: Sequence[int],
     group_sizes: Sequence[int],
     error_rank: int | str = "auto",
-    damp: float = 0.01,
+    damp: float | str = DEFAULT_DAMP,
     act_order: bool = True,
     skip: Sequence[str] | None = None,
     device: torch.device | None = None,
     progress: bool = True,
 ) -> list[Sensitivity]:
     """Per-linear GPTQ errors at every candidate precision and low-rank gains (module docstring). The model is not
-    modified. Cost: one GPTQ pass per group size per shared input, all bit widths stacked as rows."""
+    modified. ``damp``: as in :func:`~hf_deltacome.amlq.quantize_model` (``"auto"``: per shared input, from its
+    calibration tokens per column), so the errors measured are those the quantization will make. Cost: one GPTQ pass per group size per shared input, all bit widths stacked as rows."""
     cands = candidate_precisions(bits, group_sizes)
     unit = max(group_sizes)
     prefix, layers, per_layer = decoder_linears(model, skip)
@@ -111,7 +113,8 @@ def measure_sensitivity(
 
 
 def _group_sensitivity(model: nn.Module, group: list[str], g: Any, cands: list[tuple[int, int]], unit: int,
-                       error_rank: int | str, damp: float, act_order: bool, work: torch.device) -> list[Sensitivity]:  # fmt: skip
+                       error_rank: int | str, damp: float | str, act_order: bool, work: torch.device) -> list[Sensitivity]:  # fmt: skip
+    damp = resolve_damp(damp, g.nsamples, g.H.shape[0])
     C = damped_cholesky(g.H.cpu(), damp)
     Ws = [model.get_submodule(n).weight.detach().to(work, torch.float32) for n in group]
     rows = [w.shape[0] for w in Ws]

@@ -129,7 +129,7 @@ def _natural(name: str) -> list[Any]:
 
 
 def layout_table(layout: dict[str, dict[str, Any]], info: dict[str, Any] | None = None,
-                 bpw: float | None = None) -> str:  # fmt: skip
+                 bpw: float | None = None, damp: float | str | None = None) -> str:  # fmt: skip
     """Per-linear table of a layout: precision of its units, low-rank rank, true bpw and measured error."""
     info = info or {}
     errors = info.get("errors") or {}
@@ -148,6 +148,16 @@ def layout_table(layout: dict[str, dict[str, Any]], info: dict[str, Any] | None 
     lines += ["", f"{len(layout)} quantized linears, true {layout_bpw(layout):.4f} bits per weight"
               + (f" (requested {bpw:g})" if bpw is not None else "")
               + f"; low-rank correction in {sum(1 for r in ranks if r)} linears (ranks {sorted(set(ranks))})"]
+    damping = info.get("damping") or {}
+    if damping:
+        counts: dict[float, int] = {}
+        for d in damping.values():
+            counts[round(float(d), 4)] = counts.get(round(float(d), 4), 0) + 1
+        tokens = int(info.get("num_samples", 0)) * int(info.get("seq_len", 0))
+        lines.append(f"GPTQ damping {damp if damp is not None else '?'}"
+                     + (f" ({tokens:,} calibration tokens)" if tokens else "") + ": "
+                     + ", ".join(f"{d:g} in {c} linears" for d, c in sorted(counts.items()))
+                     + (f"; low_bit_share {info['low_bit_share']:g}" if "low_bit_share" in info else ""))  # fmt: skip
     ppl = info.get("calibration_perplexity") or {}
     if ppl:
         lines.append(f"calibration perplexity {ppl.get('full_precision', 0):.3f} (full precision) -> "

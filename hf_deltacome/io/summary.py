@@ -315,4 +315,4 @@ def quantized_base_summary(path: str | os.PathLike, as_json: bool = False) -> st
         quant = {k: v for k, v in quant.items() if k != "source_fingerprint"}
         return json.dumps({"path": str(path), "weights_file_bytes": weights, **quant}, indent=2)
     head = f"AMLQ quantized model: {path} ({cfg.get('model_type')}, {weights:,} B of safetensors)"
-    return head + "\n" + layout_table(layout, quant.get("info"), quant.get("bpw"))
+    return head + "\n" + layout_table(layout, quant.get("info"), quant.get("bpw"), quant.get("damp"))
