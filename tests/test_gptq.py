@@ -175,12 +175,12 @@ def test_rank_deficient_hessian_is_damped_not_rejected():
 def test_damping_is_raised_until_the_hessian_factorizes():
     """An indefinite Hessian (eigenvalue -0.02 of a mean diagonal 1) fails at damping 0.01 and factorizes at 0.1:
     the inverse factor is that of the matrix damped by 0.1, and the caller's Hessian is left as it was."""
-    from hf_deltacome.quant.gptq import _inverse_cholesky
+    from hf_deltacome.quant.cholesky import inverse_cholesky
 
     H = torch.eye(6, dtype=torch.float64)
     H[0, 1] = H[1, 0] = 1.02
     before = H.clone()
-    U, used = _inverse_cholesky(H, 0.01, "q_proj")
+    U, used = inverse_cholesky(H, 0.01, "q_proj")
     assert used == pytest.approx(0.1)
     damped = H + 0.1 * torch.eye(6, dtype=torch.float64)
     torch.testing.assert_close(U.t() @ U, torch.linalg.inv(damped))
@@ -272,10 +272,10 @@ def _spd(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_inverse_cholesky_in_place_equals_the_out_of_place_sequence():
-    from hf_deltacome.quant.gptq import _inverse_cholesky
+    from hf_deltacome.quant.cholesky import inverse_cholesky
 
     H = _spd(96)
-    U, used = _inverse_cholesky(H, 0.01, "q_proj")
+    U, used = inverse_cholesky(H, 0.01, "q_proj")
     work = H.to(torch.float64, copy=True)
     torch.diagonal(work).add_(0.01 * float(torch.diagonal(work).mean()))
     ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(work)), upper=True)
@@ -284,19 +284,19 @@ def test_inverse_cholesky_in_place_equals_the_out_of_place_sequence():
 
 
 def test_wide_hessians_are_inverted_in_float32_with_the_same_quality(monkeypatch):
-    import hf_deltacome.quant.gptq as gptq_mod
+    import hf_deltacome.quant.cholesky as chol
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(512, 160, generator=g)
     W = torch.randn(24, 160, generator=g)
     errors = {}
-    for limit in (gptq_mod.FLOAT64_MAX_BYTES, 0):  # 0: every Hessian counts as wide
-        monkeypatch.setattr(gptq_mod, "FLOAT64_MAX_BYTES", limit)
-        hinv, _ = gptq_mod._inverse_cholesky(_spd(160), 0.01, "down_proj")
+    for limit in (chol.FLOAT64_MAX_BYTES, 0):  # 0: every Hessian counts as wide
+        monkeypatch.setattr(chol, "FLOAT64_MAX_BYTES", limit)
+        hinv, _ = chol.inverse_cholesky(_spd(160), 0.01, "down_proj")
         assert hinv.dtype == (torch.float32 if limit == 0 else torch.float64)
         q = GPTQ(160)
         q.add_batch(x)
         dq = q.quantize(W, 3, 32).dequantize()
         errors[limit] = float(((W - dq) @ x.t()).pow(2).sum())
-    f64, f32 = errors[gptq_mod.FLOAT64_MAX_BYTES], errors[0]
+    f64, f32 = errors[chol.FLOAT64_MAX_BYTES], errors[0]
     assert abs(f32 - f64) <= 0.02 * f64, errors

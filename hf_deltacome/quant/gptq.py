@@ -20,7 +20,6 @@ parameters come from the un-updated weight ("static groups"), so the stored colu
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -28,11 +27,10 @@ import torch.nn.functional as F
 
 from ..errors import DeltaCoMeError
 from ..format.packing import SUPPORTED_BITS, QuantizedMatrix
+from .cholesky import inverse_cholesky
 from .rtn import asymmetric_params
 
 DEFAULT_BLOCK_SIZE = 128
-FLOAT64_MAX_BYTES = 512 << 20  # largest float64 working copy of a Hessian (n <= 8192); wider ones work in float32
-_MAX_DAMP_RETRIES = 6
 _HESSIAN_BLOCK = 2048  # columns of x xᵀ formed at a time by GPTQ.add_batch
 
 
@@ -322,7 +320,7 @@ class GPTQ:
             breaks = set(range(0, cols, block_size))
             if row_group is None:
                 breaks |= {f for f in g_first if f < cols}
-        Hinv, self.used_damp = _inverse_cholesky(H, damp, self.name)  # upper triangle meaningful
+        Hinv, self.used_damp = inverse_cholesky(H, damp, self.name)  # upper triangle meaningful
         starts = sorted(breaks) + [cols]
         order_l = order.tolist()
         gidx_l = gidx.tolist()
@@ -369,68 +367,6 @@ class GPTQ:
         self.last_errors = errors.cpu()
         self.last_error = float(self.last_errors.sum(dtype=torch.float64))
         return codes.to(torch.int64).cpu(), scales.cpu(), zeros.cpu(), Q.cpu()
-
-
-def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of the damped ``H⁻¹`` (only its upper triangle is meaningful) and the damping used
-    (``inf`` = fell back to the identity).
-
-    One working copy in column-major order, which LAPACK factorizes, inverts and factorizes again *in place*
-    (``out=`` the input; bit-identical to the out-of-place sequence): no other n x n matrix is made here. The copy
-    is float64 up to :data:`FLOAT64_MAX_BYTES`, float32 (as the reference GPTQ computes) above: for a 7B down_proj
-    (n = 11008) that is 0.45 instead of 0.90 GiB, and the factor, its inverse and the second factor as separate
-    float64 tensors had made a streamed GPTQ run's peak several times the size of a 4-layer model on disk.
-    A factorization that fails is retried with ten times the damping.
-    """
-    n = H.shape[0]
-    dtype = torch.float64 if n * n * 8 <= FLOAT64_MAX_BYTES else torch.float32
-    work = torch.empty_strided((n, n), (1, n), dtype=dtype, device=H.device)  # column-major: LAPACK's own
-    info = torch.empty((), dtype=torch.int32, device=H.device)
-
-    def load() -> torch.Tensor:
-        work.copy_(H)  # H is symmetric, so the column-major copy holds the same matrix
-        return torch.diagonal(work)
-
-    diag = load()
-    dead = diag <= 0
-    if bool(dead.all()) or not _all_finite(work):
-        warnings.warn(
-            f"GPTQ{_where(name)}: Hessian is empty or not finite; falling back to round-to-nearest", stacklevel=4
-        )
-        return torch.eye(n, dtype=dtype, device=H.device), float("inf")
-    # inputs that were always zero carry no information: give them a neutral diagonal entry
-    undamped = torch.where(dead, diag[~dead].mean(), diag)
-    mean_diag = float(undamped.mean())
-    d = max(float(damp), 1e-8)
-    fresh = True
-    for _ in range(_MAX_DAMP_RETRIES):
-        if not fresh:  # the last try overwrote the working copy: start again from the Hessian
-            load()
-        fresh = False
-        torch.diagonal(work).copy_(undamped).add_(d * mean_diag)
-        torch.linalg.cholesky_ex(work, out=(work, info))
-        if int(info) == 0:
-            torch.cholesky_inverse(work, out=work)
-            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
-            if int(info) == 0 and _all_finite(work, upper=True):
-                return work, d
-        d *= 10.0
-    warnings.warn(
-        f"GPTQ{_where(name)}: Hessian is not positive definite even with damping {d / 10:g}; "
-        "falling back to round-to-nearest",
-        stacklevel=4,
-    )
-    return torch.eye(n, dtype=dtype, device=H.device), float("inf")
-
-
-def _all_finite(M: torch.Tensor, upper: bool = False, rows: int = 1024) -> bool:
-    """Whether every entry of ``M`` (of its upper triangle with ``upper``) is finite, checked a block of rows at a
-    time (a whole-matrix mask would be one more n x n tensor)."""
-    for i in range(0, M.shape[0], rows):
-        block = M[i : i + rows, i:] if upper else M[i : i + rows]
-        if not bool(torch.isfinite(torch.triu(block) if upper else block).all()):
-            return False
-    return True
 
 
 def _pack(
