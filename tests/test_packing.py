@@ -172,3 +172,14 @@ def test_band_bytes_count_every_tensor():
 def test_bad_band_spec_is_named(spec, msg):
     with pytest.raises(ConfigError, match=msg):
         solve_ranks(64, 64, 1 / 16, spec, 128)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_pack_bits_by_row_blocks_gives_the_same_words(bits, monkeypatch):
+    import hf_deltacome.format.packing as packing
+
+    q = torch.randint(0, 2**bits, (37, 45), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    whole = packing.pack_bits(q, bits)
+    monkeypatch.setattr(packing, "_PACK_ELEMENTS", 100)  # two rows of 45 values at a time
+    assert torch.equal(packing.pack_bits(q, bits), whole)
+    assert torch.equal(packing.unpack_bits(whole, bits, 45), q.to(torch.int64))

@@ -32,11 +32,17 @@ def packed_words(cols: int, bits: int) -> int:
     return (cols + per - 1) // per
 
 
+_PACK_ELEMENTS = 1 << 22  # values packed at a time by pack_bits (32 MiB of int64 working copies)
+
+
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer values ``q`` (rows x cols, each in ``[0, 2**bits)``) into int32 words along the last dim."""
     if bits not in _PLAIN_BITS:
         raise ValueError(f"pack_bits supports {_PLAIN_BITS} bits, got {bits}")
     rows, cols = q.shape
+    step = max(1, _PACK_ELEMENTS // max(cols, 1))
+    if rows > step:  # a block of rows at a time: the int64 working copies stay small (a 7B U band is 11008 rows)
+        return torch.cat([pack_bits(q[i : i + step], bits) for i in range(0, rows, step)])
     per = 32 // bits
     words = packed_words(cols, bits)
     padded = torch.zeros(rows, words * per, dtype=torch.int64, device=q.device)

@@ -284,7 +284,7 @@ class GPTQ:
         if rows == 0 or cols == 0:
             self.last_error = 0.0
             self.last_errors = torch.zeros(rows, cols)
-            return (torch.zeros(rows, cols, dtype=torch.int64), scales.cpu(), zeros.cpu(), W.cpu())
+            return (torch.zeros(rows, cols, dtype=torch.uint8), scales.cpu(), zeros.cpu(), W.cpu())
 
         # group start/end (exclusive) in original column order
         first = torch.full((n_groups,), cols, dtype=torch.long, device=device)
@@ -366,7 +366,8 @@ class GPTQ:
             errors, codes, Q = errors[:, inv], codes[:, inv], Q[:, inv]
         self.last_errors = errors.cpu()
         self.last_error = float(self.last_errors.sum(dtype=torch.float64))
-        return codes.to(torch.int64).cpu(), scales.cpu(), zeros.cpu(), Q.cpu()
+        # uint8 codes (every supported width fits): an int64 copy of a 7B U band's codes would be 0.13 GB
+        return codes.to(torch.uint8).cpu(), scales.cpu(), zeros.cpu(), Q.cpu()
 
 
 def _pack(
