@@ -94,7 +94,8 @@ def measure_sensitivity(
 ) -> list[Sensitivity]:
     """Per-linear GPTQ errors at every candidate precision and low-rank gains (module docstring). The model is not
     modified. ``damp``: as in :func:`~hf_deltacome.amlq.quantize_model` (``"auto"``: per shared input, from its
-    calibration tokens per column), so the errors measured are those the quantization will make. Cost: one GPTQ pass per group size per shared input, all bit widths stacked as rows."""
+    calibration tokens per column), so the errors measured are those the quantization will make. Cost: one GPTQ
+    pass per group size per shared input, all bit widths stacked as rows."""
     cands = candidate_precisions(bits, group_sizes)
     unit = max(group_sizes)
     prefix, layers, per_layer = decoder_linears(model, skip)

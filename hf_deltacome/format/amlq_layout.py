@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from typing import Any
 
 import torch
@@ -150,9 +151,7 @@ def layout_table(layout: dict[str, dict[str, Any]], info: dict[str, Any] | None 
               + f"; low-rank correction in {sum(1 for r in ranks if r)} linears (ranks {sorted(set(ranks))})"]
     damping = info.get("damping") or {}
     if damping:
-        counts: dict[float, int] = {}
-        for d in damping.values():
-            counts[round(float(d), 4)] = counts.get(round(float(d), 4), 0) + 1
+        counts = Counter(round(float(d), 4) for d in damping.values())
         tokens = int(info.get("num_samples", 0)) * int(info.get("seq_len", 0))
         lines.append(f"GPTQ damping {damp if damp is not None else '?'}"
                      + (f" ({tokens:,} calibration tokens)" if tokens else "") + ": "

@@ -47,11 +47,9 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tuple[torc
     undamped = torch.where(dead, diag[~dead].mean(), diag)
     mean_diag = float(undamped.mean())
     d = max(float(damp), 1e-8)
-    fresh = True
-    for _ in range(MAX_DAMP_RETRIES):
-        if not fresh:  # the last try overwrote the working copy: start again from the Hessian
+    for attempt in range(MAX_DAMP_RETRIES):
+        if attempt:  # the last try overwrote the working copy: start again from the Hessian
             load()
-        fresh = False
         torch.diagonal(work).copy_(undamped).add_(d * mean_diag)
         torch.linalg.cholesky_ex(work, out=(work, info))
         if int(info) == 0:
