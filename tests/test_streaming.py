@@ -242,3 +242,28 @@ def test_a_quantized_checkpoint_is_loaded_not_streamed(tmp_path):
     assert why_not_streamable(tmp_path) is None
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "amlq"}}))
     assert "quantized model (amlq)" in why_not_streamable(tmp_path)
+
+
+def test_spilled_hessians_give_the_same_adapter(tmp_path, monkeypatch):
+    """A Hessian's last user gets it from disk when it is large (there: a 7B down_proj's); with every Hessian
+    counted as large the adapter is the same bytes, and Hessians shared by q/k/v or gate/up wait for their last user."""
+    import hf_deltacome.compression.pipeline as pipeline_mod
+    import hf_deltacome.quant.spill as spill
+
+    base = make_model("llama", seed=1, num_hidden_layers=2)
+    b, f = save_pair(tmp_path, base, make_finetune(base, seed=1))
+    calib = random_ids(base, 2, 16)
+    cfg = DeltaCoMeConfig(ratio="1/8")
+    reference = written(compress(b, f, cfg, calibration=calib, progress=False), tmp_path / "in-memory")
+    spilled: list[int | None] = []
+
+    def spy(h, min_bytes=None):
+        out = spill.maybe_spill(h, min_bytes=0)
+        spilled.append(out.shape[0] if isinstance(out, spill.SpilledHessian) else None)
+        return out
+
+    monkeypatch.setattr(pipeline_mod, "maybe_spill", spy)
+    assert written(compress(b, f, cfg, calibration=calib, progress=False), tmp_path / "spilled") == reference
+    hidden, inter = base.config.hidden_size, base.config.intermediate_size
+    # per layer: v_proj (last of q/k/v), o_proj, up_proj (last of gate/up) and down_proj, each Hessian once
+    assert spilled == [hidden, hidden, hidden, inter] * 2

@@ -16,6 +16,7 @@ from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import FORMAT_VERSION, PackedDelta, sign_part_nbytes, sparse_band_nbytes, sparse_mask
 from ..quant.rtn import quantize_rtn
+from ..quant.spill import Hessian, SpilledHessian
 from .baselines import bitdelta_factors, bitdelta_rows, dare_factors, dare_plan
 from .impart import compress_sparse_bands, sparse_split
 from .svd import compress_linear, svd
@@ -155,7 +156,7 @@ class ModuleFactors:
 @torch.no_grad()
 def compress_module(
     delta: torch.Tensor,
-    hessian: torch.Tensor | None,
+    hessian: Hessian | None,
     entry: dict[str, Any],
     config: DeltaCoMeConfig,
     *,
@@ -182,6 +183,8 @@ def compress_module(
             name=name,
         )
         out.bands = list(parts)
+    if isinstance(hessian, SpilledHessian) and (entry.get("sign") or entry.get("sparse_bands")):
+        hessian = hessian.load()  # these parts read the whole matrix
     if entry.get("sign"):
         out.sign = bitdelta_factors(delta, hessian, int(entry["sign"]["rows"]), entry["sign"].get("scale") == "row")
     if entry.get("sparse"):
@@ -203,7 +206,7 @@ def output_error(err: torch.Tensor, hessian: torch.Tensor | None) -> float:
 
 def approximation_error(
     delta: torch.Tensor,
-    hessian: torch.Tensor | None,
+    hessian: Hessian | None,
     entry: dict[str, Any],
     config: DeltaCoMeConfig,
     *,

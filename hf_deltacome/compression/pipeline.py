@@ -60,6 +60,7 @@ from ..config import DeltaCoMeConfig
 from ..errors import ConfigError
 from ..layer import DeltaCoMeLayer
 from ..quant.hessian import HessianCollector
+from ..quant.spill import maybe_spill
 from . import vocab
 from .baselines import distill_sign_scales
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource, check_sizes, generic_texts
@@ -358,6 +359,8 @@ class _Filler:
                     hessians = self._hessians(f"{prefix}.{i}", {n: inputs[n] for n in group}, hidden, calls, work)
                     for name in group:
                         h = hessians.pop(name, None)  # freed once its last linear is done
+                        if not any(other is h for other in hessians.values()):
+                            h = maybe_spill(h)  # its last user: a large one waits on disk while GPTQ works
                         self.fill(name, h, work)
                         if h is None:
                             self.fallbacks.append(f"{name}: no activations (round-to-nearest)")

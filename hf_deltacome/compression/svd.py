@@ -16,6 +16,7 @@ from ..errors import ConfigError, DeltaCoMeError
 from ..format.packing import QuantizedMatrix
 from ..quant.gptq import GPTQ
 from ..quant.rtn import quantize_rtn
+from ..quant.spill import Hessian, SpilledHessian, column_block
 
 _SVD_CACHE: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
@@ -59,7 +60,7 @@ def svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def compress_linear(
     delta: torch.Tensor,
-    hessian: torch.Tensor | None,
+    hessian: Hessian | None,
     bands: Sequence[Sequence[int]],
     group_size: int,
     *,
@@ -106,12 +107,12 @@ def compress_linear(
     if use_gptq:
         # No n x n float64 copy of the Hessian is kept here (0.97 GB for a 7B down_proj): GPTQ shares the caller's
         # and makes its one working copy, and A H is formed a block of columns at a time
-        H = hessian.to(device=d.device)
+        H = hessian if isinstance(hessian, SpilledHessian) else hessian.to(device=d.device)
         gptq_v = GPTQ.from_hessian(H, name=f"{name} V", copy=False)
         v_parts = gptq_v.quantize_row_bands(Vh, live, group_size, damp, act_order)
         Vq = torch.cat([q.dequantize().to(d.device) for q in v_parts])
         A = S.to(torch.float64).unsqueeze(1) * Vq.to(torch.float64)  # r x n
-        AH = torch.cat([A @ H[:, j : j + _BLOCK].to(torch.float64) for j in range(0, n, _BLOCK)], dim=1)
+        AH = torch.cat([A @ column_block(H, j, j + _BLOCK).to(d.device, torch.float64) for j in range(0, n, _BLOCK)], 1)
         Hz = AH @ A.t()  # Hessian of z = A x
         Hz = (Hz + Hz.t()) / 2
         target = U

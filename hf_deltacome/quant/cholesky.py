@@ -11,11 +11,13 @@ import warnings
 
 import torch
 
+from .spill import Hessian, copy_hessian
+
 FLOAT64_MAX_BYTES = 512 << 20  # largest float64 working copy of a Hessian (n <= 8192); wider ones work in float32
 MAX_DAMP_RETRIES = 6
 
 
-def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tuple[torch.Tensor, float]:
+def inverse_cholesky(H: Hessian, damp: float, name: str = "") -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of the damped ``H⁻¹`` (only its upper triangle is meaningful) and the damping used
     (``inf`` = fell back to the identity).
 
@@ -24,7 +26,8 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tuple[torc
     is float64 up to :data:`FLOAT64_MAX_BYTES`, float32 (as the reference GPTQ computes) above: for a 7B down_proj
     (n = 11008) that is 0.45 instead of 0.90 GiB, and the factor, its inverse and the second factor as separate
     float64 tensors had made a streamed GPTQ run's peak several times the size of a 4-layer model on disk.
-    A factorization that fails is retried with ten times the damping.
+    A factorization that fails is retried with ten times the damping. ``H`` may be spilled to disk (:mod:`.spill`):
+    then the working copy is the only n x n matrix in memory.
     """
     where = f" of {name!r}" if name else ""
     n = H.shape[0]
@@ -33,7 +36,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tuple[torc
     info = torch.empty((), dtype=torch.int32, device=H.device)
 
     def load() -> torch.Tensor:
-        work.copy_(H)  # H is symmetric, so the column-major copy holds the same matrix
+        copy_hessian(work, H)  # H is symmetric, so the column-major copy holds the same matrix
         return torch.diagonal(work)
 
     diag = load()

@@ -29,6 +29,7 @@ from ..errors import DeltaCoMeError
 from ..format.packing import SUPPORTED_BITS, QuantizedMatrix
 from .cholesky import inverse_cholesky
 from .rtn import asymmetric_params
+from .spill import Hessian, SpilledHessian
 
 DEFAULT_BLOCK_SIZE = 128
 _HESSIAN_BLOCK = 2048  # columns of x xᵀ formed at a time by GPTQ.add_batch
@@ -63,19 +64,23 @@ class GPTQ:
         self.used_damp: float | None = None  # damping that the last call actually needed
 
     @classmethod
-    def from_hessian(cls, hessian: torch.Tensor, *, nsamples: int = 1, name: str = "", copy: bool = True) -> GPTQ:
+    def from_hessian(cls, hessian: Hessian, *, nsamples: int = 1, name: str = "", copy: bool = True) -> GPTQ:
         """A `GPTQ` around a ready Hessian (e.g. ``A H Aᵀ`` for the input of ``U``), no data pass needed.
 
         ``copy=False`` shares ``hessian`` (float32 / float64) instead of copying it: quantizing only reads it, so a
-        caller that already made its own copy need not pay for another (0.97 GB for a 7B down_proj in float64)."""
-        if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        caller that already made its own copy need not pay for another (0.97 GB for a 7B down_proj in float64).
+        A :class:`~.spill.SpilledHessian` is always shared (read from its file when the loop needs it)."""
+        if len(hessian.shape) != 2 or hessian.shape[0] != hessian.shape[1]:
             raise DeltaCoMeError(f"GPTQ{_where(name)}: Hessian must be square, got shape {tuple(hessian.shape)}")
         dtype = hessian.dtype if hessian.dtype in (torch.float32, torch.float64) else torch.float32
         if hessian.shape[0] <= 0:
             raise DeltaCoMeError(f"GPTQ{_where(name)}: number of columns must be positive, got {hessian.shape[0]}")
         g = cls(1, device="meta", dtype=dtype, name=name)  # no n x n zeros to replace (0.97 GB for a 7B down_proj)
         g.columns = hessian.shape[0]
-        g.H = hessian.to(dtype) if not copy else hessian.to(dtype, copy=True)
+        if isinstance(hessian, SpilledHessian):
+            g.H = hessian
+        else:
+            g.H = hessian.to(dtype) if not copy else hessian.to(dtype, copy=True)
         g.nsamples = nsamples
         return g
 
@@ -85,6 +90,8 @@ class GPTQ:
             raise DeltaCoMeError(
                 f"GPTQ{_where(self.name)}: input has {x.shape[-1]} features, the Hessian expects {self.columns}"
             )
+        if isinstance(self.H, SpilledHessian):
+            raise DeltaCoMeError(f"GPTQ{_where(self.name)}: the Hessian was spilled to disk; it takes no more inputs")
         x = x.reshape(-1, self.columns).to(device=self.H.device, dtype=self.H.dtype)
         t = x.shape[0]
         if t == 0:
@@ -308,9 +315,11 @@ class GPTQ:
             # static groups: parameters from the weight before any error feedback
             for g in range(n_groups):
                 set_params(g, W[:, g_first[g] : g_last[g]])
-            order = torch.argsort(torch.diagonal(self.H).to(torch.float64), descending=True, stable=True).to(device)
+            full = self.H.load() if isinstance(self.H, SpilledHessian) else self.H
+            order = torch.argsort(torch.diagonal(full).to(torch.float64), descending=True, stable=True).to(device)
             W = W[:, order]
-            H = self.H[order][:, order]
+            H = full[order][:, order]
+            del full
             breaks = set(range(0, cols, block_size))
         else:
             order = torch.arange(cols, device=device)
