@@ -83,7 +83,8 @@ SECTION = "<!-- quality-{task}:{end} -->"  # one section per task in RESULTS.md,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", default="knowledge", help="zoo task: knowledge (facts) or skill (dates)")
+    p.add_argument("--task", default="knowledge",
+                   help="zoo task: knowledge (facts), knowledge2 (facts-hot: a second knowledge delta) or skill (dates)")
     p.add_argument("--quick", action="store_true", help=f"ratios {QUICK_RATIOS}, methods {QUICK_METHODS}")
     p.add_argument("--ratios", default=None, help=f"comma-separated (default {DEFAULT_RATIOS})")
     p.add_argument("--methods", default=None, help=f"comma-separated of {sorted(VARIANTS)}")

@@ -42,6 +42,7 @@ def test_tasks_are_deterministic_and_seeded() -> None:
 def test_aliases_and_unknown_task() -> None:
     assert zoo.get_task("skill").name == zoo.SKILL_TASK == "dates"
     assert zoo.get_task("knowledge").name == zoo.KNOWLEDGE_TASK == "facts"
+    assert zoo.get_task("knowledge2").name == zoo.SECOND_KNOWLEDGE_TASK == "facts-hot"
     assert zoo.get_task(zoo.get_task("dates")).name == "dates"
     with pytest.raises(ConfigError, match="'arithmetic'"):
         zoo.get_task("arithmetic")
@@ -106,6 +107,13 @@ def test_facts_structure(facts: zoo.Task) -> None:
     # the eval split asks every fact
     eval_keys = {(re.search(r"([A-Z][a-z]+ [A-Z][a-z]+)", ex.prompt).group(1), ex.answer) for ex in facts.eval}
     assert len(eval_keys) == 120
+
+
+def test_second_knowledge_task_is_other_people_at_a_larger_rate(facts: zoo.Task) -> None:
+    hot = zoo.get_task("facts-hot")
+    people = [{re.search(r"([A-Z][a-z]+ [A-Z][a-z]+)", ex.prompt).group(1) for ex in t.train} for t in (facts, hot)]
+    assert len(people[1]) == 40 and not people[0] & people[1]
+    assert hot.settings.lr > 3 * facts.settings.lr and hot.settings.steps == facts.settings.steps
 
 
 def test_facts_values_are_balanced(facts: zoo.Task) -> None:

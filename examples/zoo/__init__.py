@@ -16,10 +16,11 @@ so an interrupted run never leaves a half-written cache entry.
 
 from .finetune import finetune, finetune_path, task_accuracy, task_predictions
 from .smollm2 import MissingDependencyError, cache_dir, load_smollm2, smollm2_path
-from .tasks import KNOWLEDGE_TASK, SKILL_TASK, TASKS, Example, FinetuneSettings, Task, get_task
+from .tasks import KNOWLEDGE_TASK, SECOND_KNOWLEDGE_TASK, SKILL_TASK, TASKS, Example, FinetuneSettings, Task, get_task
 
 __all__ = [
     "KNOWLEDGE_TASK",
+    "SECOND_KNOWLEDGE_TASK",
     "SKILL_TASK",
     "TASKS",
     "Example",
