@@ -4,7 +4,8 @@
   distillation against the fine-tune (:func:`distill_sign_scales`). One bit per weight is exactly the 1/16 budget;
   below that only the output rows whose sign approximation removes the most output error keep their signs;
 * ``dare`` — a random subset of the delta's entries (mask regenerated from a stored seed), rescaled by 1/keep and
-  quantized; keep is the largest the budget allows.
+  quantized; keep is the largest the budget allows. ``deltacome-dare`` applies it to the residual of its bands
+  (:func:`.modules.compress_module`).
 
 (``lowrank`` and ``svd-uniform`` are band layouts of :mod:`.svd`; see :func:`.modules.method_spec`.)
 """
@@ -39,9 +40,12 @@ def bitdelta_rows(m: int, n: int, ratio: float, per_row: bool) -> int:
     return lo
 
 
-def dare_plan(name: str, m: int, n: int, ratio: float, bits: int, group_size: int) -> dict[str, Any] | None:
-    """The ``sparse`` part of a DARE layout: the largest keep rate whose sampled mask's values fit the budget."""
-    budget = budget_bytes(m, n, ratio)
+def dare_plan(
+    name: str, m: int, n: int, ratio: float, bits: int, group_size: int, *, budget: int | None = None
+) -> dict[str, Any] | None:
+    """The ``sparse`` part of a DARE layout: the largest keep rate whose sampled mask's values fit the budget
+    (``budget`` bytes when given, e.g. what the bands of ``deltacome-dare`` leave; else the module's at ``ratio``)."""
+    budget = budget_bytes(m, n, ratio) if budget is None else int(budget)
     lo, hi = 0, m * n
     while lo < hi:  # most values that fit
         mid = (lo + hi + 1) // 2

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import SVD_METHODS, DeltaCoMeConfig
+from ..config import HYBRID_BAND_SHARE, SVD_METHODS, DeltaCoMeConfig
 from ..errors import ConfigError, DeltaCoMeError
 from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
@@ -23,7 +23,7 @@ from .svd import compress_linear, svd
 
 def method_spec(config: DeltaCoMeConfig) -> list[list]:
     """The band specification ``[(bits, rank | fraction | None), ...]`` of an SVD method."""
-    if config.method in ("deltacome", "impart"):
+    if config.method in ("deltacome", "impart", "deltacome-dare"):
         return [list(b) for b in config.bands]
     if config.method == "lowrank":
         return [[16, None]]
@@ -82,9 +82,31 @@ def plan_entry(
         sparse = None if unchanged else dare_plan(name, m, n, ratio, config.uniform_bits, config.group_size)
         if sparse:
             entry["sparse"] = sparse
+    elif method == "deltacome-dare":
+        spec = spec if spec is not None else method_spec(config)
+        entry["bands"], sparse = hybrid_plan(name, m, n, ratio, config, spec, unchanged)
+        if sparse:
+            entry["sparse"] = sparse
     else:
         raise ConfigError(f"unknown method {method!r}")
     return entry
+
+
+def hybrid_plan(
+    name: str, m: int, n: int, ratio: float, config: DeltaCoMeConfig, spec: Sequence[Sequence], unchanged: bool
+) -> tuple[list[list[int]], dict[str, Any] | None]:
+    """``deltacome-dare``: the bands ``spec`` buys with ``band_share`` of the module's budget, and the DARE part
+    of the residual that the bytes left over (every stored byte counted) buy."""
+    if unchanged:
+        return [[int(b), 0] for b, _ in spec], None
+    share = HYBRID_BAND_SHARE if config.band_share is None else float(config.band_share)
+    budget = budget_bytes(m, n, ratio)
+    if share > 0.0 and int(budget * share) > 0:
+        bands = [list(b) for b in solve_ranks(m, n, ratio * share, spec, config.group_size)]
+    else:
+        bands = [[int(b), 0] for b, _ in spec]
+    left = budget - layout_nbytes(m, n, [tuple(b) for b in bands], config.group_size)
+    return bands, dare_plan(name, m, n, ratio, config.uniform_bits, config.group_size, budget=left)
 
 
 def entry_nbytes(entry: dict[str, Any]) -> int:
@@ -184,8 +206,9 @@ def compress_module(
         out.bands = list(parts)
     if entry.get("sign"):
         out.sign = bitdelta_factors(delta, hessian, int(entry["sign"]["rows"]), entry["sign"].get("scale") == "row")
-    if entry.get("sparse"):
-        out.sparse = dare_factors(delta, entry["sparse"])
+    if entry.get("sparse"):  # DARE of what the bands leave (deltacome-dare), of the whole delta (dare)
+        out.sparse = dare_factors(delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta,
+                                  entry["sparse"])  # fmt: skip
     if any(b["rank"] > 0 for b in entry.get("sparse_bands", [])):
         out.sparse_bands = compress_sparse_bands(delta, hessian, entry, out.dense(m, n), quantizer=config.quantizer,
                                                  damp=config.damp)  # fmt: skip

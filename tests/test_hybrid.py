@@ -1,0 +1,92 @@
+"""``deltacome-dare``: Delta-CoMe bands for the top singular directions, DARE for the residual they leave."""
+
+import pytest
+import torch
+from tiny_models import long_tail_delta
+
+from hf_deltacome import ConfigError, DeltaCoMeConfig
+from hf_deltacome.compression.modules import compress_module, entry_nbytes, output_error, plan_entry
+from hf_deltacome.format.budget import band_nbytes, budget_bytes, layout_nbytes
+from hf_deltacome.format.storage import PackedDelta, sparse_mask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def hybrid(ratio: float, share: float, bits: int = 4, **kw) -> DeltaCoMeConfig:
+    return DeltaCoMeConfig(method="deltacome-dare", ratio=ratio, bands=[[bits, None]], band_share=share,
+                           group_size=32, quantizer="rtn", **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("share", [0.1, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("ratio", [1 / 8, 1 / 32, 1 / 64])
+def test_bands_take_their_share_and_dare_the_rest_of_the_budget(share, ratio):
+    m, n = 192, 320
+    entry = plan_entry("layers.1.mlp.up_proj", m, n, ratio, hybrid(ratio, share))
+    budget = budget_bytes(m, n, ratio)
+    bands = layout_nbytes(m, n, [tuple(b) for b in entry["bands"]], 32)
+    assert bands <= share * budget
+    assert (entry["bands"][0][1] > 0) == (band_nbytes(m, n, 4, 1, 32) <= share * budget)  # 1/64 at 10%: none
+    # the DARE values spend what the bands leave, every byte counted, and the loader allocates exactly that
+    assert entry_nbytes(entry) <= budget and entry_nbytes(entry) - bands > 0.9 * (budget - bands)
+    assert PackedDelta.from_layout(entry).nbytes() == entry_nbytes(entry)
+    # a larger band share leaves DARE a lower keep-rate (once it buys a band at all)
+    other = plan_entry("layers.1.mlp.up_proj", m, n, ratio, hybrid(ratio, share / 2))
+    assert other["sparse"]["keep"] >= entry["sparse"]["keep"]
+    assert (other["sparse"]["keep"] > entry["sparse"]["keep"]) == (other["bands"] != entry["bands"])
+
+
+def test_band_share_zero_is_plain_dare():
+    d = long_tail_delta(96, 160, seed=3)
+    entry = plan_entry("layers.0.q", 96, 160, 1 / 16, hybrid(1 / 16, 0.0))
+    dare_cfg = DeltaCoMeConfig(method="dare", ratio=1 / 16, group_size=32)
+    dare = plan_entry("layers.0.q", 96, 160, 1 / 16, dare_cfg)
+    assert entry["sparse"] == dare["sparse"] and all(r == 0 for _, r in entry["bands"])
+    a = compress_module(d, None, entry, hybrid(1 / 16, 0.0)).dense(96, 160, entry["sparse"])
+    b = compress_module(d, None, dare, dare_cfg).dense(96, 160, dare["sparse"])
+    assert torch.equal(a, b)
+
+
+def test_dare_part_stores_the_residual_of_the_bands():
+    m, n, ratio = 96, 160, 1 / 8
+    d = long_tail_delta(m, n, seed=1)
+    cfg = hybrid(ratio, 0.5)
+    entry = plan_entry("layers.2.o", m, n, ratio, cfg)
+    factors = compress_module(d, None, entry, cfg)
+    assert factors.bands and factors.sparse is not None
+    sparse = entry["sparse"]
+    mask = sparse_mask(m, n, sparse["keep"], sparse["seed"])
+    bands = sum(((uq.dequantize().t() * s) @ vq.dequantize() for vq, uq, s in factors.bands), torch.zeros(m, n))
+    values = factors.sparse.dequantize().reshape(-1)
+    # each kept value is the residual entry rescaled by 1/keep (up to its 4-bit rounding), not the delta's
+    want = (d - bands)[mask] / sparse["keep"]
+    step = (want.abs().max() / 7).item()
+    assert (values - want).abs().max() <= step
+    assert (values - d[mask] / sparse["keep"]).abs().max() > 4 * step
+    # the stored parts, as the loader builds them, sum to the same dense approximation
+    packed = PackedDelta.from_layout(entry)
+    factors.fill(packed)
+    torch.testing.assert_close(packed.delta_weight(), factors.dense(m, n, sparse), atol=1e-6, rtol=1e-5)
+
+
+def test_hybrid_beats_dare_where_the_energy_sits_in_a_few_directions():
+    """DARE's noise is ``(1/keep - 1)`` times the energy it sparsifies: taking the top directions out first pays
+    when they hold most of it (the long-tail delta's first 3 singular values are tripled)."""
+    m, n = 192, 320
+    d = long_tail_delta(m, n, seed=0, decay=1.0)
+    for ratio in (1 / 16, 1 / 64):
+        dare_cfg = DeltaCoMeConfig(method="dare", ratio=ratio, group_size=32)
+        dare = plan_entry("a", m, n, ratio, dare_cfg)
+        err_dare = output_error(d - compress_module(d, None, dare, dare_cfg).dense(m, n, dare["sparse"]), None)
+        cfg = hybrid(ratio, 0.5)
+        entry = plan_entry("a", m, n, ratio, cfg)
+        err = output_error(d - compress_module(d, None, entry, cfg).dense(m, n, entry["sparse"]), None)
+        assert err < 0.5 * err_dare, (ratio, err, err_dare)
+
+
+def test_band_share_is_checked():
+    with pytest.raises(ConfigError, match="band_share must be null or a number in \\[0, 1\\], got 1.5"):
+        DeltaCoMeConfig(method="deltacome-dare", band_share=1.5)
+    with pytest.raises(ConfigError, match="band_share applies to method 'deltacome-dare', not 'dare'"):
+        DeltaCoMeConfig(method="dare", band_share=0.25)
+    with pytest.raises(ConfigError, match="allocation='adaptive'"):
+        DeltaCoMeConfig(method="deltacome-dare", allocation="adaptive")
