@@ -32,7 +32,6 @@ PLAN_RECORDS = ("budget", "rank_share", "search", "allocation", "end_to_end")
 UNIFORM_BITS = (2, 3, 4, 8)
 BITDELTA_SCALES = ("matrix", "row")
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
-HYBRID_BAND_SHARE = 0.25  # deltacome-dare: share of each module's budget its bands take when band_share is not set
 
 
 def parse_ratio(value: Union[str, float, int]) -> float:
@@ -95,7 +94,7 @@ class DeltaCoMeConfig(PeftConfig):
             ``IMPART_MIN_KEEP``); keep-rates grow with the singular value (docs/METHOD.md).
         band_share: ``deltacome-dare`` only: the share of each module's budget its singular bands (``bands``,
             filled in order) may take; the rest stores DARE of the residual ``Δ − U_q S V_qᵀ`` (seeded mask,
-            rescaled, ``uniform_bits``). ``None``: ``HYBRID_BAND_SHARE``; 0 is plain DARE.
+            rescaled, ``uniform_bits``). ``None``: 0.25; 0 is DARE; ``"auto"``: per module, the least expected error.
         base_vocab_size, vocab_size: set when the fine-tune added tokens (``V`` -> ``V'`` rows): loading resizes the
             base's embeddings to ``vocab_size`` before the adapter is injected, and the base check reads the first
             ``base_vocab_size`` rows only (see :mod:`hf_deltacome.compression.vocab`).
@@ -127,7 +126,7 @@ class DeltaCoMeConfig(PeftConfig):
     sparse_tail: Optional[float] = field(
         default=None, metadata={"help": "Keep-rate of the sparse last band (deltacome) / lowest of impart's, (0, 1)."}
     )
-    band_share: Optional[float] = field(default=None, metadata={"help": "deltacome-dare: bands' share, [0, 1]."})
+    band_share: Optional[Union[float, str]] = field(default=None, metadata={"help": "deltacome-dare: [0, 1], auto"})
     base_vocab_size: Optional[int] = field(default=None)
     vocab_size: Optional[int] = field(default=None)
     trainable_token_indices: Optional[dict[str, list[int]]] = field(default=None)
@@ -247,8 +246,9 @@ class DeltaCoMeConfig(PeftConfig):
                 raise ConfigError(f"sparse_tail applies to methods 'deltacome' and 'impart', not {self.method!r}")
             self.sparse_tail = float(tail)
         share = self.band_share
-        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
-            raise ConfigError(f"band_share must be null or a number in [0, 1], got {share!r}")
+        if share not in (None, "auto") and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                            or not 0 <= share <= 1):  # fmt: skip
+            raise ConfigError(f"band_share must be null, 'auto' or a number in [0, 1], got {share!r}")
         if share is not None and self.method != "deltacome-dare":
             raise ConfigError(f"band_share applies to method 'deltacome-dare', not {self.method!r}")
         if (tail is not None or self.method == "impart") and (self.search is not None or self.allocation != "uniform"):

@@ -1,10 +1,13 @@
 """``deltacome-dare``: Delta-CoMe bands for the top singular directions, DARE for the residual they leave."""
 
+import copy
+
 import pytest
 import torch
 from tiny_models import long_tail_delta
 
 from hf_deltacome import ConfigError, DeltaCoMeConfig
+from hf_deltacome.compression.baselines import dare_factors, hybrid_error
 from hf_deltacome.compression.modules import compress_module, entry_nbytes, output_error, plan_entry
 from hf_deltacome.format.budget import band_nbytes, budget_bytes, layout_nbytes
 from hf_deltacome.format.storage import PackedDelta, sparse_mask
@@ -46,26 +49,47 @@ def test_band_share_zero_is_plain_dare():
     assert torch.equal(a, b)
 
 
-def test_dare_part_stores_the_residual_of_the_bands():
+def test_dare_part_stores_what_the_top_directions_leave():
     m, n, ratio = 96, 160, 1 / 8
     d = long_tail_delta(m, n, seed=1)
     cfg = hybrid(ratio, 0.5)
     entry = plan_entry("layers.2.o", m, n, ratio, cfg)
     factors = compress_module(d, None, entry, cfg)
     assert factors.bands and factors.sparse is not None
-    sparse = entry["sparse"]
+    sparse, k = entry["sparse"], entry["bands"][0][1]
     mask = sparse_mask(m, n, sparse["keep"], sparse["seed"])
-    bands = sum(((uq.dequantize().t() * s) @ vq.dequantize() for vq, uq, s in factors.bands), torch.zeros(m, n))
+    U, S, Vh = torch.linalg.svd(d, full_matrices=False)
     values = factors.sparse.dequantize().reshape(-1)
-    # each kept value is the residual entry rescaled by 1/keep (up to its 4-bit rounding), not the delta's
-    want = (d - bands)[mask] / sparse["keep"]
+    # each kept value is the entry of Δ − U_k S_k V_kᵀ rescaled by 1/keep (up to its 4-bit rounding): not the delta's
+    # entry, and not the residual of the rounded bands (DARE's noise would multiply their rounding error)
+    want = (d - (U[:, :k] * S[:k]) @ Vh[:k])[mask] / sparse["keep"]
     step = (want.abs().max() / 7).item()
     assert (values - want).abs().max() <= step
     assert (values - d[mask] / sparse["keep"]).abs().max() > 4 * step
     # the stored parts, as the loader builds them, sum to the same dense approximation
     packed = PackedDelta.from_layout(entry)
     factors.fill(packed)
-    torch.testing.assert_close(packed.delta_weight(), factors.dense(m, n, sparse), atol=1e-6, rtol=1e-5)
+    dense = factors.dense(m, n, sparse)
+    torch.testing.assert_close(packed.delta_weight(), dense, atol=1e-6, rtol=1e-5)
+    bands = sum(((uq.dequantize().t() * s) @ vq.dequantize() for vq, uq, s in factors.bands), torch.zeros(m, n))
+    torch.testing.assert_close(dense[~mask], bands[~mask])
+
+
+def test_bands_rounding_is_not_multiplied_by_dare_noise():
+    """Low-bit bands leave rounding error; sparsifying the exact residual keeps it as it is, where DARE of the rounded
+    bands' residual would multiply it by ``1/keep − 1`` (8x at keep 0.11)."""
+    m, n, ratio = 192, 320, 1 / 16
+    d = long_tail_delta(m, n, seed=0, decay=1.0)
+    for bits in (3, 4):
+        cfg = hybrid(ratio, 0.5, bits)
+        entry = plan_entry("a", m, n, ratio, cfg)
+        factors = compress_module(d, None, entry, cfg)
+        err = output_error(d - factors.dense(m, n, entry["sparse"]), None)
+        bands = sum(((uq.dequantize().t() * s) @ vq.dequantize() for vq, uq, s in factors.bands), torch.zeros(m, n))
+        redone = copy.copy(factors)
+        redone.sparse = dare_factors(d - bands, entry["sparse"])
+        err_rounded = output_error(d - redone.dense(m, n, entry["sparse"]), None)
+        assert err < 0.7 * err_rounded, (bits, err, err_rounded)
 
 
 def test_hybrid_beats_dare_where_the_energy_sits_in_a_few_directions():
@@ -84,9 +108,29 @@ def test_hybrid_beats_dare_where_the_energy_sits_in_a_few_directions():
 
 
 def test_band_share_is_checked():
-    with pytest.raises(ConfigError, match="band_share must be null or a number in \\[0, 1\\], got 1.5"):
+    with pytest.raises(ConfigError, match="band_share must be null, 'auto' or a number in \\[0, 1\\], got 1.5"):
         DeltaCoMeConfig(method="deltacome-dare", band_share=1.5)
     with pytest.raises(ConfigError, match="band_share applies to method 'deltacome-dare', not 'dare'"):
         DeltaCoMeConfig(method="dare", band_share=0.25)
     with pytest.raises(ConfigError, match="allocation='adaptive'"):
         DeltaCoMeConfig(method="deltacome-dare", allocation="adaptive")
+
+
+def test_auto_share_follows_the_spectrum_and_its_error_model_holds():
+    m, n, ratio = 192, 320, 1 / 16
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(m, n, generator=g) * 0.01  # no direction stands out: bands only cost DARE keep-rate
+    peaked = long_tail_delta(m, n, seed=0, decay=1.0)
+    cfg = hybrid(ratio, "auto")
+    chosen = {}
+    for label, d in (("flat", flat), ("peaked", peaked)):
+        spectrum = torch.linalg.svdvals(d)
+        entry = plan_entry("layers.0.mlp.up_proj", m, n, ratio, cfg, spectrum=spectrum)
+        chosen[label] = entry["bands"][0][1]
+        err = output_error(d - compress_module(d, None, entry, cfg).dense(m, n, entry["sparse"]), None)
+        want = hybrid_error(m, n, entry["bands"], budget_bytes(m, n, ratio), 4, 32, spectrum)
+        assert 0.7 * want < err < 1.3 * want, (label, err, want)  # the expected error it chose by
+    assert chosen["flat"] == 0 and chosen["peaked"] > 0, chosen
+    # without a spectrum (a streamed run) the default share
+    entry = plan_entry("layers.0.mlp.up_proj", m, n, ratio, cfg)
+    assert entry["bands"] == plan_entry("layers.0.mlp.up_proj", m, n, ratio, hybrid(ratio, 0.25))["bands"]

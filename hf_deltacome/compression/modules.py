@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from ..config import HYBRID_BAND_SHARE, SVD_METHODS, DeltaCoMeConfig
+from ..config import SVD_METHODS, DeltaCoMeConfig
 from ..errors import ConfigError, DeltaCoMeError
 from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import FORMAT_VERSION, PackedDelta, sign_part_nbytes, sparse_band_nbytes, sparse_mask
 from ..quant.rtn import quantize_rtn
-from .baselines import bitdelta_factors, bitdelta_rows, dare_factors, dare_plan
+from .baselines import bitdelta_factors, bitdelta_rows, dare_factors, dare_plan, hybrid_plan
 from .impart import compress_sparse_bands, sparse_split
 from .svd import compress_linear, svd
 
@@ -59,7 +59,8 @@ def plan_entry(
 
     The configured split gets the config's ``min_rank_share`` (``"auto"`` counts as 0 here: ``plan_layouts``
     resolves it); a searched ``spec`` is used as found. ``impart`` and ``sparse_tail`` make the last band sparse
-    (:func:`.impart.sparse_split`; ``spectrum``: the delta's singular values, for ImPart's keep-rates)."""
+    (:func:`.impart.sparse_split`; ``spectrum``: the delta's singular values, for ImPart's keep-rates and for
+    ``deltacome-dare``'s ``band_share="auto"``)."""
     entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias),
                              "format": FORMAT_VERSION}  # fmt: skip
     method = config.method
@@ -84,29 +85,12 @@ def plan_entry(
             entry["sparse"] = sparse
     elif method == "deltacome-dare":
         spec = spec if spec is not None else method_spec(config)
-        entry["bands"], sparse = hybrid_plan(name, m, n, ratio, config, spec, unchanged)
+        entry["bands"], sparse = hybrid_plan(name, m, n, ratio, config, spec, unchanged, spectrum)
         if sparse:
             entry["sparse"] = sparse
     else:
         raise ConfigError(f"unknown method {method!r}")
     return entry
-
-
-def hybrid_plan(
-    name: str, m: int, n: int, ratio: float, config: DeltaCoMeConfig, spec: Sequence[Sequence], unchanged: bool
-) -> tuple[list[list[int]], dict[str, Any] | None]:
-    """``deltacome-dare``: the bands ``spec`` buys with ``band_share`` of the module's budget, and the DARE part
-    of the residual that the bytes left over (every stored byte counted) buy."""
-    if unchanged:
-        return [[int(b), 0] for b, _ in spec], None
-    share = HYBRID_BAND_SHARE if config.band_share is None else float(config.band_share)
-    budget = budget_bytes(m, n, ratio)
-    if share > 0.0 and int(budget * share) > 0:
-        bands = [list(b) for b in solve_ranks(m, n, ratio * share, spec, config.group_size)]
-    else:
-        bands = [[int(b), 0] for b, _ in spec]
-    left = budget - layout_nbytes(m, n, [tuple(b) for b in bands], config.group_size)
-    return bands, dare_plan(name, m, n, ratio, config.uniform_bits, config.group_size, budget=left)
 
 
 def entry_nbytes(entry: dict[str, Any]) -> int:
@@ -206,13 +190,21 @@ def compress_module(
         out.bands = list(parts)
     if entry.get("sign"):
         out.sign = bitdelta_factors(delta, hessian, int(entry["sign"]["rows"]), entry["sign"].get("scale") == "row")
-    if entry.get("sparse"):  # DARE of what the bands leave (deltacome-dare), of the whole delta (dare)
-        out.sparse = dare_factors(delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta,
-                                  entry["sparse"])  # fmt: skip
+    if entry.get("sparse"):  # DARE of the whole delta (dare), of what the top singular directions leave (hybrid)
+        out.sparse = dare_factors(delta - truncation(delta, entry) if out.bands else delta, entry["sparse"])
     if any(b["rank"] > 0 for b in entry.get("sparse_bands", [])):
         out.sparse_bands = compress_sparse_bands(delta, hessian, entry, out.dense(m, n), quantizer=config.quantizer,
                                                  damp=config.damp)  # fmt: skip
     return out
+
+
+def truncation(delta: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
+    """``U_k S_k V_kᵀ``, the exact top-``k`` part of ``delta`` (``k``: the entry's band ranks): ``deltacome-dare``
+    sparsifies the rest. Not ``Δ − U_q S V_qᵀ``: DARE's ``1/keep − 1`` noise would multiply the bands' rounding error
+    too, which costs more than leaving it (below keep 0.5; docs/METHOD.md)."""
+    k = sum(r for _, r in entry.get("bands", []))
+    U, S, Vh = svd(delta.detach().to(torch.float32).cpu())
+    return (U[:, :k] * S[:k]) @ Vh[:k]
 
 
 def output_error(err: torch.Tensor, hessian: torch.Tensor | None) -> float:

@@ -139,9 +139,11 @@ def plan_layouts(
 def _spectra(
     config: DeltaCoMeConfig, live: Sequence[str], base_mods: dict[str, nn.Module], delta_of: Any
 ) -> dict[str, torch.Tensor]:
-    """Singular values of each changed delta, for ImPart's keep-rates (none for other methods, or when the weights
-    are not in memory: a streamed run plans with the model spectrum of :mod:`.impart`)."""
-    if config.method != "impart" or any(base_mods[nm].weight.is_meta for nm in live):
+    """Singular values of each changed delta, for ImPart's keep-rates and ``deltacome-dare``'s ``band_share="auto"``
+    (none for other methods, or when the weights are not in memory: a streamed run plans with the model spectrum of
+    :mod:`.impart`, the hybrid with its default share)."""
+    wanted = config.method == "impart" or (config.method == "deltacome-dare" and config.band_share == "auto")
+    if not wanted or any(base_mods[nm].weight.is_meta for nm in live):
         return {}
     return {nm: svd(delta_of(nm))[1] for nm in live}
 
