@@ -55,10 +55,10 @@ def hybrid_plan(
     unchanged: bool = False,
     spectrum: torch.Tensor | None = None,
 ) -> tuple[list[list[int]], dict[str, Any] | None]:
-    """``deltacome-dare``: the bands ``spec`` buys with ``band_share`` of the module's budget, and the DARE part
-    of the rest of the delta (past the bands' rank) that the bytes left over (every stored byte counted) buy. ``band_share="auto"``: the share of
-    ``HYBRID_SHARES`` with the least expected error (:func:`hybrid_error`) under ``spectrum``, the delta's singular
-    values (without it, ``HYBRID_BAND_SHARE``)."""
+    """``deltacome-dare``: the bands ``spec`` buys with ``band_share`` of the module's budget, and the DARE part of
+    their residual ``Δ − U_q S V_qᵀ`` that the bytes left over (every stored byte counted) buy. ``band_share="auto"``:
+    the share of ``HYBRID_SHARES`` with the least expected error (:func:`hybrid_error`) under ``spectrum``, the
+    delta's singular values (without it, ``HYBRID_BAND_SHARE``)."""
     if unchanged:
         return [[int(b), 0] for b, _ in spec], None
     g, bits = config.group_size, config.uniform_bits
@@ -82,18 +82,18 @@ def hybrid_plan(
 def hybrid_error(
     m: int, n: int, bands: Sequence[Sequence[int]], budget: int, bits: int, group_size: int, spectrum: torch.Tensor
 ) -> float:
-    """Expected ``||Δ − Δ̂||²`` of bands + DARE of the rest: the energy past the bands' rank times ``1/keep − 1``
-    (DARE's rescaling noise, at the keep-rate the bytes left buy) plus the bands' rounding, taken as ``3 / (2^b − 1)²``
-    of their energy (two factors, each rounded over ~6 standard deviations in ``2^b − 1`` steps; measured at about
-    that on long-tail deltas, tests/test_hybrid.py)."""
+    """Expected ``||Δ − Δ̂||²`` of bands + DARE of their residual ``Δ − U_q S V_qᵀ``: what DARE sparsifies (the
+    energy past the bands' rank and the bands' rounding, taken as ``3 / (2^b − 1)²`` of their energy: two factors,
+    each rounded over ~6 standard deviations in ``2^b − 1`` steps) times ``1/keep − 1``, DARE's rescaling noise at
+    the keep-rate the bytes left buy. Unbiased, as DARE is: the bands' rounding is noise, not a bias."""
     s2 = spectrum.to(torch.float64).square()
-    kept, start = 0.0, 0
+    residual, start = 0.0, 0
     for b, r in bands:
-        kept += float(s2[start : start + r].sum()) * 3.0 / (2**b - 1) ** 2
+        residual += float(s2[start : start + r].sum()) * 3.0 / (2**b - 1) ** 2
         start += r
+    residual += float(s2[start:].sum())
     values = dare_values(budget - layout_nbytes(m, n, [tuple(b) for b in bands], group_size), bits, group_size, m * n)
-    residual = float(s2[start:].sum())
-    return kept + (residual * (m * n / values - 1.0) if values else residual)
+    return residual * (m * n / values - 1.0) if values else residual
 
 
 def dare_values(budget: int, bits: int, group_size: int, cap: int) -> int:

@@ -190,21 +190,13 @@ def compress_module(
         out.bands = list(parts)
     if entry.get("sign"):
         out.sign = bitdelta_factors(delta, hessian, int(entry["sign"]["rows"]), entry["sign"].get("scale") == "row")
-    if entry.get("sparse"):  # DARE of the whole delta (dare), of what the top singular directions leave (hybrid)
-        out.sparse = dare_factors(delta - truncation(delta, entry) if out.bands else delta, entry["sparse"])
+    if entry.get("sparse"):  # DARE of the whole delta (dare), of what the stored bands leave (deltacome-dare)
+        out.sparse = dare_factors(delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta,
+                                  entry["sparse"])  # fmt: skip
     if any(b["rank"] > 0 for b in entry.get("sparse_bands", [])):
         out.sparse_bands = compress_sparse_bands(delta, hessian, entry, out.dense(m, n), quantizer=config.quantizer,
                                                  damp=config.damp)  # fmt: skip
     return out
-
-
-def truncation(delta: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
-    """``U_k S_k V_kᵀ``, the exact top-``k`` part of ``delta`` (``k``: the entry's band ranks): ``deltacome-dare``
-    sparsifies the rest. Not ``Δ − U_q S V_qᵀ``: DARE's ``1/keep − 1`` noise would multiply the bands' rounding error
-    too, which costs more than leaving it (below keep 0.5; docs/METHOD.md)."""
-    k = sum(r for _, r in entry.get("bands", []))
-    U, S, Vh = svd(delta.detach().to(torch.float32).cpu())
-    return (U[:, :k] * S[:k]) @ Vh[:k]
 
 
 def output_error(err: torch.Tensor, hessian: torch.Tensor | None) -> float:
