@@ -207,16 +207,16 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                    help="search the band split per module type (default: the configured split)")  # fmt: skip
     p.add_argument("--allocation", choices=["uniform", "adaptive"], default=None,
                    help="adaptive: move budget between modules by sensitivity (default: uniform)")  # fmt: skip
-    p.add_argument("--uniform-bits", type=int, default=None, help="bits of svd-uniform / dare: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--uniform-bits", type=int, default=None, help="bits of svd-uniform / dare / deltacome-dare's DARE values: 2, 3, 4 or 8 (default 4)")
     p.add_argument("--bitdelta-scale", choices=["matrix", "row"], default=None,
                    help="BitDelta scale granularity (default: matrix)")  # fmt: skip
     p.add_argument("--sparse-tail", type=float, default=None,
                    help="keep-rate in (0, 1): the last 2-bit band keeps this random share of each singular vector "
                         "(mask from a seed) and buys more rank; with --method impart, its lowest keep-rate "
                         "(default 0.5)")  # fmt: skip
-    p.add_argument("--band-share", type=float, default=None,
-                   help="--method deltacome-dare: share of each module's budget its bands (--bands) take, the rest "
-                        "stores DARE of the residual (default 0.25)")  # fmt: skip
+    p.add_argument("--band-share", type=_share, default=None,
+                   help="--method deltacome-dare: share 0..1 of each module's budget its bands (--bands) take, the "
+                        "rest stores DARE of their residual; auto: per module by the delta's spectrum (default 0.25)")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None, help="BitDelta scale distillation steps, 0 = off (default 50)")
     p.add_argument("--calibration", default=None,
                    help="calibration text: .txt (one per line) or .jsonl; for a vision-language model, a .jsonl of "

@@ -1,5 +1,7 @@
 """``deltacome-dare``: Delta-CoMe bands for the top singular directions, DARE for the residual they leave."""
 
+import json
+
 import pytest
 import torch
 from tiny_models import long_tail_delta
@@ -146,3 +148,27 @@ def test_auto_share_follows_the_spectrum_and_its_error_model_holds():
     # without a spectrum (a streamed run) the default share
     entry = plan_entry("layers.0.mlp.up_proj", m, n, ratio, cfg)
     assert entry["bands"] == plan_entry("layers.0.mlp.up_proj", m, n, ratio, hybrid(ratio, 0.25))["bands"]
+
+
+def test_cli_compresses_bands_and_dare_and_refuses_a_bad_share(tmp_path, capsys):
+    from tiny_models import make_finetune, make_model, make_tokenizer
+
+    from hf_deltacome.cli import main
+
+    base = make_model("llama")
+    ft = make_finetune(base, seed=2)
+    for name, model in (("base", base), ("ft", ft)):
+        model.save_pretrained(tmp_path / name)
+        make_tokenizer().save_pretrained(tmp_path / name)
+    out = tmp_path / "adapter"
+    args = ["compress", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"), "--output", str(out),
+            "--quantizer", "rtn", "--ratio", "1/8", "--bands", "8:rest", "--method", "deltacome-dare"]  # fmt: skip
+    assert main([*args, "--band-share", "auto"]) == 0  # streamed: no spectrum at plan time, the default share
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["method"] == "deltacome-dare" and cfg["band_share"] == "auto"
+    capsys.readouterr()
+    assert main(["info", str(out), "--modules"]) == 0
+    shown = capsys.readouterr().out
+    assert "method deltacome-dare" in shown and "b (keep 0." in shown and "@8b" in shown
+    assert main([*args, "--overwrite", "--band-share", "1.5"]) == 2
+    assert "band_share must be null, 'auto' or a number in [0, 1], got 1.5" in capsys.readouterr().err

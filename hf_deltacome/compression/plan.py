@@ -8,7 +8,8 @@ counted with every stored byte, in the budget of :func:`~hf_deltacome.format.bud
   GPTQ against calibration activations (:mod:`.svd`);
 * ``svd-uniform`` — the same, every singular vector at ``config.uniform_bits`` bits;
 * ``lowrank`` — the top singular vectors in float16 at the rank the budget buys (plain truncated SVD);
-* ``bitdelta``, ``dare`` — the baselines of :mod:`.baselines`;
+* ``bitdelta``, ``dare`` — the baselines of :mod:`.baselines`; ``deltacome-dare`` — bands for the top singular
+  directions with ``band_share`` of the budget, DARE of their residual with the rest (:mod:`.baselines`);
 * ``impart`` (and ``deltacome`` with ``sparse_tail``) — the last band's singular vectors kept sparse, keep-rates
   growing with the singular value (:mod:`.impart`; the delta's spectrum is read here when the weights are loaded).
 
