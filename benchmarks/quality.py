@@ -70,6 +70,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dare": {"method": "dare"},
     "impart": {"method": "impart"},  # keep-rates grow with σ, down to 0.5 (docs/METHOD.md)
     "deltacome+sparse-tail": {"sparse_tail": 0.5},  # the last 2-bit band keeps half of each vector: more rank
+    # bands for the top singular directions with a share of each module's budget (auto: per module, the least
+    # expected error under the delta's spectrum), DARE (4-bit) of what they leave
+    **{f"deltacome-dare-{b}b-{pct}": {"method": "deltacome-dare", "bands": [[b, None]], "band_share": pct / 100}
+       for b in (3, 8) for pct in (10, 25, 50)},  # fmt: skip
+    **{f"deltacome-dare-{b}b-auto": {"method": "deltacome-dare", "bands": [[b, None]], "band_share": "auto"}
+       for b in (3, 4, 8)},  # fmt: skip
 }
 DEFAULT_METHODS = (
     "deltacome,deltacome+greedy,deltacome+adaptive,bitdelta,lowrank,svd-uniform-2,svd-uniform-4,dare,impart,"

@@ -23,11 +23,12 @@ from .errors import DeltaCoMeError
 from .progress import log_to_stderr as _log_to_stderr
 
 CHECKPOINT_DIR = ".deltacome-checkpoint"  # per-layer checkpoints of a running `deltacome compress`
-METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart")  # == config.METHODS (tested)
+# == config.METHODS (tested)
+METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", "deltacome-dare")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # == loading.DTYPES (tested)
 # optional config fields the CLI passes on only when given (their defaults live in DeltaCoMeConfig)
 METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "min_rank_share",
-                  "sparse_tail")
+                  "sparse_tail", "band_share")
 
 
 def _share(text: str) -> float | str:
@@ -206,13 +207,16 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                    help="search the band split per module type (default: the configured split)")  # fmt: skip
     p.add_argument("--allocation", choices=["uniform", "adaptive"], default=None,
                    help="adaptive: move budget between modules by sensitivity (default: uniform)")  # fmt: skip
-    p.add_argument("--uniform-bits", type=int, default=None, help="bits of svd-uniform / dare: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--uniform-bits", type=int, default=None, help="bits of svd-uniform / dare / deltacome-dare's DARE values: 2, 3, 4 or 8 (default 4)")
     p.add_argument("--bitdelta-scale", choices=["matrix", "row"], default=None,
                    help="BitDelta scale granularity (default: matrix)")  # fmt: skip
     p.add_argument("--sparse-tail", type=float, default=None,
                    help="keep-rate in (0, 1): the last 2-bit band keeps this random share of each singular vector "
                         "(mask from a seed) and buys more rank; with --method impart, its lowest keep-rate "
                         "(default 0.5)")  # fmt: skip
+    p.add_argument("--band-share", type=_share, default=None,
+                   help="--method deltacome-dare: share 0..1 of each module's budget its bands (--bands) take, the "
+                        "rest stores DARE of their residual; auto: per module by the delta's spectrum (default 0.25)")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None, help="BitDelta scale distillation steps, 0 = off (default 50)")
     p.add_argument("--calibration", default=None,
                    help="calibration text: .txt (one per line) or .jsonl; for a vision-language model, a .jsonl of "

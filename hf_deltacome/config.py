@@ -20,7 +20,7 @@ from .format.storage import FORMAT_VERSION
 from .io.atomic import PinnedFiles, atomic_write_text, attach_pin, file_sha256
 
 # deltacome: SVD + mixed-precision bands; the others are baselines at the same byte budget (see compression/plan.py)
-METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart")
+METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", "deltacome-dare")
 SVD_METHODS = ("deltacome", "lowrank", "svd-uniform", "impart")  # methods whose layout is a list of bands
 QUANTIZERS = ("gptq", "rtn")
 SEARCHES = ("greedy", "genetic")
@@ -92,6 +92,9 @@ class DeltaCoMeConfig(PeftConfig):
             that random share of each singular vector's entries (mask regenerated from a seed) and buys more rank
             with the bytes saved. ``impart``: the lowest keep-rate of its importance-aware tail (default
             ``IMPART_MIN_KEEP``); keep-rates grow with the singular value (docs/METHOD.md).
+        band_share: ``deltacome-dare`` only: the share of each module's budget its singular bands (``bands``,
+            filled in order) may take; the rest stores DARE of the residual ``Δ − U_q S V_qᵀ`` (seeded mask,
+            rescaled, ``uniform_bits``). ``None``: 0.25; 0 is DARE; ``"auto"``: per module, the least expected error.
         base_vocab_size, vocab_size: set when the fine-tune added tokens (``V`` -> ``V'`` rows): loading resizes the
             base's embeddings to ``vocab_size`` before the adapter is injected, and the base check reads the first
             ``base_vocab_size`` rows only (see :mod:`hf_deltacome.compression.vocab`).
@@ -123,6 +126,7 @@ class DeltaCoMeConfig(PeftConfig):
     sparse_tail: Optional[float] = field(
         default=None, metadata={"help": "Keep-rate of the sparse last band (deltacome) / lowest of impart's, (0, 1)."}
     )
+    band_share: Optional[Union[float, str]] = field(default=None, metadata={"help": "deltacome-dare: [0, 1], auto"})
     base_vocab_size: Optional[int] = field(default=None)
     vocab_size: Optional[int] = field(default=None)
     trainable_token_indices: Optional[dict[str, list[int]]] = field(default=None)
@@ -241,6 +245,12 @@ class DeltaCoMeConfig(PeftConfig):
             if self.method not in ("deltacome", "impart"):
                 raise ConfigError(f"sparse_tail applies to methods 'deltacome' and 'impart', not {self.method!r}")
             self.sparse_tail = float(tail)
+        share = self.band_share
+        if share not in (None, "auto") and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                            or not 0 <= share <= 1):  # fmt: skip
+            raise ConfigError(f"band_share must be null, 'auto' or a number in [0, 1], got {share!r}")
+        if share is not None and self.method != "deltacome-dare":
+            raise ConfigError(f"band_share applies to method 'deltacome-dare', not {self.method!r}")
         if (tail is not None or self.method == "impart") and (self.search is not None or self.allocation != "uniform"):
             raise ConfigError(
                 "sparse_tail / method 'impart' do not combine with search= or allocation='adaptive' (these choose "

@@ -4,7 +4,8 @@
   distillation against the fine-tune (:func:`distill_sign_scales`). One bit per weight is exactly the 1/16 budget;
   below that only the output rows whose sign approximation removes the most output error keep their signs;
 * ``dare`` — a random subset of the delta's entries (mask regenerated from a stored seed), rescaled by 1/keep and
-  quantized; keep is the largest the budget allows.
+  quantized; keep is the largest the budget allows. ``deltacome-dare`` applies it to the residual of its bands
+  (:func:`.modules.compress_module`).
 
 (``lowrank`` and ``svd-uniform`` are band layouts of :mod:`.svd`; see :func:`.modules.method_spec`.)
 """
@@ -13,17 +14,22 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import DeltaCoMeConfig
 from ..errors import CalibrationError, DeltaCoMeError
-from ..format.budget import budget_bytes
+from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import sign_part_nbytes, sparse_mask
 from ..progress import progress_bar
 from ..quant.rtn import quantize_rtn
+
+HYBRID_BAND_SHARE = 0.25  # deltacome-dare: share of each module's budget its bands take when band_share is not set
+HYBRID_SHARES = tuple(k / 20 for k in range(19))  # band_share="auto" chooses among these (0 = DARE alone)
 
 
 def bitdelta_rows(m: int, n: int, ratio: float, per_row: bool) -> int:
@@ -39,16 +45,76 @@ def bitdelta_rows(m: int, n: int, ratio: float, per_row: bool) -> int:
     return lo
 
 
-def dare_plan(name: str, m: int, n: int, ratio: float, bits: int, group_size: int) -> dict[str, Any] | None:
-    """The ``sparse`` part of a DARE layout: the largest keep rate whose sampled mask's values fit the budget."""
+def hybrid_plan(
+    name: str,
+    m: int,
+    n: int,
+    ratio: float,
+    config: DeltaCoMeConfig,
+    spec: Sequence[Sequence],
+    unchanged: bool = False,
+    spectrum: torch.Tensor | None = None,
+) -> tuple[list[list[int]], dict[str, Any] | None]:
+    """``deltacome-dare``: the bands ``spec`` buys with ``band_share`` of the module's budget, and the DARE part of
+    their residual ``Δ − U_q S V_qᵀ`` that the bytes left over (every stored byte counted) buy. ``band_share="auto"``:
+    the share of ``HYBRID_SHARES`` with the least expected error (:func:`hybrid_error`) under ``spectrum``, the
+    delta's singular values (without it, ``HYBRID_BAND_SHARE``)."""
+    if unchanged:
+        return [[int(b), 0] for b, _ in spec], None
+    g, bits = config.group_size, config.uniform_bits
     budget = budget_bytes(m, n, ratio)
-    lo, hi = 0, m * n
-    while lo < hi:  # most values that fit
+
+    def bands_for(share: float) -> list[list[int]]:
+        if share <= 0.0 or int(budget * share) <= 0:
+            return [[int(b), 0] for b, _ in spec]
+        return [list(b) for b in solve_ranks(m, n, ratio * share, spec, g)]
+
+    share = config.band_share
+    if share == "auto" and spectrum is not None:
+        layouts = {str(b): b for b in map(bands_for, HYBRID_SHARES)}.values()
+        bands = min(layouts, key=lambda b: hybrid_error(m, n, b, budget, bits, g, spectrum))
+    else:
+        bands = bands_for(HYBRID_BAND_SHARE if share in (None, "auto") else float(share))
+    left = budget - layout_nbytes(m, n, [tuple(b) for b in bands], g)
+    return bands, dare_plan(name, m, n, ratio, bits, g, budget=left)
+
+
+def hybrid_error(
+    m: int, n: int, bands: Sequence[Sequence[int]], budget: int, bits: int, group_size: int, spectrum: torch.Tensor
+) -> float:
+    """Expected ``||Δ − Δ̂||²`` of bands + DARE of their residual ``Δ − U_q S V_qᵀ``: what DARE sparsifies (the
+    energy past the bands' rank and the bands' rounding, taken as ``3 / (2^b − 1)²`` of their energy: two factors,
+    each rounded over ~6 standard deviations in ``2^b − 1`` steps) times ``1/keep − 1``, DARE's rescaling noise at
+    the keep-rate the bytes left buy. Unbiased, as DARE is: the bands' rounding is noise, not a bias."""
+    s2 = spectrum.to(torch.float64).square()
+    residual, start = 0.0, 0
+    for b, r in bands:
+        residual += float(s2[start : start + r].sum()) * 3.0 / (2**b - 1) ** 2
+        start += r
+    residual += float(s2[start:].sum())
+    values = dare_values(budget - layout_nbytes(m, n, [tuple(b) for b in bands], group_size), bits, group_size, m * n)
+    return residual * (m * n / values - 1.0) if values else residual
+
+
+def dare_values(budget: int, bits: int, group_size: int, cap: int) -> int:
+    """How many DARE values (``bits``, groups of ``group_size``, one row) fit ``budget`` bytes, at most ``cap``."""
+    lo, hi = 0, cap
+    while lo < hi:
         mid = (lo + hi + 1) // 2
         if stored_nbytes(1, mid, bits, group_size) <= budget:
             lo = mid
         else:
             hi = mid - 1
+    return lo
+
+
+def dare_plan(
+    name: str, m: int, n: int, ratio: float, bits: int, group_size: int, *, budget: int | None = None
+) -> dict[str, Any] | None:
+    """The ``sparse`` part of a DARE layout: the largest keep rate whose sampled mask's values fit the budget
+    (``budget`` bytes when given, e.g. what the bands of ``deltacome-dare`` leave; else the module's at ``ratio``)."""
+    budget = budget_bytes(m, n, ratio) if budget is None else int(budget)
+    lo = dare_values(budget, bits, group_size, m * n)  # most values that fit
     if lo == 0:
         return None
     seed = zlib.crc32(name.encode()) & 0x7FFFFFFF

@@ -17,14 +17,14 @@ from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import FORMAT_VERSION, PackedDelta, sign_part_nbytes, sparse_band_nbytes, sparse_mask
 from ..quant.rtn import quantize_rtn
 from ..quant.spill import Hessian, SpilledHessian
-from .baselines import bitdelta_factors, bitdelta_rows, dare_factors, dare_plan
+from .baselines import bitdelta_factors, bitdelta_rows, dare_factors, dare_plan, hybrid_plan
 from .impart import compress_sparse_bands, sparse_split
 from .svd import compress_linear, svd
 
 
 def method_spec(config: DeltaCoMeConfig) -> list[list]:
     """The band specification ``[(bits, rank | fraction | None), ...]`` of an SVD method."""
-    if config.method in ("deltacome", "impart"):
+    if config.method in ("deltacome", "impart", "deltacome-dare"):
         return [list(b) for b in config.bands]
     if config.method == "lowrank":
         return [[16, None]]
@@ -60,7 +60,8 @@ def plan_entry(
 
     The configured split gets the config's ``min_rank_share`` (``"auto"`` counts as 0 here: ``plan_layouts``
     resolves it); a searched ``spec`` is used as found. ``impart`` and ``sparse_tail`` make the last band sparse
-    (:func:`.impart.sparse_split`; ``spectrum``: the delta's singular values, for ImPart's keep-rates)."""
+    (:func:`.impart.sparse_split`; ``spectrum``: the delta's singular values, for ImPart's keep-rates and for
+    ``deltacome-dare``'s ``band_share="auto"``)."""
     entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias),
                              "format": FORMAT_VERSION}  # fmt: skip
     method = config.method
@@ -81,6 +82,11 @@ def plan_entry(
             entry["sign"] = {"rows": rows, "scale": config.bitdelta_scale}
     elif method == "dare":
         sparse = None if unchanged else dare_plan(name, m, n, ratio, config.uniform_bits, config.group_size)
+        if sparse:
+            entry["sparse"] = sparse
+    elif method == "deltacome-dare":
+        spec = spec if spec is not None else method_spec(config)
+        entry["bands"], sparse = hybrid_plan(name, m, n, ratio, config, spec, unchanged, spectrum)
         if sparse:
             entry["sparse"] = sparse
     else:
@@ -187,8 +193,9 @@ def compress_module(
         hessian = hessian.load()  # these parts read the whole matrix
     if entry.get("sign"):
         out.sign = bitdelta_factors(delta, hessian, int(entry["sign"]["rows"]), entry["sign"].get("scale") == "row")
-    if entry.get("sparse"):
-        out.sparse = dare_factors(delta, entry["sparse"])
+    if entry.get("sparse"):  # DARE of the whole delta (dare), of what the stored bands leave (deltacome-dare)
+        out.sparse = dare_factors(delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta,
+                                  entry["sparse"])  # fmt: skip
     if any(b["rank"] > 0 for b in entry.get("sparse_bands", [])):
         out.sparse_bands = compress_sparse_bands(delta, hessian, entry, out.dense(m, n), quantizer=config.quantizer,
                                                  damp=config.damp)  # fmt: skip

@@ -8,7 +8,8 @@ counted with every stored byte, in the budget of :func:`~hf_deltacome.format.bud
   GPTQ against calibration activations (:mod:`.svd`);
 * ``svd-uniform`` — the same, every singular vector at ``config.uniform_bits`` bits;
 * ``lowrank`` — the top singular vectors in float16 at the rank the budget buys (plain truncated SVD);
-* ``bitdelta``, ``dare`` — the baselines of :mod:`.baselines`;
+* ``bitdelta``, ``dare`` — the baselines of :mod:`.baselines`; ``deltacome-dare`` — bands for the top singular
+  directions with ``band_share`` of the budget, DARE of their residual with the rest (:mod:`.baselines`);
 * ``impart`` (and ``deltacome`` with ``sparse_tail``) — the last band's singular vectors kept sparse, keep-rates
   growing with the singular value (:mod:`.impart`; the delta's spectrum is read here when the weights are loaded).
 
@@ -139,9 +140,11 @@ def plan_layouts(
 def _spectra(
     config: DeltaCoMeConfig, live: Sequence[str], base_mods: dict[str, nn.Module], delta_of: Any
 ) -> dict[str, torch.Tensor]:
-    """Singular values of each changed delta, for ImPart's keep-rates (none for other methods, or when the weights
-    are not in memory: a streamed run plans with the model spectrum of :mod:`.impart`)."""
-    if config.method != "impart" or any(base_mods[nm].weight.is_meta for nm in live):
+    """Singular values of each changed delta, for ImPart's keep-rates and ``deltacome-dare``'s ``band_share="auto"``
+    (none for other methods, or when the weights are not in memory: a streamed run plans with the model spectrum of
+    :mod:`.impart`, the hybrid with its default share)."""
+    wanted = config.method == "impart" or (config.method == "deltacome-dare" and config.band_share == "auto")
+    if not wanted or any(base_mods[nm].weight.is_meta for nm in live):
         return {}
     return {nm: svd(delta_of(nm))[1] for nm in live}
 
