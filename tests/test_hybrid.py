@@ -151,15 +151,13 @@ def test_auto_share_follows_the_spectrum_and_its_error_model_holds():
 
 
 def test_cli_compresses_bands_and_dare_and_refuses_a_bad_share(tmp_path, capsys):
-    from tiny_models import make_finetune, make_model, make_tokenizer
+    from tiny_models import make_finetune, make_model, save_with_tokenizer
 
     from hf_deltacome.cli import main
 
     base = make_model("llama")
     ft = make_finetune(base, seed=2)
-    for name, model in (("base", base), ("ft", ft)):
-        model.save_pretrained(tmp_path / name)
-        make_tokenizer().save_pretrained(tmp_path / name)
+    save_with_tokenizer(tmp_path, base=base, ft=ft)
     out = tmp_path / "adapter"
     args = ["compress", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"), "--output", str(out),
             "--quantizer", "rtn", "--ratio", "1/8", "--bands", "8:rest", "--method", "deltacome-dare"]  # fmt: skip

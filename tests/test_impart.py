@@ -226,15 +226,13 @@ def test_a_tampered_layout_is_refused_at_load(wide_pair, tmp_path):
 
 
 def test_cli_compresses_with_impart_and_a_sparse_tail_and_refuses_bad_keep_rates(tmp_path, capsys):
-    from tiny_models import make_tokenizer
+    from tiny_models import save_with_tokenizer
 
     from hf_deltacome.cli import main
 
     base = make_model("llama")
     ft = make_finetune(base, seed=2)
-    for name, model in (("base", base), ("ft", ft)):
-        model.save_pretrained(tmp_path / name)
-        make_tokenizer().save_pretrained(tmp_path / name)
+    save_with_tokenizer(tmp_path, base=base, ft=ft)
     out = tmp_path / "adapter"
     args = ["compress", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"), "--output", str(out),
             "--quantizer", "rtn", "--ratio", "1/4", "--bands", "2:rest"]  # fmt: skip

@@ -204,6 +204,13 @@ def make_tokenizer():
     return out
 
 
+def save_with_tokenizer(folder, **models: nn.Module) -> None:
+    """Save each model under ``folder / name`` with :func:`make_tokenizer` beside it (a pair the CLI can read)."""
+    for name, model in models.items():
+        model.save_pretrained(folder / name)
+        make_tokenizer().save_pretrained(folder / name)
+
+
 @torch.no_grad()
 def logits(model: nn.Module, ids: torch.Tensor | Mapping) -> torch.Tensor:
     """float32 logits for token ids, or for a tokenizer's batch (ids with their attention mask)."""
