@@ -74,3 +74,13 @@ def test_a_spilled_hessian_takes_no_more_inputs():
     g = GPTQ.from_hessian(spill.SpilledHessian(hessian(16)), name="layers.0.mlp.down_proj")
     with pytest.raises(DeltaCoMeError, match="down_proj.*spilled"):
         g.add_batch(torch.randn(4, 16))
+
+
+def test_a_temporary_folder_without_room_keeps_the_hessian_in_memory(monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spill.tempfile, "TemporaryFile", full)
+    H = hessian(16)
+    with pytest.warns(UserWarning, match=r"\(16, 16\) Hessian.*No space left.*TMPDIR"):
+        assert spill.maybe_spill(H, min_bytes=1) is H

@@ -12,6 +12,7 @@ time, so only the working copy is resident. The file holds ``H`` column by colum
 from __future__ import annotations
 
 import tempfile
+import warnings
 from typing import Union
 
 import torch
@@ -96,4 +97,12 @@ def maybe_spill(H: torch.Tensor | None, min_bytes: int | None = None) -> Hessian
     limit = SPILL_MIN_BYTES if min_bytes is None else min_bytes
     if H is None or H.device.type != "cpu" or H.numel() * H.element_size() < limit:
         return H
-    return SpilledHessian(H)
+    try:
+        return SpilledHessian(H)
+    except OSError as e:  # a full or read-only temporary folder costs memory, not the run
+        warnings.warn(
+            f"could not park a {tuple(H.shape)} Hessian in {tempfile.gettempdir()} ({e}); keeping it in memory "
+            "(set TMPDIR to a folder with room to lower the peak)",
+            stacklevel=2,
+        )
+        return H
