@@ -54,10 +54,6 @@ class SpilledHessian:
             raise OSError(f"spilled Hessian file ended early at column {j} of {n}")
         return block.t().to(self.device)
 
-    def diagonal(self) -> torch.Tensor:
-        n = self.shape[0]
-        return torch.cat([torch.diagonal(self.columns(j, j + _BLOCK)[j : j + _BLOCK]) for j in range(0, n, _BLOCK)])
-
     def load(self) -> torch.Tensor:
         """The whole matrix in memory again."""
         out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
