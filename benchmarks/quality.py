@@ -68,6 +68,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "svd-uniform-4": {"method": "svd-uniform", "uniform_bits": 4},
     "svd-uniform-8": {"method": "svd-uniform", "uniform_bits": 8},
     "dare": {"method": "dare"},
+    **{f"dare-{b}": {"method": "dare", "uniform_bits": b} for b in (2, 3, 8)},  # fewer bits: more kept entries
     "impart": {"method": "impart"},  # keep-rates grow with σ, down to 0.5 (docs/METHOD.md)
     "deltacome+sparse-tail": {"sparse_tail": 0.5},  # the last 2-bit band keeps half of each vector: more rank
     # bands for the top singular directions with a share of each module's budget (auto: per module, the least
@@ -76,6 +77,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
        for b in (3, 8) for pct in (10, 25, 50)},  # fmt: skip
     **{f"deltacome-dare-{b}b-auto": {"method": "deltacome-dare", "bands": [[b, None]], "band_share": "auto"}
        for b in (3, 4, 8)},  # fmt: skip
+    # the same with the residual's DARE values at 2 or 3 bits (more of them in the same bytes)
+    **{f"deltacome-dare-{b}b-{pct}-d{d}": {"method": "deltacome-dare", "bands": [[b, None]], "band_share": pct / 100,
+                                           "uniform_bits": d}
+       for b in (3, 8) for pct in (10, 25, 50) for d in (2, 3)},  # fmt: skip
 }
 DEFAULT_METHODS = (
     "deltacome,deltacome+greedy,deltacome+adaptive,bitdelta,lowrank,svd-uniform-2,svd-uniform-4,dare,impart,"
