@@ -28,9 +28,15 @@ ALLOCATIONS = ("uniform", "adaptive")
 # min_rank_share="auto" picks one of these by the whole model's KL to the fine-tune (0.0 = the published bands)
 RANK_SHARES = (0.0, 0.5, 0.7, 0.85, 1.0)
 # the compression_info records of how the layout was planned (compression.plan.plan_layouts), shown by `deltacome info`
-PLAN_RECORDS = ("budget", "rank_share", "search", "allocation", "end_to_end")
+PLAN_RECORDS = ("budget", "rank_share", "residual", "search", "allocation", "end_to_end")
 UNIFORM_BITS = (2, 3, 4, 8)
 BITDELTA_SCALES = ("matrix", "row")
+# residual="auto": besides the bands alone, the whole-model check weighs these shares of each module's budget for
+# RESIDUAL_BAND_BITS-bit bands, the rest spent on a RESIDUAL_DARE_BITS-bit DARE of their residual (0 = DARE alone)
+RESIDUAL_SHARES = (0.0, 0.25, 0.5)
+RESIDUAL_BAND_BITS = 3
+RESIDUAL_DARE_BITS = 2
+RESIDUALS = ("auto", "none")
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
 
 
@@ -95,6 +101,13 @@ class DeltaCoMeConfig(PeftConfig):
         band_share: ``deltacome-dare`` only: the share of each module's budget its singular bands (``bands``,
             filled in order) may take; the rest stores DARE of the residual ``Δ − U_q S V_qᵀ`` (seeded mask,
             rescaled, ``uniform_bits``). ``None``: 0.25; 0 is DARE; ``"auto"``: per module, the least expected error.
+        residual: ``deltacome`` only. ``"auto"`` (default): with calibration data and the configured split (no
+            ``search``, uniform allocation, no ``sparse_tail``), the whole-model check also weighs layouts that give
+            ``RESIDUAL_SHARES`` of each module's budget to ``RESIDUAL_BAND_BITS``-bit bands and the rest to a
+            ``RESIDUAL_DARE_BITS``-bit DARE of their residual ``Δ − U_q S V_qᵀ`` (0: DARE of the whole delta), and
+            keeps the one whose next-token KL to the fine-tune is lowest, the bands alone included. A delta that
+            spreads over many directions (recall of facts) at 1/64-1/128 gets the residual; one that a few
+            directions carry keeps the bands (benchmarks/RESULTS.md). ``"none"``: the bands alone.
         base_vocab_size, vocab_size: set when the fine-tune added tokens (``V`` -> ``V'`` rows): loading resizes the
             base's embeddings to ``vocab_size`` before the adapter is injected, and the base check reads the first
             ``base_vocab_size`` rows only (see :mod:`hf_deltacome.compression.vocab`).
@@ -127,6 +140,7 @@ class DeltaCoMeConfig(PeftConfig):
         default=None, metadata={"help": "Keep-rate of the sparse last band (deltacome) / lowest of impart's, (0, 1)."}
     )
     band_share: Optional[Union[float, str]] = field(default=None, metadata={"help": "deltacome-dare: [0, 1], auto"})
+    residual: str = field(default="auto", metadata={"help": f"deltacome: DARE of the bands' residual, {RESIDUALS}."})
     base_vocab_size: Optional[int] = field(default=None)
     vocab_size: Optional[int] = field(default=None)
     trainable_token_indices: Optional[dict[str, list[int]]] = field(default=None)
@@ -251,6 +265,8 @@ class DeltaCoMeConfig(PeftConfig):
             raise ConfigError(f"band_share must be null, 'auto' or a number in [0, 1], got {share!r}")
         if share is not None and self.method != "deltacome-dare":
             raise ConfigError(f"band_share applies to method 'deltacome-dare', not {self.method!r}")
+        if self.residual not in RESIDUALS:
+            raise ConfigError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
         if (tail is not None or self.method == "impart") and (self.search is not None or self.allocation != "uniform"):
             raise ConfigError(
                 "sparse_tail / method 'impart' do not combine with search= or allocation='adaptive' (these choose "

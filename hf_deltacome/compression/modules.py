@@ -242,7 +242,8 @@ def has_extra_parts(entry: dict[str, Any]) -> bool:
 
 
 def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
-    """The dense round-to-nearest approximation of ``d`` by the entry's bands, dense and sparse."""
+    """The dense round-to-nearest approximation of ``d`` by the entry's bands, dense and sparse, and by the DARE
+    part of what they leave (``deltacome-dare``, the residual the whole-model check weighs)."""
     U, S, Vh = svd(d)
     w = torch.zeros_like(d)
     start = 0
@@ -260,6 +261,10 @@ def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
     if entry.get("sparse_bands"):
         for _, _, s, vt, ut in compress_sparse_bands(d, None, entry, w, quantizer="rtn"):
             w += (ut.t() * s) @ vt
+    sparse = entry.get("sparse")
+    if sparse:
+        values = dare_factors(d - w, sparse).dequantize().reshape(-1).to(w.device)
+        w[sparse_mask(*d.shape, sparse["keep"], sparse["seed"]).to(w.device)] += values
     return w
 
 

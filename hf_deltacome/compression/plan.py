@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import RANK_SHARES, SVD_METHODS, DeltaCoMeConfig
+from ..config import (
+    RANK_SHARES,
+    RESIDUAL_BAND_BITS,
+    RESIDUAL_DARE_BITS,
+    RESIDUAL_SHARES,
+    SVD_METHODS,
+    DeltaCoMeConfig,
+)
 from ..progress import progress_bar
 from .allocation import allocate_adaptive
 from .endtoend import METRIC, EndToEndCheck
@@ -77,7 +84,9 @@ def plan_layouts(
     specs: dict[str, list[list]] = {}
     adaptive = config.allocation == "adaptive"
     auto_share = config.method in ("deltacome", "impart") and config.min_rank_share == "auto"
-    needs_data = (config.search is not None or adaptive or auto_share) and calibration_ids is not None
+    auto_residual = (config.method == "deltacome" and config.residual == "auto" and config.search is None
+                     and not adaptive and config.sparse_tail is None)  # fmt: skip
+    needs_data = (config.search is not None or adaptive or auto_share or auto_residual) and calibration_ids is not None
     ids = calibration_ids[:PLAN_MAX_SAMPLES] if needs_data else None
     live = [nm for nm in targets if not same[nm]]
 
@@ -98,8 +107,10 @@ def plan_layouts(
                 share = (_choose_rank_share(check, config, live, shapes, info, progress, spectra)
                          if check is not None else 0.0)  # fmt: skip
                 config = with_changes(config, min_rank_share=share)
-                if check is not None:
-                    check.restore()  # what follows measures activations of the fine-tune itself
+            if auto_residual and check is not None:
+                config = _choose_residual(check, config, live, shapes, info, progress)
+            if check is not None:
+                check.restore()  # what follows measures activations of the fine-tune itself
             if config.search is not None:
                 specs = search_specs(finetuned_model, config, live, shapes, delta_of, ids, info, progress)
 
@@ -186,6 +197,49 @@ def _choose_rank_share(
         "kl": {str(sh): kls[sh] for sh in RANK_SHARES},
     }
     return best
+
+
+def _choose_residual(
+    check: EndToEndCheck,
+    config: DeltaCoMeConfig,
+    live: Sequence[str],
+    shapes: dict[str, tuple[int, int]],
+    info: dict[str, Any],
+    progress: bool = False,
+) -> DeltaCoMeConfig:
+    """``residual="auto"``: the bands alone (the split chosen so far) or ``RESIDUAL_SHARES`` of each module's budget
+    in ``RESIDUAL_BAND_BITS``-bit bands and a ``RESIDUAL_DARE_BITS``-bit DARE of their residual with the rest,
+    whichever brings the whole model closest to the fine-tune (ties: the bands). Returns the config that plans it.
+
+    A delta that stores facts spreads over many singular directions: at 1/64-1/128 a seeded random share of every
+    entry (no rank limit, no index bytes) keeps more of it than the few ranks the bytes buy, and two bits buy twice
+    the entries of four (benchmarks/RESULTS.md, facts-hot). A delta that a few directions carry keeps the bands."""
+    chosen = info.get("rank_share")
+    if chosen:  # just measured by _choose_rank_share
+        kl_bands = chosen["kl"][str(chosen["chosen"])]
+    else:
+        check.apply({nm: plan_entry(nm, *shapes[nm], config.ratio, config) for nm in live})
+        kl_bands = check.kl()
+    kls: dict[float, float] = {}
+    configs: dict[float, DeltaCoMeConfig] = {}
+    bar = progress_bar(len(RESIDUAL_SHARES), progress, "Weighing a DARE residual (residual='auto')", unit="layout")
+    for share in RESIDUAL_SHARES:
+        bar.update(1)
+        configs[share] = cfg = with_changes(config, method="deltacome-dare", bands=[[RESIDUAL_BAND_BITS, None]],
+                                            band_share=share, uniform_bits=RESIDUAL_DARE_BITS)  # fmt: skip
+        check.apply({nm: plan_entry(nm, *shapes[nm], cfg.ratio, cfg) for nm in live})
+        kls[share] = check.kl()
+    bar.close()
+    best = min(RESIDUAL_SHARES, key=lambda sh: (kls[sh], -sh))
+    keep = kls[best] < kl_bands
+    info["residual"] = {
+        "chosen": best if keep else "none",
+        "metric": METRIC,
+        "band_bits": RESIDUAL_BAND_BITS,
+        "dare_bits": RESIDUAL_DARE_BITS,
+        "kl": {"none": kl_bands, **{str(sh): kls[sh] for sh in RESIDUAL_SHARES}},
+    }
+    return configs[best] if keep else config
 
 
 def _keep_searched_if_better(

@@ -1,0 +1,114 @@
+"""``residual="auto"``: the default weighs a low-bit DARE of the bands' residual against the bands alone, by the whole
+model's next-token KL to the fine-tune, and keeps what brings the model closest."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import make_finetune, make_model, random_ids, relative_logits_error, target_linears
+
+from hf_deltacome import ConfigError, DeltaCoMeConfig
+from hf_deltacome.compression.endtoend import EndToEndCheck
+from hf_deltacome.compression.modules import entry_nbytes, plan_entry, rtn_bands_dense
+from hf_deltacome.compression.pipeline import compress
+from hf_deltacome.compression.plan import plan_layouts
+from hf_deltacome.config import RESIDUAL_DARE_BITS, RESIDUAL_SHARES
+from hf_deltacome.format.budget import budget_bytes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """A delta carried by a few strong directions and one spread evenly over many (as a knowledge fine-tune's)."""
+    base = make_model("llama", hidden_size=128, intermediate_size=352, head_dim=32)
+    return base, {"peaked": make_finetune(base, rank=4), "flat": make_finetune(base, rank=0, decay=0.05)}
+
+
+def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
+    """At 1/8 the spread delta gets DARE (the bands' rank runs out), the peaked one keeps its bands; whatever is
+    chosen has the least calibration KL of the candidates, stays in the budget, is no worse than the bands alone on
+    held-out text, and loads back to the same logits."""
+    from peft import PeftModel
+
+    base, fts = pairs
+    calib, held_out = random_ids(base, 16, 64, seed=1), random_ids(base, 8, 64, seed=2)
+    chosen = {}
+    for label, ft in fts.items():
+        auto = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 8), calibration=calib, progress=False)
+        cfg = auto.peft_config["default"]
+        info = cfg.compression_info["residual"]
+        chosen[label] = info["chosen"]
+        assert set(info["kl"]) == {"none", *map(str, RESIDUAL_SHARES)}
+        assert info["kl"][str(info["chosen"])] == min(info["kl"].values())
+        for name, entry in cfg.layout.items():
+            assert entry_nbytes(entry) <= budget_bytes(*entry["shape"], 1 / 8), name
+            assert bool(entry.get("sparse")) == (info["chosen"] != "none"), name
+        bands = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 8, residual="none"), calibration=calib,
+                         progress=False)  # fmt: skip
+        assert "residual" not in bands.peft_config["default"].compression_info
+        assert all("sparse" not in e for e in bands.peft_config["default"].layout.values())
+        err_auto = relative_logits_error(auto, ft, base, held_out)
+        assert err_auto <= 1.02 * relative_logits_error(bands, ft, base, held_out), label
+        if info["chosen"] != "none":
+            auto.save_pretrained(tmp_path / label)
+            loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / label)
+            with torch.no_grad():
+                assert torch.equal(loaded(held_out).logits, auto(held_out).logits)
+    assert chosen["peaked"] == "none" and chosen["flat"] != "none"
+
+
+def test_recorded_kls_are_those_of_their_layouts(pairs):
+    """Each KL the choice records is what a fresh check measures for that candidate's layout."""
+    from hf_deltacome.compression.modules import with_changes
+
+    base, fts = pairs
+    ft = fts["flat"]
+    names = target_linears(base)
+    calib = random_ids(base, 8, 32, seed=1)
+    cfg = DeltaCoMeConfig(ratio=1 / 8)
+    _, info = plan_layouts(base, ft, names, cfg, calibration_ids=calib)
+    bm, fm = dict(base.named_modules()), dict(ft.named_modules())
+    deltas = {n: (fm[n].weight - bm[n].weight).detach().float() for n in names}
+    for share in RESIDUAL_SHARES:
+        hyb = with_changes(cfg, method="deltacome-dare", bands=[[3, None]], band_share=share,
+                           uniform_bits=RESIDUAL_DARE_BITS)  # fmt: skip
+        layouts = {n: plan_entry(n, *deltas[n].shape, 1 / 8, hyb) for n in names}
+        assert all(e["sparse"]["bits"] == RESIDUAL_DARE_BITS for e in layouts.values())
+        with EndToEndCheck(ft, calib, deltas.__getitem__, rtn_bands_dense) as fresh:
+            fresh.apply(layouts)
+            assert fresh.kl() == pytest.approx(info["residual"]["kl"][str(share)], rel=1e-4), share
+
+
+def test_no_data_or_another_plan_means_no_residual(pairs):
+    """Without calibration data, with a search, an adaptive allocation or a sparse tail, the bands stay alone."""
+    base, fts = pairs
+    names = target_linears(base)
+    calib = random_ids(base, 8, 32, seed=1)
+    for cfg, ids in (
+        (DeltaCoMeConfig(ratio=1 / 8), None),
+        (DeltaCoMeConfig(ratio=1 / 8, quantizer="rtn", search="greedy"), calib),
+        (DeltaCoMeConfig(ratio=1 / 8, sparse_tail=0.5), calib),
+        (DeltaCoMeConfig(ratio=1 / 8, residual="none"), calib),
+    ):
+        layout, info = plan_layouts(base, fts["flat"], names, cfg, calibration_ids=ids)
+        assert "residual" not in info and all("sparse" not in e for e in layout.values())
+
+
+def test_a_bad_residual_names_the_field():
+    with pytest.raises(ConfigError, match=r"residual must be one of \('auto', 'none'\), got 'dare'"):
+        DeltaCoMeConfig(residual="dare")
+
+
+def test_rtn_dense_of_a_hybrid_entry_is_what_the_factors_store():
+    """The check's approximation of a bands + DARE entry equals the factors compress_module stores (rtn)."""
+    from hf_deltacome.compression.modules import compress_module, with_changes
+
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(96, 160, generator=g) @ torch.diag(torch.linspace(1, 0.01, 160))
+    cfg = with_changes(DeltaCoMeConfig(ratio=1 / 8, quantizer="rtn", group_size=32), method="deltacome-dare",
+                       bands=[[3, None]], band_share=0.5, uniform_bits=2)  # fmt: skip
+    entry = plan_entry("layers.0.mlp.up_proj", 96, 160, 1 / 8, cfg)
+    assert entry["bands"][0][1] > 0 and entry["sparse"]["nnz"] > 0
+    stored = compress_module(delta, None, entry, cfg).dense(96, 160, entry["sparse"])
+    torch.testing.assert_close(rtn_bands_dense(delta, entry), stored, rtol=1e-5, atol=1e-6)
