@@ -57,7 +57,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "deltacome": {},
     "deltacome+greedy": {"search": "greedy"},
     "deltacome+genetic": {"search": "genetic"},
-    "deltacome-published": {"min_rank_share": 0.0},  # the published bands as given, however little tail they leave
+    # the published bands as given, however little tail they leave, and nothing else
+    "deltacome-published": {"min_rank_share": 0.0, "residual": "none"},
+    "deltacome-bands": {"residual": "none"},  # the default before residual="auto": the chosen split of bands alone
     "deltacome+adaptive": {"allocation": "adaptive"},
     "deltacome+greedy+adaptive": {"search": "greedy", "allocation": "adaptive"},
     "bitdelta": {"method": "bitdelta"},

@@ -160,13 +160,14 @@ def bitdelta_factors(
 
 
 def dare_factors(delta: torch.Tensor, sparse: dict[str, Any]) -> QuantizedMatrix:
-    """DARE: the entries of ``delta`` under the seeded mask, divided by ``keep``, quantized (RTN) as one row."""
+    """DARE: the entries of ``delta`` under the seeded mask, divided by ``keep``, quantized (RTN, each group's grid
+    clipped to its least squared error: the rescaled values are heavy-tailed) as one row."""
     m, n = delta.shape
     mask = sparse_mask(m, n, sparse["keep"], sparse["seed"])
     if int(mask.sum()) != int(sparse["nnz"]):
         raise DeltaCoMeError(f"DARE mask of a {m}x{n} delta keeps {int(mask.sum())} entries, layout says {sparse}")
     values = delta.detach().to(torch.float32).cpu()[mask] / float(sparse["keep"])
-    return quantize_rtn(values.view(1, -1), int(sparse["bits"]), int(sparse.get("group_size", 128)))
+    return quantize_rtn(values.view(1, -1), int(sparse["bits"]), int(sparse.get("group_size", 128)), clip=True)
 
 
 def distill_sign_scales(

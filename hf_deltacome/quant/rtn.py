@@ -9,9 +9,15 @@ import torch
 
 from ..format.packing import QuantizedMatrix
 
+CLIP_GRID = tuple(1.0 - 0.04 * k for k in range(20))  # clip=True: shares of each group's range tried (1 .. 0.24)
 
-def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix:
-    """Data-free asymmetric round-to-nearest quantization of ``w`` (rows x cols) in groups along ``cols``."""
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, *, clip: bool = False) -> QuantizedMatrix:
+    """Data-free asymmetric round-to-nearest quantization of ``w`` (rows x cols) in groups along ``cols``.
+
+    ``clip``: each group's grid covers the share of its range in ``CLIP_GRID`` with the least squared error
+    instead of the whole range (heavy-tailed values at 2-3 bits, e.g. DARE's rescaled ones: a min-max grid spends
+    its few levels on the outliers). Same format: only the stored scale and zero differ."""
     if bits == 16:
         return QuantizedMatrix.from_float16(w)
     rows, cols = w.shape
@@ -23,11 +29,27 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int) -> QuantizedMatrix
     if g * group_size > cols:
         padded[:, cols:] = w[:, -1:].expand(rows, g * group_size - cols)
     grouped = padded.view(rows, g, group_size)
-    scales, zeros = asymmetric_params(grouped.amin(-1), grouped.amax(-1), bits)
     maxq = (1 << bits) - 1
+    lo, hi = grouped.amin(-1), grouped.amax(-1)
+    scales, zeros = asymmetric_params(lo, hi, bits)
     q = torch.clamp(torch.round(grouped / scales.unsqueeze(-1)) + zeros.unsqueeze(-1), 0, maxq)
+    if clip:
+        best = _group_error(grouped, q, scales, zeros)
+        for share in CLIP_GRID[1:]:
+            s, z = asymmetric_params(lo * share, hi * share, bits)
+            qs = torch.clamp(torch.round(grouped / s.unsqueeze(-1)) + z.unsqueeze(-1), 0, maxq)
+            err = _group_error(grouped, qs, s, z)
+            better = err < best
+            best = torch.where(better, err, best)
+            scales, zeros = torch.where(better, s, scales), torch.where(better, z, zeros)
+            q = torch.where(better.unsqueeze(-1), qs, q)
     q = q.view(rows, g * group_size)[:, :cols].to(torch.int64)
     return QuantizedMatrix.from_int(q, scales, zeros, bits, group_size)
+
+
+def _group_error(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Squared error of each group of ``x`` (rows x groups x size) quantized to ``q`` on the grid (scale, zero)."""
+    return ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - x).square().sum(-1)
 
 
 def asymmetric_params(
