@@ -28,7 +28,7 @@ METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # == loading.DTYPES (tested)
 # optional config fields the CLI passes on only when given (their defaults live in DeltaCoMeConfig)
 METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "min_rank_share",
-                  "sparse_tail", "band_share")
+                  "sparse_tail", "band_share", "residual")
 
 
 def _share(text: str) -> float | str:
@@ -217,6 +217,10 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--band-share", type=_share, default=None,
                    help="--method deltacome-dare: share 0..1 of each module's budget its bands (--bands) take, the "
                         "rest stores DARE of their residual; auto: per module by the delta's spectrum (default 0.25)")  # fmt: skip
+    p.add_argument("--residual", choices=["auto", "none"], default=None,
+                   help="auto (default; needs the whole model: --in-memory): the whole-model check also weighs "
+                        "3-bit bands + a 2-bit DARE of their residual and keeps it where it brings the model closer "
+                        "to the fine-tune; none: the bands alone")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None, help="BitDelta scale distillation steps, 0 = off (default 50)")
     p.add_argument("--calibration", default=None,
                    help="calibration text: .txt (one per line) or .jsonl; for a vision-language model, a .jsonl of "

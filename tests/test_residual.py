@@ -14,6 +14,7 @@ from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.compression.plan import plan_layouts
 from hf_deltacome.config import RESIDUAL_DARE_BITS, RESIDUAL_SHARES
 from hf_deltacome.format.budget import budget_bytes
+from hf_deltacome.io.summary import summarize_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,6 +53,8 @@ def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
         assert err_auto <= 1.02 * relative_logits_error(bands, ft, base, held_out), label
         if info["chosen"] != "none":
             auto.save_pretrained(tmp_path / label)
+            text = summarize_adapter(tmp_path / label).format()
+            assert f"3-bit bands with {info['chosen']} of each budget, 2-bit DARE of their residual" in text
             loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / label)
             with torch.no_grad():
                 assert torch.equal(loaded(held_out).logits, auto(held_out).logits)

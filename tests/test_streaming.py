@@ -141,6 +141,8 @@ def test_streamed_fallbacks_are_recorded_and_logged(tmp_path, caplog):
     info = model.peft_config["default"].compression_info
     assert info["calibration"].startswith("built-in generic text") and info["num_samples"] == 4
     assert info["rank_share"]["chosen"] == 0.0 and "streamed" in info["rank_share"]["fallback"]
+    assert info["residual"]["chosen"] == "none" and "streamed" in info["residual"]["fallback"]
+    assert all("sparse" not in e for e in model.peft_config["default"].layout.values())
     assert "built-in generic text" in caplog.text and "min_rank_share='auto'" in caplog.text
     for option in (dict(search="greedy"), dict(allocation="adaptive")):
         with pytest.raises(ConfigError, match="whole model; a streamed compression cannot"):

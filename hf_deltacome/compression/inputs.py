@@ -149,6 +149,9 @@ def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig,
         log.info("min_rank_share='auto' needs the whole model's KL to the fine-tune; %s", note.split("; ")[1])
         notes["rank_share"] = {"chosen": 0.0, "fallback": note}
         config = with_changes(config, min_rank_share=0.0)
+    if config.method == "deltacome" and config.residual == "auto" and calib is not None:
+        notes["residual"] = {"chosen": "none", "fallback": "streamed: no whole-model check; the bands alone"}
+        config = with_changes(config, residual="none")
     if config.method == "bitdelta" and config.distill_steps > 0:
         log.info("BitDelta's scale distillation trains against the whole fine-tune; skipped in a streamed run")
         notes["distill"] = {"skipped": "streamed: needs the whole fine-tune"}

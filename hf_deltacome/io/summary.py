@@ -193,6 +193,15 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
     if isinstance(share, dict):
         kls = ", ".join(f"{k}: {v:.4g}" for k, v in (share.get("kl") or {}).items())
         lines += ["", f"min_rank_share {share.get('chosen')} (auto), by {share.get('metric')}: {kls}"]
+    residual = plan.get("residual")
+    if isinstance(residual, dict):
+        kls = ", ".join(f"{k}: {v:.4g}" for k, v in (residual.get("kl") or {}).items())
+        chosen = residual.get("chosen")
+        what = ("the bands alone" if chosen == "none" else
+                f"{residual.get('band_bits')}-bit bands with {chosen} of each budget, "
+                f"{residual.get('dare_bits')}-bit DARE of their residual")  # fmt: skip
+        why = residual.get("fallback") or f"band share -> {residual.get('metric')}: {kls}"
+        lines += ["", f"residual (auto): {what}; {why}"]
     if isinstance(search, dict):
         lines += ["", f"band split search ({search.get('strategy')}), relative output error default -> chosen:"]
         verdicts = (e2e.get("search") or {}) if isinstance(e2e, dict) else {}
