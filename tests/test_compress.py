@@ -20,6 +20,7 @@ from tiny_models import (
 
 import hf_deltacome.compression.targets as targets_mod  # noqa: E402
 from hf_deltacome import DeltaCoMeConfig
+from hf_deltacome.compression.modules import plan_entry, with_changes
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.compression.svd import compress_linear
 from hf_deltacome.errors import ConfigError, IncompatibleModelsError
@@ -72,9 +73,16 @@ def test_error_falls_as_ratio_grows_and_bytes_fit_budget(arch):
         factor_ratio = cfg.compression_info["budget"]["factor_ratio"]
         assert factor_ratio < cfg.ratio
         stored = 0
+        residual = cfg.compression_info["residual"]["chosen"]  # residual="auto": bands alone, or + DARE of the rest
         for name, layer in layers.items():
             m, n = cfg.layout[name]["shape"]
-            expected = solve_ranks(m, n, factor_ratio, cfg.bands, 128, share)
+            if residual == "none":
+                expected = solve_ranks(m, n, factor_ratio, cfg.bands, 128, share)
+            else:
+                hybrid = with_changes(cfg, method="deltacome-dare", bands=[[3, None]], band_share=residual,
+                                      uniform_bits=2)  # fmt: skip
+                expected = plan_entry(name, m, n, factor_ratio, hybrid)["bands"]
+                assert cfg.layout[name]["sparse"]["bits"] == 2
             assert cfg.layout[name]["bands"] == [list(b) for b in expected]
             nbytes = factor_bytes(layer.deltacome_delta["default"])
             assert nbytes <= budget_bytes(m, n, factor_ratio), name

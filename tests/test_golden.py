@@ -3,7 +3,7 @@
 ``golden_adapters.json`` is written by ``python tests/test_golden.py --write``: a refactor must not change one byte
 of what ``compress`` + ``save_pretrained`` write (the package reorganisation was checked this way). A deliberate
 format or algorithm change rewrites the file and says so in its commit (last: packed format 2 and the whole-file
-budget). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
+budget; then DARE's values on a clipped grid). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
 ``adapter_config.json`` (the rest of the config records timings and versions).
 """
 
@@ -36,6 +36,9 @@ CASES: dict[str, tuple[str, dict, bool]] = {
     "llama-svd-uniform-3": ("llama", {"method": "svd-uniform", "uniform_bits": 3}, True),
     "llama-bitdelta-1/16": ("llama", {"method": "bitdelta", "ratio": "1/16", "distill_steps": 3}, True),
     "llama-dare": ("llama", {"method": "dare", "uniform_bits": 4}, True),
+    # what residual="auto" stores when it keeps a residual: 3-bit bands on a quarter, a 2-bit DARE of the rest
+    "llama-residual-0.25": ("llama", {"method": "deltacome-dare", "bands": [[3, None]], "band_share": 0.25,
+                                      "uniform_bits": 2}, True),  # fmt: skip
     "llama-greedy-adaptive": ("llama", {"search": "greedy", "allocation": "adaptive", "ratio": "1/8"}, True),
     "llava-gptq-image-text": ("llava", {"ratio": "1/4", "group_size": 16}, True),
 }

@@ -12,7 +12,7 @@ from hf_deltacome.compression.endtoend import EndToEndCheck
 from hf_deltacome.compression.modules import entry_nbytes, plan_entry, rtn_bands_dense
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.compression.plan import plan_layouts
-from hf_deltacome.config import RESIDUAL_DARE_BITS, RESIDUAL_SHARES
+from hf_deltacome.config import RESIDUAL_DARE_BITS, RESIDUAL_MARGIN, RESIDUAL_SHARES
 from hf_deltacome.format.budget import budget_bytes
 from hf_deltacome.io.summary import summarize_adapter
 
@@ -27,9 +27,9 @@ def pairs():
 
 
 def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
-    """At 1/8 the spread delta gets DARE (the bands' rank runs out), the peaked one keeps its bands; whatever is
-    chosen has the least calibration KL of the candidates, stays in the budget, is no worse than the bands alone on
-    held-out text, and loads back to the same logits."""
+    """At 1/8 the spread delta gets DARE (the bands' rank runs out), the peaked one keeps its bands; a residual is
+    chosen by the least calibration KL and a margin over the bands, stays in the budget, is better than the bands
+    alone on held-out text (0.54 against 0.73 of the fine-tune's effect missed), and loads back to the same logits."""
     from peft import PeftModel
 
     base, fts = pairs
@@ -41,7 +41,11 @@ def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
         info = cfg.compression_info["residual"]
         chosen[label] = info["chosen"]
         assert set(info["kl"]) == {"none", *map(str, RESIDUAL_SHARES)}
-        assert info["kl"][str(info["chosen"])] == min(info["kl"].values())
+        best = min(v for k, v in info["kl"].items() if k != "none")
+        if info["chosen"] == "none":
+            assert best > RESIDUAL_MARGIN * info["kl"]["none"]
+        else:  # the least KL of the residuals, and by the margin the check's round-to-nearest bands need
+            assert info["kl"][str(info["chosen"])] == best <= RESIDUAL_MARGIN * info["kl"]["none"]
         for name, entry in cfg.layout.items():
             assert entry_nbytes(entry) <= budget_bytes(*entry["shape"], 1 / 8), name
             assert bool(entry.get("sparse")) == (info["chosen"] != "none"), name
@@ -50,7 +54,8 @@ def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
         assert "residual" not in bands.peft_config["default"].compression_info
         assert all("sparse" not in e for e in bands.peft_config["default"].layout.values())
         err_auto = relative_logits_error(auto, ft, base, held_out)
-        assert err_auto <= 1.02 * relative_logits_error(bands, ft, base, held_out), label
+        err_bands = relative_logits_error(bands, ft, base, held_out)
+        assert err_auto == err_bands if info["chosen"] == "none" else err_auto < 0.85 * err_bands, label
         if info["chosen"] != "none":
             auto.save_pretrained(tmp_path / label)
             text = summarize_adapter(tmp_path / label).format()

@@ -32,6 +32,7 @@ from ..config import (
     RANK_SHARES,
     RESIDUAL_BAND_BITS,
     RESIDUAL_DARE_BITS,
+    RESIDUAL_MARGIN,
     RESIDUAL_SHARES,
     SVD_METHODS,
     DeltaCoMeConfig,
@@ -209,7 +210,8 @@ def _choose_residual(
 ) -> DeltaCoMeConfig:
     """``residual="auto"``: the bands alone (the split chosen so far) or ``RESIDUAL_SHARES`` of each module's budget
     in ``RESIDUAL_BAND_BITS``-bit bands and a ``RESIDUAL_DARE_BITS``-bit DARE of their residual with the rest,
-    whichever brings the whole model closest to the fine-tune (ties: the bands). Returns the config that plans it.
+    whichever brings the whole model closest to the fine-tune; the residual must reach ``RESIDUAL_MARGIN`` of the
+    bands' KL (the check rounds bands to nearest, the stored ones get GPTQ). Returns the config that plans it.
 
     A delta that stores facts spreads over many singular directions: at 1/64-1/128 a seeded random share of every
     entry (no rank limit, no index bytes) keeps more of it than the few ranks the bytes buy, and two bits buy twice
@@ -231,7 +233,7 @@ def _choose_residual(
         kls[share] = check.kl()
     bar.close()
     best = min(RESIDUAL_SHARES, key=lambda sh: (kls[sh], -sh))
-    keep = kls[best] < kl_bands
+    keep = kls[best] <= RESIDUAL_MARGIN * kl_bands
     info["residual"] = {
         "chosen": best if keep else "none",
         "metric": METRIC,
