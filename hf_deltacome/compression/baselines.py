@@ -159,58 +159,15 @@ def bitdelta_factors(
     return positive.cpu(), scale.cpu(), (keep.to(torch.int32).cpu() if keep is not None else None)
 
 
-def dare_factors(
-    delta: torch.Tensor, sparse: dict[str, Any], hessian: torch.Tensor | None = None, damp: float = 0.01
-) -> QuantizedMatrix:
+def dare_factors(delta: torch.Tensor, sparse: dict[str, Any]) -> QuantizedMatrix:
     """DARE: the entries of ``delta`` under the seeded mask, divided by ``keep``, quantized (RTN, each group's grid
-    clipped to its least squared error: the rescaled values are heavy-tailed) as one row.
-
-    With ``hessian`` (``X Xᵀ`` of the module's calibration inputs) the kept entries are instead refit by least
-    squares to the output: each row's ``w_S = argmin ||(δ − w) X||²`` over its kept columns ``S`` (:func:`dare_refit`)."""
+    clipped to its least squared error: the rescaled values are heavy-tailed) as one row."""
     m, n = delta.shape
     mask = sparse_mask(m, n, sparse["keep"], sparse["seed"])
     if int(mask.sum()) != int(sparse["nnz"]):
         raise DeltaCoMeError(f"DARE mask of a {m}x{n} delta keeps {int(mask.sum())} entries, layout says {sparse}")
-    d = delta.detach().to(torch.float32).cpu()
-    values = d[mask] / float(sparse["keep"]) if hessian is None else dare_refit(d, mask, hessian, damp)
+    values = delta.detach().to(torch.float32).cpu()[mask] / float(sparse["keep"])
     return quantize_rtn(values.view(1, -1), int(sparse["bits"]), int(sparse.get("group_size", 128)), clip=True)
-
-
-REFIT_ROWS = 64  # rows solved together by dare_refit (a batch of |S| x |S| systems)
-
-
-@torch.no_grad()
-def dare_refit(delta: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """The kept entries of each row of ``delta`` (``mask``, row-major order) that bring its output on calibration
-    inputs closest to the whole row's: ``(H + λI)_SS w_S = (H δ)_S``, ``λ = damp · mean(diag H)``.
-
-    Where DARE rescales a random ``keep`` share of the entries by ``1/keep`` (unbiased, but noisy: the dropped
-    entries' effect is left to chance), this asks the kept ones to carry the dropped ones' effect on the inputs the
-    module sees, as GPTQ's error feedback does for rounding."""
-    H = hessian.to(torch.float64).cpu()
-    H = H + damp * float(H.diagonal().mean().clamp_min(1e-12)) * torch.eye(H.shape[0], dtype=H.dtype)
-    d = delta.to(torch.float64).cpu()
-    Hd = d @ H  # row i: (H δ_i)ᵀ, H symmetric
-    counts = mask.sum(1)
-    out = torch.empty(int(counts.sum()), dtype=torch.float64)
-    starts = torch.cumsum(counts, 0) - counts
-    for lo in range(0, mask.shape[0], REFIT_ROWS):
-        rows = mask[lo : lo + REFIT_ROWS]
-        k = int(counts[lo : lo + REFIT_ROWS].max())
-        if k == 0:
-            continue
-        # each row's kept columns first (ascending), padding after: sort by (not kept, column)
-        key = (~rows).to(torch.int64) * rows.shape[1] + torch.arange(rows.shape[1])
-        idx = key.argsort(dim=1)[:, :k]
-        valid = torch.gather(rows, 1, idx)
-        both = valid.unsqueeze(-1) & valid.unsqueeze(-2)
-        A = torch.where(both, H[idx.unsqueeze(-1), idx.unsqueeze(-2)], torch.eye(k, dtype=H.dtype))
-        rhs = torch.where(valid, torch.gather(Hd[lo : lo + REFIT_ROWS], 1, idx), 0.0)
-        w = torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1)
-        for r in range(rows.shape[0]):
-            c = int(counts[lo + r])
-            out[int(starts[lo + r]) : int(starts[lo + r]) + c] = w[r, :c]
-    return out.to(torch.float32)
 
 
 def distill_sign_scales(

@@ -189,14 +189,13 @@ def compress_module(
             name=name,
         )
         out.bands = list(parts)
-    refit = entry.get("sparse") and hessian is not None and config.method != "dare"  # DARE as published: rescaled
-    if isinstance(hessian, SpilledHessian) and (entry.get("sign") or entry.get("sparse_bands") or refit):
+    if isinstance(hessian, SpilledHessian) and (entry.get("sign") or entry.get("sparse_bands")):
         hessian = hessian.load()  # these parts read the whole matrix
     if entry.get("sign"):
         out.sign = bitdelta_factors(delta, hessian, int(entry["sign"]["rows"]), entry["sign"].get("scale") == "row")
     if entry.get("sparse"):  # DARE of the whole delta (dare), of what the stored bands leave (deltacome-dare)
         out.sparse = dare_factors(delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta,
-                                  entry["sparse"], hessian if refit else None, config.damp)  # fmt: skip
+                                  entry["sparse"])  # fmt: skip
     if any(b["rank"] > 0 for b in entry.get("sparse_bands", [])):
         out.sparse_bands = compress_sparse_bands(delta, hessian, entry, out.dense(m, n), quantizer=config.quantizer,
                                                  damp=config.damp)  # fmt: skip
