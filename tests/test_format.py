@@ -179,3 +179,28 @@ def test_smollm2_file_fits_every_ratio_and_the_header_is_small(tmp_path):
             parts = f"header {s.header_bytes:,} + extras {sum(s.extras.values()):,} + factors {s.factor_bytes:,}"
             assert s.file_bytes <= budget, f"{ratio}: {parts} = {s.file_bytes:,} B > {budget:,} B"
     assert s.header_bytes < 0.05 * s.file_bytes, f"1/128: {parts}"
+
+
+@pytest.mark.parametrize("keep", [0.06, 0.5])
+def test_dare_part_runs_sparse_at_low_keep_and_follows_writes(keep):
+    """A DARE part's forward multiplies by a CSR matrix at low keep-rates (8 bytes a kept entry, no dense copy of the
+    delta kept) and by the dense matrix above ``CSR_MAX_KEEP``; both equal the dense product, in the input's dtype,
+    and a write to the stored values is seen by the next forward."""
+    from hf_deltacome.format.baseline_parts import CSR_MAX_KEEP, SparsePart, sparse_mask
+    from hf_deltacome.quant.rtn import quantize_rtn
+
+    m, n, seed = 96, 80, 5
+    nnz = int(sparse_mask(m, n, keep, seed).sum())
+    part = SparsePart(m, n, nnz, keep, seed, 2, 128)
+    part.values.set(quantize_rtn(torch.randn(1, nnz, generator=torch.Generator().manual_seed(0)), 2, 128))
+    x = torch.randn(3, 4, n)
+    torch.testing.assert_close(part.forward_delta(x), x @ part.delta_weight().t(), rtol=1e-5, atol=1e-5)
+    assert part.forward_delta(x.bfloat16()).dtype == torch.bfloat16
+    weight = part.forward_weight()
+    assert (weight.layout == torch.sparse_csr) == (keep <= CSR_MAX_KEEP)
+    if weight.layout == torch.sparse_csr:
+        assert weight.values().numel() == nnz and weight.col_indices().dtype == torch.int32
+    before = part.forward_delta(x)
+    with torch.no_grad():
+        part.values.scales.mul_(2)
+    torch.testing.assert_close(part.forward_delta(x), 2 * before, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from hf_deltacome.compression.plan import plan_layouts
 from hf_deltacome.config import RESIDUAL_DARE_BITS, RESIDUAL_MARGIN, RESIDUAL_SHARES
 from hf_deltacome.format.budget import budget_bytes
 from hf_deltacome.io.summary import summarize_adapter
+from hf_deltacome.serving import export_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,6 +61,11 @@ def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
             auto.save_pretrained(tmp_path / label)
             text = summarize_adapter(tmp_path / label).format()
             assert f"3-bit bands with {info['chosen']} of each budget, 2-bit DARE of their residual" in text
+            # the DARE part has no LoRA form: the export says which module and how to get an adapter that has one
+            with pytest.raises(ConfigError, match=r"stores sign bits or sparse values \(deltacome, its residual\)"
+                                                  r".*--residual none"):  # fmt: skip
+                export_lora(tmp_path / label, tmp_path / f"{label}-lora")
+            assert not (tmp_path / f"{label}-lora").exists()
             loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / label)
             with torch.no_grad():
                 assert torch.equal(loaded(held_out).logits, auto(held_out).logits)

@@ -8,6 +8,7 @@ Format-1 state-dict keys: ``<module>.deltacome_delta.<adapter>.sign.{qweight,sca
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -132,6 +133,9 @@ class SignPart:
         return f"SignPart(rows={self.rows}/{self.out_features}, in={self.in_features}, per_row={self.per_row})"
 
 
+CSR_MAX_KEEP = 0.3  # a DARE part kept up to this share runs as a CSR matrix, above it dense (SparsePart.forward_weight)
+
+
 def sparse_mask(out_features: int, in_features: int, keep: float, seed: int) -> torch.Tensor:
     """The random keep-mask of a `SparsePart`: regenerated from ``seed`` on the CPU, never stored."""
     g = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -181,19 +185,45 @@ class SparsePart:
         return mask
 
     def delta_weight(self) -> torch.Tensor:
-        """Dense delta; cached (on the blob's store) until the stored values change: a write bumps the blob's version,
-        a new blob has a new address."""
+        """The dense ``out x in`` delta (float32, on the values' device), for merging and export; not kept."""
+        w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32)
+        w[self.mask()] = self.values.dequantize().reshape(-1).cpu()
+        return w.to(self.values.qweight.device)
+
+    def forward_weight(self) -> torch.Tensor:
+        """What :meth:`forward_delta` multiplies by, cached on the blob's store until the stored values change (a
+        write bumps the blob's version, a new blob has a new address): at a keep-rate up to ``CSR_MAX_KEEP`` a CSR
+        matrix (float32 values, int32 indices: 8 bytes a kept entry, where a dense float32 copy costs ``4 / keep``;
+        on one CPU thread 2-3x faster than the dense product at keep 0.06), above it the dense matrix (as small, and
+        faster)."""
         q = self.values.qweight
         key = (q.data_ptr(), q._version, q.device)
         cached = self._store._dense
         if cached is None or cached[0] != key:
-            w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32)
-            w[self.mask()] = self.values.dequantize().reshape(-1).cpu()
-            cached = self._store._dense = (key, w.to(q.device))
+            if self.keep > CSR_MAX_KEEP:
+                weight = self.delta_weight()
+            else:
+                mask = self.mask()
+                rows, cols = mask.nonzero(as_tuple=True)  # row-major: the order the values are stored in
+                crow = torch.zeros(self.out_features + 1, dtype=torch.int32)
+                crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0).to(torch.int32)
+                with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
+                    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                    weight = torch.sparse_csr_tensor(
+                        crow, cols.to(torch.int32), self.values.dequantize().reshape(-1).cpu(),
+                        size=(self.out_features, self.in_features), check_invariants=False,
+                    ).to(q.device)  # fmt: skip
+            cached = self._store._dense = (key, weight)
         return cached[1]
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.delta_weight().to(x.dtype).t()
+        """``Δ̂ x`` in ``x``'s dtype (in float32 through the sparse matrix at low keep-rates: no dense copy made)."""
+        weight = self.forward_weight()
+        if weight.layout != torch.sparse_csr:
+            return x @ weight.to(x.dtype).t()
+        flat = x.reshape(-1, self.in_features).to(torch.float32)
+        y = torch.sparse.mm(weight, flat.t()).t()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def __repr__(self) -> str:
         return f"SparsePart(nnz={self.nnz}, keep={self.keep:.4f}, bits={self.bits}, seed={self.seed})"

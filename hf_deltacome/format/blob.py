@@ -70,7 +70,7 @@ class BlobStore:
     """What holds a blob: a `PackedDelta` (a module, ``blob`` a buffer) or a part built on its own (`OwnBlob`).
 
     ``_overrides`` (key -> tensor) replace a part for computing without touching the stored bytes (BitDelta's scale
-    distillation differentiates through its scales); ``_dense`` caches one derived dense tensor (a DARE part's)."""
+    distillation differentiates through its scales); ``_dense`` caches one derived tensor (a DARE part's CSR matrix)."""
 
     _segs: Segments
     _overrides: Optional[dict] = None

@@ -174,9 +174,11 @@ def export_lora(
     for name in sorted(config.layout):
         delta = packed_delta(config, state, name)
         if delta.sign is not None or delta.sparse is not None:  # sparse bands (impart) are low rank: exported
+            residual = config.method == "deltacome"  # residual="auto" kept a DARE part
             raise ConfigError(
-                f"{folder}: module {name!r} is a {config.method} delta (sign bits or sparse values), which is full "
-                "rank and has no LoRA form; use `deltacome merge` for it"
+                f"{folder}: module {name!r} stores sign bits or sparse values ({config.method}"
+                + (", its residual" if residual else "") + "), which are full rank and have no LoRA form; use "
+                "`deltacome merge` for it" + (", or compress with --residual none (bands alone)" if residual else "")
             )
         a, b, s = lora_factors(delta, rank)
         full_ranks[name] = len(s)
