@@ -540,11 +540,18 @@ def test_planned_kl_does_not_depend_on_what_was_measured_before(wide_pairs):
     _, info = plan_layouts(base, ft, names, cfg, calibration_ids=calib)
     bm, fm = dict(base.named_modules()), dict(ft.named_modules())
     deltas = {n: (fm[n].weight - bm[n].weight).detach().float() for n in names}
-    for share, kl in info["rank_share"]["kl"].items():
-        layouts = {n: plan_entry(n, *deltas[n].shape, 1 / 8, _with(cfg, min_rank_share=float(share))) for n in names}
+    chosen = _with(cfg, min_rank_share=info["rank_share"]["chosen"])
+    candidates = {f"share {share}": (_with(cfg, min_rank_share=float(share)), kl)
+                  for share, kl in info["rank_share"]["kl"].items()}  # fmt: skip
+    for share, kl in info["residual"]["kl"].items():  # residual="auto": the same check, bands + a 2-bit DARE
+        hybrid = chosen if share == "none" else _with(cfg, method="deltacome-dare", bands=[[3, None]],
+                                                      band_share=float(share), uniform_bits=2)  # fmt: skip
+        candidates[f"residual {share}"] = (hybrid, kl)
+    for label, (config, kl) in candidates.items():
+        layouts = {n: plan_entry(n, *deltas[n].shape, 1 / 8, config) for n in names}
         with EndToEndCheck(ft, calib, deltas.__getitem__, _rtn_bands_dense) as fresh:
             fresh.apply(layouts)
-            assert fresh.kl() == pytest.approx(kl, rel=1e-4), share
+            assert fresh.kl() == pytest.approx(kl, rel=1e-4), label
 
 
 def test_cli_compress_with_a_baseline_and_info_shows_its_layout(llama_pair, tmp_path, capsys):

@@ -161,6 +161,34 @@ def _spectra(
     return {nm: svd(delta_of(nm))[1] for nm in live}
 
 
+def _kls(
+    check: EndToEndCheck,
+    candidates: dict[Any, DeltaCoMeConfig],
+    live: Sequence[str],
+    shapes: dict[str, tuple[int, int]],
+    title: str,
+    progress: bool = False,
+    spectra: dict[str, torch.Tensor] | None = None,
+) -> dict[Any, float]:
+    """The whole model's KL to the fine-tune with every live target at the layout each candidate config plans (a
+    layout equal to an earlier candidate's is not measured again)."""
+    kls: dict[Any, float] = {}
+    seen: dict[str, Any] = {}
+    bar = progress_bar(len(candidates), progress, title, unit="layout")
+    for label, cfg in candidates.items():
+        bar.update(1)
+        layouts = {nm: plan_entry(nm, *shapes[nm], cfg.ratio, cfg, spectrum=(spectra or {}).get(nm)) for nm in live}
+        key = str(sorted((nm, e["bands"], e.get("sparse_bands"), e.get("sparse")) for nm, e in layouts.items()))
+        if key in seen:  # the same layout as an earlier candidate: nothing new to measure
+            kls[label] = kls[seen[key]]
+            continue
+        seen[key] = label
+        check.apply(layouts)
+        kls[label] = check.kl()
+    bar.close()
+    return kls
+
+
 def _choose_rank_share(
     check: EndToEndCheck,
     config: DeltaCoMeConfig,
@@ -176,27 +204,10 @@ def _choose_rank_share(
     Per-module reconstruction error cannot make this choice: on a knowledge fine-tune it rates the published bands
     2-3x better than one 2-bit band at 1/32, while the model keeps more of the fine-tune with the 2-bit band
     (benchmarks/RESULTS.md); a delta dominated by a few directions goes the other way."""
-    kls: dict[float, float] = {}
-    seen: dict[str, float] = {}
-    bar = progress_bar(len(RANK_SHARES), progress, "Choosing the band split (min_rank_share)", unit="share")
-    for share in RANK_SHARES:
-        bar.update(1)
-        cfg = with_changes(config, min_rank_share=share)
-        layouts = {nm: plan_entry(nm, *shapes[nm], cfg.ratio, cfg, spectrum=(spectra or {}).get(nm)) for nm in live}
-        key = str(sorted((nm, e["bands"], e.get("sparse_bands")) for nm, e in layouts.items()))
-        if key in seen:  # the same layout as a smaller share: nothing new to measure
-            kls[share] = kls[seen[key]]
-            continue
-        seen[key] = share
-        check.apply(layouts)
-        kls[share] = check.kl()
-    bar.close()
+    candidates = {share: with_changes(config, min_rank_share=share) for share in RANK_SHARES}
+    kls = _kls(check, candidates, live, shapes, "Choosing the band split (min_rank_share)", progress, spectra)
     best = min(RANK_SHARES, key=lambda sh: (kls[sh], sh))
-    info["rank_share"] = {
-        "chosen": best,
-        "metric": METRIC,
-        "kl": {str(sh): kls[sh] for sh in RANK_SHARES},
-    }
+    info["rank_share"] = {"chosen": best, "metric": METRIC, "kl": {str(sh): kls[sh] for sh in RANK_SHARES}}
     return best
 
 
@@ -217,21 +228,15 @@ def _choose_residual(
     entry (no rank limit, no index bytes) keeps more of it than the few ranks the bytes buy, and two bits buy twice
     the entries of four (benchmarks/RESULTS.md, facts-hot). A delta that a few directions carry keeps the bands."""
     chosen = info.get("rank_share")
-    if chosen:  # just measured by _choose_rank_share
-        kl_bands = chosen["kl"][str(chosen["chosen"])]
-    else:
-        check.apply({nm: plan_entry(nm, *shapes[nm], config.ratio, config) for nm in live})
-        kl_bands = check.kl()
-    kls: dict[float, float] = {}
-    configs: dict[float, DeltaCoMeConfig] = {}
-    bar = progress_bar(len(RESIDUAL_SHARES), progress, "Weighing a DARE residual (residual='auto')", unit="layout")
-    for share in RESIDUAL_SHARES:
-        bar.update(1)
-        configs[share] = cfg = with_changes(config, method="deltacome-dare", bands=[[RESIDUAL_BAND_BITS, None]],
-                                            band_share=share, uniform_bits=RESIDUAL_DARE_BITS)  # fmt: skip
-        check.apply({nm: plan_entry(nm, *shapes[nm], cfg.ratio, cfg) for nm in live})
-        kls[share] = check.kl()
-    bar.close()
+    candidates = {
+        share: with_changes(config, method="deltacome-dare", bands=[[RESIDUAL_BAND_BITS, None]], band_share=share,
+                            uniform_bits=RESIDUAL_DARE_BITS)  # fmt: skip
+        for share in RESIDUAL_SHARES
+    }
+    if not chosen:  # the bands' KL was not just measured by _choose_rank_share
+        candidates = {"none": config, **candidates}
+    kls = _kls(check, candidates, live, shapes, "Weighing a DARE residual (residual='auto')", progress)
+    kl_bands = kls.pop("none") if not chosen else chosen["kl"][str(chosen["chosen"])]
     best = min(RESIDUAL_SHARES, key=lambda sh: (kls[sh], -sh))
     keep = kls[best] <= RESIDUAL_MARGIN * kl_bands
     info["residual"] = {
@@ -241,7 +246,7 @@ def _choose_residual(
         "dare_bits": RESIDUAL_DARE_BITS,
         "kl": {"none": kl_bands, **{str(sh): kls[sh] for sh in RESIDUAL_SHARES}},
     }
-    return configs[best] if keep else config
+    return candidates[best] if keep else config
 
 
 def _keep_searched_if_better(
