@@ -244,6 +244,12 @@ def render_model_card(
         ("adapter file bytes", _bytes_text(stats["file_bytes"])),
         ("modules stored densely", ", ".join(f"`{m}`" for m in sorted(config.modules_to_save or [])) or "none"),
     ]
+    residual = config.compression_info.get("residual")
+    if isinstance(residual, dict) and residual.get("chosen") not in (None, "none"):  # residual="auto" kept one
+        rows[3] = ("bits per band", f"{residual.get('band_bits')} (one band), then a {residual.get('dare_bits')}-bit "
+                   f"DARE residual")  # fmt: skip
+        rows.insert(4, ("residual", f"{residual['chosen']} of each module's budget in bands, the rest in a seeded "
+                        "random share of the residual's entries (chosen by the whole model's KL to the fine-tune)"))
     if config.quantizer == "gptq":
         rows.append(("GPTQ", f"damp {config.damp}, act-order {'on' if config.act_order else 'off'}"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -13,6 +13,7 @@ from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.compression.plan import plan_layouts
 from hf_deltacome.config import RESIDUAL_MARGIN, RESIDUAL_SHARES
 from hf_deltacome.format.budget import budget_bytes
+from hf_deltacome.hub import render_model_card
 from hf_deltacome.io.summary import summarize_adapter
 from hf_deltacome.serving import export_lora
 
@@ -65,6 +66,9 @@ def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
                                                   r".*--residual none"):  # fmt: skip
                 export_lora(tmp_path / label, tmp_path / f"{label}-lora")
             assert not (tmp_path / f"{label}-lora").exists()
+            card = render_model_card(cfg)  # the model card says what the file holds
+            assert "| bits per band | 3 (one band), then a 2-bit DARE residual |" in card
+            assert f"| residual | {info['chosen']} of each module's budget in bands" in card
             loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / label)
             with torch.no_grad():
                 assert torch.equal(loaded(held_out).logits, auto(held_out).logits)
