@@ -192,8 +192,7 @@ def run(name: str, layers: int, quantizer: str, mode: str = "streamed") -> dict:
                "--device", "cpu"]  # fmt: skip
         if quantizer == "gptq":
             cmd += list(GPTQ_CALIBRATION)
-        if mode == "loaded":
-            cmd.append("--in-memory")
+        cmd.append("--in-memory" if mode == "loaded" else "--stream")  # whatever the pair's size
         env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
         t0 = time.time()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

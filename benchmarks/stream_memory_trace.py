@@ -114,7 +114,7 @@ def main() -> None:
     print(f"start: {rss()[0]:.2f} GiB resident (torch, transformers, PEFT imported)", flush=True)
     sys.argv = ["deltacome", "compress", "--base", f"{args.pair}/base", "--finetuned", f"{args.pair}/finetuned",
                 "--output", args.output, "--overwrite", "--quantizer", args.quantizer, "--device", "cpu",
-                "--num-samples", "16", "--seq-len", "128"]  # fmt: skip
+                "--num-samples", "16", "--seq-len", "128", "--stream"]  # fmt: skip
     try:
         cli()
     except Enough:

@@ -22,6 +22,7 @@ from typing import Any
 from .errors import DeltaCoMeError
 from .progress import log_to_stderr as _log_to_stderr
 
+IN_MEMORY_SHARE = 0.25  # a pair whose checkpoints take at most this share of the available memory is loaded whole
 CHECKPOINT_DIR = ".deltacome-checkpoint"  # per-layer checkpoints of a running `deltacome compress`
 # == config.METHODS (tested)
 METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", "deltacome-dare")
@@ -141,17 +142,47 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _why_in_memory(args: argparse.Namespace) -> str | None:
-    """Why this run loads both whole models instead of streaming them from their files (``None``: it streams)."""
-    from .compression.streaming import why_not_streamable
+    """Why this run loads both whole models instead of streaming them from their files (``None``: it streams).
 
+    A pair whose checkpoints take at most ``IN_MEMORY_SHARE`` of the available memory is loaded whole unless
+    ``--stream`` is given: the whole-model checks of the default (``min_rank_share`` and ``residual`` auto) and
+    calibration text sampled from the fine-tune need both models; larger pairs stream one decoder layer at a time.
+    """
+    from .compression.streaming import available_memory, checkpoint_bytes, local_folder, why_not_streamable
+
+    if args.in_memory and args.stream:
+        raise DeltaCoMeError("--in-memory and --stream contradict each other; pass one")
     if args.in_memory:
         return "--in-memory"
     if args.search or args.allocation == "adaptive":
+        if args.stream:
+            raise DeltaCoMeError("--stream cannot be combined with --search or --allocation adaptive: they measure "
+                                 "layouts on the whole model")  # fmt: skip
         return "--search / --allocation adaptive measure layouts on the whole model"
     for role in ("base", "finetuned"):
         why = why_not_streamable(getattr(args, role))
         if why is not None:
+            if args.stream:
+                raise DeltaCoMeError(f"--stream: --{role} cannot be streamed: {why}")
             return why
+    if args.stream:
+        return None
+    folders = [local_folder(getattr(args, role), role) for role in ("base", "finetuned")]
+    for folder in folders:
+        why = why_not_streamable(folder)  # a Hub id is judged once its snapshot is here
+        if why is not None:
+            return why
+    size, free = sum(checkpoint_bytes(f) for f in folders), available_memory()
+    if free is not None and size <= IN_MEMORY_SHARE * free:
+        return (f"both checkpoints ({size / 2**30:.2f} GiB) fit in memory ({free / 2**30:.1f} GiB available), so the "
+                "default's whole-model checks run (--stream streams them instead)")  # fmt: skip
+    import logging
+
+    logging.getLogger("hf_deltacome").info(
+        "streaming one decoder layer at a time: both checkpoints (%.2f GiB) are more than %.0f%% of the available "
+        "memory (%s); the whole-model checks (min_rank_share and residual auto) fall back to their defaults",
+        size / 2**30, 100 * IN_MEMORY_SHARE, "unknown" if free is None else f"{free / 2**30:.1f} GiB",
+    )  # fmt: skip
     return None
 
 
@@ -218,14 +249,14 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                    help="--method deltacome-dare: share 0..1 of each module's budget its bands (--bands) take, the "
                         "rest stores DARE of their residual; auto: per module by the delta's spectrum (default 0.25)")  # fmt: skip
     p.add_argument("--residual", choices=["auto", "none"], default=None,
-                   help="auto (default; needs the whole model: --in-memory): the whole-model check also weighs "
+                   help="auto (default; needs the whole model, see --in-memory): the whole-model check also weighs "
                         "3-bit bands + a 2-bit DARE of their residual and keeps it where it brings the model closer "
                         "to the fine-tune; none: the bands alone")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None, help="BitDelta scale distillation steps, 0 = off (default 50)")
     p.add_argument("--calibration", default=None,
                    help="calibration text: .txt (one per line) or .jsonl; for a vision-language model, a .jsonl of "
                         '{"image": "file.png", "text": ...} records gives image + text calibration '
-                        "(default: streamed, the built-in generic text; --in-memory, text sampled from the fine-tune)")  # fmt: skip
+                        "(default: text sampled from the fine-tune; streamed, the built-in generic text)")  # fmt: skip
     p.add_argument("--num-samples", type=_count(1), default=None, help="calibration sequences (default 32)")
     p.add_argument("--seq-len", type=_count(2), default=None, help="tokens per calibration sequence (default 256)")
     p.add_argument("--group-size", type=_count(1), default=128, help="quantization group size (default: %(default)s)")
@@ -244,9 +275,13 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                    help="dtype the weights are held in (default: auto, what the checkpoints hold; the work on each layer "
                         "is done in float32 whatever it is)")  # fmt: skip
     p.add_argument("--in-memory", action="store_true",
-                   help="load both whole models instead of streaming them one decoder layer at a time (needed for "
-                        "calibration sampled from the fine-tune and min_rank_share auto's whole-model check; implied "
-                        "by --search, --allocation adaptive, vision-language models and non-safetensors checkpoints)")  # fmt: skip
+                   help="load both whole models (the default when both checkpoints take at most a quarter of the "
+                        "available memory; needed for calibration sampled from the fine-tune and the whole-model "
+                        "checks of min_rank_share and residual auto; implied by --search, --allocation adaptive, "
+                        "vision-language models and non-safetensors checkpoints)")  # fmt: skip
+    p.add_argument("--stream", action="store_true",
+                   help="stream both models one decoder layer at a time whatever their size (the default for pairs "
+                        "larger than a quarter of the available memory; the whole-model checks fall back)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from the layers checkpointed in --output")
     p.add_argument("--no-save-tokenizer", dest="save_tokenizer", action="store_false",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,20 +109,44 @@ def test_nonsense_api_values_are_refused_by_name():
             compress(make_model("llama"), make_finetune(ref), DeltaCoMeConfig(quantizer="rtn"), progress=False, **kwargs)
 
 
-def test_cli_streams_by_default_and_reports_dtype(tmp_path, capsys):
+def test_cli_loads_a_small_pair_whole_and_streams_a_large_one(tmp_path, capsys, monkeypatch, caplog):
+    """No flag: a pair that fits in a quarter of the available memory is loaded whole (the default's whole-model
+    checks run); a larger one, or ``--stream``, is streamed and says so; contradicting flags are refused by name."""
+    import hf_deltacome.compression.streaming as streaming
+
     ref = make_model("llama", **WIDE)
     b, f = save_pair(tmp_path, ref, bf16_finetune(ref))
     out = tmp_path / "adapter"
-    assert main(["compress", "--base", b, "--finetuned", f, "--output", str(out), "--quantizer", "rtn"]) == 0
+    args = ["compress", "--base", b, "--finetuned", f, "--output", str(out), "--overwrite"]
+    with caplog.at_level(logging.INFO, logger="hf_deltacome"):
+        assert main([*args, "--num-samples", "2", "--seq-len", "16"]) == 0  # gptq: calibration sampled from the ft
+    info = json.loads((out / "adapter_config.json").read_text())["compression_info"]
+    assert info["streamed"] is False and "fallback" not in info["residual"] and "kl" in info["residual"]
+    assert "fit in memory" in caplog.text
+    size = sum(streaming.checkpoint_bytes(Path(p)) for p in (b, f))
+    caplog.clear()
+    monkeypatch.setattr(streaming, "available_memory", lambda: 4 * size - 1)  # just over a quarter: streamed
+    with caplog.at_level(logging.INFO, logger="hf_deltacome"):
+        assert main([*args, "--num-samples", "2", "--seq-len", "16"]) == 0
     info = json.loads((out / "adapter_config.json").read_text())["compression_info"]
     assert info["streamed"] is True and "lm_head.weight" in info["unchanged_within_rounding"]
+    assert info["residual"]["chosen"] == "none" and "streamed" in info["residual"]["fallback"]
+    assert "more than 25% of the available memory" in caplog.text
     assert "count as unchanged" in capsys.readouterr().err
+    rtn = [*args, "--quantizer", "rtn"]
+    monkeypatch.setattr(streaming, "available_memory", lambda: 4 * size)  # exactly a quarter: whole, unless --stream
+    assert main([*rtn, "--stream"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["compression_info"]["streamed"] is True
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(f"some calibration text number {i}" for i in range(40)))
-    assert main(["compress", "--base", b, "--finetuned", f, "--output", str(out), "--overwrite", "--in-memory",
-                 "--calibration", str(calib), "--num-samples", "2", "--seq-len", "16"]) == 0  # fmt: skip
+    assert main([*args, "--calibration", str(calib), "--num-samples", "2", "--seq-len", "16"]) == 0
     info = json.loads((out / "adapter_config.json").read_text())["compression_info"]
     assert info["streamed"] is False and info["num_samples"] == 2
+    capsys.readouterr()
+    assert main([*rtn, "--stream", "--in-memory"]) == 2
+    assert "--in-memory and --stream contradict" in capsys.readouterr().err
+    assert main([*rtn, "--stream", "--search", "greedy"]) == 2
+    assert "--stream cannot be combined with --search" in capsys.readouterr().err
     assert random_ids(ref, 1, 2).shape == (1, 2)
 
 
@@ -134,7 +160,7 @@ def test_cli_keeps_the_checkpoints_dtype_by_default(tmp_path, streamed):
     b, f = save_pair(tmp_path, ref, make_finetune(ref, seed=2))  # norms changed: carried dense
     out = tmp_path / "adapter"
     args = ["compress", "--base", b, "--finetuned", f, "--output", str(out), "--quantizer", "rtn", "--ratio", "1/4"]
-    assert main(args + ([] if streamed else ["--in-memory"])) == 0
+    assert main(args + (["--stream"] if streamed else ["--in-memory"])) == 0
     with safe_open(str(out / "adapter_model.safetensors"), framework="pt") as handle:
         dtypes = {k: handle.get_slice(k).get_dtype() for k in handle.keys() if "norm" in k}
     assert dtypes and set(dtypes.values()) == {"BF16"}, dtypes

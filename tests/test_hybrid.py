@@ -161,7 +161,7 @@ def test_cli_compresses_bands_and_dare_and_refuses_a_bad_share(tmp_path, capsys)
     out = tmp_path / "adapter"
     args = ["compress", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"), "--output", str(out),
             "--quantizer", "rtn", "--ratio", "1/8", "--bands", "8:rest", "--method", "deltacome-dare"]  # fmt: skip
-    assert main([*args, "--band-share", "auto"]) == 0  # streamed: no spectrum at plan time, the default share
+    assert main([*args, "--band-share", "auto", "--stream"]) == 0  # streamed: no spectrum at plan time, the default share
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["method"] == "deltacome-dare" and cfg["band_share"] == "auto"
     capsys.readouterr()

@@ -80,6 +80,34 @@ def why_not_streamable(name_or_path: str | os.PathLike) -> str | None:
     return None
 
 
+def checkpoint_bytes(folder: Path) -> int:
+    """Bytes of a model folder's safetensors files (the shards its index names, else ``model.safetensors``)."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise DeltaCoMeError(f"{index}: not a readable safetensors index ({e})") from None
+    else:
+        names = {WEIGHTS_NAME}
+    return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable`` of ``/proc/meminfo``; ``None``: unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class Checkpoint:
     """The safetensors files of one model: which file holds each tensor, its dtype and shape; reads any tensor alone.
 
