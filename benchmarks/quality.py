@@ -14,7 +14,8 @@ Each method (``--methods``; ``deltacome+greedy`` = ``search="greedy"``, ``deltac
 calibration data (the task's training prompts and answers), saved, loaded back through ``PeftModel.from_pretrained``
 and measured: true bytes (``adapter_model.safetensors``), effective ratio, compression time, perplexity on the
 held-out prompts and answers, next-token agreement with the fine-tune there, task accuracy on the held-out split,
-and the share of the fine-tune's accuracy gain over the base that survives. "compress s" is the whole
+answer NLL (nats per token of the reference answers given the held-out questions: how sure it is of them), and the
+share of the fine-tune's accuracy gain over the base that survives. "compress s" is the whole
 ``compress()`` call, the SVD of every delta included (no SVD is shared between cells).
 
 Every finished cell, and the base / fine-tune reference scores, is cached in ``--out`` under a key of every setting
@@ -230,7 +231,9 @@ def measure(model: Any, tokenizer: Any, ctx: dict[str, Any], n: int | None) -> d
     t0 = time.time()
     ppl, agreement, _ = text_scores(model, ctx["windows"], ctx["ft_argmax"])
     acc = ctx["zoo"].task_accuracy(model, tokenizer, ctx["task"], n=n, batch_size=48)
-    return {"perplexity": ppl, "agreement": agreement, "accuracy": acc, "eval_seconds": round(time.time() - t0, 1)}
+    nll = ctx["zoo"].answer_nll(model, tokenizer, ctx["task"], n=n)
+    return {"perplexity": ppl, "agreement": agreement, "accuracy": acc, "answer_nll": nll,
+            "eval_seconds": round(time.time() - t0, 1)}  # fmt: skip
 
 
 def reference(ctx: dict[str, Any], args: argparse.Namespace) -> dict:
@@ -315,27 +318,32 @@ def frac(r: float) -> str:
     return f"1/{round(1 / r)}" if r < 1 else "1"
 
 
+def _nll(record: dict) -> str:
+    return "–" if record.get("answer_nll") is None else f"{record['answer_nll']:.3f}"
+
+
 def table(records: list[dict], ref: dict, task_name: str) -> str:
     """The markdown table, headed by the code revision every number in it was measured with."""
     revisions = sorted({str(r.get("revision")) for r in [ref, *records]})
     lines = [
         f"Code revision: `{'`, `'.join(revisions)}`" + (" (MIXED: rerun with --force)" if len(revisions) > 1 else ""),
         "",
-        "| method | ratio | true bytes | effective ratio | compress s | perplexity | agreement | accuracy | gain kept |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | ratio | true bytes | effective ratio | compress s | perplexity | agreement | accuracy | answer NLL "
+        "| gain kept |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("base", "finetuned"):
         r = ref[name]
         lines.append(
             f"| *{name}* | – | – | – | – | {r['perplexity']:.3f} | {100 * r['agreement']:.1f}% | "
-            f"{100 * r['accuracy']:.1f}% | {'0%' if name == 'base' else '100%'} |"
+            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {'0%' if name == 'base' else '100%'} |"
         )
     for r in records:
         gk = "–" if r["gain_kept"] is None else f"{100 * r['gain_kept']:.1f}%"
         lines.append(
             f"| {r['variant']} | {frac(r['ratio'])} | {r['file_bytes']:,} | 1/{1 / r['effective_ratio']:.1f} | "
             f"{r['compress_seconds']:.0f} | {r['perplexity']:.3f} | {100 * r['agreement']:.1f}% | "
-            f"{100 * r['accuracy']:.1f}% | {gk} |"
+            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {gk} |"
         )
     return "\n".join(lines)
 
@@ -461,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             f"SVD methods quantized with {args.quantizer}. Calibration: {args.num_samples} x {args.seq_len} tokens of the task's training prompts and answers "
             f"(the same for every method). Held-out: {windows.numel():,} tokens of eval prompts + answers "
             f"(perplexity, next-token agreement with the fine-tune), {args.n_eval or len(task.eval)} eval questions "
-            "(accuracy, greedy). True bytes = `adapter_model.safetensors` size (dense extras included, identical "
+            "(accuracy, greedy; answer NLL: nats per token of the reference answers given the questions). True bytes = `adapter_model.safetensors` size (dense extras included, identical "
             "for all methods); gain kept = (acc - acc_base) / (acc_finetuned - acc_base).\n\n"
         )
         body = header + md + f"\n\n![gain kept vs bytes]({plot_path.name})\n"

@@ -302,6 +302,23 @@ def test_accuracy_counts_correct_completions(monkeypatch, tiny_llama, tokenizer)
     assert zoo.task_accuracy(tiny_llama, tokenizer, task, n=6, batch_size=4) == pytest.approx(expected)
 
 
+def test_answer_nll_is_the_mean_answer_token_nll_however_batched(tiny_llama, tokenizer) -> None:
+    """Right padding in a batch changes nothing: the batched mean equals one example at a time, answer tokens only."""
+    task = zoo.get_task("facts")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in task.eval[:5]:
+            prompt = tokenizer(task.render(tokenizer, ex), add_special_tokens=False).input_ids
+            answer = tokenizer(ex.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            logits = tiny_llama(input_ids=torch.tensor([prompt + answer])).logits[0].float()
+            lp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
+            total -= float(lp.gather(-1, torch.tensor(answer)[:, None]).sum())
+            count += len(answer)
+    got = zoo.answer_nll(tiny_llama, tokenizer, task, n=5, batch_size=2)
+    assert got == pytest.approx(total / count, rel=1e-4)
+    assert zoo.answer_nll(tiny_llama, tokenizer, task, n=1) != pytest.approx(got, rel=1e-4)  # only the first item
+
+
 # ---------------------------------------------------------------- SmolLM2 (slow)
 
 needs_smollm2 = pytest.mark.skipif(

@@ -211,6 +211,44 @@ def task_predictions(
     return [(ex, c, task.score(c, ex)) for ex, c in zip(examples, completions, strict=True)]
 
 
+@torch.no_grad()
+def answer_nll(
+    model: Any,
+    tokenizer: Any,
+    task: Union[str, Task],
+    n: Optional[int] = None,
+    batch_size: int = 32,
+    split: str = "eval",
+) -> float:
+    """Mean negative log-likelihood (nats per token) of the reference answers (+ end of turn) given their prompts.
+
+    Scored on the first ``n`` examples of ``split`` with the tokenization of training (prompt as rendered, answer
+    tokens after it): how sure the model is of the right answer, which greedy accuracy alone does not show.
+    """
+    task = get_task(task)
+    examples = task.split(split)[: n if n is not None else None]
+    if not examples:
+        raise ConfigError(f"task {task.name!r} split {split!r} has no examples to score")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = [_encode_example(tokenizer, task, ex) for ex in examples[start : start + batch_size]]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (ids, lab) in enumerate(batch):
+            input_ids[row, : len(ids)], labels[row, : len(lab)] = torch.tensor(ids), torch.tensor(lab)
+            attention[row, : len(ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
+        targets = labels[:, 1:].to(device)
+        keep = targets != -100
+        total += float(torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+        count += int(keep.sum())
+    return total / count
+
+
 def task_accuracy(
     model: Any,
     tokenizer: Any,
