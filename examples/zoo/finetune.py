@@ -27,6 +27,18 @@ def _encode_example(tokenizer: Any, task: Task, example: Example) -> tuple[list[
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
 
 
+def _right_padded(batch: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, ...]:
+    """``(input_ids, labels, attention_mask)`` of ``(ids, labels)`` pairs, right-padded (labels with -100)."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(batch):
+        input_ids[row, : len(ids)], labels[row, : len(lab)] = torch.tensor(ids), torch.tensor(lab)
+        attention[row, : len(ids)] = 1
+    return input_ids, labels, attention
+
+
 def _base_identity(base: Path) -> str:
     src = base / SOURCE_FILE
     if src.is_file():
@@ -134,16 +146,8 @@ def finetune(
         for i in order[: settings.batch_size]:
             if i not in encoded:
                 encoded[i] = _encode_example(tokenizer, task, task.train[i])
-        batch = [encoded[i] for i in order[: settings.batch_size]]
+        input_ids, labels, attention = _right_padded([encoded[i] for i in order[: settings.batch_size]], pad)
         del order[: settings.batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, lab) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            attention[row, : len(ids)] = 1
         # Run the LM head only where there is a target: the prompt positions need no logits.
         hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
         targets = labels[:, 1:]
@@ -187,8 +191,6 @@ def finetune(
 
 
 @torch.no_grad()
-
-
 def task_predictions(
     model: Any,
     tokenizer: Any,
@@ -234,13 +236,7 @@ def answer_nll(
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = [_encode_example(tokenizer, task, ex) for ex in examples[start : start + batch_size]]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (ids, lab) in enumerate(batch):
-            input_ids[row, : len(ids)], labels[row, : len(lab)] = torch.tensor(ids), torch.tensor(lab)
-            attention[row, : len(ids)] = 1
+        input_ids, labels, attention = _right_padded(batch, pad)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
         targets = labels[:, 1:].to(device)
         keep = targets != -100
