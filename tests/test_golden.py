@@ -5,6 +5,11 @@ of what ``compress`` + ``save_pretrained`` write (the package reorganisation was
 format or algorithm change rewrites the file and says so in its commit (last: packed format 2 and the whole-file
 budget; then DARE's values on a clipped grid). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
 ``adapter_config.json`` (the rest of the config records timings and versions).
+
+Each case holds a list of hash sets, one per kind of CPU it was recorded on: LAPACK's SVD and the BLAS kernels
+round differently on different CPUs (an AMD EPYC and the machine that first wrote the file agree on DARE, which
+takes no SVD, and differ on every SVD case), so the written bytes must equal one of the recorded sets.
+``--write`` adds this machine's set to each case (``--write --fresh`` drops the others: a deliberate change).
 """
 
 from __future__ import annotations
@@ -78,18 +83,19 @@ def test_same_bytes_as_recorded(name: str, tmp_path: Path) -> None:
     torch.set_num_threads(1)  # one summation order, whatever the machine's core count
     expected = json.loads(GOLDEN.read_text())[name]
     got = build(name, tmp_path)
-    assert got == expected, f"{name}: the adapter written differs from {GOLDEN.name} ({got} != {expected})"
+    assert got in expected, f"{name}: the adapter written differs from every set in {GOLDEN.name} ({got} not in {expected})"
 
 
 if __name__ == "__main__":  # pragma: no cover - writes the reference file
     import tempfile
 
     if "--write" not in sys.argv:
-        sys.exit("usage: python tests/test_golden.py --write")
+        sys.exit("usage: python tests/test_golden.py --write [--fresh]")
     torch.set_num_threads(1)
-    out = {}
+    out = {} if "--fresh" in sys.argv or not GOLDEN.is_file() else json.loads(GOLDEN.read_text())
     for case in sorted(CASES):
         with tempfile.TemporaryDirectory() as tmp:
-            out[case] = build(case, Path(tmp))
-        print(case, out[case])
+            got = build(case, Path(tmp))
+        out[case] = [h for h in out.get(case, []) if h != got] + [got]
+        print(case, got)
     GOLDEN.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
