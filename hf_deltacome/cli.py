@@ -159,17 +159,15 @@ def _why_in_memory(args: argparse.Namespace) -> str | None:
             raise DeltaCoMeError("--stream cannot be combined with --search or --allocation adaptive: they measure "
                                  "layouts on the whole model")  # fmt: skip
         return "--search / --allocation adaptive measure layouts on the whole model"
-    for role in ("base", "finetuned"):
-        why = why_not_streamable(getattr(args, role))
-        if why is not None:
-            if args.stream:
-                raise DeltaCoMeError(f"--stream: --{role} cannot be streamed: {why}")
-            return why
     if args.stream:
+        for role in ("base", "finetuned"):
+            why = why_not_streamable(getattr(args, role))  # a Hub id is judged once streaming has its snapshot
+            if why is not None:
+                raise DeltaCoMeError(f"--stream: --{role} cannot be streamed: {why}")
         return None
-    folders = [local_folder(getattr(args, role), role) for role in ("base", "finetuned")]
+    folders = [local_folder(getattr(args, role), role) for role in ("base", "finetuned")]  # a Hub id: its snapshot
     for folder in folders:
-        why = why_not_streamable(folder)  # a Hub id is judged once its snapshot is here
+        why = why_not_streamable(folder)
         if why is not None:
             return why
     size, free = sum(checkpoint_bytes(f) for f in folders), available_memory()

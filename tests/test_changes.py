@@ -147,6 +147,10 @@ def test_cli_loads_a_small_pair_whole_and_streams_a_large_one(tmp_path, capsys, 
     assert "--in-memory and --stream contradict" in capsys.readouterr().err
     assert main([*rtn, "--stream", "--search", "greedy"]) == 2
     assert "--stream cannot be combined with --search" in capsys.readouterr().err
+    for name in Path(b).glob("model*.safetensors*"):  # the base without safetensors: loaded whole, never streamed
+        name.unlink()
+    assert main([*rtn, "--stream"]) == 2
+    assert f"--stream: --base cannot be streamed: {b} has no model.safetensors" in capsys.readouterr().err
     assert random_ids(ref, 1, 2).shape == (1, 2)
 
 
