@@ -38,6 +38,7 @@ RESIDUAL_DARE_BITS = 2
 # on held-out text; spread deltas 0.24-0.41x and facts-hot 0.27-0.40x, won)
 RESIDUAL_MARGIN = 0.5
 RESIDUALS = ("auto", "none")
+DARE_RATES = ("uniform", "importance")
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
 
 
@@ -102,6 +103,10 @@ class DeltaCoMeConfig(PeftConfig):
         band_share: ``deltacome-dare`` only: the share of each module's budget its singular bands (``bands``,
             filled in order) may take; the rest stores DARE of the residual ``Δ − U_q S V_qᵀ`` (seeded mask,
             rescaled, ``uniform_bits``). ``None``: 0.25; 0 is DARE; ``"auto"``: per module, the least expected error.
+        dare_rates: keep-rates of a DARE part. ``"uniform"`` (published DARE: every entry alike) or
+            ``"importance"`` (a rate per row and column from the output energy ``Σ Δ² diag(H)``, 4-bit codes stored,
+            the mask still seeded; format 3). ``None``: uniform for ``dare``, importance for the residual of
+            ``deltacome-dare`` and of ``deltacome``'s ``residual="auto"`` (benchmarks/RESULTS.md).
         residual: ``deltacome`` only. ``"auto"`` (default): with calibration data and the configured split (no
             ``search``, uniform allocation, no ``sparse_tail``), the whole-model check also weighs layouts that give
             ``RESIDUAL_SHARES`` of each module's budget to ``RESIDUAL_BAND_BITS``-bit bands and the rest to a
@@ -142,6 +147,7 @@ class DeltaCoMeConfig(PeftConfig):
     )
     band_share: Optional[Union[float, str]] = field(default=None, metadata={"help": "deltacome-dare: [0, 1], auto"})
     residual: str = field(default="auto", metadata={"help": f"deltacome: DARE of the bands' residual, {RESIDUALS}."})
+    dare_rates: Optional[str] = field(default=None, metadata={"help": f"DARE keep-rates, one of {DARE_RATES}."})
     base_vocab_size: Optional[int] = field(default=None)
     vocab_size: Optional[int] = field(default=None)
     trainable_token_indices: Optional[dict[str, list[int]]] = field(default=None)
@@ -268,6 +274,8 @@ class DeltaCoMeConfig(PeftConfig):
             raise ConfigError(f"band_share applies to method 'deltacome-dare', not {self.method!r}")
         if self.residual not in RESIDUALS:
             raise ConfigError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
+        if self.dare_rates not in (None, *DARE_RATES):
+            raise ConfigError(f"dare_rates must be null or one of {DARE_RATES}, got {self.dare_rates!r}")
         if (tail is not None or self.method == "impart") and (self.search is not None or self.allocation != "uniform"):
             raise ConfigError(
                 "sparse_tail / method 'impart' do not combine with search= or allocation='adaptive' (these choose "

@@ -43,7 +43,10 @@ CASES: dict[str, tuple[str, dict, bool]] = {
     "llama-dare": ("llama", {"method": "dare", "uniform_bits": 4}, True),
     # what residual="auto" stores when it keeps a residual: 3-bit bands on a quarter, a 2-bit DARE of the rest
     "llama-residual-0.25": ("llama", {"method": "deltacome-dare", "bands": [[3, None]], "band_share": 0.25,
-                                      "uniform_bits": 2}, True),  # fmt: skip
+                                      "uniform_bits": 2, "dare_rates": "uniform"}, True),  # fmt: skip
+    # DARE with importance rates (format 3): rate codes and threshold beside the values; data-free, no SVD
+    "llama-dare-importance": ("llama", {"method": "dare", "dare_rates": "importance", "uniform_bits": 2,
+                                        "quantizer": "rtn"}, False),  # fmt: skip
     "llama-greedy-adaptive": ("llama", {"search": "greedy", "allocation": "adaptive", "ratio": "1/8"}, True),
     "llava-gptq-image-text": ("llava", {"ratio": "1/4", "group_size": 16}, True),
 }

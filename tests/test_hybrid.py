@@ -38,13 +38,16 @@ def test_bands_take_their_share_and_dare_the_rest_of_the_budget(share, ratio):
     assert (other["sparse"]["keep"] > entry["sparse"]["keep"]) == (other["bands"] != entry["bands"])
 
 
-def test_band_share_zero_is_plain_dare():
+@pytest.mark.parametrize("rates", ["uniform", "importance"])
+def test_band_share_zero_is_plain_dare(rates):
     d = long_tail_delta(96, 160, seed=3)
-    entry = plan_entry("layers.0.q", 96, 160, 1 / 16, hybrid(1 / 16, 0.0))
-    dare_cfg = DeltaCoMeConfig(method="dare", ratio=1 / 16, group_size=32)
+    cfg = hybrid(1 / 16, 0.0, dare_rates=rates)
+    entry = plan_entry("layers.0.q", 96, 160, 1 / 16, cfg)
+    dare_cfg = DeltaCoMeConfig(method="dare", ratio=1 / 16, group_size=32, dare_rates=rates)
     dare = plan_entry("layers.0.q", 96, 160, 1 / 16, dare_cfg)
     assert entry["sparse"] == dare["sparse"] and all(r == 0 for _, r in entry["bands"])
-    a = compress_module(d, None, entry, hybrid(1 / 16, 0.0)).dense(96, 160, entry["sparse"])
+    assert ("rates" in entry["sparse"]) == (rates == "importance") and entry["format"] == (3 if rates != "uniform" else 2)
+    a = compress_module(d, None, entry, cfg).dense(96, 160, entry["sparse"])
     b = compress_module(d, None, dare, dare_cfg).dense(96, 160, dare["sparse"])
     assert torch.equal(a, b)
 
@@ -52,14 +55,14 @@ def test_band_share_zero_is_plain_dare():
 def test_dare_part_stores_the_residual_of_the_stored_bands():
     m, n, ratio = 96, 160, 1 / 8
     d = long_tail_delta(m, n, seed=1)
-    cfg = hybrid(ratio, 0.5)
+    cfg = hybrid(ratio, 0.5, dare_rates="uniform")  # importance rates: tests/test_dare_rates.py
     entry = plan_entry("layers.2.o", m, n, ratio, cfg)
     factors = compress_module(d, None, entry, cfg)
     assert factors.bands and factors.sparse is not None
     sparse = entry["sparse"]
     mask = sparse_mask(m, n, sparse["keep"], sparse["seed"])
     bands = bands_dense(factors, m, n)
-    values = factors.sparse.dequantize().reshape(-1)
+    values = factors.sparse.values.dequantize().reshape(-1)
     # each kept value is the entry of Δ − U_q S V_qᵀ rescaled by 1/keep (up to its 4-bit rounding): not the delta's
     # entry, nor that of the exact truncation's residual (the bands' rounding is DARE'd too: no bias is left)
     want = (d - bands)[mask] / sparse["keep"]
@@ -81,7 +84,7 @@ def test_hybrid_is_unbiased_over_masks():
     that averages out, not a bias that stays (as it would if DARE took the exact truncation's residual)."""
     m, n, ratio = 48, 96, 1 / 4
     d = long_tail_delta(m, n, seed=2)
-    cfg = hybrid(ratio, 0.5, bits=3)
+    cfg = hybrid(ratio, 0.5, bits=3, dare_rates="uniform")
     entry = plan_entry("a", m, n, ratio, cfg)
     bands = bands_dense(compress_module(d, None, entry, cfg), m, n)
     seeds = 400
@@ -90,7 +93,7 @@ def test_hybrid_is_unbiased_over_masks():
         sparse = {**entry["sparse"], "seed": seed}
         mask = sparse_mask(m, n, sparse["keep"], seed)
         sparse["nnz"] = int(mask.sum())
-        total[mask] += dare_factors(d - bands, sparse).dequantize().reshape(-1)
+        total[mask] += dare_factors(d - bands, sparse).values.dequantize().reshape(-1)
     mean = bands + total / seeds
     rounding = float((bands - truncation(d, entry["bands"][0][1])).square().sum())
     assert rounding > 0.01 * float(d.square().sum())  # 3-bit bands do leave rounding error

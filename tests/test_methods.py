@@ -340,6 +340,7 @@ EACH_METHOD = {
     "lowrank": ({"method": "lowrank"}, 0.5, MARGIN),
     "svd-uniform": ({"method": "svd-uniform", "uniform_bits": 3}, 0.3, MARGIN),
     "dare-1/4": ({"method": "dare", "ratio": 1 / 4}, 0.6, 0.65),
+    "dare-importance-1/4": ({"method": "dare", "ratio": 1 / 4, "dare_rates": "importance"}, 0.6, 0.65),
     # bands + DARE of what they leave: 0.40 at 1/8, where plain DARE (1.29) is worse than no delta on this pair
     "deltacome-dare": ({"method": "deltacome-dare", "bands": [[4, None]], "band_share": 0.5}, 0.6, 0.65),
     "greedy": ({"search": "greedy"}, 0.3, MARGIN),

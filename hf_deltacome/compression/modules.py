@@ -14,10 +14,17 @@ from ..config import SVD_METHODS, DeltaCoMeConfig
 from ..errors import ConfigError, DeltaCoMeError
 from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
-from ..format.storage import FORMAT_VERSION, PackedDelta, sign_part_nbytes, sparse_band_nbytes, sparse_mask
+from ..format.storage import (
+    FORMAT_VERSION,
+    RATED_FORMAT,
+    PackedDelta,
+    rate_nbytes,
+    sign_part_nbytes,
+    sparse_band_nbytes,
+)  # fmt: skip
 from ..quant.rtn import quantize_rtn
 from ..quant.spill import Hessian, SpilledHessian
-from .baselines import bitdelta_factors, bitdelta_rows, dare_factors, dare_plan, hybrid_plan
+from .baselines import DareFactors, bitdelta_factors, bitdelta_rows, dare_factors, dare_plan, hybrid_plan, rated_dare
 from .impart import compress_sparse_bands, sparse_split
 from .svd import compress_linear, svd
 
@@ -81,7 +88,8 @@ def plan_entry(
         if rows:
             entry["sign"] = {"rows": rows, "scale": config.bitdelta_scale}
     elif method == "dare":
-        sparse = None if unchanged else dare_plan(name, m, n, ratio, config.uniform_bits, config.group_size)
+        sparse = None if unchanged else dare_plan(name, m, n, ratio, config.uniform_bits, config.group_size,
+                                                  rated=rated_dare(config))  # fmt: skip
         if sparse:
             entry["sparse"] = sparse
     elif method == "deltacome-dare":
@@ -91,6 +99,8 @@ def plan_entry(
             entry["sparse"] = sparse
     else:
         raise ConfigError(f"unknown method {method!r}")
+    if entry.get("sparse", {}).get("rates"):
+        entry["format"] = RATED_FORMAT
     return entry
 
 
@@ -105,6 +115,7 @@ def entry_nbytes(entry: dict[str, Any]) -> int:
     sparse = entry.get("sparse")
     if sparse:
         total += stored_nbytes(1, int(sparse["nnz"]), int(sparse["bits"]), int(sparse.get("group_size", g)))
+        total += rate_nbytes(m, n) if sparse.get("rates") else 0
     for band in entry.get("sparse_bands", []):
         total += sparse_band_nbytes(int(band["bits"]), int(band["rank"]), band["nnz"], g)
     return total
@@ -117,7 +128,7 @@ class ModuleFactors:
 
     bands: list[tuple[QuantizedMatrix, QuantizedMatrix, torch.Tensor]] = field(default_factory=list)
     sign: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # (positive k x n, scale, rows)
-    sparse: QuantizedMatrix | None = None
+    sparse: DareFactors | None = None
     sparse_bands: list[tuple] = field(default_factory=list)
 
     def fill(self, packed: PackedDelta) -> None:
@@ -131,7 +142,11 @@ class ModuleFactors:
         if self.sign is not None:
             packed.sign.set(*self.sign)
         if self.sparse is not None:
-            packed.sparse.values.set(self.sparse)
+            packed.sparse.values.set(self.sparse.values)
+            if (self.sparse.rates is None) == packed.sparse.rated:
+                raise DeltaCoMeError("compressed DARE values and the layout entry disagree on importance rates")
+            if self.sparse.rates is not None:
+                packed.sparse.set_rates(self.sparse.rates, self.sparse.threshold)
         if len(self.sparse_bands) != len(packed.sparse_bands):
             raise DeltaCoMeError(f"{len(self.sparse_bands)} sparse bands for a delta with {len(packed.sparse_bands)}")
         for band, (vq, uq, s, _, _) in zip(packed.sparse_bands, self.sparse_bands):
@@ -154,8 +169,7 @@ class ModuleFactors:
         if self.sparse is not None:
             if sparse_entry is None:
                 raise DeltaCoMeError("the dense form of a sparse part needs its layout entry (seed, keep)")
-            mask = sparse_mask(m, n, sparse_entry["keep"], sparse_entry["seed"])
-            w[mask] += self.sparse.dequantize().reshape(-1).cpu()
+            w += self.sparse.dense(m, n, sparse_entry)
         return w
 
 
@@ -195,7 +209,7 @@ def compress_module(
         out.sign = bitdelta_factors(delta, hessian, int(entry["sign"]["rows"]), entry["sign"].get("scale") == "row")
     if entry.get("sparse"):  # DARE of the whole delta (dare), of what the stored bands leave (deltacome-dare)
         out.sparse = dare_factors(delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta,
-                                  entry["sparse"])  # fmt: skip
+                                  entry["sparse"], hessian_diag(hessian))  # fmt: skip
     if any(b["rank"] > 0 for b in entry.get("sparse_bands", [])):
         out.sparse_bands = compress_sparse_bands(delta, hessian, entry, out.dense(m, n), quantizer=config.quantizer,
                                                  damp=config.damp)  # fmt: skip
@@ -241,9 +255,17 @@ def has_extra_parts(entry: dict[str, Any]) -> bool:
     return bool(entry.get("sign") or entry.get("sparse") or entry.get("sparse_bands"))
 
 
-def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
+def hessian_diag(hessian: Hessian | None) -> torch.Tensor | None:
+    """The diagonal of an input second moment (spilled ones read back), for DARE's importance rates."""
+    if hessian is None:
+        return None
+    return (hessian.load() if isinstance(hessian, SpilledHessian) else hessian).diagonal().float().cpu()
+
+
+def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any], hessian_diag: torch.Tensor | None = None) -> torch.Tensor:
     """The dense round-to-nearest approximation of ``d`` by the entry's bands, dense and sparse, and by the DARE
-    part of what they leave (``deltacome-dare``, the residual the whole-model check weighs)."""
+    part of what they leave (``deltacome-dare``, the residual the whole-model check weighs; importance rates from
+    ``hessian_diag``, else from the delta alone, as the check has no per-module data)."""
     U, S, Vh = svd(d)
     w = torch.zeros_like(d)
     start = 0
@@ -263,8 +285,7 @@ def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
             w += (ut.t() * s) @ vt
     sparse = entry.get("sparse")
     if sparse:
-        values = dare_factors(d - w, sparse).dequantize().reshape(-1).to(w.device)
-        w[sparse_mask(*d.shape, sparse["keep"], sparse["seed"]).to(w.device)] += values
+        w += dare_factors(d - w, sparse, hessian_diag).dense(*d.shape, sparse).to(w.device)
     return w
 
 

@@ -134,33 +134,95 @@ class SignPart:
 
 
 CSR_MAX_KEEP = 0.3  # a DARE part kept up to this share runs as a CSR matrix, above it dense (SparsePart.forward_weight)
+RATE_STEP = 0.25  # importance rates: log2 step between the 16 levels of a row's or column's 4-bit code
+RATE_CENTER = 8  # the code of factor 1 (codes 0..15: factors 2^-2 .. 2^1.75)
 
 
-def sparse_mask(out_features: int, in_features: int, keep: float, seed: int) -> torch.Tensor:
-    """The random keep-mask of a `SparsePart`: regenerated from ``seed`` on the CPU, never stored."""
+def rate_nbytes(out_features: int, in_features: int) -> int:
+    """Bytes of an importance-rated DARE part beside its values: 4-bit codes per row and per column, two a byte,
+    and the float32 threshold."""
+    return (out_features + 1) // 2 + (in_features + 1) // 2 + 4
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (uint8 values 0..15) two to a byte, the first in the low nibble."""
+    c = codes.to(torch.uint8).flatten()
+    if c.numel() % 2:
+        c = torch.cat([c, c.new_zeros(1)])
+    return c[0::2] | (c[1::2] << 4)
+
+
+def rate_factors(packed: torch.Tensor, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and column factors (float32, ``2^((code − 8)·RATE_STEP)``) of packed rate codes: rows, then columns."""
+    p = packed.to(torch.uint8).cpu()
+    codes = torch.stack([p & 15, p >> 4], 1).flatten().to(torch.int64)
+    rows, cols = (out_features + 1) // 2 * 2, (in_features + 1) // 2 * 2
+    if codes.numel() != rows + cols:
+        raise AdapterFileError(f"DARE rate codes: {p.numel()} bytes do not fit a {out_features}x{in_features} delta")
+    table = torch.tensor([2.0 ** ((k - RATE_CENTER) * RATE_STEP) for k in range(16)], dtype=torch.float32)
+    return table[codes[:out_features]], table[codes[rows : rows + in_features]]
+
+
+def sparse_scores(
+    out_features: int, in_features: int, seed: int, rates: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+) -> torch.Tensor:
+    """What a `SparsePart`'s mask compares with its keep-rate or threshold: the seeded uniform draws ``u`` (CPU,
+    float32), divided by ``a_i b_j`` when importance ``rates`` (row and column factors) are given."""
     g = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.rand(out_features, in_features, generator=g) < float(keep)
+    u = torch.rand(out_features, in_features, generator=g)
+    if rates is None:
+        return u
+    a, b = rates
+    return u / (a.to(torch.float32).view(-1, 1) * b.to(torch.float32).view(1, -1))
+
+
+def sparse_mask(
+    out_features: int, in_features: int, keep: float, seed: int,
+    rates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:  # fmt: skip
+    """The random keep-mask of a `SparsePart`: regenerated from ``seed`` on the CPU, never stored. Uniform: entry
+    ``(i, j)`` is kept when its draw ``u < keep``; with importance ``rates`` (row and column factors ``a``, ``b``)
+    when ``u / (a_i b_j) < keep`` (``keep`` then the stored float32 threshold): at rate ``min(1, keep a_i b_j)``."""
+    scores = sparse_scores(out_features, in_features, seed, rates)
+    return scores < (float(keep) if rates is None else torch.tensor(float(keep), dtype=torch.float32))
 
 
 class SparsePart:
     """DARE storage: the delta's entries kept by a seeded random mask, rescaled and quantized as one flat row.
 
     Only the values are stored (``values``: a ``1 x nnz`` `QuantizedFactor` in row-major order of the kept
-    entries); the mask is regenerated from ``seed`` and ``keep`` in the layout, and checked against ``nnz``.
+    entries); the mask is regenerated from ``seed`` and ``keep`` in the layout, and checked against ``nnz``. An
+    importance-rated part (``rates`` in the layout, format 3) also stores ``rates`` (4-bit codes of a factor per row
+    and per column, `rate_factors`) and ``threshold`` (float32): the mask is ``u / (a_i b_j) < threshold``, keeping
+    at most ``nnz`` entries (``nnz`` is the capacity the plan reserved; values past the kept count are zero).
     """
 
-    __slots__ = ("_store", "out_features", "in_features", "nnz", "keep", "seed", "bits", "values")
+    __slots__ = ("_store", "_prefix", "out_features", "in_features", "nnz", "keep", "seed", "bits", "rated", "values")
+
+    rates = part_property("rates")
+    threshold = part_property("threshold")
 
     def __init__(
         self, out_features: int, in_features: int, nnz: int, keep: float, seed: int, bits: int, group_size: int,
-        *, store: Optional[BlobStore] = None, prefix: str = "",
+        *, rated: bool = False, store: Optional[BlobStore] = None, prefix: str = "",
     ) -> None:  # fmt: skip
         self.out_features, self.in_features = out_features, in_features
-        self.nnz, self.keep, self.seed, self.bits = nnz, float(keep), int(seed), bits
+        self.nnz, self.keep, self.seed, self.bits, self.rated = nnz, float(keep), int(seed), bits, bool(rated)
         if store is None:
-            store = OwnBlob(Segments(factor_parts("values.", 1, nnz, bits, group_size)))
-        self._store = store
+            store = OwnBlob(Segments(self.parts("", out_features, in_features, nnz, bits, group_size, rated)))
+        self._store, self._prefix = store, prefix
         self.values = QuantizedFactor(store, prefix + "values.", 1, nnz, bits, group_size)
+
+    @staticmethod
+    def parts(
+        prefix: str, out_features: int, in_features: int, nnz: int, bits: int, group_size: int, rated: bool
+    ) -> list[tuple]:
+        """Segment specs of a sparse part under ``prefix``: the values, and the rate codes and threshold if rated."""
+        out = factor_parts(prefix + "values.", 1, nnz, bits, group_size)
+        if rated:
+            codes = rate_nbytes(out_features, in_features) - 4
+            out += [(prefix + "rates", (codes,), torch.uint8, 0, None), (prefix + "threshold", (1,), torch.float32, 0, None)]
+        return out
 
     @classmethod
     def from_layout(cls, out_features: int, in_features: int, entry: dict, **where) -> SparsePart:
@@ -172,10 +234,25 @@ class SparsePart:
             int(entry["seed"]),
             int(entry["bits"]),
             int(entry.get("group_size", 128)),
+            rated=entry.get("rates") is not None,
             **where,
         )
 
+    def set_rates(self, rates: torch.Tensor, threshold: float) -> None:
+        """Store the packed rate codes and the mask threshold of an importance-rated part."""
+        self.rates.copy_(rates.to(torch.uint8).reshape(self.rates.shape).to(self.rates.device))
+        self.threshold.fill_(float(threshold))
+
     def mask(self) -> torch.Tensor:
+        if self.rated:
+            factors = rate_factors(self.rates, self.out_features, self.in_features)
+            mask = sparse_mask(self.out_features, self.in_features, float(self.threshold.cpu()), self.seed, factors)
+            if int(mask.sum()) > self.nnz:
+                raise AdapterFileError(
+                    f"sparse part of a {self.out_features}x{self.in_features} delta: its rates and threshold keep "
+                    f"{int(mask.sum())} entries but only {self.nnz} values are stored"
+                )
+            return mask
         mask = sparse_mask(self.out_features, self.in_features, self.keep, self.seed)
         if int(mask.sum()) != self.nnz:
             raise AdapterFileError(
@@ -184,10 +261,15 @@ class SparsePart:
             )
         return mask
 
+    def kept_values(self, mask: torch.Tensor) -> torch.Tensor:
+        """The stored values of the entries ``mask`` keeps, in row-major order (float32, CPU)."""
+        return self.values.dequantize().reshape(-1).cpu()[: int(mask.sum())]
+
     def delta_weight(self) -> torch.Tensor:
         """The dense ``out x in`` delta (float32, on the values' device), for merging and export; not kept."""
         w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32)
-        w[self.mask()] = self.values.dequantize().reshape(-1).cpu()
+        mask = self.mask()
+        w[mask] = self.kept_values(mask)
         return w.to(self.values.qweight.device)
 
     def forward_weight(self) -> torch.Tensor:
@@ -210,7 +292,7 @@ class SparsePart:
                 with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
                     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
                     weight = torch.sparse_csr_tensor(
-                        crow, cols.to(torch.int32), self.values.dequantize().reshape(-1).cpu(),
+                        crow, cols.to(torch.int32), self.kept_values(mask),
                         size=(self.out_features, self.in_features), check_invariants=False,
                     ).to(q.device)  # fmt: skip
             cached = self._store._dense = (key, weight)
@@ -226,4 +308,5 @@ class SparsePart:
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def __repr__(self) -> str:
-        return f"SparsePart(nnz={self.nnz}, keep={self.keep:.4f}, bits={self.bits}, seed={self.seed})"
+        rated = ", rated" if self.rated else ""
+        return f"SparsePart(nnz={self.nnz}, keep={self.keep:.4f}, bits={self.bits}, seed={self.seed}{rated})"

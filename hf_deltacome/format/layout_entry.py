@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .packing import SUPPORTED_BITS
-from .storage import FORMAT_VERSION
+from .storage import RATED_FORMAT, READ_FORMATS
 
 BITDELTA_SCALES = ("matrix", "row")  # BitDelta sign parts: one scale per matrix or per row
 
@@ -31,10 +31,10 @@ def check_layout_entry(name: str, entry: Any, group_size: int) -> None:
     g = entry.setdefault("group_size", group_size)  # an entry without one uses the config's
     if isinstance(g, bool) or not isinstance(g, int) or g < 1:
         raise ConfigError(f"{where}: bad group_size {g!r}")
-    if entry.get("format", 1) not in (1, FORMAT_VERSION):
+    if entry.get("format", 1) not in READ_FORMATS:
         raise ConfigError(
-            f"{where}: unknown format {entry.get('format')!r}; this version reads formats 1 and "
-            f"{FORMAT_VERSION} (a newer hf-deltacome wrote it?)"
+            f"{where}: unknown format {entry.get('format')!r}; this version reads formats {READ_FORMATS} "
+            "(a newer hf-deltacome wrote it?)"
         )
     if not isinstance(entry.get("bias", False), bool):
         raise ConfigError(f"{where}: 'bias' must be true or false, got {entry.get('bias')!r}")
@@ -81,11 +81,17 @@ def _validate_extra_parts(entry: dict, shape: Sequence[int], where: str) -> None
             and is_int(sparse.get("seed"), 0)
             and sparse.get("bits") in SUPPORTED_BITS
             and is_int(sparse.get("group_size", 128), 1)
+            and sparse.get("rates") in (None, "importance")
         )
         if not ok:
             raise ConfigError(
                 f"{where}: 'sparse' must be {{'nnz': int, 'keep': (0, 1], 'seed': int, 'bits': one of "
-                f"{SUPPORTED_BITS}, 'group_size': int}}, got {sparse!r}"
+                f"{SUPPORTED_BITS}, 'group_size': int, optional 'rates': 'importance'}}, got {sparse!r}"
+            )
+        if sparse.get("rates") is not None and entry.get("format", 1) < RATED_FORMAT:
+            raise ConfigError(
+                f"{where}: an importance-rated 'sparse' part needs format {RATED_FORMAT}, the entry says "
+                f"{entry.get('format', 1)}"
             )
 
 

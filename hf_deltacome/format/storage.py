@@ -19,18 +19,20 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError
-from .baseline_parts import SignPart, SparsePart, sign_part_nbytes, sparse_mask
+from .baseline_parts import SignPart, SparsePart, rate_nbytes, sign_part_nbytes, sparse_mask
 from .blob import BandOfVectors, BlobStore, QuantizedFactor, Segments, factor_parts, part_property
 from .packing import QuantizedMatrix
 from .sparse_bands import SparseBand, sparse_band_key, sparse_band_masks, sparse_band_nbytes
 
 __all__ = [  # the parts are re-exported: importers see the whole format here
-    "FORMAT_VERSION", "DeltaBand", "PackedDelta", "QuantizedFactor", "SignPart", "SparseBand", "SparsePart",
-    "TensorSpec", "blob_state_dicts", "layout_tensors", "plane_bits", "sign_part_nbytes", "sparse_band_masks",
-    "sparse_band_nbytes", "sparse_mask",
+    "FORMAT_VERSION", "RATED_FORMAT", "READ_FORMATS", "DeltaBand", "PackedDelta", "QuantizedFactor", "SignPart",
+    "SparseBand", "SparsePart", "TensorSpec", "blob_state_dicts", "layout_tensors", "plane_bits", "rate_nbytes",
+    "sign_part_nbytes", "sparse_band_masks", "sparse_band_nbytes", "sparse_mask",
 ]  # fmt: skip
 
 FORMAT_VERSION = 2  # of newly written adapters; layout entries without "format" are format 1
+RATED_FORMAT = 3  # format 2 plus an importance-rated DARE part ("rates" in "sparse"): written only for such entries
+READ_FORMATS = (1, 2, 3)  # what this version reads (an older reader refuses a format-3 entry by its version)
 _BLOB_KEYS: contextvars.ContextVar[bool] = contextvars.ContextVar("deltacome_blob_keys", default=False)
 
 
@@ -117,8 +119,8 @@ def _segments(
         parts += SignPart.parts("sign.", out_features, in_features, int(entry["rows"]), entry.get("scale") == "row")
     if sparse:
         entry = dict(sparse)
-        parts += factor_parts("sparse.values.", 1, int(entry["nnz"]), int(entry["bits"]),
-                              int(entry.get("group_size", 128)))  # fmt: skip
+        parts += SparsePart.parts("sparse.", out_features, in_features, int(entry["nnz"]), int(entry["bits"]),
+                                  int(entry.get("group_size", 128)), entry.get("rates") is not None)  # fmt: skip
     for k, key in enumerate(sparse_bands):  # after every other part: default files keep their bytes
         parts += SparseBand.parts(f"sparse_bands.{k}.", key, group_size)
     return Segments(parts)
@@ -150,8 +152,8 @@ class PackedDelta(BlobStore, nn.Module):
         sparse_bands: Sequence[dict] = (),
     ) -> None:
         super().__init__()
-        if format not in (1, 2):
-            raise AdapterFileError(f"unknown adapter format {format!r}; this version reads formats 1 and 2")
+        if format not in READ_FORMATS:
+            raise AdapterFileError(f"unknown adapter format {format!r}; this version reads formats {READ_FORMATS}")
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
         self.format = format
         self.layout = tuple((int(b), int(r)) for b, r in bands)

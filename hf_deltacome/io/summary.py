@@ -243,7 +243,8 @@ def _part_texts(entry: dict[str, Any]) -> list[str]:
         out.append(f"sign@1b x {sign.get('rows')} rows ({sign.get('scale', 'matrix')} scale)")
     sparse = entry.get("sparse")
     if isinstance(sparse, dict):
-        out.append(f"{sparse.get('nnz')} values@{sparse.get('bits')}b (keep {float(sparse.get('keep', 0)):.3f})")
+        rates = ", importance rates" if sparse.get("rates") else ""
+        out.append(f"{sparse.get('nnz')} values@{sparse.get('bits')}b (keep {float(sparse.get('keep', 0)):.3f}{rates})")
     for band in entry.get("sparse_bands", []):  # impart / the sparse tail: rank, bits and keep-rate of each level
         if isinstance(band, dict) and band.get("rank"):
             out.append(f"{band.get('rank')}@{band.get('bits')}b keep {float(band.get('keep', 0)):.2f}")

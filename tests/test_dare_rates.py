@@ -1,0 +1,114 @@
+"""DARE with importance rates (``dare_rates="importance"``, format 3): a keep-rate per row and column from the
+output energy, 4-bit codes stored beside the values, the mask still regenerated from its seed."""
+
+import pytest
+import torch
+from tiny_models import long_tail_delta
+
+from hf_deltacome import AdapterFileError, ConfigError, DeltaCoMeConfig
+from hf_deltacome.compression.baselines import dare_factors
+from hf_deltacome.compression.modules import compress_module, entry_nbytes, plan_entry
+from hf_deltacome.format.baseline_parts import pack_codes, rate_factors
+from hf_deltacome.format.budget import budget_bytes
+from hf_deltacome.format.layout_entry import check_layout_entry
+from hf_deltacome.format.storage import PackedDelta
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def dare(rates: str, ratio: float = 1 / 8) -> DeltaCoMeConfig:
+    return DeltaCoMeConfig(method="dare", ratio=ratio, group_size=32, uniform_bits=2, quantizer="rtn",
+                           dare_rates=rates)  # fmt: skip
+
+
+def outlier_inputs(n: int, tokens: int = 2048, seed: int = 1) -> torch.Tensor:
+    """Second moment of inputs whose channel scales spread widely (a few outlier features, as in real models)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g) * torch.exp(torch.randn(n, generator=g) * 1.2)
+    return x.t() @ x / tokens
+
+
+def output_error(err: torch.Tensor, h: torch.Tensor) -> float:
+    return float(((err @ h) * err).sum())
+
+
+def test_codes_pack_two_to_a_byte_and_map_to_factors():
+    codes = torch.tensor([0, 15, 8, 3, 9, 1, 7], dtype=torch.uint8)  # 3 rows, 4 columns (odd: padded)
+    packed = pack_codes(torch.cat([codes[:3], codes.new_zeros(1), codes[3:]]))
+    assert packed.numel() == 4
+    a, b = rate_factors(packed, 3, 4)
+    assert torch.equal(a, torch.tensor([2.0**-2, 2.0**1.75, 1.0]))
+    assert torch.equal(b, torch.tensor([2.0**-1.25, 2.0**0.25, 2.0**-1.75, 2.0**-0.25]))
+    with pytest.raises(AdapterFileError, match="do not fit a 5x4 delta"):
+        rate_factors(packed, 5, 4)
+
+
+def test_the_plan_pays_for_the_codes_and_the_loader_allocates_exactly_that():
+    m, n, ratio = 96, 160, 1 / 16
+    uniform, rated = plan_entry("l.q", m, n, ratio, dare("uniform")), plan_entry("l.q", m, n, ratio, dare("importance"))
+    assert rated["format"] == 3 and uniform["format"] == 2 and rated["sparse"]["rates"] == "importance"
+    assert entry_nbytes(rated) <= budget_bytes(m, n, ratio) and PackedDelta.from_layout(rated).nbytes() == entry_nbytes(rated)
+    # the codes (one nibble per row and column) and the threshold cost values
+    assert rated["sparse"]["nnz"] < uniform["sparse"]["nnz"] + 4 * ((m + n) // 2 + 4)
+
+
+def test_importance_rates_cut_the_output_error_at_the_same_bytes():
+    """Rows and columns that carry more of the output (large delta entries, outlier input channels) are kept more
+    often: at equal bytes the expected output error ``||(Δ − Δ̂) X||²`` falls well below uniform DARE's."""
+    m, n, ratio = 128, 192, 1 / 16
+    g = torch.Generator().manual_seed(0)
+    d = long_tail_delta(m, n, seed=5) * torch.exp(torch.randn(m, 1, generator=g) * 0.8)
+    h = outlier_inputs(n)
+    errs = {}
+    for rates in ("uniform", "importance"):
+        cfg = dare(rates, ratio)
+        entry = plan_entry("layers.0.mlp.down_proj", m, n, ratio, cfg)
+        errs[rates] = 0.0
+        for seed in range(4):
+            e = {**entry, "sparse": {**entry["sparse"], "seed": seed}}
+            if rates == "uniform":  # a fresh seed draws another count: re-plan it as the planner would
+                e = plan_entry(f"layers.{seed}.mlp.down_proj", m, n, ratio, cfg)
+            approx = compress_module(d, h, e, cfg).dense(m, n, e["sparse"])
+            errs[rates] += output_error(d - approx, h)
+    assert errs["importance"] < 0.6 * errs["uniform"], errs
+
+
+def test_importance_rated_dare_stays_unbiased():
+    """Each kept entry is divided by its own rate ``min(1, threshold · a_i b_j)``: over seeds the mean is the delta."""
+    m, n = 32, 48
+    d = long_tail_delta(m, n, seed=2)
+    h = outlier_inputs(n, seed=3)
+    entry = plan_entry("a", m, n, 1 / 4, dare("importance", 1 / 4))
+    total, seeds = torch.zeros(m, n), 300
+    for seed in range(seeds):
+        total += dare_factors(d, {**entry["sparse"], "seed": seed, "bits": 8}, h.diagonal()).dense(m, n, {**entry["sparse"], "seed": seed})
+    mean = total / seeds
+    assert float((mean - d).square().sum()) < 0.05 * float(d.square().sum())
+
+
+def test_the_stored_rates_and_threshold_rebuild_the_mask_and_a_tampered_threshold_is_refused():
+    m, n, ratio = 64, 96, 1 / 8
+    d = long_tail_delta(m, n, seed=4)
+    cfg = dare("importance", ratio)
+    entry = plan_entry("layers.1.self_attn.o_proj", m, n, ratio, cfg)
+    factors = compress_module(d, outlier_inputs(n), entry, cfg)
+    packed = PackedDelta.from_layout(entry)
+    factors.fill(packed)
+    part = packed.sparse
+    assert part.rated and torch.equal(part.mask(), factors.sparse.mask(m, n, entry["sparse"]))
+    assert 0.95 * entry["sparse"]["nnz"] <= int(part.mask().sum()) <= entry["sparse"]["nnz"]
+    torch.testing.assert_close(packed.delta_weight(), factors.dense(m, n, entry["sparse"]))
+    part.threshold.mul_(4.0)  # keeps more entries than values are stored
+    with pytest.raises(AdapterFileError, match=r"64x96 delta: its rates and threshold keep \d+ entries but only"):
+        part.mask()
+
+
+def test_a_rated_part_needs_format_3_and_a_known_rates_value():
+    entry = plan_entry("layers.0.q", 96, 160, 1 / 16, dare("importance", 1 / 16))
+    check_layout_entry("layers.0.q", {**entry}, 32)
+    with pytest.raises(ConfigError, match="module 'layers.0.q': an importance-rated 'sparse' part needs format 3, the entry says 2"):
+        check_layout_entry("layers.0.q", {**entry, "format": 2}, 32)
+    with pytest.raises(ConfigError, match="module 'layers.0.q': 'sparse' must be .*optional 'rates': 'importance'"):
+        check_layout_entry("layers.0.q", {**entry, "sparse": {**entry["sparse"], "rates": "magnitude"}}, 32)
+    with pytest.raises(ConfigError, match="dare_rates must be null or one of"):
+        DeltaCoMeConfig(method="dare", dare_rates="random")
