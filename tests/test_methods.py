@@ -550,7 +550,7 @@ def test_planned_kl_does_not_depend_on_what_was_measured_before(wide_pairs):
         candidates[f"residual {share}"] = (hybrid, kl)
     for label, (config, kl) in candidates.items():
         layouts = {n: plan_entry(n, *deltas[n].shape, 1 / 8, config) for n in names}
-        with EndToEndCheck(ft, calib, deltas.__getitem__, _rtn_bands_dense) as fresh:
+        with EndToEndCheck(ft, calib, deltas.__getitem__, _rtn_bands_dense, input_energy=True) as fresh:
             fresh.apply(layouts)
             assert fresh.kl() == pytest.approx(kl, rel=1e-4), label
 

@@ -28,7 +28,9 @@ class EndToEndCheck:
 
     ``delta_of(name)`` gives a target's float32 delta (reading the fine-tune's weights through :meth:`original`,
     since replaced ones are edited in place), ``approximate(delta, entry)`` its dense approximation at layout
-    ``entry``, computed on the module's own device. Use as a context manager so the fine-tune's weights are
+    ``entry``, computed on the module's own device. With ``input_energy`` the reference pass also sums each linear's
+    squared inputs (the diagonal of its input second moment, for DARE's importance rates), and ``approximate`` is
+    called as ``approximate(delta, entry, diag)``. Use as a context manager so the fine-tune's weights are
     restored whatever happens.
     """
 
@@ -42,6 +44,7 @@ class EndToEndCheck:
         max_samples: int = E2E_SAMPLES,
         max_tokens: int = E2E_TOKENS,
         batch_size: int = 4,
+        input_energy: bool = False,
     ) -> None:
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
             raise ConfigError(
@@ -53,7 +56,22 @@ class EndToEndCheck:
         self.batches = list(input_ids[:max_samples, :max_tokens].split(batch_size))
         self.saved: dict[str, torch.Tensor] = {}  # fine-tune weights of the modules currently replaced
         self.applied: dict[str, dict[str, Any]] = {}  # the layout entry each replaced module has now
-        self.reference = [self._log_probs(b).cpu() for b in self.batches]
+        self.input_diag: dict[str, torch.Tensor] | None = {} if input_energy else None
+        hooks = [mod.register_forward_pre_hook(self._energy_hook(name)) for name, mod in self.modules.items()
+                 if input_energy and isinstance(mod, nn.Linear)]  # fmt: skip
+        try:
+            self.reference = [self._log_probs(b).cpu() for b in self.batches]
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _energy_hook(self, name: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            energy = x.square().reshape(-1, x.shape[-1]).sum(0).cpu()
+            self.input_diag[name] = self.input_diag.get(name, 0) + energy
+
+        return hook
 
     def __enter__(self) -> EndToEndCheck:
         return self
@@ -76,7 +94,10 @@ class EndToEndCheck:
             if name not in self.saved:
                 self.saved[name] = weight.detach().clone()
             delta = self.delta_of(name).to(device=weight.device, dtype=torch.float32)
-            error = delta - self.approximate(delta, entry)
+            if self.input_diag is None:
+                error = delta - self.approximate(delta, entry)
+            else:
+                error = delta - self.approximate(delta, entry, self.input_diag.get(name))
             weight.copy_(self.saved[name] - error.to(weight.dtype))
             self.applied[name] = entry
 

@@ -265,7 +265,7 @@ def hessian_diag(hessian: Hessian | None) -> torch.Tensor | None:
 def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any], hessian_diag: torch.Tensor | None = None) -> torch.Tensor:
     """The dense round-to-nearest approximation of ``d`` by the entry's bands, dense and sparse, and by the DARE
     part of what they leave (``deltacome-dare``, the residual the whole-model check weighs; importance rates from
-    ``hessian_diag``, else from the delta alone, as the check has no per-module data)."""
+    ``hessian_diag``, the check's input energies, else from the delta alone)."""
     U, S, Vh = svd(d)
     w = torch.zeros_like(d)
     start = 0

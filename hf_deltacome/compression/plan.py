@@ -98,7 +98,7 @@ def plan_layouts(
 
     check: EndToEndCheck | None = None
     if ids is not None and config.method in SVD_METHODS:
-        check = EndToEndCheck(finetuned_model, ids, delta_of, rtn_bands_dense)
+        check = EndToEndCheck(finetuned_model, ids, delta_of, rtn_bands_dense, input_energy=auto_residual)
     # a small model keeps every delta's SVD for the whole plan (each is approximated at several layouts)
     small = sum(shapes[nm][0] * shapes[nm][1] for nm in live) * 8 <= SVD_CACHE_BYTES
     try:
