@@ -112,3 +112,15 @@ def test_a_rated_part_needs_format_3_and_a_known_rates_value():
         check_layout_entry("layers.0.q", {**entry, "sparse": {**entry["sparse"], "rates": "magnitude"}}, 32)
     with pytest.raises(ConfigError, match="dare_rates must be null or one of"):
         DeltaCoMeConfig(method="dare", dare_rates="random")
+
+
+def test_a_budget_that_buys_every_entry_keeps_them_all_unscaled():
+    m, n = 16, 24
+    d = long_tail_delta(m, n, seed=6)
+    cfg = dare("importance", 1 / 2)
+    entry = plan_entry("l.v", m, n, 1 / 2, cfg)
+    assert entry["sparse"]["nnz"] >= m * n
+    factors = compress_module(d, None, entry, cfg)
+    assert factors.sparse.threshold < float("inf") and bool(factors.sparse.mask(m, n, entry["sparse"]).all())
+    err = float((factors.dense(m, n, entry["sparse"]) - d).norm() / d.norm())
+    assert err < 0.5, err  # only the 2-bit rounding of the delta itself (each value at rate 1: no rescaling noise)

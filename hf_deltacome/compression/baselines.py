@@ -233,7 +233,10 @@ def dare_factors(delta: torch.Tensor, sparse: dict[str, Any], hessian_diag: torc
     a, b = rate_factors(packed, m, n)
     scores = sparse_scores(m, n, sparse["seed"], (a, b))
     cap = int(sparse["nnz"])
-    threshold = float("inf") if cap >= m * n else float(scores.flatten().kthvalue(cap + 1).values)
+    if cap >= m * n:  # every entry fits: a finite threshold above every score (a file holds no inf)
+        threshold = 2.0 / (float(a.min()) * float(b.min()))
+    else:
+        threshold = float(scores.flatten().kthvalue(cap + 1).values)
     mask = scores < torch.tensor(threshold, dtype=torch.float32)
     rate = (threshold * a.to(torch.float64).view(-1, 1) * b.to(torch.float64).view(1, -1)).clamp(max=1.0)
     values = torch.zeros(1, cap)
