@@ -8,7 +8,7 @@ from tiny_models import long_tail_delta
 from hf_deltacome import AdapterFileError, ConfigError, DeltaCoMeConfig
 from hf_deltacome.compression.baselines import dare_factors
 from hf_deltacome.compression.modules import compress_module, entry_nbytes, plan_entry
-from hf_deltacome.format.baseline_parts import pack_codes, rate_factors
+from hf_deltacome.format.baseline_parts import pack_rates, rate_factors
 from hf_deltacome.format.budget import budget_bytes
 from hf_deltacome.format.layout_entry import check_layout_entry
 from hf_deltacome.format.storage import PackedDelta
@@ -34,7 +34,7 @@ def output_error(err: torch.Tensor, h: torch.Tensor) -> float:
 
 def test_codes_pack_two_to_a_byte_and_map_to_factors():
     codes = torch.tensor([0, 15, 8, 3, 9, 1, 7], dtype=torch.uint8)  # 3 rows, 4 columns (odd: padded)
-    packed = pack_codes(torch.cat([codes[:3], codes.new_zeros(1), codes[3:]]))
+    packed = pack_rates(codes[:3], codes[3:])
     assert packed.numel() == 4
     a, b = rate_factors(packed, 3, 4)
     assert torch.equal(a, torch.tensor([2.0**-2, 2.0**1.75, 1.0]))
@@ -81,7 +81,8 @@ def test_importance_rated_dare_stays_unbiased():
     entry = plan_entry("a", m, n, 1 / 4, dare("importance", 1 / 4))
     total, seeds = torch.zeros(m, n), 300
     for seed in range(seeds):
-        total += dare_factors(d, {**entry["sparse"], "seed": seed, "bits": 8}, h.diagonal()).dense(m, n, {**entry["sparse"], "seed": seed})
+        sparse = {**entry["sparse"], "seed": seed, "bits": 8}
+        total += dare_factors(d, sparse, h.diagonal()).dense(m, n, sparse)
     mean = total / seeds
     assert float((mean - d).square().sum()) < 0.05 * float(d.square().sum())
 
@@ -95,7 +96,7 @@ def test_the_stored_rates_and_threshold_rebuild_the_mask_and_a_tampered_threshol
     packed = PackedDelta.from_layout(entry)
     factors.fill(packed)
     part = packed.sparse
-    assert part.rated and torch.equal(part.mask(), factors.sparse.mask(m, n, entry["sparse"]))
+    assert part.rated and torch.equal(part.mask(), factors.sparse.part(m, n, entry["sparse"]).mask())
     assert 0.95 * entry["sparse"]["nnz"] <= int(part.mask().sum()) <= entry["sparse"]["nnz"]
     torch.testing.assert_close(packed.delta_weight(), factors.dense(m, n, entry["sparse"]))
     part.threshold.mul_(4.0)  # keeps more entries than values are stored
@@ -121,6 +122,6 @@ def test_a_budget_that_buys_every_entry_keeps_them_all_unscaled():
     entry = plan_entry("l.v", m, n, 1 / 2, cfg)
     assert entry["sparse"]["nnz"] >= m * n
     factors = compress_module(d, None, entry, cfg)
-    assert factors.sparse.threshold < float("inf") and bool(factors.sparse.mask(m, n, entry["sparse"]).all())
+    assert factors.sparse.threshold < float("inf") and bool(factors.sparse.part(m, n, entry["sparse"]).mask().all())
     err = float((factors.dense(m, n, entry["sparse"]) - d).norm() / d.norm())
     assert err < 0.5, err  # only the 2-bit rounding of the delta itself (each value at rate 1: no rescaling noise)

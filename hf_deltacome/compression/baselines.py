@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import DeltaCoMeConfig
 from ..errors import CalibrationError, DeltaCoMeError
-from ..format.baseline_parts import RATE_CENTER, RATE_STEP, pack_codes, rate_factors, sparse_scores
+from ..format.baseline_parts import RATE_CENTER, RATE_STEP, SparsePart, pack_rates, rate_factors, sparse_scores
 from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import rate_nbytes, sign_part_nbytes, sparse_mask
@@ -190,17 +190,23 @@ class DareFactors:
     rates: torch.Tensor | None = None
     threshold: float | None = None
 
-    def mask(self, m: int, n: int, entry: dict[str, Any]) -> torch.Tensor:
-        if self.rates is None:
-            return sparse_mask(m, n, entry["keep"], entry["seed"])
-        return sparse_mask(m, n, float(self.threshold), entry["seed"], rate_factors(self.rates, m, n))
+    def store(self, part: SparsePart) -> None:
+        """Write these factors into a `SparsePart` of the same layout entry (a module's, or one of its own)."""
+        if (self.rates is None) == part.rated:
+            raise DeltaCoMeError("compressed DARE values and the layout entry disagree on importance rates")
+        part.values.set(self.values)
+        if self.rates is not None:
+            part.set_rates(self.rates, self.threshold)
+
+    def part(self, m: int, n: int, entry: dict[str, Any]) -> SparsePart:
+        """A `SparsePart` of its own holding these factors: what the loader reads (its mask, its dense delta)."""
+        part = SparsePart.from_layout(m, n, entry)
+        self.store(part)
+        return part
 
     def dense(self, m: int, n: int, entry: dict[str, Any]) -> torch.Tensor:
-        """The dense ``m x n`` delta these values store (float32, CPU)."""
-        w = torch.zeros(m, n, dtype=torch.float32)
-        mask = self.mask(m, n, entry)
-        w[mask] = self.values.dequantize().reshape(-1).cpu()[: int(mask.sum())]
-        return w
+        """The dense ``m x n`` delta these values store (float32, CPU), read as the loader reads it."""
+        return self.part(m, n, entry).delta_weight().cpu()
 
 
 def rate_codes(energy: torch.Tensor) -> torch.Tensor:
@@ -228,8 +234,7 @@ def dare_factors(delta: torch.Tensor, sparse: dict[str, Any], hessian_diag: torc
         return DareFactors(quantize_rtn((d[mask] / float(sparse["keep"])).view(1, -1), bits, g, clip=True))
     h = torch.ones(n) if hessian_diag is None else hessian_diag.detach().to(torch.float64).cpu().clamp_min(0)
     energy = d.to(torch.float64).square() * h.view(1, -1)
-    codes = torch.cat([rate_codes(energy.sum(1)), rate_codes(energy.sum(0))])
-    packed = pack_codes(torch.cat([codes[:m], codes.new_zeros(m % 2), codes[m:], codes.new_zeros(n % 2)]))
+    packed = pack_rates(rate_codes(energy.sum(1)), rate_codes(energy.sum(0)))
     a, b = rate_factors(packed, m, n)
     scores = sparse_scores(m, n, sparse["seed"], (a, b))
     cap = int(sparse["nnz"])

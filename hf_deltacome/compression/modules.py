@@ -142,11 +142,7 @@ class ModuleFactors:
         if self.sign is not None:
             packed.sign.set(*self.sign)
         if self.sparse is not None:
-            packed.sparse.values.set(self.sparse.values)
-            if (self.sparse.rates is None) == packed.sparse.rated:
-                raise DeltaCoMeError("compressed DARE values and the layout entry disagree on importance rates")
-            if self.sparse.rates is not None:
-                packed.sparse.set_rates(self.sparse.rates, self.sparse.threshold)
+            self.sparse.store(packed.sparse)
         if len(self.sparse_bands) != len(packed.sparse_bands):
             raise DeltaCoMeError(f"{len(self.sparse_bands)} sparse bands for a delta with {len(packed.sparse_bands)}")
         for band, (vq, uq, s, _, _) in zip(packed.sparse_bands, self.sparse_bands):

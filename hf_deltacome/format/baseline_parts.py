@@ -144,11 +144,15 @@ def rate_nbytes(out_features: int, in_features: int) -> int:
     return (out_features + 1) // 2 + (in_features + 1) // 2 + 4
 
 
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes (uint8 values 0..15) two to a byte, the first in the low nibble."""
-    c = codes.to(torch.uint8).flatten()
-    if c.numel() % 2:
-        c = torch.cat([c, c.new_zeros(1)])
+def pack_rates(row_codes: torch.Tensor, col_codes: torch.Tensor) -> torch.Tensor:
+    """The stored ``rates`` of a rated `SparsePart`: 4-bit codes (0..15) two to a byte, low nibble first, the rows
+    (padded to a whole byte) then the columns (likewise); `rate_factors` reads them back."""
+
+    def nibbles(codes: torch.Tensor) -> torch.Tensor:
+        c = codes.to(torch.uint8).flatten()
+        return torch.cat([c, c.new_zeros(c.numel() % 2)])
+
+    c = torch.cat([nibbles(row_codes), nibbles(col_codes)])
     return c[0::2] | (c[1::2] << 4)
 
 
