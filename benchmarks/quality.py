@@ -115,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="PNG path (default benchmarks/quality_<task>.png)")
     p.add_argument("--results-md", default=None, help="update this task's quality section of this markdown file")
     p.add_argument("--force", action="store_true", help="recompute cached cells")
+    p.add_argument("--item-scores", nargs="+", metavar="CELL_DIR", default=None,
+                   help="ask the held-out questions again, one by one, with the saved adapters of these cached cells "
+                        "(recorded before cells kept per-question scores) and add the scores to each cell.json, for "
+                        "the paired column; then exit")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -230,13 +234,34 @@ def text_scores(model: Any, windows: torch.Tensor, ft_argmax: torch.Tensor | Non
     return math.exp(nll / count), agree / count, torch.cat(argmax)
 
 
+def item_scores(model: Any, tokenizer: Any, ctx: dict[str, Any], n: int | None) -> str:
+    """Which held-out questions ``model`` answers right (greedy), one ``1``/``0`` per question in order: what a
+    paired comparison of two methods on the same questions reads (:func:`paired`)."""
+    results = ctx["zoo"].task_predictions(model, tokenizer, ctx["task"], n=n, batch_size=48)
+    if not results:
+        raise SystemExit(f"task {ctx['task'].name!r} has no held-out questions to score")
+    return "".join("1" if ok else "0" for _, _, ok in results)
+
+
 def measure(model: Any, tokenizer: Any, ctx: dict[str, Any], n: int | None) -> dict:
     t0 = time.time()
     ppl, agreement, _ = text_scores(model, ctx["windows"], ctx["ft_argmax"])
-    acc = ctx["zoo"].task_accuracy(model, tokenizer, ctx["task"], n=n, batch_size=48)
+    correct = item_scores(model, tokenizer, ctx, n)
     nll = ctx["zoo"].answer_nll(model, tokenizer, ctx["task"], n=n)
-    return {"perplexity": ppl, "agreement": agreement, "accuracy": acc, "answer_nll": nll,
-            "eval_seconds": round(time.time() - t0, 1)}  # fmt: skip
+    return {"perplexity": ppl, "agreement": agreement, "accuracy": correct.count("1") / len(correct),
+            "answer_nll": nll, "correct": correct, "eval_seconds": round(time.time() - t0, 1)}  # fmt: skip
+
+
+def paired(a: str, b: str) -> tuple[int, int, float]:
+    """Questions only ``a`` answers right, questions only ``b`` does, and the exact two-sided McNemar p-value of
+    that split (the chance of one at least this lopsided if either method were as likely to win each question)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores over different question sets ({len(a)} vs {len(b)} questions)")
+    plus = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    minus = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    n, k = plus + minus, min(plus, minus)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return plus, minus, p
 
 
 def reference(ctx: dict[str, Any], args: argparse.Namespace) -> dict:
@@ -314,6 +339,35 @@ def run_cell(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str
     return record
 
 
+def add_item_scores(folders: list[Path], ctx: dict[str, Any]) -> int:
+    """Per-question scores for cells recorded without them: each saved adapter loaded back on the base and asked
+    the same held-out questions (greedy: the accuracy must come out as recorded, else nothing is written)."""
+    from peft import PeftModel
+
+    from hf_deltacome.io.atomic import atomic_write_text
+
+    for folder in folders:
+        path = folder / "cell.json"
+        if not path.is_file():
+            raise SystemExit(f"{folder}: no cell.json (not a cell folder of benchmarks/quality.py)")
+        record = json.loads(path.read_text())
+        if record["settings"]["task"] != ctx["task"].name:
+            raise SystemExit(f"{folder}: a cell of task {record['settings']['task']!r}, not {ctx['task'].name!r}")
+        if record.get("correct"):
+            continue
+        loaded = PeftModel.from_pretrained(copy.deepcopy(ctx["base"]), folder).eval()
+        correct = item_scores(loaded, ctx["tokenizer"], ctx, record["settings"]["n_eval"])
+        del loaded
+        accuracy = correct.count("1") / len(correct)
+        if abs(accuracy - record["accuracy"]) > 1e-9:
+            raise SystemExit(f"{folder}: the questions scored again give accuracy {accuracy:.4f}, the record "
+                             f"{record['accuracy']:.4f}; not written")  # fmt: skip
+        record.update(correct=correct, correct_revision=ctx["revision"])
+        atomic_write_text(path, json.dumps(record, indent=2))
+        print(f"{folder.name}: {correct.count('1')}/{len(correct)} right, as recorded", flush=True)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ output
 
 
@@ -332,23 +386,33 @@ def table(records: list[dict], ref: dict, task_name: str) -> str:
         f"Code revision: `{'`, `'.join(revisions)}`" + (" (MIXED: rerun with --force)" if len(revisions) > 1 else ""),
         "",
         "| method | ratio | true bytes | effective ratio | compress s | perplexity | agreement | accuracy | answer NLL "
-        "| gain kept |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| gain kept | questions vs default |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("base", "finetuned"):
         r = ref[name]
         lines.append(
             f"| *{name}* | – | – | – | – | {r['perplexity']:.3f} | {100 * r['agreement']:.1f}% | "
-            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {'0%' if name == 'base' else '100%'} |"
+            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {'0%' if name == 'base' else '100%'} | – |"
         )
+    default = {r["ratio"]: r.get("correct") for r in records if r["variant"] == "deltacome"}
     for r in records:
         gk = "–" if r["gain_kept"] is None else f"{100 * r['gain_kept']:.1f}%"
         lines.append(
             f"| {r['variant']} | {frac(r['ratio'])} | {r['file_bytes']:,} | 1/{1 / r['effective_ratio']:.1f} | "
             f"{r['compress_seconds']:.0f} | {r['perplexity']:.3f} | {100 * r['agreement']:.1f}% | "
-            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {gk} |"
+            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {gk} | {_versus(r, default.get(r['ratio']))} |"
         )
     return "\n".join(lines)
+
+
+def _versus(record: dict, default: str | None) -> str:
+    """``+a / −b (p)``: questions this method answers right and the default (``deltacome``, same ratio) does not,
+    the reverse, and the paired test's p-value; "–" for the default itself or without per-question scores."""
+    if record["variant"] == "deltacome" or not default or not record.get("correct"):
+        return "–"
+    plus, minus, p = paired(record["correct"], default)
+    return f"+{plus} / −{minus} (p {p:.2f})"
 
 
 def plot(records: list[dict], path: Path, task_name: str) -> None:
@@ -436,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         "base_name": base_path.name,
         "ft_name": ft_path.name,
     }
+    if args.item_scores:
+        return add_item_scores([Path(d) for d in args.item_scores], ctx)
     ref = ctx["ref"] = reference(ctx, args)
     print(
         f"pair: base {base_path.name}, fine-tune {ft_path.name}; held-out: {windows.numel()} tokens, "
@@ -473,7 +539,10 @@ def main(argv: list[str] | None = None) -> int:
             f"(the same for every method). Held-out: {windows.numel():,} tokens of eval prompts + answers "
             f"(perplexity, next-token agreement with the fine-tune), {args.n_eval or len(task.eval)} eval questions "
             "(accuracy, greedy; answer NLL: nats per token of the reference answers given the questions). True bytes = `adapter_model.safetensors` size (dense extras included, identical "
-            "for all methods); gain kept = (acc - acc_base) / (acc_finetuned - acc_base).\n\n"
+            "for all methods); gain kept = (acc - acc_base) / (acc_finetuned - acc_base); questions vs default: "
+            "held-out questions this method answers right and the default (`deltacome`, same ratio) does not, the "
+            "reverse, and the exact two-sided McNemar p-value of that split (one question moves gain kept by "
+            f"{100 / max(1, len(task.eval[: args.n_eval]) * (ref['finetuned']['accuracy'] - ref['base']['accuracy'])):.2f} points).\n\n"
         )
         body = header + md + f"\n\n![gain kept vs bytes]({plot_path.name})\n"
         update_results_md(Path(args.results_md), body, task.name)

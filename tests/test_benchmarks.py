@@ -114,6 +114,32 @@ def test_the_table_names_the_code_revision(quality):
     assert "`abc123`, `def456` (MIXED" in mixed.splitlines()[0]
 
 
+def test_paired_counts_each_side_and_gives_the_exact_mcnemar_p(quality):
+    assert quality.paired("1100", "1010") == (1, 1, 1.0)
+    plus, minus, p = quality.paired("1111110000", "0000000000")
+    assert (plus, minus) == (6, 0) and p == pytest.approx(2 / 64)  # all six discordant questions one way
+    plus, minus, p = quality.paired("1" * 3 + "0" * 7, "0" * 3 + "1" * 7)
+    assert (plus, minus) == (3, 7) and p == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)
+    assert quality.paired("0101", "0101") == (0, 0, 1.0)
+    with pytest.raises(ValueError, match="different question sets"):
+        quality.paired("01", "011")
+
+
+def test_the_table_compares_each_method_with_the_default_question_by_question(quality):
+    ref = {"base": {"perplexity": 2, "agreement": 0.5, "accuracy": 0}, "finetuned": {"perplexity": 3, "agreement": 1,
+           "accuracy": 1}, "revision": "abc123"}  # fmt: skip
+    cell = {"variant": "deltacome", "ratio": 1 / 16, "file_bytes": 10, "effective_ratio": 1 / 16,
+            "compress_seconds": 1.0, "perplexity": 2.5, "agreement": 0.9, "accuracy": 0.5, "gain_kept": 0.5,
+            "revision": "abc123", "correct": "1100"}  # fmt: skip
+    rows = [cell, {**cell, "variant": "dare", "correct": "1111"}, {**cell, "variant": "lowrank", "correct": None},
+            {**cell, "variant": "dare", "ratio": 1 / 32, "correct": "0000"}]  # fmt: skip
+    lines = quality.table(rows, ref, "facts").splitlines()
+    assert lines[2].endswith("| questions vs default |")
+    assert lines[-4].endswith("| 50.0% | – |")  # the default itself
+    assert lines[-3].endswith("| +2 / −0 (p 0.50) |")
+    assert lines[-2].endswith("| – |") and lines[-1].endswith("| – |")  # no scores; no default at that ratio
+
+
 def test_code_revision_is_the_commit_plus_a_hash_of_uncommitted_changes(quality):
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode != 0:
