@@ -37,6 +37,12 @@ RESIDUAL_DARE_BITS = 2
 # the stored bands get GPTQ (lower error), so a narrow win is not one (measured: tiny noise delta at 1/2, 0.69x, lost
 # on held-out text; spread deltas 0.24-0.41x and facts-hot 0.27-0.40x, won)
 RESIDUAL_MARGIN = 0.5
+# ... and among the residuals DARE alone (share 0) unless bands on a share of the budget bring its KL down to at most
+# this fraction: the KL is measured on calibration text the fine-tune was trained on, where a few bands reproduce
+# memorised text, while held-out paraphrases of the same facts need DARE's unbiased share of every entry (facts-hot:
+# 0.91x at 1/64 and 0.96x at 1/128 (uniform rates) lost 8 and 16 of 240 questions to DARE alone; 0.22-0.75x on
+# facts and facts-hot kept as many questions and more agreement than DARE alone; benchmarks/RESULTS.md)
+RESIDUAL_ALONE_MARGIN = 0.85
 RESIDUALS = ("auto", "none")
 DARE_RATES = ("uniform", "importance")
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)

@@ -125,3 +125,28 @@ def test_a_budget_that_buys_every_entry_keeps_them_all_unscaled():
     assert factors.sparse.threshold < float("inf") and bool(factors.sparse.part(m, n, entry["sparse"]).mask().all())
     err = float((factors.dense(m, n, entry["sparse"]) - d).norm() / d.norm())
     assert err < 0.5, err  # only the 2-bit rounding of the delta itself (each value at rate 1: no rescaling noise)
+
+
+def test_cli_dare_rates_reaches_the_file_and_info_and_a_bad_value_is_refused(tmp_path, capsys):
+    import json
+
+    from tiny_models import make_finetune, make_model, save_with_tokenizer
+
+    from hf_deltacome.cli import main
+
+    base = make_model("llama")
+    save_with_tokenizer(tmp_path, base=base, ft=make_finetune(base, seed=3))
+    out = tmp_path / "adapter"
+    args = ["compress", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"), "--output", str(out),
+            "--quantizer", "rtn", "--ratio", "1/8", "--method", "dare", "--uniform-bits", "2"]  # fmt: skip
+    assert main([*args, "--dare-rates", "importance"]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["dare_rates"] == "importance"
+    assert all(e["sparse"]["rates"] == "importance" for e in cfg["layout"].values() if e.get("sparse"))
+    capsys.readouterr()
+    assert main(["info", str(out), "--modules"]) == 0
+    assert "importance rates" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # argparse: the choices named
+        main([*args, "--overwrite", "--dare-rates", "weighted"])
+    assert exit_info.value.code == 2
+    assert "--dare-rates: invalid choice: 'weighted'" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from hf_deltacome import ConfigError, DeltaCoMeConfig
 from hf_deltacome.compression.modules import entry_nbytes, plan_entry, rtn_bands_dense
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.compression.plan import plan_layouts
-from hf_deltacome.config import RESIDUAL_MARGIN, RESIDUAL_SHARES
+from hf_deltacome.config import RESIDUAL_ALONE_MARGIN, RESIDUAL_MARGIN, RESIDUAL_SHARES
 from hf_deltacome.format.budget import budget_bytes
 from hf_deltacome.hub import render_model_card
 from hf_deltacome.io.summary import summarize_adapter
@@ -45,8 +45,10 @@ def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
         best = min(v for k, v in info["kl"].items() if k != "none")
         if info["chosen"] == "none":
             assert best > RESIDUAL_MARGIN * info["kl"]["none"]
-        else:  # the least KL of the residuals, and by the margin the check's round-to-nearest bands need
-            assert info["kl"][str(info["chosen"])] == best <= RESIDUAL_MARGIN * info["kl"]["none"]
+        else:  # the least KL of the residuals (or DARE alone, within its margin), by the margin the bands need
+            kl = info["kl"][str(info["chosen"])]
+            assert kl == best or kl <= best / RESIDUAL_ALONE_MARGIN and info["chosen"] == 0.0
+            assert kl <= RESIDUAL_MARGIN * info["kl"]["none"]
         for name, entry in cfg.layout.items():
             assert entry_nbytes(entry) <= budget_bytes(*entry["shape"], 1 / 8), name
             assert bool(entry.get("sparse")) == (info["chosen"] != "none"), name
@@ -88,6 +90,31 @@ def test_no_data_or_another_plan_means_no_residual(pairs):
     ):
         layout, info = plan_layouts(base, fts["flat"], names, cfg, calibration_ids=ids)
         assert "residual" not in info and all("sparse" not in e for e in layout.values())
+
+
+@pytest.mark.parametrize(
+    ("kls", "chosen"),
+    [
+        ({"none": 1.31, 0.0: 0.437, 0.25: 0.399, 0.5: 0.506}, 0.0),  # bands at 0.91x of DARE alone: not a win
+        ({"none": 0.86, 0.0: 0.201, 0.25: 0.152, 0.5: 0.175}, 0.25),  # 0.75x: the bands pay
+        ({"none": 2.0, 0.0: 0.85, 0.25: 0.95, 0.5: 1.16}, 0.0),  # DARE alone is the least anyway
+        ({"none": 0.016, 0.0: 0.071, 0.25: 0.0093, 0.5: 0.0081}, "none"),  # no residual reaches half the bands' KL
+    ],
+)
+def test_dare_alone_unless_the_bands_cut_its_kl_by_a_margin(monkeypatch, kls, chosen):
+    from hf_deltacome.compression import plan
+    from hf_deltacome.io.summary import _plan_text
+
+    monkeypatch.setattr(plan, "_kls", lambda *args, **kwargs: dict(kls))
+    config, info = DeltaCoMeConfig(ratio=1 / 64), {}
+    planned = plan._choose_residual(None, config, [], {}, info)
+    assert info["residual"]["chosen"] == chosen and info["residual"]["alone_margin"] == RESIDUAL_ALONE_MARGIN
+    if chosen == "none":
+        assert planned is config
+    else:
+        assert planned.method == "deltacome-dare" and planned.band_share == chosen
+    text = "\n".join(_plan_text({"residual": info["residual"]}))
+    assert ("DARE alone: bands did not bring its KL under" in text) == (chosen == 0.0 and kls[0.25] < kls[0.0])
 
 
 def test_a_bad_residual_names_the_field():

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..config import (
     RANK_SHARES,
+    RESIDUAL_ALONE_MARGIN,
     RESIDUAL_BAND_BITS,
     RESIDUAL_DARE_BITS,
     RESIDUAL_MARGIN,
@@ -222,7 +223,9 @@ def _choose_residual(
     """``residual="auto"``: the bands alone (the split chosen so far) or ``RESIDUAL_SHARES`` of each module's budget
     in ``RESIDUAL_BAND_BITS``-bit bands and a ``RESIDUAL_DARE_BITS``-bit DARE of their residual with the rest,
     whichever brings the whole model closest to the fine-tune; the residual must reach ``RESIDUAL_MARGIN`` of the
-    bands' KL (the check rounds bands to nearest, the stored ones get GPTQ). Returns the config that plans it.
+    bands' KL (the check rounds bands to nearest, the stored ones get GPTQ), and bands in the residual must reach
+    ``RESIDUAL_ALONE_MARGIN`` of DARE alone's (the KL is measured on text the fine-tune learned; held-out
+    paraphrases need DARE's share of every entry). Returns the config that plans it.
 
     A delta that stores facts spreads over many singular directions: at 1/64-1/128 a seeded random share of every
     entry (no rank limit, no index bytes) keeps more of it than the few ranks the bytes buy, and two bits buy twice
@@ -238,12 +241,15 @@ def _choose_residual(
     kls = _kls(check, candidates, live, shapes, "Weighing a DARE residual (residual='auto')", progress)
     kl_bands = kls.pop("none") if not chosen else chosen["kl"][str(chosen["chosen"])]
     best = min(RESIDUAL_SHARES, key=lambda sh: (kls[sh], -sh))
+    if best > 0 and 0.0 in kls and kls[best] > RESIDUAL_ALONE_MARGIN * kls[0.0]:
+        best = 0.0  # the bands' narrow win on the calibration text is not one on held-out questions
     keep = kls[best] <= RESIDUAL_MARGIN * kl_bands
     info["residual"] = {
         "chosen": best if keep else "none",
         "metric": METRIC,
         "band_bits": RESIDUAL_BAND_BITS,
         "dare_bits": RESIDUAL_DARE_BITS,
+        "alone_margin": RESIDUAL_ALONE_MARGIN,
         "kl": {"none": kl_bands, **{str(sh): kls[sh] for sh in RESIDUAL_SHARES}},
     }
     return candidates[best] if keep else config

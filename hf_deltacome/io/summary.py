@@ -201,6 +201,9 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
                 f"{residual.get('band_bits')}-bit bands with {chosen} of each budget, "
                 f"{residual.get('dare_bits')}-bit DARE of their residual")  # fmt: skip
         why = residual.get("fallback") or f"band share -> {residual.get('metric')}: {kls}"
+        shares = {k: v for k, v in (residual.get("kl") or {}).items() if k != "none"}
+        if chosen in (0, 0.0) and shares and min(shares.values()) < shares.get("0.0", 0.0):
+            why += f" (DARE alone: bands did not bring its KL under {residual.get('alone_margin')}x)"
         lines += ["", f"residual (auto): {what}; {why}"]
     if isinstance(search, dict):
         lines += ["", f"band split search ({search.get('strategy')}), relative output error default -> chosen:"]
