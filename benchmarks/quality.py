@@ -412,7 +412,7 @@ def _versus(record: dict, default: str | None) -> str:
     if record["variant"] == "deltacome" or not default or not record.get("correct"):
         return "–"
     plus, minus, p = paired(record["correct"], default)
-    return f"+{plus} / −{minus} (p {p:.2f})"
+    return f"+{plus} / −{minus} (p {p:.2g})"
 
 
 def plot(records: list[dict], path: Path, task_name: str) -> None:

@@ -136,7 +136,7 @@ def test_the_table_compares_each_method_with_the_default_question_by_question(qu
     lines = quality.table(rows, ref, "facts").splitlines()
     assert lines[2].endswith("| questions vs default |")
     assert lines[-4].endswith("| 50.0% | – |")  # the default itself
-    assert lines[-3].endswith("| +2 / −0 (p 0.50) |")
+    assert lines[-3].endswith("| +2 / −0 (p 0.5) |")
     assert lines[-2].endswith("| – |") and lines[-1].endswith("| – |")  # no scores; no default at that ratio
 
 
