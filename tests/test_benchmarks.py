@@ -140,6 +140,14 @@ def test_the_table_compares_each_method_with_the_default_question_by_question(qu
     assert lines[-2].endswith("| – |") and lines[-1].endswith("| – |")  # no scores; no default at that ratio
 
 
+def test_item_scores_refuses_a_folder_that_is_not_a_cell_of_this_task(quality, ctx, tmp_path):
+    with pytest.raises(SystemExit, match="no cell.json"):
+        quality.add_item_scores([tmp_path], ctx)
+    (tmp_path / "cell.json").write_text('{"settings": {"task": "dates"}}')
+    with pytest.raises(SystemExit, match="a cell of task 'dates', not 'facts'"):
+        quality.add_item_scores([tmp_path], ctx)
+
+
 def test_code_revision_is_the_commit_plus_a_hash_of_uncommitted_changes(quality):
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode != 0:
