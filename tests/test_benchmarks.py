@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,9 +68,11 @@ def test_reference_is_remeasured_when_its_settings_or_the_code_change(quality, c
         return {"perplexity": 2.0, "agreement": 0.5, "accuracy": 0.25 if model == "base" else 0.75, "n": n}
 
     monkeypatch.setattr(quality, "measure", fake_measure)
+    monkeypatch.setattr(quality, "finetune_margins", lambda c, n: [0.5] * n)
     monkeypatch.setattr(quality, "text_scores", lambda model, windows, ft: (1.0, 1.0, torch.ones(1, 3)))
     first = quality.reference(ctx, make_args(quality, "--n-eval", "8"))
     assert first["finetuned"]["n"] == 8 and first["revision"] == "abc123" and len(calls) == 2
+    assert first["finetuned"]["margin"] == [0.5] * 8  # the fine-tune's close calls, for the paired column
     assert quality.reference(ctx, make_args(quality, "--n-eval", "8"))["finetuned"]["n"] == 8
     assert len(calls) == 2  # cached: same settings, same code
     assert quality.reference(ctx, make_args(quality, "--n-eval", "16"))["finetuned"]["n"] == 16
@@ -78,6 +81,21 @@ def test_reference_is_remeasured_when_its_settings_or_the_code_change(quality, c
     assert len(calls) == 6  # other code: measured again
     quality.reference(ctx, make_args(quality, "--n-eval", "8", "--force"))
     assert len(calls) == 8
+
+
+def test_a_cached_reference_without_margins_gets_them_added_not_remeasured(quality, ctx, monkeypatch):
+    monkeypatch.setattr(quality, "measure", lambda model, tokenizer, c, n: {"accuracy": 0.5})
+    monkeypatch.setattr(quality, "finetune_margins", lambda c, n: [0.5] * n)
+    monkeypatch.setattr(quality, "text_scores", lambda model, windows, ft: (1.0, 1.0, torch.ones(1, 3)))
+    args = make_args(quality, "--n-eval", "4")
+    quality.reference(ctx, args)
+    (path,) = (ctx["out"] / "reference").glob("*.json")
+    record = json.loads(path.read_text())
+    del record["finetuned"]["margin"]  # a reference recorded before margins were kept
+    path.write_text(json.dumps(record))
+    monkeypatch.setattr(quality, "measure", lambda *a: pytest.fail("a cached reference was measured again"))
+    assert quality.reference(ctx, args)["finetuned"]["margin"] == [0.5] * 4
+    assert json.loads(path.read_text())["finetuned"]["margin"] == [0.5] * 4  # and kept in the file
 
 
 def test_a_cached_cell_is_reused_only_for_its_own_settings(quality, ctx, monkeypatch):
@@ -139,6 +157,20 @@ def test_the_table_compares_each_method_with_the_default_question_by_question(qu
     assert lines[-3].endswith("| +2 / −0 (p 0.5) |")
     assert lines[-2].endswith("| – |") and lines[-1].endswith("| – |")  # no scores; no default at that ratio
 
+
+
+def test_the_paired_column_counts_the_fine_tunes_close_calls_among_the_split_questions(quality):
+    """With the fine-tune's margins in the reference, the column says how many of the questions two methods split
+    the fine-tune itself answers within CLOSE_CALL of another answer (either sign)."""
+    ref = {"base": {"perplexity": 2, "agreement": 0.5, "accuracy": 0}, "finetuned": {"perplexity": 3, "agreement": 1,
+           "accuracy": 0.75, "margin": [0.2, 5.0, -0.5, -3.0]}, "revision": "abc123"}  # fmt: skip
+    cell = {"variant": "deltacome", "ratio": 1 / 16, "file_bytes": 10, "effective_ratio": 1 / 16,
+            "compress_seconds": 1.0, "perplexity": 2.5, "agreement": 0.9, "accuracy": 0.5, "gain_kept": 0.5,
+            "revision": "abc123", "correct": "0100"}  # fmt: skip
+    rows = [cell, {**cell, "variant": "dare", "correct": "1011"}, {**cell, "variant": "lowrank", "correct": "0100"}]
+    lines = quality.table(rows, ref, "facts").splitlines()
+    assert lines[-2].endswith("| +3 / −1 (p 0.62; 2 close) |")  # q0 (0.2) and q2 (-0.5) are close; q1, q3 are not
+    assert lines[-1].endswith("| +0 / −0 (p 1) |")  # nothing split, nothing to count
 
 def test_item_scores_refuses_a_folder_that_is_not_a_cell_of_this_task(quality, ctx, tmp_path):
     with pytest.raises(SystemExit, match="no cell.json"):

@@ -319,6 +319,28 @@ def test_answer_nll_is_the_mean_answer_token_nll_however_batched(tiny_llama, tok
     assert zoo.answer_nll(tiny_llama, tokenizer, task, n=1) != pytest.approx(got, rel=1e-4)  # only the first item
 
 
+
+def test_answer_margins_are_the_least_reference_token_lead_however_batched(tiny_llama, tokenizer) -> None:
+    """Each margin is the smallest lead of the reference token over the best other one, answer tokens only; its
+    sign says whether greedy decoding would reproduce the reference."""
+    task = zoo.get_task("facts")
+    expected = []
+    with torch.no_grad():
+        for ex in task.eval[:5]:
+            prompt = tokenizer(task.render(tokenizer, ex), add_special_tokens=False).input_ids
+            answer = tokenizer(ex.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            logits = tiny_llama(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1].float()
+            leads = []
+            for row, tok in zip(logits, answer):
+                others = torch.cat([row[:tok], row[tok + 1 :]])
+                leads.append(float(row[tok] - others.max()))
+            expected.append(min(leads))
+    got = zoo.answer_margins(tiny_llama, tokenizer, task, n=5, batch_size=2)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert all(m < 0 for m in got)  # a random model reproduces no reference answer
+    with pytest.raises(ConfigError, match="task 'facts' split 'eval' has no examples to score"):
+        zoo.answer_margins(tiny_llama, tokenizer, task, n=0)
+
 # ---------------------------------------------------------------- SmolLM2 (slow)
 
 needs_smollm2 = pytest.mark.skipif(

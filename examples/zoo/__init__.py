@@ -9,13 +9,13 @@
   apart on a skill delta; a knowledge delta separates them (see DESIGN.md §1).
 * :func:`finetune` makes (and caches) a full fine-tune of the base for a task on CPU; :func:`task_accuracy` scores
   any causal LM (a plain model or a ``PeftModel``) on a task with greedy decoding, :func:`answer_nll` by the
-  likelihood of the reference answers.
+  likelihood of the reference answers, :func:`answer_margins` by how close each answer is to another.
 
 Every directory this package writes is built in a temporary directory next to its final place and renamed into place,
 so an interrupted run never leaves a half-written cache entry.
 """
 
-from .finetune import answer_nll, finetune, finetune_path, task_accuracy, task_predictions
+from .finetune import answer_margins, answer_nll, finetune, finetune_path, task_accuracy, task_predictions
 from .smollm2 import MissingDependencyError, cache_dir, load_smollm2, smollm2_path
 from .tasks import KNOWLEDGE_TASK, SECOND_KNOWLEDGE_TASK, SKILL_TASK, TASKS, Example, FinetuneSettings, Task, get_task
 
@@ -28,6 +28,7 @@ __all__ = [
     "FinetuneSettings",
     "MissingDependencyError",
     "Task",
+    "answer_margins",
     "answer_nll",
     "cache_dir",
     "finetune",

@@ -245,6 +245,39 @@ def answer_nll(
     return total / count
 
 
+@torch.no_grad()
+def answer_margins(
+    model: Any,
+    tokenizer: Any,
+    task: Union[str, Task],
+    n: Optional[int] = None,
+    batch_size: int = 32,
+    split: str = "eval",
+) -> list[float]:
+    """For each of the first ``n`` examples of ``split``, how close ``model`` is to another answer: the least, over
+    the reference answer's tokens (teacher-forced, end of turn included), of the logit of the reference token minus
+    the best other logit. Positive where greedy decoding reproduces the reference; near zero on a close call, a
+    question any small change to the weights can flip either way.
+    """
+    task = get_task(task)
+    examples = task.split(split)[: n if n is not None else None]
+    if not examples:
+        raise ConfigError(f"task {task.name!r} split {split!r} has no examples to score")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    margins: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        batch = [_encode_example(tokenizer, task, ex) for ex in examples[start : start + batch_size]]
+        input_ids, labels, attention = _right_padded(batch, pad)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
+        targets = labels[:, 1:].to(device)
+        keep = targets != -100
+        safe = targets.clamp(min=0)[..., None]
+        gap = logits.gather(-1, safe)[..., 0] - logits.scatter(-1, safe, float("-inf")).amax(-1)
+        margins += gap.masked_fill(~keep, float("inf")).amin(-1).tolist()
+    return margins
+
+
 def task_accuracy(
     model: Any,
     tokenizer: Any,
