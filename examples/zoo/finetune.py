@@ -7,6 +7,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -213,6 +214,24 @@ def task_predictions(
     return [(ex, c, task.score(c, ex)) for ex, c in zip(examples, completions, strict=True)]
 
 
+def _answer_logits(
+    model: Any, tokenizer: Any, task: Task, n: Optional[int], batch_size: int, split: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(logits, targets, keep)`` of the first ``n`` examples of ``split`` teacher-forced in right-padded batches:
+    next-token logits, the tokens they predict, and which of those are reference-answer tokens."""
+    examples = task.split(split)[: n if n is not None else None]
+    if not examples:
+        raise ConfigError(f"task {task.name!r} split {split!r} has no examples to score")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        batch = [_encode_example(tokenizer, task, ex) for ex in examples[start : start + batch_size]]
+        input_ids, labels, attention = _right_padded(batch, pad)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
+        targets = labels[:, 1:].to(device)
+        yield logits, targets, targets != -100
+
+
 @torch.no_grad()
 def answer_nll(
     model: Any,
@@ -227,19 +246,8 @@ def answer_nll(
     Scored on the first ``n`` examples of ``split`` with the tokenization of training (prompt as rendered, answer
     tokens after it): how sure the model is of the right answer, which greedy accuracy alone does not show.
     """
-    task = get_task(task)
-    examples = task.split(split)[: n if n is not None else None]
-    if not examples:
-        raise ConfigError(f"task {task.name!r} split {split!r} has no examples to score")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = [_encode_example(tokenizer, task, ex) for ex in examples[start : start + batch_size]]
-        input_ids, labels, attention = _right_padded(batch, pad)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
-        targets = labels[:, 1:].to(device)
-        keep = targets != -100
+    for logits, targets, keep in _answer_logits(model, tokenizer, get_task(task), n, batch_size, split):
         total += float(torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum"))
         count += int(keep.sum())
     return total / count
@@ -259,19 +267,8 @@ def answer_margins(
     the best other logit. Positive where greedy decoding reproduces the reference; near zero on a close call, a
     question any small change to the weights can flip either way.
     """
-    task = get_task(task)
-    examples = task.split(split)[: n if n is not None else None]
-    if not examples:
-        raise ConfigError(f"task {task.name!r} split {split!r} has no examples to score")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
     margins: list[float] = []
-    for start in range(0, len(examples), batch_size):
-        batch = [_encode_example(tokenizer, task, ex) for ex in examples[start : start + batch_size]]
-        input_ids, labels, attention = _right_padded(batch, pad)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1].float()
-        targets = labels[:, 1:].to(device)
-        keep = targets != -100
+    for logits, targets, keep in _answer_logits(model, tokenizer, get_task(task), n, batch_size, split):
         safe = targets.clamp(min=0)[..., None]
         gap = logits.gather(-1, safe)[..., 0] - logits.scatter(-1, safe, float("-inf")).amax(-1)
         margins += gap.masked_fill(~keep, float("inf")).amin(-1).tolist()
