@@ -356,7 +356,6 @@ def add_item_scores(folders: list[Path], ctx: dict[str, Any]) -> int:
     the same held-out questions (greedy: the accuracy must come out as recorded, else nothing is written)."""
     from peft import PeftModel
 
-
     for folder in folders:
         path = folder / "cell.json"
         if not path.is_file():
@@ -427,7 +426,7 @@ def _versus(record: dict, default: str | None, margins: list[float] | None = Non
         return "–"
     plus, minus, p = paired(record["correct"], default)
     close = ""
-    if margins is not None and plus + minus:
+    if margins is not None and len(margins) == len(default) and plus + minus:
         split = [i for i, (a, b) in enumerate(zip(record["correct"], default)) if a != b]
         close = f"; {sum(abs(margins[i]) < CLOSE_CALL for i in split)} close"
     return f"+{plus} / −{minus} (p {p:.2g}{close})"
