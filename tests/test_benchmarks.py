@@ -158,7 +158,6 @@ def test_the_table_compares_each_method_with_the_default_question_by_question(qu
     assert lines[-2].endswith("| – |") and lines[-1].endswith("| – |")  # no scores; no default at that ratio
 
 
-
 def test_the_paired_column_counts_the_fine_tunes_close_calls_among_the_split_questions(quality):
     """With the fine-tune's margins in the reference, the column says how many of the questions two methods split
     the fine-tune itself answers within CLOSE_CALL of another answer (either sign)."""
@@ -171,6 +170,7 @@ def test_the_paired_column_counts_the_fine_tunes_close_calls_among_the_split_que
     lines = quality.table(rows, ref, "facts").splitlines()
     assert lines[-2].endswith("| +3 / −1 (p 0.62; 2 close) |")  # q0 (0.2) and q2 (-0.5) are close; q1, q3 are not
     assert lines[-1].endswith("| +0 / −0 (p 1) |")  # nothing split, nothing to count
+
 
 def test_item_scores_refuses_a_folder_that_is_not_a_cell_of_this_task(quality, ctx, tmp_path):
     with pytest.raises(SystemExit, match="no cell.json"):

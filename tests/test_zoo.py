@@ -319,7 +319,6 @@ def test_answer_nll_is_the_mean_answer_token_nll_however_batched(tiny_llama, tok
     assert zoo.answer_nll(tiny_llama, tokenizer, task, n=1) != pytest.approx(got, rel=1e-4)  # only the first item
 
 
-
 def test_answer_margins_are_the_least_reference_token_lead_however_batched(tiny_llama, tokenizer) -> None:
     """Each margin is the smallest lead of the reference token over the best other one, answer tokens only; its
     sign says whether greedy decoding would reproduce the reference."""
@@ -340,6 +339,7 @@ def test_answer_margins_are_the_least_reference_token_lead_however_batched(tiny_
     assert all(m < 0 for m in got)  # a random model reproduces no reference answer
     with pytest.raises(ConfigError, match="task 'facts' split 'eval' has no examples to score"):
         zoo.answer_margins(tiny_llama, tokenizer, task, n=0)
+
 
 # ---------------------------------------------------------------- SmolLM2 (slow)
 
