@@ -84,10 +84,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
        for b in (3, 8) for pct in (10, 25, 50)},  # fmt: skip
     **{f"deltacome-dare-{b}b-auto": {"method": "deltacome-dare", "bands": [[b, None]], "band_share": "auto"}
        for b in (3, 4, 8)},  # fmt: skip
-    # the same with the residual's DARE values at 2 or 3 bits (more of them in the same bytes)
+    # the same with the residual's DARE values at 2 or 3 bits (more of them in the same bytes); 3b-50-d2 is what
+    # the default stores where it keeps a residual at share 0.5
     **{f"deltacome-dare-{b}b-{pct}-d{d}": {"method": "deltacome-dare", "bands": [[b, None]], "band_share": pct / 100,
                                            "uniform_bits": d}
-       for b in (3, 8) for pct in (10, 25, 50) for d in (2, 3)},  # fmt: skip
+       for b in (2, 3, 8) for pct in (10, 25, 50, 75) for d in (2, 3)},  # fmt: skip
 }
 # issue 14's comparison: the default against the published split, ImPart and the baselines (the rejected options,
 # deltacome+greedy / +adaptive / +sparse-tail, are asked for by name)
@@ -116,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="PNG path (default benchmarks/quality_<task>.png)")
     p.add_argument("--results-md", default=None, help="update this task's quality section of this markdown file")
     p.add_argument("--force", action="store_true", help="recompute cached cells")
+    p.add_argument("--kl", nargs="+", metavar="CELL_DIR", default=None,
+                   help="print the next-token KL of the fine-tune to the saved adapters of these cached cells, on the "
+                        "calibration text and on the held-out text, beside their agreement and gain kept; then exit")
     p.add_argument("--item-scores", nargs="+", metavar="CELL_DIR", default=None,
                    help="ask the held-out questions again, one by one, with the saved adapters of these cached cells "
                         "(recorded before cells kept per-question scores) and add the scores to each cell.json, for "
@@ -351,6 +355,17 @@ def run_cell(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str
     return record
 
 
+def cell_record(folder: Path, ctx: dict[str, Any]) -> dict[str, Any]:
+    """The record of a cached cell of this task (a clear exit for any other folder)."""
+    path = folder / "cell.json"
+    if not path.is_file():
+        raise SystemExit(f"{folder}: no cell.json (not a cell folder of benchmarks/quality.py)")
+    record = json.loads(path.read_text())
+    if record["settings"]["task"] != ctx["task"].name:
+        raise SystemExit(f"{folder}: a cell of task {record['settings']['task']!r}, not {ctx['task'].name!r}")
+    return record
+
+
 def add_item_scores(folders: list[Path], ctx: dict[str, Any]) -> int:
     """Per-question scores for cells recorded without them: each saved adapter loaded back on the base and asked
     the same held-out questions (greedy: the accuracy must come out as recorded, else nothing is written)."""
@@ -358,11 +373,7 @@ def add_item_scores(folders: list[Path], ctx: dict[str, Any]) -> int:
 
     for folder in folders:
         path = folder / "cell.json"
-        if not path.is_file():
-            raise SystemExit(f"{folder}: no cell.json (not a cell folder of benchmarks/quality.py)")
-        record = json.loads(path.read_text())
-        if record["settings"]["task"] != ctx["task"].name:
-            raise SystemExit(f"{folder}: a cell of task {record['settings']['task']!r}, not {ctx['task'].name!r}")
+        record = cell_record(folder, ctx)
         if record.get("correct"):
             continue
         loaded = PeftModel.from_pretrained(copy.deepcopy(ctx["base"]), folder).eval()
@@ -379,6 +390,48 @@ def add_item_scores(folders: list[Path], ctx: dict[str, Any]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ output
+
+
+@torch.no_grad()
+def log_probs(model: Any, windows: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """``model``'s next-token log-probabilities on ``windows``, one tensor per batch."""
+    return [torch.log_softmax(model(input_ids=b).logits.float(), -1) for b in windows.split(batch_size)]
+
+
+@torch.no_grad()
+def next_token_kl(reference: list[torch.Tensor], model: Any, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean over the tokens of ``windows`` of ``KL(reference || model)`` for the next token (``reference``: the
+    fine-tune's :func:`log_probs` on the same windows and batches)."""
+    total, count = 0.0, 0
+    for ref, batch in zip(reference, windows.split(batch_size), strict=True):
+        cur = torch.log_softmax(model(input_ids=batch).logits.float(), -1)
+        total += float((ref.exp() * (ref - cur)).sum())
+        count += ref.shape[0] * ref.shape[1]
+    return total / max(count, 1)
+
+
+def stored_kls(folders: list[Path], ctx: dict[str, Any], args: argparse.Namespace) -> int:
+    """How far each cached cell's saved adapter moves the model from the fine-tune: next-token KL on the first
+    ``E2E_SAMPLES`` windows of the calibration text (what the whole-model check in ``compression/endtoend.py``
+    measures, there with round-to-nearest approximations of the planned layouts, here with what was stored) and on
+    the held-out text, beside the cell's agreement and gain kept (whether the calibration KL of what is stored
+    ranks the methods as the held-out scores do)."""
+    from peft import PeftModel
+
+    from hf_deltacome.compression.endtoend import E2E_SAMPLES
+
+    records = [cell_record(folder, ctx) for folder in folders]  # every folder checked before any work
+    calib = token_windows(ctx["tokenizer"], "".join(ctx["calib"]), args.seq_len, E2E_SAMPLES * args.seq_len)
+    ref_calib, ref_held = log_probs(ctx["ft"], calib), log_probs(ctx["ft"], ctx["windows"])
+    print(f"{'cell':<48} {'calibration KL':>14} {'held-out KL':>11} {'agreement':>9} {'gain kept':>9}")
+    for folder, record in zip(folders, records, strict=True):
+        loaded = PeftModel.from_pretrained(copy.deepcopy(ctx["base"]), folder).eval()
+        kl_calib, kl_held = next_token_kl(ref_calib, loaded, calib), next_token_kl(ref_held, loaded, ctx["windows"])
+        del loaded
+        gain = "-" if record.get("gain_kept") is None else f"{100 * record['gain_kept']:.1f}%"
+        print(f"{folder.name:<48} {kl_calib:>14.4f} {kl_held:>11.4f} {100 * record['agreement']:>8.1f}% {gain:>9}",
+              flush=True)  # fmt: skip
+    return 0
 
 
 def frac(r: float) -> str:
@@ -519,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.item_scores:
         return add_item_scores([Path(d) for d in args.item_scores], ctx)
+    if args.kl:
+        return stored_kls([Path(d) for d in args.kl], ctx, args)
     ref = ctx["ref"] = reference(ctx, args)
     print(
         f"pair: base {base_path.name}, fine-tune {ft_path.name}; held-out: {windows.numel()} tokens, "
