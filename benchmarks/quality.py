@@ -38,6 +38,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -425,7 +426,9 @@ def stored_kls(folders: list[Path], ctx: dict[str, Any], args: argparse.Namespac
     ref_calib, ref_held = log_probs(ctx["ft"], calib), log_probs(ctx["ft"], ctx["windows"])
     print(f"{'cell':<48} {'calibration KL':>14} {'held-out KL':>11} {'agreement':>9} {'gain kept':>9}")
     for folder, record in zip(folders, records, strict=True):
-        loaded = PeftModel.from_pretrained(copy.deepcopy(ctx["base"]), folder).eval()
+        with warnings.catch_warnings():  # transformers' deprecation notes would split the table's rows
+            warnings.simplefilter("ignore", FutureWarning)
+            loaded = PeftModel.from_pretrained(copy.deepcopy(ctx["base"]), folder).eval()
         kl_calib, kl_held = next_token_kl(ref_calib, loaded, calib), next_token_kl(ref_held, loaded, ctx["windows"])
         del loaded
         gain = "-" if record.get("gain_kept") is None else f"{100 * record['gain_kept']:.1f}%"
