@@ -393,24 +393,6 @@ def add_item_scores(folders: list[Path], ctx: dict[str, Any]) -> int:
 # ------------------------------------------------------------------------------------------------ output
 
 
-@torch.no_grad()
-def log_probs(model: Any, windows: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
-    """``model``'s next-token log-probabilities on ``windows``, one tensor per batch."""
-    return [torch.log_softmax(model(input_ids=b).logits.float(), -1) for b in windows.split(batch_size)]
-
-
-@torch.no_grad()
-def next_token_kl(reference: list[torch.Tensor], model: Any, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean over the tokens of ``windows`` of ``KL(reference || model)`` for the next token (``reference``: the
-    fine-tune's :func:`log_probs` on the same windows and batches)."""
-    total, count = 0.0, 0
-    for ref, batch in zip(reference, windows.split(batch_size), strict=True):
-        cur = torch.log_softmax(model(input_ids=batch).logits.float(), -1)
-        total += float((ref.exp() * (ref - cur)).sum())
-        count += ref.shape[0] * ref.shape[1]
-    return total / max(count, 1)
-
-
 def stored_kls(folders: list[Path], ctx: dict[str, Any], args: argparse.Namespace) -> int:
     """How far each cached cell's saved adapter moves the model from the fine-tune: next-token KL on the first
     ``E2E_SAMPLES`` windows of the calibration text (what the whole-model check in ``compression/endtoend.py``
@@ -419,17 +401,19 @@ def stored_kls(folders: list[Path], ctx: dict[str, Any], args: argparse.Namespac
     ranks the methods as the held-out scores do)."""
     from peft import PeftModel
 
-    from hf_deltacome.compression.endtoend import E2E_SAMPLES
+    from hf_deltacome.compression.endtoend import E2E_BATCH, E2E_SAMPLES, mean_next_token_kl, next_token_log_probs
 
     records = [cell_record(folder, ctx) for folder in folders]  # every folder checked before any work
     calib = token_windows(ctx["tokenizer"], "".join(ctx["calib"]), args.seq_len, E2E_SAMPLES * args.seq_len)
-    ref_calib, ref_held = log_probs(ctx["ft"], calib), log_probs(ctx["ft"], ctx["windows"])
+    calib, held = calib.split(E2E_BATCH), ctx["windows"].split(E2E_BATCH)
+    ref_calib = [next_token_log_probs(ctx["ft"], b) for b in calib]
+    ref_held = [next_token_log_probs(ctx["ft"], b) for b in held]
     print(f"{'cell':<48} {'calibration KL':>14} {'held-out KL':>11} {'agreement':>9} {'gain kept':>9}")
     for folder, record in zip(folders, records, strict=True):
         with warnings.catch_warnings():  # transformers' deprecation notes would split the table's rows
             warnings.simplefilter("ignore", FutureWarning)
             loaded = PeftModel.from_pretrained(copy.deepcopy(ctx["base"]), folder).eval()
-        kl_calib, kl_held = next_token_kl(ref_calib, loaded, calib), next_token_kl(ref_held, loaded, ctx["windows"])
+        kl_calib, kl_held = mean_next_token_kl(ref_calib, loaded, calib), mean_next_token_kl(ref_held, loaded, held)
         del loaded
         gain = "-" if record.get("gain_kept") is None else f"{100 * record['gain_kept']:.1f}%"
         print(f"{folder.name:<48} {kl_calib:>14.4f} {kl_held:>11.4f} {100 * record['agreement']:>8.1f}% {gain:>9}",

@@ -180,30 +180,6 @@ def test_item_scores_refuses_a_folder_that_is_not_a_cell_of_this_task(quality, c
         quality.add_item_scores([tmp_path], ctx)
 
 
-class _TinyLM(torch.nn.Module):
-    """Logits from an embedding: enough of a causal LM for the KL helpers."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.emb = torch.nn.Embedding(11, 11)
-
-    def forward(self, input_ids):
-        return SimpleNamespace(logits=self.emb(input_ids))
-
-
-def test_next_token_kl_is_zero_for_the_reference_and_the_mean_kl_per_token_otherwise(quality):
-    windows = torch.randint(0, 11, (6, 5))
-    ft, other = _TinyLM(0), _TinyLM(1)
-    ref = quality.log_probs(ft, windows)
-    assert [r.shape for r in ref] == [(4, 5, 11), (2, 5, 11)]
-    assert quality.next_token_kl(ref, ft, windows) == pytest.approx(0.0, abs=1e-6)
-    p, q = torch.log_softmax(ft.emb(windows), -1), torch.log_softmax(other.emb(windows), -1)
-    expected = float((p.exp() * (p - q)).sum(-1).mean())
-    assert quality.next_token_kl(ref, other, windows) == pytest.approx(expected, rel=1e-5)
-    assert expected > 0.01
-
-
 def test_kl_refuses_a_folder_that_is_not_a_cell_of_this_task_before_any_work(quality, ctx, tmp_path):
     args = make_args(quality)
     cell = tmp_path / "cell"

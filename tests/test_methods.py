@@ -463,6 +463,24 @@ def test_end_to_end_check_measures_kl_and_always_restores_the_finetune(llama_pai
         EndToEndCheck(ft, random_ids(base, 1, 24)[0], deltas.__getitem__, lambda d, e: d)
 
 
+def test_mean_next_token_kl_is_the_mean_kl_per_token_however_batched(llama_pair):
+    """The check's metric (also what ``benchmarks/quality.py --kl`` prints for stored adapters)."""
+    from hf_deltacome.compression.endtoend import mean_next_token_kl, next_token_log_probs
+
+    base, ft = llama_pair
+    ids = random_ids(base, 6, 10, seed=5)
+    batches = list(ids.split(4))
+    reference = [next_token_log_probs(ft, b) for b in batches]
+    assert [r.shape[:2] for r in reference] == [(4, 10), (2, 10)]
+    assert mean_next_token_kl(reference, ft, batches) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        p = torch.log_softmax(ft(input_ids=ids).logits.float(), -1)
+        q = torch.log_softmax(base(input_ids=ids).logits.float(), -1)
+    expected = float((p.exp() * (p - q)).sum(-1).mean())
+    assert expected > 1e-4
+    assert mean_next_token_kl(reference, base, batches) == pytest.approx(expected, rel=1e-4)
+
+
 def test_search_and_allocation_keep_a_change_only_where_the_whole_model_gains(llama_pair, monkeypatch):
     """The per-module objective picks splits and moves budget; the whole-model KL decides whether they stay. With a
     check that sees no gain anywhere, the plan is exactly the configured split at the uniform budget."""

@@ -10,7 +10,7 @@ place on the fine-tune (``W_ft - Δ + Δ̂``) and always put back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,8 +19,29 @@ from torch import nn
 from ..errors import ConfigError
 
 E2E_SAMPLES = 8  # calibration sequences the check runs (each evaluation is one forward pass over them)
+E2E_BATCH = 4  # sequences per forward pass
 E2E_TOKENS = 256  # tokens per sequence: the fine-tune's log-probs are held for all of them (tokens x vocabulary)
 METRIC = "next-token KL to the fine-tune (round-to-nearest)"  # what the check's numbers are, for the records
+
+
+@torch.no_grad()
+def next_token_log_probs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """``model``'s float32 next-token log-probabilities on a batch of token ids, on the CPU."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch.to(device), use_cache=False).logits
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def mean_next_token_kl(reference: Sequence[torch.Tensor], model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    """Mean over the tokens of ``batches`` of ``KL(reference || model)`` for the next token; ``reference`` holds the
+    reference model's :func:`next_token_log_probs` of the same batches."""
+    total, count = 0.0, 0
+    for batch, ref in zip(batches, reference, strict=True):
+        cur = next_token_log_probs(model, batch)
+        total += float((ref.exp() * (ref - cur)).sum())
+        count += ref.shape[0] * ref.shape[1]
+    return total / max(count, 1)
 
 
 class EndToEndCheck:
@@ -43,7 +64,7 @@ class EndToEndCheck:
         *,
         max_samples: int = E2E_SAMPLES,
         max_tokens: int = E2E_TOKENS,
-        batch_size: int = 4,
+        batch_size: int = E2E_BATCH,
         input_energy: bool = False,
     ) -> None:
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
@@ -52,7 +73,6 @@ class EndToEndCheck:
             )
         self.model, self.delta_of, self.approximate = model, delta_of, approximate
         self.modules = dict(model.named_modules())
-        self.device = next(model.parameters()).device
         self.batches = list(input_ids[:max_samples, :max_tokens].split(batch_size))
         self.saved: dict[str, torch.Tensor] = {}  # fine-tune weights of the modules currently replaced
         self.applied: dict[str, dict[str, Any]] = {}  # the layout entry each replaced module has now
@@ -60,7 +80,7 @@ class EndToEndCheck:
         hooks = [mod.register_forward_pre_hook(self._energy_hook(name)) for name, mod in self.modules.items()
                  if input_energy and isinstance(mod, nn.Linear)]  # fmt: skip
         try:
-            self.reference = [self._log_probs(b).cpu() for b in self.batches]
+            self.reference = [next_token_log_probs(model, b) for b in self.batches]
         finally:
             for hook in hooks:
                 hook.remove()
@@ -78,11 +98,6 @@ class EndToEndCheck:
 
     def __exit__(self, *exc: Any) -> None:
         self.restore()
-
-    @torch.no_grad()
-    def _log_probs(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=batch.to(self.device), use_cache=False).logits
-        return torch.log_softmax(logits.float(), dim=-1)
 
     @torch.no_grad()
     def apply(self, layouts: Mapping[str, dict[str, Any]]) -> None:
@@ -125,12 +140,6 @@ class EndToEndCheck:
         self.saved.clear()
         self.applied.clear()
 
-    @torch.no_grad()
     def kl(self) -> float:
         """Mean over calibration tokens of ``KL(fine-tune || current model)`` for the next token."""
-        total, count = 0.0, 0
-        for batch, ref in zip(self.batches, self.reference, strict=True):
-            cur = self._log_probs(batch).cpu()
-            total += float((ref.exp() * (ref - cur)).sum())
-            count += ref.shape[0] * ref.shape[1]
-        return total / max(count, 1)
+        return mean_next_token_kl(self.reference, self.model, self.batches)
