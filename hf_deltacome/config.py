@@ -33,14 +33,16 @@ UNIFORM_BITS = (2, 3, 4, 8)
 RESIDUAL_SHARES = (0.0, 0.25, 0.5)
 RESIDUAL_BAND_BITS = 3
 RESIDUAL_DARE_BITS = 2
-# ... and keeps a residual only if its KL is at most this share of the bands': the check rounds the bands to nearest,
-# the stored bands get GPTQ (lower error), so a narrow win is not one (measured: tiny noise delta at 1/2, 0.69x, lost
-# on held-out text; spread deltas 0.24-0.41x and facts-hot 0.27-0.40x, won)
+# ... and where the model is too large to weigh the bands as GPTQ stores them (compression/plan.py, _StoredBands),
+# keeps a residual only if its KL is at most this share of the round-to-nearest bands' (measured: tiny noise delta at
+# 1/2, 0.69x, lost on held-out text; spread deltas 0.24-0.41x and facts-hot 0.27-0.40x, won; but facts-hot at 1/32,
+# 0.30x, lost agreement to the stored bands, rated 0.23x of their rounded KL)
 RESIDUAL_MARGIN = 0.5
-# ... and among the residuals DARE alone (share 0) unless bands on a share of the budget bring its KL down to at most
-# this fraction: the KL is measured on calibration text the fine-tune was trained on, where a few bands reproduce
-# memorised text, while held-out paraphrases of the same facts need DARE's unbiased share of every entry (facts-hot:
-# 0.91x at 1/64 and 0.96x at 1/128 (uniform rates) lost 8 and 16 of 240 questions to DARE alone; 0.22-0.75x on
+# DARE alone (share 0) stands unless a layout with bands brings its KL down to at most this fraction: bands in the
+# residual, or the bands alone as GPTQ stores them. The KL is measured on calibration text
+# the fine-tune was trained on, where a few bands reproduce memorised text, while held-out paraphrases of the same
+# facts need DARE's unbiased share of every entry (facts-hot: 0.91x at 1/64 and 0.96x at 1/128 (uniform rates) lost
+# 8 and 16 of 240 questions to DARE alone, and the stored bands alone at 0.98x at 1/64 lose 23; 0.22-0.75x on
 # facts and facts-hot kept as many questions and more agreement than DARE alone; benchmarks/RESULTS.md)
 RESIDUAL_ALONE_MARGIN = 0.85
 RESIDUALS = ("auto", "none")

@@ -74,8 +74,9 @@ class EndToEndCheck:
         self.model, self.delta_of, self.approximate = model, delta_of, approximate
         self.modules = dict(model.named_modules())
         self.batches = list(input_ids[:max_samples, :max_tokens].split(batch_size))
+        self.num_samples = min(max_samples, input_ids.shape[0])  # the sequences measured on
         self.saved: dict[str, torch.Tensor] = {}  # fine-tune weights of the modules currently replaced
-        self.applied: dict[str, dict[str, Any]] = {}  # the layout entry each replaced module has now
+        self.applied: dict[str, tuple] = {}  # (approximation, layout entry) each replaced module has now
         self.input_diag: dict[str, torch.Tensor] | None = {} if input_energy else None
         hooks = [mod.register_forward_pre_hook(self._energy_hook(name)) for name, mod in self.modules.items()
                  if input_energy and isinstance(mod, nn.Linear)]  # fmt: skip
@@ -100,21 +101,28 @@ class EndToEndCheck:
         self.restore()
 
     @torch.no_grad()
-    def apply(self, layouts: Mapping[str, dict[str, Any]]) -> None:
-        """Replace each named target's delta by its approximation at the given layout entry."""
+    def apply(
+        self,
+        layouts: Mapping[str, dict[str, Any]],
+        approximate: Callable[[str, torch.Tensor, dict[str, Any]], torch.Tensor] | None = None,
+    ) -> None:
+        """Replace each named target's delta by its approximation at the given layout entry; ``approximate``, called
+        as ``approximate(name, delta, entry)``, stands in for the check's own for these targets."""
         for name, entry in layouts.items():
-            if self.applied.get(name) == entry:
+            if self.applied.get(name) == (approximate, entry):
                 continue
             weight = self.modules[name].weight
             if name not in self.saved:
                 self.saved[name] = weight.detach().clone()
             delta = self.delta_of(name).to(device=weight.device, dtype=torch.float32)
-            if self.input_diag is None:
+            if approximate is not None:
+                error = delta - approximate(name, delta, entry).to(delta.device)
+            elif self.input_diag is None:
                 error = delta - self.approximate(delta, entry)
             else:
                 error = delta - self.approximate(delta, entry, self.input_diag.get(name))
             weight.copy_(self.saved[name] - error.to(weight.dtype))
-            self.applied[name] = entry
+            self.applied[name] = (approximate, entry)
 
     def original(self, name: str) -> torch.Tensor:
         """The fine-tune's own weight of ``name``, whether or not it is replaced now."""

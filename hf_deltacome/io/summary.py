@@ -204,6 +204,12 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
         shares = {k: v for k, v in (residual.get("kl") or {}).items() if k != "none"}
         if chosen in (0, 0.0) and shares and min(shares.values()) < shares.get("0.0", 0.0):
             why += f" (DARE alone: bands did not bring its KL under {residual.get('alone_margin')}x)"
+        if "bands_as_stored" in residual:
+            why += f"; the bands alone as GPTQ stores them: {residual['bands_as_stored']:.4g}"
+        elif "margin" in residual:
+            why += f"; a residual must reach {residual['margin']}x of the bands'"
+            if residual.get("why_margin"):
+                why += f" ({residual['why_margin']})"
         lines += ["", f"residual (auto): {what}; {why}"]
     if isinstance(search, dict):
         lines += ["", f"band split search ({search.get('strategy')}), relative output error default -> chosen:"]

@@ -338,14 +338,18 @@ class GPTQ:
         Q = torch.zeros_like(W)
         codes = torch.zeros(rows, cols, dtype=torch.float32, device=device)
         errors = torch.zeros(rows, cols, dtype=torch.float32, device=device)  # columns in visiting order
+        # the loop runs a few small tensor ops per column, so everything that does not change along a group's
+        # columns is formed outside it, and a block's codes, values and errors are written once per block
+        maxq = torch.where(bits_table >= 16, 0.0, 2.0**bits_table - 1)  # (rows, n_groups); 16 bits: kept in fp16
+        floor = torch.zeros(rows, dtype=torch.float32, device=device)
         for i1, i2 in zip(starts[:-1], starts[1:], strict=True):
             count = i2 - i1
             W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros(rows, count, dtype=torch.float32, device=device)
+            Q1, C1, Err1 = (torch.zeros(rows, count, dtype=torch.float32, device=device) for _ in range(3))
             Hinv1 = Hinv[i1:i2, i1:i2].to(torch.float32)  # float32 a block at a time: no n x n float32 copy
+            pivots = Hinv1.diagonal()
             for i in range(count):
-                j = i1 + i
-                orig = order_l[j]
+                orig = order_l[i1 + i]
                 g = gidx_l[orig]
                 if row_group is not None:
                     set_params(g, W1[:, i : i + 1])
@@ -355,19 +359,17 @@ class GPTQ:
                     block = W1[:, i : min(end, i2) - i1]
                     set_params(g, block if end <= i2 else torch.cat([block, W[:, i2:end]], 1))
                 w = W1[:, i]
-                d = Hinv1[i, i]
-                b = bits_table[:, g]  # per column, not a rows x cols table (a 7B gate_proj's U has 11008 rows)
-                s, z, mq = scales[:, g], zeros[:, g], torch.where(b >= 16, 0.0, 2.0**b - 1)
-                q = torch.clamp(torch.round(w / s) + z, min=torch.zeros_like(mq), max=mq)
-                dq = (q - z) * s
-                if any16[g]:
-                    dq = torch.where(b >= 16, w.to(torch.float16).to(torch.float32), dq)
-                Q[:, j] = dq
-                codes[:, j] = q
-                err = (w - dq) / d
-                errors[:, j] = err * err / 2.0
-                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                s, z = scales[:, g], zeros[:, g]
+                q = torch.round(w / s).add_(z).clamp_(min=floor, max=maxq[:, g])
+                dq = (q - z).mul_(s)
+                if any16[g]:  # per column, not a rows x cols table (a 7B gate_proj's U has 11008 rows)
+                    dq = torch.where(bits_table[:, g] >= 16, w.to(torch.float16).to(torch.float32), dq)
+                Q1[:, i] = dq
+                C1[:, i] = q
+                err = (w - dq).div_(pivots[i])
+                W1[:, i:].sub_(torch.outer(err, Hinv1[i, i:]))
                 Err1[:, i] = err
+            Q[:, i1:i2], codes[:, i1:i2], errors[:, i1:i2] = Q1, C1, Err1 * Err1 / 2.0
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:].to(torch.float32)
         del W, Hinv
         if act_order:  # back to the original column order (otherwise it is the order already: no copies)
