@@ -352,3 +352,22 @@ def test_compress_linear_bands_and_refit():
     assert compress_linear(delta, H, [(8, 0)], 16) == []
     with pytest.raises(ConfigError, match="total rank 60 exceeds"):
         compress_linear(delta, H, [(2, 60)], 16, name="x")
+
+
+def test_each_delta_is_factorized_once_per_run(monkeypatch):
+    """Planning (the check's candidates, the bands weighed as GPTQ stores them) and compressing reuse one SVD of each
+    delta of a small loaded model; a second run factorizes again (the cache lives for one run)."""
+    shapes = []
+    real = torch.linalg.svd
+
+    def counting(a, *args, **kwargs):
+        shapes.append(tuple(a.shape))
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting)
+    ref = make_model("llama", **WIDE["llama"])
+    ft = make_finetune(ref)
+    for run_no in (1, 2):
+        model = run(make_model("llama", **WIDE["llama"]), ft, ratio="1/8")
+        assert "residual" in model.peft_config["default"].compression_info  # the check ran: several layouts weighed
+        assert len(shapes) == run_no * len(target_linears(ref)), shapes

@@ -78,6 +78,7 @@ from .inputs import (
 from .layerwalk import find_decoder_layers, floats_to, module_device, walk_layers
 from .modules import compress_module, with_changes
 from .plan import plan_layouts
+from .svd import reuse_svd_if_fits
 from .targets import TEXT, ModelKind, model_kind
 
 log = logging.getLogger("hf_deltacome")
@@ -175,18 +176,21 @@ def compress(
     calib = _calibration(kind, config, pair, calibration, ckpt, device, tokenizer=tokenizer, processor=processor,
                          num_samples=num_samples, seq_len=seq_len, seed=seed, progress=progress)  # fmt: skip
     plan_config, notes = streamed_plan(config, calib) if pair.streamed else (config, {})
-    config.layout, plan_info = plan_layouts(
-        pair.base, pair.finetuned, targets, with_changes(plan_config, ratio=budget["factor_ratio"]),
-        calibration_ids=calib.input_ids if calib is not None else None, bias_changed=changes.bias_changed,
-        unchanged=changes.unchanged, progress=progress,
-    )  # fmt: skip
-    plan_info.update(budget=budget, **notes)
-    warn_degenerate(config, targets, changes)
-    peft_model = _wrap(pair, config, adapter_name)
-    peft_model.deltacome_finetuned = getattr(pair.finetuned, "name_or_path", None)  # saves refuse to write there
-    filler = _Filler(peft_model.base_model.model, pair, config, adapter_name, ckpt)
-    filler.outside(kind, targets, calib, device)
-    filler.layers(kind, targets, calib, device, progress)
+    # loaded weights worked on the CPU: each delta's SVD, taken while planning, is reused when it is compressed
+    on_cpu = not pair.streamed and (device is None or device.type == "cpu")
+    with reuse_svd_if_fits(_shapes(pair.base, targets)) if on_cpu else contextlib.nullcontext():
+        config.layout, plan_info = plan_layouts(
+            pair.base, pair.finetuned, targets, with_changes(plan_config, ratio=budget["factor_ratio"]),
+            calibration_ids=calib.input_ids if calib is not None else None, bias_changed=changes.bias_changed,
+            unchanged=changes.unchanged, progress=progress,
+        )  # fmt: skip
+        plan_info.update(budget=budget, **notes)
+        warn_degenerate(config, targets, changes)
+        peft_model = _wrap(pair, config, adapter_name)
+        peft_model.deltacome_finetuned = getattr(pair.finetuned, "name_or_path", None)  # saves refuse to write there
+        filler = _Filler(peft_model.base_model.model, pair, config, adapter_name, ckpt)
+        filler.outside(kind, targets, calib, device)
+        filler.layers(kind, targets, calib, device, progress)
     distill = {}
     if config.method == "bitdelta" and config.distill_steps > 0 and calib is not None and calib.input_ids is not None:
         distill = distill_sign_scales(peft_model, pair.finetuned, calib.input_ids, steps=config.distill_steps,
@@ -196,6 +200,11 @@ def compress(
     if changes.rounding:
         config.compression_info["unchanged_within_rounding"] = changes.rounding
     return peft_model.eval()
+
+
+def _shapes(model: nn.Module, targets: Sequence[str]) -> list[tuple[int, int]]:
+    """The ``(out, in)`` shape of each target linear."""
+    return [(model.get_submodule(nm).out_features, model.get_submodule(nm).in_features) for nm in targets]
 
 
 def _calibration(

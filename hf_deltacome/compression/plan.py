@@ -20,7 +20,6 @@ allocation (:mod:`.allocation`) are kept.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,10 +43,9 @@ from .allocation import allocate_adaptive
 from .endtoend import METRIC, EndToEndCheck
 from .modules import compress_module, module_kind, plan_entry, rtn_bands_dense, with_changes
 from .search import search_specs
-from .svd import reuse_svd, svd
+from .svd import reuse_svd_if_fits, svd
 
 PLAN_MAX_SAMPLES = 16  # calibration sequences used to measure activations for search / allocation
-SVD_CACHE_BYTES = 4 << 30  # planning keeps every delta's SVD when they fit in this (float32, ~2x the delta)
 
 
 @torch.no_grad()
@@ -101,10 +99,8 @@ def plan_layouts(
     check: EndToEndCheck | None = None
     if ids is not None and config.method in SVD_METHODS:
         check = EndToEndCheck(finetuned_model, ids, delta_of, rtn_bands_dense, input_energy=auto_residual)
-    # a small model keeps every delta's SVD for the whole plan (each is approximated at several layouts)
-    small = sum(shapes[nm][0] * shapes[nm][1] for nm in live) * 8 <= SVD_CACHE_BYTES
-    try:
-        with reuse_svd() if small else contextlib.nullcontext():
+    try:  # a small model keeps every delta's SVD for the whole plan (each is approximated at several layouts)
+        with reuse_svd_if_fits(shapes[nm] for nm in live):
             spectra = _spectra(config, live, base_mods, delta_of)
             if auto_share:
                 share = (_choose_rank_share(check, config, live, shapes, info, progress, spectra)

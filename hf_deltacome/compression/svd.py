@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from ..quant.spill import Hessian, SpilledHessian, column_block
 _SVD_CACHE: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
+SVD_CACHE_BYTES = 4 << 30  # a run keeps every delta's SVD when they fit in this (float32, ~2x the delta)
 _BLOCK = 4096  # columns of the Hessian turned to float64 at a time when forming A H
 
 
@@ -37,6 +38,13 @@ def reuse_svd() -> Iterator[None]:
     finally:
         if outer is None:
             _SVD_CACHE = None
+
+
+def reuse_svd_if_fits(shapes: Iterable[tuple[int, int]]) -> contextlib.AbstractContextManager:
+    """:func:`reuse_svd` when the factors of deltas of these shapes fit in ``SVD_CACHE_BYTES`` (float32, about twice
+    each delta), else a block that keeps nothing: a small model's deltas are factorized once for the whole run."""
+    fits = sum(m * n for m, n in shapes) * 8 <= SVD_CACHE_BYTES
+    return reuse_svd() if fits else contextlib.nullcontext()
 
 
 def svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -300,11 +300,20 @@ class GPTQ:
         last.scatter_reduce_(0, gidx, torch.arange(cols, device=device) + 1, reduce="amax")
         g_first, g_last = first.tolist(), last.tolist()
 
+        pad = (-rows) % row_group if row_group is not None else 0
+        # one bit width down every column (U's bands are column segments): a row group's grid is formed once and
+        # repeated, not formed per row (zero padding is exact: every grid covers 0)
+        per_group = row_group is not None and bool((bits_table == bits_table[:1]).all())
+
         def set_params(g: int, block: torch.Tensor) -> None:
             b = bits_table[:, g]
+            if per_group:
+                lo, hi = torch.aminmax(F.pad(block[:, 0], (0, pad)).view(-1, row_group), dim=1)
+                s, z = asymmetric_params(lo, hi, torch.where(b[:1] >= 16, 8.0, b[:1]))
+                scales[:, g], zeros[:, g] = s.repeat_interleave(row_group)[:rows], z.repeat_interleave(row_group)[:rows]
+                return
             lo, hi = block.amin(dim=1), block.amax(dim=1)
             if row_group is not None:  # shared by each group of rows
-                pad = (-rows) % row_group
                 lo = F.pad(lo, (0, pad), value=float("inf")).view(-1, row_group).amin(1)
                 hi = F.pad(hi, (0, pad), value=float("-inf")).view(-1, row_group).amax(1)
                 lo, hi = lo.repeat_interleave(row_group)[:rows], hi.repeat_interleave(row_group)[:rows]
