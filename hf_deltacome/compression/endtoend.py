@@ -4,8 +4,9 @@ The band-split search and the adaptive allocation score layouts module by module
 calibration activations). That objective is cheap, but it is not the model's: on a delta that stores knowledge it
 prefers fewer, more precise singular vectors than is best end to end (measured in ``benchmarks/RESULTS.md``). So a
 planned change is kept only if it also lowers the next-token KL divergence from the fine-tune on the calibration
-text, with every target delta replaced by its round-to-nearest approximation at its layout. Weights are edited in
-place on the fine-tune (``W_ft - Δ + Δ̂``) and always put back.
+text, with every target delta replaced by its round-to-nearest approximation at its layout (or by another
+approximation passed to :meth:`EndToEndCheck.apply`: the plan weighs the bands alone as GPTQ stores them). Weights
+are edited in place on the fine-tune (``W_ft - Δ + Δ̂``) and always put back.
 """
 
 from __future__ import annotations
