@@ -42,7 +42,7 @@ RESIDUAL_MARGIN = 0.5
 # residual, or the bands alone as GPTQ stores them. The KL is measured on calibration text
 # the fine-tune was trained on, where a few bands reproduce memorised text, while held-out paraphrases of the same
 # facts need DARE's unbiased share of every entry (facts-hot: 0.91x at 1/64 and 0.96x at 1/128 (uniform rates) lost
-# 8 and 16 of 240 questions to DARE alone, and the stored bands alone at 0.98x at 1/64 lose 23; 0.22-0.75x on
+# 8 and 16 of 240 questions to DARE alone, and the stored bands alone at 0.98-1.09x at 1/64 lose 23; 0.22-0.75x on
 # facts and facts-hot kept as many questions and more agreement than DARE alone; benchmarks/RESULTS.md)
 RESIDUAL_ALONE_MARGIN = 0.85
 RESIDUALS = ("auto", "none")
