@@ -218,7 +218,7 @@ class _StoredBands:
     while a DARE residual, whose DARE part no quantizer improves, is rated within 10% of what is stored; so the
     bands alone are weighed as stored. The Hessians come from the plan's calibration sequences that the check does
     not measure on: GPTQ fitted to the very tokens it is scored on flatters the bands (facts-hot at 1/64: 0.41 in
-    sample against 0.50 for the stored bands). :meth:`kl` gives ``None`` (and :attr:`why_not`) when there are no
+    sample, 0.43 out of sample, DARE alone 0.44; the bands keep 23 fewer held-out questions there). :meth:`kl` gives ``None`` (and :attr:`why_not`) when there are no
     such sequences, or when the Hessians of every target (counted without sharing) would pass ``HESSIAN_MEMORY``.
     """
 
