@@ -273,7 +273,7 @@ class GPTQ:
         """The column loop. ``gidx[j]`` is the group of column ``j``; ``bits_table`` is (rows, n_groups).
 
         With ``row_group`` every column is its own group (``gidx = arange``) and its parameters are shared by
-        groups of ``row_group`` rows, computed from the column when it is visited. Returns integer codes, scales,
+        groups of ``row_group`` rows (which share a bit width), computed from the column when it is visited. Returns integer codes, scales,
         zeros (rows x n_groups) and the dequantized matrix, in the original column order.
         """
         if group_size < 1:
@@ -301,23 +301,18 @@ class GPTQ:
         g_first, g_last = first.tolist(), last.tolist()
 
         pad = (-rows) % row_group if row_group is not None else 0
-        # one bit width down every column (U's bands are column segments): a row group's grid is formed once and
-        # repeated, not formed per row (zero padding is exact: every grid covers 0)
-        per_group = row_group is not None and bool((bits_table == bits_table[:1]).all())
 
         def set_params(g: int, block: torch.Tensor) -> None:
             b = bits_table[:, g]
-            if per_group:
+            if row_group is not None:
+                # one grid per group of rows, formed once and repeated down them (the rows of a group share its bit
+                # width: U's bands are column segments); zero padding is exact, every grid covers 0
                 lo, hi = torch.aminmax(F.pad(block[:, 0], (0, pad)).view(-1, row_group), dim=1)
-                s, z = asymmetric_params(lo, hi, torch.where(b[:1] >= 16, 8.0, b[:1]))
+                b = b[::row_group]
+                s, z = asymmetric_params(lo, hi, torch.where(b >= 16, 8.0, b))
                 scales[:, g], zeros[:, g] = s.repeat_interleave(row_group)[:rows], z.repeat_interleave(row_group)[:rows]
                 return
-            lo, hi = block.amin(dim=1), block.amax(dim=1)
-            if row_group is not None:  # shared by each group of rows
-                lo = F.pad(lo, (0, pad), value=float("inf")).view(-1, row_group).amin(1)
-                hi = F.pad(hi, (0, pad), value=float("-inf")).view(-1, row_group).amax(1)
-                lo, hi = lo.repeat_interleave(row_group)[:rows], hi.repeat_interleave(row_group)[:rows]
-            s, z = asymmetric_params(lo, hi, torch.where(b >= 16, 8.0, b))
+            s, z = asymmetric_params(block.amin(dim=1), block.amax(dim=1), torch.where(b >= 16, 8.0, b))
             scales[:, g], zeros[:, g] = s, z
 
         if act_order:
