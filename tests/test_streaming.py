@@ -107,8 +107,9 @@ def test_streamed_run_only_holds_one_layer_at_a_time(tmp_path, monkeypatch):
 
 
 def test_hessians_are_collected_one_input_width_at_a_time(tmp_path, monkeypatch):
-    """The wide down_proj Hessian only exists once the narrower linears are done (its own pass), and the adapter is
-    the same as from one pass (tests/test_golden.py pins the bytes)."""
+    """Past ONE_PASS_HESSIAN_BYTES the wide down_proj Hessian only exists once the narrower linears are done (its
+    own pass); a small layer takes one pass for all. The adapter is the same either way (tests/test_golden.py pins
+    the bytes of the one-pass walk)."""
     import hf_deltacome.compression.pipeline as pipeline_mod
 
     base = make_model("llama", seed=1, num_hidden_layers=2)
@@ -126,11 +127,21 @@ def test_hessians_are_collected_one_input_width_at_a_time(tmp_path, monkeypatch)
 
     monkeypatch.setattr(pipeline_mod.HessianCollector, "__init__", init)
     monkeypatch.setattr(pipeline_mod._Filler, "fill", fill)
-    compress(b, f, DeltaCoMeConfig(ratio="1/8"), calibration=random_ids(base, 2, 16), progress=False)
+    ids = random_ids(base, 2, 16)
     narrow = ("collect", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
     fills = [("fill", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")]
-    per_layer = [narrow, *fills, ("collect", "down_proj"), ("fill", "down_proj")]
-    assert events == per_layer * 2
+    states = []
+    for limit, per_layer in [
+        (0, [narrow, *fills, ("collect", "down_proj"), ("fill", "down_proj")]),
+        (pipeline_mod.ONE_PASS_HESSIAN_BYTES, [(*narrow[:1], "down_proj", *narrow[1:]), *fills, ("fill", "down_proj")]),
+    ]:
+        monkeypatch.setattr(pipeline_mod, "ONE_PASS_HESSIAN_BYTES", limit)
+        events.clear()
+        model = compress(b, f, DeltaCoMeConfig(ratio="1/8"), calibration=ids, progress=False)
+        assert events == per_layer * 2
+        states.append({k: v.clone() for k, v in model.state_dict().items() if "deltacome" in k})
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 0
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_streamed_fallbacks_are_recorded_and_logged(tmp_path, caplog):

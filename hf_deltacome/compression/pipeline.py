@@ -84,6 +84,7 @@ from .targets import TEXT, ModelKind, model_kind
 log = logging.getLogger("hf_deltacome")
 
 FORWARD_BATCH_SIZE = 8  # calibration sequences per forward pass through one decoder layer
+ONE_PASS_HESSIAN_BYTES = 64 << 20  # a layer's input Hessians (counted unshared) up to this size: one pass for all
 
 # context managers ``view(base_model)`` under which a base's packed linears are dense linears of their effective
 # weights (a no-op for a base without any); registered from above this layer (integration.py), never imported here
@@ -358,13 +359,15 @@ class _Filler:
             else:
                 # One pass of the fine-tune's layer per input width, narrowest first, each width's linears compressed
                 # before the next width's Hessians exist: a 7B layer never holds its 11008-wide down_proj Hessian
-                # (0.45 GiB) beside the others' SVD and GPTQ workspaces. The fine-tune's layer is the same in every
-                # pass, so the Hessians (and the adapter) are those of one pass.
+                # (0.45 GiB) beside the others' SVD and GPTQ workspaces. A layer whose Hessians are small together
+                # (ONE_PASS_HESSIAN_BYTES) takes one pass for all. The fine-tune's layer is the same in every pass,
+                # so the Hessians (and the adapter) are those of one pass.
                 layer_prefix = f"{prefix}.{i}."
                 inputs = {n: ft_layers[i].get_submodule(n[len(layer_prefix) :]) for n in names}
                 widths = sorted({getattr(m, "in_features", 0) for m in inputs.values()})
-                for width in widths:
-                    group = [n for n in names if getattr(inputs[n], "in_features", 0) == width]
+                together = sum(getattr(m, "in_features", 0) ** 2 * 4 for m in inputs.values()) <= ONE_PASS_HESSIAN_BYTES
+                for pass_widths in [widths] if together else [[w] for w in widths]:
+                    group = [n for n in names if getattr(inputs[n], "in_features", 0) in pass_widths]
                     hessians = self._hessians(f"{prefix}.{i}", {n: inputs[n] for n in group}, hidden, calls, work)
                     for name in group:
                         h = hessians.pop(name, None)  # freed once its last linear is done

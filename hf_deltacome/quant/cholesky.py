@@ -8,6 +8,8 @@ five of them.
 from __future__ import annotations
 
 import warnings
+import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -15,6 +17,11 @@ from .spill import Hessian, copy_hessian
 
 FLOAT64_MAX_BYTES = 512 << 20  # largest float64 working copy of a Hessian (n <= 8192); wider ones work in float32
 MAX_DAMP_RETRIES = 6
+REUSE_MAX_BYTES = 64 << 20  # factors kept for Hessians that are still alive (q/k/v and gate/up share theirs)
+
+# id(H) -> (weak reference to H, H's version, damping asked for, factor, damping used): the factor of a Hessian that
+# several linears share is computed once while that Hessian lives (an entry goes when its Hessian is freed)
+_reused: OrderedDict[int, tuple[weakref.ref, int, float, torch.Tensor, float]] = OrderedDict()
 
 
 def inverse_cholesky(H: Hessian, damp: float, name: str = "") -> tuple[torch.Tensor, float]:
@@ -28,7 +35,41 @@ def inverse_cholesky(H: Hessian, damp: float, name: str = "") -> tuple[torch.Ten
     float64 tensors had made a streamed GPTQ run's peak several times the size of a 4-layer model on disk.
     A factorization that fails is retried with ten times the damping. ``H`` may be spilled to disk (:mod:`.spill`):
     then the working copy is the only n x n matrix in memory.
+
+    The factor of an in-memory ``H`` is kept while ``H`` lives (up to :data:`REUSE_MAX_BYTES`), so linears that share
+    one input Hessian (q/k/v, gate/up: :mod:`.hessian`) factor it once. Callers must not modify it.
     """
+    if isinstance(H, torch.Tensor):
+        entry = _reused.get(id(H))
+        if entry is not None and entry[0]() is H and entry[1] == H._version and entry[2] == damp:
+            return entry[3], entry[4]
+    work, used = _factor(H, damp, name)
+    if isinstance(H, torch.Tensor) and used != float("inf"):
+        _keep(H, damp, work, used)
+    return work, used
+
+
+def _keep(H: torch.Tensor, damp: float, work: torch.Tensor, used: float) -> None:
+    """Remember ``H``'s factor while ``H`` lives, within :data:`REUSE_MAX_BYTES` (oldest entries go first). The
+    factor is only read by its callers (GPTQ's loop copies the blocks it needs)."""
+    size = work.numel() * work.element_size()
+    if size > REUSE_MAX_BYTES:
+        return
+    key = id(H)
+    _reused.pop(key, None)
+    while _reused and size + sum(e[3].numel() * e[3].element_size() for e in _reused.values()) > REUSE_MAX_BYTES:
+        _reused.popitem(last=False)
+    ref = weakref.ref(H, lambda _, key=key, forget=_forget: forget(key, ref))  # bound: also works at exit
+    _reused[key] = (ref, H._version, damp, work, used)
+
+
+def _forget(key: int, ref: weakref.ref, reused: OrderedDict = _reused) -> None:
+    entry = reused.get(key)
+    if entry is not None and entry[0] is ref:
+        del reused[key]
+
+
+def _factor(H: Hessian, damp: float, name: str) -> tuple[torch.Tensor, float]:
     where = f" of {name!r}" if name else ""
     n = H.shape[0]
     dtype = torch.float64 if n * n * 8 <= FLOAT64_MAX_BYTES else torch.float32

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..errors import DeltaCoMeError
 from ..format.packing import SUPPORTED_BITS, QuantizedMatrix
 from .cholesky import inverse_cholesky
-from .rtn import asymmetric_params
+from .rtn import asymmetric_params, grid_params
 from .spill import Hessian, SpilledHessian
 
 DEFAULT_BLOCK_SIZE = 128
@@ -278,9 +278,6 @@ class GPTQ:
         """
         if group_size < 1:
             raise DeltaCoMeError(f"GPTQ{_where(self.name)}: group_size must be positive, got {group_size}")
-        bad = set(torch.unique(bits_table).tolist()) - set(SUPPORTED_BITS) if bits_table.numel() else set()
-        if bad:
-            raise DeltaCoMeError(f"GPTQ{_where(self.name)}: unsupported bit widths {sorted(bad)}")
         device = self.H.device
         rows, cols = W.shape
         W = W.detach().to(device=device, dtype=torch.float32).clone()
@@ -300,18 +297,20 @@ class GPTQ:
         last.scatter_reduce_(0, gidx, torch.arange(cols, device=device) + 1, reduce="amax")
         g_first, g_last = first.tolist(), last.tolist()
 
-        pad = (-rows) % row_group if row_group is not None else 0
+        if row_group is not None:
+            # U's layout: every column is its own group and shares its parameters down groups of row_group rows
+            # (which share a bit width: U's bands are column segments). The rows are zero-padded to whole groups
+            # for the whole loop, so each column is viewed as (groups, row_group) and gets one grid per group
+            # without copies; a zero row stays zero (it rounds to its zero point) and every grid covers 0 anyway
+            pad = (-rows) % row_group
+            W = F.pad(W, (0, 0, 0, pad))
+            rg_bits = bits_table[::row_group]  # (row groups, columns)
+            rg_top = 2.0 ** torch.where(rg_bits >= 16, 8.0, rg_bits) - 1  # the grid's top code (16 bits: 8-bit grid)
+            rg_scales = torch.ones(rg_bits.shape, dtype=torch.float32, device=device)
+            rg_zeros = torch.zeros(rg_bits.shape, dtype=torch.float32, device=device)
 
         def set_params(g: int, block: torch.Tensor) -> None:
             b = bits_table[:, g]
-            if row_group is not None:
-                # one grid per group of rows, formed once and repeated down them (the rows of a group share its bit
-                # width: U's bands are column segments); zero padding is exact, every grid covers 0
-                lo, hi = torch.aminmax(F.pad(block[:, 0], (0, pad)).view(-1, row_group), dim=1)
-                b = b[::row_group]
-                s, z = asymmetric_params(lo, hi, torch.where(b >= 16, 8.0, b))
-                scales[:, g], zeros[:, g] = s.repeat_interleave(row_group)[:rows], z.repeat_interleave(row_group)[:rows]
-                return
             s, z = asymmetric_params(block.amin(dim=1), block.amax(dim=1), torch.where(b >= 16, 8.0, b))
             scales[:, g], zeros[:, g] = s, z
 
@@ -339,42 +338,62 @@ class GPTQ:
         gidx_l = gidx.tolist()
         any16 = (bits_table >= 16).any(dim=0).tolist()
 
+        rows_w = W.shape[0]  # rows, or rows padded to whole row groups
         Q = torch.zeros_like(W)
-        codes = torch.zeros(rows, cols, dtype=torch.float32, device=device)
-        errors = torch.zeros(rows, cols, dtype=torch.float32, device=device)  # columns in visiting order
-        # the loop runs a few small tensor ops per column, so everything that does not change along a group's
-        # columns is formed outside it, and a block's codes, values and errors are written once per block
+        codes = torch.zeros(rows_w, cols, dtype=torch.float32, device=device)
+        errors = torch.zeros(rows_w, cols, dtype=torch.float32, device=device)  # columns in visiting order
+        # The loop runs a few small tensor ops per column, so it is kept to those: everything that does not change
+        # along a group's columns is formed outside it, a block is held transposed (each column a contiguous row,
+        # reached through a tuple of views, not tensor indexing), results are computed into their place (out=),
+        # and a block's codes, values and errors are written back once. Same arithmetic, entry by entry.
         maxq = torch.where(bits_table >= 16, 0.0, 2.0**bits_table - 1)  # (rows, n_groups); 16 bits: kept in fp16
         floor = torch.zeros(rows, dtype=torch.float32, device=device)
+        if row_group is not None:
+            rg_max, rg_floor = maxq[::row_group], torch.zeros(rg_top.shape[0], 1, dtype=torch.float32, device=device)
+        s = z = top = None  # the grid of the group being visited (not row groups)
+        g_now = -1
         for i1, i2 in zip(starts[:-1], starts[1:], strict=True):
             count = i2 - i1
-            W1 = W[:, i1:i2].clone()
-            Q1, C1, Err1 = (torch.zeros(rows, count, dtype=torch.float32, device=device) for _ in range(3))
+            Wt = W[:, i1:i2].t().contiguous()  # (count, rows): column i of the block is row i
+            Qt, Ct, Et = (torch.zeros(count, rows_w, dtype=torch.float32, device=device) for _ in range(3))
             Hinv1 = Hinv[i1:i2, i1:i2].to(torch.float32)  # float32 a block at a time: no n x n float32 copy
-            pivots = Hinv1.diagonal()
+            pivots = Hinv1.diagonal().tolist()
+            w_rows, q_rows, c_rows, e_rows, h_rows = (t.unbind(0) for t in (Wt, Qt, Ct, Et, Hinv1))
             for i in range(count):
                 orig = order_l[i1 + i]
                 g = gidx_l[orig]
-                if row_group is not None:
-                    set_params(g, W1[:, i : i + 1])
-                elif not act_order and orig == g_first[g]:
-                    # blocks break at group starts, so i == 0 and nothing of this block is pending on W[:, i2:]
-                    end = g_last[g]
-                    block = W1[:, i : min(end, i2) - i1]
-                    set_params(g, block if end <= i2 else torch.cat([block, W[:, i2:end]], 1))
-                w = W1[:, i]
-                s, z = scales[:, g], zeros[:, g]
-                q = torch.round(w / s).add_(z).clamp_(min=floor, max=maxq[:, g])
-                dq = (q - z).mul_(s)
-                if any16[g]:  # per column, not a rows x cols table (a 7B gate_proj's U has 11008 rows)
-                    dq = torch.where(bits_table[:, g] >= 16, w.to(torch.float16).to(torch.float32), dq)
-                Q1[:, i] = dq
-                C1[:, i] = q
-                err = (w - dq).div_(pivots[i])
-                W1[:, i:].sub_(torch.outer(err, Hinv1[i, i:]))
-                Err1[:, i] = err
-            Q[:, i1:i2], codes[:, i1:i2], errors[:, i1:i2] = Q1, C1, Err1 * Err1 / 2.0
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:].to(torch.float32)
+                w, q = w_rows[i], c_rows[i]
+                if row_group is not None:  # (row groups, row_group) views of the column: one grid per group
+                    wg, qg = w.view(-1, row_group), q.view(-1, row_group)
+                    sg, zg = grid_params(*torch.aminmax(wg, dim=1), rg_top[:, g])
+                    rg_scales[:, g], rg_zeros[:, g] = sg, zg
+                    sg, zg = sg.unsqueeze(1), zg.unsqueeze(1)
+                    torch.div(wg, sg, out=qg).round_().add_(zg).clamp_(min=rg_floor, max=rg_max[:, g : g + 1])
+                    dq = torch.sub(qg, zg, out=q_rows[i].view(-1, row_group)).mul_(sg).view(-1)
+                    if any16[g]:
+                        sixteen = (rg_bits[:, g] >= 16).repeat_interleave(row_group)
+                        torch.where(sixteen, w.to(torch.float16).to(torch.float32), dq, out=dq)
+                else:
+                    if g != g_now:
+                        if not act_order and orig == g_first[g]:
+                            # blocks break at group starts, so i == 0 and nothing of this block is pending on
+                            # W[:, i2:]
+                            end = g_last[g]
+                            block = Wt[i : min(end, i2) - i1].t()
+                            set_params(g, block if end <= i2 else torch.cat([block, W[:, i2:end]], 1))
+                        s, z, top, g_now = scales[:, g], zeros[:, g], maxq[:, g], g
+                    torch.div(w, s, out=q).round_().add_(z).clamp_(min=floor, max=top)
+                    dq = torch.sub(q, z, out=q_rows[i]).mul_(s)
+                    if any16[g]:  # per column, not a rows x cols table (a 7B gate_proj's U has 11008 rows)
+                        torch.where(bits_table[:, g] >= 16, w.to(torch.float16).to(torch.float32), dq, out=dq)
+                err = torch.sub(w, dq, out=e_rows[i]).div_(pivots[i])
+                if i + 1 < count:  # column i itself is done: only the later ones take its error
+                    Wt[i + 1 :].sub_(torch.outer(h_rows[i][i + 1 :], err))
+            Q[:, i1:i2], codes[:, i1:i2], errors[:, i1:i2] = Qt.t(), Ct.t(), (Et * Et / 2.0).t()
+            W[:rows, i2:] -= Et.t()[:rows].contiguous() @ Hinv[i1:i2, i2:].to(torch.float32)  # padded rows stay 0
+        if row_group is not None:
+            scales, zeros = rg_scales.repeat_interleave(row_group, 0)[:rows], rg_zeros.repeat_interleave(row_group, 0)[:rows]
+            Q, codes, errors = Q[:rows], codes[:rows], errors[:rows]
         del W, Hinv
         if act_order:  # back to the original column order (otherwise it is the order already: no copies)
             inv = torch.argsort(order)

@@ -60,12 +60,17 @@ def asymmetric_params(
     ``bits`` may be a tensor broadcastable to ``wmin`` for per-row bit widths. The scale is rounded to float16
     first so that quantizing and dequantizing use exactly the stored value.
     """
-    maxq = (2 ** torch.as_tensor(bits, device=wmin.device, dtype=torch.float32)) - 1
-    wmin = torch.minimum(wmin, torch.zeros_like(wmin))
-    wmax = torch.maximum(wmax, torch.zeros_like(wmax))
+    return grid_params(wmin, wmax, (2 ** torch.as_tensor(bits, device=wmin.device, dtype=torch.float32)) - 1)
+
+
+def grid_params(wmin: torch.Tensor, wmax: torch.Tensor, maxq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`asymmetric_params` with the top code ``maxq = 2^bits − 1`` given (float32, broadcastable): GPTQ's
+    column loop forms it once per call, not once per column."""
+    wmin = torch.clamp(wmin, max=0.0)
+    wmax = torch.clamp(wmax, min=0.0)
     span = wmax - wmin
-    scale = torch.where(span > 0, span / maxq, torch.ones_like(span))
+    scale = torch.where(span > 0, span / maxq, 1.0)
     scale = scale.to(torch.float16).to(torch.float32)
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))  # float16 underflow guard
-    zero = torch.clamp(torch.round(-wmin / scale), torch.zeros_like(maxq), maxq)
+    scale = torch.where(scale > 0, scale, 2.0**-24)  # float16 underflow guard
+    zero = torch.minimum(torch.round(-wmin / scale).clamp_(min=0.0), maxq)
     return scale, zero
