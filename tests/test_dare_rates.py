@@ -150,3 +150,18 @@ def test_cli_dare_rates_reaches_the_file_and_info_and_a_bad_value_is_refused(tmp
         main([*args, "--overwrite", "--dare-rates", "weighted"])
     assert exit_info.value.code == 2
     assert "--dare-rates: invalid choice: 'weighted'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rates", ["uniform", "importance"])
+def test_the_dense_delta_of_fresh_dare_factors_is_what_the_loader_reads(rates):
+    """``DareFactors.dense`` reuses the mask it drew; the loader regenerates it from the stored seed, rates and
+    threshold: both give the same dense delta, entry for entry."""
+    m, n = 48, 80
+    d = long_tail_delta(m, n, seed=6)
+    for seed in range(3):
+        entry = plan_entry(f"layers.{seed}.mlp.up_proj", m, n, 1 / 8, dare(rates, 1 / 8))
+        sparse = entry["sparse"]
+        fresh = dare_factors(d, sparse, outlier_inputs(n, seed=seed).diagonal())
+        assert fresh.mask is not None
+        loaded = fresh.part(m, n, sparse).delta_weight()
+        assert torch.equal(fresh.dense(m, n, sparse), loaded) and int((loaded != 0).sum()) > 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -189,6 +189,7 @@ class DareFactors:
     values: QuantizedMatrix
     rates: torch.Tensor | None = None
     threshold: float | None = None
+    mask: torch.Tensor | None = field(default=None, repr=False)  # the mask drawn here (not stored: regenerated)
 
     def store(self, part: SparsePart) -> None:
         """Write these factors into a `SparsePart` of the same layout entry (a module's, or one of its own)."""
@@ -205,8 +206,14 @@ class DareFactors:
         return part
 
     def dense(self, m: int, n: int, entry: dict[str, Any]) -> torch.Tensor:
-        """The dense ``m x n`` delta these values store (float32, CPU), read as the loader reads it."""
-        return self.part(m, n, entry).delta_weight().cpu()
+        """The dense ``m x n`` delta these values store (float32, CPU), as the loader reads it: the loader's mask
+        comes from the same seed, rates and float32 threshold as the one drawn here (tests/test_dare_rates.py), so
+        that one is used when held instead of drawing it again."""
+        if self.mask is None:
+            return self.part(m, n, entry).delta_weight().cpu()
+        w = torch.zeros(m, n, dtype=torch.float32)
+        w[self.mask] = self.values.dequantize().reshape(-1).cpu()[: int(self.mask.sum())]
+        return w
 
 
 def rate_codes(energy: torch.Tensor) -> torch.Tensor:
@@ -231,7 +238,7 @@ def dare_factors(delta: torch.Tensor, sparse: dict[str, Any], hessian_diag: torc
         mask = sparse_mask(m, n, sparse["keep"], sparse["seed"])
         if int(mask.sum()) != int(sparse["nnz"]):
             raise DeltaCoMeError(f"DARE mask of a {m}x{n} delta keeps {int(mask.sum())} entries, layout says {sparse}")
-        return DareFactors(quantize_rtn((d[mask] / float(sparse["keep"])).view(1, -1), bits, g, clip=True))
+        return DareFactors(quantize_rtn((d[mask] / float(sparse["keep"])).view(1, -1), bits, g, clip=True), mask=mask)
     h = torch.ones(n) if hessian_diag is None else hessian_diag.detach().to(torch.float64).cpu().clamp_min(0)
     energy = d.to(torch.float64).square() * h.view(1, -1)
     packed = pack_rates(rate_codes(energy.sum(1)), rate_codes(energy.sum(0)))
@@ -246,7 +253,7 @@ def dare_factors(delta: torch.Tensor, sparse: dict[str, Any], hessian_diag: torc
     rate = (threshold * a.to(torch.float64).view(-1, 1) * b.to(torch.float64).view(1, -1)).clamp(max=1.0)
     values = torch.zeros(1, cap)
     values[0, : int(mask.sum())] = (d.to(torch.float64)[mask] / rate[mask]).to(torch.float32)
-    return DareFactors(quantize_rtn(values, bits, g, clip=True), packed, threshold)
+    return DareFactors(quantize_rtn(values, bits, g, clip=True), packed, threshold, mask)
 
 
 def distill_sign_scales(
