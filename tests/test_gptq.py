@@ -300,3 +300,35 @@ def test_wide_hessians_are_inverted_in_float32_with_the_same_quality(monkeypatch
         errors[limit] = float(((W - dq) @ x.t()).pow(2).sum())
     f64, f32 = errors[chol.FLOAT64_MAX_BYTES], errors[0]
     assert abs(f32 - f64) <= 0.02 * f64, errors
+
+
+def test_a_shared_hessian_is_factored_once_while_it_lives(monkeypatch):
+    """Linears fed one input (q/k/v) share its Hessian object: its damped inverse factor is formed once, formed again
+    when the Hessian changes in place or the damping differs, and forgotten when the Hessian is freed."""
+    import gc
+
+    from hf_deltacome.quant import cholesky
+
+    calls = []
+    real = cholesky._factor
+    monkeypatch.setattr(cholesky, "_factor", lambda H, damp, name: calls.append(damp) or real(H, damp, name))
+    x = torch.randn(256, 40, generator=torch.Generator().manual_seed(0))
+    H = x.t() @ x
+    W = torch.randn(6, 40, generator=torch.Generator().manual_seed(1))
+    first = GPTQ.from_hessian(H, copy=False).quantize(W, 3, 8).dequantize()
+    again = GPTQ.from_hessian(H, copy=False).quantize(W, 3, 8).dequantize()
+    assert len(calls) == 1 and torch.equal(first, again)
+    GPTQ.from_hessian(H, copy=False).quantize(W, 3, 8, damp=0.1)
+    H.mul_(2.0)  # an in-place change: the kept factor is stale
+    changed = GPTQ.from_hessian(H, copy=False).quantize(W, 3, 8).dequantize()
+    assert calls == [0.01, 0.1, 0.01]
+    assert torch.equal(changed, GPTQ.from_hessian(H.clone(), copy=False).quantize(W, 3, 8).dequantize())
+    kept = len(cholesky._reused)
+    del H
+    gc.collect()
+    assert len(cholesky._reused) < kept
+    monkeypatch.setattr(cholesky, "REUSE_MAX_BYTES", 0)  # too large to keep: formed every time
+    H2 = x.t() @ x
+    GPTQ.from_hessian(H2, copy=False).quantize(W, 3, 8)
+    GPTQ.from_hessian(H2, copy=False).quantize(W, 3, 8)
+    assert len(calls) == 6 and id(H2) not in cholesky._reused
