@@ -76,7 +76,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     **{f"dare-{b}": {"method": "dare", "uniform_bits": b} for b in (2, 3, 8)},  # fewer bits: more kept entries
     # DARE with importance rates (a keep-rate per row and column from the output energy; the default's residual)
     **{f"dare-{b}-importance": {"method": "dare", "uniform_bits": b, "dare_rates": "importance"} for b in (2, 4)},
-    "deltacome-uniform-residual": {"dare_rates": "uniform"},  # the default with the residual's DARE uniform
+    "deltacome-uniform-residual": {"dare_rates": "uniform"},
+    # DARE's kept values fitted to the output by GPTQ (the mask fixed) instead of rescaled: same bytes
+    "deltacome-fit": {"dare_fit": "gptq"},
+    "dare-2-importance-fit": {"method": "dare", "uniform_bits": 2, "dare_rates": "importance", "dare_fit": "gptq"},
+    "dare-fit": {"method": "dare", "dare_fit": "gptq"},
+    "dare-2-fit": {"method": "dare", "uniform_bits": 2, "dare_fit": "gptq"},  # the default with the residual's DARE uniform
     "impart": {"method": "impart"},  # keep-rates grow with σ, down to 0.5 (docs/METHOD.md)
     "deltacome+sparse-tail": {"sparse_tail": 0.5},  # the last 2-bit band keeps half of each vector: more rank
     # bands for the top singular directions with a share of each module's budget (auto: per module, the least

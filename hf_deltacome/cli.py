@@ -29,7 +29,7 @@ METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # == loading.DTYPES (tested)
 # optional config fields the CLI passes on only when given (their defaults live in DeltaCoMeConfig)
 METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "min_rank_share",
-                  "sparse_tail", "band_share", "residual", "dare_rates")
+                  "sparse_tail", "band_share", "residual", "dare_rates", "dare_fit")
 
 
 def _share(text: str) -> float | str:
@@ -253,6 +253,10 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dare-rates", choices=["uniform", "importance"], default=None,
                    help="keep-rates of a DARE part: uniform (published DARE; the default of --method dare) or "
                         "importance (a rate per row and column from the output energy; the default's residual)")  # fmt: skip
+    p.add_argument("--dare-fit", choices=["rescale", "gptq"], default=None,
+                   help="kept values of a DARE part: rescale (default; published DARE) or gptq (rounding compensated "
+                        "by GPTQ on calibration data, the mask and bytes the same; not the default: it recalled "
+                        "fewer facts in benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None, help="BitDelta scale distillation steps, 0 = off (default 50)")
     p.add_argument("--calibration", default=None,
                    help="calibration text: .txt (one per line) or .jsonl; for a vision-language model, a .jsonl of "

@@ -47,6 +47,7 @@ RESIDUAL_MARGIN = 0.5
 RESIDUAL_ALONE_MARGIN = 0.85
 RESIDUALS = ("auto", "none")
 DARE_RATES = ("uniform", "importance")
+DARE_FITS = ("rescale", "gptq")
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
 
 
@@ -115,6 +116,10 @@ class DeltaCoMeConfig(PeftConfig):
             ``"importance"`` (a rate per row and column from the output energy ``Σ Δ² diag(H)``, 4-bit codes stored,
             the mask still seeded; format 3). ``None``: uniform for ``dare``, importance for the residual of
             ``deltacome-dare`` and of ``deltacome``'s ``residual="auto"`` (benchmarks/RESULTS.md).
+        dare_fit: the kept values of a DARE part. ``"rescale"`` (published DARE: each kept entry divided by its
+            keep-rate, rounded to nearest) or ``"gptq"`` (needs calibration data: the same rescaled values rounded
+            by GPTQ with the mask fixed, :func:`~hf_deltacome.quant.masked.quantize_masked`). Same bytes and format
+            either way. ``None``: rescale (gptq raised agreement but recalled fewer facts: benchmarks/RESULTS.md).
         residual: ``deltacome`` only. ``"auto"`` (default): with calibration data and the configured split (no
             ``search``, uniform allocation, no ``sparse_tail``), the whole-model check also weighs layouts that give
             ``RESIDUAL_SHARES`` of each module's budget to ``RESIDUAL_BAND_BITS``-bit bands and the rest to a
@@ -156,6 +161,7 @@ class DeltaCoMeConfig(PeftConfig):
     band_share: Optional[Union[float, str]] = field(default=None, metadata={"help": "deltacome-dare: [0, 1], auto"})
     residual: str = field(default="auto", metadata={"help": f"deltacome: DARE of the bands' residual, {RESIDUALS}."})
     dare_rates: Optional[str] = field(default=None, metadata={"help": f"DARE keep-rates, one of {DARE_RATES}."})
+    dare_fit: Optional[str] = field(default=None, metadata={"help": f"DARE kept values, one of {DARE_FITS}."})
     base_vocab_size: Optional[int] = field(default=None)
     vocab_size: Optional[int] = field(default=None)
     trainable_token_indices: Optional[dict[str, list[int]]] = field(default=None)
@@ -284,6 +290,12 @@ class DeltaCoMeConfig(PeftConfig):
             raise ConfigError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
         if self.dare_rates not in (None, *DARE_RATES):
             raise ConfigError(f"dare_rates must be null or one of {DARE_RATES}, got {self.dare_rates!r}")
+        if self.dare_fit not in (None, *DARE_FITS):
+            raise ConfigError(f"dare_fit must be null or one of {DARE_FITS}, got {self.dare_fit!r}")
+        if self.dare_fit == "gptq" and self.method not in ("dare", "deltacome-dare", "deltacome"):
+            raise ConfigError(f"dare_fit='gptq' fits the values of a DARE part; method {self.method!r} has none")
+        if self.dare_fit == "gptq" and self.quantizer != "gptq":
+            raise ConfigError("dare_fit='gptq' fits DARE's values to calibration activations: it needs quantizer='gptq'")
         if (tail is not None or self.method == "impart") and (self.search is not None or self.allocation != "uniform"):
             raise ConfigError(
                 "sparse_tail / method 'impart' do not combine with search= or allocation='adaptive' (these choose "

@@ -165,3 +165,70 @@ def test_the_dense_delta_of_fresh_dare_factors_is_what_the_loader_reads(rates):
         assert fresh.mask is not None
         loaded = fresh.part(m, n, sparse).delta_weight()
         assert torch.equal(fresh.dense(m, n, sparse), loaded) and int((loaded != 0).sum()) > 0
+
+
+def fitted(rates: str, ratio: float = 1 / 8) -> DeltaCoMeConfig:
+    return DeltaCoMeConfig(method="dare", ratio=ratio, group_size=32, uniform_bits=2, dare_rates=rates,
+                           dare_fit="gptq")  # fmt: skip
+
+
+@pytest.mark.parametrize("rates", ["uniform", "importance"])
+def test_fitted_dare_values_keep_the_layout_and_cut_the_rounding_error(rates):
+    """``dare_fit="gptq"``: the same mask, bytes and loader as rescaled DARE, but the rounding of the rescaled values
+    is compensated column by column, so the output error against what DARE rescales (``||(T − Δ̂) X||²``) falls,
+    and against the delta itself it is no worse."""
+    m, n = 96, 160
+    d = long_tail_delta(m, n, seed=7)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4096, 24, generator=g) @ torch.randn(24, n, generator=g) + 0.3 * torch.randn(4096, n, generator=g)
+    h = x.t() @ x / x.shape[0]  # strongly correlated inputs, as a model's are: what the loop compensates through
+    rescaled_cfg = DeltaCoMeConfig(method="dare", ratio=1 / 8, group_size=32, uniform_bits=2, dare_rates=rates)
+    entry = plan_entry("layers.3.mlp.up_proj", m, n, 1 / 8, rescaled_cfg)
+    sparse = entry["sparse"]
+    rescaled = compress_module(d, h, entry, rescaled_cfg)
+    fit = compress_module(d, h, entry, fitted(rates))
+    assert fit.sparse.values.nbytes() == rescaled.sparse.values.nbytes()
+    assert torch.equal(fit.sparse.mask, rescaled.sparse.mask)
+    approx = fit.dense(m, n, sparse)
+    assert torch.equal(approx, fit.sparse.part(m, n, sparse).delta_weight())  # what the loader reads
+    assert not approx[~fit.sparse.mask].any()
+    target = dare_factors(d, {**sparse, "bits": 8}, h.diagonal()).dense(m, n, sparse)  # DARE's rescaled values
+    ours, theirs = output_error(target - approx, h), output_error(target - rescaled.dense(m, n, sparse), h)
+    assert ours < 0.8 * theirs, (ours, theirs)
+    assert output_error(d - approx, h) <= output_error(d - rescaled.dense(m, n, sparse), h)
+
+
+def test_fitting_dare_values_needs_calibration_and_a_dare_part():
+    with pytest.raises(ConfigError, match="needs quantizer='gptq'"):
+        DeltaCoMeConfig(method="dare", dare_fit="gptq", quantizer="rtn")
+    with pytest.raises(ConfigError, match="method 'svd-uniform' has none"):
+        DeltaCoMeConfig(method="svd-uniform", dare_fit="gptq")
+    with pytest.raises(ConfigError, match="dare_fit must be null or one of"):
+        DeltaCoMeConfig(method="dare", dare_fit="sparsegpt")
+
+
+def test_cli_dare_fit_reaches_the_config_and_needs_gptq(tmp_path, capsys):
+    import json
+
+    from peft import PeftModel
+    from tiny_models import make_finetune, make_model, save_with_tokenizer
+
+    from hf_deltacome.cli import main
+
+    base = make_model("llama")
+    save_with_tokenizer(tmp_path, base=base, ft=make_finetune(base, seed=3))
+    out = tmp_path / "adapter"
+    args = ["compress", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"), "--output", str(out),
+            "--ratio", "1/8", "--method", "dare", "--uniform-bits", "2", "--num-samples", "4", "--seq-len", "32"]  # fmt: skip
+    assert main([*args, "--dare-fit", "gptq"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["dare_fit"] == "gptq"
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), out).eval()
+    ids = torch.randint(0, base.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids).logits).all()
+    capsys.readouterr()
+    assert main([*args, "--overwrite", "--dare-fit", "gptq", "--quantizer", "rtn"]) == 2
+    err = capsys.readouterr().err
+    assert "dare_fit='gptq'" in err and "needs quantizer='gptq'" in err

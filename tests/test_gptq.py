@@ -11,6 +11,7 @@ import torch
 from hf_deltacome.errors import DeltaCoMeError
 from hf_deltacome.format.packing import QuantizedMatrix
 from hf_deltacome.quant.gptq import GPTQ
+from hf_deltacome.quant.masked import quantize_masked
 from hf_deltacome.quant.rtn import quantize_rtn
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
@@ -196,6 +197,21 @@ def test_from_hessian_shares_the_hessian_only_when_asked():
         GPTQ.from_hessian(torch.zeros(3, 4))
 
 
+def test_masked_gptq_keeps_the_support_and_beats_rounding_to_nearest(data):
+    """``quant.masked.quantize_masked``: zeros off the mask, the kept values packed in row-major order (zero-padded to the
+    capacity) on grids that reproduce the dense result, and less output error than rounding the same values."""
+    W, X, g = data
+    mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) < 0.6
+    target = W * mask
+    kept = int(mask.sum())
+    packed, dense = quantize_masked(g.H, target, mask, 2, 16, capacity=kept + 7)
+    assert packed.shape == (1, kept + 7) and not dense[~mask].any()
+    assert torch.equal(packed.dequantize().view(-1)[:kept], dense[mask])
+    rtn = torch.zeros_like(W)
+    rtn[mask] = quantize_rtn(target[mask].view(1, -1), 2, 16, clip=True).dequantize().view(-1)
+    assert out_err(target, dense, X) < 0.93 * out_err(target, rtn, X)  # 0.90 measured (norms, not squared)
+
+
 def test_non_pd_hessian_falls_back_to_rtn_with_warning():
     W = torch.randn(5, 24)
     g = GPTQ.from_hessian(-torch.eye(24), name="layers.0.q_proj")
@@ -234,6 +250,12 @@ def test_bad_inputs_raise_naming_the_layer():
         g.quantize_column_bands(torch.randn(4, 16), [(5, 16)], 8)
     with pytest.raises(DeltaCoMeError, match="square"):
         GPTQ.from_hessian(torch.zeros(3, 4))
+    with pytest.raises(DeltaCoMeError, match=r"down_proj.*mask of shape \(4, 8\)"):
+        quantize_masked(g.H, torch.randn(4, 16), torch.ones(4, 8, dtype=torch.bool), 2, 8, name=g.name)
+    with pytest.raises(DeltaCoMeError, match=r"down_proj.*\(4, 15\) does not match a Hessian"):
+        quantize_masked(g.H, torch.randn(4, 15), torch.ones(4, 15, dtype=torch.bool), 2, 8, name=g.name)
+    with pytest.raises(DeltaCoMeError, match="64 kept entries do not fit 10 values"):
+        quantize_masked(g.H, torch.randn(4, 16), torch.ones(4, 16, dtype=torch.bool), 2, 8, capacity=10)
 
 
 # ------------------------------------------------------------------ per-group bit widths and lengths (AMLQ)

@@ -30,7 +30,9 @@ from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import rate_nbytes, sign_part_nbytes, sparse_mask
 from ..progress import progress_bar
+from ..quant.masked import quantize_masked
 from ..quant.rtn import quantize_rtn
+from ..quant.spill import Hessian
 
 HYBRID_BAND_SHARE = 0.25  # deltacome-dare: share of each module's budget its bands take when band_share is not set
 HYBRID_SHARES = tuple(k / 20 for k in range(19))  # band_share="auto" chooses among these (0 = DARE alone)
@@ -254,6 +256,28 @@ def dare_factors(delta: torch.Tensor, sparse: dict[str, Any], hessian_diag: torc
     values = torch.zeros(1, cap)
     values[0, : int(mask.sum())] = (d.to(torch.float64)[mask] / rate[mask]).to(torch.float32)
     return DareFactors(quantize_rtn(values, bits, g, clip=True), packed, threshold, mask)
+
+
+DARE_FIT_DAMP = 0.1  # GPTQ damping of fitted DARE values: less overfit to calibration than the bands' 0.01
+
+
+def fit_dare_values(
+    factors: DareFactors, delta: torch.Tensor, hessian: Hessian, sparse: dict[str, Any], *, name: str = ""
+) -> DareFactors:
+    """``factors`` (their mask, rates and threshold kept) with the kept values fitted to ``delta``'s output under the
+    input second moment ``hessian`` instead of rescaled (``dare_fit="gptq"``; same layout and bytes)."""
+    m, n = delta.shape
+    mask = factors.mask if factors.mask is not None else factors.part(m, n, sparse).mask().cpu()
+    if factors.rates is None:
+        rate = torch.full((m, n), float(sparse["keep"]), dtype=torch.float64)
+    else:
+        a, b = rate_factors(factors.rates, m, n)
+        rate = (factors.threshold * a.to(torch.float64).view(-1, 1) * b.to(torch.float64).view(1, -1)).clamp(max=1.0)
+    target = torch.zeros(m, n)
+    target[mask] = (delta.detach().to(torch.float64).cpu()[mask] / rate[mask]).to(torch.float32)
+    values, _ = quantize_masked(hessian, target, mask, int(sparse["bits"]), int(sparse.get("group_size", 128)),
+                                int(sparse["nnz"]), damp=DARE_FIT_DAMP, name=name)  # fmt: skip
+    return DareFactors(values, factors.rates, factors.threshold, mask)
 
 
 def distill_sign_scales(
