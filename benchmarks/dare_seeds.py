@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""How far a seeded method's held-out questions move with its random seed alone.
+
+    python benchmarks/dare_seeds.py [--task knowledge2] [--method dare] [--ratio 1/32] [--seeds 0,1,2,3,4]
+
+DARE's mask (and ImPart's) comes from a seed derived from each module's name, so one run of ``benchmarks/quality.py``
+is one draw. This compresses the same pair with the same method and bytes under other draws (seed ``k`` derives every
+module's seed from ``name#k``; ``k = 0`` is the name alone, what every other run uses), loads each adapter with
+``PeftModel.from_pretrained`` and counts the held-out questions it answers right, as ``quality.py`` does: how many of
+the questions that separate two methods in one draw a redraw moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import zlib
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402  (benchmarks/quality.py: the pair, the questions, the scoring, the method variants)
+
+from hf_deltacome import DeltaCoMeConfig  # noqa: E402
+from hf_deltacome.compression import baselines, impart  # noqa: E402
+from hf_deltacome.compression.pipeline import compress  # noqa: E402
+
+
+def salted(k: int) -> SimpleNamespace:
+    """A stand-in for the ``zlib`` the seeded methods read their seeds through: ``crc32(name#k)`` (``k = 0``: as is)."""
+    return SimpleNamespace(crc32=lambda data: zlib.crc32(data + (f"#{k}".encode() if k else b"")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="knowledge2", help="knowledge (facts) or knowledge2 (facts-hot)")
+    p.add_argument("--method", default="dare", help="a benchmarks/quality.py method variant with a seeded mask")
+    p.add_argument("--ratio", default="1/32")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated draws (0: the one every other run uses)")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.method not in quality.VARIANTS:
+        raise SystemExit(f"unknown method {args.method!r}; choose from {sorted(quality.VARIANTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ratio = float(Fraction(args.ratio))
+    seeds = [int(k) for k in args.seeds.split(",")]
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base_path, ft_path, task, zoo = quality.load_pair(args.task)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    base, ft = quality.load_model(base_path), quality.load_model(ft_path)
+    calib = quality.calibration_texts(task, tokenizer)
+    ft_right = sum(ok for _, _, ok in zoo.task_predictions(ft, tokenizer, task, n=None, batch_size=48))
+    rows = []
+    for k in seeds:
+        baselines.zlib = impart.zlib = salted(k)
+        try:
+            cfg = DeltaCoMeConfig(ratio=ratio, **{"method": "deltacome", **quality.VARIANTS[args.method]})
+            model = compress(copy.deepcopy(base), ft, cfg, calibration=calib, tokenizer=tokenizer, num_samples=16,
+                             seq_len=256, progress=False)  # fmt: skip
+        finally:
+            baselines.zlib = impart.zlib = zlib
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            del model
+            size = (Path(folder) / "adapter_model.safetensors").stat().st_size
+            loaded = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+            right = [ok for _, _, ok in zoo.task_predictions(loaded, tokenizer, task, n=None, batch_size=48)]
+        rows.append((k, size, sum(right)))
+        print(f"draw {k}: {sum(right)} right, {size:,} B", file=sys.stderr, flush=True)
+    print(f"### {task.name}: `{args.method}` at {args.ratio}, one row per draw of its masks ({len(task.eval)} "
+          f"held-out questions; the fine-tune answers {ft_right})\n")  # fmt: skip
+    print("| draw | true bytes | right | vs the fine-tune |")
+    print("|---:|---:|---:|---:|")
+    for k, size, right in rows:
+        print(f"| {k} | {size:,} | {right} | {right - ft_right:+d} |")
+    counts = [r for _, _, r in rows]
+    print(f"\nright: {min(counts)}-{max(counts)}, mean {sum(counts) / len(counts):.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
