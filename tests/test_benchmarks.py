@@ -209,3 +209,27 @@ def test_fingerprint_benchmark_sizes_7b_shapes():
     n, one, two = module.size_of_shape("Llama-2-7B")
     assert n == 291  # 32 layers x 9 weights + embeddings, final norm, head
     assert 100_000 < one < two < 2.5 * one  # a second rounding stores a second sketch of every weight
+
+
+def test_dare_seeds_benchmark_redraws_every_seeded_mask_and_draw_0_is_the_usual_one():
+    """benchmarks/dare_seeds.py: draw 0 is the seed every other run uses; another draw moves every DARE and ImPart
+    module's seed (both read it through ``zlib.crc32`` of the module name), and the real one is back afterwards."""
+    import zlib
+
+    from hf_deltacome.compression import baselines, impart
+
+    spec = importlib.util.spec_from_file_location("dare_seeds_benchmark", ROOT / "benchmarks" / "dare_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    name = "model.layers.3.mlp.up_proj"
+    usual = baselines.dare_plan(name, 64, 96, 1 / 8, 4, 32)["seed"]
+    assert module.salted(0).crc32(name.encode()) == zlib.crc32(name.encode())
+    seeds = set()
+    for k in range(4):
+        baselines.zlib = impart.zlib = module.salted(k)
+        try:
+            seeds.add(baselines.dare_plan(name, 64, 96, 1 / 8, 4, 32)["seed"])
+        finally:
+            baselines.zlib = impart.zlib = zlib
+    assert usual in seeds and len(seeds) == 4
+    assert baselines.dare_plan(name, 64, 96, 1 / 8, 4, 32)["seed"] == usual
