@@ -252,27 +252,34 @@ def dare_factors(delta: torch.Tensor, sparse: dict[str, Any], hessian_diag: torc
     else:
         threshold = float(scores.flatten().kthvalue(cap + 1).values)
     mask = scores < torch.tensor(threshold, dtype=torch.float32)
-    rate = (threshold * a.to(torch.float64).view(-1, 1) * b.to(torch.float64).view(1, -1)).clamp(max=1.0)
+    rate = keep_rates(a, b, threshold)
     values = torch.zeros(1, cap)
     values[0, : int(mask.sum())] = (d.to(torch.float64)[mask] / rate[mask]).to(torch.float32)
     return DareFactors(quantize_rtn(values, bits, g, clip=True), packed, threshold, mask)
 
 
-DARE_FIT_DAMP = 0.1  # GPTQ damping of fitted DARE values: less overfit to calibration than the bands' 0.01
+def keep_rates(a: torch.Tensor, b: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Each entry's keep-rate under importance rates: ``min(1, threshold · a_i b_j)`` (float64, ``m x n``)."""
+    return (threshold * a.to(torch.float64).view(-1, 1) * b.to(torch.float64).view(1, -1)).clamp(max=1.0)
+
+
+# GPTQ damping of DARE's values under dare_fit="gptq": on the prototype of benchmarks/RESULTS.md (reading at 8545dfa)
+# 0.1 left less held-out output error than the bands' 0.01
+DARE_FIT_DAMP = 0.1
 
 
 def fit_dare_values(
     factors: DareFactors, delta: torch.Tensor, hessian: Hessian, sparse: dict[str, Any], *, name: str = ""
 ) -> DareFactors:
-    """``factors`` (their mask, rates and threshold kept) with the kept values fitted to ``delta``'s output under the
-    input second moment ``hessian`` instead of rescaled (``dare_fit="gptq"``; same layout and bytes)."""
+    """``factors`` (their mask, rates and threshold kept) with DARE's rescaled values rounded by GPTQ under the input
+    second moment ``hessian`` instead of to nearest (``dare_fit="gptq"``; same layout and bytes). The target stays
+    the rescaled, unbiased matrix: fitting the kept entries to ``delta`` itself shrinks it (RESULTS.md)."""
     m, n = delta.shape
     mask = factors.mask if factors.mask is not None else factors.part(m, n, sparse).mask().cpu()
     if factors.rates is None:
         rate = torch.full((m, n), float(sparse["keep"]), dtype=torch.float64)
     else:
-        a, b = rate_factors(factors.rates, m, n)
-        rate = (factors.threshold * a.to(torch.float64).view(-1, 1) * b.to(torch.float64).view(1, -1)).clamp(max=1.0)
+        rate = keep_rates(*rate_factors(factors.rates, m, n), factors.threshold)
     target = torch.zeros(m, n)
     target[mask] = (delta.detach().to(torch.float64).cpu()[mask] / rate[mask]).to(torch.float32)
     values, _ = quantize_masked(hessian, target, mask, int(sparse["bits"]), int(sparse.get("group_size", 128)),

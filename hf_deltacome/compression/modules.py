@@ -215,7 +215,7 @@ def compress_module(
     if entry.get("sparse"):  # DARE of the whole delta (dare), of what the stored bands leave (deltacome-dare)
         target = delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta
         out.sparse = dare_factors(target, entry["sparse"], hessian_diag(hessian))
-        if config.dare_fit == "gptq" and hessian is not None:  # fitted to the output, the mask kept
+        if config.dare_fit == "gptq" and hessian is not None:  # the rescaled values rounded by GPTQ, same mask
             out.sparse = fit_dare_values(out.sparse, target, hessian, entry["sparse"], name=name)
     if any(b["rank"] > 0 for b in entry.get("sparse_bands", [])):
         out.sparse_bands = compress_sparse_bands(delta, hessian, entry, out.dense(m, n), quantizer=config.quantizer,
