@@ -228,19 +228,35 @@ def rate_codes(energy: torch.Tensor) -> torch.Tensor:
     return torch.where(live, codes, torch.zeros_like(codes)).clamp(0, 15).to(torch.uint8)
 
 
-def dare_factors(delta: torch.Tensor, sparse: dict[str, Any], hessian_diag: torch.Tensor | None = None) -> DareFactors:
-    """DARE: the entries of ``delta`` under the seeded mask, divided by their keep-rate, quantized (RTN, each group's
-    grid clipped to its least squared error: the rescaled values are heavy-tailed) as one row. With importance
-    rates (``sparse["rates"]``) the rates come from the delta and the input second moment's diagonal
-    ``hessian_diag`` (none: every input counts alike), and the threshold keeps at most ``nnz`` entries."""
+# GPTQ damping of DARE's values under dare_fit="gptq": on the prototype of benchmarks/RESULTS.md (reading at 8545dfa)
+# 0.1 left less held-out output error than the bands' 0.01
+DARE_FIT_DAMP = 0.1
+
+
+def dare_factors(
+    delta: torch.Tensor,
+    sparse: dict[str, Any],
+    hessian_diag: torch.Tensor | None = None,
+    *,
+    fit: Hessian | None = None,
+    name: str = "",
+) -> DareFactors:
+    """DARE: the entries of ``delta`` under the seeded mask, divided by their keep-rate, quantized as one row. With
+    importance rates (``sparse["rates"]``) the rates come from the delta and the input second moment's diagonal
+    ``hessian_diag`` (none: every input counts alike), and the threshold keeps at most ``nnz`` entries.
+
+    The values are rounded to nearest (each group's grid clipped to its least squared error: the rescaled values are
+    heavy-tailed), or with ``fit`` (the full input second moment, ``dare_fit="gptq"``) by GPTQ on the mask
+    (:func:`~hf_deltacome.quant.masked.quantize_masked`): same layout and bytes. The target stays the rescaled,
+    unbiased matrix either way: fitting the kept entries to ``delta`` itself shrinks it (benchmarks/RESULTS.md)."""
     m, n = delta.shape
     d = delta.detach().to(torch.float32).cpu()
-    bits, g = int(sparse["bits"]), int(sparse.get("group_size", 128))
     if sparse.get("rates") is None:
         mask = sparse_mask(m, n, sparse["keep"], sparse["seed"])
         if int(mask.sum()) != int(sparse["nnz"]):
             raise DeltaCoMeError(f"DARE mask of a {m}x{n} delta keeps {int(mask.sum())} entries, layout says {sparse}")
-        return DareFactors(quantize_rtn((d[mask] / float(sparse["keep"])).view(1, -1), bits, g, clip=True), mask=mask)
+        values = (d[mask] / float(sparse["keep"])).view(1, -1)
+        return DareFactors(_round_values(values, mask, sparse, fit, name), mask=mask)
     h = torch.ones(n) if hessian_diag is None else hessian_diag.detach().to(torch.float64).cpu().clamp_min(0)
     energy = d.to(torch.float64).square() * h.view(1, -1)
     packed = pack_rates(rate_codes(energy.sum(1)), rate_codes(energy.sum(0)))
@@ -252,39 +268,22 @@ def dare_factors(delta: torch.Tensor, sparse: dict[str, Any], hessian_diag: torc
     else:
         threshold = float(scores.flatten().kthvalue(cap + 1).values)
     mask = scores < torch.tensor(threshold, dtype=torch.float32)
-    rate = keep_rates(a, b, threshold)
+    rate = (threshold * a.to(torch.float64).view(-1, 1) * b.to(torch.float64).view(1, -1)).clamp(max=1.0)
     values = torch.zeros(1, cap)
     values[0, : int(mask.sum())] = (d.to(torch.float64)[mask] / rate[mask]).to(torch.float32)
-    return DareFactors(quantize_rtn(values, bits, g, clip=True), packed, threshold, mask)
+    return DareFactors(_round_values(values, mask, sparse, fit, name), packed, threshold, mask)
 
 
-def keep_rates(a: torch.Tensor, b: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Each entry's keep-rate under importance rates: ``min(1, threshold · a_i b_j)`` (float64, ``m x n``)."""
-    return (threshold * a.to(torch.float64).view(-1, 1) * b.to(torch.float64).view(1, -1)).clamp(max=1.0)
-
-
-# GPTQ damping of DARE's values under dare_fit="gptq": on the prototype of benchmarks/RESULTS.md (reading at 8545dfa)
-# 0.1 left less held-out output error than the bands' 0.01
-DARE_FIT_DAMP = 0.1
-
-
-def fit_dare_values(
-    factors: DareFactors, delta: torch.Tensor, hessian: Hessian, sparse: dict[str, Any], *, name: str = ""
-) -> DareFactors:
-    """``factors`` (their mask, rates and threshold kept) with DARE's rescaled values rounded by GPTQ under the input
-    second moment ``hessian`` instead of to nearest (``dare_fit="gptq"``; same layout and bytes). The target stays
-    the rescaled, unbiased matrix: fitting the kept entries to ``delta`` itself shrinks it (RESULTS.md)."""
-    m, n = delta.shape
-    mask = factors.mask if factors.mask is not None else factors.part(m, n, sparse).mask().cpu()
-    if factors.rates is None:
-        rate = torch.full((m, n), float(sparse["keep"]), dtype=torch.float64)
-    else:
-        rate = keep_rates(*rate_factors(factors.rates, m, n), factors.threshold)
-    target = torch.zeros(m, n)
-    target[mask] = (delta.detach().to(torch.float64).cpu()[mask] / rate[mask]).to(torch.float32)
-    values, _ = quantize_masked(hessian, target, mask, int(sparse["bits"]), int(sparse.get("group_size", 128)),
-                                int(sparse["nnz"]), damp=DARE_FIT_DAMP, name=name)  # fmt: skip
-    return DareFactors(values, factors.rates, factors.threshold, mask)
+def _round_values(
+    values: torch.Tensor, mask: torch.Tensor, sparse: dict[str, Any], fit: Hessian | None, name: str
+) -> QuantizedMatrix:
+    """DARE's row of rescaled ``values`` (kept entries of ``mask`` in row-major order, zero-padded) quantized."""
+    bits, g = int(sparse["bits"]), int(sparse.get("group_size", 128))
+    if fit is None:
+        return quantize_rtn(values, bits, g, clip=True)
+    target = torch.zeros(mask.shape)
+    target[mask] = values[0, : int(mask.sum())]
+    return quantize_masked(fit, target, mask, bits, g, values.shape[1], damp=DARE_FIT_DAMP, name=name)[0]
 
 
 def distill_sign_scales(

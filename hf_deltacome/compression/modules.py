@@ -24,16 +24,7 @@ from ..format.storage import (
 )  # fmt: skip
 from ..quant.rtn import quantize_rtn
 from ..quant.spill import Hessian, SpilledHessian
-from .baselines import (
-    DareFactors,
-    bitdelta_factors,
-    bitdelta_rows,
-    dare_factors,
-    dare_plan,
-    fit_dare_values,
-    hybrid_plan,
-    rated_dare,
-)
+from .baselines import DareFactors, bitdelta_factors, bitdelta_rows, dare_factors, dare_plan, hybrid_plan, rated_dare
 from .impart import compress_sparse_bands, sparse_split
 from .svd import compress_linear, svd
 
@@ -213,10 +204,9 @@ def compress_module(
     if entry.get("sign"):
         out.sign = bitdelta_factors(delta, hessian, int(entry["sign"]["rows"]), entry["sign"].get("scale") == "row")
     if entry.get("sparse"):  # DARE of the whole delta (dare), of what the stored bands leave (deltacome-dare)
-        target = delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta
-        out.sparse = dare_factors(target, entry["sparse"], hessian_diag(hessian))
-        if config.dare_fit == "gptq" and hessian is not None:  # the rescaled values rounded by GPTQ, same mask
-            out.sparse = fit_dare_values(out.sparse, target, hessian, entry["sparse"], name=name)
+        fit = hessian if config.dare_fit == "gptq" else None  # the rescaled values rounded by GPTQ, same mask
+        out.sparse = dare_factors(delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta,
+                                  entry["sparse"], hessian_diag(hessian), fit=fit, name=name)  # fmt: skip
     if any(b["rank"] > 0 for b in entry.get("sparse_bands", [])):
         out.sparse_bands = compress_sparse_bands(delta, hessian, entry, out.dense(m, n), quantizer=config.quantizer,
                                                  damp=config.damp)  # fmt: skip
