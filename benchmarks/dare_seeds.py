@@ -48,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown method {args.method!r}; choose from {sorted(quality.VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    ratio = float(Fraction(args.ratio))
-    seeds = [int(k) for k in args.seeds.split(",")]
+    try:
+        ratio = float(Fraction(args.ratio))
+        seeds = [int(k) for k in args.seeds.split(",")]
+    except (ValueError, ZeroDivisionError):
+        raise SystemExit(f"--ratio is a fraction such as 1/32 and --seeds comma-separated integers, got "
+                         f"{args.ratio!r} and {args.seeds!r}") from None  # fmt: skip
     from peft import PeftModel
     from transformers import AutoTokenizer
 

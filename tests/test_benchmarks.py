@@ -233,3 +233,21 @@ def test_dare_seeds_benchmark_redraws_every_seeded_mask_and_draw_0_is_the_usual_
             baselines.zlib = impart.zlib = zlib
     assert usual in seeds and len(seeds) == 4
     assert baselines.dare_plan(name, 64, 96, 1 / 8, 4, 32)["seed"] == usual
+
+
+def test_dare_seeds_benchmark_refuses_bad_draws_by_name():
+    spec = importlib.util.spec_from_file_location("dare_seeds_benchmark", ROOT / "benchmarks" / "dare_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit, match="--seeds comma-separated integers.*'0,x'"):
+        module.main(["--seeds", "0,x"])
+    with pytest.raises(SystemExit, match="unknown method 'nope'"):
+        module.main(["--method", "nope"])
+
+
+def test_delta_scale_benchmark_refuses_bad_scales_by_name():
+    spec = importlib.util.spec_from_file_location("delta_scale_benchmark", ROOT / "benchmarks" / "delta_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit, match="--scales: comma-separated numbers, got '0.9,big'"):
+        module.main(["--scales", "0.9,big"])
