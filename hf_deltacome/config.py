@@ -15,7 +15,7 @@ from peft.utils import PeftType
 from .errors import ConfigError, DeltaCoMeError
 from .format.budget import DEFAULT_BANDS, validate_band_spec
 from .format.layout_entry import BITDELTA_SCALES, check_layout_entry, is_int
-from .io.atomic import PinnedFiles, atomic_write_text, attach_pin, file_sha256
+from .io.atomic import PinnedFiles, atomic_write_text, attach_pin, file_sha256, read_through_swap, wait_for_swap
 
 # deltacome: SVD + mixed-precision bands; the others are baselines at the same byte budget (see compression/plan.py)
 METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", "deltacome-dare")
@@ -358,8 +358,8 @@ class DeltaCoMeConfig(PeftConfig):
         folder = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "")
         where = os.path.join(folder, "adapter_config.json")
         try:
-            if os.path.isdir(folder):
-                config = cls._from_folder(folder, kwargs)
+            if wait_for_swap(folder) and os.path.isdir(folder):  # a concurrent save's swap: read the new folder
+                config = read_through_swap(folder, lambda: cls._from_folder(folder, kwargs), probe=where)
             else:
                 config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
             if isinstance(config, DeltaCoMeConfig) and not config.layout:
@@ -383,6 +383,8 @@ class DeltaCoMeConfig(PeftConfig):
                 loaded = cls.from_json_file(source)
             except DeltaCoMeError as e:
                 raise type(e)(str(e).replace(source, shown)) from e
+            except FileNotFoundError:
+                raise  # swapped away since the pin: read again (from_pretrained)
             except OSError as e:
                 raise ConfigError(f"{shown}: cannot read adapter config: {e.strerror}") from e
             config = cls.from_peft_type(**cls.check_kwargs(**{**class_kwargs, **loaded}))

@@ -81,7 +81,7 @@ def _config_errors() -> None:
     from peft.config import PeftConfig, PeftConfigMixin
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from .io.atomic import recover_folder
+    from .io.atomic import read_through_swap, recover_folder
 
     original_from_json = PeftConfigMixin.from_json_file.__func__
     original_get_type = PeftConfigMixin._get_peft_type.__func__
@@ -102,20 +102,34 @@ def _config_errors() -> None:
             raise ConfigError(f"{path_json_file}: peft_type {peft_type!r} is not a PEFT method known here{hint}")
         return data
 
-    def _get_peft_type(cls: type, model_id: str, **hf_hub_download_kwargs: Any) -> Any:
-        if isinstance(model_id, (str, os.PathLike)) and not os.path.exists(model_id):
+    def _local(model_id: Any, subfolder: Optional[str], read: Callable[[], Any]) -> Any:
+        """``read()`` of a local adapter folder waits out a concurrent save's swap (PEFT checks that the config
+        exists, then opens it: the folder may be swapped in between); a Hub id is read as PEFT does."""
+        if not isinstance(model_id, (str, os.PathLike)):
+            return read()
+        if not os.path.exists(model_id):
             recover_folder(model_id)  # an adapter folder set aside by a save killed mid-swap comes back
+        folder = os.path.join(os.fspath(model_id), subfolder or "")
+        where = os.path.join(folder, "adapter_config.json")
+        try:  # PEFT's "Can't find 'adapter_config.json'" (a ValueError) too: the folder was absent for an instant
+            return read_through_swap(folder, read, probe=where, missing=(ValueError,))
+        except FileNotFoundError as e:
+            raise ConfigError(f"{where}: cannot read adapter config: {e.strerror}") from e
+
+    def _get_peft_type(cls: type, model_id: str, **hf_hub_download_kwargs: Any) -> Any:
+        subfolder = hf_hub_download_kwargs.get("subfolder")
         try:
-            return original_get_type(cls, model_id, **hf_hub_download_kwargs)
+            return _local(model_id, subfolder, lambda: original_get_type(cls, model_id, **hf_hub_download_kwargs))
         except KeyError as e:  # from_json_file (above) refuses every present but unknown peft_type
-            where = os.path.join(model_id, hf_hub_download_kwargs.get("subfolder") or "", "adapter_config.json")
+            where = os.path.join(model_id, subfolder or "", "adapter_config.json")
             raise ConfigError(f"{where}: no peft_type: not a PEFT adapter config") from e
 
     original_from_pretrained = PeftConfigMixin.from_pretrained.__func__
 
     def from_pretrained(cls: type, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kw: Any):
         try:  # PeftConfig.from_pretrained (AutoPeftModel*, transformers) building one of ours: name the file
-            return original_from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, **kw)
+            return _local(pretrained_model_name_or_path, subfolder,
+                          lambda: original_from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, **kw))  # fmt: skip
         except DeltaCoMeError as e:
             where = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "", "adapter_config.json")
             if where in str(e):

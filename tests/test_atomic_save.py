@@ -28,7 +28,15 @@ from hf_deltacome import AdapterFileError, DeltaCoMeConfig
 from hf_deltacome.cli import main
 from hf_deltacome.errors import OutputFolderError
 from hf_deltacome.io.adapter_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, read_adapter
-from hf_deltacome.io.atomic import NEXT_SUFFIX, PREVIOUS_SUFFIX, TEMP_SUFFIX, atomic_folder, exchange_paths
+from hf_deltacome.io.atomic import (
+    NEXT_SUFFIX,
+    PREVIOUS_SUFFIX,
+    TEMP_SUFFIX,
+    atomic_folder,
+    exchange_paths,
+    read_through_swap,
+    wait_for_swap,
+)
 
 OTHER_BANDS = ((8, 1), (3, 6), (2, 4))  # generation B: another layout, so a mix of A and B is never a valid adapter
 
@@ -202,16 +210,14 @@ def _same_generation(config: DeltaCoMeConfig, state: dict, generations: dict) ->
     return ref.keys() == state.keys() and bool(ref) and all(torch.equal(ref[k], state[k]) for k in ref)
 
 
-def _peft_load_is_one_generation(folder: Path, generations: dict, fallback: bool = False) -> bool:
+def _peft_load_is_one_generation(folder: Path, generations: dict) -> bool:
     """PEFT reads config and weights at different times: the load is one generation, or refused as such. Without
-    an atomic exchange (``fallback``) the folder is briefly absent between the two renames, and PEFT's own lookup of
-    the config then refuses the load (seen once in CI); ``read_adapter`` waits that window out, PEFT does not."""
+    an atomic exchange the folder is briefly absent between the two renames: PEFT's lookup of the config waits that
+    out as ``read_adapter`` does (a CI run once met a folder gone between PEFT's check and its open)."""
     try:
         model = load(folder)
     except AdapterFileError as e:
         return "weights_sha256" in str(e) and "load again" in str(e)
-    except ValueError as e:
-        return fallback and "Can't find 'adapter_config.json'" in str(e)
     _, expected = generations[str(sorted(model.peft_config["default"].layout.items()))]
     return torch.equal(logits(model, IDS), expected)
 
@@ -240,7 +246,7 @@ def test_random_sigkills_and_a_concurrent_reader(tmp_path, fallback):
             while time.time() < deadline or reads < start + 2:
                 config, state = read_adapter(folder)
                 assert _same_generation(config, state, generations)
-                assert _peft_load_is_one_generation(folder, generations, fallback)
+                assert _peft_load_is_one_generation(folder, generations)
                 reads += 1
             time.sleep(rng.uniform(0, 0.1))  # the kill lands anywhere in a save
         finally:
@@ -274,14 +280,17 @@ def _save_and_hang(folder: str, mode: str, hanging: Any) -> None:
 
     def rename_then_hang(src: str, dst: str) -> None:  # the second rename of the fallback: the old one is aside
         if src.endswith(atomic.NEXT_SUFFIX):
-            hang()
+            if mode != "slow-renames":
+                hang()
+            hanging.set()  # a slow save: the folder stays absent for a second, then the new one comes
+            time.sleep(1.0)
         real_rename(src, dst)
 
     if mode == "weights":
         safetensors.torch.save_file = half_then_hang
     elif mode == "swap":
         atomic.exchange_paths = hang
-    else:
+    else:  # between-renames, slow-renames
         os.environ["DELTACOME_NO_EXCHANGE"] = "1"
         os.rename = rename_then_hang
     make_adapter(fresh_base(), seed=2, bands=OTHER_BANDS).save_pretrained(folder)
@@ -314,3 +323,56 @@ def test_kill_at_each_step_of_a_save(tmp_path, mode):
     model.save_pretrained(str(folder))  # the next save cleans up
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
     torch.testing.assert_close(logits(load(folder), IDS), logits(model, IDS))
+
+
+@needs_fork
+@pytest.mark.parametrize("reader", ["peft", "read_adapter"])
+def test_a_read_waits_out_a_running_save_between_the_two_renames(tmp_path, reader):
+    """A save still running with the folder set aside between the two renames (no atomic exchange): a reader waits
+    for the new folder instead of failing on a missing adapter_config.json."""
+    folder = tmp_path / "adapter"
+    make_adapter(fresh_base(), seed=1).save_pretrained(str(folder))
+    hanging = FORK.Event()
+    proc = FORK.Process(target=_save_and_hang, args=(str(folder), "slow-renames", hanging), daemon=True)
+    proc.start()
+    try:
+        assert hanging.wait(120), "the save never reached the step"
+        assert not folder.exists()
+        if reader == "peft":
+            got = logits(load(folder), IDS)
+        else:
+            config, state = read_adapter(folder)
+        proc.join(60)
+        assert proc.exitcode == 0, "the save did not finish"
+    finally:
+        if proc.exitcode is None:
+            _kill(proc)
+    new = make_adapter(fresh_base(), seed=2, bands=OTHER_BANDS)
+    if reader == "peft":
+        torch.testing.assert_close(got, logits(new, IDS))
+    else:
+        assert config.layout == new.peft_config["default"].layout and state.keys() == read_adapter(folder)[1].keys()
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_read_through_swap_reads_again_only_what_a_swap_hid(tmp_path):
+    """A file found missing (PEFT checks, then opens: a swap can fall in between) is read again once it is there;
+    a file that is really missing is reported at once."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    calls = []
+
+    def read() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory", str(folder / "adapter_config.json"))
+        return (folder / "adapter_config.json").read_text()
+
+    assert read_through_swap(folder, read, probe=folder / "adapter_config.json") == "{}" and len(calls) == 2
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        read_through_swap(folder, lambda: read() and open(folder / "gone.json").read(), probe=folder / "gone.json")
+    assert len(calls) == 1
+    started = time.monotonic()
+    assert not wait_for_swap(tmp_path / "never-saved") and time.monotonic() - started < 1  # no save: no wait

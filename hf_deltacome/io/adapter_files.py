@@ -27,7 +27,7 @@ from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
 from ..config import DeltaCoMeConfig
 from ..errors import AdapterFileError, ConfigError, DeltaCoMeError
 from ..format.storage import PackedDelta, TensorSpec, layout_tensors, plane_bits, sparse_band_masks
-from .atomic import PathLike, PinnedFiles, file_sha256, recover_folder
+from .atomic import PathLike, PinnedFiles, file_sha256, recover_folder, wait_for_swap
 
 STATE_DICT_PREFIX = "base_model.model."
 # dense extras (modules_to_save: norms, embeddings, lm_head) are floating weights
@@ -411,6 +411,7 @@ def read_adapter(folder: PathLike) -> tuple[DeltaCoMeConfig, dict[str, torch.Ten
         recover_folder(folder)  # a save killed between the two renames of the fallback swap
     config_path, weights = os.path.join(folder, ADAPTER_CONFIG_NAME), os.path.join(folder, ADAPTER_WEIGHTS_NAME)
     for attempt in range(_READ_ATTEMPTS):
+        wait_for_swap(folder)  # a concurrent save between the two renames of the fallback swap
         seen = (_file_state(config_path), _file_state(weights))
         try:
             with PinnedFiles(folder, (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)) as pin:  # opened back to back

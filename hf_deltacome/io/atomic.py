@@ -18,15 +18,16 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, TypeVar, Union
 
 import torch
 
-from ..errors import OutputFolderError
+from ..errors import DeltaCoMeError, OutputFolderError
 
 TEMP_SUFFIX = ".deltacome-tmp"
 NEXT_SUFFIX = ".deltacome-next"  # sibling folder holding the next version of a folder being saved
@@ -36,6 +37,7 @@ MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")
 MODEL_PATTERNS = ("*.safetensors.index.json", "*.bin.index.json", "model-*-of-*.safetensors", "pytorch_model-*.bin")
 
 PathLike = Union[str, os.PathLike]
+_T = TypeVar("_T")
 
 
 def _temp_path(target: str) -> str:
@@ -58,12 +60,9 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         fd = os.open(path, flags)
     except OSError:
         return  # e.g. directories cannot be opened on Windows; best effort
-    try:
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 def atomic_write(path: PathLike, writer: Callable[[str], None]) -> None:
@@ -87,12 +86,7 @@ def atomic_write(path: PathLike, writer: Callable[[str], None]) -> None:
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Atomically write ``data`` to ``path``."""
-
-    def _write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    atomic_write(path, _write)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -219,6 +213,32 @@ def _siblings(final: str, suffix: str) -> list[tuple[str, int]]:
     except OSError:
         return []
     return [(os.path.join(parent, e), int(m.group(1))) for e in sorted(entries) if (m := pattern.fullmatch(e))]
+
+
+def wait_for_swap(final: PathLike, timeout: float = 5.0) -> bool:
+    """Wait out the instant a running save has ``final`` set aside between the two renames of the fallback swap (a
+    filesystem without an atomic exchange); True if ``final`` exists on return."""
+    final, deadline = os.path.abspath(os.fspath(final)), time.monotonic() + timeout
+    while not os.path.lexists(final) and time.monotonic() < deadline:
+        if not any(pid != os.getpid() and _pid_alive(pid) for _, pid in _siblings(final, PREVIOUS_SUFFIX)):
+            break
+        time.sleep(0.002)
+    return os.path.lexists(final)
+
+
+def read_through_swap(folder: PathLike, read: Callable[[], _T], probe: PathLike, missing: tuple = (), tries: int = 5) -> _T:
+    """``read()`` files of ``folder``, again if it found one missing (FileNotFoundError or ``missing``) only because a
+    concurrent save swapped the folder meanwhile: ``probe`` (the file it needs) is there once the swap is over."""
+    for attempt in range(tries):
+        wait_for_swap(folder)
+        try:
+            return read()
+        except DeltaCoMeError:
+            raise  # a bad file, not a missing one
+        except (FileNotFoundError, *missing):
+            if attempt + 1 == tries or not (wait_for_swap(folder) and os.path.exists(probe)):
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def recover_folder(final: PathLike) -> None:
