@@ -7,7 +7,9 @@ DARE's mask (and ImPart's) comes from a seed derived from each module's name, so
 is one draw. This compresses the same pair with the same method and bytes under other draws (seed ``k`` derives every
 module's seed from ``name#k``; ``k = 0`` is the name alone, what every other run uses), loads each adapter with
 ``PeftModel.from_pretrained`` and counts the held-out questions it answers right, as ``quality.py`` does: how many of
-the questions that separate two methods in one draw a redraw moves.
+the questions that separate two methods in one draw a redraw moves. Each draw's next-token KL to the fine-tune on
+the calibration text (the sequences the library's end-to-end check runs: data a user has at hand) is printed beside
+its count: whether the draw a user could pick without held-out data is a good one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import quality  # noqa: E402  (benchmarks/quality.py: the pair, the questions, t
 
 from hf_deltacome import DeltaCoMeConfig  # noqa: E402
 from hf_deltacome.compression import baselines, impart  # noqa: E402
+from hf_deltacome.compression.calibration import tokenize_texts  # noqa: E402
+from hf_deltacome.compression.endtoend import E2E_BATCH, E2E_SAMPLES, mean_next_token_kl, next_token_log_probs  # noqa: E402
 from hf_deltacome.compression.pipeline import compress  # noqa: E402
 
 
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     base, ft = quality.load_model(base_path), quality.load_model(ft_path)
     calib = quality.calibration_texts(task, tokenizer)
     ft_right = sum(ok for _, _, ok in zoo.task_predictions(ft, tokenizer, task, n=None, batch_size=48))
+    ids = tokenize_texts(calib, tokenizer, num_samples=16, seq_len=256)  # what compress calibrates on
+    batches = list(ids[:E2E_SAMPLES].split(E2E_BATCH))  # what its end-to-end check runs
+    reference = [next_token_log_probs(ft, b) for b in batches]
     rows = []
     for k in seeds:
         baselines.zlib = impart.zlib = salted(k)
@@ -77,16 +84,19 @@ def main(argv: list[str] | None = None) -> int:
             size = (Path(folder) / "adapter_model.safetensors").stat().st_size
             loaded = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
             right = [ok for _, _, ok in zoo.task_predictions(loaded, tokenizer, task, n=None, batch_size=48)]
-        rows.append((k, size, sum(right)))
-        print(f"draw {k}: {sum(right)} right, {size:,} B", file=sys.stderr, flush=True)
+            kl = mean_next_token_kl(reference, loaded, batches)
+        rows.append((k, size, sum(right), kl))
+        print(f"draw {k}: {sum(right)} right, calibration KL {kl:.5f}, {size:,} B", file=sys.stderr, flush=True)
     print(f"### {task.name}: `{args.method}` at {args.ratio}, one row per draw of its masks ({len(task.eval)} "
           f"held-out questions; the fine-tune answers {ft_right})\n")  # fmt: skip
-    print("| draw | true bytes | right | vs the fine-tune |")
-    print("|---:|---:|---:|---:|")
-    for k, size, right in rows:
-        print(f"| {k} | {size:,} | {right} | {right - ft_right:+d} |")
-    counts = [r for _, _, r in rows]
-    print(f"\nright: {min(counts)}-{max(counts)}, mean {sum(counts) / len(counts):.1f}")
+    print("| draw | true bytes | right | vs the fine-tune | calibration KL |")
+    print("|---:|---:|---:|---:|---:|")
+    for k, size, right, kl in rows:
+        print(f"| {k} | {size:,} | {right} | {right - ft_right:+d} | {kl:.5f} |")
+    counts = [r for _, _, r, _ in rows]
+    pick = min(rows, key=lambda row: row[3])
+    print(f"\nright: {min(counts)}-{max(counts)}, mean {sum(counts) / len(counts):.1f}; the draw of lowest "
+          f"calibration KL (draw {pick[0]}) answers {pick[2]}")  # fmt: skip
     return 0
 
 
