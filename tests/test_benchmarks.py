@@ -14,12 +14,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+def benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return benchmark("quality")
 
 
 def make_args(quality, *argv: str):
@@ -203,9 +208,7 @@ def test_code_revision_is_the_commit_plus_a_hash_of_uncommitted_changes(quality)
 def test_fingerprint_benchmark_sizes_7b_shapes():
     """benchmarks/fingerprint.py sizes the fingerprint of 7B/8B shapes on the meta device from the sketch module's
     own constants (it once read them from the wrong module and crashed after the timing table)."""
-    spec = importlib.util.spec_from_file_location("fingerprint_benchmark", ROOT / "benchmarks" / "fingerprint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark("fingerprint")
     n, one, two = module.size_of_shape("Llama-2-7B")
     assert n == 291  # 32 layers x 9 weights + embeddings, final norm, head
     assert 100_000 < one < two < 2.5 * one  # a second rounding stores a second sketch of every weight
@@ -218,9 +221,7 @@ def test_dare_seeds_benchmark_redraws_every_seeded_mask_and_draw_0_is_the_usual_
 
     from hf_deltacome.compression import baselines, impart
 
-    spec = importlib.util.spec_from_file_location("dare_seeds_benchmark", ROOT / "benchmarks" / "dare_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark("dare_seeds")
     name = "model.layers.3.mlp.up_proj"
     usual = baselines.dare_plan(name, 64, 96, 1 / 8, 4, 32)["seed"]
     assert module.salted(0).crc32(name.encode()) == zlib.crc32(name.encode())
@@ -236,9 +237,7 @@ def test_dare_seeds_benchmark_redraws_every_seeded_mask_and_draw_0_is_the_usual_
 
 
 def test_dare_seeds_benchmark_refuses_bad_draws_by_name():
-    spec = importlib.util.spec_from_file_location("dare_seeds_benchmark", ROOT / "benchmarks" / "dare_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark("dare_seeds")
     with pytest.raises(SystemExit, match="--seeds comma-separated integers.*'0,x'"):
         module.main(["--seeds", "0,x"])
     with pytest.raises(SystemExit, match="unknown method 'nope'"):
@@ -246,8 +245,6 @@ def test_dare_seeds_benchmark_refuses_bad_draws_by_name():
 
 
 def test_delta_scale_benchmark_refuses_bad_scales_by_name():
-    spec = importlib.util.spec_from_file_location("delta_scale_benchmark", ROOT / "benchmarks" / "delta_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark("delta_scale")
     with pytest.raises(SystemExit, match="--scales: comma-separated numbers, got '0.9,big'"):
         module.main(["--scales", "0.9,big"])
