@@ -34,6 +34,8 @@ from hf_deltacome.compression.calibration import tokenize_texts  # noqa: E402
 from hf_deltacome.compression.endtoend import E2E_BATCH, E2E_SAMPLES, mean_next_token_kl, next_token_log_probs  # noqa: E402
 from hf_deltacome.compression.pipeline import compress  # noqa: E402
 
+CALIBRATION = {"num_samples": 16, "seq_len": 256}  # as benchmarks/quality.py calibrates: compress and the KL read it
+
 
 def salted(k: int) -> SimpleNamespace:
     """A stand-in for the ``zlib`` the seeded methods read their seeds through: ``crc32(name#k)`` (``k = 0``: as is)."""
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     base, ft = quality.load_model(base_path), quality.load_model(ft_path)
     calib = quality.calibration_texts(task, tokenizer)
     ft_right = sum(ok for _, _, ok in zoo.task_predictions(ft, tokenizer, task, n=None, batch_size=48))
-    ids = tokenize_texts(calib, tokenizer, num_samples=16, seq_len=256)  # what compress calibrates on
+    ids = tokenize_texts(calib, tokenizer, **CALIBRATION)  # what compress calibrates on
     batches = list(ids[:E2E_SAMPLES].split(E2E_BATCH))  # what its end-to-end check runs
     reference = [next_token_log_probs(ft, b) for b in batches]
     rows = []
@@ -74,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         baselines.zlib = impart.zlib = salted(k)
         try:
             cfg = DeltaCoMeConfig(ratio=ratio, **{"method": "deltacome", **quality.VARIANTS[args.method]})
-            model = compress(copy.deepcopy(base), ft, cfg, calibration=calib, tokenizer=tokenizer, num_samples=16,
-                             seq_len=256, progress=False)  # fmt: skip
+            model = compress(copy.deepcopy(base), ft, cfg, calibration=calib, tokenizer=tokenizer, progress=False,
+                             **CALIBRATION)  # fmt: skip
         finally:
             baselines.zlib = impart.zlib = zlib
         with tempfile.TemporaryDirectory() as folder:
