@@ -8,7 +8,7 @@ is one draw. This compresses the same pair with the same method and bytes under 
 module's seed from ``name#k``; ``k = 0`` is the name alone, what every other run uses), loads each adapter with
 ``PeftModel.from_pretrained`` and counts the held-out questions it answers right, as ``quality.py`` does: how many of
 the questions that separate two methods in one draw a redraw moves. Each draw's next-token KL to the fine-tune on
-the calibration text (the sequences the library's end-to-end check runs: data a user has at hand) is printed beside
+the answers of the calibration text (the tokens the library's end-to-end check scores: data a user has at hand) is printed beside
 its count: whether the draw a user could pick without held-out data is a good one.
 """
 
@@ -30,8 +30,14 @@ import quality  # noqa: E402  (benchmarks/quality.py: the pair, the questions, t
 
 from hf_deltacome import DeltaCoMeConfig  # noqa: E402
 from hf_deltacome.compression import baselines, impart  # noqa: E402
-from hf_deltacome.compression.calibration import tokenize_texts  # noqa: E402
-from hf_deltacome.compression.endtoend import E2E_BATCH, E2E_SAMPLES, mean_next_token_kl, next_token_log_probs  # noqa: E402
+from hf_deltacome.compression.calibration import read_records, tokenize_records  # noqa: E402
+from hf_deltacome.compression.endtoend import (  # noqa: E402
+    E2E_BATCH,
+    E2E_SAMPLES,
+    mean_next_token_kl,
+    next_token_log_probs,
+    response_positions,
+)
 from hf_deltacome.compression.pipeline import compress  # noqa: E402
 
 CALIBRATION = {"num_samples": 16, "seq_len": 256}  # as benchmarks/quality.py calibrates: compress and the KL read it
@@ -68,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     base, ft = quality.load_model(base_path), quality.load_model(ft_path)
     calib = quality.calibration_texts(task, tokenizer)
     ft_right = sum(ok for _, _, ok in zoo.task_predictions(ft, tokenizer, task, n=None, batch_size=48))
-    ids = tokenize_texts(calib, tokenizer, **CALIBRATION)  # what compress calibrates on
+    ids, mask = tokenize_records(read_records(calib, tokenizer), tokenizer, **CALIBRATION)  # what compress reads
     batches = list(ids[:E2E_SAMPLES].split(E2E_BATCH))  # what its end-to-end check runs
+    answers = list(response_positions(mask[:E2E_SAMPLES]).split(E2E_BATCH))  # where it takes the KL
     reference = [next_token_log_probs(ft, b) for b in batches]
     rows = []
     for k in seeds:
@@ -86,19 +93,19 @@ def main(argv: list[str] | None = None) -> int:
             size = (Path(folder) / "adapter_model.safetensors").stat().st_size
             loaded = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
             right = [ok for _, _, ok in zoo.task_predictions(loaded, tokenizer, task, n=None, batch_size=48)]
-            kl = mean_next_token_kl(reference, loaded, batches)
+            kl = mean_next_token_kl(reference, loaded, batches, answers)
         rows.append((k, size, sum(right), kl))
-        print(f"draw {k}: {sum(right)} right, calibration KL {kl:.5f}, {size:,} B", file=sys.stderr, flush=True)
+        print(f"draw {k}: {sum(right)} right, answers KL {kl:.5f}, {size:,} B", file=sys.stderr, flush=True)
     print(f"### {task.name}: `{args.method}` at {args.ratio}, one row per draw of its masks ({len(task.eval)} "
           f"held-out questions; the fine-tune answers {ft_right})\n")  # fmt: skip
-    print("| draw | true bytes | right | vs the fine-tune | calibration KL |")
+    print("| draw | true bytes | right | vs the fine-tune | answers KL |")
     print("|---:|---:|---:|---:|---:|")
     for k, size, right, kl in rows:
         print(f"| {k} | {size:,} | {right} | {right - ft_right:+d} | {kl:.5f} |")
     counts = [r for _, _, r, _ in rows]
     pick = min(rows, key=lambda row: row[3])
     print(f"\nright: {min(counts)}-{max(counts)}, mean {sum(counts) / len(counts):.1f}; the draw of lowest "
-          f"calibration KL (draw {pick[0]}) answers {pick[2]}")  # fmt: skip
+          f"answers KL (draw {pick[0]}) answers {pick[2]}")  # fmt: skip
     return 0
 
 

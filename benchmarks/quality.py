@@ -157,10 +157,12 @@ def heldout_text(task: Any, tokenizer: Any, n: int | None) -> str:
     return "".join(task.render(tokenizer, ex) + ex.answer + eos + "\n" for ex in task.eval[:n])
 
 
-def calibration_texts(task: Any, tokenizer: Any) -> list[str]:
-    """The task's training prompts and answers: the data a user compressing their fine-tune has at hand."""
+def calibration_texts(task: Any, tokenizer: Any) -> list[dict[str, str]]:
+    """The task's training prompts and answers as prompt/completion records: the data a user compressing their
+    fine-tune has at hand (the token stream is the rendered prompt + answer + EOS of each; the records mark the
+    answers, where the whole-model check scores)."""
     eos = tokenizer.eos_token or ""
-    return [task.render(tokenizer, ex) + ex.answer + eos for ex in task.train]
+    return [{"prompt": task.render(tokenizer, ex), "completion": ex.answer + eos} for ex in task.train]
 
 
 # ------------------------------------------------------------------------------------------------ cache keys
@@ -399,30 +401,41 @@ def add_item_scores(folders: list[Path], ctx: dict[str, Any]) -> int:
 
 
 def stored_kls(folders: list[Path], ctx: dict[str, Any], args: argparse.Namespace) -> int:
-    """How far each cached cell's saved adapter moves the model from the fine-tune: next-token KL on the first
-    ``E2E_SAMPLES`` windows of the calibration text (what the whole-model check in ``compression/endtoend.py``
-    measures, there with round-to-nearest approximations of the planned layouts, here with what was stored) and on
-    the held-out text, beside the cell's agreement and gain kept (whether the calibration KL of what is stored
-    ranks the methods as the held-out scores do)."""
+    """How far each cached cell's saved adapter moves the model from the fine-tune: next-token KL on the sequences the
+    whole-model check in ``compression/endtoend.py`` runs (the first ``E2E_SAMPLES`` of the calibration batch), over
+    all their tokens and over their answers' tokens (what the check scores), there with round-to-nearest
+    approximations of the planned layouts, here with what was stored; and on the held-out text, beside the cell's
+    agreement and gain kept (whether a calibration KL of what is stored ranks the methods as the held-out scores do)."""
     from peft import PeftModel
 
-    from hf_deltacome.compression.endtoend import E2E_BATCH, E2E_SAMPLES, mean_next_token_kl, next_token_log_probs
+    from hf_deltacome.compression.calibration import read_records, tokenize_records
+    from hf_deltacome.compression.endtoend import (
+        E2E_BATCH,
+        E2E_SAMPLES,
+        mean_next_token_kl,
+        next_token_log_probs,
+        response_positions,
+    )
 
     records = [cell_record(folder, ctx) for folder in folders]  # every folder checked before any work
-    calib = token_windows(ctx["tokenizer"], "".join(ctx["calib"]), args.seq_len, E2E_SAMPLES * args.seq_len)
-    calib, held = calib.split(E2E_BATCH), ctx["windows"].split(E2E_BATCH)
+    tok = ctx["tokenizer"]
+    ids, mask = tokenize_records(read_records(ctx["calib"], tok), tok, args.num_samples, args.seq_len)
+    calib, held = ids[:E2E_SAMPLES].split(E2E_BATCH), ctx["windows"].split(E2E_BATCH)
+    answers = response_positions(mask[:E2E_SAMPLES]).split(E2E_BATCH)
     ref_calib = [next_token_log_probs(ctx["ft"], b) for b in calib]
     ref_held = [next_token_log_probs(ctx["ft"], b) for b in held]
-    print(f"{'cell':<48} {'calibration KL':>14} {'held-out KL':>11} {'agreement':>9} {'gain kept':>9}")
+    print(f"{'cell':<48} {'calibration KL':>14} {'answers KL':>10} {'held-out KL':>11} {'agreement':>9} "
+          f"{'gain kept':>9}")  # fmt: skip
     for folder, record in zip(folders, records, strict=True):
         with warnings.catch_warnings():  # transformers' deprecation notes would split the table's rows
             warnings.simplefilter("ignore", FutureWarning)
             loaded = PeftModel.from_pretrained(copy.deepcopy(ctx["base"]), folder).eval()
         kl_calib, kl_held = mean_next_token_kl(ref_calib, loaded, calib), mean_next_token_kl(ref_held, loaded, held)
+        kl_answers = mean_next_token_kl(ref_calib, loaded, calib, answers)
         del loaded
         gain = "-" if record.get("gain_kept") is None else f"{100 * record['gain_kept']:.1f}%"
-        print(f"{folder.name:<48} {kl_calib:>14.4f} {kl_held:>11.4f} {100 * record['agreement']:>8.1f}% {gain:>9}",
-              flush=True)  # fmt: skip
+        print(f"{folder.name:<48} {kl_calib:>14.4f} {kl_answers:>10.4f} {kl_held:>11.4f} "
+              f"{100 * record['agreement']:>8.1f}% {gain:>9}", flush=True)  # fmt: skip
     return 0
 
 

@@ -10,8 +10,10 @@ import torch
 from hf_deltacome.compression.calibration import (
     CalibrationData,
     get_calibration,
+    read_records,
     read_texts,
     sample_from_model,
+    tokenize_records,
     tokenize_texts,
 )
 from hf_deltacome.errors import CalibrationError
@@ -78,6 +80,38 @@ def test_jsonl_fields(tmp_path, tokenizer):
     assert texts[3] == "<|user|>hi\n<|assistant|>hello\n"  # the tokenizer's chat template
     # without a chat template, messages become "role: content" lines
     assert read_texts(p)[3] == "user: hi\nassistant: hello"
+
+
+def test_records_keep_the_response_apart(tmp_path, tokenizer):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    rows = [{"text": "plain"}, {"prompt": "What is 2+2?", "answer": "4"}, chat,
+            {"messages": [{"role": "user", "content": "only a question"}]}]  # fmt: skip
+    p = write(tmp_path, "calib.jsonl", "\n".join(json.dumps(r) for r in rows))
+    records = read_records(p, tokenizer)
+    assert records[:3] == ["plain", ("What is 2+2?\n", "4"), ("<|user|>hi\n<|assistant|>", "hello\n")]
+    assert records[3] == "<|user|>only a question\n"  # no answer: all prompt, nothing scored
+    assert read_records(p)[2] == ("user: hi\nassistant: ", "hello")  # no chat template
+    # a Python list takes the same records (e.g. the rows of a datasets split) beside plain strings
+    assert read_records(["x", {"prompt": "Q ", "completion": "A"}], tokenizer) == ["x", ("Q ", "A")]
+    with pytest.raises(CalibrationError, match=r"calibration list item 1: no usable field.*'question'"):
+        read_records(["x", {"question": "Q"}])
+    with pytest.raises(CalibrationError, match=r"calibration list item 0 is a int, expected a string or a record"):
+        read_records([3])
+
+
+def test_response_mask_marks_exactly_the_answers_tokens(tokenizer):
+    records = [{"prompt": f"Question {i}? ", "completion": f"answer {i}"} for i in range(30)] + ["plain text " * 3]
+    ids, mask = tokenize_records(read_records(records), tokenizer, num_samples=4, seq_len=40, seed=0)
+    # the token stream is the joined texts', as without records
+    assert torch.equal(ids, tokenize_texts(read_texts(records), tokenizer, num_samples=4, seq_len=40, seed=0))
+    assert mask.shape == ids.shape and mask.dtype == torch.bool
+    flat_ids, flat_mask = tokenize_records(read_records(records), tokenizer, num_samples=1, seq_len=4000)
+    text = tokenizer.decode(flat_ids[0][flat_mask[0]])
+    assert text == "".join(f"answer {i}</s>" for i in range(30))  # each answer and the EOS after it
+    assert tokenize_records(["no", "records"], tokenizer, num_samples=1, seq_len=3)[1] is None
+    data = get_calibration(records, None, tokenizer, num_samples=4, seq_len=40)
+    assert torch.equal(data.response_mask, mask)
+    assert get_calibration(["plain"] * 40, None, tokenizer, num_samples=2, seq_len=20).response_mask is None
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 Sources (``calibration=`` of :func:`hf_deltacome.compress`):
 
-* a list of strings;
+* a list of strings, or of records as in a ``.jsonl`` file (dicts, e.g. the rows of a ``datasets`` split);
 * a ``.txt`` file, one text per non-blank line;
 * a ``.jsonl`` file, one JSON object per line with ``text``, or ``prompt`` plus ``answer``/``completion``/
   ``response``, or chat ``messages`` (``[{"role": ..., "content": ...}, ...]``, rendered with the tokenizer's chat
@@ -13,7 +13,9 @@ Sources (``calibration=`` of :func:`hf_deltacome.compress`):
   streamed compression (no whole model to generate with) reads the built-in generic text (:func:`generic_texts`).
 
 The result is always a ``(num_samples, seq_len)`` LongTensor of full-length sequences (no padding), so the decoder
-layers can be run on it without attention masks.
+layers can be run on it without attention masks. Records with a response (a prompt and its answer/completion, or chat
+messages ending with the assistant's turn) also mark the response's tokens (``response_mask``): the whole-model check
+of the plan (:mod:`.endtoend`) scores the fine-tune's knowledge there, not its prompts.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ GENERIC_PROMPTS = (
     "Describe how the human body fights an infection.",
 )
 
-CalibrationSource = Union[None, str, os.PathLike, Sequence[str], torch.Tensor]
+CalibrationSource = Union[None, str, os.PathLike, Sequence[Union[str, dict]], torch.Tensor]
+Record = Union[str, tuple[str, str]]  # a text, or (prompt, response): the text is their concatenation
 
 
 @dataclass
@@ -56,6 +59,7 @@ class CalibrationData:
 
     input_ids: torch.Tensor  # (num_samples, seq_len) int64
     source: str
+    response_mask: torch.Tensor | None = None  # bool, input_ids' shape: the tokens of responses (None: no records)
 
     @property
     def num_samples(self) -> int:
@@ -69,27 +73,40 @@ class CalibrationData:
 # ---------------------------------------------------------------------------------------------- reading texts
 
 
-def read_texts(source: str | os.PathLike | Sequence[str], tokenizer: Any = None) -> list[str]:
-    """The calibration texts of a list of strings, a ``.txt`` file or a ``.jsonl`` file.
+def read_texts(source: str | os.PathLike | Sequence[str | dict], tokenizer: Any = None) -> list[str]:
+    """The calibration texts of a list (strings or records), a ``.txt`` file or a ``.jsonl`` file.
 
     Raises `CalibrationError` naming the file (and line) when it cannot be read or holds no usable text.
     """
+    return [r if isinstance(r, str) else r[0] + r[1] for r in read_records(source, tokenizer)]
+
+
+def read_records(source: str | os.PathLike | Sequence[str | dict], tokenizer: Any = None) -> list[Record]:
+    """The calibration records of a source: texts, or ``(prompt, response)`` pairs where a record has a response."""
     if isinstance(source, (str, os.PathLike)):
         return _read_file(Path(source), tokenizer)
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
-        texts = []
-        for i, t in enumerate(source):
-            if not isinstance(t, str):
-                raise CalibrationError(f"calibration list item {i} is a {type(t).__name__}, expected a string")
-            if t.strip():
-                texts.append(t)
-        if not texts:
+        records: list[Record] = []
+        for i, item in enumerate(source):
+            if isinstance(item, dict):
+                item = _record(item, tokenizer, f"calibration list item {i}")
+            elif not isinstance(item, str):
+                raise CalibrationError(
+                    f"calibration list item {i} is a {type(item).__name__}, expected a string or a record (dict)"
+                )
+            if _joined(item).strip():
+                records.append(item)
+        if not records:
             raise CalibrationError("the calibration list holds no non-empty text")
-        return texts
+        return records
     raise CalibrationError(f"unsupported calibration source {source!r}")
 
 
-def _read_file(path: Path, tokenizer: Any) -> list[str]:
+def _joined(record: Record) -> str:
+    return record if isinstance(record, str) else record[0] + record[1]
+
+
+def _read_file(path: Path, tokenizer: Any) -> list[Record]:
     if not path.exists():
         raise CalibrationError(f"calibration file {str(path)!r} does not exist")
     if path.is_dir():
@@ -105,7 +122,8 @@ def _read_file(path: Path, tokenizer: Any) -> list[str]:
         raise CalibrationError(f"calibration file {str(path)!r} line {line}: not valid UTF-8 text") from e
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        texts = _parse_jsonl(content, path, tokenizer)
+        where = f"calibration file {str(path)!r}"
+        texts = [r for loc, obj in jsonl_objects(content, where) if _joined(r := _record(obj, tokenizer, loc)).strip()]
     elif suffix in (".txt", ".text", ""):
         texts = [line for line in content.splitlines() if line.strip()]
     else:
@@ -136,16 +154,8 @@ def jsonl_objects(
         yield loc, obj
 
 
-def _parse_jsonl(content: str, path: Path, tokenizer: Any) -> list[str]:
-    texts = []
-    for where, obj in jsonl_objects(content, f"calibration file {str(path)!r}"):
-        text = _record_text(obj, tokenizer, where)
-        if text.strip():
-            texts.append(text)
-    return texts
-
-
-def _record_text(obj: dict, tokenizer: Any, where: str) -> str:
+def _record(obj: dict, tokenizer: Any, where: str) -> Record:
+    """One JSON record as a text, or as ``(prompt, response)`` when it has a response."""
     if "text" in obj:
         if not isinstance(obj["text"], str):
             raise CalibrationError(f"{where}: field 'text' must be a string")
@@ -156,7 +166,7 @@ def _record_text(obj: dict, tokenizer: Any, where: str) -> str:
                 prompt, answer = obj["prompt"], obj[key]
                 if not isinstance(prompt, str) or not isinstance(answer, str):
                     raise CalibrationError(f"{where}: fields 'prompt' and {key!r} must be strings")
-                return prompt + ("" if prompt.endswith((" ", "\n")) else "\n") + answer
+                return prompt + ("" if prompt.endswith((" ", "\n")) else "\n"), answer
         if isinstance(obj["prompt"], str):
             return obj["prompt"]
     if "messages" in obj:
@@ -165,12 +175,20 @@ def _record_text(obj: dict, tokenizer: Any, where: str) -> str:
             isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
         ):
             raise CalibrationError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': str}} objects")
+        answered = len(messages) > 1 and messages[-1].get("role") == "assistant"
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
             try:
-                return tokenizer.apply_chat_template(messages, tokenize=False)
+                text = tokenizer.apply_chat_template(messages, tokenize=False)
+                prompt = (tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+                          if answered else None)  # fmt: skip
             except Exception as e:  # a template can reject e.g. unknown roles
                 raise CalibrationError(f"{where}: the tokenizer's chat template rejected these messages: {e}") from e
-        return "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in messages)
+            # the last answer is a response where the template renders the conversation as prompt + answer
+            return (prompt, text[len(prompt) :]) if prompt and text.startswith(prompt) else text
+        turns = [f"{m.get('role', 'user')}: {m['content']}" for m in messages]
+        if answered:
+            return "\n".join(turns[:-1]) + "\nassistant: ", messages[-1]["content"]
+        return "\n".join(turns)
     raise CalibrationError(
         f"{where}: no usable field; expected 'text', 'prompt' + 'answer'/'completion', or 'messages' "
         f"(found {sorted(obj)})"
@@ -181,7 +199,7 @@ def _record_text(obj: dict, tokenizer: Any, where: str) -> str:
 
 
 def tokenize_texts(
-    texts: Sequence[str],
+    texts: Sequence[Record],
     tokenizer: Any,
     num_samples: int = DEFAULT_NUM_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
@@ -192,39 +210,58 @@ def tokenize_texts(
     Texts are joined into one token stream (EOS between them), cut into ``seq_len`` chunks and ``num_samples``
     chunks are picked at random (seeded). Too little text gives fewer samples (or shorter ones), with a warning.
     """
+    return tokenize_records(texts, tokenizer, num_samples, seq_len, seed)[0]
+
+
+def tokenize_records(
+    records: Sequence[Record],
+    tokenizer: Any,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`tokenize_texts` of records, and the mask of the tokens that belong to responses (``None`` when no record
+    has one). A response's tokens are those of the whole text past the prompt's own tokens (a token that straddles the
+    boundary counts as the response's), and the EOS after it."""
     if tokenizer is None:
         raise CalibrationError("calibration texts need a tokenizer; pass tokenizer= (or token ids as a tensor)")
     check_sizes(num_samples, seq_len)
     eos = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
-    for t in texts:
+    in_response: list[bool] = []
+    for record in records:
+        text = _joined(record)
         try:
-            ids = tokenizer(t)["input_ids"]
+            ids = [int(i) for i in tokenizer(text)["input_ids"]]
+            prompt = [] if isinstance(record, str) else tokenizer(record[0])["input_ids"]
         except Exception as e:
-            raise CalibrationError(f"the tokenizer failed on calibration text {t[:60]!r}: {e}") from e
-        stream.extend(int(i) for i in ids)
+            raise CalibrationError(f"the tokenizer failed on calibration text {text[:60]!r}: {e}") from e
+        shared = 0  # the prompt's tokens, as they appear at the start of the whole text
+        if not isinstance(record, str):
+            while shared < min(len(ids), len(prompt)) and ids[shared] == prompt[shared]:
+                shared += 1
+        stream.extend(ids)
+        in_response.extend(not isinstance(record, str) and i >= shared for i in range(len(ids)))
         if eos is not None and (not ids or ids[-1] != eos):
             stream.append(int(eos))
+            in_response.append(not isinstance(record, str))
     total = len(stream)
     if total < 2:
         raise CalibrationError(f"calibration texts give only {total} token(s); need at least 2")
-    if total < seq_len:
-        warnings.warn(
-            f"calibration texts give only {total} tokens; using one sequence of {total} tokens instead of "
-            f"{num_samples} x {seq_len}",
-            stacklevel=2,
-        )
-        return torch.tensor(stream, dtype=torch.long).unsqueeze(0)
-    chunks = torch.tensor(stream[: (total // seq_len) * seq_len], dtype=torch.long).view(-1, seq_len)
+    width = min(seq_len, total)
+    usable = (total // width) * width
+    chunks = torch.tensor(stream[:usable], dtype=torch.long).view(-1, width)
+    mask = torch.tensor(in_response[:usable], dtype=torch.bool).view(-1, width) if any(in_response) else None
     if chunks.shape[0] < num_samples:
         warnings.warn(
+            f"calibration texts give only {total} tokens; using one sequence of {total} tokens instead of "
+            f"{num_samples} x {seq_len}" if total < seq_len else
             f"calibration texts give only {chunks.shape[0]} sequences of {seq_len} tokens (asked for {num_samples})",
             stacklevel=2,
-        )
-        return chunks
-    gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(chunks.shape[0], generator=gen)[:num_samples].sort().values
-    return chunks[pick]
+        )  # fmt: skip
+        return chunks, mask
+    pick = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
+    return chunks[pick], mask[pick] if mask is not None else None
 
 
 def check_sizes(num_samples: int, seq_len: int) -> None:
@@ -371,6 +408,7 @@ def get_calibration(
 ) -> CalibrationData:
     """Resolve any calibration source into a batch of token ids for ``model`` (the fine-tune)."""
     check_sizes(num_samples, seq_len)
+    mask = None
     if calibration is None:
         ids = sample_from_model(model, tokenizer, num_samples, seq_len, seed, progress=progress)
         source = "sampled from the fine-tuned model"
@@ -385,8 +423,8 @@ def get_calibration(
         ids = ids.long().cpu()
         source = f"token tensor {tuple(ids.shape)}"
     else:
-        texts = read_texts(calibration, tokenizer)
-        ids = tokenize_texts(texts, tokenizer, num_samples, seq_len, seed)
+        texts = read_records(calibration, tokenizer)
+        ids, mask = tokenize_records(texts, tokenizer, num_samples, seq_len, seed)
         if isinstance(calibration, (str, os.PathLike)):
             source = f"file {os.fspath(calibration)}"
         else:
@@ -397,7 +435,7 @@ def get_calibration(
             f"calibration token ids range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has "
             f"{vocab} entries; is the tokenizer the model's own?"
         )
-    return CalibrationData(ids.contiguous(), source)
+    return CalibrationData(ids.contiguous(), source, mask)
 
 
 def _vocab_size(model: Any) -> int | None:
