@@ -8,8 +8,9 @@ is one draw. This compresses the same pair with the same method and bytes under 
 module's seed from ``name#k``; ``k = 0`` is the name alone, what every other run uses), loads each adapter with
 ``PeftModel.from_pretrained`` and counts the held-out questions it answers right, as ``quality.py`` does: how many of
 the questions that separate two methods in one draw a redraw moves. Each draw's next-token KL to the fine-tune on
-the answers of the calibration text (the tokens the library's end-to-end check scores: data a user has at hand) is printed beside
-its count: whether the draw a user could pick without held-out data is a good one.
+the calibration text (the sequences the library's end-to-end check runs: data a user has at hand), over all their
+tokens (what the check scores) and over the answers' tokens, is printed beside its count: whether the draw a user
+could pick without held-out data is a good one.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ft_right = sum(ok for _, _, ok in zoo.task_predictions(ft, tokenizer, task, n=None, batch_size=48))
     ids, mask = tokenize_records(read_records(calib, tokenizer), tokenizer, **CALIBRATION)  # what compress reads
     batches = list(ids[:E2E_SAMPLES].split(E2E_BATCH))  # what its end-to-end check runs
-    answers = list(response_positions(mask[:E2E_SAMPLES]).split(E2E_BATCH))  # where it takes the KL
+    answers = list(response_positions(mask[:E2E_SAMPLES]).split(E2E_BATCH))  # the answers' tokens in them
     reference = [next_token_log_probs(ft, b) for b in batches]
     rows = []
     for k in seeds:
@@ -93,19 +94,22 @@ def main(argv: list[str] | None = None) -> int:
             size = (Path(folder) / "adapter_model.safetensors").stat().st_size
             loaded = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
             right = [ok for _, _, ok in zoo.task_predictions(loaded, tokenizer, task, n=None, batch_size=48)]
-            kl = mean_next_token_kl(reference, loaded, batches, answers)
-        rows.append((k, size, sum(right), kl))
-        print(f"draw {k}: {sum(right)} right, answers KL {kl:.5f}, {size:,} B", file=sys.stderr, flush=True)
+            kl = mean_next_token_kl(reference, loaded, batches)
+            kl_answers = mean_next_token_kl(reference, loaded, batches, answers)
+        rows.append((k, size, sum(right), kl, kl_answers))
+        print(f"draw {k}: {sum(right)} right, calibration KL {kl:.5f}, answers KL {kl_answers:.5f}, {size:,} B",
+              file=sys.stderr, flush=True)  # fmt: skip
     print(f"### {task.name}: `{args.method}` at {args.ratio}, one row per draw of its masks ({len(task.eval)} "
           f"held-out questions; the fine-tune answers {ft_right})\n")  # fmt: skip
-    print("| draw | true bytes | right | vs the fine-tune | answers KL |")
-    print("|---:|---:|---:|---:|---:|")
-    for k, size, right, kl in rows:
-        print(f"| {k} | {size:,} | {right} | {right - ft_right:+d} | {kl:.5f} |")
-    counts = [r for _, _, r, _ in rows]
-    pick = min(rows, key=lambda row: row[3])
+    print("| draw | true bytes | right | vs the fine-tune | calibration KL | answers KL |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for k, size, right, kl, kl_answers in rows:
+        print(f"| {k} | {size:,} | {right} | {right - ft_right:+d} | {kl:.5f} | {kl_answers:.5f} |")
+    counts = [row[2] for row in rows]
+    by_kl, by_answers = min(rows, key=lambda row: row[3]), min(rows, key=lambda row: row[4])
     print(f"\nright: {min(counts)}-{max(counts)}, mean {sum(counts) / len(counts):.1f}; the draw of lowest "
-          f"answers KL (draw {pick[0]}) answers {pick[2]}")  # fmt: skip
+          f"calibration KL (draw {by_kl[0]}) answers {by_kl[2]}, of lowest answers KL (draw {by_answers[0]}) "
+          f"{by_answers[2]}")  # fmt: skip
     return 0
 
 

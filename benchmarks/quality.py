@@ -125,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="recompute cached cells")
     p.add_argument("--kl", nargs="+", metavar="CELL_DIR", default=None,
                    help="print the next-token KL of the fine-tune to the saved adapters of these cached cells, on the "
-                        "calibration text and on the held-out text, beside their agreement and gain kept; then exit")
+                        "calibration text (all tokens, the answers' tokens) and on the held-out text, beside their "
+                        "agreement and gain kept; then exit")
     p.add_argument("--item-scores", nargs="+", metavar="CELL_DIR", default=None,
                    help="ask the held-out questions again, one by one, with the saved adapters of these cached cells "
                         "(recorded before cells kept per-question scores) and add the scores to each cell.json, for "

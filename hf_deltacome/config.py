@@ -87,8 +87,7 @@ class DeltaCoMeConfig(PeftConfig):
             its own per-row scales, zeros and padding of ``U``, so on narrow layers or at 1/32-1/64 the published
             bands can eat most of the rank. ``"auto"`` (default): with calibration data, the share in
             ``RANK_SHARES`` whose layout brings the whole model closest to the fine-tune (next-token KL on the
-            calibration text, on its responses' tokens where the records have responses; round-to-nearest
-            factors); without data, 0. At the published design point (7B
+            calibration text, round-to-nearest factors); without data, 0. At the published design point (7B
             shapes at 1/16) the bands keep 97% of the rank and every share up to 0.95 leaves them as they are.
         group_size: quantization group size along the reduction dimension.
         quantizer: ``"gptq"`` (uses calibration activations) or ``"rtn"`` (data-free round-to-nearest).

@@ -481,55 +481,26 @@ def test_mean_next_token_kl_is_the_mean_kl_per_token_however_batched(llama_pair)
     assert mean_next_token_kl(reference, base, batches) == pytest.approx(expected, rel=1e-4)
 
 
-def test_end_to_end_check_scores_the_responses_when_the_data_marks_them(llama_pair):
-    """With a response mask the check's KL is the mean over the positions that predict a response token (the token
-    after each position); too few response tokens and it scores every token, saying so in its metric."""
-    from hf_deltacome.compression.endtoend import E2E_MIN_RESPONSE_TOKENS, EndToEndCheck
+def test_mean_next_token_kl_over_the_answers_only(llama_pair, tokenizer):
+    """``scored`` (``response_positions`` of a response mask) keeps the positions that predict a response token (the
+    answers' KL that ``benchmarks/quality.py --kl`` prints beside the whole text's)."""
+    from hf_deltacome.compression.calibration import read_records, tokenize_records
+    from hf_deltacome.compression.endtoend import mean_next_token_kl, next_token_log_probs, response_positions
 
     base, ft = llama_pair
-    ft = copy.deepcopy(ft)
-    names = target_linears(base)
-    base_mods, ft_mods = dict(base.named_modules()), dict(ft.named_modules())
-    deltas = {n: ft_mods[n].weight.detach().clone() - base_mods[n].weight.detach() for n in names}
-    ids = random_ids(base, 8, 24, seed=3)
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    mask[:, 12:] = True  # the last 12 tokens of each sequence are "answers": positions 11-22 predict them
-    without = copy.deepcopy(ft)  # the fine-tune with every target's delta removed
-    for n, m in without.named_modules():
-        if n in deltas:
-            m.weight.data -= deltas[n]
+    records = [{"prompt": f"Question {i}? ", "completion": f"answer {i}"} for i in range(30)]
+    ids, mask = tokenize_records(read_records(records), tokenizer, num_samples=6, seq_len=20)
+    scored = response_positions(mask)
+    assert torch.equal(scored[:, :-1], mask[:, 1:]) and not scored[:, -1].any()
+    batches, parts = list(ids.split(4)), list(scored.split(4))
+    reference = [next_token_log_probs(ft, b) for b in batches]
     with torch.no_grad():
         p = torch.log_softmax(ft(input_ids=ids).logits.float(), -1)
-        q = torch.log_softmax(without(input_ids=ids).logits.float(), -1)
+        q = torch.log_softmax(base(input_ids=ids).logits.float(), -1)
     per_position = (p.exp() * (p - q)).sum(-1)
-    with EndToEndCheck(ft, ids, deltas.__getitem__, lambda d, e: d * 0, response_mask=mask) as check:
-        check.apply({n: {} for n in names})  # every delta removed
-        assert check.kl() == pytest.approx(float(per_position[:, 11:23].mean()), rel=1e-4)
-        assert float(per_position[:, 11:23].mean()) != pytest.approx(float(per_position.mean()), rel=1e-2)
-        assert check.metric.endswith(f"on the {8 * 12} response tokens of {8 * 24}")
-    few = torch.zeros_like(mask)
-    few[:, 1:8] = True  # 56 response tokens (a sequence's first token is never predicted)
-    assert 8 * 7 < E2E_MIN_RESPONSE_TOKENS
-    with EndToEndCheck(ft, ids, deltas.__getitem__, lambda d, e: d * 0, response_mask=few) as check:
-        check.apply({n: {} for n in names})
-        assert check.kl() == pytest.approx(float(per_position.mean()), rel=1e-4)
-        assert f"on all {8 * 24} tokens (only {8 * 7} response tokens" in check.metric
-    with pytest.raises(ConfigError, match=r"response mask of shape \(8, 23\) for token ids of shape \(8, 24\)"):
-        EndToEndCheck(ft, ids, deltas.__getitem__, lambda d, e: d, response_mask=mask[:, :23])
-
-
-def test_the_plan_scores_the_answers_of_prompt_completion_records(llama_pair, tokenizer):
-    """``compress`` with prompt/completion records: the plan's automatic choices are made by the KL on the answers."""
-    base, ft = llama_pair
-    records = [{"prompt": f"Tell me fact {i}. ", "completion": f"Fact {i} is {i * 7 % 13}."} for i in range(60)]
-    model = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(group_size=32, ratio=1 / 8), calibration=records,
-                     tokenizer=tokenizer, num_samples=16, seq_len=32, progress=False)  # fmt: skip
-    info = model.peft_config["default"].compression_info
-    assert "response tokens of 256" in info["rank_share"]["metric"], info["rank_share"]
-    plain = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(group_size=32, ratio=1 / 8), tokenizer=tokenizer,
-                     calibration=[r["prompt"] + r["completion"] for r in records], num_samples=16, seq_len=32,
-                     progress=False).peft_config["default"].compression_info  # fmt: skip
-    assert plain["rank_share"]["metric"] == "next-token KL to the fine-tune (round-to-nearest)"
+    answers = mean_next_token_kl(reference, base, batches, parts)
+    assert answers == pytest.approx(float(per_position[scored].mean()), rel=1e-4)
+    assert answers != pytest.approx(mean_next_token_kl(reference, base, batches), rel=1e-2)
 
 
 def test_search_and_allocation_keep_a_change_only_where_the_whole_model_gains(llama_pair, monkeypatch):

@@ -119,21 +119,3 @@ def test_checkpoint_names_the_setting_that_differs(tmp_path):
     cfg.uniform_bits = 2
     with pytest.raises(ConfigError, match=r"other settings \(uniform_bits: 4 in the checkpoint, 2 now\)"):
         compress(copy.deepcopy(base), ft, cfg, progress=False, checkpoint_dir=tmp_path)
-
-
-def test_checkpoint_keeps_the_calibrations_response_mask(tmp_path, tokenizer):
-    """A resumed run plans on the same answers as the first: the mask is checkpointed with the token ids."""
-    from hf_deltacome.compression.calibration import get_calibration
-    from hf_deltacome.compression.checkpoint import LayerCheckpoint
-
-    base, ft = _pair()
-    records = [{"prompt": f"Q{i}? ", "completion": f"A{i}."} for i in range(40)]
-    calib = get_calibration(records, ft, tokenizer, num_samples=4, seq_len=16)
-    assert calib.response_mask is not None and calib.response_mask.any() and not calib.response_mask.all()
-    ckpt = LayerCheckpoint(tmp_path, DeltaCoMeConfig(ratio=1 / 8), "default", finetuned=ft, calibration={})
-    ckpt.save_calibration(calib)
-    back = ckpt.load_calibration()
-    assert torch.equal(back.input_ids, calib.input_ids) and torch.equal(back.response_mask, calib.response_mask)
-    plain = get_calibration([r["prompt"] for r in records], ft, tokenizer, num_samples=4, seq_len=16)
-    ckpt.save_calibration(plain)
-    assert ckpt.load_calibration().response_mask is None

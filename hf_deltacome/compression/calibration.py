@@ -14,8 +14,8 @@ Sources (``calibration=`` of :func:`hf_deltacome.compress`):
 
 The result is always a ``(num_samples, seq_len)`` LongTensor of full-length sequences (no padding), so the decoder
 layers can be run on it without attention masks. Records with a response (a prompt and its answer/completion, or chat
-messages ending with the assistant's turn) also mark the response's tokens (``response_mask``): the whole-model check
-of the plan (:mod:`.endtoend`) scores the fine-tune's knowledge there, not its prompts.
+messages ending with the assistant's turn) are read as ``(prompt, response)`` and :func:`tokenize_records` marks the
+response's tokens, for measuring the fine-tune's answers apart from its prompts (``benchmarks/quality.py --kl``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ class CalibrationData:
 
     input_ids: torch.Tensor  # (num_samples, seq_len) int64
     source: str
-    response_mask: torch.Tensor | None = None  # bool, input_ids' shape: the tokens of responses (None: no records)
 
     @property
     def num_samples(self) -> int:
@@ -78,7 +77,7 @@ def read_texts(source: str | os.PathLike | Sequence[str | dict], tokenizer: Any 
 
     Raises `CalibrationError` naming the file (and line) when it cannot be read or holds no usable text.
     """
-    return [r if isinstance(r, str) else r[0] + r[1] for r in read_records(source, tokenizer)]
+    return [_joined(r) for r in read_records(source, tokenizer)]
 
 
 def read_records(source: str | os.PathLike | Sequence[str | dict], tokenizer: Any = None) -> list[Record]:
@@ -408,7 +407,6 @@ def get_calibration(
 ) -> CalibrationData:
     """Resolve any calibration source into a batch of token ids for ``model`` (the fine-tune)."""
     check_sizes(num_samples, seq_len)
-    mask = None
     if calibration is None:
         ids = sample_from_model(model, tokenizer, num_samples, seq_len, seed, progress=progress)
         source = "sampled from the fine-tuned model"
@@ -424,7 +422,7 @@ def get_calibration(
         source = f"token tensor {tuple(ids.shape)}"
     else:
         texts = read_records(calibration, tokenizer)
-        ids, mask = tokenize_records(texts, tokenizer, num_samples, seq_len, seed)
+        ids = tokenize_texts(texts, tokenizer, num_samples, seq_len, seed)
         if isinstance(calibration, (str, os.PathLike)):
             source = f"file {os.fspath(calibration)}"
         else:
@@ -435,7 +433,7 @@ def get_calibration(
             f"calibration token ids range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has "
             f"{vocab} entries; is the tokenizer the model's own?"
         )
-    return CalibrationData(ids.contiguous(), source, mask)
+    return CalibrationData(ids.contiguous(), source)
 
 
 def _vocab_size(model: Any) -> int | None:

@@ -163,16 +163,11 @@ class LayerCheckpoint:
         if not path.exists():
             return None
         meta = json.loads((self.folder / "calibration.json").read_text())
-        tensors = load_file(path)
-        return CalibrationData(input_ids=tensors["input_ids"], source=meta["source"] + " (from checkpoint)",
-                               response_mask=tensors.get("response_mask"))  # fmt: skip
+        return CalibrationData(input_ids=load_file(path)["input_ids"], source=meta["source"] + " (from checkpoint)")
 
     def save_calibration(self, calib: Any) -> None:
         atomic_write_text(self.folder / "calibration.json", json.dumps({"source": calib.source}))
-        tensors = {"input_ids": calib.input_ids.contiguous()}
-        if getattr(calib, "response_mask", None) is not None:
-            tensors["response_mask"] = calib.response_mask.contiguous()
-        save_safetensors_atomic(tensors, self.folder / "calibration.safetensors")
+        save_safetensors_atomic({"input_ids": calib.input_ids.contiguous()}, self.folder / "calibration.safetensors")
 
     def _layer_path(self, i: int) -> Path:
         return self.folder / f"layer_{i:04d}.safetensors"

@@ -8,12 +8,11 @@ text, with every target delta replaced by its round-to-nearest approximation at 
 approximation passed to :meth:`EndToEndCheck.apply`: the plan weighs the bands alone as GPTQ stores them). Weights
 are edited in place on the fine-tune (``W_ft - Δ + Δ̂``) and always put back.
 
-When the calibration data says which tokens are responses (prompt/completion records, chat records: the
-``response_mask`` of :class:`~.calibration.CalibrationData`), the KL is measured on the predictions of those tokens
-only. A delta that stores knowledge shows it in the answers; over the whole text the KL also rewards reproducing the
-prompts and the chat template, and there it ranks the methods the other way round from held-out questions
-(facts-hot at 1/32: whole-text KL puts the bands 3-4x ahead of DARE, answer-token KL puts DARE 2-4x ahead, as the
-held-out questions do; ``benchmarks/RESULTS.md``).
+The KL is taken over every token of the calibration text. Taken over the answers' tokens only (prompt/completion
+records mark them, :func:`~.calibration.tokenize_records`), it chose bands with a DARE residual that answered fewer
+held-out questions than what the whole-text KL chooses (facts-hot at 1/64: 232 of 240 against 238; at 1/32 both 235;
+``benchmarks/RESULTS.md``): the fine-tune memorised the training answers, and on them a few bands reproduce more than
+they keep of held-out paraphrases. :func:`mean_next_token_kl` with ``scored`` still measures it (``quality.py --kl``).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from ..errors import ConfigError
 E2E_SAMPLES = 8  # calibration sequences the check runs (each evaluation is one forward pass over them)
 E2E_BATCH = 4  # sequences per forward pass
 E2E_TOKENS = 256  # tokens per sequence: the fine-tune's log-probs are held for all of them (tokens x vocabulary)
-E2E_MIN_RESPONSE_TOKENS = 64  # fewer response tokens in the check's sequences: it scores every token instead
 METRIC = "next-token KL to the fine-tune (round-to-nearest)"  # what the check's numbers are, for the records
 
 
@@ -50,7 +48,7 @@ def mean_next_token_kl(
 ) -> float:
     """Mean over the positions of ``batches`` of ``KL(reference || model)`` for the next token; ``reference`` holds
     the reference model's :func:`next_token_log_probs` of the same batches. ``scored`` (one boolean tensor per batch,
-    its shape) keeps only the positions marked True."""
+    its shape; e.g. :func:`response_positions`) keeps only the positions marked True."""
     total, count = 0.0, 0
     for i, (batch, ref) in enumerate(zip(batches, reference, strict=True)):
         per_position = (ref.exp() * (ref - next_token_log_probs(model, batch))).sum(-1)
@@ -76,10 +74,8 @@ class EndToEndCheck:
     since replaced ones are edited in place), ``approximate(delta, entry)`` its dense approximation at layout
     ``entry``, computed on the module's own device. With ``input_energy`` the reference pass also sums each linear's
     squared inputs (the diagonal of its input second moment, for DARE's importance rates), and ``approximate`` is
-    called as ``approximate(delta, entry, diag)``. ``response_mask`` (the shape of ``input_ids``) marks response
-    tokens: the KL is then the mean over the predictions of those tokens, if the check's sequences hold at least
-    ``E2E_MIN_RESPONSE_TOKENS`` of them (:attr:`metric` says which). Use as a context manager so the fine-tune's
-    weights are restored whatever happens.
+    called as ``approximate(delta, entry, diag)``. Use as a context manager so the fine-tune's weights are
+    restored whatever happens.
     """
 
     def __init__(
@@ -93,32 +89,15 @@ class EndToEndCheck:
         max_tokens: int = E2E_TOKENS,
         batch_size: int = E2E_BATCH,
         input_energy: bool = False,
-        response_mask: torch.Tensor | None = None,
     ) -> None:
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
             raise ConfigError(
                 f"end-to-end check needs a (sequences, tokens) batch of ids, got {tuple(input_ids.shape)}"
             )
-        if response_mask is not None and response_mask.shape != input_ids.shape:
-            raise ConfigError(
-                f"end-to-end check: response mask of shape {tuple(response_mask.shape)} for token ids of shape "
-                f"{tuple(input_ids.shape)}"
-            )
         self.model, self.delta_of, self.approximate = model, delta_of, approximate
         self.modules = dict(model.named_modules())
         self.batches = list(input_ids[:max_samples, :max_tokens].split(batch_size))
         self.num_samples = min(max_samples, input_ids.shape[0])  # the sequences measured on
-        self.scored: list[torch.Tensor] | None = None  # per batch, the positions the KL is taken over (None: all)
-        self.metric = METRIC
-        if response_mask is not None:
-            scored = response_positions(response_mask[:max_samples, :max_tokens])
-            count, total = int(scored.sum()), scored.numel()
-            if count >= E2E_MIN_RESPONSE_TOKENS:
-                self.scored = list(scored.split(batch_size))
-                self.metric = f"{METRIC} on the {count} response tokens of {total}"
-            else:
-                self.metric = (f"{METRIC} on all {total} tokens (only {count} response tokens, fewer than "
-                               f"{E2E_MIN_RESPONSE_TOKENS})")  # fmt: skip
         self.saved: dict[str, torch.Tensor] = {}  # fine-tune weights of the modules currently replaced
         self.applied: dict[str, tuple] = {}  # (approximation, layout entry) each replaced module has now
         self.input_diag: dict[str, torch.Tensor] | None = {} if input_energy else None
@@ -193,5 +172,5 @@ class EndToEndCheck:
         self.applied.clear()
 
     def kl(self) -> float:
-        """Mean over the scored calibration positions of ``KL(fine-tune || current model)`` for the next token."""
-        return mean_next_token_kl(self.reference, self.model, self.batches, self.scored)
+        """Mean over calibration tokens of ``KL(fine-tune || current model)`` for the next token."""
+        return mean_next_token_kl(self.reference, self.model, self.batches)

@@ -182,8 +182,7 @@ def compress(
     with reuse_svd_if_fits(_shapes(pair.base, targets)) if on_cpu else contextlib.nullcontext():
         config.layout, plan_info = plan_layouts(
             pair.base, pair.finetuned, targets, with_changes(plan_config, ratio=budget["factor_ratio"]),
-            calibration_ids=calib.input_ids if calib is not None else None,
-            response_mask=getattr(calib, "response_mask", None), bias_changed=changes.bias_changed,
+            calibration_ids=calib.input_ids if calib is not None else None, bias_changed=changes.bias_changed,
             unchanged=changes.unchanged, progress=progress,
         )  # fmt: skip
         plan_info.update(budget=budget, **notes)

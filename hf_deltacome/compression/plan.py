@@ -40,7 +40,7 @@ from ..config import (
 from ..progress import progress_bar
 from ..quant.hessian import HESSIAN_MEMORY, model_hessians
 from .allocation import allocate_adaptive
-from .endtoend import EndToEndCheck
+from .endtoend import METRIC, EndToEndCheck
 from .modules import compress_module, module_kind, plan_entry, rtn_bands_dense, with_changes
 from .search import search_specs
 from .svd import reuse_svd_if_fits, svd
@@ -56,7 +56,6 @@ def plan_layouts(
     config: DeltaCoMeConfig,
     *,
     calibration_ids: torch.Tensor | None = None,
-    response_mask: torch.Tensor | None = None,
     bias_changed: dict[str, bool] | None = None,
     unchanged: set[str] | None = None,
     progress: bool = False,
@@ -67,7 +66,6 @@ def plan_layouts(
     to the fine-tune picks ``min_rank_share="auto"`` and decides whether each searched split and the adaptive
     allocation are kept; the search and the allocation weight their per-module errors with the input activations.
     Without data ``"auto"`` means the published split and both fall back to the plain Frobenius error.
-    ``response_mask`` (the shape of ``calibration_ids``) marks response tokens, where the check takes its KL.
     ``unchanged``: the targets whose weight did not change (:mod:`.changes`: within the rounding of the dtypes);
     default: those bit-identical in both models.
     """
@@ -100,9 +98,7 @@ def plan_layouts(
 
     check: EndToEndCheck | None = None
     if ids is not None and config.method in SVD_METHODS:
-        mask = response_mask[: ids.shape[0]] if response_mask is not None else None
-        check = EndToEndCheck(finetuned_model, ids, delta_of, rtn_bands_dense, input_energy=auto_residual,
-                              response_mask=mask)  # fmt: skip
+        check = EndToEndCheck(finetuned_model, ids, delta_of, rtn_bands_dense, input_energy=auto_residual)
     try:  # a small model keeps every delta's SVD for the whole plan (each is approximated at several layouts)
         with reuse_svd_if_fits(shapes[nm] for nm in live):
             spectra = _spectra(config, live, base_mods, delta_of)
@@ -137,7 +133,7 @@ def plan_layouts(
                 else:  # the searched splits are swapped in on top of the configured one
                     check.apply({nm: default[nm] for nm in live})
                     kl_now = check.kl()
-                info["end_to_end"] = {"metric": check.metric, "default": kl_now}
+                info["end_to_end"] = {"metric": METRIC, "default": kl_now}
                 if config.search is not None:
                     kl_now = _keep_searched_if_better(check, kl_now, layout, default, specs, live, shapes, info)
             if adaptive:
@@ -210,7 +206,7 @@ def _choose_rank_share(
     candidates = {share: with_changes(config, min_rank_share=share) for share in RANK_SHARES}
     kls = _kls(check, candidates, live, shapes, "Choosing the band split (min_rank_share)", progress, spectra)
     best = min(RANK_SHARES, key=lambda sh: (kls[sh], sh))
-    info["rank_share"] = {"chosen": best, "metric": check.metric, "kl": {str(sh): kls[sh] for sh in RANK_SHARES}}
+    info["rank_share"] = {"chosen": best, "metric": METRIC, "kl": {str(sh): kls[sh] for sh in RANK_SHARES}}
     return best
 
 
@@ -291,7 +287,7 @@ def _choose_residual(
     best = min(RESIDUAL_SHARES, key=lambda sh: (kls[sh], -sh))
     if best > 0 and 0.0 in kls and kls[best] > RESIDUAL_ALONE_MARGIN * kls[0.0]:
         best = 0.0  # the bands' narrow win on the calibration text is not one on held-out questions
-    record = {"metric": check.metric, "band_bits": RESIDUAL_BAND_BITS, "dare_bits": RESIDUAL_DARE_BITS,
+    record = {"metric": METRIC, "band_bits": RESIDUAL_BAND_BITS, "dare_bits": RESIDUAL_DARE_BITS,
               "alone_margin": RESIDUAL_ALONE_MARGIN}  # fmt: skip
     kl_stored = stored.kl(config) if stored is not None and kls[best] < kl_bands else None
     if kl_stored is not None:  # against DARE alone the bands need its margin (calibration text flatters them)
