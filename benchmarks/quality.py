@@ -161,7 +161,7 @@ def heldout_text(task: Any, tokenizer: Any, n: int | None) -> str:
 def calibration_texts(task: Any, tokenizer: Any) -> list[dict[str, str]]:
     """The task's training prompts and answers as prompt/completion records: the data a user compressing their
     fine-tune has at hand (the token stream is the rendered prompt + answer + EOS of each; the records mark the
-    answers, where the whole-model check scores)."""
+    answers, for the answers' KL of ``--kl``)."""
     eos = tokenizer.eos_token or ""
     return [{"prompt": task.render(tokenizer, ex), "completion": ex.answer + eos} for ex in task.train]
 
@@ -404,8 +404,8 @@ def add_item_scores(folders: list[Path], ctx: dict[str, Any]) -> int:
 def stored_kls(folders: list[Path], ctx: dict[str, Any], args: argparse.Namespace) -> int:
     """How far each cached cell's saved adapter moves the model from the fine-tune: next-token KL on the sequences the
     whole-model check in ``compression/endtoend.py`` runs (the first ``E2E_SAMPLES`` of the calibration batch), over
-    all their tokens and over their answers' tokens (what the check scores), there with round-to-nearest
-    approximations of the planned layouts, here with what was stored; and on the held-out text, beside the cell's
+    all their tokens (what the check scores, there with round-to-nearest approximations of the planned layouts, here
+    with what was stored) and over their answers' tokens; and on the held-out text, beside the cell's
     agreement and gain kept (whether a calibration KL of what is stored ranks the methods as the held-out scores do)."""
     from peft import PeftModel
 

@@ -155,6 +155,8 @@ def test_too_little_text_gives_fewer_or_shorter_samples(tokenizer):
     with pytest.warns(UserWarning, match="one sequence"):
         ids = tokenize_texts(["short"], tokenizer, num_samples=8, seq_len=60)
     assert ids.shape == (1, 7)  # BOS + 5 characters + EOS
+    with pytest.warns(UserWarning, match="one sequence of 7 tokens instead of 1 x 60"):  # shorter, if not fewer
+        assert tokenize_texts(["short"], tokenizer, num_samples=1, seq_len=60).shape == (1, 7)
 
 
 def test_tokenize_needs_a_tokenizer_and_sane_sizes(tokenizer):

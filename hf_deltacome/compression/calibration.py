@@ -121,8 +121,8 @@ def _read_file(path: Path, tokenizer: Any) -> list[Record]:
         raise CalibrationError(f"calibration file {str(path)!r} line {line}: not valid UTF-8 text") from e
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        where = f"calibration file {str(path)!r}"
-        texts = [r for loc, obj in jsonl_objects(content, where) if _joined(r := _record(obj, tokenizer, loc)).strip()]
+        records = (_record(obj, tokenizer, loc) for loc, obj in jsonl_objects(content, f"calibration file {str(path)!r}"))
+        texts = [r for r in records if _joined(r).strip()]
     elif suffix in (".txt", ".text", ""):
         texts = [line for line in content.splitlines() if line.strip()]
     else:
@@ -251,7 +251,7 @@ def tokenize_records(
     usable = (total // width) * width
     chunks = torch.tensor(stream[:usable], dtype=torch.long).view(-1, width)
     mask = torch.tensor(in_response[:usable], dtype=torch.bool).view(-1, width) if any(in_response) else None
-    if chunks.shape[0] < num_samples:
+    if chunks.shape[0] < num_samples or total < seq_len:
         warnings.warn(
             f"calibration texts give only {total} tokens; using one sequence of {total} tokens instead of "
             f"{num_samples} x {seq_len}" if total < seq_len else
