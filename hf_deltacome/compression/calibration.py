@@ -209,7 +209,8 @@ def tokenize_texts(
     Texts are joined into one token stream (EOS between them), cut into ``seq_len`` chunks and ``num_samples``
     chunks are picked at random (seeded). Too little text gives fewer samples (or shorter ones), with a warning.
     """
-    return tokenize_records(texts, tokenizer, num_samples, seq_len, seed)[0]
+    # joined: a record's prompt is not tokenized on its own (compress has no use for the responses' mask)
+    return tokenize_records([_joined(t) for t in texts], tokenizer, num_samples, seq_len, seed)[0]
 
 
 def tokenize_records(
@@ -229,21 +230,20 @@ def tokenize_records(
     stream: list[int] = []
     in_response: list[bool] = []
     for record in records:
-        text = _joined(record)
+        text, answered = _joined(record), not isinstance(record, str)
         try:
             ids = [int(i) for i in tokenizer(text)["input_ids"]]
-            prompt = [] if isinstance(record, str) else tokenizer(record[0])["input_ids"]
+            prompt = tokenizer(record[0])["input_ids"] if answered else []
         except Exception as e:
             raise CalibrationError(f"the tokenizer failed on calibration text {text[:60]!r}: {e}") from e
         shared = 0  # the prompt's tokens, as they appear at the start of the whole text
-        if not isinstance(record, str):
-            while shared < min(len(ids), len(prompt)) and ids[shared] == prompt[shared]:
-                shared += 1
+        while shared < min(len(ids), len(prompt)) and ids[shared] == prompt[shared]:
+            shared += 1
         stream.extend(ids)
-        in_response.extend(not isinstance(record, str) and i >= shared for i in range(len(ids)))
+        in_response.extend(answered and i >= shared for i in range(len(ids)))
         if eos is not None and (not ids or ids[-1] != eos):
             stream.append(int(eos))
-            in_response.append(not isinstance(record, str))
+            in_response.append(answered)
     total = len(stream)
     if total < 2:
         raise CalibrationError(f"calibration texts give only {total} token(s); need at least 2")
