@@ -103,6 +103,11 @@ QUICK_METHODS = "deltacome,deltacome+greedy,bitdelta,lowrank,svd-uniform-4"
 DEFAULT_RATIOS = "1/8,1/16,1/32,1/64,1/128"
 QUICK_RATIOS = "1/16,1/64"
 CLOSE_CALL = 1.0  # logits: a question the fine-tune answers within this of another answer is a close call
+CALIBRATIONS = {  # --calibration: what every method of a run calibrates on
+    "task": "the task's training prompts and answers",
+    "sampled": "text sampled from the fine-tune, what `deltacome compress` does when given no calibration",
+    "generic": "the built-in generic text (hf_deltacome/compression/generic_text.txt)",
+}
 SECTION = "<!-- quality-{task}:{end} -->"  # one section per task in RESULTS.md, replaced by a rerun
 
 
@@ -119,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-eval", type=int, default=None, help="held-out task items (default: the whole eval split)")
     p.add_argument("--n-text", type=int, default=64, help="held-out items whose prompt + answer give the text")
     p.add_argument("--quantizer", default="gptq", choices=["gptq", "rtn"], help="for the SVD methods")
+    p.add_argument("--calibration", default="task", choices=list(CALIBRATIONS),
+                   help="calibration data: " + "; ".join(f"{k}: {v}" for k, v in CALIBRATIONS.items()))
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--plot", default=None, help="PNG path (default benchmarks/quality_<task>.png)")
     p.add_argument("--results-md", default=None, help="update this task's quality section of this markdown file")
@@ -164,6 +171,18 @@ def calibration_texts(task: Any, tokenizer: Any) -> list[dict[str, str]]:
     answers, for the answers' KL of ``--kl``)."""
     eos = tokenizer.eos_token or ""
     return [{"prompt": task.render(tokenizer, ex), "completion": ex.answer + eos} for ex in task.train]
+
+
+def calibration_source(kind: str, task: Any, tokenizer: Any) -> Any:
+    """What ``compress`` is given as ``calibration=`` for ``--calibration kind`` (``None``: sampled from the
+    fine-tune)."""
+    if kind == "task":
+        return calibration_texts(task, tokenizer)
+    if kind == "generic":
+        from hf_deltacome.compression.calibration import generic_texts
+
+        return generic_texts()
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ cache keys
@@ -218,6 +237,8 @@ def cell_settings(variant: str, ratio: float, args: argparse.Namespace, ctx: dic
         "ratio": ratio,
         "quantizer": args.quantizer,
         "num_samples": args.num_samples,
+        # absent for "task", so the cells measured before the option keep their cache keys
+        **({} if args.calibration == "task" else {"calibration": args.calibration}),
     }
 
 
@@ -315,7 +336,8 @@ def run_cell(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str
     from peft import PeftModel
 
     settings = cell_settings(variant, ratio, args, ctx)
-    label = f"{variant}-r{round(1 / ratio)}-{args.quantizer}-{settings_key(settings)}"
+    calib = "" if args.calibration == "task" else f"-{args.calibration}"
+    label = f"{variant}-r{round(1 / ratio)}-{args.quantizer}{calib}-{settings_key(settings)}"
     folder = ctx["out"] / "adapters" / label
     record_path = folder / "cell.json"
     cached = _cached(record_path, settings, args.force)
@@ -420,7 +442,8 @@ def stored_kls(folders: list[Path], ctx: dict[str, Any], args: argparse.Namespac
 
     records = [cell_record(folder, ctx) for folder in folders]  # every folder checked before any work
     tok = ctx["tokenizer"]
-    ids, mask = tokenize_records(read_records(ctx["calib"], tok), tok, args.num_samples, args.seq_len)
+    task_records = calibration_texts(ctx["task"], tok)  # the task's records whatever --calibration says: they mark answers
+    ids, mask = tokenize_records(read_records(task_records, tok), tok, args.num_samples, args.seq_len)
     calib, held = ids[:E2E_SAMPLES].split(E2E_BATCH), ctx["windows"].split(E2E_BATCH)
     answers = response_positions(mask[:E2E_SAMPLES]).split(E2E_BATCH)
     ref_calib = [next_token_log_probs(ctx["ft"], b) for b in calib]
@@ -568,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         "base": load_model(base_path),
         "ft": load_model(ft_path),
         "tokenizer": tokenizer,
-        "calib": calibration_texts(task, tokenizer),
+        "calib": calibration_source(args.calibration, task, tokenizer),
         "windows": windows,
         "task": task,
         "zoo": zoo,
@@ -613,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             f"`python benchmarks/quality.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
             + f" on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, code "
             f"revision `{revision}`. "
-            f"SVD methods quantized with {args.quantizer}. Calibration: {args.num_samples} x {args.seq_len} tokens of the task's training prompts and answers "
+            f"SVD methods quantized with {args.quantizer}. Calibration: {args.num_samples} x {args.seq_len} tokens of {CALIBRATIONS[args.calibration]} "
             f"(the same for every method). Held-out: {windows.numel():,} tokens of eval prompts + answers "
             f"(perplexity, next-token agreement with the fine-tune), {args.n_eval or len(task.eval)} eval questions "
             "(accuracy, greedy; answer NLL: nats per token of the reference answers given the questions). True bytes = `adapter_model.safetensors` size (dense extras included, identical "

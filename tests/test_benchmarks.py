@@ -55,6 +55,8 @@ def test_every_setting_and_the_revision_key_a_cell(quality, ctx):
         make_args(quality, "--num-samples", "4"),
         make_args(quality, "--seq-len", "64"),
         make_args(quality, "--quantizer", "rtn"),
+        make_args(quality, "--calibration", "sampled"),
+        make_args(quality, "--calibration", "generic"),
     ]
     keys = {quality.settings_key(quality.cell_settings("lowrank", 1 / 16, a, ctx)) for a in changed}
     keys |= {quality.settings_key(quality.cell_settings("lowrank", 1 / 32, args, ctx))}
