@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -300,20 +301,23 @@ def test_bfloat16_models_and_explicit_device():
     assert relative_logits_error(model, ft, ref, ids) < 0.3
 
 
-def test_self_sampled_calibration(tokenizer):
+def test_self_sampled_calibration(tokenizer, caplog):
     ref = make_model("llama")
     ft = make_finetune(ref)
-    model = compress(
-        make_model("llama"),
-        ft,
-        DeltaCoMeConfig(ratio="1/2"),
-        tokenizer=tokenizer,
-        num_samples=4,
-        seq_len=24,
-        progress=False,
-    )
+    with caplog.at_level(logging.INFO, logger="hf_deltacome"):
+        model = compress(
+            make_model("llama"),
+            ft,
+            DeltaCoMeConfig(ratio="1/2"),
+            tokenizer=tokenizer,
+            num_samples=4,
+            seq_len=24,
+            progress=False,
+        )
     info = model.peft_config["default"].compression_info
     assert info["calibration"] == "sampled from the fine-tuned model" and info["num_samples"] == 4
+    # the log says what was not given and what to give instead
+    assert "no calibration given" in caplog.text and "training prompts and answers" in caplog.text
     assert relative_logits_error(model, ft, ref, random_ids(ref, 4, 32, seed=3)) < 0.3
 
 

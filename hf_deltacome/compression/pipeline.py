@@ -231,6 +231,10 @@ def _calibration(
             log.info("streamed compression: calibrating on the built-in generic text (pass calibration= for data "
                      "like the fine-tune's)")  # fmt: skip
             source = generic_texts()
+        elif source is None:
+            log.info("no calibration given: sampling it from the fine-tune; text like the fine-tune's own data (its "
+                     "training prompts and answers, e.g. prompt/completion .jsonl records) keeps more of a delta "
+                     "that carries knowledge (benchmarks/RESULTS.md)")  # fmt: skip
         with _on_device(pair.finetuned, device if source is None else None):
             calib = kind.calibration(source, pair.finetuned, **options)
         if builtin:
