@@ -4,8 +4,9 @@
     python benchmarks/dare_seeds.py [--task knowledge2] [--method dare] [--ratio 1/32] [--seeds 0,1,2,3,4]
 
 DARE's mask (and ImPart's) comes from a seed derived from each module's name, so one run of ``benchmarks/quality.py``
-is one draw. This compresses the same pair with the same method and bytes under other draws (seed ``k`` derives every
-module's seed from ``name#k``; ``k = 0`` is the name alone, what every other run uses), loads each adapter with
+is one draw. This compresses the same pair with the same method and bytes under other draws (``mask_draw=k`` derives
+every module's seed from ``name#k``; ``k = 0`` is the name alone, what every other run uses; ``mask_draws=1``, so the
+default does not choose among draws itself), loads each adapter with
 ``PeftModel.from_pretrained`` and counts the held-out questions it answers right, as ``quality.py`` does: how many of
 the questions that separate two methods in one draw a redraw moves. Each draw's next-token KL to the fine-tune on
 the calibration text (the sequences the library's end-to-end check runs: data a user has at hand), over all their
@@ -19,10 +20,8 @@ import argparse
 import copy
 import sys
 import tempfile
-import zlib
 from fractions import Fraction
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -30,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (benchmarks/quality.py: the pair, the questions, the scoring, the method variants)
 
 from hf_deltacome import DeltaCoMeConfig  # noqa: E402
-from hf_deltacome.compression import baselines, impart  # noqa: E402
 from hf_deltacome.compression.calibration import read_records, tokenize_records  # noqa: E402
 from hf_deltacome.compression.endtoend import (  # noqa: E402
     E2E_BATCH,
@@ -42,11 +40,6 @@ from hf_deltacome.compression.endtoend import (  # noqa: E402
 from hf_deltacome.compression.pipeline import compress  # noqa: E402
 
 CALIBRATION = {"num_samples": 16, "seq_len": 256}  # as benchmarks/quality.py calibrates: compress and the KL read it
-
-
-def salted(k: int) -> SimpleNamespace:
-    """A stand-in for the ``zlib`` the seeded methods read their seeds through: ``crc32(name#k)`` (``k = 0``: as is)."""
-    return SimpleNamespace(crc32=lambda data: zlib.crc32(data + (f"#{k}".encode() if k else b"")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,13 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     reference = [next_token_log_probs(ft, b) for b in batches]
     rows = []
     for k in seeds:
-        baselines.zlib = impart.zlib = salted(k)
-        try:
-            cfg = DeltaCoMeConfig(ratio=ratio, **{"method": "deltacome", **quality.VARIANTS[args.method]})
-            model = compress(copy.deepcopy(base), ft, cfg, calibration=calib, tokenizer=tokenizer, progress=False,
-                             **CALIBRATION)  # fmt: skip
-        finally:
-            baselines.zlib = impart.zlib = zlib
+        cfg = DeltaCoMeConfig(ratio=ratio, mask_draw=k, mask_draws=1,
+                              **{"method": "deltacome", **quality.VARIANTS[args.method]})  # fmt: skip
+        model = compress(copy.deepcopy(base), ft, cfg, calibration=calib, tokenizer=tokenizer, progress=False,
+                         **CALIBRATION)  # fmt: skip
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             del model

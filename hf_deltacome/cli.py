@@ -29,7 +29,7 @@ METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # == loading.DTYPES (tested)
 # optional config fields the CLI passes on only when given (their defaults live in DeltaCoMeConfig)
 METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "min_rank_share",
-                  "sparse_tail", "band_share", "residual", "dare_rates", "dare_fit")
+                  "sparse_tail", "band_share", "residual", "mask_draws", "dare_rates", "dare_fit")
 
 
 def _share(text: str) -> float | str:
@@ -250,6 +250,10 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                    help="auto (default; needs the whole model, see --in-memory): the whole-model check also weighs "
                         "3-bit bands + a 2-bit DARE of their residual and keeps it where it brings the model closer "
                         "to the fine-tune; none: the bands alone")  # fmt: skip
+    p.add_argument("--mask-draws", type=_count(1), default=None,
+                   help="--residual auto: when it keeps a DARE part, the whole-model check weighs this many draws "
+                        "of its seeded masks and keeps the closest to the fine-tune (default 4; 1: the seeds from "
+                        "the module names alone)")  # fmt: skip
     p.add_argument("--dare-rates", choices=["uniform", "importance"], default=None,
                    help="keep-rates of a DARE part: uniform (published DARE; the default of --method dare) or "
                         "importance (a rate per row and column from the output energy; the default's residual)")  # fmt: skip

@@ -46,6 +46,7 @@ RESIDUAL_MARGIN = 0.5
 # facts and facts-hot kept as many questions and more agreement than DARE alone; benchmarks/RESULTS.md)
 RESIDUAL_ALONE_MARGIN = 0.85
 RESIDUALS = ("auto", "none")
+MASK_DRAWS = 4  # residual="auto": draws of a kept DARE part's masks the whole-model check weighs (mask_draws)
 DARE_RATES = ("uniform", "importance")
 DARE_FITS = ("rescale", "gptq")
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
@@ -127,6 +128,13 @@ class DeltaCoMeConfig(PeftConfig):
             keeps the one whose next-token KL to the fine-tune is lowest, the bands alone included. A delta that
             spreads over many directions (recall of facts) at 1/64-1/128 gets the residual; one that a few
             directions carry keeps the bands (benchmarks/RESULTS.md). ``"none"``: the bands alone.
+        mask_draw: which draw of the seeded masks (DARE's, ImPart's) a layout uses: every module's seed comes from
+            its name (0) or from ``name#mask_draw``. The seeds are stored in the layout; loading never re-derives them.
+        mask_draws: ``residual="auto"``: when it keeps a DARE part, the whole-model check also weighs that layout
+            under this many draws of the masks (``mask_draw`` onwards) and keeps the draw of least KL (1: no choice).
+            One draw of DARE's masks moves a 1/128 knowledge delta by up to 7 of 240 held-out questions, and the
+            draw's calibration KL tracks them (benchmarks/RESULTS.md); each extra draw is one forward pass of the
+            check's sequences.
         base_vocab_size, vocab_size: set when the fine-tune added tokens (``V`` -> ``V'`` rows): loading resizes the
             base's embeddings to ``vocab_size`` before the adapter is injected, and the base check reads the first
             ``base_vocab_size`` rows only (see :mod:`hf_deltacome.compression.vocab`).
@@ -162,6 +170,8 @@ class DeltaCoMeConfig(PeftConfig):
     residual: str = field(default="auto", metadata={"help": f"deltacome: DARE of the bands' residual, {RESIDUALS}."})
     dare_rates: Optional[str] = field(default=None, metadata={"help": f"DARE keep-rates, one of {DARE_RATES}."})
     dare_fit: Optional[str] = field(default=None, metadata={"help": f"DARE kept values, one of {DARE_FITS}."})
+    mask_draw: int = field(default=0, metadata={"help": "Draw of the seeded DARE / ImPart masks (0: seed from name)."})
+    mask_draws: int = field(default=MASK_DRAWS, metadata={"help": "residual='auto': mask draws the check weighs."})
     base_vocab_size: Optional[int] = field(default=None)
     vocab_size: Optional[int] = field(default=None)
     trainable_token_indices: Optional[dict[str, list[int]]] = field(default=None)
@@ -288,6 +298,9 @@ class DeltaCoMeConfig(PeftConfig):
             raise ConfigError(f"band_share applies to method 'deltacome-dare', not {self.method!r}")
         if self.residual not in RESIDUALS:
             raise ConfigError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
+        for key, least in (("mask_draw", 0), ("mask_draws", 1)):
+            if not is_int(getattr(self, key), least):
+                raise ConfigError(f"{key} must be an integer >= {least}, got {getattr(self, key)!r}")
         if self.dare_rates not in (None, *DARE_RATES):
             raise ConfigError(f"dare_rates must be null or one of {DARE_RATES}, got {self.dare_rates!r}")
         if self.dare_fit not in (None, *DARE_FITS):

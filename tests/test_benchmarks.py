@@ -217,25 +217,26 @@ def test_fingerprint_benchmark_sizes_7b_shapes():
 
 
 def test_dare_seeds_benchmark_redraws_every_seeded_mask_and_draw_0_is_the_usual_one():
-    """benchmarks/dare_seeds.py: draw 0 is the seed every other run uses; another draw moves every DARE and ImPart
-    module's seed (both read it through ``zlib.crc32`` of the module name), and the real one is back afterwards."""
-    import zlib
+    """benchmarks/dare_seeds.py compresses draw ``k`` with ``mask_draw=k, mask_draws=1``: draw 0 is the seed every
+    other run uses, another draw moves every DARE and ImPart module's seeds, and the default chooses no draw itself."""
+    import inspect
 
-    from hf_deltacome.compression import baselines, impart
+    from hf_deltacome import DeltaCoMeConfig
+    from hf_deltacome.compression.modules import plan_entry
 
     module = benchmark("dare_seeds")
+    assert "mask_draw=k, mask_draws=1" in inspect.getsource(module.main)
     name = "model.layers.3.mlp.up_proj"
-    usual = baselines.dare_plan(name, 64, 96, 1 / 8, 4, 32)["seed"]
-    assert module.salted(0).crc32(name.encode()) == zlib.crc32(name.encode())
-    seeds = set()
+    usual = {m: plan_entry(name, 128, 192, 1 / 8, DeltaCoMeConfig(ratio=1 / 8, method=m)) for m in ("dare", "impart")}
+    seeds = {"dare": set(), "impart": set()}
     for k in range(4):
-        baselines.zlib = impart.zlib = module.salted(k)
-        try:
-            seeds.add(baselines.dare_plan(name, 64, 96, 1 / 8, 4, 32)["seed"])
-        finally:
-            baselines.zlib = impart.zlib = zlib
-    assert usual in seeds and len(seeds) == 4
-    assert baselines.dare_plan(name, 64, 96, 1 / 8, 4, 32)["seed"] == usual
+        for method in seeds:
+            entry = plan_entry(name, 128, 192, 1 / 8, DeltaCoMeConfig(ratio=1 / 8, method=method, mask_draw=k))
+            if k == 0:
+                assert entry == usual[method]
+            parts = [entry["sparse"]] if method == "dare" else entry["sparse_bands"]
+            seeds[method].add(tuple(p["seed"] for p in parts))
+    assert len(seeds["dare"]) == len(seeds["impart"]) == 4
 
 
 def test_dare_seeds_benchmark_refuses_bad_draws_by_name():

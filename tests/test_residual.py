@@ -8,10 +8,11 @@ import torch
 from tiny_models import make_finetune, make_model, random_ids, relative_logits_error, target_linears
 
 from hf_deltacome import ConfigError, DeltaCoMeConfig
+from hf_deltacome.compression.baselines import mask_seed
 from hf_deltacome.compression.modules import entry_nbytes, plan_entry, rtn_bands_dense
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.compression.plan import plan_layouts
-from hf_deltacome.config import RESIDUAL_ALONE_MARGIN, RESIDUAL_MARGIN, RESIDUAL_SHARES
+from hf_deltacome.config import MASK_DRAWS, RESIDUAL_ALONE_MARGIN, RESIDUAL_MARGIN, RESIDUAL_SHARES
 from hf_deltacome.format.budget import budget_bytes
 from hf_deltacome.hub import render_model_card
 from hf_deltacome.io.summary import summarize_adapter
@@ -55,6 +56,15 @@ def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
         for name, entry in cfg.layout.items():
             assert entry_nbytes(entry) <= budget_bytes(*entry["shape"], 1 / 8), name
             assert bool(entry.get("sparse")) == (info["chosen"] != "none"), name
+        if info["chosen"] != "none":  # the kept residual's masks: the draw of least KL, its seeds in the layout
+            draws = info["draws"]
+            assert list(draws["kl"]) == [str(k) for k in range(MASK_DRAWS)]
+            assert draws["kl"]["0"] == info["kl"][str(info["chosen"])]
+            assert draws["chosen"] == min(range(MASK_DRAWS), key=lambda k: (draws["kl"][str(k)], k))
+            seeds = {nm: e["sparse"]["seed"] for nm, e in cfg.layout.items() if e.get("sparse")}
+            assert seeds and all(seed == mask_seed(nm, draws["chosen"]) for nm, seed in seeds.items())
+        else:
+            assert "draws" not in info
         bands = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 8, residual="none"), calibration=calib,
                          progress=False)  # fmt: skip
         assert "residual" not in bands.peft_config["default"].compression_info
@@ -66,6 +76,7 @@ def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
             auto.save_pretrained(tmp_path / label)
             text = summarize_adapter(tmp_path / label).format()
             assert f"3-bit bands with {info['chosen']} of each budget, 2-bit DARE of their residual" in text
+            assert f"DARE masks: draw {info['draws']['chosen']} of {MASK_DRAWS}, by KL: 0: " in text
             # the DARE part has no LoRA form: the export says which module and how to get an adapter that has one
             with pytest.raises(ConfigError, match=r"stores sign bits or sparse values \(deltacome, its residual\)"
                                                   r".*--residual none"):  # fmt: skip
@@ -109,7 +120,7 @@ def test_dare_alone_unless_the_bands_cut_its_kl_by_a_margin(monkeypatch, kls, ch
     from hf_deltacome.io.summary import _plan_text
 
     monkeypatch.setattr(plan, "_kls", lambda *args, **kwargs: dict(kls))
-    config, info = DeltaCoMeConfig(ratio=1 / 64), {}
+    config, info = DeltaCoMeConfig(ratio=1 / 64, mask_draws=1), {}
     planned = plan._choose_residual(None, config, [], {}, info)
     assert info["residual"]["chosen"] == chosen and info["residual"]["alone_margin"] == RESIDUAL_ALONE_MARGIN
     if chosen == "none":
@@ -152,7 +163,7 @@ def test_a_residual_must_beat_the_bands_as_stored(monkeypatch, kls, stored_kl, c
     from hf_deltacome.io.summary import _plan_text
 
     monkeypatch.setattr(plan, "_kls", lambda *args, **kwargs: dict(kls))
-    config, info, stored = DeltaCoMeConfig(ratio=1 / 32), {}, _Stored(stored_kl)
+    config, info, stored = DeltaCoMeConfig(ratio=1 / 32, mask_draws=1), {}, _Stored(stored_kl)
     planned = plan._choose_residual(None, config, [], {}, info, stored=stored)
     assert info["residual"]["chosen"] == chosen and stored.calls == int(asked)
     assert (planned is config) == (chosen == "none")
@@ -164,6 +175,56 @@ def test_a_residual_must_beat_the_bands_as_stored(monkeypatch, kls, stored_kl, c
 def test_a_bad_residual_names_the_field():
     with pytest.raises(ConfigError, match=r"residual must be one of \('auto', 'none'\), got 'dare'"):
         DeltaCoMeConfig(residual="dare")
+    with pytest.raises(ConfigError, match=r"mask_draws must be an integer >= 1, got 0"):
+        DeltaCoMeConfig(mask_draws=0)
+    with pytest.raises(ConfigError, match=r"mask_draw must be an integer >= 0, got -1"):
+        DeltaCoMeConfig(mask_draw=-1)
+
+
+@pytest.mark.parametrize(("first", "draws", "kls", "chosen"),
+                         [(0, 4, {1: 0.428, 2: 0.323, 3: 0.528}, 2),  # facts-hot 1/32, dare-2's draws
+                          (0, 4, {1: 0.5, 2: 0.5, 3: 0.5}, 0),  # ties: the first draw
+                          (5, 2, {6: 0.2}, 6),  # from the configured draw onwards
+                          (0, 1, {}, 0)])  # fmt: skip
+def test_the_kept_residual_gets_the_draw_of_least_kl(monkeypatch, first, draws, kls, chosen):
+    """``_choose_draw`` weighs ``mask_draws`` draws of the kept layout's masks, ``mask_draw`` onwards, keeps the least
+    KL and records every draw's; the residual's layout is otherwise unchanged."""
+    from hf_deltacome.compression import plan
+    from hf_deltacome.compression.modules import with_changes
+
+    asked = []
+
+    def fake_kls(check, candidates, *args, **kwargs):
+        asked.append(sorted(candidates))
+        assert all(cfg.mask_draw == k for k, cfg in candidates.items())
+        return {k: kls[k] for k in candidates}
+
+    monkeypatch.setattr(plan, "_kls", fake_kls)
+    config = with_changes(DeltaCoMeConfig(ratio=1 / 32, mask_draw=first, mask_draws=draws), method="deltacome-dare",
+                          bands=[[3, None]], band_share=0.25, uniform_bits=2)  # fmt: skip
+    record = {}
+    planned = plan._choose_draw(None, config, 0.366, [], {}, record)
+    assert planned.mask_draw == chosen and planned.band_share == 0.25 and planned.method == "deltacome-dare"
+    assert asked == ([] if draws == 1 else [list(range(first + 1, first + draws))])
+    if draws > 1:
+        assert record["draws"] == {"chosen": chosen, "kl": {str(first): 0.366, **{str(k): v for k, v in kls.items()}}}
+    else:
+        assert planned is config and not record
+
+
+def test_mask_seeds_of_draw_0_are_those_files_already_store():
+    """Draw 0 derives a module's seed from its name alone, as every file written before ``mask_draw`` did; other draws
+    from ``name#k``, a different mask."""
+    import zlib
+
+    from hf_deltacome.compression.baselines import dare_plan
+    from hf_deltacome.compression.impart import module_seed
+
+    name = "model.layers.3.mlp.down_proj"
+    assert mask_seed(name) == zlib.crc32(name.encode()) & 0x7FFFFFFF == dare_plan(name, 64, 96, 1 / 16, 2, 32)["seed"]
+    assert module_seed(name) == zlib.crc32(name.encode()) & 0x3FFFFFFF
+    assert mask_seed(name, 2) == zlib.crc32(f"{name}#2".encode()) & 0x7FFFFFFF != mask_seed(name)
+    assert dare_plan(name, 64, 96, 1 / 16, 2, 32, draw=2)["seed"] == mask_seed(name, 2)
 
 
 def test_rtn_dense_of_a_hybrid_entry_is_what_the_factors_store():
@@ -207,3 +268,23 @@ def test_the_bands_as_stored_are_rated_near_what_compress_stores(pairs):
     adapter = compress(copy.deepcopy(base), ft, config, calibration=calib, progress=False)
     written = mean_next_token_kl(reference, adapter, batches)
     assert stored < rounded and 0.8 * written < stored < 1.25 * written, (rounded, stored, written)
+
+
+def test_cli_mask_draws_reaches_the_config_and_a_bad_count_is_refused(tmp_path, capsys):
+    import json
+
+    from tiny_models import save_with_tokenizer
+
+    from hf_deltacome.cli import main
+
+    base = make_model("llama")
+    save_with_tokenizer(tmp_path, base=base, ft=make_finetune(base, seed=3))
+    out = tmp_path / "adapter"
+    args = ["compress", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"), "--output", str(out),
+            "--quantizer", "rtn", "--ratio", "1/8"]  # fmt: skip
+    assert main([*args, "--mask-draws", "2"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["mask_draws"] == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--overwrite", "--mask-draws", "0"])
+    assert exit_info.value.code == 2
+    assert "--mask-draws: expected an integer >= 1, got '0'" in capsys.readouterr().err

@@ -91,7 +91,7 @@ def hybrid_plan(
     else:
         bands = bands_for(HYBRID_BAND_SHARE if share in (None, "auto") else float(share))
     left = budget - layout_nbytes(m, n, [tuple(b) for b in bands], g)
-    return bands, dare_plan(name, m, n, ratio, bits, g, budget=left, rated=rated_dare(config))
+    return bands, dare_plan(name, m, n, ratio, bits, g, budget=left, rated=rated_dare(config), draw=config.mask_draw)
 
 
 def hybrid_error(
@@ -123,16 +123,22 @@ def dare_values(budget: int, bits: int, group_size: int, cap: int) -> int:
     return lo
 
 
+def mask_seed(name: str, draw: int = 0) -> int:
+    """The seed of a module's masks in draw ``draw`` (``DeltaCoMeConfig.mask_draw``): from the module's name alone
+    (draw 0) or from ``name#draw``. The seed is stored in the layout, so a loader never derives it."""
+    return zlib.crc32((name if not draw else f"{name}#{draw}").encode()) & 0x7FFFFFFF
+
+
 def dare_plan(
     name: str, m: int, n: int, ratio: float, bits: int, group_size: int, *, budget: int | None = None,
-    rated: bool = False,
+    rated: bool = False, draw: int = 0,
 ) -> dict[str, Any] | None:  # fmt: skip
     """The ``sparse`` part of a DARE layout: the largest keep rate whose sampled mask's values fit the budget
     (``budget`` bytes when given, e.g. what the bands of ``deltacome-dare`` leave; else the module's at ``ratio``).
     ``rated``: importance rates; their codes and threshold are paid first and ``nnz`` is the values' capacity (the
     mask, chosen when the delta is seen, keeps at most that many)."""
     budget = budget_bytes(m, n, ratio) if budget is None else int(budget)
-    seed = zlib.crc32(name.encode()) & 0x7FFFFFFF
+    seed = mask_seed(name, draw)
     if rated:
         cap = dare_values(budget - rate_nbytes(m, n), bits, group_size, m * n)
         if cap <= 0:

@@ -17,7 +17,6 @@ same bytes buy more rank. The masks are DARE's seeded masks
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ from ..format.budget import band_nbytes, layout_nbytes
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import sparse_band_masks, sparse_band_nbytes
 from ..quant.rtn import quantize_rtn
+from .baselines import mask_seed
 from .svd import svd
 
 KEEP_LEVELS = 4  # sparse bands a tail is cut into (consecutive vectors, equal counts, each its mean keep-rate)
@@ -73,9 +73,10 @@ def _expected_nbytes(m: int, n: int, bits: int, g: int, dense: int, levels: Sequ
     return total
 
 
-def module_seed(name: str) -> int:
-    """The seed of a module's masks (its sparse band ``j`` uses ``seed + 2j`` for ``V`` and ``seed + 2j + 1`` for ``U``)."""
-    return zlib.crc32(name.encode()) & 0x3FFFFFFF
+def module_seed(name: str, draw: int = 0) -> int:
+    """The seed of a module's masks (its sparse band ``j`` uses ``seed + 2j`` for ``V`` and ``seed + 2j + 1`` for ``U``;
+    ``draw``: :func:`~.baselines.mask_seed`'s)."""
+    return mask_seed(name, draw) & 0x3FFFFFFF
 
 
 def sparse_split(
@@ -114,7 +115,7 @@ def sparse_split(
             lo = mid
         else:
             hi = mid - 1
-    seed = module_seed(name)
+    seed = module_seed(name, config.mask_draw)
     for rank in range(lo, -1, -1):  # the masks as drawn scatter around the expected counts: shrink until they fit
         dense, levels = split(rank)
         sparse = []

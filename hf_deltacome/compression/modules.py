@@ -89,7 +89,7 @@ def plan_entry(
             entry["sign"] = {"rows": rows, "scale": config.bitdelta_scale}
     elif method == "dare":
         sparse = None if unchanged else dare_plan(name, m, n, ratio, config.uniform_bits, config.group_size,
-                                                  rated=rated_dare(config))  # fmt: skip
+                                                  rated=rated_dare(config), draw=config.mask_draw)  # fmt: skip
         if sparse:
             entry["sparse"] = sparse
     elif method == "deltacome-dare":

@@ -211,6 +211,10 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
             if residual.get("why_margin"):
                 why += f" ({residual['why_margin']})"
         lines += ["", f"residual (auto): {what}; {why}"]
+        draws = residual.get("draws")
+        if isinstance(draws, dict):
+            kls = ", ".join(f"{k}: {v:.4g}" for k, v in (draws.get("kl") or {}).items())
+            lines.append(f"DARE masks: draw {draws.get('chosen')} of {len(draws.get('kl') or {})}, by KL: {kls}")
     if isinstance(search, dict):
         lines += ["", f"band split search ({search.get('strategy')}), relative output error default -> chosen:"]
         verdicts = (e2e.get("search") or {}) if isinstance(e2e, dict) else {}
