@@ -10,8 +10,9 @@ default does not choose among draws itself), loads each adapter with
 ``PeftModel.from_pretrained`` and counts the held-out questions it answers right, as ``quality.py`` does: how many of
 the questions that separate two methods in one draw a redraw moves. Each draw's next-token KL to the fine-tune on
 the calibration text (the sequences the library's end-to-end check runs: data a user has at hand), over all their
-tokens (what the check scores) and over the answers' tokens, is printed beside its count: whether the draw a user
-could pick without held-out data is a good one.
+tokens (what the check scores) and over the answers' tokens, is printed beside its count and its next-token agreement
+with the fine-tune on ``quality.py``'s held-out text: whether the draw the default picks by that KL (``mask_draws``)
+is a good one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from hf_deltacome.compression.endtoend import (  # noqa: E402
     response_positions,
 )
 from hf_deltacome.compression.pipeline import compress  # noqa: E402
+from hf_deltacome.evaluation.metrics import token_windows  # noqa: E402
 
 CALIBRATION = {"num_samples": 16, "seq_len": 256}  # as benchmarks/quality.py calibrates: compress and the KL read it
 
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = list(ids[:E2E_SAMPLES].split(E2E_BATCH))  # what its end-to-end check runs
     answers = list(response_positions(mask[:E2E_SAMPLES]).split(E2E_BATCH))  # the answers' tokens in them
     reference = [next_token_log_probs(ft, b) for b in batches]
+    # quality.py's held-out text and its agreement column: the fine-tune's greedy next tokens there
+    windows = token_windows(tokenizer, quality.heldout_text(task, tokenizer, 64), 256, 1 << 20)
+    ft_argmax = quality.text_scores(ft, windows, None)[2]
     rows = []
     for k in seeds:
         cfg = DeltaCoMeConfig(ratio=ratio, mask_draw=k, mask_draws=1,
@@ -86,15 +91,17 @@ def main(argv: list[str] | None = None) -> int:
             right = [ok for _, _, ok in zoo.task_predictions(loaded, tokenizer, task, n=None, batch_size=48)]
             kl = mean_next_token_kl(reference, loaded, batches)
             kl_answers = mean_next_token_kl(reference, loaded, batches, answers)
-        rows.append((k, size, sum(right), kl, kl_answers))
-        print(f"draw {k}: {sum(right)} right, calibration KL {kl:.5f}, answers KL {kl_answers:.5f}, {size:,} B",
-              file=sys.stderr, flush=True)  # fmt: skip
+            agreement = quality.text_scores(loaded, windows, ft_argmax)[1]
+        rows.append((k, size, sum(right), kl, kl_answers, agreement))
+        print(f"draw {k}: {sum(right)} right, agreement {100 * agreement:.1f}%, calibration KL {kl:.5f}, answers KL "
+              f"{kl_answers:.5f}, {size:,} B", file=sys.stderr, flush=True)  # fmt: skip
     print(f"### {task.name}: `{args.method}` at {args.ratio}, one row per draw of its masks ({len(task.eval)} "
           f"held-out questions; the fine-tune answers {ft_right})\n")  # fmt: skip
-    print("| draw | true bytes | right | vs the fine-tune | calibration KL | answers KL |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for k, size, right, kl, kl_answers in rows:
-        print(f"| {k} | {size:,} | {right} | {right - ft_right:+d} | {kl:.5f} | {kl_answers:.5f} |")
+    print("| draw | true bytes | right | vs the fine-tune | agreement | calibration KL | answers KL |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for k, size, right, kl, kl_answers, agreement in rows:
+        print(f"| {k} | {size:,} | {right} | {right - ft_right:+d} | {100 * agreement:.1f}% | {kl:.5f} | "
+              f"{kl_answers:.5f} |")
     counts = [row[2] for row in rows]
     by_kl, by_answers = min(rows, key=lambda row: row[3]), min(rows, key=lambda row: row[4])
     print(f"\nright: {min(counts)}-{max(counts)}, mean {sum(counts) / len(counts):.1f}; the draw of lowest "
