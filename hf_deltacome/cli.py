@@ -252,8 +252,8 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                         "to the fine-tune; none: the bands alone")  # fmt: skip
     p.add_argument("--mask-draws", type=_count(1), default=None,
                    help="--residual auto: when it keeps a DARE part, the whole-model check weighs this many draws "
-                        "of its seeded masks and keeps the closest to the fine-tune (default 4; 1: the seeds from "
-                        "the module names alone)")  # fmt: skip
+                        "of its seeded masks and keeps the closest to the fine-tune (default 1: the seeds from the "
+                        "module names alone; more draws kept no more held-out facts in benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--dare-rates", choices=["uniform", "importance"], default=None,
                    help="keep-rates of a DARE part: uniform (published DARE; the default of --method dare) or "
                         "importance (a rate per row and column from the output energy; the default's residual)")  # fmt: skip

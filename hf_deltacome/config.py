@@ -46,7 +46,10 @@ RESIDUAL_MARGIN = 0.5
 # facts and facts-hot kept as many questions and more agreement than DARE alone; benchmarks/RESULTS.md)
 RESIDUAL_ALONE_MARGIN = 0.85
 RESIDUALS = ("auto", "none")
-MASK_DRAWS = 4  # residual="auto": draws of a kept DARE part's masks the whole-model check weighs (mask_draws)
+# residual="auto": draws of a kept DARE part's masks the whole-model check weighs (mask_draws). 1: the name-derived
+# seeds. Picking the least-KL draw of 4 did not pay on held-out questions (over six draws at 1/128: +1.1 questions
+# and -1.2 points of agreement on facts-hot, -0.6 questions on facts; benchmarks/RESULTS.md), so it is an option
+MASK_DRAWS = 1
 DARE_RATES = ("uniform", "importance")
 DARE_FITS = ("rescale", "gptq")
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
@@ -131,10 +134,10 @@ class DeltaCoMeConfig(PeftConfig):
         mask_draw: which draw of the seeded masks (DARE's, ImPart's) a layout uses: every module's seed comes from
             its name (0) or from ``name#mask_draw``. The seeds are stored in the layout; loading never re-derives them.
         mask_draws: ``residual="auto"``: when it keeps a DARE part, the whole-model check also weighs that layout
-            under this many draws of the masks (``mask_draw`` onwards) and keeps the draw of least KL (1: no choice).
-            One draw of DARE's masks moves a 1/128 knowledge delta by up to 7 of 240 held-out questions, and the
-            draw's calibration KL tracks them (benchmarks/RESULTS.md); each extra draw is one forward pass of the
-            check's sequences.
+            under this many draws of the masks (``mask_draw`` onwards) and keeps the draw of least KL. Default 1 (no
+            choice): one draw moves a 1/128 knowledge delta by up to 7 of 240 held-out questions, but the least-KL
+            draw of 4 kept no more of them than a draw at random (benchmarks/RESULTS.md); each extra draw is one
+            forward pass of the check's sequences.
         base_vocab_size, vocab_size: set when the fine-tune added tokens (``V`` -> ``V'`` rows): loading resizes the
             base's embeddings to ``vocab_size`` before the adapter is injected, and the base check reads the first
             ``base_vocab_size`` rows only (see :mod:`hf_deltacome.compression.vocab`).

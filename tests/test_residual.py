@@ -12,13 +12,14 @@ from hf_deltacome.compression.baselines import mask_seed
 from hf_deltacome.compression.modules import entry_nbytes, plan_entry, rtn_bands_dense
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.compression.plan import plan_layouts
-from hf_deltacome.config import MASK_DRAWS, RESIDUAL_ALONE_MARGIN, RESIDUAL_MARGIN, RESIDUAL_SHARES
+from hf_deltacome.config import RESIDUAL_ALONE_MARGIN, RESIDUAL_MARGIN, RESIDUAL_SHARES
 from hf_deltacome.format.budget import budget_bytes
 from hf_deltacome.hub import render_model_card
 from hf_deltacome.io.summary import summarize_adapter
 from hf_deltacome.serving import export_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+DRAWS = 3  # mask_draws asked for (the default, 1, weighs no other draw)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,8 @@ def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
     calib, held_out = random_ids(base, 16, 64, seed=1), random_ids(base, 8, 64, seed=2)
     chosen = {}
     for label, ft in fts.items():
-        auto = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 8), calibration=calib, progress=False)
+        auto = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 8, mask_draws=DRAWS), calibration=calib,
+                        progress=False)  # fmt: skip
         cfg = auto.peft_config["default"]
         info = cfg.compression_info["residual"]
         chosen[label] = info["chosen"]
@@ -58,9 +60,9 @@ def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
             assert bool(entry.get("sparse")) == (info["chosen"] != "none"), name
         if info["chosen"] != "none":  # the kept residual's masks: the draw of least KL, its seeds in the layout
             draws = info["draws"]
-            assert list(draws["kl"]) == [str(k) for k in range(MASK_DRAWS)]
+            assert list(draws["kl"]) == [str(k) for k in range(DRAWS)]
             assert draws["kl"]["0"] == info["kl"][str(info["chosen"])]
-            assert draws["chosen"] == min(range(MASK_DRAWS), key=lambda k: (draws["kl"][str(k)], k))
+            assert draws["chosen"] == min(range(DRAWS), key=lambda k: (draws["kl"][str(k)], k))
             seeds = {nm: e["sparse"]["seed"] for nm, e in cfg.layout.items() if e.get("sparse")}
             assert seeds and all(seed == mask_seed(nm, draws["chosen"]) for nm, seed in seeds.items())
         else:
@@ -76,7 +78,7 @@ def test_the_residual_follows_the_delta_and_lowers_the_error(pairs, tmp_path):
             auto.save_pretrained(tmp_path / label)
             text = summarize_adapter(tmp_path / label).format()
             assert f"3-bit bands with {info['chosen']} of each budget, 2-bit DARE of their residual" in text
-            assert f"DARE masks: draw {info['draws']['chosen']} of {MASK_DRAWS}, by KL: 0: " in text
+            assert f"DARE masks: draw {info['draws']['chosen']} of {DRAWS}, by KL: 0: " in text
             # the DARE part has no LoRA form: the export says which module and how to get an adapter that has one
             with pytest.raises(ConfigError, match=r"stores sign bits or sparse values \(deltacome, its residual\)"
                                                   r".*--residual none"):  # fmt: skip

@@ -269,8 +269,8 @@ def _choose_residual(
     bands brings its KL down to ``RESIDUAL_ALONE_MARGIN``, bands in the residual or the bands alone as stored (the
     KL is measured on text the fine-tune learned, where a few bands reproduce memorised text, while held-out
     paraphrases need DARE's share of every entry). Without the Hessians for the stored bands a residual must reach
-    ``RESIDUAL_MARGIN`` of the bands' rounded KL. A kept residual then gets the best of ``mask_draws`` draws of its
-    masks (:func:`_choose_draw`). Returns the config that plans it.
+    ``RESIDUAL_MARGIN`` of the bands' rounded KL. With ``mask_draws > 1`` a kept residual then gets the best of that
+    many draws of its masks (:func:`_choose_draw`). Returns the config that plans it.
 
     A delta that stores facts spreads over many singular directions: at 1/64-1/128 a seeded random share of every
     entry (no rank limit, no index bytes) keeps more of it than the few ranks the bytes buy, and two bits buy twice
@@ -316,7 +316,7 @@ def _choose_draw(
 ) -> DeltaCoMeConfig:
     """The kept DARE layout under ``config.mask_draws`` draws of its masks (``mask_draw`` onwards; ``kl_first`` is
     the first's KL, just measured): the draw of least KL to the fine-tune. One draw moves a 1/128 knowledge delta by
-    up to 7 of 240 held-out questions, and its KL on the calibration text tracks them (benchmarks/RESULTS.md)."""
+    up to 7 of 240 held-out questions; the KL tracked them on facts-hot, not on facts (benchmarks/RESULTS.md)."""
     first = config.mask_draw
     if config.mask_draws <= 1:
         return config
