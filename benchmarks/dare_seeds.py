@@ -39,9 +39,8 @@ from hf_deltacome.compression.endtoend import (  # noqa: E402
     response_positions,
 )
 from hf_deltacome.compression.pipeline import compress  # noqa: E402
-from hf_deltacome.evaluation.metrics import token_windows  # noqa: E402
 
-CALIBRATION = {"num_samples": 16, "seq_len": 256}  # as benchmarks/quality.py calibrates: compress and the KL read it
+CALIBRATION = {"num_samples": 16, "seq_len": quality.SEQ_LEN}  # as benchmarks/quality.py calibrates: compress and the KL read it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     answers = list(response_positions(mask[:E2E_SAMPLES]).split(E2E_BATCH))  # the answers' tokens in them
     reference = [next_token_log_probs(ft, b) for b in batches]
     # quality.py's held-out text and its agreement column: the fine-tune's greedy next tokens there
-    windows = token_windows(tokenizer, quality.heldout_text(task, tokenizer, 64), 256, 1 << 20)
+    windows = quality.heldout_windows(task, tokenizer)
     ft_argmax = quality.text_scores(ft, windows, None)[2]
     rows = []
     for k in seeds:

@@ -102,6 +102,8 @@ DEFAULT_METHODS = "deltacome,deltacome-published,impart,svd-uniform-2,svd-unifor
 QUICK_METHODS = "deltacome,deltacome+greedy,bitdelta,lowrank,svd-uniform-4"
 DEFAULT_RATIOS = "1/8,1/16,1/32,1/64,1/128"
 QUICK_RATIOS = "1/16,1/64"
+SEQ_LEN = 256  # --seq-len: tokens per calibration / perplexity sequence
+N_TEXT = 64  # --n-text: held-out items whose prompt + answer give the perplexity / agreement text
 CLOSE_CALL = 1.0  # logits: a question the fine-tune answers within this of another answer is a close call
 CALIBRATIONS = {  # --calibration: what every method of a run calibrates on
     "task": "the task's training prompts and answers",
@@ -120,9 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=None, help=f"comma-separated of {sorted(VARIANTS)}")
     p.add_argument("--out", default=None, help="cache folder (default ~/.cache/hf_deltacome/quality)")
     p.add_argument("--num-samples", type=int, default=16, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration / perplexity sequence")
+    p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per calibration / perplexity sequence")
     p.add_argument("--n-eval", type=int, default=None, help="held-out task items (default: the whole eval split)")
-    p.add_argument("--n-text", type=int, default=64, help="held-out items whose prompt + answer give the text")
+    p.add_argument("--n-text", type=int, default=N_TEXT, help="held-out items whose prompt + answer give the text")
     p.add_argument("--quantizer", default="gptq", choices=["gptq", "rtn"], help="for the SVD methods")
     p.add_argument("--calibration", default="task", choices=list(CALIBRATIONS),
                    help="calibration data: " + "; ".join(f"{k}: {v}" for k, v in CALIBRATIONS.items()))
@@ -163,6 +165,12 @@ def heldout_text(task: Any, tokenizer: Any, n: int | None) -> str:
     """The held-out split rendered as the model sees it (chat prompt + answer + end of turn)."""
     eos = tokenizer.eos_token or ""
     return "".join(task.render(tokenizer, ex) + ex.answer + eos + "\n" for ex in task.eval[:n])
+
+
+def heldout_windows(task: Any, tokenizer: Any, n_text: int | None = N_TEXT, seq_len: int = SEQ_LEN) -> torch.Tensor:
+    """The token windows of the first ``n_text`` held-out items' text: what the perplexity and agreement columns
+    score."""
+    return token_windows(tokenizer, heldout_text(task, tokenizer, n_text), seq_len, 1 << 20)
 
 
 def calibration_texts(task: Any, tokenizer: Any) -> list[dict[str, str]]:
@@ -585,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or (zoo.cache_dir() / "quality")) / f"{task.name}-{ft_path.name}"
     out.mkdir(parents=True, exist_ok=True)
     revision = code_revision()
-    windows = token_windows(tokenizer, heldout_text(task, tokenizer, args.n_text), args.seq_len, 1 << 20)
+    windows = heldout_windows(task, tokenizer, args.n_text, args.seq_len)
     ctx = {
         "out": out,
         "base": load_model(base_path),
