@@ -38,6 +38,24 @@ def test_bands_take_their_share_and_dare_the_rest_of_the_budget(share, ratio):
     assert (other["sparse"]["keep"] > entry["sparse"]["keep"]) == (other["bands"] != entry["bands"])
 
 
+@pytest.mark.parametrize("ratio", [1 / 16, 1 / 64, 1 / 128])
+@pytest.mark.parametrize("shape", [(192, 320), (576, 576)])
+def test_uniform_dare_fills_the_budget_not_a_bernoulli_counts_scatter(shape, ratio):
+    """Uniform DARE's threshold is the draw just past the count the budget holds: the seeded mask keeps exactly that
+    many values (a Bernoulli count sized to fit would leave about two standard deviations of them unspent)."""
+    from hf_deltacome.compression.baselines import dare_plan, dare_values
+    from hf_deltacome.format.packing import stored_nbytes
+
+    m, n = shape
+    for name in ("layers.0.q", "layers.7.mlp.down_proj"):
+        sparse = dare_plan(name, m, n, ratio, 2, 32)
+        budget = budget_bytes(m, n, ratio)
+        cap = dare_values(budget, 2, 32, m * n)
+        assert sparse["nnz"] == cap == int(sparse_mask(m, n, sparse["keep"], sparse["seed"]).sum())
+        assert stored_nbytes(1, cap, 2, 32) <= budget < stored_nbytes(1, cap + 1, 2, 32)
+        assert abs(sparse["keep"] - cap / (m * n)) < 4 / (m * n) ** 0.5  # the draw's quantile: keep ~ nnz / (m n)
+
+
 @pytest.mark.parametrize("rates", ["uniform", "importance"])
 def test_band_share_zero_is_plain_dare(rates):
     d = long_tail_delta(96, 160, seed=3)

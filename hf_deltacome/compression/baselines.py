@@ -4,8 +4,8 @@
   distillation against the fine-tune (:func:`distill_sign_scales`). One bit per weight is exactly the 1/16 budget;
   below that only the output rows whose sign approximation removes the most output error keep their signs;
 * ``dare`` — a random subset of the delta's entries (mask regenerated from a stored seed), rescaled by 1/keep and
-  quantized; keep is the largest the budget allows. ``deltacome-dare`` applies it to the residual of its bands
-  (:func:`.modules.compress_module`), by default with *importance rates* (``dare_rates``): entry ``(i, j)`` is kept
+  quantized; the mask keeps as many entries as the budget holds. ``deltacome-dare`` applies it to the residual of
+  its bands (:func:`.modules.compress_module`), by default with *importance rates* (``dare_rates``): entry ``(i, j)`` is kept
   at rate ``∝ (R_i C_j)^RATE_EXPONENT``, where ``R_i`` and ``C_j`` are the row's and the column's output energy
   ``Σ Δ² diag(H)``, stored as a 4-bit code per row and column; the mask stays seeded (:func:`dare_factors`).
 
@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -133,8 +132,9 @@ def dare_plan(
     name: str, m: int, n: int, ratio: float, bits: int, group_size: int, *, budget: int | None = None,
     rated: bool = False, draw: int = 0,
 ) -> dict[str, Any] | None:  # fmt: skip
-    """The ``sparse`` part of a DARE layout: the largest keep rate whose sampled mask's values fit the budget
-    (``budget`` bytes when given, e.g. what the bands of ``deltacome-dare`` leave; else the module's at ``ratio``).
+    """The ``sparse`` part of a DARE layout: the keep rate whose seeded mask keeps as many values as the budget holds
+    (``budget`` bytes when given, e.g. what the bands of ``deltacome-dare`` leave; else the module's at ``ratio``):
+    the threshold is the draw just past that count, so the budget is filled, not left to a Bernoulli count's scatter.
     ``rated``: importance rates; their codes and threshold are paid first and ``nnz`` is the values' capacity (the
     mask, chosen when the delta is seen, keeps at most that many)."""
     budget = budget_bytes(m, n, ratio) if budget is None else int(budget)
@@ -148,13 +148,13 @@ def dare_plan(
     lo = dare_values(budget, bits, group_size, m * n)  # most values that fit
     if lo == 0:
         return None
-    keep = min(1.0, lo / (m * n))
-    for _ in range(50):  # the sampled count scatters around keep·m·n: shrink keep until the sample fits
-        nnz = int(sparse_mask(m, n, keep, seed).sum())
-        if 0 < nnz <= lo:
-            return {"nnz": nnz, "keep": keep, "seed": seed, "bits": bits, "group_size": group_size}
-        keep *= 1.0 - max(2.0 / math.sqrt(max(lo, 1)), 1e-4)
-    raise DeltaCoMeError(f"{name}: cannot draw a DARE mask that fits {budget} bytes")  # pragma: no cover
+    keep = 1.0
+    if lo < m * n:  # the (lo+1)-th smallest draw: exactly the lo draws below it are kept (fewer only on a tie)
+        keep = float(torch.kthvalue(sparse_scores(m, n, seed).flatten(), lo + 1).values)
+    nnz = int(sparse_mask(m, n, keep, seed).sum())
+    if nnz == 0:  # pragma: no cover - a draw of exactly 0.0 at the boundary
+        raise DeltaCoMeError(f"{name}: cannot draw a DARE mask that fits {budget} bytes")
+    return {"nnz": nnz, "keep": keep, "seed": seed, "bits": bits, "group_size": group_size}
 
 
 def bitdelta_factors(
