@@ -113,6 +113,7 @@ def test_no_data_or_another_plan_means_no_residual(pairs):
     [
         ({"none": 1.31, 0.0: 0.437, 0.25: 0.399, 0.5: 0.506}, 0.0),  # bands at 0.91x of DARE alone: not a win
         ({"none": 0.86, 0.0: 0.201, 0.25: 0.152, 0.5: 0.175}, 0.25),  # 0.75x: the bands pay
+        ({"none": 0.86, 0.0: 0.201, 0.25: 0.157, 0.5: 0.175}, 0.0),  # 0.78x: not enough (facts 1/128)
         ({"none": 2.0, 0.0: 0.85, 0.25: 0.95, 0.5: 1.16}, 0.0),  # DARE alone is the least anyway
         ({"none": 0.016, 0.0: 0.071, 0.25: 0.0093, 0.5: 0.0081}, "none"),  # no residual reaches half the bands' KL
     ],
