@@ -42,8 +42,8 @@ RESIDUAL_MARGIN = 0.5
 # residual, or the bands alone as GPTQ stores them. The KL is measured on calibration text
 # the fine-tune was trained on, where a few bands reproduce memorised text, while held-out paraphrases of the same
 # facts need DARE's unbiased share of every entry (facts-hot: 0.91x at 1/64 and 0.96x at 1/128 (uniform rates) lost
-# 8 and 16 of 240 questions to DARE alone, and the stored bands alone at 0.98-1.09x at 1/64 lose 23; 0.78x (facts
-# 1/128, facts-hot 1/64, a later machine's fine-tunes) answered 2.2 and 0 fewer over six mask draws with 2.2 and 0.3
+# 8 and 16 of 240 questions to DARE alone, and the stored bands alone at 0.98-1.09x at 1/64 lose 23; bands at 0.78x
+# (facts 1/128, facts-hot 1/64, a later machine's fine-tunes) answered 2.2 and 0 fewer over six mask draws with 2.2 and 0.3
 # points more agreement; 0.22-0.75x on facts and facts-hot kept as many questions and more agreement than DARE
 # alone; benchmarks/RESULTS.md). Fitted to those cells: the questions come first, so 0.78x goes to DARE alone
 RESIDUAL_ALONE_MARGIN = 0.77
