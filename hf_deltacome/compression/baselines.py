@@ -132,28 +132,32 @@ def dare_plan(
     name: str, m: int, n: int, ratio: float, bits: int, group_size: int, *, budget: int | None = None,
     rated: bool = False, draw: int = 0,
 ) -> dict[str, Any] | None:  # fmt: skip
-    """The ``sparse`` part of a DARE layout: the keep rate whose seeded mask keeps as many values as the budget holds
-    (``budget`` bytes when given, e.g. what the bands of ``deltacome-dare`` leave; else the module's at ``ratio``):
-    the threshold is the draw just past that count, so the budget is filled, not left to a Bernoulli count's scatter.
-    ``rated``: importance rates; their codes and threshold are paid first and ``nnz`` is the values' capacity (the
-    mask, chosen when the delta is seen, keeps at most that many)."""
+    """The ``sparse`` part of a DARE layout holding as many values as the budget does (``budget`` bytes when given,
+    e.g. what the bands of ``deltacome-dare`` leave; else the module's at ``ratio``; :func:`sparse_entry`).
+    ``rated``: importance rates; their codes and threshold are paid first."""
     budget = budget_bytes(m, n, ratio) if budget is None else int(budget)
-    seed = mask_seed(name, draw)
-    if rated:
-        cap = dare_values(budget - rate_nbytes(m, n), bits, group_size, m * n)
-        if cap <= 0:
-            return None
-        return {"nnz": cap, "keep": cap / (m * n), "seed": seed, "bits": bits, "group_size": group_size,
-                "rates": "importance"}  # fmt: skip
-    lo = dare_values(budget, bits, group_size, m * n)  # most values that fit
-    if lo == 0:
+    count = dare_values(budget - (rate_nbytes(m, n) if rated else 0), bits, group_size, m * n)
+    if count <= 0:
         return None
+    return sparse_entry(name, m, n, count, mask_seed(name, draw), bits, group_size, rated)
+
+
+def sparse_entry(
+    name: str, m: int, n: int, count: int, seed: int, bits: int, group_size: int, rated: bool
+) -> dict[str, Any]:
+    """The ``sparse`` part of a DARE layout with room for ``count`` values. Uniform: the threshold ``keep`` is the
+    seeded draw just past ``count``, so the mask keeps exactly that many (fewer only on a tie) and the budget is
+    filled, not left to a Bernoulli count's scatter. ``rated``: ``nnz`` is the values' capacity (the mask, chosen
+    when the delta is seen, keeps at most that many)."""
+    if rated:
+        return {"nnz": count, "keep": count / (m * n), "seed": seed, "bits": bits, "group_size": group_size,
+                "rates": "importance"}  # fmt: skip
     keep = 1.0
-    if lo < m * n:  # the (lo+1)-th smallest draw: exactly the lo draws below it are kept (fewer only on a tie)
-        keep = float(torch.kthvalue(sparse_scores(m, n, seed).flatten(), lo + 1).values)
+    if count < m * n:  # the (count+1)-th smallest draw: exactly the count draws below it are kept (fewer on a tie)
+        keep = float(torch.kthvalue(sparse_scores(m, n, seed).flatten(), count + 1).values)
     nnz = int(sparse_mask(m, n, keep, seed).sum())
     if nnz == 0:  # pragma: no cover - a draw of exactly 0.0 at the boundary
-        raise DeltaCoMeError(f"{name}: cannot draw a DARE mask that fits {budget} bytes")
+        raise DeltaCoMeError(f"{name}: cannot draw a DARE mask that keeps {count} of {m * n} entries")
     return {"nnz": nnz, "keep": keep, "seed": seed, "bits": bits, "group_size": group_size}
 
 
