@@ -188,6 +188,12 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
             f"bias deltas {budget.get('bias_bytes', 0):,} B; the packed factors got the rest, "
             f"1/{1 / budget['factor_ratio']:.1f} of their fp16 delta",
         ]
+    unspent = plan.get("unspent")
+    if isinstance(unspent, dict) and unspent.get("offered_bytes"):
+        lines.append(
+            f"the modules' budgets sum to {unspent['offered_bytes']:,} B; {unspent.get('unspent_bytes', 0):,} B "
+            f"left unspent ({unspent.get('unspent_before', 0):,} B before the DARE parts took what others left)"
+        )
     search, e2e = plan.get("search"), plan.get("end_to_end")
     share = plan.get("rank_share")
     if isinstance(share, dict):
