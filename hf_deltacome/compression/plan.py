@@ -170,14 +170,13 @@ def spend_unspent(layout: dict[str, dict[str, Any]], offered: int) -> dict[str, 
     sp = {nm: layout[nm]["sparse"] for nm in names}
     size = {nm: int(layout[nm]["shape"][0]) * int(layout[nm]["shape"][1]) for nm in names}
     count = {nm: int(sp[nm]["nnz"]) for nm in names}
+    fmt = {nm: (int(sp[nm]["bits"]), int(sp[nm].get("group_size", 128))) for nm in names}  # the values' bits, group
 
     def nbytes(nm: str, c: int) -> int:
-        return stored_nbytes(1, c, int(sp[nm]["bits"]), int(sp[nm].get("group_size", 128)))
+        return stored_nbytes(1, c, *fmt[nm])
 
     def grow(nm: str, extra: int) -> int:  # the most values this part holds with ``extra`` more bytes
-        new = dare_values(nbytes(nm, count[nm]) + extra, int(sp[nm]["bits"]), int(sp[nm].get("group_size", 128)),
-                          size[nm])  # fmt: skip
-        return max(new, count[nm])
+        return max(dare_values(nbytes(nm, count[nm]) + extra, *fmt[nm], size[nm]), count[nm])
 
     left, total = spare, sum(nbytes(nm, count[nm]) for nm in names)
     for proportional in (True, False):  # each part's share, then what the shares' rounding left, in order
@@ -200,8 +199,8 @@ def spend_unspent(layout: dict[str, dict[str, Any]], offered: int) -> dict[str, 
     for nm in names:
         if count[nm] != int(sp[nm]["nnz"]):
             m, n = layout[nm]["shape"]
-            layout[nm]["sparse"] = sparse_entry(nm, m, n, count[nm], int(sp[nm]["seed"]), int(sp[nm]["bits"]),
-                                                int(sp[nm].get("group_size", 128)), bool(sp[nm].get("rates")))  # fmt: skip
+            layout[nm]["sparse"] = sparse_entry(nm, m, n, count[nm], int(sp[nm]["seed"]), *fmt[nm],
+                                                bool(sp[nm].get("rates")))  # fmt: skip
     record["unspent_bytes"] = int(offered - sum(entry_nbytes(e) for e in layout.values()))
     return record
 
