@@ -2,8 +2,8 @@
 
 Every method stores its factors in the format of :class:`~hf_deltacome.format.storage.PackedDelta` and fits,
 counted with every stored byte, in the budget of :func:`~hf_deltacome.format.budget.budget_bytes` of each module
-(or, with ``allocation="adaptive"``, in the model-wide sum of those budgets; a DARE part also takes what the other
-modules leave unspent, :func:`spend_unspent`, so a file with DARE parts spends the whole sum to the byte):
+(or, with ``allocation="adaptive"``, in the model-wide sum of those budgets); what the modules leave unspent goes
+back to the DARE parts, else to the last bands (:mod:`.unspent`), so a file spends the whole sum:
 
 * ``deltacome`` — SVD, singular vectors in bands of mixed precision (``config.bands``, 8/3/2 bits by default),
   GPTQ against calibration activations (:mod:`.svd`);
@@ -39,15 +39,14 @@ from ..config import (
     DeltaCoMeConfig,
 )
 from ..format.budget import budget_bytes
-from ..format.packing import stored_nbytes
 from ..progress import progress_bar
 from ..quant.hessian import HESSIAN_MEMORY, model_hessians
 from .allocation import allocate_adaptive
-from .baselines import dare_values, sparse_entry
 from .endtoend import METRIC, EndToEndCheck
-from .modules import compress_module, entry_nbytes, module_kind, plan_entry, rtn_bands_dense, with_changes
+from .modules import compress_module, module_kind, plan_entry, rtn_bands_dense, with_changes
 from .search import search_specs
-from .svd import reuse_svd_if_fits, svd
+from .svd import reuse_svd_if_fits, svd, svd_reused
+from .unspent import spend_unspent
 
 PLAN_MAX_SAMPLES = 16  # calibration sequences used to measure activations for search / allocation
 
@@ -143,82 +142,18 @@ def plan_layouts(
             if adaptive:
                 allocate_adaptive(finetuned_model, config, ids, live, shapes, delta_of, ft_mods, specs, layout,
                                    info, check, kl_now, progress)  # fmt: skip
+            if check is not None:
+                check.restore()
+            # what the modules leave of their budgets goes to DARE parts, else to the bands (the most energy first)
+            offered = sum(budget_bytes(*shapes[nm], config.ratio) for nm in targets)
+            info["unspent"] = spend_unspent(layout, offered, lambda nm: _spectrum(nm, spectra, base_mods, delta_of))
     finally:
         if check is not None:
             check.restore()
-    info["unspent"] = spend_unspent(layout, sum(budget_bytes(*shapes[nm], config.ratio) for nm in targets))
     info["plan_seconds"] = round(time.time() - t0, 2)
     if needs_data:
         info["plan_samples"] = int(ids.shape[0])
     return layout, info
-
-
-EXACT_FILL_VALUES = 512  # spend_unspent's last step moves DARE parts by up to this many values
-
-
-def spend_unspent(layout: dict[str, dict[str, Any]], offered: int) -> dict[str, int]:
-    """Give the bytes the layouts leave of ``offered`` (the sum of the targets' budgets) to their DARE parts, in
-    place, so that a file with DARE parts spends its whole budget (to the byte, where a few parts can move by a few
-    values to land on it) instead of each module leaving up to a group's bytes unused; the bytes are shared in
-    proportion to each part's size. Layouts without a DARE part keep what they have. Returns the bytes offered, left
-    before and left after."""
-    spare = offered - sum(entry_nbytes(e) for e in layout.values())
-    record = {"offered_bytes": int(offered), "unspent_before": int(spare), "unspent_bytes": int(spare)}
-    names = [nm for nm, e in layout.items() if e.get("sparse")]
-    if spare <= 0 or not names:
-        return record
-    sp = {nm: layout[nm]["sparse"] for nm in names}
-    size = {nm: int(layout[nm]["shape"][0]) * int(layout[nm]["shape"][1]) for nm in names}
-    count = {nm: int(sp[nm]["nnz"]) for nm in names}
-    fmt = {nm: (int(sp[nm]["bits"]), int(sp[nm].get("group_size", 128))) for nm in names}  # the values' bits, group
-
-    def nbytes(nm: str, c: int) -> int:
-        return stored_nbytes(1, c, *fmt[nm])
-
-    def grow(nm: str, extra: int) -> int:  # the most values this part holds with ``extra`` more bytes
-        return max(dare_values(nbytes(nm, count[nm]) + extra, *fmt[nm], size[nm]), count[nm])
-
-    left, total = spare, sum(nbytes(nm, count[nm]) for nm in names)
-    for proportional in (True, False):  # each part's share, then what the shares' rounding left, in order
-        for nm in names:
-            extra = spare * nbytes(nm, count[nm]) // total if proportional else left
-            new = grow(nm, extra)
-            left -= nbytes(nm, new) - nbytes(nm, count[nm])
-            count[nm] = new
-    if left > 0:  # no part grows into what is left alone: parts move by a few values each to land on it
-        steps = sorted((t for t in range(-EXACT_FILL_VALUES, EXACT_FILL_VALUES + 1) if t), key=lambda t: (abs(t), t))
-        options = []
-        for nm in names:
-            opts: dict[int, int] = {}  # bytes -> the fewest values that move this part by them
-            for t in steps:
-                if 0 < count[nm] + t <= size[nm]:
-                    opts.setdefault(nbytes(nm, count[nm] + t) - nbytes(nm, count[nm]), t)
-            options.append((nm, {d: t for d, t in opts.items() if 0 < abs(d) <= 96}))
-        for nm, t in (_landing_moves(options, left) or {}).items():
-            count[nm] += t
-    for nm in names:
-        if count[nm] != int(sp[nm]["nnz"]):
-            m, n = layout[nm]["shape"]
-            layout[nm]["sparse"] = sparse_entry(nm, m, n, count[nm], int(sp[nm]["seed"]), *fmt[nm],
-                                                bool(sp[nm].get("rates")))  # fmt: skip
-    record["unspent_bytes"] = int(offered - sum(entry_nbytes(e) for e in layout.values()))
-    return record
-
-
-def _landing_moves(options: Sequence[tuple[str, dict[int, int]]], target: int) -> dict[str, int] | None:
-    """One move (or none) per part, from its ``options`` (bytes -> move), whose bytes sum to ``target``: the parts
-    taken in order until the sum is reachable, the fewest bytes moved among the ways found (None: unreachable)."""
-    reach: dict[int, tuple[int, dict[str, int]]] = {0: (0, {})}  # bytes moved in all -> (bytes moved, moves)
-    for nm, opts in options:
-        for total, (cost, moves) in list(reach.items()):
-            for d, t in opts.items():
-                if abs(total + d) <= 4 * max(abs(target), 96) and (
-                    total + d not in reach or cost + abs(d) < reach[total + d][0]
-                ):
-                    reach[total + d] = (cost + abs(d), {**moves, nm: t})
-        if target in reach:
-            return reach[target][1]
-    return None
 
 
 def _spectra(
@@ -231,6 +166,18 @@ def _spectra(
     if not wanted or any(base_mods[nm].weight.is_meta for nm in live):
         return {}
     return {nm: svd(delta_of(nm))[1] for nm in live}
+
+
+def _spectrum(
+    name: str, spectra: dict[str, torch.Tensor], base_mods: dict[str, nn.Module], delta_of: Any
+) -> torch.Tensor | None:
+    """The singular values of one delta for :func:`.unspent.spend_unspent`: from ``spectra``, else taken now when
+    the run keeps every SVD (the compression that follows reuses it), else none (a streamed or large model)."""
+    if name in spectra:
+        return spectra[name]
+    if svd_reused() and not base_mods[name].weight.is_meta:
+        return svd(delta_of(name))[1]
+    return None
 
 
 def _kls(
