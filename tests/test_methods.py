@@ -369,9 +369,12 @@ def test_each_method_saves_loads_back_with_equal_logits_and_fits_the_budget(llam
     budgets = {m.name: budget_bytes(*m.shape, factor_ratio) for m in summary.modules}
     bias = {m.name: 4 * m.shape[0] * bool(cfg.layout[m.name]["bias"]) for m in summary.modules}
     assert summary.factor_bytes <= sum(budgets.values()) + sum(bias.values())
-    if kw.get("allocation") != "adaptive":  # each module within its own budget, DARE parts aside (they take the rest)
+    unspent = cfg.compression_info["unspent"]  # what the modules left went back to the DARE parts or the bands
+    assert summary.factor_bytes == sum(budgets.values()) + sum(bias.values()) - unspent["unspent_bytes"]
+    assert unspent["unspent_bytes"] < max(unspent["unspent_before"], 1) or unspent["spent_on"] == "none"
+    if unspent["spent_on"] == "none":  # nothing given back: each module within its own budget
         for m in summary.modules:
-            assert m.nbytes <= budgets[m.name] + bias[m.name] or cfg.layout[m.name].get("sparse"), m.name
+            assert m.nbytes <= budgets[m.name] + bias[m.name], m.name
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["method"] == kw.get("method", "deltacome")
     # `deltacome info --modules` renders every module with the layout and bytes the loader really allocated

@@ -190,9 +190,11 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
         ]
     unspent = plan.get("unspent")
     if isinstance(unspent, dict) and unspent.get("offered_bytes"):
+        taker = {"dare": "the DARE parts", "bands": "the last bands"}.get(unspent.get("spent_on", "dare"))
         lines.append(
             f"the modules' budgets sum to {unspent['offered_bytes']:,} B; {unspent.get('unspent_bytes', 0):,} B "
-            f"left unspent ({unspent.get('unspent_before', 0):,} B before the DARE parts took what others left)"
+            f"left unspent ({unspent.get('unspent_before', 0):,} B before "
+            + (f"{taker} took what the modules left)" if taker else "anything took it back)")
         )
     search, e2e = plan.get("search"), plan.get("end_to_end")
     share = plan.get("rank_share")
