@@ -24,7 +24,7 @@ from hf_deltacome.cli import main as cli_main
 from hf_deltacome.format.budget import band_nbytes
 from hf_deltacome.format.storage import FORMAT_VERSION, PackedDelta, layout_tensors
 from hf_deltacome.io.adapter_files import ADAPTER_WEIGHTS_NAME, read_adapter
-from hf_deltacome.io.summary import summarize_adapter
+from hf_deltacome.io.summary import _plan_lines, summarize_adapter
 
 DATA = Path(__file__).with_name("data")
 WIDE = dict(hidden_size=128, intermediate_size=352, head_dim=32)
@@ -156,6 +156,8 @@ def test_info_shows_the_parts_against_the_budget(wide_pair, tmp_path, capsys):
     assert f"the modules' budgets sum to {unspent['offered_bytes']:,} B; {unspent['unspent_bytes']:,} B" in out
     taker = {"dare": "the DARE parts took", "bands": "the last bands took", "none": "anything took"}
     assert f"{unspent['unspent_before']:,} B before {taker[unspent['spent_on']]}" in out, out
+    both = _plan_lines({"unspent": {**unspent, "spent_on": "sparse bands+bands"}})
+    assert any("before the sparse bands and the last bands took what the modules left" in line for line in both)
     assert cli_main(["info", str(tmp_path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["header_bytes"] + data["dense_extra_bytes"] + data["factor_bytes"] == data["file_bytes"]

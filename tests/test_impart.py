@@ -187,6 +187,8 @@ def test_save_load_equal_logits_within_the_budget_and_info_shows_the_layout(wide
         assert torch.equal(loaded(input_ids=ids).logits, before)
     cfg = model.peft_config["default"]
     assert any(e.get("sparse_bands") for e in cfg.layout.values())
+    unspent = cfg.compression_info["unspent"]  # what the modules left: the sparse bands planned again with it
+    assert unspent["spent_on"].startswith("sparse bands") and unspent["unspent_bytes"] < unspent["unspent_before"]
     summary = summarize_adapter(tmp_path)
     assert summary.file_bytes <= int(cfg.ratio * summary.target_fp16_bytes)  # the whole file holds the ratio
     text = summary.format(per_module=True)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from hf_deltacome import DeltaCoMeConfig
+from hf_deltacome.compression.impart import sparse_split
 from hf_deltacome.compression.modules import entry_nbytes, plan_entry
 from hf_deltacome.compression.unspent import spend_unspent
 from hf_deltacome.format.budget import band_nbytes, budget_bytes
-from hf_deltacome.format.storage import sparse_mask
+from hf_deltacome.format.storage import PackedDelta, sparse_mask
 
 SHAPES = {f"layers.{i}.{k}": s for i in range(6) for k, s in (("q", (96, 160)), ("up", (224, 96)), ("k", (32, 160)))}
 RATIO = 1 / 32
@@ -103,3 +104,31 @@ def test_other_layouts_keep_what_they_have():
     assert record["spent_on"] == "none" and record["unspent_bytes"] == record["unspent_before"] and layout == kept
     spent = sum(map(entry_nbytes, layout.values()))
     assert spend_unspent(layout, spent)["unspent_before"] == 0 and layout == kept
+
+
+@pytest.mark.parametrize("kw", [{"method": "impart"}, {"sparse_tail": 0.5, "residual": "none"}])
+def test_sparse_band_layouts_are_planned_again_with_what_is_left(kw):
+    """Layouts with sparse bands (ImPart, the sparse tail) are planned again with their share of what is left
+    added: most of it is spent, every new layout is one the format stores in the bytes counted (its masks drawn
+    from its seeds), the head bands stay, and a layout only grows."""
+    cfg = DeltaCoMeConfig(ratio=RATIO, group_size=32, bands=[[4, 1], [2, None]], **kw)  # a tail on these shapes
+    spectra = {nm: torch.linspace(2.0, 0.1, min(s)) for nm, s in SHAPES.items()}
+    layout = {nm: plan_entry(nm, *s, RATIO, cfg, spectrum=spectra[nm]) for nm, s in SHAPES.items()}
+    kept = {nm: dict(e) for nm, e in layout.items()}
+
+    def resplit(name: str, budget: int) -> dict:
+        e = layout[name]
+        bands, sparse = sparse_split(name, *SHAPES[name], budget, [*e["bands"][:-1], [e["bands"][-1][0], 0]], cfg,
+                                     spectra[name])  # fmt: skip
+        return {**e, "bands": bands, "sparse_bands": sparse}
+
+    record = spend_unspent(layout, OFFERED, spectra.get, resplit)
+    assert record["spent_on"].startswith("sparse bands") and record["unspent_before"] > 0
+    assert 0 <= record["unspent_bytes"] < record["unspent_before"] // 4, record
+    assert sum(map(entry_nbytes, layout.values())) == OFFERED - record["unspent_bytes"]
+    changed = [nm for nm in layout if layout[nm] != kept[nm]]
+    assert changed
+    for nm in changed:
+        e = layout[nm]
+        assert entry_nbytes(e) > entry_nbytes(kept[nm]) and e["bands"][:-1] == kept[nm]["bands"][:-1], nm
+        assert PackedDelta.from_layout(e).nbytes() == entry_nbytes(e), nm

@@ -43,6 +43,7 @@ from ..progress import progress_bar
 from ..quant.hessian import HESSIAN_MEMORY, model_hessians
 from .allocation import allocate_adaptive
 from .endtoend import METRIC, EndToEndCheck
+from .impart import sparse_split
 from .modules import compress_module, module_kind, plan_entry, rtn_bands_dense, with_changes
 from .search import search_specs
 from .svd import reuse_svd_if_fits, svd, svd_reused
@@ -146,7 +147,15 @@ def plan_layouts(
                 check.restore()
             # what the modules leave of their budgets goes to DARE parts, else to the bands (the most energy first)
             offered = sum(budget_bytes(*shapes[nm], config.ratio) for nm in targets)
-            info["unspent"] = spend_unspent(layout, offered, lambda nm: _spectrum(nm, spectra, base_mods, delta_of))
+
+            def resplit(name: str, budget: int) -> dict[str, Any]:  # a sparse-band layout planned for ``budget``
+                entry = layout[name]
+                bands, sparse = sparse_split(name, *shapes[name], budget, [*entry["bands"][:-1], [entry["bands"][-1][0], 0]],
+                                             config, spectra.get(name))  # fmt: skip
+                return {**entry, "bands": bands, "sparse_bands": sparse}
+
+            info["unspent"] = spend_unspent(layout, offered, lambda nm: _spectrum(nm, spectra, base_mods, delta_of),
+                                            resplit)  # fmt: skip
     finally:
         if check is not None:
             check.restore()

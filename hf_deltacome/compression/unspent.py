@@ -1,16 +1,18 @@
 """The bytes a plan's layouts leave of the modules' budgets, spent (:func:`spend_unspent`).
 
 Each module's layout is solved within its own budget and leaves up to a quantization group (a DARE part) or a
-singular vector (bands) of it unused, and a module whose weight did not change leaves all of it. Summed over a
-model that is 0.1-0.7% of the file, a different amount for each method, so two methods at one ratio would write
-files that differ by rounding. The plan gives those bytes back: to the DARE parts where the layout has any (a few
-values at a time, to the byte), else to the last band of the band layouts (the singular vector that removes the
-most of its delta per byte first, then a few vectors move between modules to land on the byte where they can).
+singular vector (bands, sparse bands) of it unused, and a module whose weight did not change leaves all of it.
+Summed over a model that is 0.1-3% of the file, a different amount for each method, so two methods at one ratio
+would write files that differ by rounding. The plan gives those bytes back: to the DARE parts where the layout
+has any (a few values at a time, to the byte); else to the sparse bands (each such module planned again with more
+bytes), then to the last band of the band-only layouts (the singular vector that removes the most of its delta
+per byte first, then a few vectors move between modules to land on the byte where they can).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,29 +25,62 @@ from .modules import entry_nbytes
 
 EXACT_FILL_VALUES = 512  # the DARE parts' last step moves a part by up to this many values
 LANDING_VECTORS = 2  # the bands' last step moves a module's last band by up to this many singular vectors
+LANDING_WINDOW = 1 << 16  # ... and searches sums within this many bytes (larger vectors: no landing step)
 
 
 def spend_unspent(
     layout: dict[str, dict[str, Any]],
     offered: int,
     spectrum: Callable[[str], torch.Tensor | None] | None = None,
+    resplit: Callable[[str, int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Give the bytes the layouts leave of ``offered`` (the sum of the targets' budgets) back to them, in place: to
-    their DARE parts when they have any, else to the last band of every band-only layout (``spectrum``: a module's
-    delta's singular values or None, to grow first where the next singular vector carries the most energy per byte;
-    without them the cheapest vectors go first). Layouts of other kinds (BitDelta signs, sparse bands) keep what they have.
-    Returns the bytes offered, left before and left after, and what took them (``spent_on``)."""
+    their DARE parts when they have any; else to the layouts with sparse bands (ImPart, ``sparse_tail``), each
+    planned again by ``resplit(name, budget)`` with its share of the bytes added to what it holds, and then to the
+    last band of every band-only layout (``spectrum``: a module's delta's singular values or None, to grow first
+    where the next singular vector carries the most energy per byte; without them the cheapest vectors go first).
+    BitDelta's signs keep what they have. Returns the bytes offered, left before and left after, and what took them
+    (``spent_on``: ``"dare"``, ``"sparse bands"``, ``"bands"``, both of the latter joined by ``+``, or ``"none"``)."""
     spare = offered - sum(entry_nbytes(e) for e in layout.values())
     record: dict[str, Any] = {"offered_bytes": int(offered), "unspent_before": int(spare),
                               "unspent_bytes": int(spare), "spent_on": "none"}  # fmt: skip
     if spare <= 0:
         return record
+    takers = []
     if any(e.get("sparse") for e in layout.values()):
-        record["spent_on"] = "dare" if _spend_on_dare(layout, spare) else "none"
-    elif _spend_on_bands(layout, spare, spectrum or (lambda nm: None)):
-        record["spent_on"] = "bands"
+        takers += ["dare"] if _spend_on_dare(layout, spare) else []
+    else:
+        if resplit is not None and _spend_on_sparse_bands(layout, spare, resplit):
+            takers.append("sparse bands")
+        left = offered - sum(entry_nbytes(e) for e in layout.values())
+        if left > 0 and _spend_on_bands(layout, left, spectrum or (lambda nm: None)):
+            takers.append("bands")
+    record["spent_on"] = "+".join(takers) or "none"
     record["unspent_bytes"] = int(offered - sum(entry_nbytes(e) for e in layout.values()))
     return record
+
+
+def _spend_on_sparse_bands(
+    layout: dict[str, dict[str, Any]], spare: int, resplit: Callable[[str, int], dict[str, Any]]
+) -> bool:
+    """Every layout with sparse bands is planned again with its share of ``spare`` (in proportion to its bytes,
+    what earlier modules could not use carried on) added to what it holds; a second pass offers each the rest. A
+    new layout is kept only where it grows within what it was offered. Returns whether any layout changed."""
+    names = [nm for nm, e in layout.items() if e.get("sparse_bands")]
+    held = {nm: entry_nbytes(layout[nm]) for nm in names}
+    total, spent, so_far, changed = sum(held.values()), 0, 0, False
+    for last_pass in (False, True):
+        for nm in names:
+            so_far += held[nm] if not last_pass else 0
+            offer = (spare * so_far // total if not last_pass else spare) - spent
+            if offer <= 0:
+                continue
+            now = entry_nbytes(layout[nm])
+            entry = resplit(nm, now + offer)
+            grown = entry_nbytes(entry) - now
+            if 0 < grown <= offer:
+                layout[nm], spent, changed = entry, spent + grown, True
+    return changed
 
 
 def _spend_on_dare(layout: dict[str, dict[str, Any]], spare: int) -> bool:
@@ -79,7 +114,7 @@ def _spend_on_dare(layout: dict[str, dict[str, Any]], spare: int) -> bool:
                 if 0 < count[nm] + t <= size[nm]:
                     opts.setdefault(nbytes(nm, count[nm] + t) - nbytes(nm, count[nm]), t)
             options.append((nm, {d: t for d, t in opts.items() if 0 < abs(d) <= 96}))
-        for nm, t in (_landing_moves(options, left) or {}).items():
+        for nm, t in (_landing_moves(options, left, 4 * max(left, 96)) or {}).items():
             count[nm] += t
     changed = False
     for nm in names:
@@ -136,8 +171,13 @@ def _spend_on_bands(
             opts = {nbytes(nm, rank[nm] + t) - nbytes(nm, rank[nm]): t
                     for t in range(-LANDING_VECTORS, LANDING_VECTORS + 1) if t and room(nm, rank[nm] + t)}  # fmt: skip
             options.append((nm, opts))
-        for nm, t in (_landing_moves(options, left) or {}).items():
-            rank[nm] += t
+        moves = [abs(d) for _, opts in options for d in opts]
+        bound = 4 * max(left, *moves) if moves else 0
+        # a sum no combination reaches (every vector's bytes share a factor the target lacks), or vectors so large
+        # that the search would not stay small: left as it is, under one vector of any module
+        if moves and left % math.gcd(*moves) == 0 and bound <= LANDING_WINDOW:
+            for nm, t in (_landing_moves(options, left, bound) or {}).items():
+                rank[nm] += t
     changed = False
     for nm in names:
         if rank[nm] != int(layout[nm]["bands"][-1][1]):
@@ -153,11 +193,13 @@ def _band_only(entry: dict[str, Any]) -> bool:
             and not (entry.get("sparse") or entry.get("sign") or entry.get("sparse_bands")))  # fmt: skip
 
 
-def _landing_moves(options: Sequence[tuple[str, dict[int, int]]], target: int) -> dict[str, int] | None:
+def _landing_moves(
+    options: Sequence[tuple[str, dict[int, int]]], target: int, bound: int
+) -> dict[str, int] | None:
     """One move (or none) per part, from its ``options`` (bytes -> move), whose bytes sum to ``target``: the parts
-    taken in order until the sum is reachable, the fewest bytes moved among the ways found (None: unreachable)."""
+    taken in order until the sum is reachable, the fewest bytes moved among the ways found, every partial sum
+    within ``bound`` bytes of none (None: unreachable)."""
     reach: dict[int, tuple[int, dict[str, int]]] = {0: (0, {})}  # bytes moved in all -> (bytes moved, moves)
-    bound = 4 * max(abs(target), 96, *(abs(d) for _, opts in options for d in opts))
     for nm, opts in options:
         for total, (cost, moves) in list(reach.items()):
             for d, t in opts.items():

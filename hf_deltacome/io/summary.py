@@ -190,7 +190,8 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
         ]
     unspent = plan.get("unspent")
     if isinstance(unspent, dict) and unspent.get("offered_bytes"):
-        taker = {"dare": "the DARE parts", "bands": "the last bands"}.get(unspent.get("spent_on", "dare"))
+        names = {"dare": "the DARE parts", "sparse bands": "the sparse bands", "bands": "the last bands"}
+        taker = " and ".join(names.get(t, t) for t in str(unspent.get("spent_on", "dare")).split("+") if t != "none")
         lines.append(
             f"the modules' budgets sum to {unspent['offered_bytes']:,} B; {unspent.get('unspent_bytes', 0):,} B "
             f"left unspent ({unspent.get('unspent_before', 0):,} B before "
