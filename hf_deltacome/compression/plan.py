@@ -46,7 +46,7 @@ from .endtoend import METRIC, EndToEndCheck
 from .impart import sparse_split
 from .modules import compress_module, module_kind, plan_entry, rtn_bands_dense, with_changes
 from .search import search_specs
-from .svd import reuse_svd_if_fits, svd, svd_reused
+from .svd import reuse_svd_if_fits, svd
 from .unspent import spend_unspent
 
 PLAN_MAX_SAMPLES = 16  # calibration sequences used to measure activations for search / allocation
@@ -154,8 +154,7 @@ def plan_layouts(
                                              config, spectra.get(name))  # fmt: skip
                 return {**entry, "bands": bands, "sparse_bands": sparse}
 
-            info["unspent"] = spend_unspent(layout, offered, lambda nm: _spectrum(nm, spectra, base_mods, delta_of),
-                                            resplit)  # fmt: skip
+            info["unspent"] = spend_unspent(layout, offered, resplit)
     finally:
         if check is not None:
             check.restore()
@@ -175,18 +174,6 @@ def _spectra(
     if not wanted or any(base_mods[nm].weight.is_meta for nm in live):
         return {}
     return {nm: svd(delta_of(nm))[1] for nm in live}
-
-
-def _spectrum(
-    name: str, spectra: dict[str, torch.Tensor], base_mods: dict[str, nn.Module], delta_of: Any
-) -> torch.Tensor | None:
-    """The singular values of one delta for :func:`.unspent.spend_unspent`: from ``spectra``, else taken now when
-    the run keeps every SVD (the compression that follows reuses it), else none (a streamed or large model)."""
-    if name in spectra:
-        return spectra[name]
-    if svd_reused() and not base_mods[name].weight.is_meta:
-        return svd(delta_of(name))[1]
-    return None
 
 
 def _kls(

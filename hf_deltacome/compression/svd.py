@@ -47,11 +47,6 @@ def reuse_svd_if_fits(shapes: Iterable[tuple[int, int]]) -> contextlib.AbstractC
     return reuse_svd() if fits else contextlib.nullcontext()
 
 
-def svd_reused() -> bool:
-    """Whether :func:`svd` remembers the factors now (inside :func:`reuse_svd`): an SVD taken now is not wasted."""
-    return _SVD_CACHE is not None
-
-
 def svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``(U, S, Vh)`` of a float32 matrix (cached inside :func:`reuse_svd`)."""
     d = delta.detach().to(torch.float32)

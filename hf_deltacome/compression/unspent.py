@@ -5,8 +5,8 @@ singular vector (bands, sparse bands) of it unused, and a module whose weight di
 Summed over a model that is 0.1-3% of the file, a different amount for each method, so two methods at one ratio
 would write files that differ by rounding. The plan gives those bytes back: to the DARE parts where the layout
 has any (a few values at a time, to the byte); else to the sparse bands (each such module planned again with more
-bytes), then to the last band of the band-only layouts (the singular vector that removes the most of its delta
-per byte first, then a few vectors move between modules to land on the byte where they can).
+bytes), then to the last band of the band-only layouts (the singular vector of most expected energy per byte
+first, then a few vectors move between modules to land on the byte where they can).
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
 from ..format.budget import band_nbytes
 from ..format.packing import stored_nbytes
 from .baselines import dare_values, sparse_entry
+from .impart import MODEL_DECAY
 from .modules import entry_nbytes
 
 EXACT_FILL_VALUES = 512  # the DARE parts' last step moves a part by up to this many values
@@ -31,15 +30,12 @@ LANDING_WINDOW = 1 << 16  # ... and searches sums within this many bytes (larger
 def spend_unspent(
     layout: dict[str, dict[str, Any]],
     offered: int,
-    spectrum: Callable[[str], torch.Tensor | None] | None = None,
     resplit: Callable[[str, int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Give the bytes the layouts leave of ``offered`` (the sum of the targets' budgets) back to them, in place: to
     their DARE parts when they have any; else to the layouts with sparse bands (ImPart, ``sparse_tail``), each
     planned again by ``resplit(name, budget)`` with its share of the bytes added to what it holds, and then to the
-    last band of every band-only layout (``spectrum``: a module's delta's singular values or None, to grow first
-    where the next singular vector carries the most energy per byte; without them the cheapest vectors go first).
-    BitDelta's signs keep what they have. Returns the bytes offered, left before and left after, and what took them
+    last band of every band-only layout (:func:`_spend_on_bands`). BitDelta's signs keep what they have. Returns the bytes offered, left before and left after, and what took them
     (``spent_on``: ``"dare"``, ``"sparse bands"``, ``"bands"``, both of the latter joined by ``+``, or ``"none"``)."""
     spare = offered - sum(entry_nbytes(e) for e in layout.values())
     record: dict[str, Any] = {"offered_bytes": int(offered), "unspent_before": int(spare),
@@ -53,7 +49,7 @@ def spend_unspent(
         if resplit is not None and _spend_on_sparse_bands(layout, spare, resplit):
             takers.append("sparse bands")
         left = offered - sum(entry_nbytes(e) for e in layout.values())
-        if left > 0 and _spend_on_bands(layout, left, spectrum or (lambda nm: None)):
+        if left > 0 and _spend_on_bands(layout, left):
             takers.append("bands")
     record["spent_on"] = "+".join(takers) or "none"
     record["unspent_bytes"] = int(offered - sum(entry_nbytes(e) for e in layout.values()))
@@ -126,12 +122,14 @@ def _spend_on_dare(layout: dict[str, dict[str, Any]], spare: int) -> bool:
     return changed
 
 
-def _spend_on_bands(
-    layout: dict[str, dict[str, Any]], spare: int, spectrum: Callable[[str], torch.Tensor | None]
-) -> bool:
+def _spend_on_bands(layout: dict[str, dict[str, Any]], spare: int) -> bool:
     """The last band of every band-only layout with a changed delta grows by whole singular vectors into ``spare``
-    bytes: greedily, the vector of most energy (``σ²``) per byte first, while it fits and the module has rank
+    bytes: greedily, the vector of most expected energy per byte first, while it fits and the module has rank
     left; then up to ``LANDING_VECTORS`` vectors per module move to land on the byte where a combination does.
+
+    The energy is ImPart's model spectrum (``σ_k² = (k + 1)^(-2·MODEL_DECAY)``, :mod:`.impart`), not the delta's
+    own: a streamed run plans before it reads the weights, and a streamed and a loaded run must write the same
+    file. So the vectors go first to the modules that keep the fewest vectors for their cost.
     Returns whether any band changed."""
     names = [nm for nm, e in layout.items() if _band_only(e)]
     shape = {nm: (int(layout[nm]["shape"][0]), int(layout[nm]["shape"][1])) for nm in names}
@@ -139,7 +137,6 @@ def _spend_on_bands(
     bits = {nm: int(layout[nm]["bands"][-1][0]) for nm in names}
     rank = {nm: int(layout[nm]["bands"][-1][1]) for nm in names}
     fixed = {nm: sum(int(r) for _, r in layout[nm]["bands"][:-1]) for nm in names}  # the other bands' ranks
-    spectra = {nm: spectrum(nm) for nm in names}
 
     def nbytes(nm: str, r: int) -> int:
         return band_nbytes(*shape[nm], bits[nm], r, group[nm])
@@ -147,11 +144,8 @@ def _spend_on_bands(
     def room(nm: str, r: int) -> bool:
         return 0 <= r and fixed[nm] + r <= min(shape[nm])
 
-    def worth(nm: str) -> float:  # energy of the next singular vector per byte (cheapest first without spectra)
-        cost = nbytes(nm, rank[nm] + 1) - nbytes(nm, rank[nm])
-        s = spectra.get(nm)
-        k = fixed[nm] + rank[nm]
-        return (float(s[k]) ** 2 if s is not None and k < len(s) else 1.0) / cost
+    def worth(nm: str) -> float:  # the model energy of the next singular vector per byte
+        return (fixed[nm] + rank[nm] + 1) ** (-2 * MODEL_DECAY) / (nbytes(nm, rank[nm] + 1) - nbytes(nm, rank[nm]))
 
     left = spare
     heap = [(-worth(nm), i, nm) for i, nm in enumerate(names) if room(nm, rank[nm] + 1)]
