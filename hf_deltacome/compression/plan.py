@@ -3,7 +3,7 @@
 Every method stores its factors in the format of :class:`~hf_deltacome.format.storage.PackedDelta` and fits,
 counted with every stored byte, in the budget of :func:`~hf_deltacome.format.budget.budget_bytes` of each module
 (or, with ``allocation="adaptive"``, in the model-wide sum of those budgets); what the modules leave unspent goes
-back to the DARE parts, else to the last bands (:mod:`.unspent`), so a file spends the whole sum:
+back to the DARE parts, else to the sparse and the last bands (:mod:`.unspent`), so a file spends the whole sum:
 
 * ``deltacome`` — SVD, singular vectors in bands of mixed precision (``config.bands``, 8/3/2 bits by default),
   GPTQ against calibration activations (:mod:`.svd`);
@@ -143,9 +143,7 @@ def plan_layouts(
             if adaptive:
                 allocate_adaptive(finetuned_model, config, ids, live, shapes, delta_of, ft_mods, specs, layout,
                                    info, check, kl_now, progress)  # fmt: skip
-            if check is not None:
-                check.restore()
-            # what the modules leave of their budgets goes to DARE parts, else to the bands (the most energy first)
+            # what the modules leave of their budgets goes to the DARE parts, else to the sparse and the last bands
             offered = sum(budget_bytes(*shapes[nm], config.ratio) for nm in targets)
 
             def resplit(name: str, budget: int) -> dict[str, Any]:  # a sparse-band layout planned for ``budget``
