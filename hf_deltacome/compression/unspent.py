@@ -35,8 +35,9 @@ def spend_unspent(
     """Give the bytes the layouts leave of ``offered`` (the sum of the targets' budgets) back to them, in place: to
     their DARE parts when they have any; else to the layouts with sparse bands (ImPart, ``sparse_tail``), each
     planned again by ``resplit(name, budget)`` with its share of the bytes added to what it holds, and then to the
-    last band of every band-only layout (:func:`_spend_on_bands`). BitDelta's signs keep what they have. Returns the bytes offered, left before and left after, and what took them
-    (``spent_on``: ``"dare"``, ``"sparse bands"``, ``"bands"``, both of the latter joined by ``+``, or ``"none"``)."""
+    last band of every band-only layout (:func:`_spend_on_bands`). BitDelta's signs keep what they have. Returns
+    the bytes offered, left before and left after, and what took them (``spent_on``: ``"dare"``, ``"sparse
+    bands"``, ``"bands"``, both of the latter joined by ``+``, or ``"none"``)."""
     spare = offered - sum(entry_nbytes(e) for e in layout.values())
     record: dict[str, Any] = {"offered_bytes": int(offered), "unspent_before": int(spare),
                               "unspent_bytes": int(spare), "spent_on": "none"}  # fmt: skip
