@@ -1,5 +1,5 @@
 """What the modules leave of their budgets goes back to the layouts (compression/unspent.py): to the DARE parts to
-the byte, else to the last bands, the singular vectors of most energy per byte first."""
+the byte, else to the sparse bands (re-planned) and the last bands (by the model spectrum's energy per byte)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_deltacome import DeltaCoMeConfig
-from hf_deltacome.compression.impart import sparse_split
+from hf_deltacome.compression.impart import resplit
 from hf_deltacome.compression.modules import entry_nbytes, plan_entry
 from hf_deltacome.compression.unspent import spend_unspent
 from hf_deltacome.format.budget import band_nbytes, budget_bytes
@@ -119,13 +119,7 @@ def test_sparse_band_layouts_are_planned_again_with_what_is_left(kw):
     layout = {nm: plan_entry(nm, *s, RATIO, cfg, spectrum=spectra[nm]) for nm, s in SHAPES.items()}
     kept = {nm: dict(e) for nm, e in layout.items()}
 
-    def resplit(name: str, budget: int) -> dict:
-        e = layout[name]
-        bands, sparse = sparse_split(name, *SHAPES[name], budget, [*e["bands"][:-1], [e["bands"][-1][0], 0]], cfg,
-                                     spectra[name])  # fmt: skip
-        return {**e, "bands": bands, "sparse_bands": sparse}
-
-    record = spend_unspent(layout, OFFERED, resplit)
+    record = spend_unspent(layout, OFFERED, lambda nm, budget: resplit(nm, layout[nm], budget, cfg, spectra[nm]))
     assert record["spent_on"].startswith("sparse bands") and record["unspent_before"] > 0
     assert 0 <= record["unspent_bytes"] < record["unspent_before"] // 4, record
     assert sum(map(entry_nbytes, layout.values())) == OFFERED - record["unspent_bytes"]

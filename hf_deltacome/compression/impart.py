@@ -129,6 +129,17 @@ def sparse_split(
     raise DeltaCoMeError(f"{name}: no sparse tail fits {budget} bytes")  # pragma: no cover
 
 
+def resplit(
+    name: str, entry: dict[str, Any], budget: int, config: DeltaCoMeConfig, spectrum: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """A layout ``entry`` whose last band is sparse (from :func:`sparse_split`), planned again for ``budget`` bytes:
+    the same head bands, the tail's rank the largest that now fits (:func:`.unspent.spend_unspent` offers it more)."""
+    m, n = entry["shape"]
+    bands, sparse = sparse_split(name, int(m), int(n), budget, [*entry["bands"][:-1], [entry["bands"][-1][0], 0]],
+                                 config, spectrum)  # fmt: skip
+    return {**entry, "bands": bands, "sparse_bands": sparse}
+
+
 @torch.no_grad()
 def compress_sparse_bands(
     delta: torch.Tensor,

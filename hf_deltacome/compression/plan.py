@@ -43,7 +43,7 @@ from ..progress import progress_bar
 from ..quant.hessian import HESSIAN_MEMORY, model_hessians
 from .allocation import allocate_adaptive
 from .endtoend import METRIC, EndToEndCheck
-from .impart import sparse_split
+from .impart import resplit
 from .modules import compress_module, module_kind, plan_entry, rtn_bands_dense, with_changes
 from .search import search_specs
 from .svd import reuse_svd_if_fits, svd
@@ -145,14 +145,9 @@ def plan_layouts(
                                    info, check, kl_now, progress)  # fmt: skip
             # what the modules leave of their budgets goes to the DARE parts, else to the sparse and the last bands
             offered = sum(budget_bytes(*shapes[nm], config.ratio) for nm in targets)
-
-            def resplit(name: str, budget: int) -> dict[str, Any]:  # a sparse-band layout planned for ``budget``
-                entry = layout[name]
-                bands, sparse = sparse_split(name, *shapes[name], budget, [*entry["bands"][:-1], [entry["bands"][-1][0], 0]],
-                                             config, spectra.get(name))  # fmt: skip
-                return {**entry, "bands": bands, "sparse_bands": sparse}
-
-            info["unspent"] = spend_unspent(layout, offered, resplit)
+            info["unspent"] = spend_unspent(
+                layout, offered, lambda nm, budget: resplit(nm, layout[nm], budget, config, spectra.get(nm))
+            )
     finally:
         if check is not None:
             check.restore()
