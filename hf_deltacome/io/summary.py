@@ -202,9 +202,6 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
     if isinstance(share, dict):
         kls = ", ".join(f"{k}: {v:.4g}" for k, v in (share.get("kl") or {}).items())
         lines += ["", f"min_rank_share {share.get('chosen')} (auto), by {share.get('metric')}: {kls}"]
-        if isinstance(share.get("as_stored"), dict):
-            kls = ", ".join(f"{k}: {v:.4g}" for k, v in share["as_stored"].items())
-            lines.append(f"  weighed again as GPTQ stores the bands: {kls}")
     residual = plan.get("residual")
     if isinstance(residual, dict):
         kls = ", ".join(f"{k}: {v:.4g}" for k, v in (residual.get("kl") or {}).items())
