@@ -106,13 +106,12 @@ def plan_layouts(
     try:  # a small model keeps every delta's SVD for the whole plan (each is approximated at several layouts)
         with reuse_svd_if_fits(shapes[nm] for nm in live):
             spectra = _spectra(config, live, base_mods, delta_of)
-            stored = (_StoredBands(check, finetuned_model, live, shapes, ids, progress)
-                      if check is not None and config.method == "deltacome" else None)  # fmt: skip
             if auto_share:
-                share = (_choose_rank_share(check, config, live, shapes, info, progress, spectra, stored)
+                share = (_choose_rank_share(check, config, live, shapes, info, progress, spectra)
                          if check is not None else 0.0)  # fmt: skip
                 config = with_changes(config, min_rank_share=share)
             if auto_residual and check is not None:
+                stored = _StoredBands(check, finetuned_model, live, shapes, ids, progress)
                 config = _choose_residual(check, config, live, shapes, info, progress, stored)
             if check is not None:
                 check.restore()  # what follows measures activations of the fine-tune itself
@@ -206,14 +205,9 @@ def _choose_rank_share(
     info: dict[str, Any],
     progress: bool = False,
     spectra: dict[str, torch.Tensor] | None = None,
-    stored: _StoredBands | None = None,
 ) -> float:
     """``min_rank_share="auto"``: the share in ``RANK_SHARES`` whose layout brings the whole model closest to the
     fine-tune (ties: the smaller share, nearer the published bands).
-
-    Every share is rated by round-to-nearest; RTN rates 2-bit bands 3-5x worse than GPTQ stores them, so it leans
-    away from the share that keeps the most of them (1.0, one 2-bit band). With ``stored`` (and GPTQ) the share RTN
-    chose and share 1.0 are weighed again as GPTQ stores them (:class:`_StoredBands`); the better of the two is kept.
 
     Per-module reconstruction error cannot make this choice: on a knowledge fine-tune it rates the published bands
     2-3x better than one 2-bit band at 1/32, while the model keeps more of the fine-tune with the 2-bit band
@@ -221,15 +215,7 @@ def _choose_rank_share(
     candidates = {share: with_changes(config, min_rank_share=share) for share in RANK_SHARES}
     kls = _kls(check, candidates, live, shapes, "Choosing the band split (min_rank_share)", progress, spectra)
     best = min(RANK_SHARES, key=lambda sh: (kls[sh], sh))
-    record: dict[str, Any] = {"chosen": best, "metric": METRIC, "kl": {str(sh): kls[sh] for sh in RANK_SHARES}}
-    last = RANK_SHARES[-1]
-    if stored is not None and config.quantizer == "gptq" and best != last:
-        as_stored = {sh: stored.kl(candidates[sh]) for sh in (best, last)}
-        if None not in as_stored.values():
-            record["as_stored"] = {str(sh): kl for sh, kl in as_stored.items()}
-            best = min(as_stored, key=lambda sh: (as_stored[sh], sh))
-            record["chosen"] = best
-    info["rank_share"] = record
+    info["rank_share"] = {"chosen": best, "metric": METRIC, "kl": {str(sh): kls[sh] for sh in RANK_SHARES}}
     return best
 
 
@@ -250,8 +236,6 @@ class _StoredBands:
         self.check, self.model, self.live, self.shapes, self.progress = check, model, live, shapes, progress
         self.ids = ids[check.num_samples :]
         self.why_not = ""
-        self._hessians: dict[str, torch.Tensor] | None = None
-        self._kls: dict[str, float] = {}  # by layout: the share and the residual checks may weigh the same one
 
     def kl(self, config: DeltaCoMeConfig) -> float | None:
         if not len(self.ids):
@@ -260,17 +244,10 @@ class _StoredBands:
         if sum(self.shapes[nm][1] ** 2 * 4 for nm in self.live) > HESSIAN_MEMORY:
             self.why_not = f"the targets' input Hessians would pass {HESSIAN_MEMORY >> 30} GiB"
             return None
-        layouts = {nm: plan_entry(nm, *self.shapes[nm], config.ratio, config) for nm in self.live}
-        key = str(sorted((nm, e["bands"]) for nm, e in layouts.items()))
-        if key in self._kls:
-            return self._kls[key]
-        if self._hessians is None:
-            self.check.restore()  # the Hessians are of the fine-tune's own activations, as in the layer walk
-            self._hessians = {}
-            for part in model_hessians(self.model, self.live, self.ids, max_bytes=HESSIAN_MEMORY,
-                                       progress=self.progress):  # fmt: skip
-                self._hessians.update(part)
-        hessians = self._hessians
+        self.check.restore()  # the Hessians are of the fine-tune's own activations, as in the layer walk
+        hessians: dict[str, torch.Tensor] = {}
+        for part in model_hessians(self.model, self.live, self.ids, max_bytes=HESSIAN_MEMORY, progress=self.progress):
+            hessians.update(part)
         bar = progress_bar(len(self.live), self.progress, "Weighing the bands as GPTQ stores them", unit="module")
 
         def stored(name: str, delta: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
@@ -278,11 +255,10 @@ class _StoredBands:
             return compress_module(delta, hessians[name], entry, config, name=name).dense(*delta.shape)
 
         try:
-            self.check.apply(layouts, stored)
+            self.check.apply({nm: plan_entry(nm, *self.shapes[nm], config.ratio, config) for nm in self.live}, stored)
         finally:
             bar.close()
-        self._kls[key] = self.check.kl()
-        return self._kls[key]
+        return self.check.kl()
 
 
 def _choose_residual(
