@@ -82,6 +82,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dare-2-importance-fit": {"method": "dare", "uniform_bits": 2, "dare_rates": "importance", "dare_fit": "gptq"},
     "dare-fit": {"method": "dare", "dare_fit": "gptq"},
     "dare-2-fit": {"method": "dare", "uniform_bits": 2, "dare_fit": "gptq"},  # the default with the residual's DARE uniform
+    # the MLP (or attention) modules as DARE alone (2-bit, importance rates), the rest the chosen split of bands
+    "deltacome-mlp-dare": {"residual": "none", "dare_modules": ["down_proj", "gate_proj", "up_proj"]},
+    "deltacome-attn-dare": {"residual": "none", "dare_modules": ["k_proj", "o_proj", "q_proj", "v_proj"]},
+    "deltacome-down-dare": {"residual": "none", "dare_modules": ["down_proj"]},
+    "deltacome-gateup-dare": {"residual": "none", "dare_modules": ["gate_proj", "up_proj"]},
     "impart": {"method": "impart"},  # keep-rates grow with σ, down to 0.5 (docs/METHOD.md)
     "deltacome+sparse-tail": {"sparse_tail": 0.5},  # the last 2-bit band keeps half of each vector: more rank
     # bands for the top singular directions with a share of each module's budget (auto: per module, the least

@@ -29,7 +29,8 @@ METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # == loading.DTYPES (tested)
 # optional config fields the CLI passes on only when given (their defaults live in DeltaCoMeConfig)
 METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "min_rank_share",
-                  "sparse_tail", "band_share", "residual", "mask_draws", "dare_rates", "dare_fit")
+                  "sparse_tail", "band_share", "residual", "mask_draws", "dare_rates", "dare_fit",
+                  "dare_modules")
 
 
 def _share(text: str) -> float | str:
@@ -261,6 +262,10 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                    help="kept values of a DARE part: rescale (default; published DARE) or gptq (rounding compensated "
                         "by GPTQ on calibration data, the mask and bytes the same; not the default: it recalled "
                         "fewer facts in benchmarks/RESULTS.md)")  # fmt: skip
+    p.add_argument("--dare-modules", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=None,
+                   help="comma-separated leaf names (e.g. gate_proj,up_proj,down_proj): those modules store DARE "
+                        "alone (2-bit values, importance rates) and the rest the method's layout (not the default: "
+                        "the MLP as DARE kept more facts and less next-token agreement, benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None, help="BitDelta scale distillation steps, 0 = off (default 50)")
     p.add_argument("--calibration", default=None,
                    help="calibration text: .txt (one per line) or .jsonl; for a vision-language model, a .jsonl of "

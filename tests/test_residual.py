@@ -291,3 +291,36 @@ def test_cli_mask_draws_reaches_the_config_and_a_bad_count_is_refused(tmp_path, 
         main([*args, "--overwrite", "--mask-draws", "0"])
     assert exit_info.value.code == 2
     assert "--mask-draws: expected an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_dare_modules_store_those_modules_as_dare_alone_and_load_back(tmp_path):
+    """``dare_modules``: the named leaves store DARE alone (2-bit values, importance rates) in their own budget, the
+    others the chosen bands; the file fits the budget and loads to the logits it had; a leaf no target has fails."""
+    from peft import PeftModel
+
+    base = make_model("llama")
+    ft = make_finetune(base)
+    calib, x = random_ids(base, 16, 64, seed=1), random_ids(base, 2, 16, seed=3)
+    mlp = ["down_proj", "gate_proj", "up_proj"]
+    model = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 8, dare_modules=mlp), calibration=calib,
+                     progress=False)  # fmt: skip
+    cfg = model.peft_config["default"]
+    assert cfg.dare_modules == mlp and cfg.compression_info["residual"]["chosen"] == "none"
+    for name, entry in cfg.layout.items():
+        if name.rsplit(".", 1)[-1] in mlp:
+            assert not any(r for _, r in entry["bands"]) and entry["sparse"]["bits"] == 2, name
+            assert entry["sparse"]["rates"], name
+        else:
+            assert any(r for _, r in entry["bands"]) and not entry.get("sparse"), name
+    assert sum(map(entry_nbytes, cfg.layout.values())) <= sum(budget_bytes(*e["shape"], 1 / 8) for e in cfg.layout.values())
+    with torch.no_grad():
+        before = model(x).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert loaded.peft_config["default"].dare_modules == mlp
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, before)
+    with pytest.raises(ConfigError, match=r"dare_modules \['down_prj'\] name no target module"):
+        compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 8, dare_modules=["down_prj"]), progress=False)
+    with pytest.raises(ConfigError, match="dare_modules must be null or a list"):
+        DeltaCoMeConfig(dare_modules="down_proj")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..config import SVD_METHODS, DeltaCoMeConfig
+from ..config import RESIDUAL_DARE_BITS, SVD_METHODS, DeltaCoMeConfig
 from ..errors import ConfigError, DeltaCoMeError
 from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
@@ -71,6 +71,9 @@ def plan_entry(
     ``deltacome-dare``'s ``band_share="auto"``)."""
     entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias),
                              "format": FORMAT_VERSION}  # fmt: skip
+    if config.dare_modules and name.rsplit(".", 1)[-1] in config.dare_modules and config.method != "dare":
+        config = with_changes(config, method="dare", uniform_bits=RESIDUAL_DARE_BITS, dare_rates="importance",
+                              sparse_tail=None)  # fmt: skip
     method = config.method
     if method in SVD_METHODS:
         share = rank_share(config) if spec is None and method in ("deltacome", "impart") else 0.0
