@@ -137,7 +137,7 @@ class DeltaCoMeConfig(PeftConfig):
             alone (``RESIDUAL_DARE_BITS``-bit values, importance rates) in their own budget; the other targets keep
             the method's layout, and the plan's choices (band split, residual) act on them. ``None`` (default):
             none. An option, not the default: on SmolLM2's knowledge deltas the MLP as DARE kept as many or more
-            held-out facts than the bands and 5-15 points less next-token agreement, as DARE does (benchmarks/RESULTS.md).
+            held-out facts than the bands and 2.5-15 points less next-token agreement, as DARE does (benchmarks/RESULTS.md).
         mask_draw: which draw of the seeded masks (DARE's, ImPart's) a layout uses: every module's seed comes from
             its name (0) or from ``name#mask_draw``. The seeds are stored in the layout; loading never re-derives them.
         mask_draws: ``residual="auto"``: when it keeps a DARE part, the whole-model check also weighs that layout
