@@ -273,7 +273,7 @@ def test_the_bands_as_stored_are_rated_near_what_compress_stores(pairs):
     assert stored < rounded and 0.8 * written < stored < 1.25 * written, (rounded, stored, written)
 
 
-def test_cli_mask_draws_reaches_the_config_and_a_bad_count_is_refused(tmp_path, capsys):
+def test_cli_mask_draws_and_dare_modules_reach_the_config_and_a_bad_count_is_refused(tmp_path, capsys):
     import json
 
     from tiny_models import save_with_tokenizer
@@ -287,6 +287,10 @@ def test_cli_mask_draws_reaches_the_config_and_a_bad_count_is_refused(tmp_path, 
             "--quantizer", "rtn", "--ratio", "1/8"]  # fmt: skip
     assert main([*args, "--mask-draws", "2"]) == 0
     assert json.loads((out / "adapter_config.json").read_text())["mask_draws"] == 2
+    assert main([*args, "--overwrite", "--dare-modules", "up_proj, down_proj"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["dare_modules"] == ["down_proj", "up_proj"]
+    assert all(bool(e.get("sparse")) == name.endswith(("up_proj", "down_proj")) for name, e in saved["layout"].items())
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--overwrite", "--mask-draws", "0"])
     assert exit_info.value.code == 2
