@@ -66,6 +66,14 @@ def load_tokenizer(folder: Any) -> Any:
         return None
 
 
+def _check_dare_modules(config: DeltaCoMeConfig, targets: Sequence[str]) -> None:
+    """A ``dare_modules`` name that is the leaf of no target is a typo, not a request for nothing."""
+    leaves = {nm.rsplit(".", 1)[-1] for nm in targets}
+    unknown = sorted(set(config.dare_modules or ()) - leaves)
+    if unknown:
+        raise ConfigError(f"dare_modules {unknown} name no target module; the targets' leaf names are {sorted(leaves)}")
+
+
 def describe_inputs(
     kind: ModelKind, pair: Any, config: DeltaCoMeConfig, base_tokenizer: Any, tokenizer: Any, progress: bool
 ) -> tuple[list[str], PairChanges]:
@@ -77,6 +85,7 @@ def describe_inputs(
     if grown:
         vocab.check_added_tokens(base_tokenizer, tokenizer, base_vocab, ft_vocab)
     _, targets = kind.select_targets(base, finetuned, config)
+    _check_dare_modules(config, targets)  # before the scan of changes and the fingerprint: a typo fails at once
     params = vocab.vocab_params(finetuned) if grown else []
     changes = find_changes(pair.verdicts(base_vocab, params, progress), targets)
     if changes.nothing:

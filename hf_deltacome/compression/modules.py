@@ -72,8 +72,7 @@ def plan_entry(
     entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias),
                              "format": FORMAT_VERSION}  # fmt: skip
     if config.dare_modules and name.rsplit(".", 1)[-1] in config.dare_modules and config.method != "dare":
-        config = with_changes(config, method="dare", uniform_bits=RESIDUAL_DARE_BITS, dare_rates="importance",
-                              sparse_tail=None)  # fmt: skip
+        config = with_changes(config, method="dare", uniform_bits=RESIDUAL_DARE_BITS, dare_rates="importance")
     method = config.method
     if method in SVD_METHODS:
         share = rank_share(config) if spec is None and method in ("deltacome", "impart") else 0.0

@@ -38,7 +38,6 @@ from ..config import (
     SVD_METHODS,
     DeltaCoMeConfig,
 )
-from ..errors import ConfigError
 from ..format.budget import budget_bytes
 from ..progress import progress_bar
 from ..quant.hessian import HESSIAN_MEMORY, model_hessians
@@ -86,7 +85,6 @@ def plan_layouts(
             same[name] = torch.equal(lin.weight.detach().cpu(), ft_mods[name].weight.detach().cpu())
         else:
             same[name] = name in unchanged
-    _check_dare_modules(config, targets)
     info: dict[str, Any] = {}
     specs: dict[str, list[list]] = {}
     adaptive = config.allocation == "adaptive"
@@ -157,14 +155,6 @@ def plan_layouts(
     if needs_data:
         info["plan_samples"] = int(ids.shape[0])
     return layout, info
-
-
-def _check_dare_modules(config: DeltaCoMeConfig, targets: Sequence[str]) -> None:
-    """A ``dare_modules`` name that is the leaf of no target is a typo, not a request for nothing."""
-    leaves = {nm.rsplit(".", 1)[-1] for nm in targets}
-    unknown = sorted(set(config.dare_modules or ()) - leaves)
-    if unknown:
-        raise ConfigError(f"dare_modules {unknown} name no target module; the targets' leaf names are {sorted(leaves)}")
 
 
 def _spectra(
