@@ -110,7 +110,11 @@ class DeltaCoMeConfig(PeftConfig):
             between modules by measured sensitivity, model-wide total unchanged; SVD methods only).
         uniform_bits: bit width of every singular vector for ``svd-uniform`` and of the kept values for ``dare``.
         bitdelta_scale: ``"matrix"`` (one scale per matrix, as published) or ``"row"`` (one per output row).
-        distill_steps: optimisation steps of the BitDelta scale distillation against the fine-tune (0 = off).
+        distill_steps: optimisation steps of the scale distillation against the fine-tune (0 = off): BitDelta's
+            sign scales, and with ``distill_bands`` the bands' scales.
+        distill_bands: SVD methods: after compression, refine each band's singular values and the group scales of
+            its quantized factors by distillation against the fine-tune's next-token distribution on the calibration
+            text (``distill_steps`` steps; codes and bytes unchanged; :mod:`~hf_deltacome.compression.distill`).
         sparse_tail: ``None`` (default: dense bands) or a keep-rate in (0, 1). ``deltacome``: the last band keeps
             that random share of each singular vector's entries (mask regenerated from a seed) and buys more rank
             with the bytes saved. ``impart``: the lowest keep-rate of its importance-aware tail (default
@@ -172,7 +176,8 @@ class DeltaCoMeConfig(PeftConfig):
     allocation: str = field(default="uniform", metadata={"help": f"Budget across modules, one of {ALLOCATIONS}."})
     uniform_bits: int = field(default=4, metadata={"help": f"Bits of svd-uniform / dare, one of {UNIFORM_BITS}."})
     bitdelta_scale: str = field(default="matrix", metadata={"help": f"BitDelta scales, one of {BITDELTA_SCALES}."})
-    distill_steps: int = field(default=50, metadata={"help": "BitDelta scale distillation steps (0 = off)."})
+    distill_steps: int = field(default=50, metadata={"help": "Scale distillation steps (0 = off)."})
+    distill_bands: bool = field(default=False, metadata={"help": "SVD methods: distil the bands' scales too."})
     sparse_tail: Optional[float] = field(
         default=None, metadata={"help": "Keep-rate of the sparse last band (deltacome) / lowest of impart's, (0, 1)."}
     )
@@ -296,6 +301,10 @@ class DeltaCoMeConfig(PeftConfig):
             raise ConfigError(f"bitdelta_scale must be one of {BITDELTA_SCALES}, got {self.bitdelta_scale!r}")
         if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int) or self.distill_steps < 0:
             raise ConfigError(f"distill_steps must be an integer >= 0, got {self.distill_steps!r}")
+        if not isinstance(self.distill_bands, bool):
+            raise ConfigError(f"distill_bands must be true or false, got {self.distill_bands!r}")
+        if self.distill_bands and self.method not in (*SVD_METHODS, "deltacome-dare"):
+            raise ConfigError(f"distill_bands refines band scales; method {self.method!r} stores no bands")
         tail = self.sparse_tail
         if tail is not None:
             if isinstance(tail, bool) or not isinstance(tail, (int, float)) or not 0.0 < tail < 1.0:

@@ -41,7 +41,7 @@ def _zero_every_compressed_delta() -> None:
                 if buf.is_floating_point():
                     buf.zero_()
 
-    fill_module, fill_factors, distill = pipeline._Filler.fill, ModuleFactors.fill, pipeline.distill_sign_scales
+    fill_module, fill_factors, distill = pipeline._Filler.fill, ModuleFactors.fill, pipeline.distill_scales
 
     def filler_fill(self, name, hessian, device):
         fill_module(self, name, hessian, device)
@@ -63,7 +63,7 @@ def _zero_every_compressed_delta() -> None:
 
     pipeline._Filler.fill = filler_fill
     ModuleFactors.fill = factors_fill
-    pipeline.distill_sign_scales = distill_then_zero
+    pipeline.distill_scales = distill_then_zero
 
 
 ZEROED = {"fills": 0, "tests": {}}  # check run: packed deltas zeroed so far, and per test id how many

@@ -1,7 +1,7 @@
 """The baselines Delta-CoMe is compared with, at the same byte budget: BitDelta and DARE.
 
 * ``bitdelta`` — the sign of each delta entry with one scale per matrix (or per row), the scales refined by
-  distillation against the fine-tune (:func:`distill_sign_scales`). One bit per weight is exactly the 1/16 budget;
+  distillation against the fine-tune (:func:`.distill.distill_scales`). One bit per weight is exactly the 1/16 budget;
   below that only the output rows whose sign approximation removes the most output error keep their signs;
 * ``dare`` — a random subset of the delta's entries (mask regenerated from a stored seed), rescaled by 1/keep and
   quantized; the mask keeps as many entries as the budget holds. ``deltacome-dare`` applies it to the residual of
@@ -20,15 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..config import DeltaCoMeConfig
-from ..errors import CalibrationError, DeltaCoMeError
+from ..errors import DeltaCoMeError
 from ..format.baseline_parts import RATE_CENTER, RATE_STEP, SparsePart, pack_rates, rate_factors, sparse_scores
 from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import rate_nbytes, sign_part_nbytes, sparse_mask
-from ..progress import progress_bar
 from ..quant.masked import quantize_masked
 from ..quant.rtn import quantize_rtn
 from ..quant.spill import Hessian
@@ -294,71 +292,3 @@ def _round_values(
     target = torch.zeros(mask.shape)
     target[mask] = values[0, : int(mask.sum())]
     return quantize_masked(fit, target, mask, bits, g, values.shape[1], damp=DARE_FIT_DAMP, name=name)[0]
-
-
-def distill_sign_scales(
-    model: nn.Module,
-    finetuned_model: nn.Module,
-    input_ids: torch.Tensor,
-    *,
-    steps: int = 50,
-    lr: float = 0.01,
-    batch_size: int = 4,
-    seq_len: int = 128,
-    adapter_name: str = "default",
-    progress: bool = False,
-) -> dict[str, float]:
-    """Refine every BitDelta scale of ``model`` (a PEFT model holding sign parts) by distillation.
-
-    Minimises the KL divergence from the fine-tune's next-token distribution to the compressed model's on
-    ``input_ids`` (cut to ``seq_len`` tokens), with Adam over log-multipliers of the scales (so each scale stays
-    positive and moves in proportion to its size). Returns the loss of the first and last steps.
-    """
-    parts = [
-        mod.deltacome_delta[adapter_name].sign
-        for mod in model.modules()
-        if hasattr(mod, "deltacome_delta")
-        and adapter_name in mod.deltacome_delta
-        and mod.deltacome_delta[adapter_name].sign is not None
-    ]
-    if not parts or steps <= 0:
-        return {}
-    if input_ids is None or input_ids.numel() == 0:
-        raise CalibrationError("BitDelta scale distillation needs calibration token ids")
-    device = parts[0].scale.device
-    base_scales = [p.scale.detach().clone() for p in parts]
-    logs = [torch.zeros_like(s, requires_grad=True) for s in base_scales]
-    opt = torch.optim.Adam(logs, lr=lr)
-    batches = list(input_ids[:, :seq_len].split(batch_size))
-    ft_device = next(finetuned_model.parameters()).device
-    was_training = model.training
-    model.eval()
-    first, last = None, None
-    bar = progress_bar(steps, progress, "Distilling BitDelta scales")
-    try:
-        for step in range(steps):
-            batch = batches[step % len(batches)]
-            with torch.no_grad():
-                target = torch.log_softmax(finetuned_model(input_ids=batch.to(ft_device)).logits.float(), -1)
-            for p, s0, lg in zip(parts, base_scales, logs, strict=True):
-                p.override_scale(s0 * torch.exp(lg))  # differentiable; the stored bytes are written at the end
-            with torch.enable_grad():
-                logits = model(input_ids=batch.to(device)).logits.float()
-                logp = torch.log_softmax(logits, -1)
-                loss = torch.nn.functional.kl_div(logp, target.to(logp.device), log_target=True, reduction="batchmean")
-                loss = loss / batch.shape[1]
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            value = float(loss.detach())
-            first = value if first is None else first
-            last = value
-            bar.update(1)
-    finally:
-        with torch.no_grad():
-            for p, s0, lg in zip(parts, base_scales, logs, strict=True):
-                p.override_scale(None)
-                p.scale.copy_((s0 * torch.exp(lg.detach())).to(torch.float32))  # in place: the saved bytes change
-        bar.close()
-        model.train(was_training)
-    return {"first_loss": first, "last_loss": last, "steps": steps}

@@ -161,8 +161,8 @@ def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig,
     if config.method == "deltacome" and config.residual == "auto" and calib is not None:
         notes["residual"] = {"chosen": "none", "fallback": "streamed: no whole-model check; the bands alone"}
         config = with_changes(config, residual="none")
-    if config.method == "bitdelta" and config.distill_steps > 0:
-        log.info("BitDelta's scale distillation trains against the whole fine-tune; skipped in a streamed run")
+    if (config.method == "bitdelta" or config.distill_bands) and config.distill_steps > 0:
+        log.info("scale distillation trains against the whole fine-tune; skipped in a streamed run")
         notes["distill"] = {"skipped": "streamed: needs the whole fine-tune"}
         config.distill_steps = 0
     return config, notes

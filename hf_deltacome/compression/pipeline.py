@@ -21,7 +21,7 @@ The pipeline, step by step (each step is one function below):
    layers one at a time: each target's input Hessian is collected by running the fine-tuned layer on the compressed
    model's hidden states, its delta is compressed (:func:`~.modules.compress_module`) into the packed buffers, and
    the now-compressed layer produces the next layer's inputs;
-6. BitDelta's scale distillation (that method only) and the record of what was done (``compression_info``).
+6. scale distillation (BitDelta's sign scales; the bands' with ``distill_bands``) and the record of what was done (``compression_info``).
 
 Peak memory: loaded, about base + fine-tune + one layer's activations; streamed, about one decoder layer of each
 model, the calibration activations, the SVD workspace and the adapter being built.
@@ -62,9 +62,9 @@ from ..layer import DeltaCoMeLayer
 from ..quant.hessian import HessianCollector
 from ..quant.spill import maybe_spill
 from . import vocab
-from .baselines import distill_sign_scales
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource, check_sizes, generic_texts
 from .checkpoint import LayerCheckpoint, calibration_record
+from .distill import distill_scales
 from .inputs import (
     ModelSource,
     describe_inputs,
@@ -193,9 +193,10 @@ def compress(
         filler.outside(kind, targets, calib, device)
         filler.layers(kind, targets, calib, device, progress)
     distill = {}
-    if config.method == "bitdelta" and config.distill_steps > 0 and calib is not None and calib.input_ids is not None:
-        distill = distill_sign_scales(peft_model, pair.finetuned, calib.input_ids, steps=config.distill_steps,
-                                      adapter_name=adapter_name, progress=progress)  # fmt: skip
+    wanted = config.method == "bitdelta" or config.distill_bands
+    if wanted and config.distill_steps > 0 and calib is not None and calib.input_ids is not None:
+        distill = distill_scales(peft_model, pair.finetuned, calib.input_ids, bands=config.distill_bands,
+                                 steps=config.distill_steps, adapter_name=adapter_name, progress=progress)  # fmt: skip
     config.compression_info = _record(kind, config, calib, time.time() - t0, plan_info, distill, filler.fallbacks)
     config.compression_info.update(streamed=pair.streamed, layer_seconds=[round(t, 2) for t in filler.layer_seconds])
     if changes.rounding:
