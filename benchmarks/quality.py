@@ -87,10 +87,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "deltacome-attn-dare": {"residual": "none", "dare_modules": ["k_proj", "o_proj", "q_proj", "v_proj"]},
     "deltacome-down-dare": {"residual": "none", "dare_modules": ["down_proj"]},
     "deltacome-gateup-dare": {"residual": "none", "dare_modules": ["gate_proj", "up_proj"]},
-    # the default's layout, then its bands' singular values and group scales distilled against the fine-tune
-    "deltacome-distill": {"distill_bands": True},
-    "deltacome-distill-100": {"distill_bands": True, "distill_steps": 100},
-    "svd-uniform-2-distill": {"method": "svd-uniform", "uniform_bits": 2, "distill_bands": True},
+    # the default without distilling its bands' scales (the default before distill_bands)
+    "deltacome-nodistill": {"distill_bands": False},
     "impart": {"method": "impart"},  # keep-rates grow with σ, down to 0.5 (docs/METHOD.md)
     "deltacome+sparse-tail": {"sparse_tail": 0.5},  # the last 2-bit band keeps half of each vector: more rank
     # bands for the top singular directions with a share of each module's budget (auto: per module, the least

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .format.blob import PINNED_FACTORS
 from .format.storage import PackedDelta
 
 BACKENDS = ("auto", "torch", "triton")
@@ -176,7 +177,10 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     compute = torch.float32 if x.device.type == "cpu" else x.dtype
     xc = x.to(compute)
     y = None
-    if dequant_cache.max_bytes > 0 and delta.rank > 0:
+    pinned = delta.part(PINNED_FACTORS) if delta._overrides else None
+    if pinned is not None:  # factors being distilled (compression/distill.py): differentiable, never cached
+        y = (xc @ pinned[0].to(compute)) @ pinned[1].to(compute)
+    elif dequant_cache.max_bytes > 0 and delta.rank > 0:
         a, b = dequant_cache.factors(delta, compute, xc.device)
         y = (xc @ a) @ b
     else:
@@ -196,8 +200,9 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
 
 def _kernel_ready(delta: PackedDelta | None) -> bool:
     """The kernels read format-2 dense bands only: baseline parts, sparse bands (impart, the sparse tail: their
-    seeded masks are not something the kernels regenerate) and format-1 files take the PyTorch path."""
-    return delta is None or (not delta.has_extra_parts and delta.format >= 2)
+    seeded masks are not something the kernels regenerate), format-1 files and parts overridden for computing
+    (scale distillation) take the PyTorch path."""
+    return delta is None or (not delta.has_extra_parts and delta.format >= 2 and not delta._overrides)
 
 
 def delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:

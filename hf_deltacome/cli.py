@@ -30,7 +30,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # == loading.DTYPES (tested
 # optional config fields the CLI passes on only when given (their defaults live in DeltaCoMeConfig)
 METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "min_rank_share",
                   "sparse_tail", "band_share", "residual", "mask_draws", "dare_rates", "dare_fit",
-                  "dare_modules")
+                  "dare_modules", "distill_bands")
 
 
 def _share(text: str) -> float | str:
@@ -266,7 +266,11 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated leaf names (e.g. gate_proj,up_proj,down_proj): those modules store DARE "
                         "alone (2-bit values, importance rates) and the rest the method's layout (not the default: "
                         "the MLP as DARE kept more facts and less next-token agreement, benchmarks/RESULTS.md)")  # fmt: skip
-    p.add_argument("--distill-steps", type=_count(0), default=None, help="BitDelta scale distillation steps, 0 = off (default 50)")
+    p.add_argument("--distill-steps", type=_count(0), default=None,
+                   help="scale distillation steps (BitDelta's sign scales, the bands' scales), 0 = off (default 50)")
+    p.add_argument("--distill-bands", action=argparse.BooleanOptionalAction, default=None,
+                   help="distil the bands' singular values and group scales against the fine-tune (default: on for "
+                        "deltacome with calibration data, off for the baselines)")
     p.add_argument("--calibration", default=None,
                    help="calibration text: .txt (one per line) or .jsonl; for a vision-language model, a .jsonl of "
                         '{"image": "file.png", "text": ...} records gives image + text calibration '

@@ -1,54 +1,118 @@
 """Scale distillation: a compressed adapter's stored scales refined against the fine-tune's next-token distribution.
 
 The codes, masks and layout stay as compression wrote them, so the file's bytes, format and loading path do not
-change; only float values already in the file move: BitDelta's sign scales (as published), and with
-``distill_bands`` each band's singular values ``S_k`` and the per-group scales of ``V_kᵀ`` and ``U_kᵀ`` (a multiplier
-per group scales a group's dequantized values, ``(q − z)·s``, so learning it is a differentiable product with the
-dequantized factor). Adam works on log-multipliers, so each scale keeps its sign and moves in proportion to its size.
+change; only float values already in the file move: BitDelta's sign scales (as published), and with ``bands`` each
+band's singular values ``S_k`` and the per-group scales of ``V_kᵀ`` and ``U_kᵀ``. A multiplier per group scales
+that group's dequantized values ``(q − z)·scale``, so the factors are the fixed ``q − z`` (unpacked once) times the
+learned scales, and each step's factors are handed to the forward pass as the delta's pinned factors
+(:data:`~hf_deltacome.format.blob.PINNED_FACTORS`, read by :func:`~hf_deltacome.backend.torch_delta_forward`): no
+code is unpacked and no mask regenerated per step. Adam works on log-multipliers, so each scale keeps its sign and
+moves in proportion to its size. Sparse bands (ImPart, the sparse tail) learn their ``S_k`` only.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..backend import dequant_cache
+from ..config import DeltaCoMeConfig
 from ..errors import CalibrationError
-from ..format.blob import BlobStore
+from ..format.blob import PINNED_FACTORS, BlobStore
+from ..format.storage import DeltaBand
 from ..progress import progress_bar
 
-log = logging.getLogger(__name__)
-
 TEACHER_CACHE_BYTES = 1 << 30  # the fine-tune's log-probabilities are kept across steps when they fit in this
+BAND_STEP = (1, 256)  # sequences x tokens a step when bands are distilled: every calibration token is seen, at half
+# the cost a step of BitDelta's (4, 128) takes (a step is one forward and backward pass of the whole model)
 
 
-class ScalePart(NamedTuple):
-    """One stored float tensor the distillation may scale: where it is and its value before distillation."""
+def distills_bands(config: DeltaCoMeConfig) -> bool:
+    """Whether a compression with ``config`` distils its bands' scales (``distill_bands``; ``None``: the default
+    method does, the baselines stay as published)."""
+    if config.distill_steps <= 0:
+        return False
+    return config.distill_bands if config.distill_bands is not None else config.method == "deltacome"
 
-    store: BlobStore
-    key: str
-    start: torch.Tensor  # float32 copy of the stored value
+
+class _Scale:
+    """One stored float tensor being distilled: its log-multiplier and how to write it back."""
+
+    def __init__(self, store: BlobStore, key: str, device: torch.device) -> None:
+        stored = store.part(key)
+        self.store, self.key = store, key
+        self.start = stored.detach().to(device, torch.float32).clone()
+        self.log = torch.zeros_like(self.start, requires_grad=True)
+
+    def value(self) -> torch.Tensor:
+        return self.start * torch.exp(self.log)
+
+    def write(self) -> None:
+        stored = self.store.part(self.key)
+        value = self.value().detach()
+        if stored.dtype == torch.float16:
+            value = value.clamp(-65504.0, 65504.0)
+        stored.copy_(value.to(stored.device, stored.dtype))  # in place: the saved bytes change
 
 
-def scale_parts(model: nn.Module, adapter_name: str = "default", *, bands: bool = False) -> list[ScalePart]:
-    """The scales of ``model``'s adapter ``adapter_name`` that distillation refines: every sign part's scale, and
-    with ``bands`` every band's ``S_k`` (dense and sparse bands) and the group scales of its quantized factors."""
-    out = []
-    for delta in _deltas(model, adapter_name):
-        keys = [delta.sign._prefix + "scale"] if delta.sign is not None else []
-        if bands:
-            for band in delta.low_rank_bands:
-                keys.append(band._prefix + "s")
-                keys += [f._prefix + "scales" for f in (band.v, band.u) if f.bits != 16 and f.scales is not None]
-        for key in keys:
-            value = delta.part(key)
-            if value is not None and value.numel():
-                out.append(ScalePart(delta, key, value.detach().to(torch.float32).clone()))
-    return out
+class _Factor:
+    """One band factor (``rank x cols``) as fixed ``q − z`` times learned group scales, or fixed as it is stored."""
+
+    def __init__(self, factor, device: torch.device, learn: bool, stored: Callable[[], torch.Tensor]) -> None:
+        self.scale = None
+        if learn:
+            m = factor.matrix()
+            g, cols = m.group_size, m.shape[1]
+            zero = m.zeros.to(torch.float32).repeat_interleave(g, dim=1)[:, :cols]
+            self.fixed = (m.int_codes().to(torch.float32) - zero).to(device)
+            self.scale = _Scale(factor._store, factor._prefix + "scales", device)
+            self.group, self.cols = g, cols
+        else:
+            self.fixed = stored().to(device, torch.float32)
+
+    def dense(self) -> torch.Tensor:
+        if self.scale is None:
+            return self.fixed
+        return self.fixed * self.scale.value().repeat_interleave(self.group, dim=1)[:, : self.cols]
+
+
+class _Delta:
+    """The learned scales of one packed delta and the factors ``(A, B)`` they give (``x @ A @ B``, as cached)."""
+
+    def __init__(self, delta, device: torch.device, bands: bool) -> None:
+        self.delta, self.scales, self.bands = delta, [], []
+        if delta.sign is not None:
+            self.sign = _Scale(delta, delta.sign._prefix + "scale", device)
+            self.scales.append(self.sign)
+        else:
+            self.sign = None
+        if not bands:
+            return
+        for band in delta.low_rank_bands:
+            learn = isinstance(band, DeltaBand) and band.u_transposed and band.bits != 16
+            s = _Scale(delta, band._prefix + "s", device)
+            v = _Factor(band.v, device, learn, band.vt_dense)
+            u = _Factor(band.u, device, learn, band.ut_dense)
+            self.bands.append((s, v, u))
+            self.scales += [s] + [f.scale for f in (v, u) if f.scale is not None]
+
+    def pin(self) -> None:
+        """Compute the next forward pass with the current scales (differentiable)."""
+        if self.sign is not None:
+            self.delta.override(self.sign.key, self.sign.value())
+        if self.bands:
+            a = torch.cat([v.dense() * s.value()[:, None] for s, v, _ in self.bands]).t()
+            b = torch.cat([u.dense() for _, _, u in self.bands])
+            self.delta.override(PINNED_FACTORS, (a, b))
+
+    def unpin_and_write(self) -> None:
+        self.delta.override(PINNED_FACTORS, None)
+        if self.sign is not None:
+            self.delta.override(self.sign.key, None)
+        with torch.no_grad():
+            for scale in self.scales:
+                scale.write()
 
 
 def _deltas(model: nn.Module, adapter_name: str) -> Iterator:
@@ -64,10 +128,6 @@ def _teacher(finetuned: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(finetuned(input_ids=batch.to(device)).logits.float(), -1)
 
 
-def _batches(input_ids: torch.Tensor, batch_size: int, seq_len: int) -> list[torch.Tensor]:
-    return list(input_ids[:, :seq_len].split(batch_size))
-
-
 def distill_scales(
     model: nn.Module,
     finetuned_model: nn.Module,
@@ -81,21 +141,24 @@ def distill_scales(
     adapter_name: str = "default",
     progress: bool = False,
 ) -> dict[str, float]:
-    """Refine the scales of :func:`scale_parts` by distillation; returns the loss of the first and last steps.
+    """Refine the stored scales of ``model``'s adapter by distillation; returns the loss of the first and last steps
+    and how many scales were learned.
 
     Minimises the KL divergence from the fine-tune's next-token distribution to the compressed model's on
     ``input_ids`` (cut to ``seq_len`` tokens, ``batch_size`` sequences a step), with Adam over log-multipliers of
-    the scales. The refined values are written into the adapter's stored bytes in place at the end."""
-    parts = scale_parts(model, adapter_name, bands=bands)
-    if not parts or steps <= 0:
+    the scales (BitDelta's sign scales; with ``bands`` also every band's ``S_k`` and group scales). The refined
+    values are written into the adapter's stored bytes in place at the end (also if a step fails)."""
+    with torch.no_grad():
+        found = list(_deltas(model, adapter_name))
+        device = found[0].blob.device if found else torch.device("cpu")
+        deltas = [d for d in (_Delta(delta, device, bands) for delta in found) if d.scales]
+    if not deltas or steps <= 0:
         return {}
     if input_ids is None or input_ids.numel() == 0:
         raise CalibrationError("scale distillation needs calibration token ids")
-    device = parts[0].store.part(parts[0].key).device
-    logs = [torch.zeros_like(p.start, device=device, requires_grad=True) for p in parts]
-    starts = [p.start.to(device) for p in parts]
-    opt = torch.optim.Adam(logs, lr=lr)
-    batches = _batches(input_ids, batch_size, seq_len)
+    params = [scale.log for d in deltas for scale in d.scales]
+    opt = torch.optim.Adam(params, lr=lr)
+    batches = list(input_ids[:, :seq_len].split(batch_size))
     vocab = getattr(getattr(finetuned_model, "config", None), "vocab_size", None) or 0
     keep = sum(b.numel() for b in batches) * vocab * 4 <= TEACHER_CACHE_BYTES
     teacher: dict[int, torch.Tensor] = {}
@@ -104,36 +167,28 @@ def distill_scales(
     first = last = None
     bar = progress_bar(steps, progress, "Distilling scales")
     try:
-        with dequant_cache.suspended():  # cached factors would hide the overridden scales
-            for step in range(steps):
-                i = step % len(batches)
-                batch = batches[i]
-                target = teacher.get(i)
-                if target is None:
-                    target = _teacher(finetuned_model, batch)
-                    if keep:
-                        teacher[i] = target
-                for p, s0, lg in zip(parts, starts, logs, strict=True):
-                    p.store.override(p.key, s0 * torch.exp(lg))  # differentiable; the bytes are written at the end
-                with torch.enable_grad():
-                    logp = torch.log_softmax(model(input_ids=batch.to(device)).logits.float(), -1)
-                    loss = nn.functional.kl_div(logp, target.to(logp.device), log_target=True, reduction="batchmean")
-                    loss = loss / batch.shape[1]
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                last = float(loss.detach())
-                first = last if first is None else first
-                bar.update(1)
+        for step in range(steps):
+            i = step % len(batches)
+            target = teacher.get(i)
+            if target is None:
+                target = _teacher(finetuned_model, batches[i])
+                if keep:
+                    teacher[i] = target
+            with torch.enable_grad():
+                for d in deltas:
+                    d.pin()
+                logp = torch.log_softmax(model(input_ids=batches[i].to(device)).logits.float(), -1)
+                loss = nn.functional.kl_div(logp, target.to(logp.device), log_target=True, reduction="batchmean")
+                loss = loss / batches[i].shape[1]
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            last = float(loss.detach())
+            first = last if first is None else first
+            bar.update(1)
     finally:
-        with torch.no_grad():
-            for p, s0, lg in zip(parts, starts, logs, strict=True):
-                p.store.override(p.key, None)
-                stored = p.store.part(p.key)
-                value = s0 * torch.exp(lg.detach())
-                if stored.dtype == torch.float16:
-                    value = value.clamp(-65504.0, 65504.0)
-                stored.copy_(value.to(stored.device, stored.dtype))  # in place: the saved bytes change
+        for d in deltas:
+            d.unpin_and_write()
         bar.close()
         model.train(was_training)
-    return {"first_loss": first, "last_loss": last, "steps": steps, "scales": sum(p.start.numel() for p in parts)}
+    return {"first_loss": first, "last_loss": last, "steps": steps, "scales": sum(p.numel() for p in params)}

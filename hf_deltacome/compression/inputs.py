@@ -29,6 +29,7 @@ from ..format.budget import safetensors_header_bound
 from ..io.adapter_files import BLOB_SUFFIX, STATE_DICT_PREFIX
 from . import vocab
 from .changes import PairChanges, find_changes
+from .distill import distills_bands
 from .modules import with_changes
 from .streaming import LoadedPair, StreamedPair
 from .targets import ModelKind
@@ -161,7 +162,7 @@ def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig,
     if config.method == "deltacome" and config.residual == "auto" and calib is not None:
         notes["residual"] = {"chosen": "none", "fallback": "streamed: no whole-model check; the bands alone"}
         config = with_changes(config, residual="none")
-    if (config.method == "bitdelta" or config.distill_bands) and config.distill_steps > 0:
+    if (config.method == "bitdelta" or distills_bands(config)) and config.distill_steps > 0:
         log.info("scale distillation trains against the whole fine-tune; skipped in a streamed run")
         notes["distill"] = {"skipped": "streamed: needs the whole fine-tune"}
         config.distill_steps = 0

@@ -64,7 +64,7 @@ from ..quant.spill import maybe_spill
 from . import vocab
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource, check_sizes, generic_texts
 from .checkpoint import LayerCheckpoint, calibration_record
-from .distill import distill_scales
+from .distill import BAND_STEP, distill_scales, distills_bands
 from .inputs import (
     ModelSource,
     describe_inputs,
@@ -193,10 +193,12 @@ def compress(
         filler.outside(kind, targets, calib, device)
         filler.layers(kind, targets, calib, device, progress)
     distill = {}
-    wanted = config.method == "bitdelta" or config.distill_bands
-    if wanted and config.distill_steps > 0 and calib is not None and calib.input_ids is not None:
-        distill = distill_scales(peft_model, pair.finetuned, calib.input_ids, bands=config.distill_bands,
-                                 steps=config.distill_steps, adapter_name=adapter_name, progress=progress)  # fmt: skip
+    bands = distills_bands(config)
+    if (bands or config.method == "bitdelta") and config.distill_steps > 0 and calib is not None \
+            and calib.input_ids is not None:  # fmt: skip
+        batch, seq = BAND_STEP if bands else (4, 128)
+        distill = distill_scales(peft_model, pair.finetuned, calib.input_ids, bands=bands, steps=config.distill_steps,
+                                 batch_size=batch, seq_len=seq, adapter_name=adapter_name, progress=progress)  # fmt: skip
     config.compression_info = _record(kind, config, calib, time.time() - t0, plan_info, distill, filler.fallbacks)
     config.compression_info.update(streamed=pair.streamed, layer_seconds=[round(t, 2) for t in filler.layer_seconds])
     if changes.rounding:

@@ -66,11 +66,14 @@ def factor_parts(prefix: str, rows: int, cols: int, bits: int, group_size: int) 
     return out
 
 
+PINNED_FACTORS = "factors"  # override key: ``(A, B)`` the PyTorch path multiplies by instead of the stored bands
+
+
 class BlobStore:
     """What holds a blob: a `PackedDelta` (a module, ``blob`` a buffer) or a part built on its own (`OwnBlob`).
 
-    ``_overrides`` (key -> tensor) replace a part for computing without touching the stored bytes (BitDelta's scale
-    distillation differentiates through its scales); ``_dense`` caches one derived tensor (a DARE part's CSR matrix)."""
+    ``_overrides`` (key -> tensor) replace a part for computing without touching the stored bytes (scale distillation
+    differentiates through them; under `PINNED_FACTORS` the bands' factors as a pair); ``_dense`` caches one derived tensor (a DARE part's CSR matrix)."""
 
     _segs: Segments
     _overrides: Optional[dict] = None
