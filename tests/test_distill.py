@@ -9,7 +9,7 @@ from peft import PeftModel
 from tiny_models import make_finetune, make_model, random_ids
 
 from hf_deltacome import ConfigError, DeltaCoMeConfig
-from hf_deltacome.compression.distill import distills_bands
+from hf_deltacome.compression.distill import distill_scales, distills_bands
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.layer import DeltaCoMeLayer
 
@@ -64,6 +64,7 @@ def test_distilled_bands_move_only_scales_lower_the_kl_and_load_back(pair, tmp_p
     # closer to the fine-tune on the calibration text (held-out text: benchmarks/RESULTS.md; this pair's random
     # tokens share no structure for a few hundred scales to learn)
     assert _kl(distilled, ft, calib) < 0.9 * _kl(plain, ft, calib)
+    assert info["check_kl"]["kept"] and info["check_kl"]["after"] < info["check_kl"]["before"]
     # same bytes on disk; the loaded adapter computes what was saved
     plain.save_pretrained(tmp_path / "plain")
     distilled.save_pretrained(tmp_path / "distilled")
@@ -74,6 +75,21 @@ def test_distilled_bands_move_only_scales_lower_the_kl_and_load_back(pair, tmp_p
         want = distilled(input_ids=ids).logits
         loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "distilled").eval()
         assert torch.equal(loaded(input_ids=ids).logits, want)
+
+
+def test_scales_that_raise_the_kl_are_not_kept(pair):
+    """Distillation that makes the calibration KL worse (here: a step size far too large) leaves the bytes as
+    compressed; the check is recorded."""
+    base, ft = pair
+    calib = random_ids(base, 8, 32, seed=9)
+    plain = _compress(pair, calib, distill_bands=False)
+    before = {n: m.deltacome_delta["default"].blob.clone() for n, m in plain.named_modules() if isinstance(m, DeltaCoMeLayer)}
+    info = distill_scales(plain, ft, calib, bands=True, steps=5, lr=3.0, batch_size=1, seq_len=32)
+    assert info["check_kl"]["after"] > info["check_kl"]["before"] and info["check_kl"]["kept"] is False
+    for name, blob in before.items():
+        assert torch.equal(plain.get_submodule(name).deltacome_delta["default"].blob, blob), name
+    good = distill_scales(plain, ft, calib, bands=True, steps=20, batch_size=1, seq_len=32)
+    assert good["check_kl"]["kept"] and good["check_kl"]["after"] < good["check_kl"]["before"]
 
 
 def test_baselines_stay_as_published_unless_asked(pair):

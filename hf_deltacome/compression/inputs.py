@@ -154,6 +154,11 @@ def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig,
             "(pass loaded models, or --in-memory on the command line)"
         )
     notes: dict[str, Any] = {}
+    # first, on the caller's config (the one saved), before any copy below
+    if config.distill_steps > 0 and (config.method == "bitdelta" or (distills_bands(config) and calib is not None)):
+        log.info("scale distillation trains against the whole fine-tune; skipped in a streamed run")
+        notes["distill"] = {"skipped": "streamed: needs the whole fine-tune"}
+        config.distill_steps = 0
     if config.method in ("deltacome", "impart") and config.min_rank_share == "auto" and calib is not None:
         note = "streamed: no whole-model check; the published split (min_rank_share 0)"
         log.info("min_rank_share='auto' needs the whole model's KL to the fine-tune; %s", note.split("; ")[1])
@@ -162,10 +167,6 @@ def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig,
     if config.method == "deltacome" and config.residual == "auto" and calib is not None:
         notes["residual"] = {"chosen": "none", "fallback": "streamed: no whole-model check; the bands alone"}
         config = with_changes(config, residual="none")
-    if (config.method == "bitdelta" or distills_bands(config)) and config.distill_steps > 0:
-        log.info("scale distillation trains against the whole fine-tune; skipped in a streamed run")
-        notes["distill"] = {"skipped": "streamed: needs the whole fine-tune"}
-        config.distill_steps = 0
     return config, notes
 
 
