@@ -11,6 +11,7 @@ from tiny_models import make_finetune, make_model, random_ids
 from hf_deltacome import ConfigError, DeltaCoMeConfig
 from hf_deltacome.compression.distill import distill_scales, distills_bands
 from hf_deltacome.compression.pipeline import compress
+from hf_deltacome.io.summary import summarize_adapter
 from hf_deltacome.layer import DeltaCoMeLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,9 +66,11 @@ def test_distilled_bands_move_only_scales_lower_the_kl_and_load_back(pair, tmp_p
     # tokens share no structure for a few hundred scales to learn)
     assert _kl(distilled, ft, calib) < 0.9 * _kl(plain, ft, calib)
     assert info["check_kl"]["kept"] and info["check_kl"]["after"] < info["check_kl"]["before"]
-    # same bytes on disk; the loaded adapter computes what was saved
+    # same bytes on disk; the loaded adapter computes what was saved; `deltacome info` says what was done
     plain.save_pretrained(tmp_path / "plain")
     distilled.save_pretrained(tmp_path / "distilled")
+    text = summarize_adapter(tmp_path / "distilled").format()
+    assert "scale distillation: 20 steps over" in text and ", kept" in text
     size = [(tmp_path / d / "adapter_model.safetensors").stat().st_size for d in ("plain", "distilled")]
     assert size[0] == size[1]
     ids = random_ids(base, 2, 16, seed=5)

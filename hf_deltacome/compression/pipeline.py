@@ -192,13 +192,16 @@ def compress(
         filler = _Filler(peft_model.base_model.model, pair, config, adapter_name, ckpt)
         filler.outside(kind, targets, calib, device)
         filler.layers(kind, targets, calib, device, progress)
-    distill = {}
+    distill: dict[str, Any] = {}
     bands = distills_bands(config)
-    if (bands or config.method == "bitdelta") and config.distill_steps > 0 and calib is not None \
-            and calib.input_ids is not None:  # fmt: skip
-        batch, seq = BAND_STEP if bands else (4, 128)
-        distill = distill_scales(peft_model, pair.finetuned, calib.input_ids, bands=bands, steps=config.distill_steps,
-                                 batch_size=batch, seq_len=seq, adapter_name=adapter_name, progress=progress)  # fmt: skip
+    if (bands or config.method == "bitdelta") and config.distill_steps > 0 and calib is not None:
+        if calib.input_ids is None:  # image-text pairs: the student and teacher would need the images too
+            distill = {"skipped": "the calibration has no token ids of its own (image-text pairs)"}
+        else:
+            batch, seq = BAND_STEP if bands else (4, 128)
+            distill = distill_scales(peft_model, pair.finetuned, calib.input_ids, bands=bands, batch_size=batch,
+                                     seq_len=seq, steps=config.distill_steps, adapter_name=adapter_name,
+                                     progress=progress)  # fmt: skip
     config.compression_info = _record(kind, config, calib, time.time() - t0, plan_info, distill, filler.fallbacks)
     config.compression_info.update(streamed=pair.streamed, layer_seconds=[round(t, 2) for t in filler.layer_seconds])
     if changes.rounding:

@@ -253,6 +253,16 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
             f"whole-model check: {e2e.get('metric')}, configured split {e2e.get('default', 0):.4g}; a searched split"
             " or moved budget is kept only where it lowers it"
         )
+    distill = plan.get("distill")
+    if isinstance(distill, dict) and distill.get("skipped"):
+        lines += ["", f"scale distillation: skipped ({distill['skipped']})"]
+    elif isinstance(distill, dict) and distill.get("steps"):
+        line = f"scale distillation: {distill['steps']} steps over {distill.get('scales', 0):,} stored scales"
+        check = distill.get("check_kl")
+        if isinstance(check, dict):
+            verdict = "kept" if check.get("kept") else "not kept: the scales stay as compressed"
+            line += f"; KL to the fine-tune on calibration text {check['before']:.4g} -> {check['after']:.4g}, {verdict}"
+        lines += ["", line]
     return lines
 
 
