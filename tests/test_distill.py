@@ -9,12 +9,19 @@ from peft import PeftModel
 from tiny_models import make_finetune, make_model, random_ids
 
 from hf_deltacome import ConfigError, DeltaCoMeConfig
+from hf_deltacome.compression import distill
 from hf_deltacome.compression.distill import distill_scales, distills_bands
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.io.summary import summarize_adapter
 from hf_deltacome.layer import DeltaCoMeLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _distil_any_kl(monkeypatch):
+    """The tiny pair's KL is far under the real-model threshold below which the bands are not distilled."""
+    monkeypatch.setattr(distill, "MIN_KL", 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +100,21 @@ def test_scales_that_raise_the_kl_are_not_kept(pair):
         assert torch.equal(plain.get_submodule(name).deltacome_delta["default"].blob, blob), name
     good = distill_scales(plain, ft, calib, bands=True, steps=20, batch_size=1, seq_len=32)
     assert good["check_kl"]["kept"] and good["check_kl"]["after"] < good["check_kl"]["before"]
+    # bands already that close to the fine-tune are not tried at all
+    moved = {n: m.deltacome_delta["default"].blob.clone() for n, m in plain.named_modules() if isinstance(m, DeltaCoMeLayer)}
+    info = distill_scales(plain, ft, calib, bands=True, steps=20, batch_size=1, seq_len=32, min_kl=1.0)
+    assert info["steps"] == 0 and info["check_kl"]["kept"] is False and "under 1.0" in info["check_kl"]["skipped"]
+    assert "after" not in info["check_kl"]
+    for name, blob in moved.items():
+        assert torch.equal(plain.get_submodule(name).deltacome_delta["default"].blob, blob), name
+
+
+def test_info_says_when_distillation_was_not_tried():
+    from hf_deltacome.io.summary import _plan_lines
+
+    record = {"steps": 0, "scales": 5, "check_kl": {"before": 0.012, "kept": False, "skipped": "under 0.03: kept"}}
+    text = "\n".join(_plan_lines({"distill": record}))
+    assert "scale distillation: not tried, KL to the fine-tune on calibration text 0.012 (under 0.03" in text
 
 
 def test_baselines_stay_as_published_unless_asked(pair):

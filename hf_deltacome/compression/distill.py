@@ -25,6 +25,10 @@ from ..format.storage import DeltaBand
 from ..progress import progress_bar
 
 CHECK_SEQUENCES = 8  # calibration sequences the KL is measured on before and after distilling the bands
+# below this KL (nats a token, on those sequences) the bands are not distilled: on SmolLM2's knowledge deltas the
+# cells that started at 0.004-0.015 (1/8, 1/16) ended 1.8-12x above where they started, those from 0.024 up (1/32,
+# 1/64) fell 2.0-2.8x; trying costs a forward and backward pass of the model a step (benchmarks/RESULTS.md)
+MIN_KL = 0.02
 TEACHER_CACHE_BYTES = 1 << 30  # the fine-tune's log-probabilities are kept across steps when they fit in this
 BAND_STEP = (1, 256)  # sequences x tokens a step when bands are distilled: every calibration token is seen, at half
 # the cost a step of BitDelta's (4, 128) takes (a step is one forward and backward pass of the whole model)
@@ -156,6 +160,7 @@ def distill_scales(
     seq_len: int = 128,
     adapter_name: str = "default",
     progress: bool = False,
+    min_kl: float | None = None,
 ) -> dict[str, Any]:
     """Refine the stored scales of ``model``'s adapter by distillation; returns the loss of the first and last steps
     and how many scales were learned.
@@ -166,7 +171,7 @@ def distill_scales(
     values are written into the adapter's stored bytes in place at the end (also if a step fails). With ``bands``
     the KL over the first ``CHECK_SEQUENCES`` batches is measured before and after, and the scales are kept only if
     it fell (otherwise the stored values stay as compressed: on SmolLM2 at 1/8-1/16, where the bands leave little
-    error, single-sequence steps raised it)."""
+    error, single-sequence steps raised it); under ``min_kl`` (default ``MIN_KL``) no step is taken."""
     with torch.no_grad():
         found = list(_deltas(model, adapter_name))
         device = found[0].blob.device if found else torch.device("cpu")
@@ -199,6 +204,10 @@ def distill_scales(
     try:
         if n_check:
             check["before"] = _kl(model, deltas, batches[:n_check], [target_of(i) for i in range(n_check)])
+            least = MIN_KL if min_kl is None else min_kl
+            if check["before"] < least:
+                steps, check["kept"] = 0, False
+                check["skipped"] = f"under {least}: the bands are left as compressed"
         for step in range(steps):
             i = step % len(batches)
             target = target_of(i)
@@ -214,7 +223,7 @@ def distill_scales(
             last = float(loss.detach())
             first = last if first is None else first
             bar.update(1)
-        if n_check:
+        if n_check and steps:
             check["after"] = _kl(model, deltas, batches[:n_check], [target_of(i) for i in range(n_check)])
             check["kept"] = check["after"] < check["before"]
             if not check["kept"]:

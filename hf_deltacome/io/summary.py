@@ -256,10 +256,13 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
     distill = plan.get("distill")
     if isinstance(distill, dict) and distill.get("skipped"):
         lines += ["", f"scale distillation: skipped ({distill['skipped']})"]
-    elif isinstance(distill, dict) and distill.get("steps"):
+    elif isinstance(distill, dict) and "steps" in distill:
         line = f"scale distillation: {distill['steps']} steps over {distill.get('scales', 0):,} stored scales"
         check = distill.get("check_kl")
-        if isinstance(check, dict):
+        if isinstance(check, dict) and check.get("skipped"):
+            line = f"scale distillation: not tried, KL to the fine-tune on calibration text {check['before']:.4g}"
+            line += f" ({check['skipped']})"
+        elif isinstance(check, dict):
             verdict = "kept" if check.get("kept") else "not kept: the scales stay as compressed"
             line += f"; KL to the fine-tune on calibration text {check['before']:.4g} -> {check['after']:.4g}, {verdict}"
         lines += ["", line]
