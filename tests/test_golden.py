@@ -3,7 +3,7 @@
 ``golden_adapters.json`` is written by ``python tests/test_golden.py --write``: a refactor must not change one byte
 of what ``compress`` + ``save_pretrained`` write (the package reorganisation was checked this way). A deliberate
 format or algorithm change rewrites the file and says so in its commit (last: packed format 2 and the whole-file
-budget; then DARE's values on a clipped grid; then DARE parts spending what every module leaves unspent; then the default method distilling its bands' scales). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
+budget; then DARE's values on a clipped grid; then DARE parts spending what every module leaves unspent). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
 ``adapter_config.json`` (the rest of the config records timings and versions).
 
 Each case holds a list of hash sets, one per kind of CPU it was recorded on: LAPACK's SVD and the BLAS kernels
