@@ -116,9 +116,10 @@ class DeltaCoMeConfig(PeftConfig):
             factors by distillation against the fine-tune's next-token distribution on the calibration text
             (``distill_steps`` steps; codes, layout and bytes unchanged; :mod:`~hf_deltacome.compression.distill`).
             ``None`` (default): on for ``deltacome`` with calibration data, off for the baselines (they stay as
-            published); ``True`` for any method with bands. On SmolLM2's knowledge deltas it raised next-token
-            agreement by 0.7-5.4 points at 1/16-1/64 (benchmarks/RESULTS.md); it costs one forward and backward
-            pass of the model per step.
+            published); ``True`` for any method with bands. Kept only where it lowers the calibration KL, and not
+            tried where the bands are already within ``distill.MIN_KL`` of the fine-tune. On SmolLM2's knowledge
+            deltas it raised next-token agreement by 2.0-4.8 points at 1/32-1/64 (benchmarks/RESULTS.md); it costs
+            one forward and backward pass of the model a step.
         sparse_tail: ``None`` (default: dense bands) or a keep-rate in (0, 1). ``deltacome``: the last band keeps
             that random share of each singular vector's entries (mask regenerated from a seed) and buys more rank
             with the bytes saved. ``impart``: the lowest keep-rate of its importance-aware tail (default
