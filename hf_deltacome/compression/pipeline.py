@@ -21,7 +21,8 @@ The pipeline, step by step (each step is one function below):
    layers one at a time: each target's input Hessian is collected by running the fine-tuned layer on the compressed
    model's hidden states, its delta is compressed (:func:`~.modules.compress_module`) into the packed buffers, and
    the now-compressed layer produces the next layer's inputs;
-6. scale distillation (BitDelta's sign scales; the bands' with ``distill_bands``) and the record of what was done (``compression_info``).
+6. scale distillation (BitDelta's sign scales; the bands' with ``distill_bands``, :mod:`.distill`) and the record of
+   what was done (``compression_info``).
 
 Peak memory: loaded, about base + fine-tune + one layer's activations; streamed, about one decoder layer of each
 model, the calibration activations, the SVD workspace and the adapter being built.

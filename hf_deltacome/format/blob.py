@@ -73,7 +73,8 @@ class BlobStore:
     """What holds a blob: a `PackedDelta` (a module, ``blob`` a buffer) or a part built on its own (`OwnBlob`).
 
     ``_overrides`` (key -> tensor) replace a part for computing without touching the stored bytes (scale distillation
-    differentiates through them; under `PINNED_FACTORS` the bands' factors as a pair); ``_dense`` caches one derived tensor (a DARE part's CSR matrix)."""
+    differentiates through them; under `PINNED_FACTORS` the bands' factors as a pair); ``_dense`` caches one derived
+    tensor (a DARE part's CSR matrix)."""
 
     _segs: Segments
     _overrides: Optional[dict] = None
