@@ -137,3 +137,14 @@ def test_distill_bands_settings_are_checked():
     with pytest.raises(ConfigError, match="distill_bands must be null, true or false, got 'yes'"):
         DeltaCoMeConfig(distill_bands="yes")
     assert DeltaCoMeConfig(method="deltacome-dare", distill_bands=True).distill_bands
+
+
+def test_cli_distill_bands_reaches_the_config_and_a_method_without_bands_is_refused(tmp_path, capsys):
+    from hf_deltacome.cli import build_parser, main
+
+    args = ["compress", "--base", str(tmp_path / "b"), "--finetuned", str(tmp_path / "f"), "--output", str(tmp_path / "o")]
+    assert build_parser().parse_args([*args, "--no-distill-bands"]).distill_bands is False
+    assert build_parser().parse_args([*args, "--distill-bands"]).distill_bands is True
+    assert build_parser().parse_args(args).distill_bands is None  # the config's default decides
+    assert main([*args, "--method", "dare", "--distill-bands"]) == 2
+    assert "distill_bands refines band scales; method 'dare' stores no bands" in capsys.readouterr().err
