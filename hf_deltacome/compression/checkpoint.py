@@ -21,8 +21,8 @@ from .calibration import CalibrationData
 STATE_VERSION = 2  # 2: the fine-tune's fingerprint and the calibration given are recorded (1: neither)
 SETTINGS = (
     "ratio", "method", "bands", "min_rank_share", "group_size", "quantizer", "damp", "act_order", "search",
-    "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "distill_bands", "sparse_tail", "band_share", "residual",
-    "dare_rates", "target_modules", "exclude_modules",
+    "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "distill_bands", "sparse_tail", "band_share",
+    "residual", "dare_rates", "target_modules", "exclude_modules",
 )  # fmt: skip
 
 

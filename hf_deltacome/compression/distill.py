@@ -30,8 +30,9 @@ CHECK_SEQUENCES = 8  # calibration sequences the KL is measured on before and af
 # 1/64) fell 2.0-2.8x; trying costs a forward and backward pass of the model a step (benchmarks/RESULTS.md)
 MIN_KL = 0.02
 TEACHER_CACHE_BYTES = 1 << 30  # the fine-tune's log-probabilities are kept across steps when they fit in this
-BAND_STEP = (1, 256)  # sequences x tokens a step when bands are distilled: every calibration token is seen, at half
-# the cost a step of BitDelta's (4, 128) takes (a step is one forward and backward pass of the whole model)
+SIGN_STEP = (4, 128)  # sequences x tokens a step of BitDelta's sign-scale distillation
+BAND_STEP = (1, 256)  # ... and when bands are distilled: every calibration token is seen, at half the cost a step
+# of SIGN_STEP takes (a step is one forward and backward pass of the whole model)
 
 
 def distills_bands(config: DeltaCoMeConfig) -> bool:
@@ -40,6 +41,11 @@ def distills_bands(config: DeltaCoMeConfig) -> bool:
     if config.distill_steps <= 0:
         return False
     return config.distill_bands if config.distill_bands is not None else config.method == "deltacome"
+
+
+def distills(config: DeltaCoMeConfig) -> bool:
+    """Whether a compression with ``config`` distils anything: BitDelta's sign scales or the bands' scales."""
+    return config.distill_steps > 0 and (config.method == "bitdelta" or distills_bands(config))
 
 
 class _Scale:
@@ -156,8 +162,8 @@ def distill_scales(
     bands: bool = False,
     steps: int = 50,
     lr: float = 0.01,
-    batch_size: int = 4,
-    seq_len: int = 128,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
     adapter_name: str = "default",
     progress: bool = False,
     min_kl: float | None = None,
@@ -166,7 +172,8 @@ def distill_scales(
     and how many scales were learned.
 
     Minimises the KL divergence from the fine-tune's next-token distribution to the compressed model's on
-    ``input_ids`` (cut to ``seq_len`` tokens, ``batch_size`` sequences a step), with Adam over log-multipliers of
+    ``input_ids`` (cut to ``seq_len`` tokens, ``batch_size`` sequences a step; by default `BAND_STEP` with ``bands``,
+    else `SIGN_STEP`), with Adam over log-multipliers of
     the scales (BitDelta's sign scales; with ``bands`` also every band's ``S_k`` and group scales). The refined
     values are written into the adapter's stored bytes in place at the end (also if a step fails). With ``bands``
     the KL over the first ``CHECK_SEQUENCES`` batches is measured before and after, and the scales are kept only if
@@ -180,6 +187,8 @@ def distill_scales(
         return {}
     if input_ids is None or input_ids.numel() == 0:
         raise CalibrationError("scale distillation needs calibration token ids")
+    default_batch, default_len = BAND_STEP if bands else SIGN_STEP
+    batch_size, seq_len = batch_size or default_batch, seq_len or default_len
     params = [scale.log for d in deltas for scale in d.scales]
     opt = torch.optim.Adam(params, lr=lr)
     batches = list(input_ids[:, :seq_len].split(batch_size))

@@ -29,7 +29,7 @@ from ..format.budget import safetensors_header_bound
 from ..io.adapter_files import BLOB_SUFFIX, STATE_DICT_PREFIX
 from . import vocab
 from .changes import PairChanges, find_changes
-from .distill import distills_bands
+from .distill import distills
 from .modules import with_changes
 from .streaming import LoadedPair, StreamedPair
 from .targets import ModelKind
@@ -155,7 +155,7 @@ def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig,
         )
     notes: dict[str, Any] = {}
     # first, on the caller's config (the one saved), before any copy below
-    if config.distill_steps > 0 and (config.method == "bitdelta" or (distills_bands(config) and calib is not None)):
+    if distills(config) and (config.method == "bitdelta" or calib is not None):
         log.info("scale distillation trains against the whole fine-tune; skipped in a streamed run")
         notes["distill"] = {"skipped": "streamed: needs the whole fine-tune"}
         config.distill_steps = 0

@@ -65,7 +65,7 @@ from ..quant.spill import maybe_spill
 from . import vocab
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource, check_sizes, generic_texts
 from .checkpoint import LayerCheckpoint, calibration_record
-from .distill import BAND_STEP, distill_scales, distills_bands
+from .distill import distill_scales, distills, distills_bands
 from .inputs import (
     ModelSource,
     describe_inputs,
@@ -194,15 +194,12 @@ def compress(
         filler.outside(kind, targets, calib, device)
         filler.layers(kind, targets, calib, device, progress)
     distill: dict[str, Any] = {}
-    bands = distills_bands(config)
-    if (bands or config.method == "bitdelta") and config.distill_steps > 0 and calib is not None:
+    if distills(config) and calib is not None:
         if calib.input_ids is None:  # image-text pairs: the student and teacher would need the images too
             distill = {"skipped": "the calibration has no token ids of its own (image-text pairs)"}
         else:
-            batch, seq = BAND_STEP if bands else (4, 128)
-            distill = distill_scales(peft_model, pair.finetuned, calib.input_ids, bands=bands, batch_size=batch,
-                                     seq_len=seq, steps=config.distill_steps, adapter_name=adapter_name,
-                                     progress=progress)  # fmt: skip
+            distill = distill_scales(peft_model, pair.finetuned, calib.input_ids, bands=distills_bands(config),
+                                     steps=config.distill_steps, adapter_name=adapter_name, progress=progress)
     config.compression_info = _record(kind, config, calib, time.time() - t0, plan_info, distill, filler.fallbacks)
     config.compression_info.update(streamed=pair.streamed, layer_seconds=[round(t, 2) for t in filler.layer_seconds])
     if changes.rounding:

@@ -71,10 +71,6 @@ class SignPart:
     def from_layout(cls, out_features: int, in_features: int, entry: dict, **where) -> SignPart:
         return cls(out_features, in_features, int(entry["rows"]), entry.get("scale", "matrix") == "row", **where)
 
-    def override_scale(self, value: Optional[torch.Tensor]) -> None:
-        """Compute with ``value`` as the scale (differentiable; the stored scale is untouched); ``None``: stop."""
-        self._store.override(self._prefix + "scale", value)
-
     def set(self, positive: torch.Tensor, scale: torch.Tensor, row_index: torch.Tensor | None = None) -> None:
         """Store the sign pattern (``k x n`` bool, True = positive), the scale(s) and the kept rows."""
         if tuple(positive.shape) != (self.rows, self.in_features):
