@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from tiny_models import make_finetune, make_model, random_ids
 
-from hf_deltacome import ConfigError, DeltaCoMeConfig
+from hf_deltacome import CalibrationError, ConfigError, DeltaCoMeConfig
 from hf_deltacome.compression import distill
 from hf_deltacome.compression.distill import distill_scales, distills_bands
 from hf_deltacome.compression.pipeline import compress
@@ -148,3 +148,11 @@ def test_cli_distill_bands_reaches_the_config_and_a_method_without_bands_is_refu
     assert build_parser().parse_args(args).distill_bands is None  # the config's default decides
     assert main([*args, "--method", "dare", "--distill-bands"]) == 2
     assert "distill_bands refines band scales; method 'dare' stores no bands" in capsys.readouterr().err
+
+
+def test_distillation_without_token_ids_is_refused(pair):
+    base, ft = pair
+    model = _compress(pair, random_ids(base, 4, 16, seed=9), distill_bands=False)
+    for ids in (None, torch.zeros(0, 16, dtype=torch.long)):
+        with pytest.raises(CalibrationError, match="scale distillation needs calibration token ids"):
+            distill_scales(model, ft, ids, bands=True)
