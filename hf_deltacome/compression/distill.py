@@ -36,6 +36,7 @@ TEACHER_CACHE_BYTES = 1 << 30  # the fine-tune's log-probabilities are kept acro
 SIGN_STEP = (4, 128)  # sequences x tokens a step of BitDelta's sign-scale distillation
 BAND_STEP = (1, 256)  # ... and when bands are distilled: every calibration token is seen, at half the cost a step
 # of SIGN_STEP takes (a step is one forward and backward pass of the whole model)
+LR = 0.01  # Adam's step on the log-multipliers (1% of a scale a step at first)
 
 
 def distills_bands(config: DeltaCoMeConfig) -> bool:
@@ -179,7 +180,7 @@ def distill_scales(
     *,
     bands: bool = False,
     steps: int = 50,
-    lr: float = 0.01,
+    lr: float | None = None,
     batch_size: int | None = None,
     seq_len: int | None = None,
     adapter_name: str = "default",
@@ -208,7 +209,7 @@ def distill_scales(
     default_batch, default_len = BAND_STEP if bands else SIGN_STEP
     batch_size, seq_len = batch_size or default_batch, seq_len or default_len
     params = [scale.log for d in deltas for scale in d.scales]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=LR if lr is None else lr)
     batches = list(input_ids[:, :seq_len].split(batch_size))
     vocab = getattr(getattr(finetuned_model, "config", None), "vocab_size", None) or 0
     keep = sum(b.numel() for b in batches) * vocab * 4 <= TEACHER_CACHE_BYTES
