@@ -102,6 +102,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     **{f"deltacome-dare-{b}b-{pct}-d{d}": {"method": "deltacome-dare", "bands": [[b, None]], "band_share": pct / 100,
                                            "uniform_bits": d}
        for b in (2, 3, 8) for pct in (10, 25, 50, 75) for d in (2, 3)},  # fmt: skip
+    # ... with its scales distilled as the default's are (the bands' and the residual's gain): the residual the
+    # default's check weighs before distilling, distilled
+    **{f"deltacome-dare-3b-{pct}-d2-distill": {"method": "deltacome-dare", "bands": [[3, None]],
+                                              "band_share": pct / 100, "uniform_bits": 2, "distill_bands": True}
+       for pct in (25, 50, 75)},  # fmt: skip
 }
 # issue 14's comparison: the default against the published split, ImPart and the baselines (the rejected options,
 # deltacome+greedy / +adaptive / +sparse-tail, are asked for by name)
