@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .format.blob import PINNED_FACTORS, SPARSE_GAIN
+from .format.blob import PINNED_FACTORS
 from .format.storage import PackedDelta
 
 BACKENDS = ("auto", "torch", "triton")
@@ -178,7 +178,6 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     xc = x.to(compute)
     y = None
     pinned = delta.part(PINNED_FACTORS) if delta._overrides else None
-    gain = delta.part(SPARSE_GAIN) if delta._overrides else None
     if pinned is not None:  # factors being distilled (compression/distill.py): differentiable, never cached
         y = (xc @ pinned[0].to(compute)) @ pinned[1].to(compute)
     elif dequant_cache.max_bytes > 0 and delta.rank > 0:
@@ -191,9 +190,9 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
             y = part if y is None else y + part
     if y is None:
         y = xc.new_zeros(*x.shape[:-1], delta.out_features)
-    for part, gained in ((getattr(delta, "sign", None), False), (getattr(delta, "sparse", None), gain is not None)):
+    for part in (getattr(delta, "sign", None), getattr(delta, "sparse", None)):
         if part is not None:  # baseline parts (BitDelta sign bits, DARE sparse values)
-            y = y + (part.forward_delta(xc) * gain if gained else part.forward_delta(xc))
+            y = y + part.forward_delta(xc)
     if delta.bias is not None:
         y = y + delta.bias.to(compute)
     return y.to(out_dtype)

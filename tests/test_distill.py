@@ -30,9 +30,9 @@ def pair():
     return base, make_finetune(base, seed=3, scale=1.0)  # a delta large enough to leave error at 1/32
 
 
-def _compress(pair, calib, ratio=1 / 32, **kw):
+def _compress(pair, calib, **kw):
     base, ft = pair
-    cfg = DeltaCoMeConfig(group_size=32, ratio=ratio, residual="none", min_rank_share=0.0, **kw)
+    cfg = DeltaCoMeConfig(group_size=32, ratio=1 / 32, residual="none", min_rank_share=0.0, **kw)
     return compress(copy.deepcopy(base), ft, cfg, calibration=calib, progress=False)
 
 
@@ -80,36 +80,6 @@ def test_distilled_bands_move_only_scales_lower_the_kl_and_load_back(pair, tmp_p
     assert "scale distillation: 20 steps over" in text and ", kept" in text
     size = [(tmp_path / d / "adapter_model.safetensors").stat().st_size for d in ("plain", "distilled")]
     assert size[0] == size[1]
-    ids = random_ids(base, 2, 16, seed=5)
-    with torch.no_grad():
-        want = distilled(input_ids=ids).logits
-        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "distilled").eval()
-        assert torch.equal(loaded(input_ids=ids).logits, want)
-
-
-def test_a_dare_residual_learns_one_gain_written_into_its_value_scales(pair, tmp_path):
-    """Bands with a DARE part of their residual: the part's product gets one learned gain, stored by multiplying
-    its values' group scales (codes, mask and bytes stay); the saved adapter computes what was distilled."""
-    base, ft = pair
-    calib = random_ids(base, 8, 32, seed=9)
-    kw = dict(ratio=1 / 8, method="deltacome-dare", band_share=0.5, uniform_bits=2, distill_steps=20)
-    plain = _compress(pair, calib, distill_bands=False, **kw)
-    distilled = _compress(pair, calib, distill_bands=True, **kw)
-    info = distilled.peft_config["default"].compression_info["distill"]
-    assert info["check_kl"]["kept"], info
-    moved = _moved_parts(plain, distilled)
-    assert any(k.startswith("sparse.") for k in moved) and all(k.endswith((".s", ".scales")) for k in moved), moved
-    ratios = []
-    for name, mod in distilled.named_modules():
-        if isinstance(mod, DeltaCoMeLayer):
-            new, old = mod.deltacome_delta["default"], plain.get_submodule(name).deltacome_delta["default"]
-            assert new.sparse is not None and new.low_rank_bands, name
-            ratio = new.sparse.values.scales.float() / old.sparse.values.scales.float()
-            ok = old.sparse.values.scales.float().abs() > 1e-3
-            assert torch.allclose(ratio[ok], ratio[ok].median().expand(int(ok.sum())), rtol=2e-3), name  # one gain
-            ratios.append(float(ratio[ok].median()))
-    assert any(abs(r - 1) > 1e-3 for r in ratios), ratios
-    distilled.save_pretrained(tmp_path / "distilled")
     ids = random_ids(base, 2, 16, seed=5)
     with torch.no_grad():
         want = distilled(input_ids=ids).logits

@@ -7,10 +7,7 @@ that group's dequantized values ``(q − z)·scale``, so the factors are the fix
 learned scales, and each step's factors are handed to the forward pass as the delta's pinned factors
 (:data:`~hf_deltacome.format.blob.PINNED_FACTORS`, read by :func:`~hf_deltacome.backend.torch_delta_forward`): no
 code is unpacked and no mask regenerated per step. Adam works on log-multipliers, so each scale keeps its sign and
-moves in proportion to its size. Sparse bands (ImPart, the sparse tail) learn their ``S_k`` only. A DARE part
-beside the bands (the residual) learns one gain (:data:`~hf_deltacome.format.blob.SPARSE_GAIN` on its product),
-written into its values' group scales: DARE's ``1/keep`` rescaling is unbiased, and the gain lets the fine-tune's
-distribution choose how much of that noisy estimate to use.
+moves in proportion to its size. Sparse bands (ImPart, the sparse tail) learn their ``S_k`` only.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ from torch import nn
 
 from ..config import DeltaCoMeConfig
 from ..errors import CalibrationError
-from ..format.blob import PINNED_FACTORS, SPARSE_GAIN, BlobStore
+from ..format.blob import PINNED_FACTORS, BlobStore
 from ..format.storage import DeltaBand
 from ..progress import progress_bar
 
@@ -72,14 +69,6 @@ class _Scale:
         stored.copy_(value.to(stored.device, stored.dtype))  # in place: the saved bytes change
 
 
-class _Gain(_Scale):
-    """One log-multiplier shared by every value of a stored float tensor (a DARE part's group scales)."""
-
-    def __init__(self, store: BlobStore, key: str, device: torch.device) -> None:
-        super().__init__(store, key, device)
-        self.log = torch.zeros((), device=device, requires_grad=True)
-
-
 class _Factor:
     """One band factor (``rank x cols``) as fixed ``q − z`` times learned group scales, or fixed as it is stored."""
 
@@ -111,12 +100,8 @@ class _Delta:
             self.scales.append(self.sign)
         else:
             self.sign = None
-        self.gain = None
         if not bands:
             return
-        if delta.sparse is not None and delta.low_rank_bands:
-            self.gain = _Gain(delta, delta.sparse._prefix + "values.scales", device)
-            self.scales.append(self.gain)
         for band in delta.low_rank_bands:
             learn = isinstance(band, DeltaBand) and band.u_transposed and band.bits != 16
             s = _Scale(delta, band._prefix + "s", device)
@@ -133,12 +118,9 @@ class _Delta:
             a = torch.cat([v.dense() * s.value()[:, None] for s, v, _ in self.bands]).t()
             b = torch.cat([u.dense() for _, _, u in self.bands])
             self.delta.override(PINNED_FACTORS, (a, b))
-        if self.gain is not None:
-            self.delta.override(SPARSE_GAIN, torch.exp(self.gain.log))
 
     def unpin_and_write(self) -> None:
         self.delta.override(PINNED_FACTORS, None)
-        self.delta.override(SPARSE_GAIN, None)
         if self.sign is not None:
             self.delta.override(self.sign.key, None)
         with torch.no_grad():

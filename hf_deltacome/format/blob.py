@@ -67,15 +67,13 @@ def factor_parts(prefix: str, rows: int, cols: int, bits: int, group_size: int) 
 
 
 PINNED_FACTORS = "factors"  # override key: ``(A, B)`` the PyTorch path multiplies by instead of the stored bands
-SPARSE_GAIN = "sparse_gain"  # override key: a factor the PyTorch path multiplies a DARE part's product by
 
 
 class BlobStore:
     """What holds a blob: a `PackedDelta` (a module, ``blob`` a buffer) or a part built on its own (`OwnBlob`).
 
     ``_overrides`` (key -> tensor) replace a part for computing without touching the stored bytes (scale distillation
-    differentiates through them; under `PINNED_FACTORS` the bands' factors as a pair, under `SPARSE_GAIN` a gain
-    on the DARE part's product); ``_dense`` caches one derived
+    differentiates through them; under `PINNED_FACTORS` the bands' factors as a pair); ``_dense`` caches one derived
     tensor (a DARE part's CSR matrix)."""
 
     _segs: Segments
