@@ -59,7 +59,6 @@ class CalibrationData:
 
     input_ids: torch.Tensor  # (num_samples, seq_len) int64
     source: str
-    response_mask: torch.Tensor | None = None  # (num_samples, seq_len) bool: tokens of records' responses, if any
 
     @property
     def num_samples(self) -> int:
@@ -408,7 +407,6 @@ def get_calibration(
 ) -> CalibrationData:
     """Resolve any calibration source into a batch of token ids for ``model`` (the fine-tune)."""
     check_sizes(num_samples, seq_len)
-    mask = None  # which tokens are records' responses (the distillation weighs the fine-tune's answers)
     if calibration is None:
         ids = sample_from_model(model, tokenizer, num_samples, seq_len, seed, progress=progress)
         source = "sampled from the fine-tuned model"
@@ -424,7 +422,7 @@ def get_calibration(
         source = f"token tensor {tuple(ids.shape)}"
     else:
         texts = read_records(calibration, tokenizer)
-        ids, mask = tokenize_records(texts, tokenizer, num_samples, seq_len, seed)
+        ids = tokenize_texts(texts, tokenizer, num_samples, seq_len, seed)
         if isinstance(calibration, (str, os.PathLike)):
             source = f"file {os.fspath(calibration)}"
         else:
@@ -435,7 +433,7 @@ def get_calibration(
             f"calibration token ids range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has "
             f"{vocab} entries; is the tokenizer the model's own?"
         )
-    return CalibrationData(ids.contiguous(), source, mask)
+    return CalibrationData(ids.contiguous(), source)
 
 
 def _vocab_size(model: Any) -> int | None:

@@ -33,8 +33,6 @@ TEACHER_CACHE_BYTES = 1 << 30  # the fine-tune's log-probabilities are kept acro
 SIGN_STEP = (4, 128)  # sequences x tokens a step of BitDelta's sign-scale distillation
 BAND_STEP = (1, 256)  # ... and when bands are distilled: every calibration token is seen, at half the cost a step
 # of SIGN_STEP takes (a step is one forward and backward pass of the whole model)
-ANSWER_SHARE = 0.5  # share of the objective on the positions that predict a response token, where the calibration
-# records mark responses (the rest on every position): the fine-tune's knowledge is in its answers
 LR = 0.01  # Adam's step on the log-multipliers (1% of a scale a step at first). 0.003 from a KL of 0.003 lowered
 # the KL at 1/16 too but less at 1/64, and moved held-out answers by +2 / -2 over five cells; a linear decay from
 # 0.01 still raised it at 1/16 (benchmarks/RESULTS.md, reading at 8ce48de-6e3f63c)
@@ -145,31 +143,18 @@ def _teacher(finetuned: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(finetuned(input_ids=batch.to(device)).logits.float(), -1)
 
 
-def _weights(batch: torch.Tensor, answers: torch.Tensor | None) -> torch.Tensor:
-    """Each position's weight in the objective (summing to 1): uniform, or `ANSWER_SHARE` spread over the
-    positions that predict a response token and the rest over all."""
-    w = torch.full(batch.shape, 1.0 / batch.numel())
-    if answers is not None and answers.any():
-        w = w * (1 - ANSWER_SHARE) + answers.float() * (ANSWER_SHARE / answers.sum())
-    return w
-
-
-def _objective(model: nn.Module, batch: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    logp = torch.log_softmax(model(input_ids=batch.to(device)).logits.float(), -1)
-    target = target.to(logp.device)
-    return ((target.exp() * (target - logp)).sum(-1) * weights.to(logp.device)).sum()
-
-
-def _kl(model: nn.Module, deltas: list[_Delta], batches: list[torch.Tensor], targets: list[torch.Tensor],
-        weights: list[torch.Tensor]) -> float:
-    """The fine-tune's next-token KL to ``model`` with the current scales, weighted per position, over ``batches``
-    (the mean of the batches')."""
+def _kl(model: nn.Module, deltas: list[_Delta], batches: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """The fine-tune's next-token KL to ``model`` with the current scales, per token, over ``batches``."""
+    total, tokens = 0.0, 0
     with torch.no_grad():
         for d in deltas:
             d.pin()
-        total = sum(float(_objective(model, b, t, w)) for b, t, w in zip(batches, targets, weights, strict=True))
-    return total / max(len(batches), 1)
+        device = deltas[0].delta.blob.device
+        for batch, target in zip(batches, targets, strict=True):
+            logp = torch.log_softmax(model(input_ids=batch.to(device)).logits.float(), -1)
+            total += float(nn.functional.kl_div(logp, target.to(logp.device), log_target=True, reduction="sum"))
+            tokens += batch.numel()
+    return total / max(tokens, 1)
 
 
 def distill_scales(
@@ -185,7 +170,6 @@ def distill_scales(
     adapter_name: str = "default",
     progress: bool = False,
     min_kl: float | None = None,
-    response_mask: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Refine the stored scales of ``model``'s adapter by distillation; returns the loss of the first and last steps
     and how many scales were learned.
@@ -211,13 +195,6 @@ def distill_scales(
     params = [scale.log for d in deltas for scale in d.scales]
     opt = torch.optim.Adam(params, lr=LR if lr is None else lr)
     batches = list(input_ids[:, :seq_len].split(batch_size))
-    if response_mask is not None and bands:  # BitDelta's sign scales distil as published
-        from .endtoend import response_positions
-
-        answers = list(response_positions(response_mask[:, :seq_len]).split(batch_size))
-    else:
-        answers = [None] * len(batches)
-    weights = [_weights(b, a) for b, a in zip(batches, answers, strict=True)]
     vocab = getattr(getattr(finetuned_model, "config", None), "vocab_size", None) or 0
     keep = sum(b.numel() for b in batches) * vocab * 4 <= TEACHER_CACHE_BYTES
     teacher: dict[int, torch.Tensor] = {}
@@ -238,8 +215,7 @@ def distill_scales(
     n_check = min(CHECK_SEQUENCES, len(batches)) if bands else 0
     try:
         if n_check:
-            check["before"] = _kl(model, deltas, batches[:n_check], [target_of(i) for i in range(n_check)],
-                                  weights[:n_check])
+            check["before"] = _kl(model, deltas, batches[:n_check], [target_of(i) for i in range(n_check)])
             least = MIN_KL if min_kl is None else min_kl
             if check["before"] < least:
                 steps, check["kept"] = 0, False
@@ -250,7 +226,9 @@ def distill_scales(
             with torch.enable_grad():
                 for d in deltas:
                     d.pin()
-                loss = _objective(model, batches[i], target, weights[i])
+                logp = torch.log_softmax(model(input_ids=batches[i].to(device)).logits.float(), -1)
+                loss = nn.functional.kl_div(logp, target.to(logp.device), log_target=True, reduction="batchmean")
+                loss = loss / batches[i].shape[1]
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -258,8 +236,7 @@ def distill_scales(
             first = last if first is None else first
             bar.update(1)
         if n_check and steps:
-            check["after"] = _kl(model, deltas, batches[:n_check], [target_of(i) for i in range(n_check)],
-                                 weights[:n_check])
+            check["after"] = _kl(model, deltas, batches[:n_check], [target_of(i) for i in range(n_check)])
             check["kept"] = check["after"] < check["before"]
             if not check["kept"]:
                 with torch.no_grad():
