@@ -177,7 +177,7 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     compute = torch.float32 if x.device.type == "cpu" else x.dtype
     xc = x.to(compute)
     y = None
-    pinned = delta.part(PINNED_FACTORS) if delta._overrides else None
+    pinned = delta.part(PINNED_FACTORS) if delta.overridden else None
     if pinned is not None:  # factors being distilled (compression/distill.py): differentiable, never cached
         y = (xc @ pinned[0].to(compute)) @ pinned[1].to(compute)
     elif dequant_cache.max_bytes > 0 and delta.rank > 0:
@@ -202,7 +202,7 @@ def _kernel_ready(delta: PackedDelta | None) -> bool:
     """The kernels read format-2 dense bands only: baseline parts, sparse bands (impart, the sparse tail: their
     seeded masks are not something the kernels regenerate), format-1 files and parts overridden for computing
     (scale distillation) take the PyTorch path."""
-    return delta is None or (not delta.has_extra_parts and delta.format >= 2 and not delta._overrides)
+    return delta is None or (not delta.has_extra_parts and delta.format >= 2 and not delta.overridden)
 
 
 def delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:

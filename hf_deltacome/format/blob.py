@@ -105,6 +105,11 @@ class BlobStore:
         blob[seg.offset : seg.offset + seg.nbytes].view(seg.dtype).view(seg.shape).copy_(value)
         self._set_blob(blob)
 
+    @property
+    def overridden(self) -> bool:
+        """Whether some part is being computed from an override rather than the stored bytes."""
+        return bool(self._overrides)
+
     def override(self, key: str, value: Optional[torch.Tensor]) -> None:
         """Compute with ``value`` in place of part ``key`` (``None``: back to the stored bytes)."""
         overrides = dict(self._overrides or {})
