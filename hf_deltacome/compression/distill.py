@@ -164,7 +164,7 @@ def distill_scales(
     *,
     bands: bool = False,
     steps: int = 50,
-    lr: float | None = None,
+    lr: float = LR,
     batch_size: int | None = None,
     seq_len: int | None = None,
     adapter_name: str = "default",
@@ -193,7 +193,7 @@ def distill_scales(
     default_batch, default_len = BAND_STEP if bands else SIGN_STEP
     batch_size, seq_len = batch_size or default_batch, seq_len or default_len
     params = [scale.log for d in deltas for scale in d.scales]
-    opt = torch.optim.Adam(params, lr=LR if lr is None else lr)
+    opt = torch.optim.Adam(params, lr=lr)
     batches = list(input_ids[:, :seq_len].split(batch_size))
     vocab = getattr(getattr(finetuned_model, "config", None), "vocab_size", None) or 0
     keep = sum(b.numel() for b in batches) * vocab * 4 <= TEACHER_CACHE_BYTES
