@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .backend import delta_forward, delta_forward_mixed
+from .backend import add_delta, add_delta_mixed
 from .errors import ConfigError
 from .format.storage import PackedDelta
 
@@ -157,7 +157,7 @@ class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
             return result
         for name in self.active_adapters:
             if name in self.deltacome_delta:
-                result = result + delta_forward(x, self.deltacome_delta[name]).to(result.dtype)
+                result = add_delta(result, x, self.deltacome_delta[name])
         return result
 
     def _mixed_batch_forward(
@@ -171,7 +171,7 @@ class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
         deltas = [self.deltacome_delta[n] if n in self.deltacome_delta else None for n in batch.names]
         if all(d is None for d in deltas):
             return result
-        return result + delta_forward_mixed(x, deltas, batch.row_index(x.device)).to(result.dtype)
+        return add_delta_mixed(result, x, deltas, batch.row_index(x.device))
 
     def __repr__(self) -> str:
         return "deltacome." + super().__repr__()

@@ -310,7 +310,9 @@ class DeltaCoMeModel(BaseTuner):
         num_beams = kwargs.get("num_beams")
         if isinstance(num_beams, int) and num_beams > 1:
             adapter_names = [n for n in adapter_names for _ in range(num_beams)]
-        batch = MixedBatch(adapter_names)  # one row index for all layers
+        # one row index for all layers; a caller's own MixedBatch is kept, so that its index, built on the first
+        # forward, is reused by later ones (no host-to-device copy: a decode step can be captured in a CUDA graph)
+        batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
         handles, swapped = [], []
         for module in hosts:
             if isinstance(module, DeltaCoMeLayer) or (

@@ -40,7 +40,7 @@ _SHRINK_SIG = dict(
     stride_tt="i32",
     T_BUCKET="i32",
     split_k="i32",
-    atomic="i32",
+    stride_ts="i32",
 )
 _EXPAND_SIG = dict(
     t_ptr="*fp32",
@@ -54,6 +54,8 @@ _EXPAND_SIG = dict(
     tokens_per_row="i32",
     stride_tt="i32",
     stride_yt="i32",
+    split_k="i32",
+    stride_ts="i32",
     T_BUCKET="i32",
     accumulate="i32",
 )

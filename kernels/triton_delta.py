@@ -4,10 +4,12 @@ Two launches per call, both covering every band of every adapter at once:
 
 * **shrink**: ``t[:, band cols] = S_k ⊙ (x V_k)`` into a float32 rank-space buffer ``t`` (tokens x total rank).
   The grid runs over rank tiles of all bands (a tile never straddles two bands; each program finds its band in
-  the plan's band table), token blocks and, for small batches, splits of the reduction dimension that are summed
-  with atomics so that enough programs stream the packed ``V`` in parallel.
-* **expand**: ``y[:, m block] = Σ_bands t[:, band cols] U_kᵀ + bias`` (optionally added to an existing ``y``).
-  The grid runs over output blocks and token blocks; each program walks all bands, so ``y`` is written once.
+  the plan's band table), token blocks and, for small batches, splits of the reduction dimension so that enough
+  programs stream the packed ``V`` in parallel. Split ``s`` stores its partial sums in slice ``s`` of ``t``
+  (``split_k x tokens x rank``): no atomics and no zero-filled buffer (one launch fewer per call).
+* **expand**: ``y[:, m block] = Σ_bands t[:, band cols] U_kᵀ + bias`` (optionally added to an existing ``y``),
+  summing the ``split_k`` slices of ``t`` as it loads them. The grid runs over output blocks and token blocks; each
+  program walks all bands, so ``y`` is written once.
 
 Both dequantize in registers: a tile's packed int32 words are loaded as a contiguous block and split into their
 ``32 / bits`` values (1/2/4/8-bit planes; a 3-bit band adds its 1-bit plane as bit 2), then ``(q - zero) * scale``
@@ -222,7 +224,7 @@ def _shrink_loop(
     return acc
 
 
-@triton.jit(do_not_specialize=["n_bands", "T", "tokens_per_row", "T_BUCKET", "split_k", "atomic"])
+@triton.jit(do_not_specialize=["n_bands", "T", "tokens_per_row", "T_BUCKET", "split_k", "stride_ts"])
 def _shrink_kernel(
     x_ptr,
     row_ad_ptr,
@@ -236,7 +238,7 @@ def _shrink_kernel(
     stride_tt,
     T_BUCKET,  # autotuning key only (a plain int: no recompilation per bucket)
     split_k,  # programs along the reduction
-    atomic,  # 1: add into a zeroed ``t`` (split_k > 1), 0: store
+    stride_ts,  # stride of ``t`` between the slices of the splits
     COMPUTE: tl.constexpr,
     DEQ: tl.constexpr,
     GROUP: tl.constexpr,
@@ -412,12 +414,9 @@ def _shrink_kernel(
             BK,
         )
     acc = acc * tl.load(sp + offs_r, mask=rmask, other=0.0)[None, :]
-    out = t_ptr + offs_t[:, None] * stride_tt + (tcol + offs_r)[None, :]
-    omask = tmask[:, None] & rmask[None, :]
-    if atomic != 0:
-        tl.atomic_add(out, acc, mask=omask, sem="relaxed")
-    else:
-        tl.store(out, acc, mask=omask)
+    # every split stores its slice (zeros where its share of the reduction is empty): ``t`` needs no zero-fill
+    out = t_ptr + pid_k * stride_ts + offs_t[:, None] * stride_tt + (tcol + offs_r)[None, :]
+    tl.store(out, acc, mask=tmask[:, None] & rmask[None, :])
 
 
 @triton.jit
@@ -425,6 +424,8 @@ def _expand_loop(
     acc,
     t_ptr,
     stride_tt,
+    split_k,
+    stride_ts,
     offs_t,
     amask,
     tcol,
@@ -454,11 +455,11 @@ def _expand_loop(
     for r0 in range(0, rank, BR):
         offs_r = r0 + tl.arange(0, BR)
         rmask = offs_r < rank
-        tt = tl.load(
-            t_ptr + offs_t[:, None] * stride_tt + (tcol + offs_r)[None, :],
-            mask=amask[:, None] & rmask[None, :],
-            other=0.0,
-        )
+        t_offs = offs_t[:, None] * stride_tt + (tcol + offs_r)[None, :]
+        t_mask = amask[:, None] & rmask[None, :]
+        tt = tl.load(t_ptr + t_offs, mask=t_mask, other=0.0)
+        for s in range(1, split_k):  # the partial sums of the other reduction splits
+            tt += tl.load(t_ptr + s * stride_ts + t_offs, mask=t_mask, other=0.0)
         w = _dequant_packed(
             uq, uhi, us, uz, offs_r, rmask, m0, M, wstride, hstride, gstride, group, BITS, BM, GROUP, DEQ
         )
@@ -466,7 +467,7 @@ def _expand_loop(
     return acc
 
 
-@triton.jit(do_not_specialize=["n_adapters", "T", "tokens_per_row", "T_BUCKET", "accumulate"])
+@triton.jit(do_not_specialize=["n_adapters", "T", "tokens_per_row", "T_BUCKET", "split_k", "stride_ts", "accumulate"])
 def _expand_kernel(
     t_ptr,
     row_ad_ptr,
@@ -479,6 +480,8 @@ def _expand_kernel(
     tokens_per_row,
     stride_tt,
     stride_yt,
+    split_k,  # slices of ``t`` to sum (the shrink's reduction splits)
+    stride_ts,
     T_BUCKET,  # autotuning key only (a plain int: no recompilation per bucket)
     accumulate,  # 1: add into ``y``, 0: overwrite it
     COMPUTE: tl.constexpr,
@@ -521,6 +524,8 @@ def _expand_kernel(
                     acc,
                     t_ptr,
                     stride_tt,
+                    split_k,
+                    stride_ts,
                     offs_t,
                     amask,
                     tcol,
@@ -547,6 +552,8 @@ def _expand_kernel(
                     acc,
                     t_ptr,
                     stride_tt,
+                    split_k,
+                    stride_ts,
                     offs_t,
                     amask,
                     tcol,
@@ -573,6 +580,8 @@ def _expand_kernel(
                     acc,
                     t_ptr,
                     stride_tt,
+                    split_k,
+                    stride_ts,
                     offs_t,
                     amask,
                     tcol,
@@ -599,6 +608,8 @@ def _expand_kernel(
                     acc,
                     t_ptr,
                     stride_tt,
+                    split_k,
+                    stride_ts,
                     offs_t,
                     amask,
                     tcol,
@@ -625,6 +636,8 @@ def _expand_kernel(
                     acc,
                     t_ptr,
                     stride_tt,
+                    split_k,
+                    stride_ts,
                     offs_t,
                     amask,
                     tcol,
@@ -745,7 +758,7 @@ def _prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.C
 
 
 _KEYS = {
-    "shrink": dict(key=["N", "T_BUCKET", "split_k", "GROUP"], restore_value=["t_ptr"]),
+    "shrink": dict(key=["N", "T_BUCKET", "split_k", "GROUP"]),  # stores only: tuning runs need no restore
     "expand": dict(key=["M", "T_BUCKET", "GROUP"], restore_value=["y_ptr"]),
 }
 _PRUNE = {"early_config_prune": _prune}
@@ -794,6 +807,68 @@ def _run(tuner, key: tuple, grid, args: tuple, kwargs: dict) -> None:
         tuner.fn[grid](*args, **kwargs, **cfg.all_kwargs())
 
 
+def _phase(T: int) -> tuple[str, int, bool]:
+    """(autotuning phase, token bucket, decode?) of a call with ``T`` tokens."""
+    bucket = _token_bucket(T)
+    decode = T <= DECODE_MAX_TOKENS
+    return ("gemv" if T == 1 else "decode" if decode else "prefill"), bucket, decode
+
+
+def _consts(x2: torch.Tensor, plan: P.KernelPlan, T: int, decode: bool) -> dict:
+    compute = tl.float32 if INTERPRET else _COMPUTE[x2.dtype]
+    deq = tl.float16 if compute == tl.float16 else tl.float32  # dtype the factors are dequantized to
+    common = dict(COMPUTE=compute, DEQ=deq, GROUP=plan.group)
+    if decode:  # decode token block: 1 (matrix-vector), 16 or 32 (larger ones spill; 33-64 tokens take two blocks)
+        common["BT"] = 1 if T == 1 else min(_token_bucket(T), 32)
+    return common
+
+
+def _shrink(
+    x2: torch.Tensor, plan: P.KernelPlan, row_index: torch.Tensor, tokens_per_row: int, split_k: int | None
+) -> torch.Tensor:
+    """The shrink launch: ``t`` (``split_k x tokens x t_cols``, float32) of the partial sums of ``S ⊙ (x V)``."""
+    T, N = x2.shape
+    phase, bucket, decode = _phase(T)
+    sk = split_k or _split_k(plan, T, N, x2.device)
+    t = torch.empty(sk, T, plan.t_cols, device=x2.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (plan.tiles(meta["BR"]), triton.cdiv(T, meta["BT"]), sk)
+
+    args = (x2, row_index, t, plan.tab, plan.n_bands, T, N, tokens_per_row, x2.stride(0), t.stride(1), bucket, sk)
+    args += (t.stride(0),)
+    tuner = _TUNERS["shrink", phase, x2.dtype == torch.float32]
+    _run(tuner, ("s", x2.device, x2.dtype, N, bucket, sk, plan.group), grid, args, _consts(x2, plan, T, decode))
+    return t
+
+
+def _expand(
+    t: torch.Tensor | None,
+    x2: torch.Tensor,
+    y2: torch.Tensor,
+    plan: P.KernelPlan,
+    row_index: torch.Tensor,
+    tokens_per_row: int,
+    accumulate: bool,
+) -> None:
+    """The expand launch: ``y2 (+)= Σ_bands t U_kᵀ + bias`` (``t`` None when the plan has no quantized band)."""
+    T, M = x2.shape[0], plan.out_features
+    phase, bucket, decode = _phase(T)
+    if t is None:
+        t = plan.tab  # no quantized band: expand only adds the bias (``t`` is never read)
+        sk, stride_tt, stride_ts = 1, 0, 0
+    else:
+        sk, stride_tt, stride_ts = t.shape[0], t.stride(1), t.stride(0)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]), triton.cdiv(T, meta["BT"]))
+
+    args = (t, row_index, y2, plan.tab, plan.atab, plan.n_adapters, T, M, tokens_per_row, stride_tt, y2.stride(0))
+    args += (sk, stride_ts, bucket, int(accumulate))
+    tuner = _TUNERS["expand", phase, x2.dtype == torch.float32]
+    _run(tuner, ("e", x2.device, y2.dtype, M, bucket, plan.group), grid, args, _consts(x2, plan, T, decode))
+
+
 def _launch(
     x2: torch.Tensor,
     y2: torch.Tensor,
@@ -804,73 +879,10 @@ def _launch(
     split_k: int | None,
 ) -> None:
     """Shrink + expand of ``plan`` for ``x2`` (tokens x in) into ``y2`` (tokens x out, stride 1 along out)."""
-    T, N = x2.shape
-    M = plan.out_features
-    compute = tl.float32 if INTERPRET else _COMPUTE[x2.dtype]
-    deq = tl.float16 if compute == tl.float16 else tl.float32  # dtype the factors are dequantized to
     if row_index is None:  # one adapter: every token maps to slot 0
-        row_index, tokens_per_row = plan.zero_index, T
-    bucket = _token_bucket(T)
-    decode = T <= DECODE_MAX_TOKENS
-    phase = "gemv" if T == 1 else "decode" if decode else "prefill"
-    # decode token block: 1 (matrix-vector), 16 or 32 (larger ones spill registers; 33-64 tokens take two blocks)
-    block_t = 1 if T == 1 else min(bucket, 32)
-    f32 = x2.dtype == torch.float32
-    n_bands = plan.n_bands
-    if n_bands:
-        sk = split_k or _split_k(plan, T, N, x2.device)
-        alloc = torch.zeros if sk > 1 else torch.empty
-        t = alloc(T, plan.t_cols, device=x2.device, dtype=torch.float32)
-        common = dict(COMPUTE=compute, DEQ=deq, GROUP=plan.group)
-        if decode:
-            common["BT"] = block_t
-        tuner = _TUNERS["shrink", phase, f32]
-
-        def grid_s(meta):
-            return (plan.tiles(meta["BR"]), triton.cdiv(T, meta["BT"]), sk)
-
-        args = (
-            x2,
-            row_index,
-            t,
-            plan.tab,
-            n_bands,
-            T,
-            N,
-            tokens_per_row,
-            x2.stride(0),
-            t.stride(0),
-            bucket,
-            sk,
-            int(sk > 1),
-        )
-        _run(tuner, ("s", x2.device, x2.dtype, N, bucket, sk, plan.group), grid_s, args, common)
-    else:
-        t = plan.tab  # no quantized band: expand only adds the bias
-    common = dict(COMPUTE=compute, DEQ=deq, GROUP=plan.group)
-    if decode:
-        common["BT"] = block_t
-    tuner = _TUNERS["expand", phase, f32]
-
-    def grid_e(meta):
-        return (triton.cdiv(M, meta["BM"]), triton.cdiv(T, meta["BT"]))
-
-    t_stride = t.stride(0) if n_bands else 0
-    args = (
-        t,
-        row_index,
-        y2,
-        plan.tab,
-        plan.atab,
-        plan.n_adapters,
-        T,
-        M,
-        tokens_per_row,
-        t_stride,
-        y2.stride(0),
-        bucket,
-    )
-    _run(tuner, ("e", x2.device, y2.dtype, M, bucket, plan.group), grid_e, args + (int(accumulate),), common)
+        row_index, tokens_per_row = plan.zero_index, x2.shape[0]
+    t = _shrink(x2, plan, row_index, tokens_per_row, split_k) if plan.n_bands else None
+    _expand(t, x2, y2, plan, row_index, tokens_per_row, accumulate)
 
 
 def _check_input(x: torch.Tensor, in_features: int) -> None:

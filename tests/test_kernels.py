@@ -125,7 +125,7 @@ def test_split_reduction_and_accumulate_into_out():
     delta = make_delta(40, 200, [(8, 2), (2, 30)], 32, seed=4)
     x = rand_x(4, 200)
     ref = reference(x, delta)
-    for split in (2, 3):  # several programs per rank tile, summed with atomics
+    for split in (2, 3):  # several programs per rank tile, their partial sums added by the expand
         assert_close(K.delta_forward(x, delta, split_k=split), ref)
     base = rand_x(4, 40, seed=9)
     out = base.clone()
@@ -231,7 +231,9 @@ def test_bad_inputs_are_named():
 # -- a whole tiny model through PEFT --------------------------------------------------------------------------------
 
 
-def _tiny_peft_model(adapters=("default",)):
+def _tiny_peft_model(
+    adapters=("default",), ratio=0.25, group=32, bands=((8, 2), (3, 8), (2, None)), delta_scale=1.0, **config
+):
     from peft import get_peft_model
     from tiny_models import make_model, target_linears
 
@@ -239,13 +241,13 @@ def _tiny_peft_model(adapters=("default",)):
     from hf_deltacome.config import DeltaCoMeConfig
     from hf_deltacome.format.budget import solve_ranks
 
-    base = make_model("llama", num_hidden_layers=1)
+    base = make_model("llama", **{"num_hidden_layers": 1, **config})
     layout = {}
     for name in target_linears(base):
         lin = base.get_submodule(name)
         m, n = lin.weight.shape
-        bands = solve_ranks(m, n, 0.25, [[8, 2], [3, 8], [2, None]], 32)
-        layout[name] = {"shape": [m, n], "bands": [list(b) for b in bands], "group_size": 32, "bias": False, "format": 2}
+        ranks = solve_ranks(m, n, ratio, [list(b) for b in bands], group)
+        layout[name] = {"shape": [m, n], "bands": [list(b) for b in ranks], "group_size": group, "bias": False, "format": 2}
     model = get_peft_model(base, DeltaCoMeConfig(layout=layout, target_modules=list(layout)), adapter_name=adapters[0])
     for extra in adapters[1:]:
         model.add_adapter(extra, DeltaCoMeConfig(layout=layout, target_modules=list(layout)))
@@ -258,6 +260,8 @@ def _tiny_peft_model(adapters=("default",)):
             for d in module.deltacome_delta.values():
                 seed += 1
                 filled = make_delta(d.out_features, d.in_features, d.layout, d.group_size, seed=seed)
+                for band in filled.bands:
+                    band.s.mul_(delta_scale)
                 d.load_state_dict(filled.cpu().state_dict())
     return model.eval().to(DEVICE)
 
@@ -298,6 +302,42 @@ def test_whole_tiny_model_same_logits_with_triton_backend(monkeypatch):
     # the "__base__" row is the base model's, the "a" row equals the single-adapter run
     assert_close(out["triton", "mixed"][1], base_logits[1])
     assert_close(out["triton", "mixed"][0], out["triton", "a"][0])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="SmolLM2-sized: minutes under the interpreter; the tiny model covers CPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_smollm2_shaped_model_same_logits_on_the_kernels(monkeypatch, dtype):
+    """SmolLM2-135M's shapes (30 layers, 576 wide, GQA 9/3 heads, in-features 576 = 4.5 groups of 128) at 1/16 with
+    the 8/3/2-bit bands, random weights: the kernels give the PyTorch path's logits, single adapter and mixed."""
+    smollm2 = dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=2048,
+    )
+    bands = ((8, 2), (3, 32), (2, None))
+    # deltas a few times smaller than the base weights (as a fine-tune's are), so 30 layers stay finite in float16
+    model = _tiny_peft_model(("a", "b"), 1 / 16, 128, bands, delta_scale=0.05, **smollm2).to(dtype)
+    ids = torch.randint(1, 49152, (3, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    names = ["a", "__base__", "b"]
+    out = {}
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            monkeypatch.setenv("DELTACOME_BACKEND", backend)
+            model.set_adapter("a")
+            out[backend, "a"] = model(input_ids=ids).logits.float()
+            out[backend, "mixed"] = model(input_ids=ids, adapter_names=names).logits.float()
+            out[backend, "step"] = model(input_ids=ids[:, :1]).logits.float()  # one token: the matrix-vector path
+        with model.disable_adapter():
+            base_logits = model(input_ids=ids).logits.float()
+    for kind in ("a", "mixed", "step"):
+        ref = out["torch", kind]
+        assert torch.isfinite(out["triton", kind]).all()
+        assert_close(out["triton", kind], ref, dtype)
+    assert (out["torch", "a"] - base_logits).abs().max() > 1e-2  # the deltas do change the logits
 
 
 @pytest.mark.slow

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call: GPU correctness of the kernels, then benchmarks/kernel_speed.py, logs and tables under $OUT.
+# Runs on a machine that has torch, Triton, transformers and peft but no registry: the package is put on PYTHONPATH
+# as it installs (hf_deltacome/ with kernels/ as hf_deltacome/kernels), nothing is pip-installed.
+#   OUT=/tmp/out bash scripts/gpu_check.sh [tests|bench|all] [extra kernel_speed.py arguments]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/deltacome_gpu}"
+mkdir -p "$OUT"
+what="${1:-all}"
+shift || true
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_cache
+site=/tmp/deltacome_site
+rm -rf "$site" && mkdir -p "$site"
+cp -r hf_deltacome "$site/" && cp -r kernels "$site/hf_deltacome/kernels" && cp -r model_cards "$site/hf_deltacome/model_cards"
+export PYTHONPATH="$site"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/device.txt"
+rc=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+    SECONDS=0
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -W ignore -m "not slow" tests/test_kernels.py -rA 2>&1 \
+        | tail -n 80 | tee "$OUT/tests.log"
+    rc=${PIPESTATUS[0]}
+    echo "kernel tests: rc=$rc in ${SECONDS}s" | tee -a "$OUT/tests.log"
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+    SECONDS=0
+    timeout 420 python3 benchmarks/kernel_speed.py --markdown "$OUT/kernels_gpu.md" --plot "$OUT/kernels_gpu.png" "$@" \
+        2>&1 | grep --line-buffered -v -i "warn" | tee "$OUT/bench.log"
+    echo "benchmark: rc=${PIPESTATUS[0]} in ${SECONDS}s" | tee -a "$OUT/bench.log"
+fi
+exit "$rc"
