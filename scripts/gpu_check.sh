@@ -20,14 +20,14 @@ python3 -c "import torch, triton, transformers, peft; print('torch', torch.__ver
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
     SECONDS=0
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -W ignore -m "not slow" tests/test_kernels.py -rA 2>&1 \
+    timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -W ignore -m "not slow" tests/test_kernels.py -rA 2>&1 \
         | tail -n 80 | tee "$OUT/tests.log"
     rc=${PIPESTATUS[0]}
     echo "kernel tests: rc=$rc in ${SECONDS}s" | tee -a "$OUT/tests.log"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     SECONDS=0
-    timeout 420 python3 benchmarks/kernel_speed.py --markdown "$OUT/kernels_gpu.md" --plot "$OUT/kernels_gpu.png" "$@" \
+    timeout "${BENCH_TIMEOUT:-280}" python3 benchmarks/kernel_speed.py --markdown "$OUT/kernels_gpu.md" --plot "$OUT/kernels_gpu.png" "$@" \
         2>&1 | grep --line-buffered -v -i "warn" | tee "$OUT/bench.log"
     echo "benchmark: rc=${PIPESTATUS[0]} in ${SECONDS}s" | tee -a "$OUT/bench.log"
 fi
