@@ -46,6 +46,8 @@ _EXPAND_SIG = dict(
     t_ptr="*fp32",
     row_ad_ptr="*i64",
     y_ptr=None,
+    yp_ptr="*fp32",
+    sem_ptr="*i32",
     tab_ptr="*i64",
     atab_ptr="*i64",
     n_adapters="i32",
@@ -56,6 +58,8 @@ _EXPAND_SIG = dict(
     stride_yt="i32",
     split_k="i32",
     stride_ts="i32",
+    split_r="i32",
+    stride_ps="i32",
     T_BUCKET="i32",
     accumulate="i32",
 )

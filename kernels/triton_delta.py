@@ -435,7 +435,8 @@ def _expand_loop(
     uz,
     m0,
     M,
-    rank,
+    r_lo,
+    r_hi,
     wstride,
     hstride,
     gstride,
@@ -447,14 +448,14 @@ def _expand_loop(
     BR: tl.constexpr,
     BM: tl.constexpr,
 ):
-    """``acc[t, m] += Σ_r t[t, tcol + r] Uᵀ[r, m]`` over the band's ranks, for one band at ``BITS`` bits.
+    """``acc[t, m] += Σ_r t[t, tcol + r] Uᵀ[r, m]`` over ranks ``r_lo <= r < r_hi`` of one band at ``BITS`` bits.
 
     Format 2 stores ``U_kᵀ`` (``rank x out``) packed along ``out``: the tile ``Uᵀ[r0 : r0 + BR, m0 : m0 + BM]`` is a
     run of whole packed words of ``BR`` rows, with one scale per row (singular vector) and group of outputs.
     """
-    for r0 in range(0, rank, BR):
+    for r0 in range(r_lo, r_hi, BR):
         offs_r = r0 + tl.arange(0, BR)
-        rmask = offs_r < rank
+        rmask = offs_r < r_hi
         t_offs = offs_t[:, None] * stride_tt + (tcol + offs_r)[None, :]
         t_mask = amask[:, None] & rmask[None, :]
         tt = tl.load(t_ptr + t_offs, mask=t_mask, other=0.0)
@@ -467,11 +468,17 @@ def _expand_loop(
     return acc
 
 
-@triton.jit(do_not_specialize=["n_adapters", "T", "tokens_per_row", "T_BUCKET", "split_k", "stride_ts", "accumulate"])
+@triton.jit(
+    do_not_specialize=[
+        "n_adapters", "T", "tokens_per_row", "T_BUCKET", "split_k", "stride_ts", "split_r", "stride_ps", "accumulate"
+    ]
+)  # fmt: skip
 def _expand_kernel(
     t_ptr,
     row_ad_ptr,
     y_ptr,
+    yp_ptr,  # float32 partial outputs of the rank splits (``split_r x tokens x M``; unused when split_r == 1)
+    sem_ptr,  # int32 arrival counters, one per output tile, zero between launches
     tab_ptr,
     atab_ptr,
     n_adapters,
@@ -482,6 +489,8 @@ def _expand_kernel(
     stride_yt,
     split_k,  # slices of ``t`` to sum (the shrink's reduction splits)
     stride_ts,
+    split_r,  # programs along the rank (each walks a share of every band's rank)
+    stride_ps,  # stride of ``yp`` between the rank splits
     T_BUCKET,  # autotuning key only (a plain int: no recompilation per bucket)
     accumulate,  # 1: add into ``y``, 0: overwrite it
     COMPUTE: tl.constexpr,
@@ -493,6 +502,7 @@ def _expand_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_t = tl.program_id(1)
+    pid_s = tl.program_id(2)
     m0 = pid_m * BM
     offs_m = m0 + tl.arange(0, BM)
     mmask = offs_m < M
@@ -519,6 +529,9 @@ def _expand_kernel(
             ws = tl.load(row + _F_U_WSTRIDE).to(tl.int32)
             hs = tl.load(row + _F_U_HSTRIDE).to(tl.int32)
             gs = tl.load(row + _F_U_GSTRIDE).to(tl.int32)
+            chunk = ((rank + split_r - 1) // split_r + BR - 1) // BR * BR  # this split's share of the band's rank
+            r_lo = pid_s * chunk
+            r_hi = tl.minimum(r_lo + chunk, rank)
             if bits == 2:
                 acc = _expand_loop(
                     acc,
@@ -535,7 +548,8 @@ def _expand_kernel(
                     uz,
                     m0,
                     M,
-                    rank,
+                    r_lo,
+                    r_hi,
                     ws,
                     hs,
                     gs,
@@ -563,7 +577,8 @@ def _expand_kernel(
                     uz,
                     m0,
                     M,
-                    rank,
+                    r_lo,
+                    r_hi,
                     ws,
                     hs,
                     gs,
@@ -591,7 +606,8 @@ def _expand_kernel(
                     uz,
                     m0,
                     M,
-                    rank,
+                    r_lo,
+                    r_hi,
                     ws,
                     hs,
                     gs,
@@ -619,7 +635,8 @@ def _expand_kernel(
                     uz,
                     m0,
                     M,
-                    rank,
+                    r_lo,
+                    r_hi,
                     ws,
                     hs,
                     gs,
@@ -647,7 +664,8 @@ def _expand_kernel(
                     uz,
                     m0,
                     M,
-                    rank,
+                    r_lo,
+                    r_hi,
                     ws,
                     hs,
                     gs,
@@ -661,14 +679,32 @@ def _expand_kernel(
                 )
         has_bias = tl.load(arow + _A_HAS_BIAS).to(tl.int32)
         bias_ptr = tl.load(arow + _A_BIAS).to(tl.pointer_type(tl.float32))
-        bias_on = (offs_m * 0 + has_bias * present.to(tl.int32)) != 0  # (vector form: the interpreter wants it)
+        bias_on = (offs_m * 0 + has_bias * present.to(tl.int32) * (pid_s == 0).to(tl.int32)) != 0  # (vector form:
+        # the interpreter wants it); the first rank split adds the bias
         bias = tl.load(bias_ptr + offs_m, mask=mmask & bias_on, other=0.0)
         acc += tl.where(amask[:, None], bias[None, :], 0.0)
     out = y_ptr + offs_t[:, None] * stride_yt + offs_m[None, :]
     omask = tmask[:, None] & mmask[None, :]
-    if accumulate != 0:
-        acc += tl.load(out, mask=omask, other=0.0).to(tl.float32)
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    if split_r == 1:
+        if accumulate != 0:
+            acc += tl.load(out, mask=omask, other=0.0).to(tl.float32)
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        # Rank splits: each stores its partial sums, then counts itself in on the tile's counter; the last to arrive
+        # adds the partials in split order (deterministic), writes ``y`` and resets the counter for the next launch.
+        part = offs_t[:, None] * M + offs_m[None, :]
+        tl.store(yp_ptr + pid_s * stride_ps + part, acc, mask=omask)
+        tl.debug_barrier()  # every thread's partials are stored before the arrival below (which releases them)
+        tile = pid_t * tl.num_programs(0) + pid_m
+        arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == split_r - 1:
+            total = tl.full([BT, BM], 0.0, tl.float32)
+            for s in range(0, split_r):  # from L2 (.cg): the other programs' stores are not in this SM's L1
+                total += tl.load(yp_ptr + s * stride_ps + part, mask=omask, other=0.0, cache_modifier=".cg")
+            if accumulate != 0:
+                total += tl.load(out, mask=omask, other=0.0).to(tl.float32)
+            tl.store(out, total.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(sem_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 # -- configurations -------------------------------------------------------------------------------------------------
@@ -759,7 +795,7 @@ def _prune(configs: list[triton.Config], nargs: dict, **kwargs) -> list[triton.C
 
 _KEYS = {
     "shrink": dict(key=["N", "T_BUCKET", "split_k", "GROUP"]),  # stores only: tuning runs need no restore
-    "expand": dict(key=["M", "T_BUCKET", "GROUP"], restore_value=["y_ptr"]),
+    "expand": dict(key=["M", "T_BUCKET", "split_r", "GROUP"], restore_value=["y_ptr"]),
 }
 _PRUNE = {"early_config_prune": _prune}
 _KERNELS = {"shrink": _shrink_kernel, "expand": _expand_kernel}
@@ -792,6 +828,35 @@ def _split_k(plan: P.KernelPlan, T: int, N: int, device: torch.device) -> int:
     if programs >= want:
         return 1
     return int(max(1, min(triton.cdiv(want, programs), N // 512, 16)))
+
+
+def _split_r(plan: P.KernelPlan, T: int, M: int, device: torch.device) -> int:
+    """Splits of the rank for the expand of a small batch, so that ~4 programs per SM stream the packed ``U``.
+
+    Without them the expand has only ``M / BM`` programs (64 for a 4096-wide output), each walking the whole rank
+    in a chain of dependent loads: a fraction of the SMs, latency-bound (measured 37 µs for 1 MiB on an H200).
+    """
+    if device.type != "cuda" or T > DECODE_MAX_TOKENS:
+        return 1
+    programs = triton.cdiv(M, 64) * (1 if T == 1 else triton.cdiv(T, min(_token_bucket(T), 32)))
+    want = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= want:
+        return 1
+    return int(max(1, min(triton.cdiv(want, programs), plan.t_cols // 64, 16)))
+
+
+_SEMAPHORES: dict[tuple, torch.Tensor] = {}
+
+
+def _semaphores(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for ``n`` output tiles, one set per device and stream (kernels on one stream
+    run one after the other; each launch leaves the counters at zero)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    sem = _SEMAPHORES.get(key)
+    if sem is None or sem.numel() < n:
+        sem = _SEMAPHORES[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return sem
 
 
 _BEST: dict[tuple, triton.Config] = {}
@@ -850,23 +915,28 @@ def _expand(
     row_index: torch.Tensor,
     tokens_per_row: int,
     accumulate: bool,
+    split_r: int | None = None,
 ) -> None:
     """The expand launch: ``y2 (+)= Σ_bands t U_kᵀ + bias`` (``t`` None when the plan has no quantized band)."""
     T, M = x2.shape[0], plan.out_features
     phase, bucket, decode = _phase(T)
     if t is None:
         t = plan.tab  # no quantized band: expand only adds the bias (``t`` is never read)
-        sk, stride_tt, stride_ts = 1, 0, 0
+        sk, stride_tt, stride_ts, sr = 1, 0, 0, 1
     else:
         sk, stride_tt, stride_ts = t.shape[0], t.stride(1), t.stride(0)
+        sr = split_r or _split_r(plan, T, M, x2.device)
+    # float32 partials of the rank splits (a one-element stand-in when there are none: never read)
+    yp = torch.empty(sr if sr > 1 else 1, T if sr > 1 else 1, M if sr > 1 else 1, device=x2.device, dtype=torch.float32)
+    sem = _semaphores(x2.device, triton.cdiv(M, 16) * triton.cdiv(T, 1 if T == 1 else 16))
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]), triton.cdiv(T, meta["BT"]))
+        return (triton.cdiv(M, meta["BM"]), triton.cdiv(T, meta["BT"]), sr)
 
-    args = (t, row_index, y2, plan.tab, plan.atab, plan.n_adapters, T, M, tokens_per_row, stride_tt, y2.stride(0))
-    args += (sk, stride_ts, bucket, int(accumulate))
+    args = (t, row_index, y2, yp, sem, plan.tab, plan.atab, plan.n_adapters, T, M, tokens_per_row, stride_tt)
+    args += (y2.stride(0), sk, stride_ts, sr, yp.stride(0), bucket, int(accumulate))
     tuner = _TUNERS["expand", phase, x2.dtype == torch.float32]
-    _run(tuner, ("e", x2.device, y2.dtype, M, bucket, plan.group), grid, args, _consts(x2, plan, T, decode))
+    _run(tuner, ("e", x2.device, y2.dtype, M, bucket, sr, plan.group), grid, args, _consts(x2, plan, T, decode))
 
 
 def _launch(
@@ -877,12 +947,13 @@ def _launch(
     tokens_per_row: int,
     accumulate: bool,
     split_k: int | None,
+    split_r: int | None = None,
 ) -> None:
     """Shrink + expand of ``plan`` for ``x2`` (tokens x in) into ``y2`` (tokens x out, stride 1 along out)."""
     if row_index is None:  # one adapter: every token maps to slot 0
         row_index, tokens_per_row = plan.zero_index, x2.shape[0]
     t = _shrink(x2, plan, row_index, tokens_per_row, split_k) if plan.n_bands else None
-    _expand(t, x2, y2, plan, row_index, tokens_per_row, accumulate)
+    _expand(t, x2, y2, plan, row_index, tokens_per_row, accumulate, split_r)
 
 
 def _check_input(x: torch.Tensor, in_features: int) -> None:
@@ -918,12 +989,18 @@ def _dense_band(x2: torch.Tensor, band) -> torch.Tensor:
 
 
 def delta_forward(
-    x: torch.Tensor, delta: PackedDelta, out: torch.Tensor | None = None, *, split_k: int | None = None
+    x: torch.Tensor,
+    delta: PackedDelta,
+    out: torch.Tensor | None = None,
+    *,
+    split_k: int | None = None,
+    split_r: int | None = None,
 ) -> torch.Tensor:
     """``Σ_k U_k (S_k ⊙ (V_kᵀ x)) + bias`` of one adapter, shape ``(..., out_features)``, in ``x``'s dtype.
 
     With ``out`` (same shape, contiguous) the delta is added into ``out`` in place and ``out`` is returned, which
-    saves the separate add of the base output. ``split_k`` overrides the reduction split (testing).
+    saves the separate add of the base output. ``split_k`` / ``split_r`` override the shrink's reduction split and
+    the expand's rank split (testing, benchmarks).
     """
     _check_input(x, delta.in_features)
     M = delta.out_features
@@ -932,7 +1009,7 @@ def delta_forward(
     plan = P.plan_for(delta, x.device)
     x2 = _as_rows(x)
     y2, accumulate = _out_rows(x, M, out)
-    _launch(x2, y2, plan, None, 1, accumulate, split_k)
+    _launch(x2, y2, plan, None, 1, accumulate, split_k, split_r)
     for _, band in plan.dense_bands:
         y2 += _dense_band(x2, band).to(y2.dtype)
     return out if out is not None else y2.view(*x.shape[:-1], M)
@@ -945,6 +1022,7 @@ def delta_forward_mixed(
     out: torch.Tensor | None = None,
     *,
     split_k: int | None = None,
+    split_r: int | None = None,
 ) -> torch.Tensor:
     """Mixed batch: row ``i`` of ``x`` (``batch x ... x in``) gets ``deltas[row_index[i]]``.
 
@@ -971,7 +1049,7 @@ def delta_forward_mixed(
     x2 = _as_rows(x)
     y2, accumulate = _out_rows(x, M, out)
     tokens_per_row = x2.shape[0] // x.shape[0]
-    _launch(x2, y2, plan, rows, tokens_per_row, accumulate, split_k)
+    _launch(x2, y2, plan, rows, tokens_per_row, accumulate, split_k, split_r)
     if plan.dense_bands:
         token_ad = rows.repeat_interleave(tokens_per_row)
         for slot, band in plan.dense_bands:

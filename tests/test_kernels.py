@@ -131,6 +131,18 @@ def test_split_reduction_and_accumulate_into_out():
     out = base.clone()
     assert K.delta_forward(x, delta, out=out) is out
     assert_close(out, base + ref)
+    # the expand split along the rank: partial outputs summed by the last program of each tile, into out or not;
+    # the tile counters are back at zero after each launch, so repeated calls agree
+    for split_r in (2, 5, 40):  # 40 > rank: most splits hold no rank at all
+        for T in (1, 4):
+            xt = x[:T]
+            assert_close(K.delta_forward(xt, delta, split_r=split_r), ref[:T])
+            out = base[:T].clone()
+            K.delta_forward(xt, delta, out=out, split_k=2, split_r=split_r)
+            assert_close(out, base[:T] + ref[:T])
+            again = base[:T].clone()
+            K.delta_forward(xt, delta, out=again, split_k=2, split_r=split_r)
+            assert torch.equal(again, out)  # deterministic: partials added in split order
 
 
 def test_strided_input_and_empty_batch():
@@ -178,6 +190,9 @@ def test_mixed_adapter_batch(seq):
     base = rand_x(8, seq, 36, seed=2)
     out = base.clone()
     K.delta_forward_mixed(x, deltas, row_index, out=out, split_k=2)
+    assert_close(out, base + ref.to(DEVICE))
+    out = base.clone()
+    K.delta_forward_mixed(x, deltas, row_index, out=out, split_k=2, split_r=3)
     assert_close(out, base + ref.to(DEVICE))
 
 
