@@ -11,7 +11,7 @@ import functools
 import os
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -259,3 +259,28 @@ def add_delta_mixed(
 
         return kernels.delta_forward_mixed(x, deltas, row_index, out=result)
     return result + delta_forward_mixed(x, deltas, row_index).to(result.dtype)
+
+
+def overlap_enabled() -> bool:
+    """``DELTACOME_OVERLAP`` (``1`` by default, ``0`` off): run the kernels' shrink beside the base layer on CUDA."""
+    value = os.environ.get("DELTACOME_OVERLAP", "1").strip()
+    if value not in ("0", "1"):
+        raise ConfigError(f"DELTACOME_OVERLAP={value!r} must be 0 or 1")
+    return value == "1"
+
+
+def base_and_delta(
+    x: torch.Tensor,
+    base: Callable[[], torch.Tensor],
+    deltas: Sequence[PackedDelta | None],
+    row_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``base() + delta(x)`` for one delta (``row_index`` None) or a mixed batch; on CUDA with the kernels the
+    shrink runs beside ``base()`` (`hf_deltacome.kernels.base_plus_delta`), elsewhere it is `add_delta`."""
+    if x.is_cuda and all(_kernel_ready(d) for d in deltas) and _use_triton(x) and overlap_enabled():
+        from . import kernels
+
+        return kernels.base_plus_delta(x, base, list(deltas), row_index)
+    if row_index is None:
+        return add_delta(base(), x, deltas[0])
+    return add_delta_mixed(base(), x, deltas, row_index)

@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .backend import add_delta, add_delta_mixed
+from .backend import add_delta, base_and_delta
 from .errors import ConfigError
 from .format.storage import PackedDelta
 
@@ -152,26 +152,28 @@ class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
             if self.merged:
                 raise ValueError("Cannot pass `adapter_names` while adapters are merged; unmerge them first")
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
-        for name in self.active_adapters:
-            if name in self.deltacome_delta:
-                result = add_delta(result, x, self.deltacome_delta[name])
+            return self.base_layer(x, *args, **kwargs)
+        active = [self.deltacome_delta[n] for n in self.active_adapters if n in self.deltacome_delta]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        # the first delta beside the base layer (its shrink overlaps the base on CUDA), any others added after it
+        result = base_and_delta(x, lambda: self.base_layer(x, *args, **kwargs), active[:1])
+        for delta in active[1:]:
+            result = add_delta(result, x, delta)
         return result
 
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str], **kwargs: Any
     ) -> torch.Tensor:
         """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"`` or unknown here: none)."""
-        result = self.base_layer(x, *args, **kwargs)
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows")
         batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
         deltas = [self.deltacome_delta[n] if n in self.deltacome_delta else None for n in batch.names]
         if all(d is None for d in deltas):
-            return result
-        return add_delta_mixed(result, x, deltas, batch.row_index(x.device))
+            return self.base_layer(x, *args, **kwargs)
+        return base_and_delta(x, lambda: self.base_layer(x, *args, **kwargs), deltas, batch.row_index(x.device))
 
     def __repr__(self) -> str:
         return "deltacome." + super().__repr__()

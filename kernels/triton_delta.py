@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -1056,3 +1057,84 @@ def delta_forward_mixed(
             keep = (token_ad == slot).to(x2.dtype)[:, None]
             y2 += (_dense_band(x2 * keep, band)).to(y2.dtype)
     return out if out is not None else y2.view(*x.shape[:-1], M)
+
+
+# -- the delta beside the base layer --------------------------------------------------------------------------------
+
+_SIDE_STREAMS: dict[tuple, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A high-priority stream beside the current one (per device and current stream) for the shrink."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    side = _SIDE_STREAMS.get(key)
+    if side is None:
+        side = _SIDE_STREAMS[key] = torch.cuda.Stream(device=device, priority=-1)
+    return side
+
+
+def base_plus_delta(
+    x: torch.Tensor,
+    base: Callable[[], torch.Tensor],
+    deltas: list[PackedDelta | None],
+    row_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``base() + delta(x)`` with the delta's shrink running beside the base layer, then its expand added in place.
+
+    The shrink needs only ``x``, so on CUDA it runs on a side stream while ``base()`` (the base linear) runs on the
+    current one; the expand then adds into the base output. A small batch's shrink is latency-bound and the base
+    GEMV bandwidth-bound, so the two share the GPU and the shrink's time mostly disappears. Inside a CUDA graph
+    capture the two streams become parallel branches of the graph. ``deltas`` holds one delta (``row_index``
+    None: every row) or a mixed set, as in `delta_forward_mixed`. The base output is written in place when it is a
+    contiguous float tensor that nothing needs the gradient of; otherwise a new tensor is returned.
+    """
+    present = [d for d in deltas if d is not None]
+    if not present:
+        return base()
+    delta = present[0]
+    _check_input(x, delta.in_features)
+    M = delta.out_features
+    mixed = row_index is not None
+    if mixed and (x.dim() < 2 or row_index.dim() != 1 or row_index.shape[0] != x.shape[0]):
+        raise DeltaCoMeError(
+            f"row_index of shape {tuple(row_index.shape)} must hold one adapter index per batch row of the input "
+            f"of shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0 or x.device.type != "cuda":
+        y = base()
+        extra = delta_forward_mixed(x, deltas, row_index) if mixed else delta_forward(x, delta)
+        return y + extra.to(y.dtype)
+    plan = P.mixed_plan_for(deltas, x.device) if mixed else P.plan_for(delta, x.device)
+    x2 = _as_rows(x)
+    if mixed:
+        rows = row_index.to(x.device).contiguous()
+        tokens_per_row = x2.shape[0] // x.shape[0]
+    else:
+        rows, tokens_per_row = plan.zero_index, x2.shape[0]
+    current = torch.cuda.current_stream(x.device)
+    t = None
+    if plan.n_bands:
+        # Ordering: the side stream starts after everything enqueued so far (x is ready; the previous call's
+        # expand, which read the last t, is done), and the current stream waits for the shrink before the expand.
+        side = _side_stream(x.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            t = _shrink(x2, plan, rows, tokens_per_row, None)
+    y = base()
+    if t is not None:
+        current.wait_stream(side)
+    writable = (
+        y.shape == (*x.shape[:-1], M)
+        and y.is_contiguous()
+        and y.dtype in _COMPUTE
+        and not (torch.is_grad_enabled() and y.requires_grad)
+    )
+    target = y if writable else torch.empty(*x.shape[:-1], M, device=x.device, dtype=x.dtype)
+    y2 = target.view(-1, M)
+    _expand(t, x2, y2, plan, rows, tokens_per_row, writable)
+    if plan.dense_bands:
+        token_ad = rows.repeat_interleave(tokens_per_row) if mixed else None
+        for slot, band in plan.dense_bands:
+            xin = x2 if token_ad is None else x2 * (token_ad == slot).to(x2.dtype)[:, None]
+            y2 += _dense_band(xin, band).to(y2.dtype)
+    return y if writable else y + target.to(y.dtype)

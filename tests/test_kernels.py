@@ -145,6 +145,25 @@ def test_split_reduction_and_accumulate_into_out():
             assert torch.equal(again, out)  # deterministic: partials added in split order
 
 
+@pytest.mark.parametrize("tokens", [1, 8, 70])
+def test_base_plus_delta_runs_the_shrink_beside_the_base(tokens):
+    """``base() + delta(x)``, one adapter and mixed, written into the base output (on CUDA the shrink runs on a side
+    stream while the base runs; elsewhere it is the plain sum)."""
+    delta = make_delta(40, 64, [(8, 2), (3, 9), (2, 21), (16, 2)], 32, bias=True, seed=30)
+    other = make_delta(40, 64, [(2, 17)], 32, seed=31)
+    x = rand_x(tokens, 64)
+    w = rand_x(40, 64, seed=32)
+    y = K.base_plus_delta(x, lambda: x @ w.t(), [delta])
+    assert_close(y, x @ w.t() + reference(x, delta))
+    rows = torch.arange(tokens, device=DEVICE) % 3 - 1  # -1 (none), 0, 1
+    y = K.base_plus_delta(x[:, None], lambda: (x @ w.t())[:, None], [delta, other], rows)
+    ref = mixed_reference(x[:, None], [delta, other], rows)
+    assert_close(y, (x @ w.t())[:, None].cpu() + ref)
+    # a base output the kernels cannot write in place (a transposed view) still gets the delta
+    y = K.base_plus_delta(x, lambda: (w @ x.t()).t(), [delta])
+    assert_close(y, x @ w.t() + reference(x, delta))
+
+
 def test_strided_input_and_empty_batch():
     delta = make_delta(33, 50, [(3, 17)], 16, seed=5)
     wide = rand_x(6, 100)
@@ -298,8 +317,15 @@ def test_whole_tiny_model_same_logits_with_triton_backend(monkeypatch):
         calls["mixed"] += 1
         return mixed(*a, **kw)
 
+    beside = K.base_plus_delta
+
+    def count_beside(x, base, deltas, row_index=None):  # on CUDA the layers run the shrink beside the base linear
+        calls["single" if row_index is None else "mixed"] += 1
+        return beside(x, base, deltas, row_index)
+
     monkeypatch.setattr(K, "delta_forward", count_single)
     monkeypatch.setattr(K, "delta_forward_mixed", count_mixed)
+    monkeypatch.setattr(K, "base_plus_delta", count_beside)
     out = {}
     with torch.no_grad():
         for backend in ("torch", "triton"):
