@@ -800,8 +800,21 @@ _KEYS = {
 }
 _PRUNE = {"early_config_prune": _prune}
 _KERNELS = {"shrink": _shrink_kernel, "expand": _expand_kernel}
+# DELTACOME_KERNEL_TUNING=first: the first candidate of each list only, no autotuning (correctness runs on a GPU:
+# every test shape would otherwise compile and time every candidate; measured > 150 s for tests/test_kernels.py).
+_TUNING = os.environ.get("DELTACOME_KERNEL_TUNING", "full").strip().lower()
+if _TUNING not in ("full", "first"):
+    raise DeltaCoMeError(f"DELTACOME_KERNEL_TUNING={_TUNING!r} must be 'full' or 'first'")
+
+
+def _candidates(configs: list[triton.Config]) -> list[triton.Config]:
+    return configs[:1] if _TUNING == "first" else configs
+
+
 _TUNERS = {
-    (kind, phase, f32): triton.autotune(configs[(kind, phase)], prune_configs_by=_PRUNE, **_KEYS[kind])(_KERNELS[kind])
+    (kind, phase, f32): triton.autotune(
+        _candidates(configs[(kind, phase)]), prune_configs_by=_PRUNE, **_KEYS[kind]
+    )(_KERNELS[kind])
     for kind in ("shrink", "expand")
     for phase in ("gemv", "decode", "prefill")
     for f32, configs in ((False, _CONFIGS), (True, _CONFIGS_F32))
