@@ -413,3 +413,22 @@ def test_format1_deltas_take_the_pytorch_path(monkeypatch):
     monkeypatch.setattr(K, "delta_forward", lambda *a, **k: pytest.fail("a format-1 delta reached the kernels"))
     x = rand_x(3, 40)
     assert_close(backend.delta_forward(x, d), reference(x, d))
+
+
+def test_bad_switch_values_are_named(monkeypatch):
+    """The kernels' environment switches refuse values they do not know, naming the variable."""
+    import subprocess
+    import sys
+
+    from hf_deltacome import backend
+    from hf_deltacome.errors import ConfigError
+
+    monkeypatch.setenv("DELTACOME_OVERLAP", "yes")
+    with pytest.raises(ConfigError, match="DELTACOME_OVERLAP='yes'"):
+        backend.overlap_enabled()
+    monkeypatch.setenv("DELTACOME_BACKEND", "cuda")
+    with pytest.raises(ConfigError, match="DELTACOME_BACKEND='cuda'"):
+        backend.backend_name()
+    env = {**os.environ, "DELTACOME_KERNEL_TUNING": "fast", "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", "import hf_deltacome.kernels"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "DELTACOME_KERNEL_TUNING='fast'" in r.stderr
