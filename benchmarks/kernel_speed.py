@@ -393,27 +393,7 @@ def decode_step_graphed(model, n_adapters: int, batch: int, steps: int, prompt: 
     def step():
         return model(input_ids=step_ids, past_key_values=cache, use_cache=True, **step_pos, **kw).logits
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up: autotuning, plans, allocator
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return statistics.median(times)
+    return time_calls([step], reps=steps)  # warm-up (autotuning, plans, allocator), capture, median replay
 
 
 def bench_decode(layer_counts: list[int], batch: int, steps: int, device, dtype) -> list[dict]:

@@ -230,23 +230,14 @@ def delta_forward_mixed(x: torch.Tensor, deltas: Sequence[PackedDelta | None], r
     return out
 
 
-def _writable(result: torch.Tensor, x: torch.Tensor) -> bool:
-    """Can the kernels add into ``result`` in place: nothing needs its gradient, and its layout is one they write."""
-    return (
-        not (torch.is_grad_enabled() and result.requires_grad)
-        and result.is_contiguous()
-        and result.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and result.device == x.device
-    )
-
-
 def add_delta(result: torch.Tensor, x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     """``result + delta(x)``; on the kernels the delta is added into ``result`` in place (one launch and one
     output-sized buffer fewer than a separate add) when nothing needs ``result``'s gradient."""
-    if _kernel_ready(delta) and _use_triton(x) and _writable(result, x):
+    if _kernel_ready(delta) and _use_triton(x):
         from . import kernels
 
-        return kernels.delta_forward(x, delta, out=result)
+        if kernels.can_add_into(result, x, delta.out_features):
+            return kernels.delta_forward(x, delta, out=result)
     return result + delta_forward(x, delta).to(result.dtype)
 
 
@@ -254,10 +245,12 @@ def add_delta_mixed(
     result: torch.Tensor, x: torch.Tensor, deltas: Sequence[PackedDelta | None], row_index: torch.Tensor
 ) -> torch.Tensor:
     """``result + delta_forward_mixed(x, deltas, row_index)``, in place on the kernels as in `add_delta`."""
-    if all(_kernel_ready(d) for d in deltas) and _use_triton(x) and _writable(result, x):
+    present = [d for d in deltas if d is not None]
+    if present and all(_kernel_ready(d) for d in deltas) and _use_triton(x):
         from . import kernels
 
-        return kernels.delta_forward_mixed(x, deltas, row_index, out=result)
+        if kernels.can_add_into(result, x, present[0].out_features):
+            return kernels.delta_forward_mixed(x, deltas, row_index, out=result)
     return result + delta_forward_mixed(x, deltas, row_index).to(result.dtype)
 
 

@@ -10,13 +10,14 @@ use different adapters (``-1`` = none). ``hf_deltacome.backend`` dispatches here
 # import: under that name, import nothing, so the probe finds no version and moves on without a circular import.
 if __name__ == "hf_deltacome.kernels":
     from .plan import KERNEL_BITS, KernelPlan, mixed_plan_for, plan_for
-    from .triton_delta import INTERPRET, base_plus_delta, delta_forward, delta_forward_mixed
+    from .triton_delta import INTERPRET, base_plus_delta, can_add_into, delta_forward, delta_forward_mixed
 
     __all__ = [
         "INTERPRET",
         "KERNEL_BITS",
         "KernelPlan",
         "base_plus_delta",
+        "can_add_into",
         "delta_forward",
         "delta_forward_mixed",
         "mixed_plan_for",

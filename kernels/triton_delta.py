@@ -1072,6 +1072,18 @@ def delta_forward_mixed(
     return out if out is not None else y2.view(*x.shape[:-1], M)
 
 
+def can_add_into(y: torch.Tensor, x: torch.Tensor, out_features: int) -> bool:
+    """Can the kernels add a delta of ``x`` into ``y`` in place: the output's shape, a layout and dtype they write,
+    and nothing that needs ``y``'s gradient (the kernels are not differentiable)."""
+    return (
+        y.shape == (*x.shape[:-1], out_features)
+        and y.device == x.device
+        and y.is_contiguous()
+        and y.dtype in _COMPUTE
+        and not (torch.is_grad_enabled() and y.requires_grad)
+    )
+
+
 # -- the delta beside the base layer --------------------------------------------------------------------------------
 
 _SIDE_STREAMS: dict[tuple, torch.cuda.Stream] = {}
@@ -1136,12 +1148,7 @@ def base_plus_delta(
     y = base()
     if t is not None:
         current.wait_stream(side)
-    writable = (
-        y.shape == (*x.shape[:-1], M)
-        and y.is_contiguous()
-        and y.dtype in _COMPUTE
-        and not (torch.is_grad_enabled() and y.requires_grad)
-    )
+    writable = can_add_into(y, x, M)
     target = y if writable else torch.empty(*x.shape[:-1], M, device=x.device, dtype=x.dtype)
     y2 = target.view(-1, M)
     _expand(t, x2, y2, plan, rows, tokens_per_row, writable)

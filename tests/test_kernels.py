@@ -300,6 +300,23 @@ def _tiny_peft_model(
     return model.eval().to(DEVICE)
 
 
+@torch.no_grad()
+def _logits_by_backend(model, ids, names, monkeypatch, step=False):
+    """Logits of adapter "a" and of the mixed batch ``names`` on each backend (and of one token with ``step``), and
+    the base model's."""
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("DELTACOME_BACKEND", backend)
+        model.set_adapter("a")
+        out[backend, "a"] = model(input_ids=ids).logits.float()
+        out[backend, "mixed"] = model(input_ids=ids, adapter_names=names).logits.float()
+        if step:  # one token: the matrix-vector path
+            out[backend, "step"] = model(input_ids=ids[:, :1]).logits.float()
+    with model.disable_adapter():
+        base_logits = model(input_ids=ids).logits.float()
+    return out, base_logits
+
+
 def test_whole_tiny_model_same_logits_with_triton_backend(monkeypatch):
     pytest.importorskip("hf_deltacome.model")
     model = _tiny_peft_model(adapters=("a", "b"))
@@ -326,15 +343,7 @@ def test_whole_tiny_model_same_logits_with_triton_backend(monkeypatch):
     monkeypatch.setattr(K, "delta_forward", count_single)
     monkeypatch.setattr(K, "delta_forward_mixed", count_mixed)
     monkeypatch.setattr(K, "base_plus_delta", count_beside)
-    out = {}
-    with torch.no_grad():
-        for backend in ("torch", "triton"):
-            monkeypatch.setenv("DELTACOME_BACKEND", backend)
-            model.set_adapter("a")
-            out[backend, "a"] = model(input_ids=ids).logits.float()
-            out[backend, "mixed"] = model(input_ids=ids, adapter_names=names).logits.float()
-        with model.disable_adapter():
-            base_logits = model(input_ids=ids).logits.float()
+    out, base_logits = _logits_by_backend(model, ids, names, monkeypatch)
     assert calls["single"] == 7 and calls["mixed"] == 7  # every linear of the layer went through the kernels
     for kind in ("a", "mixed"):
         ref = out["torch", kind]
@@ -364,16 +373,7 @@ def test_smollm2_shaped_model_same_logits_on_the_kernels(monkeypatch, dtype):
     model = _tiny_peft_model(("a", "b"), 1 / 16, 128, bands, delta_scale=0.05, **smollm2).to(dtype)
     ids = torch.randint(1, 49152, (3, 9), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     names = ["a", "__base__", "b"]
-    out = {}
-    with torch.no_grad():
-        for backend in ("torch", "triton"):
-            monkeypatch.setenv("DELTACOME_BACKEND", backend)
-            model.set_adapter("a")
-            out[backend, "a"] = model(input_ids=ids).logits.float()
-            out[backend, "mixed"] = model(input_ids=ids, adapter_names=names).logits.float()
-            out[backend, "step"] = model(input_ids=ids[:, :1]).logits.float()  # one token: the matrix-vector path
-        with model.disable_adapter():
-            base_logits = model(input_ids=ids).logits.float()
+    out, base_logits = _logits_by_backend(model, ids, names, monkeypatch, step=True)
     for kind in ("a", "mixed", "step"):
         ref = out["torch", kind]
         assert torch.isfinite(out["triton", kind]).all()
