@@ -364,8 +364,8 @@ def decode_step_time(model, n_adapters: int, batch: int, steps: int, prompt: int
 def decode_step_graphed(model, n_adapters: int, batch: int, steps: int, prompt: int, device) -> float:
     """Seconds per decode step with the whole step (every layer, base and deltas) replayed as one CUDA graph.
 
-    A static KV cache and fixed input/position buffers, as a graph-captured serving loop has; each replay rewrites
-    the same cache slot, which costs what a real step costs. The mixed batch's row index is built once (a reused
+    A static KV cache and fixed input/position buffers, as a graph-captured serving loop has; each replay writes
+    one cache slot (the next one, or the same one again, by transformers version), as a real step does. The mixed batch's row index is built once (a reused
     `MixedBatch`), so capture sees no host-to-device copy.
     """
     import inspect
