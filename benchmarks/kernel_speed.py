@@ -197,11 +197,16 @@ class Row:
     max_rel_err: float
 
 
-def split_sweep(m: int, n: int, tokens: int, dtype: torch.dtype, device, splits=(1, 2, 4, 8, 16)) -> dict[int, float]:
-    """Microseconds of our delta at ``tokens`` for each forced split of the shrink's reduction (and the default's)."""
+def layer_deltas(m: int, n: int, device) -> tuple[list, list[PackedDelta]]:
+    """The bands of an ``m x n`` layer at the benchmark's ratio, and enough random deltas of them to miss the L2."""
     bands = [b for b in solve_ranks(m, n, RATIO, DEFAULT_BANDS, GROUP) if b[1] > 0]
     proto = random_delta(m, n, bands, device)
-    deltas = [proto] + [random_delta(m, n, bands, device, seed=i) for i in range(1, copies_for(proto.nbytes()))]
+    return bands, [proto] + [random_delta(m, n, bands, device, seed=i) for i in range(1, copies_for(proto.nbytes()))]
+
+
+def split_sweep(m: int, n: int, tokens: int, dtype: torch.dtype, device, splits=(1, 2, 4, 8, 16)) -> dict[int, float]:
+    """Microseconds of our delta at ``tokens`` for each forced split of the shrink's reduction (and the default's)."""
+    _, deltas = layer_deltas(m, n, device)
     x = torch.randn(tokens, n, device=device, dtype=dtype)
     out = {}
     for sk in (*splits, None):
@@ -212,12 +217,10 @@ def split_sweep(m: int, n: int, tokens: int, dtype: torch.dtype, device, splits=
 
 
 def bench_layer(m: int, n: int, tokens_list: list[int], dtype: torch.dtype, device) -> list[Row]:
-    bands = [b for b in solve_ranks(m, n, RATIO, DEFAULT_BANDS, GROUP) if b[1] > 0]
+    bands, deltas = layer_deltas(m, n, device)
+    proto, dbytes = deltas[0], deltas[0].nbytes()
     rank = sum(r for _, r in bands)
     rank_str = "+".join(f"{r}@{b}b" for b, r in bands)
-    proto = random_delta(m, n, bands, device)
-    dbytes = proto.nbytes()
-    deltas = [proto] + [random_delta(m, n, bands, device, seed=i) for i in range(1, copies_for(dbytes))]
     wbytes = m * n * 2
     weights = [torch.randn(m, n, device=device, dtype=dtype) / math.sqrt(n) for _ in range(copies_for(wbytes))]
     lbytes = 2 * rank * (m + n)

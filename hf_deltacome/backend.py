@@ -230,28 +230,25 @@ def delta_forward_mixed(x: torch.Tensor, deltas: Sequence[PackedDelta | None], r
     return out
 
 
-def add_delta(result: torch.Tensor, x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
-    """``result + delta(x)``; on the kernels the delta is added into ``result`` in place (one launch and one
-    output-sized buffer fewer than a separate add) when nothing needs ``result``'s gradient."""
-    if _kernel_ready(delta) and _use_triton(x):
-        from . import kernels
-
-        if kernels.can_add_into(result, x, delta.out_features):
-            return kernels.delta_forward(x, delta, out=result)
-    return result + delta_forward(x, delta).to(result.dtype)
-
-
-def add_delta_mixed(
-    result: torch.Tensor, x: torch.Tensor, deltas: Sequence[PackedDelta | None], row_index: torch.Tensor
+def add_delta_into(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    deltas: Sequence[PackedDelta | None],
+    row_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``result + delta_forward_mixed(x, deltas, row_index)``, in place on the kernels as in `add_delta`."""
+    """``result +`` the delta of ``x``: one delta (``row_index`` None) or a mixed batch as in `delta_forward_mixed`.
+    On the kernels it is added into ``result`` in place (one launch and one output-sized buffer fewer than a
+    separate add) when nothing needs ``result``'s gradient."""
     present = [d for d in deltas if d is not None]
     if present and all(_kernel_ready(d) for d in deltas) and _use_triton(x):
         from . import kernels
 
         if kernels.can_add_into(result, x, present[0].out_features):
-            return kernels.delta_forward_mixed(x, deltas, row_index, out=result)
-    return result + delta_forward_mixed(x, deltas, row_index).to(result.dtype)
+            if row_index is None:
+                return kernels.delta_forward(x, present[0], out=result)
+            return kernels.delta_forward_mixed(x, list(deltas), row_index, out=result)
+    extra = delta_forward(x, deltas[0]) if row_index is None else delta_forward_mixed(x, deltas, row_index)
+    return result + extra.to(result.dtype)
 
 
 def overlap_enabled() -> bool:
@@ -269,11 +266,9 @@ def base_and_delta(
     row_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``base() + delta(x)`` for one delta (``row_index`` None) or a mixed batch; on CUDA with the kernels the
-    shrink runs beside ``base()`` (`hf_deltacome.kernels.base_plus_delta`), elsewhere it is `add_delta`."""
+    shrink runs beside ``base()`` (`hf_deltacome.kernels.base_plus_delta`), elsewhere it is `add_delta_into`."""
     if x.is_cuda and all(_kernel_ready(d) for d in deltas) and _use_triton(x) and overlap_enabled():
         from . import kernels
 
         return kernels.base_plus_delta(x, base, list(deltas), row_index)
-    if row_index is None:
-        return add_delta(base(), x, deltas[0])
-    return add_delta_mixed(base(), x, deltas, row_index)
+    return add_delta_into(base(), x, deltas, row_index)

@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .backend import add_delta, base_and_delta
+from .backend import add_delta_into, base_and_delta
 from .errors import ConfigError
 from .format.storage import PackedDelta
 
@@ -160,7 +160,7 @@ class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
         # the first delta beside the base layer (its shrink overlaps the base on CUDA), any others added after it
         result = base_and_delta(x, lambda: self.base_layer(x, *args, **kwargs), active[:1])
         for delta in active[1:]:
-            result = add_delta(result, x, delta)
+            result = add_delta_into(result, x, [delta])
         return result
 
     def _mixed_batch_forward(

@@ -914,8 +914,8 @@ def _shrink(
     def grid(meta):
         return (plan.tiles(meta["BR"]), triton.cdiv(T, meta["BT"]), sk)
 
-    args = (x2, row_index, t, plan.tab, plan.n_bands, T, N, tokens_per_row, x2.stride(0), t.stride(1), bucket, sk)
-    args += (t.stride(0),)
+    args = (x2, row_index, t, plan.tab, plan.n_bands, T, N, tokens_per_row, x2.stride(0), t.stride(1), bucket, sk,
+            t.stride(0))  # fmt: skip
     tuner = _TUNERS["shrink", phase, x2.dtype == torch.float32]
     _run(tuner, ("s", x2.device, x2.dtype, N, bucket, sk, plan.group), grid, args, _consts(x2, plan, T, decode))
     return t
@@ -940,9 +940,12 @@ def _expand(
     else:
         sk, stride_tt, stride_ts = t.shape[0], t.stride(1), t.stride(0)
         sr = split_r or _split_r(plan, T, M, x2.device)
-    # float32 partials of the rank splits (a one-element stand-in when there are none: never read)
-    yp = torch.empty(sr if sr > 1 else 1, T if sr > 1 else 1, M if sr > 1 else 1, device=x2.device, dtype=torch.float32)
-    sem = _semaphores(x2.device, triton.cdiv(M, 16) * triton.cdiv(T, 1 if T == 1 else 16))
+    if sr > 1:  # float32 partials of the rank splits and the tiles' arrival counters
+        yp = torch.empty(sr, T, M, device=x2.device, dtype=torch.float32)
+        sem = _semaphores(x2.device, triton.cdiv(M, 16) * triton.cdiv(T, 1 if T == 1 else 16))
+    else:  # never read: stand-ins of the kernel's pointer types (float32, int32)
+        yp = t if t.dtype == torch.float32 else torch.empty(1, 1, 1, device=x2.device, dtype=torch.float32)
+        sem = plan.dummy
 
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]), triton.cdiv(T, meta["BT"]), sr)
@@ -957,17 +960,15 @@ def _launch(
     x2: torch.Tensor,
     y2: torch.Tensor,
     plan: P.KernelPlan,
-    row_index: torch.Tensor | None,
+    rows: torch.Tensor,
     tokens_per_row: int,
     accumulate: bool,
     split_k: int | None,
     split_r: int | None = None,
 ) -> None:
     """Shrink + expand of ``plan`` for ``x2`` (tokens x in) into ``y2`` (tokens x out, stride 1 along out)."""
-    if row_index is None:  # one adapter: every token maps to slot 0
-        row_index, tokens_per_row = plan.zero_index, x2.shape[0]
-    t = _shrink(x2, plan, row_index, tokens_per_row, split_k) if plan.n_bands else None
-    _expand(t, x2, y2, plan, row_index, tokens_per_row, accumulate, split_r)
+    t = _shrink(x2, plan, rows, tokens_per_row, split_k) if plan.n_bands else None
+    _expand(t, x2, y2, plan, rows, tokens_per_row, accumulate, split_r)
 
 
 def _check_input(x: torch.Tensor, in_features: int) -> None:
@@ -1002,6 +1003,64 @@ def _dense_band(x2: torch.Tensor, band) -> torch.Tensor:
     return tt @ band.u.qweight.to(dt)  # format 2: float16 U_kᵀ (rank x out)
 
 
+def _add_dense_bands(
+    x2: torch.Tensor, y2: torch.Tensor, plan: P.KernelPlan, rows: torch.Tensor, tokens_per_row: int, mixed: bool
+) -> None:
+    """``y2 += `` the 16-bit bands (each on the tokens of its adapter's rows in a mixed batch)."""
+    token_ad = rows.repeat_interleave(tokens_per_row) if mixed and plan.dense_bands else None
+    for slot, band in plan.dense_bands:
+        xin = x2 if token_ad is None else x2 * (token_ad == slot).to(x2.dtype)[:, None]
+        y2 += _dense_band(xin, band).to(y2.dtype)
+
+
+def _first_delta(x: torch.Tensor, deltas: list[PackedDelta | None], row_index: torch.Tensor | None):
+    """The first delta present (None if there is none), once ``x`` and a mixed batch's ``row_index`` are valid."""
+    present = [d for d in deltas if d is not None]
+    if not present:
+        return None
+    _check_input(x, present[0].in_features)
+    if row_index is not None:
+        if x.dim() < 2 or row_index.dim() != 1 or row_index.shape[0] != x.shape[0]:
+            raise DeltaCoMeError(
+                f"row_index of shape {tuple(row_index.shape)} must hold one adapter index per batch row of the input "
+                f"of shape {tuple(x.shape)}"
+            )
+        if row_index.dtype not in (torch.int32, torch.int64):
+            raise DeltaCoMeError(f"row_index must be an int32 or int64 tensor, got {row_index.dtype}")
+    return present[0]
+
+
+def _plan_rows(
+    x: torch.Tensor, deltas: list[PackedDelta | None], row_index: torch.Tensor | None
+) -> tuple[P.KernelPlan, torch.Tensor, torch.Tensor, int]:
+    """(plan, ``x`` as token rows, adapter index per batch row, tokens per batch row) of a call."""
+    x2 = _as_rows(x)
+    if row_index is None:  # one adapter: every token maps to slot 0
+        plan = P.plan_for(deltas[0], x.device)
+        return plan, x2, plan.zero_index, x2.shape[0]
+    return P.mixed_plan_for(deltas, x.device), x2, row_index.to(x.device).contiguous(), x2.shape[0] // x.shape[0]
+
+
+def _forward(
+    x: torch.Tensor,
+    deltas: list[PackedDelta | None],
+    row_index: torch.Tensor | None,
+    out: torch.Tensor | None,
+    split_k: int | None,
+    split_r: int | None,
+) -> torch.Tensor:
+    """`delta_forward` (``row_index`` None, one delta) and `delta_forward_mixed`."""
+    first = _first_delta(x, deltas, row_index)
+    M = first.out_features if first is not None else 0
+    if first is None or x.numel() == 0:
+        return out if out is not None else x.new_zeros(*x.shape[:-1], M)
+    plan, x2, rows, tokens_per_row = _plan_rows(x, deltas, row_index)
+    y2, accumulate = _out_rows(x, M, out)
+    _launch(x2, y2, plan, rows, tokens_per_row, accumulate, split_k, split_r)
+    _add_dense_bands(x2, y2, plan, rows, tokens_per_row, row_index is not None)
+    return out if out is not None else y2.view(*x.shape[:-1], M)
+
+
 def delta_forward(
     x: torch.Tensor,
     delta: PackedDelta,
@@ -1016,17 +1075,7 @@ def delta_forward(
     saves the separate add of the base output. ``split_k`` / ``split_r`` override the shrink's reduction split and
     the expand's rank split (testing, benchmarks).
     """
-    _check_input(x, delta.in_features)
-    M = delta.out_features
-    if x.numel() == 0:
-        return out if out is not None else x.new_zeros(*x.shape[:-1], M)
-    plan = P.plan_for(delta, x.device)
-    x2 = _as_rows(x)
-    y2, accumulate = _out_rows(x, M, out)
-    _launch(x2, y2, plan, None, 1, accumulate, split_k, split_r)
-    for _, band in plan.dense_bands:
-        y2 += _dense_band(x2, band).to(y2.dtype)
-    return out if out is not None else y2.view(*x.shape[:-1], M)
+    return _forward(x, [delta], None, out, split_k, split_r)
 
 
 def delta_forward_mixed(
@@ -1043,33 +1092,7 @@ def delta_forward_mixed(
     An index of ``-1``, an index without a delta (``None``) or out of range gives no delta (zeros). One pair of
     launches serves every adapter; nothing is synchronised with the host. ``out`` works as in `delta_forward`.
     """
-    present = [d for d in deltas if d is not None]
-    if not present:
-        zeros = x.new_zeros(*x.shape[:-1], 0)
-        return out if out is not None else zeros
-    _check_input(x, present[0].in_features)
-    M = present[0].out_features
-    if x.dim() < 2 or row_index.dim() != 1 or row_index.shape[0] != x.shape[0]:
-        raise DeltaCoMeError(
-            f"row_index of shape {tuple(row_index.shape)} must hold one adapter index per batch row of the input "
-            f"of shape {tuple(x.shape)}"
-        )
-    if row_index.dtype not in (torch.int32, torch.int64):
-        raise DeltaCoMeError(f"row_index must be an int32 or int64 tensor, got {row_index.dtype}")
-    if x.numel() == 0:
-        return out if out is not None else x.new_zeros(*x.shape[:-1], M)
-    plan = P.mixed_plan_for(deltas, x.device)
-    rows = row_index.to(x.device).contiguous()
-    x2 = _as_rows(x)
-    y2, accumulate = _out_rows(x, M, out)
-    tokens_per_row = x2.shape[0] // x.shape[0]
-    _launch(x2, y2, plan, rows, tokens_per_row, accumulate, split_k, split_r)
-    if plan.dense_bands:
-        token_ad = rows.repeat_interleave(tokens_per_row)
-        for slot, band in plan.dense_bands:
-            keep = (token_ad == slot).to(x2.dtype)[:, None]
-            y2 += (_dense_band(x2 * keep, band)).to(y2.dtype)
-    return out if out is not None else y2.view(*x.shape[:-1], M)
+    return _forward(x, deltas, row_index, out, split_k, split_r)
 
 
 def can_add_into(y: torch.Tensor, x: torch.Tensor, out_features: int) -> bool:
@@ -1113,29 +1136,14 @@ def base_plus_delta(
     None: every row) or a mixed set, as in `delta_forward_mixed`. The base output is written in place when it is a
     contiguous float tensor that nothing needs the gradient of; otherwise a new tensor is returned.
     """
-    present = [d for d in deltas if d is not None]
-    if not present:
+    first = _first_delta(x, deltas, row_index)
+    if first is None:
         return base()
-    delta = present[0]
-    _check_input(x, delta.in_features)
-    M = delta.out_features
-    mixed = row_index is not None
-    if mixed and (x.dim() < 2 or row_index.dim() != 1 or row_index.shape[0] != x.shape[0]):
-        raise DeltaCoMeError(
-            f"row_index of shape {tuple(row_index.shape)} must hold one adapter index per batch row of the input "
-            f"of shape {tuple(x.shape)}"
-        )
+    M = first.out_features
     if x.numel() == 0 or x.device.type != "cuda":
         y = base()
-        extra = delta_forward_mixed(x, deltas, row_index) if mixed else delta_forward(x, delta)
-        return y + extra.to(y.dtype)
-    plan = P.mixed_plan_for(deltas, x.device) if mixed else P.plan_for(delta, x.device)
-    x2 = _as_rows(x)
-    if mixed:
-        rows = row_index.to(x.device).contiguous()
-        tokens_per_row = x2.shape[0] // x.shape[0]
-    else:
-        rows, tokens_per_row = plan.zero_index, x2.shape[0]
+        return y + _forward(x, deltas, row_index, None, None, None).to(y.dtype)
+    plan, x2, rows, tokens_per_row = _plan_rows(x, deltas, row_index)
     current = torch.cuda.current_stream(x.device)
     t = None
     if plan.n_bands:
@@ -1152,9 +1160,5 @@ def base_plus_delta(
     target = y if writable else torch.empty(*x.shape[:-1], M, device=x.device, dtype=x.dtype)
     y2 = target.view(-1, M)
     _expand(t, x2, y2, plan, rows, tokens_per_row, writable)
-    if plan.dense_bands:
-        token_ad = rows.repeat_interleave(tokens_per_row) if mixed else None
-        for slot, band in plan.dense_bands:
-            xin = x2 if token_ad is None else x2 * (token_ad == slot).to(x2.dtype)[:, None]
-            y2 += _dense_band(xin, band).to(y2.dtype)
+    _add_dense_bands(x2, y2, plan, rows, tokens_per_row, row_index is not None)
     return y if writable else y + target.to(y.dtype)

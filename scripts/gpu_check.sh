@@ -9,6 +9,10 @@ OUT="${OUT:-/tmp/deltacome_gpu}"
 mkdir -p "$OUT"
 what="${1:-all}"
 shift || true
+case "$what" in
+    tests | bench | all) ;;
+    *) echo "gpu_check.sh: first argument must be tests, bench or all, got '$what'" >&2; exit 2 ;;
+esac
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_cache
 site=/tmp/deltacome_site
 rm -rf "$site" && mkdir -p "$site"

@@ -258,6 +258,10 @@ def test_bad_inputs_are_named():
         K.delta_forward(rand_x(3, 40).to(torch.int64), delta)
     with pytest.raises(DeltaCoMeError, match="row_index"):
         K.delta_forward_mixed(rand_x(3, 2, 40), [delta], torch.tensor([0, 0], device=DEVICE))
+    with pytest.raises(DeltaCoMeError, match="row_index"):  # the same checks beside the base layer
+        K.base_plus_delta(rand_x(3, 2, 40), lambda: rand_x(3, 2, 24), [delta], torch.tensor([0, 0], device=DEVICE))
+    with pytest.raises(DeltaCoMeError, match="int32 or int64"):
+        K.base_plus_delta(rand_x(2, 40), lambda: rand_x(2, 24), [delta], torch.tensor([0.0, 0.0], device=DEVICE))
     with pytest.raises(DeltaCoMeError, match="24x40"):
         K.delta_forward_mixed(rand_x(2, 40), [delta, make_delta(24, 48, [(2, 3)], 16)], torch.tensor([0, 1]))
 
