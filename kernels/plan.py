@@ -41,6 +41,8 @@ N_FIELDS = 24  # padded
 A_BAND_LO, A_BAND_HI, A_BIAS, A_HAS_BIAS = 0, 1, 2, 3
 N_AFIELDS = 4
 
+# Rank-tile sizes of the shrink's tile table: row ``i`` maps the tiles of ``TILE_BLOCKS[i]`` ranks to their bands.
+TILE_BLOCKS = (8, 16, 32, 64, 128, 256)
 KERNEL_BITS = (1, 2, 3, 4, 8)  # bit widths the kernels dequantize; 16-bit bands take a dense matmul
 _MIXED_CACHE_SIZE = 8
 _uids = itertools.count(1)
@@ -52,6 +54,7 @@ class KernelPlan:
 
     device: torch.device
     tab: torch.Tensor  # int64 (n_bands, N_FIELDS) on device
+    tile_tab: torch.Tensor  # int32 (len(TILE_BLOCKS), tiles of 8): band << 16 | tile within the band, per rank tile
     atab: torch.Tensor  # int64 (n_adapters, N_AFIELDS) on device
     ranks: tuple[int, ...]  # rank of each quantized band (host copy, for grid sizes)
     t_cols: int  # width of the rank-space buffer: max over adapters of their total quantized rank
@@ -183,11 +186,13 @@ def _build(deltas: Sequence[PackedDelta | None], device: torch.device) -> Kernel
         arows.append([lo, len(rows), _addr(bias, "bias") if bias is not None else dptr, int(bias is not None)])
     tab = torch.tensor(rows or [[0] * N_FIELDS], dtype=torch.int64).to(device)
     atab = torch.tensor(arows, dtype=torch.int64).to(device)
+    ranks = [r[F_RANK] for r in rows]
     return KernelPlan(
         device=device,
         tab=tab,
+        tile_tab=_tile_table(ranks, device),
         atab=atab,
-        ranks=tuple(r[F_RANK] for r in rows),
+        ranks=tuple(ranks),
         t_cols=t_cols,
         group=_common_group({r[F_GROUP] for r in rows}),
         dense_bands=tuple(dense),
@@ -196,6 +201,21 @@ def _build(deltas: Sequence[PackedDelta | None], device: torch.device) -> Kernel
         dummy=dummy,
         watched=tuple(watched),
     )
+
+
+def _tile_table(ranks: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Row ``i``: for each rank tile of ``TILE_BLOCKS[i]`` ranks (tiles never straddle two bands, laid out band after
+    band), ``band << 16 | index of the tile within its band``, so a shrink program finds its band with one load
+    instead of a walk over the band table (a chain of loads per band, long for a mixed batch's many bands)."""
+    width = max(1, sum(-(-r // TILE_BLOCKS[0]) for r in ranks))
+    tab = torch.zeros(len(TILE_BLOCKS), width, dtype=torch.int32)
+    for i, block in enumerate(TILE_BLOCKS):
+        codes = [b << 16 | k for b, r in enumerate(ranks) for k in range(-(-r // block))]
+        if codes:
+            tab[i, : len(codes)] = torch.tensor(codes, dtype=torch.int32)
+    if len(ranks) >= 1 << 15 or max(ranks, default=0) >= TILE_BLOCKS[0] << 16:
+        raise DeltaCoMeError(f"{len(ranks)} bands of ranks up to {max(ranks)} do not fit the kernels' tile table")
+    return tab.to(device)
 
 
 def _common_group(groups: set[int]) -> int:

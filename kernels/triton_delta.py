@@ -8,8 +8,9 @@ Two launches per call, both covering every band of every adapter at once:
   programs stream the packed ``V`` in parallel. Split ``s`` stores its partial sums in slice ``s`` of ``t``
   (``split_k x tokens x rank``): no atomics and no zero-filled buffer (one launch fewer per call).
 * **expand**: ``y[:, m block] = Σ_bands t[:, band cols] U_kᵀ + bias`` (optionally added to an existing ``y``),
-  summing the ``split_k`` slices of ``t`` as it loads them. The grid runs over output blocks and token blocks; each
-  program walks all bands, so ``y`` is written once.
+  summing the ``split_k`` slices of ``t`` as it loads them. The grid runs over output blocks, token blocks and, for
+  small batches, splits of the rank (float32 partial outputs, added in split order by the last program to reach
+  the tile: deterministic) and the adapter slots of a mixed batch (each slot's programs write only its rows).
 
 Both dequantize in registers: a tile's packed int32 words are loaded as a contiguous block and split into their
 ``32 / bits`` values (1/2/4/8-bit planes; a 3-bit band adds its 1-bit plane as bit 2), then ``(q - zero) * scale``
@@ -20,7 +21,8 @@ and group; other group sizes are read per element.
 
 Mixed batches (one adapter per batch row, ``-1`` or any index without a delta = none) use the same kernels (one
 adapter is the case of a single slot that every row uses): shrink programs of adapter ``a`` keep only the tokens whose row maps to ``a`` (and skip the reduction
-when none does), expand programs add only the adapters present in their token block — the Punica / S-LoRA
+when none does), expand programs add only the adapters present in their token block (one program per adapter slot
+for small batches, a loop over the slots for prefill) — the Punica / S-LoRA
 gather done by masking, without sorting and without any host synchronisation.
 
 Under ``TRITON_INTERPRET=1`` (CPU) the matmuls run in float32 and a single small configuration is used.
@@ -225,13 +227,14 @@ def _shrink_loop(
     return acc
 
 
-@triton.jit(do_not_specialize=["n_bands", "T", "tokens_per_row", "T_BUCKET", "split_k", "stride_ts"])
+@triton.jit(do_not_specialize=["tile_cols", "T", "tokens_per_row", "T_BUCKET", "split_k", "stride_ts"])
 def _shrink_kernel(
     x_ptr,
     row_ad_ptr,
     t_ptr,
     tab_ptr,
-    n_bands,
+    tile_ptr,  # the plan's tile table: band << 16 | tile within the band, one row per rank-tile size
+    tile_cols,  # its row stride
     T,
     N,
     tokens_per_row,
@@ -250,16 +253,11 @@ def _shrink_kernel(
     pid_r = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_k = tl.program_id(2)
-    # Find this program's band: bands are laid out back to back in rank tiles of BR.
-    band = pid_r * 0
-    tile0 = pid_r * 0
-    cum = pid_r * 0
-    for b in range(0, n_bands):
-        nt = (tl.load(tab_ptr + b * _NF + _F_RANK).to(tl.int32) + BR - 1) // BR
-        past = pid_r >= cum + nt
-        band += past.to(tl.int32)
-        tile0 += tl.where(past, nt, 0)
-        cum += nt
+    # This program's band and tile within it, from the tile table's row for BR (plan.TILE_BLOCKS).
+    tl.static_assert(BR == 8 or BR == 16 or BR == 32 or BR == 64 or BR == 128 or BR == 256)
+    TROW: tl.constexpr = 0 if BR == 8 else 1 if BR == 16 else 2 if BR == 32 else 3 if BR == 64 else 4 if BR == 128 else 5
+    code = tl.load(tile_ptr + TROW * tile_cols + pid_r)
+    band = code >> 16
     row = tab_ptr + band * _NF
     vq = tl.load(row + _F_VQ).to(tl.pointer_type(tl.int32))
     vhi = tl.load(row + _F_VHI).to(tl.pointer_type(tl.int32))
@@ -274,7 +272,7 @@ def _shrink_kernel(
     hs = tl.load(row + _F_V_HSTRIDE).to(tl.int32)
     gs = tl.load(row + _F_V_GSTRIDE).to(tl.int32)
 
-    offs_r = (pid_r - tile0) * BR + tl.arange(0, BR)
+    offs_r = (code & 0xFFFF) * BR + tl.arange(0, BR)
     rmask = offs_r < rank
     offs_t = pid_t * BT + tl.arange(0, BT)
     tmask = offs_t < T
@@ -471,7 +469,8 @@ def _expand_loop(
 
 @triton.jit(
     do_not_specialize=[
-        "n_adapters", "T", "tokens_per_row", "T_BUCKET", "split_k", "stride_ts", "split_r", "stride_ps", "accumulate"
+        "n_adapters", "T", "tokens_per_row", "T_BUCKET", "split_k", "stride_ts", "split_r", "split_a", "stride_ps",
+        "accumulate",
     ]
 )  # fmt: skip
 def _expand_kernel(
@@ -491,6 +490,7 @@ def _expand_kernel(
     split_k,  # slices of ``t`` to sum (the shrink's reduction splits)
     stride_ts,
     split_r,  # programs along the rank (each walks a share of every band's rank)
+    split_a,  # 1: each program walks every adapter; n_adapters: program ``pid_s // split_r`` serves one adapter
     stride_ps,  # stride of ``yp`` between the rank splits
     T_BUCKET,  # autotuning key only (a plain int: no recompilation per bucket)
     accumulate,  # 1: add into ``y``, 0: overwrite it
@@ -504,6 +504,8 @@ def _expand_kernel(
     pid_m = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_s = tl.program_id(2)
+    s_r = pid_s % split_r  # this program's share of every band's rank
+    s_a = pid_s // split_r  # and its adapter when the adapters are split (0 otherwise)
     m0 = pid_m * BM
     offs_m = m0 + tl.arange(0, BM)
     mmask = offs_m < M
@@ -511,7 +513,8 @@ def _expand_kernel(
     tmask = offs_t < T
     ad = tl.load(row_ad_ptr + offs_t // tokens_per_row, mask=tmask, other=-1).to(tl.int32)
     acc = tl.full([BT, BM], 0.0, tl.float32)
-    for a in range(0, n_adapters):
+    a_hi = tl.where(split_a > 1, s_a + 1, n_adapters)
+    for a in range(s_a, a_hi):
         arow = atab_ptr + a * _NA
         amask = tmask & (ad == a)
         present = _any(amask)
@@ -530,8 +533,10 @@ def _expand_kernel(
             ws = tl.load(row + _F_U_WSTRIDE).to(tl.int32)
             hs = tl.load(row + _F_U_HSTRIDE).to(tl.int32)
             gs = tl.load(row + _F_U_GSTRIDE).to(tl.int32)
-            chunk = ((rank + split_r - 1) // split_r + BR - 1) // BR * BR  # this split's share of the band's rank
-            r_lo = pid_s * chunk
+            chunk = ((rank + split_r - 1) // split_r + BR - 1) // BR * BR  # a split's share of the band's rank
+            # band b's chunks start at split b (mod split_r): small bands, one chunk each, land on different splits
+            # instead of all on split 0 (which then walked every band while the others waited for it)
+            r_lo = (s_r + split_r - b % split_r) % split_r * chunk
             r_hi = tl.minimum(r_lo + chunk, rank)
             if bits == 2:
                 acc = _expand_loop(
@@ -680,25 +685,32 @@ def _expand_kernel(
                 )
         has_bias = tl.load(arow + _A_HAS_BIAS).to(tl.int32)
         bias_ptr = tl.load(arow + _A_BIAS).to(tl.pointer_type(tl.float32))
-        bias_on = (offs_m * 0 + has_bias * present.to(tl.int32) * (pid_s == 0).to(tl.int32)) != 0  # (vector form:
+        bias_on = (offs_m * 0 + has_bias * present.to(tl.int32) * (s_r == 0).to(tl.int32)) != 0  # (vector form:
         # the interpreter wants it); the first rank split adds the bias
         bias = tl.load(bias_ptr + offs_m, mask=mmask & bias_on, other=0.0)
         acc += tl.where(amask[:, None], bias[None, :], 0.0)
     out = y_ptr + offs_t[:, None] * stride_yt + offs_m[None, :]
     omask = tmask[:, None] & mmask[None, :]
+    # The rows this program writes: all of them, or with the adapters split, the rows of its adapter (every batch row
+    # has one adapter, so no two adapters' programs write one row) and, for adapter 0's, the rows of none.
+    no_adapter = (ad < 0) | (ad >= n_adapters)
+    whole = offs_t * 0 + split_a == 1  # (vector forms: the interpreter wants them)
+    own = tmask & (whole | (ad == s_a) | ((offs_t * 0 + s_a == 0) & no_adapter))
+    wmask = own[:, None] & mmask[None, :]
     if split_r == 1:
         if accumulate != 0:
-            acc += tl.load(out, mask=omask, other=0.0).to(tl.float32)
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+            acc += tl.load(out, mask=wmask, other=0.0).to(tl.float32)
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=wmask)
     else:
         # Rank splits: each stores its partial sums, then counts itself in on the tile's counter; the last to arrive
         # adds the partials in split order (deterministic), writes ``y`` and resets the counter for the next launch.
+        # With the adapters split too, split ``s`` of every adapter stores into slice ``s`` (on its own rows).
         part = offs_t[:, None] * M + offs_m[None, :]
-        tl.store(yp_ptr + pid_s * stride_ps + part, acc, mask=omask)
+        tl.store(yp_ptr + s_r * stride_ps + part, acc, mask=wmask)
         tl.debug_barrier()  # every thread's partials are stored before the arrival below (which releases them)
         tile = pid_t * tl.num_programs(0) + pid_m
         arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == split_r - 1:
+        if arrived == split_a * split_r - 1:
             total = tl.full([BT, BM], 0.0, tl.float32)
             for s in range(0, split_r):  # from L2 (.cg): the other programs' stores are not in this SM's L1
                 total += tl.load(yp_ptr + s * stride_ps + part, mask=omask, other=0.0, cache_modifier=".cg")
@@ -844,7 +856,18 @@ def _split_k(plan: P.KernelPlan, T: int, N: int, device: torch.device) -> int:
     return int(max(1, min(triton.cdiv(want, programs), N // 512, 16)))
 
 
-def _split_r(plan: P.KernelPlan, T: int, M: int, device: torch.device) -> int:
+def _split_a(plan: P.KernelPlan, T: int, device: torch.device) -> int:
+    """Programs along the adapters of a mixed small batch: one per adapter slot (``n_adapters``), or 1.
+
+    With 1 every expand program walks every adapter present in its token block one after another: eight adapters
+    in a decode batch took 4-6x one adapter's time on an H200. Split, each adapter's programs write only its rows
+    (no extra buffer). Prefill keeps the loop (a token block there holds most adapters anyway)."""
+    if device.type != "cuda" or T > DECODE_MAX_TOKENS or plan.n_adapters == 1:
+        return 1
+    return plan.n_adapters
+
+
+def _split_r(plan: P.KernelPlan, T: int, M: int, device: torch.device, split_a: int = 1) -> int:
     """Splits of the rank for the expand of a small batch, so that ~4 programs per SM stream the packed ``U``.
 
     Without them the expand has only ``M / BM`` programs (64 for a 4096-wide output), each walking the whole rank
@@ -852,7 +875,7 @@ def _split_r(plan: P.KernelPlan, T: int, M: int, device: torch.device) -> int:
     """
     if device.type != "cuda" or T > DECODE_MAX_TOKENS:
         return 1
-    programs = triton.cdiv(M, 64) * (1 if T == 1 else triton.cdiv(T, min(_token_bucket(T), 32)))
+    programs = split_a * triton.cdiv(M, 64) * (1 if T == 1 else triton.cdiv(T, min(_token_bucket(T), 32)))
     want = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     if programs >= want:
         return 1
@@ -914,8 +937,8 @@ def _shrink(
     def grid(meta):
         return (plan.tiles(meta["BR"]), triton.cdiv(T, meta["BT"]), sk)
 
-    args = (x2, row_index, t, plan.tab, plan.n_bands, T, N, tokens_per_row, x2.stride(0), t.stride(1), bucket, sk,
-            t.stride(0))  # fmt: skip
+    args = (x2, row_index, t, plan.tab, plan.tile_tab, plan.tile_tab.stride(0), T, N, tokens_per_row, x2.stride(0),
+            t.stride(1), bucket, sk, t.stride(0))  # fmt: skip
     tuner = _TUNERS["shrink", phase, x2.dtype == torch.float32]
     _run(tuner, ("s", x2.device, x2.dtype, N, bucket, sk, plan.group), grid, args, _consts(x2, plan, T, decode))
     return t
@@ -930,16 +953,20 @@ def _expand(
     tokens_per_row: int,
     accumulate: bool,
     split_r: int | None = None,
+    split_a: int | None = None,
 ) -> None:
     """The expand launch: ``y2 (+)= Σ_bands t U_kᵀ + bias`` (``t`` None when the plan has no quantized band)."""
     T, M = x2.shape[0], plan.out_features
     phase, bucket, decode = _phase(T)
+    sa = split_a or _split_a(plan, T, x2.device)
+    if sa not in (1, plan.n_adapters):
+        raise DeltaCoMeError(f"split_a={sa} must be 1 or the number of adapter slots ({plan.n_adapters})")
     if t is None:
         t = plan.tab  # no quantized band: expand only adds the bias (``t`` is never read)
         sk, stride_tt, stride_ts, sr = 1, 0, 0, 1
     else:
         sk, stride_tt, stride_ts = t.shape[0], t.stride(1), t.stride(0)
-        sr = split_r or _split_r(plan, T, M, x2.device)
+        sr = split_r or _split_r(plan, T, M, x2.device, sa)
     if sr > 1:  # float32 partials of the rank splits and the tiles' arrival counters
         yp = torch.empty(sr, T, M, device=x2.device, dtype=torch.float32)
         sem = _semaphores(x2.device, triton.cdiv(M, 16) * triton.cdiv(T, 1 if T == 1 else 16))
@@ -948,10 +975,10 @@ def _expand(
         sem = plan.dummy
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]), triton.cdiv(T, meta["BT"]), sr)
+        return (triton.cdiv(M, meta["BM"]), triton.cdiv(T, meta["BT"]), sa * sr)
 
     args = (t, row_index, y2, yp, sem, plan.tab, plan.atab, plan.n_adapters, T, M, tokens_per_row, stride_tt)
-    args += (y2.stride(0), sk, stride_ts, sr, yp.stride(0), bucket, int(accumulate))
+    args += (y2.stride(0), sk, stride_ts, sr, sa, yp.stride(0), bucket, int(accumulate))
     tuner = _TUNERS["expand", phase, x2.dtype == torch.float32]
     _run(tuner, ("e", x2.device, y2.dtype, M, bucket, sr, plan.group), grid, args, _consts(x2, plan, T, decode))
 
@@ -965,10 +992,11 @@ def _launch(
     accumulate: bool,
     split_k: int | None,
     split_r: int | None = None,
+    split_a: int | None = None,
 ) -> None:
     """Shrink + expand of ``plan`` for ``x2`` (tokens x in) into ``y2`` (tokens x out, stride 1 along out)."""
     t = _shrink(x2, plan, rows, tokens_per_row, split_k) if plan.n_bands else None
-    _expand(t, x2, y2, plan, rows, tokens_per_row, accumulate, split_r)
+    _expand(t, x2, y2, plan, rows, tokens_per_row, accumulate, split_r, split_a)
 
 
 def _check_input(x: torch.Tensor, in_features: int) -> None:
@@ -1048,6 +1076,7 @@ def _forward(
     out: torch.Tensor | None,
     split_k: int | None,
     split_r: int | None,
+    split_a: int | None = None,
 ) -> torch.Tensor:
     """`delta_forward` (``row_index`` None, one delta) and `delta_forward_mixed`."""
     first = _first_delta(x, deltas, row_index)
@@ -1056,7 +1085,7 @@ def _forward(
         return out if out is not None else x.new_zeros(*x.shape[:-1], M)
     plan, x2, rows, tokens_per_row = _plan_rows(x, deltas, row_index)
     y2, accumulate = _out_rows(x, M, out)
-    _launch(x2, y2, plan, rows, tokens_per_row, accumulate, split_k, split_r)
+    _launch(x2, y2, plan, rows, tokens_per_row, accumulate, split_k, split_r, split_a)
     _add_dense_bands(x2, y2, plan, rows, tokens_per_row, row_index is not None)
     return out if out is not None else y2.view(*x.shape[:-1], M)
 
@@ -1086,13 +1115,16 @@ def delta_forward_mixed(
     *,
     split_k: int | None = None,
     split_r: int | None = None,
+    split_a: int | None = None,
 ) -> torch.Tensor:
     """Mixed batch: row ``i`` of ``x`` (``batch x ... x in``) gets ``deltas[row_index[i]]``.
 
     An index of ``-1``, an index without a delta (``None``) or out of range gives no delta (zeros). One pair of
-    launches serves every adapter; nothing is synchronised with the host. ``out`` works as in `delta_forward`.
+    launches serves every adapter; nothing is synchronised with the host. ``out`` works as in `delta_forward`;
+    ``split_k`` / ``split_r`` as there, ``split_a`` (1 or ``len(deltas)``) overrides whether the expand's programs
+    are split by adapter (testing, benchmarks).
     """
-    return _forward(x, deltas, row_index, out, split_k, split_r)
+    return _forward(x, deltas, row_index, out, split_k, split_r, split_a)
 
 
 def can_add_into(y: torch.Tensor, x: torch.Tensor, out_features: int) -> bool:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: benchmarks/kernel_speed.py, then the kernel tests compiled on the GPU, logs and tables under $OUT.
+# One device call: the kernel tests compiled on the GPU, then benchmarks/kernel_speed.py, logs and tables under $OUT.
 # Runs on a machine that has torch, Triton, transformers and peft but no registry: the package is put on PYTHONPATH
 # as it installs (hf_deltacome/ with kernels/ as hf_deltacome/kernels), nothing is pip-installed.
 #   OUT=/tmp/out bash scripts/gpu_check.sh [tests|bench|all] [extra kernel_speed.py arguments]
@@ -22,12 +22,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/device.txt"
 rc=0
-if [ "$what" = bench ] || [ "$what" = all ]; then
-    SECONDS=0
-    timeout "${BENCH_TIMEOUT:-280}" python3 benchmarks/kernel_speed.py --markdown "$OUT/kernels_gpu.md" --plot "$OUT/kernels_gpu.png" "$@" \
-        2>&1 | grep --line-buffered -v -i "warn" | tee "$OUT/bench.log"
-    echo "benchmark: rc=${PIPESTATUS[0]} in ${SECONDS}s" | tee -a "$OUT/bench.log"
-fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
     SECONDS=0
     # first tuning candidate only: the tests check results, and tuning every test shape took > 150 s on an H200
@@ -35,5 +29,11 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
         | tail -n 80 | tee "$OUT/tests.log"
     rc=${PIPESTATUS[0]}
     echo "kernel tests: rc=$rc in ${SECONDS}s" | tee -a "$OUT/tests.log"
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+    SECONDS=0
+    timeout "${BENCH_TIMEOUT:-280}" python3 benchmarks/kernel_speed.py --markdown "$OUT/kernels_gpu.md" --plot "$OUT/kernels_gpu.png" "$@" \
+        2>&1 | grep --line-buffered -v -i "warn" | tee "$OUT/bench.log"
+    echo "benchmark: rc=${PIPESTATUS[0]} in ${SECONDS}s" | tee -a "$OUT/bench.log"
 fi
 exit "$rc"

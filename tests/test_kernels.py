@@ -213,6 +213,19 @@ def test_mixed_adapter_batch(seq):
     out = base.clone()
     K.delta_forward_mixed(x, deltas, row_index, out=out, split_k=2, split_r=3)
     assert_close(out, base + ref.to(DEVICE))
+    # the expand's programs split by adapter slot (what small batches get on a GPU): each slot writes its own rows,
+    # slot 0's also the rows of no adapter; alone and with rank splits, into the output or not
+    for split_r in (1, 3):
+        y = K.delta_forward_mixed(x, deltas, row_index, split_a=len(deltas), split_r=split_r)
+        assert_close(y, ref)
+        for i in (2, 5, 6):
+            assert torch.count_nonzero(y[i]) == 0  # written (zeros), not left as the empty buffer was
+        out = base.clone()
+        K.delta_forward_mixed(x, deltas, row_index, out=out, split_k=2, split_r=split_r, split_a=len(deltas))
+        assert_close(out, base + ref.to(DEVICE))
+        assert torch.equal(out[[2, 5, 6]], base[[2, 5, 6]])  # rows without a delta untouched
+    with pytest.raises(DeltaCoMeError, match="split_a=2"):
+        K.delta_forward_mixed(x, deltas, row_index, split_a=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
