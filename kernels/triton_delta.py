@@ -533,10 +533,8 @@ def _expand_kernel(
             ws = tl.load(row + _F_U_WSTRIDE).to(tl.int32)
             hs = tl.load(row + _F_U_HSTRIDE).to(tl.int32)
             gs = tl.load(row + _F_U_GSTRIDE).to(tl.int32)
-            chunk = ((rank + split_r - 1) // split_r + BR - 1) // BR * BR  # a split's share of the band's rank
-            # band b's chunks start at split b (mod split_r): small bands, one chunk each, land on different splits
-            # instead of all on split 0 (which then walked every band while the others waited for it)
-            r_lo = (s_r + split_r - b % split_r) % split_r * chunk
+            chunk = ((rank + split_r - 1) // split_r + BR - 1) // BR * BR  # this split's share of the band's rank
+            r_lo = s_r * chunk
             r_hi = tl.minimum(r_lo + chunk, rank)
             if bits == 2:
                 acc = _expand_loop(
