@@ -199,10 +199,34 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
 
 
 def _kernel_ready(delta: PackedDelta | None) -> bool:
-    """The kernels read format-2 dense bands only: baseline parts, sparse bands (impart, the sparse tail: their
-    seeded masks are not something the kernels regenerate), format-1 files and parts overridden for computing
-    (scale distillation) take the PyTorch path."""
-    return delta is None or (not delta.has_extra_parts and delta.format >= 2 and not delta.overridden)
+    """Can the kernels serve this delta: they read format-2 dense bands (and the bias); a delta's sign bits and DARE
+    values (BitDelta; the default's residual) are added beside them by `_add_parts`. Sparse bands (impart, the
+    sparse tail: seeded masks inside the singular vectors), format-1 files and parts overridden for computing
+    (scale distillation) take the PyTorch path whole."""
+    return delta is None or (delta.format >= 2 and not delta.overridden and not delta.has_sparse_bands)
+
+
+def _parts(delta: PackedDelta | None) -> list:
+    """The parts beside the dense bands that the kernels leave to PyTorch: sign bits, DARE values."""
+    if delta is None or not delta.has_extra_parts:
+        return []
+    return [p for p in (delta.sign, delta.sparse) if p is not None]
+
+
+def _add_parts(
+    y: torch.Tensor, x: torch.Tensor, deltas: Sequence[PackedDelta | None], row_index: torch.Tensor | None
+) -> torch.Tensor:
+    """``y`` plus each delta's sign / DARE parts (`_parts`), after the kernels wrote its bands: in place unless
+    ``y`` needs its gradient. In a mixed batch a delta's parts are computed on every row and kept on its rows by a
+    mask (no host synchronisation, so a decode step can still be captured in a CUDA graph)."""
+    for i, delta in enumerate(deltas):
+        for part in _parts(delta):
+            extra = part.forward_delta(x).to(y.dtype)
+            if row_index is not None:
+                keep = (row_index.to(y.device) == i).to(y.dtype)
+                extra = extra * keep.view(-1, *([1] * (y.dim() - 1)))
+            y = y + extra if y.requires_grad else y.add_(extra)
+    return y
 
 
 def delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
@@ -210,7 +234,7 @@ def delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
     if _kernel_ready(delta) and _use_triton(x):
         from . import kernels
 
-        return kernels.delta_forward(x, delta)
+        return _add_parts(kernels.delta_forward(x, delta), x, [delta], None)
     return torch_delta_forward(x, delta)
 
 
@@ -219,7 +243,7 @@ def delta_forward_mixed(x: torch.Tensor, deltas: Sequence[PackedDelta | None], r
     if all(_kernel_ready(d) for d in deltas) and _use_triton(x):
         from . import kernels
 
-        return kernels.delta_forward_mixed(x, deltas, row_index)
+        return _add_parts(kernels.delta_forward_mixed(x, deltas, row_index), x, deltas, row_index)
     present = [d for d in deltas if d is not None]
     out = x.new_zeros(*x.shape[:-1], present[0].out_features if present else 0)
     for i, delta in enumerate(deltas):
@@ -245,8 +269,8 @@ def add_delta_into(
 
         if kernels.can_add_into(result, x, present[0].out_features):
             if row_index is None:
-                return kernels.delta_forward(x, present[0], out=result)
-            return kernels.delta_forward_mixed(x, list(deltas), row_index, out=result)
+                return _add_parts(kernels.delta_forward(x, present[0], out=result), x, deltas, None)
+            return _add_parts(kernels.delta_forward_mixed(x, list(deltas), row_index, out=result), x, deltas, row_index)
     extra = delta_forward(x, deltas[0]) if row_index is None else delta_forward_mixed(x, deltas, row_index)
     return result + extra.to(result.dtype)
 
@@ -270,5 +294,5 @@ def base_and_delta(
     if x.is_cuda and all(_kernel_ready(d) for d in deltas) and _use_triton(x) and overlap_enabled():
         from . import kernels
 
-        return kernels.base_plus_delta(x, base, list(deltas), row_index)
+        return _add_parts(kernels.base_plus_delta(x, base, list(deltas), row_index), x, deltas, row_index)
     return add_delta_into(base(), x, deltas, row_index)

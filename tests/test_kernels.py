@@ -449,3 +449,61 @@ def test_bad_switch_values_are_named(monkeypatch):
     env = {**os.environ, "DELTACOME_KERNEL_TUNING": "fast", "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", "import hf_deltacome.kernels"], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "DELTACOME_KERNEL_TUNING='fast'" in r.stderr
+
+
+def _delta_with_parts(m, n, bands, seed, sign_rows=None):
+    """A delta of dense bands, a bias and a DARE part (uniform keep 0.3, 2-bit values); with ``sign_rows`` a BitDelta
+    sign part on that many rows too."""
+    from hf_deltacome.format.baseline_parts import sparse_mask
+
+    keep, mask_seed = 0.3, 100 + seed
+    nnz = int(sparse_mask(m, n, keep, mask_seed).sum())
+    sparse = {"nnz": nnz, "keep": keep, "seed": mask_seed, "bits": 2, "group_size": 16}
+    sign = {"rows": sign_rows, "scale": "row"} if sign_rows else None
+    g = torch.Generator().manual_seed(seed)
+    d = PackedDelta(m, n, bands, 16, bias=True, sparse=sparse, sign=sign)
+    for k, band in enumerate(d.bands):
+        v, u = torch.randn(band.rank, n, generator=g) / n**0.5, torch.randn(band.rank, m, generator=g)
+        d.set_band(k, quantize_rtn(v, band.bits, 16), quantize_rtn(u, band.bits, 16), torch.rand(band.rank, generator=g))
+    d.bias.copy_(torch.randn(m, generator=g))
+    d.sparse.values.set(quantize_rtn(torch.randn(1, nnz, generator=g), 2, 16))
+    if sign_rows:
+        rows = torch.randperm(m, generator=g)[:sign_rows].sort().values
+        d.sign.set(torch.rand(sign_rows, n, generator=g) > 0.5, torch.rand(sign_rows, generator=g) * 0.1, rows)
+    return d.to(DEVICE)
+
+
+def test_deltas_with_dare_or_sign_parts_run_their_bands_on_the_kernels(monkeypatch):
+    """The default's DARE residual (and BitDelta's sign bits) no longer send a delta to the PyTorch path whole: the
+    kernels compute its bands and bias, PyTorch adds the parts beside them — single, mixed, into a base output."""
+    from hf_deltacome import backend
+
+    dare = _delta_with_parts(30, 48, [(8, 2), (3, 5), (2, 9)], seed=1)
+    both = _delta_with_parts(30, 48, [(2, 6)], seed=2, sign_rows=7)
+    plain = make_delta(30, 48, [(3, 4)], 16, seed=3)
+    assert backend._kernel_ready(dare) and backend._kernel_ready(both)
+    monkeypatch.setenv("DELTACOME_BACKEND", "triton")
+    calls = []
+    for name in ("delta_forward", "delta_forward_mixed"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    x = rand_x(5, 48)
+    for d in (dare, both):
+        ref = reference(x, d)
+        assert (ref - reference(x, make_delta(30, 48, [], 16))).abs().max() > 0  # the parts are there
+        assert_close(backend.delta_forward(x, d), ref)
+        base = rand_x(5, 30, seed=4)
+        assert_close(backend.add_delta_into(base.clone(), x, [d]), base + ref.to(DEVICE))
+        assert_close(backend.base_and_delta(x, lambda b=base: b.clone(), [d]), base + ref.to(DEVICE))
+    deltas = [dare, None, both, plain]
+    rows = torch.tensor([2, 0, -1, 3, 0], device=DEVICE)
+    ref = mixed_reference(x[:, None], deltas, rows)
+    assert_close(backend.delta_forward_mixed(x[:, None], deltas, rows), ref)
+    base = rand_x(5, 1, 30, seed=5)
+    assert_close(backend.add_delta_into(base.clone(), x[:, None], deltas, rows), base + ref.to(DEVICE))
+    assert calls.count("delta_forward") == 6 and calls.count("delta_forward_mixed") == 2  # none took the torch path
+    # what needs its gradient gets the parts out of place
+    w = torch.zeros(30, 48, device=DEVICE, requires_grad=True)
+    y = backend.base_and_delta(x, lambda: x @ w.t(), [dare])
+    y.sum().backward()
+    assert_close(y.detach(), reference(x, dare))

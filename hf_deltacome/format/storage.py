@@ -266,8 +266,14 @@ class PackedDelta(BlobStore, nn.Module):
     @property
     def has_extra_parts(self) -> bool:
         """True when a part beside the dense bands is present (sign bits, sparse values, sparse bands): the Triton
-        kernels read dense bands only, so such deltas take the PyTorch path."""
+        kernels read dense bands only (the backend adds sign bits and sparse values beside them in PyTorch; a delta
+        with sparse bands takes the PyTorch path whole)."""
         return self._sign is not None or self._sparse is not None or bool(self._sparse_bands)
+
+    @property
+    def has_sparse_bands(self) -> bool:
+        """True when the layout holds bands of sparse singular vectors (impart, the sparse tail)."""
+        return bool(self._sparse_bands)
 
     @property
     def low_rank_bands(self) -> list:
