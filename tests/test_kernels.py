@@ -507,3 +507,31 @@ def test_deltas_with_dare_or_sign_parts_run_their_bands_on_the_kernels(monkeypat
     y = backend.base_and_delta(x, lambda: x @ w.t(), [dare])
     y.sum().backward()
     assert_close(y.detach(), reference(x, dare))
+
+
+def test_a_compressed_adapter_with_a_dare_residual_gives_the_same_logits_on_the_kernels(monkeypatch):
+    """End to end: a tiny fine-tune compressed with bands plus a DARE residual (``deltacome-dare``, half the budget each) and with DARE alone,
+    run through PEFT on the kernels (the parts added beside them) and on the PyTorch path: the same logits."""
+    import copy
+
+    from tiny_models import make_finetune, make_model, random_ids
+
+    from hf_deltacome import DeltaCoMeConfig, backend
+    from hf_deltacome.compression.pipeline import compress
+
+    base = make_model("llama", hidden_size=64, intermediate_size=128, head_dim=16)
+    ft = make_finetune(base, rank=0, decay=0.05)
+    calib, ids = random_ids(base, 4, 32, seed=1), random_ids(base, 2, 9, seed=2)
+    for cfg in (DeltaCoMeConfig(ratio=1 / 8, method="deltacome-dare", band_share=0.5), DeltaCoMeConfig(ratio=1 / 8, method="dare")):
+        model = compress(copy.deepcopy(base), ft, cfg, calibration=calib, progress=False).to(DEVICE)
+        layout = model.peft_config["default"].layout
+        assert all(entry.get("sparse") for entry in layout.values())  # every linear holds a DARE part
+        logits = {}
+        for name in ("torch", "triton"):
+            monkeypatch.setenv("DELTACOME_BACKEND", name)
+            with torch.no_grad():
+                logits[name] = model(ids.to(DEVICE)).logits.float()
+        assert_close(logits["triton"], logits["torch"])
+        assert all(backend._kernel_ready(m) for m in model.modules() if isinstance(m, PackedDelta))
+        with torch.no_grad(), model.disable_adapter():
+            assert (model(ids.to(DEVICE)).logits.float() - logits["torch"]).abs().max() > 1e-3  # the delta acts
