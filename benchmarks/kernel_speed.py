@@ -76,29 +76,35 @@ PEAK_GBPS = [
 
 
 @torch.no_grad()
+def _fill_factor(f, gen: torch.Generator, spread: int) -> None:
+    """Valid random codes in a quantized factor, values O(1/sqrt(spread)) (no fp16 overflow)."""
+    if f.bits == 16:
+        f.qweight.copy_(torch.randn(f.qweight.shape, generator=gen) / math.sqrt(spread))
+        return
+    for name in ("qweight", "qweight_hi"):
+        buf = getattr(f, name, None)
+        if buf is not None:
+            buf.copy_(torch.randint(-(2**31), 2**31 - 1, buf.shape, generator=gen, dtype=torch.int64).to(torch.int32))
+    half = 2 ** (f.bits - 1)
+    f.scales.copy_((torch.rand(f.scales.shape, generator=gen) + 0.5) / (half * math.sqrt(spread)))
+    f.zeros.fill_(half)
+
+
+@torch.no_grad()
 def fill_random(delta: PackedDelta, gen: torch.Generator) -> PackedDelta:
     """Fill every buffer with valid random codes, scaled so that values stay O(1/sqrt(cols)) (no fp16 overflow)."""
     for band in delta.bands:
         for f in (band.v, band.u):
-            if f.bits == 16:
-                f.qweight.copy_(torch.randn(f.qweight.shape, generator=gen) / math.sqrt(f.cols))
-                continue
-            for name in ("qweight", "qweight_hi"):
-                buf = getattr(f, name, None)
-                if buf is not None:
-                    buf.copy_(
-                        torch.randint(-(2**31), 2**31 - 1, buf.shape, generator=gen, dtype=torch.int64).to(torch.int32)
-                    )
-            half = 2 ** (f.bits - 1)
-            f.scales.copy_((torch.rand(f.scales.shape, generator=gen) + 0.5) / (half * math.sqrt(f.cols)))
-            f.zeros.fill_(half)
+            _fill_factor(f, gen, f.cols)
         band.s.copy_(torch.rand(band.s.shape, generator=gen) + 0.5)
+    if delta.sparse is not None:
+        _fill_factor(delta.sparse.values, gen, delta.in_features)
     return delta
 
 
-def random_delta(m: int, n: int, bands, device, seed: int = 0) -> PackedDelta:
+def random_delta(m: int, n: int, bands, device, seed: int = 0, sparse: dict | None = None) -> PackedDelta:
     gen = torch.Generator().manual_seed(seed)
-    return fill_random(PackedDelta(m, n, bands, GROUP), gen).to(device)
+    return fill_random(PackedDelta(m, n, bands, GROUP, sparse=sparse), gen).to(device)
 
 
 # -- timing ------------------------------------------------------------------------------------------------------
@@ -299,6 +305,80 @@ def bench_layer(m: int, n: int, tokens_list: list[int], dtype: torch.dtype, devi
             flush=True,
         )
     return rows
+
+
+# -- a delta with a DARE residual (what the default stores where the residual helps) -------------------------------
+
+
+def residual_delta(m: int, n: int, device, seed: int = 0) -> PackedDelta:
+    """Bands in half the ratio's budget and a uniform 2-bit DARE part in the other half, random values."""
+    from hf_deltacome.format.baseline_parts import sparse_mask
+
+    bands = [b for b in solve_ranks(m, n, RATIO / 2, DEFAULT_BANDS, GROUP) if b[1] > 0]
+    bits_per_value = 2 + 8 * 3 / GROUP  # codes, and a float16 scale and uint8 zero per group
+    keep = min(0.9, m * n * 2 * RATIO / 2 * 8 / bits_per_value / (m * n))
+    nnz = int(sparse_mask(m, n, keep, 1000 + seed).sum())
+    sparse = {"nnz": nnz, "keep": keep, "seed": 1000 + seed, "bits": 2, "group_size": GROUP}
+    return random_delta(m, n, bands, device, seed=seed, sparse=sparse)
+
+
+def _time_maybe_graphed(fns: list[Callable[[], object]]) -> tuple[float, bool]:
+    """`time_calls`, or eager timing (synchronised) when the calls cannot be captured in a CUDA graph."""
+    try:
+        return time_calls(fns), True
+    except Exception:  # e.g. a library call that a graph capture refuses
+        if GPU:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            for fn in fns:
+                fn()
+        if GPU:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / (5 * len(fns)), False
+
+
+def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype, device) -> list[str]:
+    """Markdown rows: one delta with a DARE residual through the backend's seam (the kernels' bands plus the sparse
+    part in PyTorch) against the PyTorch path with and without its dequantized-factor cache, and the memory each
+    holds beside the packed file."""
+    from hf_deltacome import backend
+
+    lines = []
+    for m, n in shapes:
+        proto = residual_delta(m, n, device)
+        part = proto.sparse
+        csr_bytes = part.nnz * 8 + (m + 1) * 4 if part.keep <= 0.3 else m * n * 4
+        deltas = [proto] + [residual_delta(m, n, device, seed=i) for i in range(1, min(8, copies_for(csr_bytes)))]
+        factor_bytes = proto.rank * (m + n) * torch.finfo(dtype).bits // 8
+        for T in tokens_list:
+            x = torch.randn(T, n, device=device, dtype=dtype)
+            ours = backend.delta_forward(x, proto).float()
+            ref = torch_delta_forward(x, proto).float()
+            err = ((ours - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
+            ours_t, graphed = _time_maybe_graphed([lambda x=x, d=d: backend.delta_forward(x, d) for d in deltas])
+            cached_t = time_calls([lambda x=x, d=d: torch_delta_forward(x, d) for d in deltas])
+            with dequant_cache.suspended():
+                cold_t, _ = _time_maybe_graphed([lambda x=x, d=d: torch_delta_forward(x, d) for d in deltas[:2]])
+            lines.append(
+                f"| {m}x{n} | {proto.rank} + DARE keep {part.keep:.3f} | {T} | {ours_t * 1e6:.1f}"
+                f"{'' if graphed else ' (eager)'} | {cached_t * 1e6:.1f} | {cold_t * 1e6:.1f} | "
+                f"{proto.nbytes() / 2**20:.2f} | {csr_bytes / 2**20:.1f} | {factor_bytes / 2**20:.1f} | {err:.1e} |"
+            )
+            print(f"  residual {m}x{n} T={T}: kernels + sparse {ours_t * 1e6:.1f} us", flush=True)
+    head = [
+        "",
+        f"A delta with a DARE residual (bands in half of 1/{round(1 / RATIO)}, 2-bit DARE values in the other half): "
+        "*kernels + sparse part* = `backend.delta_forward` (the kernels' bands, the DARE part added in PyTorch; "
+        "'(eager)' where the call could not be captured in a CUDA graph), *PyTorch, cached factors* / *dequantize "
+        "per call* = the PyTorch path with and without `dequant_cache`; memory beside the packed file: the sparse "
+        "part's CSR matrix (both paths hold it) and the float factors the cache adds.",
+        "",
+        "| layer | rank + residual | tokens | kernels + sparse part µs | PyTorch, cached factors µs | PyTorch, "
+        "dequantize per call µs | packed MiB | CSR MiB | cached factors MiB | max rel err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    return head + lines
 
 
 # -- end-to-end decode -------------------------------------------------------------------------------------------
@@ -628,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="decode steps timed per run")
     ap.add_argument("--skip-decode", action="store_true", help="only the layer benchmark")
     ap.add_argument("--split-sweep", action="store_true", help="also time every shrink split at 1 and 8 tokens")
+    ap.add_argument("--skip-residual", action="store_true", help="skip the delta with a DARE residual")
     ap.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth, if the device is not known")
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     args = ap.parse_args(argv)
@@ -666,10 +747,13 @@ def main(argv: list[str] | None = None) -> int:
         for m, n in shapes:
             for T in (1, 8):
                 split_sweep(m, n, T, dtype, device)
+    residual = [] if args.skip_residual else bench_residual(shapes[:2], [t for t in tokens if t <= 8][:2], dtype, device)
     decode = [] if args.skip_decode else bench_decode(layers, 8, steps, device, dtype)
     if GPU:  # again once the clocks are up: the better of the two readings is the ceiling
         copy = max(copy, copy_gbps())
     text = markdown(rows, decode, peak, peak_src, copy, header)
+    if residual:
+        text += "\n".join(residual) + "\n"
     print()
     print(text)
     if args.markdown:
