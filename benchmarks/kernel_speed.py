@@ -40,6 +40,7 @@ os.environ["DELTACOME_BACKEND"] = "triton"
 import torch.nn.functional as F  # noqa: E402
 from hf_deltacome.kernels import base_plus_delta, delta_forward, delta_forward_mixed, plan_for  # noqa: E402
 from hf_deltacome.kernels import triton_delta as TD  # noqa: E402
+from hf_deltacome.kernels import triton_sparse as TS  # noqa: E402
 
 import hf_deltacome  # noqa: E402,F401  (registers the PEFT method)
 from hf_deltacome.backend import dequant_cache, torch_delta_forward  # noqa: E402
@@ -339,9 +340,9 @@ def _time_maybe_graphed(fns: list[Callable[[], object]]) -> tuple[float, bool]:
 
 
 def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype, device) -> list[str]:
-    """Markdown rows: one delta with a DARE residual through the backend's seam (the kernels' bands plus the sparse
-    part in PyTorch) against the PyTorch path with and without its dequantized-factor cache, and the memory each
-    holds beside the packed file."""
+    """Markdown rows: one delta with a DARE residual through the backend's seam (the kernels' bands, then the DARE
+    kernel) against the PyTorch path with and without its dequantized-factor cache, and the memory each holds
+    beside the packed file."""
     from hf_deltacome import backend
 
     lines = []
@@ -349,6 +350,7 @@ def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype,
         proto = residual_delta(m, n, device)
         part = proto.sparse
         csr_bytes = part.nnz * 8 + (m + 1) * 4 if part.keep <= 0.3 else m * n * 4
+        bitmap_bytes = m * (-(-n // 32) * 4 + -(-n // TS.OFFSET_BLOCK) * 4)
         deltas = [proto] + [residual_delta(m, n, device, seed=i) for i in range(1, min(8, copies_for(csr_bytes)))]
         factor_bytes = proto.rank * (m + n) * torch.finfo(dtype).bits // 8
         for T in tokens_list:
@@ -363,20 +365,22 @@ def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype,
             lines.append(
                 f"| {m}x{n} | {proto.rank} + DARE keep {part.keep:.3f} | {T} | {ours_t * 1e6:.1f}"
                 f"{'' if graphed else ' (eager)'} | {cached_t * 1e6:.1f} | {cold_t * 1e6:.1f} | "
-                f"{proto.nbytes() / 2**20:.2f} | {csr_bytes / 2**20:.1f} | {factor_bytes / 2**20:.1f} | {err:.1e} |"
+                f"{proto.nbytes() / 2**20:.2f} | {bitmap_bytes / 2**20:.1f} | {csr_bytes / 2**20:.1f} | "
+                f"{factor_bytes / 2**20:.1f} | {err:.1e} |"
             )
-            print(f"  residual {m}x{n} T={T}: kernels + sparse {ours_t * 1e6:.1f} us", flush=True)
+            print(f"  residual {m}x{n} T={T}: kernels {ours_t * 1e6:.1f} us", flush=True)
     head = [
         "",
         f"A delta with a DARE residual (bands in half of 1/{round(1 / RATIO)}, 2-bit DARE values in the other half): "
-        "*kernels + sparse part* = `backend.delta_forward` (the kernels' bands, the DARE part added in PyTorch; "
-        "'(eager)' where the call could not be captured in a CUDA graph), *PyTorch, cached factors* / *dequantize "
-        "per call* = the PyTorch path with and without `dequant_cache`; memory beside the packed file: the sparse "
-        "part's CSR matrix (both paths hold it) and the float factors the cache adds.",
+        "*kernels* = `backend.delta_forward` (the bands' kernels, then the DARE kernel: values packed, mask as a "
+        "bitmap; '(eager)' where the call could not be captured in a CUDA graph), *PyTorch, cached factors* / "
+        "*dequantize per call* = the PyTorch path with and without `dequant_cache`; memory beside the packed file: "
+        "the DARE kernel's bitmap and first-value indices, the PyTorch path's CSR copy of the DARE part, and the "
+        "float factors its cache adds.",
         "",
-        "| layer | rank + residual | tokens | kernels + sparse part µs | PyTorch, cached factors µs | PyTorch, "
-        "dequantize per call µs | packed MiB | CSR MiB | cached factors MiB | max rel err |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layer | rank + residual | tokens | kernels µs | PyTorch, cached factors µs | PyTorch, dequantize per call µs "
+        "| packed MiB | bitmap MiB (kernels) | CSR MiB (PyTorch) | cached factors MiB (PyTorch) | max rel err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     return head + lines
 

@@ -1,7 +1,8 @@
 """Triton kernels for the Delta-CoMe delta product, reading the packed format in place.
 
 ``delta_forward(x, delta)`` serves one adapter, ``delta_forward_mixed(x, deltas, row_index)`` a batch whose rows
-use different adapters (``-1`` = none). ``hf_deltacome.backend`` dispatches here on CUDA (or on CPU under
+use different adapters (``-1`` = none), ``sparse_add_into(y, x, part)`` adds a DARE part (its values packed, its
+mask as a bitmap). ``hf_deltacome.backend`` dispatches here on CUDA (or on CPU under
 ``TRITON_INTERPRET=1``); importing this package needs Triton.
 """
 
@@ -11,6 +12,7 @@ use different adapters (``-1`` = none). ``hf_deltacome.backend`` dispatches here
 if __name__ == "hf_deltacome.kernels":
     from .plan import KERNEL_BITS, KernelPlan, mixed_plan_for, plan_for
     from .triton_delta import INTERPRET, base_plus_delta, can_add_into, delta_forward, delta_forward_mixed
+    from .triton_sparse import sparse_add_into, sparse_ready
 
     __all__ = [
         "INTERPRET",
@@ -22,4 +24,6 @@ if __name__ == "hf_deltacome.kernels":
         "delta_forward_mixed",
         "mixed_plan_for",
         "plan_for",
+        "sparse_add_into",
+        "sparse_ready",
     ]

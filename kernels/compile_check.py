@@ -4,7 +4,7 @@
 
 Every autotuning candidate is compiled (Triton to PTX, then ``ptxas`` from Triton's wheel for the register
 report) for float16, bfloat16 and float32 activations, with a compile-time group size of 128 and with the
-per-element group path. This catches compile errors the CPU interpreter cannot see and shows which candidates
+per-element group path, and the DARE kernel (`triton_sparse`) at every value width and its launch tiles. This catches compile errors the CPU interpreter cannot see and shows which candidates
 spill. Needs ``TRITON_INTERPRET`` unset (it is removed here before Triton is used).
 """
 
@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from . import triton_delta as TD  # noqa: E402
+from . import triton_sparse as TS  # noqa: E402
 
 _PTR = {tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float32: "*fp32"}
 _SHRINK_SIG = dict(
@@ -65,6 +66,39 @@ _EXPAND_SIG = dict(
     T_BUCKET="i32",
     accumulate="i32",
 )
+_SPARSE_SIG = dict(
+    x_ptr=None,
+    y_ptr=None,
+    row_ad_ptr="*i32",
+    bm_ptr="*i32",
+    off_ptr="*i32",
+    q_ptr="*i32",
+    hi_ptr="*i32",
+    sc_ptr="*fp16",
+    z_ptr="*u8",
+    T="i32",
+    M="i32",
+    N="i32",
+    tokens_per_row="i32",
+    slot="i32",
+    stride_xt="i32",
+    stride_yt="i32",
+    bm_stride="i32",
+    off_stride="i32",
+    group="i32",
+)
+# the DARE kernel's tiles as `triton_sparse.sparse_add_into` launches them: one token, a decode block, prefill
+_SPARSE_TILES = (dict(BT=1, BM=16, BK=256), dict(BT=16, BM=32, BK=128), dict(BT=32, BM=32, BK=128))
+
+
+def compile_sparse(compute, bits: int, tile: dict, arch: int):
+    """Compile the DARE kernel for ``sm_<arch>`` at ``bits``-bit values and one tile."""
+    sig = dict(_SPARSE_SIG, x_ptr=_PTR[compute], y_ptr=_PTR[compute])
+    constexprs = {"BITS": bits, "COMPUTE": compute, "OFFB": TS.OFFSET_BLOCK, **tile}
+    for name in constexprs:
+        sig[name] = "constexpr"
+    src = ASTSource(TS._sparse_kernel, sig, constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
 
 
 def compile_one(kind: str, cfg: triton.Config, compute, consts: dict, arch: int):
@@ -131,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
                         failures += 1
                         report = f"COMPILE ERROR {type(e).__name__}: {str(e)[:300]}"
                     print(f"{label} :: {report}", flush=True)
+        for bits in TS.SPARSE_BITS:
+            for tile in _SPARSE_TILES if not args.quick else _SPARSE_TILES[:2]:
+                label = f"sparse  {str(compute):8s} bits={bits} {tile} w4"
+                try:
+                    report = ptxas_report(compile_sparse(compute, bits, tile, args.arch), args.arch)
+                except Exception as e:
+                    failures += 1
+                    report = f"COMPILE ERROR {type(e).__name__}: {str(e)[:300]}"
+                print(f"{label} :: {report}", flush=True)
     print(f"{failures} variant(s) failed to compile")
     return 1 if failures else 0
 

@@ -562,3 +562,52 @@ def test_kernel_benchmark_runs_and_its_outputs_match_the_pytorch_path(tmp_path):
     for row in rows:
         assert float(row[-1]) < 1e-4  # max relative error against the PyTorch path (float32 here)
     assert "DARE keep" in residual[1]
+
+
+def _dare_delta(m, n, bits, group_size, seed, rated=False):
+    """A delta holding only a DARE part (uniform keep 0.2, or importance-rated), random values, on DEVICE."""
+    from hf_deltacome.format.baseline_parts import pack_rates, rate_factors, sparse_mask
+
+    g = torch.Generator().manual_seed(seed)
+    rates = None
+    if rated:
+        rates = pack_rates(torch.randint(0, 16, (m,), generator=g), torch.randint(0, 16, (n,), generator=g))
+    kept = int(sparse_mask(m, n, 0.2, seed, rate_factors(rates, m, n) if rated else None).sum())
+    nnz = kept + 5 if rated else kept  # a rated part may keep fewer values than it stores
+    entry = {"nnz": nnz, "keep": 0.2, "seed": seed, "bits": bits, "group_size": group_size}
+    d = PackedDelta(m, n, [], group_size, sparse={**entry, "rates": "row-col"} if rated else entry)
+    d.sparse.values.set(quantize_rtn(torch.randn(1, nnz, generator=g), bits, group_size))
+    if rated:
+        d.sparse.set_rates(rates, 0.2)
+    return d.to(DEVICE)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [16, 24, 128])
+def test_dare_kernel_reads_packed_values_through_a_bitmap(bits, group_size):
+    """`sparse_add_into`: a DARE part's product from its packed values and its mask as a bitmap, equal to the
+    PyTorch path's (CSR) product and added into the output; odd shapes (150 columns: a partial bitmap word and a
+    partial block of first-value indices), every value width and group size, 1 / 12 / 70 tokens."""
+    part = _dare_delta(37, 150, bits, group_size, seed=bits * 100 + group_size).sparse
+    for shape in ((1, 150), (3, 4, 150), (70, 150)):
+        x = rand_x(*shape, seed=len(shape))
+        y0 = rand_x(*shape[:-1], 37, seed=9)
+        y = y0.clone()
+        assert K.sparse_add_into(y, x, part) is y
+        assert_close(y - y0, part.forward_delta(x))
+
+
+def test_dare_kernel_with_importance_rates_and_a_mixed_batch():
+    """A rated part (fewer kept values than stored) and a mixed batch: only the rows of the part's slot change."""
+    part = _dare_delta(40, 96, 2, 16, seed=3, rated=True).sparse
+    x = rand_x(4, 3, 96)
+    rows = torch.tensor([1, 0, -1, 1], device=DEVICE)
+    y = torch.zeros(4, 3, 40, device=DEVICE)
+    K.sparse_add_into(y, x, part, rows, slot=1)
+    ref = part.forward_delta(x) * (rows == 1).to(x.dtype).view(-1, 1, 1)
+    assert_close(y, ref)
+    assert torch.count_nonzero(y[[1, 2]]) == 0
+    with pytest.raises(DeltaCoMeError, match=r"40x96 DARE part got input \(4, 3, 95\)"):
+        K.sparse_add_into(y, rand_x(4, 3, 95), part)
+    with pytest.raises(DeltaCoMeError, match="row_index"):
+        K.sparse_add_into(y, x, part, rows[:3], slot=1)

@@ -266,8 +266,8 @@ class PackedDelta(BlobStore, nn.Module):
     @property
     def has_extra_parts(self) -> bool:
         """True when a part beside the dense bands is present (sign bits, sparse values, sparse bands): the Triton
-        kernels read dense bands only (the backend adds sign bits and sparse values beside them in PyTorch; a delta
-        with sparse bands takes the PyTorch path whole)."""
+        kernels read dense bands; the backend adds DARE values beside them with their own kernel and sign bits in
+        PyTorch, while a delta with sparse bands takes the PyTorch path whole."""
         return self._sign is not None or self._sparse is not None or bool(self._sparse_bands)
 
     @property
