@@ -97,12 +97,16 @@ def _sparse_kernel(
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
-def _bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The part's mask as int32 bitmap words and per-block first-value indices on ``device``, cached on its store
-    until the stored values change (as the PyTorch path caches its CSR matrix)."""
+def _bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The part's mask as int32 bitmap words and per-block first-value indices on ``device`` (and a zero adapter
+    index for single-adapter calls), cached on its store until the stored values change (beside the PyTorch path's
+    CSR matrix: a model run on both keeps both)."""
     q = part.values.qweight
-    key = ("bitmap", q.data_ptr(), q._version, device)
-    cached = part._store._dense
+    key = (q.data_ptr(), q._version, device)
+    cache = part._store._dense
+    if cache is None:
+        cache = part._store._dense = {}
+    cached = cache.get("bitmap")
     if cached is not None and cached[0] == key:
         return cached[1]
     mask = part.mask()  # CPU, checked against the stored count
@@ -116,8 +120,8 @@ def _bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor, torch
     if int(flat.sum()) >= 2**31:
         raise DeltaCoMeError(f"a {m}x{n} DARE part keeps {int(flat.sum())} values; the kernel indexes up to 2^31")
     words = pack_bits(mask.to(torch.int64), 1)
-    plan = (words.to(device), first.to(torch.int32).to(device))
-    part._store._dense = (key, plan)
+    plan = (words.to(device), first.to(torch.int32).to(device), torch.zeros(1, dtype=torch.int32, device=device))
+    cache["bitmap"] = (key, plan)
     return plan
 
 
@@ -150,13 +154,13 @@ def sparse_add_into(
     T, (M, N) = x2.shape[0], (part.out_features, part.in_features)
     if T == 0:
         return y
+    if row_index is not None and (row_index.dim() != 1 or row_index.shape[0] != x.shape[0] or x.dim() < 2):
+        raise DeltaCoMeError(f"row_index of shape {tuple(row_index.shape)} does not fit the input {tuple(x.shape)}")
+    words, first, zero = _bitmap(part, x.device)
     if row_index is None:
-        rows, tokens_per_row = torch.zeros(1, dtype=torch.int32, device=x.device), T
+        rows, tokens_per_row = zero, T
     else:
-        if row_index.dim() != 1 or row_index.shape[0] != x.shape[0] or x.dim() < 2:
-            raise DeltaCoMeError(f"row_index of shape {tuple(row_index.shape)} does not fit the input {tuple(x.shape)}")
         rows, tokens_per_row = row_index.to(x.device).contiguous(), T // x.shape[0]
-    words, first = _bitmap(part, x.device)
     v = part.values
     hi = v.qweight_hi if v.bits == 3 else v.qweight
     compute = tl.float32 if INTERPRET else _COMPUTE[x2.dtype]

@@ -502,6 +502,7 @@ def test_deltas_with_dare_or_sign_parts_run_their_bands_on_the_kernels(monkeypat
     base = rand_x(5, 1, 30, seed=5)
     assert_close(backend.add_delta_into(base.clone(), x[:, None], deltas, rows), base + ref.to(DEVICE))
     assert calls.count("delta_forward") == 6 and calls.count("delta_forward_mixed") == 2  # none took the torch path
+    assert set(dare._dense) == {"csr", "bitmap"}  # the two paths' caches of the DARE part live side by side
     # what needs its gradient gets the parts out of place
     w = torch.zeros(30, 48, device=DEVICE, requires_grad=True)
     y = backend.base_and_delta(x, lambda: x @ w.t(), [dare])

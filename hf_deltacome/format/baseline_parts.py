@@ -280,7 +280,10 @@ class SparsePart:
         faster)."""
         q = self.values.qweight
         key = (q.data_ptr(), q._version, q.device)
-        cached = self._store._dense
+        cache = self._store._dense
+        if cache is None:
+            cache = self._store._dense = {}
+        cached = cache.get("csr")
         if cached is None or cached[0] != key:
             if self.keep > CSR_MAX_KEEP:
                 weight = self.delta_weight()
@@ -295,7 +298,7 @@ class SparsePart:
                         crow, cols.to(torch.int32), self.kept_values(mask),
                         size=(self.out_features, self.in_features), check_invariants=False,
                     ).to(q.device)  # fmt: skip
-            cached = self._store._dense = (key, weight)
+            cached = cache["csr"] = (key, weight)
         return cached[1]
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:

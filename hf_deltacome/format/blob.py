@@ -73,12 +73,13 @@ class BlobStore:
     """What holds a blob: a `PackedDelta` (a module, ``blob`` a buffer) or a part built on its own (`OwnBlob`).
 
     ``_overrides`` (key -> tensor) replace a part for computing without touching the stored bytes (scale distillation
-    differentiates through them; under `PINNED_FACTORS` the bands' factors as a pair); ``_dense`` caches one derived
-    tensor (a DARE part's CSR matrix)."""
+    differentiates through them; under `PINNED_FACTORS` the bands' factors as a pair); ``_dense`` caches what is
+    derived from a DARE part, by kind (``"csr"``: the PyTorch path's sparse matrix; ``"bitmap"``: the DARE kernel's
+    mask), each as ``(stamp of the stored values, value)``."""
 
     _segs: Segments
     _overrides: Optional[dict] = None
-    _dense: Optional[tuple] = None
+    _dense: Optional[dict] = None
 
     def _blob(self) -> torch.Tensor:
         raise NotImplementedError
