@@ -503,6 +503,10 @@ def test_deltas_with_dare_or_sign_parts_run_their_bands_on_the_kernels(monkeypat
     assert_close(backend.add_delta_into(base.clone(), x[:, None], deltas, rows), base + ref.to(DEVICE))
     assert calls.count("delta_forward") == 6 and calls.count("delta_forward_mixed") == 2  # none took the torch path
     assert set(dare._dense) == {"csr", "bitmap"}  # the two paths' caches of the DARE part live side by side
+    rows_kept = both.sign.row_index()
+    assert both.sign.row_index() is rows_kept  # cached: a forward pass does not sync with the host to find them
+    both.sign.set(torch.ones(7, 48, dtype=torch.bool), torch.ones(7), torch.arange(7))
+    assert torch.equal(both.sign.row_index().cpu(), torch.arange(7))  # a new mask is read again
     # what needs its gradient gets the parts out of place
     w = torch.zeros(30, 48, device=DEVICE, requires_grad=True)
     y = backend.base_and_delta(x, lambda: x @ w.t(), [dare])

@@ -91,13 +91,22 @@ class SignPart:
             row_mask.copy_(pack_bits(mask, 1).to(row_mask.device))
 
     def row_index(self) -> torch.Tensor | None:
-        """Indices of the kept rows in increasing order (``None`` when every row is kept)."""
+        """Indices of the kept rows in increasing order (``None`` when every row is kept), cached on the store until
+        the mask changes: reading them syncs with the host, which a forward pass (a captured decode step) must not."""
         row_mask = self.row_mask
         if row_mask is None:
             return None
+        key = (row_mask.data_ptr(), row_mask._version, row_mask.device)
+        cache = self._store._dense
+        if cache is None:
+            cache = self._store._dense = {}
+        cached = cache.get("sign_rows")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         idx = unpack_bits(row_mask, 1, self.out_features)[0].nonzero().flatten()
         if idx.numel() != self.rows:
             raise AdapterFileError(f"sign part row mask marks {idx.numel()} rows, the layout says {self.rows}")
+        cache["sign_rows"] = (key, idx)
         return idx
 
     def signs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -75,7 +75,7 @@ class BlobStore:
     ``_overrides`` (key -> tensor) replace a part for computing without touching the stored bytes (scale distillation
     differentiates through them; under `PINNED_FACTORS` the bands' factors as a pair); ``_dense`` caches what is
     derived from a DARE part, by kind (``"csr"``: the PyTorch path's sparse matrix; ``"bitmap"``: the DARE kernel's
-    mask), each as ``(stamp of the stored values, value)``."""
+    mask; ``"sign_rows"``: a sign part's kept rows), each as ``(stamp of the stored tensor, value)``."""
 
     _segs: Segments
     _overrides: Optional[dict] = None
