@@ -101,14 +101,10 @@ def _bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor, torch
     """The part's mask as int32 bitmap words and per-block first-value indices on ``device`` (and a zero adapter
     index for single-adapter calls), cached on its store until the stored values change (beside the PyTorch path's
     CSR matrix: a model run on both keeps both)."""
-    q = part.values.qweight
-    key = (q.data_ptr(), q._version, device)
-    cache = part._store._dense
-    if cache is None:
-        cache = part._store._dense = {}
-    cached = cache.get("bitmap")
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    return part._store.derived("bitmap", part.values.qweight, lambda: _build_bitmap(part, device), device)
+
+
+def _build_bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mask = part.mask()  # CPU, checked against the stored count
     m, n = mask.shape
     blocks = -(-n // OFFSET_BLOCK)
@@ -120,9 +116,7 @@ def _bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor, torch
     if int(flat.sum()) >= 2**31:
         raise DeltaCoMeError(f"a {m}x{n} DARE part keeps {int(flat.sum())} values; the kernel indexes up to 2^31")
     words = pack_bits(mask.to(torch.int64), 1)
-    plan = (words.to(device), first.to(torch.int32).to(device), torch.zeros(1, dtype=torch.int32, device=device))
-    cache["bitmap"] = (key, plan)
-    return plan
+    return words.to(device), first.to(torch.int32).to(device), torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def sparse_ready(part: SparsePart) -> bool:

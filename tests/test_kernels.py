@@ -502,7 +502,7 @@ def test_deltas_with_dare_or_sign_parts_run_their_bands_on_the_kernels(monkeypat
     base = rand_x(5, 1, 30, seed=5)
     assert_close(backend.add_delta_into(base.clone(), x[:, None], deltas, rows), base + ref.to(DEVICE))
     assert calls.count("delta_forward") == 6 and calls.count("delta_forward_mixed") == 2  # none took the torch path
-    assert set(dare._dense) == {"csr", "bitmap"}  # the two paths' caches of the DARE part live side by side
+    assert set(dare._derived) == {"csr", "bitmap"}  # the two paths' caches of the DARE part live side by side
     rows_kept = both.sign.row_index()
     assert both.sign.row_index() is rows_kept  # cached: a forward pass does not sync with the host to find them
     both.sign.set(torch.ones(7, 48, dtype=torch.bool), torch.ones(7), torch.arange(7))
@@ -616,3 +616,5 @@ def test_dare_kernel_with_importance_rates_and_a_mixed_batch():
         K.sparse_add_into(y, rand_x(4, 3, 95), part)
     with pytest.raises(DeltaCoMeError, match="row_index"):
         K.sparse_add_into(y, x, part, rows[:3], slot=1)
+    with pytest.raises(DeltaCoMeError, match="contiguous"):
+        K.sparse_add_into(y.transpose(0, 1), x.transpose(0, 1), part)

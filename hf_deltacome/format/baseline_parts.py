@@ -96,18 +96,14 @@ class SignPart:
         row_mask = self.row_mask
         if row_mask is None:
             return None
-        key = (row_mask.data_ptr(), row_mask._version, row_mask.device)
-        cache = self._store._dense
-        if cache is None:
-            cache = self._store._dense = {}
-        cached = cache.get("sign_rows")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        idx = unpack_bits(row_mask, 1, self.out_features)[0].nonzero().flatten()
-        if idx.numel() != self.rows:
-            raise AdapterFileError(f"sign part row mask marks {idx.numel()} rows, the layout says {self.rows}")
-        cache["sign_rows"] = (key, idx)
-        return idx
+
+        def read() -> torch.Tensor:
+            idx = unpack_bits(row_mask, 1, self.out_features)[0].nonzero().flatten()
+            if idx.numel() != self.rows:
+                raise AdapterFileError(f"sign part row mask marks {idx.numel()} rows, the layout says {self.rows}")
+            return idx
+
+        return self._store.derived("sign_rows", row_mask, read)
 
     def signs(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``k x n`` matrix of ±1."""
@@ -287,28 +283,21 @@ class SparsePart:
         matrix (float32 values, int32 indices: 8 bytes a kept entry, where a dense float32 copy costs ``4 / keep``;
         on one CPU thread 2-3x faster than the dense product at keep 0.06), above it the dense matrix (as small, and
         faster)."""
-        q = self.values.qweight
-        key = (q.data_ptr(), q._version, q.device)
-        cache = self._store._dense
-        if cache is None:
-            cache = self._store._dense = {}
-        cached = cache.get("csr")
-        if cached is None or cached[0] != key:
-            if self.keep > CSR_MAX_KEEP:
-                weight = self.delta_weight()
-            else:
-                mask = self.mask()
-                rows, cols = mask.nonzero(as_tuple=True)  # row-major: the order the values are stored in
-                crow = torch.zeros(self.out_features + 1, dtype=torch.int32)
-                crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0).to(torch.int32)
-                with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
-                    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                    weight = torch.sparse_csr_tensor(
-                        crow, cols.to(torch.int32), self.kept_values(mask),
-                        size=(self.out_features, self.in_features), check_invariants=False,
-                    ).to(q.device)  # fmt: skip
-            cached = cache["csr"] = (key, weight)
-        return cached[1]
+        return self._store.derived("csr", self.values.qweight, self._build_forward_weight)
+
+    def _build_forward_weight(self) -> torch.Tensor:
+        if self.keep > CSR_MAX_KEEP:
+            return self.delta_weight()
+        mask = self.mask()
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major: the order the values are stored in
+        crow = torch.zeros(self.out_features + 1, dtype=torch.int32)
+        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0).to(torch.int32)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                crow, cols.to(torch.int32), self.kept_values(mask),
+                size=(self.out_features, self.in_features), check_invariants=False,
+            ).to(self.values.qweight.device)  # fmt: skip
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
         """``Δ̂ x`` in ``x``'s dtype (in float32 through the sparse matrix at low keep-rates: no dense copy made)."""

@@ -10,7 +10,7 @@ issue 16), and moving or replacing the blob can never leave a stale view behind.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -73,19 +73,32 @@ class BlobStore:
     """What holds a blob: a `PackedDelta` (a module, ``blob`` a buffer) or a part built on its own (`OwnBlob`).
 
     ``_overrides`` (key -> tensor) replace a part for computing without touching the stored bytes (scale distillation
-    differentiates through them; under `PINNED_FACTORS` the bands' factors as a pair); ``_dense`` caches what is
-    derived from a DARE part, by kind (``"csr"``: the PyTorch path's sparse matrix; ``"bitmap"``: the DARE kernel's
-    mask; ``"sign_rows"``: a sign part's kept rows), each as ``(stamp of the stored tensor, value)``."""
+    differentiates through them; under `PINNED_FACTORS` the bands' factors as a pair); ``_derived`` holds what
+    `derived` built from the parts."""
 
     _segs: Segments
     _overrides: Optional[dict] = None
-    _dense: Optional[dict] = None
+    _derived: Optional[dict] = None
 
     def _blob(self) -> torch.Tensor:
         raise NotImplementedError
 
     def _set_blob(self, blob: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def derived(self, kind: str, source: torch.Tensor, build: Callable[[], Any], *key: Any) -> Any:
+        """``build()``, cached under ``kind`` until ``source`` (the part it is made from) is written, replaced or
+        moved: its address, version and device (and ``key``) stamp the entry. Kinds: ``"csr"`` (a DARE part's
+        sparse matrix for the PyTorch path), ``"bitmap"`` (its mask for the DARE kernel), ``"sign_rows"`` (a sign
+        part's kept rows)."""
+        stamp = (source.data_ptr(), source._version, source.device, *key)
+        cache = self._derived
+        if cache is None:
+            cache = self._derived = {}
+        hit = cache.get(kind)
+        if hit is None or hit[0] != stamp:
+            hit = cache[kind] = (stamp, build())
+        return hit[1]
 
     def part(self, key: str) -> Optional[torch.Tensor]:
         """A view of part ``key`` of the blob (``None`` if the layout has no such part)."""
@@ -124,10 +137,10 @@ class BlobStore:
 class OwnBlob(BlobStore):
     """The blob of a part made on its own (outside a `PackedDelta`), on the CPU."""
 
-    __slots__ = ("_segs", "_data", "_overrides", "_dense")
+    __slots__ = ("_segs", "_data", "_overrides", "_derived")
 
     def __init__(self, segs: Segments) -> None:
-        self._segs, self._overrides, self._dense = segs, None, None
+        self._segs, self._overrides, self._derived = segs, None, None
         self._data = torch.zeros(segs.nbytes, dtype=torch.uint8)
 
     def _blob(self) -> torch.Tensor:
