@@ -739,8 +739,10 @@ if INTERPRET:
     }
     _CONFIGS_F32 = _CONFIGS
 else:  # pragma: no cover - needs a GPU
-    # Candidates that compile without register spills on sm_90 (ptxas -v) for float16/bfloat16. With few tokens
-    # the MMA tile is 16 x BR (shrink) or 16 x BM (expand), so small warp counts avoid replicated work.
+    # Candidates chosen with `compile_check` (ptxas -v, sm_90) to avoid register spills for float16/bfloat16. Spills
+    # depend on the Triton version: with Triton 3.9 the first decode expand candidate spills 76-164 bytes and the
+    # float32 decode/prefill expand up to 260 (2026-12-04), so rerun `compile_check` after an upgrade. With few
+    # tokens the MMA tile is 16 x BR (shrink) or 16 x BM (expand), so small warp counts avoid replicated work.
     _CONFIGS = {
         # one token: multiply-add tiles spread over all threads (no MMA), so tiles can be larger
         ("shrink", "gemv"): [
