@@ -8,7 +8,7 @@ PY="${PYTHON:-python3}"
 MARK=()
 if [ "${DELTACOME_SKIP_SLOW:-0}" = "1" ]; then MARK=(-m "not slow"); fi
 "$PY" -m ruff check hf_deltacome kernels tests examples benchmarks || exit 1
-PYTHONSAFEPATH=1 "$PY" -m pytest -q -p no:cacheprovider "${MARK[@]}" "$@"
+PYTHONSAFEPATH=1 "$PY" -m pytest -q -p no:cacheprovider --durations=15 "${MARK[@]}" "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: treating as a failure" >&2
