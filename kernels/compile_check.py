@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from functools import partial
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -140,6 +141,17 @@ def ptxas_report(kernel, arch: int) -> str:
     return f"regs={regs[0] if regs else '?'} spill={spills[0] if spills else '?'} smem={kernel.metadata.shared}"
 
 
+def _report(label: str, compile_fn, arch: int) -> int:
+    """Compile one variant and print its line (its ptxas report or its error); returns 1 if it failed, else 0, so
+    that every failing variant is reported before the run fails."""
+    try:
+        report, failed = ptxas_report(compile_fn(), arch), 0
+    except Exception as e:
+        report, failed = f"COMPILE ERROR {type(e).__name__}: {str(e)[:300]}", 1
+    print(f"{label} :: {report}", flush=True)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (80 = A100, 90 = H100/H200)")
@@ -159,21 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                     if phase != "prefill":
                         consts["BT"] = 1 if phase == "gemv" else 16
                     label = f"{kind:6s} {phase:7s} {str(compute):8s} group={group:3d} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
-                    try:
-                        report = ptxas_report(compile_one(kind, cfg, compute, consts, args.arch), args.arch)
-                    except Exception as e:  # report every failing variant, then fail
-                        failures += 1
-                        report = f"COMPILE ERROR {type(e).__name__}: {str(e)[:300]}"
-                    print(f"{label} :: {report}", flush=True)
+                    failures += _report(label, partial(compile_one, kind, cfg, compute, consts, args.arch), args.arch)
         for bits in TS.SPARSE_BITS:
             for tile in _SPARSE_TILES if not args.quick else _SPARSE_TILES[:2]:
                 label = f"sparse  {str(compute):8s} bits={bits} {tile} w4"
-                try:
-                    report = ptxas_report(compile_sparse(compute, bits, tile, args.arch), args.arch)
-                except Exception as e:
-                    failures += 1
-                    report = f"COMPILE ERROR {type(e).__name__}: {str(e)[:300]}"
-                print(f"{label} :: {report}", flush=True)
+                failures += _report(label, partial(compile_sparse, compute, bits, tile, args.arch), args.arch)
     print(f"{failures} variant(s) failed to compile")
     return 1 if failures else 0
 

@@ -207,14 +207,14 @@ def _tile_table(ranks: Sequence[int], device: torch.device) -> torch.Tensor:
     """Row ``i``: for each rank tile of ``TILE_BLOCKS[i]`` ranks (tiles never straddle two bands, laid out band after
     band), ``band << 16 | index of the tile within its band``, so a shrink program finds its band with one load
     instead of a walk over the band table (a chain of loads per band, long for a mixed batch's many bands)."""
+    if len(ranks) >= 1 << 15 or max(ranks, default=0) >= TILE_BLOCKS[0] << 16:
+        raise DeltaCoMeError(f"{len(ranks)} bands of ranks up to {max(ranks)} do not fit the kernels' tile table")
     width = max(1, sum(-(-r // TILE_BLOCKS[0]) for r in ranks))
     tab = torch.zeros(len(TILE_BLOCKS), width, dtype=torch.int32)
     for i, block in enumerate(TILE_BLOCKS):
         codes = [b << 16 | k for b, r in enumerate(ranks) for k in range(-(-r // block))]
         if codes:
             tab[i, : len(codes)] = torch.tensor(codes, dtype=torch.int32)
-    if len(ranks) >= 1 << 15 or max(ranks, default=0) >= TILE_BLOCKS[0] << 16:
-        raise DeltaCoMeError(f"{len(ranks)} bands of ranks up to {max(ranks)} do not fit the kernels' tile table")
     return tab.to(device)
 
 
