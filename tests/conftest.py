@@ -88,6 +88,20 @@ if os.environ.get(ZERO_DELTA_SWITCH) == "1":
                 json.dump(ZEROED["tests"], f, indent=1, sort_keys=True)
 
 
+@pytest.fixture(autouse=True)
+def _threads_unchanged():
+    """Every test leaves torch's thread count as it found it: one that sets it and does not put it back slows every
+    later test (a golden test left one thread behind: the SmolLM2 round trip after it took 2.2x its time alone)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(f"the test left torch at {after} threads (it found {before}); use the one_thread fixture")
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``): on tiny models thread

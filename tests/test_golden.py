@@ -121,9 +121,9 @@ def portable_sets() -> dict[str, dict[str, str]]:
     return build_portable()
 
 
+@pytest.mark.usefixtures("one_thread")  # one summation order, whatever the machine's core count
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_same_bytes_as_recorded(name: str, tmp_path: Path) -> None:
-    torch.set_num_threads(1)  # one summation order, whatever the machine's core count
     expected = json.loads(GOLDEN.read_text())[name]
     got = build(name, tmp_path)
     if got in expected:
