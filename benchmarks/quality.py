@@ -149,6 +149,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print the next-token KL of the fine-tune to the saved adapters of these cached cells, on the "
                         "calibration text (all tokens, the answers' tokens) and on the held-out text, beside their "
                         "agreement and gain kept; then exit")
+    p.add_argument("--kl-perturb", type=float, default=0.0, metavar="SHARE",
+                   help="with --kl: also the KL on the calibration sequences with this share of their prompts' "
+                        "ordinary tokens replaced by prompt tokens drawn at random (the fine-tune off its memorised "
+                        "wording; over all tokens and over the answers' tokens)")
     p.add_argument("--item-scores", nargs="+", metavar="CELL_DIR", default=None,
                    help="ask the held-out questions again, one by one, with the saved adapters of these cached cells "
                         "(recorded before cells kept per-question scores) and add the scores to each cell.json, for "
@@ -469,19 +473,41 @@ def stored_kls(folders: list[Path], ctx: dict[str, Any], args: argparse.Namespac
     answers = response_positions(mask[:E2E_SAMPLES]).split(E2E_BATCH)
     ref_calib = [next_token_log_probs(ctx["ft"], b) for b in calib]
     ref_held = [next_token_log_probs(ctx["ft"], b) for b in held]
+    share = args.kl_perturb
+    if share:
+        shaken = perturb_prompts(ids[:E2E_SAMPLES], mask[:E2E_SAMPLES], share, tok.all_special_ids).split(E2E_BATCH)
+        ref_shaken = [next_token_log_probs(ctx["ft"], b) for b in shaken]
     print(f"{'cell':<48} {'calibration KL':>14} {'answers KL':>10} {'held-out KL':>11} {'agreement':>9} "
-          f"{'gain kept':>9}")  # fmt: skip
+          f"{'gain kept':>9}" + (f" {'perturbed KL':>12} {'its answers':>11}" if share else ""))  # fmt: skip
     for folder, record in zip(folders, records, strict=True):
         with warnings.catch_warnings():  # transformers' deprecation notes would split the table's rows
             warnings.simplefilter("ignore", FutureWarning)
             loaded = PeftModel.from_pretrained(copy.deepcopy(ctx["base"]), folder).eval()
         kl_calib, kl_held = mean_next_token_kl(ref_calib, loaded, calib), mean_next_token_kl(ref_held, loaded, held)
         kl_answers = mean_next_token_kl(ref_calib, loaded, calib, answers)
+        extra = ""
+        if share:
+            extra = (f" {mean_next_token_kl(ref_shaken, loaded, shaken):>12.4f}"
+                     f" {mean_next_token_kl(ref_shaken, loaded, shaken, answers):>11.4f}")  # fmt: skip
         del loaded
         gain = "-" if record.get("gain_kept") is None else f"{100 * record['gain_kept']:.1f}%"
         print(f"{folder.name:<48} {kl_calib:>14.4f} {kl_answers:>10.4f} {kl_held:>11.4f} "
-              f"{100 * record['agreement']:>8.1f}% {gain:>9}", flush=True)  # fmt: skip
+              f"{100 * record['agreement']:>8.1f}% {gain:>9}{extra}", flush=True)  # fmt: skip
     return 0
+
+
+def perturb_prompts(ids: torch.Tensor, response: torch.Tensor, share: float, special: list[int]) -> torch.Tensor:
+    """``ids`` with ``share`` of their prompt tokens replaced by prompt tokens drawn at random from all of them
+    (seeded; special tokens, the chat template's, and the answers' tokens stay): the fine-tune's questions in
+    wording it was not trained on, a rough stand-in for held-out paraphrases."""
+    gen = torch.Generator().manual_seed(0)
+    ordinary = (response == 0) & ~torch.isin(ids, torch.tensor(special, dtype=ids.dtype))
+    ordinary[:, 0] = False
+    pool = ids[ordinary]
+    hit = ordinary & (torch.rand(ids.shape, generator=gen) < share)
+    out = ids.clone()
+    out[hit] = pool[torch.randint(len(pool), (int(hit.sum()),), generator=gen)]
+    return out
 
 
 def frac(r: float) -> str:

@@ -251,3 +251,22 @@ def test_delta_scale_benchmark_refuses_bad_scales_by_name():
     module = benchmark("delta_scale")
     with pytest.raises(SystemExit, match="--scales: comma-separated numbers, got '0.9,big'"):
         module.main(["--scales", "0.9,big"])
+
+
+def test_perturbed_prompts_keep_answers_and_special_tokens(quality):
+    """`--kl-perturb`: the share of the prompts' ordinary tokens replaced grows with the share asked for, and the
+    answers' tokens, the special tokens and every sequence's first token never change; seeded."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 400, (4, 64), generator=gen)
+    ids[:, ::9] = 1  # a special token (the chat template's)
+    response = torch.zeros_like(ids)
+    response[:, 40:52] = 1
+    keep = (response == 1) | (ids == 1)
+    keep[:, 0] = True
+    changed = []
+    for share in (0.0, 0.2, 0.6):
+        out = quality.perturb_prompts(ids, response, share, [1, 2])
+        assert torch.equal(out[keep], ids[keep]) and torch.equal(out, quality.perturb_prompts(ids, response, share, [1, 2]))
+        assert set(out[~keep].tolist()) <= set(ids[~keep].tolist())  # drawn from the prompts' own tokens
+        changed.append(float((out != ids)[~keep].float().mean()))
+    assert changed[0] == 0 and 0.1 < changed[1] < 0.3 and 0.45 < changed[2] < 0.75, changed
