@@ -500,10 +500,14 @@ def perturb_prompts(ids: torch.Tensor, response: torch.Tensor, share: float, spe
     """``ids`` with ``share`` of their prompt tokens replaced by prompt tokens drawn at random from all of them
     (seeded; special tokens, the chat template's, and the answers' tokens stay): the fine-tune's questions in
     wording it was not trained on, a rough stand-in for held-out paraphrases."""
+    if not 0 <= share <= 1:
+        raise SystemExit(f"--kl-perturb: a share of the prompts' tokens in [0, 1], got {share}")
     gen = torch.Generator().manual_seed(0)
     ordinary = (response == 0) & ~torch.isin(ids, torch.tensor(special, dtype=ids.dtype))
     ordinary[:, 0] = False
     pool = ids[ordinary]
+    if not len(pool):  # nothing but special tokens and answers: nothing to replace
+        return ids.clone()
     hit = ordinary & (torch.rand(ids.shape, generator=gen) < share)
     out = ids.clone()
     out[hit] = pool[torch.randint(len(pool), (int(hit.sum()),), generator=gen)]

@@ -270,3 +270,6 @@ def test_perturbed_prompts_keep_answers_and_special_tokens(quality):
         assert set(out[~keep].tolist()) <= set(ids[~keep].tolist())  # drawn from the prompts' own tokens
         changed.append(float((out != ids)[~keep].float().mean()))
     assert changed[0] == 0 and 0.1 < changed[1] < 0.3 and 0.45 < changed[2] < 0.75, changed
+    assert torch.equal(quality.perturb_prompts(ids, torch.ones_like(ids), 0.5, [1]), ids)  # all answers
+    with pytest.raises(SystemExit, match=r"--kl-perturb: a share of the prompts' tokens in \[0, 1\], got 1.5"):
+        quality.perturb_prompts(ids, response, 1.5, [1])
