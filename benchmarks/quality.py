@@ -157,7 +157,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ask the held-out questions again, one by one, with the saved adapters of these cached cells "
                         "(recorded before cells kept per-question scores) and add the scores to each cell.json, for "
                         "the paired column; then exit")  # fmt: skip
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.kl_perturb <= 1:
+        p.error(f"--kl-perturb: a share of the prompts' tokens in [0, 1], got {args.kl_perturb}")
+    if args.kl_perturb and not args.kl:
+        p.error("--kl-perturb adds a column to --kl: name the cells with --kl")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ pair and data
@@ -500,8 +505,6 @@ def perturb_prompts(ids: torch.Tensor, response: torch.Tensor, share: float, spe
     """``ids`` with ``share`` of their prompt tokens replaced by prompt tokens drawn at random from all of them
     (seeded; special tokens, the chat template's, and the answers' tokens stay): the fine-tune's questions in
     wording it was not trained on, a rough stand-in for held-out paraphrases."""
-    if not 0 <= share <= 1:
-        raise SystemExit(f"--kl-perturb: a share of the prompts' tokens in [0, 1], got {share}")
     gen = torch.Generator().manual_seed(0)
     ordinary = (response == 0) & ~torch.isin(ids, torch.tensor(special, dtype=ids.dtype))
     ordinary[:, 0] = False

@@ -271,5 +271,15 @@ def test_perturbed_prompts_keep_answers_and_special_tokens(quality):
         changed.append(float((out != ids)[~keep].float().mean()))
     assert changed[0] == 0 and 0.1 < changed[1] < 0.3 and 0.45 < changed[2] < 0.75, changed
     assert torch.equal(quality.perturb_prompts(ids, torch.ones_like(ids), 0.5, [1]), ids)  # all answers
-    with pytest.raises(SystemExit, match=r"--kl-perturb: a share of the prompts' tokens in \[0, 1\], got 1.5"):
-        quality.perturb_prompts(ids, response, 1.5, [1])
+
+
+def test_kl_perturb_is_refused_by_name_before_any_model_loads(quality, capsys):
+    bad = {
+        ("--kl", "cell", "--kl-perturb", "1.5"): "--kl-perturb: a share of the prompts' tokens in [0, 1], got 1.5",
+        ("--kl-perturb", "0.3"): "--kl-perturb adds a column to --kl",
+    }
+    for argv, message in bad.items():
+        with pytest.raises(SystemExit):
+            quality.parse_args(list(argv))
+        assert message in capsys.readouterr().err
+    assert quality.parse_args(["--kl", "cell", "--kl-perturb", "0.3"]).kl_perturb == 0.3
