@@ -104,9 +104,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
        for b in (2, 3, 8) for pct in (10, 25, 50, 75) for d in (2, 3)},  # fmt: skip
     # ... with the bands' scales distilled as the default's are: the residual the default's check weighs (and at
     # facts-hot 1/32 rejects) before distilling, distilled (measured at 9f9cbad, which also learned a gain on the
-    # residual, since reverted; benchmarks/RESULTS.md)
-    **{f"deltacome-dare-3b-{pct}-d2-distill": {"method": "deltacome-dare", "bands": [[3, None]],
-                                              "band_share": pct / 100, "uniform_bits": 2, "distill_bands": True}
+    # residual, since reverted; 2-bit bands at b6206e1; benchmarks/RESULTS.md)
+    **{f"deltacome-dare-{b}b-{pct}-d2-distill": {"method": "deltacome-dare", "bands": [[b, None]],
+                                                "band_share": pct / 100, "uniform_bits": 2, "distill_bands": True}
+       for b in (2, 3) for pct in (25, 50, 75)},  # fmt: skip
+    # ... with the residual stored as `dare` stores a module (4-bit values, uniform rates; facts-hot 1/32 at b6206e1:
+    # 218 of 240 right against 227 with the 2-bit importance-rated residual, RESULTS.md)
+    **{f"deltacome-dare-3b-{pct}-d4u-distill": {"method": "deltacome-dare", "bands": [[3, None]],
+                                               "band_share": pct / 100, "uniform_bits": 4, "dare_rates": "uniform",
+                                               "distill_bands": True}
        for pct in (25, 50, 75)},  # fmt: skip
 }
 # issue 14's comparison: the default against the published split, ImPart and the baselines (the rejected options,
