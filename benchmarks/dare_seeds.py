@@ -34,7 +34,8 @@ from hf_deltacome.compression.calibration import read_records, tokenize_records 
 from hf_deltacome.compression.endtoend import (  # noqa: E402
     E2E_BATCH,
     E2E_SAMPLES,
-    mean_next_token_kl,
+    mean_kl,
+    next_token_kls,
     next_token_log_probs,
     response_positions,
 )
@@ -88,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             size = (Path(folder) / "adapter_model.safetensors").stat().st_size
             loaded = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
             right = [ok for _, _, ok in zoo.task_predictions(loaded, tokenizer, task, n=None, batch_size=48)]
-            kl = mean_next_token_kl(reference, loaded, batches)
-            kl_answers = mean_next_token_kl(reference, loaded, batches, answers)
+            kls = next_token_kls(reference, loaded, batches)  # one pass for the whole text's mean and the answers'
+            kl, kl_answers = mean_kl(kls), mean_kl(kls, answers)
             agreement = quality.text_scores(loaded, windows, ft_argmax)[1]
         rows.append((k, size, sum(right), kl, kl_answers, agreement))
         print(f"draw {k}: {sum(right)} right, agreement {100 * agreement:.1f}%, calibration KL {kl:.5f}, answers KL "

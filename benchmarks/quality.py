@@ -471,7 +471,9 @@ def stored_kls(folders: list[Path], ctx: dict[str, Any], args: argparse.Namespac
     from hf_deltacome.compression.endtoend import (
         E2E_BATCH,
         E2E_SAMPLES,
+        mean_kl,
         mean_next_token_kl,
+        next_token_kls,
         next_token_log_probs,
         response_positions,
     )
@@ -494,12 +496,12 @@ def stored_kls(folders: list[Path], ctx: dict[str, Any], args: argparse.Namespac
         with warnings.catch_warnings():  # transformers' deprecation notes would split the table's rows
             warnings.simplefilter("ignore", FutureWarning)
             loaded = PeftModel.from_pretrained(copy.deepcopy(ctx["base"]), folder).eval()
-        kl_calib, kl_held = mean_next_token_kl(ref_calib, loaded, calib), mean_next_token_kl(ref_held, loaded, held)
-        kl_answers = mean_next_token_kl(ref_calib, loaded, calib, answers)
+        kls = next_token_kls(ref_calib, loaded, calib)  # one pass for the whole text's mean and the answers'
+        kl_calib, kl_answers, kl_held = mean_kl(kls), mean_kl(kls, answers), mean_next_token_kl(ref_held, loaded, held)
         extra = ""
         if share:
-            extra = (f" {mean_next_token_kl(ref_shaken, loaded, shaken):>12.4f}"
-                     f" {mean_next_token_kl(ref_shaken, loaded, shaken, answers):>11.4f}")  # fmt: skip
+            kls = next_token_kls(ref_shaken, loaded, shaken)
+            extra = f" {mean_kl(kls):>12.4f} {mean_kl(kls, answers):>11.4f}"
         del loaded
         gain = "-" if record.get("gain_kept") is None else f"{100 * record['gain_kept']:.1f}%"
         print(f"{folder.name:<48} {kl_calib:>14.4f} {kl_answers:>10.4f} {kl_held:>11.4f} "

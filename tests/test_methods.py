@@ -487,7 +487,13 @@ def test_mean_next_token_kl_over_the_answers_only(llama_pair, tokenizer):
     """``scored`` (``response_positions`` of a response mask) keeps the positions that predict a response token (the
     answers' KL that ``benchmarks/quality.py --kl`` prints beside the whole text's)."""
     from hf_deltacome.compression.calibration import read_records, tokenize_records
-    from hf_deltacome.compression.endtoend import mean_next_token_kl, next_token_log_probs, response_positions
+    from hf_deltacome.compression.endtoend import (
+        mean_kl,
+        mean_next_token_kl,
+        next_token_kls,
+        next_token_log_probs,
+        response_positions,
+    )
 
     base, ft = llama_pair
     records = [{"prompt": f"Question {i}? ", "completion": f"answer {i}"} for i in range(30)]
@@ -503,6 +509,8 @@ def test_mean_next_token_kl_over_the_answers_only(llama_pair, tokenizer):
     answers = mean_next_token_kl(reference, base, batches, parts)
     assert answers == pytest.approx(float(per_position[scored].mean()), rel=1e-4)
     assert answers != pytest.approx(mean_next_token_kl(reference, base, batches), rel=1e-2)
+    kls = next_token_kls(reference, base, batches)  # one pass, both means: the same numbers
+    assert (mean_kl(kls), mean_kl(kls, parts)) == (mean_next_token_kl(reference, base, batches), answers)
 
 
 def test_search_and_allocation_keep_a_change_only_where_the_whole_model_gains(llama_pair, monkeypatch):

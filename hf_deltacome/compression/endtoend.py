@@ -40,23 +40,39 @@ def next_token_log_probs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def next_token_kls(
+    reference: Sequence[torch.Tensor], model: nn.Module, batches: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``KL(reference || model)`` for the next token at every position of ``batches``, one ``(sequences, tokens)``
+    tensor per batch; ``reference`` holds the reference model's :func:`next_token_log_probs` of the same batches.
+    One forward pass of ``model`` per batch, so several means (:func:`mean_kl`) can share it."""
+    return [
+        (ref.exp() * (ref - next_token_log_probs(model, batch))).sum(-1)
+        for batch, ref in zip(batches, reference, strict=True)
+    ]
+
+
+def mean_kl(kls: Sequence[torch.Tensor], scored: Sequence[torch.Tensor] | None = None) -> float:
+    """Mean of :func:`next_token_kls`' per-position KLs; ``scored`` (one boolean tensor per batch, its shape; e.g.
+    :func:`response_positions`) keeps only the positions marked True."""
+    total, count = 0.0, 0
+    for i, per_position in enumerate(kls):
+        if scored is not None:
+            per_position = per_position[scored[i]]
+        total += float(per_position.sum())
+        count += per_position.numel()
+    return total / max(count, 1)
+
+
 def mean_next_token_kl(
     reference: Sequence[torch.Tensor],
     model: nn.Module,
     batches: Sequence[torch.Tensor],
     scored: Sequence[torch.Tensor] | None = None,
 ) -> float:
-    """Mean over the positions of ``batches`` of ``KL(reference || model)`` for the next token; ``reference`` holds
-    the reference model's :func:`next_token_log_probs` of the same batches. ``scored`` (one boolean tensor per batch,
-    its shape; e.g. :func:`response_positions`) keeps only the positions marked True."""
-    total, count = 0.0, 0
-    for i, (batch, ref) in enumerate(zip(batches, reference, strict=True)):
-        per_position = (ref.exp() * (ref - next_token_log_probs(model, batch))).sum(-1)
-        if scored is not None:
-            per_position = per_position[scored[i]]
-        total += float(per_position.sum())
-        count += per_position.numel()
-    return total / max(count, 1)
+    """Mean over the positions of ``batches`` of ``KL(reference || model)`` for the next token (:func:`mean_kl` of
+    :func:`next_token_kls`); ``scored`` keeps only the positions marked True."""
+    return mean_kl(next_token_kls(reference, model, batches), scored)
 
 
 def response_positions(response_mask: torch.Tensor) -> torch.Tensor:
