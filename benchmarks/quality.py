@@ -108,12 +108,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     **{f"deltacome-dare-{b}b-{pct}-d2-distill": {"method": "deltacome-dare", "bands": [[b, None]],
                                                 "band_share": pct / 100, "uniform_bits": 2, "distill_bands": True}
        for b in (2, 3) for pct in (25, 50, 75)},  # fmt: skip
-    # ... with the residual stored as `dare` stores a module (4-bit values, uniform rates; facts-hot 1/32 at b6206e1:
-    # 218 of 240 right against 227 with the 2-bit importance-rated residual, RESULTS.md)
-    **{f"deltacome-dare-3b-{pct}-d4u-distill": {"method": "deltacome-dare", "bands": [[3, None]],
-                                               "band_share": pct / 100, "uniform_bits": 4, "dare_rates": "uniform",
-                                               "distill_bands": True}
-       for pct in (25, 50, 75)},  # fmt: skip
+    # ... with the residual's DARE at uniform rates: 4-bit values as `dare` stores a module (facts-hot 1/32 at
+    # b6206e1: 218 of 240 right against 227 with the 2-bit importance-rated residual), or 2-bit values (`dare-2`'s
+    # answer NLL there is `dare`'s, the importance-rated one's much higher; RESULTS.md)
+    **{f"deltacome-dare-3b-{pct}-d{d}u-distill": {"method": "deltacome-dare", "bands": [[3, None]],
+                                                 "band_share": pct / 100, "uniform_bits": d, "dare_rates": "uniform",
+                                                 "distill_bands": True}
+       for pct in (25, 50, 75) for d in (2, 4)},  # fmt: skip
 }
 # issue 14's comparison: the default against the published split, ImPart and the baselines (the rejected options,
 # deltacome+greedy / +adaptive / +sparse-tail, are asked for by name)
