@@ -111,7 +111,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # ... with the residual's DARE at uniform rates: 4-bit values as `dare` stores a module (facts-hot 1/32 at
     # b6206e1: 218 of 240 right against 227 with the 2-bit importance-rated residual), or 2-bit values (`dare-2`'s
     # answer NLL there is `dare`'s, the importance-rated one's much higher; 3b-50-d2u at 56bcb89: 228 right, 225.2
-    # over five mask draws, the most of any method there; RESULTS.md)
+    # over five mask draws, the most of any method there; at 1/16 225 and at 1/64 223 (DARE alone 228) at e749eb7, not a
+    # default; RESULTS.md)
     **{f"deltacome-dare-3b-{pct}-d{d}u-distill": {"method": "deltacome-dare", "bands": [[3, None]],
                                                  "band_share": pct / 100, "uniform_bits": d, "dare_rates": "uniform",
                                                  "distill_bands": True}
