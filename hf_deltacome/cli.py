@@ -33,6 +33,11 @@ METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "dis
                   "dare_modules", "distill_bands")
 
 
+def _leaf_names(text: str) -> list[str] | str:
+    """``--dare-modules``: ``mlp`` or comma-separated leaf names."""
+    return "mlp" if text.strip() == "mlp" else [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _share(text: str) -> float | str:
     """``--min-rank-share``: ``auto`` or a number (DeltaCoMeConfig checks its range)."""
     if text == "auto":
@@ -262,8 +267,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                    help="kept values of a DARE part: rescale (default; published DARE) or gptq (rounding compensated "
                         "by GPTQ on calibration data, the mask and bytes the same; not the default: it recalled "
                         "fewer facts in benchmarks/RESULTS.md)")  # fmt: skip
-    p.add_argument("--dare-modules", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=None,
-                   help="comma-separated leaf names (e.g. gate_proj,up_proj,down_proj): those modules store DARE "
+    p.add_argument("--dare-modules", type=_leaf_names, default=None,
+                   help="mlp (every feed-forward target) or comma-separated leaf names (e.g. gate_proj,up_proj,"
+                        "down_proj): those modules store DARE "
                         "alone (2-bit values, importance rates) and the rest the method's layout (not the default: "
                         "the MLP as DARE kept more facts and less next-token agreement, benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None,

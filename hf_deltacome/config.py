@@ -142,8 +142,9 @@ class DeltaCoMeConfig(PeftConfig):
             keeps the one whose next-token KL to the fine-tune is lowest, the bands alone included. A delta that
             spreads over many directions (recall of facts) at 1/64-1/128 gets the residual; one that a few
             directions carry keeps the bands (benchmarks/RESULTS.md). ``"none"``: the bands alone.
-        dare_modules: leaf names of target modules (e.g. ``["down_proj", "gate_proj", "up_proj"]``) stored as DARE
-            alone (``RESIDUAL_DARE_BITS``-bit values, importance rates) in their own budget; the other targets keep
+        dare_modules: ``"mlp"`` (every target in the decoder layers' feed-forward blocks, found by structure:
+            :func:`~hf_deltacome.compression.targets.mlp_targets`; compression writes their leaf names here) or leaf
+            names of target modules (e.g. ``["down_proj", "gate_proj", "up_proj"]``) stored as DARE alone (``RESIDUAL_DARE_BITS``-bit values, importance rates) in their own budget; the other targets keep
             the method's layout, and the plan's choices (band split, residual) act on them. ``None`` (default):
             none. An option, not the default: on SmolLM2's knowledge deltas the MLP as DARE kept as many or more
             held-out facts than the bands and 2.5-15 points less next-token agreement, as DARE does (benchmarks/RESULTS.md).
@@ -189,8 +190,8 @@ class DeltaCoMeConfig(PeftConfig):
         default=None, metadata={"help": "Keep-rate of the sparse last band (deltacome) / lowest of impart's, (0, 1)."}
     )
     band_share: Optional[Union[float, str]] = field(default=None, metadata={"help": "deltacome-dare: [0, 1], auto"})
-    dare_modules: Optional[list[str]] = field(
-        default=None, metadata={"help": "Leaf names (e.g. down_proj) stored as DARE alone, 2-bit, importance rates."}
+    dare_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "'mlp' or leaf names (e.g. down_proj) stored as DARE alone, 2-bit."}
     )
     residual: str = field(default="auto", metadata={"help": f"deltacome: DARE of the bands' residual, {RESIDUALS}."})
     dare_rates: Optional[str] = field(default=None, metadata={"help": f"DARE keep-rates, one of {DARE_RATES}."})
@@ -326,9 +327,10 @@ class DeltaCoMeConfig(PeftConfig):
         if share is not None and self.method != "deltacome-dare":
             raise ConfigError(f"band_share applies to method 'deltacome-dare', not {self.method!r}")
         kinds = self.dare_modules
-        if kinds is not None and (not isinstance(kinds, (list, tuple)) or not all(isinstance(k, str) for k in kinds)):
-            raise ConfigError(f"dare_modules must be null or a list of module leaf names, got {kinds!r}")
-        if kinds is not None:
+        if kinds is not None and kinds != "mlp" and (not isinstance(kinds, (list, tuple))
+                                                     or not all(isinstance(k, str) for k in kinds)):  # fmt: skip
+            raise ConfigError(f"dare_modules must be null, 'mlp' or a list of module leaf names, got {kinds!r}")
+        if kinds is not None and kinds != "mlp":
             self.dare_modules = sorted(kinds)
         if self.residual not in RESIDUALS:
             raise ConfigError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")

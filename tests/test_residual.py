@@ -291,6 +291,8 @@ def test_cli_mask_draws_and_dare_modules_reach_the_config_and_a_bad_count_is_ref
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["dare_modules"] == ["down_proj", "up_proj"]
     assert all(bool(e.get("sparse")) == name.endswith(("up_proj", "down_proj")) for name, e in saved["layout"].items())
+    assert main([*args, "--overwrite", "--dare-modules", "mlp"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["dare_modules"] == ["down_proj", "gate_proj", "up_proj"]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--overwrite", "--mask-draws", "0"])
     assert exit_info.value.code == 2
@@ -324,7 +326,33 @@ def test_dare_modules_store_those_modules_as_dare_alone_and_load_back(tmp_path):
     assert loaded.peft_config["default"].dare_modules == mlp
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, before)
+    by_kind = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 8, dare_modules="mlp"), calibration=calib,
+                       progress=False)  # fmt: skip
+    assert by_kind.peft_config["default"].dare_modules == mlp and by_kind.peft_config["default"].layout == cfg.layout
     with pytest.raises(ConfigError, match=r"dare_modules \['down_prj'\] name no target module"):
         compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 8, dare_modules=["down_prj"]), progress=False)
-    with pytest.raises(ConfigError, match="dare_modules must be null or a list"):
+    with pytest.raises(ConfigError, match="dare_modules must be null, 'mlp' or a list"):
         DeltaCoMeConfig(dare_modules="down_proj")
+    with pytest.raises(ConfigError, match=r"dare_modules='mlp': no target of 'tiny-random-llama' is in a decoder "):
+        compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 8, dare_modules="mlp", target_modules=["q_proj"]),
+                 progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "opt"])
+def test_dare_modules_mlp_finds_the_feed_forward_targets_by_structure(arch):
+    """``dare_modules="mlp"`` means the feed-forward block's targets whatever their leaf names (OPT's ``fc1`` and
+    ``fc2`` sit beside its attention, not in an ``mlp`` module) and never an attention projection."""
+    from hf_deltacome.compression.targets import mlp_targets, select_targets
+
+    if arch == "opt":
+        from transformers import OPTConfig, OPTForCausalLM
+
+        model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32))  # fmt: skip
+        expected = {"fc1", "fc2"}
+    else:
+        model, expected = make_model(arch), {"gate_proj", "up_proj", "down_proj"}
+    _, targets = select_targets(model, DeltaCoMeConfig())
+    mlp = mlp_targets(model, targets)
+    assert {nm.rsplit(".", 1)[-1] for nm in mlp} == expected
+    assert len(mlp) == 2 * len(expected) and all(nm in targets for nm in mlp)

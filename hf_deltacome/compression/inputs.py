@@ -32,7 +32,7 @@ from .changes import PairChanges, find_changes
 from .distill import distills
 from .modules import with_changes
 from .streaming import LoadedPair, StreamedPair
-from .targets import ModelKind
+from .targets import ModelKind, mlp_targets
 
 log = logging.getLogger("hf_deltacome")
 ModelSource = Union[nn.Module, str, os.PathLike]
@@ -67,9 +67,22 @@ def load_tokenizer(folder: Any) -> Any:
         return None
 
 
-def _check_dare_modules(config: DeltaCoMeConfig, targets: Sequence[str]) -> None:
-    """A ``dare_modules`` name that is the leaf of no target is a typo, not a request for nothing."""
+def _resolve_dare_modules(config: DeltaCoMeConfig, model: nn.Module, targets: Sequence[str]) -> None:
+    """``dare_modules="mlp"`` becomes the leaf names of the feed-forward targets (:func:`.targets.mlp_targets`); a
+    listed name that is the leaf of no target is a typo, not a request for nothing."""
     leaves = {nm.rsplit(".", 1)[-1] for nm in targets}
+    if config.dare_modules == "mlp":
+        mlp = mlp_targets(model, targets)
+        if not mlp:
+            raise ConfigError(f"dare_modules='mlp': no target of {_name(model)} is in a decoder layer's feed-forward "
+                              f"block (outside its attention); the targets' leaf names are {sorted(leaves)}")  # fmt: skip
+        chosen = {nm.rsplit(".", 1)[-1] for nm in mlp}
+        shared = sorted(chosen & {nm.rsplit(".", 1)[-1] for nm in set(targets) - set(mlp)})
+        if shared:
+            raise ConfigError(f"dare_modules='mlp': the leaf names {shared} of {_name(model)} name targets both in "
+                              "and out of the feed-forward blocks; list the leaves to store as DARE instead")  # fmt: skip
+        config.dare_modules = sorted(chosen)
+        log.info("dare_modules='mlp': %s stored as DARE alone", ", ".join(config.dare_modules))
     unknown = sorted(set(config.dare_modules or ()) - leaves)
     if unknown:
         raise ConfigError(f"dare_modules {unknown} name no target module; the targets' leaf names are {sorted(leaves)}")
@@ -86,7 +99,7 @@ def describe_inputs(
     if grown:
         vocab.check_added_tokens(base_tokenizer, tokenizer, base_vocab, ft_vocab)
     _, targets = kind.select_targets(base, finetuned, config)
-    _check_dare_modules(config, targets)  # before the scan of changes and the fingerprint: a typo fails at once
+    _resolve_dare_modules(config, base, targets)  # before the scan of changes and the fingerprint: a typo fails at once
     params = vocab.vocab_params(finetuned) if grown else []
     changes = find_changes(pair.verdicts(base_vocab, params, progress), targets)
     if changes.nothing:
