@@ -84,8 +84,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dare-2-fit": {"method": "dare", "uniform_bits": 2, "dare_fit": "gptq"},  # the default with the residual's DARE uniform
     # the MLP (or attention) modules as DARE alone (2-bit, importance rates), the rest the chosen split of bands
     # (distilled, as the default's bands are: mlp-dare on facts-hot at 123cdd1 reached every other method's answers,
-    # by the mean over draws where measured, from 1/8 to 1/128, with the most agreement at 1/32 and below; not yet a
-    # default, RESULTS.md)
+    # by the mean over draws where measured, from 1/8 to 1/128, with the most agreement at 1/32 and below, and on facts
+    # at 1/32 and 1/64 at b025344; not yet a default, RESULTS.md). Leaf names, not dare_modules="mlp" (the same
+    # adapter), so that the cached cells keep their keys
     "deltacome-mlp-dare": {"residual": "none", "dare_modules": ["down_proj", "gate_proj", "up_proj"]},
     "deltacome-attn-dare": {"residual": "none", "dare_modules": ["k_proj", "o_proj", "q_proj", "v_proj"]},
     "deltacome-down-dare": {"residual": "none", "dare_modules": ["down_proj"]},
