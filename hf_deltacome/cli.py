@@ -270,8 +270,8 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dare-modules", type=_leaf_names, default=None,
                    help="mlp (every feed-forward target) or comma-separated leaf names (e.g. gate_proj,up_proj,"
                         "down_proj): those modules store DARE "
-                        "alone (2-bit values, importance rates) and the rest the method's layout (not the default: "
-                        "the MLP as DARE kept more facts and less next-token agreement, benchmarks/RESULTS.md)")  # fmt: skip
+                        "alone (2-bit values, importance rates) and the rest the method's layout (not yet the "
+                        "default; benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None,
                    help="scale distillation steps (BitDelta's sign scales, the bands' scales), 0 = off (default 50)")
     p.add_argument("--distill-bands", action=argparse.BooleanOptionalAction, default=None,

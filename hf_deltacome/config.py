@@ -146,8 +146,10 @@ class DeltaCoMeConfig(PeftConfig):
             :func:`~hf_deltacome.compression.targets.mlp_targets`; compression writes their leaf names here) or leaf
             names of target modules (e.g. ``["down_proj", "gate_proj", "up_proj"]``) stored as DARE alone (``RESIDUAL_DARE_BITS``-bit values, importance rates) in their own budget; the other targets keep
             the method's layout, and the plan's choices (band split, residual) act on them. ``None`` (default):
-            none. An option, not the default: on SmolLM2's knowledge deltas the MLP as DARE kept as many or more
-            held-out facts than the bands and 2.5-15 points less next-token agreement, as DARE does (benchmarks/RESULTS.md).
+            none. An option, not yet the default: with the attention's bands distilled, ``"mlp"`` kept as many
+            held-out facts as every baseline on SmolLM2's two knowledge deltas in the seven cells measured (facts-hot
+            1/8-1/128, facts 1/32 and 1/64), ahead of their next-token agreement at 1/32 and below, with less
+            agreement than the default's bands at 1/8-1/32 (benchmarks/RESULTS.md).
         mask_draw: which draw of the seeded masks (DARE's, ImPart's) a layout uses: every module's seed comes from
             its name (0) or from ``name#mask_draw``. The seeds are stored in the layout; loading never re-derives them.
         mask_draws: ``residual="auto"``: when it keeps a DARE part, the whole-model check also weighs that layout
