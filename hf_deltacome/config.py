@@ -144,8 +144,9 @@ class DeltaCoMeConfig(PeftConfig):
             directions carry keeps the bands (benchmarks/RESULTS.md). ``"none"``: the bands alone.
         dare_modules: ``"mlp"`` (every target in the decoder layers' feed-forward blocks, found by structure:
             :func:`~hf_deltacome.compression.targets.mlp_targets`; compression writes their leaf names here) or leaf
-            names of target modules (e.g. ``["down_proj", "gate_proj", "up_proj"]``) stored as DARE alone (``RESIDUAL_DARE_BITS``-bit values, importance rates) in their own budget; the other targets keep
-            the method's layout, and the plan's choices (band split, residual) act on them. ``None`` (default):
+            names of target modules (e.g. ``["down_proj", "gate_proj", "up_proj"]``), stored as DARE alone
+            (``RESIDUAL_DARE_BITS``-bit values, importance rates) in their own budget; the other targets keep the
+            method's layout, and the plan's choices (band split, residual) act on them. ``None`` (default):
             none. An option, not yet the default: with the attention's bands distilled, ``"mlp"`` kept as many
             held-out facts as every baseline on SmolLM2's two knowledge deltas in the seven cells measured (facts-hot
             1/8-1/128, facts 1/32 and 1/64), ahead of their next-token agreement at 1/32 and below, with less
