@@ -167,12 +167,16 @@ def show(patterns: Any) -> str:
     return repr(sorted(patterns)) if isinstance(patterns, (set, list, tuple)) else repr(patterns)
 
 
+def _in_layers(prefix: str) -> re.Pattern:
+    """Matches the names of modules inside one of the decoder layers at ``prefix`` (``prefix.N.``)."""
+    return re.compile(re.escape(prefix) + r"\.\d+\.")
+
+
 def mlp_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """The ``targets`` in the feed-forward blocks of the decoder layers: inside a layer, not inside its attention
     (a module whose class name has "Attention": ``LlamaAttention``, ``OPTAttention``, ``FalconAttention`` ...), so
     ``mlp.down_proj``, OPT's ``fc1`` and a mixture's experts count, whatever their leaf names."""
-    prefix, _ = find_decoder_layers(model)
-    inside = re.compile(re.escape(prefix) + r"\.\d+\.")
+    inside = _in_layers(find_decoder_layers(model)[0])
     attention = [n + "." for n, m in model.named_modules() if inside.match(n) and "attention" in
                  type(m).__name__.lower()]  # fmt: skip
     return [t for t in targets if inside.match(t) and not any(t.startswith(a) for a in attention)]
@@ -181,7 +185,7 @@ def mlp_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
 def select_targets(model: nn.Module, config: DeltaCoMeConfig) -> tuple[str, list[str]]:
     """The decoder-layers prefix and the names of the target linears (default: every linear inside the layers)."""
     prefix, _ = find_decoder_layers(model)
-    inside = re.compile(re.escape(prefix) + r"\.\d+\.")
+    inside = _in_layers(prefix)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     in_layers = [n for n in linears if inside.match(n)]
     if config.target_modules is None:
