@@ -514,6 +514,29 @@ def test_deltas_with_dare_or_sign_parts_run_their_bands_on_the_kernels(monkeypat
     assert_close(y.detach(), reference(x, dare))
 
 
+def test_a_dare_part_runs_under_inference_mode_and_its_cache_follows_new_values(monkeypatch):
+    """A server's forward runs under ``torch.inference_mode``, where the parts it views are inference tensors without
+    a version counter: the DARE part's cached sparse matrix still serves them (it raised before), and new values
+    written outside that mode are read again."""
+    from hf_deltacome import backend
+
+    monkeypatch.setenv("DELTACOME_BACKEND", "torch")
+    d = _delta_with_parts(30, 48, [(2, 3)], seed=6)
+    x = rand_x(4, 48)
+    ref = reference(x, d)
+    with torch.inference_mode():
+        first, again = backend.delta_forward(x, d), backend.delta_forward(x, d)
+    assert_close(first, ref)
+    assert_close(again, ref)
+    assert "csr" in d._derived
+    g = torch.Generator().manual_seed(9)
+    d.sparse.values.set(quantize_rtn(torch.randn(1, d.sparse.values.cols, generator=g), 2, 16))
+    changed = reference(x, d)
+    assert (changed - ref).abs().max() > 1e-3
+    with torch.inference_mode():
+        assert_close(backend.delta_forward(x, d), changed)
+
+
 def test_a_compressed_adapter_with_a_dare_residual_gives_the_same_logits_on_the_kernels(monkeypatch):
     """End to end: a tiny fine-tune compressed with bands plus a DARE residual (``deltacome-dare``, half the budget each) and with DARE alone,
     run through PEFT on the kernels (the parts added beside them) and on the PyTorch path: the same logits."""

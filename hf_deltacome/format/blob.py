@@ -91,7 +91,7 @@ class BlobStore:
         moved: its address, version and device (and ``key``) stamp the entry. Kinds: ``"csr"`` (a DARE part's
         sparse matrix for the PyTorch path), ``"bitmap"`` (its mask for the DARE kernel), ``"sign_rows"`` (a sign
         part's kept rows)."""
-        stamp = (source.data_ptr(), source._version, source.device, *key)
+        stamp = (source.data_ptr(), self._version_of(source), source.device, *key)
         cache = self._derived
         if cache is None:
             cache = self._derived = {}
@@ -99,6 +99,15 @@ class BlobStore:
         if hit is None or hit[0] != stamp:
             hit = cache[kind] = (stamp, build())
         return hit[1]
+
+    def _version_of(self, source: torch.Tensor) -> Optional[int]:
+        """``source``'s version counter. A part viewed under ``torch.inference_mode`` (a server's forward) is an
+        inference tensor, which has none: the blob it views counts its writes (views share the counter), else
+        ``None`` (an inference-mode override: only replacing it, a new address, refreshes the entry)."""
+        if not source.is_inference():
+            return source._version
+        blob = self._blob()
+        return None if blob.is_inference() else blob._version
 
     def part(self, key: str) -> Optional[torch.Tensor]:
         """A view of part ``key`` of the blob (``None`` if the layout has no such part)."""
