@@ -58,6 +58,8 @@ from hf_deltacome.io.summary import summarize_adapter  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "deltacome": {},
+    # the default before the MLP as DARE (dare_modules="auto"): the attention and the MLP as bands, residual="auto"
+    "deltacome-previous": {"dare_modules": None},
     "deltacome+greedy": {"search": "greedy"},
     "deltacome+genetic": {"search": "genetic"},
     # the published bands as given, however little tail they leave, and nothing else
@@ -85,8 +87,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the MLP (or attention) modules as DARE alone (2-bit, importance rates), the rest the chosen split of bands
     # (distilled, as the default's bands are: mlp-dare on facts-hot at 123cdd1 reached every other method's answers,
     # by the mean over draws where measured, from 1/8 to 1/128, with the most agreement at 1/32 and below, and on facts
-    # at 1/32 and 1/64 at b025344; not yet a default, RESULTS.md). Leaf names, not dare_modules="mlp" (the same
-    # adapter), so that the cached cells keep their keys
+    # at 1/32 and 1/64 at b025344; the default's layout since, RESULTS.md). Leaf names, not dare_modules="mlp" (the
+    # same adapter), so that the cached cells keep their keys
     "deltacome-mlp-dare": {"residual": "none", "dare_modules": ["down_proj", "gate_proj", "up_proj"]},
     "deltacome-attn-dare": {"residual": "none", "dare_modules": ["k_proj", "o_proj", "q_proj", "v_proj"]},
     "deltacome-down-dare": {"residual": "none", "dare_modules": ["down_proj"]},
@@ -122,6 +124,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                                  "distill_bands": True}
        for pct in (25, 50, 75) for d in (2, 4)},  # fmt: skip
 }
+# the default stores the MLP as DARE (dare_modules="auto", since it was measured as the variant
+# deltacome-mlp-dare); every other variant of method deltacome is a variant of the bands and keeps none
+for _variant, _settings in VARIANTS.items():
+    if _variant != "deltacome" and _settings.get("method", "deltacome") == "deltacome":
+        _settings.setdefault("dare_modules", None)
 # issue 14's comparison: the default against the published split, ImPart and the baselines (the rejected options,
 # deltacome+greedy / +adaptive / +sparse-tail, are asked for by name)
 DEFAULT_METHODS = "deltacome,deltacome-published,impart,svd-uniform-2,svd-uniform-4,dare,dare-2,bitdelta,lowrank"

@@ -209,7 +209,8 @@ def render_model_card(
         "A Delta-CoMe compressed delta"
         + (f" of `{ctx['finetuned']}`" if ctx["finetuned"] else "")
         + f", stored as a PEFT adapter (`peft_type: DELTACOME`) on top of `{base or 'its base model'}`. "
-        + f"{stats['num_modules']} linear layers are stored as mixed-precision quantized singular vectors in "
+        + f"{stats['num_modules']} linear layers are stored as mixed-precision quantized singular vectors"
+        + (" and DARE (see the table)" if config.dare_leaves else "") + " in "
         + f"{_bytes_text(stats['packed_bytes'])}, {_ratio_text(stats['effective_ratio'])} of their float16 delta."
     )
     rows = [
@@ -237,6 +238,9 @@ def render_model_card(
                 "random share of the residual's entries (chosen by the whole model's KL to the fine-tune)",
             ),
         )
+    if config.dare_leaves:  # dare_modules: those targets hold a seeded random share of their delta's entries
+        rows.insert(4, ("stored as DARE alone", ", ".join(f"`{leaf}`" for leaf in config.dare_leaves)
+                        + " (a seeded random share of each delta's entries, importance rates; no singular vectors)"))  # fmt: skip
     if config.quantizer == "gptq":
         rows.append(("GPTQ", f"damp {config.damp}, act-order {'on' if config.act_order else 'off'}"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)

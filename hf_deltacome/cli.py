@@ -34,8 +34,11 @@ METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "dis
 
 
 def _leaf_names(text: str) -> list[str] | str:
-    """``--dare-modules``: ``mlp`` or comma-separated leaf names."""
-    return "mlp" if text.strip() == "mlp" else [x.strip() for x in text.split(",") if x.strip()]
+    """``--dare-modules``: ``auto``, ``mlp``, ``none`` (an empty list) or comma-separated leaf names."""
+    word = text.strip()
+    if word in ("auto", "mlp"):
+        return word
+    return [] if word == "none" else [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _share(text: str) -> float | str:
@@ -268,10 +271,10 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                         "by GPTQ on calibration data, the mask and bytes the same; not the default: it recalled "
                         "fewer facts in benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--dare-modules", type=_leaf_names, default=None,
-                   help="mlp (every feed-forward target) or comma-separated leaf names (e.g. gate_proj,up_proj,"
-                        "down_proj): those modules store DARE "
-                        "alone (2-bit values, importance rates) and the rest the method's layout (not yet the "
-                        "default; benchmarks/RESULTS.md)")  # fmt: skip
+                   help="targets stored as DARE alone (2-bit values, importance rates), the rest the method's "
+                        "layout: auto (default: mlp for deltacome with gptq, else none), mlp (every "
+                        "feed-forward target), none (the published Delta-CoMe layout) or comma-separated leaf names "
+                        "(e.g. gate_proj,up_proj,down_proj); benchmarks/RESULTS.md")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None,
                    help="scale distillation steps (BitDelta's sign scales, the bands' scales), 0 = off (default 50)")
     p.add_argument("--distill-bands", action=argparse.BooleanOptionalAction, default=None,

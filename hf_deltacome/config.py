@@ -135,22 +135,19 @@ class DeltaCoMeConfig(PeftConfig):
             keep-rate, rounded to nearest) or ``"gptq"`` (needs calibration data: the same rescaled values rounded
             by GPTQ with the mask fixed, :func:`~hf_deltacome.quant.masked.quantize_masked`). Same bytes and format
             either way. ``None``: rescale (gptq raised agreement but recalled fewer facts: benchmarks/RESULTS.md).
-        residual: ``deltacome`` only. ``"auto"`` (default): with calibration data and the configured split (no
-            ``search``, uniform allocation, no ``sparse_tail``), the whole-model check also weighs layouts that give
-            ``RESIDUAL_SHARES`` of each module's budget to ``RESIDUAL_BAND_BITS``-bit bands and the rest to a
-            ``RESIDUAL_DARE_BITS``-bit DARE of their residual ``Δ − U_q S V_qᵀ`` (0: DARE of the whole delta), and
-            keeps the one whose next-token KL to the fine-tune is lowest, the bands alone included. A delta that
-            spreads over many directions (recall of facts) at 1/64-1/128 gets the residual; one that a few
-            directions carry keeps the bands (benchmarks/RESULTS.md). ``"none"``: the bands alone.
-        dare_modules: ``"mlp"`` (every target in the decoder layers' feed-forward blocks, found by structure:
-            :func:`~hf_deltacome.compression.targets.mlp_targets`; compression writes their leaf names here) or leaf
-            names of target modules (e.g. ``["down_proj", "gate_proj", "up_proj"]``), stored as DARE alone
-            (``RESIDUAL_DARE_BITS``-bit values, importance rates) in their own budget; the other targets keep the
-            method's layout, and the plan's choices (band split, residual) act on them. ``None`` (default):
-            none. An option, not yet the default: with the attention's bands distilled, ``"mlp"`` kept as many
-            held-out facts as every baseline on SmolLM2's two knowledge deltas in the seven cells measured (facts-hot
-            1/8-1/128, facts 1/32 and 1/64), ahead of their next-token agreement at 1/32 and below, with less
-            agreement than the default's bands at 1/8-1/32 (benchmarks/RESULTS.md).
+        residual: ``deltacome`` only. ``"auto"`` (default): with calibration data, the configured split (no
+            ``search``, uniform allocation, no ``sparse_tail``) and no ``dare_modules`` (their DARE is there already),
+            the whole-model check also weighs layouts that give ``RESIDUAL_SHARES`` of each module's budget to
+            ``RESIDUAL_BAND_BITS``-bit bands and the rest to a ``RESIDUAL_DARE_BITS``-bit DARE of their residual
+            ``Δ − U_q S V_qᵀ`` (0: DARE of the whole delta), and keeps the one of least next-token KL to the
+            fine-tune, the bands alone included (benchmarks/RESULTS.md). ``"none"``: the bands alone.
+        dare_modules: targets stored as DARE alone (``RESIDUAL_DARE_BITS``-bit values, importance rates) in their
+            own budget; the others keep the method's layout, and the plan's choices act on them. ``"auto"``
+            (default): ``"mlp"`` for ``deltacome`` with ``quantizer="gptq"`` where the model has feed-forward targets
+            whose leaf names no other target shares, else none. ``"mlp"``: the decoder layers' feed-forward targets,
+            by structure (:func:`~hf_deltacome.compression.targets.mlp_targets`). Or leaf names (e.g.
+            ``["down_proj", "up_proj"]``). ``None`` or ``[]``: none (the published layout). Compression writes the
+            leaf names used here. Why the MLP: docs/METHOD.md §9, benchmarks/RESULTS.md.
         mask_draw: which draw of the seeded masks (DARE's, ImPart's) a layout uses: every module's seed comes from
             its name (0) or from ``name#mask_draw``. The seeds are stored in the layout; loading never re-derives them.
         mask_draws: ``residual="auto"``: when it keeps a DARE part, the whole-model check also weighs that layout
@@ -194,7 +191,7 @@ class DeltaCoMeConfig(PeftConfig):
     )
     band_share: Optional[Union[float, str]] = field(default=None, metadata={"help": "deltacome-dare: [0, 1], auto"})
     dare_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "'mlp' or leaf names (e.g. down_proj) stored as DARE alone, 2-bit."}
+        default="auto", metadata={"help": "'auto', 'mlp', leaf names (e.g. down_proj) or null: DARE alone, 2-bit."}
     )
     residual: str = field(default="auto", metadata={"help": f"deltacome: DARE of the bands' residual, {RESIDUALS}."})
     dare_rates: Optional[str] = field(default=None, metadata={"help": f"DARE keep-rates, one of {DARE_RATES}."})
@@ -206,6 +203,12 @@ class DeltaCoMeConfig(PeftConfig):
     trainable_token_indices: Optional[dict[str, list[int]]] = field(default=None)
     # sha256 of adapter_model.safetensors, written by save_pretrained: the loader refuses weights from another save
     weights_sha256: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def dare_leaves(self) -> tuple[str, ...]:
+        """The leaf names ``dare_modules`` resolved to (none while it is still ``"auto"`` or ``"mlp"``: compression
+        resolves those against the model, :func:`~hf_deltacome.compression.inputs.describe_inputs`)."""
+        return tuple(self.dare_modules) if isinstance(self.dare_modules, list) else ()
 
     def __post_init__(self) -> None:
         try:
@@ -330,11 +333,11 @@ class DeltaCoMeConfig(PeftConfig):
         if share is not None and self.method != "deltacome-dare":
             raise ConfigError(f"band_share applies to method 'deltacome-dare', not {self.method!r}")
         kinds = self.dare_modules
-        if kinds is not None and kinds != "mlp" and (not isinstance(kinds, (list, tuple))
-                                                     or not all(isinstance(k, str) for k in kinds)):  # fmt: skip
-            raise ConfigError(f"dare_modules must be null, 'mlp' or a list of module leaf names, got {kinds!r}")
-        if kinds is not None and kinds != "mlp":
-            self.dare_modules = sorted(kinds)
+        if kinds not in (None, "auto", "mlp") and (not isinstance(kinds, (list, tuple))
+                                                   or not all(isinstance(k, str) for k in kinds)):  # fmt: skip
+            raise ConfigError(f"dare_modules must be 'auto', 'mlp', null or a list of module leaf names, got {kinds!r}")
+        if isinstance(kinds, (list, tuple)):
+            self.dare_modules = sorted(kinds) or None
         if self.residual not in RESIDUALS:
             raise ConfigError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
         for key, least in (("mask_draw", 0), ("mask_draws", 1)):

@@ -283,3 +283,28 @@ def test_kl_perturb_is_refused_by_name_before_any_model_loads(quality, capsys):
             quality.parse_args(list(argv))
         assert message in capsys.readouterr().err
     assert quality.parse_args(["--kl", "cell", "--kl-perturb", "0.3"]).kl_perturb == 0.3
+
+
+def test_compress_time_child_times_the_default_of_the_checkout_on_its_path(tmp_path):
+    """benchmarks/compress_time.py's child compresses with the default config of the ``hf_deltacome`` its
+    ``PYTHONPATH`` names and prints the time and the bytes written; one imported from elsewhere is refused, so a
+    revision is never timed with another's code."""
+    import os
+    import sys
+
+    from tiny_models import make_finetune, make_model, save_with_tokenizer
+
+    base = make_model("llama")
+    save_with_tokenizer(tmp_path, base=base, ft=make_finetune(base, seed=3))
+    calib = tmp_path / "calibration.json"
+    calib.write_text(json.dumps([{"prompt": "a b c", "completion": " d e"}] * 4))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compress_time.py"), "--child", "--base", str(tmp_path / "base"),
+           "--ft", str(tmp_path / "ft"), "--calib", str(calib), "--ratio", "1/8", "--threads", "1",
+           "--num-samples", "4", "--seq-len", "16"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["seconds"] > 0 and row["bytes"] > 0 and row["dare_modules"] == ["down_proj", "gate_proj", "up_proj"]
+    r = subprocess.run(cmd, env={**env, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and f"not from {tmp_path}" in r.stderr

@@ -121,7 +121,7 @@ def test_cli_loads_a_small_pair_whole_and_streams_a_large_one(tmp_path, capsys, 
     with caplog.at_level(logging.INFO, logger="hf_deltacome"):
         assert main([*args, "--num-samples", "2", "--seq-len", "16"]) == 0  # gptq: calibration sampled from the ft
     info = json.loads((out / "adapter_config.json").read_text())["compression_info"]
-    assert info["streamed"] is False and "fallback" not in info["residual"] and "kl" in info["residual"]
+    assert info["streamed"] is False and "fallback" not in info["rank_share"] and "kl" in info["rank_share"]
     assert "fit in memory" in caplog.text
     size = sum(streaming.checkpoint_bytes(Path(p)) for p in (b, f))
     caplog.clear()
@@ -130,7 +130,7 @@ def test_cli_loads_a_small_pair_whole_and_streams_a_large_one(tmp_path, capsys, 
         assert main([*args, "--num-samples", "2", "--seq-len", "16"]) == 0
     info = json.loads((out / "adapter_config.json").read_text())["compression_info"]
     assert info["streamed"] is True and "lm_head.weight" in info["unchanged_within_rounding"]
-    assert info["residual"]["chosen"] == "none" and "streamed" in info["residual"]["fallback"]
+    assert info["rank_share"]["chosen"] == 0.0 and "streamed" in info["rank_share"]["fallback"]
     assert "more than 25% of the available memory" in caplog.text
     assert "count as unchanged" in capsys.readouterr().err
     rtn = [*args, "--quantizer", "rtn"]

@@ -64,7 +64,7 @@ def test_error_falls_as_ratio_grows_and_bytes_fit_budget(arch):
         base = make_model(arch, **WIDE[arch])
         ref = make_model(arch, **WIDE[arch])
         ft = make_finetune(ref)
-        model = run(base, ft, calib, ratio=ratio)
+        model = run(base, ft, calib, ratio=ratio, dare_modules=None)  # the bands' layout (the MLP as DARE: test_residual)
         errors.append(relative_logits_error(model, ft, ref, held_out))
         cfg = model.peft_config["default"]
         layers = deltacome_layers(model)
@@ -108,7 +108,7 @@ def test_error_falls_as_ratio_grows_and_bytes_fit_budget(arch):
 def test_full_rank_at_ratio_one_is_close_to_exact():
     ref = make_model("llama")
     ft = make_finetune(ref)
-    model = run(make_model("llama"), ft, ratio=1.0, bands=[[8, None]])
+    model = run(make_model("llama"), ft, ratio=1.0, bands=[[8, None]], dare_modules=None)
     layout = model.peft_config["default"].layout
     # the rectangular MLP projections keep their full rank at 8 bits
     assert layout["model.layers.0.mlp.up_proj"]["bands"] == [[8, 64]]
@@ -123,7 +123,8 @@ def test_gptq_beats_rtn_on_held_out_logits():
     for quantizer in ("rtn", "gptq"):
         ref = make_model("llama", **WIDE["llama"])
         ft = make_finetune(ref)
-        model = run(make_model("llama", **WIDE["llama"]), ft, calib, ratio="1/8", quantizer=quantizer)
+        model = run(make_model("llama", **WIDE["llama"]), ft, calib, ratio="1/8", quantizer=quantizer,
+                    dare_modules=None)  # the same layout both ways (RTN stores no MLP as DARE)
         errs[quantizer] = relative_logits_error(model, ft, ref, held_out)
     assert errs["gptq"] < 0.95 * errs["rtn"], errs
 
@@ -395,6 +396,6 @@ def test_each_delta_is_factorized_once_per_run(monkeypatch):
     ref = make_model("llama", **WIDE["llama"])
     ft = make_finetune(ref)
     for run_no in (1, 2):
-        model = run(make_model("llama", **WIDE["llama"]), ft, ratio="1/8")
+        model = run(make_model("llama", **WIDE["llama"]), ft, ratio="1/8", dare_modules=None)  # every target an SVD
         assert "residual" in model.peft_config["default"].compression_info  # the check ran: several layouts weighed
         assert len(shapes) == run_no * len(target_linears(ref)), shapes

@@ -32,7 +32,7 @@ def pair():
 
 def _compress(pair, calib, **kw):
     base, ft = pair
-    cfg = DeltaCoMeConfig(group_size=32, ratio=1 / 32, residual="none", min_rank_share=0.0, **kw)
+    cfg = DeltaCoMeConfig(group_size=32, ratio=1 / 32, residual="none", min_rank_share=0.0, dare_modules=None, **kw)
     return compress(copy.deepcopy(base), ft, cfg, calibration=calib, progress=False)
 
 

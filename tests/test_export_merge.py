@@ -35,7 +35,8 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     w: dict = {"root": root}
     w["base"], w["qbase"] = save_base(root / "base"), save_base(root / "qbase", "qwen2")
-    w["adapter"] = make_adapter(root / "adapter", seed=1, ratio=0.5)  # ranks ~16 on the 64-wide model
+    # ranks ~16 on the 64-wide model; the MLP as DARE (as the default stores it with calibration data): full rank
+    w["adapter"] = make_adapter(root / "adapter", seed=1, ratio=0.5, dare_modules="mlp")
     w["qadapter"] = make_adapter(root / "qadapter", seed=2, arch="qwen2")  # qwen2: bias deltas
     w["ids"] = torch.randint(4, 100, (3, 16), generator=torch.Generator().manual_seed(0))
     code, w["export_out"], _ = _cli("export", "--format", "lora", w["adapter"], root / "lora16", "--base", w["base"])
@@ -115,10 +116,21 @@ def test_bias_deltas_go_along_and_dropping_extras_costs_accuracy(built):
     assert dropped.logits_error == pytest.approx(plain_drop, rel=0.3)  # measured on other tokens: same order
 
 
-def test_lora_export_refusals(built, tmp_path):
+def test_full_rank_modules_export_through_the_svd_of_their_dense_delta(built, tmp_path):
+    """Modules stored as DARE values (the default's MLP, in the exports above) or sign bits (``bitdelta``) have no
+    low-rank form: they export at ``min(out, in)`` through the SVD of their dense delta, exact up to the dtype (the
+    plain-PEFT checks above load them), and ``rank`` truncates them too."""
+    layout = json.loads((built["adapter"] / "adapter_config.json").read_text())["layout"]
+    dare = {n: min(e["shape"]) for n, e in layout.items() if e.get("sparse")}
+    assert dare and all(built["f32"].ranks[n] == built["f32"].full_ranks[n] == r for n, r in dare.items())
+    assert all(built["truncated"][1].ranks[n] == 1 for n in dare)
     bitdelta = make_adapter(tmp_path / "bitdelta", seed=1, method="bitdelta", distill_steps=0)
-    with pytest.raises(ConfigError, match="bitdelta.*no LoRA form"):
-        export_lora(bitdelta, tmp_path / "out")
+    exact = export_lora(bitdelta, tmp_path / "out", dtype="float32")
+    signs = json.loads((bitdelta / "adapter_config.json").read_text())["layout"]
+    assert exact.weight_error < 1e-6 and all(exact.ranks[n] == min(e["shape"]) for n, e in signs.items() if e.get("sign"))
+
+
+def test_lora_export_refusals(built, tmp_path):
     with pytest.raises(ConfigError, match="inside the adapter folder"):
         export_lora(built["adapter"], built["adapter"] / "lora")
     (tmp_path / "busy").mkdir()

@@ -3,7 +3,8 @@
 ``golden_adapters.json`` is written by ``python tests/test_golden.py --write``: a refactor must not change one byte
 of what ``compress`` + ``save_pretrained`` write (the package reorganisation was checked this way). A deliberate
 format or algorithm change rewrites the file and says so in its commit (last: packed format 2 and the whole-file
-budget; then DARE's values on a clipped grid; then DARE parts spending what every module leaves unspent). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
+budget; then DARE's values on a clipped grid; then DARE parts spending what every module leaves unspent; then the
+default's MLP as DARE, whose earlier bytes the bands cases keep). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
 ``adapter_config.json`` (the rest of the config records timings and versions).
 
 Each case holds a list of hash sets, one per kind of CPU it was recorded on: LAPACK's SVD and the BLAS kernels
@@ -41,10 +42,14 @@ GOLDEN = Path(__file__).with_name("golden_adapters.json")
 
 # name -> (arch, config kwargs, uses calibration)
 CASES: dict[str, tuple[str, dict, bool]] = {
+    # the default: the MLP as DARE alone (dare_modules="auto"), the attention as bands
     "llama-gptq-default": ("llama", {}, True),
-    "llama-rtn": ("llama", {"quantizer": "rtn"}, False),
-    "qwen2-gptq-bias-1/8": ("qwen2", {"ratio": "1/8"}, True),
-    "mistral-gptq-share0.7-act-order": ("mistral", {"min_rank_share": 0.7, "act_order": True}, True),
+    # every target as bands (the default before dare_modules="auto"; the band cases below pin it too)
+    "llama-gptq-bands": ("llama", {"dare_modules": None}, True),
+    "llama-rtn": ("llama", {"quantizer": "rtn", "dare_modules": None}, False),
+    "qwen2-gptq-bias-1/8": ("qwen2", {"ratio": "1/8", "dare_modules": None}, True),
+    "mistral-gptq-share0.7-act-order": ("mistral", {"min_rank_share": 0.7, "act_order": True, "dare_modules": None},
+                                        True),  # fmt: skip
     "llama-lowrank": ("llama", {"method": "lowrank"}, True),
     "llama-svd-uniform-3": ("llama", {"method": "svd-uniform", "uniform_bits": 3}, True),
     "llama-bitdelta-1/16": ("llama", {"method": "bitdelta", "ratio": "1/16", "distill_steps": 3}, True),
@@ -55,7 +60,8 @@ CASES: dict[str, tuple[str, dict, bool]] = {
     # DARE with importance rates (format 3): rate codes and threshold beside the values; data-free, no SVD
     "llama-dare-importance": ("llama", {"method": "dare", "dare_rates": "importance", "uniform_bits": 2,
                                         "quantizer": "rtn"}, False),  # fmt: skip
-    "llama-greedy-adaptive": ("llama", {"search": "greedy", "allocation": "adaptive", "ratio": "1/8"}, True),
+    "llama-greedy-adaptive": ("llama", {"search": "greedy", "allocation": "adaptive", "ratio": "1/8",
+                                        "dare_modules": None}, True),  # fmt: skip
     "llava-gptq-image-text": ("llava", {"ratio": "1/4", "group_size": 16}, True),
 }
 

@@ -28,7 +28,7 @@ from hf_deltacome.serving.export import lora_factors
 
 CONFIGS = {
     "impart": {"method": "impart"},
-    "sparse-tail": {"method": "deltacome", "sparse_tail": 0.4},
+    "sparse-tail": {"method": "deltacome", "sparse_tail": 0.4, "dare_modules": None},  # every module's tail sparse
     "impart-2bit": {"method": "impart", "bands": [[2, None]], "sparse_tail": 0.3},
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -159,8 +160,10 @@ def test_engine_joins_rows_between_steps_and_matches_each_adapter_alone(adapters
         for adapter, text, n in jobs:
             started.append((_collect(engine, tok(text).input_ids, adapter, max_tokens=n, temperature=0), n))
             # let the first request decode alone for a while, so the later ones must join a running batch
-            while engine.stats["steps"] < 3:
+            deadline = time.monotonic() + 60
+            while engine.stats["steps"] < 3 and time.monotonic() < deadline:  # never hang if the engine stops early
                 threading.Event().wait(0.01)
+            assert engine.stats["steps"] >= 3, f"the engine stopped after {engine.stats['steps']} steps"
         for (request, events, done), n in started:
             assert done.wait(60)
             text = "".join(e.text for e in events if e.kind == "text")

@@ -454,8 +454,11 @@ def compressed_all(ft_all, processor):
 def test_compress_image_text_reproduces_the_finetune(compressed_all, ft_all, inputs, tmp_path):
     base = make_llava(seed=0)
     err = relative_vlm_error(compressed_all, ft_all, base, inputs)
-    assert err < 0.05, err
+    assert err < 0.1, err  # the bands alone (dare_modules=None) stay under 0.05; the default's MLP as DARE 0.09 here
     cfg = compressed_all.peft_config["default"]
+    dare = {n for n, e in cfg.layout.items() if e.get("sparse")}  # dare_modules="auto": the decoder's MLP only
+    assert dare and all(n.startswith("model.language_model.layers.") and ".mlp." in n for n in dare)
+    assert cfg.dare_modules == ["down_proj", "gate_proj", "up_proj"]
     info = cfg.compression_info
     assert info["calibration_kind"] == "image+text" and "image + text" in info["calibration"]
     assert "fallbacks" not in info  # projector and vision tower got GPTQ with image activations
@@ -477,7 +480,8 @@ def test_compress_image_text_reproduces_the_finetune(compressed_all, ft_all, inp
 def test_image_text_calibration_beats_data_free(ft_all, processor, inputs, compressed_all):
     base = make_llava(seed=0)
     with_images = relative_vlm_error(compressed_all, ft_all, base, inputs)
-    rtn = relative_vlm_error(_compress(ft_all, processor, None, quantizer="rtn"), ft_all, base, inputs)
+    rtn = _compress(ft_all, processor, None, quantizer="rtn", dare_modules="mlp")  # the default's layout, data-free
+    rtn = relative_vlm_error(rtn, ft_all, base, inputs)
     assert with_images < 0.75 * rtn, (with_images, rtn)
 
 

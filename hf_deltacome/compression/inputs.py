@@ -31,6 +31,7 @@ from . import vocab
 from .changes import PairChanges, find_changes
 from .distill import distills
 from .modules import with_changes
+from .plan import weighs_residual
 from .streaming import LoadedPair, StreamedPair
 from .targets import ModelKind, mlp_targets
 
@@ -68,24 +69,41 @@ def load_tokenizer(folder: Any) -> Any:
 
 
 def _resolve_dare_modules(config: DeltaCoMeConfig, model: nn.Module, targets: Sequence[str]) -> None:
-    """``dare_modules="mlp"`` becomes the leaf names of the feed-forward targets (:func:`.targets.mlp_targets`); a
+    """``dare_modules`` becomes leaf names (or ``None``): ``"mlp"`` those of the feed-forward targets
+    (:func:`.targets.mlp_targets`), ``"auto"`` the same for ``deltacome`` with GPTQ where they are clear-cut, else none. A
     listed name that is the leaf of no target is a typo, not a request for nothing."""
     leaves = {nm.rsplit(".", 1)[-1] for nm in targets}
-    if config.dare_modules == "mlp":
-        mlp = mlp_targets(model, targets)
-        if not mlp:
-            raise ConfigError(f"dare_modules='mlp': no target of {_name(model)} is in a decoder layer's feed-forward "
-                              f"block (outside its attention); the targets' leaf names are {sorted(leaves)}")  # fmt: skip
-        chosen = {nm.rsplit(".", 1)[-1] for nm in mlp}
-        shared = sorted(chosen & {nm.rsplit(".", 1)[-1] for nm in set(targets) - set(mlp)})
-        if shared:
-            raise ConfigError(f"dare_modules='mlp': the leaf names {shared} of {_name(model)} name targets both in "
-                              "and out of the feed-forward blocks; list the leaves to store as DARE instead")  # fmt: skip
-        config.dare_modules = sorted(chosen)
-        log.info("dare_modules='mlp': %s stored as DARE alone", ", ".join(config.dare_modules))
-    unknown = sorted(set(config.dare_modules or ()) - leaves)
+    asked = config.dare_modules
+    if asked in ("mlp", "auto"):
+        chosen, problem = _mlp_leaves(model, targets)
+        if asked == "mlp" and problem:
+            raise ConfigError(f"dare_modules='mlp': {problem}")
+        if asked == "auto" and (config.method != "deltacome" or config.quantizer != "gptq"):
+            chosen = set()  # measured with calibration data (GPTQ, distilled bands); RTN is data-free
+        elif asked == "auto" and problem:
+            log.info("dare_modules='auto': every target keeps the bands (%s)", problem)
+            chosen = set()
+        config.dare_modules = sorted(chosen) or None
+        if config.dare_modules:
+            log.info("dare_modules=%r: %s stored as DARE alone", asked, ", ".join(config.dare_modules))
+    unknown = sorted(set(config.dare_leaves) - leaves)
     if unknown:
         raise ConfigError(f"dare_modules {unknown} name no target module; the targets' leaf names are {sorted(leaves)}")
+
+
+def _mlp_leaves(model: nn.Module, targets: Sequence[str]) -> tuple[set[str], str | None]:
+    """The leaf names of the feed-forward targets, and why there are none to use (``None`` when there are)."""
+    leaves = sorted({nm.rsplit(".", 1)[-1] for nm in targets})
+    mlp = mlp_targets(model, targets)
+    if not mlp:
+        return set(), (f"no target of {_name(model)} is in a decoder layer's feed-forward block (outside its "
+                       f"attention); the targets' leaf names are {leaves}")  # fmt: skip
+    chosen = {nm.rsplit(".", 1)[-1] for nm in mlp}
+    shared = sorted(chosen & {nm.rsplit(".", 1)[-1] for nm in set(targets) - set(mlp)})
+    if shared:
+        return set(), (f"the leaf names {shared} of {_name(model)} name targets both in and out of the feed-forward "
+                       "blocks; list the leaves to store as DARE instead")  # fmt: skip
+    return chosen, None
 
 
 def describe_inputs(
@@ -177,7 +195,7 @@ def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig,
         log.info("min_rank_share='auto' needs the whole model's KL to the fine-tune; %s", note.split("; ")[1])
         notes["rank_share"] = {"chosen": 0.0, "fallback": note}
         config = with_changes(config, min_rank_share=0.0)
-    if config.method == "deltacome" and config.residual == "auto" and calib is not None:
+    if weighs_residual(config) and calib is not None:
         notes["residual"] = {"chosen": "none", "fallback": "streamed: no whole-model check; the bands alone"}
         config = with_changes(config, residual="none")
     return config, notes

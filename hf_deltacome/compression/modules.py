@@ -71,7 +71,7 @@ def plan_entry(
     ``deltacome-dare``'s ``band_share="auto"``)."""
     entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias),
                              "format": FORMAT_VERSION}  # fmt: skip
-    if config.dare_modules and name.rsplit(".", 1)[-1] in config.dare_modules and config.method != "dare":
+    if name.rsplit(".", 1)[-1] in config.dare_leaves and config.method != "dare":
         config = with_changes(config, method="dare", uniform_bits=RESIDUAL_DARE_BITS, dare_rates="importance")
     method = config.method
     if method in SVD_METHODS:

@@ -89,8 +89,7 @@ def plan_layouts(
     specs: dict[str, list[list]] = {}
     adaptive = config.allocation == "adaptive"
     auto_share = config.method in ("deltacome", "impart") and config.min_rank_share == "auto"
-    auto_residual = (config.method == "deltacome" and config.residual == "auto" and config.search is None
-                     and not adaptive and config.sparse_tail is None)  # fmt: skip
+    auto_residual = weighs_residual(config)
     needs_data = (config.search is not None or adaptive or auto_share or auto_residual) and calibration_ids is not None
     ids = calibration_ids[:PLAN_MAX_SAMPLES] if needs_data else None
     live = [nm for nm in targets if not same[nm]]
@@ -155,6 +154,13 @@ def plan_layouts(
     if needs_data:
         info["plan_samples"] = int(ids.shape[0])
     return layout, info
+
+
+def weighs_residual(config: DeltaCoMeConfig) -> bool:
+    """Whether ``residual="auto"`` weighs DARE residuals: the configured split of ``deltacome`` (no ``search``,
+    uniform allocation, no ``sparse_tail``) and no ``dare_modules`` (their DARE part is there already)."""
+    return (config.method == "deltacome" and config.residual == "auto" and config.search is None
+            and config.allocation != "adaptive" and config.sparse_tail is None and not config.dare_leaves)  # fmt: skip
 
 
 def _spectra(

@@ -12,7 +12,10 @@ conventions (``LoraConfig``, ``base_model.model.<module>.lora_{A,B}.weight`` key
   ``modules_to_save`` so that the LoRA reproduces the adapter; ``drop_extras=True`` leaves them out for servers that
   refuse ``modules_to_save`` (vLLM), at the cost reported as the logits error.
 * A bias delta (fine-tunes of models with linear biases, e.g. Qwen2's q/k/v) becomes PEFT's ``lora_bias``.
-* The ``bitdelta`` / ``dare`` baselines are full rank and are refused: merge them instead.
+* A module stored as DARE values or sign bits (the default's MLP, ``dare``, ``bitdelta``, a DARE residual) is full
+  rank: it takes PEFT's route, the SVD of its dense delta, at ``min(out, in)`` when exact (a LoRA larger than its
+  float16 delta; ``rank`` truncates, at the error reported). ``deltacome merge`` keeps such modules exact at the
+  dense size.
 
 The LoRA stores ``rank·(in+out)`` 16-bit values per module where the adapter stores 2-8 bits per value plus scales,
 so it is several times larger; the reported weight error is exact (computed from the factors).
@@ -110,27 +113,35 @@ def _vllm_rank(rank: int) -> int:
 @torch.no_grad()
 def lora_factors(delta: PackedDelta, rank: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(A, B, S)`` in float64 with ``B @ A`` the best rank-``rank`` approximation of the delta (exact without
-    ``rank``): ``A`` is ``k x in``, ``B`` is ``out x k``, ``S`` all singular values of the delta (length ``r``)."""
+    ``rank``): ``A`` is ``k x in``, ``B`` is ``out x k``, ``S`` all singular values of the delta (length ``r``).
+
+    Bands alone are factored through their ranks (no ``out x in`` matrix). A delta with DARE values or sign bits is
+    full rank: the SVD of its dense matrix, ``min(out, in)`` singular vectors when exact."""
     if delta.sign is not None or delta.sparse is not None:
-        raise ConfigError("a bitdelta / dare delta is full rank and has no LoRA form")
-    if not delta.low_rank_bands:
+        x, s, yt = torch.linalg.svd(delta.delta_weight(torch.float64), full_matrices=False)
+    elif not delta.low_rank_bands:
         empty = torch.zeros(0, dtype=torch.float64)
         return empty.new_zeros(0, delta.in_features), empty.new_zeros(delta.out_features, 0), empty
-    u = torch.cat([b.ut_dense(torch.float64).t() * b.s.to(torch.float64) for b in delta.low_rank_bands], dim=1)
-    v = torch.cat([b.vt_dense(torch.float64) for b in delta.low_rank_bands], dim=0)
-    qu, ru = torch.linalg.qr(u)  # u = qu ru
-    qv, rv = torch.linalg.qr(v.t())  # vᵀ = qv rv, so Δ = qu (ru rvᵀ) qvᵀ
-    x, s, yt = torch.linalg.svd(ru @ rv.t())
+    else:
+        u = torch.cat([b.ut_dense(torch.float64).t() * b.s.to(torch.float64) for b in delta.low_rank_bands], dim=1)
+        v = torch.cat([b.vt_dense(torch.float64) for b in delta.low_rank_bands], dim=0)
+        qu, ru = torch.linalg.qr(u)  # u = qu ru
+        qv, rv = torch.linalg.qr(v.t())  # vᵀ = qv rv, so Δ = qu (ru rvᵀ) qvᵀ
+        x, s, yt = torch.linalg.svd(ru @ rv.t())
+        x, yt = qu @ x, yt @ qv.t()
     k = len(s) if rank is None else min(rank, len(s))
     root = s[:k].sqrt()
-    return (root[:, None] * yt[:k]) @ qv.t(), (qu @ x[:, :k]) * root, s
+    return root[:, None] * yt[:k], x[:, :k] * root, s
 
 
 def _relative_error2(a: torch.Tensor, b: torch.Tensor, delta: PackedDelta) -> tuple[float, float]:
-    """``(||b a − Δ||², ||Δ||²)`` from the factors (no ``out x in`` matrix is formed)."""
+    """``(||b a − Δ||², ||Δ||²)``; from the factors (no ``out x in`` matrix) where the delta is bands alone."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    if delta.sign is not None or delta.sparse is not None:
+        w = delta.delta_weight(torch.float64)
+        return float(((b @ a - w) ** 2).sum()), float((w**2).sum())
     u = torch.cat([x.ut_dense(torch.float64).t() * x.s.to(torch.float64) for x in delta.low_rank_bands], dim=1)
     v = torch.cat([x.vt_dense(torch.float64) for x in delta.low_rank_bands], dim=0)
-    a, b = a.to(torch.float64), b.to(torch.float64)
     norm2 = float(torch.trace((u.t() @ u) @ (v @ v.t())))
     approx2 = float(torch.trace((b.t() @ b) @ (a @ a.t())))
     cross = float(torch.trace((b.t() @ u) @ (v @ a.t())))
@@ -172,14 +183,7 @@ def export_lora(
     total_err2 = total_norm2 = 0.0
     with_bias = {name for name, entry in config.layout.items() if entry.get("bias")}
     for name in sorted(config.layout):
-        delta = packed_delta(config, state, name)
-        if delta.sign is not None or delta.sparse is not None:  # sparse bands (impart) are low rank: exported
-            residual = config.method == "deltacome"  # residual="auto" kept a DARE part
-            raise ConfigError(
-                f"{folder}: module {name!r} stores sign bits or sparse values ({config.method}"
-                + (", its residual" if residual else "") + "), which are full rank and have no LoRA form; use "
-                "`deltacome merge` for it" + (", or compress with --residual none (bands alone)" if residual else "")
-            )
+        delta = packed_delta(config, state, name)  # DARE values and sign bits: the SVD of the dense delta
         a, b, s = lora_factors(delta, rank)
         full_ranks[name] = len(s)
         if a.shape[0] == 0:
