@@ -90,6 +90,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # at 1/32 and 1/64 at b025344; the default's layout since, RESULTS.md). Leaf names, not dare_modules="mlp" (the
     # same adapter), so that the cached cells keep their keys
     "deltacome-mlp-dare": {"residual": "none", "dare_modules": ["down_proj", "gate_proj", "up_proj"]},
+    # ... with the MLP's DARE at uniform rates (dare-2's keep-rates: its answers led at facts 1/128 on a later machine)
+    "deltacome-mlp-dare-uniform": {"residual": "none", "dare_modules": ["down_proj", "gate_proj", "up_proj"],
+                                   "dare_rates": "uniform"},
     "deltacome-attn-dare": {"residual": "none", "dare_modules": ["k_proj", "o_proj", "q_proj", "v_proj"]},
     "deltacome-down-dare": {"residual": "none", "dare_modules": ["down_proj"]},
     "deltacome-gateup-dare": {"residual": "none", "dare_modules": ["gate_proj", "up_proj"]},

@@ -129,8 +129,8 @@ class DeltaCoMeConfig(PeftConfig):
             rescaled, ``uniform_bits``). ``None``: 0.25; 0 is DARE; ``"auto"``: per module, the least expected error.
         dare_rates: keep-rates of a DARE part. ``"uniform"`` (published DARE: every entry alike) or
             ``"importance"`` (a rate per row and column from the output energy ``Σ Δ² diag(H)``, 4-bit codes stored,
-            the mask still seeded; format 3). ``None``: uniform for ``dare``, importance for the residual of
-            ``deltacome-dare`` and of ``deltacome``'s ``residual="auto"`` (benchmarks/RESULTS.md).
+            the mask still seeded; format 3). ``None``: uniform for ``dare``, importance for the others' DARE parts
+            (``dare_modules``, residuals; benchmarks/RESULTS.md).
         dare_fit: the kept values of a DARE part. ``"rescale"`` (published DARE: each kept entry divided by its
             keep-rate, rounded to nearest) or ``"gptq"`` (needs calibration data: the same rescaled values rounded
             by GPTQ with the mask fixed, :func:`~hf_deltacome.quant.masked.quantize_masked`). Same bytes and format

@@ -381,6 +381,10 @@ def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
     assert attention.dare_modules is None  # where dare_modules="mlp" raises (test above)
     rtn, _ = written(DeltaCoMeConfig(ratio=1 / 8, quantizer="rtn"), "rtn")  # data-free: nothing to distil with
     assert rtn.dare_modules is None
+    uniform_mlp, _ = written(DeltaCoMeConfig(ratio=1 / 8, dare_rates="uniform"), "uniform-mlp")  # dare_rates applies
+    parts = [e["sparse"] for e in uniform_mlp.layout.values() if e.get("sparse")]
+    assert len(parts) == 3 * 2 and not any(p.get("rates") for p in parts) and all(p["rates"] for p in (
+        e["sparse"] for e in default.layout.values() if e.get("sparse")))  # fmt: skip
 
     save_with_tokenizer(tmp_path, base=base, ft=ft)
     out = tmp_path / "cli"

@@ -72,7 +72,8 @@ def plan_entry(
     entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias),
                              "format": FORMAT_VERSION}  # fmt: skip
     if name.rsplit(".", 1)[-1] in config.dare_leaves and config.method != "dare":
-        config = with_changes(config, method="dare", uniform_bits=RESIDUAL_DARE_BITS, dare_rates="importance")
+        config = with_changes(config, method="dare", uniform_bits=RESIDUAL_DARE_BITS,
+                              dare_rates=config.dare_rates or "importance")  # fmt: skip
     method = config.method
     if method in SVD_METHODS:
         share = rank_share(config) if spec is None and method in ("deltacome", "impart") else 0.0
