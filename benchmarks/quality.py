@@ -56,6 +56,13 @@ from hf_deltacome.evaluation.metrics import token_windows  # noqa: E402
 from hf_deltacome.io.atomic import atomic_write_text  # noqa: E402
 from hf_deltacome.io.summary import summarize_adapter  # noqa: E402
 
+# the cells are keyed on this checkout's revision, so they must run its library: hf_deltacome-peft.pth imports the
+# installed hf_deltacome at interpreter start, before the path above, and an editable install of another checkout
+# would be measured under this one's revision
+if not Path(sys.modules["hf_deltacome"].__file__).resolve().is_relative_to(ROOT):
+    sys.exit(f"benchmarks/quality.py: hf_deltacome is imported from {sys.modules['hf_deltacome'].__file__}, not from "
+             f"this checkout ({ROOT}); run it with PYTHONPATH={ROOT}")
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "deltacome": {},
     # the default before the MLP as DARE (dare_modules="auto"): the attention and the MLP as bands, residual="auto"

@@ -119,3 +119,16 @@ def test_checkpoint_names_the_setting_that_differs(tmp_path):
     cfg.uniform_bits = 2
     with pytest.raises(ConfigError, match=r"other settings \(uniform_bits: 4 in the checkpoint, 2 now\)"):
         compress(copy.deepcopy(base), ft, cfg, progress=False, checkpoint_dir=tmp_path)
+
+
+def test_checkpoint_of_other_dare_modules_is_refused(tmp_path):
+    """Which targets are stored as DARE alone (``dare_modules``, resolved: the default's MLP) is a setting of the
+    checkpoint: a resume that would store them otherwise is refused by name, not finished with mixed layers."""
+    base, ft = _pair()
+    calib = random_ids(base, 4, 16, seed=1)
+    cfg = DeltaCoMeConfig(ratio=1 / 8, group_size=32, distill_bands=False)
+    compress(copy.deepcopy(base), ft, cfg, calibration=calib, progress=False, checkpoint_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"other settings \(dare_modules: \['down_proj', 'gate_proj', 'up_proj'\] in"):
+        compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 8, group_size=32, distill_bands=False,
+                                                           dare_modules=None),
+                 calibration=calib, progress=False, checkpoint_dir=tmp_path)  # fmt: skip

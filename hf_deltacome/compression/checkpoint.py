@@ -22,7 +22,7 @@ STATE_VERSION = 2  # 2: the fine-tune's fingerprint and the calibration given ar
 SETTINGS = (
     "ratio", "method", "bands", "min_rank_share", "group_size", "quantizer", "damp", "act_order", "search",
     "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "distill_bands", "sparse_tail", "band_share",
-    "residual", "dare_rates", "target_modules", "exclude_modules",
+    "residual", "dare_rates", "dare_fit", "dare_modules", "mask_draw", "mask_draws", "target_modules", "exclude_modules",
 )  # fmt: skip
 
 
