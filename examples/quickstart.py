@@ -101,7 +101,10 @@ def run(args: argparse.Namespace, ratio: float) -> int:
     cfg = DeltaCoMeConfig(ratio=ratio)
     peft_model = compress(base, finetuned, cfg, calibration=None, tokenizer=tok, **calib_kwargs)
     timings["compression"] = time.time() - t
-    share = peft_model.peft_config["default"].compression_info.get("rank_share")
+    written = peft_model.peft_config["default"]
+    if written.dare_leaves:  # dare_modules="auto": the feed-forward targets store DARE alone
+        print(f"      {', '.join(written.dare_leaves)}: a 2-bit DARE of the delta (dare_modules='auto'); the rest bands")
+    share = written.compression_info.get("rank_share")
     if share:  # min_rank_share="auto": how far the fixed 8/3-bit bands may eat into the 2-bit tail
         print(f"      band split: min_rank_share {share['chosen']} (the share of the 2-bit tail's rank kept; chosen by")
         print("      the whole model's next-token KL to the fine-tune on the calibration text)")
