@@ -21,7 +21,7 @@ from tiny_models import (
 
 import hf_deltacome.compression.targets as targets_mod  # noqa: E402
 from hf_deltacome import DeltaCoMeConfig
-from hf_deltacome.compression.modules import plan_entry, with_changes
+from hf_deltacome.compression.modules import entry_nbytes, plan_entry, with_changes
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.compression.svd import compress_linear
 from hf_deltacome.errors import ConfigError, IncompatibleModelsError
@@ -399,3 +399,21 @@ def test_each_delta_is_factorized_once_per_run(monkeypatch):
         model = run(make_model("llama", **WIDE["llama"]), ft, ratio="1/8", dare_modules=None)  # every target an SVD
         assert "residual" in model.peft_config["default"].compression_info  # the check ran: several layouts weighed
         assert len(shapes) == run_no * len(target_linears(ref)), shapes
+
+
+def test_the_defaults_error_falls_as_ratio_grows():
+    """The default's layout (the MLP as DARE, the attention as bands) keeps more of the fine-tune the more bytes it
+    is given, and its file stays within the ratio."""
+    calib = random_ids(make_model("llama", **WIDE["llama"]), 16, 64, seed=1)
+    held_out = random_ids(make_model("llama", **WIDE["llama"]), 8, 64, seed=2)
+    ref = make_model("llama", **WIDE["llama"])
+    ft = make_finetune(ref)
+    errors = []
+    for ratio in ("1/32", "1/8", "1/2"):
+        model = run(make_model("llama", **WIDE["llama"]), ft, calib, ratio=ratio)
+        cfg = model.peft_config["default"]
+        assert cfg.dare_modules == ["down_proj", "gate_proj", "up_proj"]
+        assert sum(map(entry_nbytes, cfg.layout.values())) <= sum(
+            budget_bytes(*e["shape"], cfg.ratio) for e in cfg.layout.values())  # fmt: skip
+        errors.append(relative_logits_error(model, ft, ref, held_out))
+    assert errors[0] > errors[1] > errors[2], errors
