@@ -66,7 +66,29 @@ def checkout(rev: str, keep: list[Path]) -> Path:
     return folder
 
 
-def main() -> None:
+def check_args(args: argparse.Namespace) -> list[str]:
+    """The revisions to time, after refusing bad flags by name before any model loads."""
+    from hf_deltacome import ConfigError, parse_ratio
+
+    try:
+        parse_ratio(args.ratio)
+    except ConfigError as e:
+        sys.exit(f"--ratio: {e}")
+    for flag in ("repeats", "threads", "num_samples", "seq_len"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    revisions = [r.strip() for r in args.revisions.split(",") if r.strip()]
+    if not revisions:
+        sys.exit(f"--revisions: comma-separated revisions, got {args.revisions!r}")
+    for rev in revisions:
+        found = rev == "worktree" or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "-q",
+                                                     f"{rev}^{{commit}}"], capture_output=True).returncode == 0  # fmt: skip
+        if not found:
+            sys.exit(f"--revisions: {rev!r} is not a commit of {ROOT} (nor 'worktree', this checkout as it stands)")
+    return revisions
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="knowledge2", help="quality.py's zoo task (default knowledge2: facts-hot)")
     p.add_argument("--ratio", default="1/32")
@@ -79,9 +101,10 @@ def main() -> None:
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--ft", help=argparse.SUPPRESS)
     p.add_argument("--calib", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         return child(args)
+    revisions = check_args(args)
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     sys.path.insert(0, str(ROOT / "examples"))
@@ -92,7 +115,6 @@ def main() -> None:
 
     # plain strings (each rendered prompt + answer + EOS, quality.py's token stream): what every revision reads
     records = [r["prompt"] + r["completion"] for r in quality.calibration_texts(task, AutoTokenizer.from_pretrained(ft_path))]
-    revisions = [r.strip() for r in args.revisions.split(",") if r.strip()]
     trees: list[Path] = []
     rows: dict[str, list[dict]] = {rev: [] for rev in revisions}
     with tempfile.TemporaryDirectory() as tmp:

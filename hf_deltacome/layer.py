@@ -91,7 +91,7 @@ class DeltaCoMeLayer(BaseTunerLayer):
         # The delta is exactly low rank; a bias delta is not representable in LoRA, so refuse then.
         # Sign bits / sparse values (bitdelta, dare baselines) are full rank: not a LoRA either (sparse bands are).
         delta = self.deltacome_delta[adapter_name]
-        return delta.bias is None and delta.sign is None and delta.sparse is None
+        return delta.bias is None and not delta.full_rank
 
 
 class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):

@@ -308,3 +308,12 @@ def test_compress_time_child_times_the_default_of_the_checkout_on_its_path(tmp_p
     assert row["seconds"] > 0 and row["bytes"] > 0 and row["dare_modules"] == ["down_proj", "gate_proj", "up_proj"]
     r = subprocess.run(cmd, env={**env, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0 and f"not from {tmp_path}" in r.stderr
+
+
+def test_compress_time_refuses_bad_flags_by_name_before_any_model_loads():
+    module = benchmark("compress_time")
+    for argv, message in ((["--ratio", "big"], "--ratio: "), (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+                          (["--revisions", " , "], "--revisions: comma-separated revisions"),
+                          (["--revisions", "c41bc35,nosuchrev"], "--revisions: 'nosuchrev' is not a commit")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            module.main(argv)

@@ -74,15 +74,14 @@ def _resolve_dare_modules(config: DeltaCoMeConfig, model: nn.Module, targets: Se
     listed name that is the leaf of no target is a typo, not a request for nothing."""
     leaves = {nm.rsplit(".", 1)[-1] for nm in targets}
     asked = config.dare_modules
-    if asked in ("mlp", "auto"):
+    if asked == "auto" and (config.method != "deltacome" or config.quantizer != "gptq"):
+        config.dare_modules = None  # measured with calibration data (GPTQ, distilled bands); RTN is data-free
+    elif asked in ("mlp", "auto"):
         chosen, problem = _mlp_leaves(model, targets)
         if asked == "mlp" and problem:
             raise ConfigError(f"dare_modules='mlp': {problem}")
-        if asked == "auto" and (config.method != "deltacome" or config.quantizer != "gptq"):
-            chosen = set()  # measured with calibration data (GPTQ, distilled bands); RTN is data-free
-        elif asked == "auto" and problem:
+        if problem:
             log.info("dare_modules='auto': every target keeps the bands (%s)", problem)
-            chosen = set()
         config.dare_modules = sorted(chosen) or None
         if config.dare_modules:
             log.info("dare_modules=%r: %s stored as DARE alone", asked, ", ".join(config.dare_modules))

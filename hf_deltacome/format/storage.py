@@ -271,6 +271,12 @@ class PackedDelta(BlobStore, nn.Module):
         return self._sign is not None or self._sparse is not None or bool(self._sparse_bands)
 
     @property
+    def full_rank(self) -> bool:
+        """True when sign bits or DARE values are stored: the delta is not the low-rank sum of its bands (sparse
+        bands are; LoRA export and PEFT's conversion go through the bands' rank)."""
+        return self._sign is not None or self._sparse is not None
+
+    @property
     def has_sparse_bands(self) -> bool:
         """True when the layout holds bands of sparse singular vectors (impart, the sparse tail)."""
         return bool(self._sparse_bands)

@@ -117,7 +117,7 @@ def lora_factors(delta: PackedDelta, rank: Optional[int] = None) -> tuple[torch.
 
     Bands alone are factored through their ranks (no ``out x in`` matrix). A delta with DARE values or sign bits is
     full rank: the SVD of its dense matrix, ``min(out, in)`` singular vectors when exact."""
-    if delta.sign is not None or delta.sparse is not None:
+    if delta.full_rank:
         x, s, yt = torch.linalg.svd(delta.delta_weight(torch.float64), full_matrices=False)
     elif not delta.low_rank_bands:
         empty = torch.zeros(0, dtype=torch.float64)
@@ -137,7 +137,7 @@ def lora_factors(delta: PackedDelta, rank: Optional[int] = None) -> tuple[torch.
 def _relative_error2(a: torch.Tensor, b: torch.Tensor, delta: PackedDelta) -> tuple[float, float]:
     """``(||b a − Δ||², ||Δ||²)``; from the factors (no ``out x in`` matrix) where the delta is bands alone."""
     a, b = a.to(torch.float64), b.to(torch.float64)
-    if delta.sign is not None or delta.sparse is not None:
+    if delta.full_rank:
         w = delta.delta_weight(torch.float64)
         return float(((b @ a - w) ** 2).sum()), float((w**2).sum())
     u = torch.cat([x.ut_dense(torch.float64).t() * x.s.to(torch.float64) for x in delta.low_rank_bands], dim=1)
