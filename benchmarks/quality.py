@@ -97,10 +97,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the MLP (or attention) modules as DARE alone (2-bit, importance rates), the rest the chosen split of bands
     # (distilled, as the default's bands are: mlp-dare on facts-hot at 123cdd1 reached every other method's answers,
     # by the mean over draws where measured, from 1/8 to 1/128, with the most agreement at 1/32 and below, and on facts
-    # at 1/32 and 1/64 at b025344; the default's layout since, RESULTS.md). Leaf names, not dare_modules="mlp" (the
-    # same adapter), so that the cached cells keep their keys
-    "deltacome-mlp-dare": {"residual": "none", "dare_modules": ["down_proj", "gate_proj", "up_proj"]},
-    # ... with the MLP's DARE at uniform rates (dare-2's keep-rates: its answers led at facts 1/128 on a later machine)
+    # at 1/32 and 1/64 at b025344; the default's layout from be1ca42, RESULTS.md). Leaf names, not
+    # dare_modules="mlp" (the same adapter), so that the cached cells keep their keys
+    "deltacome-mlp-dare": {"residual": "none", "dare_modules": ["down_proj", "gate_proj", "up_proj"],
+                           "dare_rates": "importance"},
+    # ... with the MLP's DARE at uniform rates (dare-2's keep-rates): the default's bytes since they answered as many
+    # or more held-out facts at 1/32-1/128 on both knowledge deltas (RESULTS.md, the reading at its revision)
     "deltacome-mlp-dare-uniform": {"residual": "none", "dare_modules": ["down_proj", "gate_proj", "up_proj"],
                                    "dare_rates": "uniform"},
     "deltacome-attn-dare": {"residual": "none", "dare_modules": ["k_proj", "o_proj", "q_proj", "v_proj"]},

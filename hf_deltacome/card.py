@@ -239,8 +239,9 @@ def render_model_card(
             ),
         )
     if config.dare_leaves:  # dare_modules: those targets hold a seeded random share of their delta's entries
+        rates = config.dare_rates or "uniform"  # what modules.plan_entry gives them
         rows.insert(4, ("stored as DARE alone", ", ".join(f"`{leaf}`" for leaf in config.dare_leaves)
-                        + " (a seeded random share of each delta's entries, importance rates; no singular vectors)"))  # fmt: skip
+                        + f" (a seeded random share of each delta's entries, {rates} rates; no singular vectors)"))  # fmt: skip
     if config.quantizer == "gptq":
         rows.append(("GPTQ", f"damp {config.damp}, act-order {'on' if config.act_order else 'off'}"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -271,7 +271,7 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                         "by GPTQ on calibration data, the mask and bytes the same; not the default: it recalled "
                         "fewer facts in benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--dare-modules", type=_leaf_names, default=None,
-                   help="targets stored as DARE alone (2-bit values, importance rates), the rest the method's "
+                   help="targets stored as DARE alone (2-bit values, uniform rates unless --dare-rates), the rest the method's "
                         "layout: auto (default: mlp for deltacome with gptq, else none), mlp (every "
                         "feed-forward target), none (the published Delta-CoMe layout) or comma-separated leaf names "
                         "(e.g. gate_proj,up_proj,down_proj); benchmarks/RESULTS.md")  # fmt: skip

@@ -129,8 +129,8 @@ class DeltaCoMeConfig(PeftConfig):
             rescaled, ``uniform_bits``). ``None``: 0.25; 0 is DARE; ``"auto"``: per module, the least expected error.
         dare_rates: keep-rates of a DARE part. ``"uniform"`` (published DARE: every entry alike) or
             ``"importance"`` (a rate per row and column from the output energy ``Σ Δ² diag(H)``, 4-bit codes stored,
-            the mask still seeded; format 3). ``None``: uniform for ``dare``, importance for the others' DARE parts
-            (``dare_modules``, residuals; benchmarks/RESULTS.md).
+            the mask still seeded; format 3). ``None``: uniform for ``dare`` and ``dare_modules``, importance for the
+            residuals' DARE parts (benchmarks/RESULTS.md).
         dare_fit: the kept values of a DARE part. ``"rescale"`` (published DARE: each kept entry divided by its
             keep-rate, rounded to nearest) or ``"gptq"`` (needs calibration data: the same rescaled values rounded
             by GPTQ with the mask fixed, :func:`~hf_deltacome.quant.masked.quantize_masked`). Same bytes and format
@@ -141,7 +141,7 @@ class DeltaCoMeConfig(PeftConfig):
             ``RESIDUAL_BAND_BITS``-bit bands and the rest to a ``RESIDUAL_DARE_BITS``-bit DARE of their residual
             ``Δ − U_q S V_qᵀ`` (0: DARE of the whole delta), and keeps the one of least next-token KL to the
             fine-tune, the bands alone included (benchmarks/RESULTS.md). ``"none"``: the bands alone.
-        dare_modules: targets stored as DARE alone (``RESIDUAL_DARE_BITS``-bit values, importance rates) in their
+        dare_modules: targets stored as DARE alone (``RESIDUAL_DARE_BITS``-bit values, ``dare_rates``) in their
             own budget; the others keep the method's layout, and the plan's choices act on them. ``"auto"``
             (default): ``"mlp"`` for ``deltacome`` with ``quantizer="gptq"`` where the model has feed-forward targets
             whose leaf names no other target shares, else none. ``"mlp"``: the decoder layers' feed-forward targets,

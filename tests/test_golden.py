@@ -4,7 +4,7 @@
 of what ``compress`` + ``save_pretrained`` write (the package reorganisation was checked this way). A deliberate
 format or algorithm change rewrites the file and says so in its commit (last: packed format 2 and the whole-file
 budget; then DARE's values on a clipped grid; then DARE parts spending what every module leaves unspent; then the
-default's MLP as DARE, whose earlier bytes the bands cases keep). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
+default's MLP as DARE, whose earlier bytes the bands cases keep; then that DARE at uniform rates). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
 ``adapter_config.json`` (the rest of the config records timings and versions).
 
 Each case holds a list of hash sets, one per kind of CPU it was recorded on: LAPACK's SVD and the BLAS kernels
@@ -42,7 +42,7 @@ GOLDEN = Path(__file__).with_name("golden_adapters.json")
 
 # name -> (arch, config kwargs, uses calibration)
 CASES: dict[str, tuple[str, dict, bool]] = {
-    # the default: the MLP as DARE alone (dare_modules="auto"), the attention as bands
+    # the default: the MLP as DARE alone (dare_modules="auto", uniform rates), the attention as bands
     "llama-gptq-default": ("llama", {}, True),
     # every target as bands (the default before dare_modules="auto"; the band cases below pin it too)
     "llama-gptq-bands": ("llama", {"dare_modules": None}, True),

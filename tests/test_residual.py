@@ -300,7 +300,7 @@ def test_cli_mask_draws_and_dare_modules_reach_the_config_and_a_bad_count_is_ref
 
 
 def test_dare_modules_store_those_modules_as_dare_alone_and_load_back(tmp_path):
-    """``dare_modules``: the named leaves store DARE alone (2-bit values, importance rates) in their own budget, the
+    """``dare_modules``: the named leaves store DARE alone (2-bit values, uniform rates) in their own budget, the
     others the chosen bands; the file fits the budget and loads to the logits it had; a leaf no target has fails."""
     from peft import PeftModel
 
@@ -315,7 +315,7 @@ def test_dare_modules_store_those_modules_as_dare_alone_and_load_back(tmp_path):
     for name, entry in cfg.layout.items():
         if name.rsplit(".", 1)[-1] in mlp:
             assert not any(r for _, r in entry["bands"]) and entry["sparse"]["bits"] == 2, name
-            assert entry["sparse"]["rates"], name
+            assert not entry["sparse"].get("rates"), name  # importance rates only where asked (test below)
         else:
             assert any(r for _, r in entry["bands"]) and not entry.get("sparse"), name
     assert sum(map(entry_nbytes, cfg.layout.values())) <= sum(budget_bytes(*e["shape"], 1 / 8) for e in cfg.layout.values())
@@ -368,6 +368,7 @@ def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
     assert {n.rsplit(".", 1)[-1] for n, e in default.layout.items() if e.get("sparse")} == set(mlp)
     card = render_model_card(default)  # the model card says which modules hold DARE
     assert "| stored as DARE alone | `down_proj`, `gate_proj`, `up_proj` (a seeded random share" in card
+    assert "entries, uniform rates; no singular vectors" in card
     assert "singular vectors and DARE (see the table) in" in card
     named, named_sha = written(DeltaCoMeConfig(ratio=1 / 8, dare_modules=mlp, residual="none"), "named")
     assert named.layout == default.layout and named_sha == default_sha
@@ -381,10 +382,11 @@ def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
     assert attention.dare_modules is None  # where dare_modules="mlp" raises (test above)
     rtn, _ = written(DeltaCoMeConfig(ratio=1 / 8, quantizer="rtn"), "rtn")  # data-free: nothing to distil with
     assert rtn.dare_modules is None
-    uniform_mlp, _ = written(DeltaCoMeConfig(ratio=1 / 8, dare_rates="uniform"), "uniform-mlp")  # dare_rates applies
-    parts = [e["sparse"] for e in uniform_mlp.layout.values() if e.get("sparse")]
-    assert len(parts) == 3 * 2 and not any(p.get("rates") for p in parts) and all(p["rates"] for p in (
-        e["sparse"] for e in default.layout.values() if e.get("sparse")))  # fmt: skip
+    rated_mlp, _ = written(DeltaCoMeConfig(ratio=1 / 8, dare_rates="importance"), "rated-mlp")  # dare_rates applies
+    parts = [e["sparse"] for e in rated_mlp.layout.values() if e.get("sparse")]
+    assert len(parts) == 3 * 2 and all(p["rates"] == "importance" for p in parts) and not any(p.get("rates") for p in (
+        e["sparse"] for e in default.layout.values() if e.get("sparse")))  # uniform rates unless asked: fmt: skip
+    assert "entries, importance rates; no singular vectors" in render_model_card(rated_mlp)
 
     save_with_tokenizer(tmp_path, base=base, ft=ft)
     out = tmp_path / "cli"

@@ -73,7 +73,7 @@ def plan_entry(
                              "format": FORMAT_VERSION}  # fmt: skip
     if name.rsplit(".", 1)[-1] in config.dare_leaves and config.method != "dare":
         config = with_changes(config, method="dare", uniform_bits=RESIDUAL_DARE_BITS,
-                              dare_rates=config.dare_rates or "importance")  # fmt: skip
+                              dare_rates=config.dare_rates or "uniform")  # fmt: skip
     method = config.method
     if method in SVD_METHODS:
         share = rank_share(config) if spec is None and method in ("deltacome", "impart") else 0.0
