@@ -239,7 +239,9 @@ def render_model_card(
             ),
         )
     if config.dare_leaves:  # dare_modules: those targets hold a seeded random share of their delta's entries
-        rates = config.dare_rates or "uniform"  # what modules.plan_entry gives them
+        rated = any((entry.get("sparse") or {}).get("rates") for name, entry in config.layout.items()
+                    if name.rsplit(".", 1)[-1] in config.dare_leaves)  # what the layout stores, whatever the default was
+        rates = "importance" if rated else "uniform"
         rows.insert(4, ("stored as DARE alone", ", ".join(f"`{leaf}`" for leaf in config.dare_leaves)
                         + f" (a seeded random share of each delta's entries, {rates} rates; no singular vectors)"))  # fmt: skip
     if config.quantizer == "gptq":

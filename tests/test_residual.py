@@ -387,6 +387,8 @@ def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
     assert len(parts) == 3 * 2 and all(p["rates"] == "importance" for p in parts) and not any(p.get("rates") for p in (
         e["sparse"] for e in default.layout.values() if e.get("sparse")))  # uniform rates unless asked: fmt: skip
     assert "entries, importance rates; no singular vectors" in render_model_card(rated_mlp)
+    rated_mlp.dare_rates = None  # as an adapter written before 679f507 says it: the card reads its layout
+    assert "entries, importance rates; no singular vectors" in render_model_card(rated_mlp)
 
     save_with_tokenizer(tmp_path, base=base, ft=ft)
     out = tmp_path / "cli"

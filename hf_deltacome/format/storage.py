@@ -268,7 +268,7 @@ class PackedDelta(BlobStore, nn.Module):
         """True when a part beside the dense bands is present (sign bits, sparse values, sparse bands): the Triton
         kernels read dense bands; the backend adds DARE values beside them with their own kernel and sign bits in
         PyTorch, while a delta with sparse bands takes the PyTorch path whole."""
-        return self._sign is not None or self._sparse is not None or bool(self._sparse_bands)
+        return self.full_rank or bool(self._sparse_bands)
 
     @property
     def full_rank(self) -> bool:
