@@ -105,6 +105,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # or more held-out facts at 1/32-1/128 on both knowledge deltas (RESULTS.md, the reading at its revision)
     "deltacome-mlp-dare-uniform": {"residual": "none", "dare_modules": ["down_proj", "gate_proj", "up_proj"],
                                    "dare_rates": "uniform"},
+    # ... with the attention's value path (v_proj, o_proj) as DARE too, q_proj and k_proj the bands: where the
+    # attention carries content rather than where it looks (facts-hot 1/8 and 1/64, where dare-2 answers more)
+    "deltacome-mlp-vo-dare": {"residual": "none", "dare_rates": "uniform",
+                              "dare_modules": ["down_proj", "gate_proj", "o_proj", "up_proj", "v_proj"]},
+    "deltacome-mlp-o-dare": {"residual": "none", "dare_rates": "uniform",
+                             "dare_modules": ["down_proj", "gate_proj", "o_proj", "up_proj"]},
     "deltacome-attn-dare": {"residual": "none", "dare_modules": ["k_proj", "o_proj", "q_proj", "v_proj"]},
     "deltacome-down-dare": {"residual": "none", "dare_modules": ["down_proj"]},
     "deltacome-gateup-dare": {"residual": "none", "dare_modules": ["gate_proj", "up_proj"]},
