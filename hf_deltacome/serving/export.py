@@ -111,14 +111,18 @@ def _vllm_rank(rank: int) -> int:
 
 
 @torch.no_grad()
-def lora_factors(delta: PackedDelta, rank: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lora_factors(
+    delta: PackedDelta, rank: Optional[int] = None, dense: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(A, B, S)`` in float64 with ``B @ A`` the best rank-``rank`` approximation of the delta (exact without
     ``rank``): ``A`` is ``k x in``, ``B`` is ``out x k``, ``S`` all singular values of the delta (length ``r``).
 
     Bands alone are factored through their ranks (no ``out x in`` matrix). A delta with DARE values or sign bits is
-    full rank: the SVD of its dense matrix, ``min(out, in)`` singular vectors when exact."""
+    full rank: the SVD of its dense matrix (``dense`` where the caller has it, float64), ``min(out, in)`` singular
+    vectors when exact."""
     if delta.full_rank:
-        x, s, yt = torch.linalg.svd(delta.delta_weight(torch.float64), full_matrices=False)
+        w = delta.delta_weight(torch.float64) if dense is None else dense
+        x, s, yt = torch.linalg.svd(w, full_matrices=False)
     elif not delta.low_rank_bands:
         empty = torch.zeros(0, dtype=torch.float64)
         return empty.new_zeros(0, delta.in_features), empty.new_zeros(delta.out_features, 0), empty
@@ -134,11 +138,14 @@ def lora_factors(delta: PackedDelta, rank: Optional[int] = None) -> tuple[torch.
     return root[:, None] * yt[:k], x[:, :k] * root, s
 
 
-def _relative_error2(a: torch.Tensor, b: torch.Tensor, delta: PackedDelta) -> tuple[float, float]:
-    """``(||b a − Δ||², ||Δ||²)``; from the factors (no ``out x in`` matrix) where the delta is bands alone."""
+def _relative_error2(
+    a: torch.Tensor, b: torch.Tensor, delta: PackedDelta, dense: Optional[torch.Tensor] = None
+) -> tuple[float, float]:
+    """``(||b a − Δ||², ||Δ||²)``; from the factors (no ``out x in`` matrix) where the delta is bands alone, else
+    against ``dense`` (the delta's float64 matrix, built here when not given)."""
     a, b = a.to(torch.float64), b.to(torch.float64)
     if delta.full_rank:
-        w = delta.delta_weight(torch.float64)
+        w = delta.delta_weight(torch.float64) if dense is None else dense
         return float(((b @ a - w) ** 2).sum()), float((w**2).sum())
     u = torch.cat([x.ut_dense(torch.float64).t() * x.s.to(torch.float64) for x in delta.low_rank_bands], dim=1)
     v = torch.cat([x.vt_dense(torch.float64) for x in delta.low_rank_bands], dim=0)
@@ -184,14 +191,15 @@ def export_lora(
     with_bias = {name for name, entry in config.layout.items() if entry.get("bias")}
     for name in sorted(config.layout):
         delta = packed_delta(config, state, name)  # DARE values and sign bits: the SVD of the dense delta
-        a, b, s = lora_factors(delta, rank)
+        dense = delta.delta_weight(torch.float64) if delta.full_rank else None  # built once for both uses
+        a, b, s = lora_factors(delta, rank, dense)
         full_ranks[name] = len(s)
         if a.shape[0] == 0:
             if name not in with_bias:
                 continue  # nothing changed here
             a, b = a.new_zeros(1, delta.in_features), b.new_zeros(delta.out_features, 1)
         a, b = a.to(torch_dtype).contiguous(), b.to(torch_dtype).contiguous()
-        err2, norm2 = _relative_error2(a, b, delta) if len(s) else (0.0, 0.0)
+        err2, norm2 = _relative_error2(a, b, delta, dense) if len(s) else (0.0, 0.0)
         total_err2, total_norm2 = total_err2 + err2, total_norm2 + norm2
         errors[name] = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
         ranks[name] = a.shape[0]
