@@ -128,3 +128,23 @@ def test_a_crash_that_is_not_ours_is_one_line_with_a_bug_hint(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last)") and "in broken" in err
     assert err.strip().splitlines()[-1].startswith("deltacome info: unexpected RuntimeError: boom")
+
+
+def test_cli_log_follows_a_redirected_stderr(monkeypatch):
+    """Commands run one after another in one process (tests, a notebook) each under their own redirected stderr: the
+    library's messages reach the stderr of the moment, not the stream the first command ran under."""
+    import io
+    import logging
+
+    from hf_deltacome.progress import log_to_stderr
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(logging.getLogger("hf_deltacome"), "handlers", [])  # as a fresh process starts
+    monkeypatch.setattr("sys.stderr", first)
+    log_to_stderr()
+    logging.getLogger("hf_deltacome.compression").info("first message")
+    monkeypatch.setattr("sys.stderr", second)
+    log_to_stderr()  # once: no second handler
+    logging.getLogger("hf_deltacome.compression").info("second message")
+    assert first.getvalue() == "deltacome: first message\n"
+    assert second.getvalue() == "deltacome: second message\n"
