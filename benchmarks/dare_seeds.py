@@ -7,7 +7,9 @@ DARE's mask (and ImPart's) comes from a seed derived from each module's name, so
 is one draw. This compresses the same pair with the same method and bytes under other draws (``mask_draw=k`` derives
 every module's seed from ``name#k``; ``k = 0`` is the name alone, what every other run uses; ``mask_draws=1``, so the
 default does not choose among draws itself), loads each adapter with
-``PeftModel.from_pretrained`` and counts the held-out questions it answers right, as ``quality.py`` does: how many of
+``PeftModel.from_pretrained`` and counts the held-out questions it answers right, as ``quality.py`` does (and how
+many of them the fine-tune answers right too: the rest are questions the fine-tune gets wrong that the compression's
+error turned right): how many of
 the questions that separate two methods in one draw a redraw moves. Each draw's next-token KL to the fine-tune on
 the calibration text (the sequences the library's end-to-end check runs: data a user has at hand), over all their
 tokens (what the check scores) and over the answers' tokens, is printed beside its count and its next-token agreement
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     base, ft = quality.load_model(base_path), quality.load_model(ft_path)
     calib = quality.calibration_texts(task, tokenizer)
-    ft_right = sum(ok for _, _, ok in zoo.task_predictions(ft, tokenizer, task, n=None, batch_size=48))
+    ft_ok = [ok for _, _, ok in zoo.task_predictions(ft, tokenizer, task, n=None, batch_size=48)]
+    ft_right = sum(ft_ok)
     ids, mask = tokenize_records(read_records(calib, tokenizer), tokenizer, **CALIBRATION)  # what compress reads
     batches = list(ids[:E2E_SAMPLES].split(E2E_BATCH))  # what its end-to-end check runs
     answers = list(response_positions(mask[:E2E_SAMPLES]).split(E2E_BATCH))  # the answers' tokens in them
@@ -92,16 +95,18 @@ def main(argv: list[str] | None = None) -> int:
             kls = next_token_kls(reference, loaded, batches)  # one pass for the whole text's mean and the answers'
             kl, kl_answers = mean_kl(kls), mean_kl(kls, answers)
             agreement = quality.text_scores(loaded, windows, ft_argmax)[1]
-        rows.append((k, size, sum(right), kl, kl_answers, agreement))
-        print(f"draw {k}: {sum(right)} right, agreement {100 * agreement:.1f}%, calibration KL {kl:.5f}, answers KL "
+        kept = sum(ok and f for ok, f in zip(right, ft_ok))  # of the fine-tune's right answers
+        rows.append((k, size, sum(right), kl, kl_answers, agreement, kept))
+        print(f"draw {k}: {sum(right)} right ({kept} of the fine-tune's {ft_right}), agreement {100 * agreement:.1f}%, calibration KL {kl:.5f}, answers KL "
               f"{kl_answers:.5f}, {size:,} B", file=sys.stderr, flush=True)  # fmt: skip
     print(f"### {task.name}: `{args.method}` at {args.ratio}, one row per draw of its masks ({len(task.eval)} "
           f"held-out questions; the fine-tune answers {ft_right})\n")  # fmt: skip
-    print("| draw | true bytes | right | vs the fine-tune | agreement | calibration KL | answers KL |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for k, size, right, kl, kl_answers, agreement in rows:
-        print(f"| {k} | {size:,} | {right} | {right - ft_right:+d} | {100 * agreement:.1f}% | {kl:.5f} | "
-              f"{kl_answers:.5f} |")
+    print("| draw | true bytes | right | vs the fine-tune | of its right answers | beyond them | agreement | "
+          "calibration KL | answers KL |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k, size, right, kl, kl_answers, agreement, kept in rows:
+        print(f"| {k} | {size:,} | {right} | {right - ft_right:+d} | {kept} | {right - kept} | "
+              f"{100 * agreement:.1f}% | {kl:.5f} | {kl_answers:.5f} |")
     counts = [row[2] for row in rows]
     by_kl, by_answers = min(rows, key=lambda row: row[3]), min(rows, key=lambda row: row[4])
     print(f"\nright: {min(counts)}-{max(counts)}, mean {sum(counts) / len(counts):.1f}; the draw of lowest "
