@@ -575,14 +575,16 @@ def table(records: list[dict], ref: dict, task_name: str) -> str:
         f"Code revision: `{'`, `'.join(revisions)}`" + (" (MIXED: rerun with --force)" if len(revisions) > 1 else ""),
         "",
         "| method | ratio | true bytes | effective ratio | compress s | perplexity | agreement | accuracy | answer NLL "
-        "| gain kept | questions vs default |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| gain kept | the fine-tune's right kept + beyond | questions vs default |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    ft_correct = ref["finetuned"].get("correct")
     for name in ("base", "finetuned"):
         r = ref[name]
         lines.append(
             f"| *{name}* | – | – | – | – | {r['perplexity']:.3f} | {100 * r['agreement']:.1f}% | "
-            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {'0%' if name == 'base' else '100%'} | – |"
+            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {'0%' if name == 'base' else '100%'} | "
+            f"{_fidelity(r.get('correct'), ft_correct)} | – |"
         )
     default = {r["ratio"]: r.get("correct") for r in records if r["variant"] == "deltacome"}
     margins = ref["finetuned"].get("margin")
@@ -591,9 +593,20 @@ def table(records: list[dict], ref: dict, task_name: str) -> str:
         lines.append(
             f"| {r['variant']} | {frac(r['ratio'])} | {r['file_bytes']:,} | 1/{1 / r['effective_ratio']:.1f} | "
             f"{r['compress_seconds']:.0f} | {r['perplexity']:.3f} | {100 * r['agreement']:.1f}% | "
-            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {gk} | {_versus(r, default.get(r['ratio']), margins)} |"
+            f"{100 * r['accuracy']:.1f}% | {_nll(r)} | {gk} | {_fidelity(r.get('correct'), ft_correct)} | "
+            f"{_versus(r, default.get(r['ratio']), margins)} |"
         )
     return "\n".join(lines)
+
+
+def _fidelity(correct: str | None, ft_correct: str | None) -> str:
+    """``k + b``: of the questions the fine-tune answers right, the ``k`` these answers keep, and the ``b`` right
+    answers beyond them (questions the fine-tune gets wrong, turned right by the compression's error). Gain kept
+    counts both alike; ``k`` is what a compression keeps of the fine-tune."""
+    if not correct or not ft_correct or len(correct) != len(ft_correct):
+        return "–"
+    kept = sum(a == "1" and b == "1" for a, b in zip(correct, ft_correct))
+    return f"{kept} + {correct.count('1') - kept}"
 
 
 def _versus(record: dict, default: str | None, margins: list[float] | None = None) -> str:
@@ -737,7 +750,9 @@ def main(argv: list[str] | None = None) -> int:
             f"(the same for every method). Held-out: {windows.numel():,} tokens of eval prompts + answers "
             f"(perplexity, next-token agreement with the fine-tune), {args.n_eval or len(task.eval)} eval questions "
             "(accuracy, greedy; answer NLL: nats per token of the reference answers given the questions). True bytes = `adapter_model.safetensors` size (dense extras included, identical "
-            "for all methods); gain kept = (acc - acc_base) / (acc_finetuned - acc_base); questions vs default: "
+            "for all methods); gain kept = (acc - acc_base) / (acc_finetuned - acc_base); the fine-tune's right kept "
+            "+ beyond: of the held-out questions the fine-tune answers right, how many this method answers right, "
+            "plus how many it answers right that the fine-tune gets wrong; questions vs default: "
             "held-out questions this method answers right and the default (`deltacome`, same ratio) does not, the "
             "reverse, the exact two-sided McNemar p-value of that split (one question moves gain kept by "
             f"{100 / max(1, len(task.eval[: args.n_eval]) * (ref['finetuned']['accuracy'] - ref['base']['accuracy'])):.2f} points), "

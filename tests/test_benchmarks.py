@@ -160,7 +160,7 @@ def test_the_table_compares_each_method_with_the_default_question_by_question(qu
             {**cell, "variant": "dare", "ratio": 1 / 32, "correct": "0000"}]  # fmt: skip
     lines = quality.table(rows, ref, "facts").splitlines()
     assert lines[2].endswith("| questions vs default |")
-    assert lines[-4].endswith("| 50.0% | – |")  # the default itself
+    assert lines[-4].endswith("| 50.0% | – | – |")  # the default itself (no fine-tune scores in this ref)
     assert lines[-3].endswith("| +2 / −0 (p 0.5) |")
     assert lines[-2].endswith("| – |") and lines[-1].endswith("| – |")  # no scores; no default at that ratio
 
@@ -317,3 +317,21 @@ def test_compress_time_refuses_bad_flags_by_name_before_any_model_loads():
                           (["--revisions", "c41bc35,nosuchrev"], "--revisions: 'nosuchrev' is not a commit")):  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             module.main(argv)
+
+
+def test_the_table_splits_right_answers_into_the_fine_tunes_kept_and_those_beyond(quality):
+    """A method can match the fine-tune's count by losing one of its right answers and turning one of its wrong
+    ones right; the column tells the two apart (gain kept cannot)."""
+    ref = {"base": {"perplexity": 2, "agreement": 0.5, "accuracy": 0, "correct": "0000"},
+           "finetuned": {"perplexity": 3, "agreement": 1, "accuracy": 0.75, "correct": "1110"},
+           "revision": "abc123"}  # fmt: skip
+    cell = {"variant": "deltacome", "ratio": 1 / 16, "file_bytes": 10, "effective_ratio": 1 / 16,
+            "compress_seconds": 1.0, "perplexity": 2.5, "agreement": 0.9, "accuracy": 0.75, "gain_kept": 1.0,
+            "revision": "abc123", "correct": "1110"}  # fmt: skip
+    rows = [cell, {**cell, "variant": "dare", "correct": "0111"}, {**cell, "variant": "lowrank", "correct": None}]
+    lines = quality.table(rows, ref, "facts").splitlines()
+    assert "| the fine-tune's right kept + beyond |" in lines[2]
+    assert lines[4].endswith("| 0 + 0 | – |") and lines[5].endswith("| 3 + 0 | – |")  # base, fine-tune
+    assert lines[-3].endswith("| 3 + 0 | – |")
+    assert lines[-2].endswith("| 2 + 1 | +1 / −1 (p 1) |")  # as many right as the fine-tune, one of them beyond it
+    assert lines[-1].endswith("| – | – |")
