@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             agreement = quality.text_scores(loaded, windows, ft_argmax)[1]
         kept = sum(ok and f for ok, f in zip(right, ft_ok))  # of the fine-tune's right answers
         rows.append((k, size, sum(right), kl, kl_answers, agreement, kept))
-        print(f"draw {k}: {sum(right)} right ({kept} of the fine-tune's {ft_right}), agreement {100 * agreement:.1f}%, calibration KL {kl:.5f}, answers KL "
-              f"{kl_answers:.5f}, {size:,} B", file=sys.stderr, flush=True)  # fmt: skip
+        print(f"draw {k}: {sum(right)} right ({kept} of the fine-tune's {ft_right}), agreement "
+              f"{100 * agreement:.1f}%, calibration KL {kl:.5f}, answers KL {kl_answers:.5f}, {size:,} B",
+              file=sys.stderr, flush=True)  # fmt: skip
     print(f"### {task.name}: `{args.method}` at {args.ratio}, one row per draw of its masks ({len(task.eval)} "
           f"held-out questions; the fine-tune answers {ft_right})\n")  # fmt: skip
     print("| draw | true bytes | right | vs the fine-tune | of its right answers | beyond them | agreement | "
