@@ -110,25 +110,41 @@ def _vllm_rank(rank: int) -> int:
     return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
 
 
+Exact = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # the dense delta, or (u, v) with Δ = u v
+
+
+def exact_delta(delta: PackedDelta) -> Exact:
+    """The delta exactly, in float64, in the smallest form that holds it: the dense ``out x in`` matrix where it is
+    full rank (DARE values or sign bits), else ``(u, v)`` with ``Δ = u v`` (``u`` = each band's ``U S``, ``out x r``;
+    ``v`` its ``Vᵀ``, ``r x in``; ``r = 0`` without bands)."""
+    if delta.full_rank:
+        return delta.delta_weight(torch.float64)
+    bands = delta.low_rank_bands
+    u = [b.ut_dense(torch.float64).t() * b.s.to(torch.float64) for b in bands]
+    v = [b.vt_dense(torch.float64) for b in bands]
+    empty = torch.zeros(0, dtype=torch.float64)
+    return (torch.cat(u, dim=1) if u else empty.new_zeros(delta.out_features, 0),
+            torch.cat(v, dim=0) if v else empty.new_zeros(0, delta.in_features))  # fmt: skip
+
+
 @torch.no_grad()
 def lora_factors(
-    delta: PackedDelta, rank: Optional[int] = None, dense: Optional[torch.Tensor] = None
+    delta: PackedDelta, rank: Optional[int] = None, exact: Optional[Exact] = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(A, B, S)`` in float64 with ``B @ A`` the best rank-``rank`` approximation of the delta (exact without
     ``rank``): ``A`` is ``k x in``, ``B`` is ``out x k``, ``S`` all singular values of the delta (length ``r``).
 
     Bands alone are factored through their ranks (no ``out x in`` matrix). A delta with DARE values or sign bits is
-    full rank: the SVD of its dense matrix (``dense`` where the caller has it, float64), ``min(out, in)`` singular
-    vectors when exact."""
-    if delta.full_rank:
-        w = delta.delta_weight(torch.float64) if dense is None else dense
-        x, s, yt = torch.linalg.svd(w, full_matrices=False)
-    elif not delta.low_rank_bands:
+    full rank: the SVD of its dense matrix, ``min(out, in)`` singular vectors when exact. ``exact``: the delta's
+    :func:`exact_delta` where the caller has it already."""
+    exact = exact_delta(delta) if exact is None else exact
+    if isinstance(exact, torch.Tensor):
+        x, s, yt = torch.linalg.svd(exact, full_matrices=False)
+    elif not exact[0].shape[1]:
         empty = torch.zeros(0, dtype=torch.float64)
         return empty.new_zeros(0, delta.in_features), empty.new_zeros(delta.out_features, 0), empty
     else:
-        u = torch.cat([b.ut_dense(torch.float64).t() * b.s.to(torch.float64) for b in delta.low_rank_bands], dim=1)
-        v = torch.cat([b.vt_dense(torch.float64) for b in delta.low_rank_bands], dim=0)
+        u, v = exact
         qu, ru = torch.linalg.qr(u)  # u = qu ru
         qv, rv = torch.linalg.qr(v.t())  # vᵀ = qv rv, so Δ = qu (ru rvᵀ) qvᵀ
         x, s, yt = torch.linalg.svd(ru @ rv.t())
@@ -138,17 +154,13 @@ def lora_factors(
     return root[:, None] * yt[:k], x[:, :k] * root, s
 
 
-def _relative_error2(
-    a: torch.Tensor, b: torch.Tensor, delta: PackedDelta, dense: Optional[torch.Tensor] = None
-) -> tuple[float, float]:
-    """``(||b a − Δ||², ||Δ||²)``; from the factors (no ``out x in`` matrix) where the delta is bands alone, else
-    against ``dense`` (the delta's float64 matrix, built here when not given)."""
+def _relative_error2(a: torch.Tensor, b: torch.Tensor, exact: Exact) -> tuple[float, float]:
+    """``(||b a − Δ||², ||Δ||²)`` against the delta's :func:`exact_delta`; from the factors (no ``out x in``
+    matrix) where that is bands alone."""
     a, b = a.to(torch.float64), b.to(torch.float64)
-    if delta.full_rank:
-        w = delta.delta_weight(torch.float64) if dense is None else dense
-        return float(((b @ a - w) ** 2).sum()), float((w**2).sum())
-    u = torch.cat([x.ut_dense(torch.float64).t() * x.s.to(torch.float64) for x in delta.low_rank_bands], dim=1)
-    v = torch.cat([x.vt_dense(torch.float64) for x in delta.low_rank_bands], dim=0)
+    if isinstance(exact, torch.Tensor):
+        return float(((b @ a - exact) ** 2).sum()), float((exact**2).sum())
+    u, v = exact
     norm2 = float(torch.trace((u.t() @ u) @ (v @ v.t())))
     approx2 = float(torch.trace((b.t() @ b) @ (a @ a.t())))
     cross = float(torch.trace((b.t() @ u) @ (v @ a.t())))
@@ -191,15 +203,15 @@ def export_lora(
     with_bias = {name for name, entry in config.layout.items() if entry.get("bias")}
     for name in sorted(config.layout):
         delta = packed_delta(config, state, name)  # DARE values and sign bits: the SVD of the dense delta
-        dense = delta.delta_weight(torch.float64) if delta.full_rank else None  # built once for both uses
-        a, b, s = lora_factors(delta, rank, dense)
+        exact = exact_delta(delta)  # built once for the factors and their error
+        a, b, s = lora_factors(delta, rank, exact)
         full_ranks[name] = len(s)
         if a.shape[0] == 0:
             if name not in with_bias:
                 continue  # nothing changed here
             a, b = a.new_zeros(1, delta.in_features), b.new_zeros(delta.out_features, 1)
         a, b = a.to(torch_dtype).contiguous(), b.to(torch_dtype).contiguous()
-        err2, norm2 = _relative_error2(a, b, delta, dense) if len(s) else (0.0, 0.0)
+        err2, norm2 = _relative_error2(a, b, exact) if len(s) else (0.0, 0.0)
         total_err2, total_norm2 = total_err2 + err2, total_norm2 + norm2
         errors[name] = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
         ranks[name] = a.shape[0]
