@@ -3,6 +3,7 @@ the library's INFO messages on stderr for the command line."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -14,25 +15,26 @@ def progress_bar(total: int, enabled: bool, desc: str, unit: str = "it") -> Any:
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that always writes to the current ``sys.stderr``."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:  # StreamHandler.__init__ assigns it; the property always reads sys
+        pass
+
+
 def log_to_stderr() -> None:
     """Show the library's INFO messages (logger ``hf_deltacome``) on stderr, once (commands call this).
 
     The handler writes to whatever ``sys.stderr`` is when a message is logged, not the stream of the first command:
     commands run in one process (tests, notebooks) under a redirected stderr see their own messages."""
-    import logging
-
-    class StderrHandler(logging.StreamHandler):
-        @property
-        def stream(self) -> Any:
-            return sys.stderr
-
-        @stream.setter
-        def stream(self, _value: Any) -> None:  # StreamHandler.__init__ assigns it; the property always reads sys
-            pass
-
     log = logging.getLogger("hf_deltacome")
     if not log.handlers:
-        handler = StderrHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("deltacome: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
