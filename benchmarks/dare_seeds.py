@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             kls = next_token_kls(reference, loaded, batches)  # one pass for the whole text's mean and the answers'
             kl, kl_answers = mean_kl(kls), mean_kl(kls, answers)
             agreement = quality.text_scores(loaded, windows, ft_argmax)[1]
-        kept = sum(ok and f for ok, f in zip(right, ft_ok))  # of the fine-tune's right answers
+        kept = quality.kept_answers(right, ft_ok)  # of the fine-tune's right answers
         rows.append((k, size, sum(right), kl, kl_answers, agreement, kept))
         print(f"draw {k}: {sum(right)} right ({kept} of the fine-tune's {ft_right}), agreement "
               f"{100 * agreement:.1f}%, calibration KL {kl:.5f}, answers KL {kl_answers:.5f}, {size:,} B",

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -601,13 +602,19 @@ def table(records: list[dict], ref: dict, task_name: str) -> str:
     return "\n".join(lines)
 
 
+def kept_answers(correct: Sequence[Any], ft_correct: Sequence[Any]) -> int:
+    """How many of the questions the fine-tune answers right these answers get right too (per-question scores as
+    ``item_scores``' ``"1"``/``"0"`` or as booleans)."""
+    return sum(int(a) and int(b) for a, b in zip(correct, ft_correct))
+
+
 def _fidelity(correct: str | None, ft_correct: str | None) -> str:
     """``k + b``: of the questions the fine-tune answers right, the ``k`` these answers keep, and the ``b`` right
     answers beyond them (questions the fine-tune gets wrong, turned right by the compression's error). Gain kept
     counts both alike; ``k`` is what a compression keeps of the fine-tune."""
     if not correct or not ft_correct or len(correct) != len(ft_correct):
         return "–"
-    kept = sum(a == "1" and b == "1" for a, b in zip(correct, ft_correct))
+    kept = kept_answers(correct, ft_correct)
     return f"{kept} + {correct.count('1') - kept}"
 
 
