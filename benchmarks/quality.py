@@ -108,8 +108,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                    "dare_rates": "uniform"},
     # ... with the attention's value path (v_proj, o_proj) or its output (o_proj) as DARE too, q_proj and k_proj the
     # bands: where the attention carries content rather than where it looks. Tried for facts-hot 1/8 and 1/64, where
-    # dare-2 answers more: o_proj reached dare-2 at 1/64 but lost answers at facts 1/32 and agreement everywhere, not
-    # the default (RESULTS.md, the reading at bbcc9b5)
+    # dare-2 answers more: o_proj reached dare-2 at 1/64 but lost answers at facts 1/32 and agreement everywhere
+    # (RESULTS.md, the reading at bbcc9b5); mlp-o-dare is the default's bytes from 1/64 down since the reading after
     "deltacome-mlp-vo-dare": {"residual": "none", "dare_rates": "uniform",
                               "dare_modules": ["down_proj", "gate_proj", "o_proj", "up_proj", "v_proj"]},
     "deltacome-mlp-o-dare": {"residual": "none", "dare_rates": "uniform",
@@ -149,7 +149,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
        for pct in (25, 50, 75) for d in (2, 4)},  # fmt: skip
 }
 # the default stores the MLP as DARE (dare_modules="auto", since it was measured as the variant
-# deltacome-mlp-dare); every other variant of method deltacome is a variant of the bands and keeps none
+# deltacome-mlp-dare), and o_proj too from 1/64 down; every other variant of method deltacome is a variant of the
+# bands and keeps none
 for _variant, _settings in VARIANTS.items():
     if _variant != "deltacome" and _settings.get("method", "deltacome") == "deltacome":
         _settings.setdefault("dare_modules", None)

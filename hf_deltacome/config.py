@@ -52,6 +52,11 @@ RESIDUALS = ("auto", "none")
 # seeds. Picking the least-KL draw of 4 did not pay on held-out questions (over six draws at 1/128: +1.1 questions
 # and -1.2 points of agreement on facts-hot, -0.6 questions on facts; benchmarks/RESULTS.md), so it is an option
 MASK_DRAWS = 1
+# dare_modules="auto" stores the attention's output projections (o_proj) as DARE too at this ratio and below: at 1/64
+# and 1/128 that answered as many held-out facts as dare-2 or more on both knowledge deltas, with more next-token
+# agreement than every baseline, where the bands there answered 1.6 fewer at facts-hot 1/64; at 1/32 it lost answers
+# and agreement to the bands (benchmarks/RESULTS.md, the readings at bbcc9b5 and after)
+DARE_ATTENTION_OUTPUT_RATIO = 1 / 64
 DARE_RATES = ("uniform", "importance")
 DARE_FITS = ("rescale", "gptq")
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
@@ -144,7 +149,8 @@ class DeltaCoMeConfig(PeftConfig):
         dare_modules: targets stored as DARE alone (``RESIDUAL_DARE_BITS``-bit values, ``dare_rates``) in their
             own budget; the others keep the method's layout, and the plan's choices act on them. ``"auto"``
             (default): ``"mlp"`` for ``deltacome`` with ``quantizer="gptq"`` where the model has feed-forward targets
-            whose leaf names no other target shares, else none. ``"mlp"``: the decoder layers' feed-forward targets,
+            whose leaf names no other target shares, else none; at ``ratio`` 1/64 and below
+            (``DARE_ATTENTION_OUTPUT_RATIO``) the attention's output projections (``o_proj``) as well. ``"mlp"``: the decoder layers' feed-forward targets,
             by structure (:func:`~hf_deltacome.compression.targets.mlp_targets`). Or leaf names (e.g.
             ``["down_proj", "up_proj"]``). ``None`` or ``[]``: none (the published layout). Compression writes the
             leaf names used here. Why the MLP: docs/METHOD.md §9, benchmarks/RESULTS.md.

@@ -340,8 +340,8 @@ def test_dare_modules_store_those_modules_as_dare_alone_and_load_back(tmp_path):
 
 def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
     """``dare_modules="auto"`` (the default): ``deltacome`` with GPTQ stores the feed-forward targets as DARE alone,
-    the same bytes as naming them (the variant measured in benchmarks/RESULTS.md, residual "none"), and weighs no
-    residual; ``None`` / ``[]`` / ``--dare-modules none`` store every target as bands; the baselines and RTN store
+    and from 1/64 down the attention's output projections too, the same bytes as naming them (the variants measured
+    in benchmarks/RESULTS.md, residual "none"), and weighs no residual; ``None`` / ``[]`` / ``--dare-modules none`` store every target as bands; the baselines and RTN store
     none; targets without a feed-forward one keep the bands where ``"mlp"`` would fail."""
     import hashlib
     import json
@@ -380,6 +380,26 @@ def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
     attention = DeltaCoMeConfig()
     _resolve_dare_modules(attention, base, [n for n in target_linears(base) if n.endswith(("q_proj", "v_proj"))])
     assert attention.dare_modules is None  # where dare_modules="mlp" raises (test above)
+    for ratio, leaves in (("1/32", mlp), ("1/64", sorted([*mlp, "o_proj"])), ("1/128", sorted([*mlp, "o_proj"]))):
+        cfg = DeltaCoMeConfig(ratio=ratio)  # from 1/64 down the attention's output projections are DARE too
+        _resolve_dare_modules(cfg, base, target_linears(base))
+        assert cfg.dare_modules == leaves, (ratio, cfg.dare_modules)
+    wide = make_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=8, head_dim=32)
+    wide_ft = make_finetune(wide, change_norms=False)  # 1/64 of the tiny model's delta is less than a file's header
+    for folder, config in (("default-1-64", DeltaCoMeConfig(ratio=1 / 64)),  # quality.py's deltacome-mlp-o-dare:
+                           ("named-1-64", DeltaCoMeConfig(ratio=1 / 64, dare_modules=[*mlp, "o_proj"], residual="none"))):
+        model = compress(copy.deepcopy(wide), wide_ft, config, calibration=random_ids(wide, 16, 64, seed=1),
+                         progress=False)  # fmt: skip
+        model.save_pretrained(tmp_path / folder)
+    low = DeltaCoMeConfig.from_pretrained(tmp_path / "default-1-64")
+    assert {n.rsplit(".", 1)[-1] for n, e in low.layout.items() if e.get("sparse")} == {*mlp, "o_proj"}
+    assert "`down_proj`, `gate_proj`, `o_proj`, `up_proj` (a seeded random share" in render_model_card(low)
+    assert DeltaCoMeConfig.from_pretrained(tmp_path / "named-1-64").layout == low.layout
+    assert ((tmp_path / "named-1-64" / "adapter_model.safetensors").read_bytes()
+            == (tmp_path / "default-1-64" / "adapter_model.safetensors").read_bytes())
+    mlp_low = DeltaCoMeConfig(ratio=1 / 64, dare_modules="mlp")  # "mlp" stays the feed-forward block at any ratio
+    _resolve_dare_modules(mlp_low, base, target_linears(base))
+    assert mlp_low.dare_modules == mlp
     rtn, _ = written(DeltaCoMeConfig(ratio=1 / 8, quantizer="rtn"), "rtn")  # data-free: nothing to distil with
     assert rtn.dare_modules is None
     rated_mlp, _ = written(DeltaCoMeConfig(ratio=1 / 8, dare_rates="importance"), "rated-mlp")  # dare_rates applies
@@ -404,8 +424,9 @@ def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "opt"])
 def test_dare_modules_mlp_finds_the_feed_forward_targets_by_structure(arch):
     """``dare_modules="mlp"`` means the feed-forward block's targets whatever their leaf names (OPT's ``fc1`` and
-    ``fc2`` sit beside its attention, not in an ``mlp`` module) and never an attention projection."""
-    from hf_deltacome.compression.targets import mlp_targets, select_targets
+    ``fc2`` sit beside its attention, not in an ``mlp`` module) and never an attention projection; the attention's
+    output projection is found inside the attention module by its leaf name."""
+    from hf_deltacome.compression.targets import attention_output_targets, mlp_targets, select_targets
 
     if arch == "opt":
         from transformers import OPTConfig, OPTForCausalLM
@@ -419,3 +440,5 @@ def test_dare_modules_mlp_finds_the_feed_forward_targets_by_structure(arch):
     mlp = mlp_targets(model, targets)
     assert {nm.rsplit(".", 1)[-1] for nm in mlp} == expected
     assert len(mlp) == 2 * len(expected) and all(nm in targets for nm in mlp)
+    out = attention_output_targets(model, targets)  # what dare_modules="auto" adds from 1/64 down
+    assert {nm.rsplit(".", 1)[-1] for nm in out} == {"out_proj" if arch == "opt" else "o_proj"} and len(out) == 2

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..backend import check_device
-from ..config import DeltaCoMeConfig
+from ..config import DARE_ATTENTION_OUTPUT_RATIO, DeltaCoMeConfig
 from ..errors import ConfigError, DegenerateAdapterWarning, EmptyDeltaError
 from ..format.budget import safetensors_header_bound
 from ..io.adapter_files import BLOB_SUFFIX, STATE_DICT_PREFIX
@@ -33,7 +33,7 @@ from .distill import distills
 from .modules import with_changes
 from .plan import weighs_residual
 from .streaming import LoadedPair, StreamedPair
-from .targets import ModelKind, mlp_targets
+from .targets import ModelKind, attention_output_targets, mlp_targets
 
 log = logging.getLogger("hf_deltacome")
 ModelSource = Union[nn.Module, str, os.PathLike]
@@ -70,18 +70,27 @@ def load_tokenizer(folder: Any) -> Any:
 
 def _resolve_dare_modules(config: DeltaCoMeConfig, model: nn.Module, targets: Sequence[str]) -> None:
     """``dare_modules`` becomes leaf names (or ``None``): ``"mlp"`` those of the feed-forward targets
-    (:func:`.targets.mlp_targets`), ``"auto"`` the same for ``deltacome`` with GPTQ where they are clear-cut, else none. A
-    listed name that is the leaf of no target is a typo, not a request for nothing."""
+    (:func:`.targets.mlp_targets`), ``"auto"`` the same for ``deltacome`` with GPTQ where they are clear-cut, else none,
+    and at ``ratio <= DARE_ATTENTION_OUTPUT_RATIO`` the attention's output projections too
+    (:func:`.targets.attention_output_targets`). A listed name that is the leaf of no target is a typo, not a request
+    for nothing."""
     leaves = {nm.rsplit(".", 1)[-1] for nm in targets}
     asked = config.dare_modules
     if asked == "auto" and (config.method != "deltacome" or config.quantizer != "gptq"):
         config.dare_modules = None  # measured with calibration data (GPTQ, distilled bands); RTN is data-free
     elif asked in ("mlp", "auto"):
-        chosen, problem = _mlp_leaves(model, targets)
+        chosen, problem = _own_leaves(model, targets, mlp_targets(model, targets), "in a decoder layer's feed-forward "
+                                      "block (outside its attention)")  # fmt: skip
         if asked == "mlp" and problem:
             raise ConfigError(f"dare_modules='mlp': {problem}")
         if problem:
             log.info("dare_modules='auto': every target keeps the bands (%s)", problem)
+        elif asked == "auto" and config.ratio <= DARE_ATTENTION_OUTPUT_RATIO * (1 + 1e-9):
+            out, why = _own_leaves(model, targets, attention_output_targets(model, targets), "the output projection "
+                                   "of a decoder layer's attention")  # fmt: skip
+            if why:
+                log.info("dare_modules='auto': the attention keeps the bands (%s)", why)
+            chosen |= out
         config.dare_modules = sorted(chosen) or None
         if config.dare_modules:
             log.info("dare_modules=%r: %s stored as DARE alone", asked, ", ".join(config.dare_modules))
@@ -90,18 +99,17 @@ def _resolve_dare_modules(config: DeltaCoMeConfig, model: nn.Module, targets: Se
         raise ConfigError(f"dare_modules {unknown} name no target module; the targets' leaf names are {sorted(leaves)}")
 
 
-def _mlp_leaves(model: nn.Module, targets: Sequence[str]) -> tuple[set[str], str | None]:
-    """The leaf names of the feed-forward targets, and why there are none to use (``None`` when there are)."""
+def _own_leaves(model: nn.Module, targets: Sequence[str], picked: Sequence[str], where: str) -> tuple[set[str], str | None]:
+    """The leaf names of the ``picked`` targets, and why there are none to use (``None`` when there are): no target is
+    ``where``, or a leaf name also names a target that was not picked (``dare_modules`` holds leaf names)."""
     leaves = sorted({nm.rsplit(".", 1)[-1] for nm in targets})
-    mlp = mlp_targets(model, targets)
-    if not mlp:
-        return set(), (f"no target of {_name(model)} is in a decoder layer's feed-forward block (outside its "
-                       f"attention); the targets' leaf names are {leaves}")  # fmt: skip
-    chosen = {nm.rsplit(".", 1)[-1] for nm in mlp}
-    shared = sorted(chosen & {nm.rsplit(".", 1)[-1] for nm in set(targets) - set(mlp)})
+    if not picked:
+        return set(), f"no target of {_name(model)} is {where}; the targets' leaf names are {leaves}"
+    chosen = {nm.rsplit(".", 1)[-1] for nm in picked}
+    shared = sorted(chosen & {nm.rsplit(".", 1)[-1] for nm in set(targets) - set(picked)})
     if shared:
-        return set(), (f"the leaf names {shared} of {_name(model)} name targets both in and out of the feed-forward "
-                       "blocks; list the leaves to store as DARE instead")  # fmt: skip
+        return set(), (f"the leaf names {shared} of {_name(model)} name targets both {where} and elsewhere; list the "
+                       "leaves to store as DARE instead")  # fmt: skip
     return chosen, None
 
 

@@ -23,6 +23,9 @@ from .layerwalk import find_decoder_layers
 from .vocab import vocab_params, vocab_size
 
 _MAX_LISTED = 20
+# the attention's output projection in transformers' decoders: Llama, Mistral, Qwen2, Gemma (o_proj); OPT, BART
+# (out_proj); Phi, GPT-NeoX, Falcon (dense). Only its name tells it from q_proj in a square attention
+ATTENTION_OUTPUT_LEAVES = ("o_proj", "out_proj", "dense")
 
 
 # ================================================================================ model kinds
@@ -172,14 +175,28 @@ def _in_layers(prefix: str) -> re.Pattern:
     return re.compile(re.escape(prefix) + r"\.\d+\.")
 
 
+def _attention_prefixes(model: nn.Module, inside: re.Pattern) -> list[str]:
+    """The names (with a trailing dot) of the attention modules inside the decoder layers: a module whose class name
+    has "Attention" (``LlamaAttention``, ``OPTAttention``, ``FalconAttention`` ...)."""
+    return [n + "." for n, m in model.named_modules() if inside.match(n) and "attention" in type(m).__name__.lower()]
+
+
 def mlp_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """The ``targets`` in the feed-forward blocks of the decoder layers: inside a layer, not inside its attention
-    (a module whose class name has "Attention": ``LlamaAttention``, ``OPTAttention``, ``FalconAttention`` ...), so
-    ``mlp.down_proj``, OPT's ``fc1`` and a mixture's experts count, whatever their leaf names."""
+    (:func:`_attention_prefixes`), so ``mlp.down_proj``, OPT's ``fc1`` and a mixture's experts count, whatever their
+    leaf names."""
     inside = _in_layers(find_decoder_layers(model)[0])
-    attention = [n + "." for n, m in model.named_modules() if inside.match(n) and "attention" in
-                 type(m).__name__.lower()]  # fmt: skip
+    attention = _attention_prefixes(model, inside)
     return [t for t in targets if inside.match(t) and not any(t.startswith(a) for a in attention)]
+
+
+def attention_output_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The ``targets`` that project a decoder layer's attention heads back to the residual stream: a child of its
+    attention module with a leaf name of ``ATTENTION_OUTPUT_LEAVES``."""
+    inside = _in_layers(find_decoder_layers(model)[0])
+    attention = _attention_prefixes(model, inside)
+    return [t for t in targets if t.rsplit(".", 1)[-1] in ATTENTION_OUTPUT_LEAVES
+            and any(t.startswith(a) and "." not in t[len(a):] for a in attention)]  # fmt: skip
 
 
 def select_targets(model: nn.Module, config: DeltaCoMeConfig) -> tuple[str, list[str]]:
