@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, ratio: float) -> int:
     peft_model = compress(base, finetuned, cfg, calibration=None, tokenizer=tok, **calib_kwargs)
     timings["compression"] = time.time() - t
     written = peft_model.peft_config["default"]
-    if written.dare_leaves:  # dare_modules="auto": the feed-forward targets store DARE alone
+    if written.dare_leaves:  # dare_modules="auto": the feed-forward targets (from 1/64 down o_proj too) store DARE
         print(f"      {', '.join(written.dare_leaves)}: a 2-bit DARE of the delta (dare_modules='auto'); the rest bands")
     share = written.compression_info.get("rank_share")
     if share:  # min_rank_share="auto": how far the fixed 8/3-bit bands may eat into the 2-bit tail

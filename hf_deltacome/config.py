@@ -53,9 +53,9 @@ RESIDUALS = ("auto", "none")
 # and -1.2 points of agreement on facts-hot, -0.6 questions on facts; benchmarks/RESULTS.md), so it is an option
 MASK_DRAWS = 1
 # dare_modules="auto" stores the attention's output projections (o_proj) as DARE too at this ratio and below: at 1/64
-# and 1/128 that answered as many held-out facts as dare-2 or more on both knowledge deltas, with more next-token
-# agreement than every baseline, where the bands there answered 1.6 fewer at facts-hot 1/64; at 1/32 it lost answers
-# and agreement to the bands (benchmarks/RESULTS.md, the readings at bbcc9b5 and after)
+# and 1/128 that answered 0-1.8 more held-out facts than their bands on both knowledge deltas (means of five mask
+# draws), with more next-token agreement than every baseline; at 1/32 it lost answers and agreement to the bands
+# (benchmarks/RESULTS.md, the readings at bbcc9b5 and a2b7ead)
 DARE_ATTENTION_OUTPUT_RATIO = 1 / 64
 DARE_RATES = ("uniform", "importance")
 DARE_FITS = ("rescale", "gptq")
