@@ -52,11 +52,6 @@ RESIDUALS = ("auto", "none")
 # seeds. Picking the least-KL draw of 4 did not pay on held-out questions (over six draws at 1/128: +1.1 questions
 # and -1.2 points of agreement on facts-hot, -0.6 questions on facts; benchmarks/RESULTS.md), so it is an option
 MASK_DRAWS = 1
-# dare_modules="auto" stores the attention's output projections (o_proj) as DARE too at this ratio and below: at 1/64
-# and 1/128 that answered 0-1.8 more held-out facts than their bands on both knowledge deltas (means of five mask
-# draws), with more next-token agreement than every baseline; at 1/32 it lost answers and agreement to the bands
-# (benchmarks/RESULTS.md, the readings at bbcc9b5 and a2b7ead)
-DARE_ATTENTION_OUTPUT_RATIO = 1 / 64
 DARE_RATES = ("uniform", "importance")
 DARE_FITS = ("rescale", "gptq")
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
@@ -149,11 +144,10 @@ class DeltaCoMeConfig(PeftConfig):
         dare_modules: targets stored as DARE alone (``RESIDUAL_DARE_BITS``-bit values, ``dare_rates``) in their
             own budget; the others keep the method's layout, and the plan's choices act on them. ``"auto"``
             (default): ``"mlp"`` for ``deltacome`` with ``quantizer="gptq"`` where the model has feed-forward targets
-            whose leaf names no other target shares, else none; at ``ratio`` 1/64 and below
-            (``DARE_ATTENTION_OUTPUT_RATIO``) the attention's output projections (``o_proj``) as well. ``"mlp"``: the decoder layers' feed-forward targets,
-            by structure (:func:`~hf_deltacome.compression.targets.mlp_targets`). Or leaf names (e.g.
-            ``["down_proj", "up_proj"]``). ``None`` or ``[]``: none (the published layout). Compression writes the
-            leaf names used here. Why the MLP: docs/METHOD.md §9, benchmarks/RESULTS.md.
+            whose leaf names no other target shares, else none; from ``ratio`` 1/64 down the attention's ``o_proj``
+            too. ``"mlp"``: the feed-forward targets (:func:`~hf_deltacome.compression.targets.mlp_targets`).
+            Or leaf names (e.g. ``["down_proj", "up_proj"]``). ``None`` or ``[]``: none (the published layout).
+            Compression writes the leaf names used here. Why: docs/METHOD.md §9, benchmarks/RESULTS.md.
         mask_draw: which draw of the seeded masks (DARE's, ImPart's) a layout uses: every module's seed comes from
             its name (0) or from ``name#mask_draw``. The seeds are stored in the layout; loading never re-derives them.
         mask_draws: ``residual="auto"``: when it keeps a DARE part, the whole-model check also weighs that layout
