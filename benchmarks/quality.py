@@ -109,7 +109,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # ... with the attention's value path (v_proj, o_proj) or its output (o_proj) as DARE too, q_proj and k_proj the
     # bands: where the attention carries content rather than where it looks. Tried for facts-hot 1/8 and 1/64, where
     # dare-2 answers more: o_proj reached dare-2 at 1/64 but lost answers at facts 1/32 and agreement everywhere
-    # (RESULTS.md, the reading at bbcc9b5); mlp-o-dare is the default's bytes from 1/64 down since the reading after
+    # (RESULTS.md, the reading at bbcc9b5); mlp-o-dare is the default's bytes from 1/64 down since a2b7ead
     "deltacome-mlp-vo-dare": {"residual": "none", "dare_rates": "uniform",
                               "dare_modules": ["down_proj", "gate_proj", "o_proj", "up_proj", "v_proj"]},
     "deltacome-mlp-o-dare": {"residual": "none", "dare_rates": "uniform",

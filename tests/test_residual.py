@@ -341,8 +341,9 @@ def test_dare_modules_store_those_modules_as_dare_alone_and_load_back(tmp_path):
 def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
     """``dare_modules="auto"`` (the default): ``deltacome`` with GPTQ stores the feed-forward targets as DARE alone,
     and from 1/64 down the attention's output projections too, the same bytes as naming them (the variants measured
-    in benchmarks/RESULTS.md, residual "none"), and weighs no residual; ``None`` / ``[]`` / ``--dare-modules none`` store every target as bands; the baselines and RTN store
-    none; targets without a feed-forward one keep the bands where ``"mlp"`` would fail."""
+    in benchmarks/RESULTS.md, residual "none"), and weighs no residual; ``None`` / ``[]`` / ``--dare-modules none``
+    store every target as bands; the baselines and RTN store none; targets without a feed-forward one keep the bands
+    where ``"mlp"`` would fail."""
     import hashlib
     import json
 
@@ -442,3 +443,28 @@ def test_dare_modules_mlp_finds_the_feed_forward_targets_by_structure(arch):
     assert len(mlp) == 2 * len(expected) and all(nm in targets for nm in mlp)
     out = attention_output_targets(model, targets)  # what dare_modules="auto" adds from 1/64 down
     assert {nm.rsplit(".", 1)[-1] for nm in out} == {"out_proj" if arch == "opt" else "o_proj"} and len(out) == 2
+
+
+def test_dare_modules_auto_keeps_the_bands_where_a_leaf_name_is_ambiguous(caplog):
+    """``dare_modules`` holds leaf names, so ``"auto"`` takes a group only where its leaf names name nothing else:
+    a feed-forward leaf also used in the attention leaves every target to the bands (``"mlp"`` refuses it), an
+    ``o_proj`` also used outside the attention leaves the attention its bands at 1/64; each says why."""
+    import logging
+
+    from hf_deltacome.compression.inputs import _resolve_dare_modules
+
+    base = make_model("llama")
+    targets = target_linears(base)
+    with caplog.at_level(logging.INFO, logger="hf_deltacome"):
+        cfg = DeltaCoMeConfig(ratio=1 / 64)
+        _resolve_dare_modules(cfg, base, [*targets, "model.o_proj"])  # an o_proj outside the decoder layers
+        assert cfg.dare_modules == ["down_proj", "gate_proj", "up_proj"]
+        assert "the attention keeps the bands (the leaf names ['o_proj'] of 'tiny-random-llama' name targets both" \
+               " the output projection of a decoder layer's attention and elsewhere" in caplog.text
+        shared = [*targets, "model.layers.0.self_attn.down_proj"]  # a feed-forward leaf name inside the attention
+        cfg = DeltaCoMeConfig(ratio=1 / 64)
+        _resolve_dare_modules(cfg, base, shared)
+        assert cfg.dare_modules is None and "every target keeps the bands (the leaf names ['down_proj']" in caplog.text
+    with pytest.raises(ConfigError, match=r"dare_modules='mlp': the leaf names \['down_proj'\] of 'tiny-random-llama' "
+                                          r"name targets both in a decoder layer's feed-forward block"):
+        _resolve_dare_modules(DeltaCoMeConfig(dare_modules="mlp"), base, shared)
