@@ -272,7 +272,7 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                         "fewer facts in benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--dare-modules", type=_leaf_names, default=None,
                    help="targets stored as DARE alone (2-bit values, uniform rates unless --dare-rates), the rest the method's "
-                        "layout: auto (default: mlp for deltacome with gptq, else none), mlp (every "
+                        "layout: auto (default: mlp for deltacome with gptq, and o_proj from ratio 1/64 down; else none), mlp (every "
                         "feed-forward target), none (the published Delta-CoMe layout) or comma-separated leaf names "
                         "(e.g. gate_proj,up_proj,down_proj); benchmarks/RESULTS.md")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None,
