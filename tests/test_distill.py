@@ -32,7 +32,8 @@ def pair():
 
 def _compress(pair, calib, **kw):
     base, ft = pair
-    cfg = DeltaCoMeConfig(group_size=32, ratio=1 / 32, residual="none", min_rank_share=0.0, dare_modules=None, **kw)
+    kw = {"dare_modules": None, **kw}
+    cfg = DeltaCoMeConfig(group_size=32, ratio=1 / 32, residual="none", min_rank_share=0.0, **kw)
     return compress(copy.deepcopy(base), ft, cfg, calibration=calib, progress=False)
 
 
@@ -156,3 +157,21 @@ def test_distillation_without_token_ids_is_refused(pair):
     for ids in (None, torch.zeros(0, 16, dtype=torch.long)):
         with pytest.raises(CalibrationError, match="scale distillation needs calibration token ids"):
             distill_scales(model, ft, ids, bands=True)
+
+
+def test_distilling_beside_dare_modules_builds_their_transposes_once_and_drops_them(pair, monkeypatch):
+    """The backward passes through a DARE module (CSR at 1/32) multiply by a transpose built once per module; none
+    is left on the compressed adapter."""
+    from hf_deltacome.format.baseline_parts import SparsePart
+
+    built = []
+    own = SparsePart._build_transposed
+    monkeypatch.setattr(SparsePart, "_build_transposed", lambda self: built.append(self.seed) or own(self))
+    calib = random_ids(pair[0], 8, 32, seed=9)
+    model = _compress(pair, calib, distill_steps=4, dare_modules=["down_proj", "gate_proj", "up_proj"])
+    deltas = [m.deltacome_delta["default"] for m in model.modules() if isinstance(m, DeltaCoMeLayer)]
+    sparse = [d for d in deltas if d.sparse is not None]
+    assert model.peft_config["default"].compression_info["distill"]["steps"] == 4
+    assert sparse and all(d.sparse.forward_weight().layout == torch.sparse_csr for d in sparse)
+    assert sorted(built) == sorted(d.sparse.seed for d in sparse)  # once each, over the four steps
+    assert not any("csr_t" in (d._derived or {}) for d in deltas)

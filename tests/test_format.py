@@ -210,3 +210,32 @@ def test_dare_part_runs_sparse_at_low_keep_and_follows_writes(keep):
     with torch.no_grad():
         part.values.scales.mul_(2)
     torch.testing.assert_close(part.forward_delta(x), 2 * before, rtol=1e-5, atol=1e-5)
+
+
+def test_dare_part_input_gradient_is_torchs_own_through_a_stored_transpose():
+    """Where its input needs a gradient (scale distillation's backward passes), a CSR DARE part multiplies the
+    gradient by a stored CSR transpose: bit for bit the gradient of torch's own CSR product, kept zeros included;
+    the transpose is built once, only then, and `forget` drops it."""
+    from hf_deltacome.format.baseline_parts import SparsePart, sparse_mask
+    from hf_deltacome.quant.rtn import quantize_rtn
+
+    m, n, seed, keep = 96, 80, 5, 0.2
+    nnz = int(sparse_mask(m, n, keep, seed).sum())
+    part = SparsePart(m, n, nnz, keep, seed, 2, 128)
+    values = torch.randn(1, nnz, generator=torch.Generator().manual_seed(0))
+    values[0, ::7] = 0.0  # kept entries whose value is zero stay entries of both matrices
+    part.values.set(quantize_rtn(values, 2, 128))
+    x, grad = torch.randn(3, 4, n, requires_grad=True), torch.randn(3, 4, m)
+    with torch.no_grad():
+        part.forward_delta(x)
+    assert "csr_t" not in part._store._derived
+    part.forward_delta(x).backward(grad)
+    built = part._store._derived["csr_t"][1]
+    weight, own = part.forward_weight(), x.detach().clone().requires_grad_(True)
+    torch.sparse.mm(weight, own.reshape(-1, n).t()).t().reshape(3, 4, m).backward(grad)
+    assert torch.equal(x.grad, own.grad)
+    assert built._nnz() == weight._nnz() == nnz
+    part.forward_delta(x).backward(grad)
+    assert part._store._derived["csr_t"][1] is built
+    part._store.forget("csr_t")
+    assert "csr_t" not in part._store._derived and "csr" in part._store._derived

@@ -17,6 +17,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -150,13 +151,21 @@ def sparse_entry(
     if rated:
         return {"nnz": count, "keep": count / (m * n), "seed": seed, "bits": bits, "group_size": group_size,
                 "rates": "importance"}  # fmt: skip
-    keep = 1.0
-    if count < m * n:  # the (count+1)-th smallest draw: exactly the count draws below it are kept (fewer on a tie)
-        keep = float(torch.kthvalue(sparse_scores(m, n, seed).flatten(), count + 1).values)
-    nnz = int(sparse_mask(m, n, keep, seed).sum())
+    keep, nnz = _uniform_threshold(m, n, count, seed)
     if nnz == 0:  # pragma: no cover - a draw of exactly 0.0 at the boundary
         raise DeltaCoMeError(f"{name}: cannot draw a DARE mask that keeps {count} of {m * n} entries")
     return {"nnz": nnz, "keep": keep, "seed": seed, "bits": bits, "group_size": group_size}
+
+
+@lru_cache(maxsize=4096)
+def _uniform_threshold(m: int, n: int, count: int, seed: int) -> tuple[float, int]:
+    """The uniform mask's threshold (the ``(count+1)``-th smallest seeded draw: exactly the ``count`` draws below it
+    are kept, fewer on a tie) and how many it keeps. Remembered: the plan lays out each module once per candidate
+    split it weighs, and drawing and sorting the scores was 5% of a default compression of SmolLM2."""
+    keep = 1.0
+    if count < m * n:
+        keep = float(torch.kthvalue(sparse_scores(m, n, seed).flatten(), count + 1).values)
+    return keep, int(sparse_mask(m, n, keep, seed).sum())
 
 
 def bitdelta_factors(

@@ -245,6 +245,8 @@ def distill_scales(
     finally:
         for d in deltas:
             d.unpin_and_write()
+        for delta in found:
+            delta.forget("csr_t")  # the DARE parts' transposes the backward passes used
         bar.close()
         model.train(was_training)
     out = {"first_loss": first, "last_loss": last, "steps": steps, "scales": sum(p.numel() for p in params)}

@@ -89,8 +89,8 @@ class BlobStore:
     def derived(self, kind: str, source: torch.Tensor, build: Callable[[], Any], *key: Any) -> Any:
         """``build()``, cached under ``kind`` until ``source`` (the part it is made from) is written, replaced or
         moved: its address, version and device (and ``key``) stamp the entry. Kinds: ``"csr"`` (a DARE part's
-        sparse matrix for the PyTorch path), ``"bitmap"`` (its mask for the DARE kernel), ``"sign_rows"`` (a sign
-        part's kept rows)."""
+        sparse matrix for the PyTorch path), ``"csr_t"`` (its transpose, for an input's gradient), ``"bitmap"`` (its
+        mask for the DARE kernel), ``"sign_rows"`` (a sign part's kept rows)."""
         stamp = (source.data_ptr(), self._version_of(source), source.device, *key)
         cache = self._derived
         if cache is None:
@@ -99,6 +99,11 @@ class BlobStore:
         if hit is None or hit[0] != stamp:
             hit = cache[kind] = (stamp, build())
         return hit[1]
+
+    def forget(self, kind: str) -> None:
+        """Drop what `derived` built under ``kind`` (``"csr_t"`` after the job that needed it: scale distillation)."""
+        if self._derived:
+            self._derived.pop(kind, None)
 
     def _version_of(self, source: torch.Tensor) -> Optional[int]:
         """``source``'s version counter. A part viewed under ``torch.inference_mode`` (a server's forward) is an
