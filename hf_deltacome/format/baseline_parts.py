@@ -194,8 +194,8 @@ def sparse_mask(
 
 class _CsrProduct(torch.autograd.Function):
     """``x Δ̂ᵀ`` for a CSR ``Δ̂`` whose input gradient ``g Δ̂`` is a CSR product with a stored ``Δ̂ᵀ``: the same bits
-    as torch's own backward of the product, which took 3-6x the forward's time on SmolLM2's MLP deltas at keep-rates
-    0.06-0.23 (two CPU threads; the whole forward and backward 1.7-2.7x faster, benchmarks/RESULTS.md)."""
+    as torch's own backward of the product, which took 3-6x the forward's time at SmolLM2's MLP shapes and keep-rates
+    0.06-0.23 on two CPU threads (the default's compression time: benchmarks/RESULTS.md, the reading at 141d693)."""
 
     @staticmethod
     def forward(ctx: object, flat: torch.Tensor, weight: torch.Tensor, transposed: torch.Tensor) -> torch.Tensor:
