@@ -251,6 +251,29 @@ def test_delta_scale_benchmark_refuses_bad_scales_by_name():
     module = benchmark("delta_scale")
     with pytest.raises(SystemExit, match="--scales: comma-separated numbers, got '0.9,big'"):
         module.main(["--scales", "0.9,big"])
+    with pytest.raises(SystemExit, match=r"--methods: unknown method\(s\) \['nope'\]"):
+        module.main(["--methods", "dare-2,nope"])
+    with pytest.raises(SystemExit, match="--ratio is a fraction such as 1/32, got 'tiny'"):
+        module.main(["--methods", "dare-2", "--ratio", "tiny"])
+
+
+def test_delta_scale_projection_reads_a_shrunk_delta_as_its_scale():
+    """`--methods`' column: a stored delta that is the exact one times 0.8 plus noise orthogonal to it projects to
+    α̂ = 0.8, and its relative error is 0.04 plus the noise's share, per module type."""
+    module = benchmark("delta_scale")
+    gen = torch.Generator().manual_seed(0)
+    exact = {f"model.layers.{i}.self_attn.q_proj.weight": torch.randn(8, 6, generator=gen) for i in range(2)}
+    exact["model.layers.0.mlp.up_proj.weight"] = torch.randn(4, 8, generator=gen)
+    stored = {}
+    for name, d in exact.items():
+        noise = torch.randn(d.shape, generator=gen)
+        noise -= (noise * d).sum() / (d * d).sum() * d  # orthogonal to the delta
+        noise *= 0.5 * d.norm() / noise.norm()  # a quarter of its squared norm
+        stored[name] = 0.8 * d + (noise if "up_proj" in name else 0)
+    out = module.projection(stored, exact)
+    assert list(out) == ["q_proj", "up_proj"]
+    assert out["q_proj"] == pytest.approx((0.8, 0.04), abs=1e-6)
+    assert out["up_proj"] == pytest.approx((0.8, 0.04 + 0.25), abs=1e-6)
 
 
 def test_perturbed_prompts_keep_answers_and_special_tokens(quality):
