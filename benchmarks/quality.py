@@ -94,6 +94,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "deltacome-fit": {"dare_fit": "gptq"},
     "dare-2-importance-fit": {"method": "dare", "uniform_bits": 2, "dare_rates": "importance", "dare_fit": "gptq"},
     "dare-fit": {"method": "dare", "dare_fit": "gptq"},
+    "deltacome-unbiased": {"dare_fit": "unbiased"},
+    "dare-2-unbiased": {"method": "dare", "uniform_bits": 2, "dare_fit": "unbiased"},
     "dare-2-fit": {"method": "dare", "uniform_bits": 2, "dare_fit": "gptq"},  # the default with the residual's DARE uniform
     # the MLP (or attention) modules as DARE alone (2-bit, importance rates), the rest the chosen split of bands
     # (distilled, as the default's bands are: mlp-dare on facts-hot at 123cdd1 reached every other method's answers,

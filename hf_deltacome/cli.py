@@ -266,10 +266,11 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dare-rates", choices=["uniform", "importance"], default=None,
                    help="keep-rates of a DARE part: uniform (published DARE; the default of --method dare) or "
                         "importance (a rate per row and column from the output energy; the default's residual)")  # fmt: skip
-    p.add_argument("--dare-fit", choices=["rescale", "gptq"], default=None,
-                   help="kept values of a DARE part: rescale (default; published DARE) or gptq (rounding compensated "
-                        "by GPTQ on calibration data, the mask and bytes the same; not the default: it recalled "
-                        "fewer facts in benchmarks/RESULTS.md)")  # fmt: skip
+    p.add_argument("--dare-fit", choices=["rescale", "gptq", "unbiased"], default=None,
+                   help="kept values of a DARE part: rescale (default; published DARE), unbiased (the same codes, "
+                        "each group's scale stretched so the values are not shrunk: closer to the fine-tune, fewer "
+                        "answers beyond it) or gptq (rounding compensated by GPTQ on calibration data); the mask "
+                        "and bytes the same (benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--dare-modules", type=_leaf_names, default=None,
                    help="targets stored as DARE alone (2-bit values, uniform rates unless --dare-rates), the rest the method's "
                         "layout: auto (default: mlp for deltacome with gptq, and o_proj from ratio 1/64 down; else none), mlp (every "

@@ -53,7 +53,7 @@ RESIDUALS = ("auto", "none")
 # and -1.2 points of agreement on facts-hot, -0.6 questions on facts; benchmarks/RESULTS.md), so it is an option
 MASK_DRAWS = 1
 DARE_RATES = ("uniform", "importance")
-DARE_FITS = ("rescale", "gptq")
+DARE_FITS = ("rescale", "gptq", "unbiased")
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
 
 
@@ -131,10 +131,10 @@ class DeltaCoMeConfig(PeftConfig):
             ``"importance"`` (a rate per row and column from the output energy ``Σ Δ² diag(H)``, 4-bit codes stored,
             the mask still seeded; format 3). ``None``: uniform for ``dare`` and ``dare_modules``, importance for the
             residuals' DARE parts (benchmarks/RESULTS.md).
-        dare_fit: the kept values of a DARE part. ``"rescale"`` (published DARE: each kept entry divided by its
-            keep-rate, rounded to nearest) or ``"gptq"`` (needs calibration data: the same rescaled values rounded
-            by GPTQ with the mask fixed, :func:`~hf_deltacome.quant.masked.quantize_masked`). Same bytes and format
-            either way. ``None``: rescale (gptq raised agreement but recalled fewer facts: benchmarks/RESULTS.md).
+        dare_fit: the kept values of a DARE part, each divided by its keep-rate. ``"rescale"`` (published DARE:
+            rounded to nearest on a least-squares grid, which shrinks them), ``"unbiased"`` (the same codes, each
+            group's scale stretched so they are not shrunk) or ``"gptq"`` (rounded by GPTQ on the mask; needs
+            calibration data). Same bytes and format. ``None``: rescale (benchmarks/RESULTS.md).
         residual: ``deltacome`` only. ``"auto"`` (default): with calibration data, the configured split (no
             ``search``, uniform allocation, no ``sparse_tail``) and no ``dare_modules`` (their DARE is there already),
             the whole-model check also weighs layouts that give ``RESIDUAL_SHARES`` of each module's budget to
@@ -347,8 +347,8 @@ class DeltaCoMeConfig(PeftConfig):
             raise ConfigError(f"dare_rates must be null or one of {DARE_RATES}, got {self.dare_rates!r}")
         if self.dare_fit not in (None, *DARE_FITS):
             raise ConfigError(f"dare_fit must be null or one of {DARE_FITS}, got {self.dare_fit!r}")
-        if self.dare_fit == "gptq" and self.method not in ("dare", "deltacome-dare", "deltacome"):
-            raise ConfigError(f"dare_fit='gptq' fits the values of a DARE part; method {self.method!r} has none")
+        if self.dare_fit in ("gptq", "unbiased") and self.method not in ("dare", "deltacome-dare", "deltacome"):
+            raise ConfigError(f"dare_fit={self.dare_fit!r} sets the values of a DARE part; method {self.method!r} has none")
         if self.dare_fit == "gptq" and self.quantizer != "gptq":
             raise ConfigError("dare_fit='gptq' fits DARE's values to calibration activations: it needs quantizer='gptq'")
         if (tail is not None or self.method == "impart") and (self.search is not None or self.allocation != "uniform"):

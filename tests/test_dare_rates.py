@@ -198,11 +198,88 @@ def test_fitted_dare_values_keep_the_layout_and_cut_the_rounding_error(rates):
     assert output_error(d - approx, h) <= output_error(d - rescaled.dense(m, n, sparse), h)
 
 
+def test_unbiased_rounding_stretches_only_the_scales_so_each_group_projects_at_one():
+    """``quant.rtn.unbiased``: the least-squares grid of heavy-tailed values shrinks them (each group's values
+    project onto the originals at well under 1); stretching each group's scale keeps the codes, zeros and bytes and
+    brings every group's projection to 1 (up to the float16 scale), at a larger squared error: it trades bias for
+    no more than the rounding's noise."""
+    from hf_deltacome.quant.rtn import quantize_rtn, unbiased
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 200, generator=g) ** 3  # heavy tails, a partial last group
+    shrunk = quantize_rtn(w, 2, 32, clip=True)
+    fixed = unbiased(shrunk, w)
+    assert torch.equal(fixed.int_codes(), shrunk.int_codes()) and torch.equal(fixed.zeros, shrunk.zeros)
+    assert fixed.nbytes() == shrunk.nbytes()
+
+    def projections(q):
+        pad = 7 * 32 - 200
+        x = torch.nn.functional.pad(w, (0, pad)).view(3, 7, 32)
+        dq = torch.nn.functional.pad(q.dequantize(), (0, pad)).view(3, 7, 32)
+        return (x * dq).sum(-1) / x.square().sum(-1)
+
+    assert projections(shrunk).mean() < 0.9
+    assert torch.allclose(projections(fixed), torch.ones(3, 7), atol=2e-3)
+    assert (fixed.dequantize() - w).square().sum() > (shrunk.dequantize() - w).square().sum()
+    assert unbiased(quantize_rtn(w, 16, 32), w).nbytes() == quantize_rtn(w, 16, 32).nbytes()  # float16: as is
+
+
+@pytest.mark.parametrize("rates", ["uniform", "importance"])
+def test_unbiased_dare_keeps_the_layout_and_stores_the_whole_delta_not_a_shrunk_one(rates, tmp_path):
+    """``dare_fit="unbiased"``: the same mask, bytes and loader as rescaled DARE (data-free, RTN), and the stored
+    delta projects onto the fine-tune's at ~1 where the rescaled one's least-squares grid stores ~0.85 of it."""
+    m, n = 96, 160
+    d = long_tail_delta(m, n, seed=7)
+    cfg = dare(rates)
+    entry = plan_entry("layers.3.mlp.up_proj", m, n, 1 / 8, cfg)
+    sparse = entry["sparse"]
+    rescaled = compress_module(d, None, entry, cfg)
+    fixed = compress_module(d, None, entry, DeltaCoMeConfig(**{**cfg.to_dict(), "dare_fit": "unbiased"}))
+    assert fixed.sparse.values.nbytes() == rescaled.sparse.values.nbytes()
+    assert torch.equal(fixed.sparse.mask, rescaled.sparse.mask)
+    approx = fixed.dense(m, n, sparse)
+    assert torch.equal(approx, fixed.sparse.part(m, n, sparse).delta_weight())  # what the loader reads
+
+    def alpha(x):
+        return float((x * d).sum() / d.square().sum())
+
+    assert alpha(rescaled.dense(m, n, sparse)) < 0.92 and 0.95 < alpha(approx) < 1.05, (
+        alpha(rescaled.dense(m, n, sparse)), alpha(approx))  # fmt: skip
+
+
+def test_an_unbiased_dare_adapter_loads_back_with_the_logits_it_was_saved_with(tmp_path):
+    import copy
+
+    from peft import PeftModel
+    from tiny_models import make_finetune, make_model
+
+    from hf_deltacome.compression.pipeline import compress
+
+    base = make_model("llama")
+    ft = make_finetune(base, seed=3)
+    ids = torch.randint(0, base.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    sizes = {}
+    for fit in ("rescale", "unbiased"):
+        cfg = DeltaCoMeConfig(method="dare", ratio=1 / 8, uniform_bits=2, quantizer="rtn", dare_fit=fit)
+        model = compress(copy.deepcopy(base), ft, cfg, progress=False).eval()
+        with torch.no_grad():
+            before = model(ids).logits
+        model.save_pretrained(tmp_path / fit)
+        sizes[fit] = (tmp_path / fit / "adapter_model.safetensors").stat().st_size
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / fit).eval()
+        with torch.no_grad():
+            assert torch.allclose(loaded(ids).logits, before, atol=1e-5)
+    assert sizes["unbiased"] == sizes["rescale"]
+
+
 def test_fitting_dare_values_needs_calibration_and_a_dare_part():
     with pytest.raises(ConfigError, match="needs quantizer='gptq'"):
         DeltaCoMeConfig(method="dare", dare_fit="gptq", quantizer="rtn")
     with pytest.raises(ConfigError, match="method 'svd-uniform' has none"):
         DeltaCoMeConfig(method="svd-uniform", dare_fit="gptq")
+    with pytest.raises(ConfigError, match="dare_fit='unbiased' sets the values of a DARE part; method 'lowrank'"):
+        DeltaCoMeConfig(method="lowrank", dare_fit="unbiased")
+    DeltaCoMeConfig(method="dare", dare_fit="unbiased", quantizer="rtn")  # data-free: no calibration needed
     with pytest.raises(ConfigError, match="dare_fit must be null or one of"):
         DeltaCoMeConfig(method="dare", dare_fit="sparsegpt")
 

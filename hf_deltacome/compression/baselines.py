@@ -29,7 +29,7 @@ from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import rate_nbytes, sign_part_nbytes, sparse_mask
 from ..quant.masked import quantize_masked
-from ..quant.rtn import quantize_rtn
+from ..quant.rtn import quantize_rtn, unbiased
 from ..quant.spill import Hessian
 
 HYBRID_BAND_SHARE = 0.25  # deltacome-dare: share of each module's budget its bands take when band_share is not set
@@ -257,13 +257,16 @@ def dare_factors(
     *,
     fit: Hessian | None = None,
     name: str = "",
+    unbias: bool = False,
 ) -> DareFactors:
     """DARE: the entries of ``delta`` under the seeded mask, divided by their keep-rate, quantized as one row. With
     importance rates (``sparse["rates"]``) the rates come from the delta and the input second moment's diagonal
     ``hessian_diag`` (none: every input counts alike), and the threshold keeps at most ``nnz`` entries.
 
     The values are rounded to nearest (each group's grid clipped to its least squared error: the rescaled values are
-    heavy-tailed), or with ``fit`` (the full input second moment, ``dare_fit="gptq"``) by GPTQ on the mask
+    heavy-tailed; with ``unbias``, ``dare_fit="unbiased"``, each group's scale then stretched so that the stored
+    values are not shrunk, :func:`~hf_deltacome.quant.rtn.unbiased`), or with ``fit`` (the full input second moment,
+    ``dare_fit="gptq"``) by GPTQ on the mask
     (:func:`~hf_deltacome.quant.masked.quantize_masked`): same layout and bytes. The target stays the rescaled,
     unbiased matrix either way: fitting the kept entries to ``delta`` itself shrinks it (benchmarks/RESULTS.md)."""
     m, n = delta.shape
@@ -273,7 +276,7 @@ def dare_factors(
         if int(mask.sum()) != int(sparse["nnz"]):
             raise DeltaCoMeError(f"DARE mask of a {m}x{n} delta keeps {int(mask.sum())} entries, layout says {sparse}")
         values = (d[mask] / float(sparse["keep"])).view(1, -1)
-        return DareFactors(_round_values(values, mask, sparse, fit, name), mask=mask)
+        return DareFactors(_round_values(values, mask, sparse, fit, name, unbias), mask=mask)
     h = torch.ones(n) if hessian_diag is None else hessian_diag.detach().to(torch.float64).cpu().clamp_min(0)
     energy = d.to(torch.float64).square() * h.view(1, -1)
     packed = pack_rates(rate_codes(energy.sum(1)), rate_codes(energy.sum(0)))
@@ -288,16 +291,17 @@ def dare_factors(
     rate = (threshold * a.to(torch.float64).view(-1, 1) * b.to(torch.float64).view(1, -1)).clamp(max=1.0)
     values = torch.zeros(1, cap)
     values[0, : int(mask.sum())] = (d.to(torch.float64)[mask] / rate[mask]).to(torch.float32)
-    return DareFactors(_round_values(values, mask, sparse, fit, name), packed, threshold, mask)
+    return DareFactors(_round_values(values, mask, sparse, fit, name, unbias), packed, threshold, mask)
 
 
 def _round_values(
-    values: torch.Tensor, mask: torch.Tensor, sparse: dict[str, Any], fit: Hessian | None, name: str
+    values: torch.Tensor, mask: torch.Tensor, sparse: dict[str, Any], fit: Hessian | None, name: str, unbias: bool
 ) -> QuantizedMatrix:
     """DARE's row of rescaled ``values`` (kept entries of ``mask`` in row-major order, zero-padded) quantized."""
     bits, g = int(sparse["bits"]), int(sparse.get("group_size", 128))
     if fit is None:
-        return quantize_rtn(values, bits, g, clip=True)
+        rounded = quantize_rtn(values, bits, g, clip=True)
+        return unbiased(rounded, values) if unbias else rounded
     target = torch.zeros(mask.shape)
     target[mask] = values[0, : int(mask.sum())]
     return quantize_masked(fit, target, mask, bits, g, values.shape[1], damp=DARE_FIT_DAMP, name=name)[0]

@@ -209,7 +209,8 @@ def compress_module(
     if entry.get("sparse"):  # DARE of the whole delta (dare), of what the stored bands leave (deltacome-dare)
         fit = hessian if config.dare_fit == "gptq" else None  # the rescaled values rounded by GPTQ, same mask
         out.sparse = dare_factors(delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta,
-                                  entry["sparse"], hessian_diag(hessian), fit=fit, name=name)  # fmt: skip
+                                  entry["sparse"], hessian_diag(hessian), fit=fit, name=name,
+                                  unbias=config.dare_fit == "unbiased")  # fmt: skip
     if any(b["rank"] > 0 for b in entry.get("sparse_bands", [])):
         out.sparse_bands = compress_sparse_bands(delta, hessian, entry, out.dense(m, n), quantizer=config.quantizer,
                                                  damp=config.damp)  # fmt: skip
