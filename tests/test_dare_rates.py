@@ -309,3 +309,5 @@ def test_cli_dare_fit_reaches_the_config_and_needs_gptq(tmp_path, capsys):
     assert main([*args, "--overwrite", "--dare-fit", "gptq", "--quantizer", "rtn"]) == 2
     err = capsys.readouterr().err
     assert "dare_fit='gptq'" in err and "needs quantizer='gptq'" in err
+    assert main([*args, "--overwrite", "--dare-fit", "unbiased", "--quantizer", "rtn"]) == 0  # data-free
+    assert json.loads((out / "adapter_config.json").read_text())["dare_fit"] == "unbiased"

@@ -60,6 +60,7 @@ def unbiased(qm: QuantizedMatrix, w: torch.Tensor) -> QuantizedMatrix:
     dq = torch.nn.functional.pad(qm.dequantize(), (0, pad)).view(rows, -1, qm.group_size)
     dot = (x * dq).sum(-1)
     stretch = torch.where(dot > 0, x.square().sum(-1) / dot.clamp_min(1e-30), 1.0)
+    stretch = stretch.clamp(0.25, 4.0)  # ~1.16 at 2 bits; a group rounded to almost nothing is not blown up
     return QuantizedMatrix.from_int(qm.int_codes(), qm.scales.float() * stretch, qm.zeros.float(), qm.bits,
                                     qm.group_size)  # fmt: skip
 
