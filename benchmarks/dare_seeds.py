@@ -31,7 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (benchmarks/quality.py: the pair, the questions, the scoring, the method variants)
 
-from hf_deltacome import DeltaCoMeConfig  # noqa: E402
 from hf_deltacome.compression.calibration import read_records, tokenize_records  # noqa: E402
 from hf_deltacome.compression.endtoend import (  # noqa: E402
     E2E_BATCH,
@@ -82,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ft_argmax = quality.text_scores(ft, windows, None)[2]
     rows = []
     for k in seeds:
-        cfg = DeltaCoMeConfig(ratio=ratio, mask_draw=k, mask_draws=1,
-                              **{"method": "deltacome", **quality.VARIANTS[args.method]})  # fmt: skip
+        cfg = quality.variant_config(args.method, ratio, mask_draw=k, mask_draws=1)
         model = compress(copy.deepcopy(base), ft, cfg, calibration=calib, tokenizer=tokenizer, progress=False,
                          **CALIBRATION)  # fmt: skip
         with tempfile.TemporaryDirectory() as folder:

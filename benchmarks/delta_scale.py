@@ -22,6 +22,7 @@ import copy
 import sys
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base_path, ft_path, task, zoo = quality.load_pair(args.task)
     tokenizer = AutoTokenizer.from_pretrained(ft_path)
-    base = quality.load_model(base_path).state_dict()
+    base_model = quality.load_model(base_path)
+    base = base_model.state_dict()
     model = quality.load_model(ft_path)
     finetuned = {k: v.clone() for k, v in model.state_dict().items()}
     rows = {}
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n### what each method stores at {args.ratio}, as a scale of the exact delta\n")
         print("| method | module | α̂ = <Δ̂, Δ> / ‖Δ‖² | ‖Δ̂ − Δ‖² / ‖Δ‖² |")
         print("|---|---|---:|---:|")
+        model.load_state_dict(finetuned)  # the fine-tune again, after the last α
     for m in methods:
-        for kind, (alpha, err) in stored_scale(m, ratio, base_path, ft_path, task, tokenizer).items():
+        for kind, (alpha, err) in stored_scale(m, ratio, base_model, model, task, tokenizer).items():
             print(f"| {m} | {kind} | {alpha:.3f} | {err:.3f} |", flush=True)
     return 0
 
@@ -97,17 +100,15 @@ def projection(stored: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) 
 
 
 def stored_scale(
-    method: str, ratio: float, base_path: Path, ft_path: Path, task, tokenizer
+    method: str, ratio: float, base: Any, ft: Any, task: Any, tokenizer: Any
 ) -> dict[str, tuple[float, float]]:
     """:func:`projection` of what ``method`` stores at ``ratio`` (compressed as ``quality.py`` does, mask draw 0,
-    merged into the base) against the fine-tune's delta, over every 2-D weight the fine-tune changed but the
-    embeddings and the head."""
-    from hf_deltacome import DeltaCoMeConfig
+    merged into a copy of ``base``) against the fine-tune's delta, over every 2-D weight the fine-tune changed but
+    the embeddings and the head."""
     from hf_deltacome.compression.pipeline import compress
 
-    base, ft = quality.load_model(base_path), quality.load_model(ft_path)
-    before = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    cfg = DeltaCoMeConfig(ratio=ratio, mask_draws=1, **{"method": "deltacome", **quality.VARIANTS[method]})
+    before = base.state_dict()
+    cfg = quality.variant_config(method, ratio, mask_draws=1)
     model = compress(copy.deepcopy(base), ft, cfg, calibration=quality.calibration_texts(task, tokenizer),
                      tokenizer=tokenizer, progress=False, num_samples=16, seq_len=quality.SEQ_LEN)  # fmt: skip
     merged = model.merge_and_unload().state_dict()

@@ -409,6 +409,12 @@ def reference(ctx: dict[str, Any], args: argparse.Namespace) -> dict:
     return ref
 
 
+def variant_config(variant: str, ratio: float, **settings: Any) -> DeltaCoMeConfig:
+    """The config a variant of ``VARIANTS`` compresses with at ``ratio`` (``deltacome`` unless it names a method),
+    with ``settings`` on top (the quantizer, a mask draw)."""
+    return DeltaCoMeConfig(ratio=ratio, **{"method": "deltacome", **VARIANTS[variant], **settings})
+
+
 def run_cell(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str, Any]) -> dict[str, Any]:
     from peft import PeftModel
 
@@ -420,7 +426,7 @@ def run_cell(variant: str, ratio: float, args: argparse.Namespace, ctx: dict[str
     cached = _cached(record_path, settings, args.force)
     if cached is not None:
         return cached
-    cfg = DeltaCoMeConfig(ratio=ratio, quantizer=args.quantizer, **{"method": "deltacome", **VARIANTS[variant]})
+    cfg = variant_config(variant, ratio, quantizer=args.quantizer)
     base = copy.deepcopy(ctx["base"])
     t0 = time.time()
     model = compress(

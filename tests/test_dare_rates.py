@@ -225,7 +225,7 @@ def test_unbiased_rounding_stretches_only_the_scales_so_each_group_projects_at_o
 
 
 @pytest.mark.parametrize("rates", ["uniform", "importance"])
-def test_unbiased_dare_keeps_the_layout_and_stores_the_whole_delta_not_a_shrunk_one(rates, tmp_path):
+def test_unbiased_dare_keeps_the_layout_and_stores_the_whole_delta_not_a_shrunk_one(rates):
     """``dare_fit="unbiased"``: the same mask, bytes and loader as rescaled DARE (data-free, RTN), and the stored
     delta projects onto the fine-tune's at ~1 where the rescaled one's least-squares grid stores ~0.85 of it."""
     m, n = 96, 160
