@@ -247,6 +247,42 @@ def test_unbiased_dare_keeps_the_layout_and_stores_the_whole_delta_not_a_shrunk_
         alpha(rescaled.dense(m, n, sparse)), alpha(approx))  # fmt: skip
 
 
+def test_the_plans_estimate_of_a_residual_stores_it_as_the_file_will(monkeypatch):
+    """The whole-model check weighs DARE residuals by ``rtn_bands_dense``: with ``dare_fit="unbiased"`` the plan
+    asks for the unbiased values the file will hold (α ≈ 1), not the least-squares grid's shrunk ones."""
+    import copy
+
+    from tiny_models import make_finetune, make_model
+
+    from hf_deltacome.compression import plan
+    from hf_deltacome.compression.modules import rtn_bands_dense
+    from hf_deltacome.compression.pipeline import compress
+
+    m, n = 96, 160
+    d = long_tail_delta(m, n, seed=7)
+    entry = plan_entry("layers.3.mlp.up_proj", m, n, 1 / 8, dare("uniform"))
+
+    def alpha(x):
+        return float((x * d).sum() / d.square().sum())
+
+    assert alpha(rtn_bands_dense(d, entry)) < 0.92 < 0.95 < alpha(rtn_bands_dense(d, entry, unbias=True)) < 1.05
+    seen = []
+
+    def spy(*args, unbias=False):
+        seen.append(unbias)
+        return rtn_bands_dense(*args, unbias=unbias)
+
+    monkeypatch.setattr(plan, "rtn_bands_dense", spy)
+    base = make_model("llama")
+    ft = make_finetune(base, seed=3)
+    calib = torch.randint(0, base.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    for fit in ("rescale", "unbiased"):
+        seen.clear()
+        cfg = DeltaCoMeConfig(ratio=1 / 8, dare_modules=None, dare_fit=fit, mask_draws=1)
+        compress(copy.deepcopy(base), ft, cfg, calibration=calib, progress=False)
+        assert seen and set(seen) == {fit == "unbiased"}, (fit, seen)
+
+
 def test_an_unbiased_dare_adapter_loads_back_with_the_logits_it_was_saved_with(tmp_path):
     import copy
 

@@ -263,10 +263,13 @@ def hessian_diag(hessian: Hessian | None) -> torch.Tensor | None:
     return (hessian.load() if isinstance(hessian, SpilledHessian) else hessian).diagonal().float().cpu()
 
 
-def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any], hessian_diag: torch.Tensor | None = None) -> torch.Tensor:
+def rtn_bands_dense(
+    d: torch.Tensor, entry: dict[str, Any], hessian_diag: torch.Tensor | None = None, *, unbias: bool = False
+) -> torch.Tensor:
     """The dense round-to-nearest approximation of ``d`` by the entry's bands, dense and sparse, and by the DARE
     part of what they leave (``deltacome-dare``, the residual the whole-model check weighs; importance rates from
-    ``hessian_diag``, the check's input energies, else from the delta alone)."""
+    ``hessian_diag``, the check's input energies, else from the delta alone; ``unbias``: its values stored as
+    ``dare_fit="unbiased"`` stores them)."""
     U, S, Vh = svd(d)
     w = torch.zeros_like(d)
     start = 0
@@ -286,7 +289,7 @@ def rtn_bands_dense(d: torch.Tensor, entry: dict[str, Any], hessian_diag: torch.
             w += (ut.t() * s) @ vt
     sparse = entry.get("sparse")
     if sparse:
-        w += dare_factors(d - w, sparse, hessian_diag).dense(*d.shape, sparse).to(w.device)
+        w += dare_factors(d - w, sparse, hessian_diag, unbias=unbias).dense(*d.shape, sparse).to(w.device)
     return w
 
 

@@ -21,6 +21,7 @@ allocation (:mod:`.allocation`) are kept.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -101,7 +102,8 @@ def plan_layouts(
 
     check: EndToEndCheck | None = None
     if ids is not None and config.method in SVD_METHODS:
-        check = EndToEndCheck(finetuned_model, ids, delta_of, rtn_bands_dense, input_energy=auto_residual)
+        estimate = functools.partial(rtn_bands_dense, unbias=config.dare_fit == "unbiased")  # as the file will store
+        check = EndToEndCheck(finetuned_model, ids, delta_of, estimate, input_energy=auto_residual)
     try:  # a small model keeps every delta's SVD for the whole plan (each is approximated at several layouts)
         with reuse_svd_if_fits(shapes[nm] for nm in live):
             spectra = _spectra(config, live, base_mods, delta_of)
