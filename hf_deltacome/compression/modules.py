@@ -268,8 +268,8 @@ def rtn_bands_dense(
 ) -> torch.Tensor:
     """The dense round-to-nearest approximation of ``d`` by the entry's bands, dense and sparse, and by the DARE
     part of what they leave (``deltacome-dare``, the residual the whole-model check weighs; importance rates from
-    ``hessian_diag``, the check's input energies, else from the delta alone; ``unbias``: its values stored as
-    ``dare_fit="unbiased"`` stores them)."""
+    ``hessian_diag``, the check's input energies, else from the delta alone; ``unbias``: its values
+    stretched as ``dare_fit="unbiased"`` stores them)."""
     U, S, Vh = svd(d)
     w = torch.zeros_like(d)
     start = 0
