@@ -32,6 +32,11 @@ def output_error(err: torch.Tensor, h: torch.Tensor) -> float:
     return float(((err @ h) * err).sum())
 
 
+def scale_of(stored: torch.Tensor, d: torch.Tensor) -> float:
+    """The scale of ``d`` that ``stored`` projects to, ``<stored, d> / ||d||²`` (below 1: a shrunk delta)."""
+    return float((stored * d).sum() / d.square().sum())
+
+
 def test_codes_pack_two_to_a_byte_and_map_to_factors():
     codes = torch.tensor([0, 15, 8, 3, 9, 1, 7], dtype=torch.uint8)  # 3 rows, 4 columns (odd: padded)
     packed = pack_rates(codes[:3], codes[3:])
@@ -240,11 +245,8 @@ def test_unbiased_dare_keeps_the_layout_and_stores_the_whole_delta_not_a_shrunk_
     approx = fixed.dense(m, n, sparse)
     assert torch.equal(approx, fixed.sparse.part(m, n, sparse).delta_weight())  # what the loader reads
 
-    def alpha(x):
-        return float((x * d).sum() / d.square().sum())
-
-    assert alpha(rescaled.dense(m, n, sparse)) < 0.92 and 0.95 < alpha(approx) < 1.05, (
-        alpha(rescaled.dense(m, n, sparse)), alpha(approx))  # fmt: skip
+    shrunk = scale_of(rescaled.dense(m, n, sparse), d)
+    assert shrunk < 0.92 and 0.95 < scale_of(approx, d) < 1.05, (shrunk, scale_of(approx, d))
 
 
 def test_the_plans_estimate_of_a_residual_stores_it_as_the_file_will(monkeypatch):
@@ -262,10 +264,8 @@ def test_the_plans_estimate_of_a_residual_stores_it_as_the_file_will(monkeypatch
     d = long_tail_delta(m, n, seed=7)
     entry = plan_entry("layers.3.mlp.up_proj", m, n, 1 / 8, dare("uniform"))
 
-    def alpha(x):
-        return float((x * d).sum() / d.square().sum())
-
-    assert alpha(rtn_bands_dense(d, entry)) < 0.92 and 0.95 < alpha(rtn_bands_dense(d, entry, unbias=True)) < 1.05
+    assert scale_of(rtn_bands_dense(d, entry), d) < 0.92
+    assert 0.95 < scale_of(rtn_bands_dense(d, entry, unbias=True), d) < 1.05
     seen = []
 
     def spy(*args, unbias=False):
