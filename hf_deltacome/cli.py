@@ -274,7 +274,7 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dare-modules", type=_leaf_names, default=None,
                    help="targets stored as DARE alone (2-bit values, uniform rates unless --dare-rates), the rest the method's "
                         "layout: auto (default: mlp for deltacome with gptq, and o_proj from ratio 1/64 down; else none), mlp (every "
-                        "feed-forward target), none (the published Delta-CoMe layout; the closer to the fine-tune at 1/8-1/16) or "
+                        "feed-forward target), none (the published Delta-CoMe layout; the closer to the fine-tune at 1/8-1/32) or "
                         "comma-separated leaf names (e.g. gate_proj,up_proj,down_proj); benchmarks/RESULTS.md")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None,
                    help="scale distillation steps (BitDelta's sign scales, the bands' scales), 0 = off (default 50)")

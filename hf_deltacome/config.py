@@ -147,7 +147,7 @@ class DeltaCoMeConfig(PeftConfig):
             whose leaf names no other target shares, else none; from ``ratio`` 1/64 down the attention's ``o_proj``
             too. ``"mlp"``: the feed-forward targets (:func:`~hf_deltacome.compression.targets.mlp_targets`).
             Or leaf names (e.g. ``["down_proj", "up_proj"]``). ``None`` or ``[]``: none (the published layout, the
-            more faithful at 1/8-1/16). Saved as the leaf names used. Why: docs/METHOD.md §9, benchmarks/RESULTS.md.
+            more faithful at 1/8-1/32). Saved as the leaf names used. Why: docs/METHOD.md §9, benchmarks/RESULTS.md.
         mask_draw: which draw of the seeded masks (DARE's, ImPart's) a layout uses: every module's seed comes from
             its name (0) or from ``name#mask_draw``. The seeds are stored in the layout; loading never re-derives them.
         mask_draws: ``residual="auto"``: when it keeps a DARE part, the whole-model check also weighs that layout
