@@ -122,6 +122,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                              "dare_modules": ["down_proj", "gate_proj", "o_proj", "up_proj"]},
     "deltacome-attn-dare": {"residual": "none", "dare_modules": ["k_proj", "o_proj", "q_proj", "v_proj"]},
     "deltacome-down-dare": {"residual": "none", "dare_modules": ["down_proj"]},
+    # ... at uniform rates, the rest the plan's split (no residual weighed): halfway between the default and the
+    # bands at 1/32, where the default answers more on facts and the bands agree more on both (reading at 5c7d799)
+    "deltacome-down-dare-uniform": {"dare_modules": ["down_proj"], "dare_rates": "uniform"},
+    "deltacome-gateup-dare-uniform": {"dare_modules": ["gate_proj", "up_proj"], "dare_rates": "uniform"},
     "deltacome-gateup-dare": {"residual": "none", "dare_modules": ["gate_proj", "up_proj"]},
     # the default without distilling its bands' scales (the default before distill_bands)
     "deltacome-nodistill": {"distill_bands": False},
