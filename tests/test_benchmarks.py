@@ -358,3 +358,17 @@ def test_the_table_splits_right_answers_into_the_fine_tunes_kept_and_those_beyon
     assert lines[-3].endswith("| 3 + 0 | – |")
     assert lines[-2].endswith("| 2 + 1 | +1 / −1 (p 1) |")  # as many right as the fine-tune, one of them beyond it
     assert lines[-1].endswith("| – | – |")
+
+
+def test_every_quality_variant_is_a_valid_config_and_the_defaults_variants_keep_its_layout(quality):
+    """A variant measures what its name says: each builds a config, and those that are the default with one option
+    changed keep ``dare_modules="auto"`` (the loop that gives the bands' variants ``None`` once turned
+    ``deltacome-unbiased`` into the bands everywhere, benchmarks/RESULTS.md reading at 5c7d799)."""
+    for name in quality.VARIANTS:
+        quality.variant_config(name, 1 / 32)  # a bad setting raises ConfigError naming it
+    for name in ("deltacome", "deltacome-unbiased"):
+        assert quality.variant_config(name, 1 / 32).dare_modules == "auto", name
+    assert quality.variant_config("deltacome-unbiased", 1 / 32).dare_fit == "unbiased"
+    for name in ("deltacome-previous", "deltacome-previous-unbiased", "deltacome-published"):
+        assert quality.variant_config(name, 1 / 32).dare_modules is None, name
+    assert quality.variant_config("deltacome-down-dare-uniform", 1 / 32).dare_modules == ["down_proj"]
