@@ -129,8 +129,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "deltacome-gateup-dare": {"residual": "none", "dare_modules": ["gate_proj", "up_proj"]},
     # the default without distilling its bands' scales (the default before distill_bands)
     "deltacome-nodistill": {"distill_bands": False},
-    # the default with the DARE values' group scales distilled beside the bands' (distill_dare)
-    "deltacome-distill-dare": {"dare_modules": "auto", "distill_dare": True},
     "impart": {"method": "impart"},  # keep-rates grow with σ, down to 0.5 (docs/METHOD.md)
     "deltacome+sparse-tail": {"sparse_tail": 0.5},  # the last 2-bit band keeps half of each vector: more rank
     # bands for the top singular directions with a share of each module's budget (auto: per module, the least

@@ -186,7 +186,6 @@ class DeltaCoMeConfig(PeftConfig):
     distill_bands: Optional[bool] = field(
         default=None, metadata={"help": "Distil the bands' scales (None: on for deltacome, off for baselines)."}
     )
-    distill_dare: bool = field(default=False, metadata={"help": "Distil the DARE values' group scales too."})
     sparse_tail: Optional[float] = field(
         default=None, metadata={"help": "Keep-rate of the sparse last band (deltacome) / lowest of impart's, (0, 1)."}
     )
@@ -320,8 +319,6 @@ class DeltaCoMeConfig(PeftConfig):
             raise ConfigError(f"distill_bands must be null, true or false, got {self.distill_bands!r}")
         if self.distill_bands and self.method not in (*SVD_METHODS, "deltacome-dare"):
             raise ConfigError(f"distill_bands refines band scales; method {self.method!r} stores no bands")
-        if not isinstance(self.distill_dare, bool):
-            raise ConfigError(f"distill_dare must be true or false, got {self.distill_dare!r}")
         tail = self.sparse_tail
         if tail is not None:
             if isinstance(tail, bool) or not isinstance(tail, (int, float)) or not 0.0 < tail < 1.0:

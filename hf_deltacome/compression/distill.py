@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import DeltaCoMeConfig
 from ..errors import CalibrationError
-from ..format.blob import PINNED_FACTORS, PINNED_SPARSE, BlobStore
+from ..format.blob import PINNED_FACTORS, BlobStore
 from ..format.storage import DeltaBand
 from ..progress import progress_bar
 
@@ -95,14 +95,8 @@ class _Factor:
 class _Delta:
     """The learned scales of one packed delta and the factors ``(A, B)`` they give (``x @ A @ B``, as cached)."""
 
-    def __init__(self, delta, device: torch.device, bands: bool, sparse: bool = False) -> None:
-        self.delta, self.scales, self.bands, self.sparse = delta, [], [], None
-        part = delta.sparse if sparse else None
-        if part is not None and part.bits != 16:  # DARE values: fixed q − z times learned group scales
-            rows, cols = part.mask().nonzero(as_tuple=True)  # row-major: the order the values are stored in
-            values = _Factor(part.values, device, True, lambda: None)
-            self.sparse = (values, rows.to(device), cols.to(device), (part.out_features, part.in_features))
-            self.scales.append(values.scale)
+    def __init__(self, delta, device: torch.device, bands: bool) -> None:
+        self.delta, self.scales, self.bands = delta, [], []
         if delta.sign is not None:
             self.sign = _Scale(delta, delta.sign._prefix + "scale", device)
             self.scales.append(self.sign)
@@ -126,14 +120,9 @@ class _Delta:
             a = torch.cat([v.dense() * s.value()[:, None] for s, v, _ in self.bands]).t()
             b = torch.cat([u.dense() for _, _, u in self.bands])
             self.delta.override(PINNED_FACTORS, (a, b))
-        if self.sparse is not None:
-            values, rows, cols, shape = self.sparse
-            flat = values.dense().reshape(-1)[: rows.numel()]
-            self.delta.override(PINNED_SPARSE, flat.new_zeros(shape).index_put((rows, cols), flat))
 
     def unpin_and_write(self) -> None:
         self.delta.override(PINNED_FACTORS, None)
-        self.delta.override(PINNED_SPARSE, None)
         if self.sign is not None:
             self.delta.override(self.sign.key, None)
         with torch.no_grad():
@@ -181,7 +170,6 @@ def distill_scales(
     adapter_name: str = "default",
     progress: bool = False,
     min_kl: float | None = None,
-    sparse: bool = False,
 ) -> dict[str, Any]:
     """Refine the stored scales of ``model``'s adapter by distillation; returns the loss of the first and last steps
     and how many scales were learned.
@@ -197,7 +185,7 @@ def distill_scales(
     with torch.no_grad():
         found = list(_deltas(model, adapter_name))
         device = found[0].blob.device if found else torch.device("cpu")
-        deltas = [d for d in (_Delta(delta, device, bands, sparse) for delta in found) if d.scales]
+        deltas = [d for d in (_Delta(delta, device, bands) for delta in found) if d.scales]
     if not deltas or steps <= 0:
         return {}
     if input_ids is None or input_ids.numel() == 0:

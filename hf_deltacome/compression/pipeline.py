@@ -199,8 +199,7 @@ def compress(
             distill = {"skipped": "the calibration has no token ids of its own (image-text pairs)"}
         else:
             distill = distill_scales(peft_model, pair.finetuned, calib.input_ids, bands=distills_bands(config),
-                                     steps=config.distill_steps, adapter_name=adapter_name, progress=progress,
-                                     sparse=config.distill_dare)
+                                     steps=config.distill_steps, adapter_name=adapter_name, progress=progress)
     config.compression_info = _record(kind, config, calib, time.time() - t0, plan_info, distill, filler.fallbacks)
     config.compression_info.update(streamed=pair.streamed, layer_seconds=[round(t, 2) for t in filler.layer_seconds])
     if changes.rounding:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..errors import AdapterFileError
-from .blob import PINNED_SPARSE, BlobStore, OwnBlob, QuantizedFactor, Segments, factor_parts, part_property
+from .blob import BlobStore, OwnBlob, QuantizedFactor, Segments, factor_parts, part_property
 from .packing import pack_bits, packed_words, unpack_bits
 
 
@@ -322,9 +322,6 @@ class SparsePart:
         """``Δ̂ x`` in ``x``'s dtype (in float32 through the sparse matrix at low keep-rates: no dense copy made).
         Where ``x`` needs its gradient (scale distillation), through `_CsrProduct` with a CSR copy of ``Δ̂ᵀ``
         (``derived`` kind ``"csr_t"``, built on the first such call; :meth:`BlobStore.forget` drops it)."""
-        pinned = self._store.part(PINNED_SPARSE) if self._store.overridden else None
-        if pinned is not None:  # values being distilled (compression/distill.py): dense, differentiable
-            return (x.to(torch.float32) @ pinned.t()).to(x.dtype)
         weight = self.forward_weight()
         if weight.layout != torch.sparse_csr:
             return x @ weight.to(x.dtype).t()

@@ -67,7 +67,6 @@ def factor_parts(prefix: str, rows: int, cols: int, bits: int, group_size: int) 
 
 
 PINNED_FACTORS = "factors"  # override key: ``(A, B)`` the PyTorch path multiplies by instead of the stored bands
-PINNED_SPARSE = "sparse_weight"  # ... and the dense ``out x in`` matrix it uses for the stored DARE values
 
 
 class BlobStore:
