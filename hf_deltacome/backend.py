@@ -191,9 +191,8 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
             y = part if y is None else y + part
     if y is None:
         y = xc.new_zeros(*x.shape[:-1], delta.out_features)
-    for part in (getattr(delta, "sign", None), getattr(delta, "sparse", None)):
-        if part is not None:  # baseline parts (BitDelta sign bits, DARE sparse values)
-            y = y + part.forward_delta(xc)
+    for part in delta.extra_parts:  # BitDelta sign bits, DARE sparse values, vector codes
+        y = y + part.forward_delta(xc)
     if delta.bias is not None:
         y = y + delta.bias.to(compute)
     return y.to(out_dtype)
@@ -208,10 +207,10 @@ def _kernel_ready(delta: PackedDelta | None) -> bool:
 
 
 def _parts(delta: PackedDelta | None) -> list:
-    """The parts beside the dense bands that the kernels leave to PyTorch: sign bits, DARE values."""
+    """The parts beside the dense bands that the kernels leave to PyTorch: sign bits, DARE values, vector codes."""
     if delta is None or not delta.has_extra_parts:
         return []
-    return [p for p in (delta.sign, delta.sparse) if p is not None]
+    return delta.extra_parts
 
 
 def _add_parts(

@@ -25,7 +25,7 @@ from .progress import log_to_stderr as _log_to_stderr
 IN_MEMORY_SHARE = 0.25  # a pair whose checkpoints take at most this share of the available memory is loaded whole
 CHECKPOINT_DIR = ".deltacome-checkpoint"  # per-layer checkpoints of a running `deltacome compress`
 # == config.METHODS (tested)
-METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", "deltacome-dare")
+METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", "deltacome-dare", "vq")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # == loading.DTYPES (tested)
 # optional config fields the CLI passes on only when given (their defaults live in DeltaCoMeConfig)
 METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "min_rank_share",

@@ -18,7 +18,7 @@ from .format.layout_entry import BITDELTA_SCALES, check_layout_entry, is_int
 from .io.atomic import PinnedFiles, atomic_write_text, attach_pin, file_sha256, read_through_swap, wait_for_swap
 
 # deltacome: SVD + mixed-precision bands; the others are baselines at the same byte budget (see compression/plan.py)
-METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", "deltacome-dare")
+METHODS = ("deltacome", "bitdelta", "lowrank", "svd-uniform", "dare", "impart", "deltacome-dare", "vq")
 SVD_METHODS = ("deltacome", "lowrank", "svd-uniform", "impart")  # methods whose layout is a list of bands
 QUANTIZERS = ("gptq", "rtn")
 SEARCHES = ("greedy", "genetic")
@@ -54,16 +54,14 @@ RESIDUALS = ("auto", "none")
 MASK_DRAWS = 1
 DARE_RATES = ("uniform", "importance")
 DARE_FITS = ("rescale", "gptq", "unbiased")
+FULL_RANKS = ("vq", "dare")  # how dare_modules store their whole delta
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
 
 
 def parse_ratio(value: Union[str, float, int]) -> float:
     """Parse a compression ratio given as ``0.0625``, ``"1/16"`` or ``16`` (meaning 1/16)."""
     try:
-        if isinstance(value, str):
-            r = float(Fraction(value.strip()))
-        else:
-            r = float(value)
+        r = float(Fraction(value.strip())) if isinstance(value, str) else float(value)
     except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
         raise ConfigError(f"cannot parse compression ratio {value!r}; use e.g. 1/16 or 0.0625") from e
     if r > 1.0:
@@ -84,7 +82,7 @@ class DeltaCoMeConfig(PeftConfig):
     Args:
         ratio: target size of the packed factors as a fraction of the float16 delta of the target linears
             (1/16 by default). Scales, zeros and singular values are paid from this budget.
-        method: compression method; ``"deltacome"`` is SVD + mixed-precision quantization.
+        method: compression method; ``"deltacome"`` is SVD + mixed-precision quantization (``"vq"``: `full_rank`).
         bands: ``[(bits, rank | fraction | None), ...]`` from the largest singular values down. Default
             ``[[8, 2], [3, 32], [2, None]]``: 2 vectors at 8 bits, 32 at 3 bits, the rest of the budget at 2 bits.
         min_rank_share: how far the fixed-rank bands may eat into the last band's rank. A number: when a split
@@ -141,13 +139,16 @@ class DeltaCoMeConfig(PeftConfig):
             ``RESIDUAL_BAND_BITS``-bit bands and the rest to a ``RESIDUAL_DARE_BITS``-bit DARE of their residual
             ``Δ − U_q S V_qᵀ`` (0: DARE of the whole delta), and keeps the one of least next-token KL to the
             fine-tune, the bands alone included (benchmarks/RESULTS.md). ``"none"``: the bands alone.
-        dare_modules: targets stored as DARE alone (``RESIDUAL_DARE_BITS``-bit values, ``dare_rates``) in their
+        dare_modules: targets stored whole (no bands: ``full_rank``) in their
             own budget; the others keep the method's layout, and the plan's choices act on them. ``"auto"``
             (default): ``"mlp"`` for ``deltacome`` with ``quantizer="gptq"`` where the model has feed-forward targets
             whose leaf names no other target shares, else none; from ``ratio`` 1/64 down the attention's ``o_proj``
             too. ``"mlp"``: the feed-forward targets (:func:`~hf_deltacome.compression.targets.mlp_targets`).
             Or leaf names (e.g. ``["down_proj", "up_proj"]``). ``None`` or ``[]``: none (the published layout, the
             more faithful at 1/8-1/32). Saved as the leaf names used. Why: docs/METHOD.md §9, benchmarks/RESULTS.md.
+        full_rank: how ``dare_modules`` store their delta: ``"vq"`` (default; method ``vq``: 4-bit codes of short
+            vectors of the randomly rotated delta, :mod:`~hf_deltacome.format.vq_part`; DARE where the budget pays
+            for no codebook) or ``"dare"`` (``RESIDUAL_DARE_BITS``-bit DARE, the default before 2026-12-06).
         mask_draw: which draw of the seeded masks (DARE's, ImPart's) a layout uses: every module's seed comes from
             its name (0) or from ``name#mask_draw``. The seeds are stored in the layout; loading never re-derives them.
         mask_draws: ``residual="auto"``: when it keeps a DARE part, the whole-model check also weighs that layout
@@ -193,6 +194,7 @@ class DeltaCoMeConfig(PeftConfig):
     dare_modules: Optional[Union[list[str], str]] = field(
         default="auto", metadata={"help": "'auto', 'mlp', leaf names (e.g. down_proj) or null: DARE alone, 2-bit."}
     )
+    full_rank: str = field(default="vq", metadata={"help": f"How dare_modules store their delta, one of {FULL_RANKS}."})
     residual: str = field(default="auto", metadata={"help": f"deltacome: DARE of the bands' residual, {RESIDUALS}."})
     dare_rates: Optional[str] = field(default=None, metadata={"help": f"DARE keep-rates, one of {DARE_RATES}."})
     dare_fit: Optional[str] = field(default=None, metadata={"help": f"DARE kept values, one of {DARE_FITS}."})
@@ -299,16 +301,13 @@ class DeltaCoMeConfig(PeftConfig):
         if self.search is not None and self.search not in SEARCHES:
             raise ConfigError(f"unknown search {self.search!r}; choose None or one of {SEARCHES}")
         if self.search is not None and self.method != "deltacome":
-            raise ConfigError(
-                f"search={self.search!r} chooses Delta-CoMe band splits; method {self.method!r} has a fixed layout"
-            )
+            raise ConfigError(f"search={self.search!r} chooses Delta-CoMe band splits; method {self.method!r} has a "
+                              "fixed layout")  # fmt: skip
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"unknown allocation {self.allocation!r}; choose one of {ALLOCATIONS}")
         if self.allocation == "adaptive" and self.method not in SVD_METHODS:
-            raise ConfigError(
-                f"allocation='adaptive' moves band budget between modules; it needs one of {SVD_METHODS}, "
-                f"not method {self.method!r}"
-            )
+            raise ConfigError(f"allocation='adaptive' moves band budget between modules; it needs one of "
+                              f"{SVD_METHODS}, not method {self.method!r}")  # fmt: skip
         if isinstance(self.uniform_bits, bool) or self.uniform_bits not in UNIFORM_BITS:
             raise ConfigError(f"uniform_bits must be one of {UNIFORM_BITS}, got {self.uniform_bits!r}")
         if self.bitdelta_scale not in BITDELTA_SCALES:
@@ -340,6 +339,8 @@ class DeltaCoMeConfig(PeftConfig):
             self.dare_modules = sorted(kinds) or None
         if self.residual not in RESIDUALS:
             raise ConfigError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
+        if self.full_rank not in FULL_RANKS:
+            raise ConfigError(f"full_rank must be one of {FULL_RANKS}, got {self.full_rank!r}")
         for key, least in (("mask_draw", 0), ("mask_draws", 1)):
             if not is_int(getattr(self, key), least):
                 raise ConfigError(f"{key} must be an integer >= {least}, got {getattr(self, key)!r}")
@@ -352,10 +353,8 @@ class DeltaCoMeConfig(PeftConfig):
         if self.dare_fit == "gptq" and self.quantizer != "gptq":
             raise ConfigError("dare_fit='gptq' fits DARE's values to calibration activations: it needs quantizer='gptq'")
         if (tail is not None or self.method == "impart") and (self.search is not None or self.allocation != "uniform"):
-            raise ConfigError(
-                "sparse_tail / method 'impart' do not combine with search= or allocation='adaptive' (these choose "
-                "dense band splits)"
-            )
+            raise ConfigError("sparse_tail / method 'impart' do not combine with search= or allocation='adaptive' "
+                              "(these choose dense band splits)")  # fmt: skip
         if (tail is not None or self.method == "impart") and self.bands[-1][1] is not None:
             raise ConfigError(
                 f"sparse_tail / method 'impart' make the last band sparse: it must take the rest of the budget "

@@ -28,6 +28,7 @@ from ..format.baseline_parts import RATE_CENTER, RATE_STEP, SparsePart, pack_rat
 from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import rate_nbytes, sign_part_nbytes, sparse_mask
+from ..format.vq_part import vq_rows
 from ..quant.masked import quantize_masked
 from ..quant.rtn import quantize_rtn, unbiased
 from ..quant.spill import Hessian
@@ -139,6 +140,23 @@ def dare_plan(
     if count <= 0:
         return None
     return sparse_entry(name, m, n, count, mask_seed(name, draw), bits, group_size, rated)
+
+
+VQ_CODE_BITS = 4  # vq: a 4-bit code (16-entry codebook) a vector of dim = 4 / (bits a weight the budget allows)
+
+
+def vq_plan(name: str, m: int, n: int, ratio: float, *, budget: int | None = None, draw: int = 0) -> dict | None:
+    """The ``vq`` part of a layout: 4-bit codes of ``dim``-dim vectors, ``dim`` the fewest weights a code the
+    budget (``budget`` bytes, else the module's at ``ratio``) pays for, and as many of the rotated rows as the budget
+    holds beside the codebook (at 1/32, 8-dim vectors and all but 0.5% of the rows)."""
+    budget = budget_bytes(m, n, ratio) if budget is None else int(budget)
+    if budget <= 0:
+        return None
+    dim = max(1, -(-VQ_CODE_BITS * m * n // (8 * budget)))
+    rows = vq_rows(m, n, min(dim, n), budget, 1 << VQ_CODE_BITS)
+    if rows <= 0:
+        return None
+    return {"dim": min(dim, n), "codes": 1 << VQ_CODE_BITS, "rows": rows, "seed": mask_seed(name, draw)}
 
 
 def sparse_entry(

@@ -17,14 +17,27 @@ from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import (
     FORMAT_VERSION,
     RATED_FORMAT,
+    VQ_FORMAT,
     PackedDelta,
     rate_nbytes,
     sign_part_nbytes,
     sparse_band_nbytes,
+    vq_part_nbytes,
 )  # fmt: skip
+from ..format.vq_part import VectorPart
 from ..quant.rtn import quantize_rtn
 from ..quant.spill import Hessian, SpilledHessian
-from .baselines import DareFactors, bitdelta_factors, bitdelta_rows, dare_factors, dare_plan, hybrid_plan, rated_dare
+from ..quant.vq import vq_fit
+from .baselines import (
+    DareFactors,
+    bitdelta_factors,
+    bitdelta_rows,
+    dare_factors,
+    dare_plan,
+    hybrid_plan,
+    rated_dare,
+    vq_plan,
+)
 from .impart import compress_sparse_bands, sparse_split
 from .svd import compress_linear, svd
 
@@ -71,9 +84,12 @@ def plan_entry(
     ``deltacome-dare``'s ``band_share="auto"``)."""
     entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias),
                              "format": FORMAT_VERSION}  # fmt: skip
-    if name.rsplit(".", 1)[-1] in config.dare_leaves and config.method != "dare":
-        config = with_changes(config, method="dare", uniform_bits=RESIDUAL_DARE_BITS,
-                              dare_rates=config.dare_rates or "uniform")  # fmt: skip
+    if name.rsplit(".", 1)[-1] in config.dare_leaves and config.method not in ("dare", "vq"):
+        if config.full_rank == "vq" and (unchanged or vq_plan(name, m, n, ratio)):
+            config = with_changes(config, method="vq")
+        else:  # DARE: as asked, or where the budget does not pay for a codebook (tiny test models)
+            config = with_changes(config, method="dare", uniform_bits=RESIDUAL_DARE_BITS,
+                                  dare_rates=config.dare_rates or "uniform")  # fmt: skip
     method = config.method
     if method in SVD_METHODS:
         share = rank_share(config) if spec is None and method in ("deltacome", "impart") else 0.0
@@ -95,6 +111,10 @@ def plan_entry(
                                                   rated=rated_dare(config), draw=config.mask_draw)  # fmt: skip
         if sparse:
             entry["sparse"] = sparse
+    elif method == "vq":
+        vq = None if unchanged else vq_plan(name, m, n, ratio, draw=config.mask_draw)
+        if vq:
+            entry["vq"], entry["format"] = vq, VQ_FORMAT
     elif method == "deltacome-dare":
         spec = spec if spec is not None else method_spec(config)
         entry["bands"], sparse = hybrid_plan(name, m, n, ratio, config, spec, unchanged, spectrum)
@@ -121,18 +141,22 @@ def entry_nbytes(entry: dict[str, Any]) -> int:
         total += rate_nbytes(m, n) if sparse.get("rates") else 0
     for band in entry.get("sparse_bands", []):
         total += sparse_band_nbytes(int(band["bits"]), int(band["rank"]), band["nnz"], g)
+    vq = entry.get("vq")
+    if vq:
+        total += vq_part_nbytes(n, int(vq["rows"]), int(vq["dim"]), int(vq.get("codes", 16)))
     return total
 
 
 @dataclass
 class ModuleFactors:
     """The compressed factors of one target: bands ``(Vᵀ_k, U_k, S_k)``, BitDelta sign bits, DARE values, sparse
-    bands ``(V values, U values, S_k, Vᵀ_k dense, Uᵀ_k dense)``."""
+    bands ``(V values, U values, S_k, Vᵀ_k dense, Uᵀ_k dense)``, vector codes ``(indices, codebook, scale)``."""
 
     bands: list[tuple[QuantizedMatrix, QuantizedMatrix, torch.Tensor]] = field(default_factory=list)
     sign: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # (positive k x n, scale, rows)
     sparse: DareFactors | None = None
     sparse_bands: list[tuple] = field(default_factory=list)
+    vq: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
     def fill(self, packed: PackedDelta) -> None:
         """Copy the factors into the buffers of a `PackedDelta` built from the same layout entry."""
@@ -150,9 +174,14 @@ class ModuleFactors:
             raise DeltaCoMeError(f"{len(self.sparse_bands)} sparse bands for a delta with {len(packed.sparse_bands)}")
         for band, (vq, uq, s, _, _) in zip(packed.sparse_bands, self.sparse_bands):
             band.set(vq, uq, s)
+        if (self.vq is None) != (packed.vq is None):
+            raise DeltaCoMeError("compressed factors and the layout entry disagree on the vq part")
+        if self.vq is not None:
+            packed.vq.set(*self.vq)
 
-    def dense(self, m: int, n: int, sparse_entry: dict | None = None) -> torch.Tensor:
-        """The dense ``m x n`` approximation of the delta these factors store."""
+    def dense(self, m: int, n: int, sparse_entry: dict | None = None, vq_entry: dict | None = None) -> torch.Tensor:
+        """The dense ``m x n`` approximation of the delta these factors store (``vq_entry``: the layout's ``vq``
+        part, for its rotations)."""
         w = torch.zeros(m, n, dtype=torch.float32)
         for vq, uq, s in self.bands:  # uq holds U_kᵀ (format 2)
             w += (uq.dequantize().cpu().t() * s.cpu()) @ vq.dequantize().cpu()
@@ -169,6 +198,12 @@ class ModuleFactors:
             if sparse_entry is None:
                 raise DeltaCoMeError("the dense form of a sparse part needs its layout entry (seed, keep)")
             w += self.sparse.dense(m, n, sparse_entry)
+        if self.vq is not None:
+            if vq_entry is None:
+                raise DeltaCoMeError("the dense form of a vq part needs its layout entry (rows, dim, seed)")
+            part = VectorPart.from_layout(m, n, vq_entry)
+            part.set(*self.vq)
+            w += part.delta_weight()
         return w
 
 
@@ -214,6 +249,10 @@ def compress_module(
     if any(b["rank"] > 0 for b in entry.get("sparse_bands", [])):
         out.sparse_bands = compress_sparse_bands(delta, hessian, entry, out.dense(m, n), quantizer=config.quantizer,
                                                  damp=config.damp)  # fmt: skip
+    vq = entry.get("vq")
+    if vq:
+        target = delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta
+        out.vq = vq_fit(target, int(vq["rows"]), int(vq["dim"]), int(vq.get("codes", 16)), int(vq["seed"]))
     return out
 
 
@@ -247,13 +286,13 @@ def approximation_error(
     ):
         approx = rtn_bands_dense(d, entry)  # fast path: reuses the cached SVD
     else:
-        approx = compress_module(d, hessian, entry, cfg).dense(m, n, entry.get("sparse"))
+        approx = compress_module(d, hessian, entry, cfg).dense(m, n, entry.get("sparse"), entry.get("vq"))
     return output_error(d - approx, hessian)
 
 
 def has_extra_parts(entry: dict[str, Any]) -> bool:
-    """True when the entry stores more than dense bands (sign bits, sparse values, sparse bands)."""
-    return bool(entry.get("sign") or entry.get("sparse") or entry.get("sparse_bands"))
+    """True when the entry stores more than dense bands (sign bits, sparse values, sparse bands, vector codes)."""
+    return bool(entry.get("sign") or entry.get("sparse") or entry.get("sparse_bands") or entry.get("vq"))
 
 
 def hessian_diag(hessian: Hessian | None) -> torch.Tensor | None:
@@ -290,6 +329,10 @@ def rtn_bands_dense(
     sparse = entry.get("sparse")
     if sparse:
         w += dare_factors(d - w, sparse, hessian_diag, unbias=unbias).dense(*d.shape, sparse).to(w.device)
+    vq = entry.get("vq")
+    if vq:
+        w += ModuleFactors(vq=vq_fit(d - w, int(vq["rows"]), int(vq["dim"]), int(vq.get("codes", 16)),
+                                     int(vq["seed"]))).dense(*d.shape, vq_entry=vq).to(w.device)  # fmt: skip
     return w
 
 

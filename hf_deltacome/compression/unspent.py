@@ -18,6 +18,7 @@ from typing import Any
 
 from ..format.budget import band_nbytes
 from ..format.packing import stored_nbytes
+from ..format.vq_part import vq_rows
 from .baselines import dare_values, sparse_entry
 from .impart import MODEL_DECAY
 from .modules import entry_nbytes
@@ -46,6 +47,8 @@ def spend_unspent(
     takers = []
     if any(e.get("sparse") for e in layout.values()):
         takers += ["dare"] if _spend_on_dare(layout, spare) else []
+    elif any(e.get("vq") for e in layout.values()):
+        takers += ["vq"] if _spend_on_vq(layout, spare) else []
     else:
         if resplit is not None and _spend_on_sparse_bands(layout, spare, resplit):
             takers.append("sparse bands")
@@ -120,6 +123,26 @@ def _spend_on_dare(layout: dict[str, dict[str, Any]], spare: int) -> bool:
             layout[nm]["sparse"] = sparse_entry(nm, m, n, count[nm], int(sp[nm]["seed"]), *fmt[nm],
                                                 bool(sp[nm].get("rates")))  # fmt: skip
             changed = True
+    return changed
+
+
+def _spend_on_vq(layout: dict[str, dict[str, Any]], spare: int) -> bool:
+    """The vq parts take ``spare`` bytes as more rotated rows, shared in proportion to each part's size, then what
+    the shares' rounding left, in order. Returns whether any part changed."""
+    names = [nm for nm, e in layout.items() if e.get("vq")]
+    size = {nm: entry_nbytes({"shape": layout[nm]["shape"], "vq": layout[nm]["vq"]}) for nm in names}
+    left, total, changed = spare, sum(size.values()), False
+    for proportional in (True, False):
+        for nm in names:
+            m, n = layout[nm]["shape"]
+            vq = layout[nm]["vq"]
+            extra = spare * size[nm] // total if proportional else left
+            rows = vq_rows(m, n, int(vq["dim"]), size[nm] + extra, int(vq.get("codes", 16)))
+            if rows > int(vq["rows"]):
+                layout[nm]["vq"] = {**vq, "rows": rows}
+                new = entry_nbytes({"shape": [m, n], "vq": layout[nm]["vq"]})
+                left -= new - size[nm]
+                size[nm], changed = new, True
     return changed
 
 

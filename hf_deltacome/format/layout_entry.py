@@ -1,5 +1,5 @@
 """The layout entry of one module in ``adapter_config.json`` (shape, bands, group size, format, and the optional
-sign / sparse / sparse-band parts): what it may hold, checked before any buffer is built from it."""
+sign / sparse / sparse-band / vq parts): what it may hold, checked before any buffer is built from it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from .packing import SUPPORTED_BITS
-from .storage import RATED_FORMAT, READ_FORMATS
+from .storage import RATED_FORMAT, READ_FORMATS, VQ_FORMAT
+from .vq_part import VQ_CODES
 
 BITDELTA_SCALES = ("matrix", "row")  # BitDelta sign parts: one scale per matrix or per row
 
@@ -55,6 +56,7 @@ def check_layout_entry(name: str, entry: Any, group_size: int) -> None:
     if total > min(shape):
         raise ConfigError(f"{where}: total rank {total} exceeds min(shape) = {min(shape)}")
     _validate_extra_parts(entry, shape, where)
+    _validate_vq(entry, shape, where)
 
 
 def is_int(v: Any, low: int) -> bool:
@@ -93,6 +95,28 @@ def _validate_extra_parts(entry: dict, shape: Sequence[int], where: str) -> None
                 f"{where}: an importance-rated 'sparse' part needs format {RATED_FORMAT}, the entry says "
                 f"{entry.get('format', 1)}"
             )
+
+
+def _validate_vq(entry: dict, shape: Sequence[int], where: str) -> None:
+    """Check the optional ``vq`` part of a layout entry (vector codes of the rotated delta, format 4)."""
+    vq = entry.get("vq")
+    if vq is None:
+        return
+    ok = (
+        isinstance(vq, dict)
+        and is_int(vq.get("rows"), 1)
+        and vq["rows"] <= shape[0]
+        and is_int(vq.get("dim"), 1)
+        and vq["dim"] <= shape[1]
+        and vq.get("codes", 16) in VQ_CODES
+        and is_int(vq.get("seed"), 0)
+        and vq["seed"] < 2**62
+    )
+    if not ok:
+        raise ConfigError(f"{where}: 'vq' must be {{'rows': 1..{shape[0]}, 'dim': 1..{shape[1]}, 'codes': one of "
+                          f"{VQ_CODES}, 'seed': int >= 0}}, got {vq!r}")  # fmt: skip
+    if entry.get("format", 1) < VQ_FORMAT:
+        raise ConfigError(f"{where}: a 'vq' part needs format {VQ_FORMAT}, the entry says {entry.get('format', 1)}")
 
 
 def _validate_sparse_bands(entry: dict, shape: Sequence[int], where: str) -> int:

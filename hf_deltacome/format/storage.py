@@ -23,16 +23,19 @@ from .baseline_parts import SignPart, SparsePart, rate_nbytes, sign_part_nbytes,
 from .blob import BandOfVectors, BlobStore, QuantizedFactor, Segments, factor_parts, part_property
 from .packing import QuantizedMatrix
 from .sparse_bands import SparseBand, sparse_band_key, sparse_band_masks, sparse_band_nbytes
+from .vq_part import VectorPart, vq_part_nbytes
 
 __all__ = [  # the parts are re-exported: importers see the whole format here
     "FORMAT_VERSION", "RATED_FORMAT", "READ_FORMATS", "DeltaBand", "PackedDelta", "QuantizedFactor", "SignPart",
     "SparseBand", "SparsePart", "TensorSpec", "blob_state_dicts", "layout_tensors", "plane_bits", "rate_nbytes",
-    "sign_part_nbytes", "sparse_band_masks", "sparse_band_nbytes", "sparse_mask",
+    "sign_part_nbytes", "sparse_band_masks", "sparse_band_nbytes", "sparse_mask", "VQ_FORMAT", "VectorPart",
+    "vq_part_nbytes",
 ]  # fmt: skip
 
 FORMAT_VERSION = 2  # of newly written adapters; layout entries without "format" are format 1
 RATED_FORMAT = 3  # format 2 plus an importance-rated DARE part ("rates" in "sparse"): written only for such entries
-READ_FORMATS = (1, 2, 3)  # what this version reads (an older reader refuses a format-3 entry by its version)
+VQ_FORMAT = 4  # format 3 plus a vector-quantized part ("vq", format/vq_part.py): written only for such entries
+READ_FORMATS = (1, 2, 3, 4)  # what this version reads (an older reader refuses a newer entry by its version)
 _BLOB_KEYS: contextvars.ContextVar[bool] = contextvars.ContextVar("deltacome_blob_keys", default=False)
 
 
@@ -107,7 +110,7 @@ def _freeze(spec: dict | None) -> tuple | None:
 @functools.lru_cache(maxsize=4096)
 def _segments(
     out_features: int, in_features: int, layout: tuple, group_size: int, bias: bool, sign: tuple | None,
-    sparse: tuple | None, format: int, sparse_bands: tuple = (),
+    sparse: tuple | None, format: int, sparse_bands: tuple = (), vq: tuple | None = None,
 ) -> Segments:  # fmt: skip
     """Every part of one layout entry, shared by all deltas of that layout (64 adapters of one base: one table)."""
     parts = [("bias", (out_features,), torch.float32, 0, None)] if bias else []
@@ -123,6 +126,10 @@ def _segments(
                                   int(entry.get("group_size", 128)), entry.get("rates") is not None)  # fmt: skip
     for k, key in enumerate(sparse_bands):  # after every other part: default files keep their bytes
         parts += SparseBand.parts(f"sparse_bands.{k}.", key, group_size)
+    if vq:
+        entry = dict(vq)
+        parts += VectorPart.parts("vq.", out_features, in_features, int(entry["rows"]), int(entry["dim"]),
+                                  int(entry.get("codes", 16)))  # fmt: skip
     return Segments(parts)
 
 
@@ -150,6 +157,7 @@ class PackedDelta(BlobStore, nn.Module):
         sparse: dict | None = None,
         format: int = FORMAT_VERSION,
         sparse_bands: Sequence[dict] = (),
+        vq: dict | None = None,
     ) -> None:
         super().__init__()
         if format not in READ_FORMATS:
@@ -161,10 +169,11 @@ class PackedDelta(BlobStore, nn.Module):
         self._sparse_bands = tuple(sparse_band_key(e) for e in sparse_bands if int(e["rank"]) > 0)
         self._rank = sum(r for _, r in self.layout) + sum(key[1] for key in self._sparse_bands)  # fixed: per step
         self._segs = _segments(out_features, in_features, self.layout, group_size, bool(bias), _freeze(sign),
-                               _freeze(sparse), format, self._sparse_bands)  # fmt: skip
+                               _freeze(sparse), format, self._sparse_bands, _freeze(vq))  # fmt: skip
         self.register_buffer("blob", torch.zeros(self._segs.nbytes, dtype=torch.uint8), persistent=format >= 2)
         self._sign = dict(sign) if sign else None
         self._sparse = dict(sparse) if sparse else None
+        self._vq = dict(vq) if vq else None
 
     @classmethod
     def from_layout(cls, entry: dict, group_size: int = 128) -> PackedDelta:
@@ -180,6 +189,7 @@ class PackedDelta(BlobStore, nn.Module):
             sparse=entry.get("sparse"),
             format=entry.get("format", 1),
             sparse_bands=entry.get("sparse_bands", ()),
+            vq=entry.get("vq"),
         )
 
     # -- the parts, made when read (nothing here holds a view: moving or replacing the blob leaves none stale) ----
@@ -212,6 +222,17 @@ class PackedDelta(BlobStore, nn.Module):
         if self._sparse is None:
             return None
         return SparsePart.from_layout(self.out_features, self.in_features, self._sparse, store=self, prefix="sparse.")
+
+    @property
+    def vq(self) -> VectorPart | None:
+        if self._vq is None:
+            return None
+        return VectorPart.from_layout(self.out_features, self.in_features, self._vq, store=self, prefix="vq.")
+
+    @property
+    def extra_parts(self) -> list:
+        """The parts beside the bands that add their own ``Δ̂ x``: sign bits, DARE values, vector codes."""
+        return [p for p in (self.sign, self.sparse, self.vq) if p is not None]
 
     @property
     def sparse_bands(self) -> tuple[SparseBand, ...]:
@@ -272,9 +293,9 @@ class PackedDelta(BlobStore, nn.Module):
 
     @property
     def full_rank(self) -> bool:
-        """True when sign bits or DARE values are stored: the delta is not the low-rank sum of its bands (sparse
-        bands are; LoRA export and PEFT's conversion go through the bands' rank)."""
-        return self._sign is not None or self._sparse is not None
+        """True when sign bits, DARE values or vector codes are stored: the delta is not the low-rank sum of its
+        bands (sparse bands are; LoRA export and PEFT's conversion go through the bands' rank)."""
+        return self._sign is not None or self._sparse is not None or self._vq is not None
 
     @property
     def has_sparse_bands(self) -> bool:
@@ -299,9 +320,8 @@ class PackedDelta(BlobStore, nn.Module):
         w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self._device())
         for band in self.low_rank_bands:
             w += (band.ut_dense().t() * band.s) @ band.vt_dense()
-        for part in (self.sign, self.sparse):
-            if part is not None:
-                w += part.delta_weight().to(w.device)
+        for part in self.extra_parts:
+            w += part.delta_weight().to(w.device)
         return w.to(dtype)
 
     def version_stamp(self) -> tuple:
