@@ -238,9 +238,13 @@ def render_model_card(
                 "random share of the residual's entries (chosen by the whole model's KL to the fine-tune)",
             ),
         )
-    if config.dare_leaves:  # dare_modules: those targets hold a seeded random share of their delta's entries
-        rated = any((entry.get("sparse") or {}).get("rates") for name, entry in config.layout.items()
-                    if name.rsplit(".", 1)[-1] in config.dare_leaves)  # what the layout stores, whatever the default was
+    whole = [e for name, e in config.layout.items() if name.rsplit(".", 1)[-1] in config.dare_leaves]
+    if any(e.get("vq") for e in whole):  # dare_modules as vector codes (full_rank="vq")
+        rows.insert(4, ("stored whole as vector codes", ", ".join(f"`{leaf}`" for leaf in config.dare_leaves)
+                        + " (4-bit codes of short vectors of each delta in a seeded random rotation; no singular "
+                        "vectors)"))  # fmt: skip
+    elif whole:  # dare_modules: those targets hold a seeded random share of their delta's entries
+        rated = any((e.get("sparse") or {}).get("rates") for e in whole)  # what the layout stores
         rates = "importance" if rated else "uniform"
         rows.insert(4, ("stored as DARE alone", ", ".join(f"`{leaf}`" for leaf in config.dare_leaves)
                         + f" (a seeded random share of each delta's entries, {rates} rates; no singular vectors)"))  # fmt: skip

@@ -98,7 +98,8 @@ def _resolve_dare_modules(config: DeltaCoMeConfig, model: nn.Module, targets: Se
             chosen |= out
         config.dare_modules = sorted(chosen) or None
         if config.dare_modules:
-            log.info("dare_modules=%r: %s stored as DARE alone", asked, ", ".join(config.dare_modules))
+            log.info("dare_modules=%r: %s stored whole (%s)", asked, ", ".join(config.dare_modules),
+                     "vector codes" if config.full_rank == "vq" else "DARE alone")  # fmt: skip
     unknown = sorted(set(config.dare_leaves) - leaves)
     if unknown:
         raise ConfigError(f"dare_modules {unknown} name no target module; the targets' leaf names are {sorted(leaves)}")
@@ -184,9 +185,9 @@ def warn_degenerate(config: DeltaCoMeConfig, targets: Sequence[str], changes: Pa
 
 
 def _stores_anything(entry: dict[str, Any]) -> bool:
-    return any(r > 0 for _, r in entry.get("bands", [])) or bool(entry.get("sign") or entry.get("sparse")) or any(
-        b["rank"] > 0 for b in entry.get("sparse_bands", [])
-    )
+    return any(r > 0 for _, r in entry.get("bands", [])) or bool(
+        entry.get("sign") or entry.get("sparse") or entry.get("vq")
+    ) or any(b["rank"] > 0 for b in entry.get("sparse_bands", []))
 
 
 def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig, dict[str, Any]]:

@@ -39,7 +39,7 @@ from .baselines import (
     vq_plan,
 )
 from .impart import compress_sparse_bands, sparse_split
-from .svd import compress_linear, svd
+from .svd import compress_linear, remembered, svd
 
 
 def method_spec(config: DeltaCoMeConfig) -> list[list]:
@@ -251,8 +251,7 @@ def compress_module(
                                                  damp=config.damp)  # fmt: skip
     vq = entry.get("vq")
     if vq:
-        target = delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta
-        out.vq = vq_fit(target, int(vq["rows"]), int(vq["dim"]), int(vq.get("codes", 16)), int(vq["seed"]))
+        out.vq = vq_factors(delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta, vq)
     return out
 
 
@@ -331,9 +330,15 @@ def rtn_bands_dense(
         w += dare_factors(d - w, sparse, hessian_diag, unbias=unbias).dense(*d.shape, sparse).to(w.device)
     vq = entry.get("vq")
     if vq:
-        w += ModuleFactors(vq=vq_fit(d - w, int(vq["rows"]), int(vq["dim"]), int(vq.get("codes", 16)),
-                                     int(vq["seed"]))).dense(*d.shape, vq_entry=vq).to(w.device)  # fmt: skip
+        w += ModuleFactors(vq=vq_factors(d - w, vq)).dense(*d.shape, vq_entry=vq).to(w.device)
     return w
+
+
+def vq_factors(delta: torch.Tensor, vq: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The codes, codebook and scale of a ``vq`` part for ``delta`` (fitted once per delta and part inside
+    :func:`.svd.reuse_svd`: the plan's whole-model check and the compression store the same codes)."""
+    args = (int(vq["rows"]), int(vq["dim"]), int(vq.get("codes", 16)), int(vq["seed"]))
+    return remembered("vq", delta.to(torch.float32), lambda: vq_fit(delta, *args), *args)
 
 
 def with_changes(config: DeltaCoMeConfig, **changes: Any) -> DeltaCoMeConfig:

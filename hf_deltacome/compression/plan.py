@@ -194,7 +194,8 @@ def _kls(
     for label, cfg in candidates.items():
         bar.update(1)
         layouts = {nm: plan_entry(nm, *shapes[nm], cfg.ratio, cfg, spectrum=(spectra or {}).get(nm)) for nm in live}
-        key = str(sorted((nm, e["bands"], e.get("sparse_bands"), e.get("sparse")) for nm, e in layouts.items()))
+        key = str(sorted((nm, e["bands"], e.get("sparse_bands"), e.get("sparse"), e.get("vq"))
+                         for nm, e in layouts.items()))  # fmt: skip
         if key in seen:  # the same layout as an earlier candidate: nothing new to measure
             kls[label] = kls[seen[key]]
             continue

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -18,7 +19,8 @@ from ..quant.gptq import GPTQ
 from ..quant.rtn import quantize_rtn
 from ..quant.spill import Hessian, SpilledHessian, column_block
 
-_SVD_CACHE: dict[bytes, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+_SVD_CACHE: dict[bytes, Any] | None = None
+T = TypeVar("T")
 
 
 SVD_CACHE_BYTES = 4 << 30  # a run keeps every delta's SVD when they fit in this (float32, ~2x the delta)
@@ -47,22 +49,26 @@ def reuse_svd_if_fits(shapes: Iterable[tuple[int, int]]) -> contextlib.AbstractC
     return reuse_svd() if fits else contextlib.nullcontext()
 
 
+def remembered(kind: str, delta: torch.Tensor, compute: Callable[[], T], *params: Any) -> T:
+    """``compute()`` of ``delta``, remembered inside :func:`reuse_svd` by ``kind``, the delta's content and
+    ``params`` (its SVD; the vector codes of a ``vq`` part, fitted once where the plan weighs several layouts)."""
+    if _SVD_CACHE is None:
+        return compute()
+    d = delta.detach()
+    h = hashlib.blake2b(digest_size=20)
+    h.update(str((kind, tuple(d.shape), str(d.dtype), str(d.device), params)).encode())
+    h.update(d.contiguous().cpu().numpy().tobytes())
+    key = h.digest()
+    hit = _SVD_CACHE.get(key)
+    if hit is None:
+        hit = _SVD_CACHE[key] = compute()
+    return hit
+
+
 def svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``(U, S, Vh)`` of a float32 matrix (cached inside :func:`reuse_svd`)."""
     d = delta.detach().to(torch.float32)
-    key = None
-    if _SVD_CACHE is not None:
-        h = hashlib.blake2b(digest_size=20)
-        h.update(str((tuple(d.shape), str(d.device))).encode())
-        h.update(d.contiguous().cpu().numpy().tobytes())
-        key = h.digest()
-        hit = _SVD_CACHE.get(key)
-        if hit is not None:
-            return hit
-    out = torch.linalg.svd(d, full_matrices=False)
-    if key is not None:
-        _SVD_CACHE[key] = (out[0], out[1], out[2])
-    return out[0], out[1], out[2]
+    return remembered("svd", d, lambda: tuple(torch.linalg.svd(d, full_matrices=False)))
 
 
 @torch.no_grad()

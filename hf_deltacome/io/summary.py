@@ -190,7 +190,8 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
         ]
     unspent = plan.get("unspent")
     if isinstance(unspent, dict) and unspent.get("offered_bytes"):
-        names = {"dare": "the DARE parts", "sparse bands": "the sparse bands", "bands": "the last bands"}
+        names = {"dare": "the DARE parts", "vq": "the vq parts", "sparse bands": "the sparse bands",
+                 "bands": "the last bands"}
         taker = " and ".join(names.get(t, t) for t in str(unspent.get("spent_on", "dare")).split("+") if t != "none")
         lines.append(
             f"the modules' budgets sum to {unspent['offered_bytes']:,} B; {unspent.get('unspent_bytes', 0):,} B "
@@ -271,7 +272,7 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
 
 def _part_texts(entry: dict[str, Any]) -> list[str]:
     """Layout of the parts beside the dense bands (``format.baseline_parts``: `SignPart`, `SparsePart`;
-    ``format.sparse_bands``: `SparseBand`)."""
+    ``format.sparse_bands``: `SparseBand`; ``format.vq_part``: `VectorPart`)."""
     out = []
     sign = entry.get("sign")
     if isinstance(sign, dict):
@@ -283,6 +284,10 @@ def _part_texts(entry: dict[str, Any]) -> list[str]:
     for band in entry.get("sparse_bands", []):  # impart / the sparse tail: rank, bits and keep-rate of each level
         if isinstance(band, dict) and band.get("rank"):
             out.append(f"{band.get('rank')}@{band.get('bits')}b keep {float(band.get('keep', 0)):.2f}")
+    vq = entry.get("vq")
+    if isinstance(vq, dict):  # format.vq_part: rotated rows kept, vector dim, codebook size
+        rows = f"{vq.get('rows')}/{entry['shape'][0]} rows" if isinstance(entry.get("shape"), list) else "rows"
+        out.append(f"vq {rows} in {vq.get('dim')}-dim vectors, {vq.get('codes', 16)} codes")
     return out
 
 

@@ -1,8 +1,8 @@
 """Vector quantization of a whole delta into a `~hf_deltacome.format.vq_part.VectorPart`'s codes and codebook.
 
 The delta is rotated by the part's seeded rotations (``Y = Q_m Δ Q_nᵀ``), its first ``rows`` rows cut into
-``dim``-dim vectors, and a ``codes``-entry codebook fitted to those vectors by k-means (Lloyd's iterations from
-vectors drawn with the seed). The codebook is then stretched so the stored ``Ŷ`` is not shrunk: k-means' centroids
+``dim``-dim vectors, and a ``codes``-entry codebook fitted to them by k-means (Lloyd's iterations on up to
+``FIT_VECTORS`` of them drawn with the seed, from the first 16 drawn); every vector then takes its nearest entry. The codebook is then stretched so the stored ``Ŷ`` is not shrunk: k-means' centroids
 are conditional means, so ``Ŷ`` alone keeps only ``1 − D`` of ``Y`` along ``Y`` (``D`` the relative distortion, ~0.6
 at 0.5 bit a weight), and a shrunk delta loses the fine-tune's behaviour (benchmarks/RESULTS.md); stretched by
 ``‖Y‖² / ⟨Y, Ŷ⟩`` its projection on ``Y`` is ``Y``, like DARE's rescaled values.
@@ -15,6 +15,7 @@ import torch
 from ..format.vq_part import rotate_matrix, vq_nvectors
 
 KMEANS_ITERS = 25
+FIT_VECTORS = 1 << 15  # vectors the codebook is fitted on (a 7B MLP projection has 5.6M of 8 dims)
 _CHUNK = 1 << 16  # vectors compared with the codebook at a time
 
 
@@ -38,13 +39,15 @@ def vq_fit(
         return torch.zeros(count, dtype=torch.int64), torch.zeros(codes, dim), 0.0
     vectors = (flat / sigma).view(count, dim)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
-    codebook = vectors[torch.randperm(count, generator=g)[:codes]].clone()
+    order = torch.randperm(count, generator=g)
+    sample = vectors[order[:FIT_VECTORS]]  # the codebook is fitted on a seeded sample: 16 entries need few
+    codebook = sample[:codes].clone()
     if codebook.shape[0] < codes:  # fewer vectors than codes: the rest drawn at random
         codebook = torch.cat([codebook, torch.randn(codes - codebook.shape[0], dim, generator=g)])
     for _ in range(iters):
-        idx = _nearest(vectors, codebook)
+        idx = _nearest(sample, codebook)
         counts = torch.bincount(idx, minlength=codes).to(torch.float32)
-        sums = torch.zeros(codes, dim).index_add_(0, idx, vectors)
+        sums = torch.zeros(codes, dim).index_add_(0, idx, sample)
         codebook = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], codebook)
     idx = _nearest(vectors, codebook)
     rms = float(codebook.square().mean().sqrt()) or 1.0
