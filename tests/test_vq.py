@@ -81,7 +81,7 @@ def test_plan_fills_the_budget_and_the_buffers_are_what_was_budgeted(ratio, shap
     m, n = shape
     entry = plan_entry("layers.0.mlp.up_proj", m, n, ratio, DeltaCoMeConfig(method="vq", ratio=ratio))
     budget = budget_bytes(m, n, ratio)
-    dim = -(-4 * m * n // (8 * budget))  # the fewest weights a 4-bit code the budget pays for
+    dim = max(1, round(4 * m * n / (8 * budget)))  # the weights a 4-bit code the budget pays for
     vq = entry.get("vq")
     if vq is None:  # the budget does not pay for the codebook and one row
         assert vq_part_nbytes(n, 1, dim) > budget

@@ -146,13 +146,13 @@ VQ_CODE_BITS = 4  # vq: a 4-bit code (16-entry codebook) a vector of dim = 4 / (
 
 
 def vq_plan(name: str, m: int, n: int, ratio: float, *, budget: int | None = None, draw: int = 0) -> dict | None:
-    """The ``vq`` part of a layout: 4-bit codes of ``dim``-dim vectors, ``dim`` the fewest weights a code the
-    budget (``budget`` bytes, else the module's at ``ratio``) pays for, and as many of the rotated rows as the budget
-    holds beside the codebook (at 1/32, 8-dim vectors and all but 0.5% of the rows)."""
+    """The ``vq`` part of a layout: 4-bit codes of ``dim``-dim vectors, ``dim`` the weights a code the budget
+    (``budget`` bytes, else the module's at ``ratio``) pays for, to the nearest, and as many of the rotated rows as
+    the budget holds beside the codebook (at 1/32, 8-dim vectors and all but 0.5% of the rows)."""
     budget = budget_bytes(m, n, ratio) if budget is None else int(budget)
     if budget <= 0:
         return None
-    dim = max(1, -(-VQ_CODE_BITS * m * n // (8 * budget)))
+    dim = max(1, round(VQ_CODE_BITS * m * n / (8 * budget)))  # nearest: the rows take up what it misses
     rows = vq_rows(m, n, min(dim, n), budget, 1 << VQ_CODE_BITS)
     if rows <= 0:
         return None
