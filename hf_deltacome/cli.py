@@ -30,7 +30,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # == loading.DTYPES (tested
 # optional config fields the CLI passes on only when given (their defaults live in DeltaCoMeConfig)
 METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "distill_steps", "min_rank_share",
                   "sparse_tail", "band_share", "residual", "mask_draws", "dare_rates", "dare_fit",
-                  "dare_modules", "distill_bands")
+                  "dare_modules", "full_rank", "distill_bands")
 
 
 def _leaf_names(text: str) -> list[str] | str:
@@ -272,10 +272,13 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                         "answers beyond it) or gptq (rounding compensated by GPTQ on calibration data); the mask "
                         "and bytes the same (benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--dare-modules", type=_leaf_names, default=None,
-                   help="targets stored as DARE alone (2-bit values, uniform rates unless --dare-rates), the rest the method's "
+                   help="targets stored whole (--full-rank: vector codes or 2-bit DARE), the rest the method's "
                         "layout: auto (default: mlp for deltacome with gptq, and o_proj from ratio 1/64 down; else none), mlp (every "
                         "feed-forward target), none (the published Delta-CoMe layout; the closer to the fine-tune at 1/8-1/32) or "
                         "comma-separated leaf names (e.g. gate_proj,up_proj,down_proj); benchmarks/RESULTS.md")  # fmt: skip
+    p.add_argument("--full-rank", choices=["vq", "dare"], default=None,
+                   help="how --dare-modules store their delta: vq (default: 4-bit codes of short vectors of the "
+                        "randomly rotated delta) or dare (2-bit DARE); benchmarks/RESULTS.md")  # fmt: skip
     p.add_argument("--distill-steps", type=_count(0), default=None,
                    help="scale distillation steps (BitDelta's sign scales, the bands' scales), 0 = off (default 50)")
     p.add_argument("--distill-bands", action=argparse.BooleanOptionalAction, default=None,

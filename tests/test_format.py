@@ -154,7 +154,8 @@ def test_info_shows_the_parts_against_the_budget(wide_pair, tmp_path, capsys):
     assert "planned for the whole file" in out
     unspent = json.loads((tmp_path / "adapter_config.json").read_text())["compression_info"]["unspent"]
     assert f"the modules' budgets sum to {unspent['offered_bytes']:,} B; {unspent['unspent_bytes']:,} B" in out
-    taker = {"dare": "the DARE parts took", "bands": "the last bands took", "none": "anything took"}
+    taker = {"dare": "the DARE parts took", "vq": "the vq parts took", "bands": "the last bands took",
+             "none": "anything took"}
     assert f"{unspent['unspent_before']:,} B before {taker[unspent['spent_on']]}" in out, out
     both = _plan_lines({"unspent": {**unspent, "spent_on": "sparse bands+bands"}})
     assert any("before the sparse bands and the last bands took what the modules left" in line for line in both)
