@@ -158,17 +158,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                                  "distill_bands": True}
        for pct in (25, 50, 75) for d in (2, 4)},  # fmt: skip
 }
-# the default stores the MLP whole (dare_modules="auto", since it was measured as the variant
+# the default with the modules it stores whole as vector codes (full_rank="vq"; measured as the default at revisions
+# dea9a74-12039ac, benchmarks/RESULTS.md), and every target as vector codes (a baseline)
+VARIANTS["deltacome-vq"] = {"full_rank": "vq", "dare_modules": "auto"}
+VARIANTS["vq"] = {"method": "vq"}
+# the default stores the MLP as DARE (dare_modules="auto", since it was measured as the variant
 # deltacome-mlp-dare), and o_proj too from 1/64 down; every other variant of method deltacome is a variant of the
-# bands and keeps none. Those stored whole are vector codes since 2026-12-06 (full_rank="vq"); the variants above
-# that name dare_modules measured (and still measure) them as DARE
+# bands and keeps none
 for _variant, _settings in VARIANTS.items():
     if _variant != "deltacome" and _settings.get("method", "deltacome") == "deltacome":
         _settings.setdefault("dare_modules", None)
-        _settings.setdefault("full_rank", "dare")
-# the default with its whole modules as 2-bit DARE (the default before full_rank="vq"), and vq alone everywhere
-VARIANTS["deltacome-dare-full"] = {"full_rank": "dare"}
-VARIANTS["vq"] = {"method": "vq"}
 # issue 14's comparison: the default against the published split, ImPart and the baselines (the rejected options,
 # deltacome+greedy / +adaptive / +sparse-tail, are asked for by name)
 DEFAULT_METHODS = "deltacome,deltacome-published,impart,svd-uniform-2,svd-uniform-4,dare,dare-2,bitdelta,lowrank"

@@ -210,7 +210,8 @@ def render_model_card(
         + (f" of `{ctx['finetuned']}`" if ctx["finetuned"] else "")
         + f", stored as a PEFT adapter (`peft_type: DELTACOME`) on top of `{base or 'its base model'}`. "
         + f"{stats['num_modules']} linear layers are stored as mixed-precision quantized singular vectors"
-        + (" and whole (see the table)" if config.dare_leaves else "") + " in "
+        + ((" and vector codes" if any(e.get("vq") for e in config.layout.values()) else " and DARE")
+           + " (see the table)" if config.dare_leaves else "") + " in "
         + f"{_bytes_text(stats['packed_bytes'])}, {_ratio_text(stats['effective_ratio'])} of their float16 delta."
     )
     rows = [

@@ -139,16 +139,17 @@ class DeltaCoMeConfig(PeftConfig):
             ``RESIDUAL_BAND_BITS``-bit bands and the rest to a ``RESIDUAL_DARE_BITS``-bit DARE of their residual
             ``Δ − U_q S V_qᵀ`` (0: DARE of the whole delta), and keeps the one of least next-token KL to the
             fine-tune, the bands alone included (benchmarks/RESULTS.md). ``"none"``: the bands alone.
-        dare_modules: targets stored whole (no bands: ``full_rank``) in their
+        dare_modules: targets stored whole (no bands; DARE, or vector codes with ``full_rank="vq"``) in their
             own budget; the others keep the method's layout, and the plan's choices act on them. ``"auto"``
             (default): ``"mlp"`` for ``deltacome`` with ``quantizer="gptq"`` where the model has feed-forward targets
             whose leaf names no other target shares, else none; from ``ratio`` 1/64 down the attention's ``o_proj``
             too. ``"mlp"``: the feed-forward targets (:func:`~hf_deltacome.compression.targets.mlp_targets`).
             Or leaf names (e.g. ``["down_proj", "up_proj"]``). ``None`` or ``[]``: none (the published layout, the
             more faithful at 1/8-1/32). Saved as the leaf names used. Why: docs/METHOD.md §9, benchmarks/RESULTS.md.
-        full_rank: how ``dare_modules`` store their delta: ``"vq"`` (default; method ``vq``: 4-bit codes of short
-            vectors of the randomly rotated delta, :mod:`~hf_deltacome.format.vq_part`; DARE where the budget pays
-            for no codebook) or ``"dare"`` (``RESIDUAL_DARE_BITS``-bit DARE, the default before 2026-12-06).
+        full_rank: how ``dare_modules`` store their delta: ``"dare"`` (default, ``RESIDUAL_DARE_BITS``-bit DARE) or
+            ``"vq"`` (method ``vq``: 4-bit codes of short vectors of the randomly rotated delta,
+            :mod:`~hf_deltacome.format.vq_part`; DARE where the budget pays for no codebook): closer to the
+            fine-tune at 1/8-1/64, fewer held-out answers (benchmarks/RESULTS.md).
         mask_draw: which draw of the seeded masks (DARE's, ImPart's) a layout uses: every module's seed comes from
             its name (0) or from ``name#mask_draw``. The seeds are stored in the layout; loading never re-derives them.
         mask_draws: ``residual="auto"``: when it keeps a DARE part, the whole-model check also weighs that layout
@@ -194,7 +195,7 @@ class DeltaCoMeConfig(PeftConfig):
     dare_modules: Optional[Union[list[str], str]] = field(
         default="auto", metadata={"help": "'auto', 'mlp', leaf names (e.g. down_proj) or null: DARE alone, 2-bit."}
     )
-    full_rank: str = field(default="vq", metadata={"help": f"How dare_modules store their delta, one of {FULL_RANKS}."})
+    full_rank: str = field(default="dare", metadata={"help": f"How dare_modules store their delta, {FULL_RANKS}."})
     residual: str = field(default="auto", metadata={"help": f"deltacome: DARE of the bands' residual, {RESIDUALS}."})
     dare_rates: Optional[str] = field(default=None, metadata={"help": f"DARE keep-rates, one of {DARE_RATES}."})
     dare_fit: Optional[str] = field(default=None, metadata={"help": f"DARE kept values, one of {DARE_FITS}."})

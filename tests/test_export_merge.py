@@ -117,11 +117,11 @@ def test_bias_deltas_go_along_and_dropping_extras_costs_accuracy(built):
 
 
 def test_full_rank_modules_export_through_the_svd_of_their_dense_delta(built, tmp_path):
-    """Modules stored whole (the default's MLP as vector codes, in the exports above; DARE values) or as sign bits
-    (``bitdelta``) have no low-rank form: they export at ``min(out, in)`` through the SVD of their dense delta, exact
-    up to the dtype (the plain-PEFT checks above load them), and ``rank`` truncates them too."""
+    """Modules stored as DARE values (the default's MLP, in the exports above) or sign bits (``bitdelta``) have no
+    low-rank form: they export at ``min(out, in)`` through the SVD of their dense delta, exact up to the dtype (the
+    plain-PEFT checks above load them), and ``rank`` truncates them too."""
     layout = json.loads((built["adapter"] / "adapter_config.json").read_text())["layout"]
-    dare = {n: min(e["shape"]) for n, e in layout.items() if e.get("sparse") or e.get("vq")}
+    dare = {n: min(e["shape"]) for n, e in layout.items() if e.get("sparse")}
     assert dare and all(built["f32"].ranks[n] == built["f32"].full_ranks[n] == r for n, r in dare.items())
     assert all(built["truncated"][1].ranks[n] == 1 for n in dare)
     bitdelta = make_adapter(tmp_path / "bitdelta", seed=1, method="bitdelta", distill_steps=0)

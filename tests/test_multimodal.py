@@ -456,7 +456,7 @@ def test_compress_image_text_reproduces_the_finetune(compressed_all, ft_all, inp
     err = relative_vlm_error(compressed_all, ft_all, base, inputs)
     assert err < 0.1, err  # the bands alone (dare_modules=None) stay under 0.05; the default's MLP as DARE 0.09 here
     cfg = compressed_all.peft_config["default"]
-    dare = {n for n, e in cfg.layout.items() if e.get("vq")}  # dare_modules="auto": the decoder's MLP only
+    dare = {n for n, e in cfg.layout.items() if e.get("sparse")}  # dare_modules="auto": the decoder's MLP only
     assert dare and all(n.startswith("model.language_model.layers.") and ".mlp." in n for n in dare)
     assert cfg.dare_modules == ["down_proj", "gate_proj", "up_proj"]
     info = cfg.compression_info

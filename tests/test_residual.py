@@ -289,11 +289,11 @@ def test_cli_mask_draws_and_dare_modules_reach_the_config_and_a_bad_count_is_ref
     assert json.loads((out / "adapter_config.json").read_text())["mask_draws"] == 2
     assert main([*args, "--overwrite", "--dare-modules", "up_proj, down_proj"]) == 0
     saved = json.loads((out / "adapter_config.json").read_text())
-    assert saved["dare_modules"] == ["down_proj", "up_proj"] and saved["full_rank"] == "vq"
-    assert all(bool(e.get("vq")) == name.endswith(("up_proj", "down_proj")) for name, e in saved["layout"].items())
-    assert main([*args, "--overwrite", "--dare-modules", "up_proj, down_proj", "--full-rank", "dare"]) == 0
-    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["dare_modules"] == ["down_proj", "up_proj"] and saved["full_rank"] == "dare"
     assert all(bool(e.get("sparse")) == name.endswith(("up_proj", "down_proj")) for name, e in saved["layout"].items())
+    assert main([*args, "--overwrite", "--dare-modules", "up_proj, down_proj", "--full-rank", "vq"]) == 0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert all(bool(e.get("vq")) == name.endswith(("up_proj", "down_proj")) for name, e in saved["layout"].items())
     assert main([*args, "--overwrite", "--dare-modules", "mlp"]) == 0
     assert json.loads((out / "adapter_config.json").read_text())["dare_modules"] == ["down_proj", "gate_proj", "up_proj"]
     with pytest.raises(SystemExit) as exit_info:
@@ -343,8 +343,8 @@ def test_dare_modules_store_those_modules_as_dare_alone_and_load_back(tmp_path):
 
 
 def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
-    """``dare_modules="auto"`` (the default): ``deltacome`` with GPTQ stores the feed-forward targets whole (as vector
-    codes, ``full_rank="vq"``),
+    """``dare_modules="auto"`` (the default): ``deltacome`` with GPTQ stores the feed-forward targets as DARE alone
+    (as vector codes with ``full_rank="vq"``),
     and from 1/64 down the attention's output projections too, the same bytes as naming them (the variants measured
     in benchmarks/RESULTS.md, residual "none"), and weighs no residual; ``None`` / ``[]`` / ``--dare-modules none``
     store every target as bands; the baselines and RTN store none; targets without a feed-forward one keep the bands
@@ -371,16 +371,17 @@ def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
     assert DeltaCoMeConfig().dare_modules == "auto" and DeltaCoMeConfig(dare_modules=[]).dare_modules is None
     default, default_sha = written(DeltaCoMeConfig(ratio=1 / 8), "default")
     assert default.dare_modules == mlp and "residual" not in default.compression_info
-    assert {n.rsplit(".", 1)[-1] for n, e in default.layout.items() if e.get("vq")} == set(mlp)
-    assert not any(e.get("sparse") for e in default.layout.values())
-    card = render_model_card(default)  # the model card says which modules are stored whole
-    assert "| stored whole as vector codes | `down_proj`, `gate_proj`, `up_proj` (4-bit codes of short" in card
-    as_dare, _ = written(DeltaCoMeConfig(ratio=1 / 8, full_rank="dare"), "as-dare")
-    assert {n.rsplit(".", 1)[-1] for n, e in as_dare.layout.items() if e.get("sparse")} == set(mlp)
-    card = render_model_card(as_dare)
+    assert {n.rsplit(".", 1)[-1] for n, e in default.layout.items() if e.get("sparse")} == set(mlp)
+    card = render_model_card(default)  # the model card says which modules hold DARE
     assert "| stored as DARE alone | `down_proj`, `gate_proj`, `up_proj` (a seeded random share" in card
     assert "entries, uniform rates; no singular vectors" in card
-    assert "singular vectors and whole (see the table) in" in card
+    assert "singular vectors and DARE (see the table) in" in card
+    as_vq, _ = written(DeltaCoMeConfig(ratio=1 / 8, full_rank="vq"), "as-vq")  # the same modules as vector codes
+    assert {n.rsplit(".", 1)[-1] for n, e in as_vq.layout.items() if e.get("vq")} == set(mlp)
+    assert not any(e.get("sparse") for e in as_vq.layout.values())
+    card = render_model_card(as_vq)
+    assert "| stored whole as vector codes | `down_proj`, `gate_proj`, `up_proj` (4-bit codes of short" in card
+    assert "singular vectors and vector codes (see the table) in" in card
     named, named_sha = written(DeltaCoMeConfig(ratio=1 / 8, dare_modules=mlp, residual="none"), "named")
     assert named.layout == default.layout and named_sha == default_sha
     bands, _ = written(DeltaCoMeConfig(ratio=1 / 8, dare_modules=None), "bands")
@@ -403,8 +404,8 @@ def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
                          progress=False)  # fmt: skip
         model.save_pretrained(tmp_path / folder)
     low = DeltaCoMeConfig.from_pretrained(tmp_path / "default-1-64")
-    assert {n.rsplit(".", 1)[-1] for n, e in low.layout.items() if e.get("vq")} == {*mlp, "o_proj"}
-    assert "`down_proj`, `gate_proj`, `o_proj`, `up_proj` (4-bit codes" in render_model_card(low)
+    assert {n.rsplit(".", 1)[-1] for n, e in low.layout.items() if e.get("sparse")} == {*mlp, "o_proj"}
+    assert "`down_proj`, `gate_proj`, `o_proj`, `up_proj` (a seeded random share" in render_model_card(low)
     assert DeltaCoMeConfig.from_pretrained(tmp_path / "named-1-64").layout == low.layout
     assert ((tmp_path / "named-1-64" / "adapter_model.safetensors").read_bytes()
             == (tmp_path / "default-1-64" / "adapter_model.safetensors").read_bytes())
@@ -413,10 +414,10 @@ def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
     assert mlp_low.dare_modules == mlp
     rtn, _ = written(DeltaCoMeConfig(ratio=1 / 8, quantizer="rtn"), "rtn")  # data-free: nothing to distil with
     assert rtn.dare_modules is None
-    rated_mlp, _ = written(DeltaCoMeConfig(ratio=1 / 8, dare_rates="importance", full_rank="dare"), "rated-mlp")
+    rated_mlp, _ = written(DeltaCoMeConfig(ratio=1 / 8, dare_rates="importance"), "rated-mlp")  # dare_rates applies
     parts = [e["sparse"] for e in rated_mlp.layout.values() if e.get("sparse")]
     assert len(parts) == 3 * 2 and all(p["rates"] == "importance" for p in parts) and not any(p.get("rates") for p in (
-        e["sparse"] for e in as_dare.layout.values() if e.get("sparse")))  # uniform rates unless asked: fmt: skip
+        e["sparse"] for e in default.layout.values() if e.get("sparse")))  # uniform rates unless asked: fmt: skip
     assert "entries, importance rates; no singular vectors" in render_model_card(rated_mlp)
     rated_mlp.dare_rates = None  # as an adapter written before 679f507 says it: the card reads its layout
     assert "entries, importance rates; no singular vectors" in render_model_card(rated_mlp)

@@ -157,11 +157,11 @@ def test_streamed_fallbacks_are_recorded_and_logged(tmp_path, caplog):
     assert info["calibration"].startswith("built-in generic text") and info["num_samples"] == 4
     assert info["rank_share"]["chosen"] == 0.0 and "streamed" in info["rank_share"]["fallback"]
     # the MLP as DARE is found on the streamed skeleton too; with it no residual is weighed
-    sparse = {n.rsplit(".", 1)[-1] for n, e in model.peft_config["default"].layout.items() if "vq" in e}
+    sparse = {n.rsplit(".", 1)[-1] for n, e in model.peft_config["default"].layout.items() if "sparse" in e}
     assert sparse == {"down_proj", "gate_proj", "up_proj"} and "residual" not in info
     info = bands.peft_config["default"].compression_info
     assert info["residual"]["chosen"] == "none" and "streamed" in info["residual"]["fallback"]
-    assert all("sparse" not in e and "vq" not in e for e in bands.peft_config["default"].layout.values())
+    assert all("sparse" not in e for e in bands.peft_config["default"].layout.values())
     assert info["distill"]["skipped"].startswith("streamed")  # the default distils its bands when loaded
     assert "built-in generic text" in caplog.text and "min_rank_share='auto'" in caplog.text
     for option in (dict(search="greedy"), dict(allocation="adaptive")):

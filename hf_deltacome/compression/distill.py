@@ -27,10 +27,11 @@ from ..progress import progress_bar
 CHECK_SEQUENCES = 8  # calibration sequences the KL is measured on before and after distilling the bands
 # below this KL (nats a token, on those sequences) the bands are not distilled: on SmolLM2's knowledge deltas with
 # the MLP as DARE the cells that started at 0.004-0.015 (1/8, 1/16) ended 1.8-12x above where they started, those
-# from 0.024 up (1/32, 1/64) fell 2.0-2.8x; with the MLP as vector codes `facts` 1/32 started at 0.015-0.018 and
-# fell 3x, for 1.9 points of next-token agreement. Trying costs a forward and backward pass of the model a step,
-# and a try that does not lower the KL is not kept (benchmarks/RESULTS.md)
-MIN_KL = 0.005
+# from 0.024 up (1/32, 1/64) fell 2.0-2.8x; trying costs a forward and backward pass of the model a step
+# (benchmarks/RESULTS.md). With vector-coded modules (full_rank="vq") from VQ_MIN_KL: `facts` 1/32 started at
+# 0.015-0.018 and fell 3x, for 1.9 points of next-token agreement; a try that does not lower the KL is not kept
+MIN_KL = 0.02
+VQ_MIN_KL = 0.005
 TEACHER_CACHE_BYTES = 1 << 30  # the fine-tune's log-probabilities are kept across steps when they fit in this
 SIGN_STEP = (4, 128)  # sequences x tokens a step of BitDelta's sign-scale distillation
 BAND_STEP = (1, 256)  # ... and when bands are distilled: every calibration token is seen, at half the cost a step

@@ -65,7 +65,7 @@ from ..quant.spill import maybe_spill
 from . import vocab
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource, check_sizes, generic_texts
 from .checkpoint import LayerCheckpoint, calibration_record
-from .distill import distill_scales, distills, distills_bands
+from .distill import VQ_MIN_KL, distill_scales, distills, distills_bands
 from .inputs import (
     ModelSource,
     describe_inputs,
@@ -198,8 +198,10 @@ def compress(
         if calib.input_ids is None:  # image-text pairs: the student and teacher would need the images too
             distill = {"skipped": "the calibration has no token ids of its own (image-text pairs)"}
         else:
+            least = VQ_MIN_KL if any(e.get("vq") for e in config.layout.values()) else None
             distill = distill_scales(peft_model, pair.finetuned, calib.input_ids, bands=distills_bands(config),
-                                     steps=config.distill_steps, adapter_name=adapter_name, progress=progress)
+                                     steps=config.distill_steps, adapter_name=adapter_name, progress=progress,
+                                     min_kl=least)  # fmt: skip
     config.compression_info = _record(kind, config, calib, time.time() - t0, plan_info, distill, filler.fallbacks)
     config.compression_info.update(streamed=pair.streamed, layer_seconds=[round(t, 2) for t in filler.layer_seconds])
     if changes.rounding:
