@@ -25,7 +25,7 @@ import torch
 from ..config import DeltaCoMeConfig
 from ..errors import DeltaCoMeError
 from ..format.baseline_parts import RATE_CENTER, RATE_STEP, SparsePart, pack_rates, rate_factors, sparse_scores
-from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
+from ..format.budget import budget_bytes, largest_fitting, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import rate_nbytes, sign_part_nbytes, sparse_mask
 from ..format.vq_part import vq_rows
@@ -49,14 +49,7 @@ def rated_dare(config: DeltaCoMeConfig) -> bool:
 def bitdelta_rows(m: int, n: int, ratio: float, per_row: bool) -> int:
     """How many output rows keep their sign bits within the budget (all ``m`` when it fits, at 1/16 or above)."""
     budget = budget_bytes(m, n, ratio)
-    lo, hi = 0, m
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if sign_part_nbytes(m, n, mid, per_row) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return largest_fitting(m, lambda rows: sign_part_nbytes(m, n, rows, per_row) <= budget)
 
 
 def hybrid_plan(

@@ -8,7 +8,7 @@ zeros included, so the true file never exceeds the budget.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import ConfigError
 from .packing import SUPPORTED_BITS, stored_nbytes
@@ -153,3 +153,16 @@ def safetensors_header_bound(tensors: Sequence[tuple[str, str, int]], max_bytes:
         entry = f',"{name}":{{"dtype":"{dtype}","shape":[{shape}],"data_offsets":[{"9" * digits},{"9" * digits}]}}'
         size += len(entry.encode("utf-8"))
     return 8 + size + (-size) % 8
+
+
+def largest_fitting(limit: int, fits: Callable[[int], bool]) -> int:
+    """The largest ``k`` in ``0..limit`` with ``fits(k)`` (``fits`` monotone: true up to some ``k``), by bisection:
+    how many rows of a part a byte budget holds."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -211,23 +211,22 @@ class PackedDelta(BlobStore, nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.part("bias")
 
+    def _extra(self, cls: type, spec: dict | None, prefix: str) -> Any:
+        """The part ``cls`` of the layout's ``spec`` as a view of this blob (``None`` where the layout has none)."""
+        return None if spec is None else cls.from_layout(self.out_features, self.in_features, spec, store=self,
+                                                         prefix=prefix)  # fmt: skip
+
     @property
     def sign(self) -> SignPart | None:
-        if self._sign is None:
-            return None
-        return SignPart.from_layout(self.out_features, self.in_features, self._sign, store=self, prefix="sign.")
+        return self._extra(SignPart, self._sign, "sign.")
 
     @property
     def sparse(self) -> SparsePart | None:
-        if self._sparse is None:
-            return None
-        return SparsePart.from_layout(self.out_features, self.in_features, self._sparse, store=self, prefix="sparse.")
+        return self._extra(SparsePart, self._sparse, "sparse.")
 
     @property
     def vq(self) -> VectorPart | None:
-        if self._vq is None:
-            return None
-        return VectorPart.from_layout(self.out_features, self.in_features, self._vq, store=self, prefix="vq.")
+        return self._extra(VectorPart, self._vq, "vq.")
 
     @property
     def extra_parts(self) -> list:

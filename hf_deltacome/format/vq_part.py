@@ -23,6 +23,7 @@ import torch
 
 from ..errors import AdapterFileError
 from .blob import BlobStore, OwnBlob, Segments, part_property
+from .budget import largest_fitting
 
 VQ_CODES = (16,)  # codebook sizes a layout may name (4-bit codes)
 
@@ -42,14 +43,7 @@ def vq_part_nbytes(in_features: int, rows: int, dim: int, codes: int = 16) -> in
 
 def vq_rows(out_features: int, in_features: int, dim: int, nbytes: int, codes: int = 16) -> int:
     """The most rotated rows (at most ``out_features``) a part of ``dim``-dim vectors stores in ``nbytes``."""
-    lo, hi = 0, out_features
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if vq_part_nbytes(in_features, mid, dim, codes) <= nbytes:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return largest_fitting(out_features, lambda rows: vq_part_nbytes(in_features, rows, dim, codes) <= nbytes)
 
 
 def _kron_sizes(n: int) -> tuple[int, int]:
