@@ -52,7 +52,7 @@ def _kron_sizes(n: int) -> tuple[int, int]:
     return a, n // a
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4096)  # two small factors a (size, seed, side): every module of a model
 def rotation(n: int, seed: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The seeded random orthogonal ``Q = Q_a ⊗ Q_b`` of size ``n`` (its two factors, float32, CPU): Kronecker
     products of Haar-random orthogonal matrices, as QuIP's incoherence processing, so a rotation of a 14336-wide
