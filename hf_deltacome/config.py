@@ -54,7 +54,7 @@ RESIDUALS = ("auto", "none")
 MASK_DRAWS = 1
 DARE_RATES = ("uniform", "importance")
 DARE_FITS = ("rescale", "gptq", "unbiased")
-FULL_RANKS = ("vq", "dare")  # how dare_modules store their whole delta
+FULL_RANKS = ("dare", "vq")  # how dare_modules store their whole delta
 IMPART_MIN_KEEP = 0.5  # impart's lowest keep-rate when sparse_tail is not set (docs/METHOD.md)
 
 
@@ -82,7 +82,7 @@ class DeltaCoMeConfig(PeftConfig):
     Args:
         ratio: target size of the packed factors as a fraction of the float16 delta of the target linears
             (1/16 by default). Scales, zeros and singular values are paid from this budget.
-        method: compression method; ``"deltacome"`` is SVD + mixed-precision quantization (``"vq"``: `full_rank`).
+        method: compression method; ``"deltacome"`` is SVD + mixed-precision quantization (``"vq"``: see full_rank).
         bands: ``[(bits, rank | fraction | None), ...]`` from the largest singular values down. Default
             ``[[8, 2], [3, 32], [2, None]]``: 2 vectors at 8 bits, 32 at 3 bits, the rest of the budget at 2 bits.
         min_rank_share: how far the fixed-rank bands may eat into the last band's rank. A number: when a split
