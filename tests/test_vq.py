@@ -164,3 +164,8 @@ def test_vq_output_error_falls_as_the_budget_grows():
 
 def test_vq_plan_refuses_a_budget_without_room_for_the_codebook():
     assert vq_plan("a", 16, 16, 1 / 128) is None
+
+
+def test_a_bad_full_rank_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=r"full_rank must be one of \('dare', 'vq'\), got 'svd'"):
+        DeltaCoMeConfig(full_rank="svd")
