@@ -12,8 +12,9 @@ from hf_deltacome.compression.baselines import vq_plan
 from hf_deltacome.compression.modules import compress_module, entry_nbytes, plan_entry
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.format.budget import budget_bytes
+from hf_deltacome.format.packing import pack_nibbles, unpack_nibbles
 from hf_deltacome.format.storage import VQ_FORMAT, PackedDelta, VectorPart
-from hf_deltacome.format.vq_part import pack_codes, rotate, rotate_matrix, rotation, unpack_codes, vq_part_nbytes
+from hf_deltacome.format.vq_part import rotate, rotate_matrix, rotation, vq_part_nbytes
 from hf_deltacome.quant.vq import vq_fit
 
 
@@ -26,9 +27,9 @@ def spread_delta(m: int, n: int, seed: int = 0) -> torch.Tensor:
 
 def test_codes_pack_and_unpack_exactly():
     idx = torch.randint(0, 16, (1001,), generator=torch.Generator().manual_seed(0))
-    packed = pack_codes(idx)
+    packed = pack_nibbles(idx)
     assert packed.dtype == torch.uint8 and packed.numel() == 501
-    assert torch.equal(unpack_codes(packed, 1001), idx)
+    assert torch.equal(unpack_nibbles(packed, 1001), idx)
 
 
 @pytest.mark.parametrize("n", [576, 1536, 97, 64])

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import AdapterFileError
 from .blob import BlobStore, OwnBlob, QuantizedFactor, Segments, factor_parts, part_property
-from .packing import pack_bits, packed_words, unpack_bits
+from .packing import pack_bits, pack_nibbles, packed_words, unpack_bits, unpack_nibbles
 
 
 def sign_part_nbytes(out_features: int, in_features: int, rows: int, per_row: bool) -> int:
@@ -148,19 +148,13 @@ def rate_nbytes(out_features: int, in_features: int) -> int:
 def pack_rates(row_codes: torch.Tensor, col_codes: torch.Tensor) -> torch.Tensor:
     """The stored ``rates`` of a rated `SparsePart`: 4-bit codes (0..15) two to a byte, low nibble first, the rows
     (padded to a whole byte) then the columns (likewise); `rate_factors` reads them back."""
-
-    def nibbles(codes: torch.Tensor) -> torch.Tensor:
-        c = codes.to(torch.uint8).flatten()
-        return torch.cat([c, c.new_zeros(c.numel() % 2)])
-
-    c = torch.cat([nibbles(row_codes), nibbles(col_codes)])
-    return c[0::2] | (c[1::2] << 4)
+    return torch.cat([pack_nibbles(row_codes), pack_nibbles(col_codes)])
 
 
 def rate_factors(packed: torch.Tensor, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The row and column factors (float32, ``2^((code − 8)·RATE_STEP)``) of packed rate codes: rows, then columns."""
     p = packed.to(torch.uint8).cpu()
-    codes = torch.stack([p & 15, p >> 4], 1).flatten().to(torch.int64)
+    codes = unpack_nibbles(p, 2 * p.numel())
     rows, cols = (out_features + 1) // 2 * 2, (in_features + 1) // 2 * 2
     if codes.numel() != rows + cols:
         raise AdapterFileError(f"DARE rate codes: {p.numel()} bytes do not fit a {out_features}x{in_features} delta")

@@ -53,6 +53,20 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     return acc.to(torch.int32)
 
 
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (0..15) two to a ``uint8``, low nibble first, an odd count padded with a zero code: DARE's rate
+    codes and a vq part's vector codes."""
+    c = codes.to(torch.uint8).flatten()
+    c = torch.cat([c, c.new_zeros(c.numel() % 2)])
+    return c[0::2] | (c[1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` 4-bit codes of :func:`pack_nibbles`' bytes (int64)."""
+    p = packed.to(torch.uint8)
+    return torch.stack([p & 15, p >> 4], 1).flatten()[:count].to(torch.int64)
+
+
 def unpack_bits(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: int32 words (rows x words) to int64 values (rows x cols)."""
     if bits not in _PLAIN_BITS:

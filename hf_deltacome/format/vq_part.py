@@ -24,6 +24,7 @@ import torch
 from ..errors import AdapterFileError
 from .blob import BlobStore, OwnBlob, Segments, part_property
 from .budget import largest_fitting
+from .packing import pack_nibbles, unpack_nibbles
 
 VQ_CODES = (16,)  # codebook sizes a layout may name (4-bit codes)
 
@@ -81,19 +82,6 @@ def rotate_matrix(w: torch.Tensor, seed: int, inverse: bool = False) -> torch.Te
     return rotate(w.t(), rotation(m, seed, 0), inverse).t()
 
 
-def pack_codes(idx: torch.Tensor) -> torch.Tensor:
-    """4-bit codes (0..15) two to a byte, low nibble first (an odd count padded with a zero code)."""
-    c = idx.to(torch.uint8).flatten()
-    c = torch.cat([c, c.new_zeros(c.numel() % 2)])
-    return c[0::2] | (c[1::2] << 4)
-
-
-def unpack_codes(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """The first ``count`` 4-bit codes of ``packed`` (int64)."""
-    p = packed.to(torch.uint8)
-    return torch.stack([p & 15, p >> 4], 1).flatten()[:count].to(torch.int64)
-
-
 class VectorPart:
     """Vector-quantized storage of a whole ``out x in`` delta (see the module docstring)."""
 
@@ -139,7 +127,7 @@ class VectorPart:
         if idx.numel() != n or tuple(codebook.shape) != (self.codes, self.dim):
             raise AdapterFileError(f"vq part expects {n} codes and a {self.codes}x{self.dim} codebook, got "
                                    f"{idx.numel()} and {tuple(codebook.shape)}")  # fmt: skip
-        self.packed.copy_(pack_codes(idx).to(self.packed.device))
+        self.packed.copy_(pack_nibbles(idx).to(self.packed.device))
         self.codebook.copy_(codebook.to(self.codebook.device, torch.float16))
         self.scale.fill_(float(scale))
 
@@ -147,7 +135,7 @@ class VectorPart:
         """``Ŷ``: the stored ``rows x in`` block of the rotated delta (float32, on the part's device)."""
         n = vq_nvectors(self.rows, self.in_features, self.dim)
         table = self.codebook.to(torch.float32) * self.scale.to(torch.float32)
-        flat = table[unpack_codes(self.packed, n).to(table.device)].reshape(-1)
+        flat = table[unpack_nibbles(self.packed, n).to(table.device)].reshape(-1)
         return flat[: self.rows * self.in_features].reshape(self.rows, self.in_features)
 
     def delta_weight(self) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 The delta is rotated by the part's seeded rotations (``Y = Q_m Δ Q_nᵀ``), its first ``rows`` rows cut into
 ``dim``-dim vectors, and a ``codes``-entry codebook fitted to them by k-means (Lloyd's iterations on up to
-``FIT_VECTORS`` of them drawn with the seed, from the first 16 drawn); every vector then takes its nearest entry. The codebook is then stretched so the stored ``Ŷ`` is not shrunk: k-means' centroids
-are conditional means, so ``Ŷ`` alone keeps only ``1 − D`` of ``Y`` along ``Y`` (``D`` the relative distortion, ~0.6
+``FIT_VECTORS`` of them drawn with the seed, from the first 16 drawn); every vector then takes its nearest entry.
+The codebook is then stretched so the stored ``Ŷ`` is not shrunk: k-means' centroids are conditional means, so ``Ŷ`` alone keeps only ``1 − D`` of ``Y`` along ``Y`` (``D`` the relative distortion, ~0.6
 at 0.5 bit a weight), and a shrunk delta loses the fine-tune's behaviour (benchmarks/RESULTS.md); stretched by
 ``‖Y‖² / ⟨Y, Ŷ⟩`` its projection on ``Y`` is ``Y``, like DARE's rescaled values.
 """
@@ -30,7 +30,7 @@ def vq_fit(
     """``(indices, codebook, scale)`` of ``delta``'s rotated first ``rows`` rows: one index a ``dim``-dim vector
     (``ceil(rows·in/dim)``, the last vector zero-padded), a ``codes x dim`` float32 codebook of unit RMS, and the
     float32 scale that multiplies it (the stretch above included)."""
-    m, n = delta.shape
+    n = delta.shape[1]
     y = rotate_matrix(delta.detach().to(torch.float32).cpu(), seed)[:rows].reshape(-1)
     count = vq_nvectors(rows, n, dim)
     flat = torch.cat([y, y.new_zeros(count * dim - y.numel())])
