@@ -300,6 +300,10 @@ def test_cli_mask_draws_and_dare_modules_reach_the_config_and_a_bad_count_is_ref
         main([*args, "--overwrite", "--mask-draws", "0"])
     assert exit_info.value.code == 2
     assert "--mask-draws: expected an integer >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--overwrite", "--full-rank", "svd"])
+    assert exit_info.value.code == 2
+    assert "argument --full-rank: invalid choice: 'svd'" in capsys.readouterr().err
 
 
 def test_dare_modules_store_those_modules_as_dare_alone_and_load_back(tmp_path):
