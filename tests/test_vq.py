@@ -1,6 +1,7 @@
 """Vector-quantized deltas (format/vq_part.py, quant/vq.py): the rotated delta's vectors as 4-bit codes."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -76,18 +77,76 @@ def test_error_falls_as_vectors_get_shorter_and_the_delta_is_not_shrunk():
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0], errors
 
 
+
+def correlated_hessian(n: int, seed: int = 0) -> torch.Tensor:
+    """``XᵀX / N`` of inputs with a few strong, correlated directions (as a transformer's activations have)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n, n, generator=g) + 6 * torch.randn(4 * n, 3, generator=g) @ torch.randn(3, n, generator=g)
+    return x.t() @ x / x.shape[0]
+
+
+def rotated_error(d: torch.Tensor, rows: int, dim: int, seed: int, fit, h: torch.Tensor) -> float:
+    """``tr(E H Eᵀ) / tr(Δ H Δᵀ)`` of the part ``vq_fit`` stores for ``d`` (its first ``rows`` rotated rows)."""
+    m, n = d.shape
+    part = VectorPart(m, n, rows, dim, 16, seed)
+    part.set(*fit)
+    e = (part.delta_weight() - d).double()
+    return float(((e @ h.double()) * e).sum() / ((d.double() @ h.double()) * d.double()).sum())
+
+
+@pytest.mark.parametrize("dim", [4, 8, 16])
+def test_output_fitted_codes_lower_the_output_error(dim):
+    d, h = spread_delta(96, 128), correlated_hessian(128)
+    plain = vq_fit(d, 90, dim, 16, seed=3)
+    fitted = vq_fit(d, 90, dim, 16, seed=3, hessian=h)
+    torch.testing.assert_close(fitted[1], plain[1])  # the same codebook: the codes and their stretch differ
+    assert not torch.equal(fitted[0], plain[0])
+    before, after = rotated_error(d, 90, dim, 3, plain, h), rotated_error(d, 90, dim, 3, fitted, h)
+    assert after < 0.7 * before, (before, after)
+    part = VectorPart(96, 128, 90, dim, 16, 3)
+    part.set(*fitted)
+    y = rotate_matrix(d, 3)[:90]  # the stored rows' output along the delta's is the delta's: not shrunk
+    yh = (y @ rotate(rotate(h, rotation(128, 3, 1)).t(), rotation(128, 3, 1)).t()).double()
+    assert abs(float((yh * part.rotated_rows()).sum() / (yh * y).sum()) - 1.0) < 1e-4
+
+
+def test_output_fitted_codes_under_an_isotropic_hessian_are_the_nearest_stored_entries():
+    d = spread_delta(64, 96)
+    _, table, scale = vq_fit(d, 64, 8, 16, seed=2)
+    idx = vq_fit(d, 64, 8, 16, seed=2, hessian=torch.eye(96) * 3.0)[0]  # no column weighs more than another
+    vectors = rotate_matrix(d, 2).reshape(-1, 8)
+    assert torch.equal(idx, torch.cdist(vectors, table.half().float() * scale).argmin(1))  # nothing pushed on
+
+
+def test_vectors_that_straddle_rows_keep_their_nearest_codes():
+    d = spread_delta(40, 70)  # 70 is no multiple of 8: a vector spans two rows, no column block is whole
+    plain = vq_fit(d, 40, 8, 16, seed=4)
+    assert torch.equal(vq_fit(d, 40, 8, 16, seed=4, hessian=correlated_hessian(70))[0], plain[0])
+
+
+def test_compress_module_fits_the_codes_to_calibration_activations_with_gptq():
+    d, h = spread_delta(160, 64), correlated_hessian(64)
+    errors = {}
+    for quantizer in ("rtn", "gptq"):
+        cfg = DeltaCoMeConfig(method="vq", ratio=1 / 16, quantizer=quantizer)
+        entry = plan_entry("a.mlp.up_proj", 160, 64, 1 / 16, cfg)
+        e = (compress_module(d, h, entry, cfg, name="a.mlp.up_proj").dense(160, 64, vq_entry=entry["vq"]) - d).double()
+        errors[quantizer] = float(((e @ h.double()) * e).sum())
+    assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
 @pytest.mark.parametrize("ratio", [1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128])
 @pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (160, 64), (50, 70)])
 def test_plan_fills_the_budget_and_the_buffers_are_what_was_budgeted(ratio, shape):
     m, n = shape
     entry = plan_entry("layers.0.mlp.up_proj", m, n, ratio, DeltaCoMeConfig(method="vq", ratio=ratio))
     budget = budget_bytes(m, n, ratio)
-    dim = max(1, round(4 * m * n / (8 * budget)))  # the weights a 4-bit code the budget pays for
+    target = 4 * m * n / (8 * budget)  # the weights a 4-bit code the budget pays for, to the nearest divisor of n
+    dim = min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(math.log(d / target)))
     vq = entry.get("vq")
     if vq is None:  # the budget does not pay for the codebook and one row
         assert vq_part_nbytes(n, 1, dim) > budget
         return
-    assert entry["format"] == VQ_FORMAT and vq["dim"] == dim
+    assert entry["format"] == VQ_FORMAT and vq["dim"] == dim and n % dim == 0  # no vector straddles two rows
     assert entry_nbytes(entry) <= budget
     assert PackedDelta.from_layout(entry).nbytes() == entry_nbytes(entry)
     if vq["rows"] < m:  # one more row would not fit

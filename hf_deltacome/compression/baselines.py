@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -140,16 +141,19 @@ VQ_CODE_BITS = 4  # vq: a 4-bit code (16-entry codebook) a vector of dim = 4 / (
 
 def vq_plan(name: str, m: int, n: int, ratio: float, *, budget: int | None = None, draw: int = 0) -> dict | None:
     """The ``vq`` part of a layout: 4-bit codes of ``dim``-dim vectors, ``dim`` the weights a code the budget
-    (``budget`` bytes, else the module's at ``ratio``) pays for, to the nearest, and as many of the rotated rows as
-    the budget holds beside the codebook (at 1/32, 8-dim vectors and all but 0.5% of the rows)."""
+    (``budget`` bytes, else the module's at ``ratio``) pays for, to the nearest divisor of ``n`` (a vector then never
+    straddles two rows, so the codes can be fitted to the output a block of columns at a time: `quant/vq.py`), and as
+    many of the rotated rows as the budget holds beside the codebook (at 1/32, 8-dim vectors and all but 0.5% of the
+    rows)."""
     budget = budget_bytes(m, n, ratio) if budget is None else int(budget)
     if budget <= 0:
         return None
-    dim = max(1, round(VQ_CODE_BITS * m * n / (8 * budget)))  # nearest: the rows take up what it misses
-    rows = vq_rows(m, n, min(dim, n), budget, 1 << VQ_CODE_BITS)
+    target = VQ_CODE_BITS * m * n / (8 * budget)  # nearest by ratio: the rows take up what it misses
+    dim = min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(math.log(d / target)))
+    rows = vq_rows(m, n, dim, budget, 1 << VQ_CODE_BITS)
     if rows <= 0:
         return None
-    return {"dim": min(dim, n), "codes": 1 << VQ_CODE_BITS, "rows": rows, "seed": mask_seed(name, draw)}
+    return {"dim": dim, "codes": 1 << VQ_CODE_BITS, "rows": rows, "seed": mask_seed(name, draw)}
 
 
 def sparse_entry(

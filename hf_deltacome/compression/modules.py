@@ -237,7 +237,7 @@ def compress_module(
             name=name,
         )
         out.bands = list(parts)
-    if isinstance(hessian, SpilledHessian) and (entry.get("sign") or entry.get("sparse_bands")):
+    if isinstance(hessian, SpilledHessian) and (entry.get("sign") or entry.get("sparse_bands") or entry.get("vq")):
         hessian = hessian.load()  # these parts read the whole matrix
     if entry.get("sign"):
         out.sign = bitdelta_factors(delta, hessian, int(entry["sign"]["rows"]), entry["sign"].get("scale") == "row")
@@ -251,7 +251,8 @@ def compress_module(
                                                  damp=config.damp)  # fmt: skip
     vq = entry.get("vq")
     if vq:
-        out.vq = vq_factors(delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta, vq)
+        fit = hessian if config.quantizer == "gptq" else None  # codes chosen for the output, as GPTQ's rounding
+        out.vq = vq_factors(delta.detach().float().cpu() - out.dense(m, n) if out.bands else delta, vq, fit, name=name)
     return out
 
 
@@ -334,10 +335,15 @@ def rtn_bands_dense(
     return w
 
 
-def vq_factors(delta: torch.Tensor, vq: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The codes, codebook and scale of a ``vq`` part for ``delta`` (fitted once per delta and part inside
-    :func:`.svd.reuse_svd`: the plan's whole-model check and the compression store the same codes)."""
+def vq_factors(
+    delta: torch.Tensor, vq: dict[str, Any], hessian: torch.Tensor | None = None, *, name: str = ""
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The codes, codebook and scale of a ``vq`` part for ``delta``, fitted to the output with ``hessian`` (see
+    :func:`~hf_deltacome.quant.vq.vq_fit`); data-free ones are fitted once per delta and part inside
+    :func:`.svd.reuse_svd`, so the plan's whole-model check and the compression store the same codes."""
     args = (int(vq["rows"]), int(vq["dim"]), int(vq.get("codes", 16)), int(vq["seed"]))
+    if hessian is not None:
+        return vq_fit(delta, *args, hessian=hessian, name=name)
     return remembered("vq", delta.to(torch.float32), lambda: vq_fit(delta, *args), *args)
 
 
