@@ -148,8 +148,8 @@ class DeltaCoMeConfig(PeftConfig):
             more faithful at 1/8-1/32). Saved as the leaf names used. Why: docs/METHOD.md §9, benchmarks/RESULTS.md.
         full_rank: how ``dare_modules`` store their delta: ``"dare"`` (default, ``RESIDUAL_DARE_BITS``-bit DARE) or
             ``"vq"`` (method ``vq``: 4-bit codes of short vectors of the randomly rotated delta,
-            :mod:`~hf_deltacome.format.vq_part`; DARE where the budget pays for no codebook): closer to the
-            fine-tune at 1/8-1/64, fewer held-out answers (benchmarks/RESULTS.md).
+            :mod:`~hf_deltacome.format.vq_part`, fitted to the output with ``quantizer="gptq"``; DARE where the
+            budget pays for no codebook): closer to the fine-tune, fewer held-out answers (benchmarks/RESULTS.md).
         mask_draw: which draw of the seeded masks (DARE's, ImPart's) a layout uses: every module's seed comes from
             its name (0) or from ``name#mask_draw``. The seeds are stored in the layout; loading never re-derives them.
         mask_draws: ``residual="auto"``: when it keeps a DARE part, the whole-model check also weighs that layout
