@@ -77,7 +77,6 @@ def test_error_falls_as_vectors_get_shorter_and_the_delta_is_not_shrunk():
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0], errors
 
 
-
 def correlated_hessian(n: int, seed: int = 0) -> torch.Tensor:
     """``XᵀX / N`` of inputs with a few strong, correlated directions (as a transformer's activations have)."""
     g = torch.Generator().manual_seed(seed)
@@ -130,9 +129,11 @@ def test_compress_module_fits_the_codes_to_calibration_activations_with_gptq():
     for quantizer in ("rtn", "gptq"):
         cfg = DeltaCoMeConfig(method="vq", ratio=1 / 16, quantizer=quantizer)
         entry = plan_entry("a.mlp.up_proj", 160, 64, 1 / 16, cfg)
-        e = (compress_module(d, h, entry, cfg, name="a.mlp.up_proj").dense(160, 64, vq_entry=entry["vq"]) - d).double()
+        factors = compress_module(d, h, entry, cfg, name="a.mlp.up_proj")
+        e = (factors.dense(160, 64, vq_entry=entry["vq"]) - d).double()
         errors[quantizer] = float(((e @ h.double()) * e).sum())
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
+
 
 @pytest.mark.parametrize("ratio", [1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128])
 @pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (160, 64), (50, 70)])
