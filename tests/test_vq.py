@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from tiny_models import logits, make_finetune, make_model, random_ids
 
-from hf_deltacome import ConfigError, DeltaCoMeConfig
+from hf_deltacome import ConfigError, DeltaCoMeConfig, DeltaCoMeError
 from hf_deltacome.compression.baselines import vq_plan
 from hf_deltacome.compression.modules import compress_module, entry_nbytes, plan_entry
 from hf_deltacome.compression.pipeline import compress
@@ -121,6 +121,11 @@ def test_vectors_that_straddle_rows_keep_their_nearest_codes():
     d = spread_delta(40, 70)  # 70 is no multiple of 8: a vector spans two rows, no column block is whole
     plain = vq_fit(d, 40, 8, 16, seed=4)
     assert torch.equal(vq_fit(d, 40, 8, 16, seed=4, hessian=correlated_hessian(70))[0], plain[0])
+
+
+def test_a_hessian_of_the_wrong_width_is_refused_naming_the_module():
+    with pytest.raises(DeltaCoMeError, match=r"'a\.mlp\.up_proj'.*\(70, 70\).*\(64, 64\)"):
+        vq_fit(spread_delta(160, 64), 160, 8, 16, seed=1, hessian=correlated_hessian(70), name="a.mlp.up_proj")
 
 
 def test_compress_module_fits_the_codes_to_calibration_activations_with_gptq():

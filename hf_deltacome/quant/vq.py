@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DeltaCoMeError
 from ..format.vq_part import rotate, rotate_matrix, rotation, vq_nvectors
 from .cholesky import inverse_cholesky
 
@@ -54,6 +55,10 @@ def vq_fit(
     float32 scale that multiplies it (the stretch above included). With ``hessian`` (``in x in``) the codes are
     fitted to the output (see above) where vectors do not straddle rows (``in`` a multiple of ``dim``)."""
     n = delta.shape[1]
+    if hessian is not None and tuple(hessian.shape) != (n, n):
+        where = f" of {name!r}" if name else ""
+        raise DeltaCoMeError(f"vector codes{where}: the input Hessian has shape {tuple(hessian.shape)}, the "
+                             f"{tuple(delta.shape)} delta needs ({n}, {n})")  # fmt: skip
     y = rotate_matrix(delta.detach().to(torch.float32).cpu(), seed)[:rows].reshape(-1)
     count = vq_nvectors(rows, n, dim)
     flat = torch.cat([y, y.new_zeros(count * dim - y.numel())])
