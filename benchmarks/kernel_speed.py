@@ -12,7 +12,7 @@ Achieved bandwidth = bytes that must be read (packed factors, or the base weight
 measured copy bandwidth and its spec-sheet peak. Then end-to-end decode tokens/s of a 7B-shaped Llama (random
 weights) with 0, 1 and 8 different adapters in one batch of 8, eager and with the whole decode step captured in one
 CUDA graph (static KV cache): the model is timed with a few layer counts and the per-layer slope is extrapolated to
-32 layers.
+32 layers. Beside them, one delta with a DARE residual and one stored as vector codes, each against the PyTorch path.
 
 Without a GPU the same code runs on tiny shapes under ``TRITON_INTERPRET=1``; those timings mean nothing.
 """
@@ -385,6 +385,62 @@ def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype,
     return head + lines
 
 
+# -- a delta stored as vector codes (`full_rank="vq"`, `method="vq"`) ---------------------------------------------
+
+
+def vq_delta(m: int, n: int, device, seed: int = 0) -> PackedDelta:
+    """A whole ``m x n`` delta as 4-bit codes of rotated vectors, laid out by `vq_plan` at the ratio; random codes."""
+    from hf_deltacome.compression.baselines import vq_plan
+    from hf_deltacome.format.vq_part import vq_nvectors
+
+    entry = vq_plan(f"bench.{m}x{n}", m, n, RATIO)
+    gen = torch.Generator().manual_seed(seed)
+    d = PackedDelta(m, n, [], GROUP, vq=entry)
+    codes = torch.randint(0, entry["codes"], (vq_nvectors(entry["rows"], n, entry["dim"]),), generator=gen)
+    d.vq.set(codes, torch.randn(entry["codes"], entry["dim"], generator=gen), 1.0 / n**0.5)
+    return d.to(device)
+
+
+def bench_vq(shapes: list[tuple[int, int]], tokens_list: list[int], dtype, device) -> list[str]:
+    """Markdown rows: one vector-quantized delta through the backend's seam (the VQ kernel: codes read in place,
+    the rotations by PyTorch) against the PyTorch path (its decoded float32 rows, cached), and the memory each
+    holds beside the packed file."""
+    from hf_deltacome import backend
+
+    lines = []
+    for m, n in shapes:
+        proto = vq_delta(m, n, device)
+        part = proto.vq
+        decoded_bytes = part.rows * n * 4
+        deltas = [proto] + [vq_delta(m, n, device, seed=i) for i in range(1, min(8, copies_for(decoded_bytes)))]
+        for T in tokens_list:
+            x = torch.randn(T, n, device=device, dtype=dtype)
+            ours = backend.delta_forward(x, proto).float()
+            ref = torch_delta_forward(x, proto).float()
+            err = ((ours - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
+            ours_t, graphed = _time_maybe_graphed([lambda x=x, d=d: backend.delta_forward(x, d) for d in deltas])
+            cached_t = time_calls([lambda x=x, d=d: torch_delta_forward(x, d) for d in deltas])
+            lines.append(
+                f"| {m}x{n} | {part.dim}-dim x {part.rows} rows | {T} | {ours_t * 1e6:.1f}"
+                f"{'' if graphed else ' (eager)'} | {cached_t * 1e6:.1f} | {proto.nbytes() / 2**20:.2f} | "
+                f"{decoded_bytes / 2**20:.1f} | {err:.1e} |"
+            )
+            print(f"  vq {m}x{n} T={T}: kernel {ours_t * 1e6:.1f} us, PyTorch {cached_t * 1e6:.1f} us", flush=True)
+    head = [
+        "",
+        f"A delta stored as vector codes at 1/{round(1 / RATIO)} (`method=\"vq\"`, the option `full_rank=\"vq\"`'s "
+        "whole modules): *kernel* = `backend.delta_forward` (`vq_add_into`: the codes and codebook read in place, "
+        "the two Kronecker rotations by PyTorch; '(eager)' where the call could not be captured in a CUDA graph), "
+        "*PyTorch* = the PyTorch path with its decoded rows cached (float32); memory beside the packed file: the "
+        "kernel keeps nothing (its rotations' factors: kilobytes), the PyTorch path the decoded rows.",
+        "",
+        "| layer | vectors | tokens | kernel µs | PyTorch, decoded rows µs | packed MiB | decoded MiB (PyTorch) "
+        "| max rel err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    return head + lines
+
+
 # -- end-to-end decode -------------------------------------------------------------------------------------------
 
 
@@ -713,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-decode", action="store_true", help="only the layer benchmark")
     ap.add_argument("--split-sweep", action="store_true", help="also time every shrink split at 1 and 8 tokens")
     ap.add_argument("--skip-residual", action="store_true", help="skip the delta with a DARE residual")
+    ap.add_argument("--skip-vq", action="store_true", help="skip the delta stored as vector codes")
     ap.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth, if the device is not known")
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     args = ap.parse_args(argv)
@@ -751,13 +808,16 @@ def main(argv: list[str] | None = None) -> int:
         for m, n in shapes:
             for T in (1, 8):
                 split_sweep(m, n, T, dtype, device)
-    residual = [] if args.skip_residual else bench_residual(shapes[:2], [t for t in tokens if t <= 8][:2], dtype, device)
+    small = [t for t in tokens if t <= 8][:2]
+    residual = [] if args.skip_residual else bench_residual(shapes[:2], small, dtype, device)
+    vq = [] if args.skip_vq else bench_vq(shapes[:2], small, dtype, device)
     decode = [] if args.skip_decode else bench_decode(layers, 8, steps, device, dtype)
     if GPU:  # again once the clocks are up: the better of the two readings is the ceiling
         copy = max(copy, copy_gbps())
     text = markdown(rows, decode, peak, peak_src, copy, header)
-    if residual:
-        text += "\n".join(residual) + "\n"
+    for extra in (residual, vq):
+        if extra:
+            text += "\n".join(extra) + "\n"
     print()
     print(text)
     if args.markdown:

@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .format.baseline_parts import SparsePart
 from .format.blob import PINNED_FACTORS
 from .format.storage import PackedDelta
+from .format.vq_part import VectorPart
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -207,7 +208,8 @@ def _kernel_ready(delta: PackedDelta | None) -> bool:
 
 
 def _parts(delta: PackedDelta | None) -> list:
-    """The parts beside the dense bands that the kernels leave to PyTorch: sign bits, DARE values, vector codes."""
+    """The parts beside the dense bands, added after the band kernels (`_add_parts`): sign bits, DARE values, vector
+    codes."""
     if delta is None or not delta.has_extra_parts:
         return []
     return delta.extra_parts
@@ -216,18 +218,24 @@ def _parts(delta: PackedDelta | None) -> list:
 def _add_parts(
     y: torch.Tensor, x: torch.Tensor, deltas: Sequence[PackedDelta | None], row_index: torch.Tensor | None
 ) -> torch.Tensor:
-    """``y`` plus each delta's sign / DARE parts (`_parts`), after the kernels wrote its bands: in place unless
-    ``y`` needs its gradient. A DARE part goes through `hf_deltacome.kernels.sparse_add_into` (its values read
-    packed, its mask kept as a bitmap: 1/16 of the fp16 delta where the PyTorch path's CSR copy takes ~0.9x at 1/16);
-    sign bits, and a DARE part whose output needs a gradient, through PyTorch: in a mixed batch computed on every
-    row and kept on the delta's rows by a mask (no host synchronisation: a decode step can still be captured)."""
+    """``y`` plus each delta's sign / DARE / vector-code parts (`_parts`), after the kernels wrote its bands: in
+    place unless ``y`` needs its gradient. A DARE part goes through `hf_deltacome.kernels.sparse_add_into` (its
+    values read packed, its mask kept as a bitmap: 1/16 of the fp16 delta where the PyTorch path's CSR copy takes
+    ~0.9x at 1/16), vector codes through `hf_deltacome.kernels.vq_add_into` (read in place, where the PyTorch path
+    decodes them to float32, 2x the fp16 delta); sign bits, and a part whose output needs a gradient, through
+    PyTorch: in a mixed batch computed on every row and kept on the delta's rows by a mask (no host
+    synchronisation: a decode step can still be captured)."""
     from . import kernels
 
     for i, delta in enumerate(deltas):
         for part in _parts(delta):
-            if isinstance(part, SparsePart) and kernels.sparse_ready(part) and kernels.can_add_into(y, x, y.shape[-1]):
-                kernels.sparse_add_into(y, x, part, row_index, i)
-                continue
+            if kernels.can_add_into(y, x, y.shape[-1]):
+                if isinstance(part, SparsePart) and kernels.sparse_ready(part):
+                    kernels.sparse_add_into(y, x, part, row_index, i)
+                    continue
+                if isinstance(part, VectorPart) and kernels.vq_ready(part):
+                    kernels.vq_add_into(y, x, part, row_index, i)
+                    continue
             extra = part.forward_delta(x).to(y.dtype)
             if row_index is not None:
                 keep = (row_index.to(y.device) == i).to(y.dtype)

@@ -2,7 +2,8 @@
 
 ``delta_forward(x, delta)`` serves one adapter, ``delta_forward_mixed(x, deltas, row_index)`` a batch whose rows
 use different adapters (``-1`` = none), ``sparse_add_into(y, x, part)`` adds a DARE part (its values packed, its
-mask as a bitmap). ``hf_deltacome.backend`` dispatches here on CUDA (or on CPU under
+mask as a bitmap), ``vq_add_into(y, x, part)`` a vector-quantized part (its codes read in place).
+``hf_deltacome.backend`` dispatches here on CUDA (or on CPU under
 ``TRITON_INTERPRET=1``); importing this package needs Triton.
 """
 
@@ -13,6 +14,7 @@ if __name__ == "hf_deltacome.kernels":
     from .plan import KERNEL_BITS, KernelPlan, mixed_plan_for, plan_for
     from .triton_delta import INTERPRET, base_plus_delta, can_add_into, delta_forward, delta_forward_mixed
     from .triton_sparse import sparse_add_into, sparse_ready
+    from .triton_vq import vq_add_into, vq_ready
 
     __all__ = [
         "INTERPRET",
@@ -26,4 +28,6 @@ if __name__ == "hf_deltacome.kernels":
         "plan_for",
         "sparse_add_into",
         "sparse_ready",
+        "vq_add_into",
+        "vq_ready",
     ]

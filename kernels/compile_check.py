@@ -4,7 +4,8 @@
 
 Every autotuning candidate is compiled (Triton to PTX, then ``ptxas`` from Triton's wheel for the register
 report) for float16, bfloat16 and float32 activations, with a compile-time group size of 128 and with the
-per-element group path, and the DARE kernel (`triton_sparse`) at every value width and its launch tiles. This catches compile errors the CPU interpreter cannot see and shows which candidates
+per-element group path, the DARE kernel (`triton_sparse`) at every value width and its launch tiles, and the
+vector-code kernel (`triton_vq`) at its launch tiles. This catches compile errors the CPU interpreter cannot see and shows which candidates
 spill. Needs ``TRITON_INTERPRET`` unset (it is removed here before Triton is used).
 """
 
@@ -27,6 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from . import triton_delta as TD  # noqa: E402
 from . import triton_sparse as TS  # noqa: E402
+from . import triton_vq as TV  # noqa: E402
 
 _PTR = {tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float32: "*fp32"}
 _SHRINK_SIG = dict(
@@ -99,6 +101,36 @@ def compile_sparse(compute, bits: int, tile: dict, arch: int):
     for name in constexprs:
         sig[name] = "constexpr"
     src = ASTSource(TS._sparse_kernel, sig, constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+
+
+_VQ_SIG = dict(
+    x_ptr=None,
+    t_ptr="*fp32",
+    row_ad_ptr="*i32",
+    codes_ptr="*u8",
+    book_ptr="*fp16",
+    scale_ptr="*fp32",
+    T="i32",
+    R="i32",
+    N="i32",
+    DIM="i32",
+    tokens_per_row="i32",
+    slot="i32",
+    stride_xt="i32",
+    stride_tt="i32",
+)
+# the vector-code kernel's tiles as `triton_vq.vq_add_into` launches them: one token, a decode block, prefill
+_VQ_TILES = (dict(BT=1, BM=32, BK=128), dict(BT=16, BM=32, BK=64), dict(BT=32, BM=32, BK=64))
+
+
+def compile_vq(compute, tile: dict, arch: int):
+    """Compile the vector-code kernel for ``sm_<arch>`` at one tile."""
+    sig = dict(_VQ_SIG, x_ptr=_PTR[compute])
+    constexprs = {"COMPUTE": compute, **tile}
+    for name in constexprs:
+        sig[name] = "constexpr"
+    src = ASTSource(TV._vq_kernel, sig, constexprs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
 
 
@@ -176,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             for tile in _SPARSE_TILES if not args.quick else _SPARSE_TILES[:2]:
                 label = f"sparse  {str(compute):8s} bits={bits} {tile} w4"
                 failures += _report(label, partial(compile_sparse, compute, bits, tile, args.arch), args.arch)
+        for tile in _VQ_TILES if not args.quick else _VQ_TILES[:2]:
+            label = f"vq      {str(compute):8s} {tile} w4"
+            failures += _report(label, partial(compile_vq, compute, tile, args.arch), args.arch)
     print(f"{failures} variant(s) failed to compile")
     return 1 if failures else 0
 

@@ -568,8 +568,8 @@ def test_a_compressed_adapter_with_a_dare_residual_gives_the_same_logits_on_the_
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU scripts/gpu_check.sh runs the benchmark at full size")
 def test_kernel_benchmark_runs_and_its_outputs_match_the_pytorch_path(tmp_path):
     """benchmarks/kernel_speed.py on a tiny shape under the interpreter (its timings mean nothing): it still runs
-    against the current format and API, and every row it writes — one adapter, 8 mixed, a DARE residual — matches
-    the PyTorch path."""
+    against the current format and API, and every row it writes — one adapter, 8 mixed, a DARE residual, vector
+    codes — matches the PyTorch path."""
     import subprocess
     import sys
     from pathlib import Path
@@ -584,12 +584,12 @@ def test_kernel_benchmark_runs_and_its_outputs_match_the_pytorch_path(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in md.read_text().splitlines() if line.startswith("| 64x64")]
-    assert len(rows) == 2  # the layer table's row and the residual table's
-    layer, residual = rows
+    assert len(rows) == 3  # the layer table's row, the residual table's and the vector codes'
+    layer, residual, vq = rows
     assert layer[2].strip() == "8" and "n/a" not in (layer[14], layer[15])  # 8 adapters mixed, split and looped
     for row in rows:
         assert float(row[-1]) < 1e-4  # max relative error against the PyTorch path (float32 here)
-    assert "DARE keep" in residual[1]
+    assert "DARE keep" in residual[1] and "-dim x" in vq[1]
 
 
 def _dare_delta(m, n, bits, group_size, seed, rated=False):
@@ -641,3 +641,81 @@ def test_dare_kernel_with_importance_rates_and_a_mixed_batch():
         K.sparse_add_into(y, x, part, rows[:3], slot=1)
     with pytest.raises(DeltaCoMeError, match="contiguous"):
         K.sparse_add_into(y.transpose(0, 1), x.transpose(0, 1), part)
+
+
+def _vq_delta(m: int, n: int, rows: int, dim: int, seed: int) -> PackedDelta:
+    """A delta holding a vector-quantized part of random codes, codebook and scale."""
+    from hf_deltacome.format.vq_part import vq_nvectors
+
+    g = torch.Generator().manual_seed(seed)
+    d = PackedDelta(m, n, [], 16, vq={"rows": rows, "dim": dim, "codes": 16, "seed": seed})
+    codes = torch.randint(0, 16, (vq_nvectors(rows, n, dim),), generator=g)
+    d.vq.set(codes, torch.randn(16, dim, generator=g), 0.37)
+    return d.to(DEVICE)
+
+
+@pytest.mark.parametrize("dim,rows", [(8, 41), (6, 41), (5, 29)])
+def test_vq_kernel_reads_the_codes_in_place(dim, rows):
+    """`vq_add_into`: a vector-quantized part's product from its 4-bit codes and codebook, equal to the PyTorch
+    path's (the decoded rows, rotated) and added into the output: vectors that straddle rows (8 and 5 on 66
+    columns) or not (6), fewer stored rows than outputs, 1 / 12 / 70 tokens; the kernel keeps no decoded copy."""
+    part = _vq_delta(41, 66, rows, dim, seed=dim).vq
+    added = []
+    for shape in ((1, 66), (3, 4, 66), (70, 66)):
+        x = rand_x(*shape, seed=len(shape))
+        y0 = rand_x(*shape[:-1], 41, seed=9)
+        y = y0.clone()
+        assert K.vq_add_into(y, x, part) is y
+        added.append((x, y - y0))
+    assert "vq" not in part._store._derived
+    for x, got in added:
+        assert_close(got, part.forward_delta(x))
+        assert got.abs().max() > 0
+
+
+def test_vq_kernel_in_a_mixed_batch_and_bad_inputs():
+    """Only the rows of the part's slot change; a wrong width, a bad row index and a strided output are named."""
+    part = _vq_delta(40, 96, 40, 8, seed=3).vq
+    x = rand_x(4, 3, 96)
+    rows = torch.tensor([1, 0, -1, 1], device=DEVICE)
+    y = torch.zeros(4, 3, 40, device=DEVICE)
+    K.vq_add_into(y, x, part, rows, slot=1)
+    assert_close(y, part.forward_delta(x) * (rows == 1).to(x.dtype).view(-1, 1, 1))
+    assert torch.count_nonzero(y[[1, 2]]) == 0
+    with pytest.raises(DeltaCoMeError, match=r"40x96 vector-quantized part got input \(4, 3, 95\)"):
+        K.vq_add_into(y, rand_x(4, 3, 95), part)
+    with pytest.raises(DeltaCoMeError, match="row_index"):
+        K.vq_add_into(y, x, part, rows[:3], slot=1)
+    with pytest.raises(DeltaCoMeError, match="contiguous"):
+        K.vq_add_into(y.transpose(0, 1), x.transpose(0, 1), part)
+
+
+def test_an_adapter_of_vector_codes_gives_the_same_logits_on_the_kernels(monkeypatch):
+    """End to end: a tiny fine-tune compressed as vector codes (``method="vq"``, every linear) and with the
+    default's whole modules as vector codes (``full_rank="vq"``), run through PEFT on the kernels (codes read in
+    place, no decoded copy kept) and on the PyTorch path: the same logits."""
+    import copy
+
+    from tiny_models import make_finetune, make_model, random_ids
+
+    from hf_deltacome import DeltaCoMeConfig
+    from hf_deltacome.compression.pipeline import compress
+
+    base = make_model("llama", hidden_size=64, intermediate_size=128, head_dim=16)
+    ft = make_finetune(base, rank=0, decay=0.05)
+    calib, ids = random_ids(base, 4, 32, seed=1), random_ids(base, 2, 9, seed=2)
+    for cfg in (DeltaCoMeConfig(ratio=1 / 16, method="vq"), DeltaCoMeConfig(ratio=1 / 16, full_rank="vq")):
+        model = compress(copy.deepcopy(base), ft, cfg, calibration=calib, progress=False).to(DEVICE)
+        layout = model.peft_config["default"].layout
+        assert any(entry.get("vq") for entry in layout.values())
+        parts = [m.vq for m in model.modules() if isinstance(m, PackedDelta) and m.vq is not None]
+        for p in parts:
+            p._store.forget("vq")  # decoded by the forward passes of compression (the scales' distillation)
+        logits = {}
+        for name in ("triton", "torch"):
+            monkeypatch.setenv("DELTACOME_BACKEND", name)
+            with torch.no_grad():
+                logits[name] = model(ids.to(DEVICE)).logits.float()
+            decoded = ["vq" in p._store._derived for p in parts]
+            assert all(decoded) if name == "torch" else not any(decoded)
+        assert_close(logits["triton"], logits["torch"])

@@ -90,7 +90,8 @@ class BlobStore:
         """``build()``, cached under ``kind`` until ``source`` (the part it is made from) is written, replaced or
         moved: its address, version and device (and ``key``) stamp the entry. Kinds: ``"csr"`` (a DARE part's
         sparse matrix for the PyTorch path), ``"csr_t"`` (its transpose, for an input's gradient), ``"bitmap"`` (its
-        mask for the DARE kernel), ``"sign_rows"`` (a sign part's kept rows)."""
+        mask for the DARE kernel), ``"sign_rows"`` (a sign part's kept rows), ``"vq"`` (a vector-quantized part's
+        decoded rows, for the PyTorch path) and ``"vq_rot"`` (its rotations' factors on a device)."""
         stamp = (source.data_ptr(), self._version_of(source), source.device, *key)
         cache = self._derived
         if cache is None:

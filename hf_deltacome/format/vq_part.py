@@ -4,8 +4,9 @@ short vectors, each stored as the 4-bit index of its nearest entry in a 16-entry
 In the rotated basis ``Y = Q_m Δ Q_nᵀ`` every entry is a mix of the whole matrix, so the entries look alike (close to
 Gaussian) and one small codebook fits every vector; the rotations are regenerated from the layout's seed, never
 stored. At 0.5 bit a weight (ratio 1/32, 8-dim vectors) the error is ~0.6 of the delta's energy where DARE's random
-drop at that size leaves more noise than the delta itself (benchmarks/RESULTS.md). The Triton kernels do not read it:
-``backend.py`` adds it beside the bands through PyTorch, like the sign and DARE parts.
+drop at that size leaves more noise than the delta itself (benchmarks/RESULTS.md). ``backend.py`` adds it beside the
+bands, like the sign and DARE parts: through `hf_deltacome.kernels.vq_add_into` where the kernels run (the codes read
+in place), else through PyTorch (`VectorPart.forward_delta`).
 
 Layout entry: ``"vq": {"dim": d, "codes": 16, "rows": r, "seed": s}``: the first ``r`` rows of ``Y`` (row-major,
 padded with zeros to whole vectors) as ``ceil(r·n/d)`` codes; ``Δ̂ = Q_mᵀ [Ŷ; 0] Q_n``. Stored (format 4): ``codes``
@@ -145,14 +146,25 @@ class VectorPart:
         full[: self.rows] = y
         return rotate_matrix(full, self.seed, inverse=True)
 
+    def rotations(self, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple]:
+        """The factors of ``Q_n`` and ``Q_m`` on ``device`` in ``dtype``, cached on the blob's store (a forward pass
+        then copies nothing to the device)."""
+        def build() -> tuple[tuple, tuple]:
+            return tuple(tuple(f.to(device, dtype) for f in rotation(size, self.seed, side))
+                         for size, side in ((self.in_features, 1), (self.out_features, 0)))  # fmt: skip
+
+        return self._store.derived("vq_rot", self.packed, build, device, dtype)
+
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
         """``Δ̂ x`` in ``x``'s dtype: ``x`` rotated, times ``Ŷᵀ`` (decoded once, cached on the blob's store until its
-        bytes change), padded to ``out`` and rotated back."""
+        bytes change: float32, twice the fp16 delta; the Triton kernel, `hf_deltacome.kernels.vq_add_into`, reads
+        the codes in place instead), padded to ``out`` and rotated back."""
         y = self._store.derived("vq", self.packed, self.rotated_rows).to(x.device)
-        t = rotate(x.to(y.dtype), rotation(self.in_features, self.seed, 1)) @ y.t()
+        q_in, q_out = self.rotations(x.device, y.dtype)
+        t = rotate(x.to(y.dtype), q_in) @ y.t()
         if self.rows < self.out_features:
             t = torch.nn.functional.pad(t, (0, self.out_features - self.rows))
-        return rotate(t, rotation(self.out_features, self.seed, 0), inverse=True).to(x.dtype)
+        return rotate(t, q_out, inverse=True).to(x.dtype)
 
     def __repr__(self) -> str:
         return (f"VectorPart(rows={self.rows}/{self.out_features}, dim={self.dim}, codes={self.codes}, "
