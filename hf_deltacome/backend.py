@@ -6,19 +6,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .errors import ConfigError
 from .format.baseline_parts import SparsePart
 from .format.blob import PINNED_FACTORS
+from .format.decoded import DequantCache, dequant_cache  # noqa: F401 (public here: hf_deltacome.backend.dequant_cache)
 from .format.storage import PackedDelta
 from .format.vq_part import VectorPart
 
@@ -73,104 +70,6 @@ def _use_triton(x: torch.Tensor) -> bool:
         # on CPU the kernels only run under TRITON_INTERPRET=1
         return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return x.is_cuda and triton_available()
-
-
-class DequantCache:
-    """Dequantized factors of packed deltas, for the PyTorch path (CPU, and GPUs without the kernels).
-
-    Per delta, dtype and device it holds ``A = [S_k ⊙ V_kᵀ]ᵀ`` (``in x rank``) and ``B = [U_kᵀ]`` (``rank x out``),
-    every band concatenated, so a forward pass is two matmuls instead of dequantizing every band of every layer at
-    every step. The packed bytes stay the source of truth: an entry is rebuilt when they change (in-place loads bump
-    the tensors' versions). Beyond ``max_bytes`` an entry is evicted only once it has gone unused for two rounds of
-    the cache (``2 x`` its number of entries in lookups); until then a new one is used once and not kept. A step over
-    more adapters than the cap holds cycles through every entry, and plain LRU would then evict each entry just
-    before its next use (no hit at all); this way the entries that fit keep hitting, and those of adapters that are
-    no longer asked for age out. The price is
-    memory: float32 factors take about 32 / (average bits) times the packed bytes (~14x at 1/16). ``max_bytes=0``
-    turns it off; the default is ``DELTACOME_DEQUANT_CACHE_MB`` (1024 when unset).
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._entries: OrderedDict[tuple, tuple[tuple, torch.Tensor, torch.Tensor, Any]] = OrderedDict()
-        self._last_use: dict[tuple, int] = {}
-        self._tick = 0  # lookups so far
-
-    def configure(self, max_bytes: int) -> None:
-        """Set the memory cap (0 disables the cache and frees it)."""
-        self.max_bytes = max(0, int(max_bytes))
-        self._shrink()
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._last_use.clear()
-        self.bytes = 0
-
-    @contextlib.contextmanager
-    def suspended(self) -> Iterator[None]:
-        """No caching inside the block (compression runs each layer a few times: caching would only cost memory)."""
-        saved = self.max_bytes
-        self.configure(0)
-        try:
-            yield
-        finally:
-            self.max_bytes = saved
-
-    def prune(self) -> None:
-        """Free the entries of deltas that no longer exist (an adapter was deleted from the model)."""
-        for key in [k for k, entry in self._entries.items() if entry[3]() is None]:
-            self._drop(key)
-
-    def _drop(self, key: tuple) -> None:
-        _, a, b, _ = self._entries.pop(key)
-        self._last_use.pop(key, None)
-        self.bytes -= a.numel() * a.element_size() + b.numel() * b.element_size()
-
-    def _shrink(self) -> None:
-        while self._entries and self.bytes > self.max_bytes:
-            self._drop(next(iter(self._entries)))
-
-    def _make_room(self, size: int) -> bool:
-        """Evict entries unused for two rounds (least recent first) until ``size`` more bytes fit; False if they
-        cannot (the new entry is then not kept)."""
-        while self._entries and self.bytes + size > self.max_bytes:
-            oldest = next(iter(self._entries))
-            if self._tick - self._last_use.get(oldest, 0) <= 2 * len(self._entries):
-                return False
-            self._drop(oldest)
-        return self.bytes + size <= self.max_bytes
-
-    def factors(self, delta: PackedDelta, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of ``delta`` with ``x @ A @ B`` = the bands' product (built now, or reused).
-
-        A hit touches neither the bands nor the blob's views (a decode step calls this once per target linear):
-        only the blob's version stamp is compared."""
-        key = (id(delta), dtype, device)
-        self._tick += 1
-        stamp = delta.version_stamp()
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] == stamp and hit[3]() is delta:
-            self._entries.move_to_end(key)
-            self._last_use[key] = self._tick
-            return hit[1], hit[2]
-        if hit is not None:
-            self._drop(key)
-        bands = delta.low_rank_bands  # dense, then sparse (masks regenerated from their seeds)
-        if not bands:
-            raise ValueError("a delta without low-rank bands has no factors")
-        a = torch.cat([(band.vt_dense(dtype) * band.s.to(dtype)[:, None]) for band in bands]).t()
-        b = torch.cat([band.ut_dense(dtype) for band in bands])
-        a, b = a.contiguous().to(device), b.contiguous().to(device)
-        size = a.numel() * a.element_size() + b.numel() * b.element_size()
-        if self._make_room(size):
-            self._entries[key] = (stamp, a, b, weakref.ref(delta))
-            self._last_use[key] = self._tick
-            self.bytes += size
-        return a, b
-
-
-dequant_cache = DequantCache(int(float(os.environ.get("DELTACOME_DEQUANT_CACHE_MB", "1024")) * 2**20))
 
 
 def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:

@@ -32,7 +32,7 @@ pytest.importorskip("triton")
 if MODE == "skip":
     pytest.skip("TRITON_INTERPRET=0 and there is no GPU", allow_module_level=True)
 
-from hf_deltacome.backend import torch_delta_forward  # noqa: E402
+from hf_deltacome.backend import dequant_cache, torch_delta_forward  # noqa: E402
 from hf_deltacome.errors import DeltaCoMeError  # noqa: E402
 from hf_deltacome.format.storage import PackedDelta  # noqa: E402
 from hf_deltacome.quant.rtn import quantize_rtn  # noqa: E402
@@ -502,7 +502,7 @@ def test_deltas_with_dare_or_sign_parts_run_their_bands_on_the_kernels(monkeypat
     base = rand_x(5, 1, 30, seed=5)
     assert_close(backend.add_delta_into(base.clone(), x[:, None], deltas, rows), base + ref.to(DEVICE))
     assert calls.count("delta_forward") == 6 and calls.count("delta_forward_mixed") == 2  # none took the torch path
-    assert set(dare._derived) == {"csr", "bitmap"}  # the two paths' caches of the DARE part live side by side
+    assert set(dare._derived) == {"bitmap"} and dequant_cache.holds(dare, "csr")  # both paths' forms, side by side
     rows_kept = both.sign.row_index()
     assert both.sign.row_index() is rows_kept  # cached: a forward pass does not sync with the host to find them
     both.sign.set(torch.ones(7, 48, dtype=torch.bool), torch.ones(7), torch.arange(7))
@@ -528,7 +528,7 @@ def test_a_dare_part_runs_under_inference_mode_and_its_cache_follows_new_values(
         first, again = backend.delta_forward(x, d), backend.delta_forward(x, d)
     assert_close(first, ref)
     assert_close(again, ref)
-    assert "csr" in d._derived
+    assert dequant_cache.holds(d, "csr")
     g = torch.Generator().manual_seed(9)
     d.sparse.values.set(quantize_rtn(torch.randn(1, d.sparse.values.cols, generator=g), 2, 16))
     changed = reference(x, d)
@@ -667,7 +667,7 @@ def test_vq_kernel_reads_the_codes_in_place(dim, rows):
         y = y0.clone()
         assert K.vq_add_into(y, x, part) is y
         added.append((x, y - y0))
-    assert "vq" not in part._store._derived
+    assert not dequant_cache.holds(part._store, "vq")
     for x, got in added:
         assert_close(got, part.forward_delta(x))
         assert got.abs().max() > 0
@@ -716,6 +716,6 @@ def test_an_adapter_of_vector_codes_gives_the_same_logits_on_the_kernels(monkeyp
             monkeypatch.setenv("DELTACOME_BACKEND", name)
             with torch.no_grad():
                 logits[name] = model(ids.to(DEVICE)).logits.float()
-            decoded = ["vq" in p._store._derived for p in parts]
+            decoded = [dequant_cache.holds(p._store, "vq") for p in parts]
             assert all(decoded) if name == "torch" else not any(decoded)
         assert_close(logits["triton"], logits["torch"])

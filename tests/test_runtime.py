@@ -405,3 +405,58 @@ def test_dequant_cache_keeps_hitting_when_a_step_cycles_over_more_than_it_holds(
             cache.factors(deltas[i], torch.float32, cpu)
     kept_after = {i for i, d in enumerate(deltas) if any(k[0] == id(d) for k in cache._entries)}
     assert kept_after == set(range(6)) - kept_before
+
+
+def test_one_cap_holds_the_dare_and_vector_code_forms_too():
+    """The default's MLP (DARE) and `full_rank="vq"` decode to forms that grow with the delta (a CSR matrix, 8 bytes
+    a kept value; float32 rows): they sit in the same capped cache as the bands' factors, counted to the byte, so
+    ``DELTACOME_DEQUANT_CACHE_MB`` bounds them; past the cap they are decoded again, with the same output; new
+    values are seen; a deleted delta's entries go with `prune`."""
+    import gc
+
+    from hf_deltacome.backend import dequant_cache, torch_delta_forward
+    from hf_deltacome.format.baseline_parts import sparse_mask
+    from hf_deltacome.format.decoded import decoded_nbytes
+    from hf_deltacome.format.storage import PackedDelta
+    from hf_deltacome.format.vq_part import vq_nvectors
+    from hf_deltacome.quant.rtn import quantize_rtn
+
+    g = torch.Generator().manual_seed(3)
+    m, n = 48, 96
+    nnz = int(sparse_mask(m, n, 0.2, 5).sum())
+    dare = PackedDelta(m, n, [], 16, sparse={"nnz": nnz, "keep": 0.2, "seed": 5, "bits": 2, "group_size": 16})
+    dare.sparse.values.set(quantize_rtn(torch.randn(1, nnz, generator=g), 2, 16))
+    vq = PackedDelta(m, n, [], 16, vq={"rows": m, "dim": 8, "codes": 16, "seed": 5})
+    vq.vq.set(torch.randint(0, 16, (vq_nvectors(m, n, 8),), generator=g), torch.randn(16, 8, generator=g), 0.5)
+    x = torch.randn(5, n, generator=g)
+    saved = dequant_cache.max_bytes
+    try:
+        dequant_cache.configure(0)
+        plain = [torch_delta_forward(x, d) for d in (dare, vq)]
+        assert dequant_cache.bytes == 0 and not dequant_cache.holds(dare, "csr")
+        csr, rows = dare.sparse._build_forward_weight(), vq.vq.rotated_rows()
+        assert decoded_nbytes(csr) == nnz * 8 + (m + 1) * 4 and decoded_nbytes(rows) == m * n * 4
+        dequant_cache.configure(decoded_nbytes(csr) + decoded_nbytes(rows))  # room for both, to the byte
+        for d, want in zip((dare, vq), plain):
+            torch.testing.assert_close(torch_delta_forward(x, d), want)
+        assert dequant_cache.holds(dare, "csr") and dequant_cache.holds(vq, "vq")
+        assert dequant_cache.bytes == decoded_nbytes(csr) + decoded_nbytes(rows)
+        dequant_cache.configure(decoded_nbytes(csr))  # below the vq rows' size: they no longer fit
+        assert dequant_cache.bytes <= dequant_cache.max_bytes
+        torch.testing.assert_close(torch_delta_forward(x, vq), plain[1])  # decoded again, not kept
+        assert not dequant_cache.holds(vq, "vq") and dequant_cache.bytes <= dequant_cache.max_bytes
+        dare.sparse.values.set(quantize_rtn(torch.randn(1, nnz, generator=g), 2, 16))  # new values: seen at once
+        dequant_cache.configure(1 << 20)
+        changed = torch_delta_forward(x, dare)
+        assert (changed - plain[0]).abs().max() > 1e-3
+        dequant_cache.configure(0)
+        torch.testing.assert_close(torch_delta_forward(x, dare), changed)
+        dequant_cache.configure(1 << 20)
+        torch_delta_forward(x, dare)
+        held = dequant_cache.bytes
+        del dare
+        gc.collect()
+        dequant_cache.prune()
+        assert dequant_cache.bytes == held - decoded_nbytes(csr)
+    finally:
+        dequant_cache.configure(saved)

@@ -287,12 +287,13 @@ class SparsePart:
         return w.to(self.values.qweight.device)
 
     def forward_weight(self) -> torch.Tensor:
-        """What :meth:`forward_delta` multiplies by, cached on the blob's store until the stored values change (a
-        write bumps the blob's version, a new blob has a new address): at a keep-rate up to ``CSR_MAX_KEEP`` a CSR
-        matrix (float32 values, int32 indices: 8 bytes a kept entry, where a dense float32 copy costs ``4 / keep``;
-        on one CPU thread 2-3x faster than the dense product at keep 0.06), above it the dense matrix (as small, and
-        faster)."""
-        return self._store.derived("csr", self.values.qweight, self._build_forward_weight)
+        """What :meth:`forward_delta` multiplies by, kept in the capped cache of decoded forms (`format/decoded.py`)
+        until the stored values change (a write bumps the blob's version, a new blob has a new address): at a
+        keep-rate up to ``CSR_MAX_KEEP`` a CSR matrix (float32 values, int32 indices: 8 bytes a kept entry, where a
+        dense float32 copy costs ``4 / keep``; on one CPU thread 2-3x faster than the dense product at keep 0.06),
+        above it the dense matrix (as small, and faster). Built again where the cache has no room (~9 ms for a
+        576x1536 part at keep 0.23)."""
+        return self._store.derived("csr", self.values.qweight, self._build_forward_weight, capped=True)
 
     def _build_forward_weight(self) -> torch.Tensor:
         if self.keep > CSR_MAX_KEEP:

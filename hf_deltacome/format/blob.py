@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from ..errors import AdapterFileError
+from .decoded import dequant_cache
 from .packing import QuantizedMatrix, expected_tensor_shapes
 
 
@@ -86,13 +87,19 @@ class BlobStore:
     def _set_blob(self, blob: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def derived(self, kind: str, source: torch.Tensor, build: Callable[[], Any], *key: Any) -> Any:
+    def derived(
+        self, kind: str, source: torch.Tensor, build: Callable[[], Any], *key: Any, capped: bool = False
+    ) -> Any:
         """``build()``, cached under ``kind`` until ``source`` (the part it is made from) is written, replaced or
-        moved: its address, version and device (and ``key``) stamp the entry. Kinds: ``"csr"`` (a DARE part's
-        sparse matrix for the PyTorch path), ``"csr_t"`` (its transpose, for an input's gradient), ``"bitmap"`` (its
-        mask for the DARE kernel), ``"sign_rows"`` (a sign part's kept rows), ``"vq"`` (a vector-quantized part's
-        decoded rows, for the PyTorch path) and ``"vq_rot"`` (its rotations' factors on a device)."""
+        moved: its address, version and device (and ``key``) stamp the entry. ``capped``: kept in the one capped
+        cache of decoded forms (`format/decoded.py`, ``DELTACOME_DEQUANT_CACHE_MB``) instead of on this store: for
+        what grows with the delta, ``"csr"`` (a DARE part's sparse matrix for the PyTorch path) and ``"vq"`` (a
+        vector-quantized part's decoded rows). On the store: ``"csr_t"`` (the CSR matrix's transpose, for an input's
+        gradient while scales are distilled), ``"bitmap"`` (a DARE part's mask for its kernel, 1/16 of the fp16
+        delta), ``"sign_rows"`` (a sign part's kept rows) and ``"vq_rot"`` (a vq part's rotations' factors)."""
         stamp = (source.data_ptr(), self._version_of(source), source.device, *key)
+        if capped:
+            return dequant_cache.get(self, kind, stamp, build)
         cache = self._derived
         if cache is None:
             cache = self._derived = {}
@@ -105,6 +112,7 @@ class BlobStore:
         """Drop what `derived` built under ``kind`` (``"csr_t"`` after the job that needed it: scale distillation)."""
         if self._derived:
             self._derived.pop(kind, None)
+        dequant_cache.forget(self, kind)
 
     def _version_of(self, source: torch.Tensor) -> Optional[int]:
         """``source``'s version counter. A part viewed under ``torch.inference_mode`` (a server's forward) is an

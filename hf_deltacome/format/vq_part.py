@@ -156,10 +156,10 @@ class VectorPart:
         return self._store.derived("vq_rot", self.packed, build, device, dtype)
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """``Δ̂ x`` in ``x``'s dtype: ``x`` rotated, times ``Ŷᵀ`` (decoded once, cached on the blob's store until its
-        bytes change: float32, twice the fp16 delta; the Triton kernel, `hf_deltacome.kernels.vq_add_into`, reads
-        the codes in place instead), padded to ``out`` and rotated back."""
-        y = self._store.derived("vq", self.packed, self.rotated_rows).to(x.device)
+        """``Δ̂ x`` in ``x``'s dtype: ``x`` rotated, times ``Ŷᵀ`` (decoded and kept in the capped cache of decoded
+        forms, `format/decoded.py`, until its bytes change: float32, twice the fp16 delta; the Triton kernel,
+        `hf_deltacome.kernels.vq_add_into`, reads the codes in place instead), padded to ``out`` and rotated back."""
+        y = self._store.derived("vq", self.packed, self.rotated_rows, capped=True).to(x.device)
         q_in, q_out = self.rotations(x.device, y.dtype)
         t = rotate(x.to(y.dtype), q_in) @ y.t()
         if self.rows < self.out_features:

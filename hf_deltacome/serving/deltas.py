@@ -138,15 +138,16 @@ def drop_delta(model: Any, name: str) -> None:
     with warnings.catch_warnings():  # "adapter was active, setting active adapter to ...": expected here
         warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
         model.delete_adapter(name)
-    dequant_cache.prune()  # its dequantized factors (torch path) go with it
+    dequant_cache.prune()  # what the torch path decoded from it goes with it
 
 
 def adapter_nbytes(model: nn.Module, name: str) -> int:
     """Bytes held in memory for adapter ``name``: its packed factors plus its copies of the dense extras.
 
     Compare with the size of its ``adapter_model.safetensors``: the two agree up to the file's header, since the
-    factors stay packed (the torch path's cache of dequantized factors, ``backend.dequant_cache``, is counted
-    separately: ``dequant_cache.bytes``, capped by ``DELTACOME_DEQUANT_CACHE_MB``).
+    factors stay packed (what the torch path decodes from them, the bands' float factors, DARE parts' CSR matrices
+    and vector codes' rows, is counted separately: ``backend.dequant_cache.bytes``, capped by
+    ``DELTACOME_DEQUANT_CACHE_MB`` for every adapter together).
     """
     from peft.utils.other import ModulesToSaveWrapper
 

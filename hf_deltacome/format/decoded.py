@@ -1,0 +1,146 @@
+"""The one cache of what the PyTorch path decodes from packed deltas, under one byte cap for every adapter.
+
+Three kinds of entry: a delta's band factors (``A = [S_k ⊙ V_kᵀ]ᵀ``, ``in x rank``, and ``B = [U_kᵀ]``,
+``rank x out``, every band concatenated, so a forward pass is two matmuls instead of dequantizing every band of every
+layer at every step), a DARE part's sparse matrix (CSR: 8 bytes a kept value, ~0.9x the fp16 delta at 1/16) and a
+vector-code part's decoded rows (float32: 2x the fp16 delta). The last two are what the default's MLP and the
+option ``full_rank="vq"`` store, so one cap has to hold all three for ``DELTACOME_DEQUANT_CACHE_MB`` to bound an
+adapter server's memory. The packed bytes stay the source of truth: an entry is rebuilt when they change (in-place
+loads bump the tensors' versions).
+
+Beyond ``max_bytes`` an entry is evicted only once it has gone unused for two rounds of the cache (``2 x`` its number
+of entries in lookups); until then a new one is used once and not kept. A step over more adapters than the cap holds
+cycles through every entry, and plain LRU would then evict each entry just before its next use (no hit at all); this
+way the entries that fit keep hitting, and those of adapters that are no longer asked for age out. ``max_bytes=0``
+turns it off (each forward decodes again); the default is ``DELTACOME_DEQUANT_CACHE_MB`` (1024 when unset). The
+kernels read the packed bytes and use none of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+
+
+class _Entry(NamedTuple):
+    stamp: tuple
+    value: Any
+    owner: weakref.ref
+    size: int
+
+
+def decoded_nbytes(value: Any) -> int:
+    """Bytes held by a decoded form: a tensor (a CSR matrix's indices and values counted), or a tuple of them."""
+    if isinstance(value, (tuple, list)):
+        return sum(decoded_nbytes(v) for v in value)
+    if value.layout == torch.sparse_csr:
+        return sum(t.numel() * t.element_size() for t in (value.crow_indices(), value.col_indices(), value.values()))
+    return value.numel() * value.element_size()
+
+
+class DequantCache:
+    """Decoded forms of packed deltas, for the PyTorch path (CPU, and GPUs without the kernels): see the module."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._last_use: dict[tuple, int] = {}
+        self._tick = 0  # lookups so far
+
+    def configure(self, max_bytes: int) -> None:
+        """Set the memory cap (0 disables the cache and frees it)."""
+        self.max_bytes = max(0, int(max_bytes))
+        self._shrink()
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._last_use.clear()
+        self.bytes = 0
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """No caching inside the block (compression runs each layer a few times: caching would only cost memory)."""
+        saved = self.max_bytes
+        self.configure(0)
+        try:
+            yield
+        finally:
+            self.max_bytes = saved
+
+    def prune(self) -> None:
+        """Free the entries of deltas that no longer exist (an adapter was deleted from the model)."""
+        for key in [k for k, entry in self._entries.items() if entry.owner() is None]:
+            self._drop(key)
+
+    def holds(self, owner: Any, kind: str) -> bool:
+        """Is a ``kind`` entry of ``owner`` (a packed delta) cached."""
+        return any(k[:2] == (id(owner), kind) and e.owner() is owner for k, e in self._entries.items())
+
+    def forget(self, owner: Any, kind: str) -> None:
+        """Drop ``owner``'s ``kind`` entries."""
+        for key in [k for k in self._entries if k[:2] == (id(owner), kind)]:
+            self._drop(key)
+
+    def _drop(self, key: tuple) -> None:
+        entry = self._entries.pop(key)
+        self._last_use.pop(key, None)
+        self.bytes -= entry.size
+
+    def _shrink(self) -> None:
+        while self._entries and self.bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _make_room(self, size: int) -> bool:
+        """Evict entries unused for two rounds (least recent first) until ``size`` more bytes fit; False if they
+        cannot (the new entry is then not kept)."""
+        while self._entries and self.bytes + size > self.max_bytes:
+            oldest = next(iter(self._entries))
+            if self._tick - self._last_use.get(oldest, 0) <= 2 * len(self._entries):
+                return False
+            self._drop(oldest)
+        return self.bytes + size <= self.max_bytes
+
+    def get(self, owner: Any, kind: str, stamp: tuple, build: Callable[[], Any], *key: Any) -> Any:
+        """``build()`` for ``owner``'s ``kind`` (one entry per ``key``), reused while ``stamp`` (what says the
+        packed bytes it is made from are unchanged) holds, kept if it fits. A hit compares the stamp only: it
+        touches no part of the delta."""
+        key = (id(owner), kind, *key)
+        self._tick += 1
+        hit = self._entries.get(key)
+        if hit is not None and hit.stamp == stamp and hit.owner() is owner:
+            self._entries.move_to_end(key)
+            self._last_use[key] = self._tick
+            return hit.value
+        if hit is not None:
+            self._drop(key)
+        value = build()
+        size = decoded_nbytes(value)
+        if self._make_room(size):
+            self._entries[key] = _Entry(stamp, value, weakref.ref(owner), size)
+            self._last_use[key] = self._tick
+            self.bytes += size
+        return value
+
+    def factors(self, delta: Any, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of ``delta`` (a `PackedDelta`) with ``x @ A @ B`` = the bands' product (built now, or reused)."""
+        build = lambda: _band_factors(delta, dtype, device)  # noqa: E731
+        return self.get(delta, "factors", delta.version_stamp(), build, dtype, device)
+
+
+def _band_factors(delta: Any, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    bands = delta.low_rank_bands  # dense, then sparse (masks regenerated from their seeds)
+    if not bands:
+        raise ValueError("a delta without low-rank bands has no factors")
+    a = torch.cat([(band.vt_dense(dtype) * band.s.to(dtype)[:, None]) for band in bands]).t()
+    b = torch.cat([band.ut_dense(dtype) for band in bands])
+    return a.contiguous().to(device), b.contiguous().to(device)
+
+
+dequant_cache = DequantCache(int(float(os.environ.get("DELTACOME_DEQUANT_CACHE_MB", "1024")) * 2**20))
