@@ -16,7 +16,7 @@ from hf_deltacome.format.budget import budget_bytes
 from hf_deltacome.format.packing import pack_nibbles, unpack_nibbles
 from hf_deltacome.format.storage import VQ_FORMAT, PackedDelta, VectorPart
 from hf_deltacome.format.vq_part import rotate, rotate_matrix, rotation, vq_part_nbytes
-from hf_deltacome.quant.vq import vq_fit
+from hf_deltacome.quant.vq import output_fitted_codes, vq_fit
 
 
 def spread_delta(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -107,6 +107,18 @@ def test_output_fitted_codes_lower_the_output_error(dim):
     y = rotate_matrix(d, 3)[:90]  # the stored rows' output along the delta's is the delta's: not shrunk
     yh = (y @ rotate(rotate(h, rotation(128, 3, 1)).t(), rotation(128, 3, 1)).t()).double()
     assert abs(float((yh * part.rotated_rows()).sum() / (yh * y).sum()) - 1.0) < 1e-4
+
+
+def test_output_fitted_codes_in_windows_are_the_block_by_block_codes():
+    """The errors of a window of blocks reach the columns past it in one product (GPTQ's lazy batch): the same
+    sums as pushing each block's error on at once, so the same codes (a rounding-level tie aside) whatever the
+    window, one not a multiple of the dim and one past the width included."""
+    g = torch.Generator().manual_seed(5)
+    y, h, table = torch.randn(70, 160, generator=g), correlated_hessian(160), torch.randn(16, 8, generator=g)
+    one = output_fitted_codes(y, h, table, 1.0, window=8)  # one block at a time: every error pushed on at once
+    for window in (16, 44, 128, 1000):
+        codes = output_fitted_codes(y, h, table, 1.0, window=window)
+        assert (codes != one).sum() <= 1, window
 
 
 def test_output_fitted_codes_under_an_isotropic_hessian_are_the_nearest_stored_entries():
