@@ -339,12 +339,22 @@ def _time_maybe_graphed(fns: list[Callable[[], object]]) -> tuple[float, bool]:
         return (time.perf_counter() - t0) / (5 * len(fns)), False
 
 
+def _seam_against_torch(x: torch.Tensor, deltas: list[PackedDelta]) -> tuple[float, float, bool, float]:
+    """The first delta's max relative error through the backend's seam against the PyTorch path, and both paths'
+    times over all of ``deltas`` (the seam's graphed where it can be)."""
+    from hf_deltacome import backend
+
+    ours = backend.delta_forward(x, deltas[0]).float()
+    ref = torch_delta_forward(x, deltas[0]).float()
+    err = ((ours - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
+    ours_t, graphed = _time_maybe_graphed([lambda x=x, d=d: backend.delta_forward(x, d) for d in deltas])
+    return err, ours_t, graphed, time_calls([lambda x=x, d=d: torch_delta_forward(x, d) for d in deltas])
+
+
 def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype, device) -> list[str]:
     """Markdown rows: one delta with a DARE residual through the backend's seam (the kernels' bands, then the DARE
     kernel) against the PyTorch path with and without its dequantized-factor cache, and the memory each holds
     beside the packed file."""
-    from hf_deltacome import backend
-
     lines = []
     for m, n in shapes:
         proto = residual_delta(m, n, device)
@@ -355,11 +365,7 @@ def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype,
         factor_bytes = proto.rank * (m + n) * torch.finfo(dtype).bits // 8
         for T in tokens_list:
             x = torch.randn(T, n, device=device, dtype=dtype)
-            ours = backend.delta_forward(x, proto).float()
-            ref = torch_delta_forward(x, proto).float()
-            err = ((ours - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
-            ours_t, graphed = _time_maybe_graphed([lambda x=x, d=d: backend.delta_forward(x, d) for d in deltas])
-            cached_t = time_calls([lambda x=x, d=d: torch_delta_forward(x, d) for d in deltas])
+            err, ours_t, graphed, cached_t = _seam_against_torch(x, deltas)
             with dequant_cache.suspended():
                 cold_t, _ = _time_maybe_graphed([lambda x=x, d=d: torch_delta_forward(x, d) for d in deltas[:2]])
             lines.append(
@@ -405,8 +411,6 @@ def bench_vq(shapes: list[tuple[int, int]], tokens_list: list[int], dtype, devic
     """Markdown rows: one vector-quantized delta through the backend's seam (the VQ kernel: codes read in place,
     the rotations by PyTorch) against the PyTorch path (its decoded float32 rows, cached), and the memory each
     holds beside the packed file."""
-    from hf_deltacome import backend
-
     lines = []
     for m, n in shapes:
         proto = vq_delta(m, n, device)
@@ -415,11 +419,7 @@ def bench_vq(shapes: list[tuple[int, int]], tokens_list: list[int], dtype, devic
         deltas = [proto] + [vq_delta(m, n, device, seed=i) for i in range(1, min(8, copies_for(decoded_bytes)))]
         for T in tokens_list:
             x = torch.randn(T, n, device=device, dtype=dtype)
-            ours = backend.delta_forward(x, proto).float()
-            ref = torch_delta_forward(x, proto).float()
-            err = ((ours - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
-            ours_t, graphed = _time_maybe_graphed([lambda x=x, d=d: backend.delta_forward(x, d) for d in deltas])
-            cached_t = time_calls([lambda x=x, d=d: torch_delta_forward(x, d) for d in deltas])
+            err, ours_t, graphed, cached_t = _seam_against_torch(x, deltas)
             lines.append(
                 f"| {m}x{n} | {part.dim}-dim x {part.rows} rows | {T} | {ours_t * 1e6:.1f}"
                 f"{'' if graphed else ' (eager)'} | {cached_t * 1e6:.1f} | {proto.nbytes() / 2**20:.2f} | "

@@ -94,14 +94,17 @@ _SPARSE_SIG = dict(
 _SPARSE_TILES = (dict(BT=1, BM=16, BK=256), dict(BT=16, BM=32, BK=128), dict(BT=32, BM=32, BK=128))
 
 
+def _compile_part_kernel(fn, sig: dict, constexprs: dict, arch: int):
+    """Compile one of the parts' kernels (four warps, as launched) for ``sm_<arch>``."""
+    sig = dict(sig, **{name: "constexpr" for name in constexprs})
+    return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+
+
 def compile_sparse(compute, bits: int, tile: dict, arch: int):
     """Compile the DARE kernel for ``sm_<arch>`` at ``bits``-bit values and one tile."""
     sig = dict(_SPARSE_SIG, x_ptr=_PTR[compute], y_ptr=_PTR[compute])
     constexprs = {"BITS": bits, "COMPUTE": compute, "OFFB": TS.OFFSET_BLOCK, **tile}
-    for name in constexprs:
-        sig[name] = "constexpr"
-    src = ASTSource(TS._sparse_kernel, sig, constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    return _compile_part_kernel(TS._sparse_kernel, sig, constexprs, arch)
 
 
 _VQ_SIG = dict(
@@ -126,12 +129,7 @@ _VQ_TILES = (dict(BT=1, BM=32, BK=128), dict(BT=16, BM=32, BK=64), dict(BT=32, B
 
 def compile_vq(compute, tile: dict, arch: int):
     """Compile the vector-code kernel for ``sm_<arch>`` at one tile."""
-    sig = dict(_VQ_SIG, x_ptr=_PTR[compute])
-    constexprs = {"COMPUTE": compute, **tile}
-    for name in constexprs:
-        sig[name] = "constexpr"
-    src = ASTSource(TV._vq_kernel, sig, constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    return _compile_part_kernel(TV._vq_kernel, dict(_VQ_SIG, x_ptr=_PTR[compute]), {"COMPUTE": compute, **tile}, arch)
 
 
 def compile_one(kind: str, cfg: triton.Config, compute, consts: dict, arch: int):

@@ -177,6 +177,15 @@ def _dequant_packed(
 
 
 @triton.jit
+def _slot_tokens(pid_t, T, row_ad_ptr, tokens_per_row, slot, BT: tl.constexpr):
+    """The ``BT`` token indices of a parts' kernel program and which of them it computes: those in range whose batch
+    row maps to adapter ``slot`` (``row_ad_ptr``: one slot per row; a single adapter passes a zero and ``T``)."""
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    tmask = offs_t < T
+    return offs_t, tmask & (tl.load(row_ad_ptr + offs_t // tokens_per_row, mask=tmask, other=-1).to(tl.int32) == slot)
+
+
+@triton.jit
 def _mma(acc, a, b, COMPUTE: tl.constexpr):
     """``acc += a @ b`` with both operands in the activations' dtype (float32 products for a single token)."""
     if a.shape[0] == 1:  # one token: a matrix-vector product, multiply-add and reduce (no tensor-core tile)

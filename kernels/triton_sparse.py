@@ -19,7 +19,7 @@ from hf_deltacome.errors import DeltaCoMeError
 from hf_deltacome.format.baseline_parts import SparsePart
 from hf_deltacome.format.packing import pack_bits
 
-from .triton_delta import _COMPUTE, _SUM_COMBINE, INTERPRET, _mma
+from .triton_delta import _COMPUTE, _SUM_COMBINE, INTERPRET, _mma, _slot_tokens
 
 OFFSET_BLOCK = 128  # columns per stored first-value index; the kernel's column tile is a multiple of it
 SPARSE_BITS = (2, 3, 4, 8)  # value widths the kernel reads (DARE stores 2; the other widths are options)
@@ -61,9 +61,7 @@ def _sparse_kernel(
     pid_t = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
     mmask = offs_m < M
-    offs_t = pid_t * BT + tl.arange(0, BT)
-    tmask = offs_t < T
-    tmask = tmask & (tl.load(row_ad_ptr + offs_t // tokens_per_row, mask=tmask, other=-1).to(tl.int32) == slot)
+    offs_t, tmask = _slot_tokens(pid_t, T, row_ad_ptr, tokens_per_row, slot, BT)
     LO: tl.constexpr = 2 if BITS == 3 else BITS
     PER: tl.constexpr = 32 // LO
     acc = tl.full([BT, BM], 0.0, tl.float32)

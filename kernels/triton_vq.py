@@ -19,7 +19,7 @@ import triton.language as tl
 from hf_deltacome.errors import DeltaCoMeError
 from hf_deltacome.format.vq_part import VectorPart, rotate
 
-from .triton_delta import _COMPUTE, INTERPRET, _mma
+from .triton_delta import _COMPUTE, INTERPRET, _mma, _slot_tokens
 
 VQ_CODES = (16,)  # codebook sizes the kernel reads (4-bit codes, two a byte)
 
@@ -49,9 +49,7 @@ def _vq_kernel(
     pid_t = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
     mmask = offs_m < R
-    offs_t = pid_t * BT + tl.arange(0, BT)
-    tmask = offs_t < T
-    tmask = tmask & (tl.load(row_ad_ptr + offs_t // tokens_per_row, mask=tmask, other=-1).to(tl.int32) == slot)
+    offs_t, tmask = _slot_tokens(pid_t, T, row_ad_ptr, tokens_per_row, slot, BT)
     acc = tl.full([BT, BM], 0.0, tl.float32)
     for k0 in range(0, N, BK):
         offs_k = k0 + tl.arange(0, BK)
