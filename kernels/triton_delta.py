@@ -896,6 +896,31 @@ def delta_forward_mixed(
     return _forward(x, deltas, row_index, out, split_k, split_r, split_a)
 
 
+@functools.cache
+def _single_slot(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)  # made once per device: nothing allocated per call
+
+
+def part_call(
+    y: torch.Tensor, x: torch.Tensor, part, what: str, row_index: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Check a call of the parts' kernels (``y += Δ̂ x`` for a DARE or vector-code part, ``what`` naming it) and
+    return ``x`` as ``tokens x in`` with unit stride, the adapter slot of each batch row (one zero for a single
+    adapter) and the tokens per row."""
+    if x.shape[-1] != part.in_features or y.shape != (*x.shape[:-1], part.out_features):
+        raise DeltaCoMeError(f"a {part.out_features}x{part.in_features} {what} part got input {tuple(x.shape)} and "
+                             f"output {tuple(y.shape)}")  # fmt: skip
+    if not y.is_contiguous() or y.dtype not in _COMPUTE:
+        raise DeltaCoMeError(f"the output of a {what} part must be a contiguous float16, bfloat16 or float32 tensor")
+    if row_index is not None and (row_index.dim() != 1 or row_index.shape[0] != x.shape[0] or x.dim() < 2):
+        raise DeltaCoMeError(f"row_index of shape {tuple(row_index.shape)} does not fit the input {tuple(x.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    if row_index is None:
+        return x2, _single_slot(x.device), max(1, x2.shape[0])
+    return x2, row_index.to(x.device).contiguous(), x2.shape[0] // x.shape[0]
+
+
 def can_add_into(y: torch.Tensor, x: torch.Tensor, out_features: int) -> bool:
     """Can the kernels add a delta of ``x`` into ``y`` in place: the output's shape, a layout and dtype they write,
     and nothing that needs ``y``'s gradient (the kernels are not differentiable)."""

@@ -19,7 +19,7 @@ from hf_deltacome.errors import DeltaCoMeError
 from hf_deltacome.format.baseline_parts import SparsePart
 from hf_deltacome.format.packing import pack_bits
 
-from .triton_delta import _COMPUTE, _SUM_COMBINE, INTERPRET, _mma, _slot_tokens
+from .triton_delta import _COMPUTE, _SUM_COMBINE, INTERPRET, _mma, _slot_tokens, part_call
 
 OFFSET_BLOCK = 128  # columns per stored first-value index; the kernel's column tile is a multiple of it
 SPARSE_BITS = (2, 3, 4, 8)  # value widths the kernel reads (DARE stores 2; the other widths are options)
@@ -95,14 +95,14 @@ def _sparse_kernel(
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
-def _bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The part's mask as int32 bitmap words and per-block first-value indices on ``device`` (and a zero adapter
     index for single-adapter calls), cached on its store until the stored values change (beside the PyTorch path's
     CSR matrix: a model run on both keeps both)."""
     return part._store.derived("bitmap", part.values.qweight, lambda: _build_bitmap(part, device), device)
 
 
-def _build_bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _build_bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     mask = part.mask()  # CPU, checked against the stored count
     m, n = mask.shape
     blocks = -(-n // OFFSET_BLOCK)
@@ -114,7 +114,7 @@ def _build_bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor,
     if int(flat.sum()) >= 2**31:
         raise DeltaCoMeError(f"a {m}x{n} DARE part keeps {int(flat.sum())} values; the kernel indexes up to 2^31")
     words = pack_bits(mask.to(torch.int64), 1)
-    return words.to(device), first.to(torch.int32).to(device), torch.zeros(1, dtype=torch.int32, device=device)
+    return words.to(device), first.to(torch.int32).to(device)
 
 
 def sparse_ready(part: SparsePart) -> bool:
@@ -132,27 +132,14 @@ def sparse_add_into(
 ) -> torch.Tensor:
     """``y += Δ̂ x`` for a DARE part, in place (``y``: ``(..., out)``, contiguous; ``x``: ``(..., in)``); returns ``y``.
     With ``row_index`` (one adapter slot per batch row, as in `delta_forward_mixed`) only the rows of ``slot``."""
-    if x.shape[-1] != part.in_features or y.shape != (*x.shape[:-1], part.out_features):
-        raise DeltaCoMeError(
-            f"a {part.out_features}x{part.in_features} DARE part got input {tuple(x.shape)} and output {tuple(y.shape)}"
-        )
-    if not y.is_contiguous() or y.dtype not in _COMPUTE:
-        raise DeltaCoMeError("the output of a DARE part must be a contiguous float16, bfloat16 or float32 tensor")
+    x2, rows, tokens_per_row = part_call(y, x, part, "DARE", row_index)
     if not sparse_ready(part):
         raise DeltaCoMeError(f"the kernel reads DARE values of {SPARSE_BITS} bits, not {part.values.bits}")
-    x2 = x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     y2 = y.view(-1, part.out_features)
     T, (M, N) = x2.shape[0], (part.out_features, part.in_features)
     if T == 0:
         return y
-    if row_index is not None and (row_index.dim() != 1 or row_index.shape[0] != x.shape[0] or x.dim() < 2):
-        raise DeltaCoMeError(f"row_index of shape {tuple(row_index.shape)} does not fit the input {tuple(x.shape)}")
-    words, first, zero = _bitmap(part, x.device)
-    if row_index is None:
-        rows, tokens_per_row = zero, T
-    else:
-        rows, tokens_per_row = row_index.to(x.device).contiguous(), T // x.shape[0]
+    words, first = _bitmap(part, x.device)
     v = part.values
     hi = v.qweight_hi if v.bits == 3 else v.qweight
     compute = tl.float32 if INTERPRET else _COMPUTE[x2.dtype]

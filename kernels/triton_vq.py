@@ -19,7 +19,7 @@ import triton.language as tl
 from hf_deltacome.errors import DeltaCoMeError
 from hf_deltacome.format.vq_part import VectorPart, rotate
 
-from .triton_delta import _COMPUTE, INTERPRET, _mma, _slot_tokens
+from .triton_delta import _COMPUTE, INTERPRET, _mma, _slot_tokens, part_call
 
 VQ_CODES = (16,)  # codebook sizes the kernel reads (4-bit codes, two a byte)
 
@@ -84,17 +84,9 @@ def vq_add_into(
     """``y += Δ̂ x`` for a vector-quantized part, in place (``y``: ``(..., out)``, contiguous; ``x``: ``(..., in)``);
     returns ``y``. With ``row_index`` (one adapter slot per batch row, as in `delta_forward_mixed`) only the rows
     of ``slot`` change."""
-    if x.shape[-1] != part.in_features or y.shape != (*x.shape[:-1], part.out_features):
-        raise DeltaCoMeError(f"a {part.out_features}x{part.in_features} vector-quantized part got input "
-                             f"{tuple(x.shape)} and output {tuple(y.shape)}")  # fmt: skip
-    if not y.is_contiguous() or y.dtype not in _COMPUTE:
-        raise DeltaCoMeError("the output of a vector-quantized part must be a contiguous float16, bfloat16 or "
-                             "float32 tensor")  # fmt: skip
+    x2, rows, tokens_per_row = part_call(y, x, part, "vector-quantized", row_index)
     if not vq_ready(part):
         raise DeltaCoMeError(f"the kernel reads {VQ_CODES}-entry codebooks, not {part.codes}")
-    if row_index is not None and (row_index.dim() != 1 or row_index.shape[0] != x.shape[0] or x.dim() < 2):
-        raise DeltaCoMeError(f"row_index of shape {tuple(row_index.shape)} does not fit the input {tuple(x.shape)}")
-    x2 = x.reshape(-1, x.shape[-1])
     T, M, N, R = x2.shape[0], part.out_features, part.in_features, part.rows
     if R * N >= 2**31:
         raise DeltaCoMeError(f"a vector-quantized part of {R}x{N} stored entries; the kernel indexes up to 2^31")
@@ -102,10 +94,6 @@ def vq_add_into(
         return y
     q_in, q_out = part.rotations(x.device, x.dtype)
     xr = rotate(x2, q_in).contiguous()
-    if row_index is None:
-        rows, tokens_per_row = torch.zeros(1, dtype=torch.int32, device=x.device), T
-    else:
-        rows, tokens_per_row = row_index.to(x.device).contiguous(), T // x.shape[0]
     t = torch.zeros(T, M, dtype=torch.float32, device=x.device)  # rows past R stay zero: ``[Ŷ; 0]``
     compute = tl.float32 if INTERPRET else _COMPUTE[x2.dtype]
     bt = 1 if T == 1 else min(32, max(16, triton.next_power_of_2(T)))
