@@ -311,16 +311,20 @@ def bench_layer(m: int, n: int, tokens_list: list[int], dtype: torch.dtype, devi
 # -- a delta with a DARE residual (what the default stores where the residual helps) -------------------------------
 
 
-def residual_delta(m: int, n: int, device, seed: int = 0) -> PackedDelta:
-    """Bands in half the ratio's budget and a uniform 2-bit DARE part in the other half, random values."""
+def dare_entry(m: int, n: int, budget_share: float, seed: int) -> dict:
+    """A uniform 2-bit DARE part's layout entry that fills ``budget_share`` of a module's budget at the ratio."""
     from hf_deltacome.format.baseline_parts import sparse_mask
 
-    bands = [b for b in solve_ranks(m, n, RATIO / 2, DEFAULT_BANDS, GROUP) if b[1] > 0]
     bits_per_value = 2 + 8 * 3 / GROUP  # codes, and a float16 scale and uint8 zero per group
-    keep = min(0.9, m * n * 2 * RATIO / 2 * 8 / bits_per_value / (m * n))
-    nnz = int(sparse_mask(m, n, keep, 1000 + seed).sum())
-    sparse = {"nnz": nnz, "keep": keep, "seed": 1000 + seed, "bits": 2, "group_size": GROUP}
-    return random_delta(m, n, bands, device, seed=seed, sparse=sparse)
+    keep = min(0.9, 2 * RATIO * budget_share * 8 / bits_per_value)
+    nnz = int(sparse_mask(m, n, keep, seed).sum())
+    return {"nnz": nnz, "keep": keep, "seed": seed, "bits": 2, "group_size": GROUP}
+
+
+def residual_delta(m: int, n: int, device, seed: int = 0) -> PackedDelta:
+    """Bands in half the ratio's budget and a uniform 2-bit DARE part in the other half, random values."""
+    bands = [b for b in solve_ranks(m, n, RATIO / 2, DEFAULT_BANDS, GROUP) if b[1] > 0]
+    return random_delta(m, n, bands, device, seed=seed, sparse=dare_entry(m, n, 0.5, 1000 + seed))
 
 
 def _time_maybe_graphed(fns: list[Callable[[], object]]) -> tuple[float, bool]:
@@ -444,7 +448,14 @@ def bench_vq(shapes: list[tuple[int, int]], tokens_list: list[int], dtype, devic
 # -- end-to-end decode -------------------------------------------------------------------------------------------
 
 
-def decode_model(n_layers: int, n_adapters: int, device, dtype, tiny: bool):
+LAYOUT_TEXT = {
+    "bands": "as bands in every linear (the published Delta-CoMe layout)",
+    "default": "as `deltacome compress` writes them by default (the MLP as a 2-bit DARE part filling its budget, "
+    "the attention as bands)",
+}
+
+
+def decode_model(n_layers: int, n_adapters: int, device, dtype, tiny: bool, layout_kind: str = "bands"):
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -467,16 +478,20 @@ def decode_model(n_layers: int, n_adapters: int, device, dtype, tiny: bool):
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ".layers." in name:
             m, n = mod.weight.shape
-            bands = solve_ranks(m, n, RATIO, DEFAULT_BANDS, GROUP)
-            layout[name] = {"shape": [m, n], "bands": [list(b) for b in bands], "group_size": GROUP, "bias": False, "format": 2}
+            entry = {"shape": [m, n], "group_size": GROUP, "bias": False, "format": 2}
+            if layout_kind == "default" and ".mlp." in name:  # what `deltacome compress` writes: the MLP as DARE
+                layout[name] = {**entry, "bands": [], "sparse": dare_entry(m, n, 1.0, 2000 + len(layout))}
+            else:
+                layout[name] = {**entry, "bands": [list(b) for b in solve_ranks(m, n, RATIO, DEFAULT_BANDS, GROUP)]}
     peft = get_peft_model(model, DeltaCoMeConfig(layout=layout, target_modules=list(layout)), adapter_name="a0")
     for i in range(1, n_adapters):
         peft.add_adapter(f"a{i}", DeltaCoMeConfig(layout=layout, target_modules=list(layout)))
     gen = torch.Generator().manual_seed(1)
-    for mod in peft.modules():
+    for name, mod in peft.named_modules():
         if isinstance(mod, DeltaCoMeLinear):
+            sparse = layout[name.removeprefix("base_model.model.")].get("sparse")
             for d in mod.deltacome_delta.values():
-                cpu = fill_random(PackedDelta(d.out_features, d.in_features, d.layout, d.group_size), gen)
+                cpu = fill_random(PackedDelta(d.out_features, d.in_features, d.layout, d.group_size, sparse=sparse), gen)
                 d.load_state_dict(cpu.state_dict())
     peft.set_adapter("a0")
     return peft.eval()
@@ -548,8 +563,12 @@ def decode_step_graphed(model, n_adapters: int, batch: int, steps: int, prompt: 
     return time_calls([step], reps=steps)  # warm-up (autotuning, plans, allocator), capture, median replay
 
 
-def bench_decode(layer_counts: list[int], batch: int, steps: int, device, dtype) -> list[dict]:
-    """Tokens/s at 32 layers, from a linear fit of step time against the number of layers; eager and graphed."""
+def bench_decode(
+    layer_counts: list[int], batch: int, steps: int, device, dtype, layout_kind: str = "bands"
+) -> list[dict]:
+    """Tokens/s at 32 layers, from a linear fit of step time against the number of layers; eager and graphed.
+    ``layout_kind``: ``"bands"`` (every linear as bands, the published layout) or ``"default"`` (what ``deltacome
+    compress`` writes: the MLP as a 2-bit DARE part filling its budget, the attention as bands)."""
     modes = {"eager": decode_step_time}
     if GPU:
         modes["graph"] = decode_step_graphed
@@ -566,7 +585,7 @@ def bench_decode(layer_counts: list[int], batch: int, steps: int, device, dtype)
             times = {}
             try:
                 for L in layer_counts:
-                    model = decode_model(L, n_adapters, device, dtype, tiny=not GPU)
+                    model = decode_model(L, n_adapters, device, dtype, tiny=not GPU, layout_kind=layout_kind)
                     runs = 2 if GPU and mode == "eager" else 1  # eager: the better of two (the first 2-layer
                     # eager run on an H200 read 10x slow after the warm-up model, 2026-12-04)
                     times[L] = min(
@@ -578,7 +597,8 @@ def bench_decode(layer_counts: list[int], batch: int, steps: int, device, dtype)
                     print(f"  decode {mode} {n_adapters} adapter(s), {L} layers: {times[L] * 1e3:.2f} ms/step", flush=True)
             except Exception as e:  # a mode that cannot run here is reported in the table, not fatal
                 print(f"  decode {mode} {n_adapters} adapter(s) failed: {type(e).__name__}: {e}", flush=True)
-                results.append(dict(mode=mode, adapters=n_adapters, error=f"{type(e).__name__}: {str(e)[:120]}"))
+                results.append(dict(mode=mode, adapters=n_adapters, layout=layout_kind,
+                                    error=f"{type(e).__name__}: {str(e)[:120]}"))  # fmt: skip
                 continue
             l1, l2 = min(layer_counts), max(layer_counts)
             per_layer = (times[l2] - times[l1]) / (l2 - l1) if l2 > l1 else times[l1] / l1
@@ -588,6 +608,7 @@ def bench_decode(layer_counts: list[int], batch: int, steps: int, device, dtype)
                 dict(
                     mode=mode,
                     adapters=n_adapters,
+                    layout=layout_kind,
                     measured=", ".join(f"{L}: {t * 1e3:.2f}" for L, t in sorted(times.items())),
                     per_layer_ms=per_layer * 1e3,
                     fixed_ms=fixed * 1e3,
@@ -633,6 +654,7 @@ def markdown(
         lines += [
             "",
             f"End-to-end decode ({'7B-shaped' if GPU else 'tiny, CPU interpreter'} Llama, batch 8, HF + PEFT; "
+            f"adapters laid out {LAYOUT_TEXT[decode[0].get('layout', 'bands')]}; "
             "'graph' captures the whole step in one CUDA graph with a static KV cache, each delta's shrink beside its "
             "base linear; 'graph, serial' the same with DELTACOME_OVERLAP=0; step time extrapolated to 32 layers from "
             "a linear fit over the layer counts run):",
@@ -770,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-sweep", action="store_true", help="also time every shrink split at 1 and 8 tokens")
     ap.add_argument("--skip-residual", action="store_true", help="skip the delta with a DARE residual")
     ap.add_argument("--skip-vq", action="store_true", help="skip the delta stored as vector codes")
+    ap.add_argument("--decode-layout", choices=["bands", "default"], default="bands",
+                    help="adapters of the decode benchmark: every linear as bands (the published layout, the readings "
+                         "so far) or the default's (the MLP as 2-bit DARE, the attention as bands)")  # fmt: skip
     ap.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth, if the device is not known")
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     args = ap.parse_args(argv)
@@ -811,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     small = [t for t in tokens if t <= 8][:2]
     residual = [] if args.skip_residual else bench_residual(shapes[:2], small, dtype, device)
     vq = [] if args.skip_vq else bench_vq(shapes[:2], small, dtype, device)
-    decode = [] if args.skip_decode else bench_decode(layers, 8, steps, device, dtype)
+    decode = [] if args.skip_decode else bench_decode(layers, 8, steps, device, dtype, args.decode_layout)
     if GPU:  # again once the clocks are up: the better of the two readings is the ceiling
         copy = max(copy, copy_gbps())
     text = markdown(rows, decode, peak, peak_src, copy, header)

@@ -592,6 +592,28 @@ def test_kernel_benchmark_runs_and_its_outputs_match_the_pytorch_path(tmp_path):
     assert "DARE keep" in residual[1] and "-dim x" in vq[1]
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU scripts/gpu_check.sh runs the benchmark at full size")
+def test_kernel_benchmark_decodes_with_the_defaults_layout(tmp_path):
+    """``--decode-layout default``: the decode benchmark's adapters as ``deltacome compress`` lays them out (the MLP
+    as 2-bit DARE), run through the kernels under the interpreter without a failed row."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    md = tmp_path / "k.md"
+    r = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "kernel_speed.py"), "--shapes", "64x64", "--tokens", "1",
+         "--skip-residual", "--skip-vq", "--decode-layout", "default", "--layers", "1", "--steps", "1", "--plot", "",
+         "--markdown", str(md)],
+        capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    text = md.read_text()
+    assert "the MLP as a 2-bit DARE part" in text and "failed" not in text
+    assert [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| eager")] == ["0", "1", "8"]
+
+
 def _dare_delta(m, n, bits, group_size, seed, rated=False):
     """A delta holding only a DARE part (uniform keep 0.2, or importance-rated), random values, on DEVICE."""
     from hf_deltacome.format.baseline_parts import pack_rates, rate_factors, sparse_mask
