@@ -26,6 +26,7 @@ _EXPORTS = {
     "ConfigError": "errors",
     "DeltaCoMeError": "errors",
     "DegenerateAdapterWarning": "errors",
+    "DecodeCacheFullWarning": "errors",
     "EmptyDeltaError": "errors",
     "IncompatibleModelsError": "errors",
     "DeltaCoMeConfig": "config",

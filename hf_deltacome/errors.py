@@ -58,6 +58,12 @@ class WeakBaseCheckWarning(UserWarning):
     rounded differently from when the adapter was made), so a small change to the base could have gone unnoticed."""
 
 
+class DecodeCacheFullWarning(UserWarning):
+    """What the PyTorch path decodes from an adapter (the bands' factors, DARE parts' sparse matrices, vector codes'
+    rows) does not fit ``DELTACOME_DEQUANT_CACHE_MB``: it is decoded again at every call, which is slower (a DARE part
+    regenerates its mask). Emitted once per cache."""
+
+
 class QuantizedBaseWarning(UserWarning):
     """An adapter made against a full-precision base is loaded onto a quantization of that base (AMLQ): it loads, but
     it does not correct the base's quantization error."""

@@ -175,3 +175,29 @@ def test_distilling_beside_dare_modules_builds_their_transposes_once_and_drops_t
     assert sparse and all(d.sparse.forward_weight().layout == torch.sparse_csr for d in sparse)
     assert sorted(built) == sorted(d.sparse.seed for d in sparse)  # once each, over the four steps
     assert not any("csr_t" in (d._derived or {}) for d in deltas)
+
+
+def test_distillation_decodes_each_dare_part_once_whatever_the_cache_cap(pair, monkeypatch):
+    """A cap too small for the DARE parts' CSR matrices would decode them again (their masks regenerated) at every
+    forward and backward pass of the distillation: the cap is lifted for that job and holds again after it."""
+    from hf_deltacome.backend import dequant_cache
+    from hf_deltacome.format.baseline_parts import SparsePart
+
+    built = []
+    own = SparsePart._build_forward_weight
+    in_distill = lambda: dequant_cache.max_bytes > 1  # noqa: E731 (the cap is lifted only there)
+    monkeypatch.setattr(SparsePart, "_build_forward_weight",
+                        lambda self: built.append((self.seed, in_distill())) or own(self))  # fmt: skip
+    calib = random_ids(pair[0], 8, 32, seed=9)
+    saved = dequant_cache.max_bytes
+    try:
+        dequant_cache.configure(1)  # one byte: nothing fits
+        model = _compress(pair, calib, distill_steps=4, dare_modules=["down_proj", "gate_proj", "up_proj"])
+        assert dequant_cache.bytes <= 1  # the cap holds again
+    finally:
+        dequant_cache.configure(saved)
+    distilled = [d for m in model.modules() if isinstance(m, DeltaCoMeLayer)
+                 for d in [m.deltacome_delta["default"]] if d.sparse is not None]  # fmt: skip
+    assert model.peft_config["default"].compression_info["distill"]["steps"] == 4
+    during = sorted(seed for seed, inside in built if inside)
+    assert during == sorted(d.sparse.seed for d in distilled)  # once each over the check and the four steps

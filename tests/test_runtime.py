@@ -413,7 +413,9 @@ def test_one_cap_holds_the_dare_and_vector_code_forms_too():
     ``DELTACOME_DEQUANT_CACHE_MB`` bounds them; past the cap they are decoded again, with the same output; new
     values are seen; a deleted delta's entries go with `prune`."""
     import gc
+    import warnings
 
+    from hf_deltacome import DecodeCacheFullWarning
     from hf_deltacome.backend import dequant_cache, torch_delta_forward
     from hf_deltacome.format.baseline_parts import sparse_mask
     from hf_deltacome.format.decoded import decoded_nbytes
@@ -443,7 +445,12 @@ def test_one_cap_holds_the_dare_and_vector_code_forms_too():
         assert dequant_cache.bytes == decoded_nbytes(csr) + decoded_nbytes(rows)
         dequant_cache.configure(decoded_nbytes(csr))  # below the vq rows' size: they no longer fit
         assert dequant_cache.bytes <= dequant_cache.max_bytes
-        torch.testing.assert_close(torch_delta_forward(x, vq), plain[1])  # decoded again, not kept
+        dequant_cache._warned = False  # (another test may have filled the process's cache before)
+        with pytest.warns(DecodeCacheFullWarning, match=r"'vq' entry of 18 KiB did not fit.*DELTACOME_DEQUANT"):
+            torch.testing.assert_close(torch_delta_forward(x, vq), plain[1])  # decoded again, not kept
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DecodeCacheFullWarning)  # said once
+            torch_delta_forward(x, vq)
         assert not dequant_cache.holds(vq, "vq") and dequant_cache.bytes <= dequant_cache.max_bytes
         dare.sparse.values.set(quantize_rtn(torch.randn(1, nnz, generator=g), 2, 16))  # new values: seen at once
         dequant_cache.configure(1 << 20)

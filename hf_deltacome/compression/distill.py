@@ -21,6 +21,7 @@ from torch import nn
 from ..config import DeltaCoMeConfig
 from ..errors import CalibrationError
 from ..format.blob import PINNED_FACTORS, BlobStore
+from ..format.decoded import dequant_cache
 from ..format.storage import DeltaBand
 from ..progress import progress_bar
 
@@ -216,42 +217,43 @@ def distill_scales(
         return target
 
     n_check = min(CHECK_SEQUENCES, len(batches)) if bands else 0
-    try:
-        if n_check:
-            check["before"] = _kl(model, deltas, batches[:n_check], [target_of(i) for i in range(n_check)])
-            least = MIN_KL if min_kl is None else min_kl
-            if check["before"] < least:
-                steps, check["kept"] = 0, False
-                check["skipped"] = f"under {least}: the bands are left as compressed"
-        for step in range(steps):
-            i = step % len(batches)
-            target = target_of(i)
-            with torch.enable_grad():
-                for d in deltas:
-                    d.pin()
-                logp = torch.log_softmax(model(input_ids=batches[i].to(device)).logits.float(), -1)
-                loss = nn.functional.kl_div(logp, target.to(logp.device), log_target=True, reduction="batchmean")
-                loss = loss / batches[i].shape[1]
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            last = float(loss.detach())
-            first = last if first is None else first
-            bar.update(1)
-        if n_check and steps:
-            check["after"] = _kl(model, deltas, batches[:n_check], [target_of(i) for i in range(n_check)])
-            check["kept"] = check["after"] < check["before"]
-            if not check["kept"]:
-                with torch.no_grad():
-                    for p in params:
-                        p.zero_()  # back to the scales as compressed
-    finally:
-        for d in deltas:
-            d.unpin_and_write()
-        for delta in found:
-            delta.forget("csr_t")  # the DARE parts' transposes the backward passes used
-        bar.close()
-        model.train(was_training)
+    with dequant_cache.uncapped():  # DARE parts' and vector codes' decoded forms kept for every step
+        try:
+            if n_check:
+                check["before"] = _kl(model, deltas, batches[:n_check], [target_of(i) for i in range(n_check)])
+                least = MIN_KL if min_kl is None else min_kl
+                if check["before"] < least:
+                    steps, check["kept"] = 0, False
+                    check["skipped"] = f"under {least}: the bands are left as compressed"
+            for step in range(steps):
+                i = step % len(batches)
+                target = target_of(i)
+                with torch.enable_grad():
+                    for d in deltas:
+                        d.pin()
+                    logp = torch.log_softmax(model(input_ids=batches[i].to(device)).logits.float(), -1)
+                    loss = nn.functional.kl_div(logp, target.to(logp.device), log_target=True, reduction="batchmean")
+                    loss = loss / batches[i].shape[1]
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                last = float(loss.detach())
+                first = last if first is None else first
+                bar.update(1)
+            if n_check and steps:
+                check["after"] = _kl(model, deltas, batches[:n_check], [target_of(i) for i in range(n_check)])
+                check["kept"] = check["after"] < check["before"]
+                if not check["kept"]:
+                    with torch.no_grad():
+                        for p in params:
+                            p.zero_()  # back to the scales as compressed
+        finally:
+            for d in deltas:
+                d.unpin_and_write()
+            for delta in found:
+                delta.forget("csr_t")  # the DARE parts' transposes the backward passes used
+            bar.close()
+            model.train(was_training)
     out = {"first_loss": first, "last_loss": last, "steps": steps, "scales": sum(p.numel() for p in params)}
     if check:
         out["check_kl"] = check

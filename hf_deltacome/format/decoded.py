@@ -12,20 +12,25 @@ Beyond ``max_bytes`` an entry is evicted only once it has gone unused for two ro
 of entries in lookups); until then a new one is used once and not kept. A step over more adapters than the cap holds
 cycles through every entry, and plain LRU would then evict each entry just before its next use (no hit at all); this
 way the entries that fit keep hitting, and those of adapters that are no longer asked for age out. ``max_bytes=0``
-turns it off (each forward decodes again); the default is ``DELTACOME_DEQUANT_CACHE_MB`` (1024 when unset). The
-kernels read the packed bytes and use none of this.
+turns it off (each forward decodes again); the default is ``DELTACOME_DEQUANT_CACHE_MB`` (1024 when unset). The first
+entry a cap too small turns away gives a `DecodeCacheFullWarning`. Compression's scale distillation runs with the
+cap lifted (`DequantCache.uncapped`): it runs one adapter for many steps, and decoding its DARE parts again at every
+pass would regenerate their masks each time. The kernels read the packed bytes and use none of this.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
+
+from ..errors import DecodeCacheFullWarning
 
 
 class _Entry(NamedTuple):
@@ -53,6 +58,7 @@ class DequantCache:
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self._last_use: dict[tuple, int] = {}
         self._tick = 0  # lookups so far
+        self._warned = False  # DecodeCacheFullWarning given
 
     def configure(self, max_bytes: int) -> None:
         """Set the memory cap (0 disables the cache and frees it)."""
@@ -73,6 +79,18 @@ class DequantCache:
             yield
         finally:
             self.max_bytes = saved
+
+    @contextlib.contextmanager
+    def uncapped(self) -> Iterator[None]:
+        """No cap inside the block, the cap again after it (what exceeds it then freed, least recent first): for a
+        job that runs the same adapter many times and must not decode it at every call (scale distillation, where
+        a DARE part decoded again regenerates its mask at every forward and backward pass)."""
+        saved = self.max_bytes
+        self.max_bytes = 1 << 62
+        try:
+            yield
+        finally:
+            self.configure(saved)
 
     def prune(self) -> None:
         """Free the entries of deltas that no longer exist (an adapter was deleted from the model)."""
@@ -126,6 +144,17 @@ class DequantCache:
             self._entries[key] = _Entry(stamp, value, weakref.ref(owner), size)
             self._last_use[key] = self._tick
             self.bytes += size
+        elif self.max_bytes > 0 and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"the PyTorch path's cache of decoded adapters is full ({self.bytes / 2**20:.0f} of "
+                f"DELTACOME_DEQUANT_CACHE_MB={self.max_bytes / 2**20:.0f} MiB held; a {kind!r} entry of "
+                f"{size / 2**10:,.0f} KiB did not fit): what does not fit is decoded again at every call, which is "
+                "slower; raise DELTACOME_DEQUANT_CACHE_MB (or hf_deltacome.backend.dequant_cache.configure(bytes)) "
+                "where memory allows",
+                DecodeCacheFullWarning,
+                stacklevel=2,
+            )
         return value
 
     def factors(self, delta: Any, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
