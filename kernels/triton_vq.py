@@ -92,8 +92,8 @@ def vq_add_into(
         raise DeltaCoMeError(f"a vector-quantized part of {R}x{N} stored entries; the kernel indexes up to 2^31")
     if T == 0:
         return y
-    q_in, q_out = part.rotations(x.device, x.dtype)
-    xr = rotate(x2, q_in).contiguous()
+    q_in, q_out = part.rotations(x.device)  # float32: rotated in float32, multiplied in the activations' dtype
+    xr = rotate(x2.to(torch.float32), q_in).to(x2.dtype).contiguous()
     t = torch.zeros(T, M, dtype=torch.float32, device=x.device)  # rows past R stay zero: ``[Ŷ; 0]``
     compute = tl.float32 if INTERPRET else _COMPUTE[x2.dtype]
     bt = 1 if T == 1 else min(32, max(16, triton.next_power_of_2(T)))
@@ -103,6 +103,6 @@ def vq_add_into(
         xr, t, rows, part.packed, part.codebook, part.scale, T, R, N, part.dim, tokens_per_row, slot, xr.stride(0),
         t.stride(0), COMPUTE=compute, BT=bt, BM=bm, BK=bk, num_warps=4,
     )  # fmt: skip
-    out = rotate(t, tuple(q.to(torch.float32) for q in q_out), inverse=True)
+    out = rotate(t, q_out, inverse=True)
     y.view(-1, M).add_(out.to(y.dtype))
     return y

@@ -146,21 +146,21 @@ class VectorPart:
         full[: self.rows] = y
         return rotate_matrix(full, self.seed, inverse=True)
 
-    def rotations(self, device: torch.device, dtype: torch.dtype) -> tuple[tuple, tuple]:
-        """The factors of ``Q_n`` and ``Q_m`` on ``device`` in ``dtype``, cached on the blob's store (a forward pass
-        then copies nothing to the device)."""
+    def rotations(self, device: torch.device) -> tuple[tuple, tuple]:
+        """The float32 factors of ``Q_n`` and ``Q_m`` on ``device``, cached on the blob's store (a forward pass then
+        copies nothing to the device)."""
         def build() -> tuple[tuple, tuple]:
-            return tuple(tuple(f.to(device, dtype) for f in rotation(size, self.seed, side))
+            return tuple(tuple(f.to(device) for f in rotation(size, self.seed, side))
                          for size, side in ((self.in_features, 1), (self.out_features, 0)))  # fmt: skip
 
-        return self._store.derived("vq_rot", self.packed, build, device, dtype)
+        return self._store.derived("vq_rot", self.packed, build, device)
 
     def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
         """``Δ̂ x`` in ``x``'s dtype: ``x`` rotated, times ``Ŷᵀ`` (decoded and kept in the capped cache of decoded
         forms, `format/decoded.py`, until its bytes change: float32, twice the fp16 delta; the Triton kernel,
         `hf_deltacome.kernels.vq_add_into`, reads the codes in place instead), padded to ``out`` and rotated back."""
         y = self._store.derived("vq", self.packed, self.rotated_rows, capped=True).to(x.device)
-        q_in, q_out = self.rotations(x.device, y.dtype)
+        q_in, q_out = self.rotations(x.device)
         t = rotate(x.to(y.dtype), q_in) @ y.t()
         if self.rows < self.out_features:
             t = torch.nn.functional.pad(t, (0, self.out_features - self.rows))
