@@ -20,6 +20,7 @@ Without a GPU the same code runs on tiny shapes under ``TRITON_INTERPRET=1``; th
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -311,6 +312,7 @@ def bench_layer(m: int, n: int, tokens_list: list[int], dtype: torch.dtype, devi
 # -- a delta with a DARE residual (what the default stores where the residual helps) -------------------------------
 
 
+@functools.cache  # every decode model of a run lays out the same modules: their masks drawn once
 def dare_entry(m: int, n: int, budget_share: float, seed: int) -> dict:
     """A uniform 2-bit DARE part's layout entry that fills ``budget_share`` of a module's budget at the ratio."""
     from hf_deltacome.format.baseline_parts import sparse_mask
@@ -324,7 +326,7 @@ def dare_entry(m: int, n: int, budget_share: float, seed: int) -> dict:
 def residual_delta(m: int, n: int, device, seed: int = 0) -> PackedDelta:
     """Bands in half the ratio's budget and a uniform 2-bit DARE part in the other half, random values."""
     bands = [b for b in solve_ranks(m, n, RATIO / 2, DEFAULT_BANDS, GROUP) if b[1] > 0]
-    return random_delta(m, n, bands, device, seed=seed, sparse=dare_entry(m, n, 0.5, 1000 + seed))
+    return random_delta(m, n, bands, device, seed=seed, sparse=dict(dare_entry(m, n, 0.5, 1000 + seed)))
 
 
 def _time_maybe_graphed(fns: list[Callable[[], object]]) -> tuple[float, bool]:
@@ -480,7 +482,7 @@ def decode_model(n_layers: int, n_adapters: int, device, dtype, tiny: bool, layo
             m, n = mod.weight.shape
             entry = {"shape": [m, n], "group_size": GROUP, "bias": False, "format": 2}
             if layout_kind == "default" and ".mlp." in name:  # what `deltacome compress` writes: the MLP as DARE
-                layout[name] = {**entry, "bands": [], "sparse": dare_entry(m, n, 1.0, 2000 + len(layout))}
+                layout[name] = {**entry, "bands": [], "sparse": dict(dare_entry(m, n, 1.0, 2000 + len(layout)))}
             else:
                 layout[name] = {**entry, "bands": [list(b) for b in solve_ranks(m, n, RATIO, DEFAULT_BANDS, GROUP)]}
     peft = get_peft_model(model, DeltaCoMeConfig(layout=layout, target_modules=list(layout)), adapter_name="a0")
@@ -794,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-vq", action="store_true", help="skip the delta stored as vector codes")
     ap.add_argument("--decode-layout", choices=["bands", "default"], default="bands",
                     help="adapters of the decode benchmark: every linear as bands (the published layout, the readings "
-                         "so far) or the default's (the MLP as 2-bit DARE, the attention as bands)")  # fmt: skip
+                         "so far) or the default's (the MLP as 2-bit DARE, the attention as bands; slower to set up: "
+                         "each adapter's DARE masks are drawn on the CPU for the kernel's bitmaps)")  # fmt: skip
     ap.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth, if the device is not known")
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     args = ap.parse_args(argv)
