@@ -5,8 +5,8 @@
 Every autotuning candidate is compiled (Triton to PTX, then ``ptxas`` from Triton's wheel for the register
 report) for float16, bfloat16 and float32 activations, with a compile-time group size of 128 and with the
 per-element group path, the DARE kernel (`triton_sparse`) at every value width and its launch tiles, and the
-vector-code kernel (`triton_vq`) at its launch tiles. This catches compile errors the CPU interpreter cannot see and shows which candidates
-spill. Needs ``TRITON_INTERPRET`` unset (it is removed here before Triton is used).
+vector-code kernel (`triton_vq`) at its launch tiles. This catches compile errors the CPU interpreter cannot see and
+shows which candidates spill. Needs ``TRITON_INTERPRET`` unset (it is removed here before Triton is used).
 """
 
 from __future__ import annotations

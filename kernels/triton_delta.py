@@ -39,7 +39,9 @@ import triton
 import triton.language as tl
 
 from hf_deltacome.errors import DeltaCoMeError
+from hf_deltacome.format.baseline_parts import SparsePart
 from hf_deltacome.format.storage import PackedDelta
+from hf_deltacome.format.vq_part import VectorPart
 
 from . import plan as P
 
@@ -902,7 +904,7 @@ def _single_slot(device: torch.device) -> torch.Tensor:
 
 
 def part_call(
-    y: torch.Tensor, x: torch.Tensor, part, what: str, row_index: torch.Tensor | None
+    y: torch.Tensor, x: torch.Tensor, part: SparsePart | VectorPart, what: str, row_index: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Check a call of the parts' kernels (``y += Δ̂ x`` for a DARE or vector-code part, ``what`` naming it) and
     return ``x`` as ``tokens x in`` with unit stride, the adapter slot of each batch row (one zero for a single

@@ -96,9 +96,8 @@ def _sparse_kernel(
 
 
 def _bitmap(part: SparsePart, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The part's mask as int32 bitmap words and per-block first-value indices on ``device`` (and a zero adapter
-    index for single-adapter calls), cached on its store until the stored values change (beside the PyTorch path's
-    CSR matrix: a model run on both keeps both)."""
+    """The part's mask as int32 bitmap words and per-block first-value indices on ``device``, cached on its store
+    until the stored values change (beside the PyTorch path's CSR matrix: a model run on both keeps both)."""
     return part._store.derived("bitmap", part.values.qweight, lambda: _build_bitmap(part, device), device)
 
 
