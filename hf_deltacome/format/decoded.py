@@ -2,8 +2,8 @@
 
 Three kinds of entry: a delta's band factors (``A = [S_k ⊙ V_kᵀ]ᵀ``, ``in x rank``, and ``B = [U_kᵀ]``,
 ``rank x out``, every band concatenated, so a forward pass is two matmuls instead of dequantizing every band of every
-layer at every step), a DARE part's sparse matrix (CSR: 8 bytes a kept value, ~0.9x the fp16 delta at 1/16) and a
-vector-code part's decoded rows (float32: 2x the fp16 delta). The last two are what the default's MLP and the
+layer at every step), a DARE part's matrix (CSR, 8 bytes a kept value: ~0.9x the fp16 delta at 1/32; dense float32
+above a keep-rate of 0.3, as at 1/16: 2x) and a vector-code part's decoded rows (float32: 2x the fp16 delta). The last two are what the default's MLP and the
 option ``full_rank="vq"`` store, so one cap has to hold all three for ``DELTACOME_DEQUANT_CACHE_MB`` to bound an
 adapter server's memory. The packed bytes stay the source of truth: an entry is rebuilt when they change (in-place
 loads bump the tensors' versions).
