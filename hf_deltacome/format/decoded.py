@@ -71,26 +71,24 @@ class DequantCache:
         self.bytes = 0
 
     @contextlib.contextmanager
-    def suspended(self) -> Iterator[None]:
-        """No caching inside the block (compression runs each layer a few times: caching would only cost memory)."""
+    def _capped_at(self, max_bytes: int) -> Iterator[None]:
+        """``max_bytes`` inside the block, the cap before it again after it (what exceeds it then freed)."""
         saved = self.max_bytes
-        self.configure(0)
-        try:
-            yield
-        finally:
-            self.max_bytes = saved
-
-    @contextlib.contextmanager
-    def uncapped(self) -> Iterator[None]:
-        """No cap inside the block, the cap again after it (what exceeds it then freed, least recent first): for a
-        job that runs the same adapter many times and must not decode it at every call (scale distillation, where
-        a DARE part decoded again regenerates its mask at every forward and backward pass)."""
-        saved = self.max_bytes
-        self.max_bytes = 1 << 62
+        self.configure(max_bytes)
         try:
             yield
         finally:
             self.configure(saved)
+
+    def suspended(self) -> contextlib.AbstractContextManager[None]:
+        """No caching inside the block (compression runs each layer a few times: caching would only cost memory)."""
+        return self._capped_at(0)
+
+    def uncapped(self) -> contextlib.AbstractContextManager[None]:
+        """No cap inside the block, the cap again after it (what exceeds it then freed, least recent first): for a
+        job that runs the same adapter many times and must not decode it at every call (scale distillation, where
+        a DARE part decoded again regenerates its mask at every forward and backward pass)."""
+        return self._capped_at(1 << 62)
 
     def prune(self) -> None:
         """Free the entries of deltas that no longer exist (an adapter was deleted from the model)."""
