@@ -40,12 +40,30 @@ def rss() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def main() -> None:
+def check_args(args: argparse.Namespace) -> tuple[Path, list[int]]:
+    """The adapter folder and the counts, or a SystemExit naming the bad flag (before any model loads)."""
+    source = Path(args.source).resolve()
+    if not (source / "adapter_model.safetensors").is_file() or not (source / "adapter_config.json").is_file():
+        raise SystemExit(f"--source {args.source}: not a saved adapter folder (adapter_model.safetensors and "
+                         "adapter_config.json)")  # fmt: skip
+    try:
+        counts = sorted({int(c) for c in args.counts.split(",")})
+    except ValueError:
+        raise SystemExit(f"--counts: comma-separated whole numbers such as 1,4,8, got {args.counts!r}") from None
+    if counts[0] < 1:
+        raise SystemExit(f"--counts must be >= 1, got {args.counts!r}")
+    if not args.cap_mb >= 0:
+        raise SystemExit(f"--cap-mb must be >= 0, got {args.cap_mb}")
+    return source, counts
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", required=True, help="a saved adapter folder of SmolLM2-135M-Instruct")
     ap.add_argument("--counts", default="1,4,8")
     ap.add_argument("--cap-mb", type=float, default=256.0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    source, counts = check_args(args)
     os.environ["DELTACOME_DEQUANT_CACHE_MB"] = str(args.cap_mb)  # read when the library is imported
     os.environ["DELTACOME_BACKEND"] = "torch"
     import torch
@@ -57,8 +75,6 @@ def main() -> None:
     from hf_deltacome.backend import dequant_cache
     from hf_deltacome.serving import add_delta, load_deltas
 
-    counts = sorted(int(c) for c in args.counts.split(","))
-    source = Path(args.source).resolve()
     model, tok = load_smollm2()
     ids = tok("Who plays the cello in Lisbon?", return_tensors="pt").input_ids
     print(f"library {Path(hf_deltacome.__file__).parent}; cap {dequant_cache.max_bytes / MB:.0f} MiB; adapter "

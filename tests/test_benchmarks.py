@@ -342,6 +342,18 @@ def test_compress_time_refuses_bad_flags_by_name_before_any_model_loads():
             module.main(argv)
 
 
+def test_decoded_memory_refuses_bad_flags_by_name_before_any_model_loads(tmp_path):
+    module = benchmark("decoded_memory")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    for argv, message in ((["--source", str(tmp_path / "none")], r"--source .*none: not a saved adapter folder"),
+                          (["--source", str(tmp_path), "--counts", "1,x"], "--counts: comma-separated whole numbers"),
+                          (["--source", str(tmp_path), "--counts", "0,4"], "--counts must be >= 1"),
+                          (["--source", str(tmp_path), "--cap-mb", "-1"], "--cap-mb must be >= 0")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            module.main(argv)
+
+
 def test_the_table_splits_right_answers_into_the_fine_tunes_kept_and_those_beyond(quality):
     """A method can match the fine-tune's count by losing one of its right answers and turning one of its wrong
     ones right; the column tells the two apart (gain kept cannot)."""
