@@ -649,20 +649,24 @@ def test_dare_kernel_reads_packed_values_through_a_bitmap(bits, group_size):
 
 def test_dare_kernel_with_importance_rates_and_a_mixed_batch():
     """A rated part (fewer kept values than stored) and a mixed batch: only the rows of the part's slot change."""
-    part = _dare_delta(40, 96, 2, 16, seed=3, rated=True).sparse
+    _check_mixed_batch_and_bad_inputs(K.sparse_add_into, _dare_delta(40, 96, 2, 16, seed=3, rated=True).sparse, "DARE")
+
+
+def _check_mixed_batch_and_bad_inputs(add_into, part, what: str) -> None:
+    """A 40x96 part's kernel (``add_into(y, x, part, row_index, slot)``) in a mixed batch changes only the rows of its
+    slot, as the PyTorch path computes them; a wrong width, a bad row index and a strided output are named."""
     x = rand_x(4, 3, 96)
     rows = torch.tensor([1, 0, -1, 1], device=DEVICE)
     y = torch.zeros(4, 3, 40, device=DEVICE)
-    K.sparse_add_into(y, x, part, rows, slot=1)
-    ref = part.forward_delta(x) * (rows == 1).to(x.dtype).view(-1, 1, 1)
-    assert_close(y, ref)
+    add_into(y, x, part, rows, slot=1)
+    assert_close(y, part.forward_delta(x) * (rows == 1).to(x.dtype).view(-1, 1, 1))
     assert torch.count_nonzero(y[[1, 2]]) == 0
-    with pytest.raises(DeltaCoMeError, match=r"40x96 DARE part got input \(4, 3, 95\)"):
-        K.sparse_add_into(y, rand_x(4, 3, 95), part)
+    with pytest.raises(DeltaCoMeError, match=rf"40x96 {what} part got input \(4, 3, 95\)"):
+        add_into(y, rand_x(4, 3, 95), part)
     with pytest.raises(DeltaCoMeError, match="row_index"):
-        K.sparse_add_into(y, x, part, rows[:3], slot=1)
+        add_into(y, x, part, rows[:3], slot=1)
     with pytest.raises(DeltaCoMeError, match="contiguous"):
-        K.sparse_add_into(y.transpose(0, 1), x.transpose(0, 1), part)
+        add_into(y.transpose(0, 1), x.transpose(0, 1), part)
 
 
 def _vq_delta(m: int, n: int, rows: int, dim: int, seed: int) -> PackedDelta:
@@ -697,19 +701,7 @@ def test_vq_kernel_reads_the_codes_in_place(dim, rows):
 
 def test_vq_kernel_in_a_mixed_batch_and_bad_inputs():
     """Only the rows of the part's slot change; a wrong width, a bad row index and a strided output are named."""
-    part = _vq_delta(40, 96, 40, 8, seed=3).vq
-    x = rand_x(4, 3, 96)
-    rows = torch.tensor([1, 0, -1, 1], device=DEVICE)
-    y = torch.zeros(4, 3, 40, device=DEVICE)
-    K.vq_add_into(y, x, part, rows, slot=1)
-    assert_close(y, part.forward_delta(x) * (rows == 1).to(x.dtype).view(-1, 1, 1))
-    assert torch.count_nonzero(y[[1, 2]]) == 0
-    with pytest.raises(DeltaCoMeError, match=r"40x96 vector-quantized part got input \(4, 3, 95\)"):
-        K.vq_add_into(y, rand_x(4, 3, 95), part)
-    with pytest.raises(DeltaCoMeError, match="row_index"):
-        K.vq_add_into(y, x, part, rows[:3], slot=1)
-    with pytest.raises(DeltaCoMeError, match="contiguous"):
-        K.vq_add_into(y.transpose(0, 1), x.transpose(0, 1), part)
+    _check_mixed_batch_and_bad_inputs(K.vq_add_into, _vq_delta(40, 96, 40, 8, seed=3).vq, "vector-quantized")
 
 
 def test_an_adapter_of_vector_codes_gives_the_same_logits_on_the_kernels(monkeypatch):
