@@ -165,6 +165,9 @@ def test_other_methods_go_through_compress_within_budget(method):
     assert method != "dare" or unspent == 0 or full, (unspent, cfg.layout)
     assert method == "bitdelta" or unspent < max(record["unspent_before"], 1), record  # bands and DARE took it back
     assert model.peft_config["default"].compression_info["method"] == method
+    # the printed model names what each module stores (a DARE or sign module has no bands to list)
+    part = {"bitdelta": "SignPart(", "dare": "SparsePart("}.get(method, "bands=[(")
+    assert all(part in repr(layer.deltacome_delta["default"]) for layer in deltacome_layers(model).values())
     # one bit per weight recovers less than half the effect on 128-wide layers: its bound gets a wider margin
     margin = 0.75 if method == "bitdelta" else MARGIN
     assert_beats_baselines(model, ft, ref, random_ids(ref, 4, 32, seed=3), bound, margin=margin)

@@ -337,7 +337,10 @@ class PackedDelta(BlobStore, nn.Module):
         return self._buffers["blob"].device
 
     def extra_repr(self) -> str:
-        return f"{self.out_features}x{self.in_features}, bands={list(self.layout)}, format={self.format}"
+        """Shape, bands and every other part (a DARE-only module shows its `SparsePart`, not an empty list)."""
+        others = [*map(repr, self.sparse_bands), *map(repr, self.extra_parts)]
+        return ", ".join([f"{self.out_features}x{self.in_features}", f"bands={list(self.layout)}", *others,
+                          f"format={self.format}"])  # fmt: skip
 
 
 class TensorSpec(NamedTuple):
