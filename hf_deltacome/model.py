@@ -264,6 +264,16 @@ class DeltaCoMeModel(BaseTuner):
             if self.prefix not in name:
                 param.requires_grad = False
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **_: Any) -> None:
+        """Not offered (LoRA's combination of factors): a Delta-CoMe adapter is a quantized delta, and a weighted sum
+        of several is a new delta to compress, not a re-weighting of stored codes."""
+        raise NotImplementedError(
+            f"add_weighted_adapter({adapters!r} -> {adapter_name!r}) combines LoRA factors; Delta-CoMe adapters store "
+            "quantized deltas that cannot be re-weighted in place. Serve them side by side with adapter_names= (one "
+            "adapter per row of a batch), or merge one into the base (merge_and_unload(), `deltacome merge`) and "
+            "compress the combined fine-tune against the base."
+        )
+
     # -- saving and loading ----------------------------------------------------------------------------------
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:

@@ -120,6 +120,9 @@ def test_peft_load_adapter_of_a_second_adapter(folders):
     model.load_adapter(str(folders["good"]), adapter_name="second")
     model.set_adapter("second")
     torch.testing.assert_close(logits(model.eval(), IDS), _expected(folders))
+    # LoRA's weighted combination is refused by name (not an AttributeError from the wrapped transformers model)
+    with pytest.raises(NotImplementedError, match=r"add_weighted_adapter\(\['default', 'second'\] -> 'mix'\)"):
+        model.add_weighted_adapter(["default", "second"], [0.5, 0.5], "mix")
 
 
 # ------------------------------------------------------------------------------------------------------------
