@@ -217,6 +217,8 @@ def test_full_rank_vq_stores_the_mlp_as_vector_codes_and_loads_back_to_the_same_
         layout = model.peft_config["default"].layout
         mlp = [e for name, e in layout.items() if name.endswith(("gate_proj", "up_proj", "down_proj"))]
         assert mlp and all(("vq" in e) == (full_rank == "vq") and ("sparse" in e) != (full_rank == "vq") for e in mlp)
+        printed = repr(model)  # the printed model shows what the MLP stores, not an empty list of bands
+        assert printed.count("VectorPart(" if full_rank == "vq" else "SparsePart(") == len(mlp), printed
         want = logits(model, ids)
         model.save_pretrained(tmp_path / full_rank)
         loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / full_rank)
