@@ -412,3 +412,10 @@ def test_kernel_state_counts_the_bitmaps_the_dare_kernel_builds_beside_the_file(
         f"| {(held['file'] + held['bitmap'] + held['first']) / held['file']:.2f}x |")
     with pytest.raises(SystemExit, match=r"nowhere: not a saved adapter folder"):
         module.main([str(tmp_path / "nowhere")])
+
+
+def test_sampling_speed_refuses_bad_flags_before_any_model_loads():
+    module = benchmark("sampling_speed")
+    for argv in (["--num-samples", "0"], ["--seq-len", "1"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit, match="--num-samples and --repeats must be >= 1, --seq-len >= 2"):
+            module.main(argv)

@@ -12,10 +12,10 @@ from hf_deltacome.compression.calibration import (
     get_calibration,
     read_records,
     read_texts,
-    sample_from_model,
     tokenize_records,
     tokenize_texts,
 )
+from hf_deltacome.compression.sampling import sample_from_model
 from hf_deltacome.errors import CalibrationError
 
 TEXTS = [f"Sample number {i}: the quick brown fox jumps over the lazy dog." for i in range(40)]
@@ -217,3 +217,24 @@ def test_get_calibration_rejects_bad_tensors(tiny_llama):
         get_calibration(torch.full((2, 8), 300), tiny_llama)
     with pytest.raises(CalibrationError, match=r"token ids, got torch.float32"):
         get_calibration(torch.zeros(2, 8), tiny_llama)
+
+
+@pytest.mark.parametrize("candidates", [4, 8192])  # 4: the nucleus is wider than the ranked candidates
+def test_nucleus_sampling_draws_the_top_p_set_in_proportion(monkeypatch, candidates):
+    """What generate's top-p sampler would draw: the smallest most-probable set reaching top_p, in proportion to its
+    probabilities, never a token outside it; seeded, and the only finite score is the drawn token."""
+    from hf_deltacome.compression import sampling
+
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
+    probs = torch.tensor([0.30, 0.05, 0.20, 0.15, 0.10, 0.08, 0.07, 0.05])  # top-p 0.8: the 5 most probable
+    scores = probs.log().repeat(20000, 1) + 3.0  # logits up to a constant
+    sampler = sampling.NucleusSampling(0.8, 1.0, torch.Generator().manual_seed(0))
+    out = sampler(None, scores)
+    assert torch.isfinite(out).sum(-1).eq(1).all()
+    drawn = torch.bincount(out.argmax(-1), minlength=8).float() / 20000
+    nucleus = torch.tensor([0.30, 0, 0.20, 0.15, 0.10, 0.08, 0, 0])  # mass before 0.07 is 0.83 >= 0.8: out
+    torch.testing.assert_close(drawn, nucleus / nucleus.sum(), atol=0.012, rtol=0)
+    again = sampling.NucleusSampling(0.8, 1.0, torch.Generator().manual_seed(0))(None, scores)
+    assert torch.equal(out, again)
+    with pytest.raises(CalibrationError, match="top_p"):
+        sampling.NucleusSampling(0.0, 1.0, torch.Generator())

@@ -31,24 +31,10 @@ from typing import Any, Union
 import torch
 
 from ..errors import CalibrationError
-from ..progress import progress_bar
+from .sampling import check_sizes, sample_from_model
 
 DEFAULT_NUM_SAMPLES = 32
 DEFAULT_SEQ_LEN = 256
-GENERATION_BATCH_SIZE = 16
-
-# Generic prompts for self-generated calibration text: varied registers so the activations are not one-topic.
-GENERIC_PROMPTS = (
-    "Tell me something interesting about the history of science.",
-    "Write a short story about a journey.",
-    "Explain step by step how to solve a math word problem.",
-    "Write a Python function and explain how it works.",
-    "What are the pros and cons of living in a big city?",
-    "Summarize the main ideas of a famous book.",
-    "Give me some practical advice for learning a new language.",
-    "Describe how the human body fights an infection.",
-)
-
 CalibrationSource = Union[None, str, os.PathLike, Sequence[Union[str, dict]], torch.Tensor]
 Record = Union[str, tuple[str, str]]  # a text, or (prompt, response): the text is their concatenation
 
@@ -261,127 +247,6 @@ def tokenize_records(
         return chunks, mask
     pick = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
     return chunks[pick], mask[pick] if mask is not None else None
-
-
-def check_sizes(num_samples: int, seq_len: int) -> None:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise CalibrationError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise CalibrationError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-
-
-# ---------------------------------------------------------------------------------------------- self-sampling
-
-
-def _prompt_ids(model: Any, tokenizer: Any, seq_len: int) -> list[list[int]]:
-    """Token ids of the generation prompts: chat-templated generic prompts, else BOS (else token 0)."""
-    prompts: list[list[int]] = []
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        for p in GENERIC_PROMPTS:
-            try:
-                ids = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
-                )
-            except Exception:
-                continue
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            if ids and isinstance(ids[0], list):
-                ids = ids[0]
-            ids = [int(i) for i in ids]
-            if 0 < len(ids) < seq_len // 2:
-                prompts.append(ids)
-    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-    if bos is None:
-        bos = getattr(getattr(model, "config", None), "bos_token_id", None)
-    if isinstance(bos, (list, tuple)):
-        bos = bos[0] if bos else None
-    # also sample from a bare BOS: free-running text, not only chat answers
-    prompts.append([int(bos) if bos is not None else 0])
-    return prompts
-
-
-@torch.no_grad()
-def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id rows as one left-padded batch: ``(input_ids, attention_mask)``, both ``(len(rows), longest)``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-def sample_from_model(
-    model: Any,
-    tokenizer: Any = None,
-    num_samples: int = DEFAULT_NUM_SAMPLES,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    seed: int = 0,
-    temperature: float = 1.0,
-    top_p: float = 0.95,
-    batch_size: int = GENERATION_BATCH_SIZE,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Let ``model`` (the fine-tune) write ``num_samples`` sequences of ``seq_len`` tokens (seeded sampling).
-
-    Rows cycle through chat-templated generic requests and a bare BOS (a batch mixes them, left-padded); EOS is
-    suppressed so every sequence runs to full length. The global RNG state is left as it was. ``progress`` shows a
-    bar over the sequences (generation is the slow part of a default, data-free compression on a CPU).
-    """
-    check_sizes(num_samples, seq_len)
-    if not hasattr(model, "generate"):
-        raise CalibrationError(
-            f"cannot sample calibration text from a {type(model).__name__} (no generate()); pass calibration="
-        )
-    prompts = _prompt_ids(model, tokenizer, seq_len)
-    device = next(model.parameters()).device
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if pad is None:
-        pad = eos if not isinstance(eos, (list, tuple)) else (eos[0] if eos else 0)
-    if pad is None:
-        pad = 0
-    was_training = model.training
-    model.eval()
-    # row i gets prompt i mod P; a batch mixes prompts, left-padded, so every prompt is used at any batch size
-    rows = [prompts[i % len(prompts)] for i in range(num_samples)]
-    out: list[torch.Tensor] = []
-    bar = progress_bar(num_samples, progress, "Sampling calibration text", unit="seq")
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for start in range(0, num_samples, batch_size):
-                batch = rows[start : start + batch_size]
-                width = max(len(p) for p in batch)
-                ids, mask = left_pad(batch, int(pad))
-                new = seq_len - min(len(p) for p in batch)  # the shortest prompt still reaches seq_len
-                gen = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    do_sample=True,
-                    temperature=temperature,
-                    top_p=top_p,
-                    top_k=0,
-                    max_new_tokens=new,
-                    min_new_tokens=new,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                ).cpu()
-                if gen.shape[1] < width + new:  # generate stopped early (min_new_tokens should prevent it)
-                    raise CalibrationError(
-                        f"the model generated {gen.shape[1] - width} new tokens, expected {new}; pass calibration="
-                    )
-                for i, p in enumerate(batch):
-                    out.append(gen[i, width - len(p) :][:seq_len])
-                bar.update(len(batch))
-    finally:
-        bar.close()
-        model.train(was_training)
-    return torch.stack(out)
 
 
 def generic_texts() -> list[str]:

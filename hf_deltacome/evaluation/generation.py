@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..compression.calibration import left_pad
+from ..compression.sampling import left_pad
 from ..errors import ConfigError
 from ..progress import progress_bar
 

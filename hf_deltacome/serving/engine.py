@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..compression.calibration import left_pad
+from ..compression.sampling import left_pad
 from ..errors import ConfigError, EngineClosedError, UnknownAdapterError
 from ..layer import BASE_ADAPTER_NAME
 from .kvbatch import RunningBatch, cache_argument, crop, join, joinable, keep_rows, select_rows
