@@ -228,13 +228,13 @@ def test_nucleus_sampling_draws_the_top_p_set_in_proportion(monkeypatch, candida
     monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
     probs = torch.tensor([0.30, 0.05, 0.20, 0.15, 0.10, 0.08, 0.07, 0.05])  # top-p 0.8: the 5 most probable
     scores = probs.log().repeat(20000, 1) + 3.0  # logits up to a constant
-    sampler = sampling.NucleusSampling(0.8, 1.0, torch.Generator().manual_seed(0))
+    sampler = sampling.NucleusSampling(0.8, 1.0, seed=0)
     out = sampler(None, scores)
     assert torch.isfinite(out).sum(-1).eq(1).all()
     drawn = torch.bincount(out.argmax(-1), minlength=8).float() / 20000
     nucleus = torch.tensor([0.30, 0, 0.20, 0.15, 0.10, 0.08, 0, 0])  # mass before 0.07 is 0.83 >= 0.8: out
     torch.testing.assert_close(drawn, nucleus / nucleus.sum(), atol=0.012, rtol=0)
-    again = sampling.NucleusSampling(0.8, 1.0, torch.Generator().manual_seed(0))(None, scores)
+    again = sampling.NucleusSampling(0.8, 1.0, seed=0)(None, scores)
     assert torch.equal(out, again)
     with pytest.raises(CalibrationError, match="top_p"):
-        sampling.NucleusSampling(0.0, 1.0, torch.Generator())
+        sampling.NucleusSampling(0.0, 1.0, seed=0)

@@ -38,14 +38,15 @@ NUCLEUS_CANDIDATES = 8192  # tokens ranked a step; a row whose nucleus is wider 
 class NucleusSampling:
     """Top-p sampling as a ``generate`` logits processor for greedy search (``do_sample=False``): each step keeps
     the smallest set of most probable tokens whose probability reaches ``top_p`` (as transformers' top-p warper
-    keeps it), draws one of them in proportion to its probability (Gumbel-max over ``generator``'s draws) and leaves
+    keeps it), draws one of them in proportion to its probability (Gumbel-max, a generator seeded with ``seed``) and leaves
     only that token finite, so greedy search takes it. Only the top `NUCLEUS_CANDIDATES` tokens are ranked unless
     the nucleus is wider."""
 
-    def __init__(self, top_p: float, temperature: float, generator: torch.Generator) -> None:
+    def __init__(self, top_p: float, temperature: float, seed: int) -> None:
         if not 0.0 < top_p <= 1.0 or not temperature > 0.0:
             raise CalibrationError(f"sampling needs 0 < top_p <= 1 and temperature > 0, got {top_p}, {temperature}")
-        self.top_p, self.temperature, self.generator = top_p, temperature, generator
+        self.top_p, self.temperature, self.seed = top_p, temperature, int(seed)
+        self.generator: torch.Generator | None = None  # made on the logits' device (the last layer's, under a map)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
@@ -54,6 +55,8 @@ class NucleusSampling:
             top, index = logp.sort(dim=-1, descending=True)
         p = top.exp()
         inside = (p.cumsum(-1) - p) < self.top_p  # the mass before a token is under top_p: the first always is
+        if self.generator is None or self.generator.device != top.device:
+            self.generator = torch.Generator(device=top.device).manual_seed(self.seed)
         u = torch.rand(top.shape, generator=self.generator, device=top.device).clamp_(min=1e-20)
         pick = torch.where(inside, top - torch.log(-torch.log(u)), float("-inf")).argmax(-1, keepdim=True)
         out = torch.full_like(scores, float("-inf"))
@@ -148,7 +151,7 @@ def sample_from_model(
     # row i gets prompt i mod P; a batch mixes prompts, left-padded, so every prompt is used at any batch size
     rows = [prompts[i % len(prompts)] for i in range(num_samples)]
     out: list[torch.Tensor] = []
-    sampler = NucleusSampling(top_p, temperature, torch.Generator(device=device).manual_seed(seed))
+    sampler = NucleusSampling(top_p, temperature, seed)
     bar = progress_bar(num_samples, progress, "Sampling calibration text", unit="seq")
     try:
         for start in range(0, num_samples, batch_size):
