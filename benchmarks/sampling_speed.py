@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-def generate_sampled(model: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+def generate_sampled(model: Any, tokenizer: Any, num_samples: int, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
     """The same batches as `sample_from_model`, drawn by ``generate``'s own top-p sampler (the global RNG)."""
     from hf_deltacome.compression.sampling import GENERATION_BATCH_SIZE, _prompt_ids, left_pad
 
