@@ -9,7 +9,7 @@ Sources (``calibration=`` of :func:`hf_deltacome.compress`):
   template when it has one);
 * a ready ``(num_samples, seq_len)`` tensor of token ids;
 * ``None``: the fine-tuned model writes its own calibration text (seeded sampling from a few generic chat prompts
-  or from BOS), so compression needs no data set and the activations look like what the fine-tune produces; a
+  or from BOS: :mod:`.sampling`), so compression needs no data set and the activations look like what the fine-tune produces; a
   streamed compression (no whole model to generate with) reads the built-in generic text (:func:`generic_texts`).
 
 The result is always a ``(num_samples, seq_len)`` LongTensor of full-length sequences (no padding), so the decoder
