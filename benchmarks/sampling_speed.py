@@ -10,8 +10,8 @@ in batches of 16 (what compress ran before `NucleusSampling`: it sorts the whole
 ``multinomial`` each step), greedy search over what `NucleusSampling` leaves (top-k candidates, Gumbel-max) in
 batches of 16, and the same in batches of ``GENERATION_BATCH_SIZE`` (what compress runs). They run in turn,
 ``--repeats`` times each, on the threads torch has; the table gives each one's best time and its ratio to the
-first. ``--model``
-defaults to the quickstart's fine-tune (SmolLM2-135M-Instruct on ``dates``, built and cached by ``examples/zoo``).
+first. ``--model`` defaults to the quickstart's fine-tune (SmolLM2-135M-Instruct on ``dates``, built and cached by
+``examples/zoo``).
 """
 
 from __future__ import annotations

@@ -238,3 +238,14 @@ def test_nucleus_sampling_draws_the_top_p_set_in_proportion(monkeypatch, candida
     assert torch.equal(out, again)
     with pytest.raises(CalibrationError, match="top_p"):
         sampling.NucleusSampling(0.0, 1.0, seed=0)
+
+
+def test_nucleus_sampling_keeps_the_set_transformers_top_p_warper_keeps():
+    from transformers import TopPLogitsWarper
+
+    from hf_deltacome.compression.sampling import NucleusSampling
+
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(5)) * 1.5
+    kept = set(torch.isfinite(TopPLogitsWarper(0.9)(None, logits.clone())).nonzero()[:, 1].tolist())
+    drawn = NucleusSampling(0.9, 1.0, seed=1)(None, logits.repeat(20000, 1)).argmax(-1)
+    assert set(drawn.tolist()) == kept and 1 < len(kept) < 40  # every token of the nucleus, nothing else
