@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.num_samples < 1 or args.seq_len < 2 or args.repeats < 1:
         raise SystemExit("--num-samples and --repeats must be >= 1, --seq-len >= 2")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"--model {args.model}: not a saved model folder (no config.json)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_deltacome.compression.sampling import GENERATION_BATCH_SIZE, sample_from_model

@@ -419,3 +419,5 @@ def test_sampling_speed_refuses_bad_flags_before_any_model_loads():
     for argv in (["--num-samples", "0"], ["--seq-len", "1"], ["--repeats", "0"]):
         with pytest.raises(SystemExit, match="--num-samples and --repeats must be >= 1, --seq-len >= 2"):
             module.main(argv)
+    with pytest.raises(SystemExit, match=r"--model .*nowhere: not a saved model folder"):
+        module.main(["--model", "/nowhere"])

@@ -17,7 +17,7 @@ import torch
 from ..errors import CalibrationError
 from ..progress import progress_bar
 
-GENERATION_BATCH_SIZE = 32  # sequences a generate call: the default 32 in one (0.70x the time of two 16s on SmolLM2
+GENERATION_BATCH_SIZE = 32  # sequences a generate call: the default 32 in one (0.72x the time of two 16s on SmolLM2
 # on a CPU, the per-step cost of generate and of small products amortised; benchmarks/sampling_speed.py)
 
 # Generic prompts for self-generated calibration text: varied registers so the activations are not one-topic.
