@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import math
 import os
 import statistics
@@ -41,7 +42,6 @@ os.environ["DELTACOME_BACKEND"] = "triton"
 import torch.nn.functional as F  # noqa: E402
 from hf_deltacome.kernels import base_plus_delta, delta_forward, delta_forward_mixed, plan_for  # noqa: E402
 from hf_deltacome.kernels import triton_delta as TD  # noqa: E402
-from hf_deltacome.kernels import triton_sparse as TS  # noqa: E402
 
 import hf_deltacome  # noqa: E402,F401  (registers the PEFT method)
 from hf_deltacome.backend import dequant_cache, torch_delta_forward  # noqa: E402
@@ -313,20 +313,22 @@ def bench_layer(m: int, n: int, tokens_list: list[int], dtype: torch.dtype, devi
 
 
 @functools.cache  # every decode model of a run lays out the same modules: their masks drawn once
-def dare_entry(m: int, n: int, budget_share: float, seed: int) -> dict:
-    """A uniform 2-bit DARE part's layout entry that fills ``budget_share`` of a module's budget at the ratio."""
+def dare_entry(m: int, n: int, budget_share: float, seed: int, draws: str = "hash") -> dict:
+    """A uniform 2-bit DARE part's layout entry that fills ``budget_share`` of a module's budget at the ratio, its
+    mask drawn by the hash (what `compress` writes since format 5: the kernel replays it) or by the CPU generator
+    (older files: the kernel reads it as a bitmap)."""
     from hf_deltacome.format.baseline_parts import sparse_mask
 
     bits_per_value = 2 + 8 * 3 / GROUP  # codes, and a float16 scale and uint8 zero per group
     keep = min(0.9, 2 * RATIO * budget_share * 8 / bits_per_value)
-    nnz = int(sparse_mask(m, n, keep, seed).sum())
-    return {"nnz": nnz, "keep": keep, "seed": seed, "bits": 2, "group_size": GROUP}
+    nnz = int(sparse_mask(m, n, keep, seed, draws=draws).sum())
+    return {"nnz": nnz, "keep": keep, "seed": seed, "bits": 2, "group_size": GROUP, "draws": draws}
 
 
-def residual_delta(m: int, n: int, device, seed: int = 0) -> PackedDelta:
+def residual_delta(m: int, n: int, device, seed: int = 0, draws: str = "hash") -> PackedDelta:
     """Bands in half the ratio's budget and a uniform 2-bit DARE part in the other half, random values."""
     bands = [b for b in solve_ranks(m, n, RATIO / 2, DEFAULT_BANDS, GROUP) if b[1] > 0]
-    return random_delta(m, n, bands, device, seed=seed, sparse=dict(dare_entry(m, n, 0.5, 1000 + seed)))
+    return random_delta(m, n, bands, device, seed=seed, sparse=dict(dare_entry(m, n, 0.5, 1000 + seed, draws)))
 
 
 def _time_maybe_graphed(fns: list[Callable[[], object]]) -> tuple[float, bool]:
@@ -362,12 +364,12 @@ def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype,
     kernel) against the PyTorch path with and without its dequantized-factor cache, and the memory each holds
     beside the packed file."""
     lines = []
-    for m, n in shapes:
-        proto = residual_delta(m, n, device)
+    for (m, n), draws in itertools.product(shapes, ("hash", "generator")):
+        proto = residual_delta(m, n, device, draws=draws)
         part = proto.sparse
         csr_bytes = part.nnz * 8 + (m + 1) * 4 if part.keep <= 0.3 else m * n * 4
-        bitmap_bytes = m * (-(-n // 32) * 4 + -(-n // TS.OFFSET_BLOCK) * 4)
-        deltas = [proto] + [residual_delta(m, n, device, seed=i) for i in range(1, min(8, copies_for(csr_bytes)))]
+        state_bytes = m * 4 + (0 if draws == "hash" else m * -(-n // 32) * 4)  # first indices (+ the bitmap)
+        deltas = [proto] + [residual_delta(m, n, device, i, draws) for i in range(1, min(8, copies_for(csr_bytes)))]
         factor_bytes = proto.rank * (m + n) * torch.finfo(dtype).bits // 8
         for T in tokens_list:
             x = torch.randn(T, n, device=device, dtype=dtype)
@@ -375,23 +377,26 @@ def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype,
             with dequant_cache.suspended():
                 cold_t, _ = _time_maybe_graphed([lambda x=x, d=d: torch_delta_forward(x, d) for d in deltas[:2]])
             lines.append(
-                f"| {m}x{n} | {proto.rank} + DARE keep {part.keep:.3f} | {T} | {ours_t * 1e6:.1f}"
+                f"| {m}x{n} | {proto.rank} + DARE keep {part.keep:.3f}, {'hashed' if draws == 'hash' else 'bitmap'} "
+                f"| {T} | {ours_t * 1e6:.1f}"
                 f"{'' if graphed else ' (eager)'} | {cached_t * 1e6:.1f} | {cold_t * 1e6:.1f} | "
-                f"{proto.nbytes() / 2**20:.2f} | {bitmap_bytes / 2**20:.1f} | {csr_bytes / 2**20:.1f} | "
+                f"{proto.nbytes() / 2**20:.2f} | {state_bytes / 2**10:,.1f} | {csr_bytes / 2**20:.1f} | "
                 f"{factor_bytes / 2**20:.1f} | {err:.1e} |"
             )
             print(f"  residual {m}x{n} T={T}: kernels {ours_t * 1e6:.1f} us", flush=True)
     head = [
         "",
         f"A delta with a DARE residual (bands in half of 1/{round(1 / RATIO)}, 2-bit DARE values in the other half): "
-        "*kernels* = `backend.delta_forward` (the bands' kernels, then the DARE kernel: values packed, mask as a "
-        "bitmap; '(eager)' where the call could not be captured in a CUDA graph), *PyTorch, cached factors* / "
+        "*kernels* = `backend.delta_forward` (the bands' kernels, then the DARE kernel: values packed, the mask "
+        "hashed in the kernel (format 5, *hashed*) or read as a bitmap (an older file's CPU generator draws, "
+        "*bitmap*); '(eager)' where the call could not be captured in a CUDA graph), *PyTorch, cached factors* / "
         "*dequantize per call* = the PyTorch path with and without `dequant_cache`; memory beside the packed file: "
-        "the DARE kernel's bitmap and first-value indices, the PyTorch path's CSR copy of the DARE part, and the "
+        "the DARE kernel's mask state (each row's first value index, and the bitmap), the PyTorch path's CSR copy of "
+        "the DARE part, and the "
         "float factors its cache adds.",
         "",
         "| layer | rank + residual | tokens | kernels µs | PyTorch, cached factors µs | PyTorch, dequantize per call µs "
-        "| packed MiB | bitmap MiB (kernels) | CSR MiB (PyTorch) | cached factors MiB (PyTorch) | max rel err |",
+        "| packed MiB | mask state KiB (kernels) | CSR MiB (PyTorch) | cached factors MiB (PyTorch) | max rel err |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     return head + lines
@@ -482,7 +487,8 @@ def decode_model(n_layers: int, n_adapters: int, device, dtype, tiny: bool, layo
             m, n = mod.weight.shape
             entry = {"shape": [m, n], "group_size": GROUP, "bias": False, "format": 2}
             if layout_kind == "default" and ".mlp." in name:  # what `deltacome compress` writes: the MLP as DARE
-                layout[name] = {**entry, "bands": [], "sparse": dict(dare_entry(m, n, 1.0, 2000 + len(layout)))}
+                sparse = dict(dare_entry(m, n, 1.0, 2000 + len(layout)))
+                layout[name] = {**entry, "format": 5, "bands": [], "sparse": sparse}
             else:
                 layout[name] = {**entry, "bands": [list(b) for b in solve_ranks(m, n, RATIO, DEFAULT_BANDS, GROUP)]}
     peft = get_peft_model(model, DeltaCoMeConfig(layout=layout, target_modules=list(layout)), adapter_name="a0")

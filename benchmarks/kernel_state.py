@@ -3,10 +3,11 @@
 
     python benchmarks/kernel_state.py ADAPTER [ADAPTER ...] [--markdown FILE]
 
-The kernels read the bands' codes, the DARE values and the vector codes in place, but a DARE part's mask is drawn by
-the CPU generator from its seed, which a kernel cannot replay: ``hf_deltacome.kernels`` draws it once per part and
-device and keeps it as a bitmap (one bit a weight) with the index of each row's first kept value per 128 columns
-(`kernels/triton_sparse.py`); a vector-code part keeps its two rotations' float32 factors. This reads each adapter
+The kernels read the bands' codes, the DARE values and the vector codes in place. A DARE part's kernel keeps the
+index of each row's first kept value (int32 a row), and where it cannot replay the mask itself (an older file's CPU
+generator draws, or importance rates) the mask as a bitmap too, one bit a weight (`kernels/triton_sparse.py`;
+format 5 hashes the draws so that the kernel replays them: `format/draws.py`); a vector-code part keeps its two
+rotations' float32 factors. This reads each adapter
 folder without a model (`hf_deltacome.io.adapter_files.read_adapter`), builds exactly those tensors for every part
 with the kernels' own builders (on the CPU: the same shapes and dtypes as on the GPU) and sums their bytes: a served
 adapter takes its file's bytes plus these on the device.
@@ -28,7 +29,7 @@ MB = 1e6
 
 def held_bytes(folder: Path) -> dict:
     """The adapter's file bytes and what the kernel path builds beside them, by kind."""
-    from hf_deltacome.kernels.triton_sparse import _build_bitmap
+    from hf_deltacome.kernels.triton_sparse import build_mask_state
 
     from hf_deltacome.format.baseline_parts import SparsePart
     from hf_deltacome.format.vq_part import VectorPart
@@ -36,16 +37,16 @@ def held_bytes(folder: Path) -> dict:
 
     config, state = read_adapter(folder)
     cpu = torch.device("cpu")
-    out = {"file": (folder / "adapter_model.safetensors").stat().st_size, "bitmap": 0, "first": 0, "vq_rot": 0,
+    out = {"file": (folder / "adapter_model.safetensors").stat().st_size, "bitmap": 0, "starts": 0, "vq_rot": 0,
            "dare_parts": 0, "dare_weights": 0, "weights": 0, "ratio": config.ratio}  # fmt: skip
     for module in config.layout:
         delta = packed_delta(config, state, module)
         out["weights"] += delta.out_features * delta.in_features
         for part in delta.extra_parts:
             if isinstance(part, SparsePart):
-                words, first = _build_bitmap(part, cpu)
-                out["bitmap"] += words.numel() * words.element_size()
-                out["first"] += first.numel() * first.element_size()
+                words, starts = build_mask_state(part, cpu)
+                out["bitmap"] += 0 if words is None else words.numel() * words.element_size()
+                out["starts"] += starts.numel() * starts.element_size()
                 out["dare_parts"] += 1
                 out["dare_weights"] += part.out_features * part.in_features
             elif isinstance(part, VectorPart):
@@ -63,14 +64,14 @@ def main(argv: list[str] | None = None) -> None:
         if not (f / "adapter_model.safetensors").is_file() or not (f / "adapter_config.json").is_file():
             raise SystemExit(f"{f}: not a saved adapter folder (adapter_model.safetensors and adapter_config.json)")
     sys.path.insert(0, str(ROOT))
-    rows = ["| adapter | ratio | DARE parts (share of weights) | file | bitmaps | first-value indices | vq rotations "
+    rows = ["| adapter | ratio | DARE parts (share of weights) | file | bitmaps | row start indices | vq rotations "
             "| held beside the file | (file + held) / file |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for f in folders:
         r = held_bytes(f)
-        held = r["bitmap"] + r["first"] + r["vq_rot"]
+        held = r["bitmap"] + r["starts"] + r["vq_rot"]
         ratio = f"1/{round(1 / r['ratio'])}" if r["ratio"] < 1 else str(r["ratio"])
         rows.append(f"| {f.name} | {ratio} | {r['dare_parts']} ({r['dare_weights'] / r['weights']:.0%}) "
-                    f"| {r['file'] / MB:,.2f} MB | {r['bitmap'] / MB:,.2f} MB | {r['first'] / MB:,.2f} MB "
+                    f"| {r['file'] / MB:,.2f} MB | {r['bitmap'] / MB:,.2f} MB | {r['starts'] / MB:,.3f} MB "
                     f"| {r['vq_rot'] / MB:,.3f} MB | {held / MB:,.2f} MB | {(r['file'] + held) / r['file']:.2f}x |")
         print(json.dumps({"adapter": f.name, **r}), file=sys.stderr)
     table = "\n".join(rows)

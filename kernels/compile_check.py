@@ -74,7 +74,7 @@ _SPARSE_SIG = dict(
     y_ptr=None,
     row_ad_ptr="*i32",
     bm_ptr="*i32",
-    off_ptr="*i32",
+    start_ptr="*i32",
     q_ptr="*i32",
     hi_ptr="*i32",
     sc_ptr="*fp16",
@@ -87,8 +87,9 @@ _SPARSE_SIG = dict(
     stride_xt="i32",
     stride_yt="i32",
     bm_stride="i32",
-    off_stride="i32",
     group="i32",
+    seed="i32",
+    cut="i32",
 )
 # the DARE kernel's tiles as `triton_sparse.sparse_add_into` launches them: one token, a decode block, prefill
 _SPARSE_TILES = (dict(BT=1, BM=16, BK=256), dict(BT=16, BM=32, BK=128), dict(BT=32, BM=32, BK=128))
@@ -100,10 +101,11 @@ def _compile_part_kernel(fn, sig: dict, constexprs: dict, arch: int):
     return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
 
 
-def compile_sparse(compute, bits: int, tile: dict, arch: int):
-    """Compile the DARE kernel for ``sm_<arch>`` at ``bits``-bit values and one tile."""
+def compile_sparse(compute, bits: int, tile: dict, arch: int, hashed: bool = True):
+    """Compile the DARE kernel for ``sm_<arch>`` at ``bits``-bit values and one tile, its mask hashed in the kernel
+    (format 5) or read as a bitmap."""
     sig = dict(_SPARSE_SIG, x_ptr=_PTR[compute], y_ptr=_PTR[compute])
-    constexprs = {"BITS": bits, "COMPUTE": compute, "OFFB": TS.OFFSET_BLOCK, **tile}
+    constexprs = {"HASHED": hashed, "BITS": bits, "COMPUTE": compute, **tile}
     return _compile_part_kernel(TS._sparse_kernel, sig, constexprs, arch)
 
 
@@ -204,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                     failures += _report(label, partial(compile_one, kind, cfg, compute, consts, args.arch), args.arch)
         for bits in TS.SPARSE_BITS:
             for tile in _SPARSE_TILES if not args.quick else _SPARSE_TILES[:2]:
-                label = f"sparse  {str(compute):8s} bits={bits} {tile} w4"
-                failures += _report(label, partial(compile_sparse, compute, bits, tile, args.arch), args.arch)
+                for hashed in (True, False):
+                    label = f"sparse  {str(compute):8s} bits={bits} {tile} {'hash' if hashed else 'bitmap'} w4"
+                    build = partial(compile_sparse, compute, bits, tile, args.arch, hashed)
+                    failures += _report(label, build, args.arch)
         for tile in _VQ_TILES if not args.quick else _VQ_TILES[:2]:
             label = f"vq      {str(compute):8s} {tile} w4"
             failures += _report(label, partial(compile_vq, compute, tile, args.arch), args.arch)

@@ -386,9 +386,10 @@ def test_every_quality_variant_is_a_valid_config_and_the_defaults_variants_keep_
     assert quality.variant_config("deltacome-down-dare-uniform", 1 / 32).dare_modules == ["down_proj"]
 
 
-def test_kernel_state_counts_the_bitmaps_the_dare_kernel_builds_beside_the_file(tmp_path, capsys):
-    """The bytes the Triton path holds beside a default adapter's file: one bitmap word per 32 weights and one index
-    per 128 columns of every DARE part (the kernels' own builders), none for the bands; a bad folder is named."""
+def test_kernel_state_counts_what_the_dare_kernel_builds_beside_the_file(tmp_path, capsys):
+    """The bytes the Triton path holds beside a default adapter's file: one index per row of every DARE part and no
+    bitmap (format 5: the kernel hashes the mask), none for the bands; importance-rated parts, whose mask the kernel
+    does not replay, add one bitmap word per 32 weights (the kernels' own builders); a bad folder is named."""
     import copy
 
     from tiny_models import make_finetune, make_model, random_ids
@@ -403,13 +404,17 @@ def test_kernel_state_counts_the_bitmaps_the_dare_kernel_builds_beside_the_file(
     dare = [e["shape"] for e in model.peft_config["default"].layout.values() if e.get("sparse")]
     assert dare  # the default stores the MLP as DARE
     held = module.held_bytes(tmp_path / "a")
-    assert held["bitmap"] == sum(m * -(-n // 32) * 4 for m, n in dare)
-    assert held["first"] == sum(m * -(-n // 128) * 4 for m, n in dare) and held["vq_rot"] == 0
+    assert held["bitmap"] == 0 and held["starts"] == sum(m * 4 for m, _ in dare) and held["vq_rot"] == 0
     assert held["file"] == (tmp_path / "a" / "adapter_model.safetensors").stat().st_size
     module.main([str(tmp_path / "a")])
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.startswith(f"| a | 1/8 | {len(dare)} (") and row.endswith(
-        f"| {(held['file'] + held['bitmap'] + held['first']) / held['file']:.2f}x |")
+        f"| {(held['file'] + held['starts']) / held['file']:.2f}x |")
+    rated = compress(copy.deepcopy(base), make_finetune(base),
+                     DeltaCoMeConfig(ratio=1 / 8, method="dare", dare_rates="importance"), progress=False)  # fmt: skip
+    rated.save_pretrained(tmp_path / "r")
+    shapes = [e["shape"] for e in rated.peft_config["default"].layout.values() if e.get("sparse")]
+    assert module.held_bytes(tmp_path / "r")["bitmap"] == sum(m * -(-n // 32) * 4 for m, n in shapes) > 0
     with pytest.raises(SystemExit, match=r"nowhere: not a saved adapter folder"):
         module.main([str(tmp_path / "nowhere")])
 

@@ -51,7 +51,7 @@ def test_codes_pack_two_to_a_byte_and_map_to_factors():
 def test_the_plan_pays_for_the_codes_and_the_loader_allocates_exactly_that():
     m, n, ratio = 96, 160, 1 / 16
     uniform, rated = plan_entry("l.q", m, n, ratio, dare("uniform")), plan_entry("l.q", m, n, ratio, dare("importance"))
-    assert rated["format"] == 3 and uniform["format"] == 2 and rated["sparse"]["rates"] == "importance"
+    assert rated["format"] == uniform["format"] == 5 and rated["sparse"]["rates"] == "importance"  # hashed draws
     assert entry_nbytes(rated) <= budget_bytes(m, n, ratio) and PackedDelta.from_layout(rated).nbytes() == entry_nbytes(rated)
     # the codes (one nibble per row and column) and the threshold cost values
     assert rated["sparse"]["nnz"] < uniform["sparse"]["nnz"] + 4 * ((m + n) // 2 + 4)
@@ -109,11 +109,17 @@ def test_the_stored_rates_and_threshold_rebuild_the_mask_and_a_tampered_threshol
         part.mask()
 
 
-def test_a_rated_part_needs_format_3_and_a_known_rates_value():
+def test_rated_and_hashed_parts_need_their_formats_and_known_values():
     entry = plan_entry("layers.0.q", 96, 160, 1 / 16, dare("importance", 1 / 16))
     check_layout_entry("layers.0.q", {**entry}, 32)
     with pytest.raises(ConfigError, match="module 'layers.0.q': an importance-rated 'sparse' part needs format 3, the entry says 2"):
         check_layout_entry("layers.0.q", {**entry, "format": 2}, 32)
+    with pytest.raises(ConfigError, match="module 'layers.0.q': a 'sparse' part with hashed draws needs format 5, the entry says 4"):
+        check_layout_entry("layers.0.q", {**entry, "format": 4}, 32)
+    with pytest.raises(ConfigError, match=r"optional 'draws': one of \('generator', 'hash'\)"):
+        check_layout_entry("layers.0.q", {**entry, "sparse": {**entry["sparse"], "draws": "philox"}}, 32)
+    with pytest.raises(ConfigError, match="a hashed seed under 2\\^32"):
+        check_layout_entry("layers.0.q", {**entry, "sparse": {**entry["sparse"], "seed": 2**32}}, 32)
     with pytest.raises(ConfigError, match="module 'layers.0.q': 'sparse' must be .*optional 'rates': 'importance'"):
         check_layout_entry("layers.0.q", {**entry, "sparse": {**entry["sparse"], "rates": "magnitude"}}, 32)
     with pytest.raises(ConfigError, match="dare_rates must be null or one of"):

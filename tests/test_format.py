@@ -41,6 +41,21 @@ def test_format1_adapter_still_loads_and_gives_its_logits():
     assert summarize_adapter(DATA / "v1_adapter").formats == (1,)
 
 
+def test_dare_adapter_of_generator_draws_still_loads_and_gives_its_logits():
+    """``tests/data/v4_dare_adapter``: the default (the MLP as 2-bit DARE) at 1/8 on a tiny Llama, written before the
+    DARE masks' draws were hashed (format 5): its parts still draw from the CPU generator and give the logits it gave
+    (``make_model("llama", seed=11)``, ``make_finetune(base, seed=11)``, calibration ``random_ids(base, 8, 32, 12)``)."""
+    ref = load_file(str(DATA / "v4_dare_adapter_logits.safetensors"))
+    layout = json.loads((DATA / "v4_dare_adapter" / "adapter_config.json").read_text())["layout"]
+    assert all("draws" not in e["sparse"] for e in layout.values() if e.get("sparse"))
+    model = PeftModel.from_pretrained(make_model("llama", seed=11), str(DATA / "v4_dare_adapter"))
+    parts = [m.deltacome_delta["default"].sparse for m in model.modules() if hasattr(m, "deltacome_delta")]
+    assert {p.draws for p in parts if p is not None} == {"generator"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ref["input_ids"]).logits, ref["logits"], rtol=0, atol=1e-5)
+    assert summarize_adapter(DATA / "v4_dare_adapter").formats == (2,)
+
+
 @pytest.fixture(scope="module")
 def wide_pair():
     base = make_model("llama", seed=3, **WIDE)

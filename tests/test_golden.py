@@ -4,7 +4,7 @@
 of what ``compress`` + ``save_pretrained`` write (the package reorganisation was checked this way). A deliberate
 format or algorithm change rewrites the file and says so in its commit (last: packed format 2 and the whole-file
 budget; then DARE's values on a clipped grid; then DARE parts spending what every module leaves unspent; then the
-default's MLP as DARE, whose earlier bytes the bands cases keep; then that DARE at uniform rates). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
+default's MLP as DARE, whose earlier bytes the bands cases keep; then that DARE at uniform rates; then DARE masks drawn by a hash, format 5). Hashes cover ``adapter_model.safetensors`` whole and the ``layout`` of
 ``adapter_config.json`` (the rest of the config records timings and versions).
 
 Each case holds a list of hash sets, one per kind of CPU it was recorded on: LAPACK's SVD and the BLAS kernels

@@ -51,7 +51,7 @@ def test_uniform_dare_fills_the_budget_not_a_bernoulli_counts_scatter(shape, rat
         sparse = dare_plan(name, m, n, ratio, 2, 32)
         budget = budget_bytes(m, n, ratio)
         cap = dare_values(budget, 2, 32, m * n)
-        assert sparse["nnz"] == cap == int(sparse_mask(m, n, sparse["keep"], sparse["seed"]).sum())
+        assert sparse["nnz"] == cap == int(sparse_mask(m, n, sparse["keep"], sparse["seed"], draws="hash").sum())
         assert stored_nbytes(1, cap, 2, 32) <= budget < stored_nbytes(1, cap + 1, 2, 32)
         assert abs(sparse["keep"] - cap / (m * n)) < 4 / (m * n) ** 0.5  # the draw's quantile: keep ~ nnz / (m n)
 
@@ -64,7 +64,7 @@ def test_band_share_zero_is_plain_dare(rates):
     dare_cfg = DeltaCoMeConfig(method="dare", ratio=1 / 16, group_size=32, dare_rates=rates)
     dare = plan_entry("layers.0.q", 96, 160, 1 / 16, dare_cfg)
     assert entry["sparse"] == dare["sparse"] and all(r == 0 for _, r in entry["bands"])
-    assert ("rates" in entry["sparse"]) == (rates == "importance") and entry["format"] == (3 if rates != "uniform" else 2)
+    assert ("rates" in entry["sparse"]) == (rates == "importance") and entry["format"] == 5  # hashed draws
     a = compress_module(d, None, entry, cfg).dense(96, 160, entry["sparse"])
     b = compress_module(d, None, dare, dare_cfg).dense(96, 160, dare["sparse"])
     assert torch.equal(a, b)
@@ -78,7 +78,7 @@ def test_dare_part_stores_the_residual_of_the_stored_bands():
     factors = compress_module(d, None, entry, cfg)
     assert factors.bands and factors.sparse is not None
     sparse = entry["sparse"]
-    mask = sparse_mask(m, n, sparse["keep"], sparse["seed"])
+    mask = sparse_mask(m, n, sparse["keep"], sparse["seed"], draws="hash")
     bands = bands_dense(factors, m, n)
     values = factors.sparse.values.dequantize().reshape(-1)
     # each kept value is the entry of Δ − U_q S V_qᵀ rescaled by 1/keep (up to its 4-bit rounding): not the delta's
@@ -109,7 +109,7 @@ def test_hybrid_is_unbiased_over_masks():
     total = torch.zeros(m, n)
     for seed in range(seeds):
         sparse = {**entry["sparse"], "seed": seed}
-        mask = sparse_mask(m, n, sparse["keep"], seed)
+        mask = sparse_mask(m, n, sparse["keep"], seed, draws="hash")
         sparse["nnz"] = int(mask.sum())
         total[mask] += dare_factors(d - bands, sparse).values.dequantize().reshape(-1)
     mean = bands + total / seeds

@@ -452,13 +452,13 @@ def test_bad_switch_values_are_named(monkeypatch):
 
 
 def _delta_with_parts(m, n, bands, seed, sign_rows=None):
-    """A delta of dense bands, a bias and a DARE part (uniform keep 0.3, 2-bit values); with ``sign_rows`` a BitDelta
-    sign part on that many rows too."""
+    """A delta of dense bands, a bias and a DARE part (uniform keep 0.3, hashed draws, 2-bit values); with
+    ``sign_rows`` a BitDelta sign part on that many rows too."""
     from hf_deltacome.format.baseline_parts import sparse_mask
 
     keep, mask_seed = 0.3, 100 + seed
-    nnz = int(sparse_mask(m, n, keep, mask_seed).sum())
-    sparse = {"nnz": nnz, "keep": keep, "seed": mask_seed, "bits": 2, "group_size": 16}
+    nnz = int(sparse_mask(m, n, keep, mask_seed, draws="hash").sum())
+    sparse = {"nnz": nnz, "keep": keep, "seed": mask_seed, "bits": 2, "group_size": 16, "draws": "hash"}
     sign = {"rows": sign_rows, "scale": "row"} if sign_rows else None
     g = torch.Generator().manual_seed(seed)
     d = PackedDelta(m, n, bands, 16, bias=True, sparse=sparse, sign=sign)
@@ -502,7 +502,7 @@ def test_deltas_with_dare_or_sign_parts_run_their_bands_on_the_kernels(monkeypat
     base = rand_x(5, 1, 30, seed=5)
     assert_close(backend.add_delta_into(base.clone(), x[:, None], deltas, rows), base + ref.to(DEVICE))
     assert calls.count("delta_forward") == 6 and calls.count("delta_forward_mixed") == 2  # none took the torch path
-    assert set(dare._derived) == {"bitmap"} and dequant_cache.holds(dare, "csr")  # both paths' forms, side by side
+    assert set(dare._derived) == {"dare_mask"} and dequant_cache.holds(dare, "csr")  # both paths' forms, side by side
     rows_kept = both.sign.row_index()
     assert both.sign.row_index() is rows_kept  # cached: a forward pass does not sync with the host to find them
     both.sign.set(torch.ones(7, 48, dtype=torch.bool), torch.ones(7), torch.arange(7))
@@ -568,8 +568,8 @@ def test_a_compressed_adapter_with_a_dare_residual_gives_the_same_logits_on_the_
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU scripts/gpu_check.sh runs the benchmark at full size")
 def test_kernel_benchmark_runs_and_its_outputs_match_the_pytorch_path(tmp_path):
     """benchmarks/kernel_speed.py on a tiny shape under the interpreter (its timings mean nothing): it still runs
-    against the current format and API, and every row it writes — one adapter, 8 mixed, a DARE residual, vector
-    codes — matches the PyTorch path."""
+    against the current format and API, and every row it writes — one adapter, 8 mixed, a DARE residual (its mask
+    hashed, then as a bitmap), vector codes — matches the PyTorch path."""
     import subprocess
     import sys
     from pathlib import Path
@@ -584,12 +584,13 @@ def test_kernel_benchmark_runs_and_its_outputs_match_the_pytorch_path(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in md.read_text().splitlines() if line.startswith("| 64x64")]
-    assert len(rows) == 3  # the layer table's row, the residual table's and the vector codes'
-    layer, residual, vq = rows
+    assert len(rows) == 4  # the layer table's row, the residual table's two and the vector codes'
+    layer, hashed, bitmap, vq = rows
     assert layer[2].strip() == "8" and "n/a" not in (layer[14], layer[15])  # 8 adapters mixed, split and looped
     for row in rows:
         assert float(row[-1]) < 1e-4  # max relative error against the PyTorch path (float32 here)
-    assert "DARE keep" in residual[1] and "-dim x" in vq[1]
+    assert "hashed" in hashed[1] and "bitmap" in bitmap[1] and "-dim x" in vq[1]
+    assert float(hashed[7]) < float(bitmap[7])  # the kernel's mask state: row starts alone, then with the bitmap
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU scripts/gpu_check.sh runs the benchmark at full size")
@@ -614,17 +615,18 @@ def test_kernel_benchmark_decodes_with_the_defaults_layout(tmp_path):
     assert [line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| eager")] == ["0", "1", "8"]
 
 
-def _dare_delta(m, n, bits, group_size, seed, rated=False):
-    """A delta holding only a DARE part (uniform keep 0.2, or importance-rated), random values, on DEVICE."""
+def _dare_delta(m, n, bits, group_size, seed, rated=False, draws="hash"):
+    """A delta holding only a DARE part (uniform keep 0.2, or importance-rated; ``draws``: hashed, as written since
+    format 5, or the CPU generator's of older files), random values, on DEVICE."""
     from hf_deltacome.format.baseline_parts import pack_rates, rate_factors, sparse_mask
 
     g = torch.Generator().manual_seed(seed)
     rates = None
     if rated:
         rates = pack_rates(torch.randint(0, 16, (m,), generator=g), torch.randint(0, 16, (n,), generator=g))
-    kept = int(sparse_mask(m, n, 0.2, seed, rate_factors(rates, m, n) if rated else None).sum())
+    kept = int(sparse_mask(m, n, 0.2, seed, rate_factors(rates, m, n) if rated else None, draws).sum())
     nnz = kept + 5 if rated else kept  # a rated part may keep fewer values than it stores
-    entry = {"nnz": nnz, "keep": 0.2, "seed": seed, "bits": bits, "group_size": group_size}
+    entry = {"nnz": nnz, "keep": 0.2, "seed": seed, "bits": bits, "group_size": group_size, "draws": draws}
     d = PackedDelta(m, n, [], group_size, sparse={**entry, "rates": "row-col"} if rated else entry)
     d.sparse.values.set(quantize_rtn(torch.randn(1, nnz, generator=g), bits, group_size))
     if rated:
@@ -634,22 +636,33 @@ def _dare_delta(m, n, bits, group_size, seed, rated=False):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [16, 24, 128])
-def test_dare_kernel_reads_packed_values_through_a_bitmap(bits, group_size):
-    """`sparse_add_into`: a DARE part's product from its packed values and its mask as a bitmap, equal to the
-    PyTorch path's (CSR) product and added into the output; odd shapes (150 columns: a partial bitmap word and a
-    partial block of first-value indices), every value width and group size, 1 / 12 / 70 tokens."""
-    part = _dare_delta(37, 150, bits, group_size, seed=bits * 100 + group_size).sparse
+@pytest.mark.parametrize("draws", ["hash", "generator"])
+def test_dare_kernel_reads_packed_values_and_replays_the_mask(bits, group_size, draws):
+    """`sparse_add_into`: a DARE part's product from its packed values, its mask hashed in the kernel (format 5) or
+    read as a bitmap (the CPU generator's draws of older files), equal to the PyTorch path's (CSR) product and added
+    into the output; odd shapes (150 columns: a partial bitmap word and a partial column tile), every value width
+    and group size, 1 / 12 / 70 tokens."""
+    part = _dare_delta(37, 150, bits, group_size, seed=bits * 100 + group_size, draws=draws).sparse
     for shape in ((1, 150), (3, 4, 150), (70, 150)):
         x = rand_x(*shape, seed=len(shape))
         y0 = rand_x(*shape[:-1], 37, seed=9)
         y = y0.clone()
         assert K.sparse_add_into(y, x, part) is y
         assert_close(y - y0, part.forward_delta(x))
+    from hf_deltacome.kernels.triton_sparse import mask_state
+
+    words, starts = mask_state(part, torch.device(DEVICE))
+    assert (words is None) == (draws == "hash")  # a hashed mask: nothing kept but each row's first value index
+    per_row = part.mask().sum(1)
+    assert torch.equal(starts.cpu().long(), torch.cumsum(per_row, 0) - per_row)
 
 
-def test_dare_kernel_with_importance_rates_and_a_mixed_batch():
-    """A rated part (fewer kept values than stored) and a mixed batch: only the rows of the part's slot change."""
-    _check_mixed_batch_and_bad_inputs(K.sparse_add_into, _dare_delta(40, 96, 2, 16, seed=3, rated=True).sparse, "DARE")
+@pytest.mark.parametrize("rated", [True, False])
+def test_dare_kernel_with_importance_rates_and_a_mixed_batch(rated):
+    """A rated part (fewer kept values than stored; its mask read as a bitmap) and a hashed uniform one in a mixed
+    batch: only the rows of the part's slot change."""
+    part = _dare_delta(40, 96, 2, 16, seed=3, rated=rated).sparse
+    _check_mixed_batch_and_bad_inputs(K.sparse_add_into, part, "DARE")
 
 
 def _check_mixed_batch_and_bad_inputs(add_into, part, what: str) -> None:

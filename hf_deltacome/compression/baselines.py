@@ -159,17 +159,18 @@ def vq_plan(name: str, m: int, n: int, ratio: float, *, budget: int | None = Non
 def sparse_entry(
     name: str, m: int, n: int, count: int, seed: int, bits: int, group_size: int, rated: bool
 ) -> dict[str, Any]:
-    """The ``sparse`` part of a DARE layout with room for ``count`` values. Uniform: the threshold ``keep`` is the
+    """The ``sparse`` part of a DARE layout with room for ``count`` values, its draws hashed (format 5, so that a GPU
+    kernel replays the mask: `format/draws.py`). Uniform: the threshold ``keep`` is the
     seeded draw just past ``count``, so the mask keeps exactly that many (fewer only on a tie) and the budget is
     filled, not left to a Bernoulli count's scatter. ``rated``: ``nnz`` is the values' capacity (the mask, chosen
     when the delta is seen, keeps at most that many)."""
     if rated:
         return {"nnz": count, "keep": count / (m * n), "seed": seed, "bits": bits, "group_size": group_size,
-                "rates": "importance"}  # fmt: skip
+                "rates": "importance", "draws": "hash"}  # fmt: skip
     keep, nnz = _uniform_threshold(m, n, count, seed)
     if nnz == 0:  # pragma: no cover - a draw of exactly 0.0 at the boundary
         raise DeltaCoMeError(f"{name}: cannot draw a DARE mask that keeps {count} of {m * n} entries")
-    return {"nnz": nnz, "keep": keep, "seed": seed, "bits": bits, "group_size": group_size}
+    return {"nnz": nnz, "keep": keep, "seed": seed, "bits": bits, "group_size": group_size, "draws": "hash"}
 
 
 @lru_cache(maxsize=4096)
@@ -179,8 +180,8 @@ def _uniform_threshold(m: int, n: int, count: int, seed: int) -> tuple[float, in
     split it weighs, and drawing and sorting the scores was 5% of a default compression of SmolLM2."""
     keep = 1.0
     if count < m * n:
-        keep = float(torch.kthvalue(sparse_scores(m, n, seed).flatten(), count + 1).values)
-    return keep, int(sparse_mask(m, n, keep, seed).sum())
+        keep = float(torch.kthvalue(sparse_scores(m, n, seed, draws="hash").flatten(), count + 1).values)
+    return keep, int(sparse_mask(m, n, keep, seed, draws="hash").sum())
 
 
 def bitdelta_factors(
@@ -287,7 +288,7 @@ def dare_factors(
     m, n = delta.shape
     d = delta.detach().to(torch.float32).cpu()
     if sparse.get("rates") is None:
-        mask = sparse_mask(m, n, sparse["keep"], sparse["seed"])
+        mask = sparse_mask(m, n, sparse["keep"], sparse["seed"], draws=sparse.get("draws", "generator"))
         if int(mask.sum()) != int(sparse["nnz"]):
             raise DeltaCoMeError(f"DARE mask of a {m}x{n} delta keeps {int(mask.sum())} entries, layout says {sparse}")
         values = (d[mask] / float(sparse["keep"])).view(1, -1)
@@ -296,7 +297,7 @@ def dare_factors(
     energy = d.to(torch.float64).square() * h.view(1, -1)
     packed = pack_rates(rate_codes(energy.sum(1)), rate_codes(energy.sum(0)))
     a, b = rate_factors(packed, m, n)
-    scores = sparse_scores(m, n, sparse["seed"], (a, b))
+    scores = sparse_scores(m, n, sparse["seed"], (a, b), sparse.get("draws", "generator"))
     cap = int(sparse["nnz"])
     if cap >= m * n:  # every entry fits: a finite threshold above every score (a file holds no inf)
         threshold = 2.0 / (float(a.min()) * float(b.min()))

@@ -16,6 +16,7 @@ from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import (
     FORMAT_VERSION,
+    HASH_FORMAT,
     RATED_FORMAT,
     VQ_FORMAT,
     PackedDelta,
@@ -122,7 +123,9 @@ def plan_entry(
             entry["sparse"] = sparse
     else:
         raise ConfigError(f"unknown method {method!r}")
-    if entry.get("sparse", {}).get("rates"):
+    if entry.get("sparse", {}).get("draws") == "hash":
+        entry["format"] = HASH_FORMAT
+    elif entry.get("sparse", {}).get("rates"):
         entry["format"] = RATED_FORMAT
     return entry
 

@@ -1,7 +1,8 @@
 """Optional parts of the baselines' deltas: BitDelta's sign bits (`SignPart`) and DARE's sparse values (`SparsePart`).
 
 They live in their `PackedDelta`'s blob like the bands (``format/blob.py``), or in a blob of their own when built
-alone. The Triton kernels do not read them (``backend.py`` routes deltas that have them to the PyTorch path).
+alone. The Triton kernels read DARE parts (`kernels/triton_sparse.py`), not sign parts (``backend.py`` routes
+deltas that have them to the PyTorch path).
 Format-1 state-dict keys: ``<module>.deltacome_delta.<adapter>.sign.{qweight,scale,row_mask}`` and
 ``<module>.deltacome_delta.<adapter>.sparse.values.{qweight,qweight_hi,scales,zeros}``.
 """
@@ -15,6 +16,7 @@ import torch
 
 from ..errors import AdapterFileError
 from .blob import BlobStore, OwnBlob, QuantizedFactor, Segments, factor_parts, part_property
+from .draws import generator_uniform, hash_mask, hash_uniform
 from .packing import pack_bits, pack_nibbles, packed_words, unpack_bits, unpack_nibbles
 
 
@@ -163,12 +165,16 @@ def rate_factors(packed: torch.Tensor, out_features: int, in_features: int) -> t
 
 
 def sparse_scores(
-    out_features: int, in_features: int, seed: int, rates: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    out_features: int, in_features: int, seed: int, rates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    draws: str = "generator",
 ) -> torch.Tensor:
-    """What a `SparsePart`'s mask compares with its keep-rate or threshold: the seeded uniform draws ``u`` (CPU,
-    float32), divided by ``a_i b_j`` when importance ``rates`` (row and column factors) are given."""
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    u = torch.rand(out_features, in_features, generator=g)
+    """What a `SparsePart`'s mask compares with its keep-rate or threshold: the seeded uniform draws ``u`` (float32,
+    CPU; ``draws``: which generator, `format/draws.py`), divided by ``a_i b_j`` when importance ``rates`` (row and
+    column factors) are given."""
+    if draws == "hash":
+        u = hash_uniform(out_features, in_features, seed)
+    else:
+        u = generator_uniform(out_features, in_features, seed)
     if rates is None:
         return u
     a, b = rates
@@ -177,13 +183,18 @@ def sparse_scores(
 
 def sparse_mask(
     out_features: int, in_features: int, keep: float, seed: int,
-    rates: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    rates: Optional[tuple[torch.Tensor, torch.Tensor]] = None, draws: str = "generator",
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:  # fmt: skip
-    """The random keep-mask of a `SparsePart`: regenerated from ``seed`` on the CPU, never stored. Uniform: entry
-    ``(i, j)`` is kept when its draw ``u < keep``; with importance ``rates`` (row and column factors ``a``, ``b``)
-    when ``u / (a_i b_j) < keep`` (``keep`` then the stored float32 threshold): at rate ``min(1, keep a_i b_j)``."""
-    scores = sparse_scores(out_features, in_features, seed, rates)
-    return scores < (float(keep) if rates is None else torch.tensor(float(keep), dtype=torch.float32))
+    """The random keep-mask of a `SparsePart` (bool, on ``device``): regenerated from ``seed``, never stored. Uniform:
+    entry ``(i, j)`` is kept when its draw ``u < keep``; with importance ``rates`` (row and column factors ``a``,
+    ``b``) when ``u / (a_i b_j) < keep`` (``keep`` then the stored float32 threshold): at rate ``min(1, keep a_i
+    b_j)``. Uniform hashed draws are made on ``device`` itself; the others on the CPU."""
+    if draws == "hash" and rates is None:
+        return hash_mask(out_features, in_features, keep, seed, device)
+    scores = sparse_scores(out_features, in_features, seed, rates, draws)
+    mask = scores < (float(keep) if rates is None else torch.tensor(float(keep), dtype=torch.float32))
+    return mask.to(device)
 
 
 class _CsrProduct(torch.autograd.Function):
@@ -209,19 +220,23 @@ class SparsePart:
     importance-rated part (``rates`` in the layout, format 3) also stores ``rates`` (4-bit codes of a factor per row
     and per column, `rate_factors`) and ``threshold`` (float32): the mask is ``u / (a_i b_j) < threshold``, keeping
     at most ``nnz`` entries (``nnz`` is the capacity the plan reserved; values past the kept count are zero).
+    ``draws`` (``"draws"`` in the layout, format 5: ``"hash"``; absent: ``"generator"``) names how ``u`` is drawn
+    (`format/draws.py`).
     """
 
-    __slots__ = ("_store", "_prefix", "out_features", "in_features", "nnz", "keep", "seed", "bits", "rated", "values")
+    __slots__ = ("_store", "_prefix", "out_features", "in_features", "nnz", "keep", "seed", "bits", "rated", "draws",
+                 "values")
 
     rates = part_property("rates")
     threshold = part_property("threshold")
 
     def __init__(
         self, out_features: int, in_features: int, nnz: int, keep: float, seed: int, bits: int, group_size: int,
-        *, rated: bool = False, store: Optional[BlobStore] = None, prefix: str = "",
+        *, rated: bool = False, draws: str = "generator", store: Optional[BlobStore] = None, prefix: str = "",
     ) -> None:  # fmt: skip
         self.out_features, self.in_features = out_features, in_features
         self.nnz, self.keep, self.seed, self.bits, self.rated = nnz, float(keep), int(seed), bits, bool(rated)
+        self.draws = draws
         if store is None:
             store = OwnBlob(Segments(self.parts("", out_features, in_features, nnz, bits, group_size, rated)))
         self._store, self._prefix = store, prefix
@@ -249,6 +264,7 @@ class SparsePart:
             int(entry["bits"]),
             int(entry.get("group_size", 128)),
             rated=entry.get("rates") is not None,
+            draws=entry.get("draws", "generator"),
             **where,
         )
 
@@ -257,17 +273,20 @@ class SparsePart:
         self.rates.copy_(rates.to(torch.uint8).reshape(self.rates.shape).to(self.rates.device))
         self.threshold.fill_(float(threshold))
 
-    def mask(self) -> torch.Tensor:
+    def mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The regenerated keep-mask (bool, on ``device``: drawn there for uniform hashed draws), checked against
+        the stored count."""
         if self.rated:
             factors = rate_factors(self.rates, self.out_features, self.in_features)
-            mask = sparse_mask(self.out_features, self.in_features, float(self.threshold.cpu()), self.seed, factors)
+            mask = sparse_mask(self.out_features, self.in_features, float(self.threshold.cpu()), self.seed, factors,
+                               self.draws, device)  # fmt: skip
             if int(mask.sum()) > self.nnz:
                 raise AdapterFileError(
                     f"sparse part of a {self.out_features}x{self.in_features} delta: its rates and threshold keep "
                     f"{int(mask.sum())} entries but only {self.nnz} values are stored"
                 )
             return mask
-        mask = sparse_mask(self.out_features, self.in_features, self.keep, self.seed)
+        mask = sparse_mask(self.out_features, self.in_features, self.keep, self.seed, draws=self.draws, device=device)
         if int(mask.sum()) != self.nnz:
             raise AdapterFileError(
                 f"sparse part of a {self.out_features}x{self.in_features} delta: the mask regenerated from seed "
@@ -276,15 +295,16 @@ class SparsePart:
         return mask
 
     def kept_values(self, mask: torch.Tensor) -> torch.Tensor:
-        """The stored values of the entries ``mask`` keeps, in row-major order (float32, CPU)."""
-        return self.values.dequantize().reshape(-1).cpu()[: int(mask.sum())]
+        """The stored values of the entries ``mask`` keeps, in row-major order (float32, on ``mask``'s device)."""
+        return self.values.dequantize().reshape(-1)[: int(mask.sum())].to(mask.device)
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ``out x in`` delta (float32, on the values' device), for merging and export; not kept."""
-        w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32)
-        mask = self.mask()
+        device = self.values.qweight.device
+        w = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=device)
+        mask = self.mask(device)
         w[mask] = self.kept_values(mask)
-        return w.to(self.values.qweight.device)
+        return w
 
     def forward_weight(self) -> torch.Tensor:
         """What :meth:`forward_delta` multiplies by, kept in the capped cache of decoded forms (`format/decoded.py`)
@@ -298,9 +318,9 @@ class SparsePart:
     def _build_forward_weight(self) -> torch.Tensor:
         if self.keep > CSR_MAX_KEEP:
             return self.delta_weight()
-        mask = self.mask()
+        mask = self.mask(self.values.qweight.device)
         rows, cols = mask.nonzero(as_tuple=True)  # row-major: the order the values are stored in
-        crow = torch.zeros(self.out_features + 1, dtype=torch.int32)
+        crow = torch.zeros(self.out_features + 1, dtype=torch.int32, device=mask.device)
         crow[1:] = torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0).to(torch.int32)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is stable
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError
+from .draws import DRAWS
 from .packing import SUPPORTED_BITS
-from .storage import RATED_FORMAT, READ_FORMATS, VQ_FORMAT
+from .storage import HASH_FORMAT, RATED_FORMAT, READ_FORMATS, VQ_FORMAT
 from .vq_part import VQ_CODES
 
 BITDELTA_SCALES = ("matrix", "row")  # BitDelta sign parts: one scale per matrix or per row
@@ -84,15 +85,23 @@ def _validate_extra_parts(entry: dict, shape: Sequence[int], where: str) -> None
             and sparse.get("bits") in SUPPORTED_BITS
             and is_int(sparse.get("group_size", 128), 1)
             and sparse.get("rates") in (None, "importance")
+            and sparse.get("draws", "generator") in DRAWS
+            and (sparse.get("draws") != "hash" or sparse["seed"] < 2**32)
         )
         if not ok:
             raise ConfigError(
                 f"{where}: 'sparse' must be {{'nnz': int, 'keep': (0, 1], 'seed': int, 'bits': one of "
-                f"{SUPPORTED_BITS}, 'group_size': int, optional 'rates': 'importance'}}, got {sparse!r}"
+                f"{SUPPORTED_BITS}, 'group_size': int, optional 'rates': 'importance', optional 'draws': one of "
+                f"{DRAWS} (a hashed seed under 2^32)}}, got {sparse!r}"
             )
         if sparse.get("rates") is not None and entry.get("format", 1) < RATED_FORMAT:
             raise ConfigError(
                 f"{where}: an importance-rated 'sparse' part needs format {RATED_FORMAT}, the entry says "
+                f"{entry.get('format', 1)}"
+            )
+        if sparse.get("draws") == "hash" and entry.get("format", 1) < HASH_FORMAT:
+            raise ConfigError(
+                f"{where}: a 'sparse' part with hashed draws needs format {HASH_FORMAT}, the entry says "
                 f"{entry.get('format', 1)}"
             )
 
