@@ -119,8 +119,8 @@ def _add_parts(
 ) -> torch.Tensor:
     """``y`` plus each delta's sign / DARE / vector-code parts (`_parts`), after the kernels wrote its bands: in
     place unless ``y`` needs its gradient. A DARE part goes through `hf_deltacome.kernels.sparse_add_into` (its
-    values read packed, its mask kept as a bitmap: 1/16 of the fp16 delta where the PyTorch path's CSR copy takes
-    ~0.9x at 1/16), vector codes through `hf_deltacome.kernels.vq_add_into` (read in place, where the PyTorch path
+    values read packed, its mask hashed in the kernel, format 5, or kept as a bitmap, 1/16 of the fp16 delta, for an
+    older file, where the PyTorch path's CSR copy takes ~0.9x at 1/16), vector codes through `hf_deltacome.kernels.vq_add_into` (read in place, where the PyTorch path
     decodes them to float32, 2x the fp16 delta); sign bits, and a part whose output needs a gradient, through
     PyTorch: in a mixed batch computed on every row and kept on the delta's rows by a mask (no host
     synchronisation: a decode step can still be captured)."""

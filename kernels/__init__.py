@@ -2,7 +2,7 @@
 
 ``delta_forward(x, delta)`` serves one adapter, ``delta_forward_mixed(x, deltas, row_index)`` a batch whose rows
 use different adapters (``-1`` = none), ``sparse_add_into(y, x, part)`` adds a DARE part (its values packed, its
-mask as a bitmap), ``vq_add_into(y, x, part)`` a vector-quantized part (its codes read in place).
+mask hashed in the kernel, or read as a bitmap for an older file), ``vq_add_into(y, x, part)`` a vector-quantized part (its codes read in place).
 ``hf_deltacome.backend`` dispatches here on CUDA (or on CPU under
 ``TRITON_INTERPRET=1``); importing this package needs Triton.
 """

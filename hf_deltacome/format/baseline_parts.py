@@ -311,8 +311,8 @@ class SparsePart:
         until the stored values change (a write bumps the blob's version, a new blob has a new address): at a
         keep-rate up to ``CSR_MAX_KEEP`` a CSR matrix (float32 values, int32 indices: 8 bytes a kept entry, where a
         dense float32 copy costs ``4 / keep``; on one CPU thread 2-3x faster than the dense product at keep 0.06),
-        above it the dense matrix (as small, and faster). Built again where the cache has no room (~9 ms for a
-        576x1536 part at keep 0.23)."""
+        above it the dense matrix (as small, and faster). Built again where the cache has no room (a 576x1536 part at
+        keep 0.23 on one CPU core: ~9 ms with the generator's mask, ~14 ms with a hashed one)."""
         return self._store.derived("csr", self.values.qweight, self._build_forward_weight, capped=True)
 
     def _build_forward_weight(self) -> torch.Tensor:

@@ -96,7 +96,8 @@ class BlobStore:
         what grows with the delta, ``"csr"`` (a DARE part's sparse matrix for the PyTorch path) and ``"vq"`` (a
         vector-quantized part's decoded rows). On the store: ``"csr_t"`` (the CSR matrix's transpose, for an input's
         gradient while scales are distilled), ``"dare_mask"`` (what a DARE part's kernel reads of its mask: each
-        row's first value index, and a bitmap, 1/16 of the fp16 delta, unless the kernel hashes the mask itself), ``"sign_rows"`` (a sign part's kept rows) and ``"vq_rot"`` (a vq part's rotations' factors)."""
+        row's first value index, and a bitmap, 1/16 of the fp16 delta, unless the kernel hashes the mask itself),
+        ``"sign_rows"`` (a sign part's kept rows) and ``"vq_rot"`` (a vq part's rotations' factors)."""
         stamp = (source.data_ptr(), self._version_of(source), source.device, *key)
         if capped:
             return dequant_cache.get(self, kind, stamp, build)
