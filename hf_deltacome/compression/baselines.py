@@ -178,10 +178,11 @@ def _uniform_threshold(m: int, n: int, count: int, seed: int) -> tuple[float, in
     """The uniform mask's threshold (the ``(count+1)``-th smallest seeded draw: exactly the ``count`` draws below it
     are kept, fewer on a tie) and how many it keeps. Remembered: the plan lays out each module once per candidate
     split it weighs, and drawing and sorting the scores was 5% of a default compression of SmolLM2."""
-    keep = 1.0
-    if count < m * n:
-        keep = float(torch.kthvalue(sparse_scores(m, n, seed, draws="hash").flatten(), count + 1).values)
-    return keep, int(sparse_mask(m, n, keep, seed, draws="hash").sum())
+    if count >= m * n:
+        return 1.0, m * n
+    scores = sparse_scores(m, n, seed, draws="hash").flatten()
+    keep = torch.kthvalue(scores, count + 1).values  # a draw d / 2^24, exact: u < keep is the mask's d < cut
+    return float(keep), int((scores < keep).sum())
 
 
 def bitdelta_factors(
