@@ -657,6 +657,14 @@ def test_dare_kernel_reads_packed_values_and_replays_the_mask(bits, group_size, 
     assert torch.equal(starts.cpu().long(), torch.cumsum(per_row, 0) - per_row)
 
 
+def test_dare_kernel_replays_a_seed_past_2_31():
+    """A hashed seed above int32 (the format allows any under 2^32): the kernel takes its low 32 bits as the CPU does."""
+    part = _dare_delta(29, 70, 2, 16, seed=2**32 - 7).sparse
+    x = rand_x(3, 70)
+    y = torch.zeros(3, 29, device=DEVICE)
+    assert_close(K.sparse_add_into(y, x, part), part.forward_delta(x))
+
+
 @pytest.mark.parametrize("rated", [True, False])
 def test_dare_kernel_with_importance_rates_and_a_mixed_batch(rated):
     """A rated part (fewer kept values than stored; its mask read as a bitmap) and a hashed uniform one in a mixed
