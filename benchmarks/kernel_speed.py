@@ -368,7 +368,7 @@ def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype,
         proto = residual_delta(m, n, device, draws=draws)
         part = proto.sparse
         csr_bytes = part.nnz * 8 + (m + 1) * 4 if part.keep <= 0.3 else m * n * 4
-        state_bytes = m * 4 + (0 if draws == "hash" else m * -(-n // 32) * 4)  # first indices (+ the bitmap)
+        state_bytes = m * 4 + (0 if draws == "hash" else m * -(-n // 32) * 4)  # row starts (+ the bitmap)
         deltas = [proto] + [residual_delta(m, n, device, i, draws) for i in range(1, min(8, copies_for(csr_bytes)))]
         factor_bytes = proto.rank * (m + n) * torch.finfo(dtype).bits // 8
         for T in tokens_list:
@@ -392,8 +392,7 @@ def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype,
         "*bitmap*); '(eager)' where the call could not be captured in a CUDA graph), *PyTorch, cached factors* / "
         "*dequantize per call* = the PyTorch path with and without `dequant_cache`; memory beside the packed file: "
         "the DARE kernel's mask state (each row's first value index, and the bitmap), the PyTorch path's CSR copy of "
-        "the DARE part, and the "
-        "float factors its cache adds.",
+        "the DARE part, and the float factors its cache adds.",
         "",
         "| layer | rank + residual | tokens | kernels µs | PyTorch, cached factors µs | PyTorch, dequantize per call µs "
         "| packed MiB | mask state KiB (kernels) | CSR MiB (PyTorch) | cached factors MiB (PyTorch) | max rel err |",
