@@ -42,6 +42,7 @@ os.environ["DELTACOME_BACKEND"] = "triton"
 import torch.nn.functional as F  # noqa: E402
 from hf_deltacome.kernels import base_plus_delta, delta_forward, delta_forward_mixed, plan_for  # noqa: E402
 from hf_deltacome.kernels import triton_delta as TD  # noqa: E402
+from hf_deltacome.kernels.triton_sparse import mask_state  # noqa: E402
 
 import hf_deltacome  # noqa: E402,F401  (registers the PEFT method)
 from hf_deltacome.backend import dequant_cache, torch_delta_forward  # noqa: E402
@@ -368,12 +369,12 @@ def bench_residual(shapes: list[tuple[int, int]], tokens_list: list[int], dtype,
         proto = residual_delta(m, n, device, draws=draws)
         part = proto.sparse
         csr_bytes = part.nnz * 8 + (m + 1) * 4 if part.keep <= 0.3 else m * n * 4
-        state_bytes = m * 4 + (0 if draws == "hash" else m * -(-n // 32) * 4)  # row starts (+ the bitmap)
         deltas = [proto] + [residual_delta(m, n, device, i, draws) for i in range(1, min(8, copies_for(csr_bytes)))]
         factor_bytes = proto.rank * (m + n) * torch.finfo(dtype).bits // 8
         for T in tokens_list:
             x = torch.randn(T, n, device=device, dtype=dtype)
             err, ours_t, graphed, cached_t = _seam_against_torch(x, deltas)
+            state_bytes = sum(t.numel() * t.element_size() for t in mask_state(part, x.device) if t is not None)
             with dequant_cache.suspended():
                 cold_t, _ = _time_maybe_graphed([lambda x=x, d=d: torch_delta_forward(x, d) for d in deltas[:2]])
             lines.append(

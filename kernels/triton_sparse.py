@@ -80,7 +80,8 @@ def _sparse_kernel(
     PER: tl.constexpr = 32 // LO
     acc = tl.full([BT, BM], 0.0, tl.float32)
     before = tl.load(start_ptr + offs_m, mask=mmask, other=0)  # kept values of each row before the tile
-    row_key = _mix32(seed.to(tl.uint32) ^ _mix32((2 * offs_m + 1).to(tl.uint32)))
+    if HASHED:
+        row_key = _mix32(seed.to(tl.uint32) ^ _mix32((2 * offs_m + 1).to(tl.uint32)))
     for k0 in range(0, N, BK):
         offs_k = k0 + tl.arange(0, BK)
         if HASHED:

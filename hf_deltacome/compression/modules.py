@@ -17,7 +17,6 @@ from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import (
     FORMAT_VERSION,
     HASH_FORMAT,
-    RATED_FORMAT,
     VQ_FORMAT,
     PackedDelta,
     rate_nbytes,
@@ -123,10 +122,8 @@ def plan_entry(
             entry["sparse"] = sparse
     else:
         raise ConfigError(f"unknown method {method!r}")
-    if entry.get("sparse", {}).get("draws") == "hash":
+    if entry.get("sparse"):  # every DARE part written has hashed draws (`sparse_entry`), rated or not
         entry["format"] = HASH_FORMAT
-    elif entry.get("sparse", {}).get("rates"):
-        entry["format"] = RATED_FORMAT
     return entry
 
 

@@ -71,7 +71,6 @@ def check_sizes(num_samples: int, seq_len: int) -> None:
         raise CalibrationError(f"seq_len must be an integer >= 2, got {seq_len!r}")
 
 
-
 def _prompt_ids(model: Any, tokenizer: Any, seq_len: int) -> list[list[int]]:
     """Token ids of the generation prompts: chat-templated generic prompts, else BOS (else token 0)."""
     prompts: list[list[int]] = []
