@@ -100,30 +100,31 @@ def torch_delta_forward(x: torch.Tensor, delta: PackedDelta) -> torch.Tensor:
 
 def _kernel_ready(delta: PackedDelta | None) -> bool:
     """Can the kernels serve this delta: they read format-2 dense bands (and the bias); a delta's DARE values (the
-    default's residual) and sign bits (BitDelta) are added beside them by `_add_parts`. Sparse bands (impart, the
-    sparse tail: seeded masks inside the singular vectors), format-1 files and parts overridden for computing
+    default's MLP), vector codes, sign bits (BitDelta) and sparse bands (impart, the sparse tail: seeded masks inside
+    the singular vectors) are added beside them by `_add_parts`. Format-1 files and parts overridden for computing
     (scale distillation) take the PyTorch path whole."""
-    return delta is None or (delta.format >= 2 and not delta.overridden and not delta.has_sparse_bands)
+    return delta is None or (delta.format >= 2 and not delta.overridden)
 
 
 def _parts(delta: PackedDelta | None) -> list:
     """The parts beside the dense bands, added after the band kernels (`_add_parts`): sign bits, DARE values, vector
-    codes."""
+    codes, sparse bands."""
     if delta is None or not delta.has_extra_parts:
         return []
-    return delta.extra_parts
+    return [*delta.extra_parts, *delta.sparse_bands]
 
 
 def _add_parts(
     y: torch.Tensor, x: torch.Tensor, deltas: Sequence[PackedDelta | None], row_index: torch.Tensor | None
 ) -> torch.Tensor:
-    """``y`` plus each delta's sign / DARE / vector-code parts (`_parts`), after the kernels wrote its bands: in
-    place unless ``y`` needs its gradient. A DARE part goes through `hf_deltacome.kernels.sparse_add_into` (its
-    values read packed, its mask hashed in the kernel, format 5, or kept as a bitmap, 1/16 of the fp16 delta, for an
-    older file, where the PyTorch path's CSR copy takes ~0.9x at 1/16), vector codes through `hf_deltacome.kernels.vq_add_into` (read in place, where the PyTorch path
-    decodes them to float32, 2x the fp16 delta); sign bits, and a part whose output needs a gradient, through
-    PyTorch: in a mixed batch computed on every row and kept on the delta's rows by a mask (no host
-    synchronisation: a decode step can still be captured)."""
+    """``y`` plus each delta's sign / DARE / vector-code parts and sparse bands (`_parts`), after the kernels wrote
+    its dense bands: in place unless ``y`` needs its gradient. A DARE part goes through
+    `hf_deltacome.kernels.sparse_add_into` (its values read packed, its mask hashed in the kernel, format 5, or kept
+    as a bitmap, 1/16 of the fp16 delta, for an older file, where the PyTorch path's CSR copy takes ~0.9x at 1/16),
+    vector codes through `hf_deltacome.kernels.vq_add_into` (read in place, where the PyTorch path decodes them to
+    float32, 2x the fp16 delta); sign bits, sparse bands (two matmuls by their decoded factors: low rank, so small),
+    and a part whose output needs a gradient, through PyTorch: in a mixed batch computed on every row and kept on the
+    delta's rows by a mask (no host synchronisation: a decode step can still be captured)."""
     from . import kernels
 
     for i, delta in enumerate(deltas):

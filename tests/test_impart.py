@@ -107,7 +107,7 @@ def test_sparse_bands_regenerate_their_masks_and_reload_identically(quantizer):
         assert torch.equal(mv, sparse_mask(spec["rank"], n, spec["keep"], spec["seed"]))  # DARE's generator
         assert [int(mv.sum()), int(mu.sum())] == spec["nnz"]
         assert (band.vt_dense()[~mv] == 0).all() and (band.ut_dense()[~mu] == 0).all()
-    assert not _kernel_ready(packed)  # the kernels read dense bands only: the PyTorch path serves it
+    assert _kernel_ready(packed)  # the kernels read its dense bands, its sparse bands are added beside them
     a, b, _ = lora_factors(packed)  # still low rank: a LoRA export is exact
     assert torch.allclose((b @ a).float(), packed.delta_weight(), atol=1e-5)
     bad = dict(entry["sparse_bands"][0], nnz=[entry["sparse_bands"][0]["nnz"][0] + 1, 1])

@@ -514,6 +514,61 @@ def test_deltas_with_dare_or_sign_parts_run_their_bands_on_the_kernels(monkeypat
     assert_close(y.detach(), reference(x, dare))
 
 
+def _delta_with_sparse_bands(m, n, seed):
+    """An ``impart``-shaped delta: a dense 4-bit band, then two sparse bands (keep 0.6 and 0.35, seeded masks)."""
+    from hf_deltacome.format.sparse_bands import sparse_band_masks
+
+    sparse_bands = []
+    for k, (bits, rank, keep) in enumerate([(3, 4, 0.6), (2, 7, 0.35)]):
+        mv, mu = sparse_band_masks(m, n, rank, keep, 40 + seed + 2 * k)
+        sparse_bands.append({"bits": bits, "rank": rank, "keep": keep, "seed": 40 + seed + 2 * k,
+                             "nnz": [int(mv.sum()), int(mu.sum())]})  # fmt: skip
+    entry = {"shape": [m, n], "bands": [[4, 3]], "group_size": 16, "bias": False, "format": 2,
+             "sparse_bands": sparse_bands}  # fmt: skip
+    d = PackedDelta.from_layout(entry)
+    g = torch.Generator().manual_seed(seed)
+    band = d.bands[0]
+    v, u = torch.randn(band.rank, n, generator=g) / n**0.5, torch.randn(band.rank, m, generator=g)
+    d.set_band(0, quantize_rtn(v, 4, 16), quantize_rtn(u, 4, 16), torch.rand(band.rank, generator=g))
+    for sb in d.sparse_bands:
+        sb.v.set(quantize_rtn(torch.randn(1, sb.nnz[0], generator=g) / 4, sb.bits, 16))
+        sb.u.set(quantize_rtn(torch.randn(1, sb.nnz[1], generator=g), sb.bits, 16))
+        sb.s.copy_(torch.rand(sb.rank, generator=g) + 0.5)
+    return d.to(DEVICE)
+
+
+def test_a_delta_with_sparse_bands_runs_its_dense_bands_on_the_kernels(monkeypatch):
+    """ImPart's sparse bands (and the sparse tail) are added beside the kernels as parts: a delta that has them, or a
+    mixed batch holding one, no longer takes the PyTorch path whole; the bands' decoded factors are cached (capped)
+    and decoded again when their bytes change."""
+    from hf_deltacome import backend
+
+    sparse = _delta_with_sparse_bands(30, 48, seed=1)
+    assert backend._kernel_ready(sparse) and len(backend._parts(sparse)) == 2
+    monkeypatch.setenv("DELTACOME_BACKEND", "triton")
+    calls = []
+    for name in ("delta_forward", "delta_forward_mixed"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    x = rand_x(5, 48)
+    ref = reference(x, sparse)
+    dense_only = (x.float() @ (sparse.bands[0].ut_dense().t() * sparse.bands[0].s @ sparse.bands[0].vt_dense()).t())
+    assert (ref - dense_only.to(ref.device)).abs().max() > 1e-2  # the sparse bands are there
+    assert_close(backend.delta_forward(x, sparse), ref)
+    base = rand_x(5, 30, seed=4)
+    assert_close(backend.add_delta_into(base.clone(), x, [sparse]), base + ref.to(DEVICE))
+    deltas = [sparse, None, _delta_with_parts(30, 48, [(3, 5)], seed=2), make_delta(30, 48, [(2, 4)], 16, seed=3)]
+    rows = torch.tensor([2, 0, -1, 3, 0], device=DEVICE)
+    mixed_ref = mixed_reference(x[:, None], deltas, rows)
+    assert_close(backend.delta_forward_mixed(x[:, None], deltas, rows), mixed_ref)
+    assert calls.count("delta_forward") == 2 and calls.count("delta_forward_mixed") == 1  # none took the torch path
+    assert all(dequant_cache.holds(sparse, f"sparse_bands.{k}.factors") for k in (0, 1))
+    sb = sparse.sparse_bands[1]
+    sb.s.mul_(3.0)  # new bytes: the cached factors are decoded again
+    assert_close(backend.delta_forward(x, sparse), reference(x, sparse))
+    assert (reference(x, sparse) - ref).abs().max() > 1e-3
+
+
 def test_a_dare_part_runs_under_inference_mode_and_its_cache_follows_new_values(monkeypatch):
     """A server's forward runs under ``torch.inference_mode``, where the parts it views are inference tensors without
     a version counter: the DARE part's cached sparse matrix still serves them (it raised before), and new values
@@ -537,9 +592,10 @@ def test_a_dare_part_runs_under_inference_mode_and_its_cache_follows_new_values(
         assert_close(backend.delta_forward(x, d), changed)
 
 
-def test_a_compressed_adapter_with_a_dare_residual_gives_the_same_logits_on_the_kernels(monkeypatch):
-    """End to end: a tiny fine-tune compressed with bands plus a DARE residual (``deltacome-dare``, half the budget each) and with DARE alone,
-    run through PEFT on the kernels (the parts added beside them) and on the PyTorch path: the same logits."""
+def test_compressed_adapters_with_dare_or_sparse_bands_give_the_same_logits_on_the_kernels(monkeypatch):
+    """End to end: a tiny fine-tune compressed with bands plus a DARE residual (``deltacome-dare``, half the budget
+    each), with DARE alone and with ImPart's sparse bands, run through PEFT on the kernels (the parts added beside
+    them) and on the PyTorch path: the same logits."""
     import copy
 
     from tiny_models import make_finetune, make_model, random_ids
@@ -550,10 +606,13 @@ def test_a_compressed_adapter_with_a_dare_residual_gives_the_same_logits_on_the_
     base = make_model("llama", hidden_size=64, intermediate_size=128, head_dim=16)
     ft = make_finetune(base, rank=0, decay=0.05)
     calib, ids = random_ids(base, 4, 32, seed=1), random_ids(base, 2, 9, seed=2)
-    for cfg in (DeltaCoMeConfig(ratio=1 / 8, method="deltacome-dare", band_share=0.5), DeltaCoMeConfig(ratio=1 / 8, method="dare")):
+    for cfg, part in ((DeltaCoMeConfig(ratio=1 / 8, method="deltacome-dare", band_share=0.5), "sparse"),
+                      (DeltaCoMeConfig(ratio=1 / 8, method="dare"), "sparse"),
+                      (DeltaCoMeConfig(ratio=1 / 8, method="impart"), "sparse_bands")):  # fmt: skip
         model = compress(copy.deepcopy(base), ft, cfg, calibration=calib, progress=False).to(DEVICE)
         layout = model.peft_config["default"].layout
-        assert all(entry.get("sparse") for entry in layout.values())  # every linear holds a DARE part
+        held = [bool(entry.get(part)) for entry in layout.values()]
+        assert all(held) if part == "sparse" else sum(held) >= 4  # every linear a DARE part; sparse bands where paid
         logits = {}
         for name in ("torch", "triton"):
             monkeypatch.setenv("DELTACOME_BACKEND", name)

@@ -2,8 +2,9 @@
 
 A sparse band lives in its `~.storage.PackedDelta`'s blob like the dense bands (``format/blob.py``): its parts are
 segments after the baselines' parts, its masks are regenerated from the layout's seed with DARE's
-:func:`~.baseline_parts.sparse_mask` (the one seeded mask generator), never stored. The Triton kernels do not read
-sparse bands (``backend.py`` routes deltas that have them to the PyTorch path). Format-1 state-dict keys:
+:func:`~.baseline_parts.sparse_mask` (the one seeded mask generator), never stored. The Triton kernels read a delta's
+dense bands; ``backend.py`` adds its sparse bands beside them as parts (`SparseBand.forward_delta`: two matmuls by
+the band's decoded factors, built once into the capped cache of decoded forms). Format-1 state-dict keys:
 ``<module>.deltacome_delta.<adapter>.sparse_bands.<k>.{s,v.qweight,...,u.qweight,...}``.
 """
 
@@ -114,6 +115,19 @@ class SparseBand(BandOfVectors):
 
     def u_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.ut_dense(dtype).t()
+
+    def forward_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``U_k diag(S_k) V_kᵀ x`` in ``x``'s dtype, shape ``(..., out_features)``: what the backend adds beside the
+        kernels' dense bands. The factors (``in x rank`` and ``rank x out``, dropped entries zero) are decoded once
+        into the capped cache of decoded forms (``format/decoded.py``; regenerating the masks is the slow part) and
+        decoded again when the band's bytes change."""
+        a, b = self._store.derived(self._prefix + "factors", self.v.qweight, lambda: self._factors(x.dtype, x.device),
+                                   x.dtype, x.device, capped=True)  # fmt: skip
+        return (x @ a) @ b
+
+    def _factors(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        a = (self.vt_dense(torch.float32) * self.s.float()[:, None]).t()
+        return a.to(device, dtype).contiguous(), self.ut_dense(torch.float32).to(device, dtype).contiguous()
 
     def __repr__(self) -> str:
         return (f"SparseBand(rank={self.rank}, bits={self.bits}, keep={self.keep:.4f}, nnz={list(self.nnz)}, "
