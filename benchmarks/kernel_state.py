@@ -7,7 +7,8 @@ The kernels read the bands' codes, the DARE values and the vector codes in place
 index of each row's first kept value (int32 a row), and where it cannot replay the mask itself (an older file's CPU
 generator draws, or importance rates) the mask as a bitmap too, one bit a weight (`kernels/triton_sparse.py`;
 format 5 hashes the draws so that the kernel replays them: `format/draws.py`); a vector-code part keeps its two
-rotations' float32 factors. This reads each adapter
+rotations' float32 factors; sparse bands (impart, the sparse tail), added beside the kernels in PyTorch, keep their
+decoded factors (``in x rank`` and ``rank x out``) in the activations' dtype (counted in float16). This reads each adapter
 folder without a model (`hf_deltacome.io.adapter_files.read_adapter`), builds exactly those tensors for every part
 with the kernels' own builders (on the CPU: the same shapes and dtypes as on the GPU) and sums their bytes: a served
 adapter takes its file's bytes plus these on the device.
@@ -38,7 +39,7 @@ def held_bytes(folder: Path) -> dict:
     config, state = read_adapter(folder)
     cpu = torch.device("cpu")
     out = {"file": (folder / "adapter_model.safetensors").stat().st_size, "bitmap": 0, "starts": 0, "vq_rot": 0,
-           "dare_parts": 0, "dare_weights": 0, "weights": 0, "ratio": config.ratio}  # fmt: skip
+           "sparse_bands": 0, "dare_parts": 0, "dare_weights": 0, "weights": 0, "ratio": config.ratio}  # fmt: skip
     for module in config.layout:
         delta = packed_delta(config, state, module)
         out["weights"] += delta.out_features * delta.in_features
@@ -51,6 +52,8 @@ def held_bytes(folder: Path) -> dict:
                 out["dare_weights"] += part.out_features * part.in_features
             elif isinstance(part, VectorPart):
                 out["vq_rot"] += sum(f.numel() * f.element_size() for side in part.rotations(cpu) for f in side)
+        for band in delta.sparse_bands:  # what SparseBand.forward_delta decodes into the capped cache
+            out["sparse_bands"] += sum(f.numel() * f.element_size() for f in band._factors(torch.float16, cpu))
     return out
 
 
@@ -65,14 +68,16 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{f}: not a saved adapter folder (adapter_model.safetensors and adapter_config.json)")
     sys.path.insert(0, str(ROOT))
     rows = ["| adapter | ratio | DARE parts (share of weights) | file | bitmaps | row start indices | vq rotations "
-            "| held beside the file | (file + held) / file |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+            "| sparse bands' factors | held beside the file | (file + held) / file |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for f in folders:
         r = held_bytes(f)
-        held = r["bitmap"] + r["starts"] + r["vq_rot"]
+        held = r["bitmap"] + r["starts"] + r["vq_rot"] + r["sparse_bands"]
         ratio = f"1/{round(1 / r['ratio'])}" if r["ratio"] < 1 else str(r["ratio"])
         rows.append(f"| {f.name} | {ratio} | {r['dare_parts']} ({r['dare_weights'] / r['weights']:.0%}) "
                     f"| {r['file'] / MB:,.2f} MB | {r['bitmap'] / MB:,.2f} MB | {r['starts'] / MB:,.3f} MB "
-                    f"| {r['vq_rot'] / MB:,.3f} MB | {held / MB:,.2f} MB | {(r['file'] + held) / r['file']:.2f}x |")
+                    f"| {r['vq_rot'] / MB:,.3f} MB | {r['sparse_bands'] / MB:,.3f} MB | {held / MB:,.2f} MB "
+                    f"| {(r['file'] + held) / r['file']:.2f}x |")
         print(json.dumps({"adapter": f.name, **r}), file=sys.stderr)
     table = "\n".join(rows)
     print(table)

@@ -389,7 +389,8 @@ def test_every_quality_variant_is_a_valid_config_and_the_defaults_variants_keep_
 def test_kernel_state_counts_what_the_dare_kernel_builds_beside_the_file(tmp_path, capsys):
     """The bytes the Triton path holds beside a default adapter's file: one index per row of every DARE part and no
     bitmap (format 5: the kernel hashes the mask), none for the bands; importance-rated parts, whose mask the kernel
-    does not replay, add one bitmap word per 32 weights (the kernels' own builders); a bad folder is named."""
+    does not replay, add one bitmap word per 32 weights (the kernels' own builders); sparse bands (impart) their
+    decoded float16 factors; a bad folder is named."""
     import copy
 
     from tiny_models import make_finetune, make_model, random_ids
@@ -415,6 +416,12 @@ def test_kernel_state_counts_what_the_dare_kernel_builds_beside_the_file(tmp_pat
     rated.save_pretrained(tmp_path / "r")
     shapes = [e["shape"] for e in rated.peft_config["default"].layout.values() if e.get("sparse")]
     assert module.held_bytes(tmp_path / "r")["bitmap"] == sum(m * -(-n // 32) * 4 for m, n in shapes) > 0
+    impart = compress(copy.deepcopy(base), make_finetune(base), DeltaCoMeConfig(ratio=1 / 4, method="impart"),
+                      progress=False)  # fmt: skip
+    impart.save_pretrained(tmp_path / "i")
+    ranks = [(m + n) * b["rank"] for e in impart.peft_config["default"].layout.values()
+             for m, n in [e["shape"]] for b in e.get("sparse_bands", [])]  # fmt: skip
+    assert module.held_bytes(tmp_path / "i")["sparse_bands"] == 2 * sum(ranks) > 0  # float16 factors
     with pytest.raises(SystemExit, match=r"nowhere: not a saved adapter folder"):
         module.main([str(tmp_path / "nowhere")])
 
