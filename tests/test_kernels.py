@@ -451,6 +451,16 @@ def test_bad_switch_values_are_named(monkeypatch):
     assert r.returncode != 0 and "DELTACOME_KERNEL_TUNING='fast'" in r.stderr
 
 
+def _kernel_calls(monkeypatch) -> list[str]:
+    """Selects the Triton backend and records each call of the kernels' entry points (none: the PyTorch path ran)."""
+    monkeypatch.setenv("DELTACOME_BACKEND", "triton")
+    calls: list[str] = []
+    for name in ("delta_forward", "delta_forward_mixed"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
 def _delta_with_parts(m, n, bands, seed, sign_rows=None):
     """A delta of dense bands, a bias and a DARE part (uniform keep 0.3, hashed draws, 2-bit values); with
     ``sign_rows`` a BitDelta sign part on that many rows too."""
@@ -482,11 +492,7 @@ def test_deltas_with_dare_or_sign_parts_run_their_bands_on_the_kernels(monkeypat
     both = _delta_with_parts(30, 48, [(2, 6)], seed=2, sign_rows=7)
     plain = make_delta(30, 48, [(3, 4)], 16, seed=3)
     assert backend._kernel_ready(dare) and backend._kernel_ready(both)
-    monkeypatch.setenv("DELTACOME_BACKEND", "triton")
-    calls = []
-    for name in ("delta_forward", "delta_forward_mixed"):
-        real = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    calls = _kernel_calls(monkeypatch)
     x = rand_x(5, 48)
     for d in (dare, both):
         ref = reference(x, d)
@@ -545,11 +551,7 @@ def test_a_delta_with_sparse_bands_runs_its_dense_bands_on_the_kernels(monkeypat
 
     sparse = _delta_with_sparse_bands(30, 48, seed=1)
     assert backend._kernel_ready(sparse) and len(backend._parts(sparse)) == 2
-    monkeypatch.setenv("DELTACOME_BACKEND", "triton")
-    calls = []
-    for name in ("delta_forward", "delta_forward_mixed"):
-        real = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    calls = _kernel_calls(monkeypatch)
     x = rand_x(5, 48)
     ref = reference(x, sparse)
     dense_only = (x.float() @ (sparse.bands[0].ut_dense().t() * sparse.bands[0].s @ sparse.bands[0].vt_dense()).t())
