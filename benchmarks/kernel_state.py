@@ -7,8 +7,9 @@ The kernels read the bands' codes, the DARE values and the vector codes in place
 index of each row's first kept value (int32 a row), and where it cannot replay the mask itself (an older file's CPU
 generator draws, or importance rates) the mask as a bitmap too, one bit a weight (`kernels/triton_sparse.py`;
 format 5 hashes the draws so that the kernel replays them: `format/draws.py`); a vector-code part keeps its two
-rotations' float32 factors; sparse bands (impart, the sparse tail), added beside the kernels in PyTorch, keep their
-decoded factors (``in x rank`` and ``rank x out``) in the activations' dtype (counted in float16). This reads each adapter
+rotations' float32 factors; a sparse band (impart, the sparse tail) of format 6 keeps its masks' row and tile starts
+(int32), one of an older file (the generator's draws) its decoded factors (``in x rank`` and ``rank x out``) in the
+activations' dtype (counted in float16), added beside the kernels in PyTorch. This reads each adapter
 folder without a model (`hf_deltacome.io.adapter_files.read_adapter`), builds exactly those tensors for every part
 with the kernels' own builders (on the CPU: the same shapes and dtypes as on the GPU) and sums their bytes: a served
 adapter takes its file's bytes plus these on the device.
@@ -30,7 +31,7 @@ MB = 1e6
 
 def held_bytes(folder: Path) -> dict:
     """The adapter's file bytes and what the kernel path builds beside them, by kind."""
-    from hf_deltacome.kernels.triton_sparse import build_mask_state
+    from hf_deltacome.kernels.triton_sparse import build_band_mask_state, build_mask_state, sparse_band_ready
 
     from hf_deltacome.format.baseline_parts import SparsePart
     from hf_deltacome.format.vq_part import VectorPart
@@ -52,8 +53,9 @@ def held_bytes(folder: Path) -> dict:
                 out["dare_weights"] += part.out_features * part.in_features
             elif isinstance(part, VectorPart):
                 out["vq_rot"] += sum(f.numel() * f.element_size() for side in part.rotations(cpu) for f in side)
-        for band in delta.sparse_bands:  # what SparseBand.forward_delta decodes into the capped cache
-            out["sparse_bands"] += sum(f.numel() * f.element_size() for f in band._factors(torch.float16, cpu))
+        for band in delta.sparse_bands:  # the kernels' mask state, or what SparseBand.forward_delta decodes
+            held = build_band_mask_state(band, cpu) if sparse_band_ready(band) else band._factors(torch.float16, cpu)
+            out["sparse_bands"] += sum(f.numel() * f.element_size() for f in held)
     return out
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{f}: not a saved adapter folder (adapter_model.safetensors and adapter_config.json)")
     sys.path.insert(0, str(ROOT))
     rows = ["| adapter | ratio | DARE parts (share of weights) | file | bitmaps | row start indices | vq rotations "
-            "| sparse bands' factors | held beside the file | (file + held) / file |",
+            "| sparse bands (mask starts, or decoded factors) | held beside the file | (file + held) / file |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for f in folders:
         r = held_bytes(f)

@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .format.baseline_parts import SparsePart
 from .format.blob import PINNED_FACTORS
 from .format.decoded import DequantCache, dequant_cache  # noqa: F401 (public here: hf_deltacome.backend.dequant_cache)
+from .format.sparse_bands import SparseBand
 from .format.storage import PackedDelta
 from .format.vq_part import VectorPart
 
@@ -122,8 +123,9 @@ def _add_parts(
     `hf_deltacome.kernels.sparse_add_into` (its values read packed, its mask hashed in the kernel, format 5, or kept
     as a bitmap, 1/16 of the fp16 delta, for an older file, where the PyTorch path's CSR copy takes ~0.9x at 1/16),
     vector codes through `hf_deltacome.kernels.vq_add_into` (read in place, where the PyTorch path decodes them to
-    float32, 2x the fp16 delta); sign bits, sparse bands (two matmuls by their decoded factors: low rank, so small),
-    and a part whose output needs a gradient, through PyTorch: in a mixed batch computed on every row and kept on the
+    float32, 2x the fp16 delta), a sparse band of format 6 through `hf_deltacome.kernels.sparse_band_add_into`
+    (values packed, masks hashed in the kernels); sign bits, an older file's sparse bands (two matmuls by their
+    decoded factors, `SparseBand.forward_delta`), and a part whose output needs a gradient, through PyTorch: in a mixed batch computed on every row and kept on the
     delta's rows by a mask (no host synchronisation: a decode step can still be captured)."""
     from . import kernels
 
@@ -135,6 +137,9 @@ def _add_parts(
                     continue
                 if isinstance(part, VectorPart) and kernels.vq_ready(part):
                     kernels.vq_add_into(y, x, part, row_index, i)
+                    continue
+                if isinstance(part, SparseBand) and kernels.sparse_band_ready(part):
+                    kernels.sparse_band_add_into(y, x, part, row_index, i)
                     continue
             extra = part.forward_delta(x).to(y.dtype)
             if row_index is not None:

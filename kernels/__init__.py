@@ -2,7 +2,9 @@
 
 ``delta_forward(x, delta)`` serves one adapter, ``delta_forward_mixed(x, deltas, row_index)`` a batch whose rows
 use different adapters (``-1`` = none), ``sparse_add_into(y, x, part)`` adds a DARE part (its values packed, its
-mask hashed in the kernel, or read as a bitmap for an older file), ``vq_add_into(y, x, part)`` a vector-quantized part (its codes read in place).
+mask hashed in the kernel, or read as a bitmap for an older file), ``sparse_band_add_into(y, x, band)`` a sparse
+band of singular vectors (impart, the sparse tail: values packed, masks hashed, format 6), ``vq_add_into(y, x,
+part)`` a vector-quantized part (its codes read in place).
 ``hf_deltacome.backend`` dispatches here on CUDA (or on CPU under
 ``TRITON_INTERPRET=1``); importing this package needs Triton.
 """
@@ -13,7 +15,7 @@ mask hashed in the kernel, or read as a bitmap for an older file), ``vq_add_into
 if __name__ == "hf_deltacome.kernels":
     from .plan import KERNEL_BITS, KernelPlan, mixed_plan_for, plan_for
     from .triton_delta import INTERPRET, base_plus_delta, can_add_into, delta_forward, delta_forward_mixed
-    from .triton_sparse import sparse_add_into, sparse_ready
+    from .triton_sparse import sparse_add_into, sparse_band_add_into, sparse_band_ready, sparse_ready
     from .triton_vq import vq_add_into, vq_ready
 
     __all__ = [
@@ -27,6 +29,8 @@ if __name__ == "hf_deltacome.kernels":
         "mixed_plan_for",
         "plan_for",
         "sparse_add_into",
+        "sparse_band_add_into",
+        "sparse_band_ready",
         "sparse_ready",
         "vq_add_into",
         "vq_ready",

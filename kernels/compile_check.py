@@ -101,12 +101,28 @@ def _compile_part_kernel(fn, sig: dict, constexprs: dict, arch: int):
     return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
 
 
-def compile_sparse(compute, bits: int, tile: dict, arch: int, hashed: bool = True):
+def compile_sparse(compute, bits: int, tile: dict, arch: int, hashed: bool = True, y_fp32: bool = False):
     """Compile the DARE kernel for ``sm_<arch>`` at ``bits``-bit values and one tile, its mask hashed in the kernel
-    (format 5) or read as a bitmap."""
-    sig = dict(_SPARSE_SIG, x_ptr=_PTR[compute], y_ptr=_PTR[compute])
+    (format 5) or read as a bitmap; ``y_fp32``: into a float32 buffer (a sparse band's ``Vᵀ x``)."""
+    sig = dict(_SPARSE_SIG, x_ptr=_PTR[compute], y_ptr="*fp32" if y_fp32 else _PTR[compute])
     constexprs = {"HASHED": hashed, "BITS": bits, "COMPUTE": compute, **tile}
     return _compile_part_kernel(TS._sparse_kernel, sig, constexprs, arch)
+
+
+_SPARSE_T_SIG = dict(
+    t_ptr="*fp32", y_ptr=None, row_ad_ptr="*i32", tile_start_ptr="*i32", q_ptr="*i32", hi_ptr="*i32", sc_ptr="*fp16",
+    z_ptr="*u8", T="i32", R="i32", M="i32", tokens_per_row="i32", slot="i32", stride_tt="i32", stride_yt="i32",
+    n_tiles="i32", group="i32", seed="i32", cut="i32",
+)  # fmt: skip
+
+
+def compile_sparse_band(compute, bits: int, bt: int, arch: int):
+    """Compile a sparse band's two kernels for ``sm_<arch>`` at ``bt`` tokens a program: ``Vᵀ x`` (the DARE kernel,
+    hashed, into float32) and ``Uᵀ``'s transposed product, as `triton_sparse.sparse_band_add_into` launches them."""
+    tile = dict(BT=bt, BM=16, BK=256) if bt == 1 else dict(BT=bt, BM=32, BK=128)
+    compile_sparse(compute, bits, tile, arch, True, y_fp32=True)
+    constexprs = {"BITS": bits, "COMPUTE": compute, "BT": bt, "BO": TS.BAND_TILE, "BK": 32}
+    return _compile_part_kernel(TS._sparse_t_kernel, dict(_SPARSE_T_SIG, y_ptr=_PTR[compute]), constexprs, arch)
 
 
 _VQ_SIG = dict(
@@ -210,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                     label = f"sparse  {str(compute):8s} bits={bits} {tile} {'hash' if hashed else 'bitmap'} w4"
                     build = partial(compile_sparse, compute, bits, tile, args.arch, hashed)
                     failures += _report(label, build, args.arch)
+            for bt in (1, 16) if args.quick else (1, 16, 32):
+                label = f"band    {str(compute):8s} bits={bits} BT={bt} (V: DARE kernel into float32, U: transposed) w4"
+                failures += _report(label, partial(compile_sparse_band, compute, bits, bt, args.arch), args.arch)
         for tile in _VQ_TILES if not args.quick else _VQ_TILES[:2]:
             label = f"vq      {str(compute):8s} {tile} w4"
             failures += _report(label, partial(compile_vq, compute, tile, args.arch), args.arch)

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from hf_deltacome.errors import DeltaCoMeError
 from hf_deltacome.format.baseline_parts import SparsePart
+from hf_deltacome.format.sparse_bands import SparseBand
 from hf_deltacome.format.storage import PackedDelta
 from hf_deltacome.format.vq_part import VectorPart
 
@@ -904,9 +905,11 @@ def _single_slot(device: torch.device) -> torch.Tensor:
 
 
 def part_call(
-    y: torch.Tensor, x: torch.Tensor, part: SparsePart | VectorPart, what: str, row_index: torch.Tensor | None
+    y: torch.Tensor, x: torch.Tensor, part: SparsePart | VectorPart | SparseBand, what: str,
+    row_index: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Check a call of the parts' kernels (``y += Δ̂ x`` for a DARE or vector-code part, ``what`` naming it) and
+    """Check a call of the parts' kernels (``y += Δ̂ x`` for a DARE, vector-code or sparse-band part, ``what``
+    naming it) and
     return ``x`` as ``tokens x in`` with unit stride, the adapter slot of each batch row (one zero for a single
     adapter) and the tokens per row."""
     if x.shape[-1] != part.in_features or y.shape != (*x.shape[:-1], part.out_features):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).with_name("data")
 
 
 def benchmark(name: str):
@@ -390,7 +391,7 @@ def test_kernel_state_counts_what_the_dare_kernel_builds_beside_the_file(tmp_pat
     """The bytes the Triton path holds beside a default adapter's file: one index per row of every DARE part and no
     bitmap (format 5: the kernel hashes the mask), none for the bands; importance-rated parts, whose mask the kernel
     does not replay, add one bitmap word per 32 weights (the kernels' own builders); sparse bands (impart) their
-    decoded float16 factors; a bad folder is named."""
+    masks' starts (format 6), or an older file's their decoded float16 factors; a bad folder is named."""
     import copy
 
     from tiny_models import make_finetune, make_model, random_ids
@@ -419,9 +420,13 @@ def test_kernel_state_counts_what_the_dare_kernel_builds_beside_the_file(tmp_pat
     impart = compress(copy.deepcopy(base), make_finetune(base), DeltaCoMeConfig(ratio=1 / 4, method="impart"),
                       progress=False)  # fmt: skip
     impart.save_pretrained(tmp_path / "i")
-    ranks = [(m + n) * b["rank"] for e in impart.peft_config["default"].layout.values()
-             for m, n in [e["shape"]] for b in e.get("sparse_bands", [])]  # fmt: skip
-    assert module.held_bytes(tmp_path / "i")["sparse_bands"] == 2 * sum(ranks) > 0  # float16 factors
+    starts = [4 * b["rank"] * (1 + -(-m // 64)) for e in impart.peft_config["default"].layout.values()
+              for m, _ in [e["shape"]] for b in e.get("sparse_bands", [])]  # fmt: skip
+    assert module.held_bytes(tmp_path / "i")["sparse_bands"] == sum(starts) > 0  # V's row starts, U's tile starts
+    older = module.held_bytes(DATA / "v2_impart_adapter")  # generator draws: decoded float16 factors
+    factors = [2 * b["rank"] * (m + n) for e in json.loads((DATA / "v2_impart_adapter" / "adapter_config.json")
+               .read_text())["layout"].values() for m, n in [e["shape"]] for b in e.get("sparse_bands", [])]  # fmt: skip
+    assert older["sparse_bands"] == sum(factors) > 0
     with pytest.raises(SystemExit, match=r"nowhere: not a saved adapter folder"):
         module.main([str(tmp_path / "nowhere")])
 

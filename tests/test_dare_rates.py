@@ -118,8 +118,8 @@ def test_rated_and_hashed_parts_need_their_formats_and_known_values():
         check_layout_entry("layers.0.q", {**entry, "format": 4}, 32)
     with pytest.raises(ConfigError, match=r"optional 'draws': one of \('generator', 'hash'\)"):
         check_layout_entry("layers.0.q", {**entry, "sparse": {**entry["sparse"], "draws": "philox"}}, 32)
-    with pytest.raises(ConfigError, match=r"unknown format 6; this version reads formats \(1, 2, 3, 4, 5\) \(a newer"):
-        check_layout_entry("layers.0.q", {**entry, "format": 6}, 32)
+    with pytest.raises(ConfigError, match=r"unknown format 7; this version reads formats \(1, 2, 3, 4, 5, 6\) \(a newer"):
+        check_layout_entry("layers.0.q", {**entry, "format": 7}, 32)
     with pytest.raises(ConfigError, match="a hashed seed under 2\\^32"):
         check_layout_entry("layers.0.q", {**entry, "sparse": {**entry["sparse"], "seed": 2**32}}, 32)
     with pytest.raises(ConfigError, match="module 'layers.0.q': 'sparse' must be .*optional 'rates': 'importance'"):

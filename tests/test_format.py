@@ -7,6 +7,7 @@ written by the format-1 code, with the logits it gave.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -54,6 +55,26 @@ def test_dare_adapter_of_generator_draws_still_loads_and_gives_its_logits():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ref["input_ids"]).logits, ref["logits"], rtol=0, atol=1e-5)
     assert summarize_adapter(DATA / "v4_dare_adapter").formats == (2,)
+
+
+def test_impart_adapter_of_generator_draws_still_loads_and_gives_its_logits(monkeypatch):
+    """``tests/data/v2_impart_adapter``: ``impart`` at 1/4 on a tiny Llama, written before sparse bands' masks were
+    hashed (format 6): its bands still draw from the CPU generator and give the logits they gave, on the PyTorch
+    path and beside the kernels (``make_model("llama", seed=11)``, ``make_finetune(base, seed=11)``, calibration
+    ``random_ids(base, 8, 32, 12)``, ids ``random_ids(base, 2, 12, 13)``)."""
+    ref = load_file(str(DATA / "v2_impart_adapter_logits.safetensors"))
+    layout = json.loads((DATA / "v2_impart_adapter" / "adapter_config.json").read_text())["layout"]
+    assert all("draws" not in b for e in layout.values() for b in e.get("sparse_bands", []))
+    model = PeftModel.from_pretrained(make_model("llama", seed=11), str(DATA / "v2_impart_adapter"))
+    bands = [b for m in model.modules() if hasattr(m, "deltacome_delta") for b in m.deltacome_delta["default"].sparse_bands]
+    assert bands and {b.draws for b in bands} == {"generator"}
+    backends = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
+    for name in backends:
+        monkeypatch.setenv("DELTACOME_BACKEND", name)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ref["input_ids"]).logits, ref["logits"], rtol=0, atol=1e-5)
+    assert summarize_adapter(DATA / "v2_impart_adapter").formats == (2,)
 
 
 @pytest.fixture(scope="module")

@@ -103,8 +103,9 @@ def test_sparse_bands_regenerate_their_masks_and_reload_identically(quantizer):
     again.load_state_dict(packed.state_dict())
     assert torch.equal(again.delta_weight(), packed.delta_weight())
     for band, spec in zip(again.sparse_bands, entry["sparse_bands"]):
-        mv, mu = sparse_band_masks(m, n, spec["rank"], spec["keep"], spec["seed"])
-        assert torch.equal(mv, sparse_mask(spec["rank"], n, spec["keep"], spec["seed"]))  # DARE's generator
+        assert spec["draws"] == "hash" and entry["format"] == 6  # the kernel replays them (format/draws.py)
+        mv, mu = sparse_band_masks(m, n, spec["rank"], spec["keep"], spec["seed"], "hash")
+        assert torch.equal(mv, sparse_mask(spec["rank"], n, spec["keep"], spec["seed"], draws="hash"))  # DARE's
         assert [int(mv.sum()), int(mu.sum())] == spec["nnz"]
         assert (band.vt_dense()[~mv] == 0).all() and (band.ut_dense()[~mu] == 0).all()
     assert _kernel_ready(packed)  # the kernels read its dense bands, its sparse bands are added beside them
@@ -123,7 +124,7 @@ def test_sparse_values_are_the_kept_entries_rescaled_by_one_over_keep():
     ((_, _, s, vt, ut),) = compress_module(d, None, entry, cfg).sparse_bands
     band = entry["sparse_bands"][0]
     r, keep = band["rank"], band["keep"]
-    mv, mu = sparse_band_masks(m, n, r, keep, band["seed"])
+    mv, mu = sparse_band_masks(m, n, r, keep, band["seed"], band["draws"])
     U, S, Vh = torch.linalg.svd(d, full_matrices=False)
     want = (U[:, :r] * mu.t() / keep * S[:r]) @ (Vh[:r] * mv / keep)  # unbiased: E[mask / keep] = 1
     got = (ut.t() * s) @ vt
@@ -303,3 +304,24 @@ def test_sparse_bands_live_in_the_one_blob_and_merge_streamed_as_loaded(tmp_path
     layout = model.peft_config["default"].layout
     key = next(n for n, e in layout.items() if e.get("sparse_bands")) + ".weight"
     assert not torch.equal(got[key], base.state_dict()[key])  # the delta, sparse bands included, was merged
+
+
+def test_hashed_sparse_bands_need_format_6_and_known_draws():
+    """Sparse bands written since format 6 draw their masks by the hash the kernels replay; the validator names an
+    entry that says an older format, an unknown draw and a seed whose ``U`` mask (``seed + 1``) would not fit 32 bits."""
+    from hf_deltacome.format.layout_entry import check_layout_entry
+
+    cfg = DeltaCoMeConfig(method="impart", ratio=1 / 4, group_size=32, min_rank_share=0.0)
+    entry = plan_entry("layers.1.mlp", 96, 128, 1 / 4, cfg, spectrum=torch.linalg.svdvals(long_tail_delta(96, 128)))
+    assert entry["format"] == 6 and {b["draws"] for b in entry["sparse_bands"]} == {"hash"}
+    check_layout_entry("layers.1.mlp", entry, 32)
+    with pytest.raises(ConfigError, match="module 'layers.1.mlp': sparse band 0 with hashed draws needs format 6, the "
+                                          "entry says 5"):  # fmt: skip
+        check_layout_entry("layers.1.mlp", {**entry, "format": 5}, 32)
+    band = entry["sparse_bands"][0]
+    for bad in ({**band, "draws": "philox"}, {**band, "seed": 2**32 - 1}):
+        with pytest.raises(ConfigError, match=r"sparse band 0 must be .*optional 'draws': one of \('generator', 'hash'\)"):
+            check_layout_entry("layers.1.mlp", {**entry, "sparse_bands": [bad, *entry["sparse_bands"][1:]]}, 32)
+    older = {**entry, "format": 2, "sparse_bands": [{k: v for k, v in b.items() if k != "draws"}
+                                                    for b in entry["sparse_bands"]]}  # fmt: skip
+    check_layout_entry("layers.1.mlp", older, 32)  # the generator's draws: any format that has sparse bands

@@ -520,55 +520,83 @@ def test_deltas_with_dare_or_sign_parts_run_their_bands_on_the_kernels(monkeypat
     assert_close(y.detach(), reference(x, dare))
 
 
-def _delta_with_sparse_bands(m, n, seed):
-    """An ``impart``-shaped delta: a dense 4-bit band, then two sparse bands (keep 0.6 and 0.35, seeded masks)."""
+def _delta_with_sparse_bands(m, n, seed, draws="hash", bits=(3, 2), group_size=16):
+    """An ``impart``-shaped delta: a dense 4-bit band, then two sparse bands (keep 0.6 and 0.35, seeded masks;
+    hashed draws are format 6's, the generator's older files')."""
     from hf_deltacome.format.sparse_bands import sparse_band_masks
 
     sparse_bands = []
-    for k, (bits, rank, keep) in enumerate([(3, 4, 0.6), (2, 7, 0.35)]):
-        mv, mu = sparse_band_masks(m, n, rank, keep, 40 + seed + 2 * k)
-        sparse_bands.append({"bits": bits, "rank": rank, "keep": keep, "seed": 40 + seed + 2 * k,
-                             "nnz": [int(mv.sum()), int(mu.sum())]})  # fmt: skip
-    entry = {"shape": [m, n], "bands": [[4, 3]], "group_size": 16, "bias": False, "format": 2,
-             "sparse_bands": sparse_bands}  # fmt: skip
+    for k, (b, rank, keep) in enumerate(zip(bits, (4, 37), (0.6, 0.35))):
+        mv, mu = sparse_band_masks(m, n, rank, keep, 40 + seed + 2 * k, draws)
+        sparse_bands.append({"bits": b, "rank": rank, "keep": keep, "seed": 40 + seed + 2 * k,
+                             "nnz": [int(mv.sum()), int(mu.sum())], "draws": draws})  # fmt: skip
+    entry = {"shape": [m, n], "bands": [[4, 3]], "group_size": group_size, "bias": False,
+             "format": 6 if draws == "hash" else 2, "sparse_bands": sparse_bands}  # fmt: skip
     d = PackedDelta.from_layout(entry)
     g = torch.Generator().manual_seed(seed)
     band = d.bands[0]
     v, u = torch.randn(band.rank, n, generator=g) / n**0.5, torch.randn(band.rank, m, generator=g)
-    d.set_band(0, quantize_rtn(v, 4, 16), quantize_rtn(u, 4, 16), torch.rand(band.rank, generator=g))
+    d.set_band(0, quantize_rtn(v, 4, group_size), quantize_rtn(u, 4, group_size), torch.rand(band.rank, generator=g))
     for sb in d.sparse_bands:
-        sb.v.set(quantize_rtn(torch.randn(1, sb.nnz[0], generator=g) / 4, sb.bits, 16))
-        sb.u.set(quantize_rtn(torch.randn(1, sb.nnz[1], generator=g), sb.bits, 16))
+        sb.v.set(quantize_rtn(torch.randn(1, sb.nnz[0], generator=g) / 4, sb.bits, group_size))
+        sb.u.set(quantize_rtn(torch.randn(1, sb.nnz[1], generator=g), sb.bits, group_size))
         sb.s.copy_(torch.rand(sb.rank, generator=g) + 0.5)
     return d.to(DEVICE)
 
 
-def test_a_delta_with_sparse_bands_runs_its_dense_bands_on_the_kernels(monkeypatch):
-    """ImPart's sparse bands (and the sparse tail) are added beside the kernels as parts: a delta that has them, or a
-    mixed batch holding one, no longer takes the PyTorch path whole; the bands' decoded factors are cached (capped)
-    and decoded again when their bytes change."""
+@pytest.mark.parametrize("bits,group_size", [((2, 3), 16), ((4, 8), 32), ((3, 2), 128)])
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+def test_sparse_band_kernels_read_packed_values_and_replay_the_masks(bits, group_size, tokens):
+    """A hashed sparse band (format 6) through its kernels: ``Vᵀ x`` by the DARE kernel, ``Uᵀ``'s product by the
+    transposed one, counting kept values from per-tile starts; the same as the band's decoded factors, on shapes
+    that fill no tile (70 outputs: two tiles of 64, the second six wide; rank 37: two rank tiles of 32)."""
+    d = _delta_with_sparse_bands(70, 50, seed=tokens, bits=bits, group_size=group_size)
+    x = rand_x(tokens, 50, seed=tokens)
+    for band in d.sparse_bands:
+        assert K.sparse_band_ready(band)
+        ref = band.forward_delta(x.float())
+        y = K.sparse_band_add_into(torch.zeros(tokens, 70, device=DEVICE), x, band)
+        assert_close(y, ref)
+        base = rand_x(tokens, 70, seed=3)
+        assert_close(K.sparse_band_add_into(base.clone(), x, band), base + ref)
+    v_starts, tile_starts = K.triton_sparse.band_mask_state(d.sparse_bands[1], torch.device(DEVICE))
+    assert v_starts.dtype == tile_starts.dtype == torch.int32 and tuple(tile_starts.shape) == (37, 2)
+    mv, mu = d.sparse_bands[1].masks()
+    assert int(tile_starts[5, 1]) == int(mu[:5].sum() + mu[5, :64].sum())  # row 5's first value in tile 1
+
+
+def test_a_delta_with_sparse_bands_runs_them_on_the_kernels(monkeypatch):
+    """ImPart's sparse bands (and the sparse tail) run on their own kernels beside the dense bands' (format 6: masks
+    hashed in the kernel, no decoded copy), or, drawn by an older file's CPU generator, in PyTorch from decoded
+    factors kept in the capped cache: a delta that has them, or a mixed batch holding one, no longer takes the
+    PyTorch path whole."""
     from hf_deltacome import backend
 
-    sparse = _delta_with_sparse_bands(30, 48, seed=1)
-    assert backend._kernel_ready(sparse) and len(backend._parts(sparse)) == 2
+    hashed = _delta_with_sparse_bands(30, 48, seed=1)
+    older = _delta_with_sparse_bands(30, 48, seed=5, draws="generator")
+    assert backend._kernel_ready(hashed) and backend._kernel_ready(older) and len(backend._parts(hashed)) == 2
+    assert all(K.sparse_band_ready(b) for b in hashed.sparse_bands)
+    assert not any(K.sparse_band_ready(b) for b in older.sparse_bands)
     calls = _kernel_calls(monkeypatch)
     x = rand_x(5, 48)
-    ref = reference(x, sparse)
-    dense_only = (x.float() @ (sparse.bands[0].ut_dense().t() * sparse.bands[0].s @ sparse.bands[0].vt_dense()).t())
-    assert (ref - dense_only.to(ref.device)).abs().max() > 1e-2  # the sparse bands are there
-    assert_close(backend.delta_forward(x, sparse), ref)
-    base = rand_x(5, 30, seed=4)
-    assert_close(backend.add_delta_into(base.clone(), x, [sparse]), base + ref.to(DEVICE))
-    deltas = [sparse, None, _delta_with_parts(30, 48, [(3, 5)], seed=2), make_delta(30, 48, [(2, 4)], 16, seed=3)]
+    for d in (hashed, older):
+        ref = reference(x, d)
+        band = d.bands[0]
+        dense_only = x.float() @ (band.ut_dense().t() * band.s @ band.vt_dense()).t()
+        assert (ref - dense_only.to(ref.device)).abs().max() > 1e-2  # the sparse bands are there
+        assert_close(backend.delta_forward(x, d), ref)
+        base = rand_x(5, 30, seed=4)
+        assert_close(backend.add_delta_into(base.clone(), x, [d]), base + ref.to(DEVICE))
+    assert not any(dequant_cache.holds(hashed, f"sparse_bands.{k}.factors") for k in (0, 1))  # read packed
+    assert all(dequant_cache.holds(older, f"sparse_bands.{k}.factors") for k in (0, 1))
+    deltas = [hashed, None, _delta_with_parts(30, 48, [(3, 5)], seed=2), older]
     rows = torch.tensor([2, 0, -1, 3, 0], device=DEVICE)
     mixed_ref = mixed_reference(x[:, None], deltas, rows)
     assert_close(backend.delta_forward_mixed(x[:, None], deltas, rows), mixed_ref)
-    assert calls.count("delta_forward") == 2 and calls.count("delta_forward_mixed") == 1  # none took the torch path
-    assert all(dequant_cache.holds(sparse, f"sparse_bands.{k}.factors") for k in (0, 1))
-    sb = sparse.sparse_bands[1]
-    sb.s.mul_(3.0)  # new bytes: the cached factors are decoded again
-    assert_close(backend.delta_forward(x, sparse), reference(x, sparse))
-    assert (reference(x, sparse) - ref).abs().max() > 1e-3
+    assert calls.count("delta_forward") == 4 and calls.count("delta_forward_mixed") == 1  # none took the torch path
+    for d in (hashed, older):
+        d.sparse_bands[1].s.mul_(3.0)  # new bytes: what was built from the old ones is built again
+        assert_close(backend.delta_forward(x, d), reference(x, d))
 
 
 def test_a_dare_part_runs_under_inference_mode_and_its_cache_follows_new_values(monkeypatch):

@@ -26,6 +26,7 @@ from ..config import IMPART_MIN_KEEP, DeltaCoMeConfig
 from ..errors import DeltaCoMeError
 from ..format.budget import band_nbytes, layout_nbytes
 from ..format.packing import QuantizedMatrix, stored_nbytes
+from ..format.sparse_bands import band_draws
 from ..format.storage import sparse_band_masks, sparse_band_nbytes
 from ..quant.rtn import quantize_rtn
 from .baselines import mask_seed
@@ -120,9 +121,9 @@ def sparse_split(
         dense, levels = split(rank)
         sparse = []
         for j, (r, keep) in enumerate(levels):
-            mv, mu = sparse_band_masks(m, n, r, keep, seed + 2 * j)
+            mv, mu = sparse_band_masks(m, n, r, keep, seed + 2 * j, "hash")
             sparse.append({"bits": bits, "rank": r, "keep": keep, "seed": seed + 2 * j,
-                           "nnz": [int(mv.sum()), int(mu.sum())]})  # fmt: skip
+                           "nnz": [int(mv.sum()), int(mu.sum())], "draws": "hash"})  # fmt: skip
         used = band_nbytes(m, n, bits, dense, g) + sum(sparse_band_nbytes(bits, b["rank"], b["nnz"], g) for b in sparse)
         if used <= left or rank == 0:
             return [list(b) for b in head] + [[bits, dense]], sparse
@@ -164,7 +165,7 @@ def compress_sparse_bands(
         r, keep = int(b["rank"]), float(b["keep"])
         sl = slice(start, start + r)
         start += r
-        mv, mu = sparse_band_masks(m, n, r, keep, int(b["seed"]))
+        mv, mu = sparse_band_masks(m, n, r, keep, int(b["seed"]), band_draws(b))
         vt, cv = _unit_rms(Vh[sl].cpu() * mv / keep, mv)
         vq = quantize_rtn(vt[mv].view(1, -1), int(b["bits"]), g)
         vqs.append(vq)

@@ -17,6 +17,7 @@ from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import (
     FORMAT_VERSION,
     HASH_FORMAT,
+    SPARSE_BANDS_HASH_FORMAT,
     VQ_FORMAT,
     PackedDelta,
     rate_nbytes,
@@ -124,6 +125,8 @@ def plan_entry(
         raise ConfigError(f"unknown method {method!r}")
     if entry.get("sparse"):  # every DARE part written has hashed draws (`sparse_entry`), rated or not
         entry["format"] = HASH_FORMAT
+    if entry.get("sparse_bands"):  # ... and every sparse band (`.impart.sparse_split`)
+        entry["format"] = SPARSE_BANDS_HASH_FORMAT
     return entry
 
 

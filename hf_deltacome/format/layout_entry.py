@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import ConfigError
 from .draws import DRAWS
 from .packing import SUPPORTED_BITS
-from .storage import HASH_FORMAT, RATED_FORMAT, READ_FORMATS, VQ_FORMAT
+from .storage import HASH_FORMAT, RATED_FORMAT, READ_FORMATS, SPARSE_BANDS_HASH_FORMAT, VQ_FORMAT
 from .vq_part import VQ_CODES
 
 BITDELTA_SCALES = ("matrix", "row")  # BitDelta sign parts: one scale per matrix or per row
@@ -150,12 +150,19 @@ def _validate_sparse_bands(entry: dict, shape: Sequence[int], where: str) -> int
             and all(is_int(v, 0) for v in band["nnz"])
             and band["nnz"][0] <= band["rank"] * shape[1]
             and band["nnz"][1] <= band["rank"] * shape[0]
+            and band.get("draws", "generator") in DRAWS
+            and (band.get("draws") != "hash" or band["seed"] + 1 < 2**32)
         )
         if not ok:
             raise ConfigError(
                 f"{where}: sparse band {k} must be {{'bits': one of {SUPPORTED_BITS}, 'rank': int >= 0, 'keep': (0, 1], "
-                f"'seed': int >= 0, 'nnz': [kept entries of V (<= rank*{shape[1]}), of U (<= rank*{shape[0]})]}}, "
-                f"got {band!r}"
+                f"'seed': int >= 0, 'nnz': [kept entries of V (<= rank*{shape[1]}), of U (<= rank*{shape[0]})], "
+                f"optional 'draws': one of {DRAWS} (hashed: seed + 1 < 2**32)}}, got {band!r}"
+            )
+        if band.get("draws") == "hash" and entry.get("format", 1) < SPARSE_BANDS_HASH_FORMAT:
+            raise ConfigError(
+                f"{where}: sparse band {k} with hashed draws needs format {SPARSE_BANDS_HASH_FORMAT}, the entry says "
+                f"{entry.get('format', 1)}"
             )
         total += band["rank"]
     return total

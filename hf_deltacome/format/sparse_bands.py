@@ -2,9 +2,11 @@
 
 A sparse band lives in its `~.storage.PackedDelta`'s blob like the dense bands (``format/blob.py``): its parts are
 segments after the baselines' parts, its masks are regenerated from the layout's seed with DARE's
-:func:`~.baseline_parts.sparse_mask` (the one seeded mask generator), never stored. The Triton kernels read a delta's
-dense bands; ``backend.py`` adds its sparse bands beside them as parts (`SparseBand.forward_delta`: two matmuls by
-the band's decoded factors, built once into the capped cache of decoded forms). Format-1 state-dict keys:
+:func:`~.baseline_parts.sparse_mask` (the one seeded mask generator), never stored: by the counter hash of
+``format/draws.py`` since format 6 (``"draws": "hash"``), by the CPU generator before. ``backend.py`` adds sparse
+bands beside the kernels' dense bands: a hashed band through its own kernels (``kernels/triton_sparse.py``, values
+read packed, masks replayed), an older one by `SparseBand.forward_delta` (two matmuls by the band's decoded factors,
+built once into the capped cache of decoded forms). Format-1 state-dict keys:
 ``<module>.deltacome_delta.<adapter>.sparse_bands.<k>.{s,v.qweight,...,u.qweight,...}``.
 """
 
@@ -22,11 +24,19 @@ from .packing import stored_nbytes
 
 
 def sparse_band_masks(
-    out_features: int, in_features: int, rank: int, keep: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    out_features: int, in_features: int, rank: int, keep: float, seed: int, draws: str = "generator",
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The masks of a `SparseBand`: kept entries of ``Vᵀ`` (``rank x in``, drawn from ``seed``) and of ``Uᵀ``
-    (``rank x out``, from ``seed + 1``), by DARE's :func:`sparse_mask`."""
-    return sparse_mask(rank, in_features, keep, seed), sparse_mask(rank, out_features, keep, seed + 1)
+    (``rank x out``, from ``seed + 1``), by DARE's :func:`sparse_mask` (``draws``: the CPU generator's, or the
+    counter hash of `format/draws.py` that the kernel replays, format 6)."""
+    return (sparse_mask(rank, in_features, keep, seed, draws=draws, device=device),
+            sparse_mask(rank, out_features, keep, seed + 1, draws=draws, device=device))  # fmt: skip
+
+
+def band_draws(entry: dict) -> str:
+    """How a ``sparse_bands`` layout entry's masks are drawn: ``"hash"`` (format 6) or ``"generator"`` (before)."""
+    return str(entry.get("draws", "generator"))
 
 
 def sparse_band_nbytes(bits: int, rank: int, nnz: Sequence[int], group_size: int) -> int:
@@ -36,12 +46,12 @@ def sparse_band_nbytes(bits: int, rank: int, nnz: Sequence[int], group_size: int
     return stored_nbytes(1, int(nnz[0]), bits, group_size) + stored_nbytes(1, int(nnz[1]), bits, group_size) + 4 * rank
 
 
-def sparse_band_key(entry: dict) -> tuple[int, int, float, int, int, int]:
-    """``(bits, rank, keep, seed, nnz_v, nnz_u)`` of one ``sparse_bands`` layout entry (hashable: segment tables
-    are cached per layout)."""
+def sparse_band_key(entry: dict) -> tuple[int, int, float, int, int, int, str]:
+    """``(bits, rank, keep, seed, nnz_v, nnz_u, draws)`` of one ``sparse_bands`` layout entry (hashable: segment
+    tables are cached per layout)."""
     nnz = entry["nnz"]
     return (int(entry["bits"]), int(entry["rank"]), float(entry["keep"]), int(entry["seed"]), int(nnz[0]),
-            int(nnz[1]))  # fmt: skip
+            int(nnz[1]), band_draws(entry))  # fmt: skip
 
 
 class SparseBand(BandOfVectors):
@@ -55,7 +65,8 @@ class SparseBand(BandOfVectors):
     magnitude.
     """
 
-    __slots__ = ("_store", "_prefix", "out_features", "in_features", "bits", "rank", "keep", "seed", "nnz", "v", "u")
+    __slots__ = ("_store", "_prefix", "out_features", "in_features", "bits", "rank", "keep", "seed", "nnz", "draws",
+                 "v", "u")  # fmt: skip
 
     s = part_property("s")
 
@@ -63,9 +74,9 @@ class SparseBand(BandOfVectors):
         self, out_features: int, in_features: int, key: tuple, group_size: int, *, store: Optional[BlobStore] = None,
         prefix: str = "",
     ) -> None:  # fmt: skip
-        bits, rank, keep, seed, nnz_v, nnz_u = key
+        bits, rank, keep, seed, nnz_v, nnz_u, draws = key
         self.out_features, self.in_features, self.bits, self.rank = out_features, in_features, bits, rank
-        self.keep, self.seed, self.nnz = float(keep), int(seed), (int(nnz_v), int(nnz_u))
+        self.keep, self.seed, self.nnz, self.draws = float(keep), int(seed), (int(nnz_v), int(nnz_u)), draws
         self._prefix = prefix
         self._store = store if store is not None else OwnBlob(Segments(self.parts("", key, group_size)))
         self.v = QuantizedFactor(self._store, prefix + "v.", 1, self.nnz[0], bits, group_size)
@@ -80,16 +91,18 @@ class SparseBand(BandOfVectors):
     def parts(prefix: str, key: tuple, group_size: int) -> list[tuple]:
         """Segment specs (key, shape, dtype, bits, cols) of one sparse band under ``prefix``: ``s``, then V's and
         U's kept values (the order its module's buffers had)."""
-        bits, rank, _, _, nnz_v, nnz_u = key
+        bits, rank, _, _, nnz_v, nnz_u, _ = key
         return [
             (prefix + "s", (rank,), torch.float32, 0, None),
             *factor_parts(prefix + "v.", 1, nnz_v, bits, group_size),
             *factor_parts(prefix + "u.", 1, nnz_u, bits, group_size),
         ]
 
-    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept entries of ``Vᵀ`` (``rank x in``) and ``Uᵀ`` (``rank x out``), regenerated from the seed."""
-        mv, mu = sparse_band_masks(self.out_features, self.in_features, self.rank, self.keep, self.seed)
+    def masks(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept entries of ``Vᵀ`` (``rank x in``) and ``Uᵀ`` (``rank x out``), regenerated from the seed (hashed
+        draws on ``device`` itself, the generator's on the CPU)."""
+        mv, mu = sparse_band_masks(self.out_features, self.in_features, self.rank, self.keep, self.seed, self.draws,
+                                   device if self.draws == "hash" else "cpu")  # fmt: skip
         got = (int(mv.sum()), int(mu.sum()))
         if got != self.nnz:
             raise AdapterFileError(
@@ -131,4 +144,4 @@ class SparseBand(BandOfVectors):
 
     def __repr__(self) -> str:
         return (f"SparseBand(rank={self.rank}, bits={self.bits}, keep={self.keep:.4f}, nnz={list(self.nnz)}, "
-                f"seed={self.seed})")  # fmt: skip
+                f"seed={self.seed}, draws={self.draws})")  # fmt: skip

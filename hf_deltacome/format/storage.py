@@ -26,7 +26,7 @@ from .sparse_bands import SparseBand, sparse_band_key, sparse_band_masks, sparse
 from .vq_part import VectorPart, vq_part_nbytes
 
 __all__ = [  # the parts are re-exported: importers see the whole format here
-    "FORMAT_VERSION", "HASH_FORMAT", "RATED_FORMAT", "READ_FORMATS", "DeltaBand", "PackedDelta", "QuantizedFactor", "SignPart",
+    "FORMAT_VERSION", "HASH_FORMAT", "RATED_FORMAT", "READ_FORMATS", "SPARSE_BANDS_HASH_FORMAT", "DeltaBand", "PackedDelta", "QuantizedFactor", "SignPart",
     "SparseBand", "SparsePart", "TensorSpec", "blob_state_dicts", "layout_tensors", "plane_bits", "rate_nbytes",
     "sign_part_nbytes", "sparse_band_masks", "sparse_band_nbytes", "sparse_mask", "VQ_FORMAT", "VectorPart",
     "vq_part_nbytes",
@@ -36,7 +36,8 @@ FORMAT_VERSION = 2  # of newly written adapters; layout entries without "format"
 RATED_FORMAT = 3  # format 2 plus an importance-rated DARE part ("rates" in "sparse"): written only for such entries
 VQ_FORMAT = 4  # format 3 plus a vector-quantized part ("vq", format/vq_part.py): written only for such entries
 HASH_FORMAT = 5  # format 4 plus a DARE part whose mask is drawn by a hash ("draws": "hash", format/draws.py)
-READ_FORMATS = (1, 2, 3, 4, 5)  # what this version reads (an older reader refuses a newer entry by its version)
+SPARSE_BANDS_HASH_FORMAT = 6  # format 5 plus sparse bands whose masks are drawn by the hash ("draws": "hash")
+READ_FORMATS = (1, 2, 3, 4, 5, 6)  # what this version reads (an older reader refuses a newer entry by its version)
 _BLOB_KEYS: contextvars.ContextVar[bool] = contextvars.ContextVar("deltacome_blob_keys", default=False)
 
 
