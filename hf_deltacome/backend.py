@@ -125,8 +125,9 @@ def _add_parts(
     vector codes through `hf_deltacome.kernels.vq_add_into` (read in place, where the PyTorch path decodes them to
     float32, 2x the fp16 delta), a sparse band of format 6 through `hf_deltacome.kernels.sparse_band_add_into`
     (values packed, masks hashed in the kernels); sign bits, an older file's sparse bands (two matmuls by their
-    decoded factors, `SparseBand.forward_delta`), and a part whose output needs a gradient, through PyTorch: in a mixed batch computed on every row and kept on the
-    delta's rows by a mask (no host synchronisation: a decode step can still be captured)."""
+    decoded factors, `SparseBand.forward_delta`), and a part whose output needs a gradient, through PyTorch: in a
+    mixed batch computed on every row and kept on the delta's rows by a mask (no host synchronisation: a decode step
+    can still be captured)."""
     from . import kernels
 
     for i, delta in enumerate(deltas):

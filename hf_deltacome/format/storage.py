@@ -288,8 +288,8 @@ class PackedDelta(BlobStore, nn.Module):
     @property
     def has_extra_parts(self) -> bool:
         """True when a part beside the dense bands is present (sign bits, sparse values, sparse bands): the Triton
-        kernels read dense bands; the backend adds DARE values and vector codes beside them with their own kernels,
-        sign bits and sparse bands in PyTorch."""
+        kernels read dense bands; the backend adds DARE values, vector codes and (format 6) sparse bands beside them
+        with their own kernels, sign bits and older files' sparse bands in PyTorch."""
         return self.full_rank or bool(self._sparse_bands)
 
     @property
