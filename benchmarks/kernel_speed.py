@@ -452,6 +452,63 @@ def bench_vq(shapes: list[tuple[int, int]], tokens_list: list[int], dtype, devic
     return head + lines
 
 
+# -- a delta of ImPart's sparse bands (`method="impart"`) -----------------------------------------------------------
+
+
+def impart_delta(m: int, n: int, device, seed: int = 0) -> PackedDelta:
+    """An ``impart`` layout at the ratio (dense head bands, sparse bands of hashed masks, as `plan_entry` writes it
+    with the model spectrum), random values."""
+    from hf_deltacome import DeltaCoMeConfig
+    from hf_deltacome.compression.modules import plan_entry
+
+    entry = plan_entry(f"bench.{m}x{n}", m, n, RATIO, DeltaCoMeConfig(method="impart", group_size=GROUP, ratio=RATIO))
+    gen = torch.Generator().manual_seed(seed)
+    d = fill_random(PackedDelta.from_layout(entry), gen)
+    with torch.no_grad():
+        for band in d.sparse_bands:
+            for f in (band.v, band.u):
+                _fill_factor(f, gen, f.cols // max(1, band.rank))
+            band.s.copy_(torch.rand(band.s.shape, generator=gen) + 0.5)
+    return d.to(device)
+
+
+def bench_impart(shapes: list[tuple[int, int]], tokens_list: list[int], dtype, device) -> list[str]:
+    """Markdown rows: one ``impart`` delta through the backend's seam (the bands' kernels, then each sparse band's
+    two kernels: values packed, masks hashed) against the PyTorch path (its decoded factors, cached), and the memory
+    each holds beside the packed file."""
+    from hf_deltacome.kernels.triton_sparse import band_mask_state
+
+    lines = []
+    for m, n in shapes:
+        proto = impart_delta(m, n, device)
+        factor_bytes = proto.rank * (m + n) * torch.finfo(dtype).bits // 8
+        deltas = [proto] + [impart_delta(m, n, device, seed=i) for i in range(1, min(8, copies_for(factor_bytes)))]
+        sparse_rank = sum(b.rank for b in proto.sparse_bands)
+        for T in tokens_list:
+            x = torch.randn(T, n, device=device, dtype=dtype)
+            err, ours_t, graphed, cached_t = _seam_against_torch(x, deltas)
+            state = sum(t.numel() * t.element_size() for b in proto.sparse_bands for t in band_mask_state(b, x.device))
+            lines.append(
+                f"| {m}x{n} | {proto.rank - sparse_rank} dense + {sparse_rank} sparse | {T} | {ours_t * 1e6:.1f}"
+                f"{'' if graphed else ' (eager)'} | {cached_t * 1e6:.1f} | {proto.nbytes() / 2**20:.2f} | "
+                f"{state / 2**10:,.1f} | {factor_bytes / 2**20:.1f} | {err:.1e} |"
+            )
+            print(f"  impart {m}x{n} T={T}: kernels {ours_t * 1e6:.1f} us, PyTorch {cached_t * 1e6:.1f} us", flush=True)
+    head = [
+        "",
+        f"A delta of ImPart's sparse bands at 1/{round(1 / RATIO)} (`method=\"impart\"`, format 6): *kernels* = "
+        "`backend.delta_forward` (the dense bands' kernels, then per sparse band `Vᵀ x` by the DARE kernel and "
+        "`Uᵀ`'s transposed product, the values packed and the masks hashed in the kernels; '(eager)' where the call "
+        "could not be captured in a CUDA graph), *PyTorch* = the PyTorch path with its decoded factors cached; "
+        "memory beside the packed file: the kernels' mask state (row and tile starts), the PyTorch path's factors.",
+        "",
+        "| layer | rank | tokens | kernels µs | PyTorch, cached factors µs | packed MiB | mask state KiB (kernels) "
+        "| cached factors MiB (PyTorch) | max rel err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    return head + lines
+
+
 # -- end-to-end decode -------------------------------------------------------------------------------------------
 
 
@@ -800,6 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-sweep", action="store_true", help="also time every shrink split at 1 and 8 tokens")
     ap.add_argument("--skip-residual", action="store_true", help="skip the delta with a DARE residual")
     ap.add_argument("--skip-vq", action="store_true", help="skip the delta stored as vector codes")
+    ap.add_argument("--skip-impart", action="store_true", help="skip the delta of ImPart's sparse bands")
     ap.add_argument("--decode-layout", choices=["bands", "default"], default="bands",
                     help="adapters of the decode benchmark: every linear as bands (the published layout, the readings "
                          "so far) or the default's (the MLP as 2-bit DARE, the attention as bands; slower to set up: "
@@ -845,11 +903,12 @@ def main(argv: list[str] | None = None) -> int:
     small = [t for t in tokens if t <= 8][:2]
     residual = [] if args.skip_residual else bench_residual(shapes[:2], small, dtype, device)
     vq = [] if args.skip_vq else bench_vq(shapes[:2], small, dtype, device)
+    impart = [] if args.skip_impart else bench_impart(shapes[:2], small, dtype, device)
     decode = [] if args.skip_decode else bench_decode(layers, 8, steps, device, dtype, args.decode_layout)
     if GPU:  # again once the clocks are up: the better of the two readings is the ceiling
         copy = max(copy, copy_gbps())
     text = markdown(rows, decode, peak, peak_src, copy, header)
-    for extra in (residual, vq):
+    for extra in (residual, vq, impart):
         if extra:
             text += "\n".join(extra) + "\n"
     print()

@@ -658,7 +658,7 @@ def test_compressed_adapters_with_dare_or_sparse_bands_give_the_same_logits_on_t
 def test_kernel_benchmark_runs_and_its_outputs_match_the_pytorch_path(tmp_path):
     """benchmarks/kernel_speed.py on a tiny shape under the interpreter (its timings mean nothing): it still runs
     against the current format and API, and every row it writes — one adapter, 8 mixed, a DARE residual (its mask
-    hashed, then as a bitmap), vector codes — matches the PyTorch path."""
+    hashed, then as a bitmap), vector codes, ImPart's sparse bands — matches the PyTorch path."""
     import subprocess
     import sys
     from pathlib import Path
@@ -673,13 +673,14 @@ def test_kernel_benchmark_runs_and_its_outputs_match_the_pytorch_path(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in md.read_text().splitlines() if line.startswith("| 64x64")]
-    assert len(rows) == 4  # the layer table's row, the residual table's two and the vector codes'
-    layer, hashed, bitmap, vq = rows
+    assert len(rows) == 5  # the layer table's row, the residual table's two, the vector codes' and ImPart's
+    layer, hashed, bitmap, vq, impart = rows
     assert layer[2].strip() == "8" and "n/a" not in (layer[14], layer[15])  # 8 adapters mixed, split and looped
     for row in rows:
         assert float(row[-1]) < 1e-4  # max relative error against the PyTorch path (float32 here)
     assert "hashed" in hashed[1] and "bitmap" in bitmap[1] and "-dim x" in vq[1]
     assert float(hashed[7]) < float(bitmap[7])  # the kernel's mask state: row starts alone, then with the bitmap
+    assert int(impart[1].split("+")[1].split()[0]) > 0 and float(impart[6]) > 0  # sparse bands, their mask state
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU scripts/gpu_check.sh runs the benchmark at full size")
