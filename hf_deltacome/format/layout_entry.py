@@ -94,16 +94,10 @@ def _validate_extra_parts(entry: dict, shape: Sequence[int], where: str) -> None
                 f"{SUPPORTED_BITS}, 'group_size': int, optional 'rates': 'importance', optional 'draws': one of "
                 f"{DRAWS} (a hashed seed under 2^32)}}, got {sparse!r}"
             )
-        if sparse.get("rates") is not None and entry.get("format", 1) < RATED_FORMAT:
-            raise ConfigError(
-                f"{where}: an importance-rated 'sparse' part needs format {RATED_FORMAT}, the entry says "
-                f"{entry.get('format', 1)}"
-            )
-        if sparse.get("draws") == "hash" and entry.get("format", 1) < HASH_FORMAT:
-            raise ConfigError(
-                f"{where}: a 'sparse' part with hashed draws needs format {HASH_FORMAT}, the entry says "
-                f"{entry.get('format', 1)}"
-            )
+        if sparse.get("rates") is not None:
+            _require_format(entry, RATED_FORMAT, "an importance-rated 'sparse' part", where)
+        if sparse.get("draws") == "hash":
+            _require_format(entry, HASH_FORMAT, "a 'sparse' part with hashed draws", where)
 
 
 def _validate_vq(entry: dict, shape: Sequence[int], where: str) -> None:
@@ -124,8 +118,13 @@ def _validate_vq(entry: dict, shape: Sequence[int], where: str) -> None:
     if not ok:
         raise ConfigError(f"{where}: 'vq' must be {{'rows': 1..{shape[0]}, 'dim': 1..{shape[1]}, 'codes': one of "
                           f"{VQ_CODES}, 'seed': int >= 0}}, got {vq!r}")  # fmt: skip
-    if entry.get("format", 1) < VQ_FORMAT:
-        raise ConfigError(f"{where}: a 'vq' part needs format {VQ_FORMAT}, the entry says {entry.get('format', 1)}")
+    _require_format(entry, VQ_FORMAT, "a 'vq' part", where)
+
+
+def _require_format(entry: dict, version: int, what: str, where: str) -> None:
+    """Refuse an entry that holds ``what`` under a format older than the ``version`` that introduced it."""
+    if entry.get("format", 1) < version:
+        raise ConfigError(f"{where}: {what} needs format {version}, the entry says {entry.get('format', 1)}")
 
 
 def _validate_sparse_bands(entry: dict, shape: Sequence[int], where: str) -> int:
@@ -159,10 +158,7 @@ def _validate_sparse_bands(entry: dict, shape: Sequence[int], where: str) -> int
                 f"'seed': int >= 0, 'nnz': [kept entries of V (<= rank*{shape[1]}), of U (<= rank*{shape[0]})], "
                 f"optional 'draws': one of {DRAWS} (hashed: seed + 1 < 2**32)}}, got {band!r}"
             )
-        if band.get("draws") == "hash" and entry.get("format", 1) < SPARSE_BANDS_HASH_FORMAT:
-            raise ConfigError(
-                f"{where}: sparse band {k} with hashed draws needs format {SPARSE_BANDS_HASH_FORMAT}, the entry says "
-                f"{entry.get('format', 1)}"
-            )
+        if band.get("draws") == "hash":
+            _require_format(entry, SPARSE_BANDS_HASH_FORMAT, f"sparse band {k} with hashed draws", where)
         total += band["rank"]
     return total
