@@ -591,9 +591,10 @@ def test_a_delta_with_sparse_bands_runs_them_on_the_kernels(monkeypatch):
     assert all(dequant_cache.holds(older, f"sparse_bands.{k}.factors") for k in (0, 1))
     deltas = [hashed, None, _delta_with_parts(30, 48, [(3, 5)], seed=2), older]
     rows = torch.tensor([2, 0, -1, 3, 0], device=DEVICE)
-    mixed_ref = mixed_reference(x[:, None], deltas, rows)
-    assert_close(backend.delta_forward_mixed(x[:, None], deltas, rows), mixed_ref)
-    assert calls.count("delta_forward") == 4 and calls.count("delta_forward_mixed") == 1  # none took the torch path
+    for seq in (1, 3):  # decode, and prefill (several tokens a row)
+        xs = rand_x(5, seq, 48, seed=seq)
+        assert_close(backend.delta_forward_mixed(xs, deltas, rows), mixed_reference(xs, deltas, rows))
+    assert calls.count("delta_forward") == 4 and calls.count("delta_forward_mixed") == 2  # none took the torch path
     for d in (hashed, older):
         d.sparse_bands[1].s.mul_(3.0)  # new bytes: what was built from the old ones is built again
         assert_close(backend.delta_forward(x, d), reference(x, d))
