@@ -271,6 +271,8 @@ def band_mask_state(band: SparseBand, device: torch.device) -> tuple[torch.Tenso
 def build_band_mask_state(band: SparseBand, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """`band_mask_state` built: the masks hashed on ``device`` and checked against the stored counts."""
     mv, mu = band.masks(device)
+    if max(band.nnz) >= 2**31:
+        raise DeltaCoMeError(f"{band!r} keeps {max(band.nnz)} values in one vector side; the kernels index up to 2^31")
     v_rows = mv.sum(1, dtype=torch.int64)
     v_starts = (torch.cumsum(v_rows, 0) - v_rows).to(torch.int32)
     r, m = mu.shape
