@@ -12,7 +12,8 @@ Achieved bandwidth = bytes that must be read (packed factors, or the base weight
 measured copy bandwidth and its spec-sheet peak. Then end-to-end decode tokens/s of a 7B-shaped Llama (random
 weights) with 0, 1 and 8 different adapters in one batch of 8, eager and with the whole decode step captured in one
 CUDA graph (static KV cache): the model is timed with a few layer counts and the per-layer slope is extrapolated to
-32 layers. Beside them, one delta with a DARE residual and one stored as vector codes, each against the PyTorch path.
+32 layers. Beside them, one delta with a DARE residual, one stored as vector codes and one of ImPart's sparse bands,
+each against the PyTorch path.
 
 Without a GPU the same code runs on tiny shapes under ``TRITON_INTERPRET=1``; those timings mean nothing.
 """
