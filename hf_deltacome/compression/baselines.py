@@ -27,6 +27,7 @@ from ..config import DeltaCoMeConfig
 from ..errors import DeltaCoMeError
 from ..format.baseline_parts import RATE_CENTER, RATE_STEP, SparsePart, pack_rates, rate_factors, sparse_scores
 from ..format.budget import budget_bytes, largest_fitting, layout_nbytes, solve_ranks
+from ..format.draws import entry_draws
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import rate_nbytes, sign_part_nbytes, sparse_mask
 from ..format.vq_part import vq_rows
@@ -289,7 +290,7 @@ def dare_factors(
     m, n = delta.shape
     d = delta.detach().to(torch.float32).cpu()
     if sparse.get("rates") is None:
-        mask = sparse_mask(m, n, sparse["keep"], sparse["seed"], draws=sparse.get("draws", "generator"))
+        mask = sparse_mask(m, n, sparse["keep"], sparse["seed"], draws=entry_draws(sparse))
         if int(mask.sum()) != int(sparse["nnz"]):
             raise DeltaCoMeError(f"DARE mask of a {m}x{n} delta keeps {int(mask.sum())} entries, layout says {sparse}")
         values = (d[mask] / float(sparse["keep"])).view(1, -1)
@@ -298,7 +299,7 @@ def dare_factors(
     energy = d.to(torch.float64).square() * h.view(1, -1)
     packed = pack_rates(rate_codes(energy.sum(1)), rate_codes(energy.sum(0)))
     a, b = rate_factors(packed, m, n)
-    scores = sparse_scores(m, n, sparse["seed"], (a, b), sparse.get("draws", "generator"))
+    scores = sparse_scores(m, n, sparse["seed"], (a, b), entry_draws(sparse))
     cap = int(sparse["nnz"])
     if cap >= m * n:  # every entry fits: a finite threshold above every score (a file holds no inf)
         threshold = 2.0 / (float(a.min()) * float(b.min()))

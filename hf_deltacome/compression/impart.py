@@ -25,8 +25,8 @@ import torch
 from ..config import IMPART_MIN_KEEP, DeltaCoMeConfig
 from ..errors import DeltaCoMeError
 from ..format.budget import band_nbytes, layout_nbytes
+from ..format.draws import entry_draws
 from ..format.packing import QuantizedMatrix, stored_nbytes
-from ..format.sparse_bands import band_draws
 from ..format.storage import sparse_band_masks, sparse_band_nbytes
 from ..quant.rtn import quantize_rtn
 from .baselines import mask_seed
@@ -165,7 +165,7 @@ def compress_sparse_bands(
         r, keep = int(b["rank"]), float(b["keep"])
         sl = slice(start, start + r)
         start += r
-        mv, mu = sparse_band_masks(m, n, r, keep, int(b["seed"]), band_draws(b))
+        mv, mu = sparse_band_masks(m, n, r, keep, int(b["seed"]), entry_draws(b))
         vt, cv = _unit_rms(Vh[sl].cpu() * mv / keep, mv)
         vq = quantize_rtn(vt[mv].view(1, -1), int(b["bits"]), g)
         vqs.append(vq)

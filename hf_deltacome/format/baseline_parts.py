@@ -16,7 +16,7 @@ import torch
 
 from ..errors import AdapterFileError
 from .blob import BlobStore, OwnBlob, QuantizedFactor, Segments, factor_parts, part_property
-from .draws import generator_uniform, hash_mask, hash_uniform
+from .draws import entry_draws, generator_uniform, hash_mask, hash_uniform
 from .packing import pack_bits, pack_nibbles, packed_words, unpack_bits, unpack_nibbles
 
 
@@ -264,7 +264,7 @@ class SparsePart:
             int(entry["bits"]),
             int(entry.get("group_size", 128)),
             rated=entry.get("rates") is not None,
-            draws=entry.get("draws", "generator"),
+            draws=entry_draws(entry),
             **where,
         )
 

@@ -1,11 +1,12 @@
-"""The seeded uniform draws behind a DARE part's mask: never stored, drawn again from the layout's seed when read.
+"""The seeded uniform draws behind a DARE part's mask and a sparse band's: never stored, drawn again from the layout's
+seed when read.
 
-Two kinds, named by a ``sparse`` layout entry's ``"draws"``:
+Two kinds, named by a ``sparse`` (or ``sparse_bands``) layout entry's ``"draws"`` (:func:`entry_draws`):
 
-* ``"generator"`` (formats 1-4: the key absent): torch's CPU generator (a Mersenne Twister) seeded with the seed,
+* ``"generator"`` (formats 1-4, sparse bands to format 5: the key absent): torch's CPU generator (a Mersenne Twister) seeded with the seed,
   one float32 in [0, 1) per entry in row-major order. Only a CPU replays it, in order, so a GPU kernel has to be
   handed the mask (a bitmap: one bit a weight, more than a 1/16 file's whole budget).
-* ``"hash"`` (format 5): a counter-based hash of ``(seed, row, column)``, :data:`HASH_BITS` bits an entry. The same
+* ``"hash"`` (format 5; sparse bands' from format 6): a counter-based hash of ``(seed, row, column)``, :data:`HASH_BITS` bits an entry. The same
   integers on any device, in any order, and inside a Triton kernel (`kernels/triton_sparse.py` replays it tile by
   tile: the GPU keeps nothing but each row's first value index). Entry ``(i, j)`` draws
   ``mix32(row_key(i) ^ col_key(j)) >> (32 - HASH_BITS)`` with ``row_key(i) = mix32(seed ^ mix32(2 i + 1))`` and
@@ -24,6 +25,12 @@ HASH_BITS = 24  # bits of a hashed draw: its uniform value d / 2^24 is exact in 
 MIX_A, MIX_B = 0x21F0AAAD, 0x735A2D97  # the finaliser's multipliers (kernels/triton_sparse.py repeats them)
 _M32 = 0xFFFFFFFF
 _CHUNK = 1 << 22  # entries hashed at once: bounds the int64 temporaries (~100 MB) on a 7B-class matrix
+
+
+def entry_draws(entry: dict) -> str:
+    """How a ``sparse`` or ``sparse_bands`` layout entry's masks are drawn: its ``"draws"``, else ``"generator"``
+    (files written before the hash)."""
+    return str(entry.get("draws", "generator"))
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:

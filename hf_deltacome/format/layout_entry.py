@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError
-from .draws import DRAWS
+from .draws import DRAWS, entry_draws
 from .packing import SUPPORTED_BITS
 from .storage import HASH_FORMAT, RATED_FORMAT, READ_FORMATS, SPARSE_BANDS_HASH_FORMAT, VQ_FORMAT
 from .vq_part import VQ_CODES
@@ -85,8 +85,8 @@ def _validate_extra_parts(entry: dict, shape: Sequence[int], where: str) -> None
             and sparse.get("bits") in SUPPORTED_BITS
             and is_int(sparse.get("group_size", 128), 1)
             and sparse.get("rates") in (None, "importance")
-            and sparse.get("draws", "generator") in DRAWS
-            and (sparse.get("draws") != "hash" or sparse["seed"] < 2**32)
+            and entry_draws(sparse) in DRAWS
+            and (entry_draws(sparse) != "hash" or sparse["seed"] < 2**32)
         )
         if not ok:
             raise ConfigError(
@@ -96,7 +96,7 @@ def _validate_extra_parts(entry: dict, shape: Sequence[int], where: str) -> None
             )
         if sparse.get("rates") is not None:
             _require_format(entry, RATED_FORMAT, "an importance-rated 'sparse' part", where)
-        if sparse.get("draws") == "hash":
+        if entry_draws(sparse) == "hash":
             _require_format(entry, HASH_FORMAT, "a 'sparse' part with hashed draws", where)
 
 
@@ -149,8 +149,8 @@ def _validate_sparse_bands(entry: dict, shape: Sequence[int], where: str) -> int
             and all(is_int(v, 0) for v in band["nnz"])
             and band["nnz"][0] <= band["rank"] * shape[1]
             and band["nnz"][1] <= band["rank"] * shape[0]
-            and band.get("draws", "generator") in DRAWS
-            and (band.get("draws") != "hash" or band["seed"] + 1 < 2**32)
+            and entry_draws(band) in DRAWS
+            and (entry_draws(band) != "hash" or band["seed"] + 1 < 2**32)
         )
         if not ok:
             raise ConfigError(
@@ -158,7 +158,7 @@ def _validate_sparse_bands(entry: dict, shape: Sequence[int], where: str) -> int
                 f"'seed': int >= 0, 'nnz': [kept entries of V (<= rank*{shape[1]}), of U (<= rank*{shape[0]})], "
                 f"optional 'draws': one of {DRAWS} (hashed: seed + 1 < 2**32)}}, got {band!r}"
             )
-        if band.get("draws") == "hash":
+        if entry_draws(band) == "hash":
             _require_format(entry, SPARSE_BANDS_HASH_FORMAT, f"sparse band {k} with hashed draws", where)
         total += band["rank"]
     return total

@@ -20,6 +20,7 @@ import torch
 from ..errors import AdapterFileError
 from .baseline_parts import sparse_mask
 from .blob import BandOfVectors, BlobStore, OwnBlob, QuantizedFactor, Segments, factor_parts, part_property
+from .draws import entry_draws
 from .packing import stored_nbytes
 
 
@@ -34,11 +35,6 @@ def sparse_band_masks(
             sparse_mask(rank, out_features, keep, seed + 1, draws=draws, device=device))  # fmt: skip
 
 
-def band_draws(entry: dict) -> str:
-    """How a ``sparse_bands`` layout entry's masks are drawn: ``"hash"`` (format 6) or ``"generator"`` (before)."""
-    return str(entry.get("draws", "generator"))
-
-
 def sparse_band_nbytes(bits: int, rank: int, nnz: Sequence[int], group_size: int) -> int:
     """Exact bytes of a `SparseBand`: the kept values of ``Vᵀ`` and ``Uᵀ`` (one flat row each) and ``S``."""
     if rank <= 0:
@@ -51,7 +47,7 @@ def sparse_band_key(entry: dict) -> tuple[int, int, float, int, int, int, str]:
     tables are cached per layout)."""
     nnz = entry["nnz"]
     return (int(entry["bits"]), int(entry["rank"]), float(entry["keep"]), int(entry["seed"]), int(nnz[0]),
-            int(nnz[1]), band_draws(entry))  # fmt: skip
+            int(nnz[1]), entry_draws(entry))  # fmt: skip
 
 
 class SparseBand(BandOfVectors):

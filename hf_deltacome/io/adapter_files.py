@@ -26,7 +26,7 @@ from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
 
 from ..config import DeltaCoMeConfig
 from ..errors import AdapterFileError, ConfigError, DeltaCoMeError
-from ..format.sparse_bands import band_draws
+from ..format.draws import entry_draws
 from ..format.storage import PackedDelta, TensorSpec, layout_tensors, plane_bits, sparse_band_masks
 from .atomic import PathLike, PinnedFiles, file_sha256, recover_folder, wait_for_swap
 
@@ -322,7 +322,7 @@ def _check_masks(config: DeltaCoMeConfig, filename: str) -> None:
         m, n = entry["shape"]
         for k, band in enumerate(entry.get("sparse_bands", [])):
             if band["rank"] > 0:
-                mv, mu = sparse_band_masks(m, n, band["rank"], band["keep"], band["seed"], band_draws(band))
+                mv, mu = sparse_band_masks(m, n, band["rank"], band["keep"], band["seed"], entry_draws(band))
                 if [int(mv.sum()), int(mu.sum())] != list(band["nnz"]):
                     raise AdapterFileError(
                         f"{filename}: module {name!r}, sparse band {k}: the masks regenerated from seed {band['seed']} "
