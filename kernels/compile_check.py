@@ -120,9 +120,9 @@ def compile_sparse_band(compute, bits: int, bt: int, arch: int, with_v: bool = T
     """Compile a sparse band's kernels for ``sm_<arch>`` at ``bt`` tokens a program: ``Vᵀ x`` (the DARE kernel,
     hashed, into float32; ``with_v``) and ``Uᵀ``'s transposed product, as `triton_sparse.sparse_band_add_into`
     launches them; returns the latter."""
-    tile = dict(BT=bt, BM=16, BK=256) if bt == 1 else dict(BT=bt, BM=32, BK=128)
     if with_v:
-        compile_sparse(compute, bits, tile, arch, True, y_fp32=True)
+        bm, bk = TS._dare_tile(bt)
+        compile_sparse(compute, bits, dict(BT=bt, BM=bm, BK=bk), arch, True, y_fp32=True)
     constexprs = {"BITS": bits, "COMPUTE": compute, "BT": bt, "BO": TS.BAND_TILE, "BK": 32}
     return _compile_part_kernel(TS._sparse_t_kernel, dict(_SPARSE_T_SIG, y_ptr=_PTR[compute]), constexprs, arch)
 

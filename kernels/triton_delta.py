@@ -926,6 +926,13 @@ def part_call(
     return x2, row_index.to(x.device).contiguous(), x2.shape[0] // x.shape[0]
 
 
+def part_launch(x2: torch.Tensor) -> tuple[tl.dtype, int]:
+    """What the parts' kernels compute in for the ``tokens x in`` input ``x2`` (float32 under the interpreter) and
+    their token tile: one token alone, else 16-32."""
+    T = x2.shape[0]
+    return tl.float32 if INTERPRET else _COMPUTE[x2.dtype], 1 if T == 1 else min(32, max(16, triton.next_power_of_2(T)))
+
+
 def can_add_into(y: torch.Tensor, x: torch.Tensor, out_features: int) -> bool:
     """Can the kernels add a delta of ``x`` into ``y`` in place: the output's shape, a layout and dtype they write,
     and nothing that needs ``y``'s gradient (the kernels are not differentiable)."""

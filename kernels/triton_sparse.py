@@ -29,7 +29,7 @@ from hf_deltacome.format.draws import HASH_BITS, MIX_A, MIX_B, hash_cut
 from hf_deltacome.format.packing import pack_bits
 from hf_deltacome.format.sparse_bands import SparseBand
 
-from .triton_delta import _COMPUTE, _SUM_COMBINE, INTERPRET, _mma, _slot_tokens, part_call
+from .triton_delta import _SUM_COMBINE, INTERPRET, _mma, _slot_tokens, part_call, part_launch
 
 SPARSE_BITS = (2, 3, 4, 8)  # value widths the kernel reads (DARE stores 2; the other widths are options)
 _MIX_A, _MIX_B, _HASH_BITS = tl.constexpr(MIX_A), tl.constexpr(MIX_B), tl.constexpr(HASH_BITS)
@@ -216,6 +216,11 @@ def build_mask_state(part: SparsePart, device: torch.device) -> tuple[torch.Tens
     return words, starts
 
 
+def _dare_tile(T: int) -> tuple[int, int]:
+    """The DARE kernel's rows and columns a program (``compile_check._SPARSE_TILES`` compiles these)."""
+    return (32, 128) if INTERPRET or T > 1 else (16, 256)
+
+
 def sparse_ready(part: SparsePart) -> bool:
     """Can the kernel read this part's values (bit width, contiguous buffers)."""
     v = part.values
@@ -242,9 +247,8 @@ def sparse_add_into(
     hashed = words is None
     v = part.values
     hi = v.qweight_hi if v.bits == 3 else v.qweight
-    compute = tl.float32 if INTERPRET else _COMPUTE[x2.dtype]
-    bt = 1 if T == 1 else min(32, max(16, triton.next_power_of_2(T)))
-    bm, bk = (32, 128) if INTERPRET or T > 1 else (16, 256)
+    compute, bt = part_launch(x2)
+    bm, bk = _dare_tile(T)
     grid = (triton.cdiv(M, bm), triton.cdiv(T, bt))
     _sparse_kernel[grid](
         x2, y2, rows, starts if hashed else words, starts, v.qweight, hi, v.scales, v.zeros, T, M, N,
@@ -309,12 +313,11 @@ def sparse_band_add_into(
     if T == 0 or R == 0:
         return y
     v_starts, tile_starts = band_mask_state(band, x.device)
-    compute = tl.float32 if INTERPRET else _COMPUTE[x2.dtype]
-    bt = 1 if T == 1 else min(32, max(16, triton.next_power_of_2(T)))
+    compute, bt = part_launch(x2)
     cut = hash_cut(band.keep)
     t = torch.zeros(T, R, dtype=torch.float32, device=x.device)
     v, u = band.v, band.u
-    bm, bk = (32, 128) if INTERPRET or T > 1 else (16, 256)
+    bm, bk = _dare_tile(T)
     _sparse_kernel[(triton.cdiv(R, bm), triton.cdiv(T, bt))](
         x2, t, rows, v_starts, v_starts, v.qweight, v.qweight_hi if v.bits == 3 else v.qweight, v.scales, v.zeros,
         T, R, band.in_features, tokens_per_row, slot, x2.stride(0), t.stride(0), 0, v.group_size,

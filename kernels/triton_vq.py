@@ -19,7 +19,7 @@ import triton.language as tl
 from hf_deltacome.errors import DeltaCoMeError
 from hf_deltacome.format.vq_part import VectorPart, rotate
 
-from .triton_delta import _COMPUTE, INTERPRET, _mma, _slot_tokens, part_call
+from .triton_delta import INTERPRET, _mma, _slot_tokens, part_call, part_launch
 
 VQ_CODES = (16,)  # codebook sizes the kernel reads (4-bit codes, two a byte)
 
@@ -95,8 +95,7 @@ def vq_add_into(
     q_in, q_out = part.rotations(x.device)  # float32: rotated in float32, multiplied in the activations' dtype
     xr = rotate(x2.to(torch.float32), q_in).to(x2.dtype).contiguous()
     t = torch.zeros(T, M, dtype=torch.float32, device=x.device)  # rows past R stay zero: ``[Ŷ; 0]``
-    compute = tl.float32 if INTERPRET else _COMPUTE[x2.dtype]
-    bt = 1 if T == 1 else min(32, max(16, triton.next_power_of_2(T)))
+    compute, bt = part_launch(x2)
     bm, bk = (32, 64) if INTERPRET or T > 1 else (32, 128)
     grid = (triton.cdiv(R, bm), triton.cdiv(T, bt))
     _vq_kernel[grid](
