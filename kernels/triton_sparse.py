@@ -207,13 +207,18 @@ def build_mask_state(part: SparsePart, device: torch.device) -> tuple[torch.Tens
     """`mask_state` built: the mask drawn on ``device`` (hashed draws; the CPU's generator otherwise) and checked
     against the stored count."""
     mask = part.mask(device)
-    m, n = mask.shape
-    per_row = mask.sum(1, dtype=torch.int64)
-    if int(per_row.sum()) >= 2**31:
-        raise DeltaCoMeError(f"a {m}x{n} DARE part keeps {int(per_row.sum())} values; the kernel indexes up to 2^31")
-    starts = (torch.cumsum(per_row, 0) - per_row).to(torch.int32)
+    starts = _first_indices(mask.sum(1, dtype=torch.int64), f"a {mask.shape[0]}x{mask.shape[1]} DARE part")
     words = None if hashed_in_kernel(part) else pack_bits(mask.to(torch.int64), 1).to(device)
     return words, starts
+
+
+def _first_indices(counts: torch.Tensor, what: str) -> torch.Tensor:
+    """The index of each group's first kept value (int32) from the groups' kept counts, in the order the values are
+    stored; ``what`` names the part in the error when the values pass what the kernels index (2^31)."""
+    total = int(counts.sum())
+    if total >= 2**31:
+        raise DeltaCoMeError(f"{what} keeps {total} values; the kernels index up to 2^31")
+    return (torch.cumsum(counts, 0) - counts).to(torch.int32)
 
 
 def _dare_tile(T: int) -> tuple[int, int]:
@@ -275,17 +280,13 @@ def band_mask_state(band: SparseBand, device: torch.device) -> tuple[torch.Tenso
 def build_band_mask_state(band: SparseBand, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """`band_mask_state` built: the masks hashed on ``device`` and checked against the stored counts."""
     mv, mu = band.masks(device)
-    if max(band.nnz) >= 2**31:
-        raise DeltaCoMeError(f"{band!r} keeps {max(band.nnz)} values in one vector side; the kernels index up to 2^31")
-    v_rows = mv.sum(1, dtype=torch.int64)
-    v_starts = (torch.cumsum(v_rows, 0) - v_rows).to(torch.int32)
+    v_starts = _first_indices(mv.sum(1, dtype=torch.int64), f"{band!r} (its V)")
     r, m = mu.shape
     tiles = -(-m // BAND_TILE)
     padded = torch.zeros(r, tiles * BAND_TILE, dtype=torch.int64, device=mu.device)
     padded[:, :m] = mu
-    per_tile = padded.view(r, tiles, BAND_TILE).sum(2)
-    before = (torch.cumsum(per_tile.reshape(-1), 0) - per_tile.reshape(-1)).view(r, tiles)  # row-major order
-    return v_starts, before.to(torch.int32).contiguous()
+    per_tile = padded.view(r, tiles, BAND_TILE).sum(2).reshape(-1)  # row-major: the order the values are stored in
+    return v_starts, _first_indices(per_tile, f"{band!r} (its U)").view(r, tiles)
 
 
 def sparse_band_ready(band: SparseBand) -> bool:
