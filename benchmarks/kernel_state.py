@@ -54,7 +54,7 @@ def held_bytes(folder: Path) -> dict:
             elif isinstance(part, VectorPart):
                 out["vq_rot"] += sum(f.numel() * f.element_size() for side in part.rotations(cpu) for f in side)
         for band in delta.sparse_bands:  # the kernels' mask state, or what SparseBand.forward_delta decodes
-            held = build_band_mask_state(band, cpu) if sparse_band_ready(band) else band._factors(torch.float16, cpu)
+            held = build_band_mask_state(band, cpu) if sparse_band_ready(band) else band.decoded_factors(torch.float16)
             out["sparse_bands"] += sum(f.numel() * f.element_size() for f in held)
     return out
 

@@ -238,6 +238,11 @@ class BandOfVectors:
         self.u.set(u)
         self.s.copy_(s.to(torch.float32))
 
+    def decoded_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` in ``dtype`` with ``x @ A @ B`` the band's product: ``A = [S ⊙ Vᵀ]ᵀ`` (``in x rank``) and
+        ``B = Uᵀ`` (``rank x out``), on the band's device (what the PyTorch path multiplies by, cached)."""
+        return (self.vt_dense(dtype) * self.s.to(dtype)[:, None]).t(), self.ut_dense(dtype)
+
     def buffers(self) -> Iterator[torch.Tensor]:
         """Its stored tensors (views: ``s``, then V's and U's), as its buffers were when bands were modules."""
         yield self.s

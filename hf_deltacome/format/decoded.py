@@ -165,8 +165,8 @@ def _band_factors(delta: Any, dtype: torch.dtype, device: torch.device) -> tuple
     bands = delta.low_rank_bands  # dense, then sparse (masks regenerated from their seeds)
     if not bands:
         raise ValueError("a delta without low-rank bands has no factors")
-    a = torch.cat([(band.vt_dense(dtype) * band.s.to(dtype)[:, None]) for band in bands]).t()
-    b = torch.cat([band.ut_dense(dtype) for band in bands])
+    factors = [band.decoded_factors(dtype) for band in bands]
+    a, b = torch.cat([f[0] for f in factors], 1), torch.cat([f[1] for f in factors])
     return a.contiguous().to(device), b.contiguous().to(device)
 
 

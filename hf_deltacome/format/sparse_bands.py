@@ -130,13 +130,10 @@ class SparseBand(BandOfVectors):
         kernels' dense bands. The factors (``in x rank`` and ``rank x out``, dropped entries zero) are decoded once
         into the capped cache of decoded forms (``format/decoded.py``; regenerating the masks is the slow part) and
         decoded again when the band's bytes change."""
-        a, b = self._store.derived(self._prefix + "factors", self.v.qweight, lambda: self._factors(x.dtype, x.device),
+        a, b = self._store.derived(self._prefix + "factors", self.v.qweight,
+                                   lambda: tuple(f.to(x.device).contiguous() for f in self.decoded_factors(x.dtype)),
                                    x.dtype, x.device, capped=True)  # fmt: skip
         return (x @ a) @ b
-
-    def _factors(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        a = (self.vt_dense(torch.float32) * self.s.float()[:, None]).t()
-        return a.to(device, dtype).contiguous(), self.ut_dense(torch.float32).to(device, dtype).contiguous()
 
     def __repr__(self) -> str:
         return (f"SparseBand(rank={self.rank}, bits={self.bits}, keep={self.keep:.4f}, nnz={list(self.nnz)}, "
