@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -276,6 +277,41 @@ def test_target_modules():
     assert relative_logits_error(model, ft, ref, random_ids(ref, 4, 32, seed=3)) < 0.2
     excluded = run(make_model("llama"), ft, exclude_modules=["down_proj"], quantizer="rtn")
     assert not any(n.endswith("down_proj") for n in excluded.peft_config["default"].layout)
+    with pytest.raises(ConfigError, match=r"exclude_modules=.*excludes every target linear of LlamaForCausalLM"):
+        run(make_model("llama"), ft, exclude_modules=r".*_proj", quantizer="rtn")
+
+
+def _perturbed(model: torch.nn.Module, keys: tuple[str, ...]) -> torch.nn.Module:
+    """A copy of ``model`` with every parameter whose name holds one of ``keys`` changed."""
+    ft, g = copy.deepcopy(model), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in ft.named_parameters():
+            if any(k in name for k in keys):
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return ft
+
+
+def test_models_without_linear_targets_are_refused_naming_their_layers():
+    """GPT-2's projections are transformers' Conv1D, not nn.Linear: the error names the class and the modules."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
+    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel \(transformer\.h\.N\) hold no nn\.Linear.*Conv1D "
+                                          r"\(transformer\.h\.0\.attn\.c_attn"):  # fmt: skip
+        run(base, _perturbed(base, ("h.0.",)), quantizer="rtn")
+
+
+def test_fused_expert_weights_are_named_in_the_budget_error():
+    """A mixture-of-experts fine-tune whose fused 3-D expert weights changed: they would be stored dense, and the
+    budget error says what they are."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=4)  # fmt: skip
+    base = MixtralForCausalLM(cfg).eval()
+    with pytest.raises(ConfigError, match=r"nothing is left.*3-D parameters \(model\.layers\.0\.mlp\.experts\."
+                                          r".*mixture-of-experts"):  # fmt: skip
+        run(base, _perturbed(base, ("experts", "self_attn")), quantizer="rtn", ratio=1 / 16)
 
 
 # ------------------------------------------------------------------------------------------------ API details

@@ -214,6 +214,18 @@ def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig,
     return config, notes
 
 
+def _experts_note(modules: dict[str, nn.Module], extras: dict[str, int]) -> str:
+    """A sentence for the budget error when some dense extras are 3-D parameters (fused mixture-of-experts weights)."""
+    params = {f"{STATE_DICT_PREFIX}{name}.{pname}": p for name, mod in modules.items() if name
+              for pname, p in mod.named_parameters(recurse=False)}  # fmt: skip
+    fused = [k[len(STATE_DICT_PREFIX):] for k in extras if k in params and params[k].dim() >= 3]
+    if not fused:
+        return ""
+    return (f". {len(fused)} of them are 3-D parameters ({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''}): "
+            "a mixture-of-experts layer's fused expert weights, stored dense because hf-deltacome compresses "
+            "nn.Linear layers only; compress a fine-tune whose experts did not change")
+
+
 def file_budget(
     base: nn.Module, targets: Sequence[str], config: DeltaCoMeConfig, bias_changed: dict[str, bool]
 ) -> dict[str, Any]:
@@ -251,7 +263,7 @@ def file_budget(
             f"({header:,} B), the bias deltas ({bias:,} B) and the changed modules stored dense "
             f"({sum(extras.values()):,} B: {shown or 'none'}) already take {total - left:,}; nothing is left for "
             "the compressed linears. Use a larger ratio, or make sure only modules that really changed are carried "
-            "(a fine-tune saved in another dtype changes every weight by rounding)"
+            "(a fine-tune saved in another dtype changes every weight by rounding)" + _experts_note(modules, extras)
         )
     record["factor_ratio"] = left / target_fp16
     return record

@@ -199,12 +199,28 @@ def attention_output_targets(model: nn.Module, targets: Sequence[str]) -> list[s
             and any(t.startswith(a) and "." not in t[len(a):] for a in attention)]  # fmt: skip
 
 
+def _no_linears(model: nn.Module, prefix: str, inside: re.Pattern) -> None:
+    """Raise a `ConfigError` naming what the decoder layers compute with when none of it is an ``nn.Linear``."""
+    kinds: dict[str, list[str]] = {}
+    for name, mod in model.named_modules():
+        if inside.match(name) and isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2:
+            kinds.setdefault(type(mod).__name__, []).append(name)
+    found = "; ".join(f"{kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                      for kind, names in kinds.items()) or "no 2-D weights"  # fmt: skip
+    raise ConfigError(
+        f"the decoder layers of {type(model).__name__} ({prefix}.N) hold no nn.Linear to compress: they hold {found}. "
+        "hf-deltacome compresses nn.Linear layers only (GPT-2's transformers Conv1D is not one)"
+    )
+
+
 def select_targets(model: nn.Module, config: DeltaCoMeConfig) -> tuple[str, list[str]]:
     """The decoder-layers prefix and the names of the target linears (default: every linear inside the layers)."""
     prefix, _ = find_decoder_layers(model)
     inside = _in_layers(prefix)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     in_layers = [n for n in linears if inside.match(n)]
+    if not in_layers:
+        _no_linears(model, prefix, inside)
     if config.target_modules is None:
         targets = in_layers
     else:
@@ -225,6 +241,9 @@ def select_targets(model: nn.Module, config: DeltaCoMeConfig) -> tuple[str, list
     if config.exclude_modules is not None:
         targets = [n for n in targets if not matches(n, config.exclude_modules)]
     if not targets:
-        raise ConfigError("no target linear left to compress after exclude_modules")
+        raise ConfigError(
+            f"exclude_modules={show(config.exclude_modules)} excludes every target linear of {type(model).__name__}; "
+            "nothing is left to compress"
+        )
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return prefix, sorted(targets, key=order.__getitem__)
