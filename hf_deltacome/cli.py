@@ -238,7 +238,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="base model: local folder or Hub id")
     p.add_argument("--finetuned", required=True, help="fine-tuned model: local folder or Hub id")
     p.add_argument("--output", required=True, help="adapter folder to write")
-    p.add_argument("--ratio", default="1/16", help="size of the packed factors / fp16 delta of the target linears (default: %(default)s)")
+    p.add_argument("--ratio", default="1/16",
+                   help="bytes of the whole adapter file (packed factors, dense extras, header) / fp16 delta of the "
+                        "target linears (default: %(default)s)")  # fmt: skip
     p.add_argument("--method", default="deltacome", choices=METHODS,
                    help="compression method; the others are baselines at the same byte budget (default: %(default)s)")  # fmt: skip
     p.add_argument("--search", choices=["greedy", "genetic"], default=None,
@@ -349,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation import cli as evaluation_cli
     from .serving import cli as serving_cli
 
-    parser = argparse.ArgumentParser(prog="deltacome", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="deltacome", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compress(sub)
     _add_info(sub)

@@ -80,8 +80,8 @@ class DeltaCoMeConfig(PeftConfig):
     any weight.
 
     Args:
-        ratio: target size of the packed factors as a fraction of the float16 delta of the target linears
-            (1/16 by default). Scales, zeros and singular values are paid from this budget.
+        ratio: target size of the whole adapter file as a fraction of the float16 delta of the target linears
+            (1/16 by default). The header, dense extras, scales, zeros and singular values are paid from it.
         method: compression method; ``"deltacome"`` is SVD + mixed-precision quantization (``"vq"``: see full_rank).
         bands: ``[(bits, rank | fraction | None), ...]`` from the largest singular values down. Default
             ``[[8, 2], [3, 32], [2, None]]``: 2 vectors at 8 bits, 32 at 3 bits, the rest of the budget at 2 bits.
