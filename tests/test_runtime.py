@@ -126,6 +126,19 @@ def test_delta_changes_output_and_disable_restores_base(base_dir, adapters):
         assert torch.allclose(model(adapters["x"]).logits, adapters["base_logits"], atol=1e-6)
 
 
+def test_torch_compile_gives_the_same_logits_and_follows_set_adapter(base_dir, adapters):
+    """``torch.compile`` of a loaded model (dynamo's eager backend: the tracing, not a C++ compiler) answers as the
+    model does, with the decoded-factor cache run eagerly inside it, and a switch of adapter is seen."""
+    torch._dynamo.reset()
+    model = PeftModel.from_pretrained(load_base(base_dir), adapters["a"][0], adapter_name="a")
+    model.load_adapter(adapters["b"][0], adapter_name="b")
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        for name in ("a", "b", "a"):
+            model.set_adapter(name)
+            assert torch.allclose(compiled(adapters["x"]).logits, adapters[name][1], atol=1e-5)
+
+
 def test_multiple_adapters_set_and_delete(base_dir, adapters):
     model = PeftModel.from_pretrained(load_base(base_dir), adapters["a"][0], adapter_name="a")
     model.load_adapter(adapters["b"][0], adapter_name="b")
