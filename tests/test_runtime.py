@@ -137,6 +137,7 @@ def test_torch_compile_gives_the_same_logits_and_follows_set_adapter(base_dir, a
         for name in ("a", "b", "a"):
             model.set_adapter(name)
             assert torch.allclose(compiled(adapters["x"]).logits, adapters[name][1], atol=1e-5)
+    torch._dynamo.reset()
 
 
 def test_multiple_adapters_set_and_delete(base_dir, adapters):
