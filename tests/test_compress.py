@@ -442,17 +442,26 @@ def test_each_delta_is_factorized_once_per_run(monkeypatch):
 
 def test_the_defaults_error_falls_as_ratio_grows():
     """The default's layout (the MLP as DARE, the attention as bands; from 1/64 down its output projection as DARE
-    too) keeps more of the fine-tune the more bytes it is given, and its file stays within the ratio."""
+    too; above 1/8, where 2-bit DARE could not spend the budget, bands everywhere) keeps more of the fine-tune the
+    more bytes it is given, and its modules spend their budget and no more."""
     calib = random_ids(make_model("llama", **WIDE["llama"]), 16, 64, seed=1)
     held_out = random_ids(make_model("llama", **WIDE["llama"]), 8, 64, seed=2)
     ref = make_model("llama", **WIDE["llama"])
     ft = make_finetune(ref)
     errors = []
-    for ratio in ("1/128", "1/32", "1/8", "1/2"):
+    mlp = ["down_proj", "gate_proj", "up_proj"]
+    for ratio, dare in (("1/128", sorted([*mlp, "o_proj"])), ("1/32", mlp), ("1/8", mlp), ("1/4", None), ("1/2", None)):
         model = run(make_model("llama", **WIDE["llama"]), ft, calib, ratio=ratio)
         cfg = model.peft_config["default"]
-        assert cfg.dare_modules == ["down_proj", "gate_proj", *(["o_proj"] if ratio == "1/128" else []), "up_proj"]
+        assert cfg.dare_modules == dare, (ratio, cfg.dare_modules)
         assert sum(map(entry_nbytes, cfg.layout.values())) <= sum(
             budget_bytes(*e["shape"], cfg.ratio) for e in cfg.layout.values())  # fmt: skip
+        unspent = cfg.compression_info["unspent"]["unspent_bytes"]  # of the modules' budgets
         errors.append(relative_logits_error(model, ft, ref, held_out))
-    assert errors[0] > errors[1] > errors[2] > errors[3], errors
+        if dare is None:  # the MLP as DARE there leaves more unspent (full-rank bands cap a tiny model's too)
+            as_dare = run(make_model("llama", **WIDE["llama"]), ft, calib, ratio=ratio, dare_modules="mlp")
+            assert as_dare.peft_config["default"].compression_info["unspent"]["unspent_bytes"] > unspent + 1000
+            assert relative_logits_error(as_dare, ft, ref, held_out) > errors[-1]
+        else:
+            assert unspent <= 0.03 * cfg.compression_info["unspent"]["offered_bytes"], (ratio, unspent)
+    assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors), errors

@@ -396,8 +396,10 @@ def test_the_default_stores_the_mlp_as_dare_and_none_turns_it_off(tmp_path):
     attention = DeltaCoMeConfig()
     _resolve_dare_modules(attention, base, [n for n in target_linears(base) if n.endswith(("q_proj", "v_proj"))])
     assert attention.dare_modules is None  # where dare_modules="mlp" raises (test above)
-    for ratio, leaves in (("1/32", mlp), ("1/64", sorted([*mlp, "o_proj"])), ("1/128", sorted([*mlp, "o_proj"]))):
-        cfg = DeltaCoMeConfig(ratio=ratio)  # from 1/64 down the attention's output projections are DARE too
+    for ratio, leaves in (("1/2", None), ("1/4", None), ("1/7", None), ("1/8", mlp), ("1/32", mlp),
+                          ("1/64", sorted([*mlp, "o_proj"])), ("1/128", sorted([*mlp, "o_proj"]))):  # fmt: skip
+        cfg = DeltaCoMeConfig(ratio=ratio)  # from 1/64 down the attention's output projections are DARE too; above
+        # 1/8 nothing (2-bit DARE could not spend the budget)
         _resolve_dare_modules(cfg, base, target_linears(base))
         assert cfg.dare_modules == leaves, (ratio, cfg.dare_modules)
     wide = make_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=8, head_dim=32)

@@ -42,6 +42,11 @@ ModelSource = Union[nn.Module, str, os.PathLike]
 # draws), with more next-token agreement than every baseline; at 1/32 it lost answers and agreement to the bands
 # (benchmarks/RESULTS.md, the readings at bbcc9b5 and a2b7ead)
 DARE_ATTENTION_OUTPUT_RATIO = 1 / 64
+# dare_modules="auto" stores the feed-forward targets as DARE only at this ratio and below. 2-bit DARE keeps every
+# entry at about 1/7.3 (2 bits a weight plus its groups' scales), so above that the MLP cannot spend its budget: at
+# `facts` 1/4 the default wrote 1/6.1 of the file's budget and agreed 97.0% with the fine-tune, against 99.0% for the
+# bands in the whole budget (benchmarks/RESULTS.md, the reading at 7f0c896)
+DARE_MLP_RATIO = 1 / 8
 
 
 def pair_of(base: ModelSource, finetuned: ModelSource, dtype: torch.dtype | None, device: torch.device | None) -> Any:
@@ -75,14 +80,18 @@ def load_tokenizer(folder: Any) -> Any:
 
 def _resolve_dare_modules(config: DeltaCoMeConfig, model: nn.Module, targets: Sequence[str]) -> None:
     """``dare_modules`` becomes leaf names (or ``None``): ``"mlp"`` those of the feed-forward targets
-    (:func:`.targets.mlp_targets`), ``"auto"`` the same for ``deltacome`` with GPTQ where they are clear-cut, else none,
-    and at ``ratio <= DARE_ATTENTION_OUTPUT_RATIO`` the attention's output projections too
+    (:func:`.targets.mlp_targets`), ``"auto"`` the same for ``deltacome`` with GPTQ at ``ratio <= DARE_MLP_RATIO`` where
+    they are clear-cut, else none, and at ``ratio <= DARE_ATTENTION_OUTPUT_RATIO`` the attention's output projections too
     (:func:`.targets.attention_output_targets`). A listed name that is the leaf of no target is a typo, not a request
     for nothing."""
     leaves = {nm.rsplit(".", 1)[-1] for nm in targets}
     asked = config.dare_modules
     if asked == "auto" and (config.method != "deltacome" or config.quantizer != "gptq"):
         config.dare_modules = None  # measured with calibration data (GPTQ, distilled bands); RTN is data-free
+    elif asked == "auto" and config.ratio > DARE_MLP_RATIO * (1 + 1e-9):
+        config.dare_modules = None
+        log.info("dare_modules='auto': every target keeps the bands above ratio 1/%g (2-bit DARE could not spend "
+                 "the budget)", 1 / DARE_MLP_RATIO)  # fmt: skip
     elif asked in ("mlp", "auto"):
         chosen, problem = _own_leaves(model, targets, mlp_targets(model, targets), "in a decoder layer's feed-forward "
                                       "block (outside its attention)")  # fmt: skip
