@@ -62,7 +62,7 @@ CASES: dict[str, tuple[str, dict, bool]] = {
                                         "quantizer": "rtn"}, False),  # fmt: skip
     "llama-greedy-adaptive": ("llama", {"search": "greedy", "allocation": "adaptive", "ratio": "1/8",
                                         "dare_modules": None}, True),  # fmt: skip
-    "llava-gptq-image-text": ("llava", {"ratio": "1/4", "group_size": 16}, True),
+    "llava-gptq-image-text": ("llava", {"ratio": "1/4", "group_size": 16}, True),  # the default above 1/8: bands
 }
 
 

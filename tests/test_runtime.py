@@ -460,8 +460,9 @@ def test_one_cap_holds_the_dare_and_vector_code_forms_too():
         dequant_cache.configure(decoded_nbytes(csr))  # below the vq rows' size: they no longer fit
         assert dequant_cache.bytes <= dequant_cache.max_bytes
         dequant_cache._warned = False  # (another test may have filled the process's cache before)
-        with pytest.warns(DecodeCacheFullWarning, match=r"'vq' entry of 18 KiB did not fit.*DELTACOME_DEQUANT"):
+        with pytest.warns(DecodeCacheFullWarning, match=r"'vq' entry of 18 KiB did not fit.*DELTACOME_DEQUANT") as said:
             torch.testing.assert_close(torch_delta_forward(x, vq), plain[1])  # decoded again, not kept
+        assert "hf_deltacome" in said[0].filename, said[0].filename  # not torch.compiler.disable's wrapper
         with warnings.catch_warnings():
             warnings.simplefilter("error", DecodeCacheFullWarning)  # said once
             torch_delta_forward(x, vq)

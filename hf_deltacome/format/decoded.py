@@ -153,7 +153,7 @@ class DequantCache:
                 "slower; raise DELTACOME_DEQUANT_CACHE_MB (or hf_deltacome.backend.dequant_cache.configure(bytes)) "
                 "where memory allows",
                 DecodeCacheFullWarning,
-                stacklevel=2,
+                stacklevel=3,  # past torch.compiler.disable's wrapper, to the caller of get()
             )
         return value
 
