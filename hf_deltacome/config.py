@@ -141,11 +141,11 @@ class DeltaCoMeConfig(PeftConfig):
             fine-tune, the bands alone included (benchmarks/RESULTS.md). ``"none"``: the bands alone.
         dare_modules: targets stored whole (no bands; DARE, or vector codes with ``full_rank="vq"``) in their
             own budget; the others keep the method's layout, and the plan's choices act on them. ``"auto"``
-            (default): ``"mlp"`` for ``deltacome`` with ``quantizer="gptq"`` at ``ratio`` 1/8 and below (above it
-            2-bit DARE cannot spend the budget) where the model has feed-forward targets whose leaf names no other
-            target shares, else none; from ``ratio`` 1/64 down the attention's ``o_proj`` too. ``"mlp"``: the feed-forward targets (:func:`~hf_deltacome.compression.targets.mlp_targets`).
-            Or leaf names (e.g. ``["down_proj", "up_proj"]``). ``None`` or ``[]``: none (the published layout, the
-            more faithful at 1/8-1/32). Saved as the leaf names used. Why: docs/METHOD.md §9, benchmarks/RESULTS.md.
+            (default): ``"mlp"`` for ``deltacome`` with GPTQ at ``ratio`` 1/8 and below (above, 2-bit DARE cannot
+            spend the budget) where no other target shares the feed-forward targets' leaf names, else none; from 1/64
+            down ``o_proj`` too. ``"mlp"``: the feed-forward targets (:func:`.compression.targets.mlp_targets`), or
+            leaf names (e.g. ``["down_proj", "up_proj"]``). ``None`` or ``[]``: none (the published layout, the more
+            faithful at 1/8-1/32). Saved as the leaf names used. Why: docs/METHOD.md §9, benchmarks/RESULTS.md.
         full_rank: how ``dare_modules`` store their delta: ``"dare"`` (default, ``RESIDUAL_DARE_BITS``-bit DARE) or
             ``"vq"`` (method ``vq``: 4-bit codes of short vectors of the randomly rotated delta,
             :mod:`~hf_deltacome.format.vq_part`, fitted to the output with ``quantizer="gptq"``; DARE where the

@@ -231,8 +231,8 @@ def _experts_note(modules: dict[str, nn.Module], extras: dict[str, int]) -> str:
     if not fused:
         return ""
     return (f". {len(fused)} of them are 3-D parameters ({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''}): "
-            "a mixture-of-experts layer's fused expert weights, stored dense because hf-deltacome compresses "
-            "nn.Linear layers only; compress a fine-tune whose experts did not change")
+            "a mixture-of-experts layer's fused expert weights, which are stored dense because hf-deltacome "
+            "compresses nn.Linear layers only (fused experts are not supported yet)")
 
 
 def file_budget(

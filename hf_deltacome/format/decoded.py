@@ -127,8 +127,8 @@ class DequantCache:
     def get(self, owner: Any, kind: str, stamp: tuple, build: Callable[[], Any], *key: Any) -> Any:
         """``build()`` for ``owner``'s ``kind`` (one entry per ``key``), reused while ``stamp`` (what says the
         packed bytes it is made from are unchanged) holds, kept if it fits. A hit compares the stamp only: it
-        touches no part of the delta. Run eagerly under ``torch.compile``: its bookkeeping (the byte count, the
-        entries' order) changes at every call, so traced it would recompile the model again and again."""
+        touches no part of the delta. Run eagerly under ``torch.compile``: traced, dynamo guarded on its bookkeeping
+        (an entry's size), which changes as entries come and go, and recompiled until it hit its limit."""
         key = (id(owner), kind, *key)
         self._tick += 1
         hit = self._entries.get(key)
