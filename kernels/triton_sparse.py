@@ -292,8 +292,8 @@ def build_band_mask_state(band: SparseBand, device: torch.device) -> tuple[torch
 def sparse_band_ready(band: SparseBand) -> bool:
     """Can the kernels read this sparse band: hashed masks (format 6; the CPU generator's of older files go through
     PyTorch), a bit width they read, contiguous buffers."""
-    parts = [f for f in (band.v, band.u) for f in (f.qweight, f.scales, f.zeros)]
-    return band.draws == "hash" and band.bits in SPARSE_BITS and all(t.is_contiguous() for t in parts)
+    buffers = [t for factor in (band.v, band.u) for t in (factor.qweight, factor.scales, factor.zeros)]
+    return band.draws == "hash" and band.bits in SPARSE_BITS and all(t.is_contiguous() for t in buffers)
 
 
 def sparse_band_add_into(

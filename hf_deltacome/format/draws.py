@@ -3,15 +3,17 @@ seed when read.
 
 Two kinds, named by a ``sparse`` (or ``sparse_bands``) layout entry's ``"draws"`` (:func:`entry_draws`):
 
-* ``"generator"`` (formats 1-4, sparse bands to format 5: the key absent): torch's CPU generator (a Mersenne Twister) seeded with the seed,
-  one float32 in [0, 1) per entry in row-major order. Only a CPU replays it, in order, so a GPU kernel has to be
-  handed the mask (a bitmap: one bit a weight, more than a 1/16 file's whole budget).
-* ``"hash"`` (format 5; sparse bands' from format 6): a counter-based hash of ``(seed, row, column)``, :data:`HASH_BITS` bits an entry. The same
-  integers on any device, in any order, and inside a Triton kernel (`kernels/triton_sparse.py` replays it tile by
-  tile: the GPU keeps nothing but each row's first value index). Entry ``(i, j)`` draws
-  ``mix32(row_key(i) ^ col_key(j)) >> (32 - HASH_BITS)`` with ``row_key(i) = mix32(seed ^ mix32(2 i + 1))`` and
-  ``col_key(j) = mix32(2 j + 2)``; :func:`mix32` is a 32-bit xorshift-multiply finaliser (two odd multipliers
-  under 2^31, so its products fit int64 in torch, which has no wrapping uint32 multiply on every device).
+* ``"generator"`` (formats 1-4, sparse bands to format 5: the key absent): torch's CPU generator (a Mersenne
+  Twister) seeded with the seed, one float32 in [0, 1) per entry in row-major order. Only a CPU replays it, in
+  order, so a GPU kernel has to be handed the mask (a bitmap: one bit a weight, more than a 1/16 file's whole
+  budget).
+* ``"hash"`` (format 5; sparse bands' from format 6): a counter-based hash of ``(seed, row, column)``,
+  :data:`HASH_BITS` bits an entry. The same integers on any device, in any order, and inside a Triton kernel
+  (`kernels/triton_sparse.py` replays it tile by tile: the GPU keeps nothing but each row's first value index).
+  Entry ``(i, j)`` draws ``mix32(row_key(i) ^ col_key(j)) >> (32 - HASH_BITS)`` with ``row_key(i) = mix32(seed ^
+  mix32(2 i + 1))`` and ``col_key(j) = mix32(2 j + 2)``; :func:`mix32` is a 32-bit xorshift-multiply finaliser (two
+  odd multipliers under 2^31, so its products fit int64 in torch, which has no wrapping uint32 multiply on every
+  device).
 """
 
 from __future__ import annotations

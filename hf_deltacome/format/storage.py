@@ -26,10 +26,10 @@ from .sparse_bands import SparseBand, sparse_band_key, sparse_band_masks, sparse
 from .vq_part import VectorPart, vq_part_nbytes
 
 __all__ = [  # the parts are re-exported: importers see the whole format here
-    "FORMAT_VERSION", "HASH_FORMAT", "RATED_FORMAT", "READ_FORMATS", "SPARSE_BANDS_HASH_FORMAT", "DeltaBand", "PackedDelta", "QuantizedFactor", "SignPart",
-    "SparseBand", "SparsePart", "TensorSpec", "blob_state_dicts", "layout_tensors", "plane_bits", "rate_nbytes",
-    "sign_part_nbytes", "sparse_band_masks", "sparse_band_nbytes", "sparse_mask", "VQ_FORMAT", "VectorPart",
-    "vq_part_nbytes",
+    "FORMAT_VERSION", "HASH_FORMAT", "RATED_FORMAT", "READ_FORMATS", "SPARSE_BANDS_HASH_FORMAT", "DeltaBand",
+    "PackedDelta", "QuantizedFactor", "SignPart", "SparseBand", "SparsePart", "TensorSpec", "blob_state_dicts",
+    "layout_tensors", "plane_bits", "rate_nbytes", "sign_part_nbytes", "sparse_band_masks", "sparse_band_nbytes",
+    "sparse_mask", "VQ_FORMAT", "VectorPart", "vq_part_nbytes",
 ]  # fmt: skip
 
 FORMAT_VERSION = 2  # of newly written adapters; layout entries without "format" are format 1
