@@ -13,6 +13,7 @@ from torch import nn
 from .backend import add_delta_into, base_and_delta
 from .errors import ConfigError
 from .format.storage import PackedDelta
+from .linears import add_delta_to_weight, is_linear, linear_shape
 
 BASE_ADAPTER_NAME = "__base__"  # PEFT's name for "no adapter" in per-row `adapter_names`
 
@@ -49,9 +50,9 @@ class DeltaCoMeLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise ConfigError(f"Delta-CoMe can only wrap nn.Linear layers, got {type(base).__name__}")
-        self.in_features, self.out_features = base.in_features, base.out_features
+        if not is_linear(base):
+            raise ConfigError(f"Delta-CoMe can only wrap nn.Linear (or GPT-2's Conv1D) layers, got {type(base).__name__}")
+        self.out_features, self.in_features = linear_shape(base)
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, layout: dict[str, Any], inference_mode: bool = False) -> None:
@@ -83,7 +84,8 @@ class DeltaCoMeLayer(BaseTunerLayer):
         super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """Dense ``out x in`` weight delta of ``adapter`` in the base weight's dtype (bias delta excluded)."""
+        """Dense ``out x in`` weight delta of ``adapter`` in the base weight's dtype (bias delta excluded; ``out x in``
+        for a ``Conv1D`` base too, whose weight is ``in x out``)."""
         device, dtype = self._get_base_layer_device_and_dtype(self.get_base_layer())
         return self.deltacome_delta[adapter].to(device).delta_weight(dtype)
 
@@ -118,7 +120,7 @@ class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
         for name in adapter_names:
             if name not in self.deltacome_delta:
                 continue
-            weight = base.weight.data + self.get_delta_weight(name)
+            weight = add_delta_to_weight(base, self.get_delta_weight(name))
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"NaNs detected in the merged weights; adapter {name!r} seems to be broken")
             base.weight.data = weight
@@ -136,7 +138,7 @@ class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
             name = self.merged_adapters.pop()
             if name not in self.deltacome_delta:
                 continue
-            base.weight.data = base.weight.data - self.get_delta_weight(name)
+            base.weight.data = add_delta_to_weight(base, -self.get_delta_weight(name))
             bias = self.deltacome_delta[name].bias
             if bias is not None:
                 base.bias.data = base.bias.data - bias.to(base.bias.device, base.bias.dtype)

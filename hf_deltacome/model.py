@@ -15,6 +15,7 @@ from torch import nn
 from .config import DeltaCoMeConfig
 from .errors import AdapterFileError, ConfigError
 from .layer import BASE_ADAPTER_NAME, DeltaCoMeLayer, DeltaCoMeLinear, MixedBatch
+from .linears import is_linear, linear_shape
 
 
 def _adapter_names_pre_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
@@ -171,9 +172,9 @@ def check_layout_fits(model: nn.Module, config: DeltaCoMeConfig, adapter_name: s
     for name, entry in config.layout.items():
         module = modules[name]
         base = module.get_base_layer() if isinstance(module, DeltaCoMeLayer) else module
-        if not isinstance(base, nn.Linear):
+        if not is_linear(base):
             raise ConfigError(f"adapter {adapter_name!r} targets {name!r}, which is a {type(base).__name__}")
-        shape = [base.out_features, base.in_features]
+        shape = list(linear_shape(base))
         if list(entry["shape"]) != shape:
             raise ConfigError(
                 f"adapter {adapter_name!r} expects module {name!r} of shape {list(entry['shape'])} "

@@ -20,7 +20,7 @@ LONG_ALLOWED = {"kernels/triton_delta.py"}  # one Triton kernel file, kept whole
 # layer of each top-level part; a module may import only from its own layer or lower ones
 LAYERS = {
     "errors": 0, "progress": 0, "lazy": 0,
-    "format": 1, "io.atomic": 1, "io.weight_sketch": 1,
+    "format": 1, "io.atomic": 1, "io.weight_sketch": 1, "linears": 1,
     "quant": 2, "config": 2, "io.fingerprint": 2,
     "backend": 3, "io.adapter_files": 3, "io.adapter_source": 3, "io.summary": 3, "io.shards": 3, "kernels": 3,
     "layer": 4, "card": 4, "model": 5, "hub": 5,

@@ -36,7 +36,8 @@ from the fine-tune; ``min_rank_share="auto"`` falls back to 0 (the published spl
 A base whose linears are stored packed (an AMLQ-quantized base, :mod:`hf_deltacome.amlq`) is compressed against the
 weights it actually runs with: :func:`on_quantized_base` enters every view registered in
 :data:`QUANTIZED_BASE_VIEWS` (AMLQ's is registered by :mod:`hf_deltacome.integration`), under which those linears are
-dense, for the whole call, so the adapter also absorbs the base's quantization error.
+dense, for the whole call, so the adapter also absorbs the base's quantization error. Loaded GPT-2-family models'
+``Conv1D`` layers are ``nn.Linear`` stand-ins for the call in the same way (:func:`~hf_deltacome.linears.on_linear_views`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from ..backend import dequant_cache
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError
 from ..layer import DeltaCoMeLayer
+from ..linears import on_linear_views
 from ..quant.hessian import HessianCollector
 from ..quant.spill import maybe_spill
 from . import vocab
@@ -106,6 +108,7 @@ def on_quantized_base(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @on_quantized_base
+@on_linear_views
 def compress(
     base_model: ModelSource,
     finetuned_model: ModelSource,

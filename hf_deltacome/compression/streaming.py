@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import ConfigError, DeltaCoMeError
 from ..io.adapter_files import SAFETENSORS_DTYPES
 from ..io.fingerprint import fingerprint_json
+from ..linears import is_conv1d
 from ..progress import progress_bar
 from .changes import judge, loaded_verdicts
 
@@ -299,6 +300,13 @@ class StreamedPair:
         self.base_ckpt = Checkpoint(base, "base", dtype)
         self.ft_ckpt = Checkpoint(finetuned, "finetuned", dtype)
         self.base, self.base_keys = skeleton(self.base_ckpt)
+        convs = [n for n, m in self.base.named_modules() if is_conv1d(m)]
+        if convs:  # read in place of nn.Linear weights, their in x out tensors would be taken as out x in
+            raise ConfigError(
+                f"--base {self.base_ckpt.name!r}: {type(self.base).__name__} computes with transformers' Conv1D "
+                f"({convs[0]}, ...), which streamed compression does not read; load both models and pass them "
+                "(deltacome compress --in-memory)"
+            )
         self.finetuned, self.ft_keys = skeleton(self.ft_ckpt)
         self.device = device or torch.device("cpu")
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError, IncompatibleModelsError
+from ..linears import is_linear
 from .calibration import get_calibration
 from .layerwalk import find_decoder_layers
 from .vocab import vocab_params, vocab_size
@@ -200,7 +201,7 @@ def attention_output_targets(model: nn.Module, targets: Sequence[str]) -> list[s
 
 
 def _no_linears(model: nn.Module, prefix: str, inside: re.Pattern) -> None:
-    """Raise a `ConfigError` naming what the decoder layers compute with when none of it is an ``nn.Linear``."""
+    """Raise a `ConfigError` naming what the decoder layers compute with when none of it is a linear."""
     kinds: dict[str, list[str]] = {}
     for name, mod in model.named_modules():
         if inside.match(name) and isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() == 2:
@@ -209,7 +210,7 @@ def _no_linears(model: nn.Module, prefix: str, inside: re.Pattern) -> None:
                       for kind, names in kinds.items()) or "no 2-D weights"  # fmt: skip
     raise ConfigError(
         f"the decoder layers of {type(model).__name__} ({prefix}.N) hold no nn.Linear to compress: they hold {found}. "
-        "hf-deltacome compresses nn.Linear layers only (GPT-2's transformers Conv1D is not one)"
+        "hf-deltacome compresses nn.Linear layers (and transformers' Conv1D, GPT-2's linear) only"
     )
 
 
@@ -217,7 +218,7 @@ def select_targets(model: nn.Module, config: DeltaCoMeConfig) -> tuple[str, list
     """The decoder-layers prefix and the names of the target linears (default: every linear inside the layers)."""
     prefix, _ = find_decoder_layers(model)
     inside = _in_layers(prefix)
-    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n for n, m in model.named_modules() if is_linear(m)}  # compress sees a Conv1D as an nn.Linear
     in_layers = [n for n in linears if inside.match(n)]
     if not in_layers:
         _no_linears(model, prefix, inside)

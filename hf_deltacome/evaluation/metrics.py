@@ -32,6 +32,7 @@ from ..backend import delta_forward
 from ..compression.calibration import read_texts
 from ..errors import CalibrationError, ConfigError
 from ..layer import DeltaCoMeLayer
+from ..linears import is_conv1d
 from ..progress import progress_bar
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .tasks import TaskItem, read_task_file, task_accuracy
@@ -102,6 +103,7 @@ class ModuleErrorMeter:
             if wf.shape != wb.shape:
                 raise ConfigError(f"module {short!r}: fine-tuned weight {tuple(wf.shape)} vs base {tuple(wb.shape)}")
             d = wf.detach().to(wb.device, torch.float32) - wb.detach().to(torch.float32)
+            d = d.t() if is_conv1d(base) else d  # out x in, as the packed delta
             bias = None
             if base.bias is not None and getattr(ft[short], "bias", None) is not None:
                 bias = ft[short].bias.detach().to(base.bias.device, torch.float32) - base.bias.detach().float()

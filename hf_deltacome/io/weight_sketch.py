@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..linears import Conv1DAsLinear
 
 FINGERPRINT_VERSION = 2
 ROWS_PER_BUCKET = 512
@@ -73,7 +74,7 @@ def _adapter_state(module: nn.Module) -> set[str]:
 def _base_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """``named_modules(remove_duplicate=False)`` without descending into adapter state: a model carrying many
     adapters is walked as fast as one carrying none."""
-    yield prefix, module
+    yield prefix, module.conv1d if isinstance(module, Conv1DAsLinear) else module  # as the base holds it
     skip = _adapter_state(module)
     for name, child in module._modules.items():
         if child is not None and name not in skip:

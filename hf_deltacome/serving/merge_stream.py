@@ -36,6 +36,7 @@ from ..io.adapter_source import check_extras
 from ..io.atomic import write_folder
 from ..io.fingerprint import check_fingerprint, default_strict
 from ..io.shards import INDEX_NAME, ShardWriter, plan_shards, write_index
+from ..linears import in_weight_layout
 from ..model import check_layout_fits, prepare_vocab
 from ..progress import progress_bar
 
@@ -172,7 +173,7 @@ class StreamedMerge:
             if module in config.layout:
                 packed = self._delta(module)
                 if leaf == "weight":
-                    t = t + packed.delta_weight(torch.float32)
+                    t = t + in_weight_layout(self.model.get_submodule(module), packed.delta_weight(torch.float32))
                 elif leaf == "bias" and packed.bias is not None:
                     t = t + packed.bias.to(t.device, t.dtype)
             rows = (config.trainable_token_indices or {}).get(module)
