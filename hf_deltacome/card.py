@@ -239,7 +239,7 @@ def render_model_card(
                 "random share of the residual's entries (chosen by the whole model's KL to the fine-tune)",
             ),
         )
-    whole = [e for name, e in config.layout.items() if name.rsplit(".", 1)[-1] in config.dare_leaves]
+    whole = [e for name, e in config.layout.items() if config.stores_whole(name)]
     if any(e.get("vq") for e in whole):  # dare_modules as vector codes (full_rank="vq")
         rows.insert(4, ("stored whole as vector codes", ", ".join(f"`{leaf}`" for leaf in config.dare_leaves)
                         + " (4-bit codes of short vectors of each delta in a seeded random rotation; no singular "

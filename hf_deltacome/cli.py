@@ -34,7 +34,7 @@ METHOD_OPTIONS = ("search", "allocation", "uniform_bits", "bitdelta_scale", "dis
 
 
 def _leaf_names(text: str) -> list[str] | str:
-    """``--dare-modules``: ``auto``, ``mlp``, ``none`` (an empty list) or comma-separated leaf names."""
+    """``--dare-modules``: ``auto``, ``mlp``, ``none`` (an empty list) or comma-separated names (leaves, suffixes)."""
     word = text.strip()
     if word in ("auto", "mlp"):
         return word
@@ -277,7 +277,8 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                    help="targets stored whole (--full-rank: vector codes or 2-bit DARE), the rest the method's "
                         "layout: auto (default: mlp for deltacome with gptq, and o_proj from ratio 1/64 down; else none), mlp (every "
                         "feed-forward target), none (the published Delta-CoMe layout; the closer to the fine-tune at 1/8-1/32) or "
-                        "comma-separated leaf names (e.g. gate_proj,up_proj,down_proj); benchmarks/RESULTS.md")  # fmt: skip
+                        "comma-separated leaf names or dotted suffixes (e.g. gate_proj,up_proj,down_proj or mlp.c_proj); "
+                        "benchmarks/RESULTS.md")  # fmt: skip
     p.add_argument("--full-rank", choices=["dare", "vq"], default=None,
                    help="how --dare-modules store their delta: dare (default: 2-bit DARE) or vq (4-bit codes of "
                         "short vectors of the randomly rotated delta: closer to the fine-tune at 1/8-1/64, fewer "

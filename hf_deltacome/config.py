@@ -25,7 +25,7 @@ SEARCHES = ("greedy", "genetic")
 ALLOCATIONS = ("uniform", "adaptive")
 # min_rank_share="auto" picks one of these by the whole model's KL to the fine-tune (0.0 = the published bands)
 RANK_SHARES = (0.0, 0.5, 0.7, 0.85, 1.0)
-# the compression_info records of how the layout was planned (compression.plan.plan_layouts), shown by `deltacome info`
+# compression_info records of how the layout was planned (compression.plan.plan_layouts), shown by `deltacome info`
 PLAN_RECORDS = ("budget", "unspent", "rank_share", "residual", "search", "allocation", "end_to_end", "distill")
 UNIFORM_BITS = (2, 3, 4, 8)
 # residual="auto": besides the bands alone, the whole-model check weighs these shares of each module's budget for
@@ -38,19 +38,17 @@ RESIDUAL_DARE_BITS = 2
 # 1/2, 0.69x, lost on held-out text; spread deltas 0.24-0.41x and facts-hot 0.27-0.40x, won; but facts-hot at 1/32,
 # 0.30x, lost agreement to the stored bands, rated 0.23x of their rounded KL)
 RESIDUAL_MARGIN = 0.5
-# DARE alone (share 0) stands unless a layout with bands brings its KL down to at most this fraction: bands in the
-# residual, or the bands alone as GPTQ stores them. The KL is measured on calibration text
-# the fine-tune was trained on, where a few bands reproduce memorised text, while held-out paraphrases of the same
-# facts need DARE's unbiased share of every entry (facts-hot: 0.91x at 1/64 and 0.96x at 1/128 (uniform rates) lost
-# 8 and 16 of 240 questions to DARE alone, and the stored bands alone at 0.98-1.09x at 1/64 lose 23; bands at 0.78x
-# (facts 1/128, facts-hot 1/64, a later machine's fine-tunes) answered 2.2 and 0 fewer over six mask draws with 2.2 and 0.3
-# points more agreement; 0.22-0.75x on facts and facts-hot kept as many questions and more agreement than DARE
-# alone; benchmarks/RESULTS.md). Fitted to those cells: the questions come first, so 0.78x goes to DARE alone
+# DARE alone (share 0) stands unless a layout with bands (in the residual, or alone as GPTQ stores them) brings its KL
+# down to at most this fraction. The KL is measured on text the fine-tune was trained on, where a few bands reproduce
+# memorised text, while held-out paraphrases of the same facts need DARE's unbiased share of every entry (facts-hot:
+# 0.91x at 1/64 and 0.96x at 1/128 lost 8 and 16 of 240 questions to DARE alone, the stored bands alone at 0.98-1.09x
+# at 1/64 lose 23; bands at 0.78x answered 2.2 and 0 fewer over six draws with 2.2 and 0.3 points more agreement;
+# 0.22-0.75x kept as many questions and more agreement; RESULTS.md). Fitted: the questions come first
 RESIDUAL_ALONE_MARGIN = 0.77
 RESIDUALS = ("auto", "none")
-# residual="auto": draws of a kept DARE part's masks the whole-model check weighs (mask_draws). 1: the name-derived
-# seeds. Picking the least-KL draw of 4 did not pay on held-out questions (over six draws at 1/128: +1.1 questions
-# and -1.2 points of agreement on facts-hot, -0.6 questions on facts; benchmarks/RESULTS.md), so it is an option
+# residual="auto": draws of a kept DARE part's masks the whole-model check weighs (mask_draws; 1: the name's seeds). The
+# least-KL draw of 4 did not pay on held-out questions (six draws at 1/128: facts-hot +1.1 questions, -1.2 points of
+# agreement; facts -0.6 questions; benchmarks/RESULTS.md): an option
 MASK_DRAWS = 1
 DARE_RATES = ("uniform", "importance")
 DARE_FITS = ("rescale", "gptq", "unbiased")
@@ -142,10 +140,10 @@ class DeltaCoMeConfig(PeftConfig):
         dare_modules: targets stored whole (no bands; DARE, or vector codes with ``full_rank="vq"``) in their
             own budget; the others keep the method's layout, and the plan's choices act on them. ``"auto"``
             (default): ``"mlp"`` for ``deltacome`` with GPTQ at ``ratio`` 1/8 and below (above, 2-bit DARE cannot
-            spend the budget) where no other target shares the feed-forward targets' leaf names, else none; from 1/64
-            down ``o_proj`` too. ``"mlp"``: the feed-forward targets (:func:`.compression.targets.mlp_targets`), or
-            leaf names (e.g. ``["down_proj", "up_proj"]``). ``None`` or ``[]``: none (the published layout, the more
-            faithful at 1/8-1/32). Saved as the leaf names used. Why: docs/METHOD.md §9, benchmarks/RESULTS.md.
+            spend the budget), else none; from 1/64 down ``o_proj`` too. ``"mlp"``: the feed-forward targets
+            (:func:`.compression.targets.mlp_targets`); or names (:meth:`stores_whole`: ``["down_proj", "up_proj"]``).
+            ``None`` or ``[]``: none (the published layout, the more faithful at 1/8-1/32). Saved as the names used
+            (leaves, or the shortest suffixes that name no other target). Why: docs/METHOD.md §9, RESULTS.md.
         full_rank: how ``dare_modules`` store their delta: ``"dare"`` (default, ``RESIDUAL_DARE_BITS``-bit DARE) or
             ``"vq"`` (method ``vq``: 4-bit codes of short vectors of the randomly rotated delta,
             :mod:`~hf_deltacome.format.vq_part`, fitted to the output with ``quantizer="gptq"``; DARE where the
@@ -193,7 +191,7 @@ class DeltaCoMeConfig(PeftConfig):
     )
     band_share: Optional[Union[float, str]] = field(default=None, metadata={"help": "deltacome-dare: [0, 1], auto"})
     dare_modules: Optional[Union[list[str], str]] = field(
-        default="auto", metadata={"help": "'auto', 'mlp', leaf names (e.g. down_proj) or null: DARE alone, 2-bit."}
+        default="auto", metadata={"help": "'auto', 'mlp', leaf names / dotted suffixes (down_proj, mlp.c_proj) or null: DARE alone."}
     )
     full_rank: str = field(default="dare", metadata={"help": f"How dare_modules store their delta, {FULL_RANKS}."})
     residual: str = field(default="auto", metadata={"help": f"deltacome: DARE of the bands' residual, {RESIDUALS}."})
@@ -209,9 +207,12 @@ class DeltaCoMeConfig(PeftConfig):
 
     @property
     def dare_leaves(self) -> tuple[str, ...]:
-        """The leaf names ``dare_modules`` resolved to (none while it is still ``"auto"`` or ``"mlp"``: compression
-        resolves those against the model, :func:`~hf_deltacome.compression.inputs.describe_inputs`)."""
+        """The names ``dare_modules`` resolved to (none while ``"auto"`` / ``"mlp"``: compress resolves those)."""
         return tuple(self.dare_modules) if isinstance(self.dare_modules, list) else ()
+
+    def stores_whole(self, name: str) -> bool:
+        """Whether target ``name`` is in ``dare_modules``: a leaf name or dotted suffix of it (as PEFT's lists)."""
+        return any(name == s or name.endswith("." + s) for s in self.dare_leaves)
 
     def __post_init__(self) -> None:
         try:
@@ -227,9 +228,7 @@ class DeltaCoMeConfig(PeftConfig):
             raise ConfigError(f"unknown quantizer {self.quantizer!r}; choose one of {QUANTIZERS}")
         self.bands = validate_band_spec(self.bands)
         share = self.min_rank_share
-        if share != "auto" and (
-            isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0
-        ):
+        if share != "auto" and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
             raise ConfigError(f"min_rank_share must be 'auto' or a number in [0, 1], got {share!r}")
         self.min_rank_share = share if share == "auto" else float(share)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
@@ -335,7 +334,8 @@ class DeltaCoMeConfig(PeftConfig):
         kinds = self.dare_modules
         if kinds not in (None, "auto", "mlp") and (not isinstance(kinds, (list, tuple))
                                                    or not all(isinstance(k, str) for k in kinds)):  # fmt: skip
-            raise ConfigError(f"dare_modules must be 'auto', 'mlp', null or a list of module leaf names, got {kinds!r}")
+            raise ConfigError(f"dare_modules must be 'auto', 'mlp', null or a list of module names (leaves or dotted "
+                              f"suffixes), got {kinds!r}")  # fmt: skip
         if isinstance(kinds, (list, tuple)):
             self.dare_modules = sorted(kinds) or None
         if self.residual not in RESIDUALS:

@@ -83,6 +83,8 @@ def test_a_gpt2_adapter_is_the_adapter_of_the_same_model_with_nn_linear(ratio):
     originals, ft_weights = convs(base), {n: p.clone() for n, p in ft.named_parameters()}
     ft_modules = convs(ft)
     model = run(base, ft, ratio=ratio)
+    # at 1/16 the default stores the MLP as DARE: c_fc, and the c_proj in the MLP, not the attention's
+    assert model.peft_config["default"].dare_modules == (["c_fc", "mlp.c_proj"] if ratio < 1 / 8 else None)
     mine, theirs = packed_state(model), packed_state(reference)
     assert mine.keys() == theirs.keys() and len(mine) > 0
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
@@ -92,7 +94,7 @@ def test_a_gpt2_adapter_is_the_adapter_of_the_same_model_with_nn_linear(ratio):
     expected = text_metrics(reference, ids(), finetuned=as_linears(ft), module_errors=True, progress=False)
     assert errors.keys() == expected["module_errors"].keys() and len(errors) == 8
     assert all(errors[n] == pytest.approx(expected["module_errors"][n], rel=1e-4) for n in errors)
-    assert all(0 < e < 1 for e in errors.values())
+    assert all(0 < e < float("inf") for e in errors.values())  # (2-bit DARE of the MLP at 1/16 errs above 1 here)
     wrapped = {n: m for n, m in base.named_modules() if isinstance(m, DeltaCoMeLayer)}
     assert len(wrapped) == len(originals) == 8
     assert all(wrapped[n].get_base_layer() is originals[n] for n in originals)  # the very same modules

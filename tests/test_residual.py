@@ -462,26 +462,38 @@ def test_dare_modules_mlp_finds_the_feed_forward_targets_by_structure(arch):
     assert {nm.rsplit(".", 1)[-1] for nm in out} == {"out_proj" if arch == "opt" else "o_proj"} and len(out) == 2
 
 
-def test_dare_modules_auto_keeps_the_bands_where_a_leaf_name_is_ambiguous(caplog):
-    """``dare_modules`` holds leaf names, so ``"auto"`` takes a group only where its leaf names name nothing else:
-    a feed-forward leaf also used in the attention leaves every target to the bands (``"mlp"`` refuses it), an
-    ``o_proj`` also used outside the attention leaves the attention its bands at 1/64; each says why."""
-    import logging
+def test_dare_modules_name_a_group_by_the_shortest_suffix_that_names_nothing_else():
+    """A leaf name that also names a target outside the group is lengthened to a dotted suffix that does not (as
+    PEFT's ``target_modules`` lists match): an ``o_proj`` outside the decoder layers, a feed-forward leaf also used in
+    the attention, GPT-2's ``c_proj`` in both the attention and the MLP. ``"mlp"`` on a model without feed-forward
+    targets says so."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from hf_deltacome.compression.inputs import _resolve_dare_modules
+    from hf_deltacome.compression.targets import select_targets
 
     base = make_model("llama")
     targets = target_linears(base)
-    with caplog.at_level(logging.INFO, logger="hf_deltacome"):
-        cfg = DeltaCoMeConfig(ratio=1 / 64)
-        _resolve_dare_modules(cfg, base, [*targets, "model.o_proj"])  # an o_proj outside the decoder layers
-        assert cfg.dare_modules == ["down_proj", "gate_proj", "up_proj"]
-        assert "the attention keeps the bands (the leaf names ['o_proj'] of 'tiny-random-llama' name targets both" \
-               " the output projection of a decoder layer's attention and elsewhere" in caplog.text
-        shared = [*targets, "model.layers.0.self_attn.down_proj"]  # a feed-forward leaf name inside the attention
-        cfg = DeltaCoMeConfig(ratio=1 / 64)
-        _resolve_dare_modules(cfg, base, shared)
-        assert cfg.dare_modules is None and "every target keeps the bands (the leaf names ['down_proj']" in caplog.text
-    with pytest.raises(ConfigError, match=r"dare_modules='mlp': the leaf names \['down_proj'\] of 'tiny-random-llama' "
-                                          r"name targets both in a decoder layer's feed-forward block"):
-        _resolve_dare_modules(DeltaCoMeConfig(dare_modules="mlp"), base, shared)
+    cfg = DeltaCoMeConfig(ratio=1 / 64)
+    _resolve_dare_modules(cfg, base, [*targets, "model.o_proj"])  # an o_proj outside the decoder layers
+    assert cfg.dare_modules == ["down_proj", "gate_proj", "self_attn.o_proj", "up_proj"]
+    assert not cfg.stores_whole("model.o_proj") and cfg.stores_whole("model.layers.1.self_attn.o_proj")
+    cfg = DeltaCoMeConfig(ratio=1 / 64)
+    _resolve_dare_modules(cfg, base, [*targets, "model.layers.0.self_attn.down_proj"])  # a feed-forward leaf name
+    assert cfg.dare_modules == ["gate_proj", "mlp.down_proj", "o_proj", "up_proj"]
+    assert not cfg.stores_whole("model.layers.0.self_attn.down_proj")
+    attention = [t for t in targets if ".self_attn." in t]
+    with pytest.raises(ConfigError, match=r"dare_modules='mlp': no target of 'tiny-random-llama' is in a decoder "
+                                          r"layer's feed-forward block"):  # fmt: skip
+        _resolve_dare_modules(DeltaCoMeConfig(dare_modules="mlp"), base, attention)
+    with pytest.raises(ConfigError, match=r"dare_modules \['mlp.q_proj'\] name no target module"):
+        _resolve_dare_modules(DeltaCoMeConfig(dare_modules=["mlp.q_proj", "up_proj"]), base, targets)
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32))
+    _, targets = select_targets(gpt2, DeltaCoMeConfig())
+    for ratio, want in ((1 / 16, ["c_fc", "mlp.c_proj"]), (1 / 64, ["attn.c_proj", "c_fc", "mlp.c_proj"])):
+        cfg = DeltaCoMeConfig(ratio=ratio)
+        _resolve_dare_modules(cfg, gpt2, targets)
+        assert cfg.dare_modules == want
+        assert [t for t in targets if cfg.stores_whole(t)] == [t for t in targets if not t.endswith("c_attn")
+                                                               and (ratio < 1 / 32 or ".mlp." in t)]  # fmt: skip

@@ -79,11 +79,11 @@ def load_tokenizer(folder: Any) -> Any:
 
 
 def _resolve_dare_modules(config: DeltaCoMeConfig, model: nn.Module, targets: Sequence[str]) -> None:
-    """``dare_modules`` becomes leaf names (or ``None``): ``"mlp"`` those of the feed-forward targets
-    (:func:`.targets.mlp_targets`), ``"auto"`` the same for ``deltacome`` with GPTQ at ``ratio <= DARE_MLP_RATIO`` where
-    they are clear-cut, else none, and at ``ratio <= DARE_ATTENTION_OUTPUT_RATIO`` the attention's output projections too
-    (:func:`.targets.attention_output_targets`). A listed name that is the leaf of no target is a typo, not a request
-    for nothing."""
+    """``dare_modules`` becomes names (leaf names or dotted suffixes, :func:`_own_names`; or ``None``): ``"mlp"`` those
+    of the feed-forward targets (:func:`.targets.mlp_targets`), ``"auto"`` the same for ``deltacome`` with GPTQ at
+    ``ratio <= DARE_MLP_RATIO``, else none, and at ``ratio <= DARE_ATTENTION_OUTPUT_RATIO`` the attention's output
+    projections too (:func:`.targets.attention_output_targets`). A listed name that names no target is a typo, not a
+    request for nothing."""
     leaves = {nm.rsplit(".", 1)[-1] for nm in targets}
     asked = config.dare_modules
     if asked == "auto" and (config.method != "deltacome" or config.quantizer != "gptq"):
@@ -93,14 +93,14 @@ def _resolve_dare_modules(config: DeltaCoMeConfig, model: nn.Module, targets: Se
         log.info("dare_modules='auto': every target keeps the bands above ratio 1/%g (2-bit DARE could not spend "
                  "the budget)", 1 / DARE_MLP_RATIO)  # fmt: skip
     elif asked in ("mlp", "auto"):
-        chosen, problem = _own_leaves(model, targets, mlp_targets(model, targets), "in a decoder layer's feed-forward "
+        chosen, problem = _own_names(model, targets, mlp_targets(model, targets), "in a decoder layer's feed-forward "
                                       "block (outside its attention)")  # fmt: skip
         if asked == "mlp" and problem:
             raise ConfigError(f"dare_modules='mlp': {problem}")
         if problem:
             log.info("dare_modules='auto': every target keeps the bands (%s)", problem)
         elif asked == "auto" and config.ratio <= DARE_ATTENTION_OUTPUT_RATIO * (1 + 1e-9):
-            out, why = _own_leaves(model, targets, attention_output_targets(model, targets), "the output projection "
+            out, why = _own_names(model, targets, attention_output_targets(model, targets), "the output projection "
                                    "of a decoder layer's attention")  # fmt: skip
             if why:
                 log.info("dare_modules='auto': the attention keeps the bands (%s)", why)
@@ -109,23 +109,33 @@ def _resolve_dare_modules(config: DeltaCoMeConfig, model: nn.Module, targets: Se
         if config.dare_modules:
             log.info("dare_modules=%r: %s stored whole (%s)", asked, ", ".join(config.dare_modules),
                      "vector codes" if config.full_rank == "vq" else "DARE alone")  # fmt: skip
-    unknown = sorted(set(config.dare_leaves) - leaves)
+    unknown = sorted(s for s in config.dare_leaves if not any(_names_target(s, t) for t in targets))
     if unknown:
         raise ConfigError(f"dare_modules {unknown} name no target module; the targets' leaf names are {sorted(leaves)}")
 
 
-def _own_leaves(model: nn.Module, targets: Sequence[str], picked: Sequence[str], where: str) -> tuple[set[str], str | None]:
-    """The leaf names of the ``picked`` targets, and why there are none to use (``None`` when there are): no target is
-    ``where``, or a leaf name also names a target that was not picked (``dare_modules`` holds leaf names)."""
+def _own_names(model: nn.Module, targets: Sequence[str], picked: Sequence[str], where: str) -> tuple[set[str], str | None]:
+    """Names that pick exactly the ``picked`` targets (each one's leaf name, or its shortest dotted suffix that names
+    no other target: GPT-2's ``mlp.c_proj`` beside ``attn.c_proj``), and why there are none (``None`` when there are):
+    no target is ``where``, or a target's whole name is a suffix of another's."""
     leaves = sorted({nm.rsplit(".", 1)[-1] for nm in targets})
     if not picked:
         return set(), f"no target of {_name(model)} is {where}; the targets' leaf names are {leaves}"
-    chosen = {nm.rsplit(".", 1)[-1] for nm in picked}
-    shared = sorted(chosen & {nm.rsplit(".", 1)[-1] for nm in set(targets) - set(picked)})
-    if shared:
-        return set(), (f"the leaf names {shared} of {_name(model)} name targets both {where} and elsewhere; list the "
-                       "leaves to store as DARE instead")  # fmt: skip
+    others = set(targets) - set(picked)
+    chosen: set[str] = set()
+    for name in picked:
+        parts = name.split(".")
+        suffix = next((s for s in (".".join(parts[-k:]) for k in range(1, len(parts) + 1))
+                       if not any(_names_target(s, other) for other in others)), None)  # fmt: skip
+        if suffix is None:
+            return set(), f"the target {name!r} of {_name(model)} is {where}, but its name ends another target's"
+        chosen.add(suffix)
     return chosen, None
+
+
+def _names_target(suffix: str, target: str) -> bool:
+    """Whether a ``dare_modules`` entry names ``target`` (:meth:`DeltaCoMeConfig.stores_whole`)."""
+    return target == suffix or target.endswith("." + suffix)
 
 
 def describe_inputs(

@@ -85,7 +85,7 @@ def plan_entry(
     ``deltacome-dare``'s ``band_share="auto"``)."""
     entry: dict[str, Any] = {"shape": [m, n], "bands": [], "group_size": config.group_size, "bias": bool(bias),
                              "format": FORMAT_VERSION}  # fmt: skip
-    if name.rsplit(".", 1)[-1] in config.dare_leaves and config.method not in ("dare", "vq"):
+    if config.stores_whole(name) and config.method not in ("dare", "vq"):
         if config.full_rank == "vq" and (unchanged or vq_plan(name, m, n, ratio)):
             config = with_changes(config, method="vq")
         else:  # DARE: as asked, or where the budget does not pay for a codebook (tiny test models)

@@ -25,8 +25,8 @@ from .vocab import vocab_params, vocab_size
 
 _MAX_LISTED = 20
 # the attention's output projection in transformers' decoders: Llama, Mistral, Qwen2, Gemma (o_proj); OPT, BART
-# (out_proj); Phi, GPT-NeoX, Falcon (dense). Only its name tells it from q_proj in a square attention
-ATTENTION_OUTPUT_LEAVES = ("o_proj", "out_proj", "dense")
+# (out_proj); Phi, GPT-NeoX, Falcon (dense); GPT-2 (c_proj). Only its name tells it from q_proj in a square attention
+ATTENTION_OUTPUT_LEAVES = ("o_proj", "out_proj", "dense", "c_proj")
 
 
 # ================================================================================ model kinds
