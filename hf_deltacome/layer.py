@@ -109,14 +109,8 @@ class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the deltas (and bias deltas) of the active (or given) adapters into the base weights."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        self.check_mergeable(adapter_names)
         base = self.get_base_layer()
-        if adapter_names and getattr(base, "exposes_dense_weight", False):
-            raise ConfigError(
-                f"cannot merge adapter(s) {adapter_names} into a {type(base).__name__} "
-                f"({base.out_features}x{base.in_features}): the base weight is stored bit-packed (a quantized base) "
-                "and has no dense weight to add the delta to. Run the adapter unmerged, or merge into a dense copy "
-                "of the base (model.dequantize() on the quantized model, then load the adapter onto it)"
-            )
         for name in adapter_names:
             if name not in self.deltacome_delta:
                 continue
@@ -128,6 +122,26 @@ class DeltaCoMeLinear(nn.Module, DeltaCoMeLayer):
             if bias is not None:
                 base.bias.data = base.bias.data + bias.to(base.bias.device, base.bias.dtype)
             self.merged_adapters.append(name)
+
+    def check_mergeable(self, adapter_names: Sequence[str]) -> None:
+        """Raise a `ConfigError` naming this layer when its base weight is packed or quantized (AMLQ, bitsandbytes):
+        there is no dense weight to add a delta of ``adapter_names`` to."""
+        names = [n for n in adapter_names if n in self.deltacome_delta and n not in self.merged_adapters]
+        base = self.get_base_layer()
+        amlq = getattr(base, "exposes_dense_weight", False)
+        weight = None if amlq else getattr(base, "weight", None)
+        if not names or (type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point()):
+            return
+        where = (f"cannot merge adapter(s) {names} into a {type(base).__name__} ({self.out_features}x"
+                 f"{self.in_features}): the base weight is stored ")  # fmt: skip
+        if amlq:  # its source fingerprint lets the adapter load onto model.dequantize()
+            raise ConfigError(where + "bit-packed (a quantized base) and has no dense weight to add the delta to. Run "
+                              "the adapter unmerged, or merge into a dense copy of the base (model.dequantize() on "
+                              "the quantized model, then load the adapter onto it)")  # fmt: skip
+        raise ConfigError(where + f"quantized ({type(weight).__name__}, {getattr(weight, 'dtype', None)}) and has no "
+                          "dense weight to add the delta to. Run the adapter unmerged, or merge it into the "
+                          "full-precision base (loaded without quantization_config; `deltacome merge` does that) and "
+                          "quantize the merged model")  # fmt: skip
 
     def unmerge(self) -> None:
         if not self.merged:

@@ -265,6 +265,23 @@ class DeltaCoMeModel(BaseTuner):
             if self.prefix not in name:
                 param.requires_grad = False
 
+    # -- merging: every layer is checked before any merges, so a quantized base layer cannot stop a merge halfway ----
+    def _check_mergeable(self, adapter_names: Optional[list[str]]) -> None:
+        for module in self.model.modules():
+            if isinstance(module, DeltaCoMeLinear):
+                module.check_mergeable(module.active_adapters if adapter_names is None else adapter_names)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_mergeable(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None) -> Any:  # fmt: skip
+        if merge:
+            self._check_mergeable(adapter_names)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)  # fmt: skip
+
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **_: Any) -> None:
         """Not offered (LoRA's combination of factors): a Delta-CoMe adapter is a quantized delta, and a weighted sum
         of several is a new delta to compress, not a re-weighting of stored codes."""

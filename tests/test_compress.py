@@ -261,6 +261,34 @@ def test_every_mismatch_is_listed_at_once():
         compress(run(make_model("llama"), make_finetune(make_model("llama")), quantizer="rtn"), make_model("llama"))
 
 
+def test_quantized_models_are_refused_and_a_quantized_base_is_not_merged_into(tmp_path):
+    """A base (or fine-tune) loaded quantized (bitsandbytes and the like, marked by transformers' quantization
+    config) holds no weights to take the delta from: refused by name. An adapter loaded onto such a base runs
+    unmerged; merging into its packed weight is refused naming the layer and the weight's type."""
+    ft = make_finetune(make_model("llama"))
+    for role in ("base", "fine-tuned"):
+        base, tuned = make_model("llama"), copy.deepcopy(ft)
+        quantized = base if role == "base" else tuned
+        quantized.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+        with pytest.raises(IncompatibleModelsError, match=rf"the {role} model is quantized \(bitsandbytes\): .*"
+                                                          "load it without quantization_config"):  # fmt: skip
+            run(base, tuned, quantizer="rtn")
+    model = run(make_model("llama"), ft, quantizer="rtn")
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    layer = loaded.base_model.model.model.layers[1].self_attn.q_proj  # not the first: no layer merges before it
+    packed = torch.zeros(layer.out_features * layer.in_features // 2, 1, dtype=torch.uint8)  # as bitsandbytes' 4 bits
+    layer.base_layer.weight = torch.nn.Parameter(packed, requires_grad=False)
+    first = loaded.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    before = first.detach().clone()
+    for merge in (loaded.merge_and_unload, loaded.merge_adapter):
+        with pytest.raises(ConfigError, match=r"cannot merge adapter\(s\) \['default'\] into a Linear \(64x64\): "
+                                              r"the base weight is stored quantized \(Parameter, torch.uint8\)"):  # fmt: skip
+            merge()
+        assert not any(m.merged for m in deltacome_layers(loaded).values())
+        assert torch.equal(first, before)
+
+
 def test_target_modules():
     with pytest.raises(ConfigError, match=r"\['q_projj'\] matches no nn.Linear.*'q_proj'"):
         run(make_model("llama"), make_finetune(make_model("llama")), target_modules=["q_projj"])

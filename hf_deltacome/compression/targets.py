@@ -85,11 +85,19 @@ def register_model_kind(kind: ModelKind) -> None:
 
 
 def model_kind(base: nn.Module, finetuned: nn.Module) -> ModelKind:
-    """The registered kind of ``base`` (text LMs when no other kind claims it); PEFT models are refused."""
+    """The registered kind of ``base`` (text LMs when no other kind claims it); PEFT models are refused, and so are
+    quantized ones (but an AMLQ base, which :func:`~.pipeline.compress` reads through its dense view)."""
     for role, model in (("base", base), ("fine-tuned", finetuned)):
         if _is_peft(model):
             raise IncompatibleModelsError(
                 f"the {role} model is already a PEFT model ({type(model).__name__}); pass the plain transformers model"
+            )
+        method = _quant_method(model)
+        if method is not None and not (role == "base" and method == "amlq"):
+            raise IncompatibleModelsError(
+                f"the {role} model is quantized ({method}): its weights are not the ones the fine-tune changed; load "
+                "it without quantization_config. The adapter made against the full-precision base still loads onto "
+                "a quantized copy of it (PeftModel.from_pretrained)"
             )
     return next((k for k in _KINDS if k.matches(base)), TEXT)
 
@@ -145,6 +153,15 @@ def check_compatible(base: nn.Module, finetuned: nn.Module) -> None:
             + "\n  ".join(shown)
             + more
         )
+
+
+def _quant_method(model: nn.Module) -> str | None:
+    """The ``quant_method`` of a model transformers loaded quantized (``None``: not quantized)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None and not getattr(model, "is_quantized", False):
+        return None
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method) or "unknown method")
 
 
 def _is_peft(model: nn.Module) -> bool:
