@@ -95,7 +95,7 @@ def model_kind(base: nn.Module, finetuned: nn.Module) -> ModelKind:
         method = _quant_method(model)
         if method is not None and not (role == "base" and method == "amlq"):
             raise IncompatibleModelsError(
-                f"the {role} model is quantized ({method}): its weights are not the ones the fine-tune changed; load "
+                f"the {role} model is quantized ({method}): the delta is taken from full-precision weights, so load "
                 "it without quantization_config. The adapter made against the full-precision base still loads onto "
                 "a quantized copy of it (PeftModel.from_pretrained)"
             )
