@@ -17,6 +17,7 @@ from hf_deltacome import DeltaCoMeConfig
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.errors import BaseModelMismatchError, ConfigError
 from hf_deltacome.evaluation.metrics import text_metrics
+from hf_deltacome.io.summary import summarize_adapter
 from hf_deltacome.layer import DeltaCoMeLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
@@ -74,7 +75,7 @@ def convs(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @pytest.mark.parametrize("ratio", [1 / 4, 1 / 16])
-def test_a_gpt2_adapter_is_the_adapter_of_the_same_model_with_nn_linear(ratio):
+def test_a_gpt2_adapter_is_the_adapter_of_the_same_model_with_nn_linear(ratio, tmp_path):
     """The pipeline sees each Conv1D as the nn.Linear it computes: every packed tensor equals the one made from the
     models rewritten with nn.Linear, and the models hold their own Conv1D modules (and weights) afterwards."""
     base = gpt2()
@@ -83,6 +84,8 @@ def test_a_gpt2_adapter_is_the_adapter_of_the_same_model_with_nn_linear(ratio):
     originals, ft_weights = convs(base), {n: p.clone() for n, p in ft.named_parameters()}
     ft_modules = convs(ft)
     model = run(base, ft, ratio=ratio)
+    model.save_pretrained(tmp_path)
+    assert set(summarize_adapter(tmp_path).per_kind()) == {"c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"}
     # at 1/16 the default stores the MLP as DARE: c_fc, and the c_proj in the MLP, not the attention's
     assert model.peft_config["default"].dare_modules == (["c_fc", "mlp.c_proj"] if ratio < 1 / 8 else None)
     mine, theirs = packed_state(model), packed_state(reference)
@@ -112,6 +115,8 @@ def test_a_gpt2_adapter_saves_loads_merges_and_checks_its_base(tmp_path):
     base_logits = logits(gpt2(), x)
     assert (got - want).norm() < 0.25 * (want - base_logits).norm()
     model.save_pretrained(tmp_path / "adapter")
+    # `deltacome info` tells the attention's c_proj from the MLP's (the attention's is carried dense here)
+    assert set(summarize_adapter(tmp_path / "adapter").per_kind()) == {"c_attn", "c_fc", "c_proj"}
     loaded = PeftModel.from_pretrained(gpt2(), tmp_path / "adapter").eval()
     assert torch.equal(logits(loaded, x), got)
     merged = loaded.merge_and_unload()

@@ -98,10 +98,14 @@ class AdapterSummary:
         return self.file_bytes / max(self.fp16_delta_bytes, 1)
 
     def per_kind(self) -> dict[str, dict[str, Any]]:
-        """Per module type (q_proj, down_proj, ...): shape(s), bands as ``bits:rank`` and bytes."""
+        """Per module type (q_proj, down_proj, ...; ``parent.leaf`` where one leaf name sits under different
+        parents, as GPT-2's ``attn.c_proj`` and ``mlp.c_proj``): shape(s), bands as ``bits:rank`` and bytes."""
+        parents: dict[str, set[str]] = defaultdict(set)
+        for m in self.modules:
+            parents[m.kind].add(m.name.rsplit(".", 2)[-2] if "." in m.name else "")
         out: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "bytes": 0, "layouts": set()})
         for m in self.modules:
-            row = out[m.kind]
+            row = out[".".join(m.name.split(".")[-2:]) if len(parents[m.kind]) > 1 else m.kind]
             row["count"] += 1
             row["bytes"] += m.nbytes
             layout = f"{m.shape[0]}x{m.shape[1]} " + m.layout_text
