@@ -68,8 +68,17 @@ def _use_triton(x: torch.Tensor) -> bool:
     if name == "triton":
         if not triton_available():
             raise ConfigError("DELTACOME_BACKEND=triton but Triton or hf_deltacome.kernels is not importable")
-        # on CPU the kernels only run under TRITON_INTERPRET=1
-        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        from . import kernels
+
+        # on CPU the kernels only run interpreted, which Triton fixes when they are defined (the first import)
+        if x.is_cuda or kernels.INTERPRET:
+            return True
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise ConfigError(
+                "DELTACOME_BACKEND=triton on CPU: TRITON_INTERPRET=1 was set after hf_deltacome.kernels was imported, "
+                "and Triton reads it when the kernels are defined; set it before the first import (in the environment)"
+            )
+        return False
     return x.is_cuda and triton_available()
 
 

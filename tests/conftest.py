@@ -11,6 +11,14 @@ import pytest
 # ``kernels/`` folder as the optional Hub ``kernels`` package in the middle of its own import and fail.
 import hf_deltacome  # noqa: F401,E402
 
+# Triton picks its interpreter when the kernels are defined (their first import), so on a machine without CUDA every
+# test process interprets them, whichever test imports them first (TRITON_INTERPRET set in the environment wins)
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 sys.path.insert(0, os.path.dirname(__file__))
 # the demo zoo (SmolLM2 from GGUF, built-in fine-tune tasks) lives in examples/zoo, outside the package
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))

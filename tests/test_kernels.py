@@ -451,6 +451,24 @@ def test_bad_switch_values_are_named(monkeypatch):
     assert r.returncode != 0 and "DELTACOME_KERNEL_TUNING='fast'" in r.stderr
 
 
+def test_an_interpreter_asked_for_after_the_kernels_were_defined_is_named(monkeypatch):
+    """Triton fixes interpretation when the kernels are defined: on CPU, ``DELTACOME_BACKEND=triton`` with
+    ``TRITON_INTERPRET=1`` set only after that import says so, instead of failing inside Triton's driver lookup;
+    without it the PyTorch path runs, as before."""
+    from hf_deltacome import backend
+    from hf_deltacome.errors import ConfigError
+
+    monkeypatch.setenv("DELTACOME_BACKEND", "triton")
+    monkeypatch.setattr(K, "INTERPRET", False)  # as if imported without TRITON_INTERPRET=1
+    x = torch.zeros(2, 8)
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1 was set after hf_deltacome.kernels was imported"):
+        backend._use_triton(x)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert backend._use_triton(x) is False
+    monkeypatch.setattr(K, "INTERPRET", True)
+    assert backend._use_triton(x) is True
+
+
 def _kernel_calls(monkeypatch) -> list[str]:
     """Selects the Triton backend and records each call of the kernels' entry points (none: the PyTorch path ran)."""
     monkeypatch.setenv("DELTACOME_BACKEND", "triton")
