@@ -4,6 +4,8 @@ as any linear is, with the models holding their Conv1D modules afterwards."""
 from __future__ import annotations
 
 import copy
+import json
+import warnings
 
 import pytest
 import torch
@@ -139,6 +141,7 @@ def test_a_failed_compression_leaves_the_conv1d_modules_in_place():
 
 
 def test_streamed_compression_refuses_conv1d_and_the_streamed_merge_transposes(tmp_path):
+    from hf_deltacome.serving.export import export_lora
     from hf_deltacome.serving.merge import merge_adapter
 
     base = gpt2()
@@ -154,6 +157,14 @@ def test_streamed_compression_refuses_conv1d_and_the_streamed_merge_transposes(t
         out = merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / how, in_memory=in_memory)
         merged = GPT2LMHeadModel.from_pretrained(out).eval()
         torch.testing.assert_close(logits(merged, ids()), want, atol=1e-4, rtol=0, msg=how)
+    # the LoRA export says its targets store in x out weights, so PEFT loads it without correcting its config
+    report = export_lora(tmp_path / "adapter", tmp_path / "lora", base=tmp_path / "base", dtype="float32")
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert report.logits_error < 1e-3
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fan_in_fan_out.*")
+        lora = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "lora").eval()
+    torch.testing.assert_close(logits(lora, ids()), want, atol=1e-3, rtol=0)
 
 
 def test_layers_without_any_linear_are_refused_naming_their_class():

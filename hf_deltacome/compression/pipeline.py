@@ -61,7 +61,7 @@ from ..backend import dequant_cache
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError
 from ..layer import DeltaCoMeLayer
-from ..linears import on_linear_views
+from ..linears import Conv1DAsLinear, on_linear_views
 from ..quant.hessian import HessianCollector
 from ..quant.spill import maybe_spill
 from . import vocab
@@ -207,6 +207,8 @@ def compress(
                                      min_kl=least)  # fmt: skip
     config.compression_info = _record(kind, config, calib, time.time() - t0, plan_info, distill, filler.fallbacks)
     config.compression_info.update(streamed=pair.streamed, layer_seconds=[round(t, 2) for t in filler.layer_seconds])
+    if any(isinstance(m, Conv1DAsLinear) for m in pair.base.modules()):  # GPT-2: a LoRA export is fan_in_fan_out
+        config.compression_info["fan_in_fan_out"] = True
     if changes.rounding:
         config.compression_info["unchanged_within_rounding"] = changes.rounding
     return peft_model.eval()

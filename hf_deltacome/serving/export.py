@@ -238,6 +238,7 @@ def export_lora(
         alpha_pattern=dict(pattern),
         modules_to_save=None if drop_extras or not extras else extras,
         lora_bias=bool(with_bias),
+        fan_in_fan_out=bool(config.compression_info.get("fan_in_fan_out")),  # targets are Conv1D (GPT-2), in x out
         lora_dropout=0.0,
         base_model_name_or_path=config.base_model_name_or_path,
         task_type=config.task_type,
