@@ -121,6 +121,12 @@ def test_a_gpt2_adapter_saves_loads_merges_and_checks_its_base(tmp_path):
     assert set(summarize_adapter(tmp_path / "adapter").per_kind()) == {"c_attn", "c_fc", "c_proj"}
     loaded = PeftModel.from_pretrained(gpt2(), tmp_path / "adapter").eval()
     assert torch.equal(logits(loaded, x), got)
+    c_fc = loaded.base_model.model.transformer.h[0].mlp.c_fc.base_layer.weight
+    before = c_fc.detach().clone()
+    loaded.merge_adapter()  # in the Conv1D's in x out layout, and back
+    torch.testing.assert_close(logits(loaded, x), got, atol=1e-4, rtol=0)
+    loaded.unmerge_adapter()
+    torch.testing.assert_close(loaded.base_model.model.transformer.h[0].mlp.c_fc.base_layer.weight, before)
     merged = loaded.merge_and_unload()
     assert isinstance(merged.transformer.h[0].attn.c_attn, Conv1D)
     torch.testing.assert_close(logits(merged, x), got, atol=1e-4, rtol=0)
