@@ -144,6 +144,11 @@ def test_a_failed_compression_leaves_the_conv1d_modules_in_place():
     with pytest.raises(ConfigError, match="nothing is left"):
         run(base, ft, ratio=1 / 64, exclude_modules=["mlp.c_fc"])  # the dense c_fc alone is over the budget
     assert convs(base) == before_base and convs(ft) == before_ft
+    offloaded = ft.transformer.h[1].mlp.c_proj
+    offloaded.weight = nn.Parameter(torch.empty_like(offloaded.weight, device="meta"))  # as accelerate leaves it
+    with pytest.raises(ConfigError, match=r"transformer\.h\.1\.mlp\.c_proj has its weight on the meta device"):
+        run(base, ft)
+    assert convs(base) == before_base and convs(ft) == before_ft
 
 
 def test_streamed_compression_refuses_conv1d_and_the_streamed_merge_transposes(tmp_path):
