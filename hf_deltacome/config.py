@@ -191,7 +191,7 @@ class DeltaCoMeConfig(PeftConfig):
     )
     band_share: Optional[Union[float, str]] = field(default=None, metadata={"help": "deltacome-dare: [0, 1], auto"})
     dare_modules: Optional[Union[list[str], str]] = field(
-        default="auto", metadata={"help": "'auto', 'mlp', leaf names / dotted suffixes (down_proj, mlp.c_proj) or null: DARE alone."}
+        default="auto", metadata={"help": "'auto', 'mlp', names (down_proj, mlp.c_proj) or null: DARE alone."}
     )
     full_rank: str = field(default="dare", metadata={"help": f"How dare_modules store their delta, {FULL_RANKS}."})
     residual: str = field(default="auto", metadata={"help": f"deltacome: DARE of the bands' residual, {RESIDUALS}."})

@@ -51,7 +51,7 @@ class DeltaCoMeLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
         if not is_linear(base):
-            raise ConfigError(f"Delta-CoMe can only wrap nn.Linear (or GPT-2's Conv1D) layers, got {type(base).__name__}")
+            raise ConfigError(f"Delta-CoMe wraps nn.Linear (and GPT-2's Conv1D) layers only, got {type(base).__name__}")
         self.out_features, self.in_features = linear_shape(base)
         self.kwargs = kwargs
 

@@ -37,7 +37,7 @@ A base whose linears are stored packed (an AMLQ-quantized base, :mod:`hf_deltaco
 weights it actually runs with: :func:`on_quantized_base` enters every view registered in
 :data:`QUANTIZED_BASE_VIEWS` (AMLQ's is registered by :mod:`hf_deltacome.integration`), under which those linears are
 dense, for the whole call, so the adapter also absorbs the base's quantization error. Loaded GPT-2-family models'
-``Conv1D`` layers are ``nn.Linear`` stand-ins for the call in the same way (:func:`~hf_deltacome.linears.on_linear_views`).
+``Conv1D`` layers are ``nn.Linear`` stand-ins for the call the same way (:func:`hf_deltacome.linears.on_linear_views`).
 """
 
 from __future__ import annotations
