@@ -199,3 +199,12 @@ def test_layers_without_any_linear_are_refused_naming_their_class():
     with pytest.raises(ConfigError, match=r"GPT2LMHeadModel \(transformer\.h\.N\) hold no nn\.Linear.*Projection "
                                           r"\(transformer\.h\.0\.attn\.c_attn"):  # fmt: skip
         run(swapped(base), swapped(ft), quantizer="rtn")
+
+
+def test_amlq_names_the_conv1d_layers_it_does_not_quantize():
+    from hf_deltacome.amlq import quantize_model
+
+    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel has no nn\.Linear inside its decoder layers "
+                                          r"\(transformer\.h\.N\): its 8 linears \(transformer\.h\.0\.attn\.c_attn, "
+                                          r"\.\.\.\) are transformers' Conv1D"):  # fmt: skip
+        quantize_model(gpt2(), 4.0, calibration=ids(1, 4, 16))

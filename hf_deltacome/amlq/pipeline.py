@@ -128,12 +128,12 @@ def quantize_model(
                         modules_to_not_convert=list(skip) if skip else None)  # fmt: skip
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise ConfigError(f"{type(model).__name__} is already quantized; quantize the full-precision model")
+    prefix, layers, per_layer = decoder_linears(model, skip)  # before any work: a model without them is refused
     calib = get_calibration(calibration, model, tokenizer, num_samples, seq_len, seed, progress=progress)
     source = "sampled from the model itself" if calibration is None else calib.source
     work = torch.device(device) if device is not None else None
     source_fp = fingerprint_json(model)
     ppl_fp = perplexity(model, calib.input_ids)
-    prefix, layers, per_layer = decoder_linears(model, skip)
     info: dict[str, Any] = {"calibration": source, "num_samples": calib.num_samples, "seq_len": calib.seq_len}
     if layout is None:
         t1 = time.time()

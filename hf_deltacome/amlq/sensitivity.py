@@ -27,6 +27,7 @@ from torch import nn
 from ..compression.layerwalk import capture_layer_inputs, find_decoder_layers, layer_output, walk_layers
 from ..errors import ConfigError
 from ..format.amlq_layout import unit_spans
+from ..linears import is_conv1d
 from ..progress import progress_bar
 from ..quant.hessian import HessianCollector
 from ..quant.rtn import quantize_rtn
@@ -49,7 +50,10 @@ def decoder_linears(model: nn.Module, skip: Sequence[str] | None = None) -> tupl
         if m and type(module) is nn.Linear and not any(name == s or name.endswith("." + s) for s in skip or ()):
             per_layer[int(m.group(1))].append(name)
     if not any(per_layer):
-        raise ConfigError(f"{type(model).__name__} has no nn.Linear inside its decoder layers ({prefix}.N)")
+        convs = [n for n, m in model.named_modules() if pattern.match(n) and is_conv1d(m)]
+        why = f": its {len(convs)} linears ({convs[0]}, ...) are transformers' Conv1D, which AMLQ does not quantize" \
+            if convs else ""  # fmt: skip
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear inside its decoder layers ({prefix}.N){why}")
     return prefix, layers, per_layer
 
 
