@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from functools import partial
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
@@ -210,8 +211,16 @@ class DeltaCoMeModel(BaseTuner):
         check_layout_fits(model, config, adapter_name)
 
     @staticmethod
-    def _check_target_module_exists(peft_config: DeltaCoMeConfig, key: str) -> bool:
-        return key in peft_config.layout
+    def _check_target_module_exists(peft_config: DeltaCoMeConfig, key: str) -> Any:
+        if key in peft_config.layout:
+            return True
+        if not peft_config.exclude_modules:
+            return False
+        # what compression left out by exclude_modules is PEFT's excluded marker (else PEFT warns that it excluded
+        # nothing, at every compress and load); PEFT's own matching, with no targets and nothing to save
+        probe = SimpleNamespace(exclude_modules=peft_config.exclude_modules, modules_to_save=None, target_modules=set(),
+                                target_parameters=None)  # fmt: skip
+        return check_target_module_exists(probe, key)
 
     def _create_and_replace(
         self,
