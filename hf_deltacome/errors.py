@@ -67,3 +67,22 @@ class DecodeCacheFullWarning(UserWarning):
 class QuantizedBaseWarning(UserWarning):
     """An adapter made against a full-precision base is loaded onto a quantization of that base (AMLQ): it loads, but
     it does not correct the base's quantization error."""
+
+
+# the libraries a warning's path runs through; the user's line is the first frame outside all of them
+_LIBRARIES = ("hf_deltacome", "peft", "transformers", "accelerate", "torch")
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` (for ``warnings.warn`` in the calling function) of the first frame outside hf-deltacome
+    and the libraries it runs inside (PEFT, transformers, accelerate, torch): a warning about the user's input
+    names the user's line, whatever decorators, patches and hooks lie between."""
+    import os
+    import sys
+
+    roots = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in map(sys.modules.get, _LIBRARIES)
+                  if m is not None and getattr(m, "__file__", None))  # fmt: skip
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(roots):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 1

@@ -488,3 +488,23 @@ def test_the_defaults_error_falls_as_ratio_grows():
         else:
             assert unspent <= 0.03 * cfg.compression_info["unspent"]["offered_bytes"], (ratio, unspent)
     assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors), errors
+
+
+def test_warnings_about_the_input_name_the_callers_line(tmp_path):
+    """A warning about what the user passed points at the user's line (``warnings``' filename and line), not at the
+    decorators around compress or the PEFT and transformers frames a load runs through."""
+    import json
+
+    from hf_deltacome.errors import BaseModelMismatchWarning, DegenerateAdapterWarning
+
+    norms_only = make_finetune(make_model("llama"), scale=0.0, noise=0.0)
+    with pytest.warns(DegenerateAdapterWarning, match="no target linear changed") as record:
+        model = compress(make_model("llama"), norms_only, DeltaCoMeConfig(quantizer="rtn"), progress=False)
+    assert {w.filename for w in record if w.category is DegenerateAdapterWarning} == {__file__}
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["base_fingerprint"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(BaseModelMismatchWarning, match="carries no base-model fingerprint") as record:
+        PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    assert {w.filename for w in record if w.category is BaseModelMismatchWarning} == {__file__}

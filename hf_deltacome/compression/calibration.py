@@ -30,7 +30,7 @@ from typing import Any, Union
 
 import torch
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, user_stacklevel
 from .sampling import check_sizes, sample_from_model
 
 DEFAULT_NUM_SAMPLES = 32
@@ -242,7 +242,7 @@ def tokenize_records(
             f"calibration texts give only {total} tokens; using one sequence of {total} tokens instead of "
             f"{num_samples} x {seq_len}" if total < seq_len else
             f"calibration texts give only {chunks.shape[0]} sequences of {seq_len} tokens (asked for {num_samples})",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )  # fmt: skip
         return chunks, mask
     pick = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values

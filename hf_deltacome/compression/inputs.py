@@ -24,7 +24,7 @@ from torch import nn
 
 from ..backend import check_device
 from ..config import DeltaCoMeConfig
-from ..errors import ConfigError, DegenerateAdapterWarning, EmptyDeltaError
+from ..errors import ConfigError, DegenerateAdapterWarning, EmptyDeltaError, user_stacklevel
 from ..format.budget import safetensors_header_bound
 from ..io.adapter_files import BLOB_SUFFIX, STATE_DICT_PREFIX
 from . import vocab
@@ -189,7 +189,7 @@ def warn_degenerate(config: DeltaCoMeConfig, targets: Sequence[str], changes: Pa
             f"no target linear changed: only {', '.join(carried[:3])}{', ...' if len(carried) > 3 else ''} "
             f"{'and ' + carried[-1] + ' ' if len(carried) > 3 else ''}changed, and the adapter carries them dense (no "
             "compressed delta). Is this the fine-tune you meant?",
-            DegenerateAdapterWarning, stacklevel=3,
+            DegenerateAdapterWarning, stacklevel=user_stacklevel(),
         )  # fmt: skip
         return
     empty = [t for t in changed if not _stores_anything(config.layout[t])]
@@ -197,7 +197,7 @@ def warn_degenerate(config: DeltaCoMeConfig, targets: Sequence[str], changes: Pa
         warnings.warn(
             f"at ratio 1/{1 / config.ratio:.4g} every changed target linear ({len(changed)}) gets rank 0: the adapter "
             "stores none of their change (only the dense extras and bias deltas). Use a larger ratio",
-            DegenerateAdapterWarning, stacklevel=3,
+            DegenerateAdapterWarning, stacklevel=user_stacklevel(),
         )  # fmt: skip
     elif empty:
         log.info("%d of %d changed target linears get rank 0 at this ratio (e.g. %s)", len(empty), len(changed), empty[0])

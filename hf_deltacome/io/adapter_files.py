@@ -25,7 +25,7 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAM
 from peft.utils.constants import WEIGHTS_NAME as PICKLE_WEIGHTS_NAME
 
 from ..config import DeltaCoMeConfig
-from ..errors import AdapterFileError, ConfigError, DeltaCoMeError
+from ..errors import AdapterFileError, ConfigError, DeltaCoMeError, user_stacklevel
 from ..format.draws import entry_draws
 from ..format.storage import PackedDelta, TensorSpec, layout_tensors, plane_bits, sparse_band_masks
 from .atomic import PathLike, PinnedFiles, file_sha256, recover_folder, wait_for_swap
@@ -149,7 +149,7 @@ def read_adapter_config(path: PathLike, *, shown: Optional[str] = None) -> Delta
     known = {f.name for f in DeltaCoMeConfig.__dataclass_fields__.values()}
     unknown = sorted(set(data) - known - {"peft_type"})
     if unknown:  # written by a newer version: ignored, as PEFT does
-        warnings.warn(f"{path}: ignoring unknown field(s) {unknown} of a DELTACOME adapter config", stacklevel=2)
+        warnings.warn(f"{path}: ignoring unknown field(s) {unknown} of a DELTACOME adapter config", stacklevel=user_stacklevel())
         for key in unknown:
             del data[key]
     data.pop("peft_type", None)

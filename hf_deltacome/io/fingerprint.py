@@ -38,6 +38,7 @@ from ..errors import (
     ConfigError,
     QuantizedBaseWarning,
     WeakBaseCheckWarning,
+    user_stacklevel,
 )
 from .weight_sketch import (
     FINGERPRINT_VERSION,
@@ -289,22 +290,22 @@ def check_fingerprint(
     who = f"adapter {adapter!r}" if adapter else "this adapter"
     if fp is None:
         note = f"{who} carries no base-model fingerprint; cannot check that it is loaded onto the right base"
-        warnings.warn(note, BaseModelMismatchWarning, stacklevel=2)
+        warnings.warn(note, BaseModelMismatchWarning, stacklevel=user_stacklevel())
         return []
     if fp["version"] == 1 and who not in _V1_NOTED:
         _V1_NOTED.add(who)
         note = f"{who} carries a version-1 base fingerprint (16 values of at most 64 weights): the base check is "
         note += "weaker (most weights unchecked); compress again with this version for a check of every weight"
-        warnings.warn(note, WeakBaseCheckWarning, stacklevel=2)
+        warnings.warn(note, WeakBaseCheckWarning, stacklevel=user_stacklevel())
     diffs, found = fingerprint_differences(fp, model, adapter=adapter, vocab_rows=vocab_rows, read=read)
     notes = _notes(found)
     if not diffs:
         if notes:
-            warnings.warn(f"base check of {who}: {'; '.join(notes)}", WeakBaseCheckWarning, stacklevel=2)
+            warnings.warn(f"base check of {who}: {'; '.join(notes)}", WeakBaseCheckWarning, stacklevel=user_stacklevel())
         return []
     note = quantized_source_note(fp, model)  # the quantization of the adapter's own base: warn, do not refuse
     if note is not None:
-        warnings.warn(f"{who} was {note}", QuantizedBaseWarning, stacklevel=2)
+        warnings.warn(f"{who} was {note}", QuantizedBaseWarning, stacklevel=user_stacklevel())
         return diffs
     message = (
         f"{who} was compressed against base {describe_fingerprint(fp)} but is being loaded onto "
@@ -314,7 +315,7 @@ def check_fingerprint(
     )
     if strict:
         raise BaseModelMismatchError(message)
-    warnings.warn(message, BaseModelMismatchWarning, stacklevel=2)
+    warnings.warn(message, BaseModelMismatchWarning, stacklevel=user_stacklevel())
     return diffs
 
 

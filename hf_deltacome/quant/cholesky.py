@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..errors import user_stacklevel
 from .spill import Hessian, copy_hessian
 
 FLOAT64_MAX_BYTES = 512 << 20  # largest float64 working copy of a Hessian (n <= 8192); wider ones work in float32
@@ -84,7 +85,7 @@ def _factor(H: Hessian, damp: float, name: str) -> tuple[torch.Tensor, float]:
     dead = diag <= 0
     if bool(dead.all()) or not _all_finite(work):
         warnings.warn(
-            f"GPTQ{where}: Hessian is empty or not finite; falling back to round-to-nearest", stacklevel=4
+            f"GPTQ{where}: Hessian is empty or not finite; falling back to round-to-nearest", stacklevel=user_stacklevel()
         )
         return torch.eye(n, dtype=dtype, device=H.device), float("inf")
     # inputs that were always zero carry no information: give them a neutral diagonal entry
@@ -105,7 +106,7 @@ def _factor(H: Hessian, damp: float, name: str) -> tuple[torch.Tensor, float]:
     warnings.warn(
         f"GPTQ{where}: Hessian is not positive definite even with damping {d / 10:g}; "
         "falling back to round-to-nearest",
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
     return torch.eye(n, dtype=dtype, device=H.device), float("inf")
 

@@ -17,6 +17,8 @@ from typing import Union
 
 import torch
 
+from ..errors import user_stacklevel
+
 SPILL_MIN_BYTES = 256 << 20  # Hessians at least this large are spilled (in a 7B layer only down_proj's, n = 11008)
 _BLOCK = 512  # columns read or written at a time (22 MB for n = 11008 in float32)
 
@@ -99,6 +101,6 @@ def maybe_spill(H: torch.Tensor | None, min_bytes: int | None = None) -> Hessian
         warnings.warn(
             f"could not park a {tuple(H.shape)} Hessian in {tempfile.gettempdir()} ({e}); keeping it in memory "
             "(set TMPDIR to a folder with room to lower the peak)",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         return H
