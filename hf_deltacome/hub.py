@@ -109,7 +109,8 @@ def _dense_bytes(model: Any, adapter_name: str) -> Optional[int]:
     from peft.utils import get_peft_model_state_dict
 
     try:
-        state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        # as save_pretrained saves it: "auto" would look the base's config up on the Hub (a network call per save)
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     except Exception:
         return None
     return sum(t.numel() * t.element_size() for k, t in state.items() if DELTA_MARKER not in k)

@@ -508,3 +508,18 @@ def test_warnings_about_the_input_name_the_callers_line(tmp_path):
     with pytest.warns(BaseModelMismatchWarning, match="carries no base-model fingerprint") as record:
         PeftModel.from_pretrained(make_model("llama"), tmp_path)
     assert {w.filename for w in record if w.category is BaseModelMismatchWarning} == {__file__}
+
+
+def test_saving_looks_nothing_up_on_the_hub(tmp_path, monkeypatch):
+    """PEFT's ``save_embedding_layers="auto"`` asks the Hub for the base's config to guess whether the vocabulary
+    grew; neither our save nor its model card (which counts the dense extras) may make that call."""
+    import peft.utils.save_and_load as peft_save
+
+    looked_up = []
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", lambda *args, **kwargs: looked_up.append(args))
+    ft = make_finetune(make_model("llama"))
+    model = compress(make_model("llama"), ft, DeltaCoMeConfig(quantizer="rtn", ratio=1.0, exclude_modules=["down_proj"]),
+                     progress=False)  # fmt: skip
+    model.save_pretrained(tmp_path)
+    assert looked_up == []
+    assert "dense extras" in (tmp_path / "README.md").read_text()
