@@ -33,7 +33,7 @@ from .distill import distills
 from .modules import with_changes
 from .plan import weighs_residual
 from .streaming import LoadedPair, StreamedPair
-from .targets import ModelKind, attention_output_targets, mlp_targets
+from .targets import ModelKind, attention_output_targets, matches, mlp_targets
 
 log = logging.getLogger("hf_deltacome")
 ModelSource = Union[nn.Module, str, os.PathLike]
@@ -109,7 +109,7 @@ def _resolve_dare_modules(config: DeltaCoMeConfig, model: nn.Module, targets: Se
         if config.dare_modules:
             log.info("dare_modules=%r: %s stored whole (%s)", asked, ", ".join(config.dare_modules),
                      "vector codes" if config.full_rank == "vq" else "DARE alone")  # fmt: skip
-    unknown = sorted(s for s in config.dare_leaves if not any(_names_target(s, t) for t in targets))
+    unknown = sorted(s for s in config.dare_leaves if not any(matches(t, [s]) for t in targets))
     if unknown:
         raise ConfigError(f"dare_modules {unknown} name no target module; the targets' leaf names are {sorted(leaves)}")
 
@@ -126,16 +126,11 @@ def _own_names(model: nn.Module, targets: Sequence[str], picked: Sequence[str], 
     for name in picked:
         parts = name.split(".")
         suffix = next((s for s in (".".join(parts[-k:]) for k in range(1, len(parts) + 1))
-                       if not any(_names_target(s, other) for other in others)), None)  # fmt: skip
+                       if not any(matches(other, [s]) for other in others)), None)  # fmt: skip
         if suffix is None:
             return set(), f"the target {name!r} of {_name(model)} is {where}, but its name ends another target's"
         chosen.add(suffix)
     return chosen, None
-
-
-def _names_target(suffix: str, target: str) -> bool:
-    """Whether a ``dare_modules`` entry names ``target`` (:meth:`DeltaCoMeConfig.stores_whole`)."""
-    return target == suffix or target.endswith("." + suffix)
 
 
 def describe_inputs(
