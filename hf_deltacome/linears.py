@@ -7,12 +7,23 @@ models is a `Conv1DAsLinear`, an ``nn.Linear`` sharing its storage, so the pipel
 deltas, Hessians and packed layouts are ``out x in`` as for any linear). Afterwards each ``Conv1D`` goes back where its
 stand-in is, under PEFT's wrappers too, so the returned model and its saved files are in the base's own layout and the
 adapter loads onto the plain ``Conv1D`` model. The base fingerprint sketches a stand-in as the ``Conv1D`` it stands for.
+
+A mixture-of-experts layer whose experts transformers 5 stores fused (3-D ``gate_up_proj`` / ``up_proj`` and
+``down_proj`` parameters, the ``use_experts_implementation`` protocol of Mixtral, Qwen2/3-MoE, DeepSeek, GPT-OSS and
+~60 more) is one linear per expert and projection to hf-deltacome: `ExpertsAsLinears` is an ``nn.Module`` whose
+children ``<e>.<projection>`` are ``nn.Linear`` views of each expert's slice (one storage) and whose forward routes
+the tokens as the fused module's eager forward does. Compression works under :func:`linear_views`, which swaps every
+fused experts module in too; a stand-in whose linears carry an adapter stays in the model (so a loaded adapter's
+experts are ``mlp.experts.<e>.gate_up_proj``, matched by ``target_modules`` like any linear) until the adapter is
+unloaded (:func:`refuse_experts`), when the fused module comes back holding the linears' current (merged) values.
+Loading onto a fused base swaps in the stand-ins the adapter's layout names (:func:`unfuse_experts`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -90,20 +101,175 @@ class Conv1DAsLinear(nn.Linear):
         return new
 
 
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' fused experts (3-D expert weights, ``use_experts_implementation``)."""
+    down = getattr(module, "down_proj", None)
+    return (isinstance(down, nn.Parameter) and down.dim() == 3 and isinstance(getattr(module, "num_experts", None), int)
+            and all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed")))  # fmt: skip
+
+
+def _view_linear(weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> nn.Linear:
+    """An ``nn.Linear`` whose weight (and bias) are the given tensors themselves (views, no copy)."""
+    w = weight.t() if transposed else weight
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")  # allocates nothing
+    linear.weight = nn.Parameter(w, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+class ExpertsAsLinears(nn.Module):
+    """Fused experts as one ``nn.Linear`` per expert and projection, children ``<e>.<projection>`` sharing the fused
+    weights' storage, with the fused module's routing (module docstring). The fused module is kept unregistered in
+    :attr:`experts`; its other parameters and sub-modules (a post-expert norm) are registered here under their own
+    names, so the model's other weights keep their names."""
+
+    def __init__(self, experts: nn.Module, name: str = "") -> None:
+        if any(p.device.type == "meta" for p in experts.parameters(recurse=False)):
+            raise ConfigError(
+                f"{name or 'a fused experts module'} has its weights on the meta device (offloaded); hf-deltacome "
+                "runs fused experts as per-expert linears, which needs their weights in memory: load the model "
+                "without offloading"
+            )
+        super().__init__()
+        self.__dict__["experts"] = experts
+        self.projections = ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
+        fused = {*self.projections, *(f"{p}_bias" for p in self.projections)}
+        for e in range(experts.num_experts):
+            one = nn.Module()
+            for proj in self.projections:
+                bias = getattr(experts, f"{proj}_bias", None) if experts.has_bias else None
+                one.add_module(proj, _view_linear(getattr(experts, proj).data[e],
+                                                  None if bias is None else bias.data[e], experts.is_transposed))  # fmt: skip
+            self.add_module(str(e), one)
+        for pname, p in experts.named_parameters(recurse=False):
+            if pname not in fused:
+                self.register_parameter(pname, p)
+        for cname, child in experts.named_children():
+            self.add_module(cname, child)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                *args: Any, adapter_names: Any = None, **kwargs: Any) -> torch.Tensor:  # fmt: skip
+        """The fused module's eager routing: each hit expert runs its own linears on its tokens. With a mixed batch's
+        per-row ``adapter_names`` (the tokens are the batch's rows flattened), each token keeps its row's adapter."""
+        experts = self.experts
+        out = torch.zeros_like(hidden_states)
+        first, down = self.projections
+        if adapter_names is not None and hidden_states.shape[0] % len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the experts received "
+                             f"{hidden_states.shape[0]} tokens, not a whole number of tokens per row")  # fmt: skip
+        for e in torch.unique(top_k_index).tolist():
+            if not 0 <= e < experts.num_experts:  # an expert-parallel sentinel: not held here
+                continue
+            token_idx, position = torch.where(top_k_index == e)
+            names = None
+            if adapter_names is not None:  # the same kind of per-row list, one entry per routed token
+                per_row = hidden_states.shape[0] // len(adapter_names)
+                names = type(adapter_names)([adapter_names[t // per_row] for t in token_idx.tolist()])
+            h = self._run(e, first, hidden_states[token_idx], names)
+            h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+            h = self._run(e, down, h, names)
+            if getattr(experts, "has_post_expert_norm", False):
+                h = experts.post_expert_norm(h)
+            h = h * top_k_weights[token_idx, position, None]
+            out.index_add_(0, token_idx, h.to(out.dtype))
+        return out
+
+    def _run(self, e: int, proj: str, x: torch.Tensor, adapter_names: Any) -> torch.Tensor:
+        linear = self._modules[str(e)]._modules[proj]
+        if adapter_names is not None and hasattr(linear, "get_base_layer"):  # an adapter's layer takes the rows' names
+            return linear(x, adapter_names=adapter_names)
+        return linear(x)
+
+    def linears(self, proj: str) -> list[nn.Module]:
+        """The per-expert base linears of ``proj`` (under an adapter's wrapper, its base layer)."""
+        found = [self._modules[str(e)]._modules[proj] for e in range(self.experts.num_experts)]
+        return [m.get_base_layer() if hasattr(m, "get_base_layer") else m for m in found]
+
+    def fused(self) -> nn.Module:
+        """The fused module holding the linears' current values (a merge or ``.to()`` gives a linear its own
+        storage: the expert weights are stacked again and the linears made views of the result)."""
+        experts = self.experts
+        for proj in self.projections:
+            for attr, part in ((proj, "weight"), (f"{proj}_bias", "bias")):
+                if attr != proj and not experts.has_bias:
+                    continue
+                lins, param = self.linears(proj), getattr(experts, attr)
+                values = [getattr(m, part).data for m in lins]
+                transposed = experts.is_transposed and part == "weight"
+                views = [param.data[e].t() if transposed else param.data[e] for e in range(len(lins))]
+                if all(v.data_ptr() == w.data_ptr() and v.dtype == w.dtype and v.device == w.device
+                       and v.stride() == w.stride() for v, w in zip(views, values)):  # fmt: skip
+                    continue
+                stacked = torch.stack([v.t() if transposed else v for v in values])
+                setattr(experts, attr, nn.Parameter(stacked, requires_grad=param.requires_grad))
+                for e, m in enumerate(lins):
+                    getattr(m, part).data = stacked[e].t() if transposed else stacked[e]
+        for pname, p in self._parameters.items():  # its other parameters, as ``.to()`` left them here
+            experts._parameters[pname] = p
+        return experts
+
+    def hosts_adapter(self) -> bool:
+        """Whether any of the linears is wrapped by a PEFT tuner layer."""
+        return any(hasattr(self._modules[str(e)]._modules[p], "get_base_layer")
+                   for e in range(self.experts.num_experts) for p in self.projections)  # fmt: skip
+
+
+_EXPERT_LINEAR = re.compile(r"^(.*)\.\d+\.(gate_up_proj|up_proj|down_proj)$")
+
+
+def unfuse_experts(model: nn.Module, names: Any = None) -> int:
+    """Swap in an `ExpertsAsLinears` for each fused experts module of ``model`` (only those with a linear among
+    ``names``, e.g. an adapter's layout, when given); returns how many were swapped."""
+    wanted = None if names is None else {m.group(1) for n in names if (m := _EXPERT_LINEAR.match(n))}
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if name and is_fused_experts(module) and (wanted is None or name in wanted):
+            model.set_submodule(name, ExpertsAsLinears(module, name))
+            swapped += 1
+    return swapped
+
+
+def refuse_experts(model: nn.Module, keep_adapters: bool = False) -> None:
+    """Put each fused experts module back in place of its `ExpertsAsLinears` (with the linears' current values);
+    with ``keep_adapters``, stand-ins whose linears carry an adapter stay."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if isinstance(child, ExpertsAsLinears) and not (keep_adapters and child.hosts_adapter()):
+                parent._modules[child_name] = child.fused()
+
+
+def named_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s modules by name, each fused experts module's per-expert linears among them (views: ``model`` is
+    left as it is), for reading a fine-tune's weights by an adapter's module names."""
+    out = {}
+    for name, module in model.named_modules():
+        out[name] = module
+        if name and is_fused_experts(module):
+            out.update((f"{name}.{n}", m) for n, m in ExpertsAsLinears(module, name).named_modules() if n)
+    return out
+
+
 @contextlib.contextmanager
 def linear_views(*models: nn.Module) -> Iterator[int]:
-    """Within the block every ``Conv1D`` of ``models`` is a `Conv1DAsLinear` (yields how many were swapped).
+    """Within the block every ``Conv1D`` of ``models`` is a `Conv1DAsLinear` and every fused experts module an
+    `ExpertsAsLinears` (yields how many were swapped).
 
-    On exit (also on failure) every stand-in in the models' module trees, PEFT's wrappers included, is a ``Conv1D``
-    again: the original where it is the original's stand-in, a new one for a copy of it."""
-    swapped = 0
+    On exit (also on failure) every ``Conv1D`` stand-in in the models' module trees, PEFT's wrappers included, is a
+    ``Conv1D`` again: the original where it is the original's stand-in, a new one for a copy of it. Every experts
+    stand-in is the fused module again, except, after a success, those whose linears carry the new adapter."""
+    swapped, failed = 0, False
     try:
         for model in models:
             for name, module in list(model.named_modules()):
                 if name and is_conv1d(module):
                     model.set_submodule(name, Conv1DAsLinear(module, name))
                     swapped += 1
+            swapped += unfuse_experts(model)
         yield swapped
+    except BaseException:
+        failed = True
+        raise
     finally:
         if swapped:
             for model in models:
@@ -111,6 +277,20 @@ def linear_views(*models: nn.Module) -> Iterator[int]:
                     for child_name, child in list(parent._modules.items()):
                         if isinstance(child, Conv1DAsLinear):
                             parent._modules[child_name] = child.as_conv1d()
+                if failed:
+                    _strip_adapters(model)
+                refuse_experts(model, keep_adapters=not failed)
+
+
+def _strip_adapters(model: nn.Module) -> None:
+    """After a failed compression: the linears of each experts stand-in unwrapped from PEFT's tuner layers, so the
+    fused module can come back."""
+    for stand_in in [m for m in model.modules() if isinstance(m, ExpertsAsLinears)]:
+        for e in range(stand_in.experts.num_experts):
+            one = stand_in._modules[str(e)]
+            for proj in stand_in.projections:
+                if hasattr(one._modules[proj], "get_base_layer"):
+                    one._modules[proj] = one._modules[proj].get_base_layer()
 
 
 def on_linear_views(fn: Callable[..., Any]) -> Callable[..., Any]:

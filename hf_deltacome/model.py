@@ -16,11 +16,11 @@ from torch import nn
 from .config import DeltaCoMeConfig
 from .errors import AdapterFileError, ConfigError
 from .layer import BASE_ADAPTER_NAME, DeltaCoMeLayer, DeltaCoMeLinear, MixedBatch
-from .linears import is_linear, linear_shape
+from .linears import ExpertsAsLinears, is_linear, linear_shape, refuse_experts, unfuse_experts
 
 
 def _adapter_names_pre_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
-    kwargs["adapter_names"] = adapter_names
+    kwargs.setdefault("adapter_names", adapter_names)  # per-token names given by a fused experts stand-in win
     return args, kwargs
 
 
@@ -208,6 +208,7 @@ class DeltaCoMeModel(BaseTuner):
         prepare_vocab(model, peft_config)
 
     def _pre_injection_hook(self, model: nn.Module, config: DeltaCoMeConfig, adapter_name: str) -> None:
+        unfuse_experts(model, config.layout)  # fused experts the layout names run as per-expert linears
         check_layout_fits(model, config, adapter_name)
 
     @staticmethod
@@ -288,8 +289,10 @@ class DeltaCoMeModel(BaseTuner):
                                      adapter_names: Optional[list[str]] = None) -> Any:  # fmt: skip
         if merge:
             self._check_mergeable(adapter_names)
-        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
-                                                    adapter_names=adapter_names)  # fmt: skip
+        model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                     adapter_names=adapter_names)  # fmt: skip
+        refuse_experts(model)  # fused experts again, holding the merged values
+        return model
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **_: Any) -> None:
         """Not offered (LoRA's combination of factors): a Delta-CoMe adapter is a quantized delta, and a weighted sum
@@ -352,7 +355,7 @@ class DeltaCoMeModel(BaseTuner):
         batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch(adapter_names)
         handles, swapped = [], []
         for module in hosts:
-            if isinstance(module, DeltaCoMeLayer) or (
+            if isinstance(module, (DeltaCoMeLayer, ExpertsAsLinears)) or (
                 isinstance(module, AuxiliaryTrainingWrapper) and not isinstance(module, ModulesToSaveWrapper)
             ):
                 hook = partial(_adapter_names_pre_hook, adapter_names=batch)

@@ -236,8 +236,9 @@ def _experts_note(modules: dict[str, nn.Module], extras: dict[str, int]) -> str:
     if not fused:
         return ""
     return (f". {len(fused)} of them are 3-D parameters ({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''}): "
-            "a mixture-of-experts layer's fused expert weights, which are stored dense because hf-deltacome "
-            "compresses nn.Linear layers only (fused experts are not supported yet)")
+            "a mixture-of-experts layer's fused expert weights, stored dense here. hf-deltacome compresses fused "
+            "experts one linear per expert when the models are passed loaded (not streamed from their files) and "
+            "their experts class follows transformers' use_experts_implementation protocol")
 
 
 def file_budget(

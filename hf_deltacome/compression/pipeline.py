@@ -37,7 +37,8 @@ A base whose linears are stored packed (an AMLQ-quantized base, :mod:`hf_deltaco
 weights it actually runs with: :func:`on_quantized_base` enters every view registered in
 :data:`QUANTIZED_BASE_VIEWS` (AMLQ's is registered by :mod:`hf_deltacome.integration`), under which those linears are
 dense, for the whole call, so the adapter also absorbs the base's quantization error. Loaded GPT-2-family models'
-``Conv1D`` layers are ``nn.Linear`` stand-ins for the call the same way (:func:`hf_deltacome.linears.on_linear_views`).
+``Conv1D`` layers are ``nn.Linear`` stand-ins for the call the same way, and fused mixture-of-experts weights one
+``nn.Linear`` per expert and projection (:func:`hf_deltacome.linears.on_linear_views`).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from ..backend import dequant_cache
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError
 from ..layer import DeltaCoMeLayer
-from ..linears import Conv1DAsLinear, on_linear_views
+from ..linears import Conv1DAsLinear, ExpertsAsLinears, on_linear_views
 from ..quant.hessian import HessianCollector
 from ..quant.spill import maybe_spill
 from . import vocab
@@ -209,6 +210,10 @@ def compress(
     config.compression_info.update(streamed=pair.streamed, layer_seconds=[round(t, 2) for t in filler.layer_seconds])
     if any(isinstance(m, Conv1DAsLinear) for m in pair.base.modules()):  # GPT-2: a LoRA export is fan_in_fan_out
         config.compression_info["fan_in_fan_out"] = True
+    fused = [n for n, m in pair.base.named_modules() if isinstance(m, ExpertsAsLinears)
+             and any(t.startswith(f"{n}.") for t in config.layout)]  # fmt: skip
+    if fused:  # fused mixture-of-experts weights, compressed one linear per expert (hf_deltacome.linears)
+        config.compression_info["fused_experts"] = fused
     if changes.rounding:
         config.compression_info["unchanged_within_rounding"] = changes.rounding
     return peft_model.eval()

@@ -32,7 +32,7 @@ from ..backend import delta_forward
 from ..compression.calibration import read_texts
 from ..errors import CalibrationError, ConfigError
 from ..layer import DeltaCoMeLayer
-from ..linears import is_conv1d
+from ..linears import is_conv1d, named_linears
 from ..progress import progress_bar
 from .generation import DEFAULT_MAX_NEW_TOKENS
 from .tasks import TaskItem, read_task_file, task_accuracy
@@ -84,7 +84,7 @@ class ModuleErrorMeter:
 
     def __init__(self, model: nn.Module, finetuned: nn.Module, adapter_name: str | None = None) -> None:
         self._delta_forward = delta_forward
-        ft = dict(finetuned.named_modules())
+        ft = named_linears(finetuned)  # a fused experts module: one linear per expert, as the adapter's
         self.err: dict[str, float] = {}
         self.ref: dict[str, float] = {}
         self._handles = []

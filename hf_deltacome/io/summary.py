@@ -99,13 +99,21 @@ class AdapterSummary:
 
     def per_kind(self) -> dict[str, dict[str, Any]]:
         """Per module type (q_proj, down_proj, ...; ``parent.leaf`` where one leaf name sits under different
-        parents, as GPT-2's ``attn.c_proj`` and ``mlp.c_proj``): shape(s), bands as ``bits:rank`` and bytes."""
+        parents, as GPT-2's ``attn.c_proj`` and ``mlp.c_proj``, with the experts of a mixture as one parent,
+        ``experts.*.down_proj``): shape(s), bands as ``bits:rank`` and bytes."""
+
+        def parent(name: str) -> str:
+            parts = name.split(".")
+            if len(parts) < 2:
+                return ""
+            return f"{parts[-3]}.*" if parts[-2].isdigit() and len(parts) > 2 else parts[-2]
+
         parents: dict[str, set[str]] = defaultdict(set)
         for m in self.modules:
-            parents[m.kind].add(m.name.rsplit(".", 2)[-2] if "." in m.name else "")
+            parents[m.kind].add(parent(m.name))
         out: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "bytes": 0, "layouts": set()})
         for m in self.modules:
-            row = out[".".join(m.name.split(".")[-2:]) if len(parents[m.kind]) > 1 else m.kind]
+            row = out[f"{parent(m.name)}.{m.kind}" if len(parents[m.kind]) > 1 else m.kind]
             row["count"] += 1
             row["bytes"] += m.nbytes
             layout = f"{m.shape[0]}x{m.shape[1]} " + m.layout_text

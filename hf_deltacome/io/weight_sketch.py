@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..linears import Conv1DAsLinear
+from ..linears import Conv1DAsLinear, ExpertsAsLinears
 
 FINGERPRINT_VERSION = 2
 ROWS_PER_BUCKET = 512
@@ -74,6 +74,8 @@ def _adapter_state(module: nn.Module) -> set[str]:
 def _base_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """``named_modules(remove_duplicate=False)`` without descending into adapter state: a model carrying many
     adapters is walked as fast as one carrying none."""
+    if isinstance(module, ExpertsAsLinears):  # per-expert linears: the fused weights, with their current values
+        module = module.fused()
     yield prefix, module.conv1d if isinstance(module, Conv1DAsLinear) else module  # as the base holds it
     skip = _adapter_state(module)
     for name, child in module._modules.items():

@@ -11,6 +11,8 @@ conventions (``LoraConfig``, ``base_model.model.<module>.lora_{A,B}.weight`` key
 * Everything else the adapter carries densely (changed norms, embeddings, ...) goes along as LoRA
   ``modules_to_save`` so that the LoRA reproduces the adapter; ``drop_extras=True`` leaves them out for servers that
   refuse ``modules_to_save`` (vLLM), at the cost reported as the logits error.
+* An adapter of fused mixture-of-experts weights (one linear per expert, :mod:`hf_deltacome.linears`) is refused:
+  a LoRA's modules would not exist on the fused base.
 * A bias delta (fine-tunes of models with linear biases, e.g. Qwen2's q/k/v) becomes PEFT's ``lora_bias``.
 * A module stored as DARE values or sign bits (the default's MLP, ``dare``, ``bitdelta``, a DARE residual) is full
   rank: it takes PEFT's route, the SVD of its dense delta, at ``min(out, in)`` when exact (a LoRA larger than its
@@ -195,6 +197,13 @@ def export_lora(
     check_output_folder(out, {"adapter": adapter, "--base": base})  # a LoRA is an adapter: never beside a model
     folder = local_adapter_folder(adapter)
     config, state = read_adapter(folder)
+    fused = (config.compression_info or {}).get("fused_experts")
+    if fused:
+        raise ConfigError(
+            f"{folder}: the adapter compresses the fused mixture-of-experts weights of {fused[0]}"
+            f"{f' and {len(fused) - 1} more' if len(fused) > 1 else ''} one linear per expert; a PEFT LoRA cannot "
+            "target single experts of the fused 3-D weights: merge the adapter into the base instead (`deltacome merge`)"
+        )
     torch_dtype = _DTYPES[dtype]
 
     tensors: dict[str, torch.Tensor] = {}
