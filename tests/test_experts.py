@@ -302,3 +302,23 @@ def test_fused_weights_follow_a_dtype_change_while_unfused(tmp_path):
     experts = merged.model.layers[0].mlp.experts
     assert is_fused_experts(experts) and experts.gate_up_proj.dtype == torch.bfloat16
     torch.testing.assert_close(logits(merged, x), want, atol=0.05, rtol=0.02)
+
+
+def test_cli_compresses_a_mixture_loaded_and_says_why(tmp_path, capsys):
+    """`deltacome compress` loads a mixture-of-experts pair (transformers fuses its experts when loading, so no
+    checkpoint key names them); --stream is refused with that reason."""
+    from tiny_models import make_tokenizer
+
+    from hf_deltacome.cli import main
+
+    base = mixtral()
+    for name, model in (("base", base), ("ft", finetune(base))):
+        model.save_pretrained(tmp_path / name)
+        make_tokenizer().save_pretrained(tmp_path / name)
+    args = ["compress", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "ft"), "--quantizer", "rtn",
+            "--ratio", "1/8", "--no-save-tokenizer"]  # fmt: skip
+    assert main([*args, "--output", str(tmp_path / "out")]) == 0
+    loaded = PeftModel.from_pretrained(mixtral(), tmp_path / "out")
+    assert "model.layers.0.mlp.experts.3.gate_up_proj" in loaded.peft_config["default"].layout
+    assert main([*args, "--output", str(tmp_path / "streamed"), "--stream"]) == 2
+    assert "mixture-of-experts model (4 experts)" in capsys.readouterr().err

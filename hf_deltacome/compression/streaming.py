@@ -62,6 +62,9 @@ def local_folder(name_or_path: str | os.PathLike, role: str) -> Path:
         raise DeltaCoMeError(f"--{role} {text!r}: cannot fetch the model from the Hub: {e}") from e
 
 
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # config fields: experts a layer
+
+
 def why_not_streamable(name_or_path: str | os.PathLike) -> str | None:
     """Why a local model folder cannot be streamed (``None``: it can): no safetensors, or not a text causal LM."""
     folder = Path(name_or_path)
@@ -78,6 +81,10 @@ def why_not_streamable(name_or_path: str | os.PathLike) -> str | None:
     if isinstance(cfg, dict) and cfg.get("quantization_config"):
         method = (cfg["quantization_config"] or {}).get("quant_method", "?")
         return f"{folder} is a quantized model ({method}): its linears are read through its quantizer"
+    experts = next((n for k in MOE_KEYS if isinstance(n := cfg.get(k), int) and n > 1), None)
+    if experts is not None:  # transformers 5 fuses the experts on load: no checkpoint key names the model's weights
+        return (f"{folder} is a mixture-of-experts model ({experts} experts), whose expert weights transformers "
+                "fuses when loading (compression takes them one linear per expert from the loaded models)")
     return None
 
 

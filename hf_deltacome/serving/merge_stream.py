@@ -36,7 +36,7 @@ from ..io.adapter_source import check_extras
 from ..io.atomic import write_folder
 from ..io.fingerprint import check_fingerprint, default_strict
 from ..io.shards import INDEX_NAME, ShardWriter, plan_shards, write_index
-from ..linears import in_weight_layout, is_fused_experts
+from ..linears import in_weight_layout
 from ..model import check_layout_fits, prepare_vocab
 from ..progress import progress_bar
 
@@ -87,9 +87,6 @@ class StreamedMerge:
     def __init__(self, folder: Path, name: str, adapter_folder: Path) -> None:
         self.ckpt = Checkpoint(folder, "base")
         self.model, self.keys = skeleton(self.ckpt)
-        fused = next((n for n, m in self.model.named_modules() if is_fused_experts(m)), None)
-        if fused is not None:  # the checkpoint holds whole 3-D tensors where an adapter may hold one linear per expert
-            raise ConfigError(f"the base holds fused mixture-of-experts weights ({fused}), merged per expert in memory")
         self.model.config._name_or_path = name  # as from_pretrained(name) records it (base check, messages)
         self.adapter_folder = adapter_folder
         self._packed: tuple[str, Any] = ("", None)
