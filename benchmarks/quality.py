@@ -182,6 +182,11 @@ CALIBRATIONS = {  # --calibration: what every method of a run calibrates on
     "sampled": "text sampled from the fine-tune, what `deltacome compress` does when given no calibration",
     "generic": "the built-in generic text (hf_deltacome/compression/generic_text.txt)",
 }
+BASES = {
+    "smollm2": "SmolLM2-135M-Instruct",
+    "smollm2-moe": "SmolLM2-135M-Instruct sparsely upcycled to 4 experts, top 2 (zoo.smollm2_moe_path; transformers "
+                   "fuses its experts: compressed one linear per expert)",
+}
 SECTION = "<!-- quality-{task}:{end} -->"  # one section per task in RESULTS.md, replaced by a rerun
 
 
@@ -189,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="knowledge",
                    help="zoo task: knowledge (facts), knowledge2 (facts-hot: a second knowledge delta) or skill (dates)")
+    p.add_argument("--base", default="smollm2", choices=list(BASES),
+                   help="base model: " + "; ".join(f"{k}: {v}" for k, v in BASES.items()))
     p.add_argument("--quick", action="store_true", help=f"ratios {QUICK_RATIOS}, methods {QUICK_METHODS}")
     p.add_argument("--ratios", default=None, help=f"comma-separated (default {DEFAULT_RATIOS})")
     p.add_argument("--methods", default=None, help=f"comma-separated of {sorted(VARIANTS)}")
@@ -227,12 +234,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ pair and data
 
 
-def load_pair(task_name: str) -> tuple[Path, Path, Any, Any]:
+def load_pair(task_name: str, base: str = "smollm2") -> tuple[Path, Path, Any, Any]:
     import zoo
 
     task = zoo.get_task(task_name)
-    base_path = zoo.smollm2_path()
-    ft_path = zoo.finetune(task)  # cached after the first run
+    base_path = zoo.smollm2_moe_path() if base == "smollm2-moe" else zoo.smollm2_path()
+    ft_path = zoo.finetune(task, base=base_path if base != "smollm2" else None)  # cached after the first run
     return base_path, ft_path, task, zoo
 
 
@@ -718,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         args.n_eval = 120
 
     t_start = time.time()
-    base_path, ft_path, task, zoo = load_pair(args.task)
+    base_path, ft_path, task, zoo = load_pair(args.task, args.base)
+    label = task.name if args.base == "smollm2" else f"{task.name}-{args.base}"  # plot, RESULTS.md section
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -764,15 +772,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"({time.time() - t0:.0f} s)",
                 flush=True,
             )
-    md = table(records, ref, task.name)
+    md = table(records, ref, label)
     print()
     print(md)
-    plot_path = Path(args.plot) if args.plot else ROOT / "benchmarks" / f"quality_{task.name}.png"
-    plot(records, plot_path, task.name)
+    plot_path = Path(args.plot) if args.plot else ROOT / "benchmarks" / f"quality_{label}.png"
+    plot(records, plot_path, label)
     print(f"\nplot: {plot_path}; total {time.time() - t_start:.0f} s")
     if args.results_md:
         header = (
-            f"### {task.name} fine-tune ({task.description})\n\n"
+            f"### {label} fine-tune ({task.description}; base: {BASES[args.base]})\n\n"
             f"`python benchmarks/quality.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
             + f" on {platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, code "
             f"revision `{revision}`. "
@@ -790,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{CLOSE_CALL:g} logit between the reference answer and its next choice, `zoo.answer_margins`).\n\n"
         )
         body = header + md + f"\n\n![gain kept vs bytes]({plot_path.name})\n"
-        update_results_md(Path(args.results_md), body, task.name)
+        update_results_md(Path(args.results_md), body, label)
     return 0
 
 

