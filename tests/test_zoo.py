@@ -13,7 +13,7 @@ import torch
 import zoo
 import zoo.smollm2
 import zoo.tasks
-from tiny_models import assert_beats_baselines
+from tiny_models import assert_beats_baselines, make_model
 
 from hf_deltacome.errors import ConfigError, DeltaCoMeError
 from hf_deltacome.io.atomic import atomic_dir
@@ -401,3 +401,17 @@ def test_smollm2_compress_save_load_logits_match(tmp_path, monkeypatch) -> None:
     # adapter's dense extras alone (packed deltas zeroed) and a shuffled adapter of the same size miss
     assert_beats_baselines(peft_model, ft, AutoModelForCausalLM.from_pretrained(base_path), ids, SMOLLM2_BOUND)
     assert os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors") > 0
+
+
+def test_upcycled_mixture_computes_what_its_dense_model_computes() -> None:
+    """``zoo.upcycle`` (the base of ``quality.py --base smollm2-moe``): every expert a copy of its layer's MLP, so
+    the mixture's logits are the dense model's whatever the random router picks; transformers holds its experts
+    fused, as hf-deltacome compresses them one linear per expert."""
+    from hf_deltacome.linears import is_fused_experts
+
+    dense = make_model("llama")
+    moe = zoo.upcycle(dense, experts=4, top_k=2)
+    assert type(moe).__name__ == "MixtralForCausalLM" and is_fused_experts(moe.model.layers[0].mlp.experts)
+    ids = torch.randint(0, dense.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)

@@ -7,6 +7,8 @@
   exact-match scorer: ``"dates"`` (a *skill*: rewrite a date in ISO format) and ``"facts"`` (*knowledge*: made-up
   people and their city, job and instrument, asked in held-out paraphrases). Compression methods are hard to tell
   apart on a skill delta; a knowledge delta separates them (see DESIGN.md §1).
+* :func:`smollm2_moe_path` upcycles it to a 4-expert Mixtral (:func:`upcycle`: every expert a copy of its layer's
+  MLP), a mixture-of-experts base to fine-tune the same way.
 * :func:`finetune` makes (and caches) a full fine-tune of the base for a task on CPU; :func:`task_accuracy` scores
   any causal LM (a plain model or a ``PeftModel``) on a task with greedy decoding, :func:`answer_nll` by the
   likelihood of the reference answers, :func:`answer_margins` by how close each answer is to another.
@@ -16,7 +18,7 @@ so an interrupted run never leaves a half-written cache entry.
 """
 
 from .finetune import answer_margins, answer_nll, finetune, finetune_path, task_accuracy, task_predictions
-from .smollm2 import MissingDependencyError, cache_dir, load_smollm2, smollm2_moe_path, smollm2_path
+from .smollm2 import MissingDependencyError, cache_dir, load_smollm2, smollm2_moe_path, smollm2_path, upcycle
 from .tasks import KNOWLEDGE_TASK, SECOND_KNOWLEDGE_TASK, SKILL_TASK, TASKS, Example, FinetuneSettings, Task, get_task
 
 __all__ = [
@@ -39,4 +41,5 @@ __all__ = [
     "smollm2_path",
     "task_accuracy",
     "task_predictions",
+    "upcycle",
 ]

@@ -149,6 +149,41 @@ def smollm2_path() -> Path:
     return final
 
 
+def upcycle(dense: Any, experts: int = 4, top_k: int = 2) -> Any:
+    """A Mixtral of ``experts`` experts (top ``top_k``) made from a Llama-style ``dense`` model (sparse upcycling):
+    every expert a copy of its layer's MLP, everything else copied, the router random (seeded). The top-k routing
+    weights sum to one, so it computes what ``dense`` computes until it is fine-tuned."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    c = dense.config
+    config = MixtralConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None), hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=c.rope_parameters, tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, num_local_experts=experts,
+        num_experts_per_tok=top_k, router_aux_loss_coef=0.0, output_router_logits=False, dtype=torch.float32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        for i, layer in enumerate(model.model.layers):
+            mlp, moe = dense.model.layers[i].mlp, layer.mlp
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            moe.experts.gate_up_proj.copy_(gate_up.expand(experts, *gate_up.shape))
+            moe.experts.down_proj.copy_(mlp.down_proj.weight.expand(experts, *mlp.down_proj.weight.shape))
+            moe.gate.weight.normal_(0.0, 0.02)
+    left = [k for k in missing if ".mlp." not in k and k != "lm_head.weight"]
+    if left or unexpected:
+        raise DeltaCoMeError(f"upcycling {type(dense).__name__}: missing {left}, unexpected {unexpected}")
+    model.tie_weights()
+    model.generation_config = dense.generation_config
+    return model
+
+
 def smollm2_moe_path(experts: int = 4, top_k: int = 2) -> Path:
     """Directory of SmolLM2-135M-Instruct *sparsely upcycled* to a Mixtral-style mixture of ``experts`` experts (top
     ``top_k``), building it on first use from :func:`smollm2_path`.
@@ -163,38 +198,12 @@ def smollm2_moe_path(experts: int = 4, top_k: int = 2) -> Path:
     if (final / SOURCE_FILE).is_file():
         return final
     _remove_stale(final, SOURCE_FILE)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
     dense_path = smollm2_path()
     dense = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.float32).eval()
-    c = dense.config
-    config = MixtralConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters=c.rope_parameters, tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, num_local_experts=experts,
-        num_experts_per_tok=top_k, router_aux_loss_coef=0.0, output_router_logits=False, dtype=torch.float32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(config).eval()
-    with torch.no_grad():
-        state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        for i, layer in enumerate(model.model.layers):
-            mlp = dense.model.layers[i].mlp
-            moe = layer.mlp
-            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-            moe.experts.gate_up_proj.copy_(gate_up.expand(experts, *gate_up.shape))
-            moe.experts.down_proj.copy_(mlp.down_proj.weight.expand(experts, *mlp.down_proj.weight.shape))
-            moe.gate.weight.normal_(0.0, 0.02)
-    left = [k for k in missing if ".mlp." not in k and k != "lm_head.weight"]
-    if left or unexpected:
-        raise DeltaCoMeError(f"upcycling {dense_path}: missing {left}, unexpected {unexpected}")
-    model.tie_weights()
-    model.generation_config = dense.generation_config
+    model = upcycle(dense, experts, top_k)
     tokenizer = AutoTokenizer.from_pretrained(dense_path)
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
