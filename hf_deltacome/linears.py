@@ -15,7 +15,7 @@ children ``<e>.<projection>`` are ``nn.Linear`` views of each expert's slice (on
 the tokens as the fused module's eager forward does. Compression works under :func:`linear_views`, which swaps every
 fused experts module in too; a stand-in whose linears carry an adapter stays in the model (so a loaded adapter's
 experts are ``mlp.experts.<e>.gate_up_proj``, matched by ``target_modules`` like any linear) until the adapter is
-unloaded (:func:`refuse_experts`), when the fused module comes back holding the linears' current (merged) values.
+unloaded (:func:`fuse_experts`), when the fused module comes back holding the linears' current (merged) values.
 Loading onto a fused base swaps in the stand-ins the adapter's layout names (:func:`unfuse_experts`).
 """
 
@@ -230,7 +230,7 @@ def unfuse_experts(model: nn.Module, names: Any = None) -> int:
     return swapped
 
 
-def refuse_experts(model: nn.Module, keep_adapters: bool = False) -> None:
+def fuse_experts(model: nn.Module, keep_adapters: bool = False) -> None:
     """Put each fused experts module back in place of its `ExpertsAsLinears` (with the linears' current values);
     with ``keep_adapters``, stand-ins whose linears carry an adapter stay."""
     for parent in list(model.modules()):
@@ -279,7 +279,7 @@ def linear_views(*models: nn.Module) -> Iterator[int]:
                             parent._modules[child_name] = child.as_conv1d()
                 if failed:
                     _strip_adapters(model)
-                refuse_experts(model, keep_adapters=not failed)
+                fuse_experts(model, keep_adapters=not failed)
 
 
 def _strip_adapters(model: nn.Module) -> None:

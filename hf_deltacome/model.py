@@ -16,7 +16,7 @@ from torch import nn
 from .config import DeltaCoMeConfig
 from .errors import AdapterFileError, ConfigError
 from .layer import BASE_ADAPTER_NAME, DeltaCoMeLayer, DeltaCoMeLinear, MixedBatch
-from .linears import ExpertsAsLinears, is_linear, linear_shape, refuse_experts, unfuse_experts
+from .linears import ExpertsAsLinears, fuse_experts, is_linear, linear_shape, unfuse_experts
 
 
 def _adapter_names_pre_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
@@ -291,7 +291,7 @@ class DeltaCoMeModel(BaseTuner):
             self._check_mergeable(adapter_names)
         model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
                                                      adapter_names=adapter_names)  # fmt: skip
-        refuse_experts(model)  # fused experts again, holding the merged values
+        fuse_experts(model)  # fused experts again, holding the merged values
         return model
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **_: Any) -> None:

@@ -322,3 +322,13 @@ def test_cli_compresses_a_mixture_loaded_and_says_why(tmp_path, capsys):
     assert "model.layers.0.mlp.experts.3.gate_up_proj" in loaded.peft_config["default"].layout
     assert main([*args, "--output", str(tmp_path / "streamed"), "--stream"]) == 2
     assert "mixture-of-experts model (4 experts)" in capsys.readouterr().err
+
+
+def test_offloaded_experts_are_named():
+    """Experts whose weights accelerate left on the meta device cannot be viewed per expert: the error names them."""
+    from hf_deltacome.linears import unfuse_experts
+
+    with torch.device("meta"):
+        model = mixtral()
+    with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.experts has its weights on the meta device"):
+        unfuse_experts(model)
