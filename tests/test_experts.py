@@ -80,7 +80,7 @@ def mixtral(seed: int = 0) -> nn.Module:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    cfg = MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    cfg = MixtralConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
     model = MixtralForCausalLM(cfg).eval()
     model.config._name_or_path = "tiny-random-mixtral"
@@ -165,15 +165,23 @@ def test_fused_experts_compress_load_and_merge_back(tmp_path):
         export_lora(tmp_path / "adapter", tmp_path / "lora")
 
 
-def test_two_expert_adapters_serve_one_batch(tmp_path):
-    base = mixtral()
-    ft_a, x = finetune(base), ids(3, 2, 24)
-    ft_b = finetune(ft_a)
-    for name, ft in (("a", ft_a), ("b", ft_b)):
-        compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 4), calibration=ids(1), progress=False,
-                 adapter_name=name).save_pretrained(tmp_path / name)  # fmt: skip
-    model = PeftModel.from_pretrained(mixtral(), tmp_path / "a" / "a", adapter_name="a")
-    model.load_adapter(tmp_path / "b" / "b", adapter_name="b")
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory):
+    """Two expert adapters of one Mixtral base, saved: ``{"a": folder, "b": folder}``."""
+    root, base = tmp_path_factory.mktemp("experts"), mixtral()
+    ft_a = finetune(base)
+    folders = {}
+    for name, ft in (("a", ft_a), ("b", finetune(ft_a))):
+        compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 4), calibration=ids(1),
+                 progress=False).save_pretrained(root / name)  # fmt: skip
+        folders[name] = root / name
+    return folders
+
+
+def test_two_expert_adapters_serve_one_batch(two_adapters):
+    x = ids(3, 2, 24)
+    model = PeftModel.from_pretrained(mixtral(), two_adapters["a"], adapter_name="a")
+    model.load_adapter(two_adapters["b"], adapter_name="b")
     single = {}
     for name in ("a", "b"):
         model.set_adapter(name)
@@ -182,6 +190,42 @@ def test_two_expert_adapters_serve_one_batch(tmp_path):
         mixed = model(x, adapter_names=["b", "a"]).logits
     torch.testing.assert_close(mixed[0], single["b"][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[1], single["a"][1], atol=1e-5, rtol=1e-5)
+
+
+def test_engine_serves_expert_adapters_side_by_side(two_adapters):
+    """Continuous batching over two expert adapters and the base: each request's text is what its adapter alone
+    generates (the routed tokens of one step belong to rows of different adapters)."""
+    import threading
+
+    from serving_fixtures import greedy_alone
+    from tiny_models import make_tokenizer
+
+    from hf_deltacome.serving import load_deltas
+    from hf_deltacome.serving.engine import Engine, GenerationRequest, SamplingParams
+
+    tok = make_tokenizer()
+    model = load_deltas(mixtral(), {name: str(folder) for name, folder in two_adapters.items()})
+    refs = {name: PeftModel.from_pretrained(mixtral(), folder).eval() for name, folder in two_adapters.items()}
+    refs["__base__"] = mixtral()
+    jobs = [("a", "The first prompt", 12), ("b", "x=", 10), ("__base__", "Hi", 8), ("b", "def f(", 12)]
+    with Engine(model, tok, max_batch=4) as engine:
+        started = []
+        for adapter, text, n in jobs:
+            events, done = [], threading.Event()
+
+            def sink(event, events=events, done=done):
+                events.append(event)
+                if event.kind != "text":
+                    done.set()
+
+            request = engine.submit(GenerationRequest(tok(text).input_ids, adapter,
+                                                      SamplingParams(max_tokens=n, temperature=0), sink))  # fmt: skip
+            started.append((request, events, done, n))
+        for request, events, done, n in started:
+            assert done.wait(60)
+            _, expected = greedy_alone(refs[request.adapter], tok, request.prompt_ids, n)
+            assert "".join(e.text for e in events if e.kind == "text") == expected
+        assert engine.stats["max_rows"] >= 2  # rows of different adapters decoded together
 
 
 def test_gpt_oss_experts_with_biases_round_trip(tmp_path):
