@@ -294,6 +294,7 @@ FAMILIES = {  # beside the fused experts: a shared expert of plain linears (Qwen
                  "num_experts": 4, "num_experts_per_tok": 2},  # fmt: skip
     "Qwen3Moe": {"moe_intermediate_size": 48, "intermediate_size": 96, "num_experts": 4, "num_experts_per_tok": 2,
                  "head_dim": 16},  # fmt: skip
+    "Olmoe": {"intermediate_size": 48, "num_experts": 4, "num_experts_per_tok": 2},
     "DeepseekV3": {"moe_intermediate_size": 48, "intermediate_size": 96, "n_routed_experts": 4, "num_experts_per_tok": 2,
                    "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "q_lora_rank": None, "kv_lora_rank": 16,
                    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "n_shared_experts": 1},  # fmt: skip
