@@ -177,14 +177,14 @@ class ExpertsAsLinears(nn.Module):
 
     def _run(self, e: int, proj: str, x: torch.Tensor, adapter_names: Any) -> torch.Tensor:
         linear = self._modules[str(e)]._modules[proj]
-        if adapter_names is not None and hasattr(linear, "get_base_layer"):  # an adapter's layer takes the rows' names
+        if adapter_names is not None and _wraps(linear):  # an adapter's wrapper takes the tokens' names
             return linear(x, adapter_names=adapter_names)
         return linear(x)
 
     def linears(self, proj: str) -> list[nn.Module]:
-        """The per-expert base linears of ``proj`` (under an adapter's wrapper, its base layer)."""
+        """The per-expert base linears of ``proj`` (under an adapter's wrapper, the module it wraps)."""
         found = [self._modules[str(e)]._modules[proj] for e in range(self.experts.num_experts)]
-        return [m.get_base_layer() if hasattr(m, "get_base_layer") else m for m in found]
+        return [_unwrapped(m) for m in found]
 
     def fused(self) -> nn.Module:
         """The fused module holding the linears' current values (a merge or ``.to()`` gives a linear its own
@@ -210,9 +210,21 @@ class ExpertsAsLinears(nn.Module):
         return experts
 
     def hosts_adapter(self) -> bool:
-        """Whether any of the linears is wrapped by a PEFT tuner layer."""
-        return any(hasattr(self._modules[str(e)]._modules[p], "get_base_layer")
+        """Whether any of the linears is wrapped by PEFT (a tuner layer, or a dense copy of ``modules_to_save``)."""
+        return any(_wraps(self._modules[str(e)]._modules[p])
                    for e in range(self.experts.num_experts) for p in self.projections)  # fmt: skip
+
+
+def _wraps(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT wrapper: a tuner layer (``get_base_layer``) or ``modules_to_save``'s wrapper."""
+    return hasattr(module, "get_base_layer") or hasattr(module, "original_module")
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The module a PEFT wrapper wraps (``module`` itself when it is none)."""
+    if hasattr(module, "get_base_layer"):
+        return module.get_base_layer()
+    return getattr(module, "original_module", module)
 
 
 _EXPERT_LINEAR = re.compile(r"^(.*)\.\d+\.(gate_up_proj|up_proj|down_proj)$")
@@ -289,8 +301,7 @@ def _strip_adapters(model: nn.Module) -> None:
         for e in range(stand_in.experts.num_experts):
             one = stand_in._modules[str(e)]
             for proj in stand_in.projections:
-                if hasattr(one._modules[proj], "get_base_layer"):
-                    one._modules[proj] = one._modules[proj].get_base_layer()
+                one._modules[proj] = _unwrapped(one._modules[proj])
 
 
 def on_linear_views(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -87,14 +87,16 @@ def only_adapter(model: nn.Module, adapter_name: str) -> Iterator[None]:
 
 
 def _rowwise_extras_forward(
-    wrapper: ModulesToSaveWrapper, adapter_names: MixedBatch, x: torch.Tensor, *args: Any, **kwargs: Any
+    wrapper: ModulesToSaveWrapper, batch: MixedBatch, x: torch.Tensor, *args: Any, **kwargs: Any
 ) -> Any:
-    """Mixed-batch forward of a dense extra (``modules_to_save``): each adapter's copy runs on its own rows.
+    """Mixed-batch forward of a dense extra (``modules_to_save``): each adapter's copy runs on its own rows (per-token
+    names given by a fused experts stand-in, ``adapter_names=``, replace the batch's).
 
     PEFT's wrapper allows only Linear/Embedding/Conv here, but fine-tunes change norms too; any module that maps
     batch row ``i`` to output row ``i`` (norms, linears, embeddings) is exact when split by rows. Rows whose adapter
     did not change this module (or ``"__base__"``) use the base module.
     """
+    adapter_names = kwargs.pop("adapter_names", None) or batch
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(adapter_names):
         rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else "no"
         raise ValueError(
@@ -208,7 +210,8 @@ class DeltaCoMeModel(BaseTuner):
         prepare_vocab(model, peft_config)
 
     def _pre_injection_hook(self, model: nn.Module, config: DeltaCoMeConfig, adapter_name: str) -> None:
-        unfuse_experts(model, config.layout)  # fused experts the layout names run as per-expert linears
+        # fused experts whose linears the adapter names (compressed, or carried dense) run as per-expert linears
+        unfuse_experts(model, [*config.layout, *(config.modules_to_save or [])])
         check_layout_fits(model, config, adapter_name)
 
     @staticmethod

@@ -76,12 +76,12 @@ def test_stand_in_computes_what_the_fused_experts_compute(key):
     assert stand_in.fused() is experts  # nothing moved: the fused module holds the values
 
 
-def mixtral(seed: int = 0) -> nn.Module:
+def mixtral(seed: int = 0, layers: int = 2) -> nn.Module:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    cfg = MixtralConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    cfg = MixtralConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
     model = MixtralForCausalLM(cfg).eval()
     model.config._name_or_path = "tiny-random-mixtral"
     return model
@@ -377,3 +377,27 @@ def test_offloaded_experts_are_named():
         model = mixtral()
     with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.experts has its weights on the meta device"):
         unfuse_experts(model)
+
+
+def test_experts_carried_dense_load_onto_the_fused_base(tmp_path):
+    """A layer whose experts are excluded from compression is carried dense (PEFT's modules_to_save of its per-expert
+    linears): loading swaps in that layer's stand-in too, though the layout names none of its linears."""
+    base = mixtral(layers=6)
+    ft = finetune(base)
+    model = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=1 / 2, exclude_modules=r".*layers\.5\.mlp\.experts\..*"),
+                     calibration=ids(1), progress=False)  # fmt: skip
+    config = model.peft_config["default"]
+    assert "model.layers.5.mlp.experts.3.down_proj" in config.modules_to_save
+    assert not any(n.startswith("model.layers.5.mlp.experts.") for n in config.layout)
+    x = ids(2, 2, 16)
+    before = logits(model, x)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(mixtral(layers=6), tmp_path)
+    assert torch.equal(logits(loaded, x), before)
+    with torch.no_grad():  # a mixed batch: the dense copies take each routed token's row adapter too
+        mixed = loaded(x, adapter_names=["__base__", "default"]).logits
+    torch.testing.assert_close(mixed[1], before[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[0], logits(mixtral(layers=6), x)[0], atol=1e-5, rtol=1e-5)
+    merged = loaded.merge_and_unload()
+    assert is_fused_experts(merged.model.layers[5].mlp.experts)
+    assert torch.equal(merged.model.layers[5].mlp.experts.down_proj, ft.model.layers[5].mlp.experts.down_proj)
