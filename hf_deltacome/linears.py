@@ -295,8 +295,8 @@ def linear_views(*models: nn.Module) -> Iterator[int]:
 
 
 def _strip_adapters(model: nn.Module) -> None:
-    """After a failed compression: the linears of each experts stand-in unwrapped from PEFT's tuner layers, so the
-    fused module can come back."""
+    """After a failed compression: the linears of each experts stand-in unwrapped from PEFT's wrappers (tuner layers,
+    dense copies), so the fused module can come back."""
     for stand_in in [m for m in model.modules() if isinstance(m, ExpertsAsLinears)]:
         for e in range(stand_in.experts.num_experts):
             one = stand_in._modules[str(e)]
