@@ -210,9 +210,8 @@ def compress(
     config.compression_info.update(streamed=pair.streamed, layer_seconds=[round(t, 2) for t in filler.layer_seconds])
     if any(isinstance(m, Conv1DAsLinear) for m in pair.base.modules()):  # GPT-2: a LoRA export is fan_in_fan_out
         config.compression_info["fan_in_fan_out"] = True
-    fused = [n for n, m in pair.base.named_modules() if isinstance(m, ExpertsAsLinears)
-             and any(t.startswith(f"{n}.") for t in config.layout)]  # fmt: skip
-    if fused:  # fused mixture-of-experts weights, compressed one linear per expert (hf_deltacome.linears)
+    fused = [n for n, m in pair.base.named_modules() if isinstance(m, ExpertsAsLinears) and m.hosts_adapter()]
+    if fused:  # fused mixture-of-experts weights, stored one linear per expert (compressed or dense; linears.py)
         config.compression_info["fused_experts"] = fused
     if changes.rounding:
         config.compression_info["unchanged_within_rounding"] = changes.rounding
