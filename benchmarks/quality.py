@@ -239,7 +239,7 @@ def load_pair(task_name: str, base: str = "smollm2") -> tuple[Path, Path, Any, A
 
     task = zoo.get_task(task_name)
     base_path = zoo.smollm2_moe_path() if base == "smollm2-moe" else zoo.smollm2_path()
-    ft_path = zoo.finetune(task, base=base_path if base != "smollm2" else None)  # cached after the first run
+    ft_path = zoo.finetune(task, base=base_path)  # cached after the first run (keyed on the base's weights)
     return base_path, ft_path, task, zoo
 
 

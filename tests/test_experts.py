@@ -13,7 +13,6 @@ from tiny_models import logits, long_tail_delta
 from torch import nn
 
 from hf_deltacome import DeltaCoMeConfig
-from hf_deltacome.compression import layerwalk
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.errors import BaseModelMismatchError, ConfigError
 from hf_deltacome.io.summary import summarize_adapter
@@ -271,7 +270,6 @@ def test_failed_compression_puts_the_fused_experts_back(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(layerwalk, "walk_layers", boom)
     monkeypatch.setattr("hf_deltacome.compression.pipeline.walk_layers", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         compress(base, ft, DeltaCoMeConfig(ratio=1 / 4), calibration=ids(1), progress=False)
@@ -389,6 +387,7 @@ def test_experts_carried_dense_load_onto_the_fused_base(tmp_path):
     config = model.peft_config["default"]
     assert "model.layers.5.mlp.experts.3.down_proj" in config.modules_to_save
     assert not any(n.startswith("model.layers.5.mlp.experts.") for n in config.layout)
+    assert config.compression_info["fused_experts"] == [f"model.layers.{i}.mlp.experts" for i in range(6)]
     x = ids(2, 2, 16)
     before = logits(model, x)
     model.save_pretrained(tmp_path)

@@ -415,3 +415,5 @@ def test_upcycled_mixture_computes_what_its_dense_model_computes() -> None:
     ids = torch.randint(0, dense.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(DeltaCoMeError, match=r"upcycle needs a Llama-style model.*MixtralForCausalLM is not one"):
+        zoo.upcycle(moe)  # its MLPs are already mixtures

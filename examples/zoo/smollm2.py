@@ -155,6 +155,11 @@ def upcycle(dense: Any, experts: int = 4, top_k: int = 2) -> Any:
     weights sum to one, so it computes what ``dense`` computes until it is fine-tuned."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    layers = getattr(getattr(dense, "model", None), "layers", None)
+    if not layers or not all(hasattr(getattr(layer, "mlp", None), a) for layer in layers
+                             for a in ("gate_proj", "up_proj", "down_proj")):  # fmt: skip
+        raise DeltaCoMeError(f"upcycle needs a Llama-style model (model.layers[i].mlp with gate_proj, up_proj and "
+                             f"down_proj); {type(dense).__name__} is not one")  # fmt: skip
     c = dense.config
     config = MixtralConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
