@@ -7,13 +7,15 @@
 A run is ``shape:layers:quantizer[:mode]``, mode ``streamed`` (default) or ``loaded`` (``--in-memory``: both whole
 models loaded first, the behaviour before streaming). The default runs compress a small Llama-shaped pair ("mini":
 hidden 1024, intermediate 2816, vocabulary 8000) at 2, 4, 8 and 16 layers both ways, so that peak memory against
-the number of layers can be compared side by side, then 7B-shaped pairs streamed.
+the number of layers can be compared side by side, the same for a Mixtral-style mixture ("moe-mini": its experts
+read one at a time when streamed), then 7B-shaped pairs streamed.
 
 Each pair is written once under ``~/.cache/hf_deltacome/scale`` (``$HF_DELTACOME_CACHE``): a random bfloat16 base
 of Llama-2-7B or Llama-3-8B shapes (hidden 4096, intermediate 11008 / 14336, 32 heads, 32 / 8 KV heads, vocabulary
 32000 / 128256) with 2, 4 or 8 decoder layers, and a fine-tune = base + a structured delta on every decoder linear
 (a rank-16 part with decaying singular values, 5% of the weight's norm, plus a full-rank tail of 1%; the norms move
-by 1%), sharded one decoder layer per file with ``model.safetensors.index.json``. Pairs with fewer layers link the
+by 1%; the "moe-mini" mixture's router and every expert's three linears too), sharded one decoder layer per file
+with ``model.safetensors.index.json``. Pairs with fewer layers link the
 shards of the 8-layer one. A character-level tokenizer is saved with them (GPTQ calibrates on the built-in text).
 
 Each run is ``python -m hf_deltacome.cli compress --base B --finetuned F`` in a child process (streamed, the
@@ -44,12 +46,17 @@ SHAPES = {
                       vocab_size=128256),
     "mini": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
                  vocab_size=8000),
+    # a Mixtral-style mixture (16 experts of 1408, top 2) stored as Mixtral checkpoints store it: one tensor per
+    # expert and projection (w1/w3/w2), which transformers fuses when loading
+    "moe-mini": dict(hidden_size=1024, intermediate_size=1408, num_attention_heads=16, num_key_value_heads=4,
+                     vocab_size=8000, num_local_experts=16, num_experts_per_tok=2),
 }  # fmt: skip
-FULL_LAYERS = {"llama2-7b": 8, "llama3-8b": 2, "mini": 16}  # the pair written whole; smaller ones link its shards
+FULL_LAYERS = {"llama2-7b": 8, "llama3-8b": 2, "mini": 16, "moe-mini": 8}  # the pair written whole; smaller ones link its shards
 # (shape, layers, quantizer[, mode]): the mini pair streamed and loaded at 2..16 layers (memory against depth, side by
 # side); 7B-shaped pairs streamed with RTN (memory against one model on disk, time per layer)
 MINI_RUNS = tuple(f"mini:{n}:rtn:{mode}" for n in (2, 4, 8, 16) for mode in ("streamed", "loaded"))
-DEFAULT_RUNS = (*MINI_RUNS, "llama2-7b:2:rtn", "llama2-7b:4:rtn")
+MOE_RUNS = (*(f"moe-mini:{n}:rtn:{mode}" for n in (2, 4, 8) for mode in ("streamed", "loaded")), "moe-mini:2:gptq")
+DEFAULT_RUNS = (*MINI_RUNS, *MOE_RUNS, "llama2-7b:2:rtn", "llama2-7b:4:rtn")
 MODES = ("streamed", "loaded")
 GPTQ_CALIBRATION = ("--num-samples", "16", "--seq-len", "128")
 
@@ -75,8 +82,20 @@ def _tokenizer():
 def _linears(shape: dict) -> dict[str, tuple[int, int]]:
     h, i = shape["hidden_size"], shape["intermediate_size"]
     kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    return {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}  # fmt: skip
+    attention = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                 "self_attn.o_proj": (h, h)}  # fmt: skip
+    experts = shape.get("num_local_experts")
+    if experts is None:
+        return {**attention, "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    moe = {f"block_sparse_moe.experts.{e}.{w}": (h, i) if w == "w2" else (i, h) for e in range(experts)
+           for w in ("w1", "w2", "w3")}  # fmt: skip
+    return {**attention, "block_sparse_moe.gate": (experts, h), **moe}
+
+
+def _config_class(shape: dict) -> type:
+    from transformers import LlamaConfig, MixtralConfig
+
+    return MixtralConfig if "num_local_experts" in shape else LlamaConfig
 
 
 def _delta(w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -90,10 +109,9 @@ def _delta(w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def _write_pair(name: str, layers: int, folder: Path) -> None:
     from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     shape = SHAPES[name]
-    config = LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=4096, rms_norm_eps=1e-5,
+    config = _config_class(shape)(**shape, num_hidden_layers=layers, max_position_embeddings=4096, rms_norm_eps=1e-5,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
     config.dtype = torch.bfloat16
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
@@ -139,13 +157,11 @@ def _write_pair(name: str, layers: int, folder: Path) -> None:
 
 def _link_pair(name: str, layers: int, full: Path, folder: Path) -> None:
     """A pair with the first ``layers`` decoder layers of the full one (its shards linked, not copied)."""
-    from transformers import LlamaConfig
-
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     for role in ("base", "finetuned"):
         src, dst = full / role, tmp / role
         dst.mkdir()
-        config = LlamaConfig.from_pretrained(src)
+        config = _config_class(SHAPES[name]).from_pretrained(src)
         config.num_hidden_layers = layers
         config.save_pretrained(dst)
         for f in src.iterdir():

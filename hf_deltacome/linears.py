@@ -124,8 +124,8 @@ class ExpertsAsLinears(nn.Module):
     :attr:`experts`; its other parameters and sub-modules (a post-expert norm) are registered here under their own
     names, so the model's other weights keep their names."""
 
-    def __init__(self, experts: nn.Module, name: str = "") -> None:
-        if any(p.device.type == "meta" for p in experts.parameters(recurse=False)):
+    def __init__(self, experts: nn.Module, name: str = "", meta: bool = False) -> None:
+        if not meta and any(p.device.type == "meta" for p in experts.parameters(recurse=False)):
             raise ConfigError(
                 f"{name or 'a fused experts module'} has its weights on the meta device (offloaded); hf-deltacome "
                 "runs fused experts as per-expert linears, which needs their weights in memory: load the model "
@@ -230,14 +230,15 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 _EXPERT_LINEAR = re.compile(r"^(.*)\.\d+\.(gate_up_proj|up_proj|down_proj)$")
 
 
-def unfuse_experts(model: nn.Module, names: Any = None) -> int:
+def unfuse_experts(model: nn.Module, names: Any = None, meta: bool = False) -> int:
     """Swap in an `ExpertsAsLinears` for each fused experts module of ``model`` (only those with a linear among
-    ``names``, e.g. an adapter's layout, when given); returns how many were swapped."""
+    ``names``, e.g. an adapter's layout, when given); returns how many were swapped. ``meta``: weights on the meta
+    device are viewed too (a streamed skeleton, whose linears get real weights one expert at a time)."""
     wanted = None if names is None else {m.group(1) for n in names if (m := _EXPERT_LINEAR.match(n))}
     swapped = 0
     for name, module in list(model.named_modules()):
         if name and is_fused_experts(module) and (wanted is None or name in wanted):
-            model.set_submodule(name, ExpertsAsLinears(module, name))
+            model.set_submodule(name, ExpertsAsLinears(module, name, meta))
             swapped += 1
     return swapped
 

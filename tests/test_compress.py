@@ -324,21 +324,16 @@ def _perturbed(model: torch.nn.Module, keys: tuple[str, ...]) -> torch.nn.Module
     return ft
 
 
-def test_fused_expert_weights_outside_the_protocol_are_named_in_the_budget_error(tmp_path):
+def test_fused_expert_weights_outside_the_protocol_are_named_in_the_budget_error():
     """A mixture-of-experts fine-tune whose fused 3-D expert weights changed, in an experts class that does not follow
     transformers' use_experts_implementation protocol (others compress one linear per expert: test_experts.py), would
-    store them dense: the budget error says what they are and why. Streamed, a mixture is refused first."""
+    store them dense: the budget error says what they are and why."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                         num_key_value_heads=2, num_local_experts=4)  # fmt: skip
     base = MixtralForCausalLM(cfg).eval()
     ft = _perturbed(base, ("experts", "self_attn"))
-    base.save_pretrained(tmp_path / "base")
-    ft.save_pretrained(tmp_path / "ft")
-    with pytest.raises(ConfigError, match=r"mixture-of-experts model \(4 experts\).*from the loaded models"):
-        compress(str(tmp_path / "base"), str(tmp_path / "ft"), DeltaCoMeConfig(quantizer="rtn", ratio=1 / 16),
-                 progress=False)  # fmt: skip
     for model in (base, ft):
         del model.model.layers[0].mlp.experts.has_gate  # what the protocol's decorator sets
     with pytest.raises(ConfigError, match=r"nothing is left.*3-D parameters \(model\.layers\.0\.mlp\.experts\."

@@ -265,7 +265,7 @@ def test_a_quantized_checkpoint_is_loaded_not_streamed(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "amlq"}}))
     assert "quantized model (amlq)" in why_not_streamable(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_moe", "num_experts": 60}))
-    assert "mixture-of-experts model (60 experts)" in why_not_streamable(tmp_path)  # loaded: one linear per expert
+    assert why_not_streamable(tmp_path) is None  # streamed one expert at a time (test_stream_experts.py)
 
 
 def test_spilled_hessians_give_the_same_adapter(tmp_path, monkeypatch):

@@ -237,8 +237,8 @@ def _experts_note(modules: dict[str, nn.Module], extras: dict[str, int]) -> str:
         return ""
     return (f". {len(fused)} of them are 3-D parameters ({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''}): "
             "a mixture-of-experts layer's fused expert weights, stored dense here. hf-deltacome compresses fused "
-            "experts one linear per expert when the models are passed loaded (not streamed from their files) and "
-            "their experts class follows transformers' use_experts_implementation protocol")
+            "experts one linear per expert when their experts class follows transformers' "
+            "use_experts_implementation protocol")
 
 
 def file_budget(

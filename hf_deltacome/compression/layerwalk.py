@@ -219,3 +219,28 @@ def walk_layers(
     finally:
         bar.close()
     return seconds
+
+
+def hessian_passes(inputs: dict[str, nn.Module], one_pass: int, cap: int) -> list[list[str]]:
+    """The linears ``inputs`` of a decoder layer (name -> linear) grouped into forward passes, only one group's input
+    Hessians alive at a time: all in one pass when their Hessians, counted unshared, take at most ``one_pass`` bytes;
+    else one pass per input width, narrowest first, split further into passes of about ``cap`` bytes at most (a
+    mixture's experts have a Hessian each), the linears of one parent module, which may share an input, kept
+    together."""
+    size = {n: getattr(m, "in_features", 0) ** 2 * 4 for n, m in inputs.items()}
+    if sum(size.values()) <= one_pass:
+        return [list(inputs)]
+    passes: list[list[str]] = []
+    for width in sorted({getattr(m, "in_features", 0) for m in inputs.values()}):
+        parents: dict[str, list[str]] = {}
+        for n, m in inputs.items():
+            if getattr(m, "in_features", 0) == width:
+                parents.setdefault(n.rpartition(".")[0], []).append(n)
+        group: list[str] = []
+        for members in parents.values():
+            if group and sum(size[n] for n in group + members) > cap:
+                passes.append(group)
+                group = []
+            group += members
+        passes.append(group)
+    return passes

@@ -38,7 +38,8 @@ weights it actually runs with: :func:`on_quantized_base` enters every view regis
 :data:`QUANTIZED_BASE_VIEWS` (AMLQ's is registered by :mod:`hf_deltacome.integration`), under which those linears are
 dense, for the whole call, so the adapter also absorbs the base's quantization error. Loaded GPT-2-family models'
 ``Conv1D`` layers are ``nn.Linear`` stand-ins for the call the same way, and fused mixture-of-experts weights one
-``nn.Linear`` per expert and projection (:func:`hf_deltacome.linears.on_linear_views`).
+``nn.Linear`` per expert and projection (:func:`hf_deltacome.linears.on_linear_views`; streamed, the skeletons'
+experts, each read from its own checkpoint tensors: :mod:`.stream_keys`).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ from .inputs import (
     warn_degenerate,
     work_device,
 )
-from .layerwalk import find_decoder_layers, floats_to, module_device, walk_layers
+from .layerwalk import find_decoder_layers, floats_to, hessian_passes, module_device, walk_layers
 from .modules import compress_module, with_changes
 from .plan import plan_layouts
 from .svd import reuse_svd_if_fits
@@ -89,6 +90,7 @@ log = logging.getLogger("hf_deltacome")
 
 FORWARD_BATCH_SIZE = 8  # calibration sequences per forward pass through one decoder layer
 ONE_PASS_HESSIAN_BYTES = 64 << 20  # a layer's input Hessians (counted unshared) up to this size: one pass for all
+PASS_HESSIAN_BYTES = 1 << 30  # else at most this much a pass (a mixture's experts: a Hessian each; see hessian_passes)
 
 # context managers ``view(base_model)`` under which a base's packed linears are dense linears of their effective
 # weights (a no-op for a base without any); registered from above this layer (integration.py), never imported here
@@ -376,17 +378,14 @@ class _Filler:
                 for name in names:
                     self.fill(name, None, work)
             else:
-                # One pass of the fine-tune's layer per input width, narrowest first, each width's linears compressed
-                # before the next width's Hessians exist: a 7B layer never holds its 11008-wide down_proj Hessian
-                # (0.45 GiB) beside the others' SVD and GPTQ workspaces. A layer whose Hessians are small together
-                # (ONE_PASS_HESSIAN_BYTES) takes one pass for all. The fine-tune's layer is the same in every pass,
-                # so the Hessians (and the adapter) are those of one pass.
+                # Passes of the fine-tune's layer (hessian_passes: one per input width, narrowest first, past a
+                # size), each pass's linears compressed before the next pass's Hessians exist: a 7B layer never holds
+                # its 11008-wide down_proj Hessian (0.45 GiB) beside the others' SVD and GPTQ workspaces, nor a
+                # mixture all its experts' Hessians. The fine-tune's layer is the same in every pass, so the
+                # Hessians (and the adapter) are those of one pass.
                 layer_prefix = f"{prefix}.{i}."
                 inputs = {n: ft_layers[i].get_submodule(n[len(layer_prefix) :]) for n in names}
-                widths = sorted({getattr(m, "in_features", 0) for m in inputs.values()})
-                together = sum(getattr(m, "in_features", 0) ** 2 * 4 for m in inputs.values()) <= ONE_PASS_HESSIAN_BYTES
-                for pass_widths in [widths] if together else [[w] for w in widths]:
-                    group = [n for n in names if getattr(inputs[n], "in_features", 0) in pass_widths]
+                for group in hessian_passes(inputs, ONE_PASS_HESSIAN_BYTES, PASS_HESSIAN_BYTES):
                     hessians = self._hessians(f"{prefix}.{i}", {n: inputs[n] for n in group}, hidden, calls, work)
                     for name in group:
                         h = hessians.pop(name, None)  # freed once its last linear is done

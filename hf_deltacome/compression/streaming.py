@@ -6,7 +6,9 @@ safetensors only); :func:`skeleton` builds the model on the meta device (acceler
 every parameter in its checkpoint's dtype; :class:`StreamedPair` puts real tensors into the skeletons only while
 they are worked on (:meth:`StreamedPair.hold`, ``safe_open`` reads) and puts the meta ones back afterwards. So peak
 memory is about one decoder layer of each model, the calibration activations and the SVD workspace (plus the adapter
-being built), whatever the number of layers.
+being built), whatever the number of layers. A checkpoint whose keys transformers converts when loading (renamed
+legacy names; a mixture's experts, stored one tensor per expert and fused on load) is read through that conversion,
+and a mixture's experts one expert's linear at a time (:mod:`.stream_keys`).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from torch import nn
 from ..errors import ConfigError, DeltaCoMeError
 from ..io.adapter_files import SAFETENSORS_DTYPES
 from ..io.fingerprint import fingerprint_json
-from ..linears import is_conv1d
+from ..linears import is_conv1d, unfuse_experts
 from ..progress import progress_bar
 from .changes import judge, loaded_verdicts
+from .stream_keys import Converted, Source, converted_spec, expert_sources, read_source, resolve_sources
 
 log = logging.getLogger("hf_deltacome")
 
@@ -62,9 +65,6 @@ def local_folder(name_or_path: str | os.PathLike, role: str) -> Path:
         raise DeltaCoMeError(f"--{role} {text!r}: cannot fetch the model from the Hub: {e}") from e
 
 
-MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # config fields: experts a layer
-
-
 def why_not_streamable(name_or_path: str | os.PathLike) -> str | None:
     """Why a local model folder cannot be streamed (``None``: it can): no safetensors, or not a text causal LM."""
     folder = Path(name_or_path)
@@ -81,10 +81,6 @@ def why_not_streamable(name_or_path: str | os.PathLike) -> str | None:
     if isinstance(cfg, dict) and cfg.get("quantization_config"):
         method = (cfg["quantization_config"] or {}).get("quant_method", "?")
         return f"{folder} is a quantized model ({method}): its linears are read through its quantizer"
-    experts = next((n for k in MOE_KEYS if isinstance(n := cfg.get(k), int) and n > 1), None)
-    if experts is not None:  # transformers 5 fuses the experts on load: no checkpoint key names the model's weights
-        return (f"{folder} is a mixture-of-experts model ({experts} experts), whose expert weights transformers "
-                "fuses when loading (compression takes them one linear per expert from the loaded models)")
     return None
 
 
@@ -179,26 +175,38 @@ class Checkpoint:
             for h in handles.values():
                 h.__exit__(None, None, None)
 
-    def read(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Tensor ``key`` in its stored dtype (or the requested one), on ``device``."""
+    def _handle(self, key: str) -> Any:
         from safetensors import safe_open
 
         file = self.files.get(key)
         if file is None:
             raise ConfigError(f"--{self.role} {self.name!r}: the checkpoint has no tensor {key!r}")
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = safe_open(str(file), framework="pt", device="cpu").__enter__()
+            self._handles[file] = handle
+        return handle
+
+    def spec(self, source: Source) -> tuple[torch.dtype, tuple[int, ...]]:
+        """``(dtype, shape)`` of a source as stored (a converted parameter's as transformers builds it)."""
+        if isinstance(source, Converted):
+            return converted_spec(source, self.specs)
+        return self.specs[source]
+
+    def read(self, key: Source, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Tensor ``key`` (a checkpoint key, or a parameter transformers converts, or one expert's slice of it) in
+        its stored dtype (or the requested one), on ``device``."""
         with self.session():
-            handle = self._handles.get(file)
-            if handle is None:
-                handle = safe_open(str(file), framework="pt", device="cpu").__enter__()
-                self._handles[file] = handle
-            t = handle.get_tensor(key)
+            t = read_source(key, lambda k: self._handle(k).get_tensor(k),
+                            lambda k, i: self._handle(k).get_slice(k)[i])  # fmt: skip
         t = t.to(device)
         return t if self.dtype is None or not t.is_floating_point() else t.to(self.dtype)
 
 
-def skeleton(ckpt: Checkpoint) -> tuple[nn.Module, dict[str, str]]:
-    """The model on the meta device, each parameter in its checkpoint's dtype, and the checkpoint key of every
-    parameter name (tied parameters, such as a tied ``lm_head``, map to the tensor the checkpoint holds)."""
+def skeleton(ckpt: Checkpoint) -> tuple[nn.Module, dict[str, Source]]:
+    """The model on the meta device, each parameter in its checkpoint's dtype, and the source of every parameter
+    name: its checkpoint key, or the tensors transformers converts into it (:mod:`.stream_keys`; tied parameters,
+    such as a tied ``lm_head``, map to the tensor the checkpoint holds)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -215,21 +223,23 @@ def skeleton(ckpt: Checkpoint) -> tuple[nn.Module, dict[str, str]]:
     names_of: dict[int, list[str]] = {}
     for name, p in params:
         names_of.setdefault(id(p), []).append(name)
-    keys: dict[str, str] = {}
+    sources, refused = resolve_sources(model, list(ckpt.specs))
+    keys: dict[str, Source] = {}
     for name, p in params:
-        key = name if name in ckpt.specs else next((n for n in names_of[id(p)] if n in ckpt.specs), None)
+        key = sources.get(name) or next((sources[n] for n in names_of[id(p)] if n in sources), None)
         if key is None:
-            raise ConfigError(
-                f"--{ckpt.role} {ckpt.name!r}: the checkpoint has no tensor for parameter {name!r} (streaming needs "
-                "checkpoint keys named like the model's parameters); load the models instead"
-            )
+            why = refused.get(name, "streaming needs checkpoint keys named like the model's parameters, or converted "
+                                    "by transformers' conversion mapping")  # fmt: skip
+            raise ConfigError(f"--{ckpt.role} {ckpt.name!r}: the checkpoint has no tensor for parameter {name!r} "
+                              f"({why}); load the models instead")  # fmt: skip
         keys[name] = key
     replaced: dict[int, nn.Parameter] = {}
     for name, p in params:
-        dtype, shape = ckpt.specs[keys[name]]
+        dtype, shape = ckpt.spec(keys[name])
         if tuple(p.shape) != shape:
+            what = keys[name] if isinstance(keys[name], str) else f"{name} (converted from its checkpoint tensors)"
             raise ConfigError(
-                f"--{ckpt.role} {ckpt.name!r}: tensor {keys[name]!r} has shape {list(shape)}, the model built from "
+                f"--{ckpt.role} {ckpt.name!r}: tensor {what!r} has shape {list(shape)}, the model built from "
                 f"config.json expects {list(p.shape)}"
             )
         if id(p) not in replaced:
@@ -238,6 +248,13 @@ def skeleton(ckpt: Checkpoint) -> tuple[nn.Module, dict[str, str]]:
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._parameters[leaf] = replaced[id(p)]
     return model, keys
+
+
+def unfused_skeleton(model: nn.Module, keys: dict[str, Source]) -> None:
+    """Each fused experts module of a skeleton as an `ExpertsAsLinears` of meta views, and the source of each
+    per-expert linear's weight added to ``keys`` (read one expert at a time; the fused names stay for fingerprints)."""
+    if unfuse_experts(model, meta=True):
+        keys.update(expert_sources(model, keys))
 
 
 def _libc() -> Any:
@@ -315,6 +332,8 @@ class StreamedPair:
                 "(deltacome compress --in-memory)"
             )
         self.finetuned, self.ft_keys = skeleton(self.ft_ckpt)
+        unfused_skeleton(self.base, self.base_keys)  # fused experts: one linear per expert, read one at a time
+        unfused_skeleton(self.finetuned, self.ft_keys)
         self.device = device or torch.device("cpu")
 
     def read_base(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -57,8 +57,27 @@ def streamable_base(base: PathLike) -> tuple[Optional[Path], Optional[str]]:
             folder = Path(snapshot_download(text, allow_patterns=HUB_PATTERNS, local_files_only=True))
         except Exception:  # not a Hub id, or not cached: the loaded path downloads it (or says what is wrong)
             return None, f"--base {text!r} is not a local folder and not in the Hugging Face cache"
-    why = why_not_streamable(folder)
+    why = why_not_streamable(folder) or _fused_experts(folder)
     return (None, why) if why is not None else (folder, None)
+
+
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # config fields: experts a layer
+
+
+def _fused_experts(folder: Path) -> Optional[str]:
+    """Why a mixture-of-experts base is merged loaded: its fused experts are saved by ``save_pretrained`` in the
+    checkpoint's own layout (transformers reverts its load-time conversion), which a streamed merge does not replay."""
+    import json
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # why_not_streamable has said so
+    experts = next((n for k in MOE_KEYS if isinstance(n := cfg.get(k), int) and n > 1), None)
+    if experts is None:
+        return None
+    return (f"{folder} is a mixture-of-experts model ({experts} experts), whose merged experts are saved in the "
+            "checkpoint's own layout by transformers (merged in memory)")  # fmt: skip
 
 
 def not_deltacome(adapter_folder: Path) -> Optional[str]:
