@@ -153,7 +153,7 @@ def test_fused_experts_compress_load_and_merge_back(tmp_path):
     with pytest.raises(BaseModelMismatchError, match=r"experts\.gate_up_proj"):
         PeftModel.from_pretrained(edited, tmp_path / "adapter")
 
-    # `deltacome merge` of a fused base (streamed merges read whole 3-D tensors: merged in memory) and the LoRA export
+    # `deltacome merge` of a fused base (streamed: test_stream_experts.py) and the LoRA export
     mixtral().save_pretrained(tmp_path / "base")
     out = merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", dtype="float32")
     from transformers import AutoModelForCausalLM

@@ -18,6 +18,7 @@ from test_experts import FAMILIES, finetune, ids, mixtral
 from test_streaming import loaded, written
 from tiny_models import logits, make_tokenizer
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import hf_deltacome.compression.pipeline as pipeline_mod
 import hf_deltacome.compression.streaming as streaming
@@ -199,3 +200,40 @@ def test_a_missing_expert_tensor_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"--base .*model\.layers\.1\.mlp\.experts\.down_proj \(converted from its "
                                           r"checkpoint tensors\)' has shape \[3, 64, 96\].*expects \[4, 64, 96\]"):  # fmt: skip
         compress(b, f, DeltaCoMeConfig(**CONFIG), calibration=ids(1), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
+def test_streamed_merge_of_a_mixture_is_bit_identical_to_the_loaded_merge(arch, tmp_path, caplog):
+    """`deltacome merge` streams a mixture's base: each fused experts parameter is read through the conversion, every
+    expert's delta (or dense copy) merged, and written back as save_pretrained writes it (Mixtral: one tensor per
+    expert and projection), bit for bit what the loaded merge writes."""
+    from test_merge_stream import tensors
+
+    from hf_deltacome.serving.merge import merge_adapter
+
+    base = family(arch)
+    ft = perturbed(base)
+    dense = r".*layers\.1\.mlp\.experts\.1\.down_proj"  # one expert's linear carried dense
+    model = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(quantizer="rtn", ratio="1/2", exclude_modules=dense),
+                     progress=False)  # fmt: skip
+    assert "model.layers.1.mlp.experts.1.down_proj" in model.peft_config["default"].modules_to_save
+    model.save_pretrained(tmp_path / "adapter")
+    base.save_pretrained(tmp_path / "base", max_shard_size="200KB")
+    make_tokenizer().save_pretrained(tmp_path / "base")
+    caplog.set_level("INFO", logger="hf_deltacome")
+    out = {mode: merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / mode, max_shard_size="100KB",
+                               in_memory=mode == "loaded") for mode in ("streamed", "loaded")}  # fmt: skip
+    assert "merging streamed" in caplog.text
+    streamed, loaded_ = tensors(out["streamed"]), tensors(out["loaded"])
+    assert sorted(streamed) == sorted(loaded_)
+    assert all(torch.equal(t, loaded_[n]) for n, t in streamed.items())
+    saved = tensors(tmp_path / "base")
+    assert sorted(streamed) == sorted(saved)  # the checkpoint's own layout
+    if arch == "Mixtral":
+        assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in streamed
+    # the merged model is the fine-tune where the adapter is exact (the dense copies) and close elsewhere
+    merged = AutoModelForCausalLM.from_pretrained(out["streamed"], dtype=torch.float32)
+    want = ft.model.layers[1].mlp.experts
+    got = merged.model.layers[1].mlp.experts
+    assert torch.equal(got.down_proj[1], want.down_proj[1]) and not torch.equal(got.down_proj[3], base.model.layers[
+        1].mlp.experts.down_proj[3])  # fmt: skip

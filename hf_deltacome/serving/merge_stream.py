@@ -36,7 +36,7 @@ from ..io.adapter_source import check_extras
 from ..io.atomic import write_folder
 from ..io.fingerprint import check_fingerprint, default_strict
 from ..io.shards import INDEX_NAME, ShardWriter, plan_shards, write_index
-from ..linears import in_weight_layout
+from ..linears import fuse_experts, in_weight_layout, is_fused_experts, unfuse_experts
 from ..model import check_layout_fits, prepare_vocab
 from ..progress import progress_bar
 
@@ -57,27 +57,31 @@ def streamable_base(base: PathLike) -> tuple[Optional[Path], Optional[str]]:
             folder = Path(snapshot_download(text, allow_patterns=HUB_PATTERNS, local_files_only=True))
         except Exception:  # not a Hub id, or not cached: the loaded path downloads it (or says what is wrong)
             return None, f"--base {text!r} is not a local folder and not in the Hugging Face cache"
-    why = why_not_streamable(folder) or _fused_experts(folder)
+    why = why_not_streamable(folder)
     return (None, why) if why is not None else (folder, None)
 
 
-MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # config fields: experts a layer
+def _reverted(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as ``save_pretrained`` writes it: transformers' load-time conversion mapping reverted."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, state)
 
 
-def _fused_experts(folder: Path) -> Optional[str]:
-    """Why a mixture-of-experts base is merged loaded: its fused experts are saved by ``save_pretrained`` in the
-    checkpoint's own layout (transformers reverts its load-time conversion), which a streamed merge does not replay."""
-    import json
-
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None  # why_not_streamable has said so
-    experts = next((n for k in MOE_KEYS if isinstance(n := cfg.get(k), int) and n > 1), None)
-    if experts is None:
-        return None
-    return (f"{folder} is a mixture-of-experts model ({experts} experts), whose merged experts are saved in the "
-            "checkpoint's own layout by transformers (merged in memory)")  # fmt: skip
+def saved_origins(model: nn.Module) -> dict[str, str]:
+    """The parameter each tensor that ``save_pretrained`` writes under another name comes from (a fused experts
+    parameter saved one tensor per expert, a renamed one); `ConfigError` where that is not one parameter each."""
+    state = {n: t.to("meta") for n, t in model.state_dict().items()}
+    whole = _reverted(model, state)
+    origins: dict[str, str] = {}
+    for name in state:
+        if name not in whole:
+            for saved in _reverted(model, {name: state[name]}):
+                origins[saved] = name
+    if set(origins) | (set(whole) & set(state)) != set(whole):
+        raise ConfigError(f"{type(model).__name__} saves tensors that several of its parameters convert into (not "
+                          "replayed one tensor at a time)")  # fmt: skip
+    return origins
 
 
 def not_deltacome(adapter_folder: Path) -> Optional[str]:
@@ -109,6 +113,9 @@ class StreamedMerge:
         self.model.config._name_or_path = name  # as from_pretrained(name) records it (base check, messages)
         self.adapter_folder = adapter_folder
         self._packed: tuple[str, Any] = ("", None)
+        self.experts = {n: m for n, m in self.model.named_modules() if is_fused_experts(m)}
+        self._origins = saved_origins(self.model)
+        self._pending: dict[str, torch.Tensor] = {}  # converted together with a tensor written before
 
     def check(self, adapter: str, strict: Optional[bool]) -> None:
         """Read the adapter and run the loaded path's checks on the skeleton: the base fingerprint (every weight read
@@ -127,11 +134,15 @@ class StreamedMerge:
         finally:
             release_memory()
         prepare_vocab(model, config)
-        check_layout_fits(model, config, ADAPTER_NAME)
-        for module, entry in config.layout.items():
-            if entry.get("bias") and model.get_submodule(module).bias is None:
-                raise ConfigError(f"adapter {ADAPTER_NAME!r} carries a bias delta but the base linear has no bias")
-        check_extras(model, self.state, self.adapter_folder / "adapter_model.safetensors", config.modules_to_save)
+        unfuse_experts(model, [*config.layout, *(config.modules_to_save or [])], meta=True)  # as a load would
+        try:
+            check_layout_fits(model, config, ADAPTER_NAME)
+            for module, entry in config.layout.items():
+                if entry.get("bias") and model.get_submodule(module).bias is None:
+                    raise ConfigError(f"adapter {ADAPTER_NAME!r} carries a bias delta but the base linear has no bias")
+            check_extras(model, self.state, self.adapter_folder / "adapter_model.safetensors", config.modules_to_save)
+        finally:
+            fuse_experts(model)
         self._untie_extras()
 
     def _untie_extras(self) -> None:
@@ -158,6 +169,7 @@ class StreamedMerge:
         for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
             state.pop(key, None)
         state = remove_tied_weights_from_state_dict(state, model)
+        state = _reverted(model, state)  # save_pretrained's names: e.g. fused experts as one tensor per expert
         specs = [(n, dtype if t.is_floating_point() else t.dtype, tuple(t.shape)) for n, t in state.items()]
         files, index = plan_shards(specs, max_shard_size, model.num_parameters())
         return specs, files, index
@@ -168,6 +180,18 @@ class StreamedMerge:
         for name, t in [*self.model.named_parameters(remove_duplicate=False), *self.model.named_buffers()]:
             by_id.setdefault(id(t), []).append(name)
         return {name: names for names in by_id.values() for name in names}
+
+    def _saved(self, name: str, aliases: dict[str, list[str]]) -> torch.Tensor:
+        """Tensor ``name`` of the saved checkpoint: a merged parameter, or its part where ``save_pretrained`` converts
+        it (the others kept until they are written: they come next in the plan)."""
+        if name in self._pending:
+            return self._pending.pop(name)
+        origin = self._origins.get(name, name)
+        t = self.merged(origin, aliases.get(origin, [origin]))
+        if origin == name:
+            return t
+        self._pending.update(_reverted(self.model, {origin: t}))
+        return self._pending.pop(name)
 
     def _delta(self, module: str) -> Any:
         if self._packed[0] != module:  # a module's weight and bias come one after the other
@@ -195,10 +219,32 @@ class StreamedMerge:
                     t = t + in_weight_layout(self.model.get_submodule(module), packed.delta_weight(torch.float32))
                 elif leaf == "bias" and packed.bias is not None:
                     t = t + packed.bias.to(t.device, t.dtype)
+            if module in self.experts:
+                t = self._merge_experts(t, module, leaf)
             rows = (config.trainable_token_indices or {}).get(module)
             if rows and leaf == "weight":
                 values = self.state[f"{STATE_DICT_PREFIX}{module}{TOKENS_SUFFIX}"]
                 t = t.index_copy(0, torch.tensor(rows, device=t.device), values.to(t))
+        return t
+
+    def _merge_experts(self, t: torch.Tensor, module: str, leaf: str) -> torch.Tensor:
+        """A fused experts parameter (``gate_up_proj``, ``down_proj`` or a bias) with each expert's linear merged: its
+        packed delta added, or its dense copy (``modules_to_save``) in place, as the stand-in's linears merge."""
+        experts, config = self.experts[module], self.config
+        proj, part = (leaf[: -len("_bias")], "bias") if leaf.endswith("_bias") else (leaf, "weight")
+        transposed = bool(experts.is_transposed) and part == "weight"
+        for e in range(experts.num_experts):
+            linear = f"{module}.{e}.{proj}"
+            if _matches(linear, config.modules_to_save):
+                value = self.state[f"{STATE_DICT_PREFIX}{linear}.{part}"].to(torch.float32)
+                t[e] = value.t() if transposed else value
+            elif linear in config.layout:
+                packed = self._delta(linear)
+                if part == "weight":
+                    delta = packed.delta_weight(torch.float32)
+                    t[e] = t[e] + (delta.t() if transposed else delta)
+                elif packed.bias is not None:
+                    t[e] = t[e] + packed.bias.to(t.device, t.dtype)
         return t
 
     def write(self, output: Path, dtype: torch.dtype, *, tokenizer: Any, card: str,
@@ -218,7 +264,7 @@ class StreamedMerge:
             bar = progress_bar(len(specs), progress, "Merging", unit="tensor")
             with ShardWriter(tmp, files, {"format": "pt"}) as writer:
                 for name, out_dtype, _ in specs:
-                    t = self.merged(name, aliases.get(name, [name]))
+                    t = self._saved(name, aliases)
                     writer.write(name, t.to(out_dtype))
                     del t
                     bar.update(1)
