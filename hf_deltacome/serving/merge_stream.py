@@ -1,6 +1,7 @@
 """Streamed ``deltacome merge``: the base read one tensor at a time from its safetensors files, each merged tensor
 written to its shard as soon as it is computed. Peak memory is one tensor of the base (with its float32 copy and
-delta) plus the packed adapter, whatever the size of the model.
+delta; for a mixture, one fused experts parameter: a layer's experts of one projection) plus the packed adapter,
+whatever the size of the model.
 
 It computes what the loaded path (:func:`.merge.load_merged`: whole base in float32, PEFT's ``merge_and_unload``,
 ``.to(dtype)``, ``save_pretrained``) computes, with the same code and in the same order, so the tensors are
@@ -12,6 +13,10 @@ bit-identical:
   dense becomes a tensor of its own, as in the loaded path);
 * added tokens: the base's embeddings grown with zero rows (:func:`~hf_deltacome.model.prepare_vocab`, the same
   resize), the trainable tokens' rows copied in (PEFT's merge: ``index_copy``);
+* a mixture's fused experts parameter (read through transformers' conversion, :mod:`~hf_deltacome.compression.
+  stream_keys`): each expert's delta added to its slice, or its dense copy put there, as the per-expert linears of
+  the loaded path merge; then the tensors ``save_pretrained`` writes made from it (transformers' conversion reverted:
+  Mixtral's one tensor per expert and projection), kept until written;
 * everything else: the base's tensor; then one rounding to the output dtype.
 
 The shards are planned as ``save_pretrained`` plans them (same files, same index) and written by
