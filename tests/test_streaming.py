@@ -162,13 +162,38 @@ def test_streamed_fallbacks_are_recorded_and_logged(tmp_path, caplog):
     info = bands.peft_config["default"].compression_info
     assert info["residual"]["chosen"] == "none" and "streamed" in info["residual"]["fallback"]
     assert all("sparse" not in e for e in bands.peft_config["default"].layout.values())
-    assert info["distill"]["skipped"].startswith("streamed")  # the default distils its bands when loaded
+    assert info["distill"]["layerwise"] == 2  # streamed, the bands are distilled one layer at a time
     assert "built-in generic text" in caplog.text and "min_rank_share='auto'" in caplog.text
     for option in (dict(search="greedy"), dict(allocation="adaptive")):
         with pytest.raises(ConfigError, match="whole model; a streamed compression cannot"):
             compress(b, f, DeltaCoMeConfig(**option), progress=False)
     bitdelta = compress(b, f, DeltaCoMeConfig(method="bitdelta"), num_samples=2, seq_len=16, progress=False)
-    assert bitdelta.peft_config["default"].compression_info["distill"]["skipped"].startswith("streamed")
+    assert bitdelta.peft_config["default"].compression_info["distill"]["layerwise"] == 2  # its sign scales
+    rtn = compress(b, f, DeltaCoMeConfig(method="bitdelta", quantizer="rtn"), progress=False)  # no activations
+    assert rtn.peft_config["default"].compression_info["distill"]["skipped"].startswith("streamed")
+
+
+def test_streamed_runs_distil_each_layer_against_the_finetunes(tmp_path):
+    """Without both whole models a streamed run distils the bands' scales layer by layer (the layer's output against
+    the fine-tune's layer on the same inputs): kept only where the layer's error fell, and the whole model ends
+    closer to the fine-tune than without it."""
+    base = make_model("llama", seed=4)
+    ft = make_finetune(base, seed=4)
+    b, f = save_pair(tmp_path, base, ft)
+    calib, x = random_ids(base, 16, 64, seed=5), random_ids(base, 8, 32, seed=9)  # x: held-out sequences
+    errors, records = {}, {}
+    for steps in (0, 50):
+        model = compress(b, f, DeltaCoMeConfig(ratio="1/16", dare_modules=None, distill_steps=steps),
+                         calibration=calib, progress=False)  # fmt: skip
+        records[steps] = model.peft_config["default"].compression_info.get("distill")
+        model.save_pretrained(tmp_path / str(steps))
+        again = PeftModel.from_pretrained(loaded(b), tmp_path / str(steps)).eval()
+        out, want, ref = logits(again, x), logits(loaded(f), x), logits(loaded(b), x)
+        errors[steps] = float((out - want).norm() / (want - ref).norm())
+    assert records[0] is None
+    record = records[50]
+    assert record["layerwise"] == 2 and record["kept"] >= 1 and record["error_after"] < record["error_before"]
+    assert errors[50] < errors[0], errors
 
 
 def test_streamed_calibration_needs_a_tokenizer_or_ids(tmp_path):

@@ -258,3 +258,81 @@ def distill_scales(
     if check:
         out["check_kl"] = check
     return out
+
+
+def distill_layer(
+    layer: nn.Module,
+    finetuned_layer: nn.Module,
+    hidden: list[torch.Tensor],
+    calls: list[tuple[tuple, dict]],
+    *,
+    bands: bool = True,
+    steps: int = 50,
+    lr: float = LR,
+    adapter_name: str = "default",
+) -> dict[str, Any]:
+    """Refine the stored scales of one compressed decoder layer's adapter against the fine-tune's same layer: what a
+    streamed run can do without the whole models (:func:`distill_scales` needs both).
+
+    Minimises the layer's output error ``‖layer(h) − finetuned_layer(h)‖²`` (relative to the teacher's output
+    energy) over the calibration hidden states ``hidden`` entering the layer (the compressed layers before it
+    already applied), one batch a step, with the same log-multipliers as :func:`distill_scales`; the scales are kept
+    only if the error over every batch fell. Returns the error before and after and whether the scales were kept."""
+    from .layerwalk import layer_output
+
+    with torch.no_grad():
+        found = list(_deltas(layer, adapter_name))
+        device = found[0].blob.device if found else torch.device("cpu")
+        deltas = [d for d in (_Delta(delta, device, bands) for delta in found) if d.scales]
+    if not deltas or steps <= 0 or not hidden:
+        return {}
+    with torch.no_grad():
+        targets = [layer_output(finetuned_layer(h, *a, **k)).float() for h, (a, k) in zip(hidden, calls, strict=True)]
+    energy = [float(t.pow(2).mean()) or 1.0 for t in targets]
+
+    def error(j: int) -> torch.Tensor:
+        h, (a, k) = hidden[j], calls[j]
+        return (layer_output(layer(h, *a, **k)).float() - targets[j]).pow(2).mean() / energy[j]
+
+    def total() -> float:
+        with torch.no_grad():
+            for d in deltas:
+                d.pin()
+            return sum(float(error(j)) for j in range(len(hidden))) / len(hidden)
+
+    params = [scale.log for d in deltas for scale in d.scales]
+    opt = torch.optim.Adam(params, lr=lr)
+    out: dict[str, Any] = {}
+    with dequant_cache.uncapped():
+        try:
+            out["before"] = total()
+            for step in range(steps):
+                with torch.enable_grad():
+                    for d in deltas:
+                        d.pin()
+                    loss = error(step % len(hidden))
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            out["after"] = total()
+            out["kept"] = out["after"] < out["before"]
+            if not out["kept"]:
+                with torch.no_grad():
+                    for p in params:
+                        p.zero_()
+        finally:
+            for d in deltas:
+                d.unpin_and_write()
+            for delta in found:
+                delta.forget("csr_t")
+    return out
+
+
+def layerwise_record(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """``compression_info["distill"]`` of a streamed run's :func:`distill_layer` results (empty if none ran)."""
+    done = [r for r in results if r]
+    if not done:
+        return {}
+    return {"layerwise": len(done), "kept": sum(bool(r["kept"]) for r in done),
+            "error_before": sum(r["before"] for r in done) / len(done),
+            "error_after": sum(min(r["before"], r["after"]) for r in done) / len(done)}  # fmt: skip

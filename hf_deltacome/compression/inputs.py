@@ -213,9 +213,12 @@ def streamed_plan(config: DeltaCoMeConfig, calib: Any) -> tuple[DeltaCoMeConfig,
         )
     notes: dict[str, Any] = {}
     # first, on the caller's config (the one saved), before any copy below
-    if distills(config) and (config.method == "bitdelta" or calib is not None):
-        log.info("scale distillation trains against the whole fine-tune; skipped in a streamed run")
-        notes["distill"] = {"skipped": "streamed: needs the whole fine-tune"}
+    if distills(config) and calib is not None:
+        log.info("streamed: the scales are distilled one decoder layer at a time against the fine-tune's layer (the "
+                 "whole-model distillation needs both whole models)")  # fmt: skip
+    elif distills(config) and config.method == "bitdelta":
+        log.info("scale distillation needs calibration activations; skipped in a streamed round-to-nearest run")
+        notes["distill"] = {"skipped": "streamed: no calibration activations"}
         config.distill_steps = 0
     if config.method in ("deltacome", "impart") and config.min_rank_share == "auto" and calib is not None:
         note = "streamed: no whole-model check; the published split (min_rank_share 0)"

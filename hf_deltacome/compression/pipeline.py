@@ -30,8 +30,8 @@ model, the calibration activations, the SVD workspace and the adapter being buil
 Streamed runs cannot do what needs the whole model at once; each has a documented fallback :
 calibration is given (texts, a file, token ids) or the built-in generic text (:func:`~.calibration.generic_texts`), not sampled
 from the fine-tune; ``min_rank_share="auto"`` falls back to 0 (the published split); ``search`` and
-``allocation="adaptive"`` are refused; BitDelta's scale distillation is skipped (each with a logged note;
-:func:`~.inputs.streamed_plan`).
+``allocation="adaptive"`` are refused; scale distillation runs one decoder layer at a time against the fine-tune's
+layer (:func:`~.distill.distill_layer`; each with a logged note, :func:`~.inputs.streamed_plan`).
 
 A base whose linears are stored packed (an AMLQ-quantized base, :mod:`hf_deltacome.amlq`) is compressed against the
 weights it actually runs with: :func:`on_quantized_base` enters every view registered in
@@ -69,7 +69,7 @@ from ..quant.spill import maybe_spill
 from . import vocab
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, CalibrationSource, check_sizes, generic_texts
 from .checkpoint import LayerCheckpoint, calibration_record
-from .distill import VQ_MIN_KL, distill_scales, distills, distills_bands
+from .distill import VQ_MIN_KL, distill_layer, distill_scales, distills, distills_bands, layerwise_record
 from .inputs import (
     ModelSource,
     describe_inputs,
@@ -199,8 +199,8 @@ def compress(
         filler = _Filler(peft_model.base_model.model, pair, config, adapter_name, ckpt)
         filler.outside(kind, targets, calib, device)
         filler.layers(kind, targets, calib, device, progress)
-    distill: dict[str, Any] = {}
-    if distills(config) and calib is not None:
+    distill: dict[str, Any] = layerwise_record(filler.distilled)
+    if distills(config) and calib is not None and not pair.streamed:
         if calib.input_ids is None:  # image-text pairs: the student and teacher would need the images too
             distill = {"skipped": "the calibration has no token ids of its own (image-text pairs)"}
         else:
@@ -313,6 +313,7 @@ class _Filler:
         self.adapter_name, self.ckpt = adapter_name, ckpt
         self.fallbacks: list[str] = []
         self.layer_seconds: list[float] = []
+        self.distilled: list[dict[str, Any]] = []  # streamed: each layer's scales distilled against the fine-tune's
 
     def fill(self, name: str, hessian: torch.Tensor | None, device: torch.device) -> None:
         """Compress target ``name`` (its input Hessian, or ``None`` for round-to-nearest) into its buffers."""
@@ -378,11 +379,8 @@ class _Filler:
                 for name in names:
                     self.fill(name, None, work)
             else:
-                # Passes of the fine-tune's layer (hessian_passes: one per input width, narrowest first, past a
-                # size), each pass's linears compressed before the next pass's Hessians exist: a 7B layer never holds
-                # its 11008-wide down_proj Hessian (0.45 GiB) beside the others' SVD and GPTQ workspaces, nor a
-                # mixture all its experts' Hessians. The fine-tune's layer is the same in every pass, so the
-                # Hessians (and the adapter) are those of one pass.
+                # Passes of the fine-tune's layer (hessian_passes), each pass's linears compressed before the next
+                # pass's Hessians exist; the layer is the same in every pass, so the Hessians are those of one pass.
                 layer_prefix = f"{prefix}.{i}."
                 inputs = {n: ft_layers[i].get_submodule(n[len(layer_prefix) :]) for n in names}
                 for group in hessian_passes(inputs, ONE_PASS_HESSIAN_BYTES, PASS_HESSIAN_BYTES):
@@ -395,6 +393,10 @@ class _Filler:
                         if h is None:
                             self.fallbacks.append(f"{name}: no activations (round-to-nearest)")
                         del h
+                if self.pair.streamed and distills(self.config):  # both layers held: distilled layer by layer
+                    with self.pair.hold([f"{prefix}.{i}"], base=self.inner, finetuned=self.finetuned):
+                        self.distilled.append(distill_layer(layers[i], ft_layers[i], hidden, calls, bands=distills_bands(
+                            self.config), steps=self.config.distill_steps, adapter_name=self.adapter_name))  # fmt: skip
             if self.ckpt is not None:
                 self.ckpt.save_layer(i, modules)
 
