@@ -194,6 +194,10 @@ def test_streamed_runs_distil_each_layer_against_the_finetunes(tmp_path):
     record = records[50]
     assert record["layerwise"] == 2 and record["kept"] >= 1 and record["error_after"] < record["error_before"]
     assert errors[50] < errors[0], errors
+    # a fine-tune saved in another dtype than its base: its layer runs in its own dtype as the teacher
+    b, f = save_pair(tmp_path / "mixed", base, ft.to(torch.bfloat16))
+    model = compress(b, f, DeltaCoMeConfig(ratio="1/16", dare_modules=None), calibration=calib, progress=False)
+    assert model.peft_config["default"].compression_info["distill"]["layerwise"] == 2
 
 
 def test_streamed_calibration_needs_a_tokenizer_or_ids(tmp_path):

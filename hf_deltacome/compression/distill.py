@@ -278,7 +278,7 @@ def distill_layer(
     energy) over the calibration hidden states ``hidden`` entering the layer (the compressed layers before it
     already applied), one batch a step, with the same log-multipliers as :func:`distill_scales`; the scales are kept
     only if the error over every batch fell. Returns the error before and after and whether the scales were kept."""
-    from .layerwalk import layer_output
+    from .layerwalk import floats_to, layer_output
 
     with torch.no_grad():
         found = list(_deltas(layer, adapter_name))
@@ -286,8 +286,10 @@ def distill_layer(
         deltas = [d for d in (_Delta(delta, device, bands) for delta in found) if d.scales]
     if not deltas or steps <= 0 or not hidden:
         return {}
-    with torch.no_grad():
-        targets = [layer_output(finetuned_layer(h, *a, **k)).float() for h, (a, k) in zip(hidden, calls, strict=True)]
+    dtype = next((p.dtype for p in finetuned_layer.parameters() if p.is_floating_point()), None)
+    with torch.no_grad():  # a fine-tune saved in another dtype runs in its own, as when its Hessians are collected
+        targets = [layer_output(finetuned_layer(floats_to(h, dtype), *floats_to(a, dtype), **floats_to(k, dtype))).float()
+                   for h, (a, k) in zip(hidden, calls, strict=True)]  # fmt: skip
     energy = [float(t.pow(2).mean()) or 1.0 for t in targets]
 
     def error(j: int) -> torch.Tensor:
