@@ -77,12 +77,16 @@ def saved_origins(model: nn.Module) -> dict[str, str]:
     """The parameter each tensor that ``save_pretrained`` writes under another name comes from (a fused experts
     parameter saved one tensor per expert, a renamed one); `ConfigError` where that is not one parameter each."""
     state = {n: t.to("meta") for n, t in model.state_dict().items()}
-    whole = _reverted(model, state)
     origins: dict[str, str] = {}
-    for name in state:
-        if name not in whole:
-            for saved in _reverted(model, {name: state[name]}):
-                origins[saved] = name
+    try:
+        whole = _reverted(model, state)
+        for name in state:
+            if name not in whole:
+                for saved in _reverted(model, {name: state[name]}):
+                    origins[saved] = name
+    except Exception as e:  # a conversion transformers cannot replay on meta tensors: merged loaded instead
+        raise ConfigError(f"{type(model).__name__}: save_pretrained's conversion of its tensors cannot be replayed "
+                          f"one tensor at a time ({type(e).__name__}: {e})") from e
     if set(origins) | (set(whole) & set(state)) != set(whole):
         raise ConfigError(f"{type(model).__name__} saves tensors that several of its parameters convert into (not "
                           "replayed one tensor at a time)")  # fmt: skip
