@@ -162,6 +162,12 @@ def prepare_vocab(model: nn.Module, config: DeltaCoMeConfig) -> None:
             resize_vocab(model, rows)
 
 
+def unfuse_adapter_experts(model: nn.Module, config: DeltaCoMeConfig, meta: bool = False) -> int:
+    """Swap in the per-expert stand-ins of the fused experts whose linears the adapter names, compressed (``layout``)
+    or carried dense (``modules_to_save``): what loading it does, and what checking it against a base needs."""
+    return unfuse_experts(model, [*config.layout, *(config.modules_to_save or [])], meta=meta)
+
+
 def check_layout_fits(model: nn.Module, config: DeltaCoMeConfig, adapter_name: str) -> None:
     """Every module of the adapter's layout is a linear of the base with the layout's shape (else `ConfigError`)."""
     modules = dict(model.named_modules())
@@ -210,8 +216,7 @@ class DeltaCoMeModel(BaseTuner):
         prepare_vocab(model, peft_config)
 
     def _pre_injection_hook(self, model: nn.Module, config: DeltaCoMeConfig, adapter_name: str) -> None:
-        # fused experts whose linears the adapter names (compressed, or carried dense) run as per-expert linears
-        unfuse_experts(model, [*config.layout, *(config.modules_to_save or [])])
+        unfuse_adapter_experts(model, config)  # those fused experts run as per-expert linears
         check_layout_fits(model, config, adapter_name)
 
     @staticmethod

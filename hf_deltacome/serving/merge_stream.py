@@ -41,8 +41,8 @@ from ..io.adapter_source import check_extras
 from ..io.atomic import write_folder
 from ..io.fingerprint import check_fingerprint, default_strict
 from ..io.shards import INDEX_NAME, ShardWriter, plan_shards, write_index
-from ..linears import fuse_experts, in_weight_layout, is_fused_experts, unfuse_experts
-from ..model import check_layout_fits, prepare_vocab
+from ..linears import fuse_experts, in_weight_layout, is_fused_experts
+from ..model import check_layout_fits, prepare_vocab, unfuse_adapter_experts
 from ..progress import progress_bar
 
 log = logging.getLogger("hf_deltacome")
@@ -143,7 +143,7 @@ class StreamedMerge:
         finally:
             release_memory()
         prepare_vocab(model, config)
-        unfuse_experts(model, [*config.layout, *(config.modules_to_save or [])], meta=True)  # as a load would
+        unfuse_adapter_experts(model, config, meta=True)  # as a load would
         try:
             check_layout_fits(model, config, ADAPTER_NAME)
             for module, entry in config.layout.items():
