@@ -7,7 +7,9 @@ saves them. :func:`resolve_sources` applies transformers' own conversion mapping
 the one ``from_pretrained`` applies) to the checkpoint's keys: a parameter's source is its checkpoint key, or a
 `Converted` (the converter and its tensors). :func:`expert_sources` names the per-expert linears of
 :class:`~hf_deltacome.linears.ExpertsAsLinears` stand-ins (an `ExpertSlice` each), so a streamed run holds and
-compresses one expert's linear at a time, read from that expert's tensors only.
+compresses one expert's linear at a time, read from that expert's tensors only. :func:`saved_origins` and
+:func:`reverted` go the other way, for a streamed merge: the tensors ``save_pretrained`` writes (the conversion
+reverted) and the parameter each comes from.
 """
 
 from __future__ import annotations
@@ -152,3 +154,30 @@ def expert_sources(model: nn.Module, sources: dict[str, Source]) -> dict[str, So
             transposed = bool(experts.is_transposed) and part == "weight"
             out[f"{name}.{pname}"] = ExpertSlice(sources[fused], e, transposed)
     return out
+
+
+def reverted(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as ``save_pretrained`` writes it: transformers' load-time conversion mapping reverted."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, state)
+
+
+def saved_origins(model: nn.Module) -> dict[str, str]:
+    """The parameter each tensor that ``save_pretrained`` writes under another name comes from (a fused experts
+    parameter saved one tensor per expert, a renamed one); `ConfigError` where that is not one parameter each."""
+    state = {n: t.to("meta") for n, t in model.state_dict().items()}
+    origins: dict[str, str] = {}
+    try:
+        whole = reverted(model, state)
+        for name in state:
+            if name not in whole:
+                for saved in reverted(model, {name: state[name]}):
+                    origins[saved] = name
+    except Exception as e:  # a conversion transformers cannot replay on meta tensors: merged loaded instead
+        raise ConfigError(f"{type(model).__name__}: save_pretrained's conversion of its tensors cannot be replayed "
+                          f"one tensor at a time ({type(e).__name__}: {e})") from e
+    if set(origins) | (set(whole) & set(state)) != set(whole):
+        raise ConfigError(f"{type(model).__name__} saves tensors that several of its parameters convert into (not "
+                          "replayed one tensor at a time)")  # fmt: skip
+    return origins

@@ -34,6 +34,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from ..compression.stream_keys import reverted, saved_origins
 from ..compression.streaming import HUB_PATTERNS, Checkpoint, release_memory, skeleton, why_not_streamable
 from ..errors import ConfigError
 from ..io.adapter_files import STATE_DICT_PREFIX, TOKENS_SUFFIX, packed_delta, read_adapter
@@ -64,33 +65,6 @@ def streamable_base(base: PathLike) -> tuple[Optional[Path], Optional[str]]:
             return None, f"--base {text!r} is not a local folder and not in the Hugging Face cache"
     why = why_not_streamable(folder)
     return (None, why) if why is not None else (folder, None)
-
-
-def _reverted(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` as ``save_pretrained`` writes it: transformers' load-time conversion mapping reverted."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    return revert_weight_conversion(model, state)
-
-
-def saved_origins(model: nn.Module) -> dict[str, str]:
-    """The parameter each tensor that ``save_pretrained`` writes under another name comes from (a fused experts
-    parameter saved one tensor per expert, a renamed one); `ConfigError` where that is not one parameter each."""
-    state = {n: t.to("meta") for n, t in model.state_dict().items()}
-    origins: dict[str, str] = {}
-    try:
-        whole = _reverted(model, state)
-        for name in state:
-            if name not in whole:
-                for saved in _reverted(model, {name: state[name]}):
-                    origins[saved] = name
-    except Exception as e:  # a conversion transformers cannot replay on meta tensors: merged loaded instead
-        raise ConfigError(f"{type(model).__name__}: save_pretrained's conversion of its tensors cannot be replayed "
-                          f"one tensor at a time ({type(e).__name__}: {e})") from e
-    if set(origins) | (set(whole) & set(state)) != set(whole):
-        raise ConfigError(f"{type(model).__name__} saves tensors that several of its parameters convert into (not "
-                          "replayed one tensor at a time)")  # fmt: skip
-    return origins
 
 
 def not_deltacome(adapter_folder: Path) -> Optional[str]:
@@ -178,7 +152,7 @@ class StreamedMerge:
         for key in getattr(model, "_keys_to_ignore_on_save", None) or []:
             state.pop(key, None)
         state = remove_tied_weights_from_state_dict(state, model)
-        state = _reverted(model, state)  # save_pretrained's names: e.g. fused experts as one tensor per expert
+        state = reverted(model, state)  # save_pretrained's names: e.g. fused experts as one tensor per expert
         specs = [(n, dtype if t.is_floating_point() else t.dtype, tuple(t.shape)) for n, t in state.items()]
         files, index = plan_shards(specs, max_shard_size, model.num_parameters())
         return specs, files, index
@@ -199,7 +173,7 @@ class StreamedMerge:
         t = self.merged(origin, aliases.get(origin, [origin]))
         if origin == name:
             return t
-        self._pending.update(_reverted(self.model, {origin: t}))
+        self._pending.update(reverted(self.model, {origin: t}))
         return self._pending.pop(name)
 
     def _delta(self, module: str) -> Any:
