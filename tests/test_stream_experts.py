@@ -237,3 +237,32 @@ def test_streamed_merge_of_a_mixture_is_bit_identical_to_the_loaded_merge(arch, 
     got = merged.model.layers[1].mlp.experts
     assert torch.equal(got.down_proj[1], want.down_proj[1]) and not torch.equal(got.down_proj[3], base.model.layers[
         1].mlp.experts.down_proj[3])  # fmt: skip
+
+
+def test_a_merge_whose_saved_tensors_cannot_be_replayed_is_merged_loaded(tmp_path, monkeypatch, caplog):
+    """When transformers' reverted conversion cannot be replayed one tensor at a time, the streamed merge is refused
+    with the model named and the merge runs loaded (same output), instead of failing deep inside transformers."""
+    from test_merge_stream import tensors
+
+    import hf_deltacome.compression.stream_keys as stream_keys
+    from hf_deltacome.serving.merge import merge_adapter
+
+    base = family("Mixtral")
+    model = compress(copy.deepcopy(base), perturbed(base), DeltaCoMeConfig(quantizer="rtn", ratio="1/2"),
+                     progress=False)  # fmt: skip
+    model.save_pretrained(tmp_path / "adapter")
+    base.save_pretrained(tmp_path / "base")
+    make_tokenizer().save_pretrained(tmp_path / "base")
+    reference = tensors(merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "streamed"))
+
+    def broken(model, state):
+        raise RuntimeError("cannot chunk a meta tensor")
+
+    monkeypatch.setattr(stream_keys, "reverted", broken)
+    with pytest.raises(ConfigError, match=r"MixtralForCausalLM: save_pretrained's conversion .* cannot be replayed"):
+        stream_keys.saved_origins(base)
+    caplog.set_level("INFO", logger="hf_deltacome")
+    out = merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "loaded")
+    assert "merging with the whole base in memory: MixtralForCausalLM: save_pretrained's conversion" in caplog.text
+    merged = tensors(out)
+    assert sorted(merged) == sorted(reference) and all(torch.equal(t, reference[n]) for n, t in merged.items())
