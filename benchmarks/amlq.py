@@ -3,8 +3,11 @@
 
     python benchmarks/amlq.py [--cells amlq:3.0,gptq:3:128,...] [--stack amlq:3.0,gptq:3:128] [--out DIR]
                               [--damp auto|F] [--low-bit-share auto|F] [--skip-stack] [--plot PNG]
+                              [--base smollm2|smollm2-moe]
 
-Part 1 (base). SmolLM2-135M-Instruct (``zoo.load_smollm2``) quantized by
+Part 1 (base). SmolLM2-135M-Instruct (``zoo.load_smollm2``), or with ``--base smollm2-moe`` its sparse upcycling to
+4 experts (``zoo.smollm2_moe_path``, fused experts quantized one linear per expert like every other linear),
+quantized by
 
 * ``amlq:T``: AMLQ at target true bpw ``T`` (``error_rank="auto"``), ``amlq0:T`` without the low-rank part,
   ``amlq:gptq:B:G``: AMLQ at exactly the true bpw of uniform GPTQ ``B`` bits / group ``G`` (matched comparison);
@@ -77,7 +80,7 @@ CODE = {
     "rtn": ["quant/rtn.py", "format/packing.py"],
     "calibrated": ["quant/gptq.py", "quant/hessian.py", "quant/rtn.py", "format/packing.py", "format/amlq_layout.py",
                    "amlq/allocation.py", "amlq/config.py", "amlq/lowrank.py", "amlq/pipeline.py", "amlq/linear.py",
-                   "amlq/sensitivity.py", "compression/layerwalk.py", "compression/calibration.py"],
+                   "amlq/sensitivity.py", "compression/layerwalk.py", "compression/calibration.py", "linears.py"],
     "e2e": ["amlq/sensitivity.py", "quant/hessian.py", "quant/rtn.py", "compression/layerwalk.py"],
     "stack": ["."],
 }  # fmt: skip
@@ -86,7 +89,11 @@ CODE = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", default=DEFAULT_CELLS, help="comma-separated cells, in order (module docstring)")
-    p.add_argument("--stack", default="amlq:3.0,amlq:4.0", help="quantized bases of the stack, as cells (empty: no stack)")
+    p.add_argument("--base", default="smollm2", choices=("smollm2", "smollm2-moe"),
+                   help="smollm2-moe: SmolLM2 sparsely upcycled to 4 experts, top 2 (zoo.smollm2_moe_path), its "
+                        "fused experts quantized one linear per expert; no stack")  # fmt: skip
+    p.add_argument("--stack", default=None,
+                   help="quantized bases of the stack, as cells (empty: no stack; default amlq:3.0,amlq:4.0)")
     p.add_argument("--out", default=None, help="cache folder (default: <zoo cache>/amlq-bench)")
     p.add_argument("--num-samples", type=int, default=8, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window")
@@ -97,12 +104,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--damp", type=lambda t: parse_auto_float(t, "damp"), default="auto",
                    help="GPTQ damping of AMLQ and uniform GPTQ (default auto: from calibration tokens per column)")
     p.add_argument("--skip-stack", action="store_true", help="save the --stack bases but do not run the stack")
-    p.add_argument("--plot", default=str(ROOT / "benchmarks" / "amlq.png"),
-                   help="perplexity against true bpw, PNG (empty: none)")
+    p.add_argument("--plot", default=None,
+                   help="perplexity against true bpw, PNG (empty: none; default benchmarks/amlq[_moe].png)")
     p.add_argument("--n-eval", type=int, default=120, help="held-out facts questions of the stack")
     p.add_argument("--wait", action="store_true", help="stack: wait for another process to save the AMLQ bases")
     p.add_argument("--report-only", action="store_true", help="print the tables from the cached cells only")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one process at a time)")
+    args = p.parse_args(argv)
+    moe = args.base == "smollm2-moe"
+    if moe and args.stack:
+        p.error("--stack runs the facts fine-tune of SmolLM2 itself: not with --base smollm2-moe")
+    args.stack = "" if moe else ("amlq:3.0,amlq:4.0" if args.stack is None else args.stack)
+    if args.plot is None:
+        args.plot = str(ROOT / "benchmarks" / ("amlq_moe.png" if moe else "amlq.png"))
+    return args
 
 
 def cached(path: Path, make: Any) -> dict:
@@ -452,10 +467,17 @@ def main(argv: list[str] | None = None) -> int:
     global REPORT_ONLY
     args = parse_args(argv)
     REPORT_ONLY = args.report_only
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     out = Path(args.out or (zoo.cache_dir() / "amlq-bench"))
     out.mkdir(parents=True, exist_ok=True)
     fp, tok = zoo.load_smollm2()
+    if args.base == "smollm2-moe":  # its fused experts as one linear per expert, for good (what AMLQ quantizes)
+        from transformers import AutoModelForCausalLM
+
+        from hf_deltacome.linears import unfuse_experts
+
+        fp = AutoModelForCausalLM.from_pretrained(zoo.smollm2_moe_path(), dtype=torch.float32)
+        unfuse_experts(fp, keep=True)
     fp.eval()
     calib, held = text_windows(tok, args)
     ctx: dict[str, Any] = {"fp": fp, "tok": tok, "calib": calib, "held": held,
@@ -473,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     records = [r for r in (run_cell(c, out, ctx) for c in args.cells.split(",") if c) if r is not None]
     stack = run_stack(out, ctx, args) if ctx["stack"] and not args.skip_stack else {}
     print(base_table(records, fp_ppl))
+    shapes = linear_shapes(fp)
+    total, experts = (sum(m * n for k, (m, n) in shapes.items() if ".experts." in k or not only) for only in (0, 1))
+    params = sum(p.numel() for p in fp.parameters())
+    print(f"\nQuantized (every cell): {len(shapes)} decoder linears, {total:,} weights of the model's {params:,} "
+          f"parameters ({100 * total / params:.1f}%), {experts:,} of them in fused experts")  # fmt: skip
     sens_file = out / f"sensitivity-{settings_key(sensitivity_settings(ctx))}.json"
     e2e_file = out / f"e2e-{settings_key(sensitivity_settings(ctx, e2e_only=True))}.json"
     if sens_file.is_file() and e2e_file.is_file():

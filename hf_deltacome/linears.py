@@ -22,6 +22,7 @@ Loading onto a fused base swaps in the stand-ins the adapter's layout names (:fu
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import re
 from collections.abc import Callable, Iterator
@@ -122,9 +123,11 @@ class ExpertsAsLinears(nn.Module):
     """Fused experts as one ``nn.Linear`` per expert and projection, children ``<e>.<projection>`` sharing the fused
     weights' storage, with the fused module's routing (module docstring). The fused module is kept unregistered in
     :attr:`experts`; its other parameters and sub-modules (a post-expert norm) are registered here under their own
-    names, so the model's other weights keep their names."""
+    names, so the model's other weights keep their names. A stand-in made with ``keep`` stays for good: its linears
+    are stored packed (an AMLQ base, :mod:`hf_deltacome.amlq`), so :func:`fuse_experts` leaves it and :meth:`fused`
+    stacks their effective weights into a copy without storing them."""
 
-    def __init__(self, experts: nn.Module, name: str = "", meta: bool = False) -> None:
+    def __init__(self, experts: nn.Module, name: str = "", meta: bool = False, keep: bool = False) -> None:
         if not meta and any(p.device.type == "meta" for p in experts.parameters(recurse=False)):
             raise ConfigError(
                 f"{name or 'a fused experts module'} has its weights on the meta device (offloaded); hf-deltacome "
@@ -133,6 +136,7 @@ class ExpertsAsLinears(nn.Module):
             )
         super().__init__()
         self.__dict__["experts"] = experts
+        self.keep = keep
         self.projections = ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
         fused = {*self.projections, *(f"{p}_bias" for p in self.projections)}
         for e in range(experts.num_experts):
@@ -188,7 +192,20 @@ class ExpertsAsLinears(nn.Module):
 
     def fused(self) -> nn.Module:
         """The fused module holding the linears' current values (a merge or ``.to()`` gives a linear its own
-        storage: the expert weights are stacked again and the linears made views of the result)."""
+        storage: the expert weights are stacked again and the linears made views of the result). Of a stand-in made
+        with ``keep``: a shallow copy holding their stacked (dequantized) values, the stand-in left as it is."""
+        if self.keep:
+            copied = copy.copy(self.experts)
+            copied._parameters = dict(self.experts._parameters)
+            for proj in self.projections:
+                lins = self.linears(proj)
+                weights = [m.weight.t() if copied.is_transposed else m.weight for m in lins]
+                copied._parameters[proj] = nn.Parameter(torch.stack(weights).detach(), requires_grad=False)
+                if copied.has_bias:
+                    bias = torch.stack([m.bias for m in lins]).detach()
+                    copied._parameters[f"{proj}_bias"] = nn.Parameter(bias, requires_grad=False)
+            copied._parameters.update(self._parameters)
+            return copied
         experts = self.experts
         for proj in self.projections:
             for attr, part in ((proj, "weight"), (f"{proj}_bias", "bias")):
@@ -208,6 +225,15 @@ class ExpertsAsLinears(nn.Module):
         for pname, p in self._parameters.items():  # its other parameters, as ``.to()`` left them here
             experts._parameters[pname] = p
         return experts
+
+    def drop_fused(self) -> None:
+        """Free the fused weights (the stand-in's linears now hold their own, packed): meta placeholders remain."""
+        for proj in self.projections:
+            for attr in (proj, f"{proj}_bias"):
+                p = getattr(self.experts, attr, None)
+                if isinstance(p, torch.Tensor):
+                    empty = torch.empty(p.shape, dtype=p.dtype, device="meta")
+                    setattr(self.experts, attr, nn.Parameter(empty, requires_grad=False))
 
     def hosts_adapter(self) -> bool:
         """Whether any of the linears is wrapped by PEFT (a tuner layer, or a dense copy of ``modules_to_save``)."""
@@ -230,25 +256,26 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 _EXPERT_LINEAR = re.compile(r"^(.*)\.\d+\.(gate_up_proj|up_proj|down_proj)$")
 
 
-def unfuse_experts(model: nn.Module, names: Any = None, meta: bool = False) -> int:
+def unfuse_experts(model: nn.Module, names: Any = None, meta: bool = False, keep: bool = False) -> int:
     """Swap in an `ExpertsAsLinears` for each fused experts module of ``model`` (only those with a linear among
     ``names``, e.g. an adapter's layout, when given); returns how many were swapped. ``meta``: weights on the meta
-    device are viewed too (a streamed skeleton, whose linears get real weights one expert at a time)."""
+    device are viewed too (a streamed skeleton, whose linears get real weights one expert at a time). ``keep``:
+    stand-ins for good, whose linears will be stored packed (AMLQ)."""
     wanted = None if names is None else {m.group(1) for n in names if (m := _EXPERT_LINEAR.match(n))}
     swapped = 0
     for name, module in list(model.named_modules()):
         if name and is_fused_experts(module) and (wanted is None or name in wanted):
-            model.set_submodule(name, ExpertsAsLinears(module, name, meta))
+            model.set_submodule(name, ExpertsAsLinears(module, name, meta, keep))
             swapped += 1
     return swapped
 
 
 def fuse_experts(model: nn.Module, keep_adapters: bool = False) -> None:
     """Put each fused experts module back in place of its `ExpertsAsLinears` (with the linears' current values);
-    with ``keep_adapters``, stand-ins whose linears carry an adapter stay."""
+    with ``keep_adapters``, stand-ins whose linears carry an adapter stay, and those made with ``keep`` always."""
     for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):
-            if isinstance(child, ExpertsAsLinears) and not (keep_adapters and child.hosts_adapter()):
+            if isinstance(child, ExpertsAsLinears) and not child.keep and not (keep_adapters and child.hosts_adapter()):
                 parent._modules[child_name] = child.fused()
 
 

@@ -32,6 +32,7 @@ from ..compression.layerwalk import walk_layers
 from ..errors import ConfigError
 from ..format.amlq_layout import column_groups, entry_nbytes, layout_bpw, mean_bits, plane_columns, unit_spans
 from ..format.packing import QuantizedMatrix
+from ..linears import ExpertsAsLinears, unfuse_experts
 from ..quant.gptq import GPTQ
 from .allocation import Sensitivity, allocate
 from .config import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZES, DEFAULT_LOW_BIT_SHARE, AmlqConfig, resolve_damp
@@ -128,6 +129,7 @@ def quantize_model(
                         modules_to_not_convert=list(skip) if skip else None)  # fmt: skip
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise ConfigError(f"{type(model).__name__} is already quantized; quantize the full-precision model")
+    unfuse_experts(model, keep=True)  # fused mixture-of-experts weights: one linear per expert, quantized as any
     prefix, layers, per_layer = decoder_linears(model, skip)  # before any work: a model without them is refused
     calib = get_calibration(calibration, model, tokenizer, num_samples, seq_len, seed, progress=progress)
     source = "sampled from the model itself" if calibration is None else calib.source
@@ -167,6 +169,9 @@ def quantize_model(
 
     walk_layers(model, list(layers), calib.input_ids, visit, batch_size=FORWARD_BATCH_SIZE, device=work,
                 progress=progress)  # fmt: skip
+    for stand_in in model.modules():
+        if isinstance(stand_in, ExpertsAsLinears):
+            stand_in.drop_fused()  # its linears hold their own packed weights now
     modules = {n: m for n, m in model.named_modules() if isinstance(m, AmlqLinear)}
     weights = sum(m.in_features * m.out_features for m in modules.values())
     true_bpw = 8.0 * sum(m.stored_nbytes() for m in modules.values()) / max(weights, 1)

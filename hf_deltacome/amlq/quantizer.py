@@ -16,6 +16,7 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 
 from ..errors import ConfigError
+from ..linears import ExpertsAsLinears, fuse_experts, unfuse_experts
 from .config import QUANT_METHOD, AmlqConfig
 from .linear import replace_with_amlq_linear, set_dequant_cache
 
@@ -40,6 +41,7 @@ class AmlqHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
         dtype = kwargs.get("dtype")
+        unfuse_experts(model, self.quantization_config.layout, meta=True, keep=True)  # experts stored per expert
         replace_with_amlq_linear(
             model, self.quantization_config.layout, dtype=dtype if isinstance(dtype, torch.dtype) else self._dtype
         )
@@ -61,6 +63,10 @@ class AmlqHfQuantizer(HfQuantizer):
                 dense.weight = nn.Parameter(module.weight.to(dtype or module.compute_dtype), requires_grad=False)
                 dense.bias = module.bias
                 model.set_submodule(name, dense)
+        for stand_in in model.modules():  # per-expert linears dense again: the fused experts module comes back
+            if isinstance(stand_in, ExpertsAsLinears):
+                stand_in.keep = False
+        fuse_experts(model)
         return model
 
     def is_serializable(self) -> bool:
