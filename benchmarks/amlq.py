@@ -425,7 +425,7 @@ def base_table(records: list[dict], fp_ppl: float) -> str:
     return "\n".join(lines)
 
 
-def plot(records: list[dict], fp_ppl: float, path: str) -> None:
+def plot(records: list[dict], fp_ppl: float, path: str, model: str = "SmolLM2-135M-Instruct") -> None:
     """Held-out perplexity (log scale) against true bpw, one series per method."""
     import matplotlib
 
@@ -440,7 +440,7 @@ def plot(records: list[dict], fp_ppl: float, path: str) -> None:
             ax.plot(*zip(*pts, strict=True), style, label=method)
     ax.axhline(fp_ppl, color="grey", lw=0.8, label=f"fp32 ({fp_ppl:.1f})")
     ax.set(xlabel="true bits per weight (codes, scales, zeros, low-rank factors)", ylabel="held-out perplexity",
-           yscale="log", title="SmolLM2-135M-Instruct: perplexity against true bpw")  # fmt: skip
+           yscale="log", title=f"{model}: perplexity against true bpw")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -510,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     if {"finetune", "fp_base"} <= set(stack):
         print("\n" + stack_table(stack, ctx["stack"]))
     if args.plot and records:
-        plot(records, fp_ppl, args.plot)
+        model = "SmolLM2-135M-Instruct, 4 experts top 2" if args.base == "smollm2-moe" else "SmolLM2-135M-Instruct"
+        plot(records, fp_ppl, args.plot, model)
     print(f"\n{time.time() - t0:.0f} s wall (this run)")
     return 0
 

@@ -16,6 +16,7 @@ from tiny_models import logits
 from hf_deltacome import DeltaCoMeConfig, compress
 from hf_deltacome.amlq import AmlqLinear, quantize_model, save_quantized
 from hf_deltacome.errors import ConfigError, QuantizedBaseWarning
+from hf_deltacome.io.fingerprint import fingerprint_json
 from hf_deltacome.io.summary import quantized_base_summary
 from hf_deltacome.linears import ExpertsAsLinears, is_fused_experts
 
@@ -150,6 +151,8 @@ def test_other_mixture_families_quantize_save_and_load(arch, tmp_path):
     fused = [n for n, m in base.named_modules() if is_fused_experts(m)]
     q = _quantize(copy.deepcopy(base), 4.0)
     assert {n.rsplit(".", 2)[0] for n in _expert_linears(q)} == set(fused)
+    # the source fingerprint, taken through the per-expert linears, is the fused full-precision model's
+    assert q.config.quantization_config.source_fingerprint == fingerprint_json(base)
     save_quantized(q, tmp_path / "q")
     loaded = _load(tmp_path / "q")
     assert torch.equal(logits(loaded, x), logits(q, x))
