@@ -160,3 +160,15 @@ def test_other_mixture_families_quantize_save_and_load(arch, tmp_path):
     dense = _load(tmp_path / "q").dequantize()
     assert [n for n, m in dense.named_modules() if is_fused_experts(m)] == fused
     torch.testing.assert_close(logits(dense, x), logits(q, x), atol=1e-5, rtol=1e-5)
+
+
+def test_experts_are_quantized_whole_or_left_fused(tmp_path):
+    base, x = mixtral(), ids(3, 4, 32)
+    q = _quantize(copy.deepcopy(base), 3.0, skip=["gate_up_proj", "down_proj"])  # every expert left out
+    assert not _expert_linears(q) and is_fused_experts(q.model.layers[0].mlp.experts)
+    assert torch.equal(q.model.layers[1].mlp.experts.down_proj, base.model.layers[1].mlp.experts.down_proj)
+    save_quantized(q, tmp_path / "q")
+    assert torch.equal(logits(_load(tmp_path / "q"), x), logits(q, x))  # the fused weights saved and read back
+    with pytest.raises(ConfigError, match=r"4 of the 8 per-expert linears of .* model\.layers\.0\.mlp\.experts "
+                                          r"\(not model\.layers\.0\.mlp\.experts\.0\.down_proj"):  # fmt: skip
+        _quantize(copy.deepcopy(base), 3.0, skip=["down_proj"])

@@ -32,7 +32,7 @@ from ..compression.layerwalk import walk_layers
 from ..errors import ConfigError
 from ..format.amlq_layout import column_groups, entry_nbytes, layout_bpw, mean_bits, plane_columns, unit_spans
 from ..format.packing import QuantizedMatrix
-from ..linears import ExpertsAsLinears, unfuse_experts
+from ..linears import ExpertsAsLinears, fuse_experts, unfuse_experts
 from ..quant.gptq import GPTQ
 from .allocation import Sensitivity, allocate
 from .config import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZES, DEFAULT_LOW_BIT_SHARE, AmlqConfig, resolve_damp
@@ -131,6 +131,8 @@ def quantize_model(
         raise ConfigError(f"{type(model).__name__} is already quantized; quantize the full-precision model")
     unfuse_experts(model, keep=True)  # fused mixture-of-experts weights: one linear per expert, quantized as any
     prefix, layers, per_layer = decoder_linears(model, skip)  # before any work: a model without them is refused
+    if _whole_experts(model, set(layout) if layout is not None else {n for names in per_layer for n in names}):
+        prefix, layers, per_layer = decoder_linears(model, skip)  # fused experts left out are fused again
     calib = get_calibration(calibration, model, tokenizer, num_samples, seq_len, seed, progress=progress)
     source = "sampled from the model itself" if calibration is None else calib.source
     work = torch.device(device) if device is not None else None
@@ -187,6 +189,29 @@ def quantize_model(
     config.post_init()
     attach_quantizer(model, config)
     return model
+
+
+def _whole_experts(model: nn.Module, quantized: set[str]) -> bool:
+    """Each fused experts module is quantized whole or not at all: a stand-in none of whose linears is in
+    ``quantized`` is fused again (returns whether any was), one with some of them is refused (`ConfigError`): a saved
+    checkpoint holds a fused module's experts packed or in transformers' own layout, not a mix."""
+    left_out = False
+    for name, stand_in in model.named_modules():
+        if isinstance(stand_in, ExpertsAsLinears) and stand_in.keep:
+            linears = [f"{name}.{e}.{p}" for e in range(stand_in.experts.num_experts) for p in stand_in.projections]
+            inside = [n for n in linears if n in quantized]
+            if inside and len(inside) < len(linears):
+                out = sorted(set(linears) - set(inside))
+                raise ConfigError(
+                    f"AMLQ would quantize {len(inside)} of the {len(linears)} per-expert linears of the fused experts "
+                    f"module {name} (not {out[0]}{', ...' if len(out) > 1 else ''}): a fused module's experts are "
+                    "quantized all or none; skip every projection of its experts, or none"
+                )
+            if not inside:
+                stand_in.keep, left_out = False, True
+    if left_out:
+        fuse_experts(model)
+    return left_out
 
 
 def _quantize_linear(
