@@ -438,3 +438,23 @@ def test_sampling_speed_refuses_bad_flags_before_any_model_loads():
             module.main(argv)
     with pytest.raises(SystemExit, match=r"--model .*nowhere: not a saved model folder"):
         module.main(["--model", "/nowhere"])
+
+
+def test_every_name_the_scripts_take_from_the_zoo_exists():
+    """``zoo.X`` in a benchmark or example script names something the zoo package exports (a script is run rarely:
+    a renamed export would otherwise surface only as an AttributeError hours into a run)."""
+    import ast
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import zoo
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    missing = []
+    for script in sorted([*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "examples").glob("*.py")]):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "zoo":
+                if not hasattr(zoo, node.attr):
+                    missing.append(f"{script.name}: zoo.{node.attr}")
+    assert not missing, missing

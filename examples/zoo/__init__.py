@@ -18,10 +18,19 @@ so an interrupted run never leaves a half-written cache entry.
 """
 
 from .finetune import answer_margins, answer_nll, finetune, finetune_path, task_accuracy, task_predictions
-from .smollm2 import MissingDependencyError, cache_dir, load_smollm2, smollm2_moe_path, smollm2_path, upcycle
+from .smollm2 import (
+    FINETUNE_FILE,
+    MissingDependencyError,
+    cache_dir,
+    load_smollm2,
+    smollm2_moe_path,
+    smollm2_path,
+    upcycle,
+)
 from .tasks import KNOWLEDGE_TASK, SECOND_KNOWLEDGE_TASK, SKILL_TASK, TASKS, Example, FinetuneSettings, Task, get_task
 
 __all__ = [
+    "FINETUNE_FILE",
     "KNOWLEDGE_TASK",
     "SECOND_KNOWLEDGE_TASK",
     "SKILL_TASK",
