@@ -172,7 +172,7 @@ def quantize_model(
     walk_layers(model, list(layers), calib.input_ids, visit, batch_size=FORWARD_BATCH_SIZE, device=work,
                 progress=progress)  # fmt: skip
     for stand_in in model.modules():
-        if isinstance(stand_in, ExpertsAsLinears):
+        if isinstance(stand_in, ExpertsAsLinears) and stand_in.keep:
             stand_in.drop_fused()  # its linears hold their own packed weights now
     modules = {n: m for n, m in model.named_modules() if isinstance(m, AmlqLinear)}
     weights = sum(m.in_features * m.out_features for m in modules.values())
