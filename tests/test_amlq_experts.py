@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from peft import PeftModel
-from test_experts import FAMILIES, error, finetune, ids, mixtral
+from test_experts import FAMILIES, error, finetune, ids, mixtral, tiny_mixture
 from tiny_models import logits
 
 from hf_deltacome import DeltaCoMeConfig, compress
@@ -132,22 +132,7 @@ def test_adapters_on_a_quantized_mixture(quantized_mixtral, tmp_path):
 
 @pytest.mark.parametrize("arch", ["GptOss", *sorted(FAMILIES)])
 def test_other_mixture_families_quantize_save_and_load(arch, tmp_path):
-    import transformers
-
-    def make() -> torch.nn.Module:
-        torch.manual_seed(0)
-        extra = FAMILIES.get(arch) or {"intermediate_size": 64, "head_dim": 16, "num_local_experts": 4,
-                                       "num_experts_per_tok": 2, "layer_types": ["full_attention"] * 2}  # fmt: skip
-        cfg = getattr(transformers, f"{arch}Config")(vocab_size=96, hidden_size=64, num_hidden_layers=2,
-                                                     num_attention_heads=4, num_key_value_heads=2, **extra)  # fmt: skip
-        model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
-        with torch.no_grad():  # GPT-OSS initialises its expert biases to zero
-            for name, p in model.named_parameters():
-                if "experts" in name and "bias" in name:
-                    p.normal_(0, 0.02)
-        return model
-
-    base, x = make(), ids(3, 2, 24)
+    base, x = tiny_mixture(arch), ids(3, 2, 24)
     fused = [n for n, m in base.named_modules() if is_fused_experts(m)]
     q = _quantize(copy.deepcopy(base), 4.0)
     assert {n.rsplit(".", 2)[0] for n in _expert_linears(q)} == set(fused)

@@ -229,19 +229,9 @@ def test_engine_serves_expert_adapters_side_by_side(two_adapters):
 
 def test_gpt_oss_experts_with_biases_round_trip(tmp_path):
     """Transposed (in x out) expert weights with biases and a clamped interleaved gate."""
-    from transformers import GptOssConfig, GptOssForCausalLM
 
     def gpt_oss() -> nn.Module:
-        torch.manual_seed(0)
-        cfg = GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-                           num_experts_per_tok=2, layer_types=["full_attention"] * 2)  # fmt: skip
-        model = GptOssForCausalLM(cfg).eval()
-        with torch.no_grad():  # GPT-OSS initialises its expert biases to zero
-            for name, p in model.named_parameters():
-                if "experts" in name and "bias" in name:
-                    p.normal_(0, 0.02)
-        return model
+        return tiny_mixture("GptOss")
 
     base, x = gpt_oss(), ids(2, 4, 32)
     ft = copy.deepcopy(base)
@@ -299,15 +289,31 @@ FAMILIES = {  # beside the fused experts: a shared expert of plain linears (Qwen
 }
 
 
-@pytest.mark.parametrize("arch", sorted(FAMILIES))
-def test_other_mixture_families_round_trip(arch, tmp_path):
+GPT_OSS = {"intermediate_size": 64, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+           "layer_types": ["full_attention"] * 2}  # fmt: skip
+
+
+def tiny_mixture(arch: str) -> nn.Module:
+    """A tiny random transformers mixture of family ``arch`` (``"GptOss"`` or a key of `FAMILIES`), its expert biases
+    drawn (GPT-OSS initialises them to zero)."""
     import transformers
 
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{arch}Config")(vocab_size=96, hidden_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2,
+                                                 **(GPT_OSS if arch == "GptOss" else FAMILIES[arch]))  # fmt: skip
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name and "bias" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_other_mixture_families_round_trip(arch, tmp_path):
     def make() -> nn.Module:
-        torch.manual_seed(0)
-        cfg = getattr(transformers, f"{arch}Config")(vocab_size=96, hidden_size=64, num_hidden_layers=2,
-                                                     num_attention_heads=4, num_key_value_heads=2, **FAMILIES[arch])  # fmt: skip
-        return getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+        return tiny_mixture(arch)
 
     base, x = make(), ids(2, 2, 24)
     ft = copy.deepcopy(base)
