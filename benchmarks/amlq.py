@@ -470,14 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out or (zoo.cache_dir() / "amlq-bench"))
     out.mkdir(parents=True, exist_ok=True)
-    fp, tok = zoo.load_smollm2()
     if args.base == "smollm2-moe":  # its fused experts as one linear per expert, for good (what AMLQ quantizes)
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from hf_deltacome.linears import unfuse_experts
 
         fp = AutoModelForCausalLM.from_pretrained(zoo.smollm2_moe_path(), dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(zoo.smollm2_moe_path())
         unfuse_experts(fp, keep=True)
+    else:
+        fp, tok = zoo.load_smollm2()
     fp.eval()
     calib, held = text_windows(tok, args)
     ctx: dict[str, Any] = {"fp": fp, "tok": tok, "calib": calib, "held": held,
@@ -496,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     stack = run_stack(out, ctx, args) if ctx["stack"] and not args.skip_stack else {}
     print(base_table(records, fp_ppl))
     shapes = linear_shapes(fp)
-    total, experts = (sum(m * n for k, (m, n) in shapes.items() if ".experts." in k or not only) for only in (0, 1))
+    total = sum(m * n for m, n in shapes.values())
+    experts = sum(m * n for k, (m, n) in shapes.items() if ".experts." in k)
     params = sum(p.numel() for p in fp.parameters())
     print(f"\nQuantized (every cell): {len(shapes)} decoder linears, {total:,} weights of the model's {params:,} "
           f"parameters ({100 * total / params:.1f}%), {experts:,} of them in fused experts")  # fmt: skip
