@@ -194,19 +194,10 @@ class ExpertsAsLinears(nn.Module):
         """The fused module holding the linears' current values (a merge or ``.to()`` gives a linear its own
         storage: the expert weights are stacked again and the linears made views of the result). Of a stand-in made
         with ``keep``: a shallow copy holding their stacked (dequantized) values, the stand-in left as it is."""
-        if self.keep:
-            copied = copy.copy(self.experts)
-            copied._parameters = dict(self.experts._parameters)
-            for proj in self.projections:
-                lins = self.linears(proj)
-                weights = [m.weight.t() if copied.is_transposed else m.weight for m in lins]
-                copied._parameters[proj] = nn.Parameter(torch.stack(weights).detach(), requires_grad=False)
-                if copied.has_bias:
-                    bias = torch.stack([m.bias for m in lins]).detach()
-                    copied._parameters[f"{proj}_bias"] = nn.Parameter(bias, requires_grad=False)
-            copied._parameters.update(self._parameters)
-            return copied
         experts = self.experts
+        if self.keep:
+            experts = copy.copy(experts)
+            experts._parameters = dict(self.experts._parameters)
         for proj in self.projections:
             for attr, part in ((proj, "weight"), (f"{proj}_bias", "bias")):
                 if attr != proj and not experts.has_bias:
@@ -214,14 +205,16 @@ class ExpertsAsLinears(nn.Module):
                 lins, param = self.linears(proj), getattr(experts, attr)
                 values = [getattr(m, part).data for m in lins]
                 transposed = experts.is_transposed and part == "weight"
-                views = [param.data[e].t() if transposed else param.data[e] for e in range(len(lins))]
-                if all(v.data_ptr() == w.data_ptr() and v.dtype == w.dtype and v.device == w.device
-                       and v.stride() == w.stride() for v, w in zip(views, values)):  # fmt: skip
-                    continue
+                if not self.keep:  # the linears still views of the fused parameter: nothing moved
+                    views = [param.data[e].t() if transposed else param.data[e] for e in range(len(lins))]
+                    if all(v.data_ptr() == w.data_ptr() and v.dtype == w.dtype and v.device == w.device
+                           and v.stride() == w.stride() for v, w in zip(views, values)):  # fmt: skip
+                        continue
                 stacked = torch.stack([v.t() if transposed else v for v in values])
-                setattr(experts, attr, nn.Parameter(stacked, requires_grad=param.requires_grad))
-                for e, m in enumerate(lins):
-                    getattr(m, part).data = stacked[e].t() if transposed else stacked[e]
+                setattr(experts, attr, nn.Parameter(stacked, requires_grad=param.requires_grad and not self.keep))
+                if not self.keep:
+                    for e, m in enumerate(lins):
+                        getattr(m, part).data = stacked[e].t() if transposed else stacked[e]
         for pname, p in self._parameters.items():  # its other parameters, as ``.to()`` left them here
             experts._parameters[pname] = p
         return experts
