@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="print the tables from the cached cells only")
     p.add_argument("--threads", type=int, default=1, help="torch threads (one process at a time)")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     moe = args.base == "smollm2-moe"
     if moe and args.stack:
         p.error("--stack runs the facts fine-tune of SmolLM2 itself: not with --base smollm2-moe")

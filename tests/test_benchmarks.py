@@ -458,3 +458,19 @@ def test_every_name_the_scripts_take_from_the_zoo_exists():
                 if not hasattr(zoo, node.attr):
                     missing.append(f"{script.name}: zoo.{node.attr}")
     assert not missing, missing
+
+
+def test_amlq_benchmark_refuses_bad_flags_by_name_before_any_model_loads(capsys):
+    amlq = benchmark("amlq")
+    with pytest.raises(SystemExit):
+        amlq.parse_args(["--base", "smollm2-moe", "--stack", "amlq:3.0"])
+    assert "--stack runs the facts fine-tune of SmolLM2 itself: not with --base smollm2-moe" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        amlq.parse_args(["--threads", "0"])
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        amlq.parse_args(["--base", "llama"])
+    assert "invalid choice: 'llama'" in capsys.readouterr().err
+    args = amlq.parse_args(["--base", "smollm2-moe"])
+    assert args.stack == "" and args.plot.endswith("amlq_moe.png")
+    assert amlq.parse_args([]).stack == "amlq:3.0,amlq:4.0"
