@@ -203,12 +203,14 @@ def test_a_missing_expert_tensor_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["Mixtral", "GptOss"])
-def test_streamed_merge_of_a_mixture_is_bit_identical_to_the_loaded_merge(arch, tmp_path, caplog):
+def test_streamed_merge_of_a_mixture_is_bit_identical_to_the_loaded_merge(arch, tmp_path, caplog, monkeypatch):
     """`deltacome merge` streams a mixture's base: each fused experts parameter is read through the conversion, every
     expert's delta (or dense copy) merged, and written back as save_pretrained writes it (Mixtral: one tensor per
     expert and projection), bit for bit what the loaded merge writes."""
     from test_merge_stream import tensors
 
+    from hf_deltacome.io.adapter_files import packed_delta
+    from hf_deltacome.serving import merge_stream
     from hf_deltacome.serving.merge import merge_adapter
 
     base = family(arch)
@@ -221,9 +223,12 @@ def test_streamed_merge_of_a_mixture_is_bit_identical_to_the_loaded_merge(arch, 
     base.save_pretrained(tmp_path / "base", max_shard_size="200KB")
     make_tokenizer().save_pretrained(tmp_path / "base")
     caplog.set_level("INFO", logger="hf_deltacome")
+    built = []  # the packed deltas the streamed merge fills from the file: one a module (GPT-OSS: a weight, a bias)
+    monkeypatch.setattr(merge_stream, "packed_delta", lambda c, s, m: built.append(m) or packed_delta(c, s, m))
     out = {mode: merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / mode, max_shard_size="100KB",
                                in_memory=mode == "loaded") for mode in ("streamed", "loaded")}  # fmt: skip
     assert "merging streamed" in caplog.text
+    assert sorted(built) == sorted(model.peft_config["default"].layout)
     streamed, loaded_ = tensors(out["streamed"]), tensors(out["loaded"])
     assert sorted(streamed) == sorted(loaded_)
     assert all(torch.equal(t, loaded_[n]) for n, t in streamed.items())

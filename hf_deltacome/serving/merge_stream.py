@@ -95,7 +95,7 @@ class StreamedMerge:
         self.model, self.keys = skeleton(self.ckpt)
         self.model.config._name_or_path = name  # as from_pretrained(name) records it (base check, messages)
         self.adapter_folder = adapter_folder
-        self._packed: tuple[str, Any] = ("", None)
+        self._packed: tuple[str, dict[str, Any]] = ("", {})  # the packed deltas of the tensor being merged
         self.experts = {n: m for n, m in self.model.named_modules() if is_fused_experts(m)}
         self._origins = saved_origins(self.model)
         self._pending: dict[str, torch.Tensor] = {}  # converted together with a tensor written before
@@ -176,10 +176,16 @@ class StreamedMerge:
         self._pending.update(reverted(self.model, {origin: t}))
         return self._pending.pop(name)
 
-    def _delta(self, module: str) -> Any:
-        if self._packed[0] != module:  # a module's weight and bias come one after the other
-            self._packed = (module, packed_delta(self.config, self.state, module))
-        return self._packed[1]
+    def _delta(self, module: str, owner: str = "") -> Any:
+        """``module``'s packed delta, kept while the tensors of ``owner`` (default: the module) are merged: a
+        module's weight and bias come one after the other, and so do a fused experts parameter and its bias."""
+        owner = owner or module
+        if self._packed[0] != owner:
+            self._packed = (owner, {})
+        cached = self._packed[1]
+        if module not in cached:
+            cached[module] = packed_delta(self.config, self.state, module)
+        return cached[module]
 
     @torch.no_grad()
     def merged(self, name: str, aliases: list[str]) -> torch.Tensor:
@@ -222,7 +228,7 @@ class StreamedMerge:
                 value = self.state[f"{STATE_DICT_PREFIX}{linear}.{part}"].to(torch.float32)
                 t[e] = value.t() if transposed else value
             elif linear in config.layout:
-                packed = self._delta(linear)
+                packed = self._delta(linear, owner=f"{module}.{proj}")
                 if part == "weight":
                     delta = packed.delta_weight(torch.float32)
                     t[e] = t[e] + (delta.t() if transposed else delta)
@@ -252,7 +258,7 @@ class StreamedMerge:
                     del t
                     bar.update(1)
             bar.close()
-            self._packed = ("", None)
+            self._packed = ("", {})
             release_memory()
             if index is not None:
                 write_index(tmp, index)
