@@ -94,12 +94,20 @@ class Conv1DAsLinear(nn.Linear):
         conv = self.conv1d
         if conv.weight.data.data_ptr() == self.weight.data.data_ptr():
             return conv
-        new = type(conv).__new__(type(conv))
-        nn.Module.__init__(new)
-        new.nf, new.nx = self.out_features, self.in_features
-        new.weight = nn.Parameter(self.weight.data.t(), requires_grad=self.weight.requires_grad)
-        new.bias = self.bias
-        return new
+        return conv1d_holding(self.weight.data, self.bias, requires_grad=self.weight.requires_grad, cls=type(conv))
+
+
+def conv1d_holding(weight: torch.Tensor, bias: nn.Parameter | None, requires_grad: bool = False,
+                   cls: type | None = None) -> nn.Module:  # fmt: skip
+    """A ``Conv1D`` (or ``cls``) computing what an ``nn.Linear`` of ``weight`` (``out x in``) and ``bias`` computes,
+    its weight the transposed view of ``weight`` (no copy, nothing initialised)."""
+    cls = cls or _conv1d_class()
+    conv = cls.__new__(cls)
+    nn.Module.__init__(conv)
+    conv.nf, conv.nx = weight.shape
+    conv.weight = nn.Parameter(weight.t(), requires_grad=requires_grad)
+    conv.bias = bias
+    return conv
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -284,32 +292,55 @@ def named_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @contextlib.contextmanager
-def linear_views(*models: nn.Module) -> Iterator[int]:
-    """Within the block every ``Conv1D`` of ``models`` is a `Conv1DAsLinear` and every fused experts module an
-    `ExpertsAsLinears` (yields how many were swapped).
-
-    On exit (also on failure) every ``Conv1D`` stand-in in the models' module trees, PEFT's wrappers included, is a
-    ``Conv1D`` again: the original where it is the original's stand-in, a new one for a copy of it. Every experts
-    stand-in is the fused module again, except, after a success, those whose linears carry the new adapter."""
-    swapped, failed = 0, False
+def conv1d_views(*models: nn.Module) -> Iterator[int]:
+    """Within the block every ``Conv1D`` of ``models`` is a `Conv1DAsLinear` (yields how many were swapped). On exit
+    (also on failure) every ``Conv1D`` stand-in in the models' module trees, PEFT's wrappers included, is a ``Conv1D``
+    again: the original where it is the original's stand-in, a new one for a copy of it. A stand-in replaced inside
+    the block (by a quantized linear: AMLQ) stays replaced."""
+    swapped = 0
     try:
         for model in models:
             for name, module in list(model.named_modules()):
                 if name and is_conv1d(module):
                     model.set_submodule(name, Conv1DAsLinear(module, name))
                     swapped += 1
-            swapped += unfuse_experts(model)
         yield swapped
-    except BaseException:
-        failed = True
-        raise
     finally:
-        if swapped:
+        for model in models if swapped else ():
+            for parent in list(model.modules()):
+                for child_name, child in list(parent._modules.items()):
+                    if isinstance(child, Conv1DAsLinear):
+                        parent._modules[child_name] = child.as_conv1d()
+
+
+def on_conv1d_views(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator of ``fn(model, ...)``: runs it under :func:`conv1d_views` of ``model`` (AMLQ's passes over a GPT-2)."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with conv1d_views(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def linear_views(*models: nn.Module) -> Iterator[int]:
+    """Within the block every ``Conv1D`` of ``models`` is a `Conv1DAsLinear` (:func:`conv1d_views`) and every fused
+    experts module an `ExpertsAsLinears` (yields how many were swapped). On exit (also on failure) each ``Conv1D`` is
+    back, and every experts stand-in is the fused module again, except, after a success, those whose linears carry
+    the new adapter."""
+    with conv1d_views(*models) as convs:
+        experts, failed = 0, False
+        try:
             for model in models:
-                for parent in list(model.modules()):
-                    for child_name, child in list(parent._modules.items()):
-                        if isinstance(child, Conv1DAsLinear):
-                            parent._modules[child_name] = child.as_conv1d()
+                experts += unfuse_experts(model)
+            yield convs + experts
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            for model in models if experts else ():
                 if failed:
                     _strip_adapters(model)
                 fuse_experts(model, keep_adapters=not failed)

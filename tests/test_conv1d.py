@@ -201,10 +201,69 @@ def test_layers_without_any_linear_are_refused_naming_their_class():
         run(swapped(base), swapped(ft), quantizer="rtn")
 
 
-def test_amlq_names_the_conv1d_layers_it_does_not_quantize():
-    from hf_deltacome.amlq import quantize_model
+AMLQ_ARGS = {"group_sizes": (32, 64), "low_bit_share": 1.0, "progress": False}
 
-    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel has no nn\.Linear inside its decoder layers "
-                                          r"\(transformer\.h\.N\): its 8 linears \(transformer\.h\.0\.attn\.c_attn, "
-                                          r"\.\.\.\) are transformers' Conv1D"):  # fmt: skip
-        quantize_model(gpt2(), 4.0, calibration=ids(1, 4, 16))
+
+@pytest.fixture(scope="module")
+def amlq_gpt2(tmp_path_factory):
+    """A tiny GPT-2 quantized by AMLQ at 3 bpw (its MLP's output projections skipped) and saved; the same model
+    rewritten with nn.Linear, quantized the same way."""
+    from hf_deltacome.amlq import quantize_model, save_quantized
+
+    base = gpt2()
+    kw = {"calibration": ids(1, 16, 48), "skip": ["mlp.c_proj"], **AMLQ_ARGS}
+    q = quantize_model(copy.deepcopy(base), 3.0, **kw)
+    folder = tmp_path_factory.mktemp("amlq-gpt2") / "q3"
+    save_quantized(q, folder)
+    return base, q, quantize_model(as_linears(base), 3.0, **kw), folder
+
+
+def test_amlq_quantizes_gpt2s_conv1d_as_the_linear_it_computes(amlq_gpt2, tmp_path):
+    """AMLQ quantizes each Conv1D as the nn.Linear it computes (the packed planes of the model rewritten with
+    nn.Linear, bit for bit), leaves a skipped one a Conv1D, loads with from_pretrained, and ``dequantize()`` gives
+    Conv1D modules back, which save and load as a plain GPT-2."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_deltacome.amlq import AmlqLinear
+    from hf_deltacome.io.fingerprint import fingerprint_json
+
+    base, q, reference, folder = amlq_gpt2
+    packed = {n for n, m in q.named_modules() if isinstance(m, AmlqLinear)}
+    assert packed == {f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc")}
+    assert set(convs(q)) == {f"transformer.h.{i}.mlp.c_proj" for i in range(2)}  # skipped: the Conv1D it was
+    mine, theirs = q.state_dict(), reference.state_dict()
+    assert mine.keys() == theirs.keys() and any(k.endswith("planes.0.qweight") for k in mine)
+    assert all(torch.equal(mine[k], theirs[k].t() if k.endswith("mlp.c_proj.weight") else theirs[k]) for k in mine)
+    assert q.config.quantization_config.source_fingerprint == fingerprint_json(base)
+    ev = ids(2, 4, 32)
+    want = logits(q, ev)
+    assert torch.equal(want, logits(reference, ev))
+    assert 0 < float((want - logits(base, ev)).norm() / logits(base, ev).norm()) < 0.2
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert isinstance(loaded.transformer.h[0].attn.c_attn, AmlqLinear) and set(convs(loaded)) == set(convs(q))
+    torch.testing.assert_close(logits(loaded, ev), want, atol=1e-5, rtol=0)
+    dense = loaded.dequantize()
+    assert len(convs(dense)) == 8 and dense.transformer.h[0].attn.c_attn.weight.shape == (64, 192)
+    torch.testing.assert_close(logits(dense, ev), want, atol=1e-5, rtol=0)
+    dense.save_pretrained(tmp_path / "dense")
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path / "dense").eval()
+    assert getattr(plain.config, "quantization_config", None) is None and len(convs(plain)) == 8
+    torch.testing.assert_close(logits(plain, ev), want, atol=1e-5, rtol=0)
+
+
+def test_a_delta_compressed_against_an_amlq_gpt2_loads_onto_it(amlq_gpt2, tmp_path):
+    """A GPT-2 fine-tune compressed against its AMLQ base: the adapter saves, loads onto the base loaded again with
+    the same logits, and is closer to the fine-tune than the quantized base alone."""
+    from transformers import AutoModelForCausalLM
+
+    base, _, _, folder = amlq_gpt2
+    ft = finetune(base)
+    on_q = run(AutoModelForCausalLM.from_pretrained(folder).eval(), ft, ratio=1 / 4)
+    on_q.save_pretrained(tmp_path / "adapter")
+    quantized = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ev = ids(2, 4, 32)
+    alone = logits(quantized, ev)
+    loaded = PeftModel.from_pretrained(quantized, tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(loaded, ev), logits(on_q, ev), atol=1e-5, rtol=0)
+    target = logits(ft, ev)
+    assert (logits(loaded, ev) - target).norm() < 0.5 * (alone - target).norm()

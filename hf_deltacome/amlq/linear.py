@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..format.amlq_layout import LOWRANK_GROUP, check_entry, plane_columns
 from ..format.packing import QuantizedMatrix, expected_tensor_shapes
+from ..linears import is_conv1d, is_linear, linear_shape
 
 
 class PackedMatrix(nn.Module):
@@ -101,8 +102,10 @@ class AmlqLinear(nn.Linear):
         dtype: torch.dtype | None = None,
         device: Any = None,
         name: str = "",
+        from_conv1d: bool = False,
     ) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no dense weight parameter
+        self.from_conv1d = from_conv1d  # stands for GPT-2's Conv1D: dequantize() gives a Conv1D back
         check_entry(name or "AmlqLinear", entry)
         if [int(v) for v in entry["shape"]] != [out_features, in_features]:
             raise ConfigError(
@@ -212,7 +215,8 @@ class AmlqLinear(nn.Linear):
 def replace_with_amlq_linear(
     model: nn.Module, layout: dict[str, dict[str, Any]], dtype: torch.dtype | None = None, device: Any = None
 ) -> list[str]:
-    """Swap every ``nn.Linear`` named in ``layout`` for an empty `AmlqLinear` (buffers zeroed, on ``device``)."""
+    """Swap every ``nn.Linear`` (or GPT-2 ``Conv1D``) named in ``layout`` for an empty `AmlqLinear` (buffers zeroed,
+    on ``device``)."""
     replaced = []
     for name, entry in layout.items():
         try:
@@ -221,17 +225,11 @@ def replace_with_amlq_linear(
             raise ConfigError(
                 f"AMLQ layout names module {name!r}, which {type(model).__name__} does not have"
             ) from None
-        if not isinstance(old, nn.Linear):
+        if not is_linear(old):
             raise ConfigError(f"AMLQ layout names {name!r}, which is a {type(old).__name__}, not a linear layer")
-        new = AmlqLinear(
-            old.in_features,
-            old.out_features,
-            entry,
-            bias=old.bias is not None,
-            dtype=dtype or old.weight.dtype,
-            device=device,
-            name=name,
-        )
+        out_features, in_features = linear_shape(old)
+        new = AmlqLinear(in_features, out_features, entry, bias=old.bias is not None, dtype=dtype or old.weight.dtype,
+                         device=device, name=name, from_conv1d=is_conv1d(old))  # fmt: skip
         new.requires_grad_(False)
         model.set_submodule(name, new)
         replaced.append(name)

@@ -10,8 +10,8 @@
    by a low-rank term where the layout says, and swapped for an `AmlqLinear`; then the quantized layer runs to give
    layer ``i + 1`` its inputs.
 
-Only the decoder linears are quantized (embeddings, norms and ``lm_head`` stay as they are); "bits per weight" is
-over those linears and counts every stored byte: codes with their row padding, scales, zeros, low-rank factors.
+Only the decoder linears are quantized (embeddings, norms and ``lm_head`` stay as they are; GPT-2's ``Conv1D`` as the
+``nn.Linear`` it computes, ``model.dequantize()`` giving a ``Conv1D`` back); "bits per weight" is over those linears and counts every stored byte: codes with their row padding, scales, zeros, low-rank factors.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ..compression.layerwalk import walk_layers
 from ..errors import ConfigError
 from ..format.amlq_layout import column_groups, entry_nbytes, layout_bpw, mean_bits, plane_columns, unit_spans
 from ..format.packing import QuantizedMatrix
-from ..linears import ExpertsAsLinears, fuse_experts, unfuse_experts
+from ..linears import Conv1DAsLinear, ExpertsAsLinears, fuse_experts, on_conv1d_views, unfuse_experts
 from ..quant.gptq import GPTQ
 from .allocation import Sensitivity, allocate
 from .config import DEFAULT_BITS, DEFAULT_DAMP, DEFAULT_GROUP_SIZES, DEFAULT_LOW_BIT_SHARE, AmlqConfig, resolve_damp
@@ -83,6 +83,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = FORWARD_BA
 
 
 @torch.no_grad()
+@on_conv1d_views  # GPT-2's Conv1D quantized as the nn.Linear it computes; those skipped are Conv1D again afterwards
 def quantize_model(
     model: nn.Module,
     bpw: float = 3.0,
@@ -231,7 +232,7 @@ def _quantize_linear(
         lowrank = (Lq, Rq)
     device = old.weight.device
     new = AmlqLinear(old.in_features, old.out_features, entry, bias=old.bias is not None, dtype=old.weight.dtype,
-                     device=device, name=name)  # fmt: skip
+                     device=device, name=name, from_conv1d=isinstance(old, Conv1DAsLinear))  # fmt: skip
     new.fill([_to(p, device) for p in pack_planes(entry, codes, scales, zeros)],
              tuple(_to(p, device) for p in lowrank) if lowrank else None)  # fmt: skip
     if old.bias is not None:

@@ -16,7 +16,7 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 
 from ..errors import ConfigError
-from ..linears import ExpertsAsLinears, fuse_experts, unfuse_experts
+from ..linears import ExpertsAsLinears, conv1d_holding, fuse_experts, unfuse_experts
 from .config import QUANT_METHOD, AmlqConfig
 from .linear import replace_with_amlq_linear, set_dequant_cache
 
@@ -52,15 +52,20 @@ class AmlqHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model: Any, dtype: torch.dtype | None = None) -> Any:
-        """``model.dequantize()``: every `AmlqLinear` becomes a dense ``nn.Linear`` of its effective weight."""
+        """``model.dequantize()``: every `AmlqLinear` becomes a dense ``nn.Linear`` of its effective weight (a
+        ``Conv1D`` where it stands for one)."""
         from torch import nn
 
         from .linear import AmlqLinear
 
         for name, module in list(model.named_modules()):
             if isinstance(module, AmlqLinear):
+                weight = module.weight.to(dtype or module.compute_dtype)
+                if module.from_conv1d:  # GPT-2: the Conv1D it stands for, its weight in x out as the model saves it
+                    model.set_submodule(name, conv1d_holding(weight.t().contiguous().t(), module.bias))
+                    continue
                 dense = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-                dense.weight = nn.Parameter(module.weight.to(dtype or module.compute_dtype), requires_grad=False)
+                dense.weight = nn.Parameter(weight, requires_grad=False)
                 dense.bias = module.bias
                 model.set_submodule(name, dense)
         for stand_in in model.modules():  # per-expert linears dense again: the fused experts module comes back

@@ -27,7 +27,7 @@ from torch import nn
 from ..compression.layerwalk import capture_layer_inputs, find_decoder_layers, layer_output, walk_layers
 from ..errors import ConfigError
 from ..format.amlq_layout import unit_spans
-from ..linears import is_conv1d
+from ..linears import Conv1DAsLinear, on_conv1d_views
 from ..progress import progress_bar
 from ..quant.hessian import HessianCollector
 from ..quant.rtn import quantize_rtn
@@ -40,20 +40,21 @@ E2E_SAMPLES = 2  # calibration sequences of the end-to-end probes (their fp log-
 PROBES = ((3, 128), (2, 128))  # round-to-nearest probe precisions of the end-to-end curve
 
 
+LINEARS = (nn.Linear, Conv1DAsLinear)  # what AMLQ quantizes: plain linears, and GPT-2's Conv1D under its stand-in
+
+
 def decoder_linears(model: nn.Module, skip: Sequence[str] | None = None) -> tuple[str, nn.ModuleList, list[list[str]]]:
-    """Decoder-layer prefix, the layers, and per layer the names of its ``nn.Linear`` modules (model order)."""
+    """Decoder-layer prefix, the layers, and per layer the names of its linears (model order): ``nn.Linear``, and
+    ``Conv1D`` under :func:`~hf_deltacome.linears.conv1d_views` (which the passes of this package run under)."""
     prefix, layers = find_decoder_layers(model)
     per_layer: list[list[str]] = [[] for _ in layers]
     pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     for name, module in model.named_modules():
         m = pattern.match(name)
-        if m and type(module) is nn.Linear and not any(name == s or name.endswith("." + s) for s in skip or ()):
+        if m and type(module) in LINEARS and not any(name == s or name.endswith("." + s) for s in skip or ()):
             per_layer[int(m.group(1))].append(name)
     if not any(per_layer):
-        convs = [n for n, m in model.named_modules() if pattern.match(n) and is_conv1d(m)]
-        why = f": its {len(convs)} linears ({convs[0]}, ...) are transformers' Conv1D, which AMLQ does not quantize" \
-            if convs else ""  # fmt: skip
-        raise ConfigError(f"{type(model).__name__} has no nn.Linear inside its decoder layers ({prefix}.N){why}")
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear inside its decoder layers ({prefix}.N)")
     return prefix, layers, per_layer
 
 
@@ -83,6 +84,7 @@ def trace_error(E: torch.Tensor, H: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+@on_conv1d_views
 def measure_sensitivity(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -169,6 +171,7 @@ class _Replay(nn.Module):
 
 
 @torch.no_grad()
+@on_conv1d_views
 def measure_end_to_end(
     model: nn.Module,
     input_ids: torch.Tensor,

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import DeltaCoMeConfig
 from ..errors import ConfigError, IncompatibleModelsError
-from ..linears import is_linear
+from ..linears import Conv1DAsLinear, is_linear
 from .calibration import get_calibration
 from .layerwalk import find_decoder_layers
 from .vocab import vocab_params, vocab_size
@@ -119,8 +119,8 @@ def check_compatible(base: nn.Module, finetuned: nn.Module) -> None:
     grown = vb is not None and vf is not None and vf > vb  # added tokens (checked in compression.vocab)
     if vb != vf and not grown:
         problems.append(f"vocabulary size: base {vb}, fine-tuned {vf} (a fine-tune may add tokens, not remove any)")
-    mb = {n: type(m).__name__ for n, m in base.named_modules()}
-    mf = {n: type(m).__name__ for n, m in finetuned.named_modules()}
+    mb = {n: _kind(m) for n, m in base.named_modules()}
+    mf = {n: _kind(m) for n, m in finetuned.named_modules()}
     pb = dict(base.named_parameters(remove_duplicate=False))
     pf = dict(finetuned.named_parameters(remove_duplicate=False))
     rows = set(vocab_params(finetuned)) if grown else set()
@@ -130,7 +130,7 @@ def check_compatible(base: nn.Module, finetuned: nn.Module) -> None:
         if pb[n].shape != pf[n].shape:
             problems.append(f"parameter {n!r}: base shape {tuple(pb[n].shape)}, fine-tuned shape {tuple(pf[n].shape)}")
     for n in sorted(set(mb) & set(mf)):
-        if mb[n] != mf[n]:
+        if mb[n] != mf[n] and {mb[n], mf[n]} != {"Conv1D", "Linear"}:  # a GPT-2 on its AMLQ base: both compute x Wᵀ
             problems.append(f"module {n!r}: base is {mb[n]}, fine-tuned is {mf[n]}")
 
     def parent(name: str) -> str:
@@ -153,6 +153,11 @@ def check_compatible(base: nn.Module, finetuned: nn.Module) -> None:
             + "\n  ".join(shown)
             + more
         )
+
+
+def _kind(module: nn.Module) -> str:
+    """A module's class name as the user knows it (a `Conv1DAsLinear` stand-in is GPT-2's ``Conv1D``)."""
+    return "Conv1D" if isinstance(module, Conv1DAsLinear) else type(module).__name__
 
 
 def _quant_method(model: nn.Module) -> str | None:
