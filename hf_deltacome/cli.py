@@ -158,11 +158,17 @@ def _why_in_memory(args: argparse.Namespace) -> str | None:
     calibration text sampled from the fine-tune need both models; larger pairs stream one decoder layer at a time.
     """
     from .compression.streaming import available_memory, checkpoint_bytes, local_folder, why_not_streamable
+    from .loading import is_adapter_folder
 
     if args.in_memory and args.stream:
         raise DeltaCoMeError("--in-memory and --stream contradict each other; pass one")
     if args.in_memory:
         return "--in-memory"
+    if is_adapter_folder(args.finetuned):
+        if args.stream:
+            raise DeltaCoMeError(f"--stream: --finetuned {args.finetuned!r} is a PEFT adapter, merged into a copy of "
+                                 "the base in memory; drop --stream, or merge it and save the fine-tune first")  # fmt: skip
+        return f"--finetuned {args.finetuned!r} is a PEFT adapter: merged into a copy of the base in memory"
     if args.search or args.allocation == "adaptive":
         if args.stream:
             raise DeltaCoMeError("--stream cannot be combined with --search or --allocation adaptive: they measure "
@@ -202,11 +208,14 @@ def _tokenizers(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _load_pair(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
-    from .loading import load_model_and_tokenizer
+    from .loading import is_adapter_folder, load_merged_adapter, load_model_and_tokenizer
     from .multimodal import is_vlm
 
     base, base_tok = load_model_and_tokenizer(args.base, "base", args.dtype)
-    finetuned, ft_tokenizer = load_model_and_tokenizer(args.finetuned, "finetuned", args.dtype)
+    if is_adapter_folder(args.finetuned):  # a LoRA (or any PEFT adapter): merged into its own copy of the base
+        finetuned, ft_tokenizer = load_merged_adapter(args.base, args.finetuned, args.dtype)
+    else:
+        finetuned, ft_tokenizer = load_model_and_tokenizer(args.finetuned, "finetuned", args.dtype)
     # a VLM's processor and chat template come from the base; a text model's tokenizer from the fine-tune
     tokenizer = (base_tok or ft_tokenizer) if is_vlm(base) else (ft_tokenizer or base_tok)
     return base, finetuned, tokenizer, base_tok
@@ -236,7 +245,9 @@ def _cmd_push(args: argparse.Namespace) -> int:
 def _add_compress(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compress", help="compress FINETUNED - BASE into a Delta-CoMe adapter folder")
     p.add_argument("--base", required=True, help="base model: local folder or Hub id")
-    p.add_argument("--finetuned", required=True, help="fine-tuned model: local folder or Hub id")
+    p.add_argument("--finetuned", required=True,
+                   help="fine-tuned model: local folder or Hub id; or a local PEFT adapter folder (a LoRA, ...) "
+                        "of --base, merged into a copy of it in memory")  # fmt: skip
     p.add_argument("--output", required=True, help="adapter folder to write")
     p.add_argument("--ratio", default="1/16",
                    help="bytes of the whole adapter file (packed factors, dense extras, header) / fp16 delta of the "

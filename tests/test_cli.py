@@ -148,3 +148,46 @@ def test_cli_log_follows_a_redirected_stderr(monkeypatch):
     logging.getLogger("hf_deltacome.compression").info("second message")
     assert first.getvalue() == "deltacome: first message\n"
     assert second.getvalue() == "deltacome: second message\n"
+
+
+def lora_folder(base, folder, seed: int = 0, **config) -> PeftModel:
+    """A LoRA of ``base`` (every linear, random nonzero factors) saved to ``folder``; returns the merged fine-tune."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
+                                                          **config))  # fmt: skip
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            p.data.mul_(8)  # a delta the size of a fine-tune's
+    lora.save_pretrained(folder)
+    return lora.merge_and_unload().eval()
+
+
+def test_compress_takes_a_lora_folder_as_the_finetune(models, tmp_path, capsys):
+    """`deltacome compress --finetuned LORA_FOLDER` compresses the fine-tune the adapter makes (merged into its own
+    copy of the base in memory); streaming it, passing the folder to the streamed API, a PEFT model as the fine-tune,
+    and an adapter of another base are refused by name."""
+    root, base, _ = models
+    ft = lora_folder(base, tmp_path / "lora", use_rslora=True)
+    out = tmp_path / "out"
+    assert main(["compress", "--base", str(root / "base"), "--finetuned", str(tmp_path / "lora"), "--output", str(out),
+                 *RTN, "--ratio", "1/4"]) == 0  # fmt: skip
+    assert "is a PEFT adapter: merged into a copy of the base in memory" in capsys.readouterr().err
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    same = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(quantizer="rtn", ratio=1 / 4, group_size=32), progress=False)
+    assert torch.equal(logits(loaded, IDS), logits(same, IDS))  # the adapter of the merged fine-tune
+    assert main(["compress", "--base", str(root / "base"), "--finetuned", str(tmp_path / "lora"), "--output",
+                 str(tmp_path / "o2"), "--stream", *RTN]) == 2  # fmt: skip
+    assert "--finetuned" in capsys.readouterr().err
+    from hf_deltacome.errors import ConfigError, IncompatibleModelsError
+
+    with pytest.raises(ConfigError, match=r"lora is a PEFT adapter, not a model.*merge_and_unload"):
+        compress(str(root / "base"), str(tmp_path / "lora"), DeltaCoMeConfig(quantizer="rtn"), progress=False)
+    with pytest.raises(IncompatibleModelsError, match=r"fine-tuned model is a PEFT model.*merge_and_unload"):
+        compress(copy.deepcopy(base), PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora"), progress=False)
+    other = make_model("llama", seed=0, intermediate_size=96)
+    other.save_pretrained(tmp_path / "other")
+    assert main(["compress", "--base", str(tmp_path / "other"), "--finetuned", str(tmp_path / "lora"), "--output",
+                 str(tmp_path / "o3"), *RTN]) == 2  # fmt: skip
+    assert "is a PEFT adapter and does not merge into --base" in capsys.readouterr().err

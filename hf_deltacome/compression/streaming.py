@@ -71,6 +71,10 @@ def why_not_streamable(name_or_path: str | os.PathLike) -> str | None:
     if not folder.is_dir():
         return None  # a Hub id: decided once its snapshot is there
     if not (folder / WEIGHTS_NAME).is_file() and not (folder / INDEX_NAME).is_file():
+        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            return (f"{folder} is a PEFT adapter, not a model (pass the fine-tune it makes: "
+                    "PeftModel.from_pretrained(base, folder).merge_and_unload(), on its own copy of the base, with "
+                    "the base loaded too; `deltacome compress` merges an adapter folder itself)")  # fmt: skip
         return f"{folder} has no {WEIGHTS_NAME} or {INDEX_NAME} (streaming reads safetensors only)"
     try:
         cfg = json.loads((folder / "config.json").read_text())
