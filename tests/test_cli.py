@@ -157,9 +157,6 @@ def lora_folder(base, folder, seed: int = 0, **config) -> PeftModel:
     torch.manual_seed(seed)
     lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False,
                                                           **config))  # fmt: skip
-    for name, p in lora.named_parameters():
-        if "lora_B" in name:
-            p.data.mul_(8)  # a delta the size of a fine-tune's
     lora.save_pretrained(folder)
     return lora.merge_and_unload().eval()
 

@@ -1,4 +1,5 @@
-"""Full fine-tunes of the cached SmolLM2 on a built-in task (made once on CPU, cached), and task accuracy."""
+"""Fine-tunes of the cached SmolLM2 on a built-in task (full, or a LoRA merged; made once on CPU, cached), and task
+accuracy."""
 
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def finetune_path(
     batch_size: Optional[int] = None,
     seed: Optional[int] = None,
     base: Optional[Union[str, Path]] = None,
+    lora_rank: Optional[int] = None,
 ) -> Path:
     """Where :func:`finetune` with these arguments caches its result (the directory may not exist yet)."""
     task = get_task(task)
@@ -82,8 +84,10 @@ def finetune_path(
         "settings": settings.__dict__,
         "base": _base_identity(base_path),
     }
+    if lora_rank:  # (absent for a full fine-tune: its cache key is the one it always had)
+        key["lora_rank"] = int(lora_rank)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_dir() / "finetunes" / f"{task.name}-{digest}"
+    return cache_dir() / "finetunes" / f"{task.name}{f'-lora{lora_rank}' if lora_rank else ''}-{digest}"
 
 
 def finetune(
@@ -94,6 +98,7 @@ def finetune(
     seed: Optional[int] = None,
     base: Optional[Union[str, Path]] = None,
     progress: bool = True,
+    lora_rank: Optional[int] = None,
 ) -> Path:
     """Full fine-tune of the base (SmolLM2-135M-Instruct by default) on ``task``; returns the model directory.
 
@@ -103,11 +108,17 @@ def finetune(
     it. Runs on CPU in float32; the result is cached under ``cache_dir()/finetunes`` by a hash of the task, the
     hyper-parameters and the base weights, and written atomically. ``None`` arguments take the task's defaults
     (``get_task(task).settings``): the skill task takes about 2-3 minutes on 2 cores, the knowledge task under 10.
+
+    ``lora_rank``: a LoRA of that rank (``lora_alpha`` twice it) on every decoder linear is trained instead (the
+    same loop; ``lr`` as given) and merged into the weights (PEFT's ``merge_and_unload``): the fine-tune a merged
+    LoRA checkpoint is, with a delta of that rank in every linear and none in the norms.
     """
     task = get_task(task)
     settings = _resolve(task, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
     base_path = Path(base) if base is not None else smollm2_path()
-    final = finetune_path(task, settings.steps, settings.lr, settings.batch_size, settings.seed, base_path)
+    if lora_rank is not None and lora_rank < 1:
+        raise ConfigError(f"lora_rank must be >= 1, got {lora_rank}")
+    final = finetune_path(task, settings.steps, settings.lr, settings.batch_size, settings.seed, base_path, lora_rank)
     if (final / FINETUNE_FILE).is_file():
         return final
     _remove_stale(final, FINETUNE_FILE)
@@ -122,6 +133,10 @@ def finetune(
     model.get_input_embeddings().weight.requires_grad_(False)
     decoder, head = getattr(model, model.base_model_prefix), model.get_output_embeddings()
     head.weight.requires_grad_(False)
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear"))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = int(settings.warmup * settings.steps)
@@ -163,6 +178,8 @@ def finetune(
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     model.eval()
+    if lora_rank:
+        model = model.merge_and_unload()
     train_seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
 
     with atomic_dir(final) as tmp:
@@ -176,7 +193,8 @@ def finetune(
             "settings": settings.__dict__,
             "base": str(base_path),
             "base_weights_sha256": _base_identity(base_path),
-            "frozen": ["embeddings (tied lm_head)"],
+            "frozen": ["embeddings (tied lm_head)"] + (["norms", "the linears' weights"] if lora_rank else []),
+            **({"lora": {"rank": lora_rank, "alpha": 2 * lora_rank, "merged": True}} if lora_rank else {}),
             "train_seconds": round(train_seconds, 1),
             "cpu_seconds": round(cpu_seconds, 1),
             "threads": torch.get_num_threads(),

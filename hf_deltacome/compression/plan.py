@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,7 +45,18 @@ from ..quant.hessian import HESSIAN_MEMORY, model_hessians
 from .allocation import allocate_adaptive
 from .endtoend import METRIC, EndToEndCheck
 from .impart import resplit
-from .modules import compress_module, module_kind, plan_entry, rtn_bands_dense, with_changes
+from .modules import (
+    compress_module,
+    low_rank_bands,
+    low_rank_entry,
+    low_rank_of,
+    module_kind,
+    plan_entry,
+    rounding_energy,
+    rtn_bands_dense,
+    stores_at_least,
+    with_changes,
+)
 from .search import search_specs
 from .svd import reuse_svd_if_fits, svd
 from .unspent import spend_unspent
@@ -64,6 +75,7 @@ def plan_layouts(
     bias_changed: dict[str, bool] | None = None,
     unchanged: set[str] | None = None,
     progress: bool = False,
+    deltas: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The layout entry of every target (method, search and allocation applied) and a record of the choices.
 
@@ -72,7 +84,8 @@ def plan_layouts(
     allocation are kept; the search and the allocation weight their per-module errors with the input activations.
     Without data ``"auto"`` means the published split and both fall back to the plain Frobenius error.
     ``unchanged``: the targets whose weight did not change (:mod:`.changes`: within the rounding of the dtypes);
-    default: those bit-identical in both models.
+    default: those bit-identical in both models. ``deltas``: reads a target's delta and fine-tuned weight where the
+    models' weights are not in memory (a streamed pair), for the check of each delta's rank (:func:`_low_ranks`).
     """
     t0 = time.time()
     bias_changed = bias_changed or {}
@@ -101,6 +114,12 @@ def plan_layouts(
         return wf.detach().to(torch.float32).cpu() - wb
 
     check: EndToEndCheck | None = None
+    low = _low_ranks(config, live, shapes, deltas or (lambda nm: (delta_of(nm), ft_mods[nm].weight)), progress)
+    if live and len(low) == len(live):  # every changed delta is of low rank: no split or residual to choose
+        auto_share = auto_residual = False
+        config = with_changes(config, min_rank_share=0.0) if config.min_rank_share == "auto" else config
+        if config.search is None and not adaptive:
+            ids, needs_data = None, False
     if ids is not None and config.method in SVD_METHODS:
         estimate = functools.partial(rtn_bands_dense, unbias=config.dare_fit == "unbiased")  # as the file will store
         check = EndToEndCheck(finetuned_model, ids, delta_of, estimate, input_energy=auto_residual)
@@ -144,10 +163,18 @@ def plan_layouts(
             if adaptive:
                 allocate_adaptive(finetuned_model, config, ids, live, shapes, delta_of, ft_mods, specs, layout,
                                    info, check, kl_now, progress)  # fmt: skip
+            ranks: dict[str, int] = {}
+            for nm, rank in low.items():  # where the split, DARE or vector codes would store less of it
+                bands = low_rank_bands(*shapes[nm], budget_bytes(*shapes[nm], config.ratio), config.group_size, rank)
+                if not stores_at_least(layout[nm], bands):
+                    layout[nm], ranks[nm] = low_rank_entry(layout[nm], bands), rank
+            if ranks:
+                info["low_rank"] = {"modules": len(ranks), "ranks": sorted(set(ranks.values())),
+                                    "bits": sorted({b for nm in ranks for b, r in layout[nm]["bands"] if r})}  # fmt: skip
             # what the modules leave of their budgets goes to the DARE parts, else to the sparse and the last bands
             offered = sum(budget_bytes(*shapes[nm], config.ratio) for nm in targets)
             info["unspent"] = spend_unspent(
-                layout, offered, lambda nm, budget: resplit(nm, layout[nm], budget, config, spectra.get(nm))
+                layout, offered, lambda nm, budget: resplit(nm, layout[nm], budget, config, spectra.get(nm)), set(ranks)
             )
     finally:
         if check is not None:
@@ -156,6 +183,26 @@ def plan_layouts(
     if needs_data:
         info["plan_samples"] = int(ids.shape[0])
     return layout, info
+
+
+def _low_ranks(config: DeltaCoMeConfig, live: Sequence[str], shapes: dict[str, tuple[int, int]],
+               read: Callable[[str], tuple[torch.Tensor, torch.Tensor]], progress: bool) -> dict[str, int]:  # fmt: skip
+    """``deltacome``: the rank of each changed target whose delta is of low rank (:func:`.modules.low_rank_of`; ``read``
+    gives its delta and fine-tuned weight), e.g. a merged LoRA's, which it then stores as that many singular triplets
+    at the most bits that fit (:func:`.modules.low_rank_bands`; the bytes left are not spent: there is no more)."""
+    if config.method != "deltacome" or not live:
+        return {}
+    bar = progress_bar(len(live), progress, "Checking the deltas' ranks", unit="module")
+    out: dict[str, int] = {}
+    for nm in live:
+        delta, weight = read(nm)
+        rank = low_rank_of(delta, budget_bytes(*shapes[nm], config.ratio), config.group_size, rounding_energy(weight))
+        if rank is not None:
+            out[nm] = rank
+        del delta, weight
+        bar.update(1)
+    bar.close()
+    return out
 
 
 def weighs_residual(config: DeltaCoMeConfig) -> bool:

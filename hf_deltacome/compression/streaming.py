@@ -348,6 +348,11 @@ class StreamedPair:
         """The fine-tune's tensor of (canonical) parameter ``name``."""
         return self.ft_ckpt.read(self.ft_keys[canonical(name)], device)
 
+    def read_delta(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target linear ``name``'s delta (float32, ``out x in``) and fine-tuned weight, read from the checkpoints."""
+        weight = self.read_finetuned(f"{name}.weight")
+        return weight.float() - self.read_base(f"{name}.weight").float(), weight
+
     def verdicts(self, base_vocab: int | None, vocab_params: Sequence[str], progress: bool) -> Iterator[tuple]:
         """The :func:`~.changes.judge` verdict of every parameter, reading one pair of tensors at a time."""
         names = [n for n, _ in self.finetuned.named_parameters(remove_duplicate=False)]

@@ -32,11 +32,13 @@ def spend_unspent(
     layout: dict[str, dict[str, Any]],
     offered: int,
     resplit: Callable[[str, int], dict[str, Any]] | None = None,
+    complete: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """Give the bytes the layouts leave of ``offered`` (the sum of the targets' budgets) back to them, in place: to
     their DARE parts when they have any; else to the layouts with sparse bands (ImPart, ``sparse_tail``), each
     planned again by ``resplit(name, budget)`` with its share of the bytes added to what it holds, and then to the
-    last band of every band-only layout (:func:`_spend_on_bands`). BitDelta's signs keep what they have. Returns
+    last band of every band-only layout (:func:`_spend_on_bands`) but those ``complete`` (a delta of low rank stored
+    whole: a singular vector more would be noise). BitDelta's signs keep what they have. Returns
     the bytes offered, left before and left after, and what took them (``spent_on``: ``"dare"``, ``"sparse
     bands"``, ``"bands"``, both of the latter joined by ``+``, or ``"none"``)."""
     spare = offered - sum(entry_nbytes(e) for e in layout.values())
@@ -53,7 +55,7 @@ def spend_unspent(
         if resplit is not None and _spend_on_sparse_bands(layout, spare, resplit):
             takers.append("sparse bands")
         left = offered - sum(entry_nbytes(e) for e in layout.values())
-        if left > 0 and _spend_on_bands(layout, left):
+        if left > 0 and _spend_on_bands(layout, left, complete):
             takers.append("bands")
     record["spent_on"] = "+".join(takers) or "none"
     record["unspent_bytes"] = int(offered - sum(entry_nbytes(e) for e in layout.values()))
@@ -146,7 +148,7 @@ def _spend_on_vq(layout: dict[str, dict[str, Any]], spare: int) -> bool:
     return changed
 
 
-def _spend_on_bands(layout: dict[str, dict[str, Any]], spare: int) -> bool:
+def _spend_on_bands(layout: dict[str, dict[str, Any]], spare: int, complete: set[str] | frozenset[str]) -> bool:
     """The last band of every band-only layout with a changed delta grows by whole singular vectors into ``spare``
     bytes: greedily, the vector of most expected energy per byte first, while it fits and the module has rank
     left; then up to ``LANDING_VECTORS`` vectors per module move to land on the byte where a combination does.
@@ -155,7 +157,7 @@ def _spend_on_bands(layout: dict[str, dict[str, Any]], spare: int) -> bool:
     own: a streamed run plans before it reads the weights, and a streamed and a loaded run must write the same
     file. So the vectors go first to the modules that keep the fewest vectors for their cost.
     Returns whether any band changed."""
-    names = [nm for nm, e in layout.items() if _band_only(e)]
+    names = [nm for nm, e in layout.items() if _band_only(e) and nm not in complete]
     shape = {nm: (int(layout[nm]["shape"][0]), int(layout[nm]["shape"][1])) for nm in names}
     group = {nm: int(layout[nm].get("group_size", 128)) for nm in names}
     bits = {nm: int(layout[nm]["bands"][-1][0]) for nm in names}

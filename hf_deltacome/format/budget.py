@@ -69,7 +69,7 @@ def validate_band_spec(spec: Sequence[Sequence]) -> list[list]:
     return out
 
 
-def _max_rank(m: int, n: int, bits: int, group_size: int, allowance: int, cap: int) -> int:
+def max_rank(m: int, n: int, bits: int, group_size: int, allowance: int, cap: int) -> int:
     """Largest rank ``r <= cap`` whose band fits in ``allowance`` bytes (band bytes grow with ``r``)."""
     lo, hi = 0, cap
     while lo < hi:
@@ -122,7 +122,7 @@ def _fill(m: int, n: int, ratio: float, spec: Sequence[Sequence], group_size: in
             left = min(left, int(size * budget))
         elif isinstance(size, int):
             cap = min(cap, size)
-        r = _max_rank(m, n, bits, group_size, left, cap)
+        r = max_rank(m, n, bits, group_size, left, cap)
         bands.append((bits, r))
         used_bytes += band_nbytes(m, n, bits, r, group_size)
         used_rank += r

@@ -1,0 +1,133 @@
+"""A delta of low rank (a merged LoRA): found by its spectrum, stored as its singular triplets at 8 bits, whatever the
+split, DARE or vector codes the method's options would have chosen; a full fine-tune's long tail never is."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from test_streaming import loaded, save_pair, written
+from tiny_models import logits, make_finetune, make_model, random_ids, target_linears
+
+from hf_deltacome import DeltaCoMeConfig
+from hf_deltacome.compression.modules import low_rank_bands, low_rank_of, rounding_energy, stores_at_least
+from hf_deltacome.compression.pipeline import compress
+from hf_deltacome.compression.svd import reuse_svd
+from hf_deltacome.format.budget import band_nbytes, budget_bytes
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
+
+RANK = 4
+
+
+def merged_lora(base: torch.nn.Module, rank: int = RANK, seed: int = 0, dtype: torch.dtype | None = None):
+    """``base`` with a rank-``rank`` delta added to every decoder linear (``B A``, a LoRA merged), the size of a
+    fine-tune's (a quarter of the weight's norm); in ``dtype`` when given (rounded there, as a checkpoint saves it)."""
+    ft = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in target_linears(ft):
+            w = ft.get_submodule(name).weight
+            m, n = w.shape
+            d = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
+            w.copy_((w.float() + d * (0.25 * w.float().norm() / d.norm())).to(w.dtype))
+    return ft.to(dtype) if dtype is not None else ft
+
+
+def lowrank_matrix(m: int, n: int, rank: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / rank
+
+
+def test_low_rank_of_finds_the_rank_of_a_merged_lora_and_not_of_a_long_tail():
+    d = lowrank_matrix(96, 160, RANK)
+    budget = budget_bytes(96, 160, 1 / 8)
+    assert low_rank_of(d, budget, 128) == RANK
+    assert low_rank_of(d, 2 * 96, 128) is None  # one rank fits at 3 bits: it does not hold the delta
+    # a full fine-tune's delta: strong directions and a long tail over the full rank (tiny_models.make_finetune)
+    base = make_model("llama")
+    ft = make_finetune(base)
+    for name in target_linears(base):
+        delta = ft.get_submodule(name).weight - base.get_submodule(name).weight
+        assert low_rank_of(delta, budget_bytes(*delta.shape, 1 / 8), 128) is None, name
+    # the same rank under the SVD (remembered), exact singular values and the randomized probe (a wide matrix)
+    wide = lowrank_matrix(128, 2048, 6, seed=1) + 1e-4 * torch.randn(128, 2048, generator=torch.Generator())
+    small = budget_bytes(128, 2048, 1 / 16)  # 14 ranks at 8 bits: probed with 22 columns, under a third of 128
+    with reuse_svd():
+        remembered = low_rank_of(wide, small, 128)
+    assert low_rank_of(wide, small, 128) == remembered == 6
+
+
+def test_rounding_of_a_bfloat16_checkpoint_is_not_taken_for_rank():
+    """A LoRA merged into bfloat16 weights: its delta is the LoRA plus the rounding (full rank); the rounding's
+    expected energy (from the weights' bfloat16 grid) is what the tail may hold."""
+    g = torch.Generator().manual_seed(0)
+    w = (0.05 * torch.randn(96, 160, generator=g)).to(torch.bfloat16)
+    lora = 0.001 * lowrank_matrix(96, 160, RANK, seed=2)
+    ft = (w.float() + lora).to(torch.bfloat16)
+    delta = ft.float() - w.float()
+    assert (delta - lora).norm() > 1e-3 * lora.norm()  # the rounding is there, beyond the 0.1% a tail may hold
+    budget = budget_bytes(96, 160, 1 / 8)
+    assert low_rank_of(delta, budget, 128) is None
+    noise = rounding_energy(ft)
+    assert noise == pytest.approx(rounding_energy(ft.float()))  # float32 values on the bfloat16 grid
+    assert 0.3 < float((delta - lora).square().sum()) / noise < 3  # about the energy it predicts
+    assert low_rank_of(delta, budget, 128, noise) == RANK
+    assert rounding_energy(w.float() + lora) == 0.0  # float32 weights: no rounding to allow for
+
+
+def test_the_bands_of_a_low_rank_delta_and_when_a_split_stores_it_already():
+    n = budget_bytes(576, 576, 1 / 16)
+    assert low_rank_bands(576, 576, n, 128, 16) == [[8, 16]]
+    bands = low_rank_bands(576, 576, budget_bytes(576, 576, 1 / 64), 128, 16)  # 8 bits do not fit 16
+    assert bands[0][0] == 8 and bands[1][0] == 4 and bands[0][1] + bands[1][1] == 16 and bands[0][1] > 0
+    assert sum(band_nbytes(576, 576, b, r, 128) for b, r in bands) <= budget_bytes(576, 576, 1 / 64)
+    assert stores_at_least({"bands": [[8, 6], [3, 10]]}, [[8, 6]])
+    assert not stores_at_least({"bands": [[8, 2], [3, 32], [2, 40]]}, [[8, 4]])
+    assert stores_at_least({"bands": [[8, 2], [4, 32]]}, [[8, 1], [4, 3]])
+    assert not stores_at_least({"bands": [[8, 3]]}, [[8, 4]])  # fewer ranks than the delta has
+    assert not stores_at_least({"bands": [], "sparse": {"nnz": 10}}, [[8, 1]])
+
+
+@pytest.mark.parametrize("ratio", ["1/4", "1/8"])
+def test_a_merged_lora_is_stored_as_its_rank_at_8_bits(ratio, tmp_path):
+    """The default on a merged LoRA: every target one band of its rank at 8 bits (not the MLP's DARE, not the
+    split's 3- and 2-bit tail), the bytes the delta does not need left unspent, the logits all but the fine-tune's,
+    recorded in the adapter; a full fine-tune at the same ratio keeps the method's layout."""
+    base = make_model("llama")
+    ft = merged_lora(base)
+    ids = random_ids(base, 8, 32, seed=1)
+    model = compress(copy.deepcopy(base), ft, DeltaCoMeConfig(ratio=ratio), calibration=ids, progress=False)
+    config = model.peft_config["default"]
+    assert {json.dumps(e["bands"]) for e in config.layout.values()} == {json.dumps([[8, RANK]])}
+    assert not any(e.get("sparse") for e in config.layout.values())
+    assert config.compression_info["low_rank"]["modules"] == len(config.layout)
+    held_out = random_ids(base, 4, 32, seed=2)
+    want = logits(ft, held_out)
+    error = (logits(model, held_out) - want).norm() / (logits(base, held_out) - want).norm()
+    assert error < 0.02
+    full_ft = make_finetune(base)
+    other = compress(copy.deepcopy(base), full_ft, DeltaCoMeConfig(ratio=ratio), calibration=ids, progress=False)
+    assert "low_rank" not in other.peft_config["default"].compression_info
+    if ratio == "1/8":
+        assert any(e.get("sparse") for e in other.peft_config["default"].layout.values())  # the MLP's DARE
+    sizes = []
+    for adapter, folder in ((model, "lora"), (other, "full")):
+        adapter.save_pretrained(tmp_path / folder)
+        sizes.append((tmp_path / folder / "adapter_model.safetensors").stat().st_size)
+    assert sizes[0] < 0.6 * sizes[1]  # the full fine-tune's adapter spends the budget; the LoRA needs less
+
+
+def test_a_streamed_merged_lora_in_bfloat16_writes_the_loaded_bytes(tmp_path):
+    """A LoRA merged into a bfloat16 checkpoint, streamed: the plan reads each delta from the files to see its rank
+    (the rounding allowed for), and writes what the loaded run writes."""
+    base = make_model("llama", seed=3).to(torch.bfloat16)
+    ft = merged_lora(base.float(), dtype=torch.bfloat16)
+    b, f = save_pair(tmp_path, base, ft)
+    cfg = DeltaCoMeConfig(quantizer="rtn", ratio="1/8")
+    reference = compress(loaded(b), loaded(f), cfg, progress=False)
+    streamed = compress(b, f, cfg, progress=False)
+    assert streamed.peft_config["default"].compression_info["low_rank"]["ranks"] == [RANK]
+    assert written(streamed, tmp_path / "streamed") == written(reference, tmp_path / "loaded")
