@@ -474,3 +474,23 @@ def test_amlq_benchmark_refuses_bad_flags_by_name_before_any_model_loads(capsys)
     args = amlq.parse_args(["--base", "smollm2-moe"])
     assert args.stack == "" and args.plot.endswith("amlq_moe.png")
     assert amlq.parse_args([]).stack == "amlq:3.0,amlq:4.0"
+
+
+def test_low_rank_benchmark_flags_and_its_rule_switch(capsys, monkeypatch):
+    """benchmarks/low_rank.py refuses a rank or thread count below 1 by name; its "rank rule off" variant (both
+    tails at -inf) does switch the rule off: an exact rank-3 matrix is then not of low rank."""
+    low = benchmark("low_rank")
+    with pytest.raises(SystemExit):
+        low.parse_args(["--rank", "0"])
+    assert "--rank and --threads must be >= 1" in capsys.readouterr().err
+    args = low.parse_args(["--ratios", "1/16,1/64"])
+    assert args.ratios == [1 / 16, 1 / 64] and args.rank == 16
+    import torch
+
+    import hf_deltacome.compression.modules as modules
+
+    d = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) @ torch.randn(3, 96)
+    assert modules.low_rank_of(d, 4096, 128) == 3
+    monkeypatch.setattr(modules, "LOW_RANK_TAIL", -float("inf"))
+    monkeypatch.setattr(modules, "ROUNDING_TAIL", -float("inf"))
+    assert modules.low_rank_of(d, 4096, 128) is None

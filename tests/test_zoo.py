@@ -210,8 +210,10 @@ def test_finetune_path_depends_on_every_setting(tmp_path, monkeypatch) -> None:
         zoo.finetune_path("dates", batch_size=3, base=base),
         zoo.finetune_path("dates", seed=5, base=base),
         zoo.finetune_path("facts", base=base),
+        zoo.finetune_path("dates", lora_rank=8, base=base),
     }
-    assert p not in others and len(others) == 5
+    assert p not in others and len(others) == 6
+    assert zoo.finetune_path("dates", lora_rank=8, base=base).name.startswith("dates-lora8-")
     (base / "model.safetensors").write_bytes(b"weights-b")
     assert zoo.finetune_path("dates", base=base) != p
 
@@ -227,9 +229,34 @@ def test_finetune_rejects_bad_settings(tmp_path) -> None:
     with pytest.raises(ConfigError, match=str(tmp_path / "empty")):
         (tmp_path / "empty").mkdir()
         zoo.finetune_path("dates", base=tmp_path / "empty")
+    with pytest.raises(ConfigError, match="lora_rank"):
+        zoo.finetune("dates", lora_rank=0, base=base)
 
 
 # ---------------------------------------------------------------- tiny model end to end (fast)
+
+
+def test_a_lora_finetune_is_merged_and_has_the_rank_of_its_lora(tmp_path, monkeypatch, tiny_llama, tokenizer) -> None:
+    """``lora_rank``: the same loop trains a LoRA, merged into the saved weights: every decoder linear's delta has
+    that rank, the norms and embeddings are the base's, and the record says so."""
+    monkeypatch.setenv("HF_DELTACOME_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    tiny_llama.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    path = zoo.finetune("dates", steps=6, lr=1e-2, batch_size=4, base=base, progress=False, lora_rank=2)
+    record = json.loads((path / zoo.smollm2.FINETUNE_FILE).read_text())
+    assert record["lora"] == {"rank": 2, "alpha": 4, "merged": True} and len(record["losses"]) == 6
+    from transformers import AutoModelForCausalLM
+
+    after = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    before = tiny_llama.state_dict()
+    assert not any(k.startswith("base_model") or "lora" in k for k in after)  # a plain checkpoint
+    for key, w in before.items():
+        delta = after[key] - w
+        if w.dim() == 2 and ".layers." in key:
+            assert int(torch.linalg.matrix_rank(delta, rtol=1e-4)) == 2, key
+        else:
+            assert torch.equal(delta, torch.zeros_like(delta)), key
 
 
 def test_finetune_and_accuracy_on_tiny_model(tmp_path, monkeypatch, tiny_llama, tokenizer) -> None:
