@@ -2,10 +2,12 @@
 """A merged LoRA as the fine-tune: what the default stores of a delta of low rank, against what it stored before.
 
     python benchmarks/low_rank.py [--task facts] [--rank 16] [--lr 2e-3] [--ratios 1/16,1/32,1/64] [--n-eval N]
+                                  [--bfloat16]
 
 The fine-tune is a LoRA of rank ``--rank`` on every decoder linear of SmolLM2-135M-Instruct, trained on the task's
 training split by ``zoo.finetune(..., lora_rank=R)`` (the full fine-tune's loop; cached) and merged into the weights:
-a checkpoint whose delta has rank R in every linear, as a merged LoRA downloaded from the Hub has. At each ratio:
+a checkpoint whose delta has rank R in every linear (``--bfloat16``: merged into the base in bfloat16 and rounded
+there once, as a merged LoRA from the Hub usually is: its delta is the LoRA plus that rounding). At each ratio:
 
 * ``default``: ``compress`` as it runs now; every delta of low rank (``compression.modules.low_rank_of``) is stored
   as its R singular triplets at the most bits that fit, and the bytes it does not need are left unspent;
@@ -23,6 +25,7 @@ alone on the machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import tempfile
@@ -53,11 +56,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratios", default="1/16,1/32,1/64", help="comma-separated ratios (default: %(default)s)")
     p.add_argument("--n-eval", type=int, default=None, help="held-out questions to score (default: all)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    p.add_argument("--bfloat16", action="store_true",
+                   help="the base in bfloat16 and the LoRA merged into it, rounded once (a merged LoRA as the Hub "
+                        "ships one: its delta is the LoRA plus that rounding)")  # fmt: skip
     args = p.parse_args(argv)
     if args.rank < 1 or args.threads < 1:
         p.error("--rank and --threads must be >= 1")
     args.ratios = [parse_ratio(r) for r in args.ratios.split(",")]
     return args
+
+
+@torch.no_grad()
+def merged_in_bfloat16(base: torch.nn.Module, ft: torch.nn.Module) -> torch.nn.Module:
+    """``ft``'s delta against ``base`` (both float32) added to ``base`` rounded to bfloat16, the sum rounded there
+    once: a LoRA merged into a bfloat16 checkpoint."""
+    fine, full = dict(ft.named_parameters()), dict(base.named_parameters())
+    out = copy.deepcopy(base).to(torch.bfloat16)
+    for name, p in out.named_parameters():
+        p.copy_((p.float() + (fine[name].float() - full[name].float())).to(torch.bfloat16))
+    return out
+
+
+def load_base(ctx: dict) -> torch.nn.Module:
+    model = Q.load_model(ctx["base_path"])
+    return model.to(torch.bfloat16) if ctx["bfloat16"] else model
 
 
 def run(variant: str, ratio: float, ctx: dict, folder: Path) -> dict:
@@ -67,7 +89,7 @@ def run(variant: str, ratio: float, ctx: dict, folder: Path) -> dict:
         modules.LOW_RANK_TAIL = modules.ROUNDING_TAIL = -math.inf
     try:
         t = time.time()
-        model = compress(Q.load_model(ctx["base_path"]), ctx["ft"], cfg, calibration=ctx["calib"],
+        model = compress(load_base(ctx), ctx["ft"], cfg, calibration=ctx["calib"],
                          tokenizer=ctx["tokenizer"], progress=False)  # fmt: skip
         seconds = time.time() - t
     finally:
@@ -77,7 +99,7 @@ def run(variant: str, ratio: float, ctx: dict, folder: Path) -> dict:
     del model
     from peft import PeftModel
 
-    loaded = PeftModel.from_pretrained(Q.load_model(ctx["base_path"]), folder).eval()
+    loaded = PeftModel.from_pretrained(load_base(ctx), folder).eval()
     scores = score(loaded, ctx)
     kinds = sorted({"DARE" if e.get("sparse") else "+".join(f"{b}b x{r}" for b, r in e["bands"] if r)
                     for e in layout.values()})  # fmt: skip
@@ -103,14 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     ft_path = zoo.finetune(task, lr=args.lr, lora_rank=args.rank)
     tokenizer = AutoTokenizer.from_pretrained(ft_path)
     ft = Q.load_model(ft_path)
+    if args.bfloat16:
+        ft = merged_in_bfloat16(Q.load_model(base_path), ft)
     windows = Q.heldout_windows(task, tokenizer)
     _, _, ft_argmax = Q.text_scores(ft, windows, None)
     ctx = {"base_path": base_path, "ft": ft, "tokenizer": tokenizer, "windows": windows, "ft_argmax": ft_argmax,
-           "zoo": zoo, "task": task, "n_eval": args.n_eval, "calib": Q.calibration_texts(task, tokenizer)}  # fmt: skip
-    ref = {"fine-tune": score(ft, ctx), "base": score(Q.load_model(base_path), ctx)}
+           "zoo": zoo, "task": task, "n_eval": args.n_eval, "calib": Q.calibration_texts(task, tokenizer),
+           "bfloat16": args.bfloat16}  # fmt: skip
+    ref = {"fine-tune": score(ft, ctx), "base": score(load_base(ctx), ctx)}
     lora_bytes = sum(args.rank * sum(m.weight.shape) * 2 for n, m in ft.named_modules()
                      if isinstance(m, torch.nn.Linear) and ".layers." in n)  # fmt: skip
-    print(f"\nmerged LoRA of rank {args.rank} on every decoder linear of SmolLM2-135M-Instruct, task {task.name!r} "
+    print(f"\nmerged LoRA of rank {args.rank} on every decoder linear of SmolLM2-135M-Instruct, task {task.name!r}"
+          f"{', merged into the bfloat16 base and rounded once' if args.bfloat16 else ''} "
           f"(lr {args.lr:g}; revision {Q.code_revision()}; {args.threads} threads); its factors in float16: "
           f"{lora_bytes:,} B", flush=True)  # fmt: skip
     print(f"base answers {ref['base']['right']}, the fine-tune {ref['fine-tune']['right']} of "

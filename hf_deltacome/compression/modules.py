@@ -40,7 +40,7 @@ from .baselines import (
     vq_plan,
 )
 from .impart import compress_sparse_bands, sparse_split
-from .svd import compress_linear, remembered, remembering, svd
+from .svd import compress_linear, remembered, svd
 
 
 def method_spec(config: DeltaCoMeConfig) -> list[list]:
@@ -62,7 +62,9 @@ def rank_share(config: DeltaCoMeConfig) -> float:
 
 LOW_RANK_BITS = (8, 4, 3)  # a delta of low rank stores its singular triplets at the first of these that fits
 LOW_RANK_TAIL = 1e-4  # ... when its rank leaves at most this share of its energy
-ROUNDING_TAIL = 1.0  # ... or at most the energy of its checkpoint's rounding (16-bit weights)
+ROUNDING_TAIL = 1.25  # ... or at most this many times the energy of its checkpoint's rounding (16-bit weights),
+ROUNDING_SHARE = 0.05  # where that rounding is at most this share of the delta's energy (else the delta is of its size)
+LOW_RANK_SHARE = 0.25  # a delta of low rank has at most this share of the ranks its shape allows
 PROBE_SEED = 0x10A
 
 
@@ -81,34 +83,38 @@ def rounding_energy(weight: torch.Tensor) -> float:
 @torch.no_grad()
 def low_rank_of(delta: torch.Tensor, nbytes: int, group_size: int, rounding: float = 0.0) -> int | None:
     """The rank ``k`` of ``delta`` when it is of low rank for ``nbytes`` bytes (``None``: it is not): ``k`` singular
-    triplets fit at ``LOW_RANK_BITS[-1]`` bits, and leave at most ``LOW_RANK_TAIL`` of its energy, or at most
-    ``rounding`` (:func:`rounding_energy` of the fine-tune's weight: what is left is the
-    checkpoint's rounding, as for a LoRA merged into bfloat16 weights). :func:`low_rank_bands` then stores those
+    triplets fit at ``LOW_RANK_BITS[-1]`` bits, ``k`` is at most ``LOW_RANK_SHARE`` of the ranks the shape allows (a
+    LoRA's rank is a small share of them; a full fine-tune's delta at a generous ratio keeps the method's layout),
+    and they leave at most ``LOW_RANK_TAIL`` of its energy, or at most
+    ``ROUNDING_TAIL`` times ``rounding`` (:func:`rounding_energy` of the fine-tune's weight: what is left is the
+    checkpoint's rounding, as for a LoRA merged into bfloat16 weights) where that is at most ``ROUNDING_SHARE`` of
+    the delta's energy (a delta about the size of its rounding, as a short full fine-tune saved in bfloat16 can be,
+    mostly rounds to zero: the expected rounding energy says nothing of it). :func:`low_rank_bands` then stores those
     ``k`` alone, at the most bits that fit, where the configured split would quantize them at 3 or 2 bits and spend
     the rest on directions the delta does not have, and DARE would drop its entries at random. A full fine-tune's
-    delta (a long tail) is not of low rank from 1/8 down: on SmolLM2's `dates` and `facts` fine-tunes at least 0.2%
-    of each module's energy lies beyond the rank 3 bits store at 1/8 (at 1/4 some modules hold 0.005%: stored so,
-    every triplet gets more bits than the split gives it).
+    delta (a long tail) is not of low rank: of SmolLM2's `dates` and `facts` fine-tunes no module is at 1/4-1/128
+    (at 1/8 at least 0.2% of each module's energy lies beyond the rank 3 bits store), and one of `facts` in bfloat16
+    at 1/8.
 
-    The singular values come from the SVD when it is remembered (:func:`.svd.svd`) or the matrix is small for the
-    rank asked, else from one seeded pass of a randomized range finder (two products with the delta): values at
-    most the true ones, so the tail it sees is at least the true tail."""
+    The singular values are exact where the rank asked is over half the matrix's, else from one seeded pass of a
+    randomized range finder (two products with the delta, a few milliseconds on SmolLM2's layers): values at most
+    the true ones, so the tail it sees is at least the true tail."""
     m, n = delta.shape
-    cap = max_rank(m, n, LOW_RANK_BITS[-1], group_size, nbytes, min(m, n))
+    cap = max_rank(m, n, LOW_RANK_BITS[-1], group_size, nbytes, int(LOW_RANK_SHARE * min(m, n)))
     d = delta.detach().to(torch.float32)
     energy = float(d.double().square().sum())
     if cap == 0 or energy == 0.0:
         return None
     q = min(cap + 8, min(m, n))
-    if remembering():
-        s = svd(d)[1][:cap]
-    elif 3 * q >= min(m, n):
+    if 2 * q > min(m, n):
         s = torch.linalg.svdvals(d)[:cap]
     else:
         probe = torch.randn(n, q, generator=torch.Generator().manual_seed(PROBE_SEED)).to(d.device)
         s = torch.linalg.svdvals(torch.linalg.qr(d @ probe).Q.T @ d)[:cap]
     tail = energy - torch.cumsum(s.double().cpu().square(), 0)  # tail[i]: the energy beyond rank i + 1
-    allowed = max(LOW_RANK_TAIL * energy, ROUNDING_TAIL * rounding)
+    allowed = LOW_RANK_TAIL * energy
+    if rounding <= ROUNDING_SHARE * energy:
+        allowed = max(allowed, ROUNDING_TAIL * rounding)
     within = (tail <= allowed).nonzero()
     return int(within[0]) + 1 if len(within) else None
 

@@ -49,11 +49,6 @@ def reuse_svd_if_fits(shapes: Iterable[tuple[int, int]]) -> contextlib.AbstractC
     return reuse_svd() if fits else contextlib.nullcontext()
 
 
-def remembering() -> bool:
-    """Whether :func:`svd` remembers the SVDs it takes (inside :func:`reuse_svd`)."""
-    return _SVD_CACHE is not None
-
-
 def remembered(kind: str, delta: torch.Tensor, compute: Callable[[], T], *params: Any) -> T:
     """``compute()`` of ``delta``, remembered inside :func:`reuse_svd` by ``kind``, the delta's content and
     ``params`` (its SVD; the vector codes of a ``vq`` part, fitted once where the plan weighs several layouts)."""
