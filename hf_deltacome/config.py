@@ -26,7 +26,7 @@ ALLOCATIONS = ("uniform", "adaptive")
 # min_rank_share="auto" picks one of these by the whole model's KL to the fine-tune (0.0 = the published bands)
 RANK_SHARES = (0.0, 0.5, 0.7, 0.85, 1.0)
 # compression_info records of how the layout was planned (compression.plan.plan_layouts), shown by `deltacome info`
-PLAN_RECORDS = ("budget", "unspent", "rank_share", "residual", "search", "allocation", "end_to_end", "distill")
+PLAN_RECORDS = ("budget", "unspent", "low_rank", "rank_share", "residual", "search", "allocation", "end_to_end", "distill")
 UNIFORM_BITS = (2, 3, 4, 8)
 # residual="auto": besides the bands alone, the whole-model check weighs these shares of each module's budget for
 # RESIDUAL_BAND_BITS-bit bands, the rest spent on a RESIDUAL_DARE_BITS-bit DARE of their residual (0 = DARE alone)

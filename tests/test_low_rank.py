@@ -108,6 +108,12 @@ def test_a_merged_lora_is_stored_as_its_rank_at_8_bits(ratio, tmp_path):
     assert {json.dumps(e["bands"]) for e in config.layout.values()} == {json.dumps([[8, RANK]])}
     assert not any(e.get("sparse") for e in config.layout.values())
     assert config.compression_info["low_rank"]["modules"] == len(config.layout)
+    model.save_pretrained(tmp_path / "shown")
+    from hf_deltacome.io.summary import summarize_adapter
+
+    shown = summarize_adapter(tmp_path / "shown").format()
+    assert f"{len(config.layout)} module(s) of low rank (a merged LoRA's, say) stored as their rank alone (4-4, at 8" \
+        in shown  # fmt: skip
     held_out = random_ids(base, 4, 32, seed=2)
     want = logits(ft, held_out)
     error = (logits(model, held_out) - want).norm() / (logits(base, held_out) - want).norm()

@@ -210,6 +210,14 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
             f"left unspent ({unspent.get('unspent_before', 0):,} B before "
             + (f"{taker} took what the modules left)" if taker else "anything took it back)")
         )
+    low = plan.get("low_rank")
+    if isinstance(low, dict) and low.get("modules"):
+        ranks = low.get("ranks") or [0]
+        lines.append(
+            f"{low['modules']} module(s) of low rank (a merged LoRA's, say) stored as their rank alone "
+            f"({min(ranks)}-{max(ranks)}, at {'/'.join(str(b) for b in sorted(low.get('bits') or [], reverse=True))} "
+            "bits): the rest of their budget is left, there is no more to store"
+        )
     search, e2e = plan.get("search"), plan.get("end_to_end")
     share = plan.get("rank_share")
     if isinstance(share, dict):
