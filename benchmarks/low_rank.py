@@ -9,7 +9,7 @@ training split by ``zoo.finetune(..., lora_rank=R)`` (the full fine-tune's loop;
 a checkpoint whose delta has rank R in every linear (``--bfloat16``: merged into the base in bfloat16 and rounded
 there once, as a merged LoRA from the Hub usually is: its delta is the LoRA plus that rounding). At each ratio:
 
-* ``default``: ``compress`` as it runs now; every delta of low rank (``compression.modules.low_rank_of``) is stored
+* ``default``: ``compress`` as it runs now; every delta of low rank (``compression.low_rank.low_rank_of``) is stored
   as its R singular triplets at the most bits that fit, and the bytes it does not need are left unspent;
 * ``default, rank rule off``: the same with that rule switched off (what the default stored before: the MLP as
   2-bit DARE from 1/8 down, the attention's bands split 8/3/2 bits over as many ranks as the budget buys);
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import quality as Q  # noqa: E402
 
-import hf_deltacome.compression.modules as modules  # noqa: E402
+import hf_deltacome.compression.low_rank as low_rank  # noqa: E402
 from hf_deltacome import DeltaCoMeConfig, parse_ratio  # noqa: E402
 from hf_deltacome.compression.pipeline import compress  # noqa: E402
 
@@ -84,16 +84,16 @@ def load_base(ctx: dict) -> torch.nn.Module:
 
 def run(variant: str, ratio: float, ctx: dict, folder: Path) -> dict:
     cfg = DeltaCoMeConfig(ratio=ratio, method="lowrank" if variant == "lowrank" else "deltacome")
-    saved = modules.LOW_RANK_TAIL, modules.ROUNDING_TAIL
+    saved = low_rank.LOW_RANK_TAIL, low_rank.ROUNDING_TAIL
     if variant == "default, rank rule off":
-        modules.LOW_RANK_TAIL = modules.ROUNDING_TAIL = -math.inf
+        low_rank.LOW_RANK_TAIL = low_rank.ROUNDING_TAIL = -math.inf
     try:
         t = time.time()
         model = compress(load_base(ctx), ctx["ft"], cfg, calibration=ctx["calib"],
                          tokenizer=ctx["tokenizer"], progress=False)  # fmt: skip
         seconds = time.time() - t
     finally:
-        modules.LOW_RANK_TAIL, modules.ROUNDING_TAIL = saved
+        low_rank.LOW_RANK_TAIL, low_rank.ROUNDING_TAIL = saved
     model.save_pretrained(folder)
     layout = model.peft_config["default"].layout
     del model

@@ -487,10 +487,10 @@ def test_low_rank_benchmark_flags_and_its_rule_switch(capsys, monkeypatch):
     assert args.ratios == [1 / 16, 1 / 64] and args.rank == 16
     import torch
 
-    import hf_deltacome.compression.modules as modules
+    import hf_deltacome.compression.low_rank as low_rank
 
     d = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) @ torch.randn(3, 96)
-    assert modules.low_rank_of(d, 4096, 128) == 3
-    monkeypatch.setattr(modules, "LOW_RANK_TAIL", -float("inf"))
-    monkeypatch.setattr(modules, "ROUNDING_TAIL", -float("inf"))
-    assert modules.low_rank_of(d, 4096, 128) is None
+    assert low_rank.low_rank_of(d, 4096, 128) == 3
+    monkeypatch.setattr(low_rank, "LOW_RANK_TAIL", -float("inf"))
+    monkeypatch.setattr(low_rank, "ROUNDING_TAIL", -float("inf"))
+    assert low_rank.low_rank_of(d, 4096, 128) is None

@@ -12,7 +12,7 @@ from test_streaming import loaded, save_pair, written
 from tiny_models import logits, make_finetune, make_model, random_ids, target_linears
 
 from hf_deltacome import DeltaCoMeConfig
-from hf_deltacome.compression.modules import low_rank_bands, low_rank_of, rounding_energy, stores_at_least
+from hf_deltacome.compression.low_rank import low_rank_bands, low_rank_of, rounding_energy, stores_at_least
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.format.budget import band_nbytes, budget_bytes
 

@@ -12,7 +12,7 @@ import torch
 
 from ..config import RESIDUAL_DARE_BITS, SVD_METHODS, DeltaCoMeConfig
 from ..errors import ConfigError, DeltaCoMeError
-from ..format.budget import band_nbytes, budget_bytes, layout_nbytes, max_rank, solve_ranks
+from ..format.budget import budget_bytes, layout_nbytes, solve_ranks
 from ..format.packing import QuantizedMatrix, stored_nbytes
 from ..format.storage import (
     FORMAT_VERSION,
@@ -58,93 +58,6 @@ def rank_share(config: DeltaCoMeConfig) -> float:
     """The config's ``min_rank_share`` as a number (``"auto"`` before ``plan_layouts`` has chosen one: 0)."""
     share = config.min_rank_share
     return float(share) if isinstance(share, (int, float)) else 0.0
-
-
-LOW_RANK_BITS = (8, 4, 3)  # a delta of low rank stores its singular triplets at the first of these that fits
-LOW_RANK_TAIL = 1e-4  # ... when its rank leaves at most this share of its energy
-ROUNDING_TAIL = 1.25  # ... or at most this many times the energy of its checkpoint's rounding (16-bit weights),
-ROUNDING_SHARE = 0.05  # where that rounding is at most this share of the delta's energy (else the delta is of its size)
-LOW_RANK_SHARE = 0.25  # a delta of low rank has at most this share of the ranks its shape allows
-PROBE_SEED = 0x10A
-
-
-def rounding_energy(weight: torch.Tensor) -> float:
-    """The expected energy of the rounding a 16-bit checkpoint put into ``weight`` (``Σ ulp² / 12`` over its
-    entries) when every value lies on the bfloat16 (else float16) grid; 0 otherwise (a float32 checkpoint)."""
-    w = weight.detach().to(torch.float32)
-    for dtype, bits in ((torch.bfloat16, 7), (torch.float16, 10)):
-        if weight.dtype == dtype or torch.equal(w.to(dtype).to(torch.float32), w):
-            _, exponent = torch.frexp(w)
-            ulp = torch.ldexp(torch.ones_like(w), exponent - 1 - bits)
-            return float(ulp.double().square().sum() / 12)
-    return 0.0
-
-
-@torch.no_grad()
-def low_rank_of(delta: torch.Tensor, nbytes: int, group_size: int, rounding: float = 0.0) -> int | None:
-    """The rank ``k`` of ``delta`` when it is of low rank for ``nbytes`` bytes (``None``: it is not): ``k`` singular
-    triplets fit at ``LOW_RANK_BITS[-1]`` bits, ``k`` is at most ``LOW_RANK_SHARE`` of the ranks the shape allows (a
-    LoRA's rank is a small share of them; a full fine-tune's delta at a generous ratio keeps the method's layout),
-    and they leave at most ``LOW_RANK_TAIL`` of its energy, or at most
-    ``ROUNDING_TAIL`` times ``rounding`` (:func:`rounding_energy` of the fine-tune's weight: what is left is the
-    checkpoint's rounding, as for a LoRA merged into bfloat16 weights) where that is at most ``ROUNDING_SHARE`` of
-    the delta's energy (a delta about the size of its rounding, as a short full fine-tune saved in bfloat16 can be,
-    mostly rounds to zero: the expected rounding energy says nothing of it). :func:`low_rank_bands` then stores those
-    ``k`` alone, at the most bits that fit, where the configured split would quantize them at 3 or 2 bits and spend
-    the rest on directions the delta does not have, and DARE would drop its entries at random. A full fine-tune's
-    delta (a long tail) is not of low rank: of SmolLM2's `dates` and `facts` fine-tunes no module is at 1/4-1/128
-    (at 1/8 at least 0.2% of each module's energy lies beyond the rank 3 bits store), and one of `facts` in bfloat16
-    at 1/8.
-
-    The singular values are exact where the rank asked is over half the matrix's, else from one seeded pass of a
-    randomized range finder (two products with the delta, a few milliseconds on SmolLM2's layers): values at most
-    the true ones, so the tail it sees is at least the true tail."""
-    m, n = delta.shape
-    cap = max_rank(m, n, LOW_RANK_BITS[-1], group_size, nbytes, int(LOW_RANK_SHARE * min(m, n)))
-    d = delta.detach().to(torch.float32)
-    energy = float(d.double().square().sum())
-    if cap == 0 or energy == 0.0:
-        return None
-    q = min(cap + 8, min(m, n))
-    if 2 * q > min(m, n):
-        s = torch.linalg.svdvals(d)[:cap]
-    else:
-        probe = torch.randn(n, q, generator=torch.Generator().manual_seed(PROBE_SEED)).to(d.device)
-        s = torch.linalg.svdvals(torch.linalg.qr(d @ probe).Q.T @ d)[:cap]
-    tail = energy - torch.cumsum(s.double().cpu().square(), 0)  # tail[i]: the energy beyond rank i + 1
-    allowed = LOW_RANK_TAIL * energy
-    if rounding <= ROUNDING_SHARE * energy:
-        allowed = max(allowed, ROUNDING_TAIL * rounding)
-    within = (tail <= allowed).nonzero()
-    return int(within[0]) + 1 if len(within) else None
-
-
-def low_rank_bands(m: int, n: int, nbytes: int, group_size: int, rank: int) -> list[list[int]]:
-    """The bands of a delta of ``rank`` in ``nbytes``: all ``rank`` singular triplets at the first width of
-    ``LOW_RANK_BITS`` they fit at, the largest of them at the width before where the bytes allow."""
-    bits = next(b for b in LOW_RANK_BITS if band_nbytes(m, n, b, rank, group_size) <= nbytes)
-    if bits == LOW_RANK_BITS[0]:
-        return [[bits, rank]]
-    higher = LOW_RANK_BITS[LOW_RANK_BITS.index(bits) - 1]
-    top = max(a for a in range(rank + 1)
-              if band_nbytes(m, n, higher, a, group_size) + band_nbytes(m, n, bits, rank - a, group_size) <= nbytes)
-    return [[higher, top], [bits, rank - top]]
-
-
-def stores_at_least(entry: dict[str, Any], bands: Sequence[Sequence[int]]) -> bool:
-    """Whether ``entry`` is bands alone that give each singular triplet of ``bands`` at least its bits (a configured
-    split that stores a delta of that rank as well already: it is kept)."""
-    if any(entry.get(k) for k in ("sparse", "sparse_bands", "vq", "sign")):
-        return False
-    mine = [int(b) for b, r in entry.get("bands", []) for _ in range(int(r))]
-    wanted = [int(b) for b, r in bands for _ in range(int(r))]
-    return len(mine) >= len(wanted) and all(x >= y for x, y in zip(mine, wanted))
-
-
-def low_rank_entry(entry: dict[str, Any], bands: Sequence[Sequence[int]]) -> dict[str, Any]:
-    """``entry`` (any method's) as ``bands`` alone."""
-    return {"shape": list(entry["shape"]), "bands": [list(b) for b in bands], "group_size": entry["group_size"],
-            "bias": bool(entry.get("bias", False)), "format": FORMAT_VERSION}  # fmt: skip
 
 
 def module_kind(name: str, shape: Sequence[int]) -> str:

@@ -45,18 +45,8 @@ from ..quant.hessian import HESSIAN_MEMORY, model_hessians
 from .allocation import allocate_adaptive
 from .endtoend import METRIC, EndToEndCheck
 from .impart import resplit
-from .modules import (
-    compress_module,
-    low_rank_bands,
-    low_rank_entry,
-    low_rank_of,
-    module_kind,
-    plan_entry,
-    rounding_energy,
-    rtn_bands_dense,
-    stores_at_least,
-    with_changes,
-)
+from .low_rank import low_rank_bands, low_rank_entry, low_rank_of, rounding_energy, stores_at_least
+from .modules import compress_module, module_kind, plan_entry, rtn_bands_dense, with_changes
 from .search import search_specs
 from .svd import reuse_svd_if_fits, svd
 from .unspent import spend_unspent
@@ -187,9 +177,9 @@ def plan_layouts(
 
 def _low_ranks(config: DeltaCoMeConfig, live: Sequence[str], shapes: dict[str, tuple[int, int]],
                read: Callable[[str], tuple[torch.Tensor, torch.Tensor]], progress: bool) -> dict[str, int]:  # fmt: skip
-    """``deltacome``: the rank of each changed target whose delta is of low rank (:func:`.modules.low_rank_of`; ``read``
+    """``deltacome``: the rank of each changed target whose delta is of low rank (:func:`.low_rank.low_rank_of`; ``read``
     gives its delta and fine-tuned weight), e.g. a merged LoRA's, which it then stores as that many singular triplets
-    at the most bits that fit (:func:`.modules.low_rank_bands`; the bytes left are not spent: there is no more)."""
+    at the most bits that fit (:func:`.low_rank.low_rank_bands`; the bytes left are not spent: there is no more)."""
     if config.method != "deltacome" or not live:
         return {}
     bar = progress_bar(len(live), progress, "Checking the deltas' ranks", unit="module")
