@@ -42,16 +42,15 @@ def low_rank_of(delta: torch.Tensor, nbytes: int, group_size: int, rounding: flo
     """The rank ``k`` of ``delta`` when it is of low rank for ``nbytes`` bytes (``None``: it is not): ``k`` singular
     triplets fit at ``LOW_RANK_BITS[-1]`` bits, ``k`` is at most ``LOW_RANK_SHARE`` of the ranks the shape allows (a
     LoRA's rank is a small share of them; a full fine-tune's delta at a generous ratio keeps the method's layout),
-    and they leave at most ``LOW_RANK_TAIL`` of its energy, or at most
-    ``ROUNDING_TAIL`` times ``rounding`` (:func:`rounding_energy` of the fine-tune's weight: what is left is the
-    checkpoint's rounding, as for a LoRA merged into bfloat16 weights) where that is at most ``ROUNDING_SHARE`` of
-    the delta's energy (a delta about the size of its rounding, as a short full fine-tune saved in bfloat16 can be,
-    mostly rounds to zero: the expected rounding energy says nothing of it). :func:`low_rank_bands` then stores those
-    ``k`` alone, at the most bits that fit, where the configured split would quantize them at 3 or 2 bits and spend
-    the rest on directions the delta does not have, and DARE would drop its entries at random. A full fine-tune's
-    delta (a long tail) is not of low rank: of SmolLM2's `dates` and `facts` fine-tunes no module is at 1/4-1/128
-    (at 1/8 at least 0.2% of each module's energy lies beyond the rank 3 bits store), and one of `facts` in bfloat16
-    at 1/8.
+    and they leave at most ``LOW_RANK_TAIL`` of its energy, or at most ``ROUNDING_TAIL`` times ``rounding``
+    (:func:`rounding_energy` of the fine-tune's weight: what is left is the checkpoint's rounding, as for a LoRA
+    merged into bfloat16 weights) where that is at most ``ROUNDING_SHARE`` of the delta's energy (a delta about the
+    size of its rounding, as a short full fine-tune saved in bfloat16 can be, mostly rounds to zero: the expected
+    rounding energy says nothing of it). :func:`low_rank_bands` then stores those ``k`` alone, at the most bits that
+    fit, where the configured split would quantize them at 3 or 2 bits and spend the rest on directions the delta
+    does not have, and DARE would drop its entries at random. A full fine-tune's delta (a long tail) is not of low
+    rank: of SmolLM2's `dates` and `facts` fine-tunes no module is at 1/4-1/128 (at 1/8 at least 0.2% of each
+    module's energy lies beyond the rank 3 bits store), and one of `facts` in bfloat16 at 1/8.
 
     The singular values are exact where the rank asked is over half the matrix's, else from one seeded pass of a
     randomized range finder (two products with the delta, a few milliseconds on SmolLM2's layers): values at most
