@@ -11,7 +11,8 @@
    layer ``i + 1`` its inputs.
 
 Only the decoder linears are quantized (embeddings, norms and ``lm_head`` stay as they are; GPT-2's ``Conv1D`` as the
-``nn.Linear`` it computes, ``model.dequantize()`` giving a ``Conv1D`` back); "bits per weight" is over those linears and counts every stored byte: codes with their row padding, scales, zeros, low-rank factors.
+``nn.Linear`` it computes, ``model.dequantize()`` giving a ``Conv1D`` back); "bits per weight" is over those linears
+and counts every stored byte: codes with their row padding, scales, zeros, low-rank factors.
 """
 
 from __future__ import annotations
