@@ -100,7 +100,8 @@ def finetune(
     progress: bool = True,
     lora_rank: Optional[int] = None,
 ) -> Path:
-    """Full fine-tune of the base (SmolLM2-135M-Instruct by default) on ``task``; returns the model directory.
+    """Full fine-tune (or a LoRA merged: ``lora_rank``) of the base (SmolLM2-135M-Instruct by default) on ``task``;
+    returns the model directory.
 
     Every decoder weight (attention, MLP, norms) is trained with AdamW (linear warm-up then linear decay, gradient
     clipping at ``max_grad_norm``) on the task's train split, loss on the answer tokens only. The token embeddings
