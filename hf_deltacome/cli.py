@@ -158,7 +158,7 @@ def _why_in_memory(args: argparse.Namespace) -> str | None:
     calibration text sampled from the fine-tune need both models; larger pairs stream one decoder layer at a time.
     """
     from .compression.streaming import available_memory, checkpoint_bytes, local_folder, why_not_streamable
-    from .loading import is_adapter_folder
+    from .io.adapter_files import is_adapter_folder
 
     if args.in_memory and args.stream:
         raise DeltaCoMeError("--in-memory and --stream contradict each other; pass one")
@@ -208,12 +208,13 @@ def _tokenizers(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _load_pair(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
-    from .loading import is_adapter_folder, load_merged_adapter, load_model_and_tokenizer
+    from .io.adapter_files import is_adapter_folder
+    from .loading import load_merged_adapter, load_model_and_tokenizer
     from .multimodal import is_vlm
 
     base, base_tok = load_model_and_tokenizer(args.base, "base", args.dtype)
     if is_adapter_folder(args.finetuned):  # a LoRA (or any PEFT adapter): merged into its own copy of the base
-        finetuned, ft_tokenizer = load_merged_adapter(args.base, args.finetuned, args.dtype)
+        finetuned, ft_tokenizer = load_merged_adapter(base, args.base, args.finetuned)
     else:
         finetuned, ft_tokenizer = load_model_and_tokenizer(args.finetuned, "finetuned", args.dtype)
     # a VLM's processor and chat template come from the base; a text model's tokenizer from the fine-tune

@@ -7,6 +7,7 @@ path, instead of a traceback from deep inside transformers.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -49,34 +50,25 @@ def load_model_and_tokenizer(name_or_path: str, role: str, dtype: str, device_ma
     return model.eval(), tokenizer
 
 
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def is_adapter_folder(name_or_path: Any) -> bool:
-    """Whether ``name_or_path`` is a local PEFT adapter folder (``adapter_config.json``, no model ``config.json``)."""
-    folder = Path(name_or_path)
-    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
-
-
-def load_merged_adapter(base: str, adapter: str, dtype: str) -> tuple[nn.Module, Any]:
-    """The fine-tune an adapter folder stands for: ``base`` loaded again with the adapter merged into it (PEFT's own
-    ``merge_and_unload``, whatever the adapter's method), and a tokenizer (the adapter's, else the base's)."""
+def load_merged_adapter(base: nn.Module, base_name: str, adapter: str) -> tuple[nn.Module, Any]:
+    """The fine-tune an adapter folder stands for: a copy of the loaded ``base`` with the adapter merged into it
+    (PEFT's own ``merge_and_unload``, whatever the adapter's method), and the adapter's tokenizer (``None``: it has
+    none)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    model, tokenizer = load_model_and_tokenizer(base, "base", dtype)
     try:
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        merged = PeftModel.from_pretrained(copy.deepcopy(base), adapter).merge_and_unload()
     except Exception as e:  # a mismatched base (shapes), an unknown method, an adapter that cannot merge
         raise DeltaCoMeError(
-            f"--finetuned {adapter!r} is a PEFT adapter and does not merge into --base {base!r}: "
+            f"--finetuned {adapter!r} is a PEFT adapter and does not merge into --base {base_name!r}: "
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         ) from e
     merged.config._name_or_path = str(adapter)  # the fine-tune's name (the adapter's card, the output check)
     try:
         tokenizer = AutoTokenizer.from_pretrained(adapter)
     except (OSError, ValueError, TypeError):
-        pass
+        tokenizer = None
     return merged.eval(), tokenizer
 
 

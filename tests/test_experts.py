@@ -229,11 +229,7 @@ def test_engine_serves_expert_adapters_side_by_side(two_adapters):
 
 def test_gpt_oss_experts_with_biases_round_trip(tmp_path):
     """Transposed (in x out) expert weights with biases and a clamped interleaved gate."""
-
-    def gpt_oss() -> nn.Module:
-        return tiny_mixture("GptOss")
-
-    base, x = gpt_oss(), ids(2, 4, 32)
+    base, x = tiny_mixture("GptOss"), ids(2, 4, 32)
     ft = copy.deepcopy(base)
     with torch.no_grad():
         ft.model.layers[0].mlp.experts.gate_up_proj.add_(0.02 * torch.randn(ft.model.layers[0].mlp.experts.gate_up_proj.shape))
@@ -245,7 +241,7 @@ def test_gpt_oss_experts_with_biases_round_trip(tmp_path):
     assert error(model, ft, base, x) < 0.5
     before = logits(model, x)
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(gpt_oss(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_mixture("GptOss"), tmp_path)
     assert torch.equal(logits(loaded, x), before)
     merged = loaded.merge_and_unload()
     assert merged.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 64, 128)
@@ -312,10 +308,7 @@ def tiny_mixture(arch: str) -> nn.Module:
 
 @pytest.mark.parametrize("arch", sorted(FAMILIES))
 def test_other_mixture_families_round_trip(arch, tmp_path):
-    def make() -> nn.Module:
-        return tiny_mixture(arch)
-
-    base, x = make(), ids(2, 2, 24)
+    base, x = tiny_mixture(arch), ids(2, 2, 24)
     ft = copy.deepcopy(base)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -327,7 +320,7 @@ def test_other_mixture_families_round_trip(arch, tmp_path):
     assert fused == [n for n, m in base.named_modules() if is_fused_experts(m)]
     before = logits(model, x)
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(make(), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_mixture(arch), tmp_path)
     assert torch.equal(logits(loaded, x), before)
     merged = loaded.merge_and_unload()
     assert [n for n, m in merged.named_modules() if is_fused_experts(m)] == fused

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DeltaCoMeError
-from ..io.adapter_files import SAFETENSORS_DTYPES
+from ..io.adapter_files import SAFETENSORS_DTYPES, is_adapter_folder
 from ..io.fingerprint import fingerprint_json
 from ..linears import is_conv1d, unfuse_experts
 from ..progress import progress_bar
@@ -71,7 +71,7 @@ def why_not_streamable(name_or_path: str | os.PathLike) -> str | None:
     if not folder.is_dir():
         return None  # a Hub id: decided once its snapshot is there
     if not (folder / WEIGHTS_NAME).is_file() and not (folder / INDEX_NAME).is_file():
-        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        if is_adapter_folder(folder):
             return (f"{folder} is a PEFT adapter, not a model (pass the fine-tune it makes: "
                     "PeftModel.from_pretrained(base, folder).merge_and_unload(), on its own copy of the base, with "
                     "the base loaded too; `deltacome compress` merges an adapter folder itself)")  # fmt: skip

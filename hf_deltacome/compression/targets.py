@@ -88,16 +88,13 @@ def model_kind(base: nn.Module, finetuned: nn.Module) -> ModelKind:
     """The registered kind of ``base`` (text LMs when no other kind claims it); PEFT models are refused, and so are
     quantized ones (but an AMLQ base, which :func:`~.pipeline.compress` reads through its dense view)."""
     for role, model in (("base", base), ("fine-tuned", finetuned)):
-        if _is_peft(model) and role == "fine-tuned":
+        if _is_peft(model):
             raise IncompatibleModelsError(
                 f"the fine-tuned model is a PEFT model ({type(model).__name__}); pass the fine-tune it makes: the "
                 "adapter merged into its own copy of the base (PeftModel.from_pretrained(<base loaded again>, "
-                "<adapter>).merge_and_unload()), not into the base passed as base_model"
-            )
-        if _is_peft(model):
-            raise IncompatibleModelsError(
-                f"the {role} model is already a PEFT model ({type(model).__name__}); pass the plain transformers model"
-            )
+                "<adapter>).merge_and_unload()), not into the base passed as base_model" if role == "fine-tuned" else
+                f"the base model is already a PEFT model ({type(model).__name__}); pass the plain transformers model"
+            )  # fmt: skip
         method = _quant_method(model)
         if method is not None and not (role == "base" and method == "amlq"):
             raise IncompatibleModelsError(

@@ -17,6 +17,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -40,6 +41,13 @@ MAX_ABS = 1e6
 DELTA_MARKER = ".deltacome_delta."
 BLOB_SUFFIX = ".deltacome_delta.blob"  # format 2: one tensor per module
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def is_adapter_folder(path: PathLike) -> bool:
+    """Whether ``path`` is a local PEFT adapter folder (``adapter_config.json``, no model ``config.json``)."""
+    folder = Path(path)
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
 
 # safetensors dtype names -> torch dtypes (sizes for byte counts come from the torch dtype)
 SAFETENSORS_DTYPES = {
