@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from test_streaming import loaded, save_pair, written
 from tiny_models import logits, make_finetune, make_model, random_ids, target_linears
 
 from hf_deltacome import DeltaCoMeConfig
+from hf_deltacome.compression import low_rank
 from hf_deltacome.compression.low_rank import low_rank_bands, low_rank_of, rounding_energy, stores_at_least
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.format.budget import band_nbytes, budget_bytes
@@ -80,6 +82,21 @@ def test_rounding_of_a_bfloat16_checkpoint_is_not_taken_for_rank():
     tiny = small_ft.float() - w.float()
     assert rounding_energy(small_ft) > 0.05 * float(tiny.square().sum())
     assert low_rank_of(tiny, budget, 128, rounding_energy(small_ft)) is None
+
+
+def test_the_probe_sees_a_bfloat16_merged_loras_weak_directions_through_its_rounding(monkeypatch):
+    """A LoRA whose 16 singular values fall to half, merged into bfloat16 weights (rounding 1% of its energy): at a
+    budget that asks for few probe columns, one pass of the range finder sees part of the weak directions as tail
+    (no rank at 1/32, 27 at 1/16); the power iteration finds the 16 there are."""
+    g = torch.Generator().manual_seed(0)
+    w = (0.05 * torch.randn(128, 1024, generator=g)).to(torch.bfloat16)
+    u, v = torch.linalg.qr(torch.randn(128, 16, generator=g)).Q, torch.linalg.qr(torch.randn(1024, 16, generator=g)).Q
+    ft = (w.float() + 0.1 * (u * torch.logspace(0, math.log10(0.5), 16)) @ v.T).to(torch.bfloat16)
+    delta, noise = ft.float() - w.float(), rounding_energy(ft)
+    small, large = budget_bytes(128, 1024, 1 / 32), budget_bytes(128, 1024, 1 / 16)
+    assert low_rank_of(delta, small, 128, noise) == low_rank_of(delta, large, 128, noise) == 16
+    monkeypatch.setattr(low_rank, "POWER_ITERATIONS", 0)
+    assert low_rank_of(delta, small, 128, noise) is None and low_rank_of(delta, large, 128, noise) > 16
 
 
 def test_the_bands_of_a_low_rank_delta_and_when_a_split_stores_it_already():
