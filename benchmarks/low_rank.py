@@ -2,17 +2,20 @@
 """A merged LoRA as the fine-tune: what the default stores of a delta of low rank, against what it stored before.
 
     python benchmarks/low_rank.py [--task facts] [--rank 16] [--lr 2e-3] [--ratios 1/16,1/32,1/64] [--n-eval N]
-                                  [--bfloat16]
+                                  [--bfloat16] [--variants default,lowrank,...]
 
 The fine-tune is a LoRA of rank ``--rank`` on every decoder linear of SmolLM2-135M-Instruct, trained on the task's
 training split by ``zoo.finetune(..., lora_rank=R)`` (the full fine-tune's loop; cached) and merged into the weights:
 a checkpoint whose delta has rank R in every linear (``--bfloat16``: merged into the base in bfloat16 and rounded
-there once, as a merged LoRA from the Hub usually is: its delta is the LoRA plus that rounding). At each ratio:
+there once, as a merged LoRA from the Hub usually is: its delta is the LoRA plus that rounding; ``--rank 0``: the
+task's full fine-tune instead, to see what the rule does to a delta that is not a LoRA's). At each ratio:
 
 * ``default``: ``compress`` as it runs now; every delta of low rank (``compression.low_rank.low_rank_of``) is stored
   as its R singular triplets at the most bits that fit, and the bytes it does not need are left unspent;
 * ``default, rank rule off``: the same with that rule switched off (what the default stored before: the MLP as
   2-bit DARE from 1/8 down, the attention's bands split 8/3/2 bits over as many ranks as the budget buys);
+* ``default, one-pass probe``: the default with the rank probe's power iteration switched off (what it was
+  before ``ee34adc``);
 * ``lowrank``: the plain truncated SVD in float16 at the rank the budget buys (what storing the LoRA's factors as
   they are amounts to, at that budget).
 
@@ -45,23 +48,30 @@ import hf_deltacome.compression.low_rank as low_rank  # noqa: E402
 from hf_deltacome import DeltaCoMeConfig, parse_ratio  # noqa: E402
 from hf_deltacome.compression.pipeline import compress  # noqa: E402
 
-VARIANTS = ("default", "default, rank rule off", "lowrank")
+VARIANTS = {"default": "default", "rule-off": "default, rank rule off", "one-pass": "default, one-pass probe",
+            "lowrank": "lowrank"}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="facts", help="built-in task (default: %(default)s)")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank; 0: the full fine-tune (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 2e-3 for a LoRA, the task's own for its full fine-tune)")
     p.add_argument("--ratios", default="1/16,1/32,1/64", help="comma-separated ratios (default: %(default)s)")
     p.add_argument("--n-eval", type=int, default=None, help="held-out questions to score (default: all)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     p.add_argument("--bfloat16", action="store_true",
                    help="the base in bfloat16 and the LoRA merged into it, rounded once (a merged LoRA as the Hub "
                         "ships one: its delta is the LoRA plus that rounding)")  # fmt: skip
+    p.add_argument("--variants", default="default,rule-off,lowrank",
+                   help=f"comma-separated, of {', '.join(VARIANTS)} (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.rank < 1 or args.threads < 1:
-        p.error("--rank and --threads must be >= 1")
+    if args.rank < 0 or args.threads < 1:
+        p.error("--rank must be >= 0 and --threads >= 1")
+    args.variants = args.variants.split(",")
+    if unknown := [v for v in args.variants if v not in VARIANTS]:
+        p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     args.ratios = [parse_ratio(r) for r in args.ratios.split(",")]
     return args
 
@@ -87,6 +97,9 @@ def run(variant: str, ratio: float, ctx: dict, folder: Path) -> dict:
     saved = low_rank.LOW_RANK_TAIL, low_rank.ROUNDING_TAIL
     if variant == "default, rank rule off":
         low_rank.LOW_RANK_TAIL = low_rank.ROUNDING_TAIL = -math.inf
+    iterations = low_rank.POWER_ITERATIONS
+    if variant == "default, one-pass probe":
+        low_rank.POWER_ITERATIONS = 0
     try:
         t = time.time()
         model = compress(load_base(ctx), ctx["ft"], cfg, calibration=ctx["calib"],
@@ -94,6 +107,7 @@ def run(variant: str, ratio: float, ctx: dict, folder: Path) -> dict:
         seconds = time.time() - t
     finally:
         low_rank.LOW_RANK_TAIL, low_rank.ROUNDING_TAIL = saved
+        low_rank.POWER_ITERATIONS = iterations
     model.save_pretrained(folder)
     layout = model.peft_config["default"].layout
     del model
@@ -122,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     task = zoo.get_task(args.task)
     base_path = zoo.smollm2_path()
-    ft_path = zoo.finetune(task, lr=args.lr, lora_rank=args.rank)
+    lr = args.lr if args.lr is not None or not args.rank else 2e-3
+    ft_path = zoo.finetune(task, lr=lr, lora_rank=args.rank or None)
     tokenizer = AutoTokenizer.from_pretrained(ft_path)
     ft = Q.load_model(ft_path)
     if args.bfloat16:
@@ -135,17 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     ref = {"fine-tune": score(ft, ctx), "base": score(load_base(ctx), ctx)}
     lora_bytes = sum(args.rank * sum(m.weight.shape) * 2 for n, m in ft.named_modules()
                      if isinstance(m, torch.nn.Linear) and ".layers." in n)  # fmt: skip
-    print(f"\nmerged LoRA of rank {args.rank} on every decoder linear of SmolLM2-135M-Instruct, task {task.name!r}"
+    what = f"merged LoRA of rank {args.rank} on every decoder linear" if args.rank else "full fine-tune"
+    print(f"\n{what} of SmolLM2-135M-Instruct, task {task.name!r}"
           f"{', merged into the bfloat16 base and rounded once' if args.bfloat16 else ''} "
-          f"(lr {args.lr:g}; revision {Q.code_revision()}; {args.threads} threads); its factors in float16: "
-          f"{lora_bytes:,} B", flush=True)  # fmt: skip
+          f"(lr {lr or 'the task default'}; revision {Q.code_revision()}; {args.threads} threads)"
+          f"{f'; its factors in float16: {lora_bytes:,} B' if args.rank else ''}", flush=True)  # fmt: skip
     print(f"base answers {ref['base']['right']}, the fine-tune {ref['fine-tune']['right']} of "
           f"{len(task.eval[: args.n_eval])} held-out questions\n", flush=True)  # fmt: skip
     print("| ratio | variant | true bytes | right | agreement | compress s | layouts |")
     print("|---|---|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in args.ratios:
-            for i, variant in enumerate(VARIANTS):
+            for i, variant in enumerate(VARIANTS[v] for v in args.variants):
                 r = run(variant, ratio, ctx, Path(tmp) / f"{ratio}-{i}")
                 print(f"| 1/{1 / ratio:g} | {variant} | {r['bytes']:,} | {r['right']} | {100 * r['agreement']:.1f}% | "
                       f"{r['seconds']:.0f} | {'; '.join(r['layouts'])[:80]} |", flush=True)  # fmt: skip
