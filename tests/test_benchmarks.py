@@ -477,14 +477,20 @@ def test_amlq_benchmark_refuses_bad_flags_by_name_before_any_model_loads(capsys)
 
 
 def test_low_rank_benchmark_flags_and_its_rule_switch(capsys, monkeypatch):
-    """benchmarks/low_rank.py refuses a rank or thread count below 1 by name; its "rank rule off" variant (both
-    tails at -inf) does switch the rule off: an exact rank-3 matrix is then not of low rank."""
+    """benchmarks/low_rank.py refuses a negative rank, a thread count below 1 and an unknown variant by name (rank 0:
+    the full fine-tune); its "rank rule off" variant (both tails at -inf) does switch the rule off: an exact rank-3
+    matrix is then not of low rank."""
     low = benchmark("low_rank")
     with pytest.raises(SystemExit):
-        low.parse_args(["--rank", "0"])
-    assert "--rank and --threads must be >= 1" in capsys.readouterr().err
+        low.parse_args(["--rank", "-1"])
+    assert "--rank must be >= 0 and --threads >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        low.parse_args(["--variants", "default,one-pas"])
+    assert "unknown ['one-pas']" in capsys.readouterr().err
     args = low.parse_args(["--ratios", "1/16,1/64"])
-    assert args.ratios == [1 / 16, 1 / 64] and args.rank == 16
+    assert args.ratios == [1 / 16, 1 / 64] and args.rank == 16 and args.lr is None
+    assert [low.VARIANTS[v] for v in args.variants] == ["default", "default, rank rule off", "lowrank"]
+    assert low.parse_args(["--rank", "0", "--variants", "one-pass"]).variants == ["one-pass"]
     import torch
 
     import hf_deltacome.compression.low_rank as low_rank

@@ -191,6 +191,7 @@ def compress(
             pair.base, pair.finetuned, targets, with_changes(plan_config, ratio=budget["factor_ratio"]),
             calibration_ids=calib.input_ids if calib is not None else None, bias_changed=changes.bias_changed,
             unchanged=changes.unchanged, progress=progress, deltas=pair.read_delta if pair.streamed else None,
+            device=device,
         )  # fmt: skip
         plan_info.update(budget=budget, **notes)
         warn_degenerate(config, targets, changes)

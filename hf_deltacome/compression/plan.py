@@ -66,6 +66,7 @@ def plan_layouts(
     unchanged: set[str] | None = None,
     progress: bool = False,
     deltas: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    device: torch.device | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The layout entry of every target (method, search and allocation applied) and a record of the choices.
 
@@ -75,7 +76,8 @@ def plan_layouts(
     Without data ``"auto"`` means the published split and both fall back to the plain Frobenius error.
     ``unchanged``: the targets whose weight did not change (:mod:`.changes`: within the rounding of the dtypes);
     default: those bit-identical in both models. ``deltas``: reads a target's delta and fine-tuned weight where the
-    models' weights are not in memory (a streamed pair), for the check of each delta's rank (:func:`_low_ranks`).
+    models' weights are not in memory (a streamed pair), for the check of each delta's rank (:func:`_low_ranks`),
+    which computes on ``device`` (the run's work device; default: the CPU).
     """
     t0 = time.time()
     bias_changed = bias_changed or {}
@@ -104,7 +106,8 @@ def plan_layouts(
         return wf.detach().to(torch.float32).cpu() - wb
 
     check: EndToEndCheck | None = None
-    low = _low_ranks(config, live, shapes, deltas or (lambda nm: (delta_of(nm), ft_mods[nm].weight)), progress)
+    read = deltas or (lambda nm: (delta_of(nm), ft_mods[nm].weight))
+    low = _low_ranks(config, live, shapes, read, progress, device)
     if live and len(low) == len(live):  # every changed delta is of low rank: no split or residual to choose
         auto_share = auto_residual = False
         config = with_changes(config, min_rank_share=0.0) if config.min_rank_share == "auto" else config
@@ -176,7 +179,8 @@ def plan_layouts(
 
 
 def _low_ranks(config: DeltaCoMeConfig, live: Sequence[str], shapes: dict[str, tuple[int, int]],
-               read: Callable[[str], tuple[torch.Tensor, torch.Tensor]], progress: bool) -> dict[str, int]:  # fmt: skip
+               read: Callable[[str], tuple[torch.Tensor, torch.Tensor]], progress: bool,
+               device: torch.device | None = None) -> dict[str, int]:  # fmt: skip
     """``deltacome``: the rank of each changed target whose delta is of low rank (:func:`.low_rank.low_rank_of`; ``read``
     gives its delta and fine-tuned weight), e.g. a merged LoRA's, which it then stores as that many singular triplets
     at the most bits that fit (:func:`.low_rank.low_rank_bands`; the bytes left are not spent: there is no more)."""
@@ -186,6 +190,7 @@ def _low_ranks(config: DeltaCoMeConfig, live: Sequence[str], shapes: dict[str, t
     out: dict[str, int] = {}
     for nm in live:
         delta, weight = read(nm)
+        delta = delta.to(device) if device is not None else delta
         rank = low_rank_of(delta, budget_bytes(*shapes[nm], config.ratio), config.group_size, rounding_energy(weight))
         if rank is not None:
             out[nm] = rank
