@@ -2,12 +2,13 @@
 """A merged LoRA as the fine-tune: what the default stores of a delta of low rank, against what it stored before.
 
     python benchmarks/low_rank.py [--task facts] [--rank 16] [--lr 2e-3] [--ratios 1/16,1/32,1/64] [--n-eval N]
-                                  [--bfloat16] [--variants default,lowrank,...]
+                                  [--bfloat16 | --float16] [--variants default,lowrank,...]
 
 The fine-tune is a LoRA of rank ``--rank`` on every decoder linear of SmolLM2-135M-Instruct, trained on the task's
 training split by ``zoo.finetune(..., lora_rank=R)`` (the full fine-tune's loop; cached) and merged into the weights:
 a checkpoint whose delta has rank R in every linear (``--bfloat16``: merged into the base in bfloat16 and rounded
-there once, as a merged LoRA from the Hub usually is: its delta is the LoRA plus that rounding; ``--rank 0``: the
+there once, as a merged LoRA from the Hub usually is: its delta is the LoRA plus that rounding; ``--float16`` the
+same in float16; ``--rank 0``: the
 task's full fine-tune instead, to see what the rule does to a delta that is not a LoRA's). At each ratio:
 
 * ``default``: ``compress`` as it runs now; every delta of low rank (``compression.low_rank.low_rank_of``) is stored
@@ -61,9 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratios", default="1/16,1/32,1/64", help="comma-separated ratios (default: %(default)s)")
     p.add_argument("--n-eval", type=int, default=None, help="held-out questions to score (default: all)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
-    p.add_argument("--bfloat16", action="store_true",
-                   help="the base in bfloat16 and the LoRA merged into it, rounded once (a merged LoRA as the Hub "
-                        "ships one: its delta is the LoRA plus that rounding)")  # fmt: skip
+    dtype = p.add_mutually_exclusive_group()
+    dtype.add_argument("--bfloat16", dest="dtype", action="store_const", const=torch.bfloat16, default=torch.float32,
+                       help="the base in bfloat16 and the fine-tune merged into it, rounded once (a merged LoRA as "
+                            "the Hub ships one: its delta is the LoRA plus that rounding)")
+    dtype.add_argument("--float16", dest="dtype", action="store_const", const=torch.float16,
+                       help="the same in float16")  # fmt: skip
     p.add_argument("--variants", default="default,rule-off,lowrank",
                    help=f"comma-separated, of {', '.join(VARIANTS)} (default: %(default)s)")
     args = p.parse_args(argv)
@@ -77,19 +81,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def merged_in_bfloat16(base: torch.nn.Module, ft: torch.nn.Module) -> torch.nn.Module:
-    """``ft``'s delta against ``base`` (both float32) added to ``base`` rounded to bfloat16, the sum rounded there
-    once: a LoRA merged into a bfloat16 checkpoint."""
+def merged_rounded(base: torch.nn.Module, ft: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``ft``'s delta against ``base`` (both float32) added to ``base`` rounded to ``dtype``, the sum rounded there
+    once: a LoRA merged into a bfloat16 (or float16) checkpoint."""
     fine, full = dict(ft.named_parameters()), dict(base.named_parameters())
-    out = copy.deepcopy(base).to(torch.bfloat16)
+    out = copy.deepcopy(base).to(dtype)
     for name, p in out.named_parameters():
-        p.copy_((p.float() + (fine[name].float() - full[name].float())).to(torch.bfloat16))
+        p.copy_((p.float() + (fine[name].float() - full[name].float())).to(dtype))
     return out
 
 
 def load_base(ctx: dict) -> torch.nn.Module:
     model = Q.load_model(ctx["base_path"])
-    return model.to(torch.bfloat16) if ctx["bfloat16"] else model
+    return model.to(ctx["dtype"])
 
 
 def run(variant: str, ratio: float, ctx: dict, folder: Path) -> dict:
@@ -140,19 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     ft_path = zoo.finetune(task, lr=lr, lora_rank=args.rank or None)
     tokenizer = AutoTokenizer.from_pretrained(ft_path)
     ft = Q.load_model(ft_path)
-    if args.bfloat16:
-        ft = merged_in_bfloat16(Q.load_model(base_path), ft)
+    if args.dtype != torch.float32:
+        ft = merged_rounded(Q.load_model(base_path), ft, args.dtype)
     windows = Q.heldout_windows(task, tokenizer)
     _, _, ft_argmax = Q.text_scores(ft, windows, None)
     ctx = {"base_path": base_path, "ft": ft, "tokenizer": tokenizer, "windows": windows, "ft_argmax": ft_argmax,
            "zoo": zoo, "task": task, "n_eval": args.n_eval, "calib": Q.calibration_texts(task, tokenizer),
-           "bfloat16": args.bfloat16}  # fmt: skip
+           "dtype": args.dtype}  # fmt: skip
     ref = {"fine-tune": score(ft, ctx), "base": score(load_base(ctx), ctx)}
     lora_bytes = sum(args.rank * sum(m.weight.shape) * 2 for n, m in ft.named_modules()
                      if isinstance(m, torch.nn.Linear) and ".layers." in n)  # fmt: skip
     what = f"merged LoRA of rank {args.rank} on every decoder linear" if args.rank else "full fine-tune"
     print(f"\n{what} of SmolLM2-135M-Instruct, task {task.name!r}"
-          f"{', merged into the bfloat16 base and rounded once' if args.bfloat16 else ''} "
+          f"{f', merged into the {str(args.dtype)[6:]} base and rounded once' if args.dtype != torch.float32 else ''} "
           f"(lr {lr or 'the task default'}; revision {Q.code_revision()}; {args.threads} threads)"
           f"{f'; its factors in float16: {lora_bytes:,} B' if args.rank else ''}", flush=True)  # fmt: skip
     print(f"base answers {ref['base']['right']}, the fine-tune {ref['fine-tune']['right']} of "

@@ -480,6 +480,10 @@ def test_low_rank_benchmark_flags_and_its_rule_switch(capsys, monkeypatch):
     """benchmarks/low_rank.py refuses a negative rank, a thread count below 1 and an unknown variant by name (rank 0:
     the full fine-tune); its "rank rule off" variant (both tails at -inf) does switch the rule off: an exact rank-3
     matrix is then not of low rank."""
+    import torch
+
+    import hf_deltacome.compression.low_rank as low_rank
+
     low = benchmark("low_rank")
     with pytest.raises(SystemExit):
         low.parse_args(["--rank", "-1"])
@@ -491,10 +495,9 @@ def test_low_rank_benchmark_flags_and_its_rule_switch(capsys, monkeypatch):
     assert args.ratios == [1 / 16, 1 / 64] and args.rank == 16 and args.lr is None
     assert [low.VARIANTS[v] for v in args.variants] == ["default", "default, rank rule off", "lowrank"]
     assert low.parse_args(["--rank", "0", "--variants", "one-pass"]).variants == ["one-pass"]
-    import torch
-
-    import hf_deltacome.compression.low_rank as low_rank
-
+    assert args.dtype == torch.float32 and low.parse_args(["--float16"]).dtype == torch.float16
+    with pytest.raises(SystemExit):
+        low.parse_args(["--float16", "--bfloat16"])
     d = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) @ torch.randn(3, 96)
     assert low_rank.low_rank_of(d, 4096, 128) == 3
     monkeypatch.setattr(low_rank, "LOW_RANK_TAIL", -float("inf"))
