@@ -8,8 +8,8 @@ The fine-tune is a LoRA of rank ``--rank`` on every decoder linear of SmolLM2-13
 training split by ``zoo.finetune(..., lora_rank=R)`` (the full fine-tune's loop; cached) and merged into the weights:
 a checkpoint whose delta has rank R in every linear (``--bfloat16``: merged into the base in bfloat16 and rounded
 there once, as a merged LoRA from the Hub usually is: its delta is the LoRA plus that rounding; ``--float16`` the
-same in float16; ``--rank 0``: the
-task's full fine-tune instead, to see what the rule does to a delta that is not a LoRA's). At each ratio:
+same in float16; ``--rank 0``: the task's full fine-tune instead, to see what the rule does to a delta that is not a
+LoRA's). At each ratio:
 
 * ``default``: ``compress`` as it runs now; every delta of low rank (``compression.low_rank.low_rank_of``) is stored
   as its R singular triplets at the most bits that fit, and the bytes it does not need are left unspent;
