@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     task = zoo.get_task(args.task)
     base_path = zoo.smollm2_path()
-    lr = args.lr if args.lr is not None or not args.rank else 2e-3
+    lr = 2e-3 if args.lr is None and args.rank else args.lr  # a full fine-tune's default: the task's own
     ft_path = zoo.finetune(task, lr=lr, lora_rank=args.rank or None)
     tokenizer = AutoTokenizer.from_pretrained(ft_path)
     ft = Q.load_model(ft_path)
