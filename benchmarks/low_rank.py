@@ -17,6 +17,9 @@ LoRA's). At each ratio:
   2-bit DARE from 1/8 down, the attention's bands split 8/3/2 bits over as many ranks as the budget buys);
 * ``default, one-pass probe``: the default with the rank probe's power iteration switched off (what it was
   before ``ee34adc``);
+* ``default, whole where the rank does not fit``: the default storing a module it would store whole (the MLP's
+  DARE, the attention's output projections from 1/64 down) as DARE where the delta's rank does not fit at 3 bits,
+  as before ``low_rank_of(..., beyond_budget=True)`` (since then: the split's strongest directions up to the rank);
 * ``lowrank``: the plain truncated SVD in float16 at the rank the budget buys (what storing the LoRA's factors as
   they are amounts to, at that budget).
 
@@ -30,11 +33,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,11 +52,12 @@ sys.path.insert(0, str(ROOT / "examples"))
 import quality as Q  # noqa: E402
 
 import hf_deltacome.compression.low_rank as low_rank  # noqa: E402
+import hf_deltacome.compression.plan as plan  # noqa: E402
 from hf_deltacome import DeltaCoMeConfig, parse_ratio  # noqa: E402
 from hf_deltacome.compression.pipeline import compress  # noqa: E402
 
 VARIANTS = {"default": "default", "rule-off": "default, rank rule off", "one-pass": "default, one-pass probe",
-            "lowrank": "lowrank"}  # fmt: skip
+            "lowrank": "lowrank", "beyond-off": "default, whole where the rank does not fit"}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,6 +98,11 @@ def merged_rounded(base: torch.nn.Module, ft: torch.nn.Module, dtype: torch.dtyp
     return out
 
 
+def within_budget(probe: Callable[..., int | None], *args: Any, **kwargs: Any) -> int | None:
+    """``probe`` (``low_rank_of``) asked for a rank that fits in the budget only, as the plan asked before."""
+    return probe(*args, **{**kwargs, "beyond_budget": False})
+
+
 def load_base(ctx: dict) -> torch.nn.Module:
     model = Q.load_model(ctx["base_path"])
     return model.to(ctx["dtype"])
@@ -104,6 +116,8 @@ def run(variant: str, ratio: float, ctx: dict, folder: Path) -> dict:
     iterations = low_rank.POWER_ITERATIONS
     if variant == "default, one-pass probe":
         low_rank.POWER_ITERATIONS = 0
+    if variant == "default, whole where the rank does not fit":
+        plan.low_rank_of = functools.partial(within_budget, low_rank.low_rank_of)
     try:
         t = time.time()
         model = compress(load_base(ctx), ctx["ft"], cfg, calibration=ctx["calib"],
@@ -112,6 +126,7 @@ def run(variant: str, ratio: float, ctx: dict, folder: Path) -> dict:
     finally:
         low_rank.LOW_RANK_TAIL, low_rank.ROUNDING_TAIL = saved
         low_rank.POWER_ITERATIONS = iterations
+        plan.low_rank_of = low_rank.low_rank_of
     model.save_pretrained(folder)
     layout = model.peft_config["default"].layout
     del model

@@ -479,7 +479,7 @@ def test_amlq_benchmark_refuses_bad_flags_by_name_before_any_model_loads(capsys)
 def test_low_rank_benchmark_flags_and_its_rule_switch(capsys, monkeypatch):
     """benchmarks/low_rank.py refuses a negative rank, a thread count below 1 and an unknown variant by name (rank 0:
     the full fine-tune); its "rank rule off" variant (both tails at -inf) does switch the rule off: an exact rank-3
-    matrix is then not of low rank."""
+    matrix is then not of low rank; "beyond-off" probes only for a rank that fits."""
     import torch
 
     import hf_deltacome.compression.low_rank as low_rank
@@ -503,3 +503,8 @@ def test_low_rank_benchmark_flags_and_its_rule_switch(capsys, monkeypatch):
     monkeypatch.setattr(low_rank, "LOW_RANK_TAIL", -float("inf"))
     monkeypatch.setattr(low_rank, "ROUNDING_TAIL", -float("inf"))
     assert low_rank.low_rank_of(d, 4096, 128) is None
+    monkeypatch.undo()
+    # "whole where the rank does not fit": the probe asks for a rank within the budget only, whatever the plan asks
+    small = low_rank.band_nbytes(64, 96, 3, 2, 128)  # two ranks fit at 3 bits, not three
+    assert low_rank.low_rank_of(d, small, 128) is None and low_rank.low_rank_of(d, small, 128, beyond_budget=True) == 3
+    assert low.within_budget(low_rank.low_rank_of, d, small, 128, 0.0, beyond_budget=True) is None

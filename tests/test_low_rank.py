@@ -14,7 +14,13 @@ from tiny_models import logits, make_finetune, make_model, random_ids, target_li
 
 from hf_deltacome import DeltaCoMeConfig
 from hf_deltacome.compression import low_rank
-from hf_deltacome.compression.low_rank import low_rank_bands, low_rank_of, rounding_energy, stores_at_least
+from hf_deltacome.compression.low_rank import (
+    low_rank_bands,
+    low_rank_of,
+    rounding_energy,
+    stores_at_least,
+    strongest_directions,
+)
 from hf_deltacome.compression.pipeline import compress
 from hf_deltacome.format.budget import band_nbytes, budget_bytes
 
@@ -58,6 +64,23 @@ def test_low_rank_of_finds_the_rank_of_a_merged_lora_and_not_of_a_long_tail():
     small = budget_bytes(128, 2048, 1 / 64)  # 10 ranks at 3 bits: probed with 18 columns
     large = budget_bytes(128, 2048, 1 / 8)  # 64 and more: exact
     assert low_rank_of(wide, small, 128) == low_rank_of(wide, large, 128) == 6
+
+
+def test_a_rank_beyond_the_budget_is_found_where_asked_and_the_split_trimmed_to_it():
+    """``beyond_budget`` (a module the method stores whole): the rank is found though it does not fit at 3 bits, up to
+    a quarter of the ranks; a long tail still is not of low rank; the split keeps its bits, trimmed to the rank."""
+    d = lowrank_matrix(96, 160, RANK)
+    assert low_rank_of(d, 2 * 96, 128) is None and low_rank_of(d, 2 * 96, 128, beyond_budget=True) == RANK
+    assert low_rank_of(lowrank_matrix(96, 160, 30), 2 * 96, 128, beyond_budget=True) is None  # over a quarter of 96
+    base = make_model("llama")
+    ft = make_finetune(base)
+    for name in target_linears(base):
+        delta = ft.get_submodule(name).weight - base.get_submodule(name).weight
+        assert low_rank_of(delta, budget_bytes(*delta.shape, 1 / 64), 128, beyond_budget=True) is None, name
+    split = [[8, 2], [3, 5], [2, 9]]
+    assert strongest_directions(split, 10) == [[8, 2], [3, 5], [2, 3]]
+    assert strongest_directions(split, 1) == [[8, 1], [3, 0], [2, 0]]
+    assert strongest_directions(split, 40) == split == [[8, 2], [3, 5], [2, 9]]
 
 
 def test_rounding_of_a_bfloat16_checkpoint_is_not_taken_for_rank():
@@ -158,3 +181,42 @@ def test_a_streamed_merged_lora_in_bfloat16_writes_the_loaded_bytes(tmp_path):
     streamed = compress(b, f, cfg, progress=False)
     assert streamed.peft_config["default"].compression_info["low_rank"]["ranks"] == [RANK]
     assert written(streamed, tmp_path / "streamed") == written(reference, tmp_path / "loaded")
+
+
+def test_a_low_rank_delta_too_large_for_its_budget_keeps_its_strongest_directions_not_dare(monkeypatch, tmp_path):
+    """A merged LoRA of rank 10 at 1/32: the MLP's 160 x 64 deltas buy 6 ranks at 3 bits, so their rank does not
+    fit; the default would store them whole as 2-bit DARE (a few percent of the entries at random, about none of a
+    low rank's energy). They keep the split's strongest directions instead, never more than the rank, and the
+    adapter's logits are closer to the fine-tune's than with DARE there."""
+    rank = 10
+    base = make_model("llama")
+    ft = merged_lora(base, rank=rank)
+    ids = random_ids(base, 8, 32, seed=1)
+    cfg = DeltaCoMeConfig(ratio="1/32")
+    model = compress(copy.deepcopy(base), ft, cfg, calibration=ids, progress=False)
+    layout, info = model.peft_config["default"].layout, model.peft_config["default"].compression_info
+    mlp = [nm for nm in layout if ".mlp." in nm]
+    assert mlp and info["low_rank"]["strongest_directions"] >= len(mlp)
+    for nm in mlp:
+        entry = layout[nm]
+        assert not entry.get("sparse") and 0 < sum(r for _, r in entry["bands"]) <= rank, (nm, entry)
+    model.save_pretrained(tmp_path)
+    from hf_deltacome.io.summary import summarize_adapter
+
+    shown = summarize_adapter(tmp_path).format()
+    assert f"({info['low_rank']['strongest_directions']} of them, whose rank does not fit at 3 bits, keep the " \
+        "split's strongest directions" in shown  # fmt: skip
+    from hf_deltacome.compression import plan
+
+    def no_beyond(*args, **kwargs):
+        return low_rank_of(*args, **{**kwargs, "beyond_budget": False})
+
+    monkeypatch.setattr(plan, "low_rank_of", no_beyond)  # what the default stored before: the MLP as DARE
+    before = compress(copy.deepcopy(base), ft, cfg, calibration=ids, progress=False)
+    assert all(before.peft_config["default"].layout[nm].get("sparse") for nm in mlp)
+    held_out = random_ids(base, 4, 32, seed=2)
+    want = logits(ft, held_out)
+    errors = [float((logits(m, held_out) - want).norm()) for m in (model, before)]
+    assert errors[0] < 0.8 * errors[1], errors  # 0.73 (the attention, of rank 10 too, keeps its split both times)
+    assert low_rank_of(ft.get_submodule(mlp[0]).weight - base.get_submodule(mlp[0]).weight,
+                       budget_bytes(160, 64, 1 / 32), 128) is None  # fmt: skip

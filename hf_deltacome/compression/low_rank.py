@@ -39,7 +39,9 @@ def rounding_energy(weight: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def low_rank_of(delta: torch.Tensor, nbytes: int, group_size: int, rounding: float = 0.0) -> int | None:
+def low_rank_of(
+    delta: torch.Tensor, nbytes: int, group_size: int, rounding: float = 0.0, *, beyond_budget: bool = False
+) -> int | None:
     """The rank ``k`` of ``delta`` when it is of low rank for ``nbytes`` bytes (``None``: it is not): ``k`` singular
     triplets fit at ``LOW_RANK_BITS[-1]`` bits, ``k`` is at most ``LOW_RANK_SHARE`` of the ranks the shape allows (a
     LoRA's rank is a small share of them; a full fine-tune's delta at a generous ratio keeps the method's layout),
@@ -59,9 +61,14 @@ def low_rank_of(delta: torch.Tensor, nbytes: int, group_size: int, rounding: flo
     SmolLM2's layers): values at most the true ones, so the tail it sees is at least the true tail. Without the
     iteration the rounding of a LoRA merged into bfloat16 weights blurs the LoRA's weaker directions in the few
     columns a small budget asks for: of such a delta's 210 modules one pass found 153 at 1/32 and 2 at 1/64 where
-    the exact spectrum finds 210 and 163; one iteration finds those (``benchmarks/low_rank.py``)."""
+    the exact spectrum finds 210 and 163; one iteration finds those (``benchmarks/low_rank.py``).
+
+    ``beyond_budget``: ``k`` may be more than fit in ``nbytes`` (up to ``LOW_RANK_SHARE`` of the ranks), for a
+    module the method would store whole (DARE, vector codes): a delta of low rank is then better stored as its
+    strongest directions (:func:`strongest_directions`) than as a random share of its entries."""
     m, n = delta.shape
-    cap = max_rank(m, n, LOW_RANK_BITS[-1], group_size, nbytes, int(LOW_RANK_SHARE * min(m, n)))
+    share = int(LOW_RANK_SHARE * min(m, n))
+    cap = share if beyond_budget else max_rank(m, n, LOW_RANK_BITS[-1], group_size, nbytes, share)
     d = delta.detach().to(torch.float32)
     energy = float(d.double().square().sum())
     if cap == 0 or energy == 0.0:
@@ -81,6 +88,23 @@ def low_rank_of(delta: torch.Tensor, nbytes: int, group_size: int, rounding: flo
         allowed = max(allowed, ROUNDING_TAIL * rounding)
     within = (tail <= allowed).nonzero()
     return int(within[0]) + 1 if len(within) else None
+
+
+def fits(m: int, n: int, nbytes: int, group_size: int, rank: int) -> bool:
+    """Whether ``rank`` singular triplets of an ``m x n`` delta fit in ``nbytes`` at ``LOW_RANK_BITS[-1]`` bits."""
+    return band_nbytes(m, n, LOW_RANK_BITS[-1], rank, group_size) <= nbytes
+
+
+def strongest_directions(bands: Sequence[Sequence[int]], rank: int) -> list[list[int]]:
+    """``bands`` (the method's split) trimmed to a delta's ``rank`` strongest directions: how a delta of low rank is
+    stored where its rank does not fit at ``LOW_RANK_BITS[-1]`` bits and the method would store the module whole
+    (DARE keeps a few percent of its entries at random, about that share of a low rank's energy). Bands past
+    ``rank`` would quantize directions the delta does not have."""
+    out, left = [], rank
+    for b, r in bands:
+        out.append([int(b), min(int(r), left)])
+        left -= out[-1][1]
+    return out
 
 
 def low_rank_bands(m: int, n: int, nbytes: int, group_size: int, rank: int) -> list[list[int]]:

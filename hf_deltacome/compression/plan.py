@@ -45,7 +45,15 @@ from ..quant.hessian import HESSIAN_MEMORY, model_hessians
 from .allocation import allocate_adaptive
 from .endtoend import METRIC, EndToEndCheck
 from .impart import resplit
-from .low_rank import low_rank_bands, low_rank_entry, low_rank_of, rounding_energy, stores_at_least
+from .low_rank import (
+    fits,
+    low_rank_bands,
+    low_rank_entry,
+    low_rank_of,
+    rounding_energy,
+    stores_at_least,
+    strongest_directions,
+)
 from .modules import compress_module, module_kind, plan_entry, rtn_bands_dense, with_changes
 from .search import search_specs
 from .svd import reuse_svd_if_fits, svd
@@ -108,7 +116,9 @@ def plan_layouts(
     check: EndToEndCheck | None = None
     read = deltas or (lambda nm: (delta_of(nm), ft_mods[nm].weight))
     low = _low_ranks(config, live, shapes, read, progress, device)
-    if live and len(low) == len(live):  # every changed delta is of low rank: no split or residual to choose
+    fitting = {nm for nm, k in low.items() if fits(*shapes[nm], budget_bytes(*shapes[nm], config.ratio),
+                                                   config.group_size, k)}  # fmt: skip
+    if live and len(fitting) == len(live):  # every changed delta is of low rank: no split or residual to choose
         auto_share = auto_residual = False
         config = with_changes(config, min_rank_share=0.0) if config.min_rank_share == "auto" else config
         if config.search is None and not adaptive:
@@ -157,13 +167,20 @@ def plan_layouts(
                 allocate_adaptive(finetuned_model, config, ids, live, shapes, delta_of, ft_mods, specs, layout,
                                    info, check, kl_now, progress)  # fmt: skip
             ranks: dict[str, int] = {}
+            banded = with_changes(config, dare_modules=None, sparse_tail=None)  # the plain split of bands
             for nm, rank in low.items():  # where the split, DARE or vector codes would store less of it
+                if nm not in fitting:  # a module stored whole: its rank's strongest directions, split as configured
+                    split = plan_entry(nm, *shapes[nm], config.ratio, banded, bias=layout[nm]["bias"],
+                                       spectrum=spectra.get(nm))["bands"]  # fmt: skip
+                    layout[nm], ranks[nm] = low_rank_entry(layout[nm], strongest_directions(split, rank)), rank
+                    continue
                 bands = low_rank_bands(*shapes[nm], budget_bytes(*shapes[nm], config.ratio), config.group_size, rank)
                 if not stores_at_least(layout[nm], bands):
                     layout[nm], ranks[nm] = low_rank_entry(layout[nm], bands), rank
             if ranks:
                 info["low_rank"] = {"modules": len(ranks), "ranks": sorted(set(ranks.values())),
-                                    "bits": sorted({b for nm in ranks for b, r in layout[nm]["bands"] if r})}  # fmt: skip
+                                    "bits": sorted({b for nm in ranks for b, r in layout[nm]["bands"] if r}),
+                                    "strongest_directions": len(set(ranks) - fitting)}  # fmt: skip
             # what the modules leave of their budgets goes to the DARE parts, else to the sparse and the last bands
             offered = sum(budget_bytes(*shapes[nm], config.ratio) for nm in targets)
             info["unspent"] = spend_unspent(
@@ -183,7 +200,8 @@ def _low_ranks(config: DeltaCoMeConfig, live: Sequence[str], shapes: dict[str, t
                device: torch.device | None = None) -> dict[str, int]:  # fmt: skip
     """``deltacome``: the rank of each changed target whose delta is of low rank (:func:`.low_rank.low_rank_of`; ``read``
     gives its delta and fine-tuned weight), e.g. a merged LoRA's, which it then stores as that many singular triplets
-    at the most bits that fit (:func:`.low_rank.low_rank_bands`; the bytes left are not spent: there is no more)."""
+    at the most bits that fit (:func:`.low_rank.low_rank_bands`; the bytes left are not spent: there is no more); for
+    a target the config stores whole, also a rank that does not fit (kept as the split's strongest directions)."""
     if config.method != "deltacome" or not live:
         return {}
     bar = progress_bar(len(live), progress, "Checking the deltas' ranks", unit="module")
@@ -191,7 +209,8 @@ def _low_ranks(config: DeltaCoMeConfig, live: Sequence[str], shapes: dict[str, t
     for nm in live:
         delta, weight = read(nm)
         delta = delta.to(device) if device is not None else delta
-        rank = low_rank_of(delta, budget_bytes(*shapes[nm], config.ratio), config.group_size, rounding_energy(weight))
+        rank = low_rank_of(delta, budget_bytes(*shapes[nm], config.ratio), config.group_size, rounding_energy(weight),
+                           beyond_budget=config.stores_whole(nm))  # fmt: skip
         if rank is not None:
             out[nm] = rank
         del delta, weight

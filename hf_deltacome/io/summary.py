@@ -218,6 +218,9 @@ def _plan_text(plan: dict[str, Any]) -> list[str]:
             f"({min(ranks)}-{max(ranks)}, at {'/'.join(str(b) for b in sorted(low.get('bits') or [], reverse=True))} "
             "bits): the rest of their budget is left, there is no more to store"
         )
+        if low.get("strongest_directions"):
+            lines.append(f"  ({low['strongest_directions']} of them, whose rank does not fit at 3 bits, keep the "
+                         "split's strongest directions up to their rank instead of DARE or vector codes)")
     search, e2e = plan.get("search"), plan.get("end_to_end")
     share = plan.get("rank_share")
     if isinstance(share, dict):
