@@ -1,5 +1,6 @@
 """A delta of low rank (a merged LoRA): found by its spectrum, stored as its singular triplets at 8 bits, whatever the
-split, DARE or vector codes the method's options would have chosen; a full fine-tune's long tail never is."""
+split, DARE or vector codes the method's options would have chosen (where its rank does not fit, as the split's
+strongest directions rather than DARE or vector codes); a full fine-tune's long tail never is."""
 
 from __future__ import annotations
 
@@ -185,8 +186,8 @@ def test_a_streamed_merged_lora_in_bfloat16_writes_the_loaded_bytes(tmp_path):
 
 def test_a_low_rank_delta_too_large_for_its_budget_keeps_its_strongest_directions_not_dare(monkeypatch, tmp_path):
     """A merged LoRA of rank 10 at 1/32: the MLP's 160 x 64 deltas buy 6 ranks at 3 bits, so their rank does not
-    fit; the default would store them whole as 2-bit DARE (a few percent of the entries at random, about none of a
-    low rank's energy). They keep the split's strongest directions instead, never more than the rank, and the
+    fit; the default would store them whole as 2-bit DARE (a few percent of the entries at random, about that share
+    of a low rank's energy). They keep the split's strongest directions instead, never more than the rank, and the
     adapter's logits are closer to the fine-tune's than with DARE there."""
     rank = 10
     base = make_model("llama")
@@ -220,3 +221,19 @@ def test_a_low_rank_delta_too_large_for_its_budget_keeps_its_strongest_direction
     assert errors[0] < 0.8 * errors[1], errors  # 0.73 (the attention, of rank 10 too, keeps its split both times)
     assert low_rank_of(ft.get_submodule(mlp[0]).weight - base.get_submodule(mlp[0]).weight,
                        budget_bytes(160, 64, 1 / 32), 128) is None  # fmt: skip
+
+
+def test_a_streamed_run_keeps_the_same_strongest_directions(tmp_path):
+    """Streamed, the plan reads each delta from the files for the wider probe: the MLP asked as DARE
+    (``dare_modules="mlp"``) of a rank-10 LoRA at 1/32 keeps the same strongest directions, byte for byte."""
+    base = make_model("llama", seed=3)
+    ft = merged_lora(base, rank=10)
+    b, f = save_pair(tmp_path, base, ft)
+    cfg = DeltaCoMeConfig(quantizer="rtn", ratio="1/32", dare_modules="mlp")
+    reference = compress(loaded(b), loaded(f), cfg, progress=False)
+    streamed = compress(b, f, cfg, progress=False)
+    info = streamed.peft_config["default"].compression_info["low_rank"]
+    assert info["strongest_directions"] == 6 == reference.peft_config["default"].compression_info["low_rank"][
+        "strongest_directions"]  # fmt: skip
+    assert not any(e.get("sparse") for e in streamed.peft_config["default"].layout.values())
+    assert written(streamed, tmp_path / "streamed") == written(reference, tmp_path / "loaded")

@@ -4,7 +4,9 @@ The default's layouts are made for a full fine-tune's long tail: the 8/3/2-bit s
 directions at 3 and 2 bits and spends the rest on the tail, DARE keeps a random share of every entry. A merged LoRA's
 delta has the LoRA's rank and nothing else: the plan (:func:`.plan.plan_layouts`) asks :func:`low_rank_of` for each
 changed delta's rank and stores it as :func:`low_rank_bands` says, unless the method's layout already gives those
-directions as many bits (:func:`stores_at_least`). docs/METHOD.md §1.10; measured in ``benchmarks/low_rank.py``.
+directions as many bits (:func:`stores_at_least`); where its rank does not fit at 3 bits and the method would store
+the module whole (DARE, vector codes), as the split's strongest directions (:func:`strongest_directions`).
+docs/METHOD.md §1.10; measured in ``benchmarks/low_rank.py``.
 """
 
 from __future__ import annotations
