@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import math
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +96,9 @@ def merged_rounded(base: torch.nn.Module, ft: torch.nn.Module, dtype: torch.dtyp
     return out
 
 
-def within_budget(probe: Callable[..., int | None], *args: Any, **kwargs: Any) -> int | None:
-    """``probe`` (``low_rank_of``) asked for a rank that fits in the budget only, as the plan asked before."""
-    return probe(*args, **{**kwargs, "beyond_budget": False})
+def within_budget(*args: Any, **kwargs: Any) -> int | None:
+    """``low_rank_of`` asked for a rank that fits in the budget only, as the plan asked before."""
+    return low_rank.low_rank_of(*args, **{**kwargs, "beyond_budget": False})
 
 
 def load_base(ctx: dict) -> torch.nn.Module:
@@ -117,7 +115,7 @@ def run(variant: str, ratio: float, ctx: dict, folder: Path) -> dict:
     if variant == "default, one-pass probe":
         low_rank.POWER_ITERATIONS = 0
     if variant == "default, whole where the rank does not fit":
-        plan.low_rank_of = functools.partial(within_budget, low_rank.low_rank_of)
+        plan.low_rank_of = within_budget
     try:
         t = time.time()
         model = compress(load_base(ctx), ctx["ft"], cfg, calibration=ctx["calib"],

@@ -507,4 +507,4 @@ def test_low_rank_benchmark_flags_and_its_rule_switch(capsys, monkeypatch):
     # "whole where the rank does not fit": the probe asks for a rank within the budget only, whatever the plan asks
     small = low_rank.band_nbytes(64, 96, 3, 2, 128)  # two ranks fit at 3 bits, not three
     assert low_rank.low_rank_of(d, small, 128) is None and low_rank.low_rank_of(d, small, 128, beyond_budget=True) == 3
-    assert low.within_budget(low_rank.low_rank_of, d, small, 128, 0.0, beyond_budget=True) is None
+    assert low.within_budget(d, small, 128, 0.0, beyond_budget=True) is None
