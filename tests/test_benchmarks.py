@@ -28,6 +28,13 @@ def quality():
     return benchmark("quality")
 
 
+def refused(parse, argv: list[str], capsys) -> str:
+    """What argparse writes to stderr when ``parse(argv)`` refuses ``argv`` (it must exit)."""
+    with pytest.raises(SystemExit):
+        parse(argv)
+    return capsys.readouterr().err
+
+
 def make_args(quality, *argv: str):
     return quality.parse_args(["--methods", "lowrank", "--ratios", "1/16", *argv])
 
@@ -303,9 +310,7 @@ def test_kl_perturb_is_refused_by_name_before_any_model_loads(quality, capsys):
         ("--kl-perturb", "0.3"): "--kl-perturb adds a column to --kl",
     }
     for argv, message in bad.items():
-        with pytest.raises(SystemExit):
-            quality.parse_args(list(argv))
-        assert message in capsys.readouterr().err
+        assert message in refused(quality.parse_args, list(argv), capsys)
     assert quality.parse_args(["--kl", "cell", "--kl-perturb", "0.3"]).kl_perturb == 0.3
 
 
@@ -462,15 +467,10 @@ def test_every_name_the_scripts_take_from_the_zoo_exists():
 
 def test_amlq_benchmark_refuses_bad_flags_by_name_before_any_model_loads(capsys):
     amlq = benchmark("amlq")
-    with pytest.raises(SystemExit):
-        amlq.parse_args(["--base", "smollm2-moe", "--stack", "amlq:3.0"])
-    assert "--stack runs the facts fine-tune of SmolLM2 itself: not with --base smollm2-moe" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        amlq.parse_args(["--threads", "0"])
-    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        amlq.parse_args(["--base", "llama"])
-    assert "invalid choice: 'llama'" in capsys.readouterr().err
+    assert "--stack runs the facts fine-tune of SmolLM2 itself: not with --base smollm2-moe" in refused(
+        amlq.parse_args, ["--base", "smollm2-moe", "--stack", "amlq:3.0"], capsys)  # fmt: skip
+    assert "--threads must be at least 1, got 0" in refused(amlq.parse_args, ["--threads", "0"], capsys)
+    assert "invalid choice: 'llama'" in refused(amlq.parse_args, ["--base", "llama"], capsys)
     args = amlq.parse_args(["--base", "smollm2-moe"])
     assert args.stack == "" and args.plot.endswith("amlq_moe.png")
     assert amlq.parse_args([]).stack == "amlq:3.0,amlq:4.0"
@@ -485,19 +485,14 @@ def test_low_rank_benchmark_flags_and_its_rule_switch(capsys, monkeypatch):
     import hf_deltacome.compression.low_rank as low_rank
 
     low = benchmark("low_rank")
-    with pytest.raises(SystemExit):
-        low.parse_args(["--rank", "-1"])
-    assert "--rank must be >= 0 and --threads >= 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        low.parse_args(["--variants", "default,one-pas"])
-    assert "unknown ['one-pas']" in capsys.readouterr().err
+    assert "--rank must be >= 0 and --threads >= 1" in refused(low.parse_args, ["--rank", "-1"], capsys)
+    assert "unknown ['one-pas']" in refused(low.parse_args, ["--variants", "default,one-pas"], capsys)
     args = low.parse_args(["--ratios", "1/16,1/64"])
     assert args.ratios == [1 / 16, 1 / 64] and args.rank == 16 and args.lr is None
     assert [low.VARIANTS[v] for v in args.variants] == ["default", "default, rank rule off", "lowrank"]
     assert low.parse_args(["--rank", "0", "--variants", "one-pass"]).variants == ["one-pass"]
     assert args.dtype == torch.float32 and low.parse_args(["--float16"]).dtype == torch.float16
-    with pytest.raises(SystemExit):
-        low.parse_args(["--float16", "--bfloat16"])
+    assert "not allowed with argument --float16" in refused(low.parse_args, ["--float16", "--bfloat16"], capsys)
     d = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) @ torch.randn(3, 96)
     assert low_rank.low_rank_of(d, 4096, 128) == 3
     monkeypatch.setattr(low_rank, "LOW_RANK_TAIL", -float("inf"))
