@@ -81,7 +81,7 @@ def _config_errors() -> None:
     from peft.config import PeftConfig, PeftConfigMixin
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from .io.atomic import read_through_swap, recover_folder
+    from .io.adapter_source import read_local_config
 
     original_from_json = PeftConfigMixin.from_json_file.__func__
     original_get_type = PeftConfigMixin._get_peft_type.__func__
@@ -102,24 +102,11 @@ def _config_errors() -> None:
             raise ConfigError(f"{path_json_file}: peft_type {peft_type!r} is not a PEFT method known here{hint}")
         return data
 
-    def _local(model_id: Any, subfolder: Optional[str], read: Callable[[], Any]) -> Any:
-        """``read()`` of a local adapter folder waits out a concurrent save's swap (PEFT checks that the config
-        exists, then opens it: the folder may be swapped in between); a Hub id is read as PEFT does."""
-        if not isinstance(model_id, (str, os.PathLike)):
-            return read()
-        if not os.path.exists(model_id):
-            recover_folder(model_id)  # an adapter folder set aside by a save killed mid-swap comes back
-        folder = os.path.join(os.fspath(model_id), subfolder or "")
-        where = os.path.join(folder, "adapter_config.json")
-        try:  # PEFT's "Can't find 'adapter_config.json'" (a ValueError) too: the folder was absent for an instant
-            return read_through_swap(folder, read, probe=where, missing=(ValueError,))
-        except FileNotFoundError as e:
-            raise ConfigError(f"{where}: cannot read adapter config: {e.strerror}") from e
-
     def _get_peft_type(cls: type, model_id: str, **hf_hub_download_kwargs: Any) -> Any:
         subfolder = hf_hub_download_kwargs.get("subfolder")
         try:
-            return _local(model_id, subfolder, lambda: original_get_type(cls, model_id, **hf_hub_download_kwargs))
+            read = lambda: original_get_type(cls, model_id, **hf_hub_download_kwargs)  # noqa: E731
+            return read_local_config(model_id, subfolder, read)
         except KeyError as e:  # from_json_file (above) refuses every present but unknown peft_type
             where = os.path.join(model_id, subfolder or "", "adapter_config.json")
             raise ConfigError(f"{where}: no peft_type: not a PEFT adapter config") from e
@@ -128,8 +115,8 @@ def _config_errors() -> None:
 
     def from_pretrained(cls: type, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kw: Any):
         try:  # PeftConfig.from_pretrained (AutoPeftModel*, transformers) building one of ours: name the file
-            return _local(pretrained_model_name_or_path, subfolder,
-                          lambda: original_from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, **kw))  # fmt: skip
+            read = lambda: original_from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, **kw)  # noqa: E731
+            return read_local_config(pretrained_model_name_or_path, subfolder, read)
         except DeltaCoMeError as e:
             where = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "", "adapter_config.json")
             if where in str(e):
@@ -300,6 +287,23 @@ def _transformers_load_guard() -> None:
     hf_peft.PeftAdapterMixin.load_adapter = load_adapter
 
 
+def _transformers_enable_adapters() -> None:
+    from peft.utils import ModulesToSaveWrapper
+    from transformers.integrations import peft as hf_peft
+
+    original = hf_peft.PeftAdapterMixin.enable_adapters
+
+    @functools.wraps(original)
+    def enable_adapters(self: Any) -> None:
+        original(self)
+        ours = {name for name, config in (getattr(self, "peft_config", None) or {}).items() if is_deltacome(config)}
+        for module in self.modules():  # disable_adapters() turned these off too; enable_adapters() leaves them off
+            if isinstance(module, ModulesToSaveWrapper) and ours & set(module.modules_to_save):
+                module.enable_adapters(enabled=True)
+
+    hf_peft.PeftAdapterMixin.enable_adapters = enable_adapters
+
+
 def _pipeline_errors() -> None:
     import transformers.pipelines as pipelines
     from transformers.pipelines import base
@@ -402,6 +406,10 @@ PATCHES: tuple[tuple[str, str, Callable[[], None]], ...] = (
      "transformers reads adapter weights itself (model.load_adapter, from_pretrained(adapter_dir), "
      "pipeline(model=adapter_dir)): the same base check and validation run first, then it gets the checked tensors",
      _transformers_load_guard),
+    ("transformers.integrations.peft.PeftAdapterMixin.enable_adapters",
+     "model.disable_adapters() turns off the changed norms (PEFT's ModulesToSaveWrapper) as well as the deltas, "
+     "enable_adapters() turns on the deltas only: without this the model would run the deltas on the base's norms",
+     _transformers_enable_adapters),
     ("peft.PeftModel.create_or_update_model_card",
      "save_pretrained writes our model card (method, sizes, loading) instead of PEFT's template", _model_card),
     ("peft.PeftModel.push_to_hub",

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.utils import _get_submodules
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
@@ -297,6 +298,11 @@ class DeltaCoMeModel(BaseTuner):
                                      adapter_names: Optional[list[str]] = None) -> Any:  # fmt: skip
         if merge:
             self._check_mergeable(adapter_names)
+        else:  # unload(): the base as it was. PEFT would keep the adapter's copies of modules_to_save (its changed
+            for name, module in list(self.model.named_modules()):  # norms, embeddings), half of the fine-tune
+                if isinstance(module, ModulesToSaveWrapper):
+                    parent, _, leaf = _get_submodules(self.model, name)
+                    setattr(parent, leaf, module.original_module)
         model = super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
                                                      adapter_names=adapter_names)  # fmt: skip
         fuse_experts(model)  # fused experts again, holding the merged values

@@ -75,6 +75,27 @@ def test_transformers_load_adapter(folders):
         AutoModelForCausalLM.from_pretrained(folders["base"]).load_adapter(str(folders["nan"]))
 
 
+def test_transformers_disable_then_enable_adapters(folders):
+    """transformers' disable_adapters() turns off the changed norm too; enable_adapters() must turn it back on."""
+    model = AutoModelForCausalLM.from_pretrained(folders["base"])
+    model.load_adapter(str(folders["good"]))
+    model.eval()
+    model.disable_adapters()
+    torch.testing.assert_close(logits(model, IDS), logits(AutoModelForCausalLM.from_pretrained(folders["base"]), IDS))
+    model.enable_adapters()
+    torch.testing.assert_close(logits(model, IDS), _expected(folders))
+
+
+def test_unload_gives_back_the_base_and_merge_keeps_the_norm(folders):
+    """unload() drops the changed norm (a part of the delta) with the deltas; merge_and_unload() keeps both."""
+    plain = logits(AutoModelForCausalLM.from_pretrained(folders["base"]), IDS)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folders["base"]), folders["good"])
+    assert not torch.allclose(logits(model, IDS), plain, atol=1e-3)
+    torch.testing.assert_close(logits(model.unload(), IDS), plain)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folders["base"]), folders["good"])
+    torch.testing.assert_close(logits(model.merge_and_unload(), IDS), _expected(folders), atol=1e-4, rtol=1e-4)
+
+
 def test_transformers_from_pretrained_of_the_adapter_folder(folders):
     model = AutoModelForCausalLM.from_pretrained(folders["good"])  # loads the base named in the adapter, then it
     torch.testing.assert_close(logits(model.eval(), IDS), _expected(folders))

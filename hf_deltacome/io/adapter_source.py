@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
-from typing import Any, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, TypeVar
 
 import torch
 
 from ..config import DeltaCoMeConfig
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, ConfigError
 from .adapter_files import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -27,7 +27,9 @@ from .adapter_files import (
     read_adapter_config,
     read_adapter_weights,
 )
-from .atomic import PathLike
+from .atomic import PathLike, read_through_swap, recover_folder
+
+_T = TypeVar("_T")
 
 _HUB_KWARGS = (
     "revision",
@@ -104,6 +106,22 @@ def transformers_adapter_config(model_id: PathLike, hub_kwargs: Mapping[str, Any
         return None
     ours = data.get("peft_type") == "DELTACOME" or {"layout", "base_fingerprint"} <= set(data)
     return read_adapter_config(path) if ours else None  # type: ignore[arg-type] - ours: its peft_type is checked
+
+
+def read_local_config(model_id: Any, subfolder: Optional[str], read: Callable[[], _T]) -> _T:
+    """``read()`` (PEFT reading an adapter's config) of a local adapter folder, waiting out a concurrent save's swap
+    (PEFT checks that the config exists, then opens it: the folder may be swapped in between); a Hub id is read as
+    PEFT does."""
+    if not isinstance(model_id, (str, os.PathLike)):
+        return read()
+    if not os.path.exists(model_id):
+        recover_folder(model_id)  # an adapter folder set aside by a save killed mid-swap comes back
+    folder = os.path.join(os.fspath(model_id), subfolder or "")
+    where = os.path.join(folder, ADAPTER_CONFIG_NAME)
+    try:  # PEFT's "Can't find 'adapter_config.json'" (a ValueError) too: the folder was absent for an instant
+        return read_through_swap(folder, read, probe=where, missing=(ValueError,))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{where}: cannot read adapter config: {e.strerror}") from e
 
 
 def check_extras(

@@ -290,7 +290,7 @@ def lora_logits_error(base: PathLike, adapter: PathLike, lora: PathLike, *, num:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(os.fspath(base), dtype=torch.float32).eval()
-    fresh = copy.deepcopy(model)  # PEFT's unload() keeps the adapter's copies of modules_to_save: not the base
+    fresh = copy.deepcopy(model)  # the LoRA goes onto a base of its own: ours is injected into `model` in place
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (num, seq_len), generator=g)
     base_logits = model(input_ids=ids).logits.double()
