@@ -189,6 +189,64 @@ def test_engine_stop_strings_and_seeded_sampling(adapters, tok):
         assert other != sampled[0]
 
 
+@torch.no_grad()
+def test_engine_logprobs_are_the_models_and_follow_the_text(adapters, tok):
+    """Each reported token's log-probability is the adapter's own (log-softmax of its logits at that step), with
+    the likeliest alternatives; the tokens spell the text, their offsets say where."""
+    model = load_deltas(tiny_base(), {"math": adapters["math"]})
+    prompt = tok("Once upon a time").input_ids
+    ref = single_adapter_model(adapters["math"])
+    expected_ids, expected = greedy_alone(ref, tok, prompt, 12)
+    with Engine(model, tok) as engine:
+        request, events, done = _collect(engine, prompt, "math", max_tokens=12, temperature=0, logprobs=3)
+        assert done.wait(60)
+    entries = [e for event in events for e in event.logprobs]
+    tokens = [e for e in expected_ids if e != tok.eos_token_id]
+    assert [e.token for e in entries] == tokens
+    logprobs = torch.log_softmax(ref(torch.tensor([prompt + expected_ids])).logits[0, len(prompt) - 1 : -1], -1)
+    for i, entry in enumerate(entries):
+        torch.testing.assert_close(entry.logprob, float(logprobs[i, entry.token]), atol=1e-4, rtol=0)
+        assert [t for t, _ in entry.top] == logprobs[i].topk(3).indices.tolist() and entry.top[0][0] == entry.token
+        assert entry.offset == len(tok.decode(tokens[:i], skip_special_tokens=True))
+    assert "".join(tok.decode([e.token]) for e in entries) == expected
+
+
+class _Pieces:
+    """A tokenizer whose tokens are several characters long (id -> text; 0 ends a generation)."""
+
+    pieces = {1: "Hel", 2: "lo", 3: " wo", 4: "rld", 5: "!", 0: ""}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def _feed(tokens, **params):
+    from hf_deltacome.serving.requests import TokenLogprob, append_token
+
+    request = GenerationRequest([9], "x", SamplingParams(logprobs=0, **params), lambda e: None)
+    events = []
+    for t in tokens:
+        if request.finished:
+            break
+        request.logprobs.append(TokenLogprob(t, -float(t)))
+        events += append_token(request, t, frozenset({0}), _Pieces(), 100)
+    return events
+
+
+def test_logprobs_go_with_the_text_they_complete():
+    events = _feed([1, 2, 3, 4, 0])  # an end token: not reported
+    assert [(e.kind, e.text, [x.token for x in e.logprobs]) for e in events] == [
+        ("text", "Hel", [1]), ("text", "lo", [2]), ("text", " wo", [3]), ("text", "rld", [4]), ("done", "", [])]  # fmt: skip
+    assert [x.offset for e in events for x in e.logprobs] == [0, 3, 5, 8]
+    # a stop string held back, then found inside the third token: the second is reported (its text ends the
+    # completion), the third is not (its text starts at the stop)
+    events = _feed([1, 2, 3, 4], stop=("o w",))
+    assert "".join(e.text for e in events) == "Hell" and events[-1].finish_reason == "stop"
+    assert [x.token for e in events for x in e.logprobs] == [1, 2]
+    events = _feed([1, 2, 3], max_tokens=3)  # the length limit: every token, the last with the end
+    assert [x.token for e in events for x in e.logprobs] == [1, 2, 3] and events[-1].finish_reason == "length"
+
+
 def test_engine_failure_stays_with_its_request(adapters, tok):
     """A row that makes the forward raise (here: any position >= 30) fails alone; the batch it ran in goes on."""
     model = load_deltas(tiny_base(), {"math": adapters["math"], "code": adapters["code"]})

@@ -15,6 +15,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from serving_fixtures import greedy_alone, make_adapter, single_adapter_model, tiny_base
 from tiny_models import CHAT_TEMPLATE, make_tokenizer
 
@@ -163,6 +164,55 @@ def test_stop_strings(client, server, references):
     assert "".join(c.choices[0].text for c in chunks) == expected[: expected.index(stop)]
 
 
+def test_prompt_batches_and_n_choices(client, server, references):
+    """Choice i * n + j is sample j of prompt i; greedy samples are the adapter's own continuation; a seeded call
+    repeats, and its samples differ."""
+    tok = server["tok"]
+    prompts = ["Once upon", "x = 1"]
+    r = client.completions.create(model="math", prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for c in r.choices:
+        assert c.text == _expected(references, tok, "math", tok(prompts[c.index // 2]).input_ids, 6)[0]
+    assert r.usage.prompt_tokens == sum(len(tok(p).input_ids) for p in prompts)  # each prompt once
+    assert r.usage.completion_tokens == sum(_expected(references, tok, "math", tok(prompts[i // 2]).input_ids, 6)[2]
+                                            for i in range(4))  # fmt: skip
+    sampled = [client.chat.completions.create(model="code", messages=[{"role": "user", "content": "hi"}], n=3,
+                                              max_tokens=8, temperature=1.0, seed=5) for _ in range(2)]  # fmt: skip
+    texts = [[c.message.content for c in s.choices] for s in sampled]
+    assert texts[0] == texts[1] and len(set(texts[0])) > 1
+
+
+def test_logprobs_of_completions_and_chat(client, server, references):
+    tok = server["tok"]
+    prompt = "Once upon a time"
+    ids = tok(prompt).input_ids
+    expected, _, _ = _expected(references, tok, "math", ids, 10)
+    r = client.completions.create(model="math", prompt=prompt, max_tokens=10, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == expected and "".join(lp.tokens) == expected
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    ref = references["math"]
+    with torch.no_grad():
+        full = torch.log_softmax(ref(torch.tensor([ids + tok(expected, add_special_tokens=False).input_ids])).logits[0], -1)
+    for i, (token, logprob, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True)):
+        assert abs(logprob - float(full[len(ids) - 1 + i].max())) < 1e-4  # greedy: the likeliest token
+        assert token in top and len(top) <= 3 and max(top.values()) == top[token]
+    chunks = list(client.completions.create(model="math", prompt=prompt, max_tokens=10, temperature=0, logprobs=2,
+                                            stream=True))  # fmt: skip
+    streamed = [x for c in chunks if c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+    messages = [{"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model="code", messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=2)  # fmt: skip
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == t.logprob for t in content)
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+    plain = client.chat.completions.create(model="code", messages=messages, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
 def test_chat_template_is_the_base_tokenizers(server):
     assert server["tok"].chat_template == CHAT_TEMPLATE
     status, body = _raw(
@@ -211,8 +261,15 @@ def test_bad_json_and_bad_fields(server):
     assert status == 422 and body["error"]["param"] == "max_tokens"
     status, body = _raw(server, "/v1/chat/completions", {"model": "math"})
     assert status == 422 and body["error"]["param"] == "messages"
-    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "n": 2})
-    assert status == 400 and body["error"]["param"] == "n"
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "echo": True})
+    assert status == 400 and body["error"]["param"] == "echo"
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": ["x"] * 9, "n": 30})
+    assert status == 400 and body["error"]["param"] == "n" and "256" in body["error"]["message"]
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": [[5, 6], [5, 9999]]})
+    assert status == 400 and body["error"]["message"].startswith("prompt.1: ")
+    status, body = _raw(server, "/v1/chat/completions", {"model": "math", "messages": [{"role": "user", "content": "x"}],
+                                                          "top_logprobs": 2})  # fmt: skip
+    assert status == 400 and body["error"]["param"] == "top_logprobs"
     status, body = _raw(server, "/v1/nothing-here", {}, method="GET")
     assert status == 404 and body["error"]["code"] == "not_found"
 

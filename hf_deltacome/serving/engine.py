@@ -35,7 +35,7 @@ from ..compression.sampling import left_pad
 from ..errors import ConfigError, EngineClosedError, UnknownAdapterError
 from ..layer import BASE_ADAPTER_NAME
 from .kvbatch import RunningBatch, cache_argument, crop, join, joinable, keep_rows, select_rows
-from .requests import Event, GenerationRequest, SamplingParams, append_token, eos_token_ids, sample_token
+from .requests import Event, GenerationRequest, SamplingParams, append_token, eos_token_ids, sample_token, token_logprob
 
 logger = logging.getLogger("hf_deltacome.serving")
 
@@ -388,6 +388,8 @@ class Engine:
             try:
                 if request.params.temperature > 0:
                     tokens[i] = sample_token(logits[i], request)
+                if request.params.logprobs is not None:
+                    request.logprobs.append(token_logprob(logits[i], int(tokens[i]), request.params.logprobs))
                 if request.first_token_at is None:
                     request.first_token_at = now
                 self._append(request, int(tokens[i]))

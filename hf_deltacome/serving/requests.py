@@ -1,12 +1,14 @@
 """One generation request of the serving engine: its sampling options, its events, and its text as it grows.
 
-Nothing here touches the model: :func:`sample_token` picks a token from one row's logits, :func:`append_token`
-takes it into the request and says what to send (text pieces, the end), holding back what may still become a stop
-string or an incomplete multi-byte character.
+Nothing here touches the model: :func:`sample_token` picks a token from one row's logits, :func:`token_logprob`
+reads its log-probability (when asked), :func:`append_token` takes it into the request and says what to send (text
+pieces, each with the log-probabilities of the tokens it completes, and the end), holding back what may still become
+a stop string or an incomplete multi-byte character.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable
@@ -16,6 +18,8 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ConfigError
+
+MAX_LOGPROBS = 20  # most alternatives a token's log-probabilities list (OpenAI's chat API allows 20)
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
+    logprobs: Optional[int] = None  # None: none; k: each token's log-probability and its k likeliest alternatives
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -37,16 +42,31 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ConfigError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log-probability under the model (before temperature and ``top_p``), the likeliest
+    ``(token, log-probability)`` alternatives, and ``offset``: where its text starts in the completion."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    offset: int = 0
 
 
 @dataclass
 class Event:
-    """What a request's sink receives: ``text`` (a new piece), ``done`` (with ``finish_reason``) or ``error``."""
+    """What a request's sink receives: ``text`` (a new piece), ``done`` (with ``finish_reason``) or ``error``;
+    ``logprobs``: the tokens whose text this event completes (when the request asked for log-probabilities)."""
 
     kind: str
     text: str = ""
     finish_reason: Optional[str] = None
     error: Optional[BaseException] = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 _ids = itertools.count()
@@ -63,11 +83,14 @@ class GenerationRequest:
     id: int = field(default_factory=lambda: next(_ids))
     generated: list[int] = field(default_factory=list)
     text: str = ""  # text emitted so far
+    ends: list[int] = field(default_factory=list)  # per generated token (end tokens aside): where its text ends
+    sent_logprobs: int = 0
     finish_reason: Optional[str] = None
     finished: bool = False
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: Optional[float] = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one a generated token, when asked (not sent yet)
     _generator: Optional[torch.Generator] = None
 
     @property
@@ -92,6 +115,13 @@ def sample_token(logits: torch.Tensor, request: GenerationRequest) -> int:
         drop = sorted_probs.cumsum(-1) - sorted_probs > request.params.top_p  # keep the smallest nucleus
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs, 1, generator=request._generator))
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability in one row's ``logits`` and the ``top`` likeliest alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
+    return TokenLogprob(token, float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
 
 
 def stop_position(text: str, stop: tuple[str, ...]) -> Optional[int]:
@@ -121,13 +151,34 @@ def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _finish(request: GenerationRequest, reason: str, text: str) -> list[Event]:
+def _covered(request: GenerationRequest, chars: int, final: bool) -> list[TokenLogprob]:
+    """Take the waiting log-probabilities of the tokens whose text ends within the first ``chars`` characters sent
+    (when ``final``: every token whose text starts there, and those of no text)."""
+    n = 0
+    for entry, end in zip(request.logprobs, request.ends[request.sent_logprobs :]):
+        if end > chars and not (final and entry.offset < chars):
+            break
+        n += 1
+    taken, request.logprobs = request.logprobs[:n], request.logprobs[n:]
+    request.sent_logprobs += n
+    return taken
+
+
+def _finish(request: GenerationRequest, reason: str, text: str, end_token: bool = False) -> list[Event]:
+    if end_token and request.logprobs:  # an end token has no text: not among the completion's tokens
+        request.logprobs.pop()
     events = []
     if text.startswith(request.text) and len(text) > len(request.text):
         events.append(Event("text", text=text[len(request.text) :]))
     request.text = text if text.startswith(request.text) else request.text
     request.finished = True
     request.finish_reason = reason
+    taken = _covered(request, len(request.text), final=True)
+    if events:
+        events[0].logprobs = taken
+    elif taken:
+        events.append(Event("text", logprobs=taken))
+    request.logprobs = []
     return events + [Event("done", finish_reason=reason)]
 
 
@@ -139,8 +190,12 @@ def append_token(
     request.generated.append(token)
     params = request.params
     if token in eos_ids:
-        return _finish(request, "stop", tokenizer.decode(request.generated[:-1], skip_special_tokens=True))
+        return _finish(request, "stop", tokenizer.decode(request.generated[:-1], skip_special_tokens=True), True)
+    start = request.ends[-1] if request.ends else 0
     text = tokenizer.decode(request.generated, skip_special_tokens=True)
+    request.ends.append(len(text))
+    if request.logprobs and len(request.logprobs) + request.sent_logprobs == len(request.ends):
+        request.logprobs[-1] = dataclasses.replace(request.logprobs[-1], offset=start)
     at = stop_position(text, params.stop)
     if at is not None:  # the earliest stop string ends the text (never sent: see the hold-back below)
         return _finish(request, "stop", text[:at])
@@ -149,5 +204,5 @@ def append_token(
     safe = emittable(text, params.stop)
     if safe > len(request.text) and text.startswith(request.text):
         piece, request.text = text[len(request.text) : safe], text[:safe]
-        return [Event("text", text=piece)]
+        return [Event("text", text=piece, logprobs=_covered(request, safe, final=False))]
     return []

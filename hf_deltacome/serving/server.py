@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) for one base and many Delta-CoMe adapters.
 
 ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions`` and
-``GET /health``. The request's ``model`` picks an adapter by name, or the base (its own name, or ``"base"``).
+``GET /health``. The request's ``model`` picks an adapter by name, or the base (its own name, or ``"base"``); ``n``
+choices, a list of prompts (completions) and log-probabilities are :mod:`.choices`'.
 Generation runs on :class:`~hf_deltacome.serving.engine.Engine`'s scheduler thread, which batches concurrent
 requests for different adapters into mixed batches. Errors are OpenAI error bodies
 ``{"error": {"message", "type", "param", "code"}}``: 400 bad request (unparseable JSON, prompt too long,
@@ -12,6 +13,7 @@ unsupported option), 401 bad API key, 404 unknown model or route, 422 a field of
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import time
@@ -28,17 +30,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, EngineClosedError, UnknownAdapterError
 from ..layer import BASE_ADAPTER_NAME
+from .choices import MAX_CHOICES, ChoiceResult, choice_requests, logprobs_body
 from .engine import Engine
-from .requests import Event, GenerationRequest, SamplingParams
+from .requests import MAX_LOGPROBS, Event, SamplingParams
 
 BASE_ALIAS = "base"
 DEFAULT_MAX_TOKENS = 256
 # options whose non-default values we cannot honour: refused with 400 naming the option rather than ignored
 UNSUPPORTED = {
-    "n": (None, 1),
     "best_of": (None, 1),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "tools": (None, []),
@@ -77,6 +77,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     seed: Optional[int] = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
 
 
 class ChatMessage(BaseModel):
@@ -88,10 +89,13 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class _APIKeyMiddleware:
@@ -189,7 +193,9 @@ def create_app(
         resolve(model_id)
         return card(base_name if model_id == BASE_ALIAS else model_id)
 
-    def sampling(body: _Request, prompt_len: int, max_tokens: Optional[int], param: str) -> SamplingParams:
+    def sampling(
+        body: _Request, prompt_len: int, max_tokens: Optional[int], param: str, logprobs: Optional[int]
+    ) -> SamplingParams:
         for name, allowed in UNSUPPORTED.items():
             if (body.model_extra or {}).get(name) not in allowed:
                 raise APIError(400, f"{name}={body.model_extra[name]!r} is not supported", param=name)
@@ -206,7 +212,7 @@ def create_app(
             )
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
-            return SamplingParams(wanted, body.temperature, body.top_p, tuple(s for s in stop if s), body.seed)
+            return SamplingParams(wanted, body.temperature, body.top_p, tuple(s for s in stop if s), body.seed, logprobs)
         except ConfigError as e:
             raise APIError(400, str(e)) from e
 
@@ -228,66 +234,91 @@ def create_app(
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from e
         return list(tokenizer(text, add_special_tokens=False).input_ids)
 
-    def completion_ids(body: CompletionRequest) -> list[int]:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return list(engine.tokenizer(prompt).input_ids)
+    def completion_ids(body: CompletionRequest) -> list[list[int]]:
+        """Each prompt's token ids (a string, token ids, or a list of either: a batch)."""
+        batch = body.prompt if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], (str, list)) else [body.prompt]  # fmt: skip
+        if len(batch) * body.n > MAX_CHOICES:
+            raise APIError(400, f"{len(batch)} prompt(s) x n={body.n} is over {MAX_CHOICES} choices", param="n")
         vocab = getattr(getattr(engine.model, "config", None), "vocab_size", None)
-        if vocab is not None and any(not 0 <= t < vocab for t in prompt):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        return list(prompt)
+        out = []
+        for i, prompt in enumerate(batch):
+            where = "prompt" if len(batch) == 1 else f"prompt.{i}"
+            ids = list(engine.tokenizer(prompt).input_ids) if isinstance(prompt, str) else list(prompt)
+            if vocab is not None and any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"{where}: token ids must be in [0, {vocab})", param="prompt")
+            if not ids:
+                raise APIError(400, f"{where} is empty", param="prompt")
+            out.append(ids)
+        return out
 
-    async def run(body: _Request, prompt_ids: list[int], params: SamplingParams, chat: bool) -> Any:
+    async def run(body: _Request, prompts: list[list[int]], params: list[SamplingParams], chat: bool) -> Any:
         adapter = resolve(body.model)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        request = GenerationRequest(
-            prompt_ids, adapter, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        requests = choice_requests(
+            prompts, params, body.n, adapter, lambda c, e: loop.call_soon_threadsafe(events.put_nowait, (c, e))
         )
         try:
-            engine.submit(request)
-        except UnknownAdapterError as e:
-            raise APIError(404, str(e), param="model", code="model_not_found") from e
-        except EngineClosedError as e:
-            raise APIError(503, str(e), "server_error") from e
-        except ConfigError as e:
-            raise APIError(400, str(e)) from e
+            for request in requests:
+                engine.submit(request)
+        except Exception as e:
+            for request in requests:
+                engine.cancel(request)
+            if isinstance(e, UnknownAdapterError):
+                raise APIError(404, str(e), param="model", code="model_not_found") from e
+            if isinstance(e, EngineClosedError):
+                raise APIError(503, str(e), "server_error") from e
+            if isinstance(e, ConfigError):
+                raise APIError(400, str(e)) from e
+            raise
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion" if chat else "text_completion"
+        results = [ChoiceResult() for _ in requests]
+        wants_logprobs = params[0].logprobs is not None
+        token_text = functools.lru_cache(maxsize=None)(lambda t: engine.tokenizer.decode([t]))
+
+        def logprobs(entries: list) -> Optional[dict[str, Any]]:
+            return logprobs_body(entries, token_text, chat) if wants_logprobs else None
 
         def usage() -> dict[str, int]:
-            p, c = request.prompt_tokens, request.completion_tokens
+            p, c = sum(len(ids) for ids in prompts), sum(r.completion_tokens for r in requests)
             return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
         def failure(event: Event) -> APIError:
             return APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}", "server_error")
 
-        if not body.stream:
-            parts = []
-            try:
-                while (event := await events.get()).kind == "text":
-                    parts.append(event.text)
-            finally:
+        def cancel_all() -> None:
+            for request in requests:
                 if not request.finished:
                     engine.cancel(request)
-            if event.kind == "error":
-                raise failure(event)
-            text = "".join(parts)
-            choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None}
-            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-            return {"id": rid, "object": kind, "created": int(time.time()), "model": body.model, "choices": [choice],
+
+        if not body.stream:
+            try:
+                while not all(r.done for r in results):
+                    c, event = await events.get()
+                    results[c].take(event)
+                    if event.kind == "error":
+                        raise failure(event)
+            finally:
+                cancel_all()
+            choices = []
+            for c, result in enumerate(results):
+                text = "".join(result.text)
+                choice: dict[str, Any] = {"index": c, "finish_reason": result.finish_reason,
+                                          "logprobs": logprobs(result.logprobs)}  # fmt: skip
+                choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                choices.append(choice)
+            return {"id": rid, "object": kind, "created": int(time.time()), "model": body.model, "choices": choices,
                     "usage": usage()}  # fmt: skip
 
-        def chunk(text: Optional[str], finish: Optional[str], first: bool = False) -> str:
+        def chunk(c: int, text: Optional[str], finish: Optional[str], entries: list, first: bool = False) -> str:
             if chat:
                 delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                choice = {"index": c, "delta": delta, "finish_reason": finish, "logprobs": None}
             else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": c, "text": text or "", "finish_reason": finish, "logprobs": None}
+            if entries:
+                choice["logprobs"] = logprobs(entries)
             data = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": int(time.time()),
                     "model": body.model, "choices": [choice]}  # fmt: skip
             return f"data: {json.dumps(data)}\n\n"
@@ -295,21 +326,26 @@ def create_app(
         async def stream() -> AsyncIterator[str]:
             try:
                 if chat:
-                    yield chunk("", None, first=True)
-                while (event := await events.get()).kind == "text":
-                    yield chunk(event.text, None)
-                if event.kind == "error":
-                    yield f"data: {json.dumps({'error': failure(event).body()})}\n\n"
+                    for c in range(len(requests)):
+                        yield chunk(c, "", None, [], first=True)
+                while not all(r.done for r in results):
+                    c, event = await events.get()
+                    results[c].take(event)
+                    if event.kind == "error":
+                        yield f"data: {json.dumps({'error': failure(event).body()})}\n\n"
+                        break
+                    if event.kind == "text":
+                        yield chunk(c, event.text, None, event.logprobs)
+                    else:
+                        yield chunk(c, None if chat else "", event.finish_reason, [])
                 else:
-                    yield chunk(None if chat else "", event.finish_reason)
                     if body.stream_options is not None and body.stream_options.include_usage:
                         data = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": int(time.time()),
                                 "model": body.model, "choices": [], "usage": usage()}  # fmt: skip
                         yield f"data: {json.dumps(data)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or we are done): stop generating for it
-                if not request.finished:
-                    engine.cancel(request)
+                cancel_all()
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
@@ -317,17 +353,19 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         resolve(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         ids = chat_ids(body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await run(body, ids, sampling(body, len(ids), max_tokens, "messages"), chat=True)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await run(body, [ids], [sampling(body, len(ids), max_tokens, "messages", logprobs)], chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
         resolve(body.model)
-        ids = completion_ids(body)
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        return await run(body, ids, sampling(body, len(ids), body.max_tokens, "prompt"), chat=False)
+        prompts = completion_ids(body)
+        params = [sampling(body, len(ids), body.max_tokens, "prompt", body.logprobs) for ids in prompts]
+        return await run(body, prompts, params, chat=False)
 
     return app
 
