@@ -237,7 +237,7 @@ def test_logprobs_go_with_the_text_they_complete():
     events = _feed([1, 2, 3, 4, 0])  # an end token: not reported
     assert [(e.kind, e.text, [x.token for x in e.logprobs]) for e in events] == [
         ("text", "Hel", [1]), ("text", "lo", [2]), ("text", " wo", [3]), ("text", "rld", [4]), ("done", "", [])]  # fmt: skip
-    assert [x.offset for e in events for x in e.logprobs] == [0, 3, 5, 8]
+    assert [(x.offset, x.text) for e in events for x in e.logprobs] == [(0, "Hel"), (3, "lo"), (5, " wo"), (8, "rld")]
     # a stop string held back, then found inside the third token: the second is reported (its text ends the
     # completion), the third is not (its text starts at the stop)
     events = _feed([1, 2, 3, 4], stop=("o w",))

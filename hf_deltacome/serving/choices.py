@@ -37,18 +37,20 @@ def logprobs_body(entries: Sequence[TokenLogprob], token_text: Callable[[int], s
     """``entries`` as a choice's (or a chunk's) ``logprobs``: the chat API's ``{"content": [...]}`` (each token with
     its ``top_logprobs`` list), or the completions API's parallel lists (``top_logprobs`` holds the likeliest tokens
     and the chosen one, as OpenAI's does; ``text_offset`` counts characters from the completion's start)."""
+    def text(entry: TokenLogprob, token: int) -> str:  # the chosen token as it reads in the completion
+        return entry.text if token == entry.token else token_text(token)
+
     if chat:
 
-        def item(token: int, logprob: float) -> dict[str, Any]:
-            text = token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        def item(entry: TokenLogprob, token: int, logprob: float) -> dict[str, Any]:
+            return {"token": text(entry, token), "logprob": logprob, "bytes": list(text(entry, token).encode("utf-8"))}
 
-        content = [item(e.token, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+        content = [item(e, e.token, e.logprob) | {"top_logprobs": [item(e, t, lp) for t, lp in e.top]} for e in entries]
         return {"content": content, "refusal": None}
     return {
-        "tokens": [token_text(e.token) for e in entries],
+        "tokens": [e.text for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{token_text(t): lp for t, lp in (*e.top, (e.token, e.logprob))} for e in entries],
+        "top_logprobs": [{text(e, t): lp for t, lp in (*e.top, (e.token, e.logprob))} for e in entries],
         "text_offset": [e.offset for e in entries],
     }
 

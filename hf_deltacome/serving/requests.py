@@ -49,12 +49,14 @@ class SamplingParams:
 @dataclass(frozen=True)
 class TokenLogprob:
     """A generated token, its log-probability under the model (before temperature and ``top_p``), the likeliest
-    ``(token, log-probability)`` alternatives, and ``offset``: where its text starts in the completion."""
+    ``(token, log-probability)`` alternatives, ``offset``: where its text starts in the completion, and ``text``: what
+    it added there (a token decoded alone may lose a leading space)."""
 
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
     offset: int = 0
+    text: str = ""
 
 
 @dataclass
@@ -195,7 +197,7 @@ def append_token(
     text = tokenizer.decode(request.generated, skip_special_tokens=True)
     request.ends.append(len(text))
     if request.logprobs and len(request.logprobs) + request.sent_logprobs == len(request.ends):
-        request.logprobs[-1] = dataclasses.replace(request.logprobs[-1], offset=start)
+        request.logprobs[-1] = dataclasses.replace(request.logprobs[-1], offset=start, text=text[start:])
     at = stop_position(text, params.stop)
     if at is not None:  # the earliest stop string ends the text (never sent: see the hold-back below)
         return _finish(request, "stop", text[:at])
