@@ -213,6 +213,36 @@ def test_logprobs_of_completions_and_chat(client, server, references):
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
 
 
+def test_echo_scores_the_prompt_under_the_adapter(client, server, references):
+    """echo + logprobs + max_tokens=0 (how a harness scores a continuation through the API): each prompt token's
+    log-probability under the adapter after the tokens before it; with max_tokens the completion follows."""
+    tok = server["tok"]
+    prompts = [[1, 40, 41, 42, 43, 44], [1, 50, 51]]
+    r = client.completions.create(model="code", prompt=prompts, max_tokens=0, echo=True, logprobs=2)
+    assert [c.finish_reason for c in r.choices] == ["length", "length"] and r.usage.completion_tokens == 0
+    for choice, ids in zip(r.choices, prompts, strict=True):
+        lp = choice.logprobs
+        assert choice.text == tok.decode(ids, skip_special_tokens=True) == "".join(lp.tokens)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        with torch.no_grad():
+            want = torch.log_softmax(references["code"](torch.tensor([ids])).logits[0], -1)
+        for i in range(1, len(ids)):
+            assert abs(lp.token_logprobs[i] - float(want[i - 1, ids[i]])) < 1e-4
+            assert len(lp.top_logprobs[i]) <= 3 and lp.top_logprobs[i][lp.tokens[i]] == lp.token_logprobs[i]
+    base = client.completions.create(model="base", prompt=prompts[:1], max_tokens=0, echo=True, logprobs=0)
+    assert base.choices[0].logprobs.token_logprobs[1:] != r.choices[0].logprobs.token_logprobs[1:]  # its own model
+    prompt = "Once upon"
+    expected, _, _ = _expected(references, tok, "code", tok(prompt).input_ids, 5)
+    r = client.completions.create(model="code", prompt=prompt, max_tokens=5, temperature=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt + expected and "".join(lp.tokens) == prompt + expected
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    chunks = list(client.completions.create(model="code", prompt=prompt, max_tokens=5, temperature=0, echo=True,
+                                            logprobs=1, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == prompt + expected
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+
+
 def test_chat_template_is_the_base_tokenizers(server):
     assert server["tok"].chat_template == CHAT_TEMPLATE
     status, body = _raw(
@@ -257,11 +287,16 @@ def test_bad_json_and_bad_fields(server):
     assert set(body["error"]) == {"message", "type", "param", "code"}
     status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "temperature": "hot"})
     assert status == 422 and body["error"]["param"] == "temperature"
-    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "max_tokens": 0})
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "max_tokens": -1})
     assert status == 422 and body["error"]["param"] == "max_tokens"
     status, body = _raw(server, "/v1/chat/completions", {"model": "math"})
     assert status == 422 and body["error"]["param"] == "messages"
-    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "echo": True})
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "best_of": 3})
+    assert status == 400 and body["error"]["param"] == "best_of"
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "max_tokens": 0})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    status, body = _raw(server, "/v1/chat/completions", {"model": "math", "messages": [{"role": "user", "content": "x"}],
+                                                          "echo": True})  # fmt: skip
     assert status == 400 and body["error"]["param"] == "echo"
     status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": ["x"] * 9, "n": 30})
     assert status == 400 and body["error"]["param"] == "n" and "256" in body["error"]["message"]

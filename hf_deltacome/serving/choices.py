@@ -1,9 +1,11 @@
-"""The choices of one OpenAI API call: every prompt of it ``n`` times, one engine request each, and their
-log-probabilities in the two shapes OpenAI's APIs give them.
+"""The choices of one OpenAI API call: every prompt of it ``n`` times, one engine request each, their
+log-probabilities in the two shapes OpenAI's APIs give them, and the prompt itself when it is echoed.
 
 A call's requests run side by side in the engine's batches (the rows of one prompt share nothing but the batch);
 choice ``i * n + j`` is sample ``j`` of prompt ``i``, as OpenAI numbers them. Sample ``j`` of a seeded call draws
-with ``seed + j``, so a call is repeatable and its samples differ.
+with ``seed + j``, so a call is repeatable and its samples differ. ``echo`` (completions) puts the prompt before the
+completion, and with ``logprobs`` each prompt token's log-probability after the ones before it (one forward pass of
+the prompt under the call's adapter, :func:`echo_prompt`): how a harness scores a continuation through the API.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-from .requests import Event, GenerationRequest, SamplingParams, TokenLogprob
+import torch
+from peft import PeftModel
+
+from .requests import Event, GenerationRequest, SamplingParams, TokenLogprob, token_logprob
 
 MAX_CHOICES = 256  # prompts x n of one call
 
@@ -33,6 +38,40 @@ def choice_requests(
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Echo:
+    """A prompt as a completion echoes it: its text and, when asked, its tokens' log-probabilities (the first token
+    has none: nothing comes before it)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+def echo_prompt(engine: Any, prompt_ids: list[int], adapter: str, top: Optional[int]) -> Echo:
+    """``prompt_ids`` decoded, each token's text and offset in it, and (``top`` not None) its log-probability under
+    ``adapter`` with the ``top`` likeliest alternatives, from one forward pass between the engine's decode steps."""
+    tokenizer, pieces, text = engine.tokenizer, [], ""
+    for i in range(len(prompt_ids)):  # each token's text in context (a few tokens before it: sentencepiece spaces)
+        before = tokenizer.decode(prompt_ids[max(0, i - 4) : i], skip_special_tokens=True)
+        piece = tokenizer.decode(prompt_ids[max(0, i - 4) : i + 1], skip_special_tokens=True)[len(before) :]
+        pieces.append((len(text), piece))
+        text += piece
+    if top is None:
+        return Echo(text)
+
+    def forward() -> list[TokenLogprob]:
+        names = {"adapter_names": [adapter]} if isinstance(engine.model, PeftModel) else {}
+        device = next(engine.model.parameters()).device
+        with torch.inference_mode():
+            logits = engine.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False, **names).logits
+        return [token_logprob(logits[0, i - 1].float(), prompt_ids[i], top) for i in range(1, len(prompt_ids))]
+
+    scored = [None, *engine.between_steps(forward)]
+    return Echo(text, tuple(dataclasses.replace(e, offset=at, text=piece) if e is not None
+                            else TokenLogprob(prompt_ids[0], None, (), at, piece)
+                            for e, (at, piece) in zip(scored, pieces, strict=True)))  # fmt: skip
+
+
 def logprobs_body(entries: Sequence[TokenLogprob], token_text: Callable[[int], str], chat: bool) -> dict[str, Any]:
     """``entries`` as a choice's (or a chunk's) ``logprobs``: the chat API's ``{"content": [...]}`` (each token with
     its ``top_logprobs`` list), or the completions API's parallel lists (``top_logprobs`` holds the likeliest tokens
@@ -50,9 +89,15 @@ def logprobs_body(entries: Sequence[TokenLogprob], token_text: Callable[[int], s
     return {
         "tokens": [e.text for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{text(e, t): lp for t, lp in (*e.top, (e.token, e.logprob))} for e in entries],
+        "top_logprobs": [None if e.logprob is None else {text(e, t): lp for t, lp in (*e.top, (e.token, e.logprob))}
+                         for e in entries],  # fmt: skip
         "text_offset": [e.offset for e in entries],
     }
+
+
+def shifted(entries: Sequence[TokenLogprob], by: int) -> list[TokenLogprob]:
+    """``entries`` with their offsets moved ``by`` characters (a completion after its echoed prompt)."""
+    return [dataclasses.replace(e, offset=e.offset + by) for e in entries] if by else list(entries)
 
 
 @dataclasses.dataclass

@@ -189,8 +189,8 @@ class Engine:
                 self.model = load_deltas(self.model, {name: source}, **kwargs)
                 self._peft = True
 
-            return self._run_on_scheduler(first)
-        return self._run_on_scheduler(lambda: add_delta(self.model, name, source, **kwargs))
+            return self.between_steps(first)
+        return self.between_steps(lambda: add_delta(self.model, name, source, **kwargs))
 
     def drop_adapter(self, name: str, timeout: Optional[float] = None) -> None:
         """Stop accepting requests for ``name`` now; unload it once its running and waiting requests are done."""
@@ -204,8 +204,9 @@ class Engine:
             self._drop_drained()
         future.result(timeout)
 
-    # ------------------------------------------------------------------------------------------ scheduler loop
-    def _run_on_scheduler(self, fn: Callable[[], Any]) -> Any:
+    def between_steps(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the scheduler thread between decode steps (the model is never used by two threads at once);
+        returns its result or raises its error."""
         if self._thread is None or threading.current_thread() is self._thread:
             return fn()
         future: Future = Future()
@@ -214,6 +215,7 @@ class Engine:
         self._wake.set()
         return future.result()
 
+    # ------------------------------------------------------------------------------------------ scheduler loop
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._closing:

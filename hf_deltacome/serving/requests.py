@@ -53,7 +53,7 @@ class TokenLogprob:
     it added there (a token decoded alone may lose a leading space)."""
 
     token: int
-    logprob: float
+    logprob: Optional[float]  # None: an echoed prompt's first token (nothing before it)
     top: tuple[tuple[int, float], ...] = ()
     offset: int = 0
     text: str = ""

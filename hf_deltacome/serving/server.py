@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, EngineClosedError, UnknownAdapterError
 from ..layer import BASE_ADAPTER_NAME
-from .choices import MAX_CHOICES, ChoiceResult, choice_requests, logprobs_body
+from .choices import MAX_CHOICES, ChoiceResult, Echo, choice_requests, echo_prompt, logprobs_body, shifted
 from .engine import Engine
 from .requests import MAX_LOGPROBS, Event, SamplingParams
 
@@ -39,7 +39,6 @@ DEFAULT_MAX_TOKENS = 256
 # options whose non-default values we cannot honour: refused with 400 naming the option rather than ignored
 UNSUPPORTED = {
     "best_of": (None, 1),
-    "echo": (None, False),
     "suffix": (None, ""),
     "tools": (None, []),
     "functions": (None, []),
@@ -96,6 +95,8 @@ class ChatCompletionRequest(_Request):
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0: nothing generated, with echo (the prompt scored)
 
 
 class _APIKeyMiddleware:
@@ -251,13 +252,18 @@ def create_app(
             out.append(ids)
         return out
 
-    async def run(body: _Request, prompts: list[list[int]], params: list[SamplingParams], chat: bool) -> Any:
+    async def run(
+        body: _Request, prompts: list[list[int]], params: list[Optional[SamplingParams]], chat: bool,
+        echoes: Optional[list[Echo]] = None,
+    ) -> Any:  # fmt: skip
+        """Generate every choice (``params`` None: nothing, the echoed prompts alone) and answer as OpenAI does."""
         adapter = resolve(body.model)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        requests = choice_requests(
+        requests = [] if params[0] is None else choice_requests(
             prompts, params, body.n, adapter, lambda c, e: loop.call_soon_threadsafe(events.put_nowait, (c, e))
-        )
+        )  # fmt: skip
+        n_choices = len(prompts) * body.n
         try:
             for request in requests:
                 engine.submit(request)
@@ -273,8 +279,9 @@ def create_app(
             raise
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         kind = "chat.completion" if chat else "text_completion"
-        results = [ChoiceResult() for _ in requests]
-        wants_logprobs = params[0].logprobs is not None
+        results = [ChoiceResult() if requests else ChoiceResult(finish_reason="length") for _ in range(n_choices)]
+        echoed = [echoes[c // body.n] if echoes else Echo("") for c in range(n_choices)]
+        wants_logprobs = bool(body.logprobs) if chat else body.logprobs is not None  # type: ignore[attr-defined]
         token_text = functools.lru_cache(maxsize=None)(lambda t: engine.tokenizer.decode([t]))
 
         def logprobs(entries: list) -> Optional[dict[str, Any]]:
@@ -302,10 +309,11 @@ def create_app(
             finally:
                 cancel_all()
             choices = []
-            for c, result in enumerate(results):
-                text = "".join(result.text)
+            for c, (result, echo) in enumerate(zip(results, echoed, strict=True)):
+                text = echo.text + "".join(result.text)
+                entries = [*echo.logprobs, *shifted(result.logprobs, len(echo.text))]
                 choice: dict[str, Any] = {"index": c, "finish_reason": result.finish_reason,
-                                          "logprobs": logprobs(result.logprobs)}  # fmt: skip
+                                          "logprobs": logprobs(entries)}  # fmt: skip
                 choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
                 choices.append(choice)
             return {"id": rid, "object": kind, "created": int(time.time()), "model": body.model, "choices": choices,
@@ -325,9 +333,11 @@ def create_app(
 
         async def stream() -> AsyncIterator[str]:
             try:
-                if chat:
-                    for c in range(len(requests)):
-                        yield chunk(c, "", None, [], first=True)
+                for c in range(n_choices):
+                    if chat or echoed[c].text:
+                        yield chunk(c, echoed[c].text, None, list(echoed[c].logprobs), first=True)
+                    if not requests:
+                        yield chunk(c, "", "length", [])
                 while not all(r.done for r in results):
                     c, event = await events.get()
                     results[c].take(event)
@@ -335,7 +345,7 @@ def create_app(
                         yield f"data: {json.dumps({'error': failure(event).body()})}\n\n"
                         break
                     if event.kind == "text":
-                        yield chunk(c, event.text, None, event.logprobs)
+                        yield chunk(c, event.text, None, shifted(event.logprobs, len(echoed[c].text)))
                     else:
                         yield chunk(c, None if chat else "", event.finish_reason, [])
                 else:
@@ -353,6 +363,8 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         resolve(body.model)
+        if (body.model_extra or {}).get("echo") not in (None, False):
+            raise APIError(400, "echo is for /v1/completions; chat completions do not echo", param="echo")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         ids = chat_ids(body)
@@ -362,10 +374,22 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
-        resolve(body.model)
+        adapter = resolve(body.model)
         prompts = completion_ids(body)
-        params = [sampling(body, len(ids), body.max_tokens, "prompt", body.logprobs) for ids in prompts]
-        return await run(body, prompts, params, chat=False)
+        if body.max_tokens == 0:  # the prompt alone, echoed (and scored): nothing to sample
+            if not body.echo:
+                raise APIError(400, "max_tokens=0 generates nothing: it is for echo (the prompt scored)", param="max_tokens")  # fmt: skip
+            if max(len(ids) for ids in prompts) > engine.max_model_len:
+                raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens",
+                               param="prompt", code="context_length_exceeded")  # fmt: skip
+            params: list[Optional[SamplingParams]] = [None] * len(prompts)
+        else:
+            params = [sampling(body, len(ids), body.max_tokens, "prompt", body.logprobs) for ids in prompts]
+        echoes = None
+        if body.echo:
+            loop = asyncio.get_running_loop()
+            echoes = [await loop.run_in_executor(None, echo_prompt, engine, ids, adapter, body.logprobs) for ids in prompts]  # fmt: skip
+        return await run(body, prompts, params, chat=False, echoes=echoes)
 
     return app
 
