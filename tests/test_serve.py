@@ -243,6 +243,43 @@ def test_echo_scores_the_prompt_under_the_adapter(client, server, references):
     assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
 
 
+def test_lm_eval_scores_through_the_server(server, references, tmp_path, monkeypatch):
+    """lm-evaluation-harness's ``local-completions`` model (prompt lists of token ids, echo, logprobs, max_tokens 0)
+    against the server: each continuation's log-likelihood is the adapter's own."""
+    pytest.importorskip("tenacity")  # lm-eval's API models need it
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    docs = [("The cat sat on the", [" mat", " moon"]), ("One two", [" three", " four"]), ("Hello", [" world", " x"])]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "label": 0}) + "\n" for q, c in docs))
+    (tmp_path / "tiny.yaml").write_text(
+        f"task: deltacome_api_tiny\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    server["tok"].save_pretrained(tmp_path / "tok")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=f"model=code,base_url={server['url']}/v1/completions,tokenizer={tmp_path / 'tok'},"
+        "tokenized_requests=True,num_concurrent=1",
+        tasks=["deltacome_api_tiny"], task_manager=TaskManager(include_path=str(tmp_path)), batch_size=2,
+        log_samples=True,
+    )  # fmt: skip
+    tok, model = server["tok"], references["code"]
+    assert len(out["samples"]["deltacome_api_tiny"]) == len(docs)
+    for sample in out["samples"]["deltacome_api_tiny"]:
+        for args, resp in zip(sample["arguments"], sample["resps"], strict=True):
+            context, continuation = args[0], args[1]
+            ctx, whole = tok.encode(context, add_special_tokens=False), tok.encode(context + continuation, add_special_tokens=False)  # fmt: skip
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0], -1)
+            want = sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
+            assert float(resp[0][0]) == pytest.approx(want, abs=1e-3)
+
+
 def test_chat_template_is_the_base_tokenizers(server):
     assert server["tok"].chat_template == CHAT_TEMPLATE
     status, body = _raw(
