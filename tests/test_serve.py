@@ -6,6 +6,7 @@ thread for the whole module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -35,12 +36,9 @@ def adapters(tmp_path_factory):
     return {name: make_adapter(root / name, seed) for name, seed in (("math", 1), ("code", 2), ("extra", 3))}
 
 
-@pytest.fixture(scope="module")
-def server(adapters):
-    tok = make_tokenizer()
-    model = load_deltas(tiny_base(), {"math": adapters["math"], "code": adapters["code"]})
-    engine = Engine(model, tok, max_batch=4, max_model_len=128)
-    app = create_app(engine, base_name=BASE_NAME, api_key=KEY, default_max_tokens=16)
+@contextlib.contextmanager
+def _serving(app):
+    """``app`` served by uvicorn on a free port of 127.0.0.1 in a background thread; yields its URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -51,10 +49,22 @@ def server(adapters):
     while not srv.started:
         assert time.time() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "model": model, "tok": tok}
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(adapters):
+    tok = make_tokenizer()
+    model = load_deltas(tiny_base(), {"math": adapters["math"], "code": adapters["code"]})
+    engine = Engine(model, tok, max_batch=4, max_model_len=128)
+    app = create_app(engine, base_name=BASE_NAME, api_key=KEY, default_max_tokens=16)
+    with _serving(app) as url:
+        yield {"url": url, "engine": engine, "model": model, "tok": tok}
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +290,37 @@ def test_lm_eval_scores_through_the_server(server, references, tmp_path, monkeyp
             assert float(resp[0][0]) == pytest.approx(want, abs=1e-3)
 
 
+def test_adapters_loaded_and_unloaded_over_http(server, adapters, references, tmp_path):
+    """With adapter updates allowed, POST /v1/load_lora_adapter serves a new adapter at once (its own outputs) and
+    /v1/unload_lora_adapter removes it; bad requests name what is wrong; without the switch, 403."""
+    tok = server["tok"]
+    engine = Engine(load_deltas(tiny_base(), {"math": adapters["math"]}), tok, max_batch=4, max_model_len=128)
+    with _serving(create_app(engine, base_name=BASE_NAME, allow_adapter_updates=True)) as url:
+        on = {"url": url}
+        status, body = _raw(on, "/v1/load_lora_adapter", {"lora_name": "extra", "lora_path": str(adapters["extra"])})
+        assert status == 200 and body["status"] == "loaded"
+        status, models = _raw(on, "/v1/models", method="GET")
+        assert [m["id"] for m in models["data"]] == [BASE_NAME, "math", "extra"]
+        status, body = _raw(on, "/v1/completions", {"model": "extra", "prompt": "Once", "max_tokens": 6, "temperature": 0})
+        expected, _ = greedy_alone(single_adapter_model(adapters["extra"]), tok, tok("Once").input_ids, 6)
+        assert status == 200 and body["choices"][0]["text"] == tok.decode(expected, skip_special_tokens=True)
+        status, body = _raw(on, "/v1/load_lora_adapter", {"lora_name": "extra", "lora_path": str(adapters["extra"])})
+        assert status == 400 and "extra" in body["error"]["message"]  # the name is taken
+        status, body = _raw(on, "/v1/load_lora_adapter", {"lora_name": "x2", "lora_path": str(tmp_path / "nowhere")})
+        assert status == 400 and "nowhere" in body["error"]["message"] and body["error"]["param"] == "lora_path"
+        status, body = _raw(on, "/v1/load_lora_adapter", {"lora_name": "base", "lora_path": str(adapters["extra"])})
+        assert status == 400 and body["error"]["param"] == "lora_name"
+        status, body = _raw(on, "/v1/unload_lora_adapter", {"lora_name": "extra"})
+        assert status == 200 and body["status"] == "unloaded" and engine.adapters == ["math"]
+        status, body = _raw(on, "/v1/completions", {"model": "extra", "prompt": "Once", "max_tokens": 2})
+        assert status == 404 and body["error"]["code"] == "model_not_found"
+        status, body = _raw(on, "/v1/unload_lora_adapter", {"lora_name": "extra"})
+        assert status == 404 and body["error"]["param"] == "lora_name"
+    status, body = _raw(server, "/v1/load_lora_adapter", {"lora_name": "extra", "lora_path": str(adapters["extra"])})
+    assert status == 403 and body["error"]["code"] == "adapter_updates_off"
+    assert server["engine"].adapters == ["math", "code"]
+
+
 def test_chat_template_is_the_base_tokenizers(server):
     assert server["tok"].chat_template == CHAT_TEMPLATE
     status, body = _raw(
@@ -440,7 +481,7 @@ def test_deltacome_serve_command(adapters, tmp_path):
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "DELTACOME_API_KEY": KEY}
     cmd = [sys.executable, "-m", "hf_deltacome.cli", "serve", "--base", str(base), "--adapter", f"math={adapters['math']}",
-           "--port", str(port), "--max-model-len", "128", "--log-level", "warning"]  # fmt: skip
+           "--port", str(port), "--max-model-len", "128", "--log-level", "warning", "--allow-adapter-updates"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
@@ -457,6 +498,10 @@ def test_deltacome_serve_command(adapters, tmp_path):
         assert status == 200 and [m["id"] for m in body["data"]] == ["tiny-base", "math"]
         status, body = _raw({"url": url}, "/v1/completions", {"model": "math", "prompt": "ab", "max_tokens": 3})
         assert status == 200 and body["usage"]["completion_tokens"] >= 1
+        status, body = _raw({"url": url}, "/v1/load_lora_adapter", {"lora_name": "code", "lora_path": str(adapters["code"])})
+        assert status == 200, body
+        status, body = _raw({"url": url}, "/v1/models", method="GET")
+        assert [m["id"] for m in body["data"]] == ["tiny-base", "math", "code"]
     finally:
         proc.terminate()
         proc.wait(30)

@@ -72,6 +72,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=api_key,
         default_max_tokens=args.default_max_tokens,
         log_level=args.log_level,
+        allow_adapter_updates=args.allow_adapter_updates,
     )
     return 0
 
@@ -139,6 +140,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--no-strict", dest="strict", action="store_false", help="base fingerprint mismatch: warn only")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--allow-adapter-updates", action="store_true",
+                   help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter {lora_name} "
+                   "add and remove adapters while serving (folders and Hub ids this machine can read: pair it with "
+                   "--api-key)")  # fmt: skip
     p.set_defaults(func=_cmd_serve)
 
     p = subparsers.add_parser(

@@ -1,12 +1,13 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) for one base and many Delta-CoMe adapters.
 
 ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions`` and
-``GET /health``. The request's ``model`` picks an adapter by name, or the base (its own name, or ``"base"``); ``n``
+``GET /health`` (and, when allowed, ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``, vLLM's names for
+adding and removing adapters while serving). The request's ``model`` picks an adapter by name, or the base (its own name, or ``"base"``); ``n``
 choices, a list of prompts (completions) and log-probabilities are :mod:`.choices`'.
 Generation runs on :class:`~hf_deltacome.serving.engine.Engine`'s scheduler thread, which batches concurrent
 requests for different adapters into mixed batches. Errors are OpenAI error bodies
 ``{"error": {"message", "type", "param", "code"}}``: 400 bad request (unparseable JSON, prompt too long,
-unsupported option), 401 bad API key, 404 unknown model or route, 422 a field of the wrong type or range,
+unsupported option), 401 bad API key, 403 adapter updates off, 404 unknown model or route, 422 a field of the wrong type or range,
 500 a failed generation (that request only), 503 shutting down.
 """
 
@@ -20,32 +21,22 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, EngineClosedError, UnknownAdapterError
 from ..layer import BASE_ADAPTER_NAME
 from .choices import MAX_CHOICES, ChoiceResult, Echo, choice_requests, echo_prompt, logprobs_body, shifted
 from .engine import Engine
-from .requests import MAX_LOGPROBS, Event, SamplingParams
+from .requests import Event, SamplingParams
+from .schema import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, GenerationBody, LoadAdapterRequest
 
 BASE_ALIAS = "base"
 DEFAULT_MAX_TOKENS = 256
-# options whose non-default values we cannot honour: refused with 400 naming the option rather than ignored
-UNSUPPORTED = {
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "tools": (None, []),
-    "functions": (None, []),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-}
 
 
 class APIError(Exception):
@@ -60,43 +51,6 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": self.body()}, status_code=self.status)
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: Union[str, list[str], None] = None
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    seed: Optional[int] = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: Union[str, list[dict[str, Any]], None] = None
-
-
-class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-
-
-class CompletionRequest(_Request):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-    max_tokens: Optional[int] = Field(None, ge=0)  # 0: nothing generated, with echo (the prompt scored)
 
 
 class _APIKeyMiddleware:
@@ -126,9 +80,12 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 def create_app(
-    engine: Engine, *, base_name: str, api_key: Optional[str] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS
-) -> FastAPI:
-    """The FastAPI app serving ``engine``; its lifespan starts and stops the engine's scheduler thread."""
+    engine: Engine, *, base_name: str, api_key: Optional[str] = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    allow_adapter_updates: bool = False,
+) -> FastAPI:  # fmt: skip
+    """The FastAPI app serving ``engine``; its lifespan starts and stops the engine's scheduler thread.
+    ``allow_adapter_updates``: ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's names) add and
+    remove adapters while serving; off, they answer 403."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -194,8 +151,36 @@ def create_app(
         resolve(model_id)
         return card(base_name if model_id == BASE_ALIAS else model_id)
 
+    async def update(body: LoadAdapterRequest, load: bool) -> dict[str, Any]:
+        if not allow_adapter_updates:
+            raise APIError(403, "adapter updates are off: start the server with --allow-adapter-updates",
+                           "permission_error", param=None, code="adapter_updates_off")  # fmt: skip
+        name, loop = body.lora_name, asyncio.get_running_loop()
+        if name in (base_name, BASE_ALIAS):
+            raise APIError(400, f"adapter name {name!r} is the base model's", param="lora_name")
+        if not load and name not in engine.adapters:
+            raise APIError(404, f"no adapter {name!r} is served", param="lora_name", code="model_not_found")
+        if load and not body.lora_path:
+            raise APIError(400, "lora_path: the adapter folder or Hub id to load", param="lora_path")
+        try:
+            if load:
+                await loop.run_in_executor(None, engine.add_adapter, name, body.lora_path)
+            else:  # new requests for it are refused now; it goes once the running ones are done
+                await loop.run_in_executor(None, engine.drop_adapter, name)
+        except (OSError, ValueError) as e:  # a bad name, folder or file (our errors are ValueErrors): the caller's to fix
+            raise APIError(400, f"{type(e).__name__}: {e}", param="lora_path" if load else "lora_name") from e
+        return {"id": name, "object": "model", "status": "loaded" if load else "unloaded"}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(body: LoadAdapterRequest) -> dict[str, Any]:
+        return await update(body, load=True)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(body: LoadAdapterRequest) -> dict[str, Any]:
+        return await update(body, load=False)
+
     def sampling(
-        body: _Request, prompt_len: int, max_tokens: Optional[int], param: str, logprobs: Optional[int]
+        body: GenerationBody, prompt_len: int, max_tokens: Optional[int], param: str, logprobs: Optional[int]
     ) -> SamplingParams:
         for name, allowed in UNSUPPORTED.items():
             if (body.model_extra or {}).get(name) not in allowed:
@@ -253,7 +238,7 @@ def create_app(
         return out
 
     async def run(
-        body: _Request, prompts: list[list[int]], params: list[Optional[SamplingParams]], chat: bool,
+        body: GenerationBody, prompts: list[list[int]], params: list[Optional[SamplingParams]], chat: bool,
         echoes: Optional[list[Echo]] = None,
     ) -> Any:  # fmt: skip
         """Generate every choice (``params`` None: nothing, the echoed prompts alone) and answer as OpenAI does."""
@@ -403,9 +388,11 @@ def run_server(
     api_key: Optional[str] = None,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     log_level: str = "info",
+    allow_adapter_updates: bool = False,
 ) -> None:
     """Serve ``engine`` with uvicorn until interrupted (binds 127.0.0.1 unless told otherwise)."""
     import uvicorn
 
-    app = create_app(engine, base_name=base_name, api_key=api_key, default_max_tokens=default_max_tokens)
+    app = create_app(engine, base_name=base_name, api_key=api_key, default_max_tokens=default_max_tokens,
+                     allow_adapter_updates=allow_adapter_updates)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level=log_level)
