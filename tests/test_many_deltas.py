@@ -247,6 +247,39 @@ def test_logprobs_go_with_the_text_they_complete():
     assert [x.token for e in events for x in e.logprobs] == [1, 2, 3] and events[-1].finish_reason == "length"
 
 
+@torch.no_grad()
+def test_penalties_and_logit_bias_shape_the_choice(adapters, tok):
+    """OpenAI's penalties (per appearance and once per token generated) and logit_bias, on greedy decoding: the
+    engine picks what a plain loop over the adapter's own logits, shaped the same way, picks."""
+    from hf_deltacome.serving.requests import shaped_logits
+
+    request = GenerationRequest([1], "x", SamplingParams(presence_penalty=0.5, frequency_penalty=1.0,
+                                                         logit_bias=((3, 2.0),)), lambda e: None)  # fmt: skip
+    request.generated = [4, 4, 5]
+    out = shaped_logits(torch.zeros(8), request)
+    assert out.tolist() == [0, 0, 0, 2.0, -2.5, -1.5, 0, 0]
+    with pytest.raises(ConfigError, match="presence_penalty"):
+        SamplingParams(presence_penalty=3)
+    model = load_deltas(tiny_base(), {"math": adapters["math"]})
+    ref = single_adapter_model(adapters["math"])
+    prompt = tok("abab").input_ids
+    with Engine(model, tok) as engine:
+        forced, _ = engine.generate(prompt, "math", max_tokens=5, temperature=0, logit_bias=((tok.convert_tokens_to_ids("q"), 100.0),))  # fmt: skip
+        assert forced == "qqqqq"
+        text, _ = engine.generate(prompt, "math", max_tokens=12, temperature=0, frequency_penalty=2.0, presence_penalty=0.5)  # fmt: skip
+    ids, plain = list(prompt), []
+    for _ in range(12):
+        logits = ref(torch.tensor([ids])).logits[0, -1]
+        counts = torch.bincount(torch.tensor(plain, dtype=torch.long), minlength=logits.numel()).float()
+        token = int((logits - 2.0 * counts - 0.5 * (counts > 0).float()).argmax())
+        if token == tok.eos_token_id:
+            break
+        ids.append(token)
+        plain.append(token)
+    assert text == tok.decode(plain, skip_special_tokens=True)
+    assert text != greedy_alone(ref, tok, prompt, 12)[1]  # the penalties changed the text
+
+
 def test_engine_failure_stays_with_its_request(adapters, tok):
     """A row that makes the forward raise (here: any position >= 30) fails alone; the batch it ran in goes on."""
     model = load_deltas(tiny_base(), {"math": adapters["math"], "code": adapters["code"]})

@@ -321,6 +321,17 @@ def test_adapters_loaded_and_unloaded_over_http(server, adapters, references, tm
     assert server["engine"].adapters == ["math", "code"]
 
 
+def test_logit_bias_and_penalties_reach_the_engine(client, server):
+    tok = server["tok"]
+    q = str(tok.convert_tokens_to_ids("q"))
+    r = client.chat.completions.create(model="math", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0, logit_bias={q: 100})  # fmt: skip
+    assert r.choices[0].message.content == "qqqq"
+    r = client.completions.create(model="math", prompt="abab", max_tokens=4, temperature=0, logit_bias={q: 100},
+                                  frequency_penalty=2.0)  # fmt: skip
+    assert r.choices[0].text == "qqqq"  # a bias of 100 outweighs a penalty of 2 per appearance
+
+
 def test_chat_template_is_the_base_tokenizers(server):
     assert server["tok"].chat_template == CHAT_TEMPLATE
     status, body = _raw(
@@ -371,6 +382,12 @@ def test_bad_json_and_bad_fields(server):
     assert status == 422 and body["error"]["param"] == "messages"
     status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "best_of": 3})
     assert status == 400 and body["error"]["param"] == "best_of"
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "logit_bias": {"99999": 5}})
+    assert status == 400 and body["error"]["param"] == "logit_bias" and "'99999'" in body["error"]["message"]
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "logit_bias": {"5": 101}})
+    assert status == 400 and body["error"]["param"] == "logit_bias"
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "presence_penalty": 2.5})
+    assert status == 422 and body["error"]["param"] == "presence_penalty"
     status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "max_tokens": 0})
     assert status == 400 and body["error"]["param"] == "max_tokens"
     status, body = _raw(server, "/v1/chat/completions", {"model": "math", "messages": [{"role": "user", "content": "x"}],

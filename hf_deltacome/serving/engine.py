@@ -34,8 +34,9 @@ import torch
 from ..compression.sampling import left_pad
 from ..errors import ConfigError, EngineClosedError, UnknownAdapterError
 from ..layer import BASE_ADAPTER_NAME
+from . import requests as rq
 from .kvbatch import RunningBatch, cache_argument, crop, join, joinable, keep_rows, select_rows
-from .requests import Event, GenerationRequest, SamplingParams, append_token, eos_token_ids, sample_token, token_logprob
+from .requests import Event, GenerationRequest, SamplingParams
 
 logger = logging.getLogger("hf_deltacome.serving")
 
@@ -80,7 +81,7 @@ class Engine:
         self.pad_id = next(
             (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None and i >= 0), 0
         )
-        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.eos_ids = rq.eos_token_ids(model, tokenizer)
         self._device = next(model.parameters()).device
         self._lock = threading.Lock()
         self._waiting: deque[GenerationRequest] = deque()
@@ -388,10 +389,14 @@ class Engine:
             if request.done:
                 continue
             try:
+                shaped = request.params.shapes_logits
+                row = rq.shaped_logits(logits[i], request) if shaped else logits[i]
                 if request.params.temperature > 0:
-                    tokens[i] = sample_token(logits[i], request)
+                    tokens[i] = rq.sample_token(row, request)
+                elif shaped:
+                    tokens[i] = int(row.argmax())
                 if request.params.logprobs is not None:
-                    request.logprobs.append(token_logprob(logits[i], int(tokens[i]), request.params.logprobs))
+                    request.logprobs.append(rq.token_logprob(logits[i], int(tokens[i]), request.params.logprobs))
                 if request.first_token_at is None:
                     request.first_token_at = now
                 self._append(request, int(tokens[i]))
@@ -401,7 +406,7 @@ class Engine:
         self.stats["tokens"] += len(batch.rows)
 
     def _append(self, request: GenerationRequest, token: int) -> None:
-        for event in append_token(request, token, self.eos_ids, self._detok, self.max_model_len):
+        for event in rq.append_token(request, token, self.eos_ids, self._detok, self.max_model_len):
             self._emit(request, event)
 
     def _fail(self, request: GenerationRequest, error: BaseException) -> None:

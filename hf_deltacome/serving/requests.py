@@ -24,7 +24,10 @@ MAX_LOGPROBS = 20  # most alternatives a token's log-probabilities list (OpenAI'
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples: ``temperature`` 0 is greedy; ``stop`` strings end the text (not included)."""
+    """How one request samples: ``temperature`` 0 is greedy; ``stop`` strings end the text (not included);
+    ``presence_penalty`` / ``frequency_penalty`` (OpenAI's: subtracted from a token's logit once it appears / per
+    time it appears in the completion) and ``logit_bias`` (``(token, bias)`` pairs added to the logits) shape the
+    choice, greedy or sampled."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -32,6 +35,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
     logprobs: Optional[int] = None  # None: none; k: each token's log-probability and its k likeliest alternatives
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -44,6 +50,16 @@ class SamplingParams:
             raise ConfigError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ConfigError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not -100 <= b <= 100 for _, b in self.logit_bias):
+            raise ConfigError(f"logit_bias values must be in [-100, 100], got {dict(self.logit_bias)}")
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether penalties or biases change the logits before the choice."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,19 @@ class GenerationRequest:
     def done(self) -> bool:
         """Finished or cancelled: the request takes no more tokens."""
         return self.finished or self.cancelled
+
+
+def shaped_logits(logits: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+    """One row's ``logits`` with the request's ``logit_bias`` added and its penalties for the tokens it has generated
+    subtracted (a new tensor; the model's own stay for the log-probabilities)."""
+    params, out = request.params, logits.clone()
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias, strict=True)
+        out[list(ids)] += torch.tensor(bias, dtype=out.dtype, device=out.device)
+    if request.generated and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(request.generated), minlength=out.shape[-1])[: out.shape[-1]].to(out)
+        out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(out)
+    return out
 
 
 def sample_token(logits: torch.Tensor, request: GenerationRequest) -> int:

@@ -16,9 +16,6 @@ UNSUPPORTED = {
     "suffix": (None, ""),
     "tools": (None, []),
     "functions": (None, []),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
 }
 
 
@@ -39,6 +36,9 @@ class GenerationBody(BaseModel):
     stream_options: Optional[StreamOptions] = None
     seed: Optional[int] = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None  # token id (as a string, as OpenAI sends it) -> bias in [-100, 100]
 
 
 class ChatMessage(BaseModel):

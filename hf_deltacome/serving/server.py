@@ -197,10 +197,17 @@ def create_app(
                 code="context_length_exceeded",
             )
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        vocab = getattr(getattr(engine.model, "config", None), "vocab_size", None)
+        bias = []
+        for key, value in (body.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit() or not 0 <= int(key) < (vocab or int(key) + 1):
+                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model, in [0, {vocab})", param="logit_bias")  # fmt: skip
+            bias.append((int(key), float(value)))
         try:
-            return SamplingParams(wanted, body.temperature, body.top_p, tuple(s for s in stop if s), body.seed, logprobs)
+            return SamplingParams(wanted, body.temperature, body.top_p, tuple(s for s in stop if s), body.seed, logprobs,
+                                  body.presence_penalty, body.frequency_penalty, tuple(bias))  # fmt: skip
         except ConfigError as e:
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), param="logit_bias" if "logit_bias" in str(e) else None) from e
 
     def chat_ids(body: ChatCompletionRequest) -> list[int]:
         tokenizer = engine.tokenizer
