@@ -179,6 +179,11 @@ def create_app(
     async def unload_adapter(body: LoadAdapterRequest) -> dict[str, Any]:
         return await update(body, load=False)
 
+    def vocab_size() -> int:
+        config = getattr(engine.model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return int(getattr(text, "vocab_size", None) or len(engine.tokenizer))
+
     def sampling(
         body: GenerationBody, prompt_len: int, max_tokens: Optional[int], param: str, logprobs: Optional[int]
     ) -> SamplingParams:
@@ -197,11 +202,11 @@ def create_app(
                 code="context_length_exceeded",
             )
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        vocab = getattr(getattr(engine.model, "config", None), "vocab_size", None)
         bias = []
         for key, value in (body.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit() or not 0 <= int(key) < (vocab or int(key) + 1):
-                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model, in [0, {vocab})", param="logit_bias")  # fmt: skip
+            if not key.isdigit() or int(key) >= vocab_size():
+                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model, in [0, {vocab_size()})",
+                               param="logit_bias")  # fmt: skip
             bias.append((int(key), float(value)))
         try:
             return SamplingParams(wanted, body.temperature, body.top_p, tuple(s for s in stop if s), body.seed, logprobs,
@@ -232,13 +237,12 @@ def create_app(
         batch = body.prompt if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], (str, list)) else [body.prompt]  # fmt: skip
         if len(batch) * body.n > MAX_CHOICES:
             raise APIError(400, f"{len(batch)} prompt(s) x n={body.n} is over {MAX_CHOICES} choices", param="n")
-        vocab = getattr(getattr(engine.model, "config", None), "vocab_size", None)
         out = []
         for i, prompt in enumerate(batch):
             where = "prompt" if len(batch) == 1 else f"prompt.{i}"
             ids = list(engine.tokenizer(prompt).input_ids) if isinstance(prompt, str) else list(prompt)
-            if vocab is not None and any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"{where}: token ids must be in [0, {vocab})", param="prompt")
+            if any(not 0 <= t < vocab_size() for t in ids):
+                raise APIError(400, f"{where}: token ids must be in [0, {vocab_size()})", param="prompt")
             if not ids:
                 raise APIError(400, f"{where} is empty", param="prompt")
             out.append(ids)
