@@ -449,12 +449,13 @@ def test_a_failing_request_gets_500_and_the_others_finish(client, server, refere
     assert client.completions.create(model="math", prompt="still here", max_tokens=3).choices[0].text is not None
 
 
-def test_client_disconnect_cancels_the_generation(client, server):
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_disconnect_cancels_the_generation(client, server, n):
     engine = server["engine"]
     slow = server["model"].get_base_model().model.register_forward_hook(lambda *a: time.sleep(0.02))
     try:
         before = engine.stats["tokens"]
-        stream = client.completions.create(model="math", prompt="go", max_tokens=120, temperature=0, stream=True)
+        stream = client.completions.create(model="math", prompt="go", max_tokens=120, temperature=0, stream=True, n=n)
         next(iter(stream))
         stream.close()
         deadline = time.time() + 30
@@ -463,7 +464,7 @@ def test_client_disconnect_cancels_the_generation(client, server):
             time.sleep(0.02)
     finally:
         slow.remove()
-    assert engine.stats["tokens"] - before < 60  # stopped long before its 120 tokens
+    assert engine.stats["tokens"] - before < 60 * n  # every choice stopped long before its 120 tokens
 
 
 def test_adapters_added_and_dropped_while_serving(client, server, adapters, references):
