@@ -280,6 +280,26 @@ def test_penalties_and_logit_bias_shape_the_choice(adapters, tok):
     assert text != greedy_alone(ref, tok, prompt, 12)[1]  # the penalties changed the text
 
 
+def test_choices_of_one_prompt_are_prefilled_once(adapters, tok):
+    """Requests with the same prompt and adapter admitted together (a call's n choices) share one prefill row; each
+    then decodes as if alone (greedy: the adapter's continuation; seeded samples: their own draws)."""
+    model = load_deltas(tiny_base(), {"math": adapters["math"], "code": adapters["code"]})
+    prompt = tok("Once upon a time").input_ids
+    engine = Engine(model, tok, max_batch=8)
+    jobs = [("math", dict(temperature=0)), ("math", dict(temperature=0)), ("code", dict(temperature=0)),
+            ("math", dict(temperature=1.0, seed=1)), ("math", dict(temperature=1.0, seed=2))]  # fmt: skip
+    started = [_collect(engine, prompt, adapter, max_tokens=10, **params) for adapter, params in jobs]
+    with engine:  # every request was queued before the scheduler started: one prefill group
+        for _, _, done in started:
+            assert done.wait(60)
+    texts = ["".join(e.text for e in events if e.kind == "text") for _, events, _ in started]
+    assert engine.stats["prefills"] == 1 and engine.stats["shared_prefills"] == 3
+    assert texts[0] == texts[1] == greedy_alone(single_adapter_model(adapters["math"]), tok, prompt, 10)[1]
+    assert texts[2] == greedy_alone(single_adapter_model(adapters["code"]), tok, prompt, 10)[1]
+    with Engine(load_deltas(tiny_base(), {"math": adapters["math"]}), tok) as alone:
+        assert texts[3] == alone.generate(prompt, "math", max_tokens=10, temperature=1.0, seed=1)[0] != texts[4]
+
+
 def test_engine_failure_stays_with_its_request(adapters, tok):
     """A row that makes the forward raise (here: any position >= 30) fails alone; the batch it ran in goes on."""
     model = load_deltas(tiny_base(), {"math": adapters["math"], "code": adapters["code"]})

@@ -35,7 +35,7 @@ from ..compression.sampling import left_pad
 from ..errors import ConfigError, EngineClosedError, UnknownAdapterError
 from ..layer import BASE_ADAPTER_NAME
 from . import requests as rq
-from .kvbatch import RunningBatch, cache_argument, crop, join, joinable, keep_rows, select_rows
+from .kvbatch import RunningBatch, cache_argument, crop, join, joinable, keep_rows, repeat_rows, select_rows
 from .requests import Event, GenerationRequest, SamplingParams
 
 logger = logging.getLogger("hf_deltacome.serving")
@@ -92,7 +92,7 @@ class Engine:
         self._joinable = True  # until a prefill shows a cache that cannot be joined
         self._closing = False
         self._thread: Optional[threading.Thread] = None
-        self.stats = {"steps": 0, "prefills": 0, "joins": 0, "tokens": 0, "max_rows": 0, "failed": 0}
+        self.stats = {"steps": 0, "prefills": 0, "shared_prefills": 0, "joins": 0, "tokens": 0, "max_rows": 0, "failed": 0}
 
     # ------------------------------------------------------------------------------------------ public API
     @property
@@ -206,8 +206,7 @@ class Engine:
         future.result(timeout)
 
     def between_steps(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` on the scheduler thread between decode steps (the model is never used by two threads at once);
-        returns its result or raises its error."""
+        """``fn()`` (its result or its error) on the scheduler thread between decode steps: one model user at a time."""
         if self._thread is None or threading.current_thread() is self._thread:
             return fn()
         future: Future = Future()
@@ -308,11 +307,15 @@ class Engine:
         return out.logits[:, -1, :].float(), cache
 
     def _prefill(self, group: list[GenerationRequest]) -> None:
-        seqs = [r.prompt_ids + r.generated for r in group]
-        ids, mask = left_pad(seqs, self.pad_id)
+        keys = [(tuple(r.prompt_ids + r.generated), r.adapter) for r in group]
+        unique = list(dict.fromkeys(keys))  # n choices of one prompt: one row computed, its cache copied to the rest
+        ids, mask = left_pad([list(seq) for seq, _ in unique], self.pad_id)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         try:
-            logits, cache = self._forward(ids, mask, positions, [r.adapter for r in group], None)
+            logits, cache = self._forward(ids, mask, positions, [adapter for _, adapter in unique], None)
+            if len(unique) < len(group):
+                logits, mask = repeat_rows(cache, [unique.index(k) for k in keys], logits, mask)
+                self.stats["shared_prefills"] += len(group) - len(unique)
         except Exception as e:
             if len(group) == 1:
                 self._fail(group[0], e)

@@ -1,7 +1,8 @@
 """The serving engine's running batch: rows, KV cache (left-padded to one length), attention mask, next tokens.
 
 Rows join and leave between decode steps by surgery on the cache: :func:`select_rows` copies some rows out,
-:func:`keep_rows` drops rows in place (and the leading columns that only padding uses), :func:`join` left-pads two
+:func:`keep_rows` drops rows in place (and the leading columns that only padding uses), :func:`repeat_rows` copies
+rows in place (one prompt prefilled for all its choices), :func:`join` left-pads two
 batches to one length and concatenates them, :func:`crop` undoes a failed step. All of it needs plain
 ``DynamicLayer`` caches (full attention); :func:`joinable` tells.
 """
@@ -68,6 +69,14 @@ def select_rows(batch: RunningBatch, keep: list[int]) -> RunningBatch:
         layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
         layer.values = layer.values.index_select(0, index.to(layer.values.device))
     return RunningBatch([batch.rows[i] for i in keep], cache, batch.mask[index], batch.pending[index.cpu()])
+
+
+def repeat_rows(cache: Any, index: list[int], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows ``index`` (a row may repeat: ``n`` choices of one prompt prefilled once) of ``cache``, in place, and of
+    each of ``tensors`` along its first dimension."""
+    rows = torch.tensor(index, dtype=torch.long)
+    cache.batch_select_indices(rows.to(cache.layers[0].keys.device))
+    return tuple(t[rows.to(t.device)] for t in tensors)
 
 
 def keep_rows(batch: RunningBatch, keep: list[int]) -> Optional[RunningBatch]:
