@@ -382,6 +382,9 @@ def test_bad_json_and_bad_fields(server):
     assert status == 422 and body["error"]["param"] == "messages"
     status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "best_of": 3})
     assert status == 400 and body["error"]["param"] == "best_of"
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "best_of": 3, "echo": True,
+                                                     "max_tokens": 0})  # fmt: skip
+    assert status == 400 and body["error"]["param"] == "best_of"  # refused on the path that samples nothing too
     status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "logit_bias": {"99999": 5}})
     assert status == 400 and body["error"]["param"] == "logit_bias" and "'99999'" in body["error"]["message"]
     status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "logit_bias": {"5": 101}})

@@ -1,14 +1,14 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) for one base and many Delta-CoMe adapters.
 
 ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions`` and
-``GET /health`` (and, when allowed, ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``, vLLM's names for
-adding and removing adapters while serving). The request's ``model`` picks an adapter by name, or the base (its own name, or ``"base"``); ``n``
-choices, a list of prompts (completions) and log-probabilities are :mod:`.choices`'.
+``GET /health``; when allowed, ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's names) add and
+remove adapters while serving. The request's ``model`` picks an adapter by name, or the base (its own name, or
+``"base"``); a call's ``n`` choices, its list of prompts, ``echo`` and log-probabilities are :mod:`.choices`'.
 Generation runs on :class:`~hf_deltacome.serving.engine.Engine`'s scheduler thread, which batches concurrent
 requests for different adapters into mixed batches. Errors are OpenAI error bodies
 ``{"error": {"message", "type", "param", "code"}}``: 400 bad request (unparseable JSON, prompt too long,
-unsupported option), 401 bad API key, 403 adapter updates off, 404 unknown model or route, 422 a field of the wrong type or range,
-500 a failed generation (that request only), 503 shutting down.
+unsupported option), 401 bad API key, 403 adapter updates off, 404 unknown model or route, 422 a field of the wrong
+type or range, 500 a failed generation (that request only), 503 shutting down.
 """
 
 from __future__ import annotations
@@ -184,12 +184,14 @@ def create_app(
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         return int(getattr(text, "vocab_size", None) or len(engine.tokenizer))
 
-    def sampling(
-        body: GenerationBody, prompt_len: int, max_tokens: Optional[int], param: str, logprobs: Optional[int]
-    ) -> SamplingParams:
+    def refuse_unsupported(body: GenerationBody) -> None:
         for name, allowed in UNSUPPORTED.items():
             if (body.model_extra or {}).get(name) not in allowed:
                 raise APIError(400, f"{name}={body.model_extra[name]!r} is not supported", param=name)
+
+    def sampling(
+        body: GenerationBody, prompt_len: int, max_tokens: Optional[int], param: str, logprobs: Optional[int]
+    ) -> SamplingParams:
         room = engine.max_model_len - prompt_len
         wanted = max_tokens if max_tokens is not None else min(default_max_tokens, room)
         if wanted > room or room < 1:
@@ -207,12 +209,14 @@ def create_app(
             if not key.isdigit() or int(key) >= vocab_size():
                 raise APIError(400, f"logit_bias: {key!r} is not a token id of this model, in [0, {vocab_size()})",
                                param="logit_bias")  # fmt: skip
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias[{key!r}] = {value}: biases are in [-100, 100]", param="logit_bias")
             bias.append((int(key), float(value)))
         try:
             return SamplingParams(wanted, body.temperature, body.top_p, tuple(s for s in stop if s), body.seed, logprobs,
                                   body.presence_penalty, body.frequency_penalty, tuple(bias))  # fmt: skip
         except ConfigError as e:
-            raise APIError(400, str(e), param="logit_bias" if "logit_bias" in str(e) else None) from e
+            raise APIError(400, str(e)) from e
 
     def chat_ids(body: ChatCompletionRequest) -> list[int]:
         tokenizer = engine.tokenizer
@@ -359,6 +363,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         resolve(body.model)
+        refuse_unsupported(body)
         if (body.model_extra or {}).get("echo") not in (None, False):
             raise APIError(400, "echo is for /v1/completions; chat completions do not echo", param="echo")
         if body.top_logprobs is not None and not body.logprobs:
@@ -371,6 +376,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
         adapter = resolve(body.model)
+        refuse_unsupported(body)
         prompts = completion_ids(body)
         if body.max_tokens == 0:  # the prompt alone, echoed (and scored): nothing to sample
             if not body.echo:
