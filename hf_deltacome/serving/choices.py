@@ -1,8 +1,8 @@
 """The choices of one OpenAI API call: every prompt of it ``n`` times, one engine request each, their
 log-probabilities in the two shapes OpenAI's APIs give them, and the prompt itself when it is echoed.
 
-A call's requests run side by side in the engine's batches (the rows of one prompt share nothing but the batch);
-choice ``i * n + j`` is sample ``j`` of prompt ``i``, as OpenAI numbers them. Sample ``j`` of a seeded call draws
+A call's requests run side by side in the engine's batches (the choices of one prompt prefilled once, then each
+decoded on its own); choice ``i * n + j`` is sample ``j`` of prompt ``i``, as OpenAI numbers them. Sample ``j`` of a seeded call draws
 with ``seed + j``, so a call is repeatable and its samples differ. ``echo`` (completions) puts the prompt before the
 completion, and with ``logprobs`` each prompt token's log-probability after the ones before it (one forward pass of
 the prompt under the call's adapter, :func:`echo_prompt`): how a harness scores a continuation through the API.
@@ -76,6 +76,7 @@ def logprobs_body(entries: Sequence[TokenLogprob], token_text: Callable[[int], s
     """``entries`` as a choice's (or a chunk's) ``logprobs``: the chat API's ``{"content": [...]}`` (each token with
     its ``top_logprobs`` list), or the completions API's parallel lists (``top_logprobs`` holds the likeliest tokens
     and the chosen one, as OpenAI's does; ``text_offset`` counts characters from the completion's start)."""
+
     def text(entry: TokenLogprob, token: int) -> str:  # the chosen token as it reads in the completion
         return entry.text if token == entry.token else token_text(token)
 
