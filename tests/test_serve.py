@@ -332,6 +332,28 @@ def test_logit_bias_and_penalties_reach_the_engine(client, server):
     assert r.choices[0].text == "qqqq"  # a bias of 100 outweighs a penalty of 2 per appearance
 
 
+def _metrics(server) -> dict[str, float]:
+    with urllib.request.urlopen(server["url"] + "/metrics", timeout=30) as response:  # no key: like /health
+        assert response.headers["Content-Type"].startswith("text/plain")
+        lines = response.read().decode().splitlines()
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
+
+
+def test_metrics_count_each_models_requests_and_tokens(client, server):
+    before = _metrics(server)
+    r = client.completions.create(model="code", prompt=["ab", "cde"], n=2, max_tokens=3, temperature=0)
+    list(client.completions.create(model="code", prompt="x", max_tokens=2, temperature=0, stream=True))
+    after = _metrics(server)
+    key = 'deltacome_{}_total{{model="code"}}'
+    assert after[key.format("requests")] - before.get(key.format("requests"), 0) == 2
+    assert after[key.format("prompt_tokens")] - before.get(key.format("prompt_tokens"), 0) == r.usage.prompt_tokens + 2
+    grown = after[key.format("completion_tokens")] - before.get(key.format("completion_tokens"), 0)
+    assert r.usage.completion_tokens + 1 <= grown <= r.usage.completion_tokens + 2
+    assert after["deltacome_tokens_total"] > before["deltacome_tokens_total"] and after["deltacome_adapters"] == 2
+    assert after["deltacome_shared_prefills_total"] >= before["deltacome_shared_prefills_total"]
+    assert {"deltacome_running", "deltacome_waiting", "deltacome_prefills_total"} <= set(after)
+
+
 def test_chat_template_is_the_base_tokenizers(server):
     assert server["tok"].chat_template == CHAT_TEMPLATE
     status, body = _raw(

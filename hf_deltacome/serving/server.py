@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) for one base and many Delta-CoMe adapters.
 
 ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions`` and
-``GET /health``; when allowed, ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's names) add and
+``GET /health``, ``GET /metrics`` (Prometheus); when allowed, ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's names) add and
 remove adapters while serving. The request's ``model`` picks an adapter by name, or the base (its own name, or
 ``"base"``); a call's ``n`` choices, its list of prompts, ``echo`` and log-probabilities are :mod:`.choices`'.
 Generation runs on :class:`~hf_deltacome.serving.engine.Engine`'s scheduler thread, which batches concurrent
@@ -19,13 +19,14 @@ import hmac
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError, EngineClosedError, UnknownAdapterError
@@ -141,6 +142,23 @@ def create_app(
             "joins_between_steps": engine.joins_between_steps,
             "stats": dict(engine.stats),
         }
+
+    served: Counter[tuple[str, str]] = Counter()  # (metric, model) -> requests answered, tokens
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        """Prometheus text format: the engine's counters and gauges, and per served model its requests and tokens."""
+        out = []
+        for name, value in engine.stats.items():
+            kind = "gauge" if name == "max_rows" else "counter"
+            metric = f"deltacome_{name}" + ("_total" if kind == "counter" else "")
+            out += [f"# TYPE {metric} {kind}", f"{metric} {value}"]
+        for name, value in (("running", engine.running), ("waiting", engine.waiting), ("adapters", len(engine.adapters))):
+            out += [f"# TYPE deltacome_{name} gauge", f"deltacome_{name} {value}"]
+        for metric in ("requests", "prompt_tokens", "completion_tokens"):
+            out.append(f"# TYPE deltacome_{metric}_total counter")
+            out += [f'deltacome_{metric}_total{{model={json.dumps(m)}}} {v}' for (k, m), v in sorted(served.items()) if k == metric]  # fmt: skip
+        return PlainTextResponse("\n".join(out) + "\n", media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -291,6 +309,17 @@ def create_app(
             p, c = sum(len(ids) for ids in prompts), sum(r.completion_tokens for r in requests)
             return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+        accounted = []
+
+        def account() -> None:  # what /metrics counts: once per call, when it has been answered (or abandoned)
+            if accounted:
+                return
+            accounted.append(True)
+            counts = usage()
+            served["requests", body.model] += 1
+            served["prompt_tokens", body.model] += counts["prompt_tokens"]
+            served["completion_tokens", body.model] += counts["completion_tokens"]
+
         def failure(event: Event) -> APIError:
             return APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}", "server_error")
 
@@ -308,6 +337,7 @@ def create_app(
                         raise failure(event)
             finally:
                 cancel_all()
+                account()
             choices = []
             for c, (result, echo) in enumerate(zip(results, echoed, strict=True)):
                 text = echo.text + "".join(result.text)
@@ -353,9 +383,11 @@ def create_app(
                         data = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": int(time.time()),
                                 "model": body.model, "choices": [], "usage": usage()}  # fmt: skip
                         yield f"data: {json.dumps(data)}\n\n"
+                account()  # before the client can see the end
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (or we are done): stop generating for it
                 cancel_all()
+                account()
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
