@@ -78,54 +78,9 @@ def _register_method() -> None:
 
 
 def _config_errors() -> None:
-    from peft.config import PeftConfig, PeftConfigMixin
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from .io.adapter_source import patch_peft_config_reading
 
-    from .io.adapter_source import read_local_config
-
-    original_from_json = PeftConfigMixin.from_json_file.__func__
-    original_get_type = PeftConfigMixin._get_peft_type.__func__
-
-    def from_json_file(cls: type, path_json_file: str, **kwargs: Any) -> Any:
-        try:
-            data = original_from_json(cls, path_json_file, **kwargs)
-        except (ValueError, RecursionError, TypeError) as e:  # bad UTF-8 / JSON, nesting, not an object
-            raise ConfigError(f"{path_json_file}: not a valid adapter config: {type(e).__name__}: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path_json_file}: expected a JSON object, got {type(data).__name__}")
-        peft_type = data.get("peft_type")
-        if "peft_type" not in data and cls in (PeftConfig, PeftConfigMixin):  # only a method's own class may
-            raise ConfigError(f"{path_json_file}: no peft_type: not a PEFT adapter config")  # do without it
-        if "peft_type" in data and (not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING):
-            upper = str(peft_type).upper()
-            hint = f" (PEFT reads it case-sensitively: {upper!r})" if upper in PEFT_TYPE_TO_CONFIG_MAPPING else ""
-            raise ConfigError(f"{path_json_file}: peft_type {peft_type!r} is not a PEFT method known here{hint}")
-        return data
-
-    def _get_peft_type(cls: type, model_id: str, **hf_hub_download_kwargs: Any) -> Any:
-        subfolder = hf_hub_download_kwargs.get("subfolder")
-        try:
-            read = lambda: original_get_type(cls, model_id, **hf_hub_download_kwargs)  # noqa: E731
-            return read_local_config(model_id, subfolder, read)
-        except KeyError as e:  # from_json_file (above) refuses every present but unknown peft_type
-            where = os.path.join(model_id, subfolder or "", "adapter_config.json")
-            raise ConfigError(f"{where}: no peft_type: not a PEFT adapter config") from e
-
-    original_from_pretrained = PeftConfigMixin.from_pretrained.__func__
-
-    def from_pretrained(cls: type, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kw: Any):
-        try:  # PeftConfig.from_pretrained (AutoPeftModel*, transformers) building one of ours: name the file
-            read = lambda: original_from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, **kw)  # noqa: E731
-            return read_local_config(pretrained_model_name_or_path, subfolder, read)
-        except DeltaCoMeError as e:
-            where = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "", "adapter_config.json")
-            if where in str(e):
-                raise
-            raise type(e)(f"{where}: {e}") from e
-
-    PeftConfigMixin.from_json_file = classmethod(from_json_file)
-    PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
-    PeftConfigMixin.from_pretrained = classmethod(from_pretrained)
+    patch_peft_config_reading()
 
 
 def _input_folders(model: Any) -> dict[str, Optional[str]]:
@@ -180,6 +135,27 @@ def _atomic_save() -> None:
 
     pm.safe_save_file = safe_save_file
     pm.PeftModel.save_pretrained = save_pretrained
+
+
+def _transformers_save() -> None:
+    from transformers import PreTrainedModel
+
+    from .io.atomic import atomic_folder, check_output_folder
+
+    original = PreTrainedModel.save_pretrained
+
+    @functools.wraps(original)
+    def save_pretrained(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        configs = getattr(self, "peft_config", None) or {}
+        ours = getattr(self, "_hf_peft_config_loaded", False) and any(is_deltacome(c) for c in configs.values())
+        if not ours or not kwargs.get("is_main_process", True):
+            return original(self, save_directory, *args, **kwargs)
+        directory = os.fspath(save_directory)
+        check_output_folder(directory, _input_folders(self))
+        with atomic_folder(directory) as next_version:  # the adapter's files replace the folder as one unit
+            return original(self, next_version, *args, **kwargs)
+
+    PreTrainedModel.save_pretrained = save_pretrained
 
 
 def _load_guard() -> None:
@@ -410,6 +386,9 @@ PATCHES: tuple[tuple[str, str, Callable[[], None]], ...] = (
      "model.disable_adapters() turns off the changed norms (PEFT's ModulesToSaveWrapper) as well as the deltas, "
      "enable_adapters() turns on the deltas only: without this the model would run the deltas on the base's norms",
      _transformers_enable_adapters),
+    ("transformers.PreTrainedModel.save_pretrained",
+     "a transformers model holding one of our adapters (model.load_adapter) saves it as PeftModel does: the folder "
+     "replaced as one unit, never into the base model's folder", _transformers_save),
     ("peft.PeftModel.create_or_update_model_card",
      "save_pretrained writes our model card (method, sizes, loading) instead of PEFT's template", _model_card),
     ("peft.PeftModel.push_to_hub",

@@ -103,6 +103,31 @@ def test_save_pretrained_refuses_model_folders(model_dirs, tmp_path):
     assert read_adapter(tmp_path / "adapter")[0].layout == model.peft_config["default"].layout
 
 
+def test_a_transformers_model_holding_our_adapter_saves_it_the_same_way(model_dirs, tmp_path, monkeypatch):
+    """``model.load_adapter`` then ``model.save_pretrained`` (transformers' own path, e.g. a Trainer's checkpoint):
+    refused in the base model's folder, swapped in as one unit elsewhere (a failing write leaves the old adapter)."""
+    base_dir, _ = model_dirs
+    make_adapter(AutoModelForCausalLM.from_pretrained(base_dir)).save_pretrained(str(tmp_path / "a"))
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model.load_adapter(str(tmp_path / "a"))
+    with pytest.raises(OutputFolderError, match="is the base"):
+        model.save_pretrained(str(base_dir))
+    assert not (base_dir / ADAPTER_CONFIG_NAME).exists()
+    model.save_pretrained(str(tmp_path / "b"))
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(tmp_path / "b"))
+    torch.testing.assert_close(logits(reloaded, IDS), logits(model.eval(), IDS))
+    before = (tmp_path / "b" / ADAPTER_WEIGHTS_NAME).read_bytes()
+    import transformers.modeling_utils as mu
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mu, "safe_save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(str(tmp_path / "b"))
+    assert (tmp_path / "b" / ADAPTER_WEIGHTS_NAME).read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a", "b", "base", "finetune"]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the folder is replaced as one unit
 # ------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 the checks of the dense extras against the base model's own tensors, PEFT's ``key_mapping``.
 
 :func:`load_checked_weights` is what every loading path of :mod:`hf_deltacome.integration` calls after the base
-check: PEFT's ``load_peft_weights`` and transformers' ``load_adapter``.
+check: PEFT's ``load_peft_weights`` and transformers' ``load_adapter``; :func:`patch_peft_config_reading` is that
+list's patch of how PEFT reads an ``adapter_config.json``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Optional, TypeVar
 import torch
 
 from ..config import DeltaCoMeConfig
-from ..errors import AdapterFileError, ConfigError
+from ..errors import AdapterFileError, ConfigError, DeltaCoMeError
 from .adapter_files import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -108,7 +109,7 @@ def transformers_adapter_config(model_id: PathLike, hub_kwargs: Mapping[str, Any
     return read_adapter_config(path) if ours else None  # type: ignore[arg-type] - ours: its peft_type is checked
 
 
-def read_local_config(model_id: Any, subfolder: Optional[str], read: Callable[[], _T]) -> _T:
+def _read_local_config(model_id: Any, subfolder: Optional[str], read: Callable[[], _T]) -> _T:
     """``read()`` (PEFT reading an adapter's config) of a local adapter folder, waiting out a concurrent save's swap
     (PEFT checks that the config exists, then opens it: the folder may be swapped in between); a Hub id is read as
     PEFT does."""
@@ -234,3 +235,56 @@ def apply_key_mapping(state_dict: dict[str, torch.Tensor], key_mapping: Optional
                 break
         out[prefix + rest] = value
     return out
+
+
+def patch_peft_config_reading() -> None:
+    """PEFT's adapter-config reading (``from_json_file``, ``_get_peft_type``, ``from_pretrained``) with errors that name
+    the file: bad JSON, deep nesting, a missing or unknown ``peft_type`` are a ConfigError, not a KeyError or
+    RecursionError from before our type is known; a local folder is read through a concurrent save's swap. Applied
+    by :mod:`hf_deltacome.integration` (its list of patches)."""
+    from peft.config import PeftConfig, PeftConfigMixin
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    original_from_json = PeftConfigMixin.from_json_file.__func__
+    original_get_type = PeftConfigMixin._get_peft_type.__func__
+
+    def from_json_file(cls: type, path_json_file: str, **kwargs: Any) -> Any:
+        try:
+            data = original_from_json(cls, path_json_file, **kwargs)
+        except (ValueError, RecursionError, TypeError) as e:  # bad UTF-8 / JSON, nesting, not an object
+            raise ConfigError(f"{path_json_file}: not a valid adapter config: {type(e).__name__}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path_json_file}: expected a JSON object, got {type(data).__name__}")
+        peft_type = data.get("peft_type")
+        if "peft_type" not in data and cls in (PeftConfig, PeftConfigMixin):  # only a method's own class may
+            raise ConfigError(f"{path_json_file}: no peft_type: not a PEFT adapter config")  # do without it
+        if "peft_type" in data and (not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING):
+            upper = str(peft_type).upper()
+            hint = f" (PEFT reads it case-sensitively: {upper!r})" if upper in PEFT_TYPE_TO_CONFIG_MAPPING else ""
+            raise ConfigError(f"{path_json_file}: peft_type {peft_type!r} is not a PEFT method known here{hint}")
+        return data
+
+    def _get_peft_type(cls: type, model_id: str, **hf_hub_download_kwargs: Any) -> Any:
+        subfolder = hf_hub_download_kwargs.get("subfolder")
+        try:
+            read = lambda: original_get_type(cls, model_id, **hf_hub_download_kwargs)  # noqa: E731
+            return _read_local_config(model_id, subfolder, read)
+        except KeyError as e:  # from_json_file (above) refuses every present but unknown peft_type
+            where = os.path.join(model_id, subfolder or "", "adapter_config.json")
+            raise ConfigError(f"{where}: no peft_type: not a PEFT adapter config") from e
+
+    original_from_pretrained = PeftConfigMixin.from_pretrained.__func__
+
+    def from_pretrained(cls: type, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kw: Any):
+        try:  # PeftConfig.from_pretrained (AutoPeftModel*, transformers) building one of ours: name the file
+            read = lambda: original_from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, **kw)  # noqa: E731
+            return _read_local_config(pretrained_model_name_or_path, subfolder, read)
+        except DeltaCoMeError as e:
+            where = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "", "adapter_config.json")
+            if where in str(e):
+                raise
+            raise type(e)(f"{where}: {e}") from e
+
+    PeftConfigMixin.from_json_file = classmethod(from_json_file)
+    PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
+    PeftConfigMixin.from_pretrained = classmethod(from_pretrained)
