@@ -143,17 +143,20 @@ def _transformers_save() -> None:
     from .io.atomic import atomic_folder, check_output_folder
 
     original = PreTrainedModel.save_pretrained
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
-    def save_pretrained(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+    def save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
         configs = getattr(self, "peft_config", None) or {}
         ours = getattr(self, "_hf_peft_config_loaded", False) and any(is_deltacome(c) for c in configs.values())
-        if not ours or not kwargs.get("is_main_process", True):
-            return original(self, save_directory, *args, **kwargs)
-        directory = os.fspath(save_directory)
+        bound = signature.bind(self, *args, **kwargs)
+        if not ours or not bound.arguments.get("is_main_process", True):  # other ranks write nothing
+            return original(self, *args, **kwargs)
+        directory = os.fspath(bound.arguments["save_directory"])
         check_output_folder(directory, _input_folders(self))
         with atomic_folder(directory) as next_version:  # the adapter's files replace the folder as one unit
-            return original(self, next_version, *args, **kwargs)
+            bound.arguments["save_directory"] = next_version
+            return original(*bound.args, **bound.kwargs)
 
     PreTrainedModel.save_pretrained = save_pretrained
 
