@@ -247,6 +247,22 @@ def _peft_load_is_one_generation(folder: Path, generations: dict) -> bool:
     return torch.equal(logits(model, IDS), expected)
 
 
+def test_weights_pinned_with_the_config_are_read_while_the_folder_is_set_aside(tmp_path):
+    """Between the two renames of a fallback swap the folder is absent for an instant: weights pinned with the
+    config are read through their handle (the folder's path only names them), never looked up as a Hub repo id."""
+    from hf_deltacome.io.adapter_source import load_checked_weights
+    from hf_deltacome.io.atomic import PinnedFiles
+
+    folder = tmp_path / "adapter"
+    model = make_adapter(fresh_base(), seed=1)
+    model.save_pretrained(str(folder))
+    config, state = read_adapter(folder)
+    with PinnedFiles(folder, [ADAPTER_WEIGHTS_NAME]) as pin:
+        os.rename(folder, tmp_path / "set-aside")
+        got = load_checked_weights(config, fresh_base(), folder, source=pin.path(ADAPTER_WEIGHTS_NAME))
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+
+
 @needs_fork
 @pytest.mark.parametrize("fallback", [False, True], ids=["exchange", "two-renames"])
 def test_random_sigkills_and_a_concurrent_reader(tmp_path, fallback):

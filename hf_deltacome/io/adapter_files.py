@@ -393,6 +393,8 @@ def read_adapter_weights(
     the folder meanwhile cannot mix two files."""
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
+    if source is None and not os.path.exists(path):  # set aside for an instant by a save's two-rename swap
+        wait_for_swap(folder)
     with PinnedFiles(folder, [name]) as pin:
         source = source or pin.path(name)
         state_dict = read_safetensors(path, source=source)

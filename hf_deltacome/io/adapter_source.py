@@ -28,7 +28,7 @@ from .adapter_files import (
     read_adapter_config,
     read_adapter_weights,
 )
-from .atomic import PathLike, read_through_swap, recover_folder
+from .atomic import PathLike, read_through_swap, recover_folder, wait_for_swap
 
 _T = TypeVar("_T")
 
@@ -56,6 +56,8 @@ def resolve_adapter_weights(model_id: PathLike, *, subfolder: Optional[str] = No
 
     model_id = os.fspath(model_id)
     local = os.path.join(model_id, subfolder) if subfolder else model_id
+    if not os.path.isdir(local):  # a folder set aside for an instant by a save's two-rename swap is no Hub id
+        wait_for_swap(model_id)
     if os.path.isdir(local):
         path = os.path.join(local, ADAPTER_WEIGHTS_NAME)
         if not os.path.isfile(path):
@@ -203,7 +205,11 @@ def load_checked_weights(
     """The adapter weights of ``model_id`` (folder or Hub repo) for ``config``, read (through ``source``, a pinned
     name of the file, if given), validated against the config (:func:`read_adapter_weights`) and against
     ``model``'s own tensors (:func:`check_extras`)."""
-    path = resolve_adapter_weights(model_id, subfolder=subfolder, **hub_kwargs)
+    path = os.path.join(os.fspath(model_id), subfolder or "", ADAPTER_WEIGHTS_NAME)
+    if source is None or os.path.abspath(source) == os.path.abspath(path):  # not opened with the config: find it
+        path = resolve_adapter_weights(model_id, subfolder=subfolder, **hub_kwargs)
+    # else the file opened with the config (a pinned handle): the path only names it, even while a save's swap
+    # has the folder set aside
     state_dict = read_adapter_weights(config, path, source=source)
     check_extras(model, state_dict, path, config.modules_to_save)
     return state_dict
