@@ -32,6 +32,7 @@ import torch
 
 from ..errors import CalibrationError, user_stacklevel
 from .sampling import check_sizes, sample_from_model
+from .vocab import vocab_size
 
 DEFAULT_NUM_SAMPLES = 32
 DEFAULT_SEQ_LEN = 256
@@ -292,18 +293,10 @@ def get_calibration(
             source = f"file {os.fspath(calibration)}"
         else:
             source = f"list of {len(texts)} texts"
-    vocab = _vocab_size(model)
+    vocab = vocab_size(model)
     if vocab is not None and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
         raise CalibrationError(
             f"calibration token ids range over [{int(ids.min())}, {int(ids.max())}] but the model's vocabulary has "
             f"{vocab} entries; is the tokenizer the model's own?"
         )
     return CalibrationData(ids.contiguous(), source)
-
-
-def _vocab_size(model: Any) -> int | None:
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    if emb is not None and hasattr(emb, "num_embeddings"):
-        return int(emb.num_embeddings)
-    return getattr(getattr(model, "config", None), "vocab_size", None)

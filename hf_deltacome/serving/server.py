@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..compression.vocab import vocab_size
 from ..errors import ConfigError, EngineClosedError, UnknownAdapterError
 from ..layer import BASE_ADAPTER_NAME
 from .choices import MAX_CHOICES, ChoiceResult, Echo, choice_requests, echo_prompt, logprobs_body, shifted
@@ -197,10 +198,8 @@ def create_app(
     async def unload_adapter(body: LoadAdapterRequest) -> dict[str, Any]:
         return await update(body, load=False)
 
-    def vocab_size() -> int:
-        config = getattr(engine.model, "config", None)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return int(getattr(text, "vocab_size", None) or len(engine.tokenizer))
+    def token_ids() -> int:  # the valid ids: the embedding's rows (more than the tokenizer's when it is padded)
+        return vocab_size(engine.model) or len(engine.tokenizer)
 
     def refuse_unsupported(body: GenerationBody) -> None:
         for name, allowed in UNSUPPORTED.items():
@@ -222,10 +221,10 @@ def create_app(
                 code="context_length_exceeded",
             )
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        bias = []
+        bias, vocab = [], token_ids()
         for key, value in (body.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= vocab_size():
-                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model, in [0, {vocab_size()})",
+            if not key.isdigit() or int(key) >= vocab:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model, in [0, {vocab})",
                                param="logit_bias")  # fmt: skip
             if not -100 <= value <= 100:
                 raise APIError(400, f"logit_bias[{key!r}] = {value}: biases are in [-100, 100]", param="logit_bias")
@@ -259,12 +258,12 @@ def create_app(
         batch = body.prompt if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], (str, list)) else [body.prompt]  # fmt: skip
         if len(batch) * body.n > MAX_CHOICES:
             raise APIError(400, f"{len(batch)} prompt(s) x n={body.n} is over {MAX_CHOICES} choices", param="n")
-        out = []
+        out, vocab = [], token_ids()
         for i, prompt in enumerate(batch):
             where = "prompt" if len(batch) == 1 else f"prompt.{i}"
             ids = list(engine.tokenizer(prompt).input_ids) if isinstance(prompt, str) else list(prompt)
-            if any(not 0 <= t < vocab_size() for t in ids):
-                raise APIError(400, f"{where}: token ids must be in [0, {vocab_size()})", param="prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"{where}: token ids must be in [0, {vocab})", param="prompt")
             if not ids:
                 raise APIError(400, f"{where} is empty", param="prompt")
             out.append(ids)
