@@ -125,13 +125,12 @@ def _base_name(model: Any, config: DeltaCoMeConfig) -> Optional[str]:
 
 
 def write_peft_model_card(model: Any, output_dir: str) -> None:
-    """``PeftModel.create_or_update_model_card`` for DELTACOME adapters: our card (see :mod:`hf_deltacome.integration`)."""
-    config = model.active_peft_config
+    """Our card for the active adapter of a PeftModel (``create_or_update_model_card``) or of a transformers model
+    holding it (its ``save_pretrained``): see :mod:`hf_deltacome.integration`."""
+    name = model.active_adapter if hasattr(model, "active_peft_config") else model.active_adapters()[0]
+    config = model.peft_config[name]
     write_model_card(
-        output_dir,
-        config,
-        summary={"dense_bytes": _dense_bytes(model, model.active_adapter)},
-        base_model=_base_name(model, config),
+        output_dir, config, summary={"dense_bytes": _dense_bytes(model, name)}, base_model=_base_name(model, config)
     )
 
 

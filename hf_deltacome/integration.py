@@ -22,9 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import ConfigError, DeltaCoMeError
-
-_DELTACOME_SAVE: contextvars.ContextVar[bool] = contextvars.ContextVar("deltacome_save", default=False)
+from .errors import DeltaCoMeError
+from .io.saving import is_deltacome
 
 
 @dataclass
@@ -37,12 +36,6 @@ class _LoadContext:
 _LOAD: contextvars.ContextVar[Optional[_LoadContext]] = contextvars.ContextVar("deltacome_load", default=None)
 # our errors raised while pipeline() loads a model (it would fold them into one ValueError per model class it tried)
 _PIPELINE_ERRORS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("deltacome_pipeline", default=None)
-
-
-def is_deltacome(config: Any) -> bool:
-    """Whether a PEFT config (object or dict) is one of ours."""
-    peft_type = config.get("peft_type") if isinstance(config, dict) else getattr(config, "peft_type", None)
-    return str(getattr(peft_type, "value", peft_type)).upper() == "DELTACOME"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -83,82 +76,13 @@ def _config_errors() -> None:
     patch_peft_config_reading()
 
 
-def _input_folders(model: Any) -> dict[str, Optional[str]]:
-    """The local folders a DELTACOME PeftModel was made from (``compress`` records the fine-tune's)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"base": getattr(base, "name_or_path", None), "fine-tuned": getattr(model, "deltacome_finetuned", None)}
+def _saving(name: str) -> Callable[[], None]:
+    def apply() -> None:
+        from .io import saving
 
+        getattr(saving, name)()
 
-def _atomic_save() -> None:
-    import peft.peft_model as pm
-    import torch
-
-    from .io.atomic import atomic_folder, check_output_folder, save_safetensors_atomic
-
-    original_save_file = pm.safe_save_file
-    original_save = pm.PeftModel.save_pretrained
-    signature = inspect.signature(original_save)
-
-    def safe_save_file(tensors: dict, filename: str, metadata: Optional[dict] = None) -> None:
-        if _DELTACOME_SAVE.get():  # float64 extras (a model loaded in float64) as float32, what the reader accepts
-            tensors = {k: v.float() if v.dtype == torch.float64 else v for k, v in tensors.items()}
-            save_safetensors_atomic(tensors, filename, metadata=metadata)
-        else:
-            original_save_file(tensors, filename, metadata=metadata)
-
-    @functools.wraps(original_save)
-    def save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        selected = bound.arguments.get("selected_adapters") or list(self.peft_config)
-        if not any(is_deltacome(self.peft_config.get(name)) for name in selected):
-            return original_save(self, *args, **kwargs)
-        if not bound.arguments.get("safe_serialization", True):
-            raise ConfigError(
-                "DELTACOME adapters are saved only as safetensors; safe_serialization=False (pickle) is not supported"
-            )
-        directory = os.fspath(bound.arguments["save_directory"])
-        check_output_folder(directory, _input_folders(self))
-        if not bound.arguments.get("is_main_process", True):  # PEFT writes nothing then
-            return original_save(self, *args, **kwargs)
-        if bound.arguments.get("save_embedding_layers") == "auto":
-            # our adapters carry changed embeddings in modules_to_save; "auto" would only look the base up on the
-            # Hub (a network call, and a warning when offline) to guess whether the vocabulary was resized
-            bound.arguments["save_embedding_layers"] = False
-        token = _DELTACOME_SAVE.set(True)
-        try:
-            with atomic_folder(directory) as next_version:  # weights, config, card: replaced as one unit
-                bound.arguments["save_directory"] = next_version
-                return original_save(*bound.args, **bound.kwargs)
-        finally:
-            _DELTACOME_SAVE.reset(token)
-
-    pm.safe_save_file = safe_save_file
-    pm.PeftModel.save_pretrained = save_pretrained
-
-
-def _transformers_save() -> None:
-    from transformers import PreTrainedModel
-
-    from .io.atomic import atomic_folder, check_output_folder
-
-    original = PreTrainedModel.save_pretrained
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def save_pretrained(self: Any, *args: Any, **kwargs: Any) -> Any:
-        configs = getattr(self, "peft_config", None) or {}
-        ours = getattr(self, "_hf_peft_config_loaded", False) and any(is_deltacome(c) for c in configs.values())
-        bound = signature.bind(self, *args, **kwargs)
-        if not ours or not bound.arguments.get("is_main_process", True):  # other ranks write nothing
-            return original(self, *args, **kwargs)
-        directory = os.fspath(bound.arguments["save_directory"])
-        check_output_folder(directory, _input_folders(self))
-        with atomic_folder(directory) as next_version:  # the adapter's files replace the folder as one unit
-            bound.arguments["save_directory"] = next_version
-            return original(*bound.args, **bound.kwargs)
-
-    PreTrainedModel.save_pretrained = save_pretrained
+    return apply
 
 
 def _load_guard() -> None:
@@ -378,7 +302,7 @@ PATCHES: tuple[tuple[str, str, Callable[[], None]], ...] = (
      "the file, not a KeyError/RecursionError from before our type is known", _config_errors),
     ("peft.PeftModel.save_pretrained, peft.peft_model.safe_save_file",
      "a DELTACOME save (weights, config, card) replaces the folder as one unit, never a pickle, never into a "
-     "model's folder", _atomic_save),
+     "model's folder, extras in a dtype the reader accepts, no Hub lookup of the base", _saving("patch_peft_save")),
     ("peft.PeftModel.load_adapter, peft.peft_model.load_peft_weights",
      "a DELTACOME adapter is read only as validated safetensors, after the base-model check", _load_guard),
     ("transformers.integrations.peft.PeftAdapterMixin.load_adapter",
@@ -389,9 +313,16 @@ PATCHES: tuple[tuple[str, str, Callable[[], None]], ...] = (
      "model.disable_adapters() turns off the changed norms (PEFT's ModulesToSaveWrapper) as well as the deltas, "
      "enable_adapters() turns on the deltas only: without this the model would run the deltas on the base's norms",
      _transformers_enable_adapters),
+    ("transformers.integrations.peft.PeftAdapterMixin.get_adapter_state_dict",
+     "a transformers model's state dict of our adapter is PeftModel's: no Hub lookup of the base "
+     "(save_embedding_layers='auto'), float64 extras as float32", _saving("patch_transformers_adapter_state")),
     ("transformers.PreTrainedModel.save_pretrained",
      "a transformers model holding one of our adapters (model.load_adapter) saves it as PeftModel does: the folder "
-     "replaced as one unit, never into the base model's folder", _transformers_save),
+     "replaced as one unit, never into the base model's folder, our card; push_to_hub=True pushes through "
+     "hub.push_adapter", _saving("patch_transformers_save")),
+    ("transformers.PreTrainedModel.push_to_hub",
+     "such a model pushes as a PeftModel does (hub.push_peft_model: validated, our card)",
+     _saving("patch_transformers_push")),
     ("peft.PeftModel.create_or_update_model_card",
      "save_pretrained writes our model card (method, sizes, loading) instead of PEFT's template", _model_card),
     ("peft.PeftModel.push_to_hub",

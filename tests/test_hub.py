@@ -280,3 +280,26 @@ def test_pushed_config_round_trips(hub, pushed, tmp_path):
     assert local.layout == model.peft_config["default"].layout
     assert local.base_model_name_or_path == BASE_ID
     assert json.loads(Path(hf_hub_download(ADAPTER_ID, ADAPTER_CONFIG_NAME)).read_text())["peft_type"] == "DELTACOME"
+
+
+def test_a_transformers_model_holding_our_adapter_pushes_it_as_a_peft_model_does(hub, tmp_path):
+    """``model.load_adapter`` then ``model.push_to_hub`` or ``save_pretrained(push_to_hub=True)`` (transformers'
+    paths): validated, our card for the repo, loadable; the repo is named after the folder as transformers names it,
+    not after the temporary folder the save swaps in."""
+    push_base(hub, tmp_path)
+    make_adapter(hub_base(), seed=1).save_pretrained(str(tmp_path / "a"))
+    model = hub_base()
+    model.load_adapter(str(tmp_path / "a"))
+    expected = logits(model, IDS)
+    model.push_to_hub("fake-user/from-transformers")
+    model.save_pretrained(str(tmp_path / "tf-saved"), push_to_hub=True)
+    model.save_pretrained(str(tmp_path / "b"), push_to_hub=True, repo_id="fake-user/named", commit_message="mine")
+    assert sorted(os.listdir(tmp_path / "b")) == ["README.md", ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "generation_config.json"]  # fmt: skip
+    assert hub.api().list_repo_commits("fake-user/named")[0].title == "mine"
+    for repo in ("fake-user/from-transformers", "fake-user/tf-saved", "fake-user/named"):
+        card = Path(hf_hub_download(repo, "README.md")).read_text()
+        assert CARD_MARKER in card and f'from_pretrained("{repo}")' in card and front_matter(card)["base_model"] == BASE_ID
+        torch.testing.assert_close(logits(PeftModel.from_pretrained(hub_base(), repo).eval(), IDS), expected)
+    with pytest.raises(TypeError, match="'not_a_push_option'"):
+        model.save_pretrained(str(tmp_path / "c"), push_to_hub=True, not_a_push_option=1)
+    assert not (tmp_path / "c").exists()

@@ -24,7 +24,7 @@ LAYERS = {
     "quant": 2, "config": 2, "io.fingerprint": 2,
     "backend": 3, "io.adapter_files": 3, "io.adapter_source": 3, "io.summary": 3, "io.shards": 3, "kernels": 3,
     "layer": 4, "card": 4, "model": 5, "hub": 5,
-    "compression": 6,
+    "compression": 6, "io.saving": 6,
     "multimodal": 7, "evaluation": 8, "loading": 8, "integration": 9, "serving": 9, "amlq": 9,
     "cli": 10, "__init__": 10, "bootstrap": 10,  # the import watcher triggers integration.install()
 }  # fmt: skip

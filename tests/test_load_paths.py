@@ -27,6 +27,7 @@ from tiny_models import logits, make_finetune, make_model, make_tokenizer, rando
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_deltacome import AdapterFileError, BaseModelMismatchError, ConfigError
+from hf_deltacome.card import CARD_MARKER
 from hf_deltacome.io.adapter_files import ADAPTER_CONFIG_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +74,24 @@ def test_transformers_load_adapter(folders):
     assert str(folders["good"]) in str(err.value)
     with pytest.raises(AdapterFileError, match=f"{SCALES}' contains NaN"):
         AutoModelForCausalLM.from_pretrained(folders["base"]).load_adapter(str(folders["nan"]))
+
+
+def test_transformers_save_of_a_float64_model_reads_back_with_our_card(folders, tmp_path, monkeypatch):
+    """transformers' own save of a model loaded in float64: its extras stored as float32 (what the reader accepts),
+    our card written, and no Hub lookup of the base to guess a resized vocabulary (PEFT's "auto")."""
+    import peft.utils.save_and_load as sl
+
+    model = AutoModelForCausalLM.from_pretrained(folders["base"], dtype=torch.float64)
+    model.load_adapter(str(folders["good"]))
+    model.peft_config["default"].base_model_name_or_path = "some-user/the-base"  # a Hub id, as after a download
+    monkeypatch.setattr(sl, "check_file_exists_on_hf_hub", lambda *a, **k: pytest.fail("looked the base up"))
+    model.save_pretrained(str(tmp_path / "saved"))
+    assert CARD_MARKER in (tmp_path / "saved" / "README.md").read_text()
+    state = model.get_adapter_state_dict()
+    assert state and all(t.dtype != torch.float64 for t in state.values())
+    base = AutoModelForCausalLM.from_pretrained(folders["base"])
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "saved", strict=True)
+    torch.testing.assert_close(logits(reloaded, IDS), _expected(folders))
 
 
 def test_transformers_disable_then_enable_adapters(folders):
