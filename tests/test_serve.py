@@ -223,6 +223,34 @@ def test_logprobs_of_completions_and_chat(client, server, references):
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
 
 
+def test_an_alternative_token_reads_as_it_would_in_the_completion():
+    """A sentencepiece token decoded alone loses its leading space (``▁London`` reads ``London``): an alternative is
+    decoded after the tokens before it, as the chosen token's text is; a special token reads as itself."""
+    import functools
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_deltacome.serving.choices import logprobs_body
+    from hf_deltacome.serving.requests import TokenLogprob, piece
+
+    words = ["<s>", "</s>", "<unk>", "▁The", "▁capital", "▁is", "▁Paris", "▁London"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert tok.decode([7]) == "London"  # alone
+    assert piece(tok, [3, 4, 5], 7) == " London" and piece(tok, [], 7) == "London"
+    assert piece(tok, [3], 1) == "" and piece(tok, [3], 1, special=True) == "</s>"
+    entry = TokenLogprob(6, -0.1, ((6, -0.1), (7, -2.5), (1, -4.0)), offset=14, text=" Paris", context=(3, 4, 5))
+    token_text = functools.lru_cache(maxsize=None)(lambda context, t: piece(tok, context, t, True))
+    chat = logprobs_body([entry], token_text, chat=True)["content"][0]
+    assert [t["token"] for t in chat["top_logprobs"]] == [" Paris", " London", "</s>"]
+    assert chat["top_logprobs"][1]["bytes"] == list(b" London")
+    completion = logprobs_body([entry], token_text, chat=False)
+    assert completion["tokens"] == [" Paris"] and completion["top_logprobs"] == [{" Paris": -0.1, " London": -2.5, "</s>": -4.0}]  # fmt: skip
+
+
 def test_echo_scores_the_prompt_under_the_adapter(client, server, references):
     """echo + logprobs + max_tokens=0 (how a harness scores a continuation through the API): each prompt token's
     log-probability under the adapter after the tokens before it; with max_tokens the completion follows."""

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from peft import PeftModel
 
-from .requests import Event, GenerationRequest, SamplingParams, TokenLogprob, token_logprob
+from .requests import CONTEXT, Event, GenerationRequest, SamplingParams, TokenLogprob, piece, token_logprob
 
 MAX_CHOICES = 256  # prompts x n of one call
 
@@ -51,11 +51,10 @@ def echo_prompt(engine: Any, prompt_ids: list[int], adapter: str, top: Optional[
     """``prompt_ids`` decoded, each token's text and offset in it, and (``top`` not None) its log-probability under
     ``adapter`` with the ``top`` likeliest alternatives, from one forward pass between the engine's decode steps."""
     tokenizer, pieces, text = engine.tokenizer, [], ""
-    for i in range(len(prompt_ids)):  # each token's text in context (a few tokens before it: sentencepiece spaces)
-        before = tokenizer.decode(prompt_ids[max(0, i - 4) : i], skip_special_tokens=True)
-        piece = tokenizer.decode(prompt_ids[max(0, i - 4) : i + 1], skip_special_tokens=True)[len(before) :]
-        pieces.append((len(text), piece))
-        text += piece
+    for i in range(len(prompt_ids)):  # each token's text after the few tokens before it (sentencepiece spaces)
+        added = piece(tokenizer, prompt_ids[max(0, i - CONTEXT) : i], prompt_ids[i])
+        pieces.append((len(text), added))
+        text += added
     if top is None:
         return Echo(text)
 
@@ -64,7 +63,8 @@ def echo_prompt(engine: Any, prompt_ids: list[int], adapter: str, top: Optional[
         device = next(engine.model.parameters()).device
         with torch.inference_mode():
             logits = engine.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False, **names).logits
-        return [token_logprob(logits[0, i - 1].float(), prompt_ids[i], top) for i in range(1, len(prompt_ids))]
+        return [token_logprob(logits[0, i - 1].float(), prompt_ids[i], top, tuple(prompt_ids[max(0, i - CONTEXT) : i]))
+                for i in range(1, len(prompt_ids))]  # fmt: skip
 
     scored = [None, *engine.between_steps(forward)]
     return Echo(text, tuple(dataclasses.replace(e, offset=at, text=piece) if e is not None
@@ -72,13 +72,16 @@ def echo_prompt(engine: Any, prompt_ids: list[int], adapter: str, top: Optional[
                             for e, (at, piece) in zip(scored, pieces, strict=True)))  # fmt: skip
 
 
-def logprobs_body(entries: Sequence[TokenLogprob], token_text: Callable[[int], str], chat: bool) -> dict[str, Any]:
+def logprobs_body(
+    entries: Sequence[TokenLogprob], token_text: Callable[[tuple[int, ...], int], str], chat: bool
+) -> dict[str, Any]:
     """``entries`` as a choice's (or a chunk's) ``logprobs``: the chat API's ``{"content": [...]}`` (each token with
     its ``top_logprobs`` list), or the completions API's parallel lists (``top_logprobs`` holds the likeliest tokens
-    and the chosen one, as OpenAI's does; ``text_offset`` counts characters from the completion's start)."""
+    and the chosen one, as OpenAI's does; ``text_offset`` counts characters from the completion's start).
+    ``token_text(context, token)``: an alternative's text after the tokens before it (:func:`requests.piece`)."""
 
     def text(entry: TokenLogprob, token: int) -> str:  # the chosen token as it reads in the completion
-        return entry.text if token == entry.token else token_text(token)
+        return entry.text if token == entry.token else token_text(entry.context, token)
 
     if chat:
 

@@ -399,7 +399,7 @@ class Engine:
                 elif shaped:
                     tokens[i] = int(row.argmax())
                 if request.params.logprobs is not None:
-                    request.logprobs.append(rq.token_logprob(logits[i], int(tokens[i]), request.params.logprobs))
+                    request.logprobs.append(rq.token_logprob(logits[i], int(tokens[i]), request.params.logprobs, request.tail()))
                 if request.first_token_at is None:
                     request.first_token_at = now
                 self._append(request, int(tokens[i]))

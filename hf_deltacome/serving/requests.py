@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ConfigError
 
+CONTEXT = 4  # tokens before a token that its text is decoded after (a sentencepiece space shows only after one)
 MAX_LOGPROBS = 20  # most alternatives a token's log-probabilities list (OpenAI's chat API allows 20)
 
 
@@ -65,14 +66,15 @@ class SamplingParams:
 @dataclass(frozen=True)
 class TokenLogprob:
     """A generated token, its log-probability under the model (before temperature and ``top_p``), the likeliest
-    ``(token, log-probability)`` alternatives, ``offset``: where its text starts in the completion, and ``text``: what
-    it added there (a token decoded alone may lose a leading space)."""
+    ``(token, log-probability)`` alternatives, ``offset``: where its text starts in the completion, ``text``: what
+    it added there, and ``context``: the few tokens before it, after which an alternative is decoded (:func:`piece`)."""
 
     token: int
     logprob: Optional[float]  # None: an echoed prompt's first token (nothing before it)
     top: tuple[tuple[int, float], ...] = ()
     offset: int = 0
     text: str = ""
+    context: tuple[int, ...] = ()
 
 
 @dataclass
@@ -119,6 +121,10 @@ class GenerationRequest:
     def completion_tokens(self) -> int:
         return len(self.generated)
 
+    def tail(self) -> tuple[int, ...]:
+        """The last :data:`CONTEXT` tokens of the prompt and what was generated (what the next token follows)."""
+        return (*self.prompt_ids[-CONTEXT:], *self.generated[-CONTEXT:])[-CONTEXT:]
+
     @property
     def done(self) -> bool:
         """Finished or cancelled: the request takes no more tokens."""
@@ -148,11 +154,24 @@ def sample_token(logits: torch.Tensor, request: GenerationRequest) -> int:
     return int(torch.multinomial(probs, 1, generator=request._generator))
 
 
-def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """``token``'s log-probability in one row's ``logits`` and the ``top`` likeliest alternatives."""
+def token_logprob(logits: torch.Tensor, token: int, top: int, context: tuple[int, ...] = ()) -> TokenLogprob:
+    """``token``'s log-probability in one row's ``logits`` (which followed ``context``) and the ``top`` likeliest
+    alternatives."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
-    return TokenLogprob(token, float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
+    top_ = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), top_, context=context)
+
+
+def piece(tokenizer: Any, context: Sequence[int], token: int, special: bool = False) -> str:
+    """The text ``token`` adds after the tokens ``context``: decoded alone, a sentencepiece token loses its leading
+    space (``▁Paris`` reads ``Paris``), so it is decoded after them. A special token reads as nothing, as in a
+    completion's text, or (``special``) as itself."""
+    if token in tokenizer.all_special_ids:
+        return tokenizer.decode([token]) if special else ""
+    head = tokenizer.decode(list(context), skip_special_tokens=True)
+    full = tokenizer.decode([*context, token], skip_special_tokens=True)
+    return full[len(head) :] if full.startswith(head) else tokenizer.decode([token], skip_special_tokens=True)
 
 
 def stop_position(text: str, stop: tuple[str, ...]) -> Optional[int]:

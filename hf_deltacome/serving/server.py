@@ -34,7 +34,7 @@ from ..errors import ConfigError, EngineClosedError, UnknownAdapterError
 from ..layer import BASE_ADAPTER_NAME
 from .choices import MAX_CHOICES, ChoiceResult, Echo, choice_requests, echo_prompt, logprobs_body, shifted
 from .engine import Engine
-from .requests import Event, SamplingParams
+from .requests import Event, SamplingParams, piece
 from .schema import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, GenerationBody, LoadAdapterRequest
 
 BASE_ALIAS = "base"
@@ -299,7 +299,7 @@ def create_app(
         results = [ChoiceResult() if requests else ChoiceResult(finish_reason="length") for _ in range(n_choices)]
         echoed = [echoes[c // body.n] if echoes else Echo("") for c in range(n_choices)]
         wants_logprobs = bool(body.logprobs) if chat else body.logprobs is not None  # type: ignore[attr-defined]
-        token_text = functools.lru_cache(maxsize=None)(lambda t: engine.tokenizer.decode([t]))
+        token_text = functools.lru_cache(maxsize=None)(lambda context, t: piece(engine.tokenizer, context, t, True))
 
         def logprobs(entries: list) -> Optional[dict[str, Any]]:
             return logprobs_body(entries, token_text, chat) if wants_logprobs else None
