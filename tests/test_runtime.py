@@ -128,8 +128,12 @@ def test_delta_changes_output_and_disable_restores_base(base_dir, adapters):
 
 def test_torch_compile_gives_the_same_logits_and_follows_set_adapter(base_dir, adapters):
     """``torch.compile`` of a loaded model (dynamo's eager backend: the tracing, not a C++ compiler) answers as the
-    model does, with the decoded-factor cache run eagerly inside it, and a switch of adapter is seen."""
+    model does, with the decoded-factor cache run eagerly inside it (its stamp too: no graph break of its own),
+    and a switch of adapter is seen."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     model = PeftModel.from_pretrained(load_base(base_dir), adapters["a"][0], adapter_name="a")
     model.load_adapter(adapters["b"][0], adapter_name="b")
     compiled = torch.compile(model, backend="eager")
@@ -137,6 +141,8 @@ def test_torch_compile_gives_the_same_logits_and_follows_set_adapter(base_dir, a
         for name in ("a", "b", "a"):
             model.set_adapter(name)
             assert torch.allclose(compiled(adapters["x"]).logits, adapters[name][1], atol=1e-5)
+    breaks = list(counters["graph_break"])
+    assert breaks and all("is_inference" not in reason for reason in breaks), breaks
     torch._dynamo.reset()
 
 

@@ -87,6 +87,7 @@ class BlobStore:
     def _set_blob(self, blob: torch.Tensor) -> None:
         raise NotImplementedError
 
+    @torch.compiler.disable  # eager under torch.compile, stamp and all (one graph break, not one per check)
     def derived(
         self, kind: str, source: torch.Tensor, build: Callable[[], Any], *key: Any, capped: bool = False
     ) -> Any:

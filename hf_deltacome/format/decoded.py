@@ -157,8 +157,11 @@ class DequantCache:
             )
         return value
 
+    @torch.compiler.disable
     def factors(self, delta: Any, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of ``delta`` (a `PackedDelta`) with ``x @ A @ B`` = the bands' product (built now, or reused)."""
+        """``(A, B)`` of ``delta`` (a `PackedDelta`) with ``x @ A @ B`` = the bands' product (built now, or reused).
+        Eager under ``torch.compile`` with its stamp, one graph break a module (the stamp's ``is_inference()`` would
+        be a second)."""
         build = lambda: _band_factors(delta, dtype, device)  # noqa: E731
         return self.get(delta, "factors", delta.version_stamp(), build, dtype, device)
 
