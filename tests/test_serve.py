@@ -24,6 +24,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
+from hf_deltacome import ConfigError  # noqa: E402
 from hf_deltacome.serving import Engine, create_app, load_deltas  # noqa: E402
 
 KEY = "test-key"
@@ -358,6 +359,66 @@ def test_logit_bias_and_penalties_reach_the_engine(client, server):
     r = client.completions.create(model="math", prompt="abab", max_tokens=4, temperature=0, logit_bias={q: 100},
                                   frequency_penalty=2.0)  # fmt: skip
     assert r.choices[0].text == "qqqq"  # a bias of 100 outweighs a penalty of 2 per appearance
+
+
+def test_vllm_sampling_options(client, server):
+    """vLLM's sampling options as its OpenAI server takes them (``extra_body``): an end token forced by a bias ends
+    the text at once, ``min_tokens`` holds it off, ``ignore_eos`` runs past it, ``stop_token_ids`` end it as an end
+    token does; ``top_k=1`` and ``min_p=1`` sample the greedy choice; ``repetition_penalty`` is heard."""
+    tok = server["tok"]
+    eos, q = str(tok.eos_token_id), tok.convert_tokens_to_ids("q")
+
+    def complete(**extra):
+        return client.completions.create(model="math", prompt="abab", max_tokens=6, temperature=0, extra_body=extra)
+
+    r = complete(logit_bias={eos: 100})
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 1)
+    r = complete(logit_bias={eos: 100}, min_tokens=3)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 4 and len(r.choices[0].text) == 3
+    r = complete(logit_bias={eos: 100}, ignore_eos=True)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 6)
+    r = complete(logit_bias={str(q): 100}, stop_token_ids=[q])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("", "stop")
+    greedy = complete().choices[0].text
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        r = client.completions.create(model="math", prompt="abab", max_tokens=6, temperature=1.5, seed=3, extra_body=extra)
+        assert r.choices[0].text == greedy, extra
+    assert complete(repetition_penalty=5.0).choices[0].text != greedy
+    assert complete(top_k=-1, min_p=0.0, repetition_penalty=1.0).choices[0].text == greedy  # vLLM's "off" values
+
+
+def test_sampling_helpers_follow_vllm():
+    """``top_k`` keeps the k likeliest, ``min_p`` those at least that share of the likeliest (seeded draws never
+    leave them); ``repetition_penalty`` divides a seen token's positive logit and multiplies a negative one."""
+    from hf_deltacome.serving.requests import GenerationRequest, SamplingParams, sample_token, shaped_logits
+
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0])
+    for params, allowed in ((SamplingParams(top_k=2), {0, 1}), (SamplingParams(min_p=0.3), {0, 1})):
+        request = GenerationRequest([4], "__base__", params, lambda e: None)
+        request._generator = torch.Generator().manual_seed(0)
+        assert {sample_token(logits, request) for _ in range(200)} == allowed
+    request = GenerationRequest([0, 3], "__base__", SamplingParams(repetition_penalty=2.0), lambda e: None)
+    torch.testing.assert_close(shaped_logits(logits, request), torch.tensor([1.0, 1.0, 0.5, -2.0, 0.0]))
+    request = GenerationRequest([0], "__base__", SamplingParams(min_tokens=1, stop_token_ids=(2,)), lambda e: None)
+    assert shaped_logits(logits, request, frozenset({1})).isinf().tolist() == [False, True, True, False, False]
+    with pytest.raises(ConfigError, match="min_tokens must be in"):
+        SamplingParams(max_tokens=2, min_tokens=3)
+
+
+def test_options_the_sampler_cannot_honour_are_refused(server):
+    for option, value in (("response_format", {"type": "json_object"}), ("tool_choice", "required"),
+                          ("modalities", ["text", "audio"])):  # fmt: skip
+        status, body = _raw(server, "/v1/chat/completions", {"model": "math", "messages": [{"role": "user", "content": "hi"}], option: value})  # fmt: skip
+        assert status == 400 and body["error"]["param"] == option, (option, body)
+    status, _ = _raw(server, "/v1/chat/completions", {"model": "math", "messages": [{"role": "user", "content": "hi"}],
+                                                      "response_format": {"type": "text"}, "max_tokens": 2})  # fmt: skip
+    assert status == 200
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "stop_token_ids": [99999]})
+    assert status == 400 and body["error"]["param"] == "stop_token_ids"
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "max_tokens": 2, "min_tokens": 3})
+    assert status == 400 and "min_tokens" in body["error"]["message"]
+    status, body = _raw(server, "/v1/completions", {"model": "math", "prompt": "x", "top_k": -2})
+    assert status == 422 and body["error"]["param"] == "top_k"
 
 
 def _metrics(server) -> dict[str, float]:

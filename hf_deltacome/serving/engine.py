@@ -393,7 +393,7 @@ class Engine:
                 continue
             try:
                 shaped = request.params.shapes_logits
-                row = rq.shaped_logits(logits[i], request) if shaped else logits[i]
+                row = rq.shaped_logits(logits[i], request, self.eos_ids) if shaped else logits[i]
                 if request.params.temperature > 0:
                     tokens[i] = rq.sample_token(row, request)
                 elif shaped:

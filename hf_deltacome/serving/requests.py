@@ -28,7 +28,11 @@ class SamplingParams:
     """How one request samples: ``temperature`` 0 is greedy; ``stop`` strings end the text (not included);
     ``presence_penalty`` / ``frequency_penalty`` (OpenAI's: subtracted from a token's logit once it appears / per
     time it appears in the completion) and ``logit_bias`` (``(token, bias)`` pairs added to the logits) shape the
-    choice, greedy or sampled."""
+    choice, greedy or sampled. vLLM's options: ``repetition_penalty`` (a token of the prompt or the completion has
+    its logit divided by it when positive, multiplied when not), ``min_tokens`` (no end token before that many),
+    ``top_k`` / ``min_p`` (sampling keeps the ``k`` likeliest tokens / those at least ``min_p`` times as likely as
+    the likeliest; 0: off), ``ignore_eos`` (the model's end tokens do not end it) and ``stop_token_ids`` (more
+    tokens that end it, as an end token does: not in the text)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -39,6 +43,12 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -56,11 +66,17 @@ class SamplingParams:
                 raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if any(not -100 <= b <= 100 for _, b in self.logit_bias):
             raise ConfigError(f"logit_bias values must be in [-100, 100], got {dict(self.logit_bias)}")
+        if self.top_k < 0 or not 0 <= self.min_p <= 1 or not self.repetition_penalty > 0:
+            raise ConfigError(f"top_k must be >= 0 (0: off), min_p in [0, 1] and repetition_penalty > 0; got "
+                              f"{self.top_k}, {self.min_p} and {self.repetition_penalty}")  # fmt: skip
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
 
     @property
     def shapes_logits(self) -> bool:
-        """Whether penalties or biases change the logits before the choice."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        """Whether penalties, biases or ``min_tokens`` change the logits before the choice."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens
+                    or self.repetition_penalty != 1)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -131,25 +147,47 @@ class GenerationRequest:
         return self.finished or self.cancelled
 
 
-def shaped_logits(logits: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
-    """One row's ``logits`` with the request's ``logit_bias`` added and its penalties for the tokens it has generated
-    subtracted (a new tensor; the model's own stay for the log-probabilities)."""
+def shaped_logits(logits: torch.Tensor, request: GenerationRequest, eos_ids: frozenset[int] = frozenset()) -> torch.Tensor:
+    """One row's ``logits`` with the request's ``logit_bias`` added, its penalties applied (repetition: over the
+    prompt and the completion; presence and frequency: over the completion) and, before ``min_tokens``, its end
+    tokens (``eos_ids`` unless ignored, and ``stop_token_ids``) ruled out (a new tensor; the model's own stay for the
+    log-probabilities)."""
     params, out = request.params, logits.clone()
     if params.logit_bias:
         ids, bias = zip(*params.logit_bias, strict=True)
         out[list(ids)] += torch.tensor(bias, dtype=out.dtype, device=out.device)
+    if params.repetition_penalty != 1:
+        seen = torch.tensor([*request.prompt_ids, *request.generated], device=out.device).unique()
+        seen = seen[seen < out.shape[-1]]
+        values = out[seen]
+        out[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
     if request.generated and (params.presence_penalty or params.frequency_penalty):
         counts = torch.bincount(torch.tensor(request.generated), minlength=out.shape[-1])[: out.shape[-1]].to(out)
         out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(out)
+    if len(request.generated) < params.min_tokens:
+        ends = [t for t in end_tokens(params, eos_ids) if t < out.shape[-1]]
+        out[ends] = float("-inf")
     return out
 
 
+def end_tokens(params: SamplingParams, eos_ids: frozenset[int]) -> frozenset[int]:
+    """The tokens that end a request: the model's end tokens (unless ``ignore_eos``) and its ``stop_token_ids``."""
+    return (frozenset() if params.ignore_eos else eos_ids) | frozenset(params.stop_token_ids)
+
+
 def sample_token(logits: torch.Tensor, request: GenerationRequest) -> int:
-    """A token from one row's ``logits`` at the request's temperature and nucleus ``top_p`` (its seeded generator)."""
-    probs = torch.softmax(logits / request.params.temperature, dim=-1)
-    if request.params.top_p < 1:
+    """A token from one row's ``logits`` at the request's temperature, kept to its ``top_k`` likeliest, to those
+    ``min_p`` times as likely as the likeliest, and to the nucleus ``top_p`` (its seeded generator)."""
+    params = request.params
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if 0 < params.top_k < probs.shape[-1]:
+        probs = probs.masked_fill(probs < probs.topk(params.top_k).values[-1], 0.0)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > request.params.top_p  # keep the smallest nucleus
+        cumulative = sorted_probs.cumsum(-1) / sorted_probs.sum()
+        drop = cumulative - sorted_probs / sorted_probs.sum() > params.top_p  # keep the smallest nucleus
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs, 1, generator=request._generator))
 
@@ -239,7 +277,7 @@ def append_token(
     token, a stop string, ``max_tokens`` or the model's length ends the request."""
     request.generated.append(token)
     params = request.params
-    if token in eos_ids:
+    if token in end_tokens(params, eos_ids):
         return _finish(request, "stop", tokenizer.decode(request.generated[:-1], skip_special_tokens=True), True)
     start = request.ends[-1] if request.ends else 0
     text = tokenizer.decode(request.generated, skip_special_tokens=True)

@@ -35,24 +35,18 @@ from ..layer import BASE_ADAPTER_NAME
 from .choices import MAX_CHOICES, ChoiceResult, Echo, choice_requests, echo_prompt, logprobs_body, shifted
 from .engine import Engine
 from .requests import Event, SamplingParams, piece
-from .schema import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, GenerationBody, LoadAdapterRequest
+from .schema import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationBody,
+    LoadAdapterRequest,
+    refuse_unsupported,
+    sampling_params,
+)
 
 BASE_ALIAS = "base"
 DEFAULT_MAX_TOKENS = 256
-
-
-class APIError(Exception):
-    """An error answered as an OpenAI error body with ``status``."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.body()}, status_code=self.status)
 
 
 class _APIKeyMiddleware:
@@ -201,39 +195,11 @@ def create_app(
     def token_ids() -> int:  # the valid ids: the embedding's rows (more than the tokenizer's when it is padded)
         return vocab_size(engine.model) or len(engine.tokenizer)
 
-    def refuse_unsupported(body: GenerationBody) -> None:
-        for name, allowed in UNSUPPORTED.items():
-            if (body.model_extra or {}).get(name) not in allowed:
-                raise APIError(400, f"{name}={body.model_extra[name]!r} is not supported", param=name)
-
     def sampling(
         body: GenerationBody, prompt_len: int, max_tokens: Optional[int], param: str, logprobs: Optional[int]
     ) -> SamplingParams:
-        room = engine.max_model_len - prompt_len
-        wanted = max_tokens if max_tokens is not None else min(default_max_tokens, room)
-        if wanted > room or room < 1:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {engine.max_model_len} tokens. However, you requested "
-                f"{prompt_len + max(wanted, 1)} tokens ({prompt_len} in the {param}, {max(wanted, 1)} in the "
-                "completion). Please reduce the length of the prompt or completion.",
-                param=param,
-                code="context_length_exceeded",
-            )
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        bias, vocab = [], token_ids()
-        for key, value in (body.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= vocab:
-                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model, in [0, {vocab})",
-                               param="logit_bias")  # fmt: skip
-            if not -100 <= value <= 100:
-                raise APIError(400, f"logit_bias[{key!r}] = {value}: biases are in [-100, 100]", param="logit_bias")
-            bias.append((int(key), float(value)))
-        try:
-            return SamplingParams(wanted, body.temperature, body.top_p, tuple(s for s in stop if s), body.seed, logprobs,
-                                  body.presence_penalty, body.frequency_penalty, tuple(bias))  # fmt: skip
-        except ConfigError as e:
-            raise APIError(400, str(e)) from e
+        return sampling_params(body, prompt_len, max_tokens, param, logprobs, max_model_len=engine.max_model_len,
+                               default_max_tokens=default_max_tokens, vocab=token_ids())  # fmt: skip
 
     def chat_ids(body: ChatCompletionRequest) -> list[int]:
         tokenizer = engine.tokenizer
