@@ -111,6 +111,7 @@ def test_models_lists_the_base_and_every_adapter(client):
     ids = [m.id for m in client.models.list().data]
     assert ids == [BASE_NAME, "math", "code"]
     assert client.models.retrieve("math").id == "math"
+    assert client.models.retrieve("math").model_extra["max_model_len"] == 128
 
 
 def test_concurrent_streaming_and_plain_requests_equal_each_adapter_alone(client, server, references):

@@ -115,7 +115,8 @@ def create_app(
 
     def card(name: str) -> dict[str, Any]:
         parent = None if name == base_name else base_name
-        return {"id": name, "object": "model", "created": created, "owned_by": "hf-deltacome", "parent": parent}
+        return {"id": name, "object": "model", "created": created, "owned_by": "hf-deltacome", "parent": parent,
+                "max_model_len": engine.max_model_len}  # fmt: skip (vLLM's field: prompt + completion tokens)
 
     def resolve(model: str) -> str:
         if model in (base_name, BASE_ALIAS):
