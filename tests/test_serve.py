@@ -245,7 +245,7 @@ def test_an_alternative_token_reads_as_it_would_in_the_completion():
     assert piece(tok, [3, 4, 5], 7) == " London" and piece(tok, [], 7) == "London"
     assert piece(tok, [3], 1) == "" and piece(tok, [3], 1, special=True) == "</s>"
     entry = TokenLogprob(6, -0.1, ((6, -0.1), (7, -2.5), (1, -4.0)), offset=14, text=" Paris", context=(3, 4, 5))
-    token_text = functools.lru_cache(maxsize=None)(lambda context, t: piece(tok, context, t, True))
+    token_text = functools.lru_cache(maxsize=None)(lambda context, t: piece(tok, context, t, special=True))
     chat = logprobs_body([entry], token_text, chat=True)["content"][0]
     assert [t["token"] for t in chat["top_logprobs"]] == [" Paris", " London", "</s>"]
     assert chat["top_logprobs"][1]["bytes"] == list(b" London")

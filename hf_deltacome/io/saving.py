@@ -124,16 +124,13 @@ def patch_transformers_adapter_state() -> None:
 
 
 def _transformers_push_kwargs(directory: str, kwargs: dict) -> dict:
+    """``push_adapter``'s keywords for ``save_pretrained(directory, push_to_hub=True, **kwargs)``."""
     unknown = set(kwargs) - _TRANSFORMERS_PUSH_KWARGS
     if unknown:
         raise TypeError(f"save_pretrained(push_to_hub=True) got unexpected keyword argument(s) {sorted(unknown)}")
-    push = dict(kwargs)
-    push["repo_id"] = push.get("repo_id") or os.path.basename(os.path.normpath(directory))
-    push["private"] = bool(push.get("private"))
-    push["create_pr"] = bool(push.get("create_pr"))
-    push.setdefault("commit_message", None)
-    push["commit_message"] = push["commit_message"] or "Upload Delta-CoMe adapter"
-    return push
+    return {**kwargs, "repo_id": kwargs.get("repo_id") or os.path.basename(os.path.normpath(directory)),
+            "private": bool(kwargs.get("private")), "create_pr": bool(kwargs.get("create_pr")),
+            "commit_message": kwargs.get("commit_message") or "Upload Delta-CoMe adapter"}  # fmt: skip
 
 
 def patch_transformers_save() -> None:

@@ -197,8 +197,8 @@ def token_logprob(logits: torch.Tensor, token: int, top: int, context: tuple[int
     alternatives."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
-    top_ = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token, float(logprobs[token]), top_, context=context)
+    alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), alternatives, context=context)
 
 
 def piece(tokenizer: Any, context: Sequence[int], token: int, special: bool = False) -> str:

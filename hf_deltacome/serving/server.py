@@ -115,8 +115,9 @@ def create_app(
 
     def card(name: str) -> dict[str, Any]:
         parent = None if name == base_name else base_name
+        # vLLM's card: "parent", the base an adapter extends; "max_model_len", prompt + completion tokens
         return {"id": name, "object": "model", "created": created, "owned_by": "hf-deltacome", "parent": parent,
-                "max_model_len": engine.max_model_len}  # fmt: skip (vLLM's field: prompt + completion tokens)
+                "max_model_len": engine.max_model_len}  # fmt: skip
 
     def resolve(model: str) -> str:
         if model in (base_name, BASE_ALIAS):
@@ -266,7 +267,7 @@ def create_app(
         results = [ChoiceResult() if requests else ChoiceResult(finish_reason="length") for _ in range(n_choices)]
         echoed = [echoes[c // body.n] if echoes else Echo("") for c in range(n_choices)]
         wants_logprobs = bool(body.logprobs) if chat else body.logprobs is not None  # type: ignore[attr-defined]
-        token_text = functools.lru_cache(maxsize=None)(lambda context, t: piece(engine.tokenizer, context, t, True))
+        token_text = functools.lru_cache(maxsize=None)(lambda context, t: piece(engine.tokenizer, context, t, special=True))
 
         def logprobs(entries: list) -> Optional[dict[str, Any]]:
             return logprobs_body(entries, token_text, chat) if wants_logprobs else None
