@@ -276,7 +276,7 @@ def patch_peft_config_reading() -> None:
             read = lambda: original_get_type(cls, model_id, **hf_hub_download_kwargs)  # noqa: E731
             return _read_local_config(model_id, subfolder, read)
         except KeyError as e:  # from_json_file (above) refuses every present but unknown peft_type
-            where = os.path.join(model_id, subfolder or "", "adapter_config.json")
+            where = os.path.join(model_id, subfolder or "", ADAPTER_CONFIG_NAME)
             raise ConfigError(f"{where}: no peft_type: not a PEFT adapter config") from e
 
     original_from_pretrained = PeftConfigMixin.from_pretrained.__func__
@@ -286,7 +286,7 @@ def patch_peft_config_reading() -> None:
             read = lambda: original_from_pretrained(cls, pretrained_model_name_or_path, subfolder=subfolder, **kw)  # noqa: E731
             return _read_local_config(pretrained_model_name_or_path, subfolder, read)
         except DeltaCoMeError as e:
-            where = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "", "adapter_config.json")
+            where = os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or "", ADAPTER_CONFIG_NAME)
             if where in str(e):
                 raise
             raise type(e)(f"{where}: {e}") from e

@@ -50,9 +50,10 @@ class Echo:
 def echo_prompt(engine: Any, prompt_ids: list[int], adapter: str, top: Optional[int]) -> Echo:
     """``prompt_ids`` decoded, each token's text and offset in it, and (``top`` not None) its log-probability under
     ``adapter`` with the ``top`` likeliest alternatives, from one forward pass between the engine's decode steps."""
-    tokenizer, pieces, text = engine.tokenizer, [], ""
-    for i in range(len(prompt_ids)):  # each token's text after the few tokens before it (sentencepiece spaces)
-        added = piece(tokenizer, prompt_ids[max(0, i - CONTEXT) : i], prompt_ids[i])
+    before = [tuple(prompt_ids[max(0, i - CONTEXT) : i]) for i in range(len(prompt_ids))]  # what each token follows
+    pieces, text = [], ""
+    for token, context in zip(prompt_ids, before, strict=True):  # its text after them (sentencepiece spaces)
+        added = piece(engine.tokenizer, context, token)
         pieces.append((len(text), added))
         text += added
     if top is None:
@@ -63,13 +64,12 @@ def echo_prompt(engine: Any, prompt_ids: list[int], adapter: str, top: Optional[
         device = next(engine.model.parameters()).device
         with torch.inference_mode():
             logits = engine.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=False, **names).logits
-        return [token_logprob(logits[0, i - 1].float(), prompt_ids[i], top, tuple(prompt_ids[max(0, i - CONTEXT) : i]))
-                for i in range(1, len(prompt_ids))]  # fmt: skip
+        return [token_logprob(logits[0, i - 1].float(), prompt_ids[i], top, before[i]) for i in range(1, len(prompt_ids))]
 
     scored = [None, *engine.between_steps(forward)]
-    return Echo(text, tuple(dataclasses.replace(e, offset=at, text=piece) if e is not None
-                            else TokenLogprob(prompt_ids[0], None, (), at, piece)
-                            for e, (at, piece) in zip(scored, pieces, strict=True)))  # fmt: skip
+    return Echo(text, tuple(dataclasses.replace(e, offset=at, text=added) if e is not None
+                            else TokenLogprob(prompt_ids[0], None, (), at, added)
+                            for e, (at, added) in zip(scored, pieces, strict=True)))  # fmt: skip
 
 
 def logprobs_body(

@@ -171,7 +171,10 @@ def shaped_logits(logits: torch.Tensor, request: GenerationRequest, eos_ids: fro
 
 
 def end_tokens(params: SamplingParams, eos_ids: frozenset[int]) -> frozenset[int]:
-    """The tokens that end a request: the model's end tokens (unless ``ignore_eos``) and its ``stop_token_ids``."""
+    """The tokens that end a request: the model's end tokens (unless ``ignore_eos``) and its ``stop_token_ids``
+    (``eos_ids`` itself when neither option is set: asked once a token, no new set then)."""
+    if not params.ignore_eos and not params.stop_token_ids:
+        return eos_ids
     return (frozenset() if params.ignore_eos else eos_ids) | frozenset(params.stop_token_ids)
 
 
@@ -186,8 +189,8 @@ def sample_token(logits: torch.Tensor, request: GenerationRequest) -> int:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
-        cumulative = sorted_probs.cumsum(-1) / sorted_probs.sum()
-        drop = cumulative - sorted_probs / sorted_probs.sum() > params.top_p  # keep the smallest nucleus
+        shares = sorted_probs / sorted_probs.sum()  # top_k / min_p may have zeroed some
+        drop = shares.cumsum(-1) - shares > params.top_p  # keep the smallest nucleus
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs, 1, generator=request._generator))
 
